@@ -1,0 +1,558 @@
+//! The JSON messages of the device API (shared/API.md), and their protobuf twins.
+//!
+//! JSON is the contract; protobuf carries the same messages for constrained devices.
+//! Each message converts to and from its `pb` type so handlers work on one shape.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::{pb, Bucket, Fields, ProtoError, Value};
+
+/// `POST /v1/register` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The device's serial.
+    pub device_id: String,
+    /// Selects the template of default buckets (e.g. `thermostat`).
+    pub device_type: String,
+    /// Running firmware version; drives tier redirection and update offers.
+    pub sw_version: String,
+}
+
+/// A firmware offer in a registration answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoftwareUpdate {
+    /// The version the device should run.
+    pub version: String,
+    /// Where to fetch it.
+    pub url: String,
+}
+
+/// `POST /v1/register` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The tier the device belongs to.
+    pub tier: String,
+    /// Another tier's registration URL when the device belongs there.
+    pub redirect: Option<String>,
+    /// Newer firmware offered for this device type.
+    pub software_update: Option<SoftwareUpdate>,
+    /// The allocated synchronization server.
+    pub sync_url: String,
+    /// The device's relevant bucket ids.
+    pub buckets: Vec<String>,
+}
+
+/// A bucket object as the API shows it; parts are omitted when a view asked for less.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BucketDoc {
+    /// The bucket id.
+    pub id: String,
+    /// Milliseconds since the epoch, server-assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    /// Changes with every accepted write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Field/value pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Fields>,
+}
+
+/// How much of each bucket a listing carries (`view=` query).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// Ids only.
+    Ids,
+    /// Id, timestamp and version (the default).
+    #[default]
+    Versions,
+    /// Everything, value included.
+    Full,
+}
+
+impl BucketDoc {
+    /// The parts of `b` that `view` asks for.
+    pub fn from_bucket(b: &Bucket, view: View) -> Self {
+        let (timestamp, version, value) = match view {
+            View::Ids => (None, None, None),
+            View::Versions => (Some(b.timestamp.millis), Some(b.version), None),
+            View::Full => (
+                Some(b.timestamp.millis),
+                Some(b.version),
+                Some(b.value.clone()),
+            ),
+        };
+        BucketDoc {
+            id: b.id.to_string(),
+            timestamp,
+            version,
+            value,
+        }
+    }
+}
+
+/// `GET /v1/buckets` and `POST /v1/subscribe` answers.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct BucketList {
+    /// The buckets.
+    pub buckets: Vec<BucketDoc>,
+}
+
+/// `PUT /v1/buckets/{id}` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    /// The changed fields (a JSON object).
+    pub value: Fields,
+    /// The version the client last saw; 0 or absent if it never saw the bucket.
+    #[serde(default)]
+    pub base_version: u64,
+    /// Refuse rather than merge if `base_version` is stale.
+    #[serde(default)]
+    pub occ: bool,
+    /// Suppresses the echo of this write to the same session's subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// The `outcome` of a PUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateOutcome {
+    /// Stored on top of the version the client had (200, timestamp/version only).
+    Applied,
+    /// Merged into a newer version (200, full merged bucket).
+    Merged,
+    /// Not stored (409, full stored bucket).
+    Refused,
+}
+
+/// `PUT /v1/buckets/{id}` answer: the outcome and the bucket as the client must now hold it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateResponse {
+    /// What happened.
+    pub outcome: UpdateOutcome,
+    /// The bucket id.
+    pub id: String,
+    /// The bucket's timestamp after the write (ms).
+    pub timestamp: u64,
+    /// The bucket's version after the write.
+    pub version: u64,
+    /// Present for `merged` and `refused`: the full bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Fields>,
+}
+
+/// One held bucket version in a subscribe request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBucket {
+    /// The bucket id.
+    pub id: String,
+    /// Its timestamp as the client holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    /// Its version as the client holds it; absent if it holds none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// `POST /v1/subscribe` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeRequest {
+    /// The buckets and versions the client holds.
+    pub buckets: Vec<HeldBucket>,
+    /// The client's session, for echo suppression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// How long to hold the request; server default and maximum apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Every error body: `{"error": "<code>", "message": "<text>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable code (`bad_request`, `not_found`, …).
+    pub error: String,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// protobuf conversions
+
+fn value_to_pb(v: &Value) -> pb::Value {
+    use pb::value::Kind;
+    let kind = match v {
+        Value::Null => Kind::NullValue(true),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Kind::IntValue(i),
+            None => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => Kind::StringValue(s.clone()),
+        other => Kind::JsonValue(other.to_string()),
+    };
+    pb::Value { kind: Some(kind) }
+}
+
+fn value_from_pb(v: pb::Value) -> Result<Value, ProtoError> {
+    use pb::value::Kind;
+    Ok(match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::IntValue(i)) => Value::from(i),
+        // Non-finite doubles have no JSON form; they become null rather than failing.
+        Some(Kind::NumberValue(f)) => {
+            serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+        }
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::JsonValue(s)) => {
+            serde_json::from_str(&s).map_err(|e| ProtoError::NestedJson(e.to_string()))?
+        }
+    })
+}
+
+/// Fields → protobuf field list.
+pub fn fields_to_pb(f: &Fields) -> Vec<pb::Field> {
+    f.iter()
+        .map(|(k, v)| pb::Field {
+            name: k.clone(),
+            value: Some(value_to_pb(v)),
+        })
+        .collect()
+}
+
+/// Protobuf field list → fields (later duplicates win, as in a JSON object).
+pub fn fields_from_pb(f: Vec<pb::Field>) -> Result<Fields, ProtoError> {
+    let mut out = Fields::new();
+    for field in f {
+        let v = match field.value {
+            Some(v) => value_from_pb(v)?,
+            None => Value::Null,
+        };
+        out.insert(field.name, v);
+    }
+    Ok(out)
+}
+
+/// A message that travels both as JSON and as protobuf.
+pub trait WireMessage: Sized {
+    /// Its protobuf twin.
+    type Pb: Message + Default;
+    /// To protobuf.
+    fn to_pb(&self) -> Self::Pb;
+    /// From protobuf, validating what protobuf cannot express.
+    fn from_pb(pb: Self::Pb) -> Result<Self, ProtoError>;
+
+    /// Encodes as protobuf bytes.
+    fn encode_pb(&self) -> Vec<u8> {
+        self.to_pb().encode_to_vec()
+    }
+
+    /// Decodes protobuf bytes.
+    fn decode_pb(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let pb = Self::Pb::decode(bytes).map_err(|e| ProtoError::Protobuf(e.to_string()))?;
+        Self::from_pb(pb)
+    }
+}
+
+impl WireMessage for RegisterRequest {
+    type Pb = pb::RegisterRequest;
+    fn to_pb(&self) -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            device_id: self.device_id.clone(),
+            device_type: self.device_type.clone(),
+            sw_version: self.sw_version.clone(),
+        }
+    }
+    fn from_pb(p: pb::RegisterRequest) -> Result<Self, ProtoError> {
+        Ok(RegisterRequest {
+            device_id: p.device_id,
+            device_type: p.device_type,
+            sw_version: p.sw_version,
+        })
+    }
+}
+
+impl WireMessage for RegisterResponse {
+    type Pb = pb::RegisterResponse;
+    fn to_pb(&self) -> pb::RegisterResponse {
+        pb::RegisterResponse {
+            tier: self.tier.clone(),
+            redirect: self.redirect.clone(),
+            software_update: self.software_update.as_ref().map(|u| pb::SoftwareUpdate {
+                version: u.version.clone(),
+                url: u.url.clone(),
+            }),
+            sync_url: self.sync_url.clone(),
+            buckets: self.buckets.clone(),
+        }
+    }
+    fn from_pb(p: pb::RegisterResponse) -> Result<Self, ProtoError> {
+        Ok(RegisterResponse {
+            tier: p.tier,
+            redirect: p.redirect,
+            software_update: p.software_update.map(|u| SoftwareUpdate {
+                version: u.version,
+                url: u.url,
+            }),
+            sync_url: p.sync_url,
+            buckets: p.buckets,
+        })
+    }
+}
+
+impl WireMessage for BucketDoc {
+    type Pb = pb::Bucket;
+    fn to_pb(&self) -> pb::Bucket {
+        pb::Bucket {
+            id: self.id.clone(),
+            timestamp: self.timestamp,
+            version: self.version,
+            has_value: self.value.is_some(),
+            value: self.value.as_ref().map(fields_to_pb).unwrap_or_default(),
+        }
+    }
+    fn from_pb(p: pb::Bucket) -> Result<Self, ProtoError> {
+        Ok(BucketDoc {
+            id: p.id,
+            timestamp: p.timestamp,
+            version: p.version,
+            value: if p.has_value {
+                Some(fields_from_pb(p.value)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl WireMessage for BucketList {
+    type Pb = pb::BucketList;
+    fn to_pb(&self) -> pb::BucketList {
+        pb::BucketList {
+            buckets: self.buckets.iter().map(BucketDoc::to_pb).collect(),
+        }
+    }
+    fn from_pb(p: pb::BucketList) -> Result<Self, ProtoError> {
+        Ok(BucketList {
+            buckets: p
+                .buckets
+                .into_iter()
+                .map(BucketDoc::from_pb)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl WireMessage for UpdateRequest {
+    type Pb = pb::UpdateRequest;
+    fn to_pb(&self) -> pb::UpdateRequest {
+        pb::UpdateRequest {
+            value: fields_to_pb(&self.value),
+            base_version: self.base_version,
+            occ: self.occ,
+            session: self.session.clone(),
+        }
+    }
+    fn from_pb(p: pb::UpdateRequest) -> Result<Self, ProtoError> {
+        Ok(UpdateRequest {
+            value: fields_from_pb(p.value)?,
+            base_version: p.base_version,
+            occ: p.occ,
+            session: p.session,
+        })
+    }
+}
+
+impl WireMessage for UpdateResponse {
+    type Pb = pb::UpdateResponse;
+    fn to_pb(&self) -> pb::UpdateResponse {
+        let outcome = match self.outcome {
+            UpdateOutcome::Applied => pb::UpdateOutcome::Applied,
+            UpdateOutcome::Merged => pb::UpdateOutcome::Merged,
+            UpdateOutcome::Refused => pb::UpdateOutcome::Refused,
+        };
+        pb::UpdateResponse {
+            outcome: outcome as i32,
+            bucket: Some(
+                BucketDoc {
+                    id: self.id.clone(),
+                    timestamp: Some(self.timestamp),
+                    version: Some(self.version),
+                    value: self.value.clone(),
+                }
+                .to_pb(),
+            ),
+        }
+    }
+    fn from_pb(p: pb::UpdateResponse) -> Result<Self, ProtoError> {
+        let outcome = match pb::UpdateOutcome::try_from(p.outcome) {
+            Ok(pb::UpdateOutcome::Applied) => UpdateOutcome::Applied,
+            Ok(pb::UpdateOutcome::Merged) => UpdateOutcome::Merged,
+            Ok(pb::UpdateOutcome::Refused) => UpdateOutcome::Refused,
+            _ => return Err(ProtoError::MissingField("outcome")),
+        };
+        let b = BucketDoc::from_pb(p.bucket.ok_or(ProtoError::MissingField("bucket"))?)?;
+        Ok(UpdateResponse {
+            outcome,
+            id: b.id,
+            timestamp: b.timestamp.ok_or(ProtoError::MissingField("timestamp"))?,
+            version: b.version.ok_or(ProtoError::MissingField("version"))?,
+            value: b.value,
+        })
+    }
+}
+
+impl WireMessage for SubscribeRequest {
+    type Pb = pb::SubscribeRequest;
+    fn to_pb(&self) -> pb::SubscribeRequest {
+        pb::SubscribeRequest {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|h| pb::HeldBucket {
+                    id: h.id.clone(),
+                    timestamp: h.timestamp,
+                    version: h.version,
+                })
+                .collect(),
+            session: self.session.clone(),
+            timeout_ms: self.timeout_ms,
+        }
+    }
+    fn from_pb(p: pb::SubscribeRequest) -> Result<Self, ProtoError> {
+        Ok(SubscribeRequest {
+            buckets: p
+                .buckets
+                .into_iter()
+                .map(|h| HeldBucket {
+                    id: h.id,
+                    timestamp: h.timestamp,
+                    version: h.version,
+                })
+                .collect(),
+            session: p.session,
+            timeout_ms: p.timeout_ms,
+        })
+    }
+}
+
+impl WireMessage for ErrorBody {
+    type Pb = pb::Error;
+    fn to_pb(&self) -> pb::Error {
+        pb::Error {
+            error: self.error.clone(),
+            message: self.message.clone(),
+        }
+    }
+    fn from_pb(p: pb::Error) -> Result<Self, ProtoError> {
+        Ok(ErrorBody {
+            error: p.error,
+            message: p.message,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use serde_json::json;
+
+    fn roundtrip<T: WireMessage + PartialEq + core::fmt::Debug>(m: T) {
+        let bytes = m.encode_pb();
+        assert_eq!(T::decode_pb(&bytes).expect("decodes"), m);
+    }
+
+    #[test]
+    fn messages_roundtrip_through_protobuf() {
+        let Value::Object(value) = json!({"t": 21.5, "n": 3, "s": "heat", "z": null, "b": true,
+                                         "nested": {"a": [1, 2]}})
+        else {
+            unreachable!()
+        };
+        roundtrip(BucketList {
+            buckets: vec![
+                BucketDoc {
+                    id: "device.x".into(),
+                    timestamp: Some(5),
+                    version: Some(2),
+                    value: Some(value.clone()),
+                },
+                BucketDoc {
+                    id: "shared.x".into(),
+                    timestamp: None,
+                    version: None,
+                    value: Some(Fields::new()),
+                },
+                BucketDoc {
+                    id: "shared.y".into(),
+                    timestamp: None,
+                    version: None,
+                    value: None,
+                },
+            ],
+        });
+        roundtrip(UpdateRequest {
+            value: value.clone(),
+            base_version: 9,
+            occ: true,
+            session: Some("s".into()),
+        });
+        roundtrip(UpdateResponse {
+            outcome: UpdateOutcome::Merged,
+            id: "device.x".into(),
+            timestamp: 1,
+            version: 2,
+            value: Some(value),
+        });
+        roundtrip(SubscribeRequest {
+            buckets: vec![HeldBucket {
+                id: "device.x".into(),
+                timestamp: Some(1),
+                version: None,
+            }],
+            session: None,
+            timeout_ms: Some(1000),
+        });
+        roundtrip(RegisterResponse {
+            tier: "production".into(),
+            redirect: None,
+            software_update: Some(SoftwareUpdate {
+                version: "1.3.0".into(),
+                url: "https://u".into(),
+            }),
+            sync_url: "http://127.0.0.1:8080".into(),
+            buckets: vec!["device.x".into()],
+        });
+    }
+
+    #[test]
+    fn json_update_request_rejects_non_object_values() {
+        assert!(serde_json::from_str::<UpdateRequest>(r#"{"value": 3}"#).is_err());
+        let ok: UpdateRequest =
+            serde_json::from_str(r#"{"value": {"a": 1}}"#).expect("object value");
+        assert_eq!((ok.base_version, ok.occ), (0, false));
+    }
+
+    #[test]
+    fn garbage_protobuf_is_an_error_not_a_panic() {
+        assert!(UpdateRequest::decode_pb(&[0xff, 0xff, 0xff]).is_err());
+        let bad_json = pb::UpdateRequest {
+            value: vec![pb::Field {
+                name: "a".into(),
+                value: Some(pb::Value {
+                    kind: Some(pb::value::Kind::JsonValue("{".into())),
+                }),
+            }],
+            ..Default::default()
+        };
+        assert!(UpdateRequest::from_pb(bad_json).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! The sans-IO device client (placeholder until the state machine lands).

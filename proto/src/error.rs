@@ -1,0 +1,23 @@
+//! The one error type of the protocol crate.
+
+use alloc::string::String;
+
+/// Why a protocol value was rejected. Every variant is a client mistake (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// A bucket id is not `<kind>.<key>` with the allowed characters and lengths.
+    #[error("invalid bucket id {0:?}: expected <kind>.<key>, kind [a-z][a-z0-9_]{{0,31}}, key [A-Za-z0-9_-]{{1,64}}")]
+    InvalidBucketId(String),
+    /// A device id (a bucket set key) has characters or a length outside the rules.
+    #[error("invalid device id {0:?}: expected [A-Za-z0-9_-]{{1,64}}")]
+    InvalidDeviceId(String),
+    /// A protobuf body could not be decoded.
+    #[error("malformed protobuf body: {0}")]
+    Protobuf(String),
+    /// A protobuf value carried JSON text that does not parse.
+    #[error("malformed JSON inside a protobuf value: {0}")]
+    NestedJson(String),
+    /// A required message field was absent.
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+}
