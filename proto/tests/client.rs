@@ -1,0 +1,834 @@
+//! Scenario tests of the sans-IO device client: each drives a whole exchange by hand,
+//! playing the server, through the public API only (seed 000 FIG 15B, 19B–22B).
+
+use proptest::prelude::*;
+use serde_json::json;
+use tether_proto::api::{
+    BucketDoc, BucketList, ErrorBody, RegisterResponse, SoftwareUpdate, UpdateOutcome,
+    UpdateResponse,
+};
+use tether_proto::client::{
+    ClientBucket, ClientConfig, DeviceClient, Event, Outgoing, Request, Response,
+};
+use tether_proto::Fields;
+
+const REGISTER_URL: &str = "https://register.test";
+const OTHER_TIER_URL: &str = "https://register.beta.test";
+const SYNC_URL: &str = "https://sync-3.test";
+const DEV: &str = "device.01AA02AB";
+const SHARED: &str = "shared.01AA02AB";
+const INITIAL: u64 = 1_000;
+const MAX: u64 = 30_000;
+
+fn cfg(seed: u64) -> ClientConfig {
+    ClientConfig {
+        device_id: "01AA02AB".into(),
+        device_type: "thermostat".into(),
+        sw_version: "1.2.0".into(),
+        base_url: REGISTER_URL.into(),
+        session: "s1".into(),
+        subscribe_timeout_ms: 60_000,
+        backoff_initial_ms: INITIAL,
+        backoff_max_ms: MAX,
+        jitter_seed: seed,
+    }
+}
+
+fn fields(v: serde_json::Value) -> Fields {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => panic!("test fixture must be an object, got {other}"),
+    }
+}
+
+fn doc(id: &str, timestamp: u64, version: u64, value: serde_json::Value) -> BucketDoc {
+    BucketDoc {
+        id: id.into(),
+        timestamp: Some(timestamp),
+        version: Some(version),
+        value: Some(fields(value)),
+    }
+}
+
+fn list(docs: Vec<BucketDoc>) -> Response {
+    Response::Buckets(BucketList { buckets: docs })
+}
+
+fn registered(redirect: Option<&str>, software_update: Option<SoftwareUpdate>) -> Response {
+    Response::Registered(RegisterResponse {
+        tier: "production".into(),
+        redirect: redirect.map(Into::into),
+        software_update,
+        sync_url: SYNC_URL.into(),
+        buckets: vec![DEV.into(), SHARED.into()],
+    })
+}
+
+fn updated(status: u16, outcome: UpdateOutcome, version: u64, value: Option<Fields>) -> Response {
+    Response::Updated {
+        status,
+        body: UpdateResponse {
+            outcome,
+            id: DEV.into(),
+            timestamp: 1_000 + version,
+            version,
+            value,
+        },
+    }
+}
+
+fn error(status: u16, code: &str) -> Response {
+    Response::Error {
+        status,
+        body: Some(ErrorBody {
+            error: code.into(),
+            message: String::new(),
+        }),
+    }
+}
+
+fn poll(c: &mut DeviceClient, now: u64) -> Outgoing {
+    c.poll_request(now)
+        .expect("the client should have a request to send")
+}
+
+fn events(c: &mut DeviceClient) -> Vec<Event> {
+    std::iter::from_fn(|| c.poll_event()).collect()
+}
+
+fn changed(id: &str, version: u64) -> Event {
+    Event::BucketChanged {
+        id: id.into(),
+        version,
+    }
+}
+
+fn acked(outcome: UpdateOutcome) -> Event {
+    Event::ChangeAcked {
+        id: DEV.into(),
+        outcome,
+    }
+}
+
+/// The (id, version) pairs a subscribe lists.
+fn subscribed(out: &Outgoing) -> Vec<(String, Option<u64>)> {
+    match &out.request {
+        Request::Subscribe(s) => s
+            .buckets
+            .iter()
+            .map(|h| (h.id.clone(), h.version))
+            .collect(),
+        other => panic!("expected a subscribe, got {other:?}"),
+    }
+}
+
+fn put_of(out: &Outgoing) -> (&str, &tether_proto::api::UpdateRequest) {
+    match &out.request {
+        Request::Put { id, body } => (id, body),
+        other => panic!("expected a PUT, got {other:?}"),
+    }
+}
+
+/// Registers and fetches both buckets (DEV {mode: heat, t: 20} v1, SHARED {} v1);
+/// returns the client with its first subscribe in flight and that subscribe's token.
+fn synced_client(seed: u64) -> (DeviceClient, u64) {
+    let mut c = DeviceClient::new(cfg(seed));
+    let reg = poll(&mut c, 0);
+    c.handle_response(0, reg.token, registered(None, None));
+    let fetch = poll(&mut c, 0);
+    c.handle_response(
+        0,
+        fetch.token,
+        list(vec![
+            doc(DEV, 100, 1, json!({"mode": "heat", "t": 20})),
+            doc(SHARED, 100, 1, json!({})),
+        ]),
+    );
+    let sub = poll(&mut c, 0);
+    assert!(matches!(sub.request, Request::Subscribe(_)));
+    events(&mut c);
+    (c, sub.token)
+}
+
+#[test]
+fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
+    let mut c = DeviceClient::new(cfg(1));
+
+    // FIG 15B: register at the configured registration server.
+    assert_eq!(c.base_url(), REGISTER_URL);
+    let reg = poll(&mut c, 0);
+    let Request::Register(r) = &reg.request else {
+        panic!("expected register, got {reg:?}")
+    };
+    assert_eq!(
+        (&*r.device_id, &*r.device_type, &*r.sw_version),
+        ("01AA02AB", "thermostat", "1.2.0")
+    );
+    assert_eq!(
+        (reg.request.method(), &*reg.request.path()),
+        ("POST", "/v1/register")
+    );
+    assert_eq!(
+        c.poll_request(0),
+        None,
+        "one sync request at a time, no PUT yet"
+    );
+
+    // The device belongs to another tier: register again there.
+    c.handle_response(0, reg.token, registered(Some(OTHER_TIER_URL), None));
+    assert_eq!(
+        events(&mut c),
+        [Event::Redirected {
+            url: OTHER_TIER_URL.into()
+        }]
+    );
+    assert_eq!(c.base_url(), OTHER_TIER_URL);
+    let reg = poll(&mut c, 0);
+    assert!(matches!(reg.request, Request::Register(_)));
+
+    // Registered, with a firmware offer: the sync server takes over; fetch everything.
+    let offer = SoftwareUpdate {
+        version: "1.3.0".into(),
+        url: "https://fw.test/1.3.0".into(),
+    };
+    c.handle_response(0, reg.token, registered(None, Some(offer)));
+    assert_eq!(
+        events(&mut c),
+        [
+            Event::Registered,
+            Event::SoftwareUpdate {
+                version: "1.3.0".into(),
+                url: "https://fw.test/1.3.0".into()
+            }
+        ]
+    );
+    assert_eq!(c.base_url(), SYNC_URL);
+    assert!(!c.is_synced());
+    let fetch = poll(&mut c, 0);
+    assert_eq!(
+        fetch.request,
+        Request::Fetch {
+            ids: vec![DEV.into(), SHARED.into()]
+        }
+    );
+    assert_eq!(
+        (fetch.request.method(), &*fetch.request.path()),
+        (
+            "GET",
+            "/v1/buckets?view=full&ids=device.01AA02AB,shared.01AA02AB"
+        )
+    );
+
+    // FIG 19B/20: the full buckets arrive.
+    c.handle_response(
+        0,
+        fetch.token,
+        list(vec![
+            doc(DEV, 100, 1, json!({"mode": "heat", "t": 20})),
+            doc(SHARED, 100, 1, json!({})),
+        ]),
+    );
+    assert_eq!(events(&mut c), [changed(DEV, 1), changed(SHARED, 1)]);
+    assert!(c.is_synced());
+
+    // FIG 21B: subscribe with every held version, the session and the timeout.
+    let sub = poll(&mut c, 0);
+    let Request::Subscribe(s) = &sub.request else {
+        panic!("expected subscribe, got {sub:?}")
+    };
+    assert_eq!(s.session.as_deref(), Some("s1"));
+    assert_eq!(s.timeout_ms, Some(60_000));
+    assert_eq!(s.buckets[0].timestamp, Some(100));
+    assert_eq!(
+        subscribed(&sub),
+        [(DEV.into(), Some(1)), (SHARED.into(), Some(1))]
+    );
+
+    // A notification: another writer changed the device bucket.
+    c.handle_response(
+        5,
+        sub.token,
+        list(vec![doc(DEV, 200, 2, json!({"mode": "cool", "t": 20}))]),
+    );
+    assert_eq!(events(&mut c), [changed(DEV, 2)]);
+    let held = c.bucket(DEV).expect("held");
+    assert_eq!((held.version, held.timestamp), (2, 200));
+    assert_eq!(held.value, fields(json!({"mode": "cool", "t": 20})));
+    let sub = poll(&mut c, 5);
+    assert_eq!(
+        subscribed(&sub),
+        [(DEV.into(), Some(2)), (SHARED.into(), Some(1))]
+    );
+
+    // FIG 22A: a local change goes out as a PUT next to the held subscribe.
+    c.set_field(DEV, "t", json!(21.5));
+    assert!(!c.is_synced());
+    let put = poll(&mut c, 6);
+    let (id, body) = put_of(&put);
+    assert_eq!(id, DEV);
+    assert_eq!(body.value, fields(json!({"t": 21.5})));
+    assert_eq!((body.base_version, body.occ), (2, false));
+    assert_eq!(body.session.as_deref(), Some("s1"));
+    assert_eq!(
+        (put.request.method(), &*put.request.path()),
+        ("PUT", "/v1/buckets/device.01AA02AB")
+    );
+    assert_eq!(c.poll_request(6), None, "one PUT at a time");
+
+    // FIG 22B/25B: applied → merge the sent fields, take the new timestamp/version.
+    c.handle_response(7, put.token, updated(200, UpdateOutcome::Applied, 3, None));
+    assert_eq!(
+        events(&mut c),
+        [changed(DEV, 3), acked(UpdateOutcome::Applied)]
+    );
+    let held = c.bucket(DEV).expect("held");
+    assert_eq!((held.version, held.timestamp), (3, 1_003));
+    assert_eq!(held.value, fields(json!({"mode": "cool", "t": 21.5})));
+    assert!(c.is_synced());
+    assert_eq!(c.poll_request(7), None, "the subscribe is still held");
+}
+
+#[test]
+fn merged_put_replaces_the_whole_bucket_with_the_servers() {
+    let (mut c, _sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(22));
+    let put = poll(&mut c, 1);
+    // FIG 25C: based on a stale version, merged with someone else's change of `mode`.
+    let merged = fields(json!({"mode": "off", "t": 22}));
+    c.handle_response(
+        2,
+        put.token,
+        updated(200, UpdateOutcome::Merged, 4, Some(merged.clone())),
+    );
+    assert_eq!(
+        events(&mut c),
+        [changed(DEV, 4), acked(UpdateOutcome::Merged)]
+    );
+    let held = c.bucket(DEV).expect("held");
+    assert_eq!((held.version, &held.value), (4, &merged));
+    assert!(c.is_synced());
+}
+
+#[test]
+fn refused_put_replaces_local_copy_with_server_bucket() {
+    let (mut c, _sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(25));
+    let put = poll(&mut c, 1);
+    // FIG 24: the server's copy is newer than the update; it is returned with 409.
+    let stored = fields(json!({"mode": "eco", "t": 18}));
+    c.handle_response(
+        2,
+        put.token,
+        updated(409, UpdateOutcome::Refused, 5, Some(stored.clone())),
+    );
+    assert_eq!(
+        events(&mut c),
+        [changed(DEV, 5), acked(UpdateOutcome::Refused)]
+    );
+    let held = c.bucket(DEV).expect("held");
+    assert_eq!((held.version, &held.value), (5, &stored));
+    assert_eq!(c.pending(DEV), None, "the refused change is dropped");
+    assert_eq!(c.poll_request(3), None, "and not resent");
+    assert!(c.is_synced());
+}
+
+#[test]
+fn client_errors_drop_the_change_and_report_it_without_backing_off() {
+    let (mut c, _sub) = synced_client(1);
+    for (status, code) in [(400, "bad_request"), (413, "too_large"), (403, "forbidden")] {
+        c.set_field(DEV, "blob", json!("x"));
+        let put = poll(&mut c, 1);
+        c.handle_response(1, put.token, error(status, code));
+        assert_eq!(
+            events(&mut c),
+            [Event::ChangeRejected {
+                id: DEV.into(),
+                status
+            }]
+        );
+        assert_eq!(c.pending(DEV), None);
+        assert_eq!(c.poll_timeout(), None);
+    }
+    assert_eq!(c.bucket(DEV).expect("held").version, 1, "nothing applied");
+}
+
+#[test]
+fn invalid_bucket_id_is_rejected_locally_and_never_sent() {
+    let (mut c, _sub) = synced_client(1);
+    c.set_field("../admin", "x", json!(1));
+    assert_eq!(
+        events(&mut c),
+        [Event::ChangeRejected {
+            id: "../admin".into(),
+            status: 400
+        }]
+    );
+    assert_eq!(c.poll_request(1), None);
+}
+
+#[test]
+fn version_regression_is_reported_and_never_applied() {
+    let (mut c, sub) = synced_client(1);
+    c.handle_response(1, sub, list(vec![doc(DEV, 300, 7, json!({"t": 7}))]));
+    let sub = poll(&mut c, 1).token;
+    events(&mut c);
+
+    // The server (after a bad failover, say) answers with an older version.
+    c.handle_response(2, sub, list(vec![doc(DEV, 250, 6, json!({"t": 6}))]));
+    assert_eq!(
+        events(&mut c),
+        [Event::VersionRegression {
+            id: DEV.into(),
+            held: 7,
+            received: 6
+        }]
+    );
+    let held = c.bucket(DEV).expect("held");
+    assert_eq!((held.version, &held.value), (7, &fields(json!({"t": 7}))));
+
+    // It would answer the same at once, so the client waits before resubscribing, and
+    // still claims version 7.
+    assert_eq!(c.poll_request(2), None);
+    let at = c.poll_timeout().expect("backing off");
+    assert!(at > 2);
+    let sub = poll(&mut c, at);
+    assert_eq!(
+        subscribed(&sub),
+        [(DEV.into(), Some(7)), (SHARED.into(), Some(1))]
+    );
+}
+
+#[test]
+fn version_regression_in_a_put_answer_is_not_applied() {
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(30));
+    let put = poll(&mut c, 1);
+    // The subscribe brings v9 from another writer before the PUT answer (v2) arrives.
+    c.handle_response(2, sub, list(vec![doc(DEV, 900, 9, json!({"t": 9}))]));
+    c.handle_response(3, put.token, updated(200, UpdateOutcome::Applied, 2, None));
+    assert_eq!(
+        events(&mut c),
+        [changed(DEV, 9), acked(UpdateOutcome::Applied)]
+    );
+    assert_eq!(c.bucket(DEV).expect("held").version, 9);
+}
+
+#[test]
+fn empty_subscribe_answer_resubscribes_at_once() {
+    let (mut c, sub) = synced_client(1);
+    c.handle_response(60_000, sub, list(vec![]));
+    assert_eq!(events(&mut c), []);
+    let next = poll(&mut c, 60_000);
+    assert_eq!(
+        subscribed(&next),
+        [(DEV.into(), Some(1)), (SHARED.into(), Some(1))]
+    );
+    assert!(c.is_synced());
+}
+
+#[test]
+fn own_write_echoed_by_subscribe_does_not_back_off() {
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(23));
+    let put = poll(&mut c, 1);
+    c.handle_response(2, put.token, updated(200, UpdateOutcome::Applied, 2, None));
+    // Without echo suppression the server sends our own write back: the version we hold.
+    c.handle_response(3, sub, list(vec![doc(DEV, 1_002, 2, json!({}))]));
+    assert!(c.poll_request(3).is_some(), "resubscribes at once");
+    assert!(c.is_synced());
+}
+
+#[test]
+fn transport_errors_back_off_exponentially_with_capped_jitter_and_retry_coalesced_fields() {
+    let (mut c, _sub) = synced_client(42);
+    c.set_field(DEV, "t", json!(21));
+    c.set_field(DEV, "mode", json!("heat"));
+    c.set_field(DEV, "t", json!(22)); // coalesced: the later value wins
+    let mut now = 10;
+    let put = poll(&mut c, now);
+    assert_eq!(
+        put_of(&put).1.value,
+        fields(json!({"t": 22, "mode": "heat"}))
+    );
+
+    // A newer local edit while the PUT is in flight.
+    c.set_field(DEV, "t", json!(23));
+    c.handle_response(now, put.token, Response::Transport);
+    // Sent fields go back beneath the newer edit.
+    assert_eq!(
+        c.pending(DEV),
+        Some(&fields(json!({"t": 23, "mode": "heat"})))
+    );
+
+    // Keep failing (transport, then 5xx): the wait doubles from INITIAL and caps at MAX,
+    // jitter shortening it by at most a quarter.
+    let mut delays = Vec::new();
+    let mut fail_next_with = error(503, "unavailable");
+    for attempt in 0..10u32 {
+        let at = c.poll_timeout().expect("backing off");
+        let delay = at - now;
+        let base = (INITIAL << attempt).min(MAX);
+        assert!(
+            delay <= base && delay >= base - base / 4,
+            "attempt {attempt}: {delay} outside [¾·{base}, {base}]"
+        );
+        assert_eq!(
+            c.poll_request(at - 1),
+            None,
+            "nothing before the back-off ends"
+        );
+        delays.push(delay);
+        now = at;
+        let put = poll(&mut c, now);
+        let (_, body) = put_of(&put);
+        assert_eq!(body.value, fields(json!({"t": 23, "mode": "heat"})));
+        assert_eq!(body.base_version, 1);
+        c.handle_response(now, put.token, fail_next_with.clone());
+        fail_next_with = Response::Transport;
+    }
+    assert!(
+        delays.windows(2).take(4).all(|w| w[1] > w[0]),
+        "grows: {delays:?}"
+    );
+    assert!(delays.iter().all(|&d| d <= MAX), "caps: {delays:?}");
+    assert!(delays[6..].iter().all(|&d| d >= MAX - MAX / 4));
+
+    // A success resets the back-off: the next failure waits about INITIAL again.
+    now = c.poll_timeout().expect("backing off");
+    let put = poll(&mut c, now);
+    c.handle_response(
+        now,
+        put.token,
+        updated(200, UpdateOutcome::Applied, 2, None),
+    );
+    assert_eq!(
+        c.bucket(DEV).expect("held").value,
+        fields(json!({"mode": "heat", "t": 23}))
+    );
+    c.set_field(DEV, "t", json!(24));
+    let put = poll(&mut c, now);
+    c.handle_response(now, put.token, Response::Transport);
+    let delay = c.poll_timeout().expect("backing off") - now;
+    assert!(
+        (INITIAL - INITIAL / 4..=INITIAL).contains(&delay),
+        "{delay}"
+    );
+}
+
+#[test]
+fn backoff_jitter_is_deterministic_per_seed() {
+    fn delays(seed: u64) -> Vec<u64> {
+        let mut c = DeviceClient::new(cfg(seed));
+        let mut now = 0;
+        let mut out = Vec::new();
+        for _ in 0..8 {
+            let reg = poll(&mut c, now);
+            c.handle_response(now, reg.token, Response::Transport);
+            let at = c.poll_timeout().expect("backing off");
+            out.push(at - now);
+            now = at;
+        }
+        out
+    }
+    assert_eq!(delays(7), delays(7));
+    assert_ne!(delays(7), delays(8));
+}
+
+#[test]
+fn register_failures_back_off_and_retry_registration() {
+    let mut c = DeviceClient::new(cfg(1));
+    for (i, resp) in [
+        Response::Transport,
+        error(401, "unauthorized"),
+        error(429, "rate_limited"),
+        error(500, "internal"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let now = c.poll_timeout().unwrap_or(0);
+        let reg = poll(&mut c, now);
+        assert!(matches!(reg.request, Request::Register(_)), "attempt {i}");
+        c.handle_response(now, reg.token, resp);
+        assert_eq!(c.base_url(), REGISTER_URL);
+        assert!(c.poll_timeout().expect("backing off") > now);
+    }
+    assert_eq!(events(&mut c), []);
+}
+
+#[test]
+fn link_down_ignores_stale_answers_and_resubscribes_with_held_versions() {
+    let (mut c, sub) = synced_client(3);
+    c.handle_response(
+        1,
+        sub,
+        list(vec![doc(SHARED, 400, 4, json!({"away": true}))]),
+    );
+    let sub = poll(&mut c, 1);
+    c.set_field(DEV, "t", json!(19));
+    let put = poll(&mut c, 2);
+    events(&mut c);
+
+    c.link_down(3);
+    // Answers to the lost requests arrive late (or from a half-dead connection): ignored.
+    c.handle_response(
+        4,
+        sub.token,
+        list(vec![doc(DEV, 999, 99, json!({"stale": 1}))]),
+    );
+    c.handle_response(4, put.token, updated(200, UpdateOutcome::Applied, 50, None));
+    c.handle_response(4, 12_345, Response::Transport);
+    assert_eq!(events(&mut c), []);
+    assert_eq!(c.bucket(DEV).expect("held").version, 1);
+    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 19}))));
+
+    // Back off, then resubscribe with the versions held and resend the change.
+    // Both slots back off, each with its own jitter.
+    assert_eq!(c.poll_request(4), None);
+    let (mut resub, mut reput) = (None, None);
+    while resub.is_none() || reput.is_none() {
+        let at = c.poll_timeout().expect("backing off");
+        assert!((3 + INITIAL - INITIAL / 4..=3 + INITIAL).contains(&at));
+        while let Some(out) = c.poll_request(at) {
+            match out.request {
+                Request::Subscribe(_) => resub = Some(out),
+                Request::Put { .. } => reput = Some(out),
+                _ => panic!("unexpected {out:?}"),
+            }
+        }
+    }
+    let (resub, reput) = (resub.expect("resubscribed"), reput.expect("resent"));
+    assert_eq!(
+        subscribed(&resub),
+        [(DEV.into(), Some(1)), (SHARED.into(), Some(4))]
+    );
+    assert_eq!(put_of(&reput).1.value, fields(json!({"t": 19})));
+    assert_ne!(
+        (resub.token, reput.token),
+        (sub.token, put.token),
+        "tokens are never reused"
+    );
+}
+
+#[test]
+fn restored_device_skips_fetch_and_subscribes_with_its_versions() {
+    let persisted = {
+        let (mut c, sub) = synced_client(1);
+        c.handle_response(1, sub, list(vec![doc(DEV, 700, 7, json!({"t": 17}))]));
+        c.snapshot()
+    };
+    let mut c = DeviceClient::new(cfg(1));
+    c.restore(persisted);
+    let reg = poll(&mut c, 0);
+    c.handle_response(0, reg.token, registered(None, None));
+    assert_eq!(events(&mut c), [Event::Registered]);
+    assert!(c.is_synced());
+    let sub = poll(&mut c, 0);
+    assert_eq!(
+        subscribed(&sub),
+        [(DEV.into(), Some(7)), (SHARED.into(), Some(1))]
+    );
+    let Request::Subscribe(s) = &sub.request else {
+        unreachable!()
+    };
+    assert_eq!(s.buckets[0].timestamp, Some(700));
+    assert_eq!(c.bucket(DEV).expect("held").value, fields(json!({"t": 17})));
+}
+
+#[test]
+fn restored_device_missing_a_bucket_fetches_them_all() {
+    let mut c = DeviceClient::new(cfg(1));
+    c.restore([ClientBucket {
+        id: DEV.into(),
+        timestamp: 700,
+        version: 7,
+        value: Fields::new(),
+    }]);
+    let reg = poll(&mut c, 0);
+    c.handle_response(0, reg.token, registered(None, None));
+    let fetch = poll(&mut c, 0);
+    assert!(matches!(fetch.request, Request::Fetch { .. }));
+    // The fetch's older copy of the restored bucket does not replace it.
+    c.handle_response(
+        0,
+        fetch.token,
+        list(vec![
+            doc(DEV, 600, 6, json!({})),
+            doc(SHARED, 100, 1, json!({})),
+        ]),
+    );
+    assert_eq!(c.bucket(DEV).expect("held").version, 7);
+    assert_eq!(c.bucket(SHARED).expect("held").version, 1);
+}
+
+#[test]
+fn not_found_on_subscribe_registers_again_after_backing_off() {
+    let (mut c, sub) = synced_client(1);
+    c.handle_response(10, sub, error(404, "not_found"));
+    assert_eq!(c.base_url(), REGISTER_URL);
+    assert_eq!(c.poll_request(10), None);
+    let at = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, at);
+    assert!(matches!(reg.request, Request::Register(_)));
+    c.handle_response(at, reg.token, registered(None, None));
+    // Versions are still held, so it subscribes straight away.
+    assert!(matches!(poll(&mut c, at).request, Request::Subscribe(_)));
+}
+
+#[test]
+fn not_found_on_fetch_registers_again() {
+    let mut c = DeviceClient::new(cfg(1));
+    let reg = poll(&mut c, 0);
+    c.handle_response(0, reg.token, registered(None, None));
+    let fetch = poll(&mut c, 0);
+    c.handle_response(0, fetch.token, error(404, "not_found"));
+    let at = c.poll_timeout().expect("backing off");
+    assert!(matches!(poll(&mut c, at).request, Request::Register(_)));
+}
+
+#[test]
+fn puts_wait_for_registration_and_fetch() {
+    let mut c = DeviceClient::new(cfg(1));
+    c.set_field(DEV, "t", json!(20));
+    let reg = poll(&mut c, 0);
+    assert_eq!(c.poll_request(0), None);
+    c.handle_response(0, reg.token, registered(None, None));
+    let fetch = poll(&mut c, 0);
+    assert_eq!(c.poll_request(0), None);
+    c.handle_response(0, fetch.token, list(vec![doc(DEV, 100, 3, json!({}))]));
+    assert!(matches!(poll(&mut c, 0).request, Request::Subscribe(_)));
+    let put = poll(&mut c, 0);
+    assert_eq!(put_of(&put).1.base_version, 3);
+}
+
+#[test]
+fn put_to_a_bucket_never_seen_is_based_on_version_zero() {
+    let mut c = DeviceClient::new(cfg(1));
+    let reg = poll(&mut c, 0);
+    c.handle_response(0, reg.token, registered(None, None));
+    let fetch = poll(&mut c, 0);
+    c.handle_response(0, fetch.token, list(vec![doc(DEV, 100, 3, json!({}))]));
+    let _sub = poll(&mut c, 0);
+    c.set_field(SHARED, "x", json!(1));
+    assert_eq!(put_of(&poll(&mut c, 0)).1.base_version, 0);
+}
+
+#[test]
+fn puts_serve_buckets_round_robin() {
+    let (mut c, _sub) = synced_client(1);
+    let mut order = Vec::new();
+    c.set_field(DEV, "t", json!(1));
+    c.set_field(SHARED, "x", json!(1));
+    for v in 2..6 {
+        let put = poll(&mut c, 0);
+        let id = put_of(&put).0.to_string();
+        // The application keeps editing both buckets faster than a round trip.
+        c.set_field(DEV, "t", json!(v));
+        c.set_field(SHARED, "x", json!(v));
+        c.handle_response(0, put.token, updated(200, UpdateOutcome::Applied, v, None));
+        order.push(id);
+    }
+    assert_eq!(order, [DEV, SHARED, DEV, SHARED]);
+}
+
+#[test]
+fn endless_redirects_back_off() {
+    let mut c = DeviceClient::new(cfg(1));
+    let mut now = 0;
+    for i in 0..8 {
+        let reg = poll(&mut c, now);
+        c.handle_response(now, reg.token, registered(Some(OTHER_TIER_URL), None));
+        match c.poll_timeout() {
+            None => assert!(i < 4, "redirect {i} followed at once"),
+            Some(at) => {
+                assert!(i >= 4, "redirect {i} should be followed at once");
+                now = at;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// law: a held version never decreases
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Answer the subscribe in flight with these (bucket index, version) pairs.
+    Notify(Vec<(usize, u64)>),
+    /// Answer the subscribe in flight with a stale token.
+    StaleAnswer(usize, u64),
+    /// Make a local change, and answer its PUT with this outcome and version.
+    Put(u8, u64),
+    LinkDown,
+    EmptyAnswer,
+}
+
+fn arb_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => proptest::collection::vec((0usize..2, 1u64..20), 0..4).prop_map(Step::Notify),
+        1 => (0usize..2, 1u64..20).prop_map(|(b, v)| Step::StaleAnswer(b, v)),
+        2 => (0u8..3, 1u64..20).prop_map(|(o, v)| Step::Put(o, v)),
+        1 => Just(Step::LinkDown),
+        1 => Just(Step::EmptyAnswer),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn held_versions_never_decrease(steps in proptest::collection::vec(arb_step(), 1..40)) {
+        let ids = [DEV, SHARED];
+        let (mut c, first) = synced_client(9);
+        let mut sub = Some(first);
+        let mut now = 0u64;
+        let mut old_tokens = vec![];
+        for step in steps {
+            let before: Vec<u64> = ids.iter().map(|id| c.bucket(id).map_or(0, |b| b.version)).collect();
+            // Let any back-off run out, then send what the client wants to send.
+            now = now.max(c.poll_timeout().unwrap_or(now)) + 1;
+            let mut put = None;
+            while let Some(out) = c.poll_request(now) {
+                match out.request {
+                    Request::Subscribe(_) => sub = Some(out.token),
+                    Request::Put { .. } => put = Some(out.token),
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            match step {
+                Step::Notify(pairs) => if let Some(t) = sub.take() {
+                    let docs = pairs.iter().map(|&(b, v)| doc(ids[b], v * 10, v, json!({"v": v}))).collect();
+                    c.handle_response(now, t, list(docs));
+                    old_tokens.push(t);
+                },
+                Step::StaleAnswer(b, v) => if let Some(&t) = old_tokens.last() {
+                    c.handle_response(now, t, list(vec![doc(ids[b], v * 10, v, json!({}))]));
+                },
+                Step::Put(o, v) => {
+                    c.set_field(DEV, "f", json!(v));
+                    let t = put.or_else(|| c.poll_request(now).map(|o| o.token));
+                    if let Some(t) = t {
+                        let outcome = [UpdateOutcome::Applied, UpdateOutcome::Merged, UpdateOutcome::Refused][usize::from(o)];
+                        let value = (outcome != UpdateOutcome::Applied).then(|| fields(json!({"f": v})));
+                        c.handle_response(now, t, updated(200, outcome, v, value));
+                        old_tokens.push(t);
+                    }
+                },
+                Step::LinkDown => {
+                    c.link_down(now);
+                    old_tokens.extend(sub.take());
+                },
+                Step::EmptyAnswer => if let Some(t) = sub.take() {
+                    c.handle_response(now, t, list(vec![]));
+                },
+            }
+            for (i, id) in ids.iter().enumerate() {
+                let after = c.bucket(id).map_or(0, |b| b.version);
+                prop_assert!(after >= before[i], "{} went from {} to {}", id, before[i], after);
+            }
+            for ev in std::iter::from_fn(|| c.poll_event()) {
+                if let Event::VersionRegression { held, received, .. } = ev {
+                    prop_assert!(received < held);
+                }
+            }
+        }
+    }
+}
