@@ -1,1 +1,14 @@
+//! One Tether node: the bucket set actors, the device API and the stores.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
+pub mod actor;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod registration;
+pub mod registry;
+pub mod server;
+pub mod store;

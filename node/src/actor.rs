@@ -1,0 +1,502 @@
+//! `BucketSetActor`: the single writer of one bucket set.
+//!
+//! Every write to a set goes through its actor, so reconciliation is serialized per set.
+//! The actor keeps the set's committed (durable) buckets in memory and answers reads and
+//! subscribe checks from them; a write is reconciled, committed to the store in a batch
+//! with the other writes that queued meanwhile, and only then acknowledged and notified.
+//! Idle actors stop (passivation) and are reloaded from the store on the next request.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tether_proto::reconcile::{is_stale, should_notify, Held};
+use tether_proto::{reconcile, Bucket, BucketId, Fields, Outcome, SetKey, Update};
+use tokio::sync::oneshot;
+
+use crate::error::{NodeError, Result};
+use crate::registry::Shared;
+use crate::store::{Epoch, StoreError};
+
+/// What a caller gets back for an accepted or refused write.
+#[derive(Debug, Clone)]
+pub struct WriteResult {
+    /// The reconciliation outcome.
+    pub outcome: Outcome,
+    /// The bucket as stored after the batch committed (the refused write's stored copy).
+    pub bucket: Bucket,
+}
+
+/// A device or app update of one bucket.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<oneshot::Receiver<Result<WriteResult>>>")]
+pub struct Put {
+    /// The bucket.
+    pub id: BucketId,
+    /// Fields, base version, OCC flag.
+    pub update: Update,
+    /// The writer's session, for echo suppression.
+    pub session: Option<String>,
+}
+
+/// Registration: create the listed buckets unless they exist (null-valued template fields).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<oneshot::Receiver<Result<()>>>")]
+pub struct EnsureBuckets(pub Vec<(BucketId, Fields)>);
+
+/// Read the committed buckets (all of the set, or the listed ones that exist).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<Bucket>>")]
+pub struct Get(pub Option<Vec<BucketId>>);
+
+/// What a subscribe check found.
+#[derive(Debug)]
+pub enum SubscribeAnswer {
+    /// Some held versions are stale: answer at once with these buckets.
+    Now(Vec<Bucket>),
+    /// Nothing stale: the subscription is registered and will be answered on this channel.
+    Held(oneshot::Receiver<Vec<Bucket>>),
+}
+
+/// Check held versions and, if none is stale, hold the subscription (FIG 21C/21D).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<SubscribeAnswer>")]
+pub struct Subscribe {
+    /// Unique per subscription on this node; used to cancel it.
+    pub sub_id: u64,
+    /// The held versions of this set's buckets.
+    pub held: Vec<Held>,
+    /// The subscriber's session.
+    pub session: Option<String>,
+}
+
+/// The subscriber went away (timeout or closed connection): forget it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe(pub u64);
+
+/// Graceful stop: finish queued writes, answer held subscriptions (empty), stop.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+enum Job {
+    Put {
+        id: BucketId,
+        update: Update,
+        session: Option<String>,
+        reply: oneshot::Sender<Result<WriteResult>>,
+    },
+    Ensure {
+        buckets: Vec<(BucketId, Fields)>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+struct HeldSub {
+    held: HashSet<BucketId>,
+    session: Option<String>,
+    reply: oneshot::Sender<Vec<Bucket>>,
+}
+
+/// The actor owning one bucket set on this node.
+pub struct BucketSetActor {
+    set: SetKey,
+    shared: Arc<Shared>,
+    epoch: Option<Epoch>,
+    committed: BTreeMap<BucketId, Bucket>,
+    queue: Vec<Job>,
+    committing: bool,
+    subs: HashMap<u64, HeldSub>,
+    last_active: Instant,
+    shutting_down: bool,
+    passivated: bool,
+}
+
+impl std::fmt::Debug for BucketSetActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketSetActor")
+            .field("set", &self.set)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Size of a bucket's value as JSON, the unit of the bucket size limit.
+fn encoded_len(value: &Fields) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
+}
+
+impl BucketSetActor {
+    /// An actor for `set`; it loads its state when started.
+    pub fn new(set: SetKey, shared: Arc<Shared>) -> Self {
+        BucketSetActor {
+            set,
+            shared,
+            epoch: None,
+            committed: BTreeMap::new(),
+            queue: Vec::new(),
+            committing: false,
+            subs: HashMap::new(),
+            last_active: Instant::now(),
+            shutting_down: false,
+            passivated: false,
+        }
+    }
+
+    fn touch(&mut self) {
+        self.last_active = Instant::now();
+    }
+
+    fn ready(&self) -> Result<()> {
+        if self.epoch.is_none() {
+            return Err(NodeError::Unavailable(format!(
+                "bucket set {} is not loaded",
+                self.set
+            )));
+        }
+        if self.shutting_down {
+            return Err(NodeError::Unavailable("node is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    /// Reconciles every queued job against the committed state and commits the batch.
+    fn start_commit(&mut self, ctx: &mut Context<Self>) {
+        if self.committing || self.queue.is_empty() {
+            return;
+        }
+        let Some(epoch) = self.epoch else { return };
+        let jobs = std::mem::take(&mut self.queue);
+        let mut working = self.committed.clone();
+        let mut changed: BTreeMap<BucketId, Option<String>> = BTreeMap::new();
+        // Per job: the outcome, or an error to send without committing.
+        let mut results: Vec<(Job, Option<Result<Outcome>>)> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let r = match &job {
+                Job::Put {
+                    id,
+                    update,
+                    session,
+                    ..
+                } => match working.get(id) {
+                    None => Some(Err(NodeError::NotFound(format!("no bucket {id}")))),
+                    Some(stored) => {
+                        let now = self.shared.tick();
+                        let outcome = reconcile(stored, update, now);
+                        let max = self.shared.config.max_bucket_bytes;
+                        match outcome.new_state() {
+                            Some(new) if encoded_len(&new.value) > max => {
+                                Some(Err(NodeError::TooLarge(format!(
+                                    "bucket {id} would be larger than {max} bytes"
+                                ))))
+                            }
+                            Some(new) => {
+                                working.insert(id.clone(), new.clone());
+                                changed.insert(id.clone(), session.clone());
+                                Some(Ok(outcome))
+                            }
+                            None => Some(Ok(outcome)),
+                        }
+                    }
+                },
+                Job::Ensure { buckets, .. } => {
+                    for (id, fields) in buckets {
+                        if !working.contains_key(id) {
+                            let b = Bucket::created(id.clone(), fields.clone(), self.shared.tick());
+                            working.insert(id.clone(), b);
+                            changed.insert(id.clone(), None);
+                        }
+                    }
+                    None
+                }
+            };
+            results.push((job, r));
+        }
+        let writes: Vec<Bucket> = changed
+            .keys()
+            .filter_map(|id| working.get(id).cloned())
+            .collect();
+        self.committing = true;
+        let store = self.shared.store.clone();
+        let set = self.set.clone();
+        let fut = async move {
+            if writes.is_empty() {
+                Ok(())
+            } else {
+                store.commit(&set, epoch, writes).await
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.committing = false;
+            act.finish_commit(res, working, changed, results, ctx);
+            act.start_commit(ctx);
+            if act.shutting_down && act.idle() {
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn finish_commit(
+        &mut self,
+        res: std::result::Result<(), StoreError>,
+        working: BTreeMap<BucketId, Bucket>,
+        changed: BTreeMap<BucketId, Option<String>>,
+        results: Vec<(Job, Option<Result<Outcome>>)>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Err(e) = res {
+            let fenced = matches!(e, StoreError::Fenced { .. });
+            tracing::warn!(set = %self.set, error = %e, "commit failed; batch not acknowledged");
+            for (job, _) in results {
+                match job {
+                    Job::Put { reply, .. } => drop(reply.send(Err(NodeError::Store(e.clone())))),
+                    Job::Ensure { reply, .. } => drop(reply.send(Err(NodeError::Store(e.clone())))),
+                }
+            }
+            if fenced {
+                // Another owner holds the lease: this actor must never commit again.
+                self.epoch = None;
+                ctx.stop();
+            }
+            return;
+        }
+        self.committed = working;
+        for (job, r) in results {
+            match job {
+                Job::Put { id, reply, .. } => {
+                    let answer = r
+                        .unwrap_or_else(|| Err(NodeError::Internal("put without outcome".into())))
+                        .and_then(|outcome| {
+                            let bucket = self.committed.get(&id).cloned().ok_or_else(|| {
+                                NodeError::Internal(format!("bucket {id} vanished during commit"))
+                            })?;
+                            Ok(WriteResult { outcome, bucket })
+                        });
+                    if let Ok(w) = &answer {
+                        self.shared.metrics.put_outcome(match w.outcome {
+                            Outcome::Applied(_) => "applied",
+                            Outcome::Merged(_) => "merged",
+                            Outcome::Refused(_) => "refused",
+                        });
+                    }
+                    drop(reply.send(answer));
+                }
+                Job::Ensure { reply, .. } => drop(reply.send(Ok(()))),
+            }
+        }
+        self.notify(&changed);
+    }
+
+    /// Answers every held subscription that holds a changed bucket written by another
+    /// session (FIG 23A 1608–1612).
+    fn notify(&mut self, changed: &BTreeMap<BucketId, Option<String>>) {
+        if changed.is_empty() || self.subs.is_empty() {
+            return;
+        }
+        let mut woken = Vec::new();
+        for (sub_id, sub) in &self.subs {
+            let owed: Vec<Bucket> = changed
+                .iter()
+                .filter(|(id, writer)| {
+                    sub.held.contains(*id)
+                        && should_notify(sub.session.as_deref(), writer.as_deref())
+                })
+                .filter_map(|(id, _)| self.committed.get(id).cloned())
+                .collect();
+            if !owed.is_empty() {
+                woken.push((*sub_id, owed));
+            }
+        }
+        let n = woken.len();
+        for (sub_id, owed) in woken {
+            if let Some(sub) = self.subs.remove(&sub_id) {
+                // The subscriber may have gone; then there is nobody to tell.
+                drop(sub.reply.send(owed));
+            }
+        }
+        if n > 0 {
+            self.shared.metrics.notified(n as u64);
+            self.shared.metrics.subscriptions_held(-(n as i64));
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.subs.is_empty() && self.queue.is_empty() && !self.committing
+    }
+}
+
+impl Actor for BucketSetActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.shared.metrics.set_activated();
+        let store = self.shared.store.clone();
+        let set = self.set.clone();
+        let owner = self.shared.node_id.clone();
+        // ctx.wait: no message is handled until the set is loaded and its lease taken.
+        ctx.wait(
+            async move {
+                let epoch = store.acquire_lease(&set, &owner).await?;
+                let buckets = store.load_set(&set).await?;
+                Ok::<_, StoreError>((epoch, buckets))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((epoch, buckets)) => {
+                    for b in buckets {
+                        act.shared.observe(b.timestamp);
+                        act.committed.insert(b.id.clone(), b);
+                    }
+                    act.epoch = Some(epoch);
+                    tracing::debug!(set = %act.set, epoch = epoch.0, buckets = act.committed.len(), "bucket set loaded");
+                }
+                Err(e) => {
+                    tracing::error!(set = %act.set, error = %e, "loading bucket set failed");
+                    ctx.stop();
+                }
+            }),
+        );
+        let idle_after = self.shared.config.passivate_after;
+        let period = (idle_after / 4).max(Duration::from_millis(50));
+        ctx.run_interval(period, move |act, ctx| {
+            if act.idle() && act.last_active.elapsed() >= idle_after {
+                act.passivated = true;
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
+        // Never drop acknowledged-to-be work: stop only when nothing is pending, unless
+        // the lease is gone (then nothing may be committed anyway).
+        if self.epoch.is_some() && (self.committing || !self.queue.is_empty()) {
+            return Running::Continue;
+        }
+        Running::Stop
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        let held = self.subs.len() as i64;
+        for (_, sub) in self.subs.drain() {
+            drop(sub.reply.send(Vec::new()));
+        }
+        for job in self.queue.drain(..) {
+            let e = || NodeError::Unavailable(format!("bucket set {} stopped", self.set));
+            match job {
+                Job::Put { reply, .. } => drop(reply.send(Err(e()))),
+                Job::Ensure { reply, .. } => drop(reply.send(Err(e()))),
+            }
+        }
+        self.shared.metrics.subscriptions_held(-held);
+        self.shared.metrics.set_stopped(self.passivated);
+        self.shared.forget(&self.set, &ctx.address());
+    }
+}
+
+impl Handler<Put> for BucketSetActor {
+    type Result = Result<oneshot::Receiver<Result<WriteResult>>>;
+    fn handle(&mut self, msg: Put, ctx: &mut Context<Self>) -> Self::Result {
+        self.ready()?;
+        self.touch();
+        let (tx, rx) = oneshot::channel();
+        self.queue.push(Job::Put {
+            id: msg.id,
+            update: msg.update,
+            session: msg.session,
+            reply: tx,
+        });
+        self.start_commit(ctx);
+        Ok(rx)
+    }
+}
+
+impl Handler<EnsureBuckets> for BucketSetActor {
+    type Result = Result<oneshot::Receiver<Result<()>>>;
+    fn handle(&mut self, msg: EnsureBuckets, ctx: &mut Context<Self>) -> Self::Result {
+        self.ready()?;
+        self.touch();
+        let (tx, rx) = oneshot::channel();
+        if msg.0.iter().all(|(id, _)| self.committed.contains_key(id)) {
+            drop(tx.send(Ok(())));
+        } else {
+            self.queue.push(Job::Ensure {
+                buckets: msg.0,
+                reply: tx,
+            });
+            self.start_commit(ctx);
+        }
+        Ok(rx)
+    }
+}
+
+impl Handler<Get> for BucketSetActor {
+    type Result = Result<Vec<Bucket>>;
+    fn handle(&mut self, msg: Get, _ctx: &mut Context<Self>) -> Self::Result {
+        self.ready()?;
+        self.touch();
+        Ok(match msg.0 {
+            None => self.committed.values().cloned().collect(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| self.committed.get(id).cloned())
+                .collect(),
+        })
+    }
+}
+
+impl Handler<Subscribe> for BucketSetActor {
+    type Result = Result<SubscribeAnswer>;
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> Self::Result {
+        self.ready()?;
+        self.touch();
+        let mut stale = Vec::new();
+        for h in &msg.held {
+            let stored = self
+                .committed
+                .get(&h.id)
+                .ok_or_else(|| NodeError::NotFound(format!("no bucket {}", h.id)))?;
+            if is_stale(h, stored) {
+                stale.push(stored.clone());
+            }
+        }
+        if !stale.is_empty() {
+            return Ok(SubscribeAnswer::Now(stale));
+        }
+        let (tx, rx) = oneshot::channel();
+        let held = msg.held.into_iter().map(|h| h.id).collect();
+        self.subs.insert(
+            msg.sub_id,
+            HeldSub {
+                held,
+                session: msg.session,
+                reply: tx,
+            },
+        );
+        self.shared.metrics.subscriptions_held(1);
+        Ok(SubscribeAnswer::Held(rx))
+    }
+}
+
+impl Handler<Unsubscribe> for BucketSetActor {
+    type Result = ();
+    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
+        if self.subs.remove(&msg.0).is_some() {
+            self.shared.metrics.subscriptions_held(-1);
+        }
+    }
+}
+
+impl Handler<Shutdown> for BucketSetActor {
+    type Result = ();
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
+        self.shutting_down = true;
+        let held = self.subs.len() as i64;
+        for (_, sub) in self.subs.drain() {
+            drop(sub.reply.send(Vec::new()));
+        }
+        self.shared.metrics.subscriptions_held(-held);
+        ctx.stop();
+    }
+}

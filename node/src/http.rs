@@ -1,0 +1,542 @@
+//! The device API of shared/API.md on actix-web. Handlers are thin: authenticate, decode,
+//! ask the bucket set actors, encode. JSON by default; protobuf when the request's
+//! `Content-Type` or `Accept` says `application/x-protobuf`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tether_proto::api::{
+    BucketDoc, BucketList, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
+    UpdateRequest, UpdateResponse, View, WireMessage,
+};
+use tether_proto::reconcile::Held;
+use tether_proto::{Bucket, BucketId, Outcome, SetKey, Update};
+
+use crate::actor::{EnsureBuckets, Get, Put, Subscribe, SubscribeAnswer, Unsubscribe};
+use crate::auth::{self, Principal};
+use crate::config::Config;
+use crate::error::{NodeError, Result};
+use crate::registry::Shared;
+use crate::store::DeviceRecord;
+
+/// Room for the envelope (`base_version`, `session`, JSON punctuation) around a bucket.
+const ENVELOPE_BYTES: usize = 4096;
+/// Most buckets one subscribe may list.
+const MAX_SUBSCRIBE_BUCKETS: usize = 1024;
+/// Longest session id accepted.
+const MAX_SESSION_LEN: usize = 128;
+
+const PROTOBUF: &str = "application/x-protobuf";
+
+/// State every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// Actors, store, clock, metrics.
+    pub shared: Arc<Shared>,
+    /// Effective configuration.
+    pub config: Config,
+    /// What registration hands out as `sync_url` (allocation: this node).
+    pub placement: Arc<dyn tether_cluster::Placement>,
+    /// False once shutdown began.
+    pub serving: AtomicBool,
+    next_sub: AtomicU64,
+}
+
+impl AppState {
+    /// Handler state for a node.
+    pub fn new(
+        shared: Arc<Shared>,
+        config: Config,
+        placement: Arc<dyn tether_cluster::Placement>,
+    ) -> Self {
+        AppState {
+            shared,
+            config,
+            placement,
+            serving: AtomicBool::new(true),
+            next_sub: AtomicU64::new(1),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Protobuf,
+}
+
+fn request_format(req: &HttpRequest) -> Result<Format> {
+    match req
+        .headers()
+        .get(CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
+        None => Ok(Format::Json),
+        Some(ct) => {
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            match mime.as_str() {
+                "application/json" | "" => Ok(Format::Json),
+                PROTOBUF => Ok(Format::Protobuf),
+                other => Err(NodeError::UnsupportedMediaType(format!(
+                    "content type {other:?} not supported; use application/json or {PROTOBUF}"
+                ))),
+            }
+        }
+    }
+}
+
+fn response_format(req: &HttpRequest) -> Format {
+    let wants_pb = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with(PROTOBUF)));
+    if wants_pb {
+        Format::Protobuf
+    } else {
+        Format::Json
+    }
+}
+
+fn decode<T: DeserializeOwned + WireMessage>(format: Format, body: &[u8]) -> Result<T> {
+    match format {
+        Format::Json => serde_json::from_slice(body)
+            .map_err(|e| NodeError::BadRequest(format!("invalid JSON body: {e}"))),
+        Format::Protobuf => Ok(T::decode_pb(body)?),
+    }
+}
+
+fn respond<T: Serialize + WireMessage>(
+    req: &HttpRequest,
+    status: StatusCode,
+    msg: &T,
+) -> HttpResponse {
+    match response_format(req) {
+        Format::Json => HttpResponse::build(status).json(msg),
+        Format::Protobuf => HttpResponse::build(status)
+            .content_type(PROTOBUF)
+            .body(msg.encode_pb()),
+    }
+}
+
+/// Reads a body of at most `limit` bytes; larger ones are refused without being read whole.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes> {
+    let too_large = || NodeError::TooLarge(format!("request body exceeds {limit} bytes"));
+    if let Some(len) = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(too_large());
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| NodeError::BadRequest(format!("reading body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn check_session(session: &Option<String>) -> Result<()> {
+    match session {
+        Some(s) if s.len() > MAX_SESSION_LEN => Err(NodeError::BadRequest(format!(
+            "session id longer than {MAX_SESSION_LEN} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /v1/register` (seed 000 FIG 15–18).
+pub async fn register(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = auth::principal(req.headers())?;
+    let body = read_body(&req, payload, ENVELOPE_BYTES).await?;
+    let msg: RegisterRequest = decode(request_format(&req)?, &body)?;
+    let set = SetKey::parse(&msg.device_id)?;
+    if principal != Principal::Device(set.clone()) {
+        return Err(NodeError::Forbidden(
+            "credentials do not belong to this device_id".into(),
+        ));
+    }
+    let decision = state.config.registration.decide(&set, &msg)?;
+    let buckets: Vec<String> = decision
+        .buckets
+        .iter()
+        .map(|(id, _)| id.to_string())
+        .collect();
+    if decision.redirect.is_none() {
+        let created = state
+            .shared
+            .call(&set, EnsureBuckets(decision.buckets))
+            .await??;
+        created
+            .await
+            .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))??;
+        let now = now_ms();
+        let first_seen_ms = state
+            .shared
+            .store
+            .get_device(&msg.device_id)
+            .await?
+            .map_or(now, |r| r.first_seen_ms);
+        state
+            .shared
+            .store
+            .put_device(DeviceRecord {
+                device_id: msg.device_id.clone(),
+                device_type: msg.device_type.clone(),
+                sw_version: msg.sw_version.clone(),
+                first_seen_ms,
+                last_seen_ms: now,
+            })
+            .await?;
+    }
+    tracing::info!(set = %set, tier = %decision.tier, redirected = decision.redirect.is_some(), "registered");
+    let resp = RegisterResponse {
+        tier: decision.tier,
+        redirect: decision.redirect,
+        software_update: decision.software_update,
+        sync_url: state.placement.sync_url(set.as_str()),
+        buckets,
+    };
+    Ok(respond(&req, StatusCode::OK, &resp))
+}
+
+/// `GET /v1/buckets` query.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    view: View,
+    ids: Option<String>,
+}
+
+fn parse_ids(list: &str) -> Result<Vec<BucketId>> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| Ok(BucketId::parse(s)?))
+        .collect()
+}
+
+/// `GET /v1/buckets`: the principal's buckets, in the requested view.
+pub async fn list(
+    req: HttpRequest,
+    query: web::Query<ListQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = auth::principal(req.headers())?;
+    let mut by_set: BTreeMap<SetKey, Option<Vec<BucketId>>> = BTreeMap::new();
+    match &query.ids {
+        Some(ids) => {
+            for id in parse_ids(ids)? {
+                principal.authorize(&id)?;
+                by_set
+                    .entry(id.set_key())
+                    .or_insert_with(|| Some(Vec::new()))
+                    .get_or_insert_with(Vec::new)
+                    .push(id);
+            }
+        }
+        None => by_set.extend(principal.sets().into_iter().map(|s| (s, None))),
+    }
+    let mut buckets = Vec::new();
+    for (set, ids) in by_set {
+        let found: Vec<Bucket> = state.shared.call(&set, Get(ids)).await??;
+        buckets.extend(found.iter().map(|b| BucketDoc::from_bucket(b, query.view)));
+    }
+    Ok(respond(&req, StatusCode::OK, &BucketList { buckets }))
+}
+
+fn parse_path_id(raw: &str) -> Result<BucketId> {
+    Ok(BucketId::parse(raw)?)
+}
+
+/// `GET /v1/buckets/{id}`.
+pub async fn get_one(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = auth::principal(req.headers())?;
+    let id = parse_path_id(&path)?;
+    principal.authorize(&id)?;
+    let found: Vec<Bucket> = state
+        .shared
+        .call(&id.set_key(), Get(Some(vec![id.clone()])))
+        .await??;
+    let b = found
+        .first()
+        .ok_or_else(|| NodeError::NotFound(format!("no bucket {id}")))?;
+    Ok(respond(
+        &req,
+        StatusCode::OK,
+        &BucketDoc::from_bucket(b, View::Full),
+    ))
+}
+
+/// `PUT /v1/buckets/{id}` (seed 000 FIG 23). Answered only after the write is durable.
+pub async fn put(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = auth::principal(req.headers())?;
+    let id = parse_path_id(&path)?;
+    principal.authorize(&id)?;
+    let body = read_body(
+        &req,
+        payload,
+        state.config.max_bucket_bytes + ENVELOPE_BYTES,
+    )
+    .await?;
+    let msg: UpdateRequest = decode(request_format(&req)?, &body)?;
+    check_session(&msg.session)?;
+    let set = id.set_key();
+    let update = Update {
+        value: msg.value,
+        base_version: msg.base_version,
+        occ: msg.occ,
+    };
+    let rx = state
+        .shared
+        .call(
+            &set,
+            Put {
+                id: id.clone(),
+                update,
+                session: msg.session,
+            },
+        )
+        .await??;
+    let written = rx
+        .await
+        .map_err(|_| NodeError::Unavailable("bucket set stopped before the commit".into()))??;
+    let b = &written.bucket;
+    let (status, outcome, value) = match &written.outcome {
+        Outcome::Applied(_) => (StatusCode::OK, UpdateOutcome::Applied, None),
+        Outcome::Merged(_) => (StatusCode::OK, UpdateOutcome::Merged, Some(b.value.clone())),
+        Outcome::Refused(_) => (
+            StatusCode::CONFLICT,
+            UpdateOutcome::Refused,
+            Some(b.value.clone()),
+        ),
+    };
+    tracing::info!(set = %set, bucket = %id, outcome = ?outcome, version = b.version, "put");
+    let resp = UpdateResponse {
+        outcome,
+        id: id.to_string(),
+        timestamp: b.timestamp.millis,
+        version: b.version,
+        value,
+    };
+    Ok(respond(&req, status, &resp))
+}
+
+/// Cancels a held subscription on every set it spans when dropped: on timeout, on answer,
+/// and when actix drops the handler because the client closed the connection.
+struct SubscriptionGuard {
+    shared: Arc<Shared>,
+    sub_id: u64,
+    sets: Vec<SetKey>,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        for set in &self.sets {
+            if let Some(addr) = self.shared.existing_actor(set) {
+                addr.do_send(Unsubscribe(self.sub_id));
+            }
+        }
+    }
+}
+
+/// `POST /v1/subscribe` (seed 000 FIG 21): answer at once with stale buckets, else hold.
+pub async fn subscribe(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = auth::principal(req.headers())?;
+    let body = read_body(&req, payload, 64 * MAX_SUBSCRIBE_BUCKETS + ENVELOPE_BYTES).await?;
+    let msg: SubscribeRequest = decode(request_format(&req)?, &body)?;
+    check_session(&msg.session)?;
+    if msg.buckets.is_empty() {
+        return Err(NodeError::BadRequest("subscribe lists no buckets".into()));
+    }
+    if msg.buckets.len() > MAX_SUBSCRIBE_BUCKETS {
+        return Err(NodeError::BadRequest(format!(
+            "subscribe lists more than {MAX_SUBSCRIBE_BUCKETS} buckets"
+        )));
+    }
+    let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
+    for h in msg.buckets {
+        let id = BucketId::parse(&h.id)?;
+        principal.authorize(&id)?;
+        by_set.entry(id.set_key()).or_default().push(Held {
+            id,
+            timestamp: h.timestamp,
+            version: h.version,
+        });
+    }
+    let timeout = msg
+        .timeout_ms
+        .map_or(
+            state.config.subscribe_default_timeout,
+            Duration::from_millis,
+        )
+        .min(state.config.subscribe_max_timeout);
+    let sub_id = state.next_sub.fetch_add(1, Ordering::Relaxed);
+    let mut guard = SubscriptionGuard {
+        shared: state.shared.clone(),
+        sub_id,
+        sets: Vec::new(),
+    };
+    let mut now = Vec::new();
+    let mut waiting = Vec::new();
+    for (set, held) in by_set {
+        let answer = state
+            .shared
+            .call(
+                &set,
+                Subscribe {
+                    sub_id,
+                    held,
+                    session: msg.session.clone(),
+                },
+            )
+            .await??;
+        match answer {
+            SubscribeAnswer::Now(buckets) => now.extend(buckets),
+            SubscribeAnswer::Held(rx) => {
+                guard.sets.push(set);
+                waiting.push(rx);
+            }
+        }
+    }
+    if !now.is_empty() {
+        drop(guard);
+        return Ok(respond(&req, StatusCode::OK, &full_list(&now)));
+    }
+    // Held: the status line and headers go out now (API.md: headers such as new
+    // credentials reach the device "even on a held subscribe, before the body"); the body
+    // follows when a bucket changes or the hold times out. Streaming the body also makes
+    // actix drop this future, and with it the guard, when the client hangs up, so a closed
+    // connection cancels the subscription.
+    let format = response_format(&req);
+    let body = async move {
+        let any = futures::future::select_all(waiting);
+        let buckets = match tokio::time::timeout(timeout, any).await {
+            // A dropped sender means the actor stopped (shutdown, lease lost): an empty
+            // answer makes the client resubscribe with its versions; nothing is lost.
+            Ok((answer, _, _)) => answer.unwrap_or_default(),
+            Err(_elapsed) => Vec::new(),
+        };
+        drop(guard);
+        let list = full_list(&buckets);
+        let bytes = match format {
+            Format::Json => {
+                serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
+            }
+            Format::Protobuf => list.encode_pb(),
+        };
+        Ok::<_, NodeError>(web::Bytes::from(bytes))
+    };
+    let content_type = match format {
+        Format::Json => "application/json",
+        Format::Protobuf => PROTOBUF,
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(content_type)
+        .streaming(futures::stream::once(body)))
+}
+
+fn full_list(buckets: &[Bucket]) -> BucketList {
+    BucketList {
+        buckets: buckets
+            .iter()
+            .map(|b| BucketDoc::from_bucket(b, View::Full))
+            .collect(),
+    }
+}
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the node serves requests (store open, not draining).
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.serving.load(Ordering::Acquire) {
+        HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "draining"}))
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.shared.metrics.render())
+}
+
+/// Anything else: a JSON 404.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(NodeError::NotFound(format!(
+        "no route {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Routes of the device API.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/register", web::post().to(register))
+        .route("/v1/buckets", web::get().to(list))
+        .route("/v1/buckets/{id}", web::get().to(get_one))
+        .route("/v1/buckets/{id}", web::put().to(put))
+        .route("/v1/subscribe", web::post().to(subscribe))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|e, _| NodeError::BadRequest(e.to_string()).into()),
+        )
+        .app_data(
+            web::PathConfig::default()
+                .error_handler(|e, _| NodeError::BadRequest(e.to_string()).into()),
+        )
+        .default_service(web::to(not_found));
+}

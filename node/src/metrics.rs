@@ -1,0 +1,153 @@
+//! Prometheus metrics (`GET /metrics`).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    http_requests: Family<Labels, Counter>,
+    put_outcomes: Family<Labels, Counter>,
+    held_subscriptions: Gauge,
+    active_sets: Gauge,
+    activations: Counter,
+    passivations: Counter,
+    notifications: Counter,
+    store_commits: Counter,
+    store_batch: Histogram,
+}
+
+/// Shared handle to the node's metrics; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics(Arc<Inner>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric the node reports.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let http_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            http_requests.clone(),
+        );
+        let put_outcomes = Family::<Labels, Counter>::default();
+        registry.register(
+            "put_outcomes",
+            "PUT outcomes (applied, merged, refused)",
+            put_outcomes.clone(),
+        );
+        let held_subscriptions = Gauge::default();
+        registry.register(
+            "held_subscriptions",
+            "Subscriptions currently held open",
+            held_subscriptions.clone(),
+        );
+        let active_sets = Gauge::default();
+        registry.register(
+            "active_bucket_sets",
+            "Bucket set actors currently in memory",
+            active_sets.clone(),
+        );
+        let activations = Counter::default();
+        registry.register(
+            "bucket_set_activations",
+            "Bucket set actors started (loaded from the store)",
+            activations.clone(),
+        );
+        let passivations = Counter::default();
+        registry.register(
+            "bucket_set_passivations",
+            "Idle bucket set actors stopped",
+            passivations.clone(),
+        );
+        let notifications = Counter::default();
+        registry.register(
+            "notifications",
+            "Held subscriptions answered because a bucket changed",
+            notifications.clone(),
+        );
+        let store_commits = Counter::default();
+        registry.register(
+            "store_commits",
+            "Store write transactions (one fsync each)",
+            store_commits.clone(),
+        );
+        let store_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        registry.register(
+            "store_commit_batch_size",
+            "Requests folded into one store transaction",
+            store_batch.clone(),
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            http_requests,
+            put_outcomes,
+            held_subscriptions,
+            active_sets,
+            activations,
+            passivations,
+            notifications,
+            store_commits,
+            store_batch,
+        }))
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.0.registry);
+        out
+    }
+
+    pub(crate) fn http_request(&self, route: &str, status: u16) {
+        self.0
+            .http_requests
+            .get_or_create(&vec![
+                ("route", route.to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+    pub(crate) fn put_outcome(&self, outcome: &str) {
+        self.0
+            .put_outcomes
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
+    }
+    pub(crate) fn subscriptions_held(&self, delta: i64) {
+        self.0.held_subscriptions.inc_by(delta);
+    }
+    pub(crate) fn set_activated(&self) {
+        self.0.activations.inc();
+        self.0.active_sets.inc();
+    }
+    pub(crate) fn set_stopped(&self, passivated: bool) {
+        if passivated {
+            self.0.passivations.inc();
+        }
+        self.0.active_sets.dec();
+    }
+    pub(crate) fn notified(&self, n: u64) {
+        self.0.notifications.inc_by(n);
+    }
+    pub(crate) fn store_commit(&self, batch: usize) {
+        self.0.store_commits.inc();
+        self.0.store_batch.observe(batch as f64);
+    }
+}

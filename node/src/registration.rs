@@ -1,0 +1,304 @@
+//! The registration server's decisions (seed 000 FIG 15–18): tier redirection, software
+//! update offers, sync-server allocation and the device type's default buckets.
+//!
+//! Pure functions over configuration; the HTTP handler applies the decision.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tether_proto::api::{RegisterRequest, SoftwareUpdate};
+use tether_proto::{BucketId, Fields, SetKey, Value};
+
+use crate::error::{NodeError, Result};
+
+/// A device type's default buckets: bucket kind → field names (created with null values).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct DeviceType {
+    /// Kind (`device`, `shared`, …) → fields.
+    pub buckets: BTreeMap<String, Vec<String>>,
+}
+
+/// Maps devices to tiers by id prefix and/or firmware version (FIG 15C, maps 150C/150D).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TierRule {
+    /// Matches device ids starting with this.
+    #[serde(default)]
+    pub device_id_prefix: Option<String>,
+    /// Matches firmware versions satisfying this semver requirement (e.g. `<1.0.0`).
+    #[serde(default)]
+    pub sw_version: Option<semver::VersionReq>,
+    /// The tier a matching device belongs to.
+    pub tier: String,
+    /// That tier's registration URL (required unless the tier is this node's own).
+    #[serde(default)]
+    pub redirect: Option<String>,
+}
+
+/// Firmware offered to a device type (FIG 16C, map 150B).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SoftwareOffer {
+    /// The device type it is for.
+    pub device_type: String,
+    /// The version devices should run.
+    pub version: semver::Version,
+    /// Where to fetch it.
+    pub url: String,
+}
+
+/// Registration configuration (the `[device_types.*]`, `[[tier_rules]]` and
+/// `[[software_updates]]` sections of the config file).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegistrationConfig {
+    /// The tier this node serves.
+    #[serde(default = "default_tier")]
+    pub tier: String,
+    /// Templates by device type; `thermostat` is built in.
+    #[serde(default)]
+    pub device_types: BTreeMap<String, DeviceType>,
+    /// First matching rule wins; no match means this node's tier.
+    #[serde(default)]
+    pub tier_rules: Vec<TierRule>,
+    /// Offers per device type.
+    #[serde(default)]
+    pub software_updates: Vec<SoftwareOffer>,
+}
+
+fn default_tier() -> String {
+    "production".into()
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        RegistrationConfig {
+            tier: default_tier(),
+            device_types: BTreeMap::new(),
+            tier_rules: Vec::new(),
+            software_updates: Vec::new(),
+        }
+    }
+}
+
+/// The built-in thermostat: what it measures in `device.X`, what users set in `shared.X`.
+pub fn thermostat() -> DeviceType {
+    let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    DeviceType {
+        buckets: BTreeMap::from([
+            (
+                "device".to_string(),
+                f(&[
+                    "current_temperature",
+                    "humidity",
+                    "hvac_state",
+                    "sw_version",
+                ]),
+            ),
+            (
+                "shared".to_string(),
+                f(&["target_temperature", "mode", "name"]),
+            ),
+        ]),
+    }
+}
+
+/// Firmware versions as devices report them; `1.2` reads as `1.2.0`.
+pub fn parse_version(v: &str) -> Option<semver::Version> {
+    semver::Version::parse(v).ok().or_else(|| {
+        let dots = v.matches('.').count();
+        let padded = match dots {
+            0 => format!("{v}.0.0"),
+            1 => format!("{v}.0"),
+            _ => return None,
+        };
+        semver::Version::parse(&padded).ok()
+    })
+}
+
+/// What registration decided for one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The device's tier.
+    pub tier: String,
+    /// Set when the tier is served elsewhere: nothing is created here.
+    pub redirect: Option<String>,
+    /// Newer firmware for its type.
+    pub software_update: Option<SoftwareUpdate>,
+    /// Buckets to create if missing (empty when redirected).
+    pub buckets: Vec<(BucketId, Fields)>,
+}
+
+impl RegistrationConfig {
+    /// Adds the built-in types that the config did not override.
+    pub fn with_builtins(mut self) -> Self {
+        self.device_types
+            .entry("thermostat".into())
+            .or_insert_with(thermostat);
+        self
+    }
+
+    /// Checks the configuration once at start-up.
+    pub fn validate(&self) -> Result<()> {
+        for r in &self.tier_rules {
+            if r.tier != self.tier && r.redirect.is_none() {
+                return Err(NodeError::Config(format!(
+                    "tier rule for tier {:?} needs a redirect URL",
+                    r.tier
+                )));
+            }
+        }
+        for (name, t) in &self.device_types {
+            for kind in t.buckets.keys() {
+                BucketId::parse(&format!("{kind}.x")).map_err(|_| {
+                    NodeError::Config(format!("device type {name}: invalid bucket kind {kind:?}"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The registration decision for `req` from device `set` (FIG 15C, 16C, 18C).
+    pub fn decide(&self, set: &SetKey, req: &RegisterRequest) -> Result<Decision> {
+        let template = self.device_types.get(&req.device_type).ok_or_else(|| {
+            NodeError::BadRequest(format!("unknown device_type {:?}", req.device_type))
+        })?;
+        let version = parse_version(&req.sw_version);
+        let rule = self.tier_rules.iter().find(|r| {
+            r.device_id_prefix
+                .as_ref()
+                .is_none_or(|p| req.device_id.starts_with(p.as_str()))
+                && r.sw_version
+                    .as_ref()
+                    .is_none_or(|want| version.as_ref().is_some_and(|v| want.matches(v)))
+                && (r.device_id_prefix.is_some() || r.sw_version.is_some())
+        });
+        let tier = rule.map_or_else(|| self.tier.clone(), |r| r.tier.clone());
+        let redirect = rule
+            .filter(|r| r.tier != self.tier)
+            .and_then(|r| r.redirect.clone());
+        let software_update = self
+            .software_updates
+            .iter()
+            .filter(|o| o.device_type == req.device_type)
+            .filter(|o| version.as_ref().is_none_or(|v| *v < o.version))
+            .max_by(|a, b| a.version.cmp(&b.version))
+            .map(|o| SoftwareUpdate {
+                version: o.version.to_string(),
+                url: o.url.clone(),
+            });
+        let buckets = if redirect.is_some() {
+            Vec::new()
+        } else {
+            template
+                .buckets
+                .iter()
+                .map(|(kind, fields)| {
+                    let id = BucketId::new(kind, set)?;
+                    let value: Fields = fields.iter().map(|f| (f.clone(), Value::Null)).collect();
+                    Ok((id, value))
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(Decision {
+            tier,
+            redirect,
+            software_update,
+            buckets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str, sw: &str) -> RegisterRequest {
+        RegisterRequest {
+            device_id: id.into(),
+            device_type: "thermostat".into(),
+            sw_version: sw.into(),
+        }
+    }
+
+    fn config() -> RegistrationConfig {
+        toml::from_str::<RegistrationConfig>(
+            r#"
+            [[tier_rules]]
+            device_id_prefix = "BETA"
+            tier = "beta"
+            redirect = "https://beta.example/v1/register"
+            [[tier_rules]]
+            sw_version = "<1.0.0"
+            tier = "legacy"
+            redirect = "https://legacy.example/v1/register"
+            [[software_updates]]
+            device_type = "thermostat"
+            version = "2.0.0"
+            url = "https://fw.example/t-2.0.0.bin"
+            "#,
+        )
+        .expect("valid config")
+        .with_builtins()
+    }
+
+    #[test]
+    fn fig15c_device_id_map_redirects_to_other_tier_without_creating_buckets() {
+        let set = SetKey::parse("BETA01").expect("valid");
+        let d = config()
+            .decide(&set, &req("BETA01", "1.5.0"))
+            .expect("decides");
+        assert_eq!(d.tier, "beta");
+        assert_eq!(
+            d.redirect.as_deref(),
+            Some("https://beta.example/v1/register")
+        );
+        assert!(d.buckets.is_empty());
+    }
+
+    #[test]
+    fn fig15c_software_version_map_redirects() {
+        let set = SetKey::parse("01AA").expect("valid");
+        let d = config().decide(&set, &req("01AA", "0.9")).expect("decides");
+        assert_eq!(d.tier, "legacy");
+    }
+
+    #[test]
+    fn fig16c_offers_newer_firmware_only() {
+        let set = SetKey::parse("01AA").expect("valid");
+        let old = config()
+            .decide(&set, &req("01AA", "1.2.0"))
+            .expect("decides");
+        assert_eq!(
+            old.software_update.map(|u| u.version),
+            Some("2.0.0".to_string())
+        );
+        let current = config()
+            .decide(&set, &req("01AA", "2.0.0"))
+            .expect("decides");
+        assert_eq!(current.software_update, None);
+    }
+
+    #[test]
+    fn fig18c_thermostat_template_creates_null_valued_buckets() {
+        let set = SetKey::parse("01AA").expect("valid");
+        let d = config()
+            .decide(&set, &req("01AA", "1.2.0"))
+            .expect("decides");
+        assert_eq!(d.tier, "production");
+        let ids: Vec<_> = d.buckets.iter().map(|(id, _)| id.to_string()).collect();
+        assert_eq!(ids, ["device.01AA", "shared.01AA"]);
+        assert!(d
+            .buckets
+            .iter()
+            .all(|(_, f)| f.values().all(Value::is_null) && !f.is_empty()));
+    }
+
+    #[test]
+    fn unknown_device_type_is_a_bad_request() {
+        let set = SetKey::parse("01AA").expect("valid");
+        let mut r = req("01AA", "1.0.0");
+        r.device_type = "toaster".into();
+        assert!(matches!(
+            config().decide(&set, &r),
+            Err(NodeError::BadRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,178 @@
+//! Finds or starts the actor of a bucket set, and the state actors share.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use tether_proto::{Hlc, HlcClock, SetKey};
+
+use crate::actor::{BucketSetActor, Shutdown};
+use crate::error::{NodeError, Result};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Actor tuning.
+#[derive(Debug, Clone)]
+pub struct ActorConfig {
+    /// An actor with no activity and nothing held for this long stops.
+    pub passivate_after: Duration,
+    /// Largest bucket value (JSON bytes) a write may produce.
+    pub max_bucket_bytes: usize,
+}
+
+/// What every actor of a node shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// This node's id (lease owner name).
+    pub node_id: String,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Node metrics.
+    pub metrics: Metrics,
+    /// Actor tuning.
+    pub config: ActorConfig,
+    clock: Mutex<HlcClock>,
+    actors: Mutex<HashMap<SetKey, Addr<BucketSetActor>>>,
+    arbiters: Vec<ArbiterHandle>,
+    hasher: RandomState,
+    closing: AtomicBool,
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shared {
+    /// Shared state with `shards` arbiters (threads) hosting the actors.
+    pub fn new(
+        node_id: String,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        config: ActorConfig,
+        shards: usize,
+    ) -> Arc<Self> {
+        let arbiters = (0..shards.max(1))
+            .map(|_| Arbiter::new().handle())
+            .collect();
+        Arc::new(Shared {
+            node_id,
+            store,
+            metrics,
+            config,
+            clock: Mutex::new(HlcClock::new()),
+            actors: Mutex::new(HashMap::new()),
+            arbiters,
+            hasher: RandomState::new(),
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    /// A fresh hybrid logical timestamp (the only place the node reads the wall clock for
+    /// bucket timestamps).
+    pub fn tick(&self) -> Hlc {
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tick(wall_ms())
+    }
+
+    /// Makes later timestamps newer than `seen` (a loaded bucket's).
+    pub fn observe(&self, seen: Hlc) {
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(seen);
+    }
+
+    /// The running actor of `set`, started (and loading) if there is none.
+    pub fn actor(self: &Arc<Self>, set: &SetKey) -> Addr<BucketSetActor> {
+        let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(a) = actors.get(set).filter(|a| a.connected()) {
+            return a.clone();
+        }
+        let shard = (self.hasher.hash_one(set) as usize) % self.arbiters.len();
+        let shared = self.clone();
+        let key = set.clone();
+        let addr = BucketSetActor::start_in_arbiter(&self.arbiters[shard], move |_| {
+            BucketSetActor::new(key, shared)
+        });
+        actors.insert(set.clone(), addr.clone());
+        addr
+    }
+
+    /// Sends `msg` to the set's actor; if that actor stopped (passivated) before handling
+    /// it, the message was never handled, so it is safe to start a new one and resend.
+    pub async fn call<M>(self: &Arc<Self>, set: &SetKey, msg: M) -> Result<M::Result>
+    where
+        M: Message + Send + Clone + 'static,
+        M::Result: Send,
+        BucketSetActor: Handler<M>,
+    {
+        for _ in 0..3 {
+            if self.closing.load(Ordering::Acquire) {
+                return Err(NodeError::Unavailable("node is shutting down".into()));
+            }
+            match self.actor(set).send(msg.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(MailboxError::Closed) => continue,
+                Err(MailboxError::Timeout) => break,
+            }
+        }
+        Err(NodeError::Unavailable(format!(
+            "bucket set {set} could not be loaded"
+        )))
+    }
+
+    /// The set's actor if one is running; never starts one.
+    pub fn existing_actor(&self, set: &SetKey) -> Option<Addr<BucketSetActor>> {
+        self.actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(set)
+            .cloned()
+    }
+
+    /// Called by a stopping actor: forget it unless a newer actor replaced it already.
+    pub fn forget(&self, set: &SetKey, addr: &Addr<BucketSetActor>) {
+        let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if actors.get(set) == Some(addr) {
+            actors.remove(set);
+        }
+    }
+
+    /// Number of actors in memory.
+    pub fn active(&self) -> usize {
+        self.actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Stops every actor gracefully (queued writes committed, held subscriptions
+    /// answered), waiting at most `deadline`.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.closing.store(true, Ordering::Release);
+        let addrs: Vec<_> = self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for a in &addrs {
+            a.do_send(Shutdown);
+        }
+        let start = Instant::now();
+        while self.active() > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for a in &self.arbiters {
+            a.stop();
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Wires a node together and runs it until SIGTERM/Ctrl-C.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::Service;
+use actix_web::{web, App, HttpServer};
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::error::{NodeError, Result};
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::registry::{ActorConfig, Shared};
+use crate::store::redb::RedbStore;
+use crate::store::Store;
+
+/// How long a graceful shutdown waits for actors to finish their queued commits.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs the node on the current actix system until a termination signal, then drains:
+/// held subscriptions are answered, queued writes committed, the store closed.
+pub async fn run(config: Config) -> Result<()> {
+    let metrics = Metrics::new();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir, metrics.clone())?);
+    let shared = Shared::new(
+        config.node_id.clone(),
+        store.clone(),
+        metrics.clone(),
+        ActorConfig {
+            passivate_after: config.passivate_after,
+            max_bucket_bytes: config.max_bucket_bytes,
+        },
+        config.actor_threads,
+    );
+
+    let listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| NodeError::Config(format!("binding {}: {e}", config.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{bound}"));
+    let placement = Arc::new(tether_cluster::SingleNode { url });
+    let state = web::Data::new(AppState::new(shared.clone(), config.clone(), placement));
+
+    let app_state = state.clone();
+    let server = HttpServer::new(move || {
+        let metrics = app_state.shared.metrics.clone();
+        App::new()
+            .app_data(app_state.clone())
+            .wrap_fn(move |req, srv| {
+                let request_id = uuid::Uuid::new_v4();
+                let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                let method = req.method().clone();
+                let span = tracing::info_span!("request", %request_id, %method, route = %route);
+                let metrics = metrics.clone();
+                let started = Instant::now();
+                srv.call(req)
+                    .map(move |res| {
+                        if let Ok(r) = &res {
+                            let status = r.status().as_u16();
+                            metrics.http_request(&route, status);
+                            tracing::info!(
+                                status,
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "request done"
+                            );
+                        }
+                        res.map(|mut r| {
+                            if let Ok(v) = actix_web::http::header::HeaderValue::from_str(
+                                &request_id.to_string(),
+                            ) {
+                                r.headers_mut().insert(
+                                    actix_web::http::header::HeaderName::from_static(
+                                        "x-request-id",
+                                    ),
+                                    v,
+                                );
+                            }
+                            r
+                        })
+                    })
+                    .instrument(span)
+            })
+            .configure(http::routes)
+    })
+    .workers(config.http_workers)
+    .backlog(4096)
+    .max_connections(50_000)
+    .keep_alive(Duration::from_secs(75))
+    .client_request_timeout(Duration::from_secs(30))
+    .h1_allow_half_closed(false)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)
+    .map_err(|e| NodeError::Config(format!("listening on {bound}: {e}")))?
+    .run();
+
+    // The one line tests and scripts wait for; logs go to stderr.
+    println!("listening on http://{bound}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%bound, data_dir = %config.data_dir.display(), node = %config.node_id, "tether serving");
+
+    let handle = server.handle();
+    let serve = tokio::spawn(server);
+    wait_for_signal().await;
+    tracing::info!("shutting down: answering held subscriptions, draining writes");
+    state.serving.store(false, Ordering::Release);
+    shared.shutdown(DRAIN_DEADLINE).await;
+    handle.stop(true).await;
+    let _ = serve.await;
+    store.close().await?;
+    tracing::info!("store flushed; bye");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

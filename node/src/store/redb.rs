@@ -1,0 +1,328 @@
+//! Embedded store on redb, with group commit.
+//!
+//! All writes go through one writer thread. It takes every request waiting in its queue,
+//! applies them in one write transaction and commits once (one fsync), then answers each
+//! request. Under load many PUTs share an fsync; idle, a PUT costs exactly one. Reads use
+//! redb's MVCC read transactions on the blocking pool and never wait for the writer.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
+use tokio::sync::oneshot;
+
+use super::{DeviceRecord, Epoch, Store, StoreError};
+use crate::metrics::Metrics;
+
+/// (set key, bucket id) → encoded bucket.
+const BUCKETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("buckets");
+/// set key → current lease epoch.
+const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases");
+/// device id → encoded registration record.
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+
+/// Most requests folded into one transaction.
+const MAX_BATCH: usize = 1024;
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// The on-disk form of a bucket (the id is the key).
+#[derive(Serialize, Deserialize)]
+struct StoredBucket {
+    value: Fields,
+    ts_ms: u64,
+    ts_logical: u32,
+    version: u64,
+}
+
+fn encode_bucket(b: &Bucket) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&StoredBucket {
+        value: b.value.clone(),
+        ts_ms: b.timestamp.millis,
+        ts_logical: b.timestamp.logical,
+        version: b.version,
+    })
+    .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode_bucket(id: &str, bytes: &[u8]) -> Result<Bucket, StoreError> {
+    let s: StoredBucket =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{id}: {e}")))?;
+    Ok(Bucket {
+        id: BucketId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        value: s.value,
+        timestamp: Hlc {
+            millis: s.ts_ms,
+            logical: s.ts_logical,
+        },
+        version: s.version,
+    })
+}
+
+enum WriteOp {
+    Commit {
+        set: SetKey,
+        epoch: Epoch,
+        writes: Vec<Bucket>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Lease {
+        set: SetKey,
+        reply: oneshot::Sender<Result<Epoch, StoreError>>,
+    },
+    Device {
+        record: DeviceRecord,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Close {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// The embedded single-node store.
+#[derive(Debug, Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    writer: mpsc::Sender<WriteOp>,
+}
+
+impl RedbStore {
+    /// Opens (or creates) `<dir>/tether.redb` and starts the writer thread.
+    pub fn open(dir: &Path, metrics: Metrics) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| backend(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("tether.redb");
+        let db = Database::create(&path)
+            .map_err(|e| backend(format!("opening {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            txn.open_table(BUCKETS).map_err(backend)?;
+            txn.open_table(LEASES).map_err(backend)?;
+            txn.open_table(DEVICES).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        thread::Builder::new()
+            .name("tether-redb-writer".into())
+            .spawn(move || writer_loop(&writer_db, &rx, &metrics))
+            .map_err(backend)?;
+        Ok(RedbStore { db, writer: tx })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(backend)?
+    }
+
+    async fn write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(op(tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Pending answers of one batch, sent only after the transaction committed.
+enum Reply {
+    Unit(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+    Epoch(
+        oneshot::Sender<Result<Epoch, StoreError>>,
+        Result<Epoch, StoreError>,
+    ),
+}
+
+impl Reply {
+    fn fail(self, e: &StoreError) {
+        // A dropped receiver means the requester gave up; nothing to tell it.
+        match self {
+            Reply::Unit(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Epoch(tx, _) => drop(tx.send(Err(e.clone()))),
+        }
+    }
+    fn send(self) {
+        match self {
+            Reply::Unit(tx, r) => drop(tx.send(r)),
+            Reply::Epoch(tx, r) => drop(tx.send(r)),
+        }
+    }
+}
+
+fn apply(
+    txn: &redb::WriteTransaction,
+    op: WriteOp,
+    replies: &mut Vec<Reply>,
+) -> Result<bool, StoreError> {
+    match op {
+        WriteOp::Commit {
+            set,
+            epoch,
+            writes,
+            reply,
+        } => {
+            let current = txn
+                .open_table(LEASES)
+                .map_err(backend)?
+                .get(set.as_str())
+                .map_err(backend)?
+                .map(|g| g.value());
+            if current != Some(epoch.0) {
+                let e = StoreError::Fenced {
+                    set: set.to_string(),
+                    epoch: epoch.0,
+                };
+                replies.push(Reply::Unit(reply, Err(e)));
+                return Ok(false);
+            }
+            let mut table = txn.open_table(BUCKETS).map_err(backend)?;
+            for b in &writes {
+                let bytes = encode_bucket(b)?;
+                table
+                    .insert((set.as_str(), b.id.as_str()), bytes.as_slice())
+                    .map_err(backend)?;
+            }
+            replies.push(Reply::Unit(reply, Ok(())));
+        }
+        WriteOp::Lease { set, reply } => {
+            let mut table = txn.open_table(LEASES).map_err(backend)?;
+            let next = table
+                .get(set.as_str())
+                .map_err(backend)?
+                .map_or(0, |g| g.value())
+                + 1;
+            table.insert(set.as_str(), next).map_err(backend)?;
+            replies.push(Reply::Epoch(reply, Ok(Epoch(next))));
+        }
+        WriteOp::Device { record, reply } => {
+            let bytes =
+                serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            txn.open_table(DEVICES)
+                .map_err(backend)?
+                .insert(record.device_id.as_str(), bytes.as_slice())
+                .map_err(backend)?;
+            replies.push(Reply::Unit(reply, Ok(())));
+        }
+        WriteOp::Close { reply } => {
+            replies.push(Reply::Unit(reply, Ok(())));
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn writer_loop(db: &Database, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
+    let mut closed = false;
+    while !closed {
+        let Ok(first) = rx.recv() else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        let mut replies = Vec::with_capacity(size);
+        let result = (|| {
+            let txn = db.begin_write().map_err(backend)?;
+            for op in batch.drain(..) {
+                closed |= apply(&txn, op, &mut replies)?;
+            }
+            txn.commit().map_err(backend)
+        })();
+        metrics.store_commit(size);
+        match result {
+            Ok(()) => replies.into_iter().for_each(Reply::send),
+            Err(e) => {
+                tracing::error!(error = %e, batch = size, "store commit failed; nothing in the batch was acknowledged");
+                replies.into_iter().for_each(|r| r.fail(&e));
+                // Requests of the batch not yet applied when the error hit are dropped with
+                // their senders: their requesters see the store as closed, nothing acked.
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
+        let set = set.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(BUCKETS).map_err(backend)?;
+            // Ids are ASCII below DEL, so this range is exactly the set's buckets.
+            let range = table
+                .range((set.as_str(), "")..(set.as_str(), "\u{7f}"))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in range {
+                let (k, v) = entry.map_err(backend)?;
+                out.push(decode_bucket(k.value().1, v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn acquire_lease(&self, set: &SetKey, _owner: &str) -> Result<Epoch, StoreError> {
+        let set = set.clone();
+        self.write(|reply| WriteOp::Lease { set, reply }).await
+    }
+
+    async fn commit(
+        &self,
+        set: &SetKey,
+        epoch: Epoch,
+        writes: Vec<Bucket>,
+    ) -> Result<(), StoreError> {
+        let set = set.clone();
+        self.write(|reply| WriteOp::Commit {
+            set,
+            epoch,
+            writes,
+            reply,
+        })
+        .await
+    }
+
+    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        let id = device_id.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(DEVICES).map_err(backend)?;
+            match table.get(id.as_str()).map_err(backend)? {
+                Some(v) => serde_json::from_slice(v.value())
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(e.to_string())),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn put_device(&self, record: DeviceRecord) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::Device { record, reply }).await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.write(|reply| WriteOp::Close { reply }).await
+    }
+}
