@@ -24,7 +24,8 @@ use crate::store::{Epoch, StoreError};
 pub struct WriteResult {
     /// The reconciliation outcome.
     pub outcome: Outcome,
-    /// The bucket as stored after the batch committed (the refused write's stored copy).
+    /// The bucket as this write left it (for a refused write, the stored copy it was
+    /// refused against). Later writes in the same batch do not show here.
     pub bucket: Bucket,
 }
 
@@ -123,6 +124,10 @@ impl std::fmt::Debug for BucketSetActor {
     }
 }
 
+/// Buckets changed by a batch, with the session of every write that changed each (one
+/// session's echo must not hide another session's change in the same batch).
+type Changes = BTreeMap<BucketId, Vec<Option<String>>>;
+
 /// Size of a bucket's value as JSON, the unit of the bucket size limit.
 fn encoded_len(value: &Fields) -> usize {
     serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
@@ -170,9 +175,10 @@ impl BucketSetActor {
         let Some(epoch) = self.epoch else { return };
         let jobs = std::mem::take(&mut self.queue);
         let mut working = self.committed.clone();
-        let mut changed: BTreeMap<BucketId, Option<String>> = BTreeMap::new();
-        // Per job: the outcome, or an error to send without committing.
-        let mut results: Vec<(Job, Option<Result<Outcome>>)> = Vec::with_capacity(jobs.len());
+        let mut changed = Changes::new();
+        // Per job: its own answer (the state its reconcile produced, not the batch's final
+        // state), or an error to send without committing; `None` for creations.
+        let mut results: Vec<(Job, Option<Result<WriteResult>>)> = Vec::with_capacity(jobs.len());
         for job in jobs {
             let r = match &job {
                 Job::Put {
@@ -193,11 +199,15 @@ impl BucketSetActor {
                                 ))))
                             }
                             Some(new) => {
-                                working.insert(id.clone(), new.clone());
-                                changed.insert(id.clone(), session.clone());
-                                Some(Ok(outcome))
+                                let bucket = new.clone();
+                                working.insert(id.clone(), bucket.clone());
+                                changed.entry(id.clone()).or_default().push(session.clone());
+                                Some(Ok(WriteResult { outcome, bucket }))
                             }
-                            None => Some(Ok(outcome)),
+                            None => Some(Ok(WriteResult {
+                                outcome,
+                                bucket: stored.clone(),
+                            })),
                         }
                     }
                 },
@@ -206,7 +216,7 @@ impl BucketSetActor {
                         if !working.contains_key(id) {
                             let b = Bucket::created(id.clone(), fields.clone(), self.shared.tick());
                             working.insert(id.clone(), b);
-                            changed.insert(id.clone(), None);
+                            changed.entry(id.clone()).or_default().push(None);
                         }
                     }
                     None
@@ -242,8 +252,8 @@ impl BucketSetActor {
         &mut self,
         res: std::result::Result<(), StoreError>,
         working: BTreeMap<BucketId, Bucket>,
-        changed: BTreeMap<BucketId, Option<String>>,
-        results: Vec<(Job, Option<Result<Outcome>>)>,
+        changed: Changes,
+        results: Vec<(Job, Option<Result<WriteResult>>)>,
         ctx: &mut Context<Self>,
     ) {
         if let Err(e) = res {
@@ -265,15 +275,9 @@ impl BucketSetActor {
         self.committed = working;
         for (job, r) in results {
             match job {
-                Job::Put { id, reply, .. } => {
-                    let answer = r
-                        .unwrap_or_else(|| Err(NodeError::Internal("put without outcome".into())))
-                        .and_then(|outcome| {
-                            let bucket = self.committed.get(&id).cloned().ok_or_else(|| {
-                                NodeError::Internal(format!("bucket {id} vanished during commit"))
-                            })?;
-                            Ok(WriteResult { outcome, bucket })
-                        });
+                Job::Put { reply, .. } => {
+                    let answer =
+                        r.unwrap_or_else(|| Err(NodeError::Internal("put without outcome".into())));
                     if let Ok(w) = &answer {
                         self.shared.metrics.put_outcome(match w.outcome {
                             Outcome::Applied(_) => "applied",
@@ -291,7 +295,7 @@ impl BucketSetActor {
 
     /// Answers every held subscription that holds a changed bucket written by another
     /// session (FIG 23A 1608–1612).
-    fn notify(&mut self, changed: &BTreeMap<BucketId, Option<String>>) {
+    fn notify(&mut self, changed: &Changes) {
         if changed.is_empty() || self.subs.is_empty() {
             return;
         }
@@ -299,9 +303,11 @@ impl BucketSetActor {
         for (sub_id, sub) in &self.subs {
             let owed: Vec<Bucket> = changed
                 .iter()
-                .filter(|(id, writer)| {
+                .filter(|(id, writers)| {
                     sub.held.contains(*id)
-                        && should_notify(sub.session.as_deref(), writer.as_deref())
+                        && writers
+                            .iter()
+                            .any(|w| should_notify(sub.session.as_deref(), w.as_deref()))
                 })
                 .filter_map(|(id, _)| self.committed.get(id).cloned())
                 .collect();

@@ -19,11 +19,23 @@ fn bucket(id: &str, version: u64, v: serde_json::Value) -> Bucket {
         serde_json::Value::Object(m) => m,
         _ => Fields::new(),
     };
-    Bucket { id: BucketId::parse(id).expect("valid id"), value, timestamp: Hlc { millis: 1000 + version, logical: 1 }, version }
+    Bucket {
+        id: BucketId::parse(id).expect("valid id"),
+        value,
+        timestamp: Hlc {
+            millis: 1000 + version,
+            logical: 1,
+        },
+        version,
+    }
 }
 
 pub(crate) async fn empty_set_loads_nothing(store: Arc<dyn Store>) {
-    assert!(store.load_set(&set("nobody")).await.expect("load").is_empty());
+    assert!(store
+        .load_set(&set("nobody"))
+        .await
+        .expect("load")
+        .is_empty());
 }
 
 pub(crate) async fn lease_epochs_strictly_increase(store: Arc<dyn Store>) {
@@ -38,30 +50,52 @@ pub(crate) async fn lease_epochs_strictly_increase(store: Arc<dyn Store>) {
 pub(crate) async fn committed_buckets_load_back_exactly(store: Arc<dyn Store>) {
     let s = set("A1");
     let e = store.acquire_lease(&s, "n1").await.expect("lease");
-    let b1 = bucket("device.A1", 3, json!({"t": 21.5, "mode": "heat", "nested": {"a": [1, null]}}));
+    let b1 = bucket(
+        "device.A1",
+        3,
+        json!({"t": 21.5, "mode": "heat", "nested": {"a": [1, null]}}),
+    );
     let b2 = bucket("shared.A1", 1, json!({}));
-    store.commit(&s, e, vec![b1.clone(), b2.clone()]).await.expect("commit");
+    store
+        .commit(&s, e, vec![b1.clone(), b2.clone()])
+        .await
+        .expect("commit");
     let mut loaded = store.load_set(&s).await.expect("load");
     loaded.sort_by(|a, b| a.id.cmp(&b.id));
     assert_eq!(loaded, vec![b1.clone(), b2]);
     // A later commit replaces the bucket; other sets are untouched.
     let b1v4 = bucket("device.A1", 4, json!({"t": 22}));
-    store.commit(&s, e, vec![b1v4.clone()]).await.expect("commit");
+    store
+        .commit(&s, e, vec![b1v4.clone()])
+        .await
+        .expect("commit");
     let loaded = store.load_set(&s).await.expect("load");
     assert!(loaded.contains(&b1v4) && !loaded.contains(&b1));
-    assert!(store.load_set(&set("A")).await.expect("load").is_empty(), "set keys are not prefixes of each other");
+    assert!(
+        store.load_set(&set("A")).await.expect("load").is_empty(),
+        "set keys are not prefixes of each other"
+    );
 }
 
 pub(crate) async fn stale_epoch_commit_is_fenced_and_writes_nothing(store: Arc<dyn Store>) {
     let s = set("A1");
     let old = store.acquire_lease(&s, "n1").await.expect("lease");
     let new = store.acquire_lease(&s, "n2").await.expect("lease");
-    let err = store.commit(&s, old, vec![bucket("device.A1", 9, json!({"x": 1}))]).await.expect_err("fenced");
+    let err = store
+        .commit(&s, old, vec![bucket("device.A1", 9, json!({"x": 1}))])
+        .await
+        .expect_err("fenced");
     assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
     assert!(store.load_set(&s).await.expect("load").is_empty());
-    store.commit(&s, new, vec![bucket("device.A1", 1, json!({"x": 2}))]).await.expect("current epoch commits");
+    store
+        .commit(&s, new, vec![bucket("device.A1", 1, json!({"x": 2}))])
+        .await
+        .expect("current epoch commits");
     // Without any lease a commit is fenced too.
-    let err = store.commit(&set("Z9"), new, vec![bucket("device.Z9", 1, json!({}))]).await.expect_err("no lease");
+    let err = store
+        .commit(&set("Z9"), new, vec![bucket("device.Z9", 1, json!({}))])
+        .await
+        .expect_err("no lease");
     assert!(matches!(err, StoreError::Fenced { .. }));
 }
 
@@ -72,7 +106,14 @@ pub(crate) async fn concurrent_commits_are_all_durable(store: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             let s = set(&format!("S{i}"));
             let e = store.acquire_lease(&s, "n1").await.expect("lease");
-            store.commit(&s, e, vec![bucket(&format!("device.S{i}"), 1, json!({"i": i}))]).await.expect("commit");
+            store
+                .commit(
+                    &s,
+                    e,
+                    vec![bucket(&format!("device.S{i}"), 1, json!({"i": i}))],
+                )
+                .await
+                .expect("commit");
         }));
     }
     for t in tasks {
@@ -95,8 +136,14 @@ pub(crate) async fn device_records_roundtrip(store: Arc<dyn Store>) {
         last_seen_ms: 6,
     };
     store.put_device(rec.clone()).await.expect("put");
-    assert_eq!(store.get_device("D1").await.expect("get"), Some(rec.clone()));
-    let later = DeviceRecord { last_seen_ms: 9, ..rec };
+    assert_eq!(
+        store.get_device("D1").await.expect("get"),
+        Some(rec.clone())
+    );
+    let later = DeviceRecord {
+        last_seen_ms: 9,
+        ..rec
+    };
     store.put_device(later.clone()).await.expect("put");
     assert_eq!(store.get_device("D1").await.expect("get"), Some(later));
 }
@@ -151,14 +198,19 @@ mod redb {
     async fn concurrent_commits_share_transactions() {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Metrics::new();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path(), metrics.clone()).expect("open"));
+        let store: Arc<dyn Store> =
+            Arc::new(RedbStore::open(dir.path(), metrics.clone()).expect("open"));
         let s = set("G1");
         let e = store.acquire_lease(&s, "n1").await.expect("lease");
         let commits: Vec<_> = (0..200u64)
             .map(|i| {
                 let store = store.clone();
                 let s = s.clone();
-                tokio::spawn(async move { store.commit(&s, e, vec![bucket("device.G1", i + 1, json!({"i": i}))]).await })
+                tokio::spawn(async move {
+                    store
+                        .commit(&s, e, vec![bucket("device.G1", i + 1, json!({"i": i}))])
+                        .await
+                })
             })
             .collect();
         for c in commits {
@@ -171,6 +223,9 @@ mod redb {
             .and_then(|v| v.parse().ok())
             .expect("commit counter present");
         // 1 lease + 200 commits; group commit folds concurrent requests into fewer fsyncs.
-        assert!(txns < 201.0, "expected batching, got {txns} transactions for 201 requests");
+        assert!(
+            txns < 201.0,
+            "expected batching, got {txns} transactions for 201 requests"
+        );
     }
 }

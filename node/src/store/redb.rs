@@ -113,7 +113,7 @@ impl RedbStore {
         let writer_db = db.clone();
         thread::Builder::new()
             .name("tether-redb-writer".into())
-            .spawn(move || writer_loop(&writer_db, &rx, &metrics))
+            .spawn(move || writer_loop(writer_db, &rx, &metrics))
             .map_err(backend)?;
         Ok(RedbStore { db, writer: tx })
     }
@@ -170,7 +170,7 @@ fn apply(
     txn: &redb::WriteTransaction,
     op: WriteOp,
     replies: &mut Vec<Reply>,
-) -> Result<bool, StoreError> {
+) -> Result<(), StoreError> {
     match op {
         WriteOp::Commit {
             set,
@@ -190,7 +190,7 @@ fn apply(
                     epoch: epoch.0,
                 };
                 replies.push(Reply::Unit(reply, Err(e)));
-                return Ok(false);
+                return Ok(());
             }
             let mut table = txn.open_table(BUCKETS).map_err(backend)?;
             for b in &writes {
@@ -220,17 +220,15 @@ fn apply(
                 .map_err(backend)?;
             replies.push(Reply::Unit(reply, Ok(())));
         }
-        WriteOp::Close { reply } => {
-            replies.push(Reply::Unit(reply, Ok(())));
-            return Ok(true);
-        }
+        // Handled by the writer loop itself.
+        WriteOp::Close { reply } => replies.push(Reply::Unit(reply, Ok(()))),
     }
-    Ok(false)
+    Ok(())
 }
 
-fn writer_loop(db: &Database, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
-    let mut closed = false;
-    while !closed {
+fn writer_loop(db: Arc<Database>, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
+    let mut close_replies = Vec::new();
+    while close_replies.is_empty() {
         let Ok(first) = rx.recv() else { return };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -244,7 +242,10 @@ fn writer_loop(db: &Database, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
         let result = (|| {
             let txn = db.begin_write().map_err(backend)?;
             for op in batch.drain(..) {
-                closed |= apply(&txn, op, &mut replies)?;
+                match op {
+                    WriteOp::Close { reply } => close_replies.push(reply),
+                    op => apply(&txn, op, &mut replies)?,
+                }
             }
             txn.commit().map_err(backend)
         })();
@@ -258,6 +259,12 @@ fn writer_loop(db: &Database, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
                 // their senders: their requesters see the store as closed, nothing acked.
             }
         }
+    }
+    // Release this thread's handle on the file before confirming the close, so a caller
+    // that drops its store after `close()` can reopen the same directory at once.
+    drop(db);
+    for reply in close_replies {
+        drop(reply.send(Ok(())));
     }
 }
 
