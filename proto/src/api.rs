@@ -182,6 +182,34 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// `POST /v1/pairing-code` answer: a short-lived code a user redeems to pair this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingCodeResponse {
+    /// The code, e.g. `7Q4K-92XD`.
+    pub code: String,
+    /// Seconds until the code expires.
+    pub expires_in_s: u64,
+}
+
+/// `POST /v1/pair` body (user credentials): redeem a device's pairing code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairRequest {
+    /// The code the device showed.
+    pub code: String,
+    /// The structure to put the device in; absent lets the server choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<String>,
+}
+
+/// `POST /v1/pair` answer: the device now linked to the user's account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairResponse {
+    /// The paired device's id (its serial).
+    pub device_id: String,
+    /// The structure it joined.
+    pub structure: String,
+}
+
 // ---------------------------------------------------------------------------------------
 // protobuf conversions
 
@@ -459,6 +487,54 @@ impl WireMessage for ErrorBody {
     }
 }
 
+impl WireMessage for PairingCodeResponse {
+    type Pb = pb::PairingCodeResponse;
+    fn to_pb(&self) -> pb::PairingCodeResponse {
+        pb::PairingCodeResponse {
+            code: self.code.clone(),
+            expires_in_s: self.expires_in_s,
+        }
+    }
+    fn from_pb(p: pb::PairingCodeResponse) -> Result<Self, ProtoError> {
+        Ok(PairingCodeResponse {
+            code: p.code,
+            expires_in_s: p.expires_in_s,
+        })
+    }
+}
+
+impl WireMessage for PairRequest {
+    type Pb = pb::PairRequest;
+    fn to_pb(&self) -> pb::PairRequest {
+        pb::PairRequest {
+            code: self.code.clone(),
+            structure: self.structure.clone(),
+        }
+    }
+    fn from_pb(p: pb::PairRequest) -> Result<Self, ProtoError> {
+        Ok(PairRequest {
+            code: p.code,
+            structure: p.structure,
+        })
+    }
+}
+
+impl WireMessage for PairResponse {
+    type Pb = pb::PairResponse;
+    fn to_pb(&self) -> pb::PairResponse {
+        pb::PairResponse {
+            device_id: self.device_id.clone(),
+            structure: self.structure.clone(),
+        }
+    }
+    fn from_pb(p: pb::PairResponse) -> Result<Self, ProtoError> {
+        Ok(PairResponse {
+            device_id: p.device_id,
+            structure: p.structure,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,6 +607,41 @@ mod tests {
             sync_url: "http://127.0.0.1:8080".into(),
             buckets: vec!["device.x".into()],
         });
+        roundtrip(PairingCodeResponse {
+            code: "7Q4K-92XD".into(),
+            expires_in_s: 600,
+        });
+        roundtrip(PairRequest {
+            code: "7Q4K-92XD".into(),
+            structure: Some("home".into()),
+        });
+        roundtrip(PairRequest {
+            code: "7Q4K-92XD".into(),
+            structure: None,
+        });
+        roundtrip(PairResponse {
+            device_id: "01AA02AB".into(),
+            structure: "home".into(),
+        });
+    }
+
+    #[test]
+    fn pairing_messages_match_api_md_json() {
+        let code: PairingCodeResponse =
+            serde_json::from_str(r#"{"code": "7Q4K-92XD", "expires_in_s": 600}"#)
+                .expect("API.md example");
+        assert_eq!((&*code.code, code.expires_in_s), ("7Q4K-92XD", 600));
+        let pair: PairRequest =
+            serde_json::from_str(r#"{"code": "7Q4K-92XD"}"#).expect("structure optional");
+        assert_eq!(pair.structure, None);
+        assert_eq!(
+            serde_json::to_string(&pair).expect("serializes"),
+            r#"{"code":"7Q4K-92XD"}"#
+        );
+        let resp: PairResponse =
+            serde_json::from_str(r#"{"device_id": "01AA02AB", "structure": "home"}"#)
+                .expect("API.md example");
+        assert_eq!(resp.structure, "home");
     }
 
     #[test]

@@ -7,17 +7,27 @@
 //!
 //! ```text
 //! loop {
-//!     while let Some(out) = client.poll_request(now) { send out.request to client.base_url(), tagged with out.token }
+//!     while let Some(out) = client.poll_request(now) {
+//!         send out.request to client.base_url() with `Authorization: basic_header(&out.auth)`,
+//!         tagged with out.token
+//!     }
 //!     while let Some(ev) = client.poll_event() { act on ev }
-//!     wait until an HTTP answer arrives (→ handle_response(now, token, resp)),
-//!         client.poll_timeout() passes, the application calls set_field, or the link drops (→ link_down)
+//!     wait until
+//!         an answer's headers arrive: if it has X-Tether-Set-Credentials, parse_set_credentials
+//!             and accept_credentials at once (a held subscribe's headers come long before its body),
+//!         an HTTP answer arrives (→ handle_response(now, token, resp), Retry-After in
+//!             Response::Error::retry_after_ms),
+//!         client.poll_timeout() passes, the application calls set_field or request_pairing_code,
+//!         or the link drops (→ link_down)
 //! }
 //! ```
 //!
-//! Two request slots can be in flight at once: the *sync* slot (register, then fetch,
-//! then the long-poll subscribe, one at a time) and the *put* slot (one PUT). Each slot
-//! backs off on its own. Every request carries a fresh token; an answer whose token is not
-//! in flight any more (after [`DeviceClient::link_down`], or a duplicate) is ignored.
+//! Three request slots can be in flight at once: the *sync* slot (register, then fetch,
+//! then the long-poll subscribe, one at a time), the *put* slot (one PUT) and the *pairing*
+//! slot (one pairing-code request). Each slot backs off on its own. Every request carries a
+//! fresh token; an answer whose token is not in flight any more (after
+//! [`DeviceClient::link_down`], dropped credentials, a factory reset, or a duplicate) is
+//! ignored, and the driver may close that request's connection.
 //!
 //! The driver times its requests out itself (a subscribe needs `subscribe_timeout_ms` plus
 //! a margin) and reports a timeout as [`Response::Transport`].
@@ -30,6 +40,20 @@
 //! - local changes coalesce per bucket (a later value for a field wins) and are sent one
 //!   PUT at a time; a PUT lost to the network or a server error goes back into the outbox
 //!   beneath any newer local edit of the same field, so newer local edits always win.
+//!
+//! Credential rules (seed 000 FIG 28B, 29B, 30B; API.md "Credentials"):
+//! - every request carries a set ([`Outgoing::auth`]): the assigned set whenever one is
+//!   held, the default set only to register while none is;
+//! - a set from `X-Tether-Set-Credentials` is stored the moment the driver sees it
+//!   ([`DeviceClient::accept_credentials`]) and every later request uses it; only an
+//!   assigned set for this device's serial is accepted;
+//! - a 401 is about the set *that request carried*: if that is still the stored assigned
+//!   set it is dropped and the device registers again with its default set; if a newer set
+//!   arrived meanwhile the 401 is stale and the request is simply resent with the new set;
+//!   a 401 to the default set backs off exponentially up to `auth_backoff_max_ms`;
+//! - a `Retry-After` (429, 503) is honoured, capped at the larger configured maximum;
+//! - a factory reset forgets the assigned set (never the default set) and starts over as
+//!   on first contact.
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::format;
@@ -43,6 +67,7 @@ use crate::api::{
     BucketDoc, BucketList, ErrorBody, HeldBucket, RegisterRequest, RegisterResponse,
     SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse,
 };
+use crate::credentials::{check_secret_shape, CredentialId, CredentialKind, Credentials};
 use crate::{BucketId, Fields, Millis, Value};
 
 /// Consecutive registration redirects followed at once; beyond this each further redirect
@@ -71,6 +96,13 @@ pub struct ClientConfig {
     pub backoff_max_ms: u64,
     /// Seeds the retry jitter so a fleet spreads out yet every run is reproducible.
     pub jitter_seed: u64,
+    /// The factory credentials (`d.<serial>.<key_id>`). Sent only to register, and only
+    /// while no assigned set is held; never forgotten.
+    pub default_credentials: Credentials,
+    /// After the server rejects the default credentials (401), retries wait
+    /// `backoff_initial_ms` doubled per consecutive rejection up to this. Also, with
+    /// `backoff_max_ms`, bounds how long a server's `Retry-After` can make the device wait.
+    pub auth_backoff_max_ms: u64,
 }
 
 /// A request the driver must send to [`DeviceClient::base_url`].
@@ -92,13 +124,16 @@ pub enum Request {
         /// The changed fields and the version they were based on.
         body: UpdateRequest,
     },
+    /// `POST /v1/pairing-code` with no body: a short-lived code for a user to pair this
+    /// device with (answered by [`Response::PairingCode`]).
+    PairingCode,
 }
 
 impl Request {
     /// The HTTP method, so every driver maps requests the same way.
     pub fn method(&self) -> &'static str {
         match self {
-            Request::Register(_) | Request::Subscribe(_) => "POST",
+            Request::Register(_) | Request::Subscribe(_) | Request::PairingCode => "POST",
             Request::Fetch { .. } => "GET",
             Request::Put { .. } => "PUT",
         }
@@ -112,6 +147,7 @@ impl Request {
             Request::Fetch { ids } => format!("/v1/buckets?view=full&ids={}", ids.join(",")),
             Request::Subscribe(_) => "/v1/subscribe".to_string(),
             Request::Put { id, .. } => format!("/v1/buckets/{id}"),
+            Request::PairingCode => "/v1/pairing-code".to_string(),
         }
     }
 }
@@ -123,6 +159,9 @@ pub struct Outgoing {
     pub token: u64,
     /// What to send.
     pub request: Request,
+    /// The credentials to send it with, as HTTP Basic auth
+    /// ([`crate::credentials::basic_header`]).
+    pub auth: Credentials,
 }
 
 /// What came back for a request, as the driver decoded it.
@@ -139,12 +178,21 @@ pub enum Response {
         /// The outcome and the bucket as the client must now hold it.
         body: UpdateResponse,
     },
+    /// 200 to a pairing-code request.
+    PairingCode {
+        /// The code a user redeems with `POST /v1/pair`.
+        code: String,
+        /// Seconds until it expires.
+        expires_in_s: u64,
+    },
     /// Any other HTTP status, with the error body if it decoded.
     Error {
         /// The HTTP status.
         status: u16,
         /// The `{"error", "message"}` body, if there was one.
         body: Option<ErrorBody>,
+        /// The `Retry-After` header (429, 503) in milliseconds, if there was one.
+        retry_after_ms: Option<u64>,
     },
     /// No HTTP answer: the connection failed, was reset, or timed out.
     Transport,
@@ -197,6 +245,43 @@ pub enum Event {
         /// The older version the server sent.
         received: u64,
     },
+    /// A new assigned set was stored; every request from now on carries it. Firmware
+    /// persists [`DeviceClient::assigned_credentials`] when it sees this.
+    CredentialsStored {
+        /// The set's id (never the secret).
+        id: String,
+    },
+    /// A set offered by the server (or restored) was not this device's assigned set and
+    /// was not stored.
+    CredentialsIgnored {
+        /// The offered id (never the secret).
+        id: String,
+    },
+    /// The server rejected the stored assigned set (401): it was dropped, and the device
+    /// registers again with its default credentials. Firmware erases its persisted copy.
+    CredentialsDropped {
+        /// The dropped set's id.
+        id: String,
+    },
+    /// The server rejected the default credentials (401); registration is retried after
+    /// an exponentially growing wait (seed 000: stolen device or stolen credentials).
+    DefaultCredentialsRejected,
+    /// The registration server accepted the device without issuing credentials;
+    /// registration is retried after a back-off (FIG 28B operation 1820).
+    CredentialsMissing,
+    /// A pairing code to show the user.
+    PairingCode {
+        /// The code.
+        code: String,
+        /// Seconds until it expires.
+        expires_in_s: u64,
+    },
+    /// The server refused the pairing-code request (4xx other than 401/408/429); it is not
+    /// retried until the application asks again.
+    PairingFailed {
+        /// The HTTP status.
+        status: u16,
+    },
 }
 
 /// A bucket as this device holds it: the last server-confirmed state, which firmware
@@ -224,12 +309,44 @@ enum Phase {
     Subscribe,
 }
 
-/// The PUT in flight: which bucket and exactly which fields, to merge or put back.
+/// The sync request in flight: its token, what it was, and the set it carried.
+#[derive(Debug)]
+struct SyncInFlight {
+    token: u64,
+    phase: Phase,
+    auth: Credentials,
+}
+
+/// The PUT in flight: which bucket and exactly which fields, to merge or put back, and
+/// the set it carried.
 #[derive(Debug)]
 struct PutInFlight {
     token: u64,
     id: String,
     sent: Fields,
+    auth: Credentials,
+}
+
+/// The pairing slot: whether the application wants a code, and the request in flight.
+#[derive(Debug, Default)]
+struct PairingSlot {
+    wanted: bool,
+    /// Token and carried set of the request in flight.
+    in_flight: Option<(u64, Credentials)>,
+    backoff: Backoff,
+}
+
+/// What a 401 meant, judged against the set the request carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unauthorized {
+    /// The carried set was the stored assigned set; it is dropped and the device is
+    /// unregistered.
+    Dropped,
+    /// The carried set was the default set and still the one in use; back off.
+    DefaultRejected,
+    /// The carried set is no longer the one in use (a newer one arrived, or it was already
+    /// dropped): nothing is learned about the current set.
+    Stale,
 }
 
 /// One slot's retry state.
@@ -246,21 +363,23 @@ impl Backoff {
         self.until.is_none_or(|t| now >= t)
     }
 
+    /// Waits at least until `t` (a server's `Retry-After`).
+    fn hold_until(&mut self, t: Millis) {
+        self.until = Some(self.until.map_or(t, |u| u.max(t)));
+    }
+
     fn succeed(&mut self) {
         self.attempt = 0;
         self.until = None;
     }
 
-    /// Records a failure at `now` and waits: `backoff_initial_ms` doubled per earlier
-    /// consecutive failure, capped at `backoff_max_ms`, minus up to a quarter of itself as
-    /// jitter. Jitter only ever shortens the wait, so the cap holds, and below the cap
-    /// each wait (at least ¾ of twice the last base) is longer than the one before.
-    fn fail(&mut self, now: Millis, cfg: &ClientConfig, rng: &mut XorShift) {
+    /// Records a failure at `now` and waits: `initial` doubled per earlier consecutive
+    /// failure, capped at `max`, minus up to a quarter of itself as jitter. Jitter only
+    /// ever shortens the wait, so the cap holds, and below the cap each wait (at least ¾
+    /// of twice the last base) is longer than the one before.
+    fn fail(&mut self, now: Millis, initial: u64, max: u64, rng: &mut XorShift) {
         let factor = 1u64.checked_shl(self.attempt).unwrap_or(u64::MAX);
-        let base = cfg
-            .backoff_initial_ms
-            .saturating_mul(factor)
-            .min(cfg.backoff_max_ms);
+        let base = initial.saturating_mul(factor).min(max);
         let jitter = rng.next() % (base / 4 + 1);
         self.attempt = self.attempt.saturating_add(1);
         self.until = Some(now.saturating_add(base - jitter));
@@ -319,10 +438,15 @@ pub struct DeviceClient {
     outbox: BTreeMap<String, Fields>,
     /// The bucket of the last PUT sent, so the outbox is served round-robin.
     last_put: Option<String>,
-    sync_in_flight: Option<(u64, Phase)>,
+    sync_in_flight: Option<SyncInFlight>,
     put_in_flight: Option<PutInFlight>,
     sync_backoff: Backoff,
     put_backoff: Backoff,
+    /// The assigned set, once the server issued one; preferred over the default set.
+    assigned: Option<Credentials>,
+    /// Consecutive 401s to the default set: gates registration while no assigned set is held.
+    auth_backoff: Backoff,
+    pairing: PairingSlot,
     redirects: u32,
     next_token: u64,
     rng: XorShift,
@@ -344,6 +468,9 @@ impl DeviceClient {
             put_in_flight: None,
             sync_backoff: Backoff::default(),
             put_backoff: Backoff::default(),
+            assigned: None,
+            auth_backoff: Backoff::default(),
+            pairing: PairingSlot::default(),
             redirects: 0,
             next_token: 1,
             rng: XorShift::new(cfg.jitter_seed),
@@ -367,25 +494,28 @@ impl DeviceClient {
         if let Some(out) = self.poll_sync(now) {
             return Some(out);
         }
-        self.poll_put(now)
+        if let Some(out) = self.poll_put(now) {
+            return Some(out);
+        }
+        self.poll_pairing(now)
     }
 
     /// Feeds the answer to the request sent with `token`. Unknown tokens are ignored.
     pub fn handle_response(&mut self, now: Millis, token: u64, resp: Response) {
-        match self.sync_in_flight {
-            Some((t, phase)) if t == token => {
-                self.sync_in_flight = None;
-                match phase {
-                    Phase::Register => self.on_register(now, resp),
-                    Phase::Fetch => self.on_fetch(now, resp),
-                    Phase::Subscribe => self.on_subscribe(now, resp),
-                }
-                return;
+        if let Some(sync) = self.sync_in_flight.take_if(|s| s.token == token) {
+            match sync.phase {
+                Phase::Register => self.on_register(now, sync.auth, resp),
+                Phase::Fetch => self.on_fetch(now, sync.auth, resp),
+                Phase::Subscribe => self.on_subscribe(now, sync.auth, resp),
             }
-            _ => {}
+            return;
         }
         if let Some(put) = self.put_in_flight.take_if(|p| p.token == token) {
             self.on_put(now, put, resp);
+            return;
+        }
+        if let Some((_, auth)) = self.pairing.in_flight.take_if(|(t, _)| *t == token) {
+            self.on_pairing(now, auth, resp);
         }
     }
 
@@ -393,7 +523,7 @@ impl DeviceClient {
     /// an answer or a local change can make it send more.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let sync = if self.sync_in_flight.is_none() && self.sync_wants_to_send() {
-            self.sync_backoff.until
+            self.sync_ready_at()
         } else {
             None
         };
@@ -402,10 +532,12 @@ impl DeviceClient {
         } else {
             None
         };
-        match (sync, put) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let pairing = if self.pairing.in_flight.is_none() && self.pairing_may_send() {
+            self.pairing.backoff.until
+        } else {
+            None
+        };
+        [sync, put, pairing].into_iter().flatten().min()
     }
 
     /// The next thing the application should know about, oldest first.
@@ -440,6 +572,138 @@ impl DeviceClient {
         }
         self.fail_sync(now);
         self.fail_put(now);
+        if self.pairing.in_flight.take().is_some() {
+            self.fail_pairing(now);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // credentials and pairing
+
+    /// Stores a set the server sent in `X-Tether-Set-Credentials`. Call it the moment the
+    /// header is seen, on any answer — a held subscribe's headers arrive long before its
+    /// body — before (or without) the matching `handle_response`. Every request polled
+    /// afterwards carries the new set; requests already in flight keep the set they
+    /// carried. Only an assigned set (`a.<serial>`, well-formed secret) for this device's
+    /// serial is stored ([`Event::CredentialsStored`]); anything else is reported as
+    /// [`Event::CredentialsIgnored`] and changes nothing.
+    pub fn accept_credentials(&mut self, c: Credentials) {
+        if !self.is_own_assigned(&c) {
+            self.events
+                .push_back(Event::CredentialsIgnored { id: c.id.clone() });
+            return;
+        }
+        if self.assigned.as_ref() == Some(&c) {
+            return;
+        }
+        self.events
+            .push_back(Event::CredentialsStored { id: c.id.clone() });
+        self.assigned = Some(c);
+    }
+
+    /// The assigned set held, for firmware to persist across reboots (see
+    /// [`Self::restore_credentials`]).
+    pub fn assigned_credentials(&self) -> Option<&Credentials> {
+        self.assigned.as_ref()
+    }
+
+    /// Loads an assigned set persisted across a reboot (before the first `poll_request`),
+    /// so the device returns with it instead of its default set. A set that is not this
+    /// device's assigned set is ignored ([`Event::CredentialsIgnored`]).
+    pub fn restore_credentials(&mut self, c: Credentials) {
+        if self.is_own_assigned(&c) {
+            self.assigned = Some(c);
+        } else {
+            self.events
+                .push_back(Event::CredentialsIgnored { id: c.id.clone() });
+        }
+    }
+
+    /// The user reset the device to factory defaults (seed 000: "clears its assigned
+    /// credentials and reverts to the initial contact behavior"). The assigned set, the
+    /// registration, every held bucket and every unsent change are forgotten; requests in
+    /// flight are abandoned (their answers ignored). The default credentials stay, and so
+    /// do the back-off states, so resetting cannot be used to retry faster.
+    pub fn factory_reset(&mut self) {
+        self.assigned = None;
+        self.phase = Phase::Register;
+        self.register_url = self.cfg.base_url.clone();
+        self.sync_url.clear();
+        self.ids.clear();
+        self.held.clear();
+        self.outbox.clear();
+        self.last_put = None;
+        self.sync_in_flight = None;
+        self.put_in_flight = None;
+        self.put_backoff.succeed();
+        self.pairing = PairingSlot::default();
+        self.redirects = 0;
+    }
+
+    /// Asks for a pairing code ([`Request::PairingCode`]) to show the user; the answer
+    /// comes as [`Event::PairingCode`]. It is sent once the device is registered with an
+    /// assigned set, and retried like any request on transport and server errors. Asking
+    /// again while one is pending asks once.
+    pub fn request_pairing_code(&mut self) {
+        self.pairing.wanted = true;
+    }
+
+    fn is_own_assigned(&self, c: &Credentials) -> bool {
+        matches!(c.parsed_id(), Ok(CredentialId::Assigned { serial }) if serial == self.cfg.device_id)
+            && check_secret_shape(CredentialKind::Assigned, &c.secret).is_ok()
+    }
+
+    /// The set a request sends now: the assigned set when one is held; the default set
+    /// only to register.
+    fn credentials_for(&self, phase: Phase) -> Option<Credentials> {
+        match (&self.assigned, phase) {
+            (Some(a), _) => Some(a.clone()),
+            (None, Phase::Register) => Some(self.cfg.default_credentials.clone()),
+            (None, Phase::Fetch | Phase::Subscribe) => None,
+        }
+    }
+
+    /// A 401 answered a request that carried `carried`. A 401 says something about
+    /// credentials only if the request carried some; every request this client sends
+    /// does (`Outgoing::auth`), so the verdict is always about `carried` — never about
+    /// whatever set is held by the time the answer arrives.
+    fn unauthorized(&mut self, now: Millis, carried: &Credentials) -> Unauthorized {
+        if self.assigned.as_ref() == Some(carried) {
+            // FIG 30B: discard the rejected set, register again with the default set. The
+            // sync back-off (reset only by a fetch/subscribe that worked) keeps a server
+            // that issues sets it then rejects from making the device spin.
+            self.assigned = None;
+            self.events.push_back(Event::CredentialsDropped {
+                id: carried.id.clone(),
+            });
+            self.phase = Phase::Register;
+            self.sync_in_flight = None;
+            self.fail_sync(now);
+            Unauthorized::Dropped
+        } else if self.assigned.is_none() && *carried == self.cfg.default_credentials {
+            let (initial, max) = (self.cfg.backoff_initial_ms, self.cfg.auth_backoff_max_ms);
+            self.auth_backoff.fail(now, initial, max, &mut self.rng);
+            self.events.push_back(Event::DefaultCredentialsRejected);
+            Unauthorized::DefaultRejected
+        } else {
+            Unauthorized::Stale
+        }
+    }
+
+    /// The longest wait a server's `Retry-After` may impose.
+    fn retry_after_cap(&self) -> u64 {
+        self.cfg.backoff_max_ms.max(self.cfg.auth_backoff_max_ms)
+    }
+
+    /// `now` + the answer's `Retry-After` (capped), if it had one.
+    fn retry_after(&self, now: Millis, resp: &Response) -> Option<Millis> {
+        match resp {
+            Response::Error {
+                retry_after_ms: Some(ms),
+                ..
+            } => Some(now.saturating_add((*ms).min(self.retry_after_cap()))),
+            _ => None,
+        }
     }
 
     /// The held copy of a bucket, if any version of it is held.
@@ -491,13 +755,30 @@ impl DeviceClient {
         self.phase == Phase::Register || !self.ids.is_empty()
     }
 
+    /// When the sync slot may send next: its own back-off, and while registering with the
+    /// default set, the default set's back-off too.
+    fn sync_ready_at(&self) -> Option<Millis> {
+        let auth = if self.phase == Phase::Register && self.assigned.is_none() {
+            self.auth_backoff.until
+        } else {
+            None
+        };
+        self.sync_backoff.until.max(auth)
+    }
+
     fn poll_sync(&mut self, now: Millis) -> Option<Outgoing> {
+        if self.assigned.is_none() {
+            // Only registration may go out without an assigned set (never reached: every
+            // path that drops the set also unregisters).
+            self.phase = Phase::Register;
+        }
         if self.sync_in_flight.is_some()
             || !self.sync_wants_to_send()
-            || !self.sync_backoff.ready(now)
+            || self.sync_ready_at().is_some_and(|t| now < t)
         {
             return None;
         }
+        let auth = self.credentials_for(self.phase)?;
         let request = match self.phase {
             Phase::Register => Request::Register(RegisterRequest {
                 device_id: self.cfg.device_id.clone(),
@@ -515,8 +796,16 @@ impl DeviceClient {
             }),
         };
         let token = self.token();
-        self.sync_in_flight = Some((token, self.phase));
-        Some(Outgoing { token, request })
+        self.sync_in_flight = Some(SyncInFlight {
+            token,
+            phase: self.phase,
+            auth: auth.clone(),
+        });
+        Some(Outgoing {
+            token,
+            request,
+            auth,
+        })
     }
 
     fn held_version(&self, id: &str) -> HeldBucket {
@@ -530,13 +819,11 @@ impl DeviceClient {
         }
     }
 
-    fn on_register(&mut self, now: Millis, resp: Response) {
+    fn on_register(&mut self, now: Millis, carried: Credentials, resp: Response) {
         let r = match resp {
             Response::Registered(r) => r,
-            // Any failure, including 401/403, means: try again later. Obtaining and
-            // presenting credentials is the credentials issue's part of the protocol;
-            // this state machine only keeps the device from hammering the server.
-            _ => return self.fail_sync(now),
+            // Any failure means: try again later (401: see `unauthorized`).
+            other => return self.sync_failed(now, &carried, &other),
         };
         if let Some(url) = r.redirect.filter(|u| !u.is_empty()) {
             self.register_url = url.clone();
@@ -548,6 +835,13 @@ impl DeviceClient {
             return;
         }
         self.redirects = 0;
+        if self.assigned.is_none() {
+            // FIG 28B operation 1820: no assigned credentials came back; back off, retry.
+            self.events.push_back(Event::CredentialsMissing);
+            return self.fail_sync(now);
+        }
+        // The default set (if that is what was sent) worked.
+        self.auth_backoff.succeed();
         self.sync_url = r.sync_url;
         self.ids = r.buckets;
         self.events.push_back(Event::Registered);
@@ -569,7 +863,7 @@ impl DeviceClient {
         // server that registers the device and then 404s its buckets cannot make it spin.
     }
 
-    fn on_fetch(&mut self, now: Millis, resp: Response) {
+    fn on_fetch(&mut self, now: Millis, carried: Credentials, resp: Response) {
         match resp {
             Response::Buckets(list) => {
                 for doc in list.buckets {
@@ -578,11 +872,11 @@ impl DeviceClient {
                 self.phase = Phase::Subscribe;
                 self.sync_backoff.succeed();
             }
-            other => self.sync_failed(now, &other),
+            other => self.sync_failed(now, &carried, &other),
         }
     }
 
-    fn on_subscribe(&mut self, now: Millis, resp: Response) {
+    fn on_subscribe(&mut self, now: Millis, carried: Credentials, resp: Response) {
         match resp {
             Response::Buckets(list) => {
                 let mut accepted = false;
@@ -603,18 +897,30 @@ impl DeviceClient {
                     self.sync_backoff.succeed();
                 }
             }
-            other => self.sync_failed(now, &other),
+            other => self.sync_failed(now, &carried, &other),
         }
     }
 
-    /// A failed fetch or subscribe: a 404 means the server lost the device's buckets (or
+    /// A failed register, fetch or subscribe that carried `carried`. A 401 is judged by
+    /// [`Self::unauthorized`]: a stale one resends at once with the set now held, a dropped
+    /// set registers again after the sync back-off, a rejected default set waits out the
+    /// default set's own back-off. A 404 means the server lost the device's buckets (or
     /// the device moved), so register again; anything else retries the same request.
-    fn sync_failed(&mut self, now: Millis, resp: &Response) {
-        if let Response::Error { status: 404, .. } = resp {
-            self.phase = Phase::Register;
+    fn sync_failed(&mut self, now: Millis, carried: &Credentials, resp: &Response) {
+        match resp {
+            Response::Error { status: 401, .. } => {
+                // Every outcome has already arranged its own wait (or none).
+                let _ = self.unauthorized(now, carried);
+            }
+            Response::Error { status: 404, .. } => {
+                self.phase = Phase::Register;
+                self.fail_sync(now);
+            }
+            _ => self.fail_sync(now),
         }
-        // 401/403 also just back off: credentials are the credentials issue's to renew.
-        self.fail_sync(now);
+        if let Some(t) = self.retry_after(now, resp) {
+            self.sync_backoff.hold_until(t);
+        }
     }
 
     /// Applies one bucket object from a fetch or subscribe answer under the monotonic rule.
@@ -671,7 +977,7 @@ impl DeviceClient {
 
     fn put_may_send(&self) -> bool {
         // Before registration there is no sync server, and before the fetch no base version.
-        self.phase == Phase::Subscribe && !self.outbox.is_empty()
+        self.phase == Phase::Subscribe && self.assigned.is_some() && !self.outbox.is_empty()
     }
 
     fn poll_put(&mut self, now: Millis) -> Option<Outgoing> {
@@ -688,6 +994,7 @@ impl DeviceClient {
                 .map(|(k, _)| k.clone()),
             None => None,
         };
+        let auth = self.credentials_for(self.phase)?;
         let id = next.or_else(|| self.outbox.keys().next().cloned())?;
         let sent = self.outbox.remove(&id)?;
         let body = UpdateRequest {
@@ -702,10 +1009,12 @@ impl DeviceClient {
             token,
             id: id.clone(),
             sent,
+            auth: auth.clone(),
         });
         Some(Outgoing {
             token,
             request: Request::Put { id, body },
+            auth,
         })
     }
 
@@ -715,19 +1024,34 @@ impl DeviceClient {
                 self.put_backoff.succeed();
                 self.on_update(put, body);
             }
+            Response::Error { status: 401, .. } => {
+                // Not the change's fault: keep it. A stale 401 resends at once with the
+                // set now held; after a drop it waits for the new registration.
+                let carried = put.auth.clone();
+                self.requeue(put);
+                if self.unauthorized(now, &carried) == Unauthorized::DefaultRejected {
+                    self.fail_put(now);
+                }
+            }
             Response::Error { status, .. } if retryable(status) => {
+                let retry_after = self.retry_after(now, &resp);
                 self.requeue(put);
                 self.fail_put(now);
+                if let Some(t) = retry_after {
+                    self.put_backoff.hold_until(t);
+                }
             }
             Response::Error { status, .. } => {
-                // 401/403 land here too: without valid credentials the change cannot be
-                // stored; renewing them is the credentials issue's part of the protocol.
+                // 403 lands here too: this principal may not write the bucket.
                 self.put_backoff.succeed();
                 self.events
                     .push_back(Event::ChangeRejected { id: put.id, status });
             }
             // A transport failure, or an answer that makes no sense for a PUT.
-            Response::Transport | Response::Registered(_) | Response::Buckets(_) => {
+            Response::Transport
+            | Response::Registered(_)
+            | Response::Buckets(_)
+            | Response::PairingCode { .. } => {
                 self.requeue(put);
                 self.fail_put(now);
             }
@@ -762,6 +1086,63 @@ impl DeviceClient {
         self.events.push_back(Event::ChangeAcked { id, outcome });
     }
 
+    // -----------------------------------------------------------------------------------
+    // the pairing slot
+
+    fn pairing_may_send(&self) -> bool {
+        // A pairing code is for a registered device, asked with its assigned set.
+        self.pairing.wanted && self.phase != Phase::Register && self.assigned.is_some()
+    }
+
+    fn poll_pairing(&mut self, now: Millis) -> Option<Outgoing> {
+        if self.pairing.in_flight.is_some()
+            || !self.pairing_may_send()
+            || !self.pairing.backoff.ready(now)
+        {
+            return None;
+        }
+        let auth = self.credentials_for(self.phase)?;
+        let token = self.token();
+        self.pairing.in_flight = Some((token, auth.clone()));
+        Some(Outgoing {
+            token,
+            request: Request::PairingCode,
+            auth,
+        })
+    }
+
+    fn on_pairing(&mut self, now: Millis, carried: Credentials, resp: Response) {
+        match resp {
+            Response::PairingCode { code, expires_in_s } => {
+                self.pairing.wanted = false;
+                self.pairing.backoff.succeed();
+                self.events
+                    .push_back(Event::PairingCode { code, expires_in_s });
+            }
+            Response::Error { status: 401, .. } => {
+                // Still wanted: resent with the set now held, or after re-registering.
+                if self.unauthorized(now, &carried) == Unauthorized::DefaultRejected {
+                    self.fail_pairing(now);
+                }
+            }
+            Response::Error { status, .. } if retryable(status) => {
+                self.fail_pairing(now);
+                if let Some(t) = self.retry_after(now, &resp) {
+                    self.pairing.backoff.hold_until(t);
+                }
+            }
+            Response::Error { status, .. } => {
+                self.pairing.wanted = false;
+                self.pairing.backoff.succeed();
+                self.events.push_back(Event::PairingFailed { status });
+            }
+            Response::Transport
+            | Response::Registered(_)
+            | Response::Buckets(_)
+            | Response::Updated { .. } => self.fail_pairing(now),
+        }
+    }
+
     /// Puts an unacknowledged PUT's fields back into the outbox, beneath newer local edits.
     fn requeue(&mut self, put: PutInFlight) {
         let pending = self.outbox.entry(put.id).or_default();
@@ -784,11 +1165,18 @@ impl DeviceClient {
     }
 
     fn fail_sync(&mut self, now: Millis) {
-        self.sync_backoff.fail(now, &self.cfg, &mut self.rng);
+        let (initial, max) = (self.cfg.backoff_initial_ms, self.cfg.backoff_max_ms);
+        self.sync_backoff.fail(now, initial, max, &mut self.rng);
     }
 
     fn fail_put(&mut self, now: Millis) {
-        self.put_backoff.fail(now, &self.cfg, &mut self.rng);
+        let (initial, max) = (self.cfg.backoff_initial_ms, self.cfg.backoff_max_ms);
+        self.put_backoff.fail(now, initial, max, &mut self.rng);
+    }
+
+    fn fail_pairing(&mut self, now: Millis) {
+        let (initial, max) = (self.cfg.backoff_initial_ms, self.cfg.backoff_max_ms);
+        self.pairing.backoff.fail(now, initial, max, &mut self.rng);
     }
 }
 

@@ -2,6 +2,8 @@
 
 use alloc::string::String;
 
+use crate::credentials::CredentialError;
+
 /// Why a protocol value was rejected. Every variant is a client mistake (HTTP 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtoError {
@@ -20,4 +22,7 @@ pub enum ProtoError {
     /// A required message field was absent.
     #[error("missing field {0}")]
     MissingField(&'static str),
+    /// A credential id, secret or credential header was malformed.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
 }

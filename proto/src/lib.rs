@@ -12,12 +12,14 @@ extern crate std;
 
 pub mod api;
 pub mod client;
+pub mod credentials;
 pub mod error;
 pub mod hlc;
 pub mod model;
 pub mod pb;
 pub mod reconcile;
 
+pub use credentials::{CredentialError, CredentialId, CredentialKind, Credentials};
 pub use error::ProtoError;
 pub use hlc::{Hlc, HlcClock};
 pub use model::{Bucket, BucketId, Fields, SetKey, Value};

@@ -10,6 +10,7 @@ use tether_proto::api::{
 use tether_proto::client::{
     ClientBucket, ClientConfig, DeviceClient, Event, Outgoing, Request, Response,
 };
+use tether_proto::credentials::{assigned_secret, default_credentials, Credentials};
 use tether_proto::Fields;
 
 const REGISTER_URL: &str = "https://register.test";
@@ -19,6 +20,25 @@ const DEV: &str = "device.01AA02AB";
 const SHARED: &str = "shared.01AA02AB";
 const INITIAL: u64 = 1_000;
 const MAX: u64 = 30_000;
+const AUTH_MAX: u64 = 600_000;
+const SERIAL: &str = "01AA02AB";
+const MFG_KEY: [u8; 64] = [7; 64];
+
+fn default_creds() -> Credentials {
+    default_credentials(&MFG_KEY, SERIAL, "k1").expect("valid default credentials")
+}
+
+/// The n-th assigned set the server issues this device.
+fn assigned_n(n: u8) -> Credentials {
+    Credentials {
+        id: format!("a.{SERIAL}"),
+        secret: assigned_secret([n; 16]),
+    }
+}
+
+fn assigned() -> Credentials {
+    assigned_n(1)
+}
 
 fn cfg(seed: u64) -> ClientConfig {
     ClientConfig {
@@ -31,6 +51,8 @@ fn cfg(seed: u64) -> ClientConfig {
         backoff_initial_ms: INITIAL,
         backoff_max_ms: MAX,
         jitter_seed: seed,
+        default_credentials: default_creds(),
+        auth_backoff_max_ms: AUTH_MAX,
     }
 }
 
@@ -84,7 +106,15 @@ fn error(status: u16, code: &str) -> Response {
             error: code.into(),
             message: String::new(),
         }),
+        retry_after_ms: None,
     }
+}
+
+/// The registration server's 200 on first contact: the driver sees the
+/// `X-Tether-Set-Credentials` header first and hands the set over at once.
+fn register_ok(c: &mut DeviceClient, now: u64, token: u64, offer: Option<SoftwareUpdate>) {
+    c.accept_credentials(assigned());
+    c.handle_response(now, token, registered(None, offer));
 }
 
 fn poll(c: &mut DeviceClient, now: u64) -> Outgoing {
@@ -134,7 +164,7 @@ fn put_of(out: &Outgoing) -> (&str, &tether_proto::api::UpdateRequest) {
 fn synced_client(seed: u64) -> (DeviceClient, u64) {
     let mut c = DeviceClient::new(cfg(seed));
     let reg = poll(&mut c, 0);
-    c.handle_response(0, reg.token, registered(None, None));
+    register_ok(&mut c, 0, reg.token, None);
     let fetch = poll(&mut c, 0);
     c.handle_response(
         0,
@@ -191,10 +221,13 @@ fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
         version: "1.3.0".into(),
         url: "https://fw.test/1.3.0".into(),
     };
-    c.handle_response(0, reg.token, registered(None, Some(offer)));
+    register_ok(&mut c, 0, reg.token, Some(offer));
     assert_eq!(
         events(&mut c),
         [
+            Event::CredentialsStored {
+                id: "a.01AA02AB".into()
+            },
             Event::Registered,
             Event::SoftwareUpdate {
                 version: "1.3.0".into(),
@@ -553,7 +586,7 @@ fn register_failures_back_off_and_retry_registration() {
         assert_eq!(c.base_url(), REGISTER_URL);
         assert!(c.poll_timeout().expect("backing off") > now);
     }
-    assert_eq!(events(&mut c), []);
+    assert_eq!(events(&mut c), [Event::DefaultCredentialsRejected]);
 }
 
 #[test]
@@ -612,15 +645,20 @@ fn link_down_ignores_stale_answers_and_resubscribes_with_held_versions() {
 
 #[test]
 fn restored_device_skips_fetch_and_subscribes_with_its_versions() {
-    let persisted = {
+    let (persisted, creds) = {
         let (mut c, sub) = synced_client(1);
         c.handle_response(1, sub, list(vec![doc(DEV, 700, 7, json!({"t": 17}))]));
-        c.snapshot()
+        let creds = c.assigned_credentials().expect("assigned").clone();
+        (c.snapshot(), creds)
     };
     let mut c = DeviceClient::new(cfg(1));
     c.restore(persisted);
+    c.restore_credentials(creds);
     let reg = poll(&mut c, 0);
-    c.handle_response(0, reg.token, registered(None, None));
+    // The device returns with its persisted assigned set, not its default set.
+    assert_eq!(reg.auth, assigned());
+    // The server may repeat the set it holds; the same set again is no news.
+    register_ok(&mut c, 0, reg.token, None);
     assert_eq!(events(&mut c), [Event::Registered]);
     assert!(c.is_synced());
     let sub = poll(&mut c, 0);
@@ -645,7 +683,7 @@ fn restored_device_missing_a_bucket_fetches_them_all() {
         value: Fields::new(),
     }]);
     let reg = poll(&mut c, 0);
-    c.handle_response(0, reg.token, registered(None, None));
+    register_ok(&mut c, 0, reg.token, None);
     let fetch = poll(&mut c, 0);
     assert!(matches!(fetch.request, Request::Fetch { .. }));
     // The fetch's older copy of the restored bucket does not replace it.
@@ -670,7 +708,7 @@ fn not_found_on_subscribe_registers_again_after_backing_off() {
     let at = c.poll_timeout().expect("backing off");
     let reg = poll(&mut c, at);
     assert!(matches!(reg.request, Request::Register(_)));
-    c.handle_response(at, reg.token, registered(None, None));
+    register_ok(&mut c, at, reg.token, None);
     // Versions are still held, so it subscribes straight away.
     assert!(matches!(poll(&mut c, at).request, Request::Subscribe(_)));
 }
@@ -679,7 +717,7 @@ fn not_found_on_subscribe_registers_again_after_backing_off() {
 fn not_found_on_fetch_registers_again() {
     let mut c = DeviceClient::new(cfg(1));
     let reg = poll(&mut c, 0);
-    c.handle_response(0, reg.token, registered(None, None));
+    register_ok(&mut c, 0, reg.token, None);
     let fetch = poll(&mut c, 0);
     c.handle_response(0, fetch.token, error(404, "not_found"));
     let at = c.poll_timeout().expect("backing off");
@@ -692,7 +730,7 @@ fn puts_wait_for_registration_and_fetch() {
     c.set_field(DEV, "t", json!(20));
     let reg = poll(&mut c, 0);
     assert_eq!(c.poll_request(0), None);
-    c.handle_response(0, reg.token, registered(None, None));
+    register_ok(&mut c, 0, reg.token, None);
     let fetch = poll(&mut c, 0);
     assert_eq!(c.poll_request(0), None);
     c.handle_response(0, fetch.token, list(vec![doc(DEV, 100, 3, json!({}))]));
@@ -705,7 +743,7 @@ fn puts_wait_for_registration_and_fetch() {
 fn put_to_a_bucket_never_seen_is_based_on_version_zero() {
     let mut c = DeviceClient::new(cfg(1));
     let reg = poll(&mut c, 0);
-    c.handle_response(0, reg.token, registered(None, None));
+    register_ok(&mut c, 0, reg.token, None);
     let fetch = poll(&mut c, 0);
     c.handle_response(0, fetch.token, list(vec![doc(DEV, 100, 3, json!({}))]));
     let _sub = poll(&mut c, 0);
@@ -749,6 +787,429 @@ fn endless_redirects_back_off() {
 }
 
 // ---------------------------------------------------------------------------------------
+// credentials (seed 000 FIG 28B, 29B, 30B; API.md "Credentials")
+
+fn unauthorized() -> Response {
+    error(401, "unauthorized")
+}
+
+fn retry_after(status: u16, ms: u64) -> Response {
+    Response::Error {
+        status,
+        body: None,
+        retry_after_ms: Some(ms),
+    }
+}
+
+fn stored(id: &str) -> Event {
+    Event::CredentialsStored { id: id.into() }
+}
+
+#[test]
+fn first_contact_uses_default_credentials_then_the_assigned_set_exclusively() {
+    let mut c = DeviceClient::new(cfg(1));
+    assert_eq!(c.assigned_credentials(), None);
+    let reg = poll(&mut c, 0);
+    assert!(matches!(reg.request, Request::Register(_)));
+    assert_eq!(
+        reg.auth,
+        default_creds(),
+        "first contact: default credentials"
+    );
+    assert_eq!(reg.auth.id, "d.01AA02AB.k1");
+
+    // The answer's X-Tether-Set-Credentials header, then its body.
+    register_ok(&mut c, 0, reg.token, None);
+    assert_eq!(c.assigned_credentials(), Some(&assigned()));
+    assert_eq!(events(&mut c), [stored("a.01AA02AB"), Event::Registered]);
+
+    let fetch = poll(&mut c, 0);
+    assert_eq!(fetch.auth, assigned());
+    c.handle_response(0, fetch.token, list(vec![doc(DEV, 1, 1, json!({}))]));
+    let sub = poll(&mut c, 0);
+    assert_eq!(sub.auth, assigned());
+    c.set_field(DEV, "t", json!(1));
+    let put = poll(&mut c, 0);
+    assert_eq!(put.auth, assigned());
+
+    // Registering again (the server lost the buckets) also uses the assigned set.
+    c.handle_response(1, sub.token, error(404, "not_found"));
+    let at = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, at);
+    assert!(matches!(reg.request, Request::Register(_)));
+    assert_eq!(reg.auth, assigned());
+}
+
+#[test]
+fn registration_without_credentials_backs_off_and_registers_again() {
+    let mut c = DeviceClient::new(cfg(1));
+    let reg = poll(&mut c, 0);
+    // A server that answered 200 but never sent X-Tether-Set-Credentials (FIG 28B 1820).
+    c.handle_response(0, reg.token, registered(None, None));
+    assert_eq!(events(&mut c), [Event::CredentialsMissing]);
+    assert_eq!(c.base_url(), REGISTER_URL);
+    assert_eq!(c.poll_request(0), None);
+    let at = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, at);
+    assert!(matches!(reg.request, Request::Register(_)));
+    assert_eq!(reg.auth, default_creds());
+}
+
+#[test]
+fn held_subscribe_delivering_new_credentials_switches_the_next_request_at_once() {
+    let (mut c, sub) = synced_client(1);
+    // FIG 29A/29B: rotation. The held subscribe's headers carry a new set long before its
+    // body; the driver hands it over at once.
+    c.accept_credentials(assigned_n(2));
+    assert_eq!(events(&mut c), [stored("a.01AA02AB")]);
+    assert_eq!(c.assigned_credentials(), Some(&assigned_n(2)));
+
+    // A PUT made while the subscribe is still held already uses it.
+    c.set_field(DEV, "t", json!(5));
+    let put = poll(&mut c, 1);
+    assert_eq!(put.auth, assigned_n(2));
+    c.handle_response(1, put.token, updated(200, UpdateOutcome::Applied, 2, None));
+
+    // And so does the next subscribe, once the held one answers.
+    c.handle_response(2, sub, list(vec![]));
+    let sub = poll(&mut c, 2);
+    assert!(matches!(sub.request, Request::Subscribe(_)));
+    assert_eq!(sub.auth, assigned_n(2));
+
+    // The server repeating the set during the grace period is no news.
+    c.accept_credentials(assigned_n(2));
+    assert!(!events(&mut c)
+        .iter()
+        .any(|e| matches!(e, Event::CredentialsStored { .. })));
+}
+
+#[test]
+fn stale_401_for_an_old_set_does_not_drop_the_newer_set() {
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(7));
+    let put = poll(&mut c, 1);
+    assert_eq!(put.auth, assigned_n(1));
+    // A newer set arrives (on the subscribe's headers) while the PUT is in flight …
+    c.accept_credentials(assigned_n(2));
+    events(&mut c);
+    // … and then the PUT, which carried the old set, comes back 401 (grace period over).
+    c.handle_response(2, put.token, unauthorized());
+    assert_eq!(events(&mut c), [], "nothing dropped");
+    assert_eq!(c.assigned_credentials(), Some(&assigned_n(2)));
+    assert_eq!(c.base_url(), SYNC_URL, "still registered");
+    // The change is kept and resent at once with the new set.
+    let put = poll(&mut c, 2);
+    assert_eq!(put.auth, assigned_n(2));
+    assert_eq!(put_of(&put).1.value, fields(json!({"t": 7})));
+
+    // The held subscribe (old set) also ends in a 401: resubscribe at once, new set.
+    c.handle_response(3, sub, unauthorized());
+    assert_eq!(c.assigned_credentials(), Some(&assigned_n(2)));
+    let sub = poll(&mut c, 3);
+    assert!(matches!(sub.request, Request::Subscribe(_)));
+    assert_eq!(sub.auth, assigned_n(2));
+    assert!(!c.is_synced(), "the PUT is still in flight");
+}
+
+#[test]
+fn a_401_on_the_stored_assigned_set_drops_it_and_registers_again_with_default() {
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(9));
+    // FIG 30A/30B: the sync server rejects the assigned set.
+    c.handle_response(5, sub, unauthorized());
+    assert_eq!(
+        events(&mut c),
+        [Event::CredentialsDropped {
+            id: "a.01AA02AB".into()
+        }]
+    );
+    assert_eq!(c.assigned_credentials(), None);
+    assert_eq!(c.base_url(), REGISTER_URL);
+    // Nothing goes out with a dropped set, or with the default set except a register.
+    assert_eq!(c.poll_request(5), None);
+    let at = c
+        .poll_timeout()
+        .expect("backing off before registering again");
+    assert!((5 + INITIAL - INITIAL / 4..=5 + INITIAL).contains(&at));
+    let reg = poll(&mut c, at);
+    assert!(matches!(reg.request, Request::Register(_)));
+    assert_eq!(reg.auth, default_creds());
+    assert_eq!(c.poll_request(at), None, "no PUT before registration");
+
+    // The lost-credentials case: the server issues a new set.
+    c.accept_credentials(assigned_n(3));
+    c.handle_response(at, reg.token, registered(None, None));
+    assert_eq!(events(&mut c), [stored("a.01AA02AB"), Event::Registered]);
+    // Buckets are still held: subscribe at once; the kept change goes out too.
+    let sub = poll(&mut c, at);
+    assert!(matches!(sub.request, Request::Subscribe(_)));
+    assert_eq!(sub.auth, assigned_n(3));
+    let put = poll(&mut c, at);
+    assert_eq!(put.auth, assigned_n(3));
+    assert_eq!(put_of(&put).1.value, fields(json!({"t": 9})));
+}
+
+#[test]
+fn a_401_on_a_put_drops_the_set_abandons_the_held_subscribe_and_keeps_the_change() {
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(11));
+    let put = poll(&mut c, 1);
+    c.handle_response(2, put.token, unauthorized());
+    assert_eq!(
+        events(&mut c),
+        [Event::CredentialsDropped {
+            id: "a.01AA02AB".into()
+        }]
+    );
+    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 11}))));
+    // The subscribe held with the rejected set is abandoned: its late answer is ignored.
+    c.handle_response(3, sub, list(vec![doc(DEV, 900, 9, json!({}))]));
+    assert_eq!(events(&mut c), []);
+    assert_eq!(c.bucket(DEV).expect("held").version, 1);
+    let at = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, at);
+    assert_eq!(reg.auth, default_creds());
+}
+
+#[test]
+fn a_401_on_default_credentials_backs_off_growing_to_the_cap() {
+    let mut c = DeviceClient::new(cfg(5));
+    let mut now = 0;
+    let mut delays = Vec::new();
+    for attempt in 0..14u32 {
+        let reg = poll(&mut c, now);
+        assert!(matches!(reg.request, Request::Register(_)));
+        assert_eq!(reg.auth, default_creds());
+        c.handle_response(now, reg.token, unauthorized());
+        assert_eq!(events(&mut c), [Event::DefaultCredentialsRejected]);
+        let at = c.poll_timeout().expect("backing off");
+        let delay = at - now;
+        let base = INITIAL.saturating_mul(1 << attempt).min(AUTH_MAX);
+        assert!(
+            delay <= base && delay >= base - base / 4,
+            "attempt {attempt}: {delay} outside [¾·{base}, {base}]"
+        );
+        assert_eq!(c.poll_request(at - 1), None, "nothing before the wait ends");
+        delays.push(delay);
+        now = at;
+    }
+    assert!(
+        delays.windows(2).take(8).all(|w| w[1] > w[0]),
+        "grows: {delays:?}"
+    );
+    assert!(delays.iter().all(|&d| d <= AUTH_MAX), "caps: {delays:?}");
+    assert!(
+        delays[11..].iter().all(|&d| d >= AUTH_MAX - AUTH_MAX / 4),
+        "reaches the cap, beyond the transport cap: {delays:?}"
+    );
+
+    // Accepted at last: the wait resets, so a later rejection starts from INITIAL again.
+    let reg = poll(&mut c, now);
+    register_ok(&mut c, now, reg.token, None);
+    let fetch = poll(&mut c, now);
+    c.handle_response(now, fetch.token, error(404, "not_found"));
+    let at = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, at);
+    c.handle_response(at, reg.token, unauthorized()); // the assigned set: dropped
+    now = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, now);
+    assert_eq!(reg.auth, default_creds());
+    c.handle_response(now, reg.token, unauthorized());
+    let delay = c.poll_timeout().expect("backing off") - now;
+    assert!(
+        (INITIAL - INITIAL / 4..=INITIAL).contains(&delay),
+        "{delay}"
+    );
+}
+
+#[test]
+fn retry_after_is_honoured_and_capped() {
+    let mut c = DeviceClient::new(cfg(1));
+    // The per-device registration rate limit (API.md: 429 with Retry-After).
+    let reg = poll(&mut c, 0);
+    c.handle_response(0, reg.token, retry_after(429, 120_000));
+    assert_eq!(c.poll_timeout(), Some(120_000));
+    assert_eq!(c.poll_request(119_999), None);
+    let reg = poll(&mut c, 120_000);
+    // A server asking for a day waits no longer than the configured maximum.
+    c.handle_response(120_000, reg.token, retry_after(429, 86_400_000));
+    assert_eq!(c.poll_timeout(), Some(120_000 + AUTH_MAX));
+    // A Retry-After shorter than the back-off does not shorten it.
+    let now = 120_000 + AUTH_MAX;
+    let reg = poll(&mut c, now);
+    c.handle_response(now, reg.token, retry_after(503, 1));
+    assert!(c.poll_timeout().expect("backing off") > now + 1);
+
+    // PUTs too.
+    let (mut c, _sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(1));
+    let put = poll(&mut c, 10);
+    c.handle_response(10, put.token, retry_after(429, 45_000));
+    assert_eq!(c.poll_timeout(), Some(45_010));
+    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 1}))));
+}
+
+#[test]
+fn factory_reset_keeps_default_credentials_and_starts_over_as_first_contact() {
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(3));
+    let put = poll(&mut c, 1);
+    c.set_field(SHARED, "x", json!(1));
+    c.factory_reset();
+    assert_eq!(c.assigned_credentials(), None);
+    assert_eq!(c.bucket(DEV), None);
+    assert_eq!(c.pending(SHARED), None);
+    assert_eq!(c.base_url(), REGISTER_URL);
+    // Answers to requests from before the reset are ignored.
+    c.handle_response(2, sub, list(vec![doc(DEV, 5, 5, json!({}))]));
+    c.handle_response(2, put.token, updated(200, UpdateOutcome::Applied, 2, None));
+    assert_eq!(events(&mut c), []);
+    assert_eq!(c.bucket(DEV), None);
+
+    // Initial contact again, with the default credentials that were never forgotten.
+    let reg = poll(&mut c, 2);
+    assert!(matches!(reg.request, Request::Register(_)));
+    assert_eq!(reg.auth, default_creds());
+    assert_eq!(c.poll_request(2), None);
+    register_ok(&mut c, 2, reg.token, None);
+    assert!(matches!(poll(&mut c, 2).request, Request::Fetch { .. }));
+}
+
+#[test]
+fn only_this_devices_assigned_sets_are_accepted() {
+    let (mut c, _sub) = synced_client(1);
+    let offers = [
+        Credentials {
+            id: "a.OTHER".into(),
+            secret: assigned_secret([9; 16]),
+        },
+        Credentials {
+            id: "u.alice".into(),
+            secret: "u.AAECAwQFBgcICQoLDA0ODw".into(),
+        },
+        default_creds(),
+        Credentials {
+            id: "a.01AA02AB".into(),
+            secret: "not-a-secret".into(),
+        },
+        Credentials {
+            id: "a.01AA02AB.x".into(),
+            secret: assigned_secret([9; 16]),
+        },
+    ];
+    for offer in offers {
+        let id = offer.id.clone();
+        c.accept_credentials(offer.clone());
+        assert_eq!(
+            events(&mut c),
+            [Event::CredentialsIgnored { id: id.clone() }]
+        );
+        c.restore_credentials(offer);
+        assert_eq!(events(&mut c), [Event::CredentialsIgnored { id }]);
+        assert_eq!(c.assigned_credentials(), Some(&assigned()));
+    }
+}
+
+#[test]
+fn pairing_code_is_requested_once_registered_and_reported() {
+    let mut c = DeviceClient::new(cfg(1));
+    c.request_pairing_code();
+    let reg = poll(&mut c, 0);
+    assert_eq!(
+        c.poll_request(0),
+        None,
+        "no pairing code before registration"
+    );
+    register_ok(&mut c, 0, reg.token, None);
+    let fetch = poll(&mut c, 0);
+    assert!(matches!(fetch.request, Request::Fetch { .. }));
+    let pc = poll(&mut c, 0);
+    assert_eq!(pc.request, Request::PairingCode);
+    assert_eq!(
+        (pc.request.method(), &*pc.request.path()),
+        ("POST", "/v1/pairing-code")
+    );
+    assert_eq!(pc.auth, assigned());
+    assert_eq!(c.base_url(), SYNC_URL);
+    events(&mut c);
+
+    // Lost on the way: retried after a back-off.
+    c.handle_response(1, pc.token, Response::Transport);
+    assert_eq!(c.poll_request(1), None);
+    let at = c.poll_timeout().expect("backing off");
+    let pc = poll(&mut c, at);
+    assert_eq!(pc.request, Request::PairingCode);
+    c.request_pairing_code(); // asking again while one is pending asks once
+    assert_eq!(c.poll_request(at), None);
+    c.handle_response(
+        at,
+        pc.token,
+        Response::PairingCode {
+            code: "7Q4K-92XD".into(),
+            expires_in_s: 600,
+        },
+    );
+    assert_eq!(
+        events(&mut c),
+        [Event::PairingCode {
+            code: "7Q4K-92XD".into(),
+            expires_in_s: 600
+        }]
+    );
+    assert_eq!(c.poll_request(at), None, "one code per request");
+
+    // Refused outright: reported, not retried.
+    c.request_pairing_code();
+    let pc = poll(&mut c, at);
+    c.handle_response(at, pc.token, error(403, "forbidden"));
+    assert_eq!(events(&mut c), [Event::PairingFailed { status: 403 }]);
+    assert_eq!(c.poll_request(at), None);
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn pairing_code_request_survives_a_rotation_and_a_drop() {
+    let (mut c, _sub) = synced_client(1);
+    c.request_pairing_code();
+    let pc = poll(&mut c, 1);
+    assert_eq!(pc.auth, assigned_n(1));
+    // Rotated meanwhile; the old set's 401 is stale: resent at once with the new set.
+    c.accept_credentials(assigned_n(2));
+    c.handle_response(1, pc.token, unauthorized());
+    let pc = poll(&mut c, 1);
+    assert_eq!(
+        (pc.request.clone(), pc.auth.clone()),
+        (Request::PairingCode, assigned_n(2))
+    );
+    // Now the current set is rejected: dropped; the code is asked for after re-registering.
+    c.handle_response(1, pc.token, unauthorized());
+    assert_eq!(c.assigned_credentials(), None);
+    let at = c.poll_timeout().expect("backing off");
+    let reg = poll(&mut c, at);
+    assert_eq!(c.poll_request(at), None);
+    c.accept_credentials(assigned_n(3));
+    c.handle_response(at, reg.token, registered(None, None));
+    let mut requests = Vec::new();
+    while let Some(out) = c.poll_request(at) {
+        requests.push((out.request, out.auth));
+    }
+    assert!(
+        requests.contains(&(Request::PairingCode, assigned_n(3))),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn debug_output_of_the_client_never_shows_a_secret() {
+    let (mut c, _sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(1));
+    let put = poll(&mut c, 1);
+    let shown = format!("{c:?} {put:?} {:?}", cfg(1));
+    assert!(!shown.contains(&assigned().secret), "{shown}");
+    assert!(!shown.contains(&default_creds().secret), "{shown}");
+}
+
+// ---------------------------------------------------------------------------------------
 // law: a held version never decreases
 
 #[derive(Debug, Clone)]
@@ -787,6 +1248,7 @@ proptest! {
             now = now.max(c.poll_timeout().unwrap_or(now)) + 1;
             let mut put = None;
             while let Some(out) = c.poll_request(now) {
+                prop_assert_eq!(Some(&out.auth), c.assigned_credentials());
                 match out.request {
                     Request::Subscribe(_) => sub = Some(out.token),
                     Request::Put { .. } => put = Some(out.token),
