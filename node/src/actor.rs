@@ -77,6 +77,13 @@ pub struct Subscribe {
 #[rtype(result = "()")]
 pub struct Unsubscribe(pub u64);
 
+/// Who may read the set changed (pairing, unpairing, revoked credentials): answer every
+/// held subscription with an empty list so its client resubscribes and is authorized
+/// again; a subscription never outlives the access it was granted under.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ReleaseHeld;
+
 /// Graceful stop: finish queued writes, answer held subscriptions (empty), stop.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -494,15 +501,28 @@ impl Handler<Unsubscribe> for BucketSetActor {
     }
 }
 
-impl Handler<Shutdown> for BucketSetActor {
-    type Result = ();
-    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
-        self.shutting_down = true;
+impl BucketSetActor {
+    fn release_held(&mut self) {
         let held = self.subs.len() as i64;
         for (_, sub) in self.subs.drain() {
             drop(sub.reply.send(Vec::new()));
         }
         self.shared.metrics.subscriptions_held(-held);
+    }
+}
+
+impl Handler<ReleaseHeld> for BucketSetActor {
+    type Result = ();
+    fn handle(&mut self, _msg: ReleaseHeld, _ctx: &mut Context<Self>) {
+        self.release_held();
+    }
+}
+
+impl Handler<Shutdown> for BucketSetActor {
+    type Result = ();
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
+        self.shutting_down = true;
+        self.release_held();
         ctx.stop();
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::credentials::CredentialConfig;
 use crate::error::{NodeError, Result};
 use crate::registration::RegistrationConfig;
 
@@ -25,6 +26,66 @@ pub struct Cli {
 pub enum Command {
     /// Run a node.
     Serve(ServeArgs),
+    /// Operator tools: manufacturing keys, default credentials, users, certificates.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `tether admin …`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Manufacturing keys (64 random bytes, one per key id).
+    #[command(subcommand, name = "mfg-key")]
+    MfgKey(MfgKeyCommand),
+    /// Print a device's default (factory) credentials, as a production line would.
+    DefaultCredentials {
+        /// The device serial.
+        serial: String,
+        /// Which manufacturing key signs them.
+        #[arg(long)]
+        key_id: String,
+        /// The manufacturing key file.
+        #[arg(long)]
+        mfg_key_file: PathBuf,
+    },
+    /// User accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Write a self-signed certificate and key (PEM) for development.
+    SelfSigned {
+        /// Certificate output path.
+        #[arg(long, default_value = "tether-cert.pem")]
+        cert: PathBuf,
+        /// Private key output path.
+        #[arg(long, default_value = "tether-key.pem")]
+        key: PathBuf,
+        /// Subject alternative names (DNS names or IP addresses).
+        #[arg(long = "san", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        sans: Vec<String>,
+    },
+}
+
+/// `tether admin mfg-key …`.
+#[derive(Debug, Subcommand)]
+pub enum MfgKeyCommand {
+    /// Create a new manufacturing key file (hex, mode 0600).
+    Generate {
+        /// Where to write it; refuses to overwrite.
+        path: PathBuf,
+    },
+}
+
+/// `tether admin user …`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user and print its credentials (`u.<user_id> <secret>`).
+    Add {
+        /// The user id ([A-Za-z0-9_-]{1,64}).
+        user_id: String,
+        /// The node's data directory (the node must be stopped: redb is single-process).
+        #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
+        data_dir: PathBuf,
+    },
 }
 
 /// `tether serve` flags; each has a `TETHER_*` environment override and a config-file key.
@@ -63,6 +124,35 @@ pub struct ServeArgs {
     /// Threads hosting bucket set actors [default: number of CPUs].
     #[arg(long, env = "TETHER_ACTOR_THREADS")]
     pub actor_threads: Option<usize>,
+    /// TLS certificate chain (PEM); with --tls-key serves HTTPS and allows non-loopback
+    /// addresses. Reloaded on SIGHUP.
+    #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A manufacturing key as `<key_id>=<path>`; repeat for several key ids.
+    #[arg(
+        long = "mfg-key-file",
+        env = "TETHER_MFG_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub mfg_key_files: Vec<String>,
+    /// Assigned credentials are rotated after this many seconds [default: 30 days].
+    #[arg(long, env = "TETHER_CREDENTIAL_LIFETIME_S")]
+    pub credential_lifetime_s: Option<u64>,
+    /// The replaced set keeps working this long [default: 24 h].
+    #[arg(long, env = "TETHER_CREDENTIAL_GRACE_S")]
+    pub credential_grace_s: Option<u64>,
+    /// Default-credential registrations per device per hour [default: 10].
+    #[arg(long, env = "TETHER_REGISTER_PER_HOUR")]
+    pub register_per_hour: Option<u32>,
+    /// Requests per second per principal, burst twice that [default: 50].
+    #[arg(long, env = "TETHER_REQUESTS_PER_SECOND")]
+    pub requests_per_second: Option<u32>,
+    /// How long a device's pairing code can be redeemed [default: 600].
+    #[arg(long, env = "TETHER_PAIRING_CODE_TTL_S")]
+    pub pairing_code_ttl_s: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TETHER_LOG_JSON")]
     pub log_json: bool,
@@ -82,6 +172,15 @@ pub struct FileConfig {
     passivate_after_ms: Option<u64>,
     http_workers: Option<usize>,
     actor_threads: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    mfg_key_files: Vec<String>,
+    credential_lifetime_s: Option<u64>,
+    credential_grace_s: Option<u64>,
+    register_per_hour: Option<u32>,
+    requests_per_second: Option<u32>,
+    pairing_code_ttl_s: Option<u64>,
     tier: Option<String>,
     #[serde(default)]
     device_types: std::collections::BTreeMap<String, crate::registration::DeviceType>,
@@ -116,6 +215,12 @@ pub struct Config {
     pub actor_threads: usize,
     /// JSON logs.
     pub log_json: bool,
+    /// TLS certificate and key paths.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Credential rules and manufacturing keys.
+    pub credentials: CredentialConfig,
+    /// Pairing code lifetime in seconds.
+    pub pairing_code_ttl_s: u64,
     /// Registration rules.
     pub registration: RegistrationConfig,
 }
@@ -184,6 +289,47 @@ impl Config {
                 .unwrap_or(cpus)
                 .max(1),
             log_json: args.log_json,
+            pairing_code_ttl_s: args
+                .pairing_code_ttl_s
+                .or(file.pairing_code_ttl_s)
+                .unwrap_or(600),
+            tls: match (
+                args.tls_cert.or(file.tls_cert),
+                args.tls_key.or(file.tls_key),
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => {
+                    return Err(NodeError::Config(
+                        "TLS needs both a certificate and a key".into(),
+                    ))
+                }
+            },
+            credentials: {
+                let defaults = CredentialConfig::default();
+                let mut specs = args.mfg_key_files;
+                specs.extend(file.mfg_key_files);
+                CredentialConfig {
+                    mfg_keys: load_mfg_keys(&specs)?,
+                    lifetime: args
+                        .credential_lifetime_s
+                        .or(file.credential_lifetime_s)
+                        .map_or(defaults.lifetime, Duration::from_secs),
+                    grace: args
+                        .credential_grace_s
+                        .or(file.credential_grace_s)
+                        .map_or(defaults.grace, Duration::from_secs),
+                    register_per_hour: args
+                        .register_per_hour
+                        .or(file.register_per_hour)
+                        .unwrap_or(defaults.register_per_hour),
+                    requests_per_second: args
+                        .requests_per_second
+                        .or(file.requests_per_second)
+                        .unwrap_or(defaults.requests_per_second),
+                    cache_ttl: defaults.cache_ttl,
+                }
+            },
             registration,
         };
         config.check_transport()?;
@@ -193,11 +339,11 @@ impl Config {
     /// Plain HTTP is only for loopback: device credentials must never cross a network in
     /// clear text.
     fn check_transport(&self) -> Result<()> {
-        if !self.listen.ip().is_loopback() {
+        if !self.listen.ip().is_loopback() && self.tls.is_none() {
             return Err(NodeError::Config(format!(
                 "refusing to serve plain HTTP on non-loopback address {}: devices send credentials, so \
-                 only loopback may be unencrypted. Listen on 127.0.0.1 (behind a TLS-terminating load \
-                 balancer) until TLS (--tls-cert/--tls-key) lands with the credentials issue",
+                 only loopback may be unencrypted. Pass --tls-cert and --tls-key (see `tether admin \
+                 self-signed` for development), or listen on 127.0.0.1",
                 self.listen
             )));
         }
@@ -213,6 +359,50 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Reads a manufacturing key file: 64 bytes as 128 hex digits (what `tether admin mfg-key
+/// generate` writes).
+pub fn read_mfg_key(path: &std::path::Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        NodeError::Config(format!("reading manufacturing key {}: {e}", path.display()))
+    })?;
+    let hex = text.trim();
+    let bad = || {
+        NodeError::Config(format!(
+            "{}: expected 128 hex digits (64 bytes)",
+            path.display()
+        ))
+    };
+    if hex.len() != 128 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    (0..64)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad()))
+        .collect()
+}
+
+fn load_mfg_keys(specs: &[String]) -> Result<std::collections::HashMap<String, Vec<u8>>> {
+    let mut keys = std::collections::HashMap::new();
+    for spec in specs {
+        let (key_id, path) = spec.split_once('=').ok_or_else(|| {
+            NodeError::Config(format!("--mfg-key-file {spec:?}: expected <key_id>=<path>"))
+        })?;
+        if key_id.is_empty()
+            || !key_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(NodeError::Config(format!(
+                "manufacturing key id {key_id:?} must be [A-Za-z0-9_-]+"
+            )));
+        }
+        keys.insert(
+            key_id.to_string(),
+            read_mfg_key(std::path::Path::new(path))?,
+        );
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]

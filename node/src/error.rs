@@ -19,6 +19,15 @@ pub enum NodeError {
     /// No usable credentials.
     #[error("{0}")]
     Unauthorized(String),
+    /// Default credentials on an endpoint other than registration.
+    #[error("{0}")]
+    DefaultCredentialsNotAllowed(String),
+    /// Too many requests from one principal (or registrations from one device).
+    #[error("rate limit exceeded; retry in {retry_after_s} s")]
+    RateLimited {
+        /// Seconds until a retry can succeed.
+        retry_after_s: u64,
+    },
     /// Authenticated but not allowed.
     #[error("{0}")]
     Forbidden(String),
@@ -53,6 +62,10 @@ impl NodeError {
                 ("bad_request", StatusCode::BAD_REQUEST)
             }
             NodeError::Unauthorized(_) => ("unauthorized", StatusCode::UNAUTHORIZED),
+            NodeError::DefaultCredentialsNotAllowed(_) => {
+                ("default_credentials_not_allowed", StatusCode::UNAUTHORIZED)
+            }
+            NodeError::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS),
             NodeError::Forbidden(_) => ("forbidden", StatusCode::FORBIDDEN),
             NodeError::NotFound(_) => ("not_found", StatusCode::NOT_FOUND),
             NodeError::TooLarge(_) => ("too_large", StatusCode::PAYLOAD_TOO_LARGE),
@@ -86,8 +99,14 @@ impl ResponseError for NodeError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
-        if matches!(self, NodeError::Unauthorized(_)) {
+        if matches!(
+            self,
+            NodeError::Unauthorized(_) | NodeError::DefaultCredentialsNotAllowed(_)
+        ) {
             resp.insert_header(("WWW-Authenticate", "Basic realm=\"tether\""));
+        }
+        if let NodeError::RateLimited { retry_after_s } = self {
+            resp.insert_header(("Retry-After", retry_after_s.to_string()));
         }
         if matches!(self, NodeError::Unavailable(_) | NodeError::Store(_)) {
             resp.insert_header(("Retry-After", "1"));

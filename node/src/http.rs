@@ -14,18 +14,19 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{
-    BucketDoc, BucketList, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
-    UpdateRequest, UpdateResponse, View, WireMessage,
+    BucketDoc, BucketList, PairRequest, PairResponse, PairingCodeResponse, RegisterRequest,
+    RegisterResponse, SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse, View,
+    WireMessage,
 };
 use tether_proto::reconcile::Held;
 use tether_proto::{Bucket, BucketId, Outcome, SetKey, Update};
 
 use crate::actor::{EnsureBuckets, Get, Put, Subscribe, SubscribeAnswer, Unsubscribe};
-use crate::auth::{self, Principal};
+use crate::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::registry::Shared;
-use crate::store::DeviceRecord;
+use crate::store::{DeviceRecord, Pairing, PairingCode};
 
 /// Room for the envelope (`base_version`, `session`, JSON punctuation) around a bucket.
 const ENVELOPE_BYTES: usize = 4096;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub config: Config,
     /// What registration hands out as `sync_url` (allocation: this node).
     pub placement: Arc<dyn tether_cluster::Placement>,
+    /// Credentials and principals.
+    pub auth: Auth,
     /// False once shutdown began.
     pub serving: AtomicBool,
     next_sub: AtomicU64,
@@ -56,14 +59,21 @@ impl AppState {
         shared: Arc<Shared>,
         config: Config,
         placement: Arc<dyn tether_cluster::Placement>,
+        auth: Auth,
     ) -> Self {
         AppState {
             shared,
             config,
             placement,
+            auth,
             serving: AtomicBool::new(true),
             next_sub: AtomicU64::new(1),
         }
+    }
+
+    /// Authenticates a request for an endpoint kind.
+    async fn principal(&self, req: &HttpRequest, endpoint: Endpoint) -> Result<Principal> {
+        self.auth.authenticate(req, endpoint, is_secure(req)).await
     }
 }
 
@@ -159,6 +169,11 @@ async fn read_body(
     Ok(body.freeze())
 }
 
+/// TLS, or loopback development mode (plain HTTP is only ever served on loopback).
+fn is_secure(req: &HttpRequest) -> bool {
+    req.app_config().secure() || req.peer_addr().is_some_and(|a| a.ip().is_loopback())
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -180,11 +195,11 @@ pub async fn register(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = auth::principal(req.headers())?;
+    let principal = state.principal(&req, Endpoint::Register).await?;
     let body = read_body(&req, payload, ENVELOPE_BYTES).await?;
     let msg: RegisterRequest = decode(request_format(&req)?, &body)?;
     let set = SetKey::parse(&msg.device_id)?;
-    if principal != Principal::Device(set.clone()) {
+    if principal.device() != Some(&set) {
         return Err(NodeError::Forbidden(
             "credentials do not belong to this device_id".into(),
         ));
@@ -254,7 +269,7 @@ pub async fn list(
     query: web::Query<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = auth::principal(req.headers())?;
+    let principal = state.principal(&req, Endpoint::Buckets).await?;
     let mut by_set: BTreeMap<SetKey, Option<Vec<BucketId>>> = BTreeMap::new();
     match &query.ids {
         Some(ids) => {
@@ -272,7 +287,12 @@ pub async fn list(
     let mut buckets = Vec::new();
     for (set, ids) in by_set {
         let found: Vec<Bucket> = state.shared.call(&set, Get(ids)).await??;
-        buckets.extend(found.iter().map(|b| BucketDoc::from_bucket(b, query.view)));
+        buckets.extend(
+            found
+                .iter()
+                .filter(|b| principal.may_access(&b.id))
+                .map(|b| BucketDoc::from_bucket(b, query.view)),
+        );
     }
     Ok(respond(&req, StatusCode::OK, &BucketList { buckets }))
 }
@@ -287,7 +307,7 @@ pub async fn get_one(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = auth::principal(req.headers())?;
+    let principal = state.principal(&req, Endpoint::Buckets).await?;
     let id = parse_path_id(&path)?;
     principal.authorize(&id)?;
     let found: Vec<Bucket> = state
@@ -311,7 +331,7 @@ pub async fn put(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = auth::principal(req.headers())?;
+    let principal = state.principal(&req, Endpoint::Buckets).await?;
     let id = parse_path_id(&path)?;
     principal.authorize(&id)?;
     let body = read_body(
@@ -387,7 +407,7 @@ pub async fn subscribe(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = auth::principal(req.headers())?;
+    let principal = state.principal(&req, Endpoint::Buckets).await?;
     let body = read_body(&req, payload, 64 * MAX_SUBSCRIBE_BUCKETS + ENVELOPE_BYTES).await?;
     let msg: SubscribeRequest = decode(request_format(&req)?, &body)?;
     check_session(&msg.session)?;
@@ -490,6 +510,167 @@ fn full_list(buckets: &[Bucket]) -> BucketList {
     }
 }
 
+/// Unambiguous characters for pairing codes (no 0/O, 1/I).
+const CODE_ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
+
+fn pairing_code() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut code = String::with_capacity(9);
+    for i in 0..8 {
+        if i == 4 {
+            code.push('-');
+        }
+        code.push(CODE_ALPHABET[rng.random_range(0..CODE_ALPHABET.len())] as char);
+    }
+    code
+}
+
+/// `POST /v1/pairing-code`: a device asks for a short-lived code its user can redeem.
+pub async fn pairing_code_handler(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = state.principal(&req, Endpoint::PairingCode).await?;
+    let serial = principal
+        .device()
+        .ok_or_else(|| NodeError::Forbidden("devices only".into()))?;
+    let code = pairing_code();
+    state
+        .shared
+        .store
+        .put_pairing_code(PairingCode {
+            code: code.clone(),
+            device_id: serial.to_string(),
+            expires_ms: now_ms() + state.config.pairing_code_ttl_s * 1000,
+        })
+        .await?;
+    tracing::info!(device = %serial, "pairing code issued");
+    Ok(respond(
+        &req,
+        StatusCode::OK,
+        &PairingCodeResponse {
+            code,
+            expires_in_s: state.config.pairing_code_ttl_s,
+        },
+    ))
+}
+
+/// The buckets a new structure starts with.
+fn structure_template(structure: &SetKey) -> Result<Vec<(BucketId, tether_proto::Fields)>> {
+    let fields = ["name", "away"]
+        .iter()
+        .map(|f| (f.to_string(), tether_proto::Value::Null))
+        .collect();
+    Ok(vec![(BucketId::new(STRUCTURE_KIND, structure)?, fields)])
+}
+
+/// `POST /v1/pair`: a user redeems a device's code; the device joins the user's account
+/// and, if named, one of the user's structures (created on first use).
+pub async fn pair(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = state.principal(&req, Endpoint::UserOnly).await?;
+    let Principal::User { user_id, .. } = &principal else {
+        return Err(NodeError::Forbidden("users only".into()));
+    };
+    let body = read_body(&req, payload, ENVELOPE_BYTES).await?;
+    let msg: PairRequest = decode(request_format(&req)?, &body)?;
+    let structure = msg.structure.as_deref().map(SetKey::parse).transpose()?;
+    let store = &state.shared.store;
+    // Refuse another account's structure before the code is spent, and spend the code
+    // before claiming anything: a refused pair changes nothing.
+    if let Some(s) = &structure {
+        if store
+            .structure_owner(s.as_str())
+            .await?
+            .is_some_and(|owner| &owner != user_id)
+        {
+            return Err(NodeError::Forbidden(format!(
+                "structure {s} belongs to another account"
+            )));
+        }
+    }
+    let code = store
+        .take_pairing_code(msg.code.trim())
+        .await?
+        .filter(|c| c.expires_ms > now_ms())
+        .ok_or_else(|| NodeError::NotFound("no such pairing code, or it expired".into()))?;
+    if let Some(s) = &structure {
+        let owner = store.claim_structure(s.as_str(), user_id).await?;
+        if &owner != user_id {
+            return Err(NodeError::Forbidden(format!(
+                "structure {s} belongs to another account"
+            )));
+        }
+        let created = state
+            .shared
+            .call(s, EnsureBuckets(structure_template(s)?))
+            .await??;
+        created
+            .await
+            .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))??;
+    }
+    let old = store
+        .set_pairing(
+            &code.device_id,
+            Some(Pairing {
+                device_id: code.device_id.clone(),
+                user_id: user_id.clone(),
+                structure: structure.as_ref().map(ToString::to_string),
+                paired_ms: now_ms(),
+            }),
+        )
+        .await?;
+    let old_structure = old.and_then(|p| p.structure);
+    state
+        .shared
+        .access_changed(std::iter::once(code.device_id.as_str()).chain(old_structure.as_deref()));
+    tracing::info!(device = %code.device_id, user = %user_id, "device paired");
+    let resp = PairResponse {
+        device_id: code.device_id,
+        structure: structure.map(|s| s.to_string()).unwrap_or_default(),
+    };
+    Ok(respond(&req, StatusCode::OK, &resp))
+}
+
+/// `DELETE /v1/devices/{device_id}/pairing`: the owning user unpairs a device.
+pub async fn unpair(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = state.principal(&req, Endpoint::UserOnly).await?;
+    let Principal::User { user_id, .. } = &principal else {
+        return Err(NodeError::Forbidden("users only".into()));
+    };
+    let device = SetKey::parse(&path)?;
+    let store = &state.shared.store;
+    match store.get_pairing(device.as_str()).await? {
+        Some(p) if &p.user_id == user_id => {
+            store.set_pairing(device.as_str(), None).await?;
+            state
+                .shared
+                .access_changed(std::iter::once(device.as_str()).chain(p.structure.as_deref()));
+            tracing::info!(device = %device, user = %user_id, "device unpaired");
+            Ok(respond(
+                &req,
+                StatusCode::OK,
+                &PairResponse {
+                    device_id: device.to_string(),
+                    structure: String::new(),
+                },
+            ))
+        }
+        // Not this user's device: the same answer whether it exists or not.
+        _ => Err(NodeError::Forbidden(format!(
+            "device {device} is not paired to this account"
+        ))),
+    }
+}
+
 /// `GET /healthz`: the process is alive.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
@@ -527,6 +708,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/buckets/{id}", web::get().to(get_one))
         .route("/v1/buckets/{id}", web::put().to(put))
         .route("/v1/subscribe", web::post().to(subscribe))
+        .route("/v1/pairing-code", web::post().to(pairing_code_handler))
+        .route("/v1/pair", web::post().to(pair))
+        .route("/v1/devices/{device_id}/pairing", web::delete().to(unpair))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))

@@ -3,8 +3,10 @@
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
 pub mod actor;
+pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod metrics;
@@ -12,3 +14,4 @@ pub mod registration;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod tls;

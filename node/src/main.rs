@@ -38,5 +38,12 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Admin(cmd) => match tether_node::admin::run(cmd) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tether admin: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }

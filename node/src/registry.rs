@@ -137,6 +137,19 @@ impl Shared {
             .cloned()
     }
 
+    /// Access to these sets changed: their held subscriptions are answered so that their
+    /// clients re-authenticate (see `ReleaseHeld`).
+    pub fn access_changed<'a>(&self, sets: impl IntoIterator<Item = &'a str>) {
+        for key in sets {
+            if let Some(addr) = SetKey::parse(key)
+                .ok()
+                .and_then(|k| self.existing_actor(&k))
+            {
+                addr.do_send(crate::actor::ReleaseHeld);
+            }
+        }
+    }
+
     /// Called by a stopping actor: forget it unless a newer actor replaced it already.
     pub fn forget(&self, set: &SetKey, addr: &Addr<BucketSetActor>) {
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);

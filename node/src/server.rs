@@ -10,13 +10,20 @@ use actix_web::{web, App, HttpServer};
 use futures::FutureExt;
 use tracing::Instrument;
 
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::HttpMessage;
+use tether_proto::credentials::format_set_credentials;
+
+use crate::auth::{Auth, SetCredentials};
 use crate::config::Config;
+use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::registry::{ActorConfig, Shared};
 use crate::store::redb::RedbStore;
 use crate::store::Store;
+use crate::tls::ReloadableCert;
 
 /// How long a graceful shutdown waits for actors to finish their queued commits.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -42,12 +49,36 @@ pub async fn run(config: Config) -> Result<()> {
     let bound = listener
         .local_addr()
         .map_err(|e| NodeError::Config(e.to_string()))?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let url = config
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{bound}"));
+        .unwrap_or_else(|| format!("{scheme}://{bound}"));
     let placement = Arc::new(tether_cluster::SingleNode { url });
-    let state = web::Data::new(AppState::new(shared.clone(), config.clone(), placement));
+    let mut credentials = config.credentials.clone();
+    if credentials.mfg_keys.is_empty() {
+        credentials
+            .mfg_keys
+            .insert(DEV_KEY_ID.into(), dev_mfg_key(&config.data_dir)?);
+    }
+    let auth = Auth::new(
+        CredentialService::new(store.clone(), credentials),
+        shared.clone(),
+    );
+    let state = web::Data::new(AppState::new(
+        shared.clone(),
+        config.clone(),
+        placement,
+        auth,
+    ));
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(ReloadableCert::load(cert.clone(), key.clone())?),
+        None => None,
+    };
 
     let app_state = state.clone();
     let server = HttpServer::new(move || {
@@ -73,15 +104,20 @@ pub async fn run(config: Config) -> Result<()> {
                             );
                         }
                         res.map(|mut r| {
-                            if let Ok(v) = actix_web::http::header::HeaderValue::from_str(
-                                &request_id.to_string(),
-                            ) {
-                                r.headers_mut().insert(
-                                    actix_web::http::header::HeaderName::from_static(
-                                        "x-request-id",
-                                    ),
-                                    v,
-                                );
+                            let set = r.request().extensions().get::<SetCredentials>().cloned();
+                            let headers = r.headers_mut();
+                            if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+                                headers.insert(HeaderName::from_static("x-request-id"), v);
+                            }
+                            // New credentials ride on every authenticated response, errors
+                            // and held subscribes included (API.md "Credentials").
+                            if let Some(SetCredentials(c)) = set {
+                                if let Ok(v) = HeaderValue::from_str(&format_set_credentials(&c)) {
+                                    headers.insert(
+                                        HeaderName::from_static("x-tether-set-credentials"),
+                                        v,
+                                    );
+                                }
                             }
                             r
                         })
@@ -97,18 +133,24 @@ pub async fn run(config: Config) -> Result<()> {
     .client_request_timeout(Duration::from_secs(30))
     .h1_allow_half_closed(false)
     .disable_signals()
-    .shutdown_timeout(5)
-    .listen(listener)
+    .shutdown_timeout(5);
+    let server = match &tls {
+        Some(cert) => server.listen_rustls_0_23(listener, cert.server_config()?),
+        None => server.listen(listener),
+    }
     .map_err(|e| NodeError::Config(format!("listening on {bound}: {e}")))?
     .run();
 
     // The one line tests and scripts wait for; logs go to stderr.
-    println!("listening on http://{bound}");
+    println!("listening on {scheme}://{bound}");
     let _ = std::io::stdout().flush();
     tracing::info!(%bound, data_dir = %config.data_dir.display(), node = %config.node_id, "tether serving");
 
     let handle = server.handle();
     let serve = tokio::spawn(server);
+    if let Some(cert) = tls {
+        tokio::spawn(reload_on_sighup(cert));
+    }
     wait_for_signal().await;
     tracing::info!("shutting down: answering held subscriptions, draining writes");
     state.serving.store(false, Ordering::Release);
@@ -118,6 +160,47 @@ pub async fn run(config: Config) -> Result<()> {
     store.close().await?;
     tracing::info!("store flushed; bye");
     Ok(())
+}
+
+/// Key id of the development manufacturing key used when none is configured.
+pub const DEV_KEY_ID: &str = "dev";
+
+/// Without `--mfg-key-file`, a node uses (and on first start creates) a development
+/// manufacturing key in its data directory, so `tether serve` works with no flags while no
+/// device can register without credentials derived from that key.
+fn dev_mfg_key(data_dir: &std::path::Path) -> Result<Vec<u8>> {
+    let path = data_dir.join("dev-mfg.key");
+    if !path.exists() {
+        crate::admin::run(crate::config::AdminCommand::MfgKey(
+            crate::config::MfgKeyCommand::Generate { path: path.clone() },
+        ))?;
+    }
+    tracing::warn!(
+        key_id = DEV_KEY_ID,
+        path = %path.display(),
+        "no --mfg-key-file given: using the development manufacturing key"
+    );
+    crate::config::read_mfg_key(&path)
+}
+
+async fn reload_on_sighup(cert: Arc<ReloadableCert>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match cert.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(cert);
 }
 
 async fn wait_for_signal() {

@@ -106,13 +106,15 @@ async fn register_rejects_bad_requests() {
     let node = Node::start().await;
     let dev = node.device(A);
 
+    // Valid default credentials, bad body: authenticated (the device is handed assigned
+    // credentials, which it keeps) but rejected.
     dev.register("toaster-9000", "1.0.0")
         .await
         .expect_error(StatusCode::BAD_REQUEST, "bad_request");
     dev.register_as(B, "thermostat", "1.0.0")
         .await
         .expect_error(StatusCode::FORBIDDEN, "forbidden");
-    send(
+    dev.send(
         dev.req(Method::POST, "/v1/register")
             .header(CONTENT_TYPE, "application/json")
             .body("{oops"),
@@ -129,8 +131,21 @@ async fn register_rejects_bad_requests() {
     dev.get(&format!("/v1/buckets/device.{A}"))
         .await
         .expect_error(StatusCode::NOT_FOUND, "not_found");
-    node.device(B)
-        .get(&format!("/v1/buckets/device.{B}"))
+    // B never registered: its default credentials open nothing but registration. A
+    // registration it makes with a bad body authenticates it (first contact: assigned
+    // credentials) without creating buckets, so B can see that A's attempt made none.
+    let b = node.device(B);
+    b.get(&format!("/v1/buckets/device.{B}"))
+        .await
+        .expect_error(StatusCode::UNAUTHORIZED, "default_credentials_not_allowed");
+    b.register("toaster-9000", "1.0.0")
+        .await
+        .expect_error(StatusCode::BAD_REQUEST, "bad_request");
+    assert!(
+        b.assigned_credentials().is_some(),
+        "an authenticated first contact hands out assigned credentials, even when the body is rejected"
+    );
+    b.get(&format!("/v1/buckets/device.{B}"))
         .await
         .expect_error(StatusCode::NOT_FOUND, "not_found");
 }
@@ -233,7 +248,7 @@ async fn register_tiers_redirects_and_software_updates_from_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_views_filters_and_access_rules() {
-    let node = Node::start().await;
+    let node = Node::builder().user("alice").start().await;
     let a = node.device(A);
     let b = node.device(B);
     a.register_thermostat().await;
@@ -322,11 +337,12 @@ async fn get_views_filters_and_access_rules() {
     a.get(&format!("/v1/buckets/shared.{B}"))
         .await
         .expect_error(StatusCode::FORBIDDEN, "forbidden");
-    // Never-registered device: its own bucket does not exist.
+    // Never-registered device: it holds only default credentials, which reach nothing but
+    // registration.
     node.device("NEVER001")
         .get("/v1/buckets/device.NEVER001")
         .await
-        .expect_error(StatusCode::NOT_FOUND, "not_found");
+        .expect_error(StatusCode::UNAUTHORIZED, "default_credentials_not_allowed");
 
     // A user without devices sees nothing and may not read a device's bucket.
     let user = node.user("alice");
@@ -354,7 +370,7 @@ async fn get_views_filters_and_access_rules() {
         .expect_error(StatusCode::UNAUTHORIZED, "unauthorized");
     node.send(
         node.anon(Method::GET, "/v1/buckets")
-            .basic_auth("nonsense", Some(PASSWORD)),
+            .basic_auth("nonsense", Some("a.AAAAAAAAAAAAAAAAAAAAAA")),
     )
     .await
     .expect_error(StatusCode::UNAUTHORIZED, "unauthorized");
@@ -694,14 +710,15 @@ async fn protobuf_round_trip() {
         device_type: "thermostat".into(),
         sw_version: "1.0.0".into(),
     };
-    let r = send(
-        a.req(Method::POST, "/v1/register")
-            .header(CONTENT_TYPE, PROTOBUF)
-            .header(ACCEPT, PROTOBUF)
-            .body(req.encode_pb()),
-    )
-    .await
-    .expect(StatusCode::OK);
+    let r = a
+        .send(
+            a.req(Method::POST, "/v1/register")
+                .header(CONTENT_TYPE, PROTOBUF)
+                .header(ACCEPT, PROTOBUF)
+                .body(req.encode_pb()),
+        )
+        .await
+        .expect(StatusCode::OK);
     let reg: RegisterResponse = r.pb();
     assert_eq!(reg.tier, "production");
     assert_eq!(reg.redirect, None);

@@ -187,10 +187,16 @@ async fn acknowledged_writes_survive_kill_9() {
         interrupted > 0,
         "the kill should have interrupted at least one write in flight"
     );
+    let keyring = node.keyring();
     drop(node);
 
-    // Restart on the same data directory: every acknowledged write is there.
-    let node = Node::builder().data_dir(data.path()).start().await;
+    // Restart on the same data directory (same manufacturing key, devices keep their
+    // assigned credentials): every acknowledged write is there.
+    let node = Node::builder()
+        .data_dir(data.path())
+        .keyring(keyring)
+        .start()
+        .await;
     let mut problems = Vec::new();
     for (serial, id) in &buckets {
         let p = node.device(serial);

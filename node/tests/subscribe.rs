@@ -334,7 +334,7 @@ async fn another_sessions_change_wakes_even_next_to_an_own_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_rejects_before_holding() {
-    let node = Node::start().await;
+    let node = Node::builder().user("alice").start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     node.device(B).register_thermostat().await;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use serde_json::json;
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 
-use super::{DeviceRecord, Store, StoreError};
+use super::{
+    AssignedRecord, DeviceRecord, Pairing, PairingCode, PreviousSet, Store, StoreError, UserRecord,
+};
 
 fn set(k: &str) -> SetKey {
     SetKey::parse(k).expect("valid set key")
@@ -148,6 +150,165 @@ pub(crate) async fn device_records_roundtrip(store: Arc<dyn Store>) {
     assert_eq!(store.get_device("D1").await.expect("get"), Some(later));
 }
 
+pub(crate) async fn assigned_credentials_swap_only_from_the_expected_state(store: Arc<dyn Store>) {
+    assert_eq!(store.get_assigned("D1").await.expect("get"), None);
+    let first = AssignedRecord {
+        current_hash: [1; 32],
+        issued_ms: 10,
+        previous: None,
+    };
+    assert!(
+        !store
+            .swap_assigned("D1", Some([9; 32]), Some(first.clone()))
+            .await
+            .expect("swap"),
+        "no record yet"
+    );
+    assert!(store
+        .swap_assigned("D1", None, Some(first.clone()))
+        .await
+        .expect("swap"));
+    assert!(
+        !store
+            .swap_assigned("D1", None, Some(first.clone()))
+            .await
+            .expect("swap"),
+        "already exists"
+    );
+    let rotated = AssignedRecord {
+        current_hash: [2; 32],
+        issued_ms: 20,
+        previous: Some(PreviousSet {
+            hash: [1; 32],
+            grace_until_ms: 99,
+            sealed_current: vec![1, 2, 3],
+        }),
+    };
+    // Two rotations racing from the same state: exactly one wins.
+    let other = AssignedRecord {
+        current_hash: [3; 32],
+        ..rotated.clone()
+    };
+    let (a, b) = tokio::join!(
+        store.swap_assigned("D1", Some([1; 32]), Some(rotated.clone())),
+        store.swap_assigned("D1", Some([1; 32]), Some(other.clone())),
+    );
+    assert!(
+        a.expect("swap") ^ b.expect("swap"),
+        "exactly one concurrent rotation wins"
+    );
+    let now = store
+        .get_assigned("D1")
+        .await
+        .expect("get")
+        .expect("present");
+    assert!(now == rotated || now == other);
+    assert!(store
+        .swap_assigned("D1", Some(now.current_hash), None)
+        .await
+        .expect("revoke"));
+    assert_eq!(store.get_assigned("D1").await.expect("get"), None);
+}
+
+pub(crate) async fn users_are_created_once(store: Arc<dyn Store>) {
+    let u = UserRecord {
+        user_id: "alice".into(),
+        secret_hash: [7; 32],
+        created_ms: 1,
+    };
+    assert!(store.create_user(u.clone()).await.expect("create"));
+    assert!(!store
+        .create_user(UserRecord {
+            secret_hash: [8; 32],
+            ..u.clone()
+        })
+        .await
+        .expect("create"));
+    assert_eq!(store.get_user("alice").await.expect("get"), Some(u));
+    assert_eq!(store.get_user("bob").await.expect("get"), None);
+}
+
+pub(crate) async fn pairings_follow_their_device(store: Arc<dyn Store>) {
+    let p = |d: &str, u: &str| Pairing {
+        device_id: d.into(),
+        user_id: u.into(),
+        structure: Some("home".into()),
+        paired_ms: 1,
+    };
+    store
+        .set_pairing("D1", Some(p("D1", "alice")))
+        .await
+        .expect("pair");
+    store
+        .set_pairing("D2", Some(p("D2", "alice")))
+        .await
+        .expect("pair");
+    assert_eq!(store.user_pairings("alice").await.expect("list").len(), 2);
+    // Re-pairing to another user moves the device between the users' lists.
+    store
+        .set_pairing("D1", Some(p("D1", "bob")))
+        .await
+        .expect("pair");
+    assert_eq!(
+        store.user_pairings("alice").await.expect("list"),
+        vec![p("D2", "alice")]
+    );
+    assert_eq!(
+        store.user_pairings("bob").await.expect("list"),
+        vec![p("D1", "bob")]
+    );
+    store.set_pairing("D1", None).await.expect("unpair");
+    assert_eq!(store.get_pairing("D1").await.expect("get"), None);
+    assert!(store.user_pairings("bob").await.expect("list").is_empty());
+    // A user id that is a prefix of another does not see the other's devices.
+    store
+        .set_pairing("D3", Some(p("D3", "alice2")))
+        .await
+        .expect("pair");
+    assert_eq!(store.user_pairings("alice").await.expect("list").len(), 1);
+}
+
+pub(crate) async fn structures_have_one_owner(store: Arc<dyn Store>) {
+    assert_eq!(
+        store.claim_structure("home", "alice").await.expect("claim"),
+        "alice"
+    );
+    assert_eq!(
+        store.claim_structure("home", "bob").await.expect("claim"),
+        "alice"
+    );
+    assert_eq!(
+        store
+            .structure_owner("home")
+            .await
+            .expect("owner")
+            .as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        store.user_structures("alice").await.expect("list"),
+        vec!["home".to_string()]
+    );
+    assert!(store.user_structures("bob").await.expect("list").is_empty());
+}
+
+pub(crate) async fn pairing_codes_are_taken_once(store: Arc<dyn Store>) {
+    let code = PairingCode {
+        code: "7Q4K-92XD".into(),
+        device_id: "D1".into(),
+        expires_ms: 5,
+    };
+    store.put_pairing_code(code.clone()).await.expect("put");
+    assert_eq!(
+        store.take_pairing_code("7Q4K-92XD").await.expect("take"),
+        Some(code)
+    );
+    assert_eq!(
+        store.take_pairing_code("7Q4K-92XD").await.expect("take"),
+        None
+    );
+}
+
 mod redb {
     use super::*;
     use crate::metrics::Metrics;
@@ -174,6 +335,11 @@ mod redb {
         stale_epoch_commit_is_fenced_and_writes_nothing,
         concurrent_commits_are_all_durable,
         device_records_roundtrip,
+        assigned_credentials_swap_only_from_the_expected_state,
+        users_are_created_once,
+        pairings_follow_their_device,
+        structures_have_one_owner,
+        pairing_codes_are_taken_once,
     );
 
     #[tokio::test]

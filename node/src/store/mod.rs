@@ -30,6 +30,93 @@ pub struct DeviceRecord {
     pub last_seen_ms: u64,
 }
 
+/// A device's assigned credentials, as hashes (API.md: stored only as SHA-256 of the
+/// secret string). During a rotation's grace period the previous set still works, and the
+/// current secret is kept sealed under a key only the previous secret yields (seed 000
+/// FIG 29C), so the server can resend it to a device still using the previous set without
+/// ever storing it in clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedRecord {
+    /// SHA-256 of the current secret.
+    #[serde(with = "hex32")]
+    pub current_hash: [u8; 32],
+    /// When the current set was issued (ms since epoch); drives rotation.
+    pub issued_ms: u64,
+    /// The set the current one replaced, while its grace period lasts.
+    pub previous: Option<PreviousSet>,
+}
+
+/// The replaced credential set during a rotation's grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousSet {
+    /// SHA-256 of the previous secret.
+    #[serde(with = "hex32")]
+    pub hash: [u8; 32],
+    /// After this (ms since epoch) the previous set is rejected.
+    pub grace_until_ms: u64,
+    /// The current secret, sealed with a key derived from the previous secret.
+    pub sealed_current: Vec<u8>,
+}
+
+/// A user account (apps act as users).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The user id (`u.<user_id>` credentials).
+    pub user_id: String,
+    /// SHA-256 of the user's secret.
+    #[serde(with = "hex32")]
+    pub secret_hash: [u8; 32],
+    /// Creation time (ms since epoch).
+    pub created_ms: u64,
+}
+
+/// A device linked to a user's account, optionally inside one of the user's structures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pairing {
+    /// The device's serial.
+    pub device_id: String,
+    /// The owning user.
+    pub user_id: String,
+    /// The structure the device joined, if any.
+    pub structure: Option<String>,
+    /// When it was paired (ms since epoch).
+    pub paired_ms: u64,
+}
+
+/// A short-lived code a device shows so a user can claim it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingCode {
+    /// The code (`7Q4K-92XD`).
+    pub code: String,
+    /// The device that asked for it.
+    pub device_id: String,
+    /// Expiry (ms since epoch).
+    pub expires_ms: u64,
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom("expected 64 hex digits");
+        if text.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
+}
+
 /// Store failures. Nothing is acknowledged when one occurs.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -71,6 +158,42 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError>;
     /// Creates or replaces a registration record, durably.
     async fn put_device(&self, record: DeviceRecord) -> Result<(), StoreError>;
+    /// A device's assigned credentials.
+    async fn get_assigned(&self, serial: &str) -> Result<Option<AssignedRecord>, StoreError>;
+    /// Replaces a device's assigned credentials (`None` revokes them) only if the stored
+    /// record's current hash is still `expected` (`None`: no record). Returns whether it
+    /// wrote, so two concurrent rotations cannot both win.
+    async fn swap_assigned(
+        &self,
+        serial: &str,
+        expected: Option<[u8; 32]>,
+        new: Option<AssignedRecord>,
+    ) -> Result<bool, StoreError>;
+    /// A user account.
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError>;
+    /// Creates a user; `false` if the id is taken.
+    async fn create_user(&self, user: UserRecord) -> Result<bool, StoreError>;
+    /// A device's pairing.
+    async fn get_pairing(&self, device_id: &str) -> Result<Option<Pairing>, StoreError>;
+    /// Pairs (`Some`) or unpairs (`None`) a device, keeping the user's device list in step,
+    /// atomically; returns the pairing it replaced.
+    async fn set_pairing(
+        &self,
+        device_id: &str,
+        pairing: Option<Pairing>,
+    ) -> Result<Option<Pairing>, StoreError>;
+    /// Every device paired to a user.
+    async fn user_pairings(&self, user_id: &str) -> Result<Vec<Pairing>, StoreError>;
+    /// The owner of a structure.
+    async fn structure_owner(&self, structure: &str) -> Result<Option<String>, StoreError>;
+    /// Records `user_id` as a structure's owner unless it has one; returns the owner.
+    async fn claim_structure(&self, structure: &str, user_id: &str) -> Result<String, StoreError>;
+    /// Structures a user owns.
+    async fn user_structures(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
+    /// Stores a pairing code.
+    async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError>;
+    /// Removes and returns a pairing code (a code is redeemable once).
+    async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError>;
     /// Waits until everything acknowledged is on disk and stops accepting writes.
     async fn close(&self) -> Result<(), StoreError>;
 }

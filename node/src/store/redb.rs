@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 use tokio::sync::oneshot;
 
-use super::{DeviceRecord, Epoch, Store, StoreError};
+use super::{
+    AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store, StoreError, UserRecord,
+};
 use crate::metrics::Metrics;
 
 /// (set key, bucket id) → encoded bucket.
@@ -25,6 +27,9 @@ const BUCKETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("buck
 const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases");
 /// device id → encoded registration record.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+
+/// Credentials, users, pairings, structures, pairing codes: `<namespace>/<key>` → JSON.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -66,7 +71,33 @@ fn decode_bucket(id: &str, bytes: &[u8]) -> Result<Bucket, StoreError> {
     })
 }
 
+/// Decides, inside the write transaction, whether a conditional record write goes ahead.
+type Guard = Box<dyn FnOnce(Option<&[u8]>) -> bool + Send>;
+
+/// Derives record writes from a record's current value, inside the write transaction.
+type Compute =
+    Box<dyn FnOnce(Option<&[u8]>) -> Result<Vec<(String, Option<Vec<u8>>)>, StoreError> + Send>;
+
 enum WriteOp {
+    /// Writes (`Some`) or deletes (`None`) records, all or nothing, if `guard` approves the
+    /// current value of its key.
+    Records {
+        guard: Option<(String, Guard)>,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    /// Deletes a record and returns what it held.
+    Take {
+        key: String,
+        reply: oneshot::Sender<Result<Option<Vec<u8>>, StoreError>>,
+    },
+    /// Reads `key` and, in the same transaction, applies the writes `compute` derives from
+    /// its value; returns the value read.
+    Compute {
+        key: String,
+        compute: Compute,
+        reply: oneshot::Sender<Result<Option<Vec<u8>>, StoreError>>,
+    },
     Commit {
         set: SetKey,
         epoch: Epoch,
@@ -106,6 +137,7 @@ impl RedbStore {
             txn.open_table(BUCKETS).map_err(backend)?;
             txn.open_table(LEASES).map_err(backend)?;
             txn.open_table(DEVICES).map_err(backend)?;
+            txn.open_table(RECORDS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -138,6 +170,62 @@ impl RedbStore {
     }
 }
 
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
+}
+
+impl RedbStore {
+    async fn record<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        key: String,
+    ) -> Result<Option<T>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(RECORDS).map_err(backend)?;
+            let value = table.get(key.as_str()).map_err(backend)?;
+            value.map(|v| from_json(&key, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn records_under<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<T>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(RECORDS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.range(prefix.as_str()..).map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                if !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push(from_json(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn write_records(
+        &self,
+        guard: Option<(String, Guard)>,
+        writes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<bool, StoreError> {
+        self.write(|reply| WriteOp::Records {
+            guard,
+            writes,
+            reply,
+        })
+        .await
+    }
+}
+
 /// Pending answers of one batch, sent only after the transaction committed.
 enum Reply {
     Unit(
@@ -148,6 +236,14 @@ enum Reply {
         oneshot::Sender<Result<Epoch, StoreError>>,
         Result<Epoch, StoreError>,
     ),
+    Bool(
+        oneshot::Sender<Result<bool, StoreError>>,
+        Result<bool, StoreError>,
+    ),
+    Bytes(
+        oneshot::Sender<Result<Option<Vec<u8>>, StoreError>>,
+        Result<Option<Vec<u8>>, StoreError>,
+    ),
 }
 
 impl Reply {
@@ -156,12 +252,16 @@ impl Reply {
         match self {
             Reply::Unit(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Epoch(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Bool(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Bytes(tx, _) => drop(tx.send(Err(e.clone()))),
         }
     }
     fn send(self) {
         match self {
             Reply::Unit(tx, r) => drop(tx.send(r)),
             Reply::Epoch(tx, r) => drop(tx.send(r)),
+            Reply::Bool(tx, r) => drop(tx.send(r)),
+            Reply::Bytes(tx, r) => drop(tx.send(r)),
         }
     }
 }
@@ -219,6 +319,61 @@ fn apply(
                 .insert(record.device_id.as_str(), bytes.as_slice())
                 .map_err(backend)?;
             replies.push(Reply::Unit(reply, Ok(())));
+        }
+        WriteOp::Records {
+            guard,
+            writes,
+            reply,
+        } => {
+            let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            if let Some((key, check)) = guard {
+                let current = table
+                    .get(key.as_str())
+                    .map_err(backend)?
+                    .map(|g| g.value().to_vec());
+                if !check(current.as_deref()) {
+                    replies.push(Reply::Bool(reply, Ok(false)));
+                    return Ok(());
+                }
+            }
+            for (key, value) in writes {
+                match value {
+                    Some(v) => table.insert(key.as_str(), v.as_slice()).map_err(backend)?,
+                    None => table.remove(key.as_str()).map_err(backend)?,
+                };
+            }
+            replies.push(Reply::Bool(reply, Ok(true)));
+        }
+        WriteOp::Compute {
+            key,
+            compute,
+            reply,
+        } => {
+            let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            let current = table
+                .get(key.as_str())
+                .map_err(backend)?
+                .map(|g| g.value().to_vec());
+            match compute(current.as_deref()) {
+                Ok(writes) => {
+                    for (k, v) in writes {
+                        match v {
+                            Some(v) => table.insert(k.as_str(), v.as_slice()).map_err(backend)?,
+                            None => table.remove(k.as_str()).map_err(backend)?,
+                        };
+                    }
+                    replies.push(Reply::Bytes(reply, Ok(current)));
+                }
+                Err(e) => replies.push(Reply::Bytes(reply, Err(e))),
+            }
+        }
+        WriteOp::Take { key, reply } => {
+            let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            let old = table
+                .remove(key.as_str())
+                .map_err(backend)?
+                .map(|g| g.value().to_vec());
+            replies.push(Reply::Bytes(reply, Ok(old)));
         }
         // Handled by the writer loop itself.
         WriteOp::Close { reply } => replies.push(Reply::Unit(reply, Ok(()))),
@@ -327,6 +482,131 @@ impl Store for RedbStore {
 
     async fn put_device(&self, record: DeviceRecord) -> Result<(), StoreError> {
         self.write(|reply| WriteOp::Device { record, reply }).await
+    }
+
+    async fn get_assigned(&self, serial: &str) -> Result<Option<AssignedRecord>, StoreError> {
+        self.record(format!("assigned/{serial}")).await
+    }
+
+    async fn swap_assigned(
+        &self,
+        serial: &str,
+        expected: Option<[u8; 32]>,
+        new: Option<AssignedRecord>,
+    ) -> Result<bool, StoreError> {
+        let key = format!("assigned/{serial}");
+        let check_key = key.clone();
+        let guard: Guard = Box::new(move |current| {
+            let current_hash = current
+                .and_then(|bytes| from_json::<AssignedRecord>(&check_key, bytes).ok())
+                .map(|r| r.current_hash);
+            current_hash == expected
+        });
+        let value = new.as_ref().map(to_json).transpose()?;
+        self.write_records(Some((key.clone(), guard)), vec![(key, value)])
+            .await
+    }
+
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.record(format!("user/{user_id}")).await
+    }
+
+    async fn create_user(&self, user: UserRecord) -> Result<bool, StoreError> {
+        let key = format!("user/{}", user.user_id);
+        let guard: Guard = Box::new(|current| current.is_none());
+        self.write_records(
+            Some((key.clone(), guard)),
+            vec![(key, Some(to_json(&user)?))],
+        )
+        .await
+    }
+
+    async fn get_pairing(&self, device_id: &str) -> Result<Option<Pairing>, StoreError> {
+        self.record(format!("pairing/{device_id}")).await
+    }
+
+    async fn set_pairing(
+        &self,
+        device_id: &str,
+        pairing: Option<Pairing>,
+    ) -> Result<Option<Pairing>, StoreError> {
+        let key = format!("pairing/{device_id}");
+        let device = device_id.to_string();
+        let read_key = key.clone();
+        // Read the old pairing and rewrite the user index in one transaction, so two
+        // concurrent pairings cannot both leave an index entry behind.
+        let compute: Compute = Box::new(move |current| {
+            let mut writes = Vec::new();
+            if let Some(old) = current
+                .map(|b| from_json::<Pairing>(&read_key, b))
+                .transpose()?
+            {
+                writes.push((format!("user_device/{}/{device}", old.user_id), None));
+            }
+            if let Some(p) = &pairing {
+                writes.push((
+                    format!("user_device/{}/{device}", p.user_id),
+                    Some(to_json(p)?),
+                ));
+            }
+            writes.push((read_key, pairing.as_ref().map(to_json).transpose()?));
+            Ok(writes)
+        });
+        let old = self
+            .write(|reply| WriteOp::Compute {
+                key: key.clone(),
+                compute,
+                reply,
+            })
+            .await?;
+        old.map(|b| from_json(&key, &b)).transpose()
+    }
+
+    async fn user_pairings(&self, user_id: &str) -> Result<Vec<Pairing>, StoreError> {
+        self.records_under(format!("user_device/{user_id}/")).await
+    }
+
+    async fn structure_owner(&self, structure: &str) -> Result<Option<String>, StoreError> {
+        self.record(format!("structure/{structure}")).await
+    }
+
+    async fn claim_structure(&self, structure: &str, user_id: &str) -> Result<String, StoreError> {
+        let key = format!("structure/{structure}");
+        let guard: Guard = Box::new(|current| current.is_none());
+        let writes = vec![
+            (key.clone(), Some(to_json(&user_id)?)),
+            (
+                format!("user_structure/{user_id}/{structure}"),
+                Some(to_json(&structure)?),
+            ),
+        ];
+        self.write_records(Some((key, guard)), writes).await?;
+        self.structure_owner(structure).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!("structure {structure} has no owner after claim"))
+        })
+    }
+
+    async fn user_structures(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        self.records_under(format!("user_structure/{user_id}/"))
+            .await
+    }
+
+    async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
+        let key = format!("code/{}", code.code);
+        self.write_records(None, vec![(key, Some(to_json(&code)?))])
+            .await
+            .map(drop)
+    }
+
+    async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError> {
+        let key = format!("code/{code}");
+        let taken = self
+            .write(|reply| WriteOp::Take {
+                key: key.clone(),
+                reply,
+            })
+            .await?;
+        taken.map(|bytes| from_json(&key, &bytes)).transpose()
     }
 
     async fn close(&self) -> Result<(), StoreError> {

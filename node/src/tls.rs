@@ -1,0 +1,90 @@
+//! TLS for the device port (rustls, ring provider), with certificates reloaded on SIGHUP.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use crate::error::{NodeError, Result};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load(cert: &Path, key: &Path) -> Result<CertifiedKey> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<std::result::Result<_, _>>())
+        .map_err(|e| NodeError::Config(format!("reading certificates {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(NodeError::Config(format!(
+            "{} holds no certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| NodeError::Config(format!("reading private key {}: {e}", key.display())))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| NodeError::Config(format!("unusable private key: {e}")))?;
+    Ok(CertifiedKey::new(certs, signing))
+}
+
+/// Serves the latest loaded certificate; [`reload`](Self::reload) swaps it atomically, so
+/// established connections keep theirs and new handshakes get the new one.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadableCert {
+    /// Loads the pair once; fails (the node does not start) if it is unusable.
+    pub fn load(cert: PathBuf, key: PathBuf) -> Result<Arc<Self>> {
+        let current = RwLock::new(Arc::new(load(&cert, &key)?));
+        Ok(Arc::new(ReloadableCert { cert, key, current }))
+    }
+
+    /// Re-reads the files; on error the old certificate stays in use.
+    pub fn reload(&self) -> Result<()> {
+        let fresh = Arc::new(load(&self.cert, &self.key)?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// The rustls server configuration using this resolver.
+    pub fn server_config(self: &Arc<Self>) -> Result<ServerConfig> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| NodeError::Config(format!("TLS setup: {e}")))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// Writes a self-signed certificate and its key (PEM) for `sans`.
+pub fn write_self_signed(cert: &Path, key: &Path, sans: Vec<String>) -> Result<()> {
+    let generated = rcgen::generate_simple_self_signed(sans)
+        .map_err(|e| NodeError::Config(format!("generating certificate: {e}")))?;
+    std::fs::write(cert, generated.cert.pem())
+        .map_err(|e| NodeError::Config(format!("writing {}: {e}", cert.display())))?;
+    crate::admin::write_private(key, generated.signing_key.serialize_pem().as_bytes())
+}
