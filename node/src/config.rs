@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Where the embedded store keeps its file [default: ./tether-data].
     #[arg(long, env = "TETHER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Durable store: `redb:PATH` (embedded, one node) or `postgres://user@host:port/db`
+    /// (shared by a cluster) [default: redb:<data-dir>].
+    #[arg(long, env = "TETHER_STORE")]
+    pub store: Option<String>,
     /// TOML config file (device types, tiers, software updates, and any flag's key).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -164,6 +168,7 @@ pub struct ServeArgs {
 pub struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    store: Option<String>,
     public_url: Option<String>,
     node_id: Option<String>,
     max_bucket_bytes: Option<usize>,
@@ -195,8 +200,10 @@ pub struct FileConfig {
 pub struct Config {
     /// Device API address.
     pub listen: SocketAddr,
-    /// Embedded store directory.
+    /// Embedded store directory (also holds the development manufacturing key).
     pub data_dir: PathBuf,
+    /// Which store to use.
+    pub store: StoreUrl,
     /// Sync URL given to devices; `None` → derived from the bound address.
     pub public_url: Option<String>,
     /// Lease owner name.
@@ -248,12 +255,18 @@ impl Config {
         }
         .with_builtins();
         registration.validate()?;
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./tether-data"));
+        let store = match args.store.or(file.store) {
+            Some(url) => StoreUrl::parse(&url)?,
+            None => StoreUrl::Redb(data_dir.clone()),
+        };
         let config = Config {
             listen: args.listen.or(file.listen).unwrap_or(default_listen),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("./tether-data")),
+            data_dir,
+            store,
             public_url: args.public_url.or(file.public_url),
             node_id: args
                 .node_id
@@ -358,6 +371,35 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// Where durable state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// The embedded store in this directory.
+    Redb(PathBuf),
+    /// A PostgreSQL database.
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// Parses `redb:PATH` or `postgres://…` / `postgresql://…`.
+    pub fn parse(url: &str) -> Result<Self> {
+        if let Some(path) = url.strip_prefix("redb:") {
+            return Ok(StoreUrl::Redb(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(url.to_string()));
+        }
+        if url.starts_with("fdb:") {
+            return Err(NodeError::Config(
+                "the FoundationDB store is not built into this binary (cargo feature `fdb`)".into(),
+            ));
+        }
+        Err(NodeError::Config(format!(
+            "--store {url:?}: expected redb:PATH or postgres://user@host:port/db"
+        )))
     }
 }
 

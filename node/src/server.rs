@@ -15,12 +15,13 @@ use actix_web::HttpMessage;
 use tether_proto::credentials::format_set_credentials;
 
 use crate::auth::{Auth, SetCredentials};
-use crate::config::Config;
+use crate::config::{Config, StoreUrl};
 use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::registry::{ActorConfig, Shared};
+use crate::store::postgres::PostgresStore;
 use crate::store::redb::RedbStore;
 use crate::store::Store;
 use crate::tls::ReloadableCert;
@@ -32,7 +33,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// held subscriptions are answered, queued writes committed, the store closed.
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::new();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir, metrics.clone())?);
+    let store: Arc<dyn Store> = match &config.store {
+        StoreUrl::Redb(dir) => Arc::new(RedbStore::open(dir, metrics.clone())?),
+        StoreUrl::Postgres(url) => Arc::new(PostgresStore::connect(url, 32).await?),
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| NodeError::Config(format!("creating {}: {e}", config.data_dir.display())))?;
     let shared = Shared::new(
         config.node_id.clone(),
         store.clone(),

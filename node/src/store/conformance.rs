@@ -395,3 +395,56 @@ mod redb {
         );
     }
 }
+
+mod postgres {
+    use super::*;
+    use crate::store::pg_server::PgServer;
+    use crate::store::postgres::PostgresStore;
+
+    macro_rules! suite {
+        ($server:expr, $($name:ident),* $(,)?) => {$(
+            let url = $server.url(stringify!($name)).expect("database");
+            let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url, 8).await.expect("connect"));
+            eprintln!("postgres conformance: {}", stringify!($name));
+            super::$name(store).await;
+        )*};
+    }
+
+    /// The whole suite against one private server (each case in its own database), so the
+    /// server is stopped and removed when the test ends, pass or fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_backend_passes_the_conformance_suite() {
+        let server =
+            PgServer::start().expect("start a private PostgreSQL (see store/pg_server.rs)");
+        suite!(
+            server,
+            empty_set_loads_nothing,
+            lease_epochs_strictly_increase,
+            committed_buckets_load_back_exactly,
+            stale_epoch_commit_is_fenced_and_writes_nothing,
+            concurrent_commits_are_all_durable,
+            device_records_roundtrip,
+            assigned_credentials_swap_only_from_the_expected_state,
+            users_are_created_once,
+            pairings_follow_their_device,
+            structures_have_one_owner,
+            pairing_codes_are_taken_once,
+        );
+    }
+
+    #[tokio::test]
+    async fn committed_state_survives_a_server_crash() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("crash").expect("db");
+        let s = set("P1");
+        let b = bucket("device.P1", 7, json!({"kept": true}));
+        {
+            let store = PostgresStore::connect(&url, 2).await.expect("connect");
+            let e = store.acquire_lease(&s, "n1").await.expect("lease");
+            store.commit(&s, e, vec![b.clone()]).await.expect("commit");
+        }
+        server.restart().expect("immediate stop and start");
+        let store = PostgresStore::connect(&url, 2).await.expect("reconnect");
+        assert_eq!(store.load_set(&s).await.expect("load"), vec![b]);
+    }
+}

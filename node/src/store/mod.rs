@@ -1,9 +1,11 @@
 //! The domain-level store: what a node needs from durable storage, and nothing more.
 //!
-//! Backends: [`redb::RedbStore`] (embedded, single node). Shared backends (PostgreSQL,
-//! FoundationDB) implement the same trait for the cluster and must pass the same
-//! conformance tests (`store::conformance`).
+//! Backends: [`redb::RedbStore`] (embedded, single node) and [`postgres::PostgresStore`]
+//! (shared, for clusters). Every backend passes the same conformance tests
+//! (`store::conformance`).
 
+pub mod pg_server;
+pub mod postgres;
 pub mod redb;
 
 use async_trait::async_trait;
