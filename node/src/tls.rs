@@ -65,6 +65,8 @@ impl ReloadableCert {
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Devices have RAM for 4 KiB TLS records (firmware-nrf); never send larger ones.
+        config.max_fragment_size = Some(4096);
         Ok(config)
     }
 }

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# CI for the nRF52 firmware (called by scripts/test). Installs what it needs when missing
+# and fails loudly, never skips:
+#   0. formatting and clippy of the firmware workspace;
+#   1. the firmware builds for thumbv7em-none-eabihf in release with TLS on, and without;
+#   2. flash (text+rodata+data) <= 256 KB and static RAM (data+bss) <= 48 KB, TLS on;
+#   3. the QEMU test (qemu-test/: a recorded exchange replayed through DeviceClient and
+#      the firmware's HTTP/protobuf/storage code on an emulated Cortex-M4) passes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TARGET=thumbv7em-none-eabihf
+FLASH_MAX=$((256 * 1024))
+RAM_MAX=$((48 * 1024))
+QEMU_TIMEOUT_S=120
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+passed=0
+
+ok() {
+  echo "firmware-nrf/ci.sh: ok - $*"
+  passed=$((passed + 1))
+}
+
+fail() {
+  echo "firmware-nrf/ci.sh: FAILED - $*" >&2
+  echo "firmware-nrf/ci.sh: $passed passed, 1 failed"
+  exit 1
+}
+
+# --- tools --------------------------------------------------------------------------
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+  echo "==> installing Rust target $TARGET"
+  rustup target add "$TARGET" || fail "cannot install the $TARGET target"
+fi
+
+apt_install() {
+  apt-get install -y "$@" || { apt-get update && apt-get install -y "$@"; }
+}
+
+if ! command -v qemu-system-arm >/dev/null 2>&1; then
+  echo "==> installing qemu-system-arm"
+  apt_install qemu-system-arm || fail "cannot install qemu-system-arm"
+fi
+
+# llvm-size: rustup's llvm-tools if present, else any llvm-size on PATH, else Debian's llvm.
+find_llvm_size() {
+  local sysroot host
+  sysroot="$(rustc --print sysroot)"
+  host="$(rustc -vV | sed -n 's/^host: //p')"
+  if [ -x "$sysroot/lib/rustlib/$host/bin/llvm-size" ]; then
+    echo "$sysroot/lib/rustlib/$host/bin/llvm-size"
+  elif command -v llvm-size >/dev/null 2>&1; then
+    command -v llvm-size
+  else
+    ls /usr/bin/llvm-size-* 2>/dev/null | sort -V | tail -1
+  fi
+}
+LLVM_SIZE="$(find_llvm_size)"
+if [ -z "$LLVM_SIZE" ]; then
+  echo "==> installing llvm (for llvm-size)"
+  apt_install llvm || fail "cannot install llvm"
+  LLVM_SIZE="$(find_llvm_size)"
+fi
+[ -n "$LLVM_SIZE" ] || fail "no llvm-size found"
+
+# --- build --------------------------------------------------------------------------
+echo "==> cargo fmt --check (firmware workspace)"
+cargo fmt --all -- --check || fail "cargo fmt: run 'cd firmware-nrf && cargo fmt --all'"
+ok "formatting"
+
+echo "==> cargo clippy -D warnings (firmware workspace, TLS on)"
+cargo clippy --locked --release --features tls --workspace -- -D warnings || fail "clippy"
+ok "clippy"
+
+echo "==> firmware, release, TLS on"
+cargo build --locked --release --features tls || fail "firmware build with TLS"
+ok "firmware builds for $TARGET (release, tls)"
+ELF="$TARGET_DIR/$TARGET/release/tether-firmware-nrf"
+
+# --- size budget (measured on the TLS build, before the plain build overwrites it) --
+read -r FLASH RAM < <("$LLVM_SIZE" -A "$ELF" | awk '
+  $1 == ".vector_table" || $1 == ".text" || $1 == ".rodata" || $1 == ".gnu.sgstubs" { flash += $2 }
+  $1 == ".data" { flash += $2; ram += $2 }
+  $1 == ".bss" || $1 == ".uninit" { ram += $2 }
+  END { print flash + 0, ram + 0 }')
+printf 'firmware-nrf/ci.sh: flash %d bytes (%.1f KiB of %d KiB), static RAM %d bytes (%.1f KiB of %d KiB)\n' \
+  "$FLASH" "$(echo "$FLASH / 1024" | bc -l)" $((FLASH_MAX / 1024)) \
+  "$RAM" "$(echo "$RAM / 1024" | bc -l)" $((RAM_MAX / 1024))
+[ "$FLASH" -gt 0 ] && [ "$RAM" -gt 0 ] || fail "could not measure $ELF"
+[ "$FLASH" -le "$FLASH_MAX" ] || fail "flash $FLASH bytes exceeds $FLASH_MAX"
+ok "flash $FLASH <= $FLASH_MAX bytes"
+[ "$RAM" -le "$RAM_MAX" ] || fail "static RAM $RAM bytes exceeds $RAM_MAX"
+ok "static RAM $RAM <= $RAM_MAX bytes"
+
+echo "==> firmware, release, plain HTTP (the feature stays additive)"
+cargo build --locked --release || fail "firmware build without TLS"
+ok "firmware builds without tls"
+
+# --- QEMU test ----------------------------------------------------------------------
+echo "==> QEMU test (mps2-an386, Cortex-M4, semihosting)"
+cargo build --locked --release -p tether-firmware-qemu-test || fail "QEMU test build"
+QEMU_ELF="$TARGET_DIR/$TARGET/release/tether-firmware-qemu-test"
+QEMU_LOG="$(mktemp)"
+trap 'rm -f "$QEMU_LOG"' EXIT
+set +e
+timeout "$QEMU_TIMEOUT_S" qemu-system-arm -M mps2-an386 -nographic \
+  -semihosting-config enable=on,target=native -kernel "$QEMU_ELF" </dev/null | tee "$QEMU_LOG"
+QEMU_RC=${PIPESTATUS[0]}
+set -e
+[ "$QEMU_RC" -ne 124 ] || fail "QEMU test timed out after ${QEMU_TIMEOUT_S}s"
+[ "$QEMU_RC" -eq 0 ] || fail "QEMU test exited with $QEMU_RC"
+SUMMARY="$(grep -E '^qemu-test: [0-9]+ passed, 0 failed$' "$QEMU_LOG" || true)"
+[ -n "$SUMMARY" ] || fail "QEMU test printed no passing summary"
+QEMU_PASSED="$(echo "$SUMMARY" | sed -E 's/^qemu-test: ([0-9]+) passed.*/\1/')"
+[ "$QEMU_PASSED" -gt 0 ] || fail "QEMU test ran no check"
+ok "QEMU test: $QEMU_PASSED checks passed"
+passed=$((passed + QEMU_PASSED - 1))
+
+echo "firmware-nrf/ci.sh: $passed passed, 0 failed"

@@ -1,0 +1,336 @@
+//! The firmware's whole decision loop, sans-IO: `DeviceClient` plus the one-connection
+//! [`Lane`] and the [`Thermostat`]. The embassy task only performs the
+//! HTTP calls [`App::next_call`] hands it, reads the sensor, drives the LED and writes the
+//! flash records [`App::take_buckets_record`]/[`App::take_credentials_record`] return; the
+//! QEMU test drives the same `App` with recorded answers.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use tether_proto::client::{ClientConfig, DeviceClient, Event, Response};
+use tether_proto::credentials::parse_set_credentials;
+use tether_proto::{Credentials, Millis, Value};
+
+use crate::http::{decode_response, BadBody, HttpCall, Kind};
+use crate::lane::{hung_up_subscribe, Lane};
+use crate::record::{self, RecordError};
+use crate::thermostat::Thermostat;
+
+/// How long a call other than a subscribe may take, TLS handshake included (a P-256 key
+/// exchange takes about a second on a 64 MHz Cortex-M4).
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// How much longer than the requested hold a subscribe may take before the device gives
+/// up on it (the server answers a hold that ran out with an empty list).
+pub const SUBSCRIBE_MARGIN_MS: u64 = 20_000;
+
+/// Everything the device is configured with (see `firmware-nrf/src/config.rs`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The device serial (`device_id`), e.g. `01AA02AB`.
+    pub serial: String,
+    /// The manufacturing key id of the default credentials.
+    pub key_id: String,
+    /// The default credentials' secret (`d.` + 43 chars), as the production line derived
+    /// it from the manufacturing key; the device never holds that key.
+    pub default_secret: String,
+    /// The registration server, e.g. `https://register.tether.example`.
+    pub register_url: String,
+    /// This firmware's version.
+    pub sw_version: String,
+    /// How long the server should hold a subscribe.
+    pub subscribe_timeout_ms: u64,
+    /// First retry delay.
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay.
+    pub backoff_max_ms: u64,
+    /// Longest retry delay after the server rejected the default credentials.
+    pub auth_backoff_max_ms: u64,
+    /// Seeds retry jitter (from the hardware RNG on the device).
+    pub jitter_seed: u64,
+}
+
+/// An HTTP answer as the driver received it.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply<'a> {
+    /// The status code.
+    pub status: u16,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<&'a str>,
+    /// The `X-Tether-Set-Credentials` header, if any.
+    pub set_credentials: Option<&'a str>,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<&'a str>,
+    /// The body.
+    pub body: &'a [u8],
+}
+
+/// The device application; see the module docs.
+#[derive(Debug)]
+pub struct App {
+    client: DeviceClient,
+    lane: Lane,
+    /// The thermostat the buckets drive.
+    pub thermostat: Thermostat,
+    subscribe_timeout_ms: u64,
+    buckets_dirty: bool,
+    credentials_dirty: bool,
+    /// Counts answers fed to the client; a queued subscribe polled before the latest one
+    /// may carry versions that answer has since moved on.
+    answers: u64,
+    /// `answers` when the queued subscribe was polled.
+    subscribe_polled_at: u64,
+    /// Events seen while re-polling in [`Self::next_call`], returned by the next poll.
+    deferred: Vec<Event>,
+}
+
+impl App {
+    /// A device that knows nothing yet (see [`Self::restore`]).
+    pub fn new(cfg: &Config) -> Self {
+        let client = DeviceClient::new(ClientConfig {
+            device_id: cfg.serial.clone(),
+            device_type: "thermostat".to_string(),
+            sw_version: cfg.sw_version.clone(),
+            base_url: cfg.register_url.clone(),
+            // One session per device: the server does not echo the device's own writes.
+            session: alloc::format!("fw.{}", cfg.serial),
+            subscribe_timeout_ms: cfg.subscribe_timeout_ms,
+            backoff_initial_ms: cfg.backoff_initial_ms,
+            backoff_max_ms: cfg.backoff_max_ms,
+            jitter_seed: cfg.jitter_seed,
+            default_credentials: Credentials {
+                id: alloc::format!("d.{}.{}", cfg.serial, cfg.key_id),
+                secret: cfg.default_secret.clone(),
+            },
+            auth_backoff_max_ms: cfg.auth_backoff_max_ms,
+        });
+        App {
+            client,
+            lane: Lane::new(),
+            thermostat: Thermostat::new(&cfg.serial, &cfg.sw_version),
+            subscribe_timeout_ms: cfg.subscribe_timeout_ms,
+            buckets_dirty: false,
+            credentials_dirty: false,
+            answers: 0,
+            subscribe_polled_at: 0,
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Loads the flash records written before a reboot. Returns how many buckets were
+    /// restored; a bad buckets record restores none (the device then fetches afresh).
+    pub fn restore(
+        &mut self,
+        buckets: Option<&[u8]>,
+        credentials: Option<&[u8]>,
+    ) -> Result<usize, RecordError> {
+        if let Some(c) = credentials {
+            if let Some(c) = record::decode_credentials(c)? {
+                self.client.restore_credentials(c);
+            }
+        }
+        let Some(bytes) = buckets else { return Ok(0) };
+        let held = record::decode_buckets(bytes)?;
+        let n = held.len();
+        for b in &held {
+            self.thermostat.apply(b);
+        }
+        self.client.restore(held);
+        Ok(n)
+    }
+
+    /// Runs the client until it has nothing more to say at `now`: queues the calls it
+    /// polls, applies what changed to the thermostat, queues the thermostat's reports as
+    /// local changes. Returns the client's events, oldest first, for the log.
+    pub fn poll(&mut self, now: Millis) -> Vec<Event> {
+        let mut events = core::mem::take(&mut self.deferred);
+        loop {
+            while let Some(out) = self.client.poll_request(now) {
+                let call = HttpCall::new(out, self.client.base_url());
+                if call.kind == Kind::Subscribe {
+                    self.subscribe_polled_at = self.answers;
+                }
+                self.lane.push(call);
+            }
+            let mut progressed = false;
+            while let Some(ev) = self.client.poll_event() {
+                match &ev {
+                    Event::BucketChanged { id, .. } => {
+                        if let Some(b) = self.client.bucket(id) {
+                            self.thermostat.apply(b);
+                        }
+                        self.buckets_dirty = true;
+                    }
+                    Event::CredentialsStored { .. } | Event::CredentialsDropped { .. } => {
+                        self.credentials_dirty = true;
+                    }
+                    _ => {}
+                }
+                events.push(ev);
+                progressed = true;
+            }
+            // Reports start once the device holds its own bucket (fetched or restored), so
+            // they are compared with what the server has.
+            if self
+                .client
+                .bucket(self.thermostat.device_bucket())
+                .is_some()
+            {
+                let bucket = self.thermostat.device_bucket().to_string();
+                for (field, value) in self.thermostat.reports() {
+                    self.client.set_field(&bucket, field, value);
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                return events;
+            }
+        }
+    }
+
+    /// The next call to perform on the connection at `now`.
+    ///
+    /// A subscribe that waited in the lane while another exchange was answered (typically
+    /// a PUT that moved a version) is not sent as polled: it is handed back to the client
+    /// as an empty answer and polled afresh, so it carries the versions held now instead
+    /// of making the server answer at once with what the device already has.
+    pub fn next_call(&mut self, now: Millis) -> Option<HttpCall> {
+        let call = self.lane.take_next()?;
+        if call.kind != Kind::Subscribe || self.subscribe_polled_at == self.answers {
+            return Some(call);
+        }
+        self.client
+            .handle_response(now, call.token, hung_up_subscribe());
+        self.answers += 1;
+        // Re-polling cannot queue a PUT ahead of it: the lane just handed out its PUT (if
+        // it had one) before this subscribe, so the new subscribe comes straight back
+        // unless events made the thermostat report something, in which case that goes first.
+        let events = self.poll(now);
+        self.deferred = events;
+        self.lane.take_next()
+    }
+
+    /// Whether the call in flight should be hung up now (a held subscribe, for a PUT).
+    pub fn preempts(&self, in_flight: Kind) -> bool {
+        self.lane.preempts(in_flight)
+    }
+
+    /// How long the driver waits for the answer to a `kind` call.
+    pub fn call_timeout_ms(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Subscribe => self.subscribe_timeout_ms + SUBSCRIBE_MARGIN_MS,
+            Kind::Register | Kind::Fetch | Kind::Put | Kind::PairingCode => REQUEST_TIMEOUT_MS,
+        }
+    }
+
+    /// Takes an `X-Tether-Set-Credentials` header the moment it is seen (a held
+    /// subscribe's headers arrive long before its body). A malformed value is ignored.
+    pub fn offered_credentials(&mut self, header_value: &str) {
+        if let Ok(c) = parse_set_credentials(header_value) {
+            self.client.accept_credentials(c);
+        }
+    }
+
+    /// Feeds the answer to `call` (its credentials header included). A body that does
+    /// not decode is reported to the client as a transport failure and returned for the log.
+    pub fn answer(
+        &mut self,
+        now: Millis,
+        call: &HttpCall,
+        reply: Reply<'_>,
+    ) -> Result<(), BadBody> {
+        self.answers += 1;
+        if let Some(h) = reply.set_credentials {
+            self.offered_credentials(h);
+        }
+        let decoded = decode_response(
+            call.kind,
+            reply.status,
+            reply.content_type,
+            reply.retry_after,
+            reply.body,
+        );
+        let (resp, result) = match decoded {
+            Ok(r) => (r, Ok(())),
+            Err(bad) => (Response::Transport, Err(bad)),
+        };
+        self.client.handle_response(now, call.token, resp);
+        result
+    }
+
+    /// The call failed without an HTTP answer (connect, TLS, reset, timeout).
+    pub fn transport_failed(&mut self, now: Millis, call: &HttpCall) {
+        self.answers += 1;
+        self.client
+            .handle_response(now, call.token, Response::Transport);
+    }
+
+    /// The driver hung up a held subscribe because [`Self::preempts`] said so.
+    pub fn hung_up(&mut self, now: Millis, call: &HttpCall) {
+        debug_assert_eq!(call.kind, Kind::Subscribe);
+        self.answers += 1;
+        self.client
+            .handle_response(now, call.token, hung_up_subscribe());
+    }
+
+    /// The network went away: nothing in flight or queued will be answered.
+    pub fn link_down(&mut self, now: Millis) {
+        self.client.link_down(now);
+        self.lane.clear();
+    }
+
+    /// A temperature reading (°C) from the sensor.
+    pub fn measured(&mut self, celsius: f64) {
+        self.thermostat.measure(celsius);
+    }
+
+    /// A user setting changed on the device itself (e.g. its buttons): sent to
+    /// `shared.<serial>`; the thermostat follows once the server confirms it.
+    pub fn set_shared(&mut self, field: &str, value: Value) {
+        let bucket = self.thermostat.shared_bucket().to_string();
+        self.client.set_field(&bucket, field, value);
+    }
+
+    /// The user asked to pair the device (e.g. a button): a code to show comes as
+    /// `Event::PairingCode`.
+    pub fn request_pairing_code(&mut self) {
+        self.client.request_pairing_code();
+    }
+
+    /// Factory reset: the assigned credentials, the buckets and unsent changes are
+    /// forgotten (and erased from flash); the device starts over as on first contact.
+    pub fn factory_reset(&mut self) {
+        self.client.factory_reset();
+        self.lane.clear();
+        self.thermostat.forget();
+        self.buckets_dirty = true;
+        self.credentials_dirty = true;
+    }
+
+    /// When the client wants to be polled again even if nothing else happens.
+    pub fn wake_at(&self) -> Option<Millis> {
+        self.client.poll_timeout()
+    }
+
+    /// The client, for inspection.
+    pub fn client(&self) -> &DeviceClient {
+        &self.client
+    }
+
+    /// The buckets record to write, when the held buckets changed since the last one.
+    pub fn take_buckets_record(&mut self) -> Option<Vec<u8>> {
+        if !core::mem::take(&mut self.buckets_dirty) {
+            return None;
+        }
+        Some(record::encode_buckets(&self.client.snapshot()))
+    }
+
+    /// The credentials record to write, when the server assigned new ones.
+    pub fn take_credentials_record(&mut self) -> Option<Vec<u8>> {
+        if !core::mem::take(&mut self.credentials_dirty) {
+            return None;
+        }
+        Some(record::encode_credentials(
+            self.client.assigned_credentials(),
+        ))
+    }
+}
