@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Operator tools: manufacturing keys, default credentials, users, certificates.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -381,6 +381,8 @@ pub enum StoreUrl {
     Redb(PathBuf),
     /// A PostgreSQL database.
     Postgres(String),
+    /// A FoundationDB cluster file (feature `fdb`).
+    Fdb(String),
 }
 
 impl StoreUrl {
@@ -392,9 +394,13 @@ impl StoreUrl {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(StoreUrl::Postgres(url.to_string()));
         }
-        if url.starts_with("fdb:") {
+        if let Some(cluster_file) = url.strip_prefix("fdb:") {
+            if cfg!(feature = "fdb") {
+                return Ok(StoreUrl::Fdb(cluster_file.to_string()));
+            }
             return Err(NodeError::Config(
-                "the FoundationDB store is not built into this binary (cargo feature `fdb`)".into(),
+                "the FoundationDB store is not built into this binary (build with --features fdb)"
+                    .into(),
             ));
         }
         Err(NodeError::Config(format!(

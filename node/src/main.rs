@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => {
             let json = args.log_json;
             init_logging(json);
-            let config = match Config::load(args) {
+            let config = match Config::load(*args) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("tether: {e}");

@@ -33,9 +33,16 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// held subscriptions are answered, queued writes committed, the store closed.
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::new();
+    #[cfg(feature = "fdb")]
+    let _fdb_network =
+        matches!(config.store, StoreUrl::Fdb(_)).then(crate::store::fdb::Network::boot);
     let store: Arc<dyn Store> = match &config.store {
         StoreUrl::Redb(dir) => Arc::new(RedbStore::open(dir, metrics.clone())?),
         StoreUrl::Postgres(url) => Arc::new(PostgresStore::connect(url, 32).await?),
+        #[cfg(feature = "fdb")]
+        StoreUrl::Fdb(cluster_file) => Arc::new(crate::store::fdb::FdbStore::open(cluster_file)?),
+        #[cfg(not(feature = "fdb"))]
+        StoreUrl::Fdb(_) => return Err(NodeError::Config("built without the fdb feature".into())),
     };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| NodeError::Config(format!("creating {}: {e}", config.data_dir.display())))?;

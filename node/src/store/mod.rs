@@ -4,6 +4,8 @@
 //! (shared, for clusters). Every backend passes the same conformance tests
 //! (`store::conformance`).
 
+#[cfg(feature = "fdb")]
+pub mod fdb;
 pub mod pg_server;
 pub mod postgres;
 pub mod redb;
