@@ -309,6 +309,27 @@ pub(crate) async fn pairing_codes_are_taken_once(store: Arc<dyn Store>) {
     );
 }
 
+/// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
+macro_rules! every_case {
+    ($m:ident $(, $arg:expr)*) => {
+        $m!(
+            $($arg,)*
+            empty_set_loads_nothing,
+            lease_epochs_strictly_increase,
+            committed_buckets_load_back_exactly,
+            stale_epoch_commit_is_fenced_and_writes_nothing,
+            concurrent_commits_are_all_durable,
+            device_records_roundtrip,
+            assigned_credentials_swap_only_from_the_expected_state,
+            users_are_created_once,
+            pairings_follow_their_device,
+            structures_have_one_owner,
+            pairing_codes_are_taken_once,
+        );
+    };
+}
+pub(crate) use every_case;
+
 mod redb {
     use super::*;
     use crate::metrics::Metrics;
@@ -328,19 +349,7 @@ mod redb {
         )*};
     }
 
-    conformance!(
-        empty_set_loads_nothing,
-        lease_epochs_strictly_increase,
-        committed_buckets_load_back_exactly,
-        stale_epoch_commit_is_fenced_and_writes_nothing,
-        concurrent_commits_are_all_durable,
-        device_records_roundtrip,
-        assigned_credentials_swap_only_from_the_expected_state,
-        users_are_created_once,
-        pairings_follow_their_device,
-        structures_have_one_owner,
-        pairing_codes_are_taken_once,
-    );
+    every_case!(conformance);
 
     #[tokio::test]
     async fn committed_state_survives_reopen() {
@@ -416,20 +425,7 @@ mod postgres {
     async fn postgres_backend_passes_the_conformance_suite() {
         let server =
             PgServer::start().expect("start a private PostgreSQL (see store/pg_server.rs)");
-        suite!(
-            server,
-            empty_set_loads_nothing,
-            lease_epochs_strictly_increase,
-            committed_buckets_load_back_exactly,
-            stale_epoch_commit_is_fenced_and_writes_nothing,
-            concurrent_commits_are_all_durable,
-            device_records_roundtrip,
-            assigned_credentials_swap_only_from_the_expected_state,
-            users_are_created_once,
-            pairings_follow_their_device,
-            structures_have_one_owner,
-            pairing_codes_are_taken_once,
-        );
+        every_case!(suite, server);
     }
 
     #[tokio::test]

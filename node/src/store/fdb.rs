@@ -22,11 +22,12 @@ use async_trait::async_trait;
 use foundationdb::tuple::Subspace;
 use foundationdb::{Database, FdbBindingError, RangeOption, RetryableTransaction};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
+use serde::Serialize;
+use tether_proto::{Bucket, SetKey};
 
 use super::{
-    AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store, StoreError, UserRecord,
+    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store,
+    StoreError, UserRecord,
 };
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -67,12 +68,15 @@ fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FdbBindingError> {
     serde_json::from_slice(bytes).map_err(|e| abort(StoreError::Corrupt(e.to_string())))
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredBucket {
-    value: Fields,
-    ts_ms: u64,
-    ts_logical: u32,
-    version: u64,
+/// Decodes a lease epoch (u64 big-endian).
+fn decode_epoch(bytes: &[u8]) -> Result<u64, FdbBindingError> {
+    let raw: [u8; 8] = bytes.try_into().map_err(|_| {
+        abort(StoreError::Corrupt(format!(
+            "lease epoch of {} bytes",
+            bytes.len()
+        )))
+    })?;
+    Ok(u64::from_be_bytes(raw))
 }
 
 /// Keeps FDB's network thread alive for the process; boot it once before connecting.
@@ -202,17 +206,7 @@ impl Store for FdbStore {
                 let (id,): (String,) = space
                     .unpack(&k)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let s: StoredBucket =
-                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok(Bucket {
-                    id: BucketId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    value: s.value,
-                    timestamp: Hlc {
-                        millis: s.ts_ms,
-                        logical: s.ts_logical,
-                    },
-                    version: s.version,
-                })
+                decode_bucket(&id, &v)
             })
             .collect()
     }
@@ -224,11 +218,10 @@ impl Store for FdbStore {
             .run(|trx, _| {
                 let key = key.clone();
                 async move {
-                    let current = trx.get(&key, false).await?.map_or(0, |v| {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(&v[..8.min(v.len())]);
-                        u64::from_be_bytes(b)
-                    });
+                    let current = match trx.get(&key, false).await? {
+                        Some(v) => decode_epoch(&v)?,
+                        None => 0,
+                    };
                     let next = current + 1;
                     trx.set(&key, &next.to_be_bytes());
                     Ok(next)
@@ -249,13 +242,7 @@ impl Store for FdbStore {
         let encoded: Vec<(Vec<u8>, Vec<u8>)> = writes
             .iter()
             .map(|b| {
-                let body = serde_json::to_vec(&StoredBucket {
-                    value: b.value.clone(),
-                    ts_ms: b.timestamp.millis,
-                    ts_logical: b.timestamp.logical,
-                    version: b.version,
-                })
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let body = encode_bucket(b)?;
                 Ok((
                     self.root.pack(&("bucket", set.as_str(), b.id.as_str())),
                     body,
@@ -267,11 +254,11 @@ impl Store for FdbStore {
             .run(|trx, _| {
                 let (lease, encoded, set_name) = (lease.clone(), encoded.clone(), set_name.clone());
                 async move {
-                    let current = trx.get(&lease, false).await?.map(|v| {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(&v[..8.min(v.len())]);
-                        u64::from_be_bytes(b)
-                    });
+                    let current = trx
+                        .get(&lease, false)
+                        .await?
+                        .map(|v| decode_epoch(&v))
+                        .transpose()?;
                     if current != Some(epoch.0) {
                         return Err(abort(StoreError::Fenced {
                             set: set_name,
@@ -509,19 +496,6 @@ mod tests {
         let cluster_file = std::env::var("FDB_CLUSTER_FILE")
             .expect("the fdb feature's tests need a FoundationDB cluster: set FDB_CLUSTER_FILE");
         let _network = Network::boot();
-        suite!(
-            cluster_file,
-            empty_set_loads_nothing,
-            lease_epochs_strictly_increase,
-            committed_buckets_load_back_exactly,
-            stale_epoch_commit_is_fenced_and_writes_nothing,
-            concurrent_commits_are_all_durable,
-            device_records_roundtrip,
-            assigned_credentials_swap_only_from_the_expected_state,
-            users_are_created_once,
-            pairings_follow_their_device,
-            structures_have_one_owner,
-            pairing_codes_are_taken_once,
-        );
+        c::every_case!(suite, cluster_file);
     }
 }

@@ -121,6 +121,41 @@ mod hex32 {
     }
 }
 
+/// The stored form of a bucket, shared by the key-value backends (the id is the key).
+#[derive(Serialize, Deserialize)]
+struct StoredBucket {
+    value: tether_proto::Fields,
+    ts_ms: u64,
+    ts_logical: u32,
+    version: u64,
+}
+
+/// Encodes a bucket for a key-value backend.
+pub(crate) fn encode_bucket(b: &Bucket) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(&StoredBucket {
+        value: b.value.clone(),
+        ts_ms: b.timestamp.millis,
+        ts_logical: b.timestamp.logical,
+        version: b.version,
+    })
+    .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Decodes what [`encode_bucket`] wrote for bucket `id`.
+pub(crate) fn decode_bucket(id: &str, bytes: &[u8]) -> Result<Bucket, StoreError> {
+    let s: StoredBucket =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{id}: {e}")))?;
+    Ok(Bucket {
+        id: tether_proto::BucketId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        value: s.value,
+        timestamp: tether_proto::Hlc {
+            millis: s.ts_ms,
+            logical: s.ts_logical,
+        },
+        version: s.version,
+    })
+}
+
 /// Store failures. Nothing is acknowledged when one occurs.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

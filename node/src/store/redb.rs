@@ -12,12 +12,13 @@ use std::thread;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
-use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
+use serde::Serialize;
+use tether_proto::{Bucket, SetKey};
 use tokio::sync::oneshot;
 
 use super::{
-    AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store, StoreError, UserRecord,
+    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store,
+    StoreError, UserRecord,
 };
 use crate::metrics::Metrics;
 
@@ -36,39 +37,6 @@ const MAX_BATCH: usize = 1024;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-/// The on-disk form of a bucket (the id is the key).
-#[derive(Serialize, Deserialize)]
-struct StoredBucket {
-    value: Fields,
-    ts_ms: u64,
-    ts_logical: u32,
-    version: u64,
-}
-
-fn encode_bucket(b: &Bucket) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(&StoredBucket {
-        value: b.value.clone(),
-        ts_ms: b.timestamp.millis,
-        ts_logical: b.timestamp.logical,
-        version: b.version,
-    })
-    .map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn decode_bucket(id: &str, bytes: &[u8]) -> Result<Bucket, StoreError> {
-    let s: StoredBucket =
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{id}: {e}")))?;
-    Ok(Bucket {
-        id: BucketId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        value: s.value,
-        timestamp: Hlc {
-            millis: s.ts_ms,
-            logical: s.ts_logical,
-        },
-        version: s.version,
-    })
 }
 
 /// Decides, inside the write transaction, whether a conditional record write goes ahead.
