@@ -1,9 +1,49 @@
-//! Cluster membership, placement and ownership.
+//! Cluster membership, placement and the peer transport.
 //!
-//! Today Tether runs as one node, so placement has one answer: this node. The cluster
-//! issue replaces [`Placement`]'s single implementation with a gossiped hash ring; the
-//! registration server already asks this trait for a device's allocated sync server
-//! (seed 000 FIG 17C), so nothing above it changes.
+//! The protocol logic is sans-IO: [`Membership`] (SWIM failure detection and
+//! dissemination, on `foca`) and [`Ring`] (consistent hashing, on `hashring`) take
+//! events and `now` in and hand frames, timeouts and membership changes out. The
+//! network sits behind [`Transport`]: [`transport::memory`] for scenario tests with a
+//! simulated clock, [`transport::grpc`] (tonic, frames authenticated with the shared
+//! [`ClusterSecret`]) for real nodes. [`driver`] is the thin async loop that joins
+//! the two on a tokio runtime.
+//!
+//! The registration server asks [`Placement`] for a device's allocated sync server
+//! (seed 000 FIG 17C): [`SingleNode`] answers for one node, [`RingPlacement`] for a
+//! cluster, so nothing above it changes.
+//!
+//! Code map: `ring.rs` (placement), `membership.rs` (SWIM state machine), `seeds.rs`
+//! (`--join`), `auth.rs` (cluster secret), `transport/` (trait, in-memory, gRPC),
+//! `driver.rs` (tokio loop), `error.rs` (the crate's error and its gRPC mapping).
+
+pub mod auth;
+pub mod driver;
+pub mod error;
+pub mod membership;
+pub mod ring;
+pub mod seeds;
+pub mod transport;
+
+/// Generated from `proto/cluster.proto` by `build.rs` (protox + tonic-prost-build).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod pb {
+    tonic::include_proto!("tether.cluster.v1");
+}
+
+pub use auth::ClusterSecret;
+pub use error::ClusterError;
+pub use membership::{Member, Membership, MembershipConfig, MembershipEvent, NodeId};
+pub use ring::{Ring, RingPlacement};
+pub use transport::{Frame, Transport};
+
+/// Milliseconds on the caller's monotonic clock. The protocol code never reads a clock:
+/// every input carries `now`, and every deadline it hands back is on the same scale.
+pub type Millis = u64;
 
 /// Names the node that should own a bucket set and serve its device.
 pub trait Placement: Send + Sync + std::fmt::Debug {

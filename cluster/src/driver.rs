@@ -1,0 +1,348 @@
+//! The thin async driver: runs a [`Membership`] over a [`Transport`] on tokio.
+//!
+//! The only place in the crate that reads a clock. It feeds received frames and timer
+//! deadlines into the state machine, sends what it hands out, re-resolves the seeds
+//! (`--join` names whose addresses change), publishes the live view, and on
+//! [`ClusterHandle::leave`] leaves gracefully (drain).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::membership::{Member, Membership, MembershipEvent};
+use crate::ring::RingPlacement;
+use crate::seeds::{resolve_seeds, SeedSpec};
+use crate::{Millis, Transport};
+
+/// Options of the driver loop.
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    /// The `--join` entries, resolved now and every `reresolve_interval`.
+    pub seeds: Vec<SeedSpec>,
+    /// How often seed names are resolved again.
+    pub reresolve_interval: Duration,
+    /// How long leaving waits for its farewell frames to be handed over.
+    pub leave_timeout: Duration,
+}
+
+impl Default for DriverOptions {
+    fn default() -> Self {
+        Self {
+            seeds: Vec::new(),
+            reresolve_interval: Duration::from_secs(30),
+            leave_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The live view a driver publishes after every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// Live members, this node included, sorted by id.
+    pub members: Vec<Member>,
+    /// Whether this node knows at least one live peer.
+    pub connected: bool,
+}
+
+/// Handle on a running driver: its view, its events, and graceful leave.
+#[derive(Debug)]
+pub struct ClusterHandle {
+    view: watch::Receiver<View>,
+    events: broadcast::Sender<MembershipEvent>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ClusterHandle {
+    /// The view now, and a receiver that wakes on every change.
+    pub fn view(&self) -> watch::Receiver<View> {
+        self.view.clone()
+    }
+
+    /// Membership changes from now on. A receiver that lags far behind gets
+    /// `Lagged` and should resynchronise from [`view`](Self::view).
+    pub fn events(&self) -> broadcast::Receiver<MembershipEvent> {
+        self.events.subscribe()
+    }
+
+    /// Leaves the cluster (peers learn it at once, no detection delay) and stops.
+    pub async fn leave(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "membership driver ended abnormally");
+            }
+        }
+    }
+}
+
+impl Drop for ClusterHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts driving `membership` over `transport` on the current tokio runtime. With a
+/// `placement`, its ring follows the live view.
+pub fn spawn(
+    membership: Membership,
+    transport: Arc<dyn Transport>,
+    options: DriverOptions,
+    placement: Option<Arc<RingPlacement>>,
+) -> ClusterHandle {
+    let initial = View {
+        members: membership.members(),
+        connected: membership.is_connected(),
+    };
+    let (view_tx, view_rx) = watch::channel(initial);
+    let (events_tx, _) = broadcast::channel(256);
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let driver = Driver {
+        membership,
+        transport,
+        options,
+        placement,
+        view: view_tx,
+        events: events_tx.clone(),
+        start: Instant::now(),
+        known_seeds: HashSet::new(),
+    };
+    let task = tokio::spawn(driver.run(stop_rx));
+    ClusterHandle {
+        view: view_rx,
+        events: events_tx,
+        stop: Some(stop_tx),
+        task: Some(task),
+    }
+}
+
+struct Driver {
+    membership: Membership,
+    transport: Arc<dyn Transport>,
+    options: DriverOptions,
+    placement: Option<Arc<RingPlacement>>,
+    view: watch::Sender<View>,
+    events: broadcast::Sender<MembershipEvent>,
+    start: Instant,
+    known_seeds: HashSet<SocketAddr>,
+}
+
+impl Driver {
+    fn now(&self) -> Millis {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut reresolve = tokio::time::interval(self.options.reresolve_interval);
+        reresolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.flush();
+            self.publish();
+            let deadline = self
+                .membership
+                .poll_timeout()
+                .map(|at| self.start + Duration::from_millis(at));
+            tokio::select! {
+                frame = self.transport.recv() => match frame {
+                    Some(frame) => {
+                        let now = self.now();
+                        if let Err(e) = self.membership.handle_data(frame.from, &frame.payload, now) {
+                            tracing::debug!(from = %frame.from, error = %e, "gossip frame refused");
+                        }
+                    }
+                    None => {
+                        tracing::warn!("gossip transport closed; membership driver stops");
+                        return;
+                    }
+                },
+                _ = sleep_until(deadline) => {
+                    let now = self.now();
+                    self.membership.handle_timer(now);
+                }
+                _ = reresolve.tick(), if !self.options.seeds.is_empty() => {
+                    self.join_new_seeds().await;
+                }
+                _ = &mut stop => {
+                    self.leave().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn join_new_seeds(&mut self) {
+        for seed in resolve_seeds(&self.options.seeds).await {
+            if self.known_seeds.insert(seed) {
+                let now = self.now();
+                if let Err(e) = self.membership.join(seed, now) {
+                    tracing::debug!(%seed, error = %e, "join");
+                }
+            }
+        }
+    }
+
+    /// Hands every pending frame to the transport, each send on its own task so a
+    /// slow peer delays nobody (SWIM's timeouts cover lost frames).
+    fn flush(&mut self) {
+        while let Some((to, payload)) = self.membership.poll_transmit() {
+            let transport = Arc::clone(&self.transport);
+            tokio::spawn(async move {
+                if let Err(e) = transport.send(to, payload).await {
+                    tracing::debug!(%to, error = %e, "gossip send");
+                }
+            });
+        }
+    }
+
+    fn publish(&mut self) {
+        let mut changed = false;
+        while let Some(event) = self.membership.poll_event() {
+            match &event {
+                MembershipEvent::MemberUp(m) => {
+                    tracing::info!(node = %m.id, addr = %m.gossip_addr, incarnation = m.incarnation, "member up");
+                }
+                MembershipEvent::MemberDown(m) => {
+                    tracing::info!(node = %m.id, addr = %m.gossip_addr, "member down");
+                }
+            }
+            // No receiver is fine: the view carries the same information.
+            let _ = self.events.send(event);
+            changed = true;
+        }
+        let connected = self.membership.is_connected();
+        if changed || self.view.borrow().connected != connected {
+            let members = self.membership.members();
+            if let Some(placement) = &self.placement {
+                placement.update(&members);
+            }
+            self.view.send_replace(View { members, connected });
+        }
+    }
+
+    async fn leave(&mut self) {
+        let now = self.now();
+        if let Err(e) = self.membership.leave(now) {
+            tracing::debug!(error = %e, "leave");
+        }
+        let mut sends = Vec::new();
+        while let Some((to, payload)) = self.membership.poll_transmit() {
+            let transport = Arc::clone(&self.transport);
+            sends.push(async move { transport.send(to, payload).await });
+        }
+        let all = futures_join_all(sends);
+        if tokio::time::timeout(self.options.leave_timeout, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("leave: farewell frames not all handed over in time");
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Awaits every future (a tiny `join_all`, to keep `futures` out of the dependencies).
+async fn futures_join_all<F>(futures: Vec<F>)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    for handle in handles {
+        let _ = handle.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::membership::{MembershipConfig, NodeId};
+    use crate::transport::grpc::{GrpcOptions, GrpcTransport};
+    use crate::ClusterSecret;
+
+    fn fast() -> MembershipConfig {
+        MembershipConfig {
+            probe_period: Duration::from_millis(200),
+            probe_rtt: Duration::from_millis(100),
+            suspect_to_down_after: Duration::from_millis(600),
+            gossip_interval: Duration::from_millis(50),
+            rejoin_interval: Duration::from_millis(200),
+            ..MembershipConfig::lan()
+        }
+    }
+
+    async fn node(id: &str, seeds: &[SocketAddr]) -> (ClusterHandle, Member) {
+        let secret = ClusterSecret::new(b"driver-test-secret-0123".to_vec()).expect("secret");
+        let transport = GrpcTransport::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            secret,
+            GrpcOptions::default(),
+        )
+        .await
+        .expect("bind");
+        let local = Member {
+            id: NodeId::new(id),
+            gossip_addr: transport.local_addr(),
+            public_url: format!("http://{id}.example"),
+            incarnation: 1,
+        };
+        let membership = Membership::new(local.clone(), fast(), 7).expect("config");
+        let options = DriverOptions {
+            seeds: seeds
+                .iter()
+                .map(|s| crate::seeds::SeedSpec {
+                    host: s.ip().to_string(),
+                    port: s.port(),
+                })
+                .collect(),
+            ..DriverOptions::default()
+        };
+        (spawn(membership, Arc::new(transport), options, None), local)
+    }
+
+    async fn wait_for(view: &mut watch::Receiver<View>, what: &str, pred: impl Fn(&View) -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), view.wait_for(|v| pred(v)))
+            .await
+            .map(|r| r.is_ok());
+        assert!(
+            matches!(waited, Ok(true)),
+            "timed out waiting for {what}: {:?}",
+            *view.borrow()
+        );
+    }
+
+    #[tokio::test]
+    async fn two_nodes_join_over_grpc_and_a_leave_is_seen_at_once() {
+        let (a, a_member) = node("a", &[]).await;
+        let (b, b_member) = node("b", &[a_member.gossip_addr]).await;
+
+        let mut view_a = a.view();
+        wait_for(&mut view_a, "a to see b", |v| v.members.contains(&b_member)).await;
+        let mut view_b = b.view();
+        wait_for(&mut view_b, "b to see a", |v| v.members.contains(&a_member)).await;
+        assert!(view_a.borrow().connected && view_b.borrow().connected);
+
+        b.leave().await;
+        wait_for(&mut view_a, "a to see b leave", |v| {
+            v.members == vec![a_member.clone()]
+        })
+        .await;
+        a.leave().await;
+    }
+}
