@@ -273,6 +273,7 @@ impl BucketSetActor {
                 }
             }
             if fenced {
+                self.shared.metrics.lease_lost();
                 // Another owner holds the lease: this actor must never commit again.
                 self.epoch = None;
                 ctx.stop();
@@ -363,6 +364,7 @@ impl Actor for BucketSetActor {
                         act.committed.insert(b.id.clone(), b);
                     }
                     act.epoch = Some(epoch);
+                    act.shared.metrics.lease_acquired();
                     tracing::debug!(set = %act.set, epoch = epoch.0, buckets = act.committed.len(), "bucket set loaded");
                 }
                 Err(e) => {

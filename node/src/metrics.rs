@@ -23,6 +23,8 @@ struct Inner {
     notifications: Counter,
     store_commits: Counter,
     store_batch: Histogram,
+    leases_acquired: Counter,
+    leases_lost: Counter,
 }
 
 /// Shared handle to the node's metrics; cheap to clone.
@@ -93,7 +95,21 @@ impl Metrics {
             "Requests folded into one store transaction",
             store_batch.clone(),
         );
+        let leases_acquired = Counter::default();
+        registry.register(
+            "leases_acquired",
+            "Bucket set leases taken (one per activation)",
+            leases_acquired.clone(),
+        );
+        let leases_lost = Counter::default();
+        registry.register(
+            "leases_lost",
+            "Commits refused because another owner took the set's lease",
+            leases_lost.clone(),
+        );
         Metrics(Arc::new(Inner {
+            leases_acquired,
+            leases_lost,
             registry,
             http_requests,
             put_outcomes,
@@ -145,6 +161,12 @@ impl Metrics {
     }
     pub(crate) fn notified(&self, n: u64) {
         self.0.notifications.inc_by(n);
+    }
+    pub(crate) fn lease_acquired(&self) {
+        self.0.leases_acquired.inc();
+    }
+    pub(crate) fn lease_lost(&self) {
+        self.0.leases_lost.inc();
     }
     pub(crate) fn store_commit(&self, batch: usize) {
         self.0.store_commits.inc();
