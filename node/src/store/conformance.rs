@@ -328,6 +328,7 @@ macro_rules! every_case {
         );
     };
 }
+#[cfg(feature = "fdb")]
 pub(crate) use every_case;
 
 mod redb {
