@@ -631,7 +631,7 @@ pub async fn pair(
     tracing::info!(device = %code.device_id, user = %user_id, "device paired");
     let resp = PairResponse {
         device_id: code.device_id,
-        structure: structure.map(|s| s.to_string()).unwrap_or_default(),
+        structure: structure.map(|s| s.to_string()),
     };
     Ok(respond(&req, StatusCode::OK, &resp))
 }
@@ -660,7 +660,7 @@ pub async fn unpair(
                 StatusCode::OK,
                 &PairResponse {
                     device_id: device.to_string(),
-                    structure: String::new(),
+                    structure: None,
                 },
             ))
         }

@@ -206,8 +206,8 @@ pub struct PairRequest {
 pub struct PairResponse {
     /// The paired device's id (its serial).
     pub device_id: String,
-    /// The structure it joined.
-    pub structure: String,
+    /// The structure it joined; `null` when paired to the account without one.
+    pub structure: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -218,9 +218,12 @@ fn value_to_pb(v: &Value) -> pb::Value {
     let kind = match v {
         Value::Null => Kind::NullValue(true),
         Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => Kind::IntValue(i),
-            None => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::Number(n) => match (n.as_i64(), n.is_u64()) {
+            (Some(i), _) => Kind::IntValue(i),
+            // Above i64::MAX: a double would round it, so it travels as its exact text
+            // (found by fuzzing: crash-db5063a1).
+            (None, true) => Kind::JsonValue(n.to_string()),
+            (None, false) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
         },
         Value::String(s) => Kind::StringValue(s.clone()),
         other => Kind::JsonValue(other.to_string()),
@@ -621,7 +624,7 @@ mod tests {
         });
         roundtrip(PairResponse {
             device_id: "01AA02AB".into(),
-            structure: "home".into(),
+            structure: Some("home".into()),
         });
     }
 
@@ -641,7 +644,7 @@ mod tests {
         let resp: PairResponse =
             serde_json::from_str(r#"{"device_id": "01AA02AB", "structure": "home"}"#)
                 .expect("API.md example");
-        assert_eq!(resp.structure, "home");
+        assert_eq!(resp.structure.as_deref(), Some("home"));
     }
 
     #[test]
@@ -650,6 +653,35 @@ mod tests {
         let ok: UpdateRequest =
             serde_json::from_str(r#"{"value": {"a": 1}}"#).expect("object value");
         assert_eq!((ok.base_version, ok.occ), (0, false));
+    }
+
+    /// proto/fuzz json_requests crash-a0fef009: without serde_json's `float_roundtrip`
+    /// a float read from JSON, written and read again came back one ulp off.
+    #[test]
+    fn fuzz_crash_a0fef009_floats_survive_a_json_round_trip() {
+        for input in [
+            r#"{"value": {"sn": 5555555555555555555555555555555555555555555555555585}}"#,
+            r#"{"value": {"a": 1.0715660391465826e-75, "b": -1.81996730402717e-179}}"#,
+        ] {
+            let m: UpdateRequest = serde_json::from_str(input).expect("valid JSON");
+            let text = serde_json::to_string(&m).expect("serializes");
+            let back: UpdateRequest = serde_json::from_str(&text).expect("reads back");
+            assert_eq!(back, m, "{input} → {text}");
+        }
+    }
+
+    /// proto/fuzz json_requests crash-db5063a1: an integer above i64::MAX was sent over
+    /// protobuf as a double and came back rounded.
+    #[test]
+    fn fuzz_crash_db5063a1_integers_above_i64_survive_protobuf() {
+        let m: UpdateRequest = serde_json::from_str(
+            r#"{"value": {"big": 12341567890123456785, "max": 18446744073709551615,
+                          "edge": 9223372036854775808, "i": 9223372036854775807, "n": -9}}"#,
+        )
+        .expect("valid JSON");
+        let back = UpdateRequest::decode_pb(&m.encode_pb()).expect("decodes");
+        assert_eq!(back, m);
+        assert_eq!(back.value["max"].as_u64(), Some(u64::MAX));
     }
 
     #[test]
