@@ -1,0 +1,515 @@
+//! Idle subscriptions: hold `count` concurrent subscriptions against one server process
+//! and report its resident memory per held subscription — Tether and mosquitto side by
+//! side, same count, same run.
+//!
+//! A process here may open at most 20,000 files, so the clients are spread over
+//! `procs` client processes, each connecting from its own loopback source address
+//! (127.0.0.2, 127.0.0.3, …) so ephemeral ports (and TIME_WAIT from earlier runs) never
+//! run out. Tether's clients are `tether-sim` processes (real devices: register, fetch,
+//! hold a subscribe; no updates); mosquitto's are `tether-bench mqtt-hold` processes (a
+//! minimal MQTT 3.1.1 client: CONNECT with keep-alive off, SUBSCRIBE QoS 1 to its own
+//! topic, then silence — rumqttc cannot choose a source address).
+//!
+//! RSS per subscription = (RSS while holding − RSS right after start) / count. For Tether
+//! that includes the bucket-set actor each device keeps active, its credential and
+//! registration caches, and the HTTP connection; for mosquitto the client session and
+//! its connection.
+//!
+//! With `nodes` > 1, that many *independent* Tether nodes (separate processes and data
+//! directories; there is no cluster yet) each hold `count`, to show one machine holding
+//! more subscriptions than one process may.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+
+use super::plot::{self, Panel};
+use super::procs;
+use super::{now_utc, ratio, tether, write_json, Machine, Spread};
+
+/// Options of `tether-bench idle-subscriptions`.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// The `tether` binary.
+    pub tether_bin: PathBuf,
+    /// The `tether-sim` binary.
+    pub sim_bin: PathBuf,
+    /// Repetitions.
+    pub runs: usize,
+    /// Subscriptions held per server process.
+    pub count: usize,
+    /// Client processes per server.
+    pub procs: usize,
+    /// Independent Tether nodes (each holding `count`).
+    pub nodes: usize,
+    /// Seconds the clients may take to get every subscription held.
+    pub connect_limit_s: u64,
+    /// Skip mosquitto.
+    pub skip_mosquitto: bool,
+    /// Where results go.
+    pub out: PathBuf,
+}
+
+/// One server's measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    /// Subscriptions held when measured.
+    pub held: usize,
+    /// RSS right after start, KiB.
+    pub rss_base_kib: u64,
+    /// RSS while holding, KiB.
+    pub rss_held_kib: u64,
+    /// (held − base) / held, KiB.
+    pub kib_per_subscription: f64,
+    /// Seconds until every subscription was held.
+    pub setup_s: f64,
+}
+
+/// One run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// Each Tether node.
+    pub tether: Vec<Held>,
+    /// mosquitto, if measured.
+    pub mosquitto: Option<Held>,
+}
+
+fn source(i: usize) -> IpAddr {
+    // 127.0.0.2 … 127.0.0.254
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        0,
+        2 + u8::try_from(i % 250).unwrap_or(0),
+    ))
+}
+
+/// Waits (bounded) until `probe` returns `Some(n)` with `n >= target`.
+async fn wait_until<F, Fut>(limit: Duration, target: usize, mut probe: F) -> Result<usize>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<usize>>,
+{
+    let until = Instant::now() + limit;
+    let mut last = 0;
+    loop {
+        if let Some(n) = probe().await {
+            last = n;
+            if n >= target {
+                return Ok(n);
+            }
+        }
+        if Instant::now() >= until {
+            bail!("only {last} of {target} subscriptions held after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn kill_all(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        let _ = c.start_kill();
+    }
+}
+
+async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
+    let http = reqwest::Client::new();
+    let mut nodes = Vec::new();
+    for _ in 0..o.nodes {
+        nodes.push(tether::start(&o.tether_bin, &[]).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bases: Vec<u64> = nodes.iter().map(|n| n.server.rss_kib()).collect();
+    let started = Instant::now();
+    let per = o.count.div_ceil(o.procs);
+    let mut sims: Vec<Child> = Vec::new();
+    let mut src = src_offset;
+    for node in &nodes {
+        for p in 0..o.procs {
+            let n = per.min(o.count - (p * per).min(o.count));
+            if n == 0 {
+                continue;
+            }
+            let mut cmd = Command::new(&o.sim_bin);
+            cmd.args(["--url", node.url(), "--mfg-key-file"])
+                .arg(&node.key_path)
+                .args(["--key-id", "k1", "--serial-prefix", "IDLE"])
+                .args(["--devices", &n.to_string()])
+                .args(["--first-index", &(p * per).to_string()])
+                .args(["--local-address", &source(src).to_string()])
+                .args(["--update-rate", "0", "--companion-rate", "0"])
+                .args(["--subscribe-timeout-ms", "1800000"])
+                .args(["--request-timeout-ms", "60000"])
+                .args(["--duration-s", &(o.connect_limit_s + 120).to_string()])
+                .args(["--ramp-s", &(n as f64 / 400.0).to_string()])
+                .args(["--quiet", "--json"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true);
+            sims.push(cmd.spawn().context("spawning tether-sim")?);
+            src += 1;
+        }
+    }
+    let limit = Duration::from_secs(o.connect_limit_s);
+    let mut result = Vec::new();
+    for (node, base) in nodes.iter().zip(&bases) {
+        let url = node.url().to_string();
+        let held = wait_until(limit, o.count, || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                tether::metric(&http, &url, "tether_held_subscriptions")
+                    .await
+                    .map(|v| v as usize)
+            }
+        })
+        .await;
+        let held = match held {
+            Ok(h) => h,
+            Err(e) => {
+                kill_all(&mut sims);
+                return Err(e.context("tether"));
+            }
+        };
+        result.push((held, *base));
+    }
+    let setup_s = started.elapsed().as_secs_f64();
+    // Let allocations settle, then measure every node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = nodes
+        .iter()
+        .zip(result)
+        .map(|(node, (held, base))| {
+            let rss = node.server.rss_kib();
+            Held {
+                held,
+                rss_base_kib: base,
+                rss_held_kib: rss,
+                kib_per_subscription: ratio(rss.saturating_sub(base) as f64, held as f64),
+                setup_s,
+            }
+        })
+        .collect();
+    kill_all(&mut sims);
+    for mut s in sims {
+        let _ = s.wait().await;
+    }
+    for n in nodes {
+        n.server.stop().await;
+    }
+    Ok(out)
+}
+
+async fn mosquitto_held(o: &Opts, src_offset: usize) -> Result<Held> {
+    let server = procs::start_mosquitto().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = server.rss_kib();
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let per = o.count.div_ceil(o.procs);
+    let mut holders = Vec::new();
+    let mut lines = Vec::new();
+    for p in 0..o.procs {
+        let n = per.min(o.count - (p * per).min(o.count));
+        if n == 0 {
+            continue;
+        }
+        let mut child = Command::new(&exe)
+            .args(["mqtt-hold", "--port", &server.port.to_string()])
+            .args(["--count", &n.to_string(), "--first", &(p * per).to_string()])
+            .args(["--local-address", &source(src_offset + p).to_string()])
+            .args(["--secs", &(o.connect_limit_s + 120).to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning mqtt-hold")?;
+        let out = child.stdout.take().context("mqtt-hold stdout")?;
+        lines.push(BufReader::new(out).lines());
+        holders.push(child);
+    }
+    let mut held = 0;
+    let until = Instant::now() + Duration::from_secs(o.connect_limit_s);
+    for l in &mut lines {
+        let left = until.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left, l.next_line()).await;
+        match line {
+            Ok(Ok(Some(s))) => {
+                held += s
+                    .strip_prefix("held ")
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+            }
+            _ => {
+                kill_all(&mut holders);
+                bail!("an mqtt-hold process did not report its subscriptions in time");
+            }
+        }
+    }
+    let setup_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = server.rss_kib();
+    kill_all(&mut holders);
+    for mut h in holders {
+        let _ = h.wait().await;
+    }
+    server.stop().await;
+    Ok(Held {
+        held,
+        rss_base_kib: base,
+        rss_held_kib: rss,
+        kib_per_subscription: ratio(rss.saturating_sub(base) as f64, held as f64),
+        setup_s,
+    })
+}
+
+/// `tether-bench idle-subscriptions`.
+pub async fn run(o: Opts) -> Result<()> {
+    let machine = Machine::probe();
+    let (_, date) = now_utc();
+    let mut runs = Vec::new();
+    for r in 0..o.runs {
+        // Fresh source addresses per run and server: no TIME_WAIT left from the last one.
+        let offset = r * (o.procs * (o.nodes + 1));
+        let t = tether_nodes(&o, offset).await?;
+        let m = if o.skip_mosquitto {
+            None
+        } else {
+            Some(mosquitto_held(&o, offset + o.procs * o.nodes).await?)
+        };
+        for (i, h) in t.iter().enumerate() {
+            eprintln!(
+                "run {} tether node {}: {} held, RSS {} → {} KiB = {:.2} KiB/subscription (setup {:.0} s)",
+                r + 1,
+                i + 1,
+                h.held,
+                h.rss_base_kib,
+                h.rss_held_kib,
+                h.kib_per_subscription,
+                h.setup_s
+            );
+        }
+        if let Some(h) = &m {
+            eprintln!(
+                "run {} mosquitto: {} held, RSS {} → {} KiB = {:.2} KiB/subscription (setup {:.0} s)",
+                r + 1,
+                h.held,
+                h.rss_base_kib,
+                h.rss_held_kib,
+                h.kib_per_subscription,
+                h.setup_s
+            );
+        }
+        runs.push(Run {
+            tether: t,
+            mosquitto: m,
+        });
+    }
+    let tether_kib = Spread::of(
+        &runs
+            .iter()
+            .flat_map(|r| r.tether.iter().map(|h| h.kib_per_subscription))
+            .collect::<Vec<_>>(),
+    );
+    let mosq_kib = Spread::of(
+        &runs
+            .iter()
+            .filter_map(|r| r.mosquitto.as_ref().map(|h| h.kib_per_subscription))
+            .collect::<Vec<_>>(),
+    );
+    let ratio_s = Spread::of(
+        &runs
+            .iter()
+            .filter_map(|r| {
+                let m = r.mosquitto.as_ref()?;
+                let t = r.tether.first()?;
+                Some(ratio(t.kib_per_subscription, m.kib_per_subscription))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let total_held = Spread::of(
+        &runs
+            .iter()
+            .map(|r| r.tether.iter().map(|h| h.held as f64).sum())
+            .collect::<Vec<_>>(),
+    );
+    let mosquitto_part = if o.skip_mosquitto {
+        "mosquitto skipped".to_string()
+    } else {
+        format!(
+            "mosquitto {} KiB/subscription, ratio tether/mosquitto {}",
+            mosq_kib.show(2),
+            ratio_s.show(2)
+        )
+    };
+    println!(
+        "idle-subscriptions ({} runs, {} per process, {} tether node(s)): tether {} KiB/subscription, {mosquitto_part}; held by tether nodes on this machine: {}",
+        o.runs,
+        o.count,
+        o.nodes,
+        tether_kib.show(2),
+        total_held.show(0)
+    );
+    let result = json!({
+        "benchmark": "idle-subscriptions", "date": date, "machine": machine,
+        "params": {"runs": o.runs, "count_per_server": o.count, "client_processes": o.procs,
+                   "tether_nodes": o.nodes},
+        "runs": runs,
+        "summary": {"tether_kib_per_subscription": tether_kib,
+                    "mosquitto_kib_per_subscription": mosq_kib,
+                    "ratio_tether_over_mosquitto": ratio_s,
+                    "tether_total_held": total_held},
+    });
+    let path = write_json(&o.out, "idle-subscriptions", &result)?;
+    let mut panels = Vec::new();
+    if o.skip_mosquitto {
+        panels.push(Panel::new(
+            "RSS per subscription",
+            "KiB",
+            vec![("tether".to_string(), tether_kib)],
+        ));
+        panels.push(Panel::new(
+            "held on this machine",
+            "subscriptions",
+            vec![(format!("{} tether nodes", o.nodes), total_held)],
+        ));
+    } else {
+        panels.push(Panel::new(
+            "RSS per subscription",
+            "KiB",
+            vec![
+                ("tether".to_string(), tether_kib),
+                ("mosquitto".to_string(), mosq_kib),
+            ],
+        ));
+        panels.push(Panel::new(
+            "tether / mosquitto",
+            "ratio",
+            vec![("ratio".into(), ratio_s)],
+        ));
+    }
+    plot::bars(
+        &o.out.join("idle-subscriptions.png"),
+        &format!(
+            "Idle subscriptions: server RSS per held subscription ({} per process, {} tether node(s))",
+            o.count, o.nodes
+        ),
+        &panels,
+    )?;
+    println!("results: {}", path.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// the minimal MQTT holder
+
+fn mqtt_string(buf: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = u8::try_from(len % 128).unwrap_or(0);
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// Connects one MQTT 3.1.1 session from `local` and subscribes it (QoS 1) to `topic`.
+async fn mqtt_hold_one(
+    server: SocketAddr,
+    local: IpAddr,
+    id: &str,
+    topic: &str,
+) -> Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(local, 0))?;
+    let mut s = sock.connect(server).await?;
+    s.set_nodelay(true)?;
+    let mut connect = Vec::new();
+    mqtt_string(&mut connect, "MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 0]); // level 4, clean session, keep-alive off
+    mqtt_string(&mut connect, id);
+    s.write_all(&mqtt_packet(0x10, &connect)).await?;
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await?;
+    if connack[0] != 0x20 || connack[3] != 0 {
+        bail!("CONNACK refused: {connack:?}");
+    }
+    let mut sub = vec![0, 1];
+    mqtt_string(&mut sub, topic);
+    sub.push(1);
+    s.write_all(&mqtt_packet(0x82, &sub)).await?;
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).await?;
+    if suback[0] != 0x90 || suback[4] == 0x80 {
+        bail!("SUBACK refused: {suback:?}");
+    }
+    Ok(s)
+}
+
+/// `tether-bench mqtt-hold`: opens `count` subscribed sessions from `local`, prints
+/// `held <n>`, and holds them for `secs` (its parent kills it sooner).
+pub async fn mqtt_hold(
+    port: u16,
+    count: usize,
+    first: usize,
+    local: IpAddr,
+    secs: u64,
+) -> Result<()> {
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    let results: Vec<Result<TcpStream>> = stream::iter(first..first + count)
+        .map(|i| async move {
+            let id = format!("idle-{i}");
+            let topic = format!("idle/{i}");
+            let mut last = None;
+            for attempt in 0..5u32 {
+                match mqtt_hold_one(server, local, &id, &topic).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let mut held = Vec::new();
+    let mut failed = 0;
+    for r in results {
+        match r {
+            Ok(s) => held.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("held {}", held.len());
+    if failed > 0 {
+        eprintln!("mqtt-hold: {failed} sessions failed");
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    drop(held);
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! Servers as child processes on loopback: started, waited for, measured (RSS), stopped.
+//! Children are killed when their handle is dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A server child process.
+#[derive(Debug)]
+pub struct Server {
+    /// What it is (`tether`, `etcd`, …).
+    pub name: String,
+    /// Its base URL (`http://127.0.0.1:<port>`) or address (`127.0.0.1:<port>`).
+    pub url: String,
+    /// Its port.
+    pub port: u16,
+    pub(crate) child: Child,
+    /// Its working directory (data, config), removed with the handle.
+    pub dir: TempDir,
+}
+
+impl Server {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Resident set size in KiB, now.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid()).unwrap_or(0)
+    }
+
+    /// Stops the process (SIGKILL: its data is thrown away anyway) and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// `VmRSS` of a process in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub async fn wait_port(addr: SocketAddr, limit: Duration) -> Result<()> {
+    let until = Instant::now() + limit;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            bail!("nothing listens on {addr} after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `name` on PATH or in the usual system directories.
+pub fn find_program(name: &str) -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/usr/local/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found.with_context(|| format!("`{name}` is not installed"))
+}
+
+/// Spawns `cmd` and waits for its stdout line `listening on <url>`.
+pub async fn spawn_listening(mut cmd: Command, limit: Duration) -> Result<(Child, String)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("spawning server")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(limit, lines.next_line())
+        .await
+        .context("server printed nothing in time")??
+        .context("server exited before listening")?;
+    let url = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first line {line:?}"))?
+        .to_string();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, url))
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(0)
+}
+
+/// The trivial actix-web server of this binary (`tether-bench trivial-server`).
+pub async fn start_trivial(workers: usize) -> Result<Server> {
+    let exe = std::env::current_exe().context("locating tether-bench")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["trivial-server", "--workers", &workers.to_string()]);
+    let (child, url) = spawn_listening(cmd, Duration::from_secs(10)).await?;
+    Ok(Server {
+        name: "trivial".to_string(),
+        port: port_of(&url),
+        url,
+        child,
+        dir: TempDir::new()?,
+    })
+}
+
+/// etcd (Debian `etcd-server`), one member, data on disk with its default fsync policy.
+pub async fn start_etcd() -> Result<Server> {
+    let bin = find_program("etcd")?;
+    let dir = TempDir::new()?;
+    let (client, peer) = (free_port()?, free_port()?);
+    let c = format!("http://127.0.0.1:{client}");
+    let p = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new(bin);
+    cmd.arg("--name")
+        .arg("bench")
+        .arg("--data-dir")
+        .arg(dir.path().join("etcd"))
+        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+        .args([
+            "--listen-peer-urls",
+            &p,
+            "--initial-advertise-peer-urls",
+            &p,
+        ])
+        .arg("--initial-cluster")
+        .arg(format!("bench={p}"))
+        .args(["--log-level", "error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let child = cmd.spawn().context("spawning etcd")?;
+    wait_port(
+        SocketAddr::from(([127, 0, 0, 1], client)),
+        Duration::from_secs(20),
+    )
+    .await?;
+    Ok(Server {
+        name: "etcd".to_string(),
+        url: c,
+        port: client,
+        child,
+        dir,
+    })
+}
+
+/// mosquitto (Debian), persistence on: the in-memory database is written to disk after
+/// every change (`autosave_on_changes true`, `autosave_interval 1`), the most durable
+/// setting mosquitto 2.0 has (it still acknowledges before writing).
+pub async fn start_mosquitto() -> Result<Server> {
+    let bin = find_program("mosquitto")?;
+    let dir = TempDir::new()?;
+    let port = free_port()?;
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             user root\n\
+             persistence true\n\
+             persistence_location {}/\n\
+             autosave_on_changes true\n\
+             autosave_interval 1\n\
+             max_queued_messages 100000\n\
+             max_inflight_messages 100\n\
+             set_tcp_nodelay true\n\
+             log_type error\n",
+            dir.path().display()
+        ),
+    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let child = cmd.spawn().context("spawning mosquitto")?;
+    wait_port(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok(Server {
+        name: "mosquitto".to_string(),
+        url: format!("127.0.0.1:{port}"),
+        port,
+        child,
+        dir,
+    })
+}

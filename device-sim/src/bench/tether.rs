@@ -1,0 +1,185 @@
+//! A `tether serve` child for benchmarks, and the few raw API calls the benchmarks make.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::stream::{self, StreamExt};
+use reqwest::header::AUTHORIZATION;
+use serde_json::json;
+use tempfile::TempDir;
+use tether_proto::credentials::{basic_header, default_credentials, Credentials};
+use tokio::process::Command;
+
+use super::procs::{spawn_listening, Server};
+use crate::keys::read_mfg_key;
+use crate::wire::set_credentials;
+
+/// A running node with its manufacturing key.
+#[derive(Debug)]
+pub struct TetherNode {
+    /// The process.
+    pub server: Server,
+    /// The key file given to `--mfg-key-file k1=…`.
+    pub key_path: PathBuf,
+    /// Its bytes.
+    pub mfg_key: Vec<u8>,
+}
+
+/// Starts `tether serve` on a free loopback port with a fresh data directory and key,
+/// per-principal limits lifted (a benchmark is one principal doing a lot), plus `extra`.
+pub async fn start(bin: &Path, extra: &[&str]) -> Result<TetherNode> {
+    let dir = TempDir::new()?;
+    let key_path = dir.path().join("k1.key");
+    let st = Command::new(bin)
+        .args(["admin", "mfg-key", "generate"])
+        .arg(&key_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !st.success() {
+        bail!("tether admin mfg-key generate failed: {st}");
+    }
+    let mfg_key = read_mfg_key(&key_path)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--mfg-key-file")
+        .arg(format!("k1={}", key_path.display()))
+        .args(["--requests-per-second", "1000000"])
+        .args(["--register-per-hour", "1000000"])
+        .args(extra);
+    let (child, url) = spawn_listening(cmd, Duration::from_secs(30)).await?;
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    Ok(TetherNode {
+        server: Server {
+            name: "tether".to_string(),
+            url,
+            port,
+            child,
+            dir,
+        },
+        key_path,
+        mfg_key,
+    })
+}
+
+impl TetherNode {
+    /// The base URL.
+    pub fn url(&self) -> &str {
+        &self.server.url
+    }
+}
+
+/// Registers `serial` as a thermostat with its default credentials; its assigned set.
+pub async fn register(
+    http: &reqwest::Client,
+    url: &str,
+    mfg_key: &[u8],
+    serial: &str,
+) -> Result<Credentials> {
+    let default = default_credentials(mfg_key, serial, "k1")?;
+    let mut last = String::new();
+    for attempt in 0..5u32 {
+        let r = http
+            .post(format!("{url}/v1/register"))
+            .header(AUTHORIZATION, basic_header(&default))
+            .json(&json!({"device_id": serial, "device_type": "thermostat", "sw_version": "1.0.0"}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => {
+                return set_credentials(r.headers())
+                    .context("registration answered without X-Tether-Set-Credentials");
+            }
+            Ok(r) => last = format!("status {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+    }
+    bail!("registering {serial}: {last}")
+}
+
+/// Registers `n` devices `<prefix><i:06>` with `concurrency` requests in flight.
+pub async fn register_many(
+    http: &reqwest::Client,
+    url: &str,
+    mfg_key: &[u8],
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> Result<Vec<(String, Credentials)>> {
+    stream::iter(0..n)
+        .map(|i| {
+            let serial = format!("{prefix}{i:06}");
+            async move {
+                let c = register(http, url, mfg_key, &serial).await?;
+                Ok::<_, anyhow::Error>((serial, c))
+            }
+        })
+        .buffered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Sum of all series of metric `name` in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = match rest.strip_prefix('{') {
+            Some(r) => match r.find('}') {
+                Some(i) => &r[i + 1..],
+                None => continue,
+            },
+            None if rest.starts_with(' ') => rest,
+            None => continue,
+        };
+        if let Some(v) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// `GET /metrics` and the value of `name`.
+pub async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    metric_value(&text, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_sum_their_series() {
+        let text = "# HELP x\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3\nx_total_more 9\nx 1\n";
+        assert_eq!(metric_value(text, "x_total"), Some(5.0));
+        assert_eq!(metric_value(text, "x"), Some(1.0));
+        assert_eq!(metric_value(text, "y"), None);
+    }
+}

@@ -1,0 +1,266 @@
+//! `tether-bench`: Tether's benchmarks, each one command, bounded in time, loopback only,
+//! each printing ratios against a baseline measured in the same run. Results go to
+//! `results/<name>.json` and `results/<name>.png`. See BENCHMARKS.md.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tether_sim::bench::{ceiling, cold, idle, peers};
+
+/// Tether benchmarks (loopback only).
+#[derive(Debug, Parser)]
+#[command(name = "tether-bench", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Trivial actix-web handler vs Tether's durable PUT path, same client and concurrency.
+    HttpCeiling {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Measured seconds per target per run.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+        /// HTTP workers of both servers.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// The same workload against Tether, etcd and mosquitto.
+    Peers {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Keys.
+        #[arg(long, default_value_t = 100)]
+        keys: usize,
+        /// Subscribers per key.
+        #[arg(long, default_value_t = 2)]
+        subs: usize,
+        /// Updates per second of the fixed-rate phase.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Writers of the saturated phase.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 6.0)]
+        secs: f64,
+        /// Systems to run.
+        #[arg(long, value_delimiter = ',', default_value = "tether,etcd,mosquitto")]
+        systems: Vec<String>,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// Server RSS per held subscription, Tether and mosquitto, same count.
+    IdleSubscriptions {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// The `tether-sim` binary [default: next to this one].
+        #[arg(long)]
+        sim_bin: Option<PathBuf>,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Subscriptions per server process.
+        #[arg(long, default_value_t = 18_000)]
+        count: usize,
+        /// Client processes per server.
+        #[arg(long, default_value_t = 3)]
+        procs: usize,
+        /// Independent Tether nodes, each holding `count` (no cluster yet).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Seconds allowed to get every subscription held.
+        #[arg(long, default_value_t = 240)]
+        connect_limit_s: u64,
+        /// Only Tether.
+        #[arg(long)]
+        skip_mosquitto: bool,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// First request for a passivated bucket set vs a warm one.
+    ColdActivation {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Bucket sets timed per run.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// The node's `--passivate-after-ms`.
+        #[arg(long, default_value_t = 300)]
+        passivate_after_ms: u64,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// (internal) The trivial actix-web server of http-ceiling.
+    TrivialServer {
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+    /// (internal) Holds MQTT subscriptions for idle-subscriptions.
+    MqttHold {
+        /// mosquitto's port on 127.0.0.1.
+        #[arg(long)]
+        port: u16,
+        /// Sessions to open.
+        #[arg(long)]
+        count: usize,
+        /// First session index.
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+        /// Source address.
+        #[arg(long, default_value = "127.0.0.1")]
+        local_address: IpAddr,
+        /// Seconds to hold.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+    },
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn run(args: Args) -> Result<()> {
+    if let Cmd::TrivialServer { workers } = args.command {
+        return ceiling::trivial_server(workers);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match args.command {
+            Cmd::HttpCeiling {
+                tether_bin,
+                runs,
+                secs,
+                conns,
+                workers,
+                out,
+            } => {
+                ceiling::run(ceiling::Opts {
+                    tether_bin,
+                    runs,
+                    secs,
+                    conns,
+                    workers,
+                    out,
+                })
+                .await
+            }
+            Cmd::Peers {
+                tether_bin,
+                runs,
+                keys,
+                subs,
+                rate,
+                writers,
+                secs,
+                systems,
+                out,
+            } => {
+                peers::run(peers::Opts {
+                    tether_bin,
+                    runs,
+                    keys,
+                    subs,
+                    rate,
+                    writers,
+                    secs,
+                    systems,
+                    out,
+                })
+                .await
+            }
+            Cmd::IdleSubscriptions {
+                tether_bin,
+                sim_bin,
+                runs,
+                count,
+                procs,
+                nodes,
+                connect_limit_s,
+                skip_mosquitto,
+                out,
+            } => {
+                idle::run(idle::Opts {
+                    tether_bin,
+                    sim_bin: sim_bin.unwrap_or_else(|| sibling("tether-sim")),
+                    runs,
+                    count,
+                    procs,
+                    nodes,
+                    connect_limit_s,
+                    skip_mosquitto,
+                    out,
+                })
+                .await
+            }
+            Cmd::ColdActivation {
+                tether_bin,
+                runs,
+                devices,
+                passivate_after_ms,
+                out,
+            } => {
+                cold::run(cold::Opts {
+                    tether_bin,
+                    runs,
+                    devices,
+                    passivate_after_ms,
+                    out,
+                })
+                .await
+            }
+            Cmd::MqttHold {
+                port,
+                count,
+                first,
+                local_address,
+                secs,
+            } => idle::mqtt_hold(port, count, first, local_address, secs).await,
+            Cmd::TrivialServer { .. } => Ok(()),
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! What the simulator checks, per device:
+//!
+//! 1. **Versions never go backwards.** [`tether_proto::client::DeviceClient`] never applies
+//!    an older version than the one it holds and reports it as
+//!    `Event::VersionRegression`; each such event is a [`Violation::VersionRegression`].
+//! 2. **Every change reaches the device.** Every write another client (a companion or an
+//!    app) makes to one of the device's buckets sets that writer's own field to a
+//!    sequence number that only grows (`{"<writer>": seq}`). Fields are merged per field,
+//!    so once the device holds a version whose `<writer>` field is `s`, every write of that
+//!    writer up to `s` has reached it (a later write may legitimately hide an earlier one:
+//!    notifications coalesce). A write the server acknowledged that the device has not
+//!    seen `deadline` after the acknowledgement — counted from when the device last woke
+//!    up, since a sleeping device cannot be notified — is a
+//!    [`Violation::MissedNotification`].
+//!
+//! A write is registered ([`DeviceTrack::intend`]) before it is sent, because its
+//! notification can overtake its acknowledgement. Writes whose outcome stays unknown
+//! (the writer gave up after transport errors) are [`DeviceTrack::abandon`]ed: there is
+//! nothing to demand of them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tether_proto::{Fields, Value};
+
+/// Something the simulator saw that the protocol forbids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Violation {
+    /// The server sent a device an older version of a bucket than one it had sent before.
+    VersionRegression {
+        /// The device serial.
+        device: String,
+        /// The bucket.
+        bucket: String,
+        /// The version the device held.
+        held: u64,
+        /// The older version it was sent.
+        received: u64,
+    },
+    /// A write acknowledged by the server never reached a device holding that bucket.
+    MissedNotification {
+        /// The device serial.
+        device: String,
+        /// The bucket written.
+        bucket: String,
+        /// The writer's field (its identity).
+        writer: String,
+        /// The writer's sequence number of the lost write.
+        seq: u64,
+        /// How long the device had been awake and subscribed since the acknowledgement.
+        waited_ms: u64,
+    },
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::VersionRegression {
+                device,
+                bucket,
+                held,
+                received,
+            } => write!(
+                f,
+                "VERSION REGRESSION: device {device} held {bucket} v{held} and was sent v{received}"
+            ),
+            Violation::MissedNotification {
+                device,
+                bucket,
+                writer,
+                seq,
+                waited_ms,
+            } => write!(
+                f,
+                "MISSED NOTIFICATION: device {device} never saw write #{seq} of {writer} to {bucket} \
+                 ({waited_ms} ms after it was acknowledged)"
+            ),
+        }
+    }
+}
+
+/// One outstanding write of one writer.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    sent: Instant,
+    acked: Option<Instant>,
+}
+
+/// The writes of one writer to one bucket.
+#[derive(Debug, Default)]
+struct WriterTrack {
+    /// The highest sequence number the device has held.
+    seen: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+/// A delivery the device confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// From sending the write to the device holding it.
+    pub latency: Duration,
+    /// The device was awake the whole time, so the latency is a notification latency
+    /// (not a catch-up after sleep).
+    pub live: bool,
+}
+
+/// Everything the checker knows about one device's buckets.
+#[derive(Debug)]
+pub struct DeviceTrack {
+    device: String,
+    asleep: bool,
+    awake_since: Instant,
+    writes: HashMap<(String, String), WriterTrack>,
+}
+
+impl DeviceTrack {
+    /// A device that is awake from `now`.
+    pub fn new(device: &str, now: Instant) -> Self {
+        DeviceTrack {
+            device: device.to_string(),
+            asleep: false,
+            awake_since: now,
+            writes: HashMap::new(),
+        }
+    }
+
+    /// The device serial.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// `writer` is about to send `seq` to `bucket` (again, when retrying: latency counts
+    /// from the latest attempt, so a writer's own back-off is not notify latency).
+    pub fn intend(&mut self, bucket: &str, writer: &str, seq: u64, now: Instant) {
+        let t = self
+            .writes
+            .entry((bucket.to_string(), writer.to_string()))
+            .or_default();
+        if seq > t.seen {
+            t.pending
+                .entry(seq)
+                .and_modify(|p| p.sent = now)
+                .or_insert(Pending {
+                    sent: now,
+                    acked: None,
+                });
+        }
+    }
+
+    /// The server acknowledged `seq` (applied or merged): from now on it must arrive.
+    pub fn acked(&mut self, bucket: &str, writer: &str, seq: u64, now: Instant) {
+        if let Some(p) = self
+            .writes
+            .get_mut(&(bucket.to_string(), writer.to_string()))
+            .and_then(|t| t.pending.get_mut(&seq))
+        {
+            p.acked.get_or_insert(now);
+        }
+    }
+
+    /// The outcome of `seq` is unknown (or it was refused): nothing is demanded of it.
+    pub fn abandon(&mut self, bucket: &str, writer: &str, seq: u64) {
+        if let Some(t) = self
+            .writes
+            .get_mut(&(bucket.to_string(), writer.to_string()))
+        {
+            t.pending.remove(&seq);
+        }
+    }
+
+    /// The device now holds `value` for `bucket`: confirms every tracked write it contains.
+    pub fn observe(&mut self, bucket: &str, value: &Fields, now: Instant) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        for ((b, writer), t) in self.writes.iter_mut() {
+            if b != bucket {
+                continue;
+            }
+            let Some(seen) = value.get(writer).and_then(Value::as_u64) else {
+                continue;
+            };
+            if seen <= t.seen {
+                continue;
+            }
+            t.seen = seen;
+            let rest = t.pending.split_off(&(seen + 1));
+            let delivered = std::mem::replace(&mut t.pending, rest);
+            for p in delivered.values() {
+                out.push(Delivery {
+                    latency: now.saturating_duration_since(p.sent),
+                    live: !self.asleep && p.sent >= self.awake_since,
+                });
+            }
+        }
+        out
+    }
+
+    /// The device went to sleep: no deadline runs until it wakes up.
+    pub fn sleep(&mut self) {
+        self.asleep = true;
+    }
+
+    /// The device woke up at `now`; deadlines restart from here.
+    pub fn wake(&mut self, now: Instant) {
+        self.asleep = false;
+        self.awake_since = now;
+    }
+
+    /// Acknowledged writes still not seen `deadline` after acknowledgement (or waking):
+    /// reported once each, then forgotten.
+    pub fn overdue(&mut self, now: Instant, deadline: Duration) -> Vec<Violation> {
+        if self.asleep {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for ((bucket, writer), t) in self.writes.iter_mut() {
+            let awake_since = self.awake_since;
+            t.pending.retain(|seq, p| {
+                let Some(acked) = p.acked else {
+                    return true;
+                };
+                let from = acked.max(awake_since);
+                let waited = now.saturating_duration_since(from);
+                if waited <= deadline {
+                    return true;
+                }
+                out.push(Violation::MissedNotification {
+                    device: self.device.clone(),
+                    bucket: bucket.clone(),
+                    writer: writer.clone(),
+                    seq: *seq,
+                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                });
+                false
+            });
+        }
+        out
+    }
+
+    /// Acknowledged writes not yet seen (whatever their age).
+    pub fn outstanding(&self) -> usize {
+        self.writes
+            .values()
+            .map(|t| t.pending.values().filter(|p| p.acked.is_some()).count())
+            .sum()
+    }
+
+    /// Every acknowledged write still unseen, as violations (the run is over).
+    pub fn finish(&mut self, now: Instant) -> Vec<Violation> {
+        self.overdue(now, Duration::ZERO)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, u64)]) -> Fields {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect()
+    }
+
+    #[test]
+    fn a_later_write_confirms_the_earlier_ones() {
+        let t0 = Instant::now();
+        let mut d = DeviceTrack::new("D1", t0);
+        for seq in 1..=3 {
+            d.intend("shared.D1", "w", seq, t0);
+            d.acked("shared.D1", "w", seq, t0);
+        }
+        assert_eq!(d.outstanding(), 3);
+        let got = d.observe(
+            "shared.D1",
+            &fields(&[("w", 2)]),
+            t0 + Duration::from_millis(5),
+        );
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|g| g.live));
+        assert_eq!(d.outstanding(), 1);
+        let late = t0 + Duration::from_secs(10);
+        let v = d.overdue(late, Duration::from_secs(1));
+        assert_eq!(v.len(), 1);
+        assert!(matches!(
+            &v[0],
+            Violation::MissedNotification { seq: 3, .. }
+        ));
+        assert_eq!(d.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_notification_may_overtake_its_ack() {
+        let t0 = Instant::now();
+        let mut d = DeviceTrack::new("D1", t0);
+        d.intend("shared.D1", "w", 1, t0);
+        assert_eq!(d.observe("shared.D1", &fields(&[("w", 1)]), t0).len(), 1);
+        d.acked("shared.D1", "w", 1, t0);
+        assert_eq!(d.outstanding(), 0);
+        assert!(d.finish(t0 + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn sleep_suspends_deadlines_and_marks_catch_up() {
+        let t0 = Instant::now();
+        let mut d = DeviceTrack::new("D1", t0);
+        d.sleep();
+        d.intend("shared.D1", "w", 1, t0);
+        d.acked("shared.D1", "w", 1, t0);
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(d.overdue(t1, Duration::from_secs(1)).is_empty());
+        d.wake(t1);
+        assert!(d
+            .overdue(t1 + Duration::from_millis(500), Duration::from_secs(1))
+            .is_empty());
+        let got = d.observe("shared.D1", &fields(&[("w", 1)]), t1);
+        assert_eq!(got.len(), 1);
+        assert!(!got[0].live, "a write sent while asleep is a catch-up");
+    }
+
+    #[test]
+    fn unacknowledged_and_abandoned_writes_are_not_demanded() {
+        let t0 = Instant::now();
+        let mut d = DeviceTrack::new("D1", t0);
+        d.intend("shared.D1", "w", 1, t0);
+        d.intend("shared.D1", "w", 2, t0);
+        d.acked("shared.D1", "w", 2, t0);
+        d.abandon("shared.D1", "w", 2);
+        assert!(d.finish(t0 + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn other_buckets_and_writers_do_not_confirm() {
+        let t0 = Instant::now();
+        let mut d = DeviceTrack::new("D1", t0);
+        d.intend("shared.D1", "w", 1, t0);
+        d.acked("shared.D1", "w", 1, t0);
+        assert!(d.observe("device.D1", &fields(&[("w", 1)]), t0).is_empty());
+        assert!(d
+            .observe("shared.D1", &fields(&[("other", 1)]), t0)
+            .is_empty());
+        assert_eq!(d.finish(t0).len(), 0, "not overdue at zero wait");
+        assert_eq!(d.finish(t0 + Duration::from_millis(1)).len(), 1);
+    }
+}

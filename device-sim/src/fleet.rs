@@ -1,0 +1,943 @@
+//! The fleet runner: N simulated devices, their companions and apps, the checker sweeping
+//! over them, and a progress bar, for a bounded time.
+//!
+//! Each device is one tokio task driving its own [`DeviceClient`]: it sends what
+//! `poll_request` asks for (each request its own task, so a held subscribe and a PUT run
+//! side by side as on the firmware), feeds the answers back, makes local changes at
+//! `update_rate`, and — when configured — sleeps (link down, changes made offline, back
+//! with its versions) and loses connections at random (flaky link).
+//!
+//! Writers that are *other* clients of a device's buckets make the delivery check
+//! possible ([`crate::checker`]): a **companion** (a second client of the device, on its
+//! assigned credentials and its own session) and **apps** (users from `--user`, paired
+//! with devices through pairing codes). Each writer owns one field of the device's
+//! `shared.<serial>` bucket and writes increasing sequence numbers into it.
+//!
+//! Phases: *load* for `duration` (or until `max_updates`), then *drain* (no new changes,
+//! sleeping devices wake, until every acknowledged write was seen or the deadline passed),
+//! then *stop*. Every loop is bounded by these phases.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use serde_json::json;
+use tether_proto::api::{UpdateRequest, UpdateResponse};
+use tether_proto::client::{ClientConfig, DeviceClient, Event, Request, Response};
+use tether_proto::credentials::{basic_header, default_credentials, Credentials};
+use tether_proto::{Fields, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
+
+use crate::checker::{DeviceTrack, Violation};
+use crate::report::{latency_histogram, LatencySummary, Report};
+use crate::wire::{self, request_kind, Failure, WireOpts};
+
+/// Everything a run is configured with.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Registration URLs: one node, a load balancer, or every node of a cluster (devices
+    /// are spread over them round-robin).
+    pub urls: Vec<String>,
+    /// How many devices.
+    pub devices: usize,
+    /// Serials are `<prefix><index, 6 digits>`.
+    pub serial_prefix: String,
+    /// The first index (several processes can share one fleet).
+    pub first_index: usize,
+    /// The server's manufacturing key, to compute default credentials.
+    pub mfg_key: Vec<u8>,
+    /// Its key id (`d.<serial>.<key_id>`).
+    pub key_id: String,
+    /// Sent on registration; the built-in `thermostat` has `device.*` and `shared.*`.
+    pub device_type: String,
+    /// Firmware version sent on registration.
+    pub sw_version: String,
+    /// Local changes per device per second (to its `device.<serial>` bucket).
+    pub update_rate: f64,
+    /// Companion writes per device per second (to `shared.<serial>`); 0 disables.
+    pub companion_rate: f64,
+    /// App users; devices are paired with them round-robin. Empty: no apps.
+    pub users: Vec<Credentials>,
+    /// App writes per paired device per second.
+    pub app_rate: f64,
+    /// Mean time a device stays awake between sleeps; `None`: never sleeps.
+    pub sleep_every: Option<Duration>,
+    /// How long a sleep lasts.
+    pub sleep_for: Duration,
+    /// Connection drops per device per minute (flaky link); 0 disables.
+    pub flaky_per_min: f64,
+    /// Length of the load phase.
+    pub duration: Duration,
+    /// Ends the load phase early after this many acknowledged updates.
+    pub max_updates: Option<u64>,
+    /// Device starts are spread over this.
+    pub ramp: Duration,
+    /// An acknowledged write must reach each awake device within this.
+    pub notify_deadline: Duration,
+    /// `timeout_ms` of each subscribe.
+    pub subscribe_timeout_ms: u64,
+    /// Bound on every other request.
+    pub request_timeout: Duration,
+    /// JSON or protobuf.
+    pub protobuf: bool,
+    /// Source addresses to connect from (round-robin per device); empty: the default.
+    pub local_addresses: Vec<IpAddr>,
+    /// A CA certificate (PEM) to trust for `https://` URLs.
+    pub ca_cert: Option<PathBuf>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Seeds every random choice.
+    pub seed: u64,
+}
+
+impl SimConfig {
+    /// A small default fleet against `url` (tests tweak what they need).
+    pub fn new(url: &str, mfg_key: Vec<u8>, key_id: &str) -> Self {
+        SimConfig {
+            urls: vec![url.to_string()],
+            devices: 10,
+            serial_prefix: "SIM".to_string(),
+            first_index: 0,
+            mfg_key,
+            key_id: key_id.to_string(),
+            device_type: "thermostat".to_string(),
+            sw_version: "1.0.0".to_string(),
+            update_rate: 0.5,
+            companion_rate: 0.5,
+            users: Vec::new(),
+            app_rate: 0.2,
+            sleep_every: None,
+            sleep_for: Duration::from_secs(2),
+            flaky_per_min: 0.0,
+            duration: Duration::from_secs(10),
+            max_updates: None,
+            ramp: Duration::from_secs(1),
+            notify_deadline: Duration::from_secs(5),
+            subscribe_timeout_ms: 30_000,
+            request_timeout: Duration::from_secs(10),
+            protobuf: false,
+            local_addresses: Vec::new(),
+            ca_cert: None,
+            progress: false,
+            seed: 1,
+        }
+    }
+}
+
+/// The run's phase; every task watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Load,
+    Drain,
+    Stop,
+}
+
+/// Counters shared by every task.
+#[derive(Debug)]
+struct Stats {
+    registered: AtomicU64,
+    connected: AtomicU64,
+    paired: AtomicU64,
+    device_updates: AtomicU64,
+    writer_updates: AtomicU64,
+    deliveries: AtomicU64,
+    catch_up: AtomicU64,
+    sleeps: AtomicU64,
+    drops: AtomicU64,
+    latency: Mutex<Histogram<u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+/// What the device task shares with its writers and the sweeper.
+#[derive(Debug)]
+struct DeviceShared {
+    serial: String,
+    track: Mutex<DeviceTrack>,
+    /// The device's assigned credentials (the companion writes with them).
+    creds: Mutex<Option<Credentials>>,
+    /// Where the device syncs (from its registration).
+    sync_url: Mutex<String>,
+    connected: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    cfg: SimConfig,
+    start: Instant,
+    unix_at_start: u64,
+    https: Vec<reqwest::Client>,
+    wire: WireOpts,
+    phase: watch::Receiver<Phase>,
+    stats: Stats,
+    devices: Vec<Arc<DeviceShared>>,
+    violations: Mutex<Vec<Violation>>,
+    pb: ProgressBar,
+    apps: Vec<mpsc::UnboundedSender<(usize, String)>>,
+}
+
+/// Locks a mutex, ignoring poisoning (a panicked task must not hide the report).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exp_sample(rng: &mut StdRng, mean: Duration) -> Duration {
+    let u: f64 = rng.random();
+    mean.mul_f64(-(1.0 - u).ln().min(20.0))
+}
+
+impl Ctx {
+    fn now_ms(&self) -> u64 {
+        self.unix_at_start + u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn instant_of(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms.saturating_sub(self.unix_at_start))
+    }
+
+    fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    fn error(&self, kind: impl Into<String>) {
+        *lock(&self.stats.errors).entry(kind.into()).or_default() += 1;
+    }
+
+    fn failure(&self, what: &str, f: &Failure) {
+        match f {
+            Failure::Transport => self.error(format!("{what} transport")),
+            Failure::Timeout => self.error(format!("{what} timeout")),
+            Failure::Decode => self.error(format!("{what} undecodable answer")),
+            Failure::Status(s) => self.error(format!("{what} {s}")),
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        if self.pb.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.pb.println(msg);
+        }
+    }
+
+    fn violation(&self, v: Violation) {
+        self.say(&v.to_string());
+        lock(&self.violations).push(v);
+    }
+
+    fn url_of(&self, i: usize) -> &str {
+        &self.cfg.urls[i % self.cfg.urls.len()]
+    }
+
+    fn http_of(&self, i: usize) -> reqwest::Client {
+        self.https[i % self.https.len()].clone()
+    }
+
+    fn updates(&self) -> u64 {
+        self.stats.device_updates.load(Ordering::Relaxed)
+            + self.stats.writer_updates.load(Ordering::Relaxed)
+    }
+
+    fn record_deliveries(&self, ds: &[crate::checker::Delivery]) {
+        if ds.is_empty() {
+            return;
+        }
+        let mut h = lock(&self.stats.latency);
+        for d in ds {
+            self.stats.deliveries.fetch_add(1, Ordering::Relaxed);
+            if d.live {
+                let us = u64::try_from(d.latency.as_micros()).unwrap_or(u64::MAX);
+                h.saturating_record(us.max(1));
+            } else {
+                self.stats.catch_up.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Builds one HTTP client per source address (or one with the default).
+fn http_clients(cfg: &SimConfig) -> Result<Vec<reqwest::Client>> {
+    let ca = match &cfg.ca_cert {
+        Some(p) => {
+            let pem = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            Some(reqwest::Certificate::from_pem(&pem).context("parsing the CA certificate")?)
+        }
+        None => None,
+    };
+    let addrs: Vec<Option<IpAddr>> = if cfg.local_addresses.is_empty() {
+        vec![None]
+    } else {
+        cfg.local_addresses.iter().copied().map(Some).collect()
+    };
+    addrs
+        .into_iter()
+        .map(|a| {
+            let mut b = reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .local_address(a);
+            if let Some(ca) = &ca {
+                b = b.add_root_certificate(ca.clone());
+            }
+            b.build().context("building the HTTP client")
+        })
+        .collect()
+}
+
+/// Runs the fleet to the end and reports what it saw.
+pub async fn run(cfg: SimConfig) -> Result<Report> {
+    if cfg.urls.is_empty() {
+        bail!("no URL to simulate against");
+    }
+    if cfg.devices == 0 {
+        bail!("no devices to simulate");
+    }
+    let now = Instant::now();
+    let unix_at_start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Load);
+    let devices = (0..cfg.devices)
+        .map(|i| {
+            let serial = format!("{}{:06}", cfg.serial_prefix, cfg.first_index + i);
+            Arc::new(DeviceShared {
+                track: Mutex::new(DeviceTrack::new(&serial, now)),
+                serial,
+                creds: Mutex::new(None),
+                sync_url: Mutex::new(String::new()),
+                connected: AtomicBool::new(false),
+            })
+        })
+        .collect();
+    let pb = if cfg.progress {
+        let pb = ProgressBar::with_draw_target(
+            Some(cfg.duration.as_secs().max(1)),
+            ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) =
+            ProgressStyle::with_template("{elapsed_precise} [{bar:25.cyan/blue}] {msg}")
+        {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut app_rxs = Vec::new();
+    let mut apps = Vec::new();
+    for _ in &cfg.users {
+        let (tx, rx) = mpsc::unbounded_channel();
+        apps.push(tx);
+        app_rxs.push(rx);
+    }
+    let ctx = Arc::new(Ctx {
+        https: http_clients(&cfg)?,
+        wire: WireOpts {
+            protobuf: cfg.protobuf,
+            request_timeout: cfg.request_timeout,
+            subscribe_margin: Duration::from_secs(10),
+        },
+        start: now,
+        unix_at_start,
+        phase: phase_rx,
+        stats: Stats {
+            registered: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            paired: AtomicU64::new(0),
+            device_updates: AtomicU64::new(0),
+            writer_updates: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            catch_up: AtomicU64::new(0),
+            sleeps: AtomicU64::new(0),
+            drops: AtomicU64::new(0),
+            latency: Mutex::new(latency_histogram()),
+            errors: Mutex::new(BTreeMap::new()),
+        },
+        devices,
+        violations: Mutex::new(Vec::new()),
+        pb,
+        apps,
+        cfg,
+    });
+
+    let mut tasks = JoinSet::new();
+    for i in 0..ctx.cfg.devices {
+        tasks.spawn(run_device(ctx.clone(), i));
+        if ctx.cfg.companion_rate > 0.0 {
+            let field = "companion".to_string();
+            tasks.spawn(run_writer(
+                ctx.clone(),
+                i,
+                field,
+                format!("companion-{i}"),
+                None,
+                ctx.cfg.companion_rate,
+            ));
+        }
+    }
+    for (u, rx) in app_rxs.into_iter().enumerate() {
+        tasks.spawn(run_app(ctx.clone(), u, rx));
+    }
+
+    // The load phase, with the checker sweeping and the progress bar ticking.
+    let load_end = now + ctx.cfg.duration;
+    let tick = Duration::from_millis(250);
+    while Instant::now() < load_end {
+        tokio::time::sleep(tick.min(load_end.saturating_duration_since(Instant::now()))).await;
+        sweep(&ctx);
+        progress(&ctx, "");
+        if ctx.cfg.max_updates.is_some_and(|m| ctx.updates() >= m) {
+            break;
+        }
+    }
+    let load_time = now.elapsed();
+    let updates_in_load = ctx.updates();
+
+    // Drain: no new changes; wait for every acknowledged write to be seen (or be overdue).
+    let _ = phase_tx.send(Phase::Drain);
+    let drain_end = Instant::now() + ctx.cfg.notify_deadline + Duration::from_secs(2);
+    loop {
+        tokio::time::sleep(tick).await;
+        sweep(&ctx);
+        let outstanding: usize = ctx
+            .devices
+            .iter()
+            .map(|d| lock(&d.track).outstanding())
+            .sum();
+        progress(&ctx, &format!("draining: {outstanding} writes unconfirmed"));
+        if outstanding == 0 || Instant::now() >= drain_end {
+            break;
+        }
+    }
+    let _ = phase_tx.send(Phase::Stop);
+    let stop_by = Instant::now() + Duration::from_secs(5);
+    while !tasks.is_empty() {
+        match tokio::time::timeout(
+            stop_by.saturating_duration_since(Instant::now()),
+            tasks.join_next(),
+        )
+        .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tasks.abort_all();
+    sweep(&ctx);
+    let unconfirmed: usize = ctx
+        .devices
+        .iter()
+        .map(|d| lock(&d.track).outstanding())
+        .sum();
+    if unconfirmed > 0 {
+        // Acknowledged too close to the end to be overdue: neither delivered nor a violation.
+        ctx.error(format!(
+            "writes acknowledged within the deadline of the end, unconfirmed: {unconfirmed}"
+        ));
+    }
+    ctx.pb.finish_and_clear();
+
+    let s = &ctx.stats;
+    let device_updates = s.device_updates.load(Ordering::Relaxed);
+    let writer_updates = s.writer_updates.load(Ordering::Relaxed);
+    let report = Report {
+        devices: ctx.cfg.devices,
+        registered: s.registered.load(Ordering::Relaxed),
+        connected: s.connected.load(Ordering::Relaxed),
+        paired: s.paired.load(Ordering::Relaxed),
+        duration_s: load_time.as_secs_f64(),
+        device_updates,
+        writer_updates,
+        updates_per_s: updates_in_load as f64 / load_time.as_secs_f64().max(1e-9),
+        deliveries: s.deliveries.load(Ordering::Relaxed),
+        notify_latency: LatencySummary::of(&lock(&s.latency)),
+        catch_up_deliveries: s.catch_up.load(Ordering::Relaxed),
+        sleeps: s.sleeps.load(Ordering::Relaxed),
+        dropped_connections: s.drops.load(Ordering::Relaxed),
+        errors: lock(&s.errors).clone(),
+        violations: lock(&ctx.violations).clone(),
+    };
+    Ok(report)
+}
+
+/// Reports every acknowledged write that is overdue.
+fn sweep(ctx: &Ctx) {
+    let now = Instant::now();
+    for d in &ctx.devices {
+        let overdue = lock(&d.track).overdue(now, ctx.cfg.notify_deadline);
+        for v in overdue {
+            ctx.violation(v);
+        }
+    }
+}
+
+fn progress(ctx: &Ctx, extra: &str) {
+    if ctx.pb.is_hidden() {
+        return;
+    }
+    let s = &ctx.stats;
+    let elapsed = ctx.start.elapsed();
+    ctx.pb.set_position(elapsed.as_secs());
+    let p50 = {
+        let h = lock(&s.latency);
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(0.5) as f64 / 1000.0
+        }
+    };
+    ctx.pb.set_message(format!(
+        "connected {}/{} · updates {} ({:.0}/s) · notify p50 {:.1} ms · violations {} · errors {} {extra}",
+        s.connected.load(Ordering::Relaxed),
+        ctx.cfg.devices,
+        ctx.updates(),
+        ctx.updates() as f64 / elapsed.as_secs_f64().max(1e-3),
+        p50,
+        lock(&ctx.violations).len(),
+        lock(&s.errors).values().sum::<u64>(),
+    ));
+}
+
+/// One simulated device, until the stop phase.
+async fn run_device(ctx: Arc<Ctx>, i: usize) {
+    let cfg = &ctx.cfg;
+    let dev = ctx.devices[i].clone();
+    let mut phase_rx = ctx.phase.clone();
+    let n = u32::try_from(cfg.devices).unwrap_or(u32::MAX).max(1);
+    let delay = cfg.ramp / n * u32::try_from(i).unwrap_or(u32::MAX);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = phase_rx.wait_for(|p| *p != Phase::Load) => return,
+    }
+    let default = match default_credentials(&cfg.mfg_key, &dev.serial, &cfg.key_id) {
+        Ok(c) => c,
+        Err(e) => {
+            ctx.error(format!("invalid default credentials: {e}"));
+            return;
+        }
+    };
+    let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64);
+    let mut client = DeviceClient::new(ClientConfig {
+        device_id: dev.serial.clone(),
+        device_type: cfg.device_type.clone(),
+        sw_version: cfg.sw_version.clone(),
+        base_url: ctx.url_of(i).to_string(),
+        session: format!("dev-{}", dev.serial),
+        subscribe_timeout_ms: cfg.subscribe_timeout_ms,
+        backoff_initial_ms: 200,
+        backoff_max_ms: 2_000,
+        jitter_seed: seed,
+        default_credentials: default,
+        auth_backoff_max_ms: 10_000,
+    });
+    let http = ctx.http_of(i);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let device_bucket = format!("device.{}", dev.serial);
+    let start = Instant::now();
+    let mut next_update = (cfg.update_rate > 0.0)
+        .then(|| start + exp_sample(&mut rng, Duration::from_secs_f64(1.0 / cfg.update_rate)));
+    let mut next_toggle = cfg.sleep_every.map(|m| start + exp_sample(&mut rng, m));
+    let drop_mean =
+        (cfg.flaky_per_min > 0.0).then(|| Duration::from_secs_f64(60.0 / cfg.flaky_per_min));
+    let mut next_drop = drop_mean.map(|m| start + exp_sample(&mut rng, m));
+    let mut asleep = false;
+    let mut own_seq = 0u64;
+    let mut registered_once = false;
+    let mut regressions_seen: HashSet<(String, u64, u64)> = HashSet::new();
+    let mut requests: JoinSet<(u64, Response)> = JoinSet::new();
+    let mut in_flight: HashMap<u64, AbortHandle> = HashMap::new();
+    let (cred_tx, mut cred_rx) = mpsc::unbounded_channel::<Credentials>();
+
+    loop {
+        let phase = ctx.phase();
+        if phase == Phase::Stop {
+            break;
+        }
+        if phase == Phase::Drain {
+            if asleep {
+                asleep = false;
+                lock(&dev.track).wake(Instant::now());
+            }
+            next_update = None;
+            next_toggle = None;
+            next_drop = None;
+        }
+        if !asleep {
+            let now_ms = ctx.now_ms();
+            while let Some(out) = client.poll_request(now_ms) {
+                if matches!(out.request, Request::Subscribe(_))
+                    && !dev.connected.swap(true, Ordering::Relaxed)
+                {
+                    ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                let base = client.base_url().to_string();
+                let (http, tx, opts, ctx2) = (http.clone(), cred_tx.clone(), ctx.wire, ctx.clone());
+                let token = out.token;
+                let handle = requests.spawn(async move {
+                    let (resp, failure) = wire::send(&http, &base, &out, opts, |c| {
+                        let _ = tx.send(c);
+                    })
+                    .await;
+                    if let Some(f) = failure {
+                        ctx2.failure(request_kind(&out.request), &f);
+                    }
+                    (token, resp)
+                });
+                in_flight.insert(token, handle);
+            }
+        }
+        while let Some(ev) = client.poll_event() {
+            match ev {
+                Event::Registered => {
+                    *lock(&dev.sync_url) = client.base_url().to_string();
+                    if !registered_once {
+                        registered_once = true;
+                        ctx.stats.registered.fetch_add(1, Ordering::Relaxed);
+                        if !ctx.apps.is_empty() {
+                            client.request_pairing_code();
+                        }
+                    }
+                }
+                Event::BucketChanged { id, .. } => {
+                    if let Some(b) = client.bucket(&id) {
+                        let ds = lock(&dev.track).observe(&id, &b.value, Instant::now());
+                        ctx.record_deliveries(&ds);
+                    }
+                }
+                Event::VersionRegression { id, held, received } => {
+                    if regressions_seen.insert((id.clone(), held, received)) {
+                        ctx.violation(Violation::VersionRegression {
+                            device: dev.serial.clone(),
+                            bucket: id,
+                            held,
+                            received,
+                        });
+                    }
+                }
+                Event::ChangeAcked { outcome, .. } => {
+                    ctx.stats.device_updates.fetch_add(1, Ordering::Relaxed);
+                    if outcome == tether_proto::api::UpdateOutcome::Refused {
+                        ctx.error("put refused");
+                    }
+                }
+                Event::ChangeRejected { status, .. } => ctx.error(format!("put rejected {status}")),
+                Event::CredentialsStored { .. } => {
+                    *lock(&dev.creds) = client.assigned_credentials().cloned();
+                }
+                Event::CredentialsDropped { .. } => {
+                    *lock(&dev.creds) = None;
+                    ctx.error("assigned credentials dropped (401)");
+                }
+                Event::CredentialsIgnored { .. } => ctx.error("credentials offered for another id"),
+                Event::DefaultCredentialsRejected => ctx.error("default credentials rejected"),
+                Event::CredentialsMissing => ctx.error("registered without credentials"),
+                Event::PairingCode { code, .. } => {
+                    let app = &ctx.apps[i % ctx.apps.len()];
+                    let _ = app.send((i, code));
+                }
+                Event::PairingFailed { status } => ctx.error(format!("pairing-code {status}")),
+                Event::Redirected { .. } | Event::SoftwareUpdate { .. } => {}
+            }
+        }
+
+        let timeout_at = if asleep {
+            None
+        } else {
+            client.poll_timeout().map(|ms| ctx.instant_of(ms))
+        };
+        let wake_at = [timeout_at, next_update, next_toggle, next_drop]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            changed = phase_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            Some(c) = cred_rx.recv() => client.accept_credentials(c),
+            Some(done) = requests.join_next(), if !requests.is_empty() => {
+                if let Ok((token, resp)) = done {
+                    in_flight.remove(&token);
+                    client.handle_response(ctx.now_ms(), token, resp);
+                }
+            }
+            _ = tokio::time::sleep_until(wake_at.into()) => {
+                let now = Instant::now();
+                if next_update.is_some_and(|t| t <= now) {
+                    own_seq += 1;
+                    client.set_field(&device_bucket, "temperature", Value::from(own_seq));
+                    next_update = Some(now + exp_sample(&mut rng, Duration::from_secs_f64(1.0 / cfg.update_rate)));
+                }
+                if next_toggle.is_some_and(|t| t <= now) {
+                    if asleep {
+                        asleep = false;
+                        lock(&dev.track).wake(now);
+                        next_toggle = cfg.sleep_every.map(|m| now + exp_sample(&mut rng, m));
+                    } else {
+                        asleep = true;
+                        requests.abort_all();
+                        in_flight.clear();
+                        client.link_down(ctx.now_ms());
+                        lock(&dev.track).sleep();
+                        ctx.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+                        next_toggle = Some(now + cfg.sleep_for);
+                    }
+                }
+                if next_drop.is_some_and(|t| t <= now) {
+                    if !asleep && !in_flight.is_empty() {
+                        let now_ms = ctx.now_ms();
+                        for (token, h) in in_flight.drain() {
+                            h.abort();
+                            ctx.stats.drops.fetch_add(1, Ordering::Relaxed);
+                            client.handle_response(now_ms, token, Response::Transport);
+                        }
+                    }
+                    next_drop = drop_mean.map(|m| now + exp_sample(&mut rng, m));
+                }
+            }
+        }
+    }
+    requests.abort_all();
+}
+
+/// A client other than the device writing `{field: seq}` into its `shared.<serial>`
+/// bucket: the companion (`user` None: the device's own assigned credentials) or an app.
+async fn run_writer(
+    ctx: Arc<Ctx>,
+    i: usize,
+    field: String,
+    session: String,
+    user: Option<Credentials>,
+    rate: f64,
+) {
+    if rate <= 0.0 {
+        return;
+    }
+    let dev = ctx.devices[i].clone();
+    let bucket = format!("shared.{}", dev.serial);
+    let http = ctx.http_of(i);
+    let mut rng = StdRng::seed_from_u64(ctx.cfg.seed ^ 0x5eed ^ ((i as u64) << 16));
+    let mut phase_rx = ctx.phase.clone();
+    let mean = Duration::from_secs_f64(1.0 / rate);
+    let what = if user.is_some() {
+        "app put"
+    } else {
+        "companion put"
+    };
+    let mut seq = 0u64;
+    let mut base_version = 0u64;
+    loop {
+        // Wait for the next write (and for the device to be connected), or the load's end.
+        let pause = exp_sample(&mut rng, mean);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = phase_rx.wait_for(|p| *p != Phase::Load) => return,
+        }
+        if !dev.connected.load(Ordering::Relaxed) {
+            continue;
+        }
+        seq += 1;
+        let mut attempt = 0u32;
+        loop {
+            if ctx.phase() == Phase::Stop || attempt >= 6 {
+                lock(&dev.track).abandon(&bucket, &field, seq);
+                break;
+            }
+            attempt += 1;
+            lock(&dev.track).intend(&bucket, &field, seq, Instant::now());
+            let creds = match &user {
+                Some(u) => Some(u.clone()),
+                None => lock(&dev.creds).clone(),
+            };
+            let base = {
+                let s = lock(&dev.sync_url);
+                if s.is_empty() {
+                    ctx.url_of(i).to_string()
+                } else {
+                    s.clone()
+                }
+            };
+            let Some(creds) = creds else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut value = Fields::new();
+            value.insert(field.clone(), Value::from(seq));
+            let body = UpdateRequest {
+                value,
+                base_version,
+                occ: false,
+                session: Some(session.clone()),
+            };
+            let req = http
+                .put(format!(
+                    "{}/v1/buckets/{bucket}",
+                    base.trim_end_matches('/')
+                ))
+                .header(AUTHORIZATION, basic_header(&creds))
+                .header(CONTENT_TYPE, "application/json")
+                .timeout(ctx.cfg.request_timeout)
+                .json(&body);
+            let sent = req.send().await;
+            let wait = match sent {
+                Ok(r) if r.status().as_u16() == 200 => match r.json::<UpdateResponse>().await {
+                    Ok(u) => {
+                        base_version = u.version;
+                        lock(&dev.track).acked(&bucket, &field, seq, Instant::now());
+                        ctx.stats.writer_updates.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(_) => {
+                        ctx.error(format!("{what} undecodable answer"));
+                        Duration::from_millis(200)
+                    }
+                },
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    ctx.error(format!("{what} {status}"));
+                    let retry_after = r
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    match status {
+                        401 | 408 | 429 | 500..=599 => {
+                            Duration::from_secs(retry_after.unwrap_or(0).min(5))
+                                .max(Duration::from_millis(200 << attempt.min(4)))
+                        }
+                        _ => {
+                            // Refused for good (403, 404, 400): nothing to demand.
+                            lock(&dev.track).abandon(&bucket, &field, seq);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    ctx.error(if e.is_timeout() {
+                        format!("{what} timeout")
+                    } else {
+                        format!("{what} transport")
+                    });
+                    Duration::from_millis(200 << attempt.min(4))
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = phase_rx.wait_for(|p| *p == Phase::Stop) => {}
+            }
+        }
+    }
+}
+
+/// An app (one user): redeems the pairing codes of its devices (up to 16 at a time), then
+/// writes to each.
+async fn run_app(ctx: Arc<Ctx>, u: usize, mut codes: mpsc::UnboundedReceiver<(usize, String)>) {
+    let user = ctx.cfg.users[u].clone();
+    let mut phase_rx = ctx.phase.clone();
+    let pairing = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut devices = JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            c = codes.recv() => c,
+            _ = phase_rx.wait_for(|p| *p != Phase::Load) => None,
+        };
+        let Some((i, code)) = next else { break };
+        devices.spawn(app_device(
+            ctx.clone(),
+            user.clone(),
+            i,
+            code,
+            pairing.clone(),
+        ));
+    }
+    while devices.join_next().await.is_some() {}
+}
+
+/// One device of an app: pair it, then write to it.
+async fn app_device(
+    ctx: Arc<Ctx>,
+    user: Credentials,
+    i: usize,
+    code: String,
+    pairing: Arc<tokio::sync::Semaphore>,
+) {
+    let user_id = user.id.trim_start_matches("u.").to_string();
+    let mut phase_rx = ctx.phase.clone();
+    let http = ctx.http_of(i);
+    let base = ctx.url_of(i).to_string();
+    let body = json!({"code": code, "structure": format!("sim-{user_id}")});
+    let mut paired = false;
+    {
+        let Ok(_permit) = pairing.acquire().await else {
+            return;
+        };
+        // Retried until the load phase ends: an app with many devices meets the server's
+        // per-principal rate limit (429 with Retry-After) while pairing them all.
+        for attempt in 0..u32::MAX {
+            if ctx.phase() != Phase::Load {
+                break;
+            }
+            let r = http
+                .post(format!("{}/v1/pair", base.trim_end_matches('/')))
+                .header(AUTHORIZATION, basic_header(&user))
+                .timeout(ctx.cfg.request_timeout)
+                .json(&body)
+                .send()
+                .await;
+            let backoff = Duration::from_millis(200 << attempt.min(4));
+            let wait = match r {
+                Ok(r) if r.status().is_success() => {
+                    paired = true;
+                    break;
+                }
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    ctx.error(format!("pair {status}"));
+                    if !(status == 429 || status >= 500) {
+                        break;
+                    }
+                    let retry_after = r
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    retry_after.map_or(backoff, |s| Duration::from_secs(s.min(5)))
+                }
+                Err(_) => {
+                    ctx.error("pair transport");
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = phase_rx.wait_for(|p| *p != Phase::Load) => break,
+            }
+        }
+    }
+    if paired {
+        ctx.stats.paired.fetch_add(1, Ordering::Relaxed);
+        run_writer(
+            ctx.clone(),
+            i,
+            format!("app_{user_id}"),
+            format!("app-{user_id}"),
+            Some(user),
+            ctx.cfg.app_rate,
+        )
+        .await;
+    }
+}

@@ -1,0 +1,139 @@
+//! The end-of-run summary of `tether-sim`, printed for people or as JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::checker::Violation;
+
+/// Percentiles of a latency histogram recorded in microseconds, reported in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest sample.
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    /// Summarizes a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        LatencySummary {
+            count: h.len(),
+            mean_ms: h.mean() / 1000.0,
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p95_ms: ms(h.value_at_quantile(0.95)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// A histogram for microsecond latencies from 1 µs to 1 h, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    // Constant, valid bounds: `new_with_bounds` only fails on invalid ones.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// What one `tether-sim` run saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Devices simulated.
+    pub devices: usize,
+    /// Devices that registered (received assigned credentials and their bucket ids).
+    pub registered: u64,
+    /// Devices that got as far as holding a subscription.
+    pub connected: u64,
+    /// Devices paired with an app.
+    pub paired: u64,
+    /// Wall time of the load phase, seconds.
+    pub duration_s: f64,
+    /// Changes devices made to their own buckets that the server acknowledged.
+    pub device_updates: u64,
+    /// Writes companions and apps made to device buckets that the server acknowledged.
+    pub writer_updates: u64,
+    /// Acknowledged updates of both kinds per second of the load phase.
+    pub updates_per_s: f64,
+    /// Writes by other clients that the device confirmed it holds.
+    pub deliveries: u64,
+    /// Update → notify latency: from a writer sending a write to the device holding it,
+    /// for devices awake the whole time.
+    pub notify_latency: LatencySummary,
+    /// Deliveries to devices that slept in between (catch-up, not counted above).
+    pub catch_up_deliveries: u64,
+    /// Sleep cycles (disconnect, offline changes, reconnect with versions).
+    pub sleeps: u64,
+    /// Connections dropped on purpose (flaky links).
+    pub dropped_connections: u64,
+    /// Errors by kind (`<request> <status>`, `<request> transport`, …).
+    pub errors: BTreeMap<String, u64>,
+    /// Everything the checker caught.
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    /// Whether the run saw no violation.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The summary for people.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let l = &self.notify_latency;
+        let _ = writeln!(
+            s,
+            "devices: {} simulated, {} registered, {} connected, {} paired with apps",
+            self.devices, self.registered, self.connected, self.paired
+        );
+        let _ = writeln!(
+            s,
+            "updates: {} by devices + {} by companions/apps in {:.1} s = {:.1} updates/s",
+            self.device_updates, self.writer_updates, self.duration_s, self.updates_per_s
+        );
+        let _ = writeln!(
+            s,
+            "notify latency ({} live deliveries, {} catch-ups after sleep): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            l.count, self.catch_up_deliveries, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+        );
+        let _ = writeln!(
+            s,
+            "sleep cycles: {}, connections dropped on purpose: {}",
+            self.sleeps, self.dropped_connections
+        );
+        if self.errors.is_empty() {
+            let _ = writeln!(s, "errors: none");
+        } else {
+            let _ = writeln!(s, "errors by kind:");
+            for (k, n) in &self.errors {
+                let _ = writeln!(s, "  {k}: {n}");
+            }
+        }
+        if self.violations.is_empty() {
+            let _ = writeln!(s, "checks: versions monotonic, every change delivered: OK");
+        } else {
+            let _ = writeln!(s, "VIOLATIONS: {}", self.violations.len());
+            for v in self.violations.iter().take(50) {
+                let _ = writeln!(s, "  {v}");
+            }
+            if self.violations.len() > 50 {
+                let _ = writeln!(s, "  … and {} more", self.violations.len() - 50);
+            }
+        }
+        s
+    }
+}
