@@ -48,6 +48,41 @@ fn as_u64(v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative value {v} in the store")))
 }
 
+/// Locks `key` for the rest of the transaction (even when its row does not exist yet, so
+/// read-modify-write of one record is serialized) and reads its current value.
+async fn lock_record<T: DeserializeOwned>(
+    txn: &tokio_postgres::Transaction<'_>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
+        .await
+        .map_err(backend)?;
+    txn.query_opt("SELECT body FROM tether_records WHERE key = $1", &[&key])
+        .await
+        .map_err(backend)?
+        .map(|r| from_json(key, r.get(0)))
+        .transpose()
+}
+
+/// Writes (`Some`) or deletes (`None`) one record inside a transaction.
+async fn put_record(
+    txn: &tokio_postgres::Transaction<'_>,
+    key: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(), StoreError> {
+    let written = match body {
+        Some(body) => {
+            txn.execute(
+                "INSERT INTO tether_records (key, body) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body",
+                &[&key, body],
+            )
+            .await
+        }
+        None => txn.execute("DELETE FROM tether_records WHERE key = $1", &[&key]).await,
+    };
+    written.map(drop).map_err(backend)
+}
+
 /// The PostgreSQL backend.
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -255,36 +290,11 @@ impl Store for PostgresStore {
         let key = format!("assigned/{serial}");
         let mut client = self.client().await?;
         let txn = client.transaction().await.map_err(backend)?;
-        // Serialize swaps of one key even when the row does not exist yet.
-        txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
-            .await
-            .map_err(backend)?;
-        let current: Option<AssignedRecord> = txn
-            .query_opt("SELECT body FROM tether_records WHERE key = $1", &[&key])
-            .await
-            .map_err(backend)?
-            .map(|r| from_json(&key, r.get(0)))
-            .transpose()?;
+        let current: Option<AssignedRecord> = lock_record(&txn, &key).await?;
         if current.map(|r| r.current_hash) != expected {
             return Ok(false);
         }
-        match &new {
-            Some(rec) => {
-                let body = to_json(rec)?;
-                txn.execute(
-                    "INSERT INTO tether_records (key, body) VALUES ($1, $2)
-                     ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body",
-                    &[&key, &body],
-                )
-                .await
-                .map_err(backend)?;
-            }
-            None => {
-                txn.execute("DELETE FROM tether_records WHERE key = $1", &[&key])
-                    .await
-                    .map_err(backend)?;
-            }
-        }
+        put_record(&txn, &key, new.as_ref().map(to_json).transpose()?.as_ref()).await?;
         txn.commit().await.map_err(backend)?;
         Ok(true)
     }
@@ -319,41 +329,25 @@ impl Store for PostgresStore {
         let key = format!("pairing/{device_id}");
         let mut client = self.client().await?;
         let txn = client.transaction().await.map_err(backend)?;
-        txn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
-            .await
-            .map_err(backend)?;
-        let old: Option<Pairing> = txn
-            .query_opt("SELECT body FROM tether_records WHERE key = $1", &[&key])
-            .await
-            .map_err(backend)?
-            .map(|r| from_json(&key, r.get(0)))
-            .transpose()?;
+        let old: Option<Pairing> = lock_record(&txn, &key).await?;
         if let Some(o) = &old {
-            txn.execute(
-                "DELETE FROM tether_records WHERE key = $1",
-                &[&format!("user_device/{}/{device_id}", o.user_id)],
+            put_record(
+                &txn,
+                &format!("user_device/{}/{device_id}", o.user_id),
+                None,
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         }
-        let upsert = "INSERT INTO tether_records (key, body) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body";
-        match &pairing {
-            Some(p) => {
-                let body = to_json(p)?;
-                txn.execute(upsert, &[&key, &body]).await.map_err(backend)?;
-                txn.execute(
-                    upsert,
-                    &[&format!("user_device/{}/{device_id}", p.user_id), &body],
-                )
-                .await
-                .map_err(backend)?;
-            }
-            None => {
-                txn.execute("DELETE FROM tether_records WHERE key = $1", &[&key])
-                    .await
-                    .map_err(backend)?;
-            }
+        let body = pairing.as_ref().map(to_json).transpose()?;
+        if let (Some(p), Some(body)) = (&pairing, &body) {
+            put_record(
+                &txn,
+                &format!("user_device/{}/{device_id}", p.user_id),
+                Some(body),
+            )
+            .await?;
         }
+        put_record(&txn, &key, body.as_ref()).await?;
         txn.commit().await.map_err(backend)?;
         Ok(old)
     }
