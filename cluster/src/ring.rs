@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use hashring::HashRing;
@@ -114,6 +115,7 @@ pub struct RingPlacement {
     local: Member,
     vnodes: u32,
     view: RwLock<Arc<RingView>>,
+    retired: AtomicBool,
 }
 
 impl RingPlacement {
@@ -124,6 +126,7 @@ impl RingPlacement {
             local,
             vnodes,
             view: RwLock::new(Arc::new(view)),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -149,9 +152,20 @@ impl RingPlacement {
             .filter(|m| m.id != self.local.id)
             .cloned()
             .collect();
-        all.push(self.local.clone());
+        // A retired (draining) node places nothing on itself while anyone else is left.
+        if !self.retired.load(Ordering::Acquire) || all.is_empty() {
+            all.push(self.local.clone());
+        }
         let view = Arc::new(Self::build(&all, self.vnodes));
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = view;
+    }
+
+    /// Drain: from now on every key goes to the other members (this node keeps only
+    /// what nobody else can take, i.e. everything when it is alone).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        let members: Vec<Member> = self.current().members.values().cloned().collect();
+        self.update(&members);
     }
 
     /// The ring of the current view.

@@ -120,6 +120,7 @@ pub struct BucketSetActor {
     last_active: Instant,
     shutting_down: bool,
     passivated: bool,
+    leased: bool,
 }
 
 impl std::fmt::Debug for BucketSetActor {
@@ -154,6 +155,7 @@ impl BucketSetActor {
             last_active: Instant::now(),
             shutting_down: false,
             passivated: false,
+            leased: false,
         }
     }
 
@@ -169,7 +171,12 @@ impl BucketSetActor {
             )));
         }
         if self.shutting_down {
-            return Err(NodeError::Unavailable("node is shutting down".into()));
+            // Handoff or drain: the caller routes the request again (to the new owner,
+            // or fails it with 503 when the whole node is closing).
+            return Err(NodeError::NotOwner(format!(
+                "bucket set {} is moving",
+                self.set
+            )));
         }
         Ok(())
     }
@@ -364,6 +371,7 @@ impl Actor for BucketSetActor {
                         act.committed.insert(b.id.clone(), b);
                     }
                     act.epoch = Some(epoch);
+                    act.leased = true;
                     act.shared.metrics.lease_acquired();
                     tracing::debug!(set = %act.set, epoch = epoch.0, buckets = act.committed.len(), "bucket set loaded");
                 }
@@ -406,6 +414,9 @@ impl Actor for BucketSetActor {
         }
         self.shared.metrics.subscriptions_held(-held);
         self.shared.metrics.set_stopped(self.passivated);
+        if self.leased {
+            self.shared.metrics.lease_released();
+        }
         self.shared.forget(&self.set, &ctx.address());
     }
 }

@@ -16,7 +16,7 @@ use tether_proto::{BucketId, SetKey};
 
 use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
-use crate::registry::Shared;
+use crate::router::Router;
 
 /// The bucket kind of structures (`structure.<id>`); every other kind belongs to a device.
 pub const STRUCTURE_KIND: &str = "structure";
@@ -136,7 +136,7 @@ impl Principal {
 pub struct Auth {
     /// Credential verification, issuing, rotation and rate limits.
     pub credentials: CredentialService,
-    shared: Arc<Shared>,
+    router: Arc<Router>,
 }
 
 fn default_not_allowed() -> NodeError {
@@ -148,10 +148,10 @@ fn default_not_allowed() -> NodeError {
 
 impl Auth {
     /// An authenticator over the store.
-    pub fn new(credentials: CredentialService, shared: Arc<Shared>) -> Self {
+    pub fn new(credentials: CredentialService, router: Arc<Router>) -> Self {
         Auth {
             credentials,
-            shared,
+            router,
         }
     }
 
@@ -193,11 +193,15 @@ impl Auth {
                 if lost {
                     // The lost-credentials case: the old set is revoked (replaced above) and
                     // the device must be paired again (1850–1852).
-                    let old = self.shared.store.set_pairing(serial.as_str(), None).await?;
+                    let old = self
+                        .router
+                        .shared()
+                        .store
+                        .set_pairing(serial.as_str(), None)
+                        .await?;
                     let structure = old.and_then(|p| p.structure);
-                    self.shared.access_changed(
-                        std::iter::once(serial.as_str()).chain(structure.as_deref()),
-                    );
+                    self.router
+                        .release_held(std::iter::once(serial.as_str()).chain(structure.as_deref()));
                     tracing::warn!(device = %serial, "default credentials presented again: assigned set replaced, device unpaired");
                 } else {
                     tracing::info!(device = %serial, "first contact: assigned credentials issued");
@@ -218,7 +222,8 @@ impl Auth {
                     )
                     .await?;
                 let structure = self
-                    .shared
+                    .router
+                    .shared()
                     .store
                     .get_pairing(serial.as_str())
                     .await?
@@ -230,7 +235,8 @@ impl Auth {
                     .throttled(&creds.id, self.credentials.verify_user(&creds, user_id))
                     .await?;
                 let devices = self
-                    .shared
+                    .router
+                    .shared()
                     .store
                     .user_pairings(user_id)
                     .await?
@@ -238,7 +244,8 @@ impl Auth {
                     .map(|p| p.device_id)
                     .collect();
                 let structures = self
-                    .shared
+                    .router
+                    .shared()
                     .store
                     .user_structures(user_id)
                     .await?

@@ -160,6 +160,23 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TETHER_LOG_JSON")]
     pub log_json: bool,
+    /// Cluster mode: the internal gRPC address (gossip and forwarding between nodes). Needs
+    /// a shared store and the cluster secret (`TETHER_CLUSTER_SECRET` or
+    /// --cluster-secret-file). Not for devices.
+    #[arg(long, env = "TETHER_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// The gRPC address peers dial [default: --grpc-listen; required when that is a
+    /// wildcard such as 0.0.0.0].
+    #[arg(long, env = "TETHER_GRPC_ADVERTISE")]
+    pub grpc_advertise: Option<SocketAddr>,
+    /// Seeds to join: `host:port,…` or a DNS name resolving to several addresses (a
+    /// Kubernetes headless Service). Without it the node starts a new cluster.
+    #[arg(long, env = "TETHER_JOIN")]
+    pub join: Option<String>,
+    /// File holding the cluster secret (at least 16 bytes; every node the same). The
+    /// `TETHER_CLUSTER_SECRET` environment variable may carry it instead.
+    #[arg(long, env = "TETHER_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// The config file: every flag by its snake_case name, plus registration sections.
@@ -186,6 +203,10 @@ pub struct FileConfig {
     register_per_hour: Option<u32>,
     requests_per_second: Option<u32>,
     pairing_code_ttl_s: Option<u64>,
+    grpc_listen: Option<SocketAddr>,
+    grpc_advertise: Option<SocketAddr>,
+    join: Option<String>,
+    cluster_secret_file: Option<PathBuf>,
     tier: Option<String>,
     #[serde(default)]
     device_types: std::collections::BTreeMap<String, crate::registration::DeviceType>,
@@ -230,6 +251,82 @@ pub struct Config {
     pub pairing_code_ttl_s: u64,
     /// Registration rules.
     pub registration: RegistrationConfig,
+    /// Cluster mode (gossip, placement, forwarding); `None`: one node owns every set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// How a node takes part in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Where the internal gRPC server listens.
+    pub grpc_listen: SocketAddr,
+    /// The gRPC address peers dial.
+    pub advertise: SocketAddr,
+    /// Seeds to join (empty: start a new cluster).
+    pub seeds: Vec<tether_cluster::seeds::SeedSpec>,
+    /// Authenticates peers on the internal port.
+    pub secret: tether_cluster::ClusterSecret,
+}
+
+impl ClusterConfig {
+    fn load(
+        grpc_listen: Option<SocketAddr>,
+        advertise: Option<SocketAddr>,
+        join: Option<String>,
+        secret_file: Option<PathBuf>,
+    ) -> Result<Option<Self>> {
+        let Some(grpc_listen) = grpc_listen else {
+            if join.is_some() || advertise.is_some() {
+                return Err(NodeError::Config(
+                    "--join and --grpc-advertise need --grpc-listen (cluster mode)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let advertise = match advertise {
+            Some(a) => a,
+            None if grpc_listen.ip().is_unspecified() => {
+                return Err(NodeError::Config(format!(
+                    "--grpc-listen {grpc_listen} is a wildcard: pass --grpc-advertise with the \
+                     address peers dial"
+                )))
+            }
+            None => grpc_listen,
+        };
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            return Err(NodeError::Config(format!(
+                "--grpc-advertise {advertise}: peers need a concrete address and port"
+            )));
+        }
+        let seeds = match join.as_deref().map(str::trim) {
+            None | Some("") => Vec::new(),
+            Some(list) => tether_cluster::seeds::parse_seeds(list)
+                .map_err(|e| NodeError::Config(format!("--join {list:?}: {e}")))?,
+        };
+        let secret = match (secret_file, std::env::var("TETHER_CLUSTER_SECRET").ok()) {
+            (Some(path), _) => std::fs::read(&path)
+                .map(|b| b.trim_ascii().to_vec())
+                .map_err(|e| {
+                    NodeError::Config(format!("reading cluster secret {}: {e}", path.display()))
+                })?,
+            (None, Some(value)) => value.trim().as_bytes().to_vec(),
+            (None, None) => {
+                return Err(NodeError::Config(
+                    "cluster mode needs the cluster secret: set TETHER_CLUSTER_SECRET or pass \
+                     --cluster-secret-file (the same secret on every node)"
+                        .into(),
+                ))
+            }
+        };
+        let secret = tether_cluster::ClusterSecret::new(secret)
+            .map_err(|e| NodeError::Config(format!("cluster secret: {e}")))?;
+        Ok(Some(ClusterConfig {
+            grpc_listen,
+            advertise,
+            seeds,
+            secret,
+        }))
+    }
 }
 
 impl Config {
@@ -263,7 +360,14 @@ impl Config {
             Some(url) => StoreUrl::parse(&url)?,
             None => StoreUrl::Redb(data_dir.clone()),
         };
+        let cluster = ClusterConfig::load(
+            args.grpc_listen.or(file.grpc_listen),
+            args.grpc_advertise.or(file.grpc_advertise),
+            args.join.or(file.join),
+            args.cluster_secret_file.or(file.cluster_secret_file),
+        )?;
         let config = Config {
+            cluster,
             listen: args.listen.or(file.listen).unwrap_or(default_listen),
             data_dir,
             store,
@@ -359,6 +463,13 @@ impl Config {
                  self-signed` for development), or listen on 127.0.0.1",
                 self.listen
             )));
+        }
+        if self.cluster.is_some() && matches!(self.store, StoreUrl::Redb(_)) {
+            return Err(NodeError::Config(
+                "cluster mode needs a store every node shares: pass --store postgres://… (or \
+                 fdb:CLUSTER_FILE); the embedded redb store belongs to one node"
+                    .into(),
+            ));
         }
         if self.max_bucket_bytes == 0 {
             return Err(NodeError::Config(

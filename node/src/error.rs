@@ -46,6 +46,10 @@ pub enum NodeError {
     /// The node is shutting down or an actor went away mid-request; retry.
     #[error("{0}")]
     Unavailable(String),
+    /// This node does not own the bucket set (in its current view of the ring); the
+    /// caller routes the request again. Reaches a client only as a 503.
+    #[error("{0}")]
+    NotOwner(String),
     /// Configuration or start-up problem (never an HTTP answer).
     #[error("{0}")]
     Config(String),
@@ -72,9 +76,9 @@ impl NodeError {
             NodeError::UnsupportedMediaType(_) => {
                 ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
             }
-            NodeError::Store(StoreError::Fenced { .. }) | NodeError::Unavailable(_) => {
-                ("unavailable", StatusCode::SERVICE_UNAVAILABLE)
-            }
+            NodeError::Store(StoreError::Fenced { .. })
+            | NodeError::Unavailable(_)
+            | NodeError::NotOwner(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
             NodeError::Store(_) => ("store_error", StatusCode::SERVICE_UNAVAILABLE),
             NodeError::Config(_) | NodeError::Internal(_) => {
                 ("internal", StatusCode::INTERNAL_SERVER_ERROR)
@@ -108,10 +112,70 @@ impl ResponseError for NodeError {
         if let NodeError::RateLimited { retry_after_s } = self {
             resp.insert_header(("Retry-After", retry_after_s.to_string()));
         }
-        if matches!(self, NodeError::Unavailable(_) | NodeError::Store(_)) {
+        if matches!(
+            self,
+            NodeError::Unavailable(_) | NodeError::Store(_) | NodeError::NotOwner(_)
+        ) {
             resp.insert_header(("Retry-After", "1"));
         }
         resp.json(self.body())
+    }
+}
+
+/// gRPC metadata key carrying the API error code of a forwarded request's failure.
+pub const GRPC_ERROR_KEY: &str = "x-tether-error";
+/// The code a node answers a forwarded request with when it does not own the set.
+const NOT_OWNER: &str = "not_owner";
+
+impl NodeError {
+    /// The gRPC status a node answers a forwarded request with: a gRPC code for peers
+    /// and tooling, the API code in [`GRPC_ERROR_KEY`] so the forwarding node answers the
+    /// device exactly as this node would have.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            NodeError::BadRequest(_) | NodeError::Proto(_) => Code::InvalidArgument,
+            NodeError::Unauthorized(_) | NodeError::DefaultCredentialsNotAllowed(_) => {
+                Code::Unauthenticated
+            }
+            NodeError::RateLimited { .. } | NodeError::TooLarge(_) => Code::ResourceExhausted,
+            NodeError::Forbidden(_) => Code::PermissionDenied,
+            NodeError::NotFound(_) => Code::NotFound,
+            NodeError::UnsupportedMediaType(_) => Code::InvalidArgument,
+            NodeError::NotOwner(_) => Code::FailedPrecondition,
+            NodeError::Store(_) | NodeError::Unavailable(_) => Code::Unavailable,
+            NodeError::Config(_) | NodeError::Internal(_) => Code::Internal,
+        };
+        let api_code = match self {
+            NodeError::NotOwner(_) => NOT_OWNER,
+            other => other.code_and_status().0,
+        };
+        let mut status = tonic::Status::new(code, self.to_string());
+        if let Ok(v) = api_code.parse() {
+            status.metadata_mut().insert(GRPC_ERROR_KEY, v);
+        }
+        status
+    }
+
+    /// The error a forwarded request failed with on its owner, from the owner's status.
+    /// `None`: the status did not come from a node's handler (transport failure, peer
+    /// authentication); the caller decides what that means.
+    pub fn from_status(status: &tonic::Status) -> Option<NodeError> {
+        let code = status.metadata().get(GRPC_ERROR_KEY)?.to_str().ok()?;
+        let msg = status.message().to_string();
+        Some(match code {
+            "bad_request" => NodeError::BadRequest(msg),
+            "unauthorized" => NodeError::Unauthorized(msg),
+            "default_credentials_not_allowed" => NodeError::DefaultCredentialsNotAllowed(msg),
+            "rate_limited" => NodeError::RateLimited { retry_after_s: 1 },
+            "forbidden" => NodeError::Forbidden(msg),
+            "not_found" => NodeError::NotFound(msg),
+            "too_large" => NodeError::TooLarge(msg),
+            "unsupported_media_type" => NodeError::UnsupportedMediaType(msg),
+            NOT_OWNER => NodeError::NotOwner(msg),
+            "unavailable" | "store_error" => NodeError::Unavailable(msg),
+            _ => NodeError::Internal(msg),
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! `Content-Type` or `Accept` says `application/x-protobuf`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,13 +19,13 @@ use tether_proto::api::{
     WireMessage,
 };
 use tether_proto::reconcile::Held;
-use tether_proto::{Bucket, BucketId, Outcome, SetKey, Update};
+use tether_proto::{Bucket, BucketId, SetKey, Update};
 
-use crate::actor::{EnsureBuckets, Get, Put, Subscribe, SubscribeAnswer, Unsubscribe};
 use crate::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::registry::Shared;
+use crate::router::{PutKind, Router, Subscription};
 use crate::store::{DeviceRecord, Pairing, PairingCode};
 
 /// Room for the envelope (`base_version`, `session`, JSON punctuation) around a bucket.
@@ -42,6 +42,8 @@ const PROTOBUF: &str = "application/x-protobuf";
 pub struct AppState {
     /// Actors, store, clock, metrics.
     pub shared: Arc<Shared>,
+    /// Sends each set operation to the set's owner (this node or a peer).
+    pub router: Arc<Router>,
     /// Effective configuration.
     pub config: Config,
     /// What registration hands out as `sync_url` (allocation: this node).
@@ -50,24 +52,27 @@ pub struct AppState {
     pub auth: Auth,
     /// False once shutdown began.
     pub serving: AtomicBool,
-    next_sub: AtomicU64,
+    /// True once the node knows its cluster (always for a single node).
+    pub joined: Arc<AtomicBool>,
 }
 
 impl AppState {
     /// Handler state for a node.
     pub fn new(
-        shared: Arc<Shared>,
+        router: Arc<Router>,
         config: Config,
         placement: Arc<dyn tether_cluster::Placement>,
         auth: Auth,
+        joined: Arc<AtomicBool>,
     ) -> Self {
         AppState {
-            shared,
+            shared: router.shared().clone(),
+            router,
             config,
             placement,
             auth,
             serving: AtomicBool::new(true),
-            next_sub: AtomicU64::new(1),
+            joined,
         }
     }
 
@@ -211,13 +216,7 @@ pub async fn register(
         .map(|(id, _)| id.to_string())
         .collect();
     if decision.redirect.is_none() {
-        let created = state
-            .shared
-            .call(&set, EnsureBuckets(decision.buckets))
-            .await??;
-        created
-            .await
-            .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))??;
+        state.router.ensure(&set, decision.buckets).await?;
         let now = now_ms();
         let first_seen_ms = state
             .shared
@@ -286,7 +285,7 @@ pub async fn list(
     }
     let mut buckets = Vec::new();
     for (set, ids) in by_set {
-        let found: Vec<Bucket> = state.shared.call(&set, Get(ids)).await??;
+        let found: Vec<Bucket> = state.router.get(&set, ids).await?;
         buckets.extend(
             found
                 .iter()
@@ -311,9 +310,9 @@ pub async fn get_one(
     let id = parse_path_id(&path)?;
     principal.authorize(&id)?;
     let found: Vec<Bucket> = state
-        .shared
-        .call(&id.set_key(), Get(Some(vec![id.clone()])))
-        .await??;
+        .router
+        .get(&id.set_key(), Some(vec![id.clone()]))
+        .await?;
     let b = found
         .first()
         .ok_or_else(|| NodeError::NotFound(format!("no bucket {id}")))?;
@@ -348,25 +347,12 @@ pub async fn put(
         base_version: msg.base_version,
         occ: msg.occ,
     };
-    let rx = state
-        .shared
-        .call(
-            &set,
-            Put {
-                id: id.clone(),
-                update,
-                session: msg.session,
-            },
-        )
-        .await??;
-    let written = rx
-        .await
-        .map_err(|_| NodeError::Unavailable("bucket set stopped before the commit".into()))??;
+    let written = state.router.put(&id, update, msg.session).await?;
     let b = &written.bucket;
-    let (status, outcome, value) = match &written.outcome {
-        Outcome::Applied(_) => (StatusCode::OK, UpdateOutcome::Applied, None),
-        Outcome::Merged(_) => (StatusCode::OK, UpdateOutcome::Merged, Some(b.value.clone())),
-        Outcome::Refused(_) => (
+    let (status, outcome, value) = match written.kind {
+        PutKind::Applied => (StatusCode::OK, UpdateOutcome::Applied, None),
+        PutKind::Merged => (StatusCode::OK, UpdateOutcome::Merged, Some(b.value.clone())),
+        PutKind::Refused => (
             StatusCode::CONFLICT,
             UpdateOutcome::Refused,
             Some(b.value.clone()),
@@ -381,24 +367,6 @@ pub async fn put(
         value,
     };
     Ok(respond(&req, status, &resp))
-}
-
-/// Cancels a held subscription on every set it spans when dropped: on timeout, on answer,
-/// and when actix drops the handler because the client closed the connection.
-struct SubscriptionGuard {
-    shared: Arc<Shared>,
-    sub_id: u64,
-    sets: Vec<SetKey>,
-}
-
-impl Drop for SubscriptionGuard {
-    fn drop(&mut self) {
-        for set in &self.sets {
-            if let Some(addr) = self.shared.existing_actor(set) {
-                addr.do_send(Unsubscribe(self.sub_id));
-            }
-        }
-    }
 }
 
 /// `POST /v1/subscribe` (seed 000 FIG 21): answer at once with stale buckets, else hold.
@@ -436,53 +404,21 @@ pub async fn subscribe(
             Duration::from_millis,
         )
         .min(state.config.subscribe_max_timeout);
-    let sub_id = state.next_sub.fetch_add(1, Ordering::Relaxed);
-    let mut guard = SubscriptionGuard {
-        shared: state.shared.clone(),
-        sub_id,
-        sets: Vec::new(),
-    };
-    let mut now = Vec::new();
-    let mut waiting = Vec::new();
-    for (set, held) in by_set {
-        let answer = state
-            .shared
-            .call(
-                &set,
-                Subscribe {
-                    sub_id,
-                    held,
-                    session: msg.session.clone(),
-                },
-            )
-            .await??;
-        match answer {
-            SubscribeAnswer::Now(buckets) => now.extend(buckets),
-            SubscribeAnswer::Held(rx) => {
-                guard.sets.push(set);
-                waiting.push(rx);
-            }
+    let held = match state.router.subscribe(by_set, msg.session, timeout).await? {
+        Subscription::Now(buckets) => {
+            return Ok(respond(&req, StatusCode::OK, &full_list(&buckets)));
         }
-    }
-    if !now.is_empty() {
-        drop(guard);
-        return Ok(respond(&req, StatusCode::OK, &full_list(&now)));
-    }
+        Subscription::Held(held) => held,
+    };
     // Held: the status line and headers go out now (API.md: headers such as new
     // credentials reach the device "even on a held subscribe, before the body"); the body
-    // follows when a bucket changes or the hold times out. Streaming the body also makes
-    // actix drop this future, and with it the guard, when the client hangs up, so a closed
-    // connection cancels the subscription.
+    // follows when a bucket changes, the hold times out or the node drains. Streaming the
+    // body also makes actix drop this future, and with it the held subscription (on
+    // every owner), when the client hangs up, so a closed connection cancels it.
     let format = response_format(&req);
+    let draining = state.router.drain_signal();
     let body = async move {
-        let any = futures::future::select_all(waiting);
-        let buckets = match tokio::time::timeout(timeout, any).await {
-            // A dropped sender means the actor stopped (shutdown, lease lost): an empty
-            // answer makes the client resubscribe with its versions; nothing is lost.
-            Ok((answer, _, _)) => answer.unwrap_or_default(),
-            Err(_elapsed) => Vec::new(),
-        };
-        drop(guard);
+        let buckets = held.answer(timeout, draining).await;
         let list = full_list(&buckets);
         let bytes = match format {
             Format::Json => {
@@ -605,13 +541,7 @@ pub async fn pair(
                 "structure {s} belongs to another account"
             )));
         }
-        let created = state
-            .shared
-            .call(s, EnsureBuckets(structure_template(s)?))
-            .await??;
-        created
-            .await
-            .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))??;
+        state.router.ensure(s, structure_template(s)?).await?;
     }
     let old = store
         .set_pairing(
@@ -626,8 +556,8 @@ pub async fn pair(
         .await?;
     let old_structure = old.and_then(|p| p.structure);
     state
-        .shared
-        .access_changed(std::iter::once(code.device_id.as_str()).chain(old_structure.as_deref()));
+        .router
+        .release_held(std::iter::once(code.device_id.as_str()).chain(old_structure.as_deref()));
     tracing::info!(device = %code.device_id, user = %user_id, "device paired");
     let resp = PairResponse {
         device_id: code.device_id,
@@ -652,8 +582,8 @@ pub async fn unpair(
         Some(p) if &p.user_id == user_id => {
             store.set_pairing(device.as_str(), None).await?;
             state
-                .shared
-                .access_changed(std::iter::once(device.as_str()).chain(p.structure.as_deref()));
+                .router
+                .release_held(std::iter::once(device.as_str()).chain(p.structure.as_deref()));
             tracing::info!(device = %device, user = %user_id, "device unpaired");
             Ok(respond(
                 &req,
@@ -676,12 +606,17 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the node serves requests (store open, not draining).
+/// `GET /readyz`: the node serves requests: store open, cluster joined (its ring known),
+/// not draining. Load balancers send traffic only to ready nodes.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.serving.load(Ordering::Acquire) {
-        HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
-    } else {
+    let members = state.router.members();
+    if !state.serving.load(Ordering::Acquire) {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "draining"}))
+    } else if !state.joined.load(Ordering::Acquire) {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"status": "joining", "members": members}))
+    } else {
+        HttpResponse::Ok().json(serde_json::json!({"status": "ready", "members": members}))
     }
 }
 

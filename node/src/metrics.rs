@@ -25,6 +25,11 @@ struct Inner {
     store_batch: Histogram,
     leases_acquired: Counter,
     leases_lost: Counter,
+    owned_sets: Gauge,
+    forwarded: Family<Labels, Counter>,
+    forwarded_served: Family<Labels, Counter>,
+    handoffs: Counter,
+    cluster_members: Gauge,
 }
 
 /// Shared handle to the node's metrics; cheap to clone.
@@ -107,7 +112,42 @@ impl Metrics {
             "Commits refused because another owner took the set's lease",
             leases_lost.clone(),
         );
+        let owned_sets = Gauge::default();
+        registry.register(
+            "owned_sets",
+            "Bucket sets whose lease this node holds (loaded actors)",
+            owned_sets.clone(),
+        );
+        let forwarded = Family::<Labels, Counter>::default();
+        registry.register(
+            "forwarded_requests",
+            "Requests sent to the owning node over gRPC, by operation and result",
+            forwarded.clone(),
+        );
+        let forwarded_served = Family::<Labels, Counter>::default();
+        registry.register(
+            "forwarded_served",
+            "Requests other nodes forwarded here, by operation",
+            forwarded_served.clone(),
+        );
+        let handoffs = Counter::default();
+        registry.register(
+            "handoffs",
+            "Bucket set actors stopped because the set moved to another node",
+            handoffs.clone(),
+        );
+        let cluster_members = Gauge::default();
+        registry.register(
+            "cluster_members",
+            "Live members in this node's view, itself included",
+            cluster_members.clone(),
+        );
         Metrics(Arc::new(Inner {
+            owned_sets,
+            forwarded,
+            forwarded_served,
+            handoffs,
+            cluster_members,
             leases_acquired,
             leases_lost,
             registry,
@@ -164,6 +204,31 @@ impl Metrics {
     }
     pub(crate) fn lease_acquired(&self) {
         self.0.leases_acquired.inc();
+        self.0.owned_sets.inc();
+    }
+    pub(crate) fn lease_released(&self) {
+        self.0.owned_sets.dec();
+    }
+    pub(crate) fn forwarded(&self, op: &'static str, result: &'static str) {
+        self.0
+            .forwarded
+            .get_or_create(&vec![
+                ("op", op.to_string()),
+                ("result", result.to_string()),
+            ])
+            .inc();
+    }
+    pub(crate) fn forwarded_served(&self, op: &'static str) {
+        self.0
+            .forwarded_served
+            .get_or_create(&vec![("op", op.to_string())])
+            .inc();
+    }
+    pub(crate) fn handoff(&self) {
+        self.0.handoffs.inc();
+    }
+    pub(crate) fn cluster_members(&self, n: usize) {
+        self.0.cluster_members.set(n as i64);
     }
     pub(crate) fn lease_lost(&self) {
         self.0.leases_lost.inc();

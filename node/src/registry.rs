@@ -3,10 +3,11 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use tether_cluster::RingPlacement;
 use tether_proto::{Hlc, HlcClock, SetKey};
 
 use crate::actor::{BucketSetActor, Shutdown};
@@ -39,6 +40,7 @@ pub struct Shared {
     arbiters: Vec<ArbiterHandle>,
     hasher: RandomState,
     closing: AtomicBool,
+    placement: OnceLock<Arc<RingPlacement>>,
 }
 
 fn wall_ms() -> u64 {
@@ -69,6 +71,7 @@ impl Shared {
             arbiters,
             hasher: RandomState::new(),
             closing: AtomicBool::new(false),
+            placement: OnceLock::new(),
         })
     }
 
@@ -89,11 +92,31 @@ impl Shared {
             .observe(seen);
     }
 
-    /// The running actor of `set`, started (and loading) if there is none.
-    pub fn actor(self: &Arc<Self>, set: &SetKey) -> Addr<BucketSetActor> {
+    /// Cluster mode: from now on this node serves only the sets `placement` gives it.
+    pub fn set_placement(&self, placement: Arc<RingPlacement>) {
+        if self.placement.set(placement).is_err() {
+            tracing::warn!("placement set twice; keeping the first");
+        }
+    }
+
+    /// Whether this node owns `set` in its current view (always, outside a cluster).
+    pub fn owns(&self, set: &SetKey) -> bool {
+        self.placement
+            .get()
+            .is_none_or(|p| p.is_local(set.as_str()))
+    }
+
+    /// The running actor of `set`, started (and loading) if there is none. Refuses a set
+    /// this node does not own: its actor would take the lease from the real owner.
+    pub fn actor(self: &Arc<Self>, set: &SetKey) -> Result<Addr<BucketSetActor>> {
+        if !self.owns(set) {
+            return Err(NodeError::NotOwner(format!(
+                "bucket set {set} is owned by another node"
+            )));
+        }
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(a) = actors.get(set).filter(|a| a.connected()) {
-            return a.clone();
+            return Ok(a.clone());
         }
         let shard = (self.hasher.hash_one(set) as usize) % self.arbiters.len();
         let shared = self.clone();
@@ -102,7 +125,7 @@ impl Shared {
             BucketSetActor::new(key, shared)
         });
         actors.insert(set.clone(), addr.clone());
-        addr
+        Ok(addr)
     }
 
     /// Sends `msg` to the set's actor; if that actor stopped (passivated) before handling
@@ -117,7 +140,7 @@ impl Shared {
             if self.closing.load(Ordering::Acquire) {
                 return Err(NodeError::Unavailable("node is shutting down".into()));
             }
-            match self.actor(set).send(msg.clone()).await {
+            match self.actor(set)?.send(msg.clone()).await {
                 Ok(r) => return Ok(r),
                 Err(MailboxError::Closed) => continue,
                 Err(MailboxError::Timeout) => break,
@@ -137,17 +160,23 @@ impl Shared {
             .cloned()
     }
 
-    /// Access to these sets changed: their held subscriptions are answered so that their
-    /// clients re-authenticate (see `ReleaseHeld`).
-    pub fn access_changed<'a>(&self, sets: impl IntoIterator<Item = &'a str>) {
-        for key in sets {
-            if let Some(addr) = SetKey::parse(key)
-                .ok()
-                .and_then(|k| self.existing_actor(&k))
-            {
-                addr.do_send(crate::actor::ReleaseHeld);
-            }
+    /// Hands off every set this node no longer owns (the view changed): its actor
+    /// commits what is queued, answers its held subscriptions (their clients resubscribe
+    /// and reach the new owner) and stops. The new owner's lease fences anything later.
+    pub fn hand_off_lost_sets(&self) -> usize {
+        let lost: Vec<_> = self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(set, _)| !self.owns(set))
+            .map(|(_, a)| a.clone())
+            .collect();
+        for a in &lost {
+            a.do_send(Shutdown);
+            self.metrics.handoff();
         }
+        lost.len()
     }
 
     /// Called by a stopping actor: forget it unless a newer actor replaced it already.
@@ -164,6 +193,14 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// Waits until no actor is left (handoff done), at most `deadline`.
+    pub async fn wait_idle(&self, deadline: Duration) {
+        let start = Instant::now();
+        while self.active() > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops every actor gracefully (queued writes committed, held subscriptions

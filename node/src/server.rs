@@ -1,7 +1,7 @@
 //! Wires a node together and runs it until SIGTERM/Ctrl-C.
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +15,14 @@ use actix_web::HttpMessage;
 use tether_proto::credentials::format_set_credentials;
 
 use crate::auth::{Auth, SetCredentials};
+use crate::cluster::ClusterNode;
 use crate::config::{Config, StoreUrl};
 use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::registry::{ActorConfig, Shared};
+use crate::router::Router;
 use crate::store::postgres::PostgresStore;
 use crate::store::redb::RedbStore;
 use crate::store::Store;
@@ -28,6 +30,9 @@ use crate::tls::ReloadableCert;
 
 /// How long a graceful shutdown waits for actors to finish their queued commits.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a draining cluster node keeps forwarding after it left, for the load
+/// balancer to notice its `/readyz`.
+const LB_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the node on the current actix system until a termination signal, then drains:
 /// held subscriptions are answered, queued writes committed, the store closed.
@@ -71,7 +76,28 @@ pub async fn run(config: Config) -> Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{bound}"));
-    let placement = Arc::new(tether_cluster::SingleNode { url });
+    let (router, placement, joined, mut cluster): (
+        Arc<Router>,
+        Arc<dyn tether_cluster::Placement>,
+        Arc<AtomicBool>,
+        Option<ClusterNode>,
+    ) = match &config.cluster {
+        None => (
+            Router::single(shared.clone()),
+            Arc::new(tether_cluster::SingleNode { url }),
+            Arc::new(AtomicBool::new(true)),
+            None,
+        ),
+        Some(c) => {
+            let node = ClusterNode::start(c, &config.node_id, url, shared.clone())?;
+            (
+                node.router(),
+                node.placement(),
+                node.ready_flag(),
+                Some(node),
+            )
+        }
+    };
     let mut credentials = config.credentials.clone();
     if credentials.mfg_keys.is_empty() {
         credentials
@@ -80,13 +106,14 @@ pub async fn run(config: Config) -> Result<()> {
     }
     let auth = Auth::new(
         CredentialService::new(store.clone(), credentials),
-        shared.clone(),
+        router.clone(),
     );
     let state = web::Data::new(AppState::new(
-        shared.clone(),
+        router.clone(),
         config.clone(),
         placement,
         auth,
+        joined,
     ));
     let tls = match &config.tls {
         Some((cert, key)) => Some(ReloadableCert::load(cert.clone(), key.clone())?),
@@ -167,9 +194,24 @@ pub async fn run(config: Config) -> Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down: answering held subscriptions, draining writes");
     state.serving.store(false, Ordering::Release);
+    if let Some(cluster) = &mut cluster {
+        // Peers take this node's sets over at once; its actors commit what is queued and
+        // answer their held subscriptions, whose clients resubscribe elsewhere.
+        cluster.leave().await;
+        shared.wait_idle(DRAIN_DEADLINE).await;
+    }
+    router.start_draining();
+    if cluster.is_some() {
+        // Requests still arriving (the load balancer notices /readyz within its check
+        // interval) are forwarded to the new owners meanwhile.
+        tokio::time::sleep(LB_GRACE).await;
+    }
     shared.shutdown(DRAIN_DEADLINE).await;
     handle.stop(true).await;
     let _ = serve.await;
+    if let Some(mut cluster) = cluster {
+        cluster.stop();
+    }
     store.close().await?;
     tracing::info!("store flushed; bye");
     Ok(())

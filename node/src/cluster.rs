@@ -1,0 +1,222 @@
+//! Cluster mode: joins the node to its peers and keeps ownership current.
+//!
+//! [`ClusterNode::start`] runs, on a runtime of its own (so inter-node traffic never
+//! waits behind HTTP workers): the internal gRPC server (gossip + forwarding, both
+//! authenticated with the cluster secret), the SWIM membership driver (foca, via
+//! `tether_cluster::driver`), which keeps the [`RingPlacement`] current, and a watcher
+//! that hands off the sets this node no longer owns whenever the view changes.
+//! [`ClusterNode::drain`] leaves gracefully (SIGTERM).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tether_cluster::driver::{self, ClusterHandle, DriverOptions};
+use tether_cluster::transport::grpc::{GrpcOptions, GrpcTransport};
+use tether_cluster::{Member, Membership, MembershipConfig, NodeId, RingPlacement};
+use tokio::sync::oneshot;
+
+use crate::config::ClusterConfig;
+use crate::error::{NodeError, Result};
+use crate::forward::{Peers, SetsService};
+use crate::registry::Shared;
+use crate::router::Router;
+
+/// Virtual nodes per member on the ring.
+pub const VNODES: u32 = 256;
+/// A node given seeds that finds none of them alive for this long starts serving alone
+/// (a whole cluster restarting: someone has to be first). Fencing keeps a split safe, and
+/// the membership's seed re-announce merges it later.
+pub const ALONE_AFTER: Duration = Duration::from_secs(15);
+/// Concurrent calls one peer may have open on this node (held subscriptions included).
+const MAX_STREAMS_PER_PEER: u32 = 1 << 20;
+
+/// A running cluster member.
+#[derive(Debug)]
+pub struct ClusterNode {
+    router: Arc<Router>,
+    placement: Arc<RingPlacement>,
+    membership: Option<ClusterHandle>,
+    ready: Arc<AtomicBool>,
+    stop_grpc: Option<oneshot::Sender<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+}
+
+impl ClusterNode {
+    /// Binds the internal gRPC port, starts gossip and returns the node's router.
+    pub fn start(
+        config: &ClusterConfig,
+        node_id: &str,
+        public_url: String,
+        shared: Arc<Shared>,
+    ) -> Result<ClusterNode> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tether-cluster")
+            .enable_all()
+            .build()
+            .map_err(|e| NodeError::Config(format!("cluster runtime: {e}")))?;
+        let local = Member {
+            id: NodeId::new(node_id),
+            gossip_addr: config.advertise,
+            public_url,
+            // A restarted node is a newer life of the same id and wins at once.
+            incarnation: now_ms(),
+        };
+        let listener = std::net::TcpListener::bind(config.grpc_listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| {
+                NodeError::Config(format!("binding --grpc-listen {}: {e}", config.grpc_listen))
+            })?;
+        let placement = Arc::new(RingPlacement::new(local.clone(), VNODES));
+        let peers = Peers::new(
+            config.secret.clone(),
+            shared.metrics.clone(),
+            runtime.handle().clone(),
+        );
+        let router = Router::clustered(shared.clone(), placement.clone(), local.clone(), peers);
+        let (transport, gossip) = GrpcTransport::new(
+            config.advertise,
+            config.secret.clone(),
+            GrpcOptions::default(),
+        );
+        let sets = SetsService::server(router.clone(), config.secret.clone());
+
+        let _on = runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| NodeError::Config(format!("--grpc-listen: {e}")))?;
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop_grpc, stopped) = oneshot::channel::<()>();
+        let grpc_addr = config.grpc_listen;
+        runtime.spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(MAX_STREAMS_PER_PEER))
+                .http2_keepalive_interval(Some(Duration::from_secs(5)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+                .add_service(gossip)
+                .add_service(sets)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, %grpc_addr, "internal gRPC server stopped");
+            }
+        });
+
+        let seed = rand::random::<u64>();
+        let membership = Membership::new(local.clone(), MembershipConfig::lan(), seed)
+            .map_err(|e| NodeError::Config(format!("membership: {e}")))?;
+        let has_seeds = !config.seeds.is_empty();
+        let handle = driver::spawn(
+            membership,
+            Arc::new(transport),
+            DriverOptions {
+                seeds: config.seeds.clone(),
+                ..DriverOptions::default()
+            },
+            Some(placement.clone()),
+        );
+        let ready = Arc::new(AtomicBool::new(!has_seeds));
+        let mut view = handle.view();
+        let (watch_shared, watch_ready) = (shared, ready.clone());
+        runtime.spawn(async move {
+            let alone = tokio::time::sleep(ALONE_AFTER);
+            tokio::pin!(alone);
+            loop {
+                let (members, connected) = {
+                    let v = view.borrow_and_update();
+                    (v.members.len(), v.connected)
+                };
+                watch_shared.metrics.cluster_members(members);
+                if connected && !watch_ready.swap(true, Ordering::AcqRel) {
+                    tracing::info!(members, "joined the cluster; ready");
+                }
+                let moved = watch_shared.hand_off_lost_sets();
+                if moved > 0 {
+                    tracing::info!(moved, members, "view changed: handing off sets this node no longer owns");
+                }
+                tokio::select! {
+                    changed = view.changed() => if changed.is_err() { return },
+                    () = &mut alone, if !watch_ready.load(Ordering::Acquire) => {
+                        tracing::warn!(after_s = ALONE_AFTER.as_secs(), "no seed answered; serving as a new cluster (peers that appear later merge in)");
+                        watch_ready.store(true, Ordering::Release);
+                    }
+                }
+            }
+        });
+        tracing::info!(node = %local.id, grpc = %config.grpc_listen, advertise = %config.advertise, seeds = config.seeds.len(), "cluster mode");
+        drop(_on);
+        Ok(ClusterNode {
+            router,
+            placement,
+            membership: Some(handle),
+            ready,
+            stop_grpc: Some(stop_grpc),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The router requests go through.
+    pub fn router(&self) -> Arc<Router> {
+        self.router.clone()
+    }
+
+    /// Where registration sends each device (the owner's public URL).
+    pub fn placement(&self) -> Arc<dyn tether_cluster::Placement> {
+        self.placement.clone()
+    }
+
+    /// A flag that turns true once the node has joined (or started a new cluster).
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    /// Graceful leave: peers learn it at once and take over this node's sets; from then
+    /// on this node places nothing on itself and hands off every set it holds (queued
+    /// writes committed, held subscriptions answered so their clients resubscribe).
+    pub async fn leave(&mut self) {
+        if let Some(handle) = self.membership.take() {
+            let left = self.runtime.as_ref().map(|rt| rt.spawn(handle.leave()));
+            if let Some(left) = left {
+                if tokio::time::timeout(Duration::from_secs(5), left)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("leaving the cluster took too long; peers will detect it");
+                }
+            }
+        }
+        self.placement.retire();
+        let moved = self.router.shared().hand_off_lost_sets();
+        tracing::info!(moved, "left the cluster; handing off every set");
+    }
+
+    /// Stops the internal gRPC server and the cluster runtime.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop_grpc.take() {
+            let _ = stop.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop_grpc.take() {
+            let _ = stop.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}

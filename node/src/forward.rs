@@ -1,0 +1,575 @@
+//! Forwarding between nodes over gRPC (`proto/forward.proto`): [`Peers`], the client a
+//! node uses to reach a set's owner, and [`SetsService`], the server that serves other
+//! nodes' requests through this node's [`Router`] (local sets only: a set this node
+//! does not own answers `NotOwner`, so a request never bounces between two nodes whose
+//! views disagree; the sender routes it again).
+//!
+//! Requests arrive authenticated and authorized by the node the device reached; peers
+//! prove themselves with the cluster secret ([`PeerAuthInterceptor`] on both sides).
+//! Failures travel as [`NodeError::to_status`] and come back as the same [`NodeError`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt};
+use tether_cluster::auth::PeerAuthInterceptor;
+use tether_cluster::{ClusterSecret, Member};
+use tether_proto::reconcile::Held;
+use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey, Update};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::error::{NodeError, Result};
+use crate::metrics::Metrics;
+use crate::router::{Leg, PutAnswer, PutKind, Router};
+
+/// Generated from `proto/forward.proto` by `build.rs`.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod pb {
+    tonic::include_proto!("tether.node.v1");
+}
+
+use pb::sets_client::SetsClient;
+use pb::sets_server::{Sets, SetsServer};
+use pb::subscribe_event::Event;
+
+/// Largest forwarded message: a bucket set's worth of buckets.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// Extra time an owner holds a forwarded subscription beyond the subscriber's own
+/// timeout (the forwarding node answers the device at its timeout and cancels the call).
+const HOLD_MARGIN: Duration = Duration::from_secs(5);
+
+// ---- conversions -----------------------------------------------------------------------
+
+fn bad(what: &str, e: impl std::fmt::Display) -> NodeError {
+    NodeError::Internal(format!("malformed forwarded {what}: {e}"))
+}
+
+fn bucket_to_pb(b: &Bucket) -> pb::Bucket {
+    pb::Bucket {
+        id: b.id.to_string(),
+        value_json: serde_json::to_vec(&b.value).unwrap_or_default().into(),
+        timestamp_ms: b.timestamp.millis,
+        timestamp_logical: b.timestamp.logical,
+        version: b.version,
+    }
+}
+
+fn bucket_from_pb(b: pb::Bucket) -> Result<Bucket> {
+    Ok(Bucket {
+        id: BucketId::parse(&b.id).map_err(|e| bad("bucket id", e))?,
+        value: fields_from(&b.value_json)?,
+        timestamp: Hlc {
+            millis: b.timestamp_ms,
+            logical: b.timestamp_logical,
+        },
+        version: b.version,
+    })
+}
+
+fn buckets_from_pb(list: Vec<pb::Bucket>) -> Result<Vec<Bucket>> {
+    list.into_iter().map(bucket_from_pb).collect()
+}
+
+fn buckets_to_pb(list: &[Bucket]) -> pb::BucketsReply {
+    pb::BucketsReply {
+        buckets: list.iter().map(bucket_to_pb).collect(),
+    }
+}
+
+fn fields_to(f: &Fields) -> bytes::Bytes {
+    serde_json::to_vec(f).unwrap_or_default().into()
+}
+
+fn fields_from(bytes: &[u8]) -> Result<Fields> {
+    serde_json::from_slice(bytes).map_err(|e| bad("fields", e))
+}
+
+/// Parses what a peer sent; a peer is trusted to be correct, so garbage is its bug and
+/// answered `InvalidArgument`, never a panic.
+fn parse_set(s: &str) -> std::result::Result<SetKey, Status> {
+    SetKey::parse(s).map_err(|e| NodeError::BadRequest(format!("set {s:?}: {e}")).to_status())
+}
+
+fn parse_id(s: &str) -> std::result::Result<BucketId, Status> {
+    BucketId::parse(s).map_err(|e| NodeError::BadRequest(format!("bucket {s:?}: {e}")).to_status())
+}
+
+fn held_to_pb(h: &Held) -> pb::HeldVersion {
+    pb::HeldVersion {
+        id: h.id.to_string(),
+        timestamp_ms: h.timestamp,
+        version: h.version,
+    }
+}
+
+// ---- client ----------------------------------------------------------------------------
+
+type Client = SetsClient<InterceptedService<Channel, PeerAuthInterceptor>>;
+
+/// Connections to the other members, one HTTP/2 channel per peer (opened lazily,
+/// multiplexing every forwarded call to that peer).
+#[derive(Debug)]
+pub struct Peers {
+    secret: ClusterSecret,
+    metrics: Metrics,
+    runtime: tokio::runtime::Handle,
+    clients: Mutex<HashMap<SocketAddr, Client>>,
+}
+
+/// Whether a failed call certainly never reached the peer: the connection could not be
+/// made (a write that failed that way may be routed again without risk of applying twice).
+fn never_sent(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::AddrNotAvailable
+            ) {
+                return true;
+            }
+        }
+        if e.to_string().contains("tcp connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// A failed call's meaning for routing.
+fn from_status(owner: &Member, status: &Status, safe_to_retry: bool) -> NodeError {
+    if let Some(e) = NodeError::from_status(status) {
+        return e;
+    }
+    let why = format!(
+        "owner {} at {}: {}",
+        owner.id,
+        owner.gossip_addr,
+        status.message()
+    );
+    if safe_to_retry {
+        NodeError::NotOwner(why)
+    } else {
+        NodeError::Unavailable(why)
+    }
+}
+
+impl Peers {
+    /// Peers authenticated with `secret`; their connections live on `runtime`.
+    pub fn new(secret: ClusterSecret, metrics: Metrics, runtime: tokio::runtime::Handle) -> Self {
+        Peers {
+            secret,
+            metrics,
+            runtime,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, owner: &Member) -> Result<Client> {
+        let addr = owner.gossip_addr;
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = clients.get(&addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| NodeError::Internal(format!("peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            // A peer that dies without closing its connections (power loss, partition)
+            // fails the calls held on it within seconds.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        // The channel's connection task lives on the cluster runtime, whichever HTTP
+        // worker made the first call.
+        let channel = {
+            let _on = self.runtime.enter();
+            endpoint.connect_lazy()
+        };
+        let client =
+            SetsClient::with_interceptor(channel, PeerAuthInterceptor::client(self.secret.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+        clients.insert(addr, client.clone());
+        Ok(client)
+    }
+
+    fn count<T>(&self, op: &'static str, r: &Result<T>) {
+        let result = match r {
+            Ok(_) => "ok",
+            Err(NodeError::NotOwner(_)) => "rerouted",
+            Err(_) => "error",
+        };
+        self.metrics.forwarded(op, result);
+    }
+
+    /// `Get` on the owner.
+    pub async fn get(
+        &self,
+        owner: &Member,
+        set: &SetKey,
+        ids: Option<Vec<BucketId>>,
+    ) -> Result<Vec<Bucket>> {
+        let r = async {
+            let mut client = self.client(owner)?;
+            let req = pb::GetRequest {
+                set: set.to_string(),
+                all: ids.is_none(),
+                ids: ids
+                    .unwrap_or_default()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            };
+            let reply = client
+                .get(req)
+                .await
+                .map_err(|s| from_status(owner, &s, true))?;
+            buckets_from_pb(reply.into_inner().buckets)
+        }
+        .await;
+        self.count("get", &r);
+        r
+    }
+
+    /// `Put` on the owner; routed again only if nothing was sent.
+    pub async fn put(
+        &self,
+        owner: &Member,
+        id: &BucketId,
+        update: Update,
+        session: Option<String>,
+    ) -> Result<PutAnswer> {
+        let r = async {
+            let mut client = self.client(owner)?;
+            let req = pb::PutRequest {
+                id: id.to_string(),
+                value_json: fields_to(&update.value),
+                base_version: update.base_version,
+                occ: update.occ,
+                session,
+            };
+            let reply = client
+                .put(req)
+                .await
+                .map_err(|s| from_status(owner, &s, never_sent(&s)))?
+                .into_inner();
+            let kind = match pb::Outcome::try_from(reply.outcome) {
+                Ok(pb::Outcome::Applied) => PutKind::Applied,
+                Ok(pb::Outcome::Merged) => PutKind::Merged,
+                Ok(pb::Outcome::Refused) => PutKind::Refused,
+                _ => return Err(bad("outcome", reply.outcome)),
+            };
+            let bucket = reply
+                .bucket
+                .ok_or_else(|| bad("put reply", "no bucket"))
+                .and_then(bucket_from_pb)?;
+            Ok(PutAnswer { kind, bucket })
+        }
+        .await;
+        self.count("put", &r);
+        r
+    }
+
+    /// `Ensure` on the owner (idempotent).
+    pub async fn ensure(
+        &self,
+        owner: &Member,
+        set: &SetKey,
+        buckets: Vec<(BucketId, Fields)>,
+    ) -> Result<()> {
+        let r = async {
+            let mut client = self.client(owner)?;
+            let req = pb::EnsureRequest {
+                set: set.to_string(),
+                buckets: buckets
+                    .iter()
+                    .map(|(id, f)| pb::NewBucket {
+                        id: id.to_string(),
+                        fields_json: fields_to(f),
+                    })
+                    .collect(),
+            };
+            client
+                .ensure(req)
+                .await
+                .map_err(|s| from_status(owner, &s, true))?;
+            Ok(())
+        }
+        .await;
+        self.count("ensure", &r);
+        r
+    }
+
+    /// `ReleaseHeld` on the owner.
+    pub async fn release_held(&self, owner: &Member, set: &SetKey) -> Result<()> {
+        let r = async {
+            let mut client = self.client(owner)?;
+            client
+                .release_held(pb::ReleaseRequest {
+                    sets: vec![set.to_string()],
+                })
+                .await
+                .map_err(|s| from_status(owner, &s, true))?;
+            Ok(())
+        }
+        .await;
+        self.count("release_held", &r);
+        r
+    }
+
+    /// The subscribe check on the owner: `Now` with its stale buckets, or `Held` with a
+    /// future of its answer. Dropping that future cancels the call (and the owner's
+    /// subscription). A broken call answers "no change": the client resubscribes.
+    pub(crate) async fn subscribe(
+        &self,
+        owner: &Member,
+        held: Vec<Held>,
+        session: Option<String>,
+        timeout: Duration,
+    ) -> Result<Leg> {
+        let r = async {
+            let mut client = self.client(owner)?;
+            let req = pb::SubscribeRequest {
+                held: held.iter().map(held_to_pb).collect(),
+                session,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            };
+            let mut stream = client
+                .subscribe(req)
+                .await
+                .map_err(|s| from_status(owner, &s, true))?
+                .into_inner();
+            let first = stream
+                .message()
+                .await
+                .map_err(|s| from_status(owner, &s, true))?
+                .and_then(|m| m.event)
+                .ok_or_else(|| NodeError::NotOwner(format!("owner {} ended the call", owner.id)))?;
+            match first {
+                Event::Now(list) => Ok(Leg::Now(buckets_from_pb(list.buckets)?)),
+                Event::Held(_) => {
+                    let owner_id = owner.id.clone();
+                    Ok(Leg::Held(
+                        async move {
+                            match stream.message().await {
+                                Ok(Some(pb::SubscribeEvent {
+                                    event: Some(Event::Changed(list)),
+                                })) => buckets_from_pb(list.buckets).unwrap_or_else(|e| {
+                                    tracing::warn!(owner = %owner_id, error = %e, "forwarded notification dropped");
+                                    Vec::new()
+                                }),
+                                Ok(_) => Vec::new(),
+                                Err(status) => {
+                                    tracing::debug!(owner = %owner_id, %status, "held subscription on the owner broke; client resubscribes");
+                                    Vec::new()
+                                }
+                            }
+                        }
+                        .boxed(),
+                    ))
+                }
+                Event::Changed(_) => Err(bad("subscribe", "answer before the check")),
+            }
+        }
+        .await;
+        self.count("subscribe", &r);
+        r
+    }
+}
+
+// ---- server ----------------------------------------------------------------------------
+
+/// Serves other nodes' forwarded requests for the sets this node owns.
+#[derive(Debug, Clone)]
+pub struct SetsService {
+    router: Arc<Router>,
+}
+
+impl SetsService {
+    /// The gRPC service, peer-authenticated, to mount on the node's internal server.
+    pub fn server(
+        router: Arc<Router>,
+        secret: ClusterSecret,
+    ) -> InterceptedService<SetsServer<SetsService>, PeerAuthInterceptor> {
+        let server = SetsServer::new(SetsService { router })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        InterceptedService::new(server, PeerAuthInterceptor::server(secret))
+    }
+
+    fn served(&self, op: &'static str) {
+        self.router.shared().metrics.forwarded_served(op);
+    }
+}
+
+type EventStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::SubscribeEvent, Status>> + Send>>;
+
+fn event(e: Event) -> std::result::Result<pb::SubscribeEvent, Status> {
+    Ok(pb::SubscribeEvent { event: Some(e) })
+}
+
+#[tonic::async_trait]
+impl Sets for SetsService {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> std::result::Result<Response<pb::BucketsReply>, Status> {
+        self.served("get");
+        let req = request.into_inner();
+        let set = parse_set(&req.set)?;
+        let ids = if req.all {
+            None
+        } else {
+            Some(
+                req.ids
+                    .iter()
+                    .map(|s| parse_id(s))
+                    .collect::<std::result::Result<Vec<_>, _>>()?,
+            )
+        };
+        let found = self
+            .router
+            .local_get(&set, ids)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(buckets_to_pb(&found)))
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> std::result::Result<Response<pb::PutReply>, Status> {
+        self.served("put");
+        let req = request.into_inner();
+        let id = parse_id(&req.id)?;
+        let update = Update {
+            value: fields_from(&req.value_json).map_err(|e| e.to_status())?,
+            base_version: req.base_version,
+            occ: req.occ,
+        };
+        let answer = self
+            .router
+            .local_put(&id, update, req.session)
+            .await
+            .map_err(|e| e.to_status())?;
+        let outcome = match answer.kind {
+            PutKind::Applied => pb::Outcome::Applied,
+            PutKind::Merged => pb::Outcome::Merged,
+            PutKind::Refused => pb::Outcome::Refused,
+        };
+        Ok(Response::new(pb::PutReply {
+            outcome: outcome.into(),
+            bucket: Some(bucket_to_pb(&answer.bucket)),
+        }))
+    }
+
+    async fn ensure(
+        &self,
+        request: Request<pb::EnsureRequest>,
+    ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        self.served("ensure");
+        let req = request.into_inner();
+        let set = parse_set(&req.set)?;
+        let buckets = req
+            .buckets
+            .iter()
+            .map(|b| {
+                Ok((
+                    parse_id(&b.id)?,
+                    fields_from(&b.fields_json).map_err(|e| e.to_status())?,
+                ))
+            })
+            .collect::<std::result::Result<Vec<_>, Status>>()?;
+        self.router
+            .local_ensure(&set, buckets)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::EnsureReply {}))
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> std::result::Result<Response<EventStream>, Status> {
+        self.served("subscribe");
+        let req = request.into_inner();
+        let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
+        for h in &req.held {
+            let id = parse_id(&h.id)?;
+            by_set.entry(id.set_key()).or_default().push(Held {
+                id,
+                timestamp: h.timestamp_ms,
+                version: h.version,
+            });
+        }
+        if by_set.is_empty() {
+            return Err(NodeError::BadRequest("subscribe lists no buckets".into()).to_status());
+        }
+        if let Some(set) = by_set.keys().find(|s| !self.router.shared().owns(s)) {
+            return Err(
+                NodeError::NotOwner(format!("bucket set {set} is owned by another node"))
+                    .to_status(),
+            );
+        }
+        let hold = Duration::from_millis(req.timeout_ms).saturating_add(HOLD_MARGIN);
+        let leg = self
+            .router
+            .open_local(by_set, req.session)
+            .await
+            .map_err(|e| e.to_status())?;
+        let stream: EventStream = match leg {
+            Leg::Now(buckets) => {
+                futures::stream::once(async move { event(Event::Now(buckets_to_pb(&buckets))) })
+                    .boxed()
+            }
+            Leg::Held(wait) => {
+                let mut drain = self.router.drain_signal();
+                let answer = async move {
+                    let drained = async {
+                        if drain.wait_for(|d| *d).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    let buckets = tokio::select! {
+                        b = wait => b,
+                        _ = tokio::time::sleep(hold) => Vec::new(),
+                        _ = drained => Vec::new(),
+                    };
+                    event(Event::Changed(buckets_to_pb(&buckets)))
+                };
+                futures::stream::once(async { event(Event::Held(pb::Held {})) })
+                    .chain(futures::stream::once(answer))
+                    .boxed()
+            }
+        };
+        Ok(Response::new(stream))
+    }
+
+    async fn release_held(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        self.served("release_held");
+        for s in &request.into_inner().sets {
+            self.router.local_release(&parse_set(s)?);
+        }
+        Ok(Response::new(pb::EnsureReply {}))
+    }
+}

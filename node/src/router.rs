@@ -1,0 +1,510 @@
+//! Routes every bucket set operation to the set's owner: this node's actor, or the
+//! owning peer over gRPC (`forward.rs`). The HTTP handlers and the forwarding service
+//! both go through here, so a request is served the same way wherever it lands.
+//!
+//! Ownership can move while a request is on its way (join, leave, failure): an owner that
+//! no longer owns the set answers `NotOwner`, and the request is routed again with the
+//! newer view, for at most [`ROUTE_DEADLINE`]. A write is retried only when it certainly
+//! was not applied (refused before reaching the actor, or the owner unreachable before
+//! anything was sent), so a retry never applies a write twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tether_cluster::{Member, RingPlacement};
+use tether_proto::reconcile::Held;
+use tether_proto::{Bucket, BucketId, Fields, Outcome, SetKey, Update};
+use tokio::sync::watch;
+
+use crate::actor::{EnsureBuckets, Get, Put, ReleaseHeld, Subscribe, SubscribeAnswer, Unsubscribe};
+use crate::error::{NodeError, Result};
+use crate::forward::Peers;
+use crate::registry::Shared;
+
+/// How long a request keeps looking for its set's owner while ownership moves.
+pub const ROUTE_DEADLINE: Duration = Duration::from_secs(3);
+/// Pause before routing again, so a view that is converging gets the time to.
+const ROUTE_RETRY: Duration = Duration::from_millis(50);
+
+/// What a write did, as the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutKind {
+    /// Based on the current version; merged.
+    Applied,
+    /// Based on an older version but merged.
+    Merged,
+    /// Refused; the stored bucket stands.
+    Refused,
+}
+
+/// A write's answer: its kind and the bucket as the write left it (for a refusal, the
+/// stored copy it was refused against).
+#[derive(Debug, Clone)]
+pub struct PutAnswer {
+    /// Applied, merged or refused.
+    pub kind: PutKind,
+    /// The bucket.
+    pub bucket: Bucket,
+}
+
+/// Where a set is served.
+#[derive(Debug)]
+enum Route {
+    Local,
+    Peer(Member),
+}
+
+/// The answer to a subscribe check across every set it spans.
+#[derive(Debug)]
+pub enum Subscription {
+    /// Some held versions were stale: these buckets, at once.
+    Now(Vec<Bucket>),
+    /// Nothing stale; held on every owner until one answers.
+    Held(HeldSubscription),
+}
+
+/// A subscription held on one or more owners. Dropping it cancels it everywhere (local
+/// actors are told, forwarded calls are cancelled).
+pub struct HeldSubscription {
+    legs: Vec<BoxFuture<'static, Vec<Bucket>>>,
+}
+
+impl std::fmt::Debug for HeldSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldSubscription")
+            .field("owners", &self.legs.len())
+            .finish()
+    }
+}
+
+impl HeldSubscription {
+    /// The buckets of the first owner to answer (the others are cancelled), or nothing
+    /// when `timeout` passes or the node starts draining. An empty answer means "no
+    /// change": the client resubscribes with its versions and loses nothing.
+    pub async fn answer(
+        self,
+        timeout: Duration,
+        mut draining: watch::Receiver<bool>,
+    ) -> Vec<Bucket> {
+        if self.legs.is_empty() {
+            return Vec::new();
+        }
+        let any = futures::future::select_all(self.legs);
+        let drained = async {
+            if draining.wait_for(|d| *d).await.is_err() {
+                // The router is gone: nothing will ever signal a drain.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            (buckets, _, _) = any => buckets,
+            _ = tokio::time::sleep(timeout) => Vec::new(),
+            _ = drained => Vec::new(),
+        }
+    }
+}
+
+/// One owner's part of a subscribe check.
+pub(crate) enum Leg {
+    Now(Vec<Bucket>),
+    Held(BoxFuture<'static, Vec<Bucket>>),
+}
+
+/// Routes set operations to their owners.
+#[derive(Debug)]
+pub struct Router {
+    shared: Arc<Shared>,
+    cluster: Option<ClusterRoutes>,
+    next_sub: AtomicU64,
+    draining: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct ClusterRoutes {
+    placement: Arc<RingPlacement>,
+    local: Member,
+    peers: Peers,
+}
+
+impl Router {
+    /// A router for one node alone: every set is local.
+    pub fn single(shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Router {
+            shared,
+            cluster: None,
+            next_sub: AtomicU64::new(1),
+            draining: watch::Sender::new(false),
+        })
+    }
+
+    /// A router for a cluster member: sets go where `placement` says; `peers` reaches the
+    /// other members.
+    pub fn clustered(
+        shared: Arc<Shared>,
+        placement: Arc<RingPlacement>,
+        local: Member,
+        peers: Peers,
+    ) -> Arc<Self> {
+        shared.set_placement(placement.clone());
+        Arc::new(Router {
+            shared,
+            cluster: Some(ClusterRoutes {
+                placement,
+                local,
+                peers,
+            }),
+            next_sub: AtomicU64::new(1),
+            draining: watch::Sender::new(false),
+        })
+    }
+
+    /// Actors, store, metrics.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Held subscriptions answer (empty) from now on: the node is draining.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    fn route(&self, set: &SetKey) -> Route {
+        match &self.cluster {
+            None => Route::Local,
+            Some(c) => {
+                let owner = c.placement.owner(set.as_str());
+                if owner.id == c.local.id {
+                    Route::Local
+                } else {
+                    Route::Peer(owner)
+                }
+            }
+        }
+    }
+
+    fn peers(&self) -> Result<&Peers> {
+        self.cluster
+            .as_ref()
+            .map(|c| &c.peers)
+            .ok_or_else(|| NodeError::Internal("forwarding without a cluster".into()))
+    }
+
+    /// Runs `attempt` against the set's current owner until it answers something other
+    /// than `NotOwner`, or [`ROUTE_DEADLINE`] passes.
+    async fn routed<T, F, Fut>(&self, set: &SetKey, mut attempt: F) -> Result<T>
+    where
+        F: FnMut(Route) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        loop {
+            match attempt(self.route(set)).await {
+                Err(NodeError::NotOwner(why)) => {
+                    if tokio::time::Instant::now() + ROUTE_RETRY > deadline {
+                        return Err(NodeError::Unavailable(format!(
+                            "bucket set {set} has no reachable owner right now ({why}); retry"
+                        )));
+                    }
+                    tracing::debug!(%set, %why, "routing again");
+                    tokio::time::sleep(ROUTE_RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The committed buckets of `set` (all, or the listed ones that exist).
+    pub async fn get(&self, set: &SetKey, ids: Option<Vec<BucketId>>) -> Result<Vec<Bucket>> {
+        self.routed(set, |route| {
+            let ids = ids.clone();
+            async move {
+                match route {
+                    Route::Local => self.local_get(set, ids).await,
+                    Route::Peer(owner) => self.peers()?.get(&owner, set, ids).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// One write, answered once it is durable on the owner.
+    pub async fn put(
+        &self,
+        id: &BucketId,
+        update: Update,
+        session: Option<String>,
+    ) -> Result<PutAnswer> {
+        let set = id.set_key();
+        self.routed(&set, |route| {
+            let (update, session) = (update.clone(), session.clone());
+            async move {
+                match route {
+                    Route::Local => self.local_put(id, update, session).await,
+                    Route::Peer(owner) => self.peers()?.put(&owner, id, update, session).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Creates the listed buckets of `set` unless they exist.
+    pub async fn ensure(&self, set: &SetKey, buckets: Vec<(BucketId, Fields)>) -> Result<()> {
+        self.routed(set, |route| {
+            let buckets = buckets.clone();
+            async move {
+                match route {
+                    Route::Local => self.local_ensure(set, buckets).await,
+                    Route::Peer(owner) => self.peers()?.ensure(&owner, set, buckets).await,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Access to these sets changed: their held subscriptions are answered, wherever
+    /// they are held, so their clients authenticate again. Fire and forget.
+    pub fn release_held<'a>(self: &Arc<Self>, sets: impl IntoIterator<Item = &'a str>) {
+        for key in sets {
+            let Ok(set) = SetKey::parse(key) else {
+                continue;
+            };
+            match self.route(&set) {
+                Route::Local => self.local_release(&set),
+                Route::Peer(owner) => {
+                    let router = self.clone();
+                    tokio::spawn(async move {
+                        if let Ok(peers) = router.peers() {
+                            if let Err(e) = peers.release_held(&owner, &set).await {
+                                tracing::warn!(%set, owner = %owner.id, error = %e, "releasing held subscriptions on the owner failed");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Checks held versions on every owner of the sets listed and holds where nothing is
+    /// stale (seed 000 FIG 21C/21D, fanned out): answers at once if any owner has newer
+    /// buckets, else a [`HeldSubscription`] that any owner's answer completes.
+    pub async fn subscribe(
+        &self,
+        by_set: BTreeMap<SetKey, Vec<Held>>,
+        session: Option<String>,
+        timeout: Duration,
+    ) -> Result<Subscription> {
+        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        loop {
+            match self.open_subscription(&by_set, &session, timeout).await {
+                Err(NodeError::NotOwner(why))
+                    if tokio::time::Instant::now() + ROUTE_RETRY <= deadline =>
+                {
+                    tracing::debug!(%why, "subscribe routed again");
+                    tokio::time::sleep(ROUTE_RETRY).await;
+                }
+                Err(NodeError::NotOwner(why)) => {
+                    return Err(NodeError::Unavailable(format!(
+                        "a subscribed bucket set has no reachable owner right now ({why}); retry"
+                    )))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_subscription(
+        &self,
+        by_set: &BTreeMap<SetKey, Vec<Held>>,
+        session: &Option<String>,
+        timeout: Duration,
+    ) -> Result<Subscription> {
+        let mut local = BTreeMap::new();
+        let mut remote: HashMap<_, (Member, Vec<Held>)> = HashMap::new();
+        for (set, held) in by_set {
+            match self.route(set) {
+                Route::Local => {
+                    local.insert(set.clone(), held.clone());
+                }
+                Route::Peer(owner) => remote
+                    .entry(owner.id.clone())
+                    .or_insert_with(|| (owner, Vec::new()))
+                    .1
+                    .extend(held.iter().cloned()),
+            }
+        }
+        let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
+        if !local.is_empty() {
+            opening.push(self.open_local(local, session.clone()).boxed());
+        }
+        for (_, (owner, held)) in remote {
+            let peers = self.peers()?;
+            let session = session.clone();
+            opening
+                .push(async move { peers.subscribe(&owner, held, session, timeout).await }.boxed());
+        }
+        // Every owner checks at once; any error drops (cancels) the legs already held.
+        let legs = futures::future::try_join_all(opening).await?;
+        let mut now = Vec::new();
+        let mut held = Vec::new();
+        for leg in legs {
+            match leg {
+                Leg::Now(buckets) => now.extend(buckets),
+                Leg::Held(wait) => held.push(wait),
+            }
+        }
+        Ok(if now.is_empty() {
+            Subscription::Held(HeldSubscription { legs: held })
+        } else {
+            Subscription::Now(now)
+        })
+    }
+
+    pub(crate) async fn local_get(
+        &self,
+        set: &SetKey,
+        ids: Option<Vec<BucketId>>,
+    ) -> Result<Vec<Bucket>> {
+        self.shared.call(set, Get(ids)).await?
+    }
+
+    pub(crate) async fn local_put(
+        &self,
+        id: &BucketId,
+        update: Update,
+        session: Option<String>,
+    ) -> Result<PutAnswer> {
+        let rx = self
+            .shared
+            .call(
+                &id.set_key(),
+                Put {
+                    id: id.clone(),
+                    update,
+                    session,
+                },
+            )
+            .await??;
+        // Past this point the write may be committed: never `NotOwner` (no retry).
+        let written = rx
+            .await
+            .map_err(|_| NodeError::Unavailable("bucket set stopped before the commit".into()))??;
+        let kind = match written.outcome {
+            Outcome::Applied(_) => PutKind::Applied,
+            Outcome::Merged(_) => PutKind::Merged,
+            Outcome::Refused(_) => PutKind::Refused,
+        };
+        Ok(PutAnswer {
+            kind,
+            bucket: written.bucket,
+        })
+    }
+
+    pub(crate) async fn local_ensure(
+        &self,
+        set: &SetKey,
+        buckets: Vec<(BucketId, Fields)>,
+    ) -> Result<()> {
+        let created = self.shared.call(set, EnsureBuckets(buckets)).await??;
+        created
+            .await
+            .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))?
+    }
+
+    pub(crate) fn local_release(&self, set: &SetKey) {
+        if let Some(addr) = self.shared.existing_actor(set) {
+            addr.do_send(ReleaseHeld);
+        }
+    }
+
+    /// The subscribe check on this node's own sets (every listed set must be local).
+    pub(crate) async fn open_local(
+        &self,
+        by_set: BTreeMap<SetKey, Vec<Held>>,
+        session: Option<String>,
+    ) -> Result<Leg> {
+        let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let mut guard = SubscriptionGuard {
+            shared: self.shared.clone(),
+            sub_id,
+            sets: Vec::new(),
+        };
+        let mut now = Vec::new();
+        let mut waiting = Vec::new();
+        for (set, held) in by_set {
+            let answer = self
+                .shared
+                .call(
+                    &set,
+                    Subscribe {
+                        sub_id,
+                        held,
+                        session: session.clone(),
+                    },
+                )
+                .await??;
+            match answer {
+                SubscribeAnswer::Now(buckets) => now.extend(buckets),
+                SubscribeAnswer::Held(rx) => {
+                    guard.sets.push(set);
+                    waiting.push(rx);
+                }
+            }
+        }
+        if !now.is_empty() || waiting.is_empty() {
+            return Ok(Leg::Now(now));
+        }
+        Ok(Leg::Held(
+            async move {
+                let (answer, _, _) = futures::future::select_all(waiting).await;
+                drop(guard);
+                // A dropped sender means the actor stopped (handoff, shutdown, lease
+                // lost): an empty answer makes the client resubscribe with its versions.
+                answer.unwrap_or_default()
+            }
+            .boxed(),
+        ))
+    }
+
+    /// Whether the node may take traffic: always, unless draining.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// This node's live members view size (1 outside a cluster).
+    pub fn members(&self) -> usize {
+        self.cluster
+            .as_ref()
+            .map_or(1, |c| c.placement.ring().members().len())
+    }
+
+    /// A receiver that turns true when the node starts draining.
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.draining()
+    }
+}
+
+/// Cancels a held subscription on every local set it spans when dropped: on answer, on
+/// timeout, and when the client (or the forwarding peer) goes away.
+struct SubscriptionGuard {
+    shared: Arc<Shared>,
+    sub_id: u64,
+    sets: Vec<SetKey>,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        for set in &self.sets {
+            if let Some(addr) = self.shared.existing_actor(set) {
+                addr.do_send(Unsubscribe(self.sub_id));
+            }
+        }
+    }
+}
