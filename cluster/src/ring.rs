@@ -182,6 +182,11 @@ impl RingPlacement {
             .unwrap_or_else(|| self.local.clone())
     }
 
+    /// The live member named `id` in the current view.
+    pub fn member(&self, id: &str) -> Option<Member> {
+        self.current().members.get(&NodeId::new(id)).cloned()
+    }
+
     /// Whether this node owns `set_key` in the current view.
     pub fn is_local(&self, set_key: &str) -> bool {
         self.owner(set_key).id == self.local.id

@@ -356,12 +356,17 @@ impl Actor for BucketSetActor {
         let store = self.shared.store.clone();
         let set = self.set.clone();
         let owner = self.shared.node_id.clone();
-        // ctx.wait: no message is handled until the set is loaded and its lease taken.
+        let shared = self.shared.clone();
+        // ctx.wait: no message is handled until the set is loaded, its lease taken and
+        // the previous holder (if another node) told to stop serving it.
         ctx.wait(
             async move {
-                let epoch = store.acquire_lease(&set, &owner).await?;
+                let lease = store.acquire_lease(&set, &owner).await?;
                 let buckets = store.load_set(&set).await?;
-                Ok::<_, StoreError>((epoch, buckets))
+                if let Some(previous) = lease.previous_owner {
+                    shared.take_over(&set, previous).await;
+                }
+                Ok::<_, StoreError>((lease.epoch, buckets))
             }
             .into_actor(self)
             .map(|res, act, ctx| match res {

@@ -314,6 +314,23 @@ impl Peers {
         r
     }
 
+    /// `Relinquish` on a node that held a set's lease before this one.
+    pub async fn relinquish(&self, previous: &Member, set: &SetKey) -> Result<()> {
+        let r = async {
+            let mut client = self.client(previous)?;
+            client
+                .relinquish(pb::ReleaseRequest {
+                    sets: vec![set.to_string()],
+                })
+                .await
+                .map_err(|s| from_status(previous, &s, false))?;
+            Ok(())
+        }
+        .await;
+        self.count("relinquish", &r);
+        r
+    }
+
     /// `ReleaseHeld` on the owner.
     pub async fn release_held(&self, owner: &Member, set: &SetKey) -> Result<()> {
         let r = async {
@@ -560,6 +577,17 @@ impl Sets for SetsService {
             }
         };
         Ok(Response::new(stream))
+    }
+
+    async fn relinquish(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        self.served("relinquish");
+        for s in &request.into_inner().sets {
+            self.router.shared().relinquish(&parse_set(s)?).await;
+        }
+        Ok(Response::new(pb::EnsureReply {}))
     }
 
     async fn release_held(

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use futures::future::BoxFuture;
 use tether_cluster::RingPlacement;
 use tether_proto::{Hlc, HlcClock, SetKey};
 
@@ -41,7 +42,18 @@ pub struct Shared {
     hasher: RandomState,
     closing: AtomicBool,
     placement: OnceLock<Arc<RingPlacement>>,
+    takeover: OnceLock<Arc<dyn TakeOver>>,
 }
+
+/// Tells the node that held a set's lease before this one to stop serving it (cluster
+/// mode), so it answers no read from its now stale memory.
+pub trait TakeOver: Send + Sync + std::fmt::Debug {
+    /// Asks `previous` to hand `set` off; resolves when it confirmed, or gave up.
+    fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()>;
+}
+
+/// How long a new owner waits for the previous one to confirm it stopped serving.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -72,6 +84,7 @@ impl Shared {
             hasher: RandomState::new(),
             closing: AtomicBool::new(false),
             placement: OnceLock::new(),
+            takeover: OnceLock::new(),
         })
     }
 
@@ -96,6 +109,34 @@ impl Shared {
     pub fn set_placement(&self, placement: Arc<RingPlacement>) {
         if self.placement.set(placement).is_err() {
             tracing::warn!("placement set twice; keeping the first");
+        }
+    }
+
+    /// Cluster mode: how a new owner reaches the previous one.
+    pub fn set_takeover(&self, takeover: Arc<dyn TakeOver>) {
+        if self.takeover.set(takeover).is_err() {
+            tracing::warn!("takeover set twice; keeping the first");
+        }
+    }
+
+    /// A set's lease was just taken from `previous`: make it stop serving the set, waiting
+    /// at most [`TAKE_OVER_WAIT`] (a dead or unreachable node serves nothing anyway, and
+    /// its commits are fenced).
+    pub async fn take_over(&self, set: &SetKey, previous: String) {
+        if let Some(t) = self.takeover.get() {
+            let stopped = t.stop_serving(set.clone(), previous.clone());
+            if tokio::time::timeout(TAKE_OVER_WAIT, stopped).await.is_err() {
+                tracing::warn!(%set, %previous, "previous owner did not confirm the handoff in time");
+            }
+        }
+    }
+
+    /// Stops serving `set` because another node took its lease: the actor answers its
+    /// held subscriptions and stops; resolves once it refuses further requests.
+    pub async fn relinquish(&self, set: &SetKey) {
+        if let Some(addr) = self.existing_actor(set) {
+            self.metrics.handoff();
+            let _ = addr.send(Shutdown).await;
         }
     }
 

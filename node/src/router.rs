@@ -127,7 +127,30 @@ pub struct Router {
 struct ClusterRoutes {
     placement: Arc<RingPlacement>,
     local: Member,
-    peers: Peers,
+    peers: Arc<Peers>,
+}
+
+/// Reaches the previous holder of a set's lease through the peers.
+#[derive(Debug)]
+struct PeerTakeOver {
+    placement: Arc<RingPlacement>,
+    peers: Arc<Peers>,
+}
+
+impl crate::registry::TakeOver for PeerTakeOver {
+    fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()> {
+        let (placement, peers) = (self.placement.clone(), self.peers.clone());
+        async move {
+            // A node that is no longer a member serves nothing.
+            let Some(member) = placement.member(&previous) else {
+                return;
+            };
+            if let Err(e) = peers.relinquish(&member, &set).await {
+                tracing::debug!(%set, %previous, error = %e, "previous owner unreachable; its commits are fenced");
+            }
+        }
+        .boxed()
+    }
 }
 
 impl Router {
@@ -150,6 +173,11 @@ impl Router {
         peers: Peers,
     ) -> Arc<Self> {
         shared.set_placement(placement.clone());
+        let peers = Arc::new(peers);
+        shared.set_takeover(Arc::new(PeerTakeOver {
+            placement: placement.clone(),
+            peers: peers.clone(),
+        }));
         Arc::new(Router {
             shared,
             cluster: Some(ClusterRoutes {
@@ -193,7 +221,7 @@ impl Router {
     fn peers(&self) -> Result<&Peers> {
         self.cluster
             .as_ref()
-            .map(|c| &c.peers)
+            .map(|c| c.peers.as_ref())
             .ok_or_else(|| NodeError::Internal("forwarding without a cluster".into()))
     }
 

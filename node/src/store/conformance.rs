@@ -42,16 +42,34 @@ pub(crate) async fn empty_set_loads_nothing(store: Arc<dyn Store>) {
 
 pub(crate) async fn lease_epochs_strictly_increase(store: Arc<dyn Store>) {
     let s = set("A1");
-    let e1 = store.acquire_lease(&s, "n1").await.expect("lease");
-    let e2 = store.acquire_lease(&s, "n2").await.expect("lease");
+    let e1 = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+    let e2 = store.acquire_lease(&s, "n2").await.expect("lease").epoch;
     assert!(e2 > e1);
-    let other = store.acquire_lease(&set("B2"), "n1").await.expect("lease");
+    let other = store
+        .acquire_lease(&set("B2"), "n1")
+        .await
+        .expect("lease")
+        .epoch;
     assert!(other.0 >= 1);
+}
+
+pub(crate) async fn lease_names_the_previous_owner(store: Arc<dyn Store>) {
+    let s = set("A1");
+    let first = store.acquire_lease(&s, "n1").await.expect("lease");
+    assert_eq!(first.previous_owner, None, "nobody held it before");
+    let again = store.acquire_lease(&s, "n1").await.expect("lease");
+    assert_eq!(
+        again.previous_owner, None,
+        "a node taking its own lease again is told nothing"
+    );
+    let taken = store.acquire_lease(&s, "n2").await.expect("lease");
+    assert_eq!(taken.previous_owner.as_deref(), Some("n1"));
+    assert!(taken.epoch > again.epoch && again.epoch > first.epoch);
 }
 
 pub(crate) async fn committed_buckets_load_back_exactly(store: Arc<dyn Store>) {
     let s = set("A1");
-    let e = store.acquire_lease(&s, "n1").await.expect("lease");
+    let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
     let b1 = bucket(
         "device.A1",
         3,
@@ -81,8 +99,8 @@ pub(crate) async fn committed_buckets_load_back_exactly(store: Arc<dyn Store>) {
 
 pub(crate) async fn stale_epoch_commit_is_fenced_and_writes_nothing(store: Arc<dyn Store>) {
     let s = set("A1");
-    let old = store.acquire_lease(&s, "n1").await.expect("lease");
-    let new = store.acquire_lease(&s, "n2").await.expect("lease");
+    let old = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+    let new = store.acquire_lease(&s, "n2").await.expect("lease").epoch;
     let err = store
         .commit(&s, old, vec![bucket("device.A1", 9, json!({"x": 1}))])
         .await
@@ -107,7 +125,7 @@ pub(crate) async fn concurrent_commits_are_all_durable(store: Arc<dyn Store>) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let s = set(&format!("S{i}"));
-            let e = store.acquire_lease(&s, "n1").await.expect("lease");
+            let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
             store
                 .commit(
                     &s,
@@ -316,6 +334,7 @@ macro_rules! every_case {
             $($arg,)*
             empty_set_loads_nothing,
             lease_epochs_strictly_increase,
+            lease_names_the_previous_owner,
             committed_buckets_load_back_exactly,
             stale_epoch_commit_is_fenced_and_writes_nothing,
             concurrent_commits_are_all_durable,
@@ -359,14 +378,14 @@ mod redb {
         let b = bucket("device.P1", 7, json!({"kept": true}));
         {
             let store = open(&dir);
-            let e = store.acquire_lease(&s, "n1").await.expect("lease");
+            let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
             store.commit(&s, e, vec![b.clone()]).await.expect("commit");
             store.close().await.expect("close");
         }
         let store = open(&dir);
         assert_eq!(store.load_set(&s).await.expect("load"), vec![b]);
         // Epochs continue after a restart, so a pre-restart epoch stays fenced.
-        let e = store.acquire_lease(&s, "n1").await.expect("lease");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
         assert!(e.0 >= 2);
     }
 
@@ -377,7 +396,7 @@ mod redb {
         let store: Arc<dyn Store> =
             Arc::new(RedbStore::open(dir.path(), metrics.clone()).expect("open"));
         let s = set("G1");
-        let e = store.acquire_lease(&s, "n1").await.expect("lease");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
         let commits: Vec<_> = (0..200u64)
             .map(|i| {
                 let store = store.clone();
@@ -437,7 +456,7 @@ mod postgres {
         let b = bucket("device.P1", 7, json!({"kept": true}));
         {
             let store = PostgresStore::connect(&url, 2).await.expect("connect");
-            let e = store.acquire_lease(&s, "n1").await.expect("lease");
+            let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
             store.commit(&s, e, vec![b.clone()]).await.expect("commit");
         }
         server.restart().expect("immediate stop and start");

@@ -6,6 +6,7 @@
 //! |---------------------------------------|----------------------------------------|
 //! | `("tether","bucket",set,id)`          | JSON `{value, ts_ms, ts_logical, version}` |
 //! | `("tether","lease",set)`              | epoch, u64 big-endian                  |
+//! | `("tether","lease_owner",set)`        | node id holding the lease, UTF-8       |
 //! | `("tether","device",device_id)`       | JSON `DeviceRecord`                    |
 //! | `("tether","rec",ns,k1[,k2])`         | JSON (credentials, users, pairings, structures, codes) |
 //!
@@ -26,8 +27,8 @@ use serde::Serialize;
 use tether_proto::{Bucket, SetKey};
 
 use super::{
-    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store,
-    StoreError, UserRecord,
+    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode,
+    Store, StoreError, UserRecord,
 };
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -211,25 +212,34 @@ impl Store for FdbStore {
             .collect()
     }
 
-    async fn acquire_lease(&self, set: &SetKey, _owner: &str) -> Result<Epoch, StoreError> {
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
         let key = self.root.pack(&("lease", set.as_str()));
-        let epoch = self
+        let owner_key = self.root.pack(&("lease_owner", set.as_str()));
+        let (epoch, previous) = self
             .db
             .run(|trx, _| {
-                let key = key.clone();
+                let (key, owner_key) = (key.clone(), owner_key.clone());
                 async move {
                     let current = match trx.get(&key, false).await? {
                         Some(v) => decode_epoch(&v)?,
                         None => 0,
                     };
+                    let previous = trx
+                        .get(&owner_key, false)
+                        .await?
+                        .map(|v| String::from_utf8_lossy(&v).into_owned());
                     let next = current + 1;
                     trx.set(&key, &next.to_be_bytes());
-                    Ok(next)
+                    trx.set(&owner_key, owner.as_bytes());
+                    Ok((next, previous))
                 }
             })
             .await
             .map_err(unwrap_abort)?;
-        Ok(Epoch(epoch))
+        Ok(Lease {
+            epoch: Epoch(epoch),
+            previous_owner: previous.filter(|p| p != owner),
+        })
     }
 
     async fn commit(

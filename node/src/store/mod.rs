@@ -19,6 +19,16 @@ use tether_proto::{Bucket, SetKey};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Epoch(pub u64);
 
+/// A lease just taken: its epoch, and the node that held the set's lease before (if
+/// another one did), so the new owner can tell it to stop serving the set at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The new epoch, greater than any before.
+    pub epoch: Epoch,
+    /// The previous holder's node id, when it was a different node.
+    pub previous_owner: Option<String>,
+}
+
 /// What the registration server remembers about a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -183,8 +193,9 @@ pub enum StoreError {
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Every bucket of a set, as last committed.
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError>;
-    /// Takes the set's lease for `owner`, returning a new epoch greater than any before.
-    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Epoch, StoreError>;
+    /// Takes the set's lease for `owner`, with a new epoch greater than any before, and
+    /// names the previous holder when it was another node.
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError>;
     /// Writes buckets atomically, only if `epoch` is still the set's lease epoch. When it
     /// returns `Ok` the writes are durable.
     async fn commit(

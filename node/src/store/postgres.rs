@@ -14,7 +14,7 @@ use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 use tokio_postgres::NoTls;
 
 use super::{
-    AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store, StoreError, UserRecord,
+    AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode, Store, StoreError, UserRecord,
 };
 
 /// Schema, applied idempotently at start-up.
@@ -186,10 +186,20 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Epoch, StoreError> {
-        let row = self
-            .client()
-            .await?
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(backend)?;
+        // The row lock taken by the upsert serializes concurrent takers; the previous
+        // owner is read under it.
+        let previous: Option<String> = txn
+            .query_opt(
+                "SELECT owner FROM tether_leases WHERE set_key = $1 FOR UPDATE",
+                &[&set.as_str()],
+            )
+            .await
+            .map_err(backend)?
+            .map(|r| r.get(0));
+        let row = txn
             .query_one(
                 "INSERT INTO tether_leases (set_key, epoch, owner) VALUES ($1, 1, $2)
                  ON CONFLICT (set_key) DO UPDATE SET epoch = tether_leases.epoch + 1, owner = EXCLUDED.owner
@@ -198,7 +208,12 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(backend)?;
-        Ok(Epoch(as_u64(row.get(0))?))
+        let epoch = Epoch(as_u64(row.get(0))?);
+        txn.commit().await.map_err(backend)?;
+        Ok(Lease {
+            epoch,
+            previous_owner: previous.filter(|p| p != owner),
+        })
     }
 
     async fn commit(

@@ -17,8 +17,8 @@ use tether_proto::{Bucket, SetKey};
 use tokio::sync::oneshot;
 
 use super::{
-    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store,
-    StoreError, UserRecord,
+    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode,
+    Store, StoreError, UserRecord,
 };
 use crate::metrics::Metrics;
 
@@ -26,6 +26,8 @@ use crate::metrics::Metrics;
 const BUCKETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("buckets");
 /// set key → current lease epoch.
 const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases");
+/// The node holding each set's lease (next to its epoch in `LEASES`).
+const LEASE_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("lease_owners");
 /// device id → encoded registration record.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 
@@ -74,7 +76,8 @@ enum WriteOp {
     },
     Lease {
         set: SetKey,
-        reply: oneshot::Sender<Result<Epoch, StoreError>>,
+        owner: String,
+        reply: oneshot::Sender<Result<Lease, StoreError>>,
     },
     Device {
         record: DeviceRecord,
@@ -104,6 +107,7 @@ impl RedbStore {
         {
             txn.open_table(BUCKETS).map_err(backend)?;
             txn.open_table(LEASES).map_err(backend)?;
+            txn.open_table(LEASE_OWNERS).map_err(backend)?;
             txn.open_table(DEVICES).map_err(backend)?;
             txn.open_table(RECORDS).map_err(backend)?;
         }
@@ -200,9 +204,9 @@ enum Reply {
         oneshot::Sender<Result<(), StoreError>>,
         Result<(), StoreError>,
     ),
-    Epoch(
-        oneshot::Sender<Result<Epoch, StoreError>>,
-        Result<Epoch, StoreError>,
+    Lease(
+        oneshot::Sender<Result<Lease, StoreError>>,
+        Result<Lease, StoreError>,
     ),
     Bool(
         oneshot::Sender<Result<bool, StoreError>>,
@@ -219,7 +223,7 @@ impl Reply {
         // A dropped receiver means the requester gave up; nothing to tell it.
         match self {
             Reply::Unit(tx, _) => drop(tx.send(Err(e.clone()))),
-            Reply::Epoch(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Lease(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Bool(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Bytes(tx, _) => drop(tx.send(Err(e.clone()))),
         }
@@ -227,7 +231,7 @@ impl Reply {
     fn send(self) {
         match self {
             Reply::Unit(tx, r) => drop(tx.send(r)),
-            Reply::Epoch(tx, r) => drop(tx.send(r)),
+            Reply::Lease(tx, r) => drop(tx.send(r)),
             Reply::Bool(tx, r) => drop(tx.send(r)),
             Reply::Bytes(tx, r) => drop(tx.send(r)),
         }
@@ -269,7 +273,7 @@ fn apply(
             }
             replies.push(Reply::Unit(reply, Ok(())));
         }
-        WriteOp::Lease { set, reply } => {
+        WriteOp::Lease { set, owner, reply } => {
             let mut table = txn.open_table(LEASES).map_err(backend)?;
             let next = table
                 .get(set.as_str())
@@ -277,7 +281,19 @@ fn apply(
                 .map_or(0, |g| g.value())
                 + 1;
             table.insert(set.as_str(), next).map_err(backend)?;
-            replies.push(Reply::Epoch(reply, Ok(Epoch(next))));
+            let mut owners = txn.open_table(LEASE_OWNERS).map_err(backend)?;
+            let previous = owners
+                .insert(set.as_str(), owner.as_str())
+                .map_err(backend)?
+                .map(|g| g.value().to_string())
+                .filter(|p| *p != owner);
+            replies.push(Reply::Lease(
+                reply,
+                Ok(Lease {
+                    epoch: Epoch(next),
+                    previous_owner: previous,
+                }),
+            ));
         }
         WriteOp::Device { record, reply } => {
             let bytes =
@@ -412,9 +428,11 @@ impl Store for RedbStore {
         .await
     }
 
-    async fn acquire_lease(&self, set: &SetKey, _owner: &str) -> Result<Epoch, StoreError> {
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
         let set = set.clone();
-        self.write(|reply| WriteOp::Lease { set, reply }).await
+        let owner = owner.to_string();
+        self.write(|reply| WriteOp::Lease { set, owner, reply })
+            .await
     }
 
     async fn commit(
