@@ -3,14 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-apt_need() { # apt_need <command-or-path> <package>
-  if ! command -v "$1" >/dev/null 2>&1 && [ ! -e "$1" ]; then
-    echo "==> installing $2 (Debian)" >&2
-    if ! apt-get install -y -qq "$2" >/dev/null; then
-      apt-get update -qq && apt-get install -y -qq "$2" >/dev/null
-    fi
-  fi
-}
+. scripts/bench/apt.sh
 
 # Every plot needs a TrueType font; etcd-client (tether-bench's `etcd` feature, always
 # built so the scripts share one build) needs protoc.
