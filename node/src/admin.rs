@@ -12,7 +12,6 @@ use tether_proto::SetKey;
 use crate::config::{read_mfg_key, AdminCommand, MfgKeyCommand, UserCommand};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::store::redb::RedbStore;
 use crate::store::{Store, UserRecord};
 
 /// Creates `path` readable only by its owner and writes `bytes`; never overwrites.
@@ -51,7 +50,15 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
             let key = read_mfg_key(&mfg_key_file)?;
             println!("{id} {}", default_secret(&key, &id));
         }
-        AdminCommand::User(UserCommand::Add { user_id, data_dir }) => {
+        AdminCommand::User(UserCommand::Add {
+            user_id,
+            data_dir,
+            store,
+        }) => {
+            let store = match store {
+                Some(url) => crate::config::StoreUrl::parse(&url)?,
+                None => crate::config::StoreUrl::Redb(data_dir.clone()),
+            };
             SetKey::parse(&user_id).map_err(|_| {
                 NodeError::Config(format!("user id {user_id:?} must be [A-Za-z0-9_-]{{1,64}}"))
             })?;
@@ -71,12 +78,16 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
                 .build()
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             let created = rt.block_on(async {
-                let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data_dir, Metrics::new()).map_err(|e| {
-                    NodeError::Config(format!(
-                        "opening the store in {}: {e} (stop the node first: the embedded store is single-process)",
-                        data_dir.display()
-                    ))
-                })?);
+                #[cfg(feature = "fdb")]
+                let _fdb_network = matches!(store, crate::config::StoreUrl::Fdb(_))
+                    .then(crate::store::fdb::Network::boot);
+                let store: Arc<dyn Store> = crate::store::open(&store, Metrics::new(), 1)
+                    .await
+                    .map_err(|e| {
+                        NodeError::Config(format!(
+                            "opening the store: {e} (with the embedded store, stop the node first: it is single-process)"
+                        ))
+                    })?;
                 let created = store.create_user(record).await?;
                 store.close().await?;
                 Ok::<_, NodeError>(created)

@@ -85,6 +85,10 @@ pub enum UserCommand {
         /// The node's data directory (the node must be stopped: redb is single-process).
         #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
         data_dir: PathBuf,
+        /// The store, as for `tether serve --store` (a cluster's shared PostgreSQL, which
+        /// the nodes may keep using) [default: redb:<data-dir>].
+        #[arg(long, env = "TETHER_STORE")]
+        store: Option<String>,
     },
 }
 

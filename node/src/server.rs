@@ -16,16 +16,13 @@ use tether_proto::credentials::format_set_credentials;
 
 use crate::auth::{Auth, SetCredentials};
 use crate::cluster::ClusterNode;
-use crate::config::{Config, StoreUrl};
+use crate::config::Config;
 use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::registry::{ActorConfig, Shared};
 use crate::router::Router;
-use crate::store::postgres::PostgresStore;
-use crate::store::redb::RedbStore;
-use crate::store::Store;
 use crate::tls::ReloadableCert;
 
 /// How long a graceful shutdown waits for actors to finish their queued commits.
@@ -39,16 +36,9 @@ const LB_GRACE: Duration = Duration::from_secs(2);
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::new();
     #[cfg(feature = "fdb")]
-    let _fdb_network =
-        matches!(config.store, StoreUrl::Fdb(_)).then(crate::store::fdb::Network::boot);
-    let store: Arc<dyn Store> = match &config.store {
-        StoreUrl::Redb(dir) => Arc::new(RedbStore::open(dir, metrics.clone())?),
-        StoreUrl::Postgres(url) => Arc::new(PostgresStore::connect(url, 32).await?),
-        #[cfg(feature = "fdb")]
-        StoreUrl::Fdb(cluster_file) => Arc::new(crate::store::fdb::FdbStore::open(cluster_file)?),
-        #[cfg(not(feature = "fdb"))]
-        StoreUrl::Fdb(_) => return Err(NodeError::Config("built without the fdb feature".into())),
-    };
+    let _fdb_network = matches!(config.store, crate::config::StoreUrl::Fdb(_))
+        .then(crate::store::fdb::Network::boot);
+    let store = crate::store::open(&config.store, metrics.clone(), 32).await?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| NodeError::Config(format!("creating {}: {e}", config.data_dir.display())))?;
     let shared = Shared::new(

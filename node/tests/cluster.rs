@@ -236,6 +236,67 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     assert_eq!(got.len(), 1, "{answered}");
     assert_eq!(u64_of(&got[0], "version"), v1, "{answered}");
 
+    // Users live in the shared store (`admin user add --store`): one pairs a device
+    // through one node and reads it through another; unpairing through a third answers
+    // the subscribe the device holds, wherever its set is owned.
+    let out = admin([
+        "user".to_string(),
+        "add".into(),
+        "alice".into(),
+        "--store".into(),
+        url.clone(),
+    ])
+    .await
+    .ok();
+    let alice = credentials_line(&out);
+    let paired = serials[3].clone();
+    let code = members[0].node.device(&paired).pairing_code().await;
+    members[1]
+        .node
+        .with_credentials(alice.clone())
+        .pair(&code, Some("home"))
+        .await
+        .expect(StatusCode::OK);
+    let seen = members[2]
+        .node
+        .with_credentials(alice.clone())
+        .get("/v1/buckets?view=ids")
+        .await
+        .expect_json(StatusCode::OK);
+    let seen_ids = ids_of(&seen);
+    assert!(
+        seen_ids.contains(&format!("shared.{paired}"))
+            && seen_ids.contains(&"structure.home".to_string()),
+        "the user sees the paired device and its structure: {seen}"
+    );
+    let device = members[2].node.device(&paired);
+    let paired_id = format!("shared.{paired}");
+    let paired_version = acked[&paired][0].1;
+    let sub = tokio::spawn(async move {
+        device
+            .subscribe(
+                &json!({"buckets": [{"id": paired_id, "version": paired_version}], "timeout_ms": 60_000}),
+                Duration::from_secs(65),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    members[0]
+        .node
+        .with_credentials(alice)
+        .unpair(&paired)
+        .await
+        .expect(StatusCode::OK);
+    let released = within(
+        Duration::from_secs(10),
+        "held subscribe released on unpair",
+        sub,
+    )
+    .await
+    .expect("subscribe task")
+    .expect_json(StatusCode::OK);
+    assert!(buckets_of(&released).is_empty(), "{released}");
+
     // The internal port refuses callers without the cluster secret.
     {
         use tether_node::forward::pb::sets_client::SetsClient;

@@ -188,6 +188,30 @@ pub enum StoreError {
     Closed,
 }
 
+/// Opens the store `url` names (`pool`: connections, for the shared backends). The
+/// FoundationDB network must be booted first (`fdb::Network::boot`).
+pub async fn open(
+    url: &crate::config::StoreUrl,
+    metrics: crate::metrics::Metrics,
+    pool: usize,
+) -> Result<std::sync::Arc<dyn Store>, crate::error::NodeError> {
+    use crate::config::StoreUrl;
+    Ok(match url {
+        StoreUrl::Redb(dir) => std::sync::Arc::new(redb::RedbStore::open(dir, metrics)?),
+        StoreUrl::Postgres(url) => {
+            std::sync::Arc::new(postgres::PostgresStore::connect(url, pool).await?)
+        }
+        #[cfg(feature = "fdb")]
+        StoreUrl::Fdb(cluster_file) => std::sync::Arc::new(fdb::FdbStore::open(cluster_file)?),
+        #[cfg(not(feature = "fdb"))]
+        StoreUrl::Fdb(_) => {
+            return Err(crate::error::NodeError::Config(
+                "built without the fdb feature".into(),
+            ))
+        }
+    })
+}
+
 /// Durable state of a node.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
