@@ -98,6 +98,7 @@ impl ClusterNode {
         runtime.spawn(async move {
             let served = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_PEER))
+                .trace_fn(crate::forward::served_span)
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                 .add_service(gossip)

@@ -42,6 +42,34 @@ use pb::sets_client::SetsClient;
 use pb::sets_server::{Sets, SetsServer};
 use pb::subscribe_event::Event;
 
+tokio::task_local! {
+    /// The id of the device request being served (set by the HTTP middleware), sent with
+    /// every call it forwards so both nodes' logs name the same request.
+    pub static REQUEST_ID: uuid::Uuid;
+}
+
+/// gRPC metadata key of the forwarded request's id.
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+
+/// A peer call carrying the current request's id.
+fn traced<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Ok(Ok(v)) = REQUEST_ID.try_with(|id| id.to_string().parse()) {
+        req.metadata_mut().insert(REQUEST_ID_KEY, v);
+    }
+    req
+}
+
+/// The span a forwarded call is served in: the device request's id and the operation.
+pub fn served_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("forwarded", request_id = %id, call = %req.uri().path())
+}
+
 /// Largest forwarded message: a bucket set's worth of buckets.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Extra time an owner holds a forwarded subscription beyond the subscriber's own
@@ -235,7 +263,7 @@ impl Peers {
                     .collect(),
             };
             let reply = client
-                .get(req)
+                .get(traced(req))
                 .await
                 .map_err(|s| from_status(owner, &s, true))?;
             buckets_from_pb(reply.into_inner().buckets)
@@ -263,7 +291,7 @@ impl Peers {
                 session,
             };
             let reply = client
-                .put(req)
+                .put(traced(req))
                 .await
                 .map_err(|s| from_status(owner, &s, never_sent(&s)))?
                 .into_inner();
@@ -304,7 +332,7 @@ impl Peers {
                     .collect(),
             };
             client
-                .ensure(req)
+                .ensure(traced(req))
                 .await
                 .map_err(|s| from_status(owner, &s, true))?;
             Ok(())
@@ -319,9 +347,9 @@ impl Peers {
         let r = async {
             let mut client = self.client(previous)?;
             client
-                .relinquish(pb::ReleaseRequest {
+                .relinquish(traced(pb::ReleaseRequest {
                     sets: vec![set.to_string()],
-                })
+                }))
                 .await
                 .map_err(|s| from_status(previous, &s, false))?;
             Ok(())
@@ -336,9 +364,9 @@ impl Peers {
         let r = async {
             let mut client = self.client(owner)?;
             client
-                .release_held(pb::ReleaseRequest {
+                .release_held(traced(pb::ReleaseRequest {
                     sets: vec![set.to_string()],
-                })
+                }))
                 .await
                 .map_err(|s| from_status(owner, &s, true))?;
             Ok(())
@@ -366,7 +394,7 @@ impl Peers {
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             };
             let mut stream = client
-                .subscribe(req)
+                .subscribe(traced(req))
                 .await
                 .map_err(|s| from_status(owner, &s, true))?
                 .into_inner();

@@ -122,7 +122,9 @@ pub async fn run(config: Config) -> Result<()> {
                 let span = tracing::info_span!("request", %request_id, %method, route = %route);
                 let metrics = metrics.clone();
                 let started = Instant::now();
-                srv.call(req)
+                // The request id rides along when the request is forwarded to a peer.
+                crate::forward::REQUEST_ID
+                    .scope(request_id, srv.call(req))
                     .map(move |res| {
                         if let Ok(r) = &res {
                             let status = r.status().as_u16();
