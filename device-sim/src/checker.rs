@@ -13,6 +13,13 @@
 //!    up, since a sleeping device cannot be notified — is a
 //!    [`Violation::MissedNotification`].
 //!
+//! 3. **Every acknowledged write is in the final state** (the audit, when asked for).
+//!    After the load, the device's buckets are read once more; for each writer (the
+//!    device's own `temperature` field included) the stored field must hold the highest
+//!    sequence number the server acknowledged, or a higher one (a later write, acknowledged
+//!    or still in flight when the run ended, superseded it). Anything lower or absent is a
+//!    [`Violation::LostWrite`]: the server said yes and then forgot.
+//!
 //! A write is registered ([`DeviceTrack::intend`]) before it is sent, because its
 //! notification can overtake its acknowledgement. Writes whose outcome stays unknown
 //! (the writer gave up after transport errors) are [`DeviceTrack::abandon`]ed: there is
@@ -52,6 +59,20 @@ pub enum Violation {
         /// How long the device had been awake and subscribed since the acknowledgement.
         waited_ms: u64,
     },
+    /// A write acknowledged by the server is missing from the final state: the field holds
+    /// an older sequence number of the same writer, or nothing.
+    LostWrite {
+        /// The device serial.
+        device: String,
+        /// The bucket written.
+        bucket: String,
+        /// The writer's field (its identity).
+        writer: String,
+        /// The highest sequence number of the writer the server acknowledged.
+        seq: u64,
+        /// What the final state holds in that field (`None`: absent or not a number).
+        found: Option<u64>,
+    },
 }
 
 impl std::fmt::Display for Violation {
@@ -77,6 +98,20 @@ impl std::fmt::Display for Violation {
                 "MISSED NOTIFICATION: device {device} never saw write #{seq} of {writer} to {bucket} \
                  ({waited_ms} ms after it was acknowledged)"
             ),
+            Violation::LostWrite {
+                device,
+                bucket,
+                writer,
+                seq,
+                found,
+            } => {
+                let found = found.map_or_else(|| "nothing".to_string(), |f| format!("#{f}"));
+                write!(
+                    f,
+                    "LOST WRITE: device {device}'s {bucket} holds {found} of {writer}, \
+                     but write #{seq} was acknowledged"
+                )
+            }
         }
     }
 }
@@ -113,6 +148,8 @@ pub struct DeviceTrack {
     asleep: bool,
     awake_since: Instant,
     writes: HashMap<(String, String), WriterTrack>,
+    /// The highest acknowledged sequence number per (bucket, writer), for the audit.
+    acked_max: BTreeMap<(String, String), u64>,
 }
 
 impl DeviceTrack {
@@ -123,6 +160,7 @@ impl DeviceTrack {
             asleep: false,
             awake_since: now,
             writes: HashMap::new(),
+            acked_max: BTreeMap::new(),
         }
     }
 
@@ -149,8 +187,10 @@ impl DeviceTrack {
         }
     }
 
-    /// The server acknowledged `seq` (applied or merged): from now on it must arrive.
+    /// The server acknowledged `seq` (applied or merged): from now on it must arrive, and
+    /// it (or a later write of the same writer) must be in the final state.
     pub fn acked(&mut self, bucket: &str, writer: &str, seq: u64, now: Instant) {
+        self.acked_final(bucket, writer, seq);
         if let Some(p) = self
             .writes
             .get_mut(&(bucket.to_string(), writer.to_string()))
@@ -158,6 +198,43 @@ impl DeviceTrack {
         {
             p.acked.get_or_insert(now);
         }
+    }
+
+    /// The server acknowledged `seq`, which must be in the final state but is not a change
+    /// the device is owed a notification of (the device's own write).
+    pub fn acked_final(&mut self, bucket: &str, writer: &str, seq: u64) {
+        let max = self
+            .acked_max
+            .entry((bucket.to_string(), writer.to_string()))
+            .or_default();
+        *max = (*max).max(seq);
+    }
+
+    /// The buckets with acknowledged writes: what the audit must read.
+    pub fn audited_buckets(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.acked_max.keys().map(|(b, _)| b.clone()).collect();
+        out.dedup();
+        out
+    }
+
+    /// Checks the final state of `bucket` (`None`: the server does not have it) against
+    /// every acknowledged write to it: each writer's field must hold its highest
+    /// acknowledged sequence number or a later one.
+    pub fn audit(&self, bucket: &str, value: Option<&Fields>) -> Vec<Violation> {
+        self.acked_max
+            .iter()
+            .filter(|((b, _), _)| b == bucket)
+            .filter_map(|((_, writer), &seq)| {
+                let found = value.and_then(|v| v.get(writer)).and_then(Value::as_u64);
+                (found.is_none_or(|f| f < seq)).then(|| Violation::LostWrite {
+                    device: self.device.clone(),
+                    bucket: bucket.to_string(),
+                    writer: writer.clone(),
+                    seq,
+                    found,
+                })
+            })
+            .collect()
     }
 
     /// The outcome of `seq` is unknown (or it was refused): nothing is demanded of it.
@@ -328,6 +405,51 @@ mod tests {
         d.acked("shared.D1", "w", 2, t0);
         d.abandon("shared.D1", "w", 2);
         assert!(d.finish(t0 + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn the_audit_wants_the_highest_acknowledged_write_or_a_later_one() {
+        let t0 = Instant::now();
+        let mut d = DeviceTrack::new("D1", t0);
+        for seq in 1..=3 {
+            d.intend("shared.D1", "w", seq, t0);
+            d.acked("shared.D1", "w", seq, t0);
+        }
+        // Sent, never acknowledged (in flight when the run ended): may supersede.
+        d.intend("shared.D1", "w", 4, t0);
+        d.acked_final("device.D1", "temperature", 7);
+        assert_eq!(d.audited_buckets(), ["device.D1", "shared.D1"]);
+
+        assert!(d.audit("shared.D1", Some(&fields(&[("w", 3)]))).is_empty());
+        assert!(d.audit("shared.D1", Some(&fields(&[("w", 4)]))).is_empty());
+        assert!(d
+            .audit("device.D1", Some(&fields(&[("temperature", 7)])))
+            .is_empty());
+        assert_eq!(
+            d.audit("shared.D1", Some(&fields(&[("w", 2), ("other", 9)]))),
+            [Violation::LostWrite {
+                device: "D1".into(),
+                bucket: "shared.D1".into(),
+                writer: "w".into(),
+                seq: 3,
+                found: Some(2),
+            }]
+        );
+        let gone = d.audit("device.D1", None);
+        assert!(
+            matches!(
+                &gone[..],
+                [Violation::LostWrite {
+                    seq: 7,
+                    found: None,
+                    ..
+                }]
+            ),
+            "{gone:?}"
+        );
+        // Delivery bookkeeping does not affect the audit.
+        d.observe("shared.D1", &fields(&[("w", 3)]), t0);
+        assert_eq!(d.audit("shared.D1", Some(&Fields::new())).len(), 1);
     }
 
     #[test]

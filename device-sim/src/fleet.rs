@@ -13,9 +13,13 @@
 //! with devices through pairing codes). Each writer owns one field of the device's
 //! `shared.<serial>` bucket and writes increasing sequence numbers into it.
 //!
-//! Phases: *load* for `duration` (or until `max_updates`), then *drain* (no new changes,
-//! sleeping devices wake, until every acknowledged write was seen or the deadline passed),
-//! then *stop*. Every loop is bounded by these phases.
+//! Phases: *setup* (devices start over `ramp`, register, subscribe and get paired with
+//! their apps; nobody writes) until every device is connected and paired or
+//! `setup_timeout` passed, then *load* for `duration` (or until `max_updates`), then
+//! *drain* (no new changes, sleeping devices wake, until every acknowledged write was seen
+//! or the deadline passed), then *stop*, then — when asked for — the *audit*: every
+//! device's buckets are read once more and every acknowledged write must be in them
+//! ([`crate::checker`]). Every loop is bounded by these phases.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -25,13 +29,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde_json::json;
-use tether_proto::api::{UpdateRequest, UpdateResponse};
+use tether_proto::api::{BucketList, UpdateRequest, UpdateResponse};
 use tether_proto::client::{ClientConfig, DeviceClient, Event, Request, Response};
 use tether_proto::credentials::{basic_header, default_credentials, Credentials};
 use tether_proto::{Fields, Value};
@@ -80,8 +85,16 @@ pub struct SimConfig {
     pub duration: Duration,
     /// Ends the load phase early after this many acknowledged updates.
     pub max_updates: Option<u64>,
-    /// Device starts are spread over this.
+    /// Device starts are spread over this (in the setup phase).
     pub ramp: Duration,
+    /// Longest setup phase (registering, subscribing, pairing) after the ramp; the load
+    /// starts earlier once every device is connected and paired.
+    pub setup_timeout: Duration,
+    /// After the run, read every device's buckets and check that every acknowledged write
+    /// is in them.
+    pub audit: bool,
+    /// Told when the run enters each phase (a test times its faults from the load's start).
+    pub phases: Option<mpsc::UnboundedSender<Phase>>,
     /// An acknowledged write must reach each awake device within this.
     pub notify_deadline: Duration,
     /// `timeout_ms` of each subscribe.
@@ -122,6 +135,9 @@ impl SimConfig {
             duration: Duration::from_secs(10),
             max_updates: None,
             ramp: Duration::from_secs(1),
+            setup_timeout: Duration::from_secs(60),
+            audit: false,
+            phases: None,
             notify_deadline: Duration::from_secs(5),
             subscribe_timeout_ms: 30_000,
             request_timeout: Duration::from_secs(10),
@@ -136,9 +152,14 @@ impl SimConfig {
 
 /// The run's phase; every task watches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
+pub enum Phase {
+    /// Devices register, subscribe and pair; nobody writes.
+    Setup,
+    /// Devices, companions and apps write; the timed part of the run.
     Load,
+    /// No new changes; waiting for acknowledged writes to reach their devices.
     Drain,
+    /// Every task ends (then the audit, if asked for).
     Stop,
 }
 
@@ -307,7 +328,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    let (phase_tx, phase_rx) = watch::channel(Phase::Load);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let devices = (0..cfg.devices)
         .map(|i| {
             let serial = format!("{}{:06}", cfg.serial_prefix, cfg.first_index + i);
@@ -390,9 +411,40 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         tasks.spawn(run_app(ctx.clone(), u, rx));
     }
 
-    // The load phase, with the checker sweeping and the progress bar ticking.
-    let load_end = now + ctx.cfg.duration;
+    let enter = |phase: Phase| {
+        let _ = phase_tx.send(phase);
+        if let Some(tx) = &ctx.cfg.phases {
+            let _ = tx.send(phase);
+        }
+    };
+    if let Some(tx) = &ctx.cfg.phases {
+        let _ = tx.send(Phase::Setup);
+    }
+
+    // Setup: every device registered, subscribed and (with apps) paired before the clock
+    // of the load phase starts, so a slow start cannot eat into the load.
     let tick = Duration::from_millis(250);
+    let setup_end = now + ctx.cfg.ramp + ctx.cfg.setup_timeout;
+    loop {
+        let done = {
+            let s = &ctx.stats;
+            let n = ctx.cfg.devices as u64;
+            s.registered.load(Ordering::Relaxed) >= n
+                && s.connected.load(Ordering::Relaxed) >= n
+                && (ctx.apps.is_empty() || s.paired.load(Ordering::Relaxed) >= n)
+        };
+        if done || Instant::now() >= setup_end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        progress(&ctx, "setting up");
+    }
+    let setup_time = now.elapsed();
+
+    // The load phase, with the checker sweeping and the progress bar ticking.
+    enter(Phase::Load);
+    let load_start = Instant::now();
+    let load_end = load_start + ctx.cfg.duration;
     while Instant::now() < load_end {
         tokio::time::sleep(tick.min(load_end.saturating_duration_since(Instant::now()))).await;
         sweep(&ctx);
@@ -401,11 +453,11 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
             break;
         }
     }
-    let load_time = now.elapsed();
+    let load_time = load_start.elapsed();
     let updates_in_load = ctx.updates();
 
     // Drain: no new changes; wait for every acknowledged write to be seen (or be overdue).
-    let _ = phase_tx.send(Phase::Drain);
+    enter(Phase::Drain);
     let drain_end = Instant::now() + ctx.cfg.notify_deadline + Duration::from_secs(2);
     loop {
         tokio::time::sleep(tick).await;
@@ -420,7 +472,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
             break;
         }
     }
-    let _ = phase_tx.send(Phase::Stop);
+    enter(Phase::Stop);
     let stop_by = Instant::now() + Duration::from_secs(5);
     while !tasks.is_empty() {
         match tokio::time::timeout(
@@ -446,6 +498,13 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
             "writes acknowledged within the deadline of the end, unconfirmed: {unconfirmed}"
         ));
     }
+    // Every writer has stopped: nothing acknowledged from here on.
+    let audited = if ctx.cfg.audit {
+        progress(&ctx, "auditing the final state");
+        Some(audit(&ctx).await)
+    } else {
+        None
+    };
     ctx.pb.finish_and_clear();
 
     let s = &ctx.stats;
@@ -456,6 +515,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         registered: s.registered.load(Ordering::Relaxed),
         connected: s.connected.load(Ordering::Relaxed),
         paired: s.paired.load(Ordering::Relaxed),
+        setup_s: setup_time.as_secs_f64(),
         duration_s: load_time.as_secs_f64(),
         device_updates,
         writer_updates,
@@ -466,9 +526,115 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         sleeps: s.sleeps.load(Ordering::Relaxed),
         dropped_connections: s.drops.load(Ordering::Relaxed),
         errors: lock(&s.errors).clone(),
+        audited,
         violations: lock(&ctx.violations).clone(),
     };
     Ok(report)
+}
+
+/// How many devices' final states are read at once.
+const AUDIT_CONCURRENCY: usize = 8;
+/// Attempts to read one device's final state (503 while ownership moves, 429, …).
+const AUDIT_ATTEMPTS: u32 = 10;
+
+/// Reads every device's buckets and reports each acknowledged write missing from them;
+/// the number of devices whose state was read.
+async fn audit(ctx: &Arc<Ctx>) -> u64 {
+    let reads = futures::stream::iter(0..ctx.devices.len())
+        .map(|i| audit_device(ctx.clone(), i))
+        .buffer_unordered(AUDIT_CONCURRENCY)
+        .collect::<Vec<bool>>();
+    // Bounded: each read is bounded by its attempts and the request timeout.
+    let limit = (ctx.cfg.request_timeout + Duration::from_secs(2))
+        * AUDIT_ATTEMPTS
+        * u32::try_from(ctx.devices.len().div_ceil(AUDIT_CONCURRENCY)).unwrap_or(u32::MAX);
+    match tokio::time::timeout(limit, reads).await {
+        Ok(done) => done.into_iter().filter(|ok| *ok).count() as u64,
+        Err(_) => {
+            ctx.error("audit timed out");
+            0
+        }
+    }
+}
+
+/// Audits device `i`: whether its final state could be read.
+async fn audit_device(ctx: Arc<Ctx>, i: usize) -> bool {
+    let dev = &ctx.devices[i];
+    let buckets = lock(&dev.track).audited_buckets();
+    if buckets.is_empty() {
+        return true; // nothing acknowledged, nothing to demand
+    }
+    let Some(creds) = lock(&dev.creds).clone() else {
+        ctx.error("audit: device holds no credentials");
+        return false;
+    };
+    let base = {
+        let s = lock(&dev.sync_url);
+        if s.is_empty() {
+            ctx.url_of(i).to_string()
+        } else {
+            s.clone()
+        }
+    };
+    let url = format!(
+        "{}/v1/buckets?view=full&ids={}",
+        base.trim_end_matches('/'),
+        buckets.join(",")
+    );
+    let http = ctx.http_of(i);
+    for attempt in 0..AUDIT_ATTEMPTS {
+        let r = http
+            .get(&url)
+            .header(AUTHORIZATION, basic_header(&creds))
+            .timeout(ctx.cfg.request_timeout)
+            .send()
+            .await;
+        let wait = match r {
+            Ok(r) if r.status().is_success() => match r.json::<BucketList>().await {
+                Ok(list) => {
+                    let track = lock(&dev.track);
+                    let mut found = Vec::new();
+                    for b in &buckets {
+                        let value = list
+                            .buckets
+                            .iter()
+                            .find(|d| &d.id == b)
+                            .and_then(|d| d.value.as_ref());
+                        found.extend(track.audit(b, value));
+                    }
+                    drop(track);
+                    for v in found {
+                        ctx.violation(v);
+                    }
+                    return true;
+                }
+                Err(_) => {
+                    ctx.error("audit undecodable answer");
+                    Duration::from_millis(200)
+                }
+            },
+            Ok(r) => {
+                let status = r.status().as_u16();
+                ctx.error(format!("audit {status}"));
+                if !(status == 429 || status >= 500) {
+                    return false;
+                }
+                let retry_after = r
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                Duration::from_secs(retry_after.unwrap_or(0).min(2))
+                    .max(Duration::from_millis(200 << attempt.min(3)))
+            }
+            Err(_) => {
+                ctx.error("audit transport");
+                Duration::from_millis(200 << attempt.min(3))
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+    false
 }
 
 /// Reports every acknowledged write that is overdue.
@@ -518,7 +684,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let delay = cfg.ramp / n * u32::try_from(i).unwrap_or(u32::MAX);
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
-        _ = phase_rx.wait_for(|p| *p != Phase::Load) => return,
+        _ = phase_rx.wait_for(|p| *p > Phase::Load) => return,
     }
     let default = match default_credentials(&cfg.mfg_key, &dev.serial, &cfg.key_id) {
         Ok(c) => c,
@@ -544,15 +710,18 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let http = ctx.http_of(i);
     let mut rng = StdRng::seed_from_u64(seed);
     let device_bucket = format!("device.{}", dev.serial);
-    let start = Instant::now();
-    let mut next_update = (cfg.update_rate > 0.0)
-        .then(|| start + exp_sample(&mut rng, Duration::from_secs_f64(1.0 / cfg.update_rate)));
-    let mut next_toggle = cfg.sleep_every.map(|m| start + exp_sample(&mut rng, m));
+    // Changes, sleeps and dropped connections are scheduled when the load phase starts.
+    let mut loading = false;
+    let mut next_update = None;
+    let mut next_toggle = None;
     let drop_mean =
         (cfg.flaky_per_min > 0.0).then(|| Duration::from_secs_f64(60.0 / cfg.flaky_per_min));
-    let mut next_drop = drop_mean.map(|m| start + exp_sample(&mut rng, m));
+    let mut next_drop = None;
     let mut asleep = false;
     let mut own_seq = 0u64;
+    // The `temperature` the PUT in flight carries (the client has at most one; its answer
+    // is the only one reported as `ChangeAcked`).
+    let mut own_in_flight: Option<u64> = None;
     let mut registered_once = false;
     let mut regressions_seen: HashSet<(String, u64, u64)> = HashSet::new();
     let mut requests: JoinSet<(u64, Response)> = JoinSet::new();
@@ -563,6 +732,15 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
         let phase = ctx.phase();
         if phase == Phase::Stop {
             break;
+        }
+        if phase == Phase::Load && !loading {
+            loading = true;
+            let start = Instant::now();
+            next_update = (cfg.update_rate > 0.0).then(|| {
+                start + exp_sample(&mut rng, Duration::from_secs_f64(1.0 / cfg.update_rate))
+            });
+            next_toggle = cfg.sleep_every.map(|m| start + exp_sample(&mut rng, m));
+            next_drop = drop_mean.map(|m| start + exp_sample(&mut rng, m));
         }
         if phase == Phase::Drain {
             if asleep {
@@ -580,6 +758,11 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                     && !dev.connected.swap(true, Ordering::Relaxed)
                 {
                     ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Request::Put { id, body } = &out.request {
+                    if *id == device_bucket {
+                        own_in_flight = body.value.get("temperature").and_then(Value::as_u64);
+                    }
                 }
                 let base = client.base_url().to_string();
                 let (http, tx, opts, ctx2) = (http.clone(), cred_tx.clone(), ctx.wire, ctx.clone());
@@ -625,10 +808,12 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         });
                     }
                 }
-                Event::ChangeAcked { outcome, .. } => {
+                Event::ChangeAcked { id, outcome } => {
                     ctx.stats.device_updates.fetch_add(1, Ordering::Relaxed);
                     if outcome == tether_proto::api::UpdateOutcome::Refused {
                         ctx.error("put refused");
+                    } else if let (true, Some(seq)) = (id == device_bucket, own_in_flight) {
+                        lock(&dev.track).acked_final(&id, "temperature", seq);
                     }
                 }
                 Event::ChangeRejected { status, .. } => ctx.error(format!("put rejected {status}")),
@@ -740,12 +925,15 @@ async fn run_writer(
     };
     let mut seq = 0u64;
     let mut base_version = 0u64;
+    if phase_rx.wait_for(|p| *p >= Phase::Load).await.is_err() {
+        return;
+    }
     loop {
         // Wait for the next write (and for the device to be connected), or the load's end.
         let pause = exp_sample(&mut rng, mean);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = phase_rx.wait_for(|p| *p != Phase::Load) => return,
+            _ = phase_rx.wait_for(|p| *p > Phase::Load) => return,
         }
         if !dev.connected.load(Ordering::Relaxed) {
             continue;
@@ -853,7 +1041,7 @@ async fn run_app(ctx: Arc<Ctx>, u: usize, mut codes: mpsc::UnboundedReceiver<(us
     loop {
         let next = tokio::select! {
             c = codes.recv() => c,
-            _ = phase_rx.wait_for(|p| *p != Phase::Load) => None,
+            _ = phase_rx.wait_for(|p| *p > Phase::Load) => None,
         };
         let Some((i, code)) = next else { break };
         devices.spawn(app_device(
@@ -888,7 +1076,7 @@ async fn app_device(
         // Retried until the load phase ends: an app with many devices meets the server's
         // per-principal rate limit (429 with Retry-After) while pairing them all.
         for attempt in 0..u32::MAX {
-            if ctx.phase() != Phase::Load {
+            if ctx.phase() > Phase::Load {
                 break;
             }
             let r = http
@@ -924,7 +1112,7 @@ async fn app_device(
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = phase_rx.wait_for(|p| *p != Phase::Load) => break,
+                _ = phase_rx.wait_for(|p| *p > Phase::Load) => break,
             }
         }
     }

@@ -60,6 +60,8 @@ pub struct Report {
     pub connected: u64,
     /// Devices paired with an app.
     pub paired: u64,
+    /// Wall time of the setup phase (registering, subscribing, pairing), seconds.
+    pub setup_s: f64,
     /// Wall time of the load phase, seconds.
     pub duration_s: f64,
     /// Changes devices made to their own buckets that the server acknowledged.
@@ -81,6 +83,9 @@ pub struct Report {
     pub dropped_connections: u64,
     /// Errors by kind (`<request> <status>`, `<request> transport`, …).
     pub errors: BTreeMap<String, u64>,
+    /// Devices whose final state the audit read and checked (`None`: no audit asked for;
+    /// devices without acknowledged writes count as checked).
+    pub audited: Option<u64>,
     /// Everything the checker caught.
     pub violations: Vec<Violation>,
 }
@@ -99,6 +104,11 @@ impl Report {
             s,
             "devices: {} simulated, {} registered, {} connected, {} paired with apps",
             self.devices, self.registered, self.connected, self.paired
+        );
+        let _ = writeln!(
+            s,
+            "setup (register, subscribe, pair): {:.1} s",
+            self.setup_s
         );
         let _ = writeln!(
             s,
@@ -123,8 +133,19 @@ impl Report {
                 let _ = writeln!(s, "  {k}: {n}");
             }
         }
+        if let Some(n) = self.audited {
+            let _ = writeln!(s, "final-state audit: {n} of {} devices read", self.devices);
+        }
         if self.violations.is_empty() {
-            let _ = writeln!(s, "checks: versions monotonic, every change delivered: OK");
+            let audit = if self.audited.is_some() {
+                ", every acknowledged write in the final state"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "checks: versions monotonic, every change delivered{audit}: OK"
+            );
         } else {
             let _ = writeln!(s, "VIOLATIONS: {}", self.violations.len());
             for v in self.violations.iter().take(50) {

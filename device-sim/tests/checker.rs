@@ -1,7 +1,8 @@
 //! The simulator's checker against deliberately misbehaving servers (not the real node):
-//! one answers subscribes with an older version than it served before, the other holds
-//! every subscribe and never notifies. The checker must catch both and the binary must
-//! exit non-zero.
+//! one answers subscribes with an older version than it served before, one holds every
+//! subscribe and never notifies, and one acknowledges and notifies every write but loses
+//! the companions' writes from its final state. The checker must catch each and the binary
+//! must exit non-zero.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -15,6 +16,7 @@ use tether_proto::credentials::{assigned_secret, SET_CREDENTIALS_HEADER};
 use tether_proto::Fields;
 use tether_sim::checker::Violation;
 use tether_sim::fleet::{self, SimConfig};
+use tokio::sync::watch;
 
 /// How the fake server misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,10 @@ enum Misbehaviour {
     RegressVersions,
     /// Subscribe is held until its timeout and answered empty, whatever changed.
     NeverNotify,
+    /// Subscribe is honest (answers with whatever is newer than the client holds, or at
+    /// the first change), but reads (`GET /v1/buckets`) have lost every `companion` field:
+    /// acknowledged writes missing from the final state.
+    ForgetsWrites,
 }
 
 /// A tiny in-memory "server" speaking just enough of API.md for a device and a companion.
@@ -31,7 +37,12 @@ struct Fake {
     mode: Misbehaviour,
     base: OnceLock<String>,
     buckets: Mutex<HashMap<String, (u64, Fields)>>,
+    /// Bumped on every write, waking held subscribes.
+    changes: watch::Sender<u64>,
 }
+
+/// The field the companion writer owns (see `fleet`).
+const COMPANION: &str = "companion";
 
 /// Buckets start here so a regression below it is possible.
 const FIRST_VERSION: u64 = 5;
@@ -78,9 +89,31 @@ async fn fetch(fake: web::Data<Fake>, req: HttpRequest) -> HttpResponse {
     let b = fake.buckets.lock().expect("lock");
     let docs: Vec<Value> = ids
         .iter()
-        .filter_map(|id| b.get(*id).map(|(v, f)| doc(id, *v, f)))
+        .filter_map(|id| {
+            b.get(*id).map(|(v, f)| {
+                let mut f = f.clone();
+                if fake.mode == Misbehaviour::ForgetsWrites {
+                    f.remove(COMPANION);
+                }
+                doc(id, *v, &f)
+            })
+        })
         .collect();
     HttpResponse::Ok().json(json!({ "buckets": docs }))
+}
+
+/// The buckets of `held` that are newer in the fake than the client holds.
+fn newer(fake: &Fake, held: &SubscribeRequest) -> Vec<Value> {
+    let b = fake.buckets.lock().expect("lock");
+    held.buckets
+        .iter()
+        .filter_map(|h| {
+            let (v, f) = b.get(&h.id)?;
+            h.version
+                .is_none_or(|held| held < *v)
+                .then(|| doc(&h.id, *v, f))
+        })
+        .collect()
 }
 
 async fn subscribe(fake: web::Data<Fake>, body: web::Json<SubscribeRequest>) -> HttpResponse {
@@ -101,6 +134,23 @@ async fn subscribe(fake: web::Data<Fake>, body: web::Json<SubscribeRequest>) -> 
             tokio::time::sleep(Duration::from_millis(hold)).await;
             HttpResponse::Ok().json(json!({ "buckets": [] }))
         }
+        Misbehaviour::ForgetsWrites => {
+            let hold = Duration::from_millis(body.timeout_ms.unwrap_or(1_000).min(5_000));
+            let until = tokio::time::Instant::now() + hold;
+            let mut changes = fake.changes.subscribe();
+            loop {
+                let docs = newer(&fake, &body);
+                if !docs.is_empty() {
+                    return HttpResponse::Ok().json(json!({ "buckets": docs }));
+                }
+                match tokio::time::timeout_at(until, changes.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => {
+                        return HttpResponse::Ok().json(json!({ "buckets": [] }))
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -116,8 +166,11 @@ async fn put(
     };
     *version += 1;
     fields.extend(body.into_inner().value);
+    let version = *version;
+    drop(b);
+    fake.changes.send_modify(|n| *n += 1);
     HttpResponse::Ok().json(json!({
-        "outcome": "applied", "id": id.as_str(), "timestamp": now_ms(), "version": *version,
+        "outcome": "applied", "id": id.as_str(), "timestamp": now_ms(), "version": version,
     }))
 }
 
@@ -131,6 +184,7 @@ fn start_fake(mode: Misbehaviour) -> String {
                 mode,
                 base: OnceLock::new(),
                 buckets: Mutex::new(HashMap::new()),
+                changes: watch::channel(0).0,
             });
             let data = fake.clone();
             let server = HttpServer::new(move || {
@@ -246,4 +300,37 @@ async fn a_missed_notification_is_caught_and_fails_the_binary() {
         report["device_updates"].as_u64().unwrap_or(0) > 0,
         "{report}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_write_missing_from_the_final_state_is_caught_by_the_audit() {
+    let url = start_fake(Misbehaviour::ForgetsWrites);
+    let mut cfg = small_fleet(&url);
+    cfg.update_rate = 2.0;
+    cfg.companion_rate = 4.0;
+    cfg.notify_deadline = Duration::from_secs(2);
+    cfg.audit = true;
+    let report = fleet::run(cfg).await.expect("run the fleet");
+    assert_eq!(report.audited, Some(3), "every device was read: {report:?}");
+    assert!(
+        report.writer_updates > 0 && report.device_updates > 0,
+        "{report:?}"
+    );
+    // Delivery was honest: the only violations are the companions' lost writes, one per
+    // device that had one acknowledged, each naming the highest acknowledged number.
+    assert!(!report.ok(), "the audit must fail this run: {report:?}");
+    for v in &report.violations {
+        assert!(
+            matches!(v, Violation::LostWrite { bucket, writer, seq, found: None, .. }
+                if bucket.starts_with("shared.") && writer == COMPANION && *seq >= 1),
+            "unexpected violation {v}; all: {:?}",
+            report.violations
+        );
+    }
+    assert!(report.violations.len() <= 3, "{:?}", report.violations);
+    // The devices' own writes (`temperature` in `device.*`) were kept, and were audited.
+    assert!(report
+        .violations
+        .iter()
+        .all(|v| !v.to_string().contains("temperature")));
 }

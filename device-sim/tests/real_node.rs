@@ -1,6 +1,7 @@
 //! A short run of `tether-sim` against a real `tether` node: a few devices with
-//! companions, an app user paired through pairing codes, sleep cycles and flaky links,
-//! for a few seconds. Every check must pass. No timing is asserted.
+//! companions, an app user paired through pairing codes (in the setup phase, before the
+//! timed load starts), sleep cycles and flaky links, for a few seconds, then the audit of
+//! the final state. Every check must pass. No timing is asserted.
 //!
 //! The `tether` binary belongs to another package, so `CARGO_BIN_EXE_tether` does not
 //! exist here: it is built (a no-op when up to date) with the cargo running this test and
@@ -129,6 +130,7 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
                 "20",
                 "--notify-deadline-ms",
                 "5000",
+                "--audit",
                 "--json",
             ])
             .stdin(Stdio::null())
@@ -154,6 +156,10 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
     assert!(
         report["device_updates"].as_u64().unwrap_or(0) > 0,
         "{report:#}"
+    );
+    assert_eq!(
+        report["audited"], 8,
+        "every device's final state was read: {report:#}"
     );
     assert_eq!(report["violations"], Value::Array(vec![]), "{report:#}");
     node.kill().await.expect("stop tether");

@@ -79,6 +79,14 @@ struct Args {
     /// Device starts are spread over this many seconds.
     #[arg(long, default_value_t = 1.0)]
     ramp_s: f64,
+    /// Longest setup phase (register, subscribe, pair) after the ramp, in seconds; the
+    /// load phase starts as soon as every device is connected and paired.
+    #[arg(long, default_value_t = 60.0)]
+    setup_timeout_s: f64,
+    /// After the run, read every device's buckets and check that every acknowledged write
+    /// is in them (a missing one is a violation).
+    #[arg(long)]
+    audit: bool,
     /// An acknowledged write must reach every awake device within this.
     #[arg(long, default_value_t = 5000)]
     notify_deadline_ms: u64,
@@ -142,6 +150,9 @@ fn config(a: Args) -> Result<SimConfig> {
         duration: secs(a.duration_s),
         max_updates: a.max_updates,
         ramp: secs(a.ramp_s),
+        setup_timeout: secs(a.setup_timeout_s),
+        audit: a.audit,
+        phases: None,
         notify_deadline: Duration::from_millis(a.notify_deadline_ms),
         subscribe_timeout_ms: a.subscribe_timeout_ms,
         request_timeout: Duration::from_millis(a.request_timeout_ms),
