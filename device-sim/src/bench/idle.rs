@@ -15,9 +15,11 @@
 //! registration caches, and the HTTP connection; for mosquitto the client session and
 //! its connection.
 //!
-//! With `nodes` > 1, that many *independent* Tether nodes (separate processes and data
-//! directories; there is no cluster yet) each hold `count`, to show one machine holding
-//! more subscriptions than one process may.
+//! With `nodes` > 1, that many Tether nodes hold `count` each, to show one machine holding
+//! more subscriptions than one process may: *independent* nodes (separate processes, data
+//! directories and keys), or with `cluster` one Tether cluster on a private PostgreSQL —
+//! devices register through node i, are allocated to the node owning their bucket set
+//! (its `sync_url`) and hold their subscribe there, so each node holds its ring share.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -49,8 +51,11 @@ pub struct Opts {
     pub count: usize,
     /// Client processes per server.
     pub procs: usize,
-    /// Independent Tether nodes (each holding `count`).
+    /// Tether nodes: independent ones each holding `count`, or (with `cluster`) one
+    /// cluster holding `nodes × count`.
     pub nodes: usize,
+    /// Run the nodes as one cluster on a shared PostgreSQL.
+    pub cluster: bool,
     /// Seconds the clients may take to get every subscription held.
     pub connect_limit_s: u64,
     /// Skip mosquitto.
@@ -122,18 +127,110 @@ fn kill_all(children: &mut [Child]) {
 }
 
 async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
-    let http = reqwest::Client::new();
     let mut nodes = Vec::new();
     for _ in 0..o.nodes {
         nodes.push(tether::start(&o.tether_bin, &[]).await?);
     }
+    let out = hold_on(o, &nodes, src_offset, false).await;
+    for n in nodes {
+        n.server.stop().await;
+    }
+    out
+}
+
+/// Waits (bounded) until every node's `/readyz` names `members` live members.
+async fn wait_members(
+    http: &reqwest::Client,
+    nodes: &[tether::TetherNode],
+    members: usize,
+) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(60);
+    for node in nodes {
+        loop {
+            let body: Option<serde_json::Value> =
+                match http.get(format!("{}/readyz", node.url())).send().await {
+                    Ok(r) if r.status().is_success() => r.json().await.ok(),
+                    _ => None,
+                };
+            if body.is_some_and(|b| b["members"] == json!(members)) {
+                break;
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "{} did not see {members} cluster members within 60 s",
+                    node.url()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// One Tether *cluster* of `nodes` members on a private PostgreSQL holding
+/// `nodes × count` subscriptions: devices register through node i, are allocated to
+/// their set's owner (`sync_url`), and hold their subscribe there.
+async fn tether_cluster(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
+    let pg = tether_node::store::pg_server::PgServer::start()
+        .context("starting a private PostgreSQL (apt-get install postgresql)")?;
+    let store = pg.url("idle").context("creating the benchmark database")?;
+    let shared = tempfile::TempDir::new()?;
+    let key = shared.path().join("k1.key");
+    tether::generate_key(&o.tether_bin, &key).await?;
+    let secret = shared.path().join("cluster.secret");
+    std::fs::write(&secret, format!("{:032x}", rand::random::<u128>()))?;
+    let secret = secret.display().to_string();
+    let mut nodes = Vec::new();
+    let mut seed: Option<String> = None;
+    for i in 0..o.nodes {
+        let grpc = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .to_string();
+        let id = format!("idle-{i}");
+        let mut extra = vec![
+            "--node-id",
+            &id,
+            "--store",
+            &store,
+            "--grpc-listen",
+            &grpc,
+            "--cluster-secret-file",
+            &secret,
+        ];
+        if let Some(s) = &seed {
+            extra.extend(["--join", s.as_str()]);
+        }
+        nodes.push(tether::start_with_key(&o.tether_bin, &key, &extra).await?);
+        seed.get_or_insert(grpc);
+    }
+    let out = match wait_members(&reqwest::Client::new(), &nodes, o.nodes).await {
+        Ok(()) => hold_on(o, &nodes, src_offset, true).await,
+        Err(e) => Err(e),
+    };
+    for n in nodes {
+        n.server.stop().await;
+    }
+    drop(pg);
+    out
+}
+
+/// Holds subscriptions on `nodes` from `o.procs` `tether-sim` processes per node and
+/// measures every node's RSS. Independent nodes must each hold `o.count`; a cluster's
+/// nodes hold `nodes × count` between them (each device subscribes at its set's owner).
+async fn hold_on(
+    o: &Opts,
+    nodes: &[tether::TetherNode],
+    src_offset: usize,
+    cluster: bool,
+) -> Result<Vec<Held>> {
+    let http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let bases: Vec<u64> = nodes.iter().map(|n| n.server.rss_kib()).collect();
     let started = Instant::now();
     let per = o.count.div_ceil(o.procs);
     let mut sims: Vec<Child> = Vec::new();
     let mut src = src_offset;
-    for node in &nodes {
+    for (i, node) in nodes.iter().enumerate() {
         for p in 0..o.procs {
             let n = per.min(o.count - (p * per).min(o.count));
             if n == 0 {
@@ -142,13 +239,14 @@ async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
             let mut cmd = Command::new(&o.sim_bin);
             cmd.args(["--url", node.url(), "--mfg-key-file"])
                 .arg(&node.key_path)
-                .args(["--key-id", "k1", "--serial-prefix", "IDLE"])
+                .args(["--key-id", "k1", "--serial-prefix", &format!("IDLE{i}X")])
                 .args(["--devices", &n.to_string()])
                 .args(["--first-index", &(p * per).to_string()])
                 .args(["--local-address", &source(src).to_string()])
                 .args(["--update-rate", "0", "--companion-rate", "0"])
                 .args(["--subscribe-timeout-ms", "1800000"])
                 .args(["--request-timeout-ms", "60000"])
+                .args(["--setup-timeout-s", &o.connect_limit_s.to_string()])
                 .args(["--duration-s", &(o.connect_limit_s + 120).to_string()])
                 .args(["--ramp-s", &(n as f64 / 400.0).to_string()])
                 .args(["--quiet", "--json"])
@@ -161,50 +259,62 @@ async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
         }
     }
     let limit = Duration::from_secs(o.connect_limit_s);
-    let mut result = Vec::new();
-    for (node, base) in nodes.iter().zip(&bases) {
-        let url = node.url().to_string();
-        let held = wait_until(limit, o.count, || {
-            let (http, url) = (http.clone(), url.clone());
+    let held_on = |url: String| {
+        let http = http.clone();
+        async move {
+            tether::metric(&http, &url, "tether_held_subscriptions")
+                .await
+                .map(|v| v as usize)
+        }
+    };
+    let waited = if cluster {
+        let urls: Vec<String> = nodes.iter().map(|n| n.url().to_string()).collect();
+        wait_until(limit, o.count * nodes.len(), || {
+            let urls = urls.clone();
+            let held_on = &held_on;
             async move {
-                tether::metric(&http, &url, "tether_held_subscriptions")
-                    .await
-                    .map(|v| v as usize)
+                let mut sum = 0;
+                for u in urls {
+                    sum += held_on(u).await?;
+                }
+                Some(sum)
             }
         })
-        .await;
-        let held = match held {
-            Ok(h) => h,
-            Err(e) => {
-                kill_all(&mut sims);
-                return Err(e.context("tether"));
+        .await
+        .map(|_| ())
+    } else {
+        let mut r = Ok(());
+        for node in nodes {
+            let url = node.url().to_string();
+            if let Err(e) = wait_until(limit, o.count, || held_on(url.clone())).await {
+                r = Err(e);
+                break;
             }
-        };
-        result.push((held, *base));
+        }
+        r
+    };
+    if let Err(e) = waited {
+        kill_all(&mut sims);
+        return Err(e.context("tether"));
     }
     let setup_s = started.elapsed().as_secs_f64();
     // Let allocations settle, then measure every node.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = nodes
-        .iter()
-        .zip(result)
-        .map(|(node, (held, base))| {
-            let rss = node.server.rss_kib();
-            Held {
-                held,
-                rss_base_kib: base,
-                rss_held_kib: rss,
-                kib_per_subscription: ratio(rss.saturating_sub(base) as f64, held as f64),
-                setup_s,
-            }
-        })
-        .collect();
+    let mut out = Vec::new();
+    for (node, base) in nodes.iter().zip(&bases) {
+        let held = held_on(node.url().to_string()).await.unwrap_or(0);
+        let rss = node.server.rss_kib();
+        out.push(Held {
+            held,
+            rss_base_kib: *base,
+            rss_held_kib: rss,
+            kib_per_subscription: ratio(rss.saturating_sub(*base) as f64, held as f64),
+            setup_s,
+        });
+    }
     kill_all(&mut sims);
     for mut s in sims {
         let _ = s.wait().await;
-    }
-    for n in nodes {
-        n.server.stop().await;
     }
     Ok(out)
 }
@@ -281,7 +391,11 @@ pub async fn run(o: Opts) -> Result<()> {
     for r in 0..o.runs {
         // Fresh source addresses per run and server: no TIME_WAIT left from the last one.
         let offset = r * (o.procs * (o.nodes + 1));
-        let t = tether_nodes(&o, offset).await?;
+        let t = if o.cluster {
+            tether_cluster(&o, offset).await?
+        } else {
+            tether_nodes(&o, offset).await?
+        };
         let m = if o.skip_mosquitto {
             None
         } else {
@@ -363,7 +477,7 @@ pub async fn run(o: Opts) -> Result<()> {
     let result = json!({
         "benchmark": "idle-subscriptions", "date": date, "machine": machine,
         "params": {"runs": o.runs, "count_per_server": o.count, "client_processes": o.procs,
-                   "tether_nodes": o.nodes},
+                   "tether_nodes": o.nodes, "cluster": o.cluster},
         "runs": runs,
         "summary": {"tether_kib_per_subscription": tether_kib,
                     "mosquitto_kib_per_subscription": mosq_kib,

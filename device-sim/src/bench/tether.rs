@@ -31,9 +31,20 @@ pub struct TetherNode {
 pub async fn start(bin: &Path, extra: &[&str]) -> Result<TetherNode> {
     let dir = TempDir::new()?;
     let key_path = dir.path().join("k1.key");
+    generate_key(bin, &key_path).await?;
+    start_in(bin, dir, key_path, extra).await
+}
+
+/// Like [`start`], with the manufacturing key at `key_path` (shared by a cluster's nodes).
+pub async fn start_with_key(bin: &Path, key_path: &Path, extra: &[&str]) -> Result<TetherNode> {
+    start_in(bin, TempDir::new()?, key_path.to_path_buf(), extra).await
+}
+
+/// Writes a new manufacturing key file with `tether admin mfg-key generate`.
+pub async fn generate_key(bin: &Path, key_path: &Path) -> Result<()> {
     let st = Command::new(bin)
         .args(["admin", "mfg-key", "generate"])
-        .arg(&key_path)
+        .arg(key_path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -42,6 +53,15 @@ pub async fn start(bin: &Path, extra: &[&str]) -> Result<TetherNode> {
     if !st.success() {
         bail!("tether admin mfg-key generate failed: {st}");
     }
+    Ok(())
+}
+
+async fn start_in(
+    bin: &Path,
+    dir: TempDir,
+    key_path: PathBuf,
+    extra: &[&str],
+) -> Result<TetherNode> {
     let mfg_key = read_mfg_key(&key_path)?;
     let mut cmd = Command::new(bin);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

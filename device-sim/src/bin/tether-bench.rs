@@ -88,9 +88,13 @@ enum Cmd {
         /// Client processes per server.
         #[arg(long, default_value_t = 3)]
         procs: usize,
-        /// Independent Tether nodes, each holding `count` (no cluster yet).
+        /// Tether nodes, each holding `count`: independent ones, or one cluster with --cluster.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Run the nodes as one cluster on a private PostgreSQL (needs the PostgreSQL
+        /// server binaries); devices hold their subscribe at their set's owner.
+        #[arg(long)]
+        cluster: bool,
         /// Seconds allowed to get every subscription held.
         #[arg(long, default_value_t = 240)]
         connect_limit_s: u64,
@@ -210,11 +214,13 @@ fn run(args: Args) -> Result<()> {
                 count,
                 procs,
                 nodes,
+                cluster,
                 connect_limit_s,
                 skip_mosquitto,
                 out,
             } => {
                 idle::run(idle::Opts {
+                    cluster,
                     tether_bin,
                     sim_bin: sim_bin.unwrap_or_else(|| sibling("tether-sim")),
                     runs,
