@@ -103,7 +103,7 @@ impl Metrics {
         let leases_acquired = Counter::default();
         registry.register(
             "leases_acquired",
-            "Bucket set leases taken (one per activation)",
+            "Bucket set leases taken, one per activation (leases do not expire, so there is no renewal: a lease stands until another node takes it, which fences the holder)",
             leases_acquired.clone(),
         );
         let leases_lost = Counter::default();
