@@ -29,7 +29,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::RngCore;
 use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
-use serde_json::Value;
 use tether_cluster::{NodeId, Ring};
 use tether_node::store::pg_server::PgServer;
 use tether_node::store::postgres::PostgresStore;
@@ -178,32 +177,7 @@ pub fn tail(path: &Path) -> String {
 }
 
 /// Sum of the samples of metric `name` (any labels) in Prometheus text; `None` if absent.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = if let Some(r) = rest.strip_prefix('{') {
-            match r.find('}') {
-                Some(i) => &r[i + 1..],
-                None => continue,
-            }
-        } else if rest.starts_with(' ') {
-            rest
-        } else {
-            continue; // a longer name sharing the prefix
-        };
-        if let Some(v) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
-}
+pub use tether_node::metrics::sample_sum as metric_value;
 
 /// A loopback port nothing listens on right now, never handed out twice by this process.
 pub fn free_port() -> u16 {
@@ -225,43 +199,13 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port after 100 tries");
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("chaos-tests lives in the workspace")
-        .to_path_buf()
-}
-
 /// Builds the `tether` binary (a no-op when it is up to date) with the cargo running the
 /// tests and returns its path; once per process. A failed build fails the test.
 pub fn tether_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let out = StdCommand::new(&cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "-p",
-                "tether-node",
-                "--bin",
-                "tether",
-                "--message-format=json-render-diagnostics",
-            ])
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run `{cargo} build -p tether-node`: {e}"));
-        assert!(
-            out.status.success(),
-            "`cargo build -p tether-node --bin tether` failed ({:?})",
-            out.status
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "tether")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .unwrap_or_else(|| panic!("cargo built no `tether` executable"))
+        tether_sim::bench::procs::cargo_binary("tether-node", "tether")
+            .unwrap_or_else(|e| panic!("building the tether binary: {e:#}"))
     })
     .clone()
 }

@@ -7,49 +7,13 @@
 //! exist here: it is built (a no-op when up to date) with the cargo running this test and
 //! found through cargo's JSON messages. Failing to build it fails the test.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command as StdCommand, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("device-sim lives in the workspace")
-        .to_path_buf()
-}
-
-/// Builds `tether` and returns its path.
-fn tether_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let out = StdCommand::new(&cargo)
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "-p",
-            "tether-node",
-            "--bin",
-            "tether",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("could not run `{cargo} build -p tether-node`: {e}"));
-    assert!(
-        out.status.success(),
-        "`cargo build -p tether-node --bin tether` failed ({:?})",
-        out.status
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "tether")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo built no `tether` executable"))
-}
 
 fn run_ok(bin: &Path, args: &[&str]) -> String {
     let out = StdCommand::new(bin)
@@ -66,7 +30,8 @@ fn run_ok(bin: &Path, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_fleet_against_a_real_node_passes_every_check() {
-    let tether = tether_binary();
+    let tether = tether_sim::bench::procs::cargo_binary("tether-node", "tether")
+        .expect("building the tether binary");
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("k1.key");
     let data = dir.path().join("data");

@@ -142,6 +142,22 @@ fn held_to_pb(h: &Held) -> pb::HeldVersion {
 
 // ---- client ----------------------------------------------------------------------------
 
+/// The calls that name sets and answer nothing.
+#[derive(Debug, Clone, Copy)]
+enum SetCall {
+    Relinquish,
+    ReleaseHeld,
+}
+
+impl SetCall {
+    fn name(self) -> &'static str {
+        match self {
+            SetCall::Relinquish => "relinquish",
+            SetCall::ReleaseHeld => "release_held",
+        }
+    }
+}
+
 type Client = SetsClient<InterceptedService<Channel, PeerAuthInterceptor>>;
 
 /// Connections to the other members, one HTTP/2 channel per peer (opened lazily,
@@ -344,35 +360,29 @@ impl Peers {
 
     /// `Relinquish` on a node that held a set's lease before this one.
     pub async fn relinquish(&self, previous: &Member, set: &SetKey) -> Result<()> {
-        let r = async {
-            let mut client = self.client(previous)?;
-            client
-                .relinquish(traced(pb::ReleaseRequest {
-                    sets: vec![set.to_string()],
-                }))
-                .await
-                .map_err(|s| from_status(previous, &s, false))?;
-            Ok(())
-        }
-        .await;
-        self.count("relinquish", &r);
-        r
+        self.set_call(previous, set, SetCall::Relinquish).await
     }
 
     /// `ReleaseHeld` on the owner.
     pub async fn release_held(&self, owner: &Member, set: &SetKey) -> Result<()> {
+        self.set_call(owner, set, SetCall::ReleaseHeld).await
+    }
+
+    async fn set_call(&self, to: &Member, set: &SetKey, call: SetCall) -> Result<()> {
         let r = async {
-            let mut client = self.client(owner)?;
-            client
-                .release_held(traced(pb::ReleaseRequest {
-                    sets: vec![set.to_string()],
-                }))
-                .await
-                .map_err(|s| from_status(owner, &s, true))?;
+            let mut client = self.client(to)?;
+            let req = traced(pb::ReleaseRequest {
+                sets: vec![set.to_string()],
+            });
+            match call {
+                SetCall::Relinquish => client.relinquish(req).await,
+                SetCall::ReleaseHeld => client.release_held(req).await,
+            }
+            .map_err(|s| from_status(to, &s, true))?;
             Ok(())
         }
         .await;
-        self.count("release_held", &r);
+        self.count(call.name(), &r);
         r
     }
 

@@ -238,3 +238,45 @@ impl Metrics {
         self.0.store_batch.observe(batch as f64);
     }
 }
+
+/// Sum of the samples of metric `name` (any labels) in Prometheus text; `None` when the
+/// text has none. For tools and tests that read another node's `/metrics`.
+pub fn sample_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = if let Some(r) = rest.strip_prefix('{') {
+            match r.find('}') {
+                Some(i) => &r[i + 1..],
+                None => continue,
+            }
+        } else if rest.starts_with(' ') {
+            rest
+        } else {
+            continue; // a longer metric name sharing the prefix
+        };
+        if let Some(v) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_sum;
+
+    #[test]
+    fn sample_sum_adds_every_label_set_and_ignores_longer_names() {
+        let text = "# HELP x\nx_total{op=\"get\"} 2\nx_total{op=\"put\"} 3\nx_total_more 9\ny 1\n";
+        assert_eq!(sample_sum(text, "x_total"), Some(5.0));
+        assert_eq!(sample_sum(text, "y"), Some(1.0));
+        assert_eq!(sample_sum(text, "z"), None);
+    }
+}

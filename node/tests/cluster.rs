@@ -104,6 +104,46 @@ async fn write_retrying(
     }
 }
 
+/// Live subscriptions held by the given members' actors.
+async fn held(members: &[Member]) -> f64 {
+    let mut sum = 0.0;
+    for m in members {
+        sum += m
+            .node
+            .metric("tether_held_subscriptions")
+            .await
+            .unwrap_or(0.0);
+    }
+    sum
+}
+
+/// Holds a subscribe of `id` at `version` through `p` on a task (60 s hold), and returns
+/// once one more subscription is held somewhere in `members`.
+async fn hold(
+    members: &[Member],
+    p: Principal,
+    id: String,
+    version: u64,
+) -> tokio::task::JoinHandle<Resp> {
+    let before = held(members).await;
+    let sub = tokio::spawn(async move {
+        p.subscribe(
+            &json!({"buckets": [{"id": id, "version": version}], "timeout_ms": 60_000}),
+            Duration::from_secs(65),
+        )
+        .await
+    });
+    let start = Instant::now();
+    while held(members).await < before + 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "subscribe never held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sub
+}
+
 fn owner(ids: &[&str], set: &str) -> String {
     Ring::new(ids.iter().map(|i| NodeId::new(*i)), 256)
         .owner(set)
@@ -208,15 +248,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let version = acked[serial][0].1;
     let held_via = members[1].node.device(serial);
     let writer = members[2].node.device(serial);
-    let sub = tokio::spawn(async move {
-        held_via
-            .subscribe(
-                &json!({"buckets": [{"id": id, "version": version}], "timeout_ms": 20_000}),
-                Duration::from_secs(25),
-            )
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sub = hold(&members, held_via, id, version).await;
     let (v1, _) = write_retrying(
         &writer,
         &format!("shared.{serial}"),
@@ -272,15 +304,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let device = members[2].node.device(&paired);
     let paired_id = format!("shared.{paired}");
     let paired_version = acked[&paired][0].1;
-    let sub = tokio::spawn(async move {
-        device
-            .subscribe(
-                &json!({"buckets": [{"id": paired_id, "version": paired_version}], "timeout_ms": 60_000}),
-                Duration::from_secs(65),
-            )
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sub = hold(&members, device, paired_id, paired_version).await;
     members[0]
         .node
         .with_credentials(alice)
@@ -331,15 +355,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let held_via = members[0].node.device(&c_set);
     let c_id = format!("shared.{c_set}");
     let c_version = acked[&c_set].last().expect("acked").1;
-    let sub = tokio::spawn(async move {
-        held_via
-            .subscribe(
-                &json!({"buckets": [{"id": c_id, "version": c_version}], "timeout_ms": 60_000}),
-                Duration::from_secs(65),
-            )
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sub = hold(&members, held_via, c_id, c_version).await;
     let mut c = members.pop().expect("node-c");
     c.node.sigterm().await;
     let answered = within(

@@ -875,34 +875,7 @@ impl Node {
 }
 
 /// Sum of the samples of metric `name` in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = if let Some(r) = rest.strip_prefix('{') {
-            match r.find('}') {
-                Some(i) => &r[i + 1..],
-                None => continue,
-            }
-        } else if rest.starts_with(' ') {
-            rest
-        } else {
-            continue; // a longer metric name sharing the prefix
-        };
-        let Some(v) = rest.split_whitespace().next() else {
-            continue;
-        };
-        if let Ok(v) = v.parse::<f64>() {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
-}
+pub use tether_node::metrics::sample_sum as metric_value;
 
 /// Sends `rb`, bounded by [`REQUEST_DEADLINE`].
 pub async fn send(rb: RequestBuilder) -> Resp {
