@@ -56,6 +56,8 @@ pub struct Opts {
     pub nodes: usize,
     /// Run the nodes as one cluster on a shared PostgreSQL.
     pub cluster: bool,
+    /// Devices each client process starts per second.
+    pub ramp_per_s: f64,
     /// Seconds the clients may take to get every subscription held.
     pub connect_limit_s: u64,
     /// Skip mosquitto.
@@ -248,7 +250,7 @@ async fn hold_on(
                 .args(["--request-timeout-ms", "60000"])
                 .args(["--setup-timeout-s", &o.connect_limit_s.to_string()])
                 .args(["--duration-s", &(o.connect_limit_s + 120).to_string()])
-                .args(["--ramp-s", &(n as f64 / 400.0).to_string()])
+                .args(["--ramp-s", &(n as f64 / o.ramp_per_s).to_string()])
                 .args(["--quiet", "--json"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

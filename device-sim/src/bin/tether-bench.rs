@@ -95,6 +95,10 @@ enum Cmd {
         /// server binaries); devices hold their subscribe at their set's owner.
         #[arg(long)]
         cluster: bool,
+        /// Devices each client process starts per second (registration on a shared
+        /// PostgreSQL is far slower than on the embedded store: lower it with --cluster).
+        #[arg(long, default_value_t = 400.0)]
+        ramp_per_s: f64,
         /// Seconds allowed to get every subscription held.
         #[arg(long, default_value_t = 240)]
         connect_limit_s: u64,
@@ -215,12 +219,14 @@ fn run(args: Args) -> Result<()> {
                 procs,
                 nodes,
                 cluster,
+                ramp_per_s,
                 connect_limit_s,
                 skip_mosquitto,
                 out,
             } => {
                 idle::run(idle::Opts {
                     cluster,
+                    ramp_per_s,
                     tether_bin,
                     sim_bin: sim_bin.unwrap_or_else(|| sibling("tether-sim")),
                     runs,

@@ -97,6 +97,9 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
+/// Longest wait for a pooled connection (or a new one) before a request fails.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`), creating the schema if needed.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
@@ -110,8 +113,13 @@ impl PostgresStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        // Under overload a request waits at most POOL_WAIT for a connection, then fails
+        // (503, Retry-After) instead of queueing without bound behind the others.
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
             .build()
             .map_err(backend)?;
         let store = PostgresStore { pool };
