@@ -259,6 +259,16 @@ impl Ctx {
         &self.cfg.urls[i % self.cfg.urls.len()]
     }
 
+    /// Where device `i` syncs: its registration's `sync_url`, else its entry URL.
+    fn sync_base(&self, i: usize) -> String {
+        let s = lock(&self.devices[i].sync_url);
+        if s.is_empty() {
+            self.url_of(i).to_string()
+        } else {
+            s.clone()
+        }
+    }
+
     fn http_of(&self, i: usize) -> reqwest::Client {
         self.https[i % self.https.len()].clone()
     }
@@ -568,14 +578,7 @@ async fn audit_device(ctx: Arc<Ctx>, i: usize) -> bool {
         ctx.error("audit: device holds no credentials");
         return false;
     };
-    let base = {
-        let s = lock(&dev.sync_url);
-        if s.is_empty() {
-            ctx.url_of(i).to_string()
-        } else {
-            s.clone()
-        }
-    };
+    let base = ctx.sync_base(i);
     let url = format!(
         "{}/v1/buckets?view=full&ids={}",
         base.trim_end_matches('/'),
@@ -951,14 +954,7 @@ async fn run_writer(
                 Some(u) => Some(u.clone()),
                 None => lock(&dev.creds).clone(),
             };
-            let base = {
-                let s = lock(&dev.sync_url);
-                if s.is_empty() {
-                    ctx.url_of(i).to_string()
-                } else {
-                    s.clone()
-                }
-            };
+            let base = ctx.sync_base(i);
             let Some(creds) = creds else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;

@@ -152,30 +152,7 @@ pub async fn register_many(
 }
 
 /// Sum of all series of metric `name` in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = match rest.strip_prefix('{') {
-            Some(r) => match r.find('}') {
-                Some(i) => &r[i + 1..],
-                None => continue,
-            },
-            None if rest.starts_with(' ') => rest,
-            None => continue,
-        };
-        if let Some(v) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
-}
+pub use tether_node::metrics::sample_sum as metric_value;
 
 /// `GET /metrics` and the value of `name`.
 pub async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
@@ -189,17 +166,4 @@ pub async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64
         .await
         .ok()?;
     metric_value(&text, name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_sum_their_series() {
-        let text = "# HELP x\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3\nx_total_more 9\nx 1\n";
-        assert_eq!(metric_value(text, "x_total"), Some(5.0));
-        assert_eq!(metric_value(text, "x"), Some(1.0));
-        assert_eq!(metric_value(text, "y"), None);
-    }
 }
