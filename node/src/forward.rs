@@ -595,18 +595,9 @@ impl Sets for SetsService {
                     .boxed()
             }
             Leg::Held(wait) => {
-                let mut drain = self.router.drain_signal();
+                let drain = self.router.drain_signal();
                 let answer = async move {
-                    let drained = async {
-                        if drain.wait_for(|d| *d).await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    };
-                    let buckets = tokio::select! {
-                        b = wait => b,
-                        _ = tokio::time::sleep(hold) => Vec::new(),
-                        _ = drained => Vec::new(),
-                    };
+                    let buckets = crate::router::answer_within(wait, hold, drain).await;
                     event(Event::Changed(buckets_to_pb(&buckets)))
                 };
                 futures::stream::once(async { event(Event::Held(pb::Held {})) })

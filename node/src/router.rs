@@ -85,26 +85,31 @@ impl HeldSubscription {
     /// The buckets of the first owner to answer (the others are cancelled), or nothing
     /// when `timeout` passes or the node starts draining. An empty answer means "no
     /// change": the client resubscribes with its versions and loses nothing.
-    pub async fn answer(
-        self,
-        timeout: Duration,
-        mut draining: watch::Receiver<bool>,
-    ) -> Vec<Bucket> {
+    pub async fn answer(self, timeout: Duration, draining: watch::Receiver<bool>) -> Vec<Bucket> {
         if self.legs.is_empty() {
             return Vec::new();
         }
-        let any = futures::future::select_all(self.legs);
-        let drained = async {
-            if draining.wait_for(|d| *d).await.is_err() {
-                // The router is gone: nothing will ever signal a drain.
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            (buckets, _, _) = any => buckets,
-            _ = tokio::time::sleep(timeout) => Vec::new(),
-            _ = drained => Vec::new(),
+        let any = async { futures::future::select_all(self.legs).await.0 };
+        answer_within(any, timeout, draining).await
+    }
+}
+
+/// `answer`, or nothing ("no change") when `timeout` passes or the node starts draining.
+pub(crate) async fn answer_within(
+    answer: impl std::future::Future<Output = Vec<Bucket>>,
+    timeout: Duration,
+    mut draining: watch::Receiver<bool>,
+) -> Vec<Bucket> {
+    let drained = async {
+        if draining.wait_for(|d| *d).await.is_err() {
+            // The router is gone: nothing will ever signal a drain.
+            std::future::pending::<()>().await;
         }
+    };
+    tokio::select! {
+        buckets = answer => buckets,
+        _ = tokio::time::sleep(timeout) => Vec::new(),
+        _ = drained => Vec::new(),
     }
 }
 
@@ -198,10 +203,6 @@ impl Router {
     /// Held subscriptions answer (empty) from now on: the node is draining.
     pub fn start_draining(&self) {
         self.draining.send_replace(true);
-    }
-
-    fn draining(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
     }
 
     fn route(&self, set: &SetKey) -> Route {
@@ -501,11 +502,6 @@ impl Router {
         ))
     }
 
-    /// Whether the node may take traffic: always, unless draining.
-    pub fn is_draining(&self) -> bool {
-        *self.draining.borrow()
-    }
-
     /// This node's live members view size (1 outside a cluster).
     pub fn members(&self) -> usize {
         self.cluster
@@ -515,7 +511,7 @@ impl Router {
 
     /// A receiver that turns true when the node starts draining.
     pub fn drain_signal(&self) -> watch::Receiver<bool> {
-        self.draining()
+        self.draining.subscribe()
     }
 }
 
