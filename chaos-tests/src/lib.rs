@@ -204,7 +204,7 @@ pub fn free_port() -> u16 {
 pub fn tether_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        tether_sim::bench::procs::cargo_binary("tether-node", "tether")
+        tether_test_support::bin::cargo_binary("tether-node", "tether")
             .unwrap_or_else(|e| panic!("building the tether binary: {e:#}"))
     })
     .clone()
@@ -710,7 +710,7 @@ impl Cluster {
             nodes
                 .iter()
                 .map(|&i| NodeId::new(self.slots[i].name.clone())),
-            tether_node::cluster::VNODES,
+            tether_node::routing::cluster::VNODES,
         );
         let owner = ring.owner(set_key).expect("a ring with members");
         nodes

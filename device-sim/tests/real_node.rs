@@ -30,7 +30,7 @@ fn run_ok(bin: &Path, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_fleet_against_a_real_node_passes_every_check() {
-    let tether = tether_sim::bench::procs::cargo_binary("tether-node", "tether")
+    let tether = tether_test_support::bin::cargo_binary("tether-node", "tether")
         .expect("building the tether binary");
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("k1.key");

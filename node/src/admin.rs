@@ -98,7 +98,7 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
             println!("u.{user_id} {secret}");
         }
         AdminCommand::SelfSigned { cert, key, sans } => {
-            crate::tls::write_self_signed(&cert, &key, sans)?;
+            crate::security::tls::write_self_signed(&cert, &key, sans)?;
             println!("wrote {} and {}", cert.display(), key.display());
         }
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::credentials::CredentialConfig;
 use crate::error::{NodeError, Result};
 use crate::registration::RegistrationConfig;
+use crate::security::credentials::CredentialConfig;
 
 /// Tether: keeps devices and apps in sync through the cloud.
 #[derive(Debug, Parser)]

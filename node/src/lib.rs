@@ -1,20 +1,17 @@
 //! One Tether node: the bucket set actors, the device API and the stores.
 //!
-//! See ARCHITECTURE.md for the code map and the invariants each module keeps.
+//! Modules by layer (ARCHITECTURE.md has the code map and the invariants each keeps):
+//! `api` (HTTP handlers) → `security` (authentication, credentials, TLS) → `routing`
+//! (owner lookup, forwarding, cluster membership) → `sets` (bucket set actors) → `store`.
 
-pub mod actor;
 pub mod admin;
-pub mod auth;
-pub mod cluster;
+pub mod api;
 pub mod config;
-pub mod credentials;
 pub mod error;
-pub mod forward;
-pub mod http;
 pub mod metrics;
 pub mod registration;
-pub mod registry;
-pub mod router;
+pub mod routing;
+pub mod security;
 pub mod server;
+pub mod sets;
 pub mod store;
-pub mod tls;

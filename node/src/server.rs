@@ -14,16 +14,16 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::HttpMessage;
 use tether_proto::credentials::format_set_credentials;
 
-use crate::auth::{Auth, SetCredentials};
-use crate::cluster::ClusterNode;
+use crate::api::http::{self, AppState};
 use crate::config::Config;
-use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
-use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::registry::{ActorConfig, Shared};
-use crate::router::Router;
-use crate::tls::ReloadableCert;
+use crate::routing::cluster::ClusterNode;
+use crate::routing::router::Router;
+use crate::security::auth::{Auth, SetCredentials};
+use crate::security::credentials::CredentialService;
+use crate::security::tls::ReloadableCert;
+use crate::sets::registry::{ActorConfig, Shared};
 
 /// How long a graceful shutdown waits for actors to finish their queued commits.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -123,7 +123,7 @@ pub async fn run(config: Config) -> Result<()> {
                 let metrics = metrics.clone();
                 let started = Instant::now();
                 // The request id rides along when the request is forwarded to a peer.
-                crate::forward::REQUEST_ID
+                crate::routing::forward::REQUEST_ID
                     .scope(request_id, srv.call(req))
                     .map(move |res| {
                         if let Ok(r) = &res {

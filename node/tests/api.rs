@@ -1,9 +1,6 @@
 //! Black-box tests of the request/response endpoints: register, GET, PUT, protobuf,
 //! operations endpoints. Each test starts its own `tether` process.
 
-mod common;
-
-use common::*;
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -11,6 +8,7 @@ use tether_proto::api::{
     BucketList, HeldBucket, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
     UpdateRequest, UpdateResponse, WireMessage,
 };
+use tether_test_support::node::*;
 
 const A: &str = "01AA02AB";
 const B: &str = "01AA02AC";

@@ -3,16 +3,14 @@
 //! rotation with a grace period (and that it never loses a device), pairing, the
 //! per-principal rate limit, the admin CLI, and that logs never carry secrets.
 
-mod common;
-
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tether_proto::credentials::{basic_header, default_secret, Credentials};
+use tether_test_support::node::*;
 use tokio::time::{sleep_until, Instant};
 
 /// Lifetime and grace of assigned credentials in the rotation tests.

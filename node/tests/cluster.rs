@@ -5,16 +5,14 @@
 //! on `kill -9` without losing an acknowledged write.
 //! (The same through HAProxy with a fleet simulator: `chaos-tests/tests/lb_cluster.rs`.)
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tether_cluster::{NodeId, Ring};
 use tether_node::store::pg_server::PgServer;
+use tether_test_support::node::*;
 
 const SECRET: &str = "cluster-test-secret-0123456789";
 const DEVICES: usize = 12;
@@ -323,7 +321,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
 
     // The internal port refuses callers without the cluster secret.
     {
-        use tether_node::forward::pb::sets_client::SetsClient;
+        use tether_node::routing::forward::pb::sets_client::SetsClient;
         let channel = tonic::transport::Endpoint::from_shared(format!(
             "http://127.0.0.1:{}",
             members[0].grpc
@@ -334,7 +332,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         .expect("connect to the internal port");
         let mut stranger = SetsClient::new(channel);
         let status = stranger
-            .get(tether_node::forward::pb::GetRequest {
+            .get(tether_node::routing::forward::pb::GetRequest {
                 set: serials[0].clone(),
                 ids: Vec::new(),
                 all: true,

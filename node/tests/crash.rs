@@ -1,16 +1,14 @@
 //! Crash safety: every acknowledged write survives `kill -9`, and versions/timestamps
 //! never go backwards across the restart.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use tether_test_support::node::*;
 use tokio::sync::Notify;
 
 const DEVICES: usize = 4;

@@ -6,15 +6,13 @@
 //! acknowledged write survives, no two acknowledged writes share a version, and versions
 //! never go backwards.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tether_node::store::pg_server::PgServer;
+use tether_test_support::node::*;
 
 const WRITES_PER_NODE: u64 = 60;
 

@@ -2,13 +2,11 @@
 //! (started by the test), and acknowledged writes survive both a `kill -9` of the node
 //! and an immediate stop of the database.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::json;
 use tether_node::store::pg_server::PgServer;
+use tether_test_support::node::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_on_postgres_keeps_acknowledged_writes_across_node_and_database_crashes() {

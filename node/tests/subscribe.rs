@@ -2,14 +2,12 @@
 //! echo suppression, 1,000 concurrent holds, cancellation by closing the connection,
 //! and graceful shutdown on SIGTERM.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use futures::stream::{self, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use tether_test_support::node::*;
 
 const A: &str = "01AA02AB";
 const B: &str = "01AA02AC";

@@ -2,14 +2,12 @@
 //! client that trusts only that certificate, and the full register → pair → subscribe →
 //! update flow over real, verified TLS. Plain HTTP is refused on non-loopback addresses.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
 use reqwest::{Certificate, Client, StatusCode};
 use serde_json::{json, Value};
+use tether_test_support::node::*;
 
 /// A self-signed certificate and key written by the admin CLI.
 struct TestCert {

@@ -11,36 +11,6 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Builds `bin` of workspace package `package` (debug profile; a no-op when it is up to
-/// date) with the cargo running this process (`$CARGO`, else `cargo`) and returns its
-/// path, from cargo's JSON messages. For tests in other packages, where
-/// `CARGO_BIN_EXE_<bin>` does not exist.
-pub fn cargo_binary(package: &str, bin: &str) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("device-sim lives in the workspace")?;
-    let out = std::process::Command::new(&cargo)
-        .current_dir(root)
-        .args(["build", "-p", package, "--bin", bin])
-        .arg("--message-format=json-render-diagnostics")
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running `{cargo} build -p {package}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`cargo build -p {package} --bin {bin}` failed ({})",
-            out.status
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo built no `{bin}` executable"))
-}
-
 /// A server child process.
 #[derive(Debug)]
 pub struct Server {

@@ -20,10 +20,12 @@ use tether_proto::reconcile::Held;
 use tether_proto::{Bucket, BucketId, Fields, Outcome, SetKey, Update};
 use tokio::sync::watch;
 
-use crate::actor::{EnsureBuckets, Get, Put, ReleaseHeld, Subscribe, SubscribeAnswer, Unsubscribe};
 use crate::error::{NodeError, Result};
-use crate::forward::Peers;
-use crate::registry::Shared;
+use crate::routing::forward::Peers;
+use crate::sets::actor::{
+    EnsureBuckets, Get, Put, ReleaseHeld, Subscribe, SubscribeAnswer, Unsubscribe,
+};
+use crate::sets::registry::Shared;
 
 /// How long a request keeps looking for its set's owner while ownership moves.
 pub const ROUTE_DEADLINE: Duration = Duration::from_secs(3);
@@ -142,7 +144,7 @@ struct PeerTakeOver {
     peers: Arc<Peers>,
 }
 
-impl crate::registry::TakeOver for PeerTakeOver {
+impl crate::sets::registry::TakeOver for PeerTakeOver {
     fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()> {
         let (placement, peers) = (self.placement.clone(), self.peers.clone());
         async move {

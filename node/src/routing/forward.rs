@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::router::{Leg, PutAnswer, PutKind, Router};
+use crate::routing::router::{Leg, PutAnswer, PutKind, Router};
 
 /// Generated from `proto/forward.proto` by `build.rs`.
 #[allow(
@@ -597,7 +597,7 @@ impl Sets for SetsService {
             Leg::Held(wait) => {
                 let drain = self.router.drain_signal();
                 let answer = async move {
-                    let buckets = crate::router::answer_within(wait, hold, drain).await;
+                    let buckets = crate::routing::router::answer_within(wait, hold, drain).await;
                     event(Event::Changed(buckets_to_pb(&buckets)))
                 };
                 futures::stream::once(async { event(Event::Held(pb::Held {})) })

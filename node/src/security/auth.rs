@@ -14,9 +14,9 @@ use actix_web::{HttpMessage, HttpRequest};
 use tether_proto::credentials::{parse_basic, CredentialId, CredentialKind, Credentials};
 use tether_proto::{BucketId, SetKey};
 
-use crate::credentials::CredentialService;
 use crate::error::{NodeError, Result};
-use crate::router::Router;
+use crate::routing::router::Router;
+use crate::security::credentials::CredentialService;
 
 /// The bucket kind of structures (`structure.<id>`); every other kind belongs to a device.
 pub const STRUCTURE_KIND: &str = "structure";

@@ -21,11 +21,11 @@ use tether_proto::api::{
 use tether_proto::reconcile::Held;
 use tether_proto::{Bucket, BucketId, SetKey, Update};
 
-use crate::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
-use crate::registry::Shared;
-use crate::router::{PutKind, Router, Subscription};
+use crate::routing::router::{PutKind, Router, Subscription};
+use crate::security::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
+use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
 
 /// Room for the envelope (`base_version`, `session`, JSON punctuation) around a bucket.

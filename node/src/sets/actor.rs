@@ -16,7 +16,7 @@ use tether_proto::{reconcile, Bucket, BucketId, Fields, Outcome, SetKey, Update}
 use tokio::sync::oneshot;
 
 use crate::error::{NodeError, Result};
-use crate::registry::Shared;
+use crate::sets::registry::Shared;
 use crate::store::{Epoch, StoreError};
 
 /// What a caller gets back for an accepted or refused write.

@@ -1,4 +1,4 @@
-//! Shared harness for the black-box tests: starts the real `tether` binary on a free
+//! The black-box harness: starts the real `tether` binary on a free
 //! port with its own data directory and manufacturing key, and drives it over HTTP/1.1
 //! (or HTTPS) with reqwest.
 //!
@@ -16,7 +16,6 @@
 //!   event they need (a stdout line, a metric value, a process exit);
 //! - the child is SIGKILLed when its [`Node`] is dropped; when a test panics, the tail
 //!   of the server's stderr is printed so the failure can be diagnosed.
-#![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -275,7 +274,7 @@ where
     let out = within(
         REQUEST_DEADLINE,
         "tether admin",
-        Command::new(env!("CARGO_BIN_EXE_tether"))
+        Command::new(crate::bin::tether())
             .arg("admin")
             .args(&args)
             .stdin(Stdio::null())
@@ -549,7 +548,7 @@ impl NodeBuilder {
         let stderr = std::fs::File::create(&log_path).expect("create stderr log");
         let tls = self.tls.is_some();
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+        let mut cmd = Command::new(crate::bin::tether());
         cmd.arg("serve")
             .arg("--listen")
             .arg(self.listen.as_deref().unwrap_or("127.0.0.1:0"))

@@ -11,9 +11,9 @@ use futures::future::BoxFuture;
 use tether_cluster::RingPlacement;
 use tether_proto::{Hlc, HlcClock, SetKey};
 
-use crate::actor::{BucketSetActor, Shutdown};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
+use crate::sets::actor::{BucketSetActor, Shutdown};
 use crate::store::Store;
 
 /// Actor tuning.

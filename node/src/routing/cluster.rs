@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 
 use crate::config::ClusterConfig;
 use crate::error::{NodeError, Result};
-use crate::forward::{Peers, SetsService};
-use crate::registry::Shared;
-use crate::router::Router;
+use crate::routing::forward::{Peers, SetsService};
+use crate::routing::router::Router;
+use crate::sets::registry::Shared;
 
 /// Virtual nodes per member on the ring.
 pub const VNODES: u32 = 256;
@@ -98,7 +98,7 @@ impl ClusterNode {
         runtime.spawn(async move {
             let served = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_PEER))
-                .trace_fn(crate::forward::served_span)
+                .trace_fn(crate::routing::forward::served_span)
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                 .add_service(gossip)

@@ -1,0 +1,10 @@
+//! The one test-support crate of the workspace: what the node's black-box tests, the
+//! cluster and chaos harnesses and the simulator's tests share.
+//!
+//! - [`bin`]: the workspace's binaries, built with cargo and found by path (a test in another
+//!   package has no `CARGO_BIN_EXE_<name>`);
+//! - [`node`]: one real `tether` node as a child process on a free port, with its own data
+//!   directory and manufacturing key, and the principals (devices, users) that talk to it.
+
+pub mod bin;
+pub mod node;
