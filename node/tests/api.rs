@@ -752,6 +752,7 @@ async fn protobuf_round_trip() {
         base_version: 1,
         occ: false,
         session: Some("pb-session".into()),
+        op_id: None,
     };
     let r = a.put_pb(&id, up.encode_pb()).await.expect(StatusCode::OK);
     let resp: UpdateResponse = r.pb();
@@ -773,6 +774,7 @@ async fn protobuf_round_trip() {
         base_version: 1,
         occ: false,
         session: None,
+        op_id: None,
     };
     let resp: UpdateResponse = a
         .put_pb(&id, up.encode_pb())
@@ -792,6 +794,7 @@ async fn protobuf_round_trip() {
         base_version: 1,
         occ: true,
         session: None,
+        op_id: None,
     };
     let r = a
         .put_pb(&id, up.encode_pb())
@@ -813,6 +816,7 @@ async fn protobuf_round_trip() {
         base_version: 3,
         occ: false,
         session: None,
+        op_id: None,
     };
     let r = a
         .put_raw(&id, PROTOBUF, up.encode_pb())
@@ -830,6 +834,8 @@ async fn protobuf_round_trip() {
         }],
         session: None,
         timeout_ms: Some(60_000),
+        diffs: false,
+        max_bytes: None,
     };
     let r = send_within(
         NOTIFY_DEADLINE,
@@ -857,6 +863,8 @@ async fn protobuf_round_trip() {
         }],
         session: Some("pb-sub".into()),
         timeout_ms: Some(60_000),
+        diffs: false,
+        max_bytes: None,
     };
     let a2 = a.clone();
     let held = tokio::spawn(async move {

@@ -14,16 +14,17 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{
-    BucketDoc, BucketList, PairRequest, PairResponse, PairingCodeResponse, RegisterRequest,
-    RegisterResponse, SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse, View,
-    WireMessage,
+    BucketDoc, BucketList, ChangeDoc, HistoryResponse, PairRequest, PairResponse,
+    PairingCodeResponse, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
+    UpdateRequest, UpdateResponse, View, WireMessage,
 };
 use tether_proto::reconcile::Held;
+use tether_proto::synclog::{pack, valid_op_id, Encoding};
 use tether_proto::{Bucket, BucketId, SetKey, Update};
 
 use crate::config::Config;
 use crate::error::{NodeError, Result};
-use crate::routing::router::{PutKind, Router, Subscription};
+use crate::routing::router::{BucketUpdate, PutKind, Router, Subscription, Write};
 use crate::security::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
@@ -293,7 +294,14 @@ pub async fn list(
                 .map(|b| BucketDoc::from_bucket(b, query.view)),
         );
     }
-    Ok(respond(&req, StatusCode::OK, &BucketList { buckets }))
+    Ok(respond(
+        &req,
+        StatusCode::OK,
+        &BucketList {
+            buckets,
+            pending: Vec::new(),
+        },
+    ))
 }
 
 fn parse_path_id(raw: &str) -> Result<BucketId> {
@@ -341,13 +349,24 @@ pub async fn put(
     .await?;
     let msg: UpdateRequest = decode(request_format(&req)?, &body)?;
     check_session(&msg.session)?;
+    if let Some(op) = msg.op_id.as_deref().filter(|op| !valid_op_id(op)) {
+        return Err(NodeError::BadRequest(format!(
+            "op_id {op:?}: expected 1–64 characters of [A-Za-z0-9_-]"
+        )));
+    }
     let set = id.set_key();
-    let update = Update {
-        value: msg.value,
-        base_version: msg.base_version,
-        occ: msg.occ,
+    let write = Write {
+        update: Update {
+            value: msg.value,
+            base_version: msg.base_version,
+            occ: msg.occ,
+        },
+        session: msg.session,
+        by: principal.author(),
+        op_id: msg.op_id,
     };
-    let written = state.router.put(&id, update, msg.session).await?;
+    let op_id = write.op_id.clone();
+    let written = state.router.put(&id, write).await?;
     let b = &written.bucket;
     let (status, outcome, value) = match written.kind {
         PutKind::Applied => (StatusCode::OK, UpdateOutcome::Applied, None),
@@ -358,13 +377,14 @@ pub async fn put(
             Some(b.value.clone()),
         ),
     };
-    tracing::info!(set = %set, bucket = %id, outcome = ?outcome, version = b.version, "put");
+    tracing::info!(set = %set, bucket = %id, outcome = ?outcome, version = b.version, op_id = op_id.as_deref().unwrap_or("-"), replayed = written.replayed, "put");
     let resp = UpdateResponse {
         outcome,
         id: id.to_string(),
         timestamp: b.timestamp.millis,
         version: b.version,
         value,
+        replayed: written.replayed,
     };
     Ok(respond(&req, status, &resp))
 }
@@ -404,9 +424,20 @@ pub async fn subscribe(
             Duration::from_millis,
         )
         .min(state.config.subscribe_max_timeout);
-    let held = match state.router.subscribe(by_set, msg.session, timeout).await? {
-        Subscription::Now(buckets) => {
-            return Ok(respond(&req, StatusCode::OK, &full_list(&buckets)));
+    let format = response_format(&req);
+    let encoding = match format {
+        Format::Json => Encoding::Json,
+        Format::Protobuf => Encoding::Protobuf,
+    };
+    let max_bytes = msg.max_bytes;
+    let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
+    let held = match state
+        .router
+        .subscribe(by_set, msg.session, timeout, msg.diffs)
+        .await?
+    {
+        Subscription::Now(updates) => {
+            return Ok(respond(&req, StatusCode::OK, &answer(updates)));
         }
         Subscription::Held(held) => held,
     };
@@ -415,11 +446,9 @@ pub async fn subscribe(
     // follows when a bucket changes, the hold times out or the node drains. Streaming the
     // body also makes actix drop this future, and with it the held subscription (on
     // every owner), when the client hangs up, so a closed connection cancels it.
-    let format = response_format(&req);
     let draining = state.router.drain_signal();
     let body = async move {
-        let buckets = held.answer(timeout, draining).await;
-        let list = full_list(&buckets);
+        let list = answer(held.answer(timeout, draining).await);
         let bytes = match format {
             Format::Json => {
                 serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
@@ -437,13 +466,68 @@ pub async fn subscribe(
         .streaming(futures::stream::once(body)))
 }
 
-fn full_list(buckets: &[Bucket]) -> BucketList {
-    BucketList {
-        buckets: buckets
-            .iter()
-            .map(|b| BucketDoc::from_bucket(b, View::Full))
-            .collect(),
-    }
+/// What a subscriber is sent for each bucket: a diff when one was made, else the value.
+fn docs(updates: Vec<BucketUpdate>) -> Vec<BucketDoc> {
+    updates
+        .into_iter()
+        .map(|u| match u.diff {
+            Some((base, changes)) => BucketDoc::diff(&u.bucket, base, changes),
+            None => BucketDoc::from_bucket(&u.bucket, View::Full),
+        })
+        .collect()
+}
+
+/// Most changes one history page may hold.
+const MAX_HISTORY_LIMIT: usize = 1_000;
+/// A history page's size when the request names none.
+const DEFAULT_HISTORY_LIMIT: usize = 100;
+
+/// `GET /v1/buckets/{id}/history` query.
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    since_version: u64,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/buckets/{id}/history` (API.md "History"): the bucket's changes after
+/// `since_version`, ascending, a page at a time; who changed which field, when.
+pub async fn history(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<HistoryQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let id = parse_path_id(&path)?;
+    principal.authorize(&id)?;
+    let limit = match query.limit {
+        Some(0) => return Err(NodeError::BadRequest("limit must be at least 1".into())),
+        Some(n) => n.min(MAX_HISTORY_LIMIT),
+        None => DEFAULT_HISTORY_LIMIT,
+    };
+    let since = query.since_version;
+    let page = state
+        .router
+        .history(&id, since, limit)
+        .await?
+        .ok_or_else(|| NodeError::NotFound(format!("no bucket {id}")))?;
+    // Nothing kept at all (a bucket older than the log): the log starts after its version.
+    let oldest = page.oldest.unwrap_or(page.version.saturating_add(1));
+    let resp = HistoryResponse {
+        id: id.to_string(),
+        oldest_version: oldest,
+        // Changes after `since` were dropped when the oldest kept one is further along
+        // than the next version and there was anything after `since` at all.
+        truncated: since < page.version && oldest > since.saturating_add(1),
+        next_since_version: if page.more {
+            page.changes.last().map(|c| c.version)
+        } else {
+            None
+        },
+        changes: page.changes.into_iter().map(ChangeDoc::from).collect(),
+    };
+    Ok(respond(&req, StatusCode::OK, &resp))
 }
 
 /// Unambiguous characters for pairing codes (no 0/O, 1/I).
@@ -642,6 +726,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/buckets", web::get().to(list))
         .route("/v1/buckets/{id}", web::get().to(get_one))
         .route("/v1/buckets/{id}", web::put().to(put))
+        .route("/v1/buckets/{id}/history", web::get().to(history))
         .route("/v1/subscribe", web::post().to(subscribe))
         .route("/v1/pairing-code", web::post().to(pairing_code_handler))
         .route("/v1/pair", web::post().to(pair))

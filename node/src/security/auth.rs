@@ -122,6 +122,15 @@ impl Principal {
             .collect()
     }
 
+    /// How the bucket log names this principal as a writer: `device:<serial>` or
+    /// `user:<id>` (also who may replay a write's op id).
+    pub fn author(&self) -> String {
+        match self {
+            Principal::Device { serial, .. } => format!("device:{serial}"),
+            Principal::User { user_id, .. } => format!("user:{user_id}"),
+        }
+    }
+
     /// The device serial, for device principals.
     pub fn device(&self) -> Option<&SetKey> {
         match self {

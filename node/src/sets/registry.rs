@@ -23,6 +23,15 @@ pub struct ActorConfig {
     pub passivate_after: Duration,
     /// Largest bucket value (JSON bytes) a write may produce.
     pub max_bucket_bytes: usize,
+    /// At least this many changes of each bucket are kept in its log.
+    pub history_per_bucket: u64,
+    /// At least the op ids of this many writes of each set are remembered …
+    pub op_ids_per_set: u64,
+    /// … and those of every write younger than this.
+    pub op_id_retention: Duration,
+    /// Fault injection for tests (`--fault-stall-op-prefix`, hidden): a PUT whose op id
+    /// starts with this is committed and then never answered.
+    pub fault_stall_op_prefix: Option<String>,
 }
 
 /// What every actor of a node shares.
