@@ -516,7 +516,7 @@ impl Router {
         let written = rx
             .await
             .map_err(|_| NodeError::Unavailable("bucket set stopped before the commit".into()))??;
-        if stall {
+        if stall && !written.replayed {
             // Fault injection (tests only): committed, and the answer never leaves.
             tracing::warn!(bucket = %id, "fault injection: holding the answer of a committed write");
             std::future::pending::<()>().await;
