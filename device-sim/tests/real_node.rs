@@ -142,6 +142,9 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
     assert!(n("replayed_answers") > 0, "{report:#}");
     assert_eq!(n("double_applications"), 0, "{report:#}");
     let checked = report["op_audit"]["retried_checked"].as_u64().unwrap_or(0);
-    assert!(checked > 0, "retried writes vouched for by the histories: {report:#}");
+    assert!(
+        checked > 0,
+        "retried writes vouched for by the histories: {report:#}"
+    );
     node.kill().await.expect("stop tether");
 }
