@@ -9,7 +9,13 @@
 //! | `("tether","lease_owner",set)`        | node id holding the lease, UTF-8       |
 //! | `("tether","device",device_id)`       | JSON `DeviceRecord`                    |
 //! | `("tether","rec",ns,k1[,k2])`         | JSON (credentials, users, pairings, structures, codes) |
+//! | `("tether","change",set,id,version)`  | JSON `Change` (the bucket's sync log)  |
+//! | `("tether","op",set,op_id)`           | JSON `OpRecord` (a remembered op id)   |
+//! | `("tether","op_age",set,at_ms,op_id)` | empty: the set's op ids by age         |
+//! | `("tether","op_count",set)`           | how many op ids the set remembers, u64 big-endian |
 //!
+//! A commit writes the buckets, their changes, its op records and the retention trims in
+//! one transaction, after checking the lease and that none of its op ids is remembered.
 //! Fencing: `commit` reads the set's lease key in the same transaction as its writes, so a
 //! concurrent `acquire_lease` conflicts with it (serializable isolation): one of them
 //! retries and the commit then sees the new epoch and is refused. FDB limits are kept: a
@@ -26,9 +32,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tether_proto::{Bucket, SetKey};
 
+use tether_proto::synclog::{Change, OpRecord};
+use tether_proto::BucketId;
+
 use super::{
-    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode,
-    Store, StoreError, UserRecord,
+    decode_bucket, encode_bucket, AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease,
+    OpRetention, Pairing, PairingCode, Store, StoreError, UserRecord,
 };
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -131,6 +140,31 @@ async fn read_all(
         opt = range.next_range(&values);
         iteration += 1;
     }
+    Ok(out)
+}
+
+/// At most `limit` key-value pairs of `opt`, in its order.
+async fn read_limited(
+    trx: &RetryableTransaction,
+    mut opt: RangeOption<'static>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FdbBindingError> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    opt.limit = Some(limit);
+    let mut next = Some(opt);
+    let mut iteration = 1;
+    while let Some(range) = next {
+        let values = trx.get_range(&range, iteration, false).await?;
+        for kv in values.iter() {
+            out.push((kv.key().to_vec(), kv.value().to_vec()));
+        }
+        next = range.next_range(&values);
+        iteration += 1;
+    }
+    out.truncate(limit);
     Ok(out)
 }
 
@@ -242,27 +276,57 @@ impl Store for FdbStore {
         })
     }
 
-    async fn commit(
-        &self,
-        set: &SetKey,
-        epoch: Epoch,
-        writes: Vec<Bucket>,
-    ) -> Result<(), StoreError> {
-        let lease = self.root.pack(&("lease", set.as_str()));
-        let encoded: Vec<(Vec<u8>, Vec<u8>)> = writes
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
+        let s = set.as_str();
+        let lease = self.root.pack(&("lease", s));
+        let mut writes: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for b in &commit.buckets {
+            writes.push((
+                self.root.pack(&("bucket", s, b.id.as_str())),
+                encode_bucket(b)?,
+            ));
+        }
+        for (id, c) in &commit.changes {
+            writes.push((
+                self.root.pack(&("change", s, id.as_str(), c.version)),
+                super::encode_json(c)?,
+            ));
+        }
+        let mut ops: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = Vec::new();
+        for op in &commit.ops {
+            ops.push((
+                self.root.pack(&("op", s, op.op_id.as_str())),
+                super::encode_json(op)?,
+                self.root.pack(&("op_age", s, op.at_ms, op.op_id.as_str())),
+            ));
+        }
+        let trims: Vec<(Vec<u8>, Vec<u8>)> = commit
+            .trim
+            .changes_through
             .iter()
-            .map(|b| {
-                let body = encode_bucket(b)?;
-                Ok((
-                    self.root.pack(&("bucket", set.as_str(), b.id.as_str())),
-                    body,
-                ))
+            .map(|(id, through)| {
+                (
+                    self.root.pack(&("change", s, id.as_str(), 0u64)),
+                    self.root
+                        .pack(&("change", s, id.as_str(), through.saturating_add(1))),
+                )
             })
-            .collect::<Result<_, StoreError>>()?;
+            .collect();
+        let count_key = self.root.pack(&("op_count", s));
+        let retention = commit.trim.ops;
+        let root = self.root.clone();
         let set_name = set.to_string();
         self.db
             .run(|trx, _| {
-                let (lease, encoded, set_name) = (lease.clone(), encoded.clone(), set_name.clone());
+                let (lease, writes, ops, trims, count_key, root, set_name) = (
+                    lease.clone(),
+                    writes.clone(),
+                    ops.clone(),
+                    trims.clone(),
+                    count_key.clone(),
+                    root.clone(),
+                    set_name.clone(),
+                );
                 async move {
                     let current = trx
                         .get(&lease, false)
@@ -275,10 +339,111 @@ impl Store for FdbStore {
                             epoch: epoch.0,
                         }));
                     }
-                    for (k, v) in &encoded {
+                    // Checked before anything is written: a known op id writes nothing.
+                    let mut known = Vec::new();
+                    for (key, _, _) in &ops {
+                        if let Some(v) = trx.get(key, false).await? {
+                            known.push(from_json::<OpRecord>(&v)?);
+                        }
+                    }
+                    if !known.is_empty() {
+                        return Err(abort(StoreError::OpsKnown(known)));
+                    }
+                    for (k, v) in &writes {
                         trx.set(k, v);
                     }
+                    for (begin, end) in &trims {
+                        trx.clear_range(begin, end);
+                    }
+                    if ops.is_empty() && retention.is_none() {
+                        return Ok(());
+                    }
+                    let mut n = match trx.get(&count_key, false).await? {
+                        Some(v) => decode_epoch(&v)?,
+                        None => 0,
+                    };
+                    for (key, body, age) in &ops {
+                        trx.set(key, body);
+                        trx.set(age, &[]);
+                        n += 1;
+                    }
+                    if let Some(OpRetention {
+                        keep_last,
+                        keep_since_ms,
+                    }) = retention
+                    {
+                        // The oldest first, while more than `keep_last` remain and they
+                        // are older than `keep_since_ms`.
+                        let excess =
+                            usize::try_from(n.saturating_sub(keep_last)).unwrap_or(usize::MAX);
+                        let s = set_name.as_str();
+                        let range = RangeOption::from((
+                            root.pack(&("op_age", s, 0u64)),
+                            root.pack(&("op_age", s, keep_since_ms)),
+                        ));
+                        let old = read_limited(&trx, range, excess).await?;
+                        let age_space = root.subspace(&("op_age", s));
+                        for (k, _) in &old {
+                            let (_, op_id): (u64, String) = age_space
+                                .unpack(k)
+                                .map_err(|e| abort(StoreError::Corrupt(e.to_string())))?;
+                            trx.clear(k);
+                            trx.clear(&root.pack(&("op", s, op_id.as_str())));
+                        }
+                        n -= old.len() as u64;
+                    }
+                    trx.set(&count_key, &n.to_be_bytes());
                     Ok(())
+                }
+            })
+            .await
+            .map_err(unwrap_abort)
+    }
+
+    async fn history(
+        &self,
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        let set = id.set_key();
+        let bucket_key = self.root.pack(&("bucket", set.as_str(), id.as_str()));
+        let space = self.root.subspace(&("change", set.as_str(), id.as_str()));
+        let id_text = id.to_string();
+        self.db
+            .run(|trx, _| {
+                let (bucket_key, space, id_text) =
+                    (bucket_key.clone(), space.clone(), id_text.clone());
+                async move {
+                    let Some(stored) = trx.get(&bucket_key, false).await? else {
+                        return Ok(None);
+                    };
+                    let version = decode_bucket(&id_text, &stored).map_err(abort)?.version;
+                    let first = read_limited(&trx, RangeOption::from(space.range()), 1).await?;
+                    let oldest = match first.first() {
+                        Some((k, _)) => Some(
+                            space
+                                .unpack::<u64>(k)
+                                .map_err(|e| abort(StoreError::Corrupt(e.to_string())))?,
+                        ),
+                        None => None,
+                    };
+                    let (_, end) = space.range();
+                    let range =
+                        RangeOption::from((space.pack(&since_version.saturating_add(1)), end));
+                    let rows = read_limited(&trx, range, limit.saturating_add(1)).await?;
+                    let more = rows.len() > limit;
+                    let changes = rows
+                        .iter()
+                        .take(limit)
+                        .map(|(_, v)| from_json::<Change>(v))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(Some(HistoryPage {
+                        version,
+                        oldest,
+                        changes,
+                        more,
+                    }))
                 }
             })
             .await
