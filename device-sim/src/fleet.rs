@@ -836,6 +836,10 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let mut regressions_seen: HashSet<(String, u64, u64)> = HashSet::new();
     let mut requests: JoinSet<(u64, Response)> = JoinSet::new();
     let mut in_flight: HashMap<u64, AbortHandle> = HashMap::new();
+    // What each request in flight was, and what the last answer fed to the client answered
+    // (to say which exchange a regression came with).
+    let mut kinds: HashMap<u64, &'static str> = HashMap::new();
+    let mut last_answered = "";
     let (cred_tx, mut cred_rx) = mpsc::unbounded_channel::<Credentials>();
 
     loop {
@@ -882,6 +886,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 let base = client.base_url().to_string();
                 let (http, tx, opts, ctx2) = (http.clone(), cred_tx.clone(), ctx.wire, ctx.clone());
                 let token = out.token;
+                kinds.insert(token, request_kind(&out.request));
                 let handle = requests.spawn(async move {
                     let (resp, failure) = wire::send(&http, &base, &out, opts, |c| {
                         let _ = tx.send(c);
@@ -920,6 +925,10 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 }
                 Event::VersionRegression { id, held, received } => {
                     if regressions_seen.insert((id.clone(), held, received)) {
+                        ctx.say(&format!(
+                            "  device {} was sent {id} v{received} (holding v{held}) in the answer to a {last_answered}",
+                            dev.serial
+                        ));
                         ctx.violation(Violation::VersionRegression {
                             device: dev.serial.clone(),
                             bucket: id,
@@ -986,6 +995,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
             Some(done) = requests.join_next(), if !requests.is_empty() => {
                 if let Ok((token, resp)) = done {
                     in_flight.remove(&token);
+                    last_answered = kinds.remove(&token).unwrap_or("dropped request");
                     client.handle_response(ctx.now_ms(), token, resp);
                 }
             }
@@ -1005,6 +1015,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         asleep = true;
                         requests.abort_all();
                         in_flight.clear();
+                        kinds.clear();
                         client.link_down(ctx.now_ms());
                         lock(&dev.track).sleep();
                         ctx.stats.sleeps.fetch_add(1, Ordering::Relaxed);
@@ -1016,6 +1027,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         let now_ms = ctx.now_ms();
                         for (token, h) in in_flight.drain() {
                             h.abort();
+                            kinds.remove(&token);
                             ctx.stats.drops.fetch_add(1, Ordering::Relaxed);
                             client.handle_response(now_ms, token, Response::Transport);
                         }

@@ -465,7 +465,8 @@ async fn changes_of(p: &Principal, id: &str) -> Vec<Value> {
 /// A write through a non-owner whose owner is killed with `kill -9` after committing it
 /// and before answering (fault injection holds the answer): the forwarding node's router
 /// retries it with its op id on the new owner, which answers from the store's record —
-/// the client gets `replayed`, the write is applied exactly once.
+/// the client gets `replayed`, the write is applied exactly once. Then the same across a
+/// graceful handoff (the owner drains with SIGTERM; the retry reaches the new owner).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_once() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
@@ -582,4 +583,31 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
         (&json!(true), 2)
     );
     drop(owner_member);
+
+    // Across a handoff: a write acknowledged through op-a by its owner op-b, then op-b
+    // drains (SIGTERM) and its sets move to op-a; the retry is replayed by the new owner.
+    wait_ready(&members[0].node, 2).await;
+    let serial = (0..)
+        .map(|i| format!("OPH{i:03}"))
+        .find(|s| owner(&["op-a", "op-b"], s) == "op-b")
+        .expect("some serial lands on op-b");
+    let via = members[0].node.device(&serial);
+    via.register_thermostat().await;
+    let id = format!("shared.{serial}");
+    let body = json!({"value": {"away": true}, "base_version": 1, "op_id": "hand-1"});
+    let first = via.put(&id, &body).await.expect_json(StatusCode::OK);
+    assert_eq!(first["outcome"], "applied");
+    let mut b = members.pop().expect("op-b");
+    b.node.sigterm().await;
+    assert!(b.node.wait_exit(Duration::from_secs(30)).await.success());
+    wait_ready(&members[0].node, 1).await;
+    let retry = via.put(&id, &body).await.expect_json(StatusCode::OK);
+    assert_eq!(retry["replayed"], true, "{retry}");
+    assert_eq!(retry["version"], first["version"]);
+    let changes = changes_of(&via, &id).await;
+    assert_eq!(
+        changes.iter().filter(|c| c["op_id"] == "hand-1").count(),
+        1,
+        "{changes:?}"
+    );
 }

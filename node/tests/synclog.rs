@@ -484,7 +484,7 @@ async fn subscribe_with_diffs_answers_a_device_five_versions_behind_with_the_fie
         "{note}"
     );
 
-    // Further behind than the actor remembers (16 changes), the diff comes from the
+    // Further behind than the actor remembers (8 changes), the diff comes from the
     // store's log; a version older than the log gets the whole value.
     for i in 0..25 {
         let (_, nv) = p.write(id, json!({"n": i}), v.max(7)).await;

@@ -335,12 +335,14 @@ enum Phase {
     Subscribe,
 }
 
-/// The sync request in flight: its token, what it was, and the set it carried.
+/// The sync request in flight: its token, what it was, the set it carried, and (for a
+/// subscribe) the versions it told the server the device holds.
 #[derive(Debug)]
 struct SyncInFlight {
     token: u64,
     phase: Phase,
     auth: Credentials,
+    versions: Vec<(String, Option<u64>)>,
 }
 
 /// A PUT in flight: which bucket, exactly what was sent (resent verbatim if its answer is
@@ -551,7 +553,7 @@ impl DeviceClient {
             match sync.phase {
                 Phase::Register => self.on_register(now, sync.auth, resp),
                 Phase::Fetch => self.on_fetch(now, sync.auth, resp),
-                Phase::Subscribe => self.on_subscribe(now, sync.auth, resp),
+                Phase::Subscribe => self.on_subscribe(now, sync.auth, &sync.versions, resp),
             }
             return;
         }
@@ -852,10 +854,19 @@ impl DeviceClient {
             }),
         };
         let token = self.token();
+        let versions = match &request {
+            Request::Subscribe(sub) => sub
+                .buckets
+                .iter()
+                .map(|h| (h.id.clone(), h.version))
+                .collect(),
+            _ => Vec::new(),
+        };
         self.sync_in_flight = Some(SyncInFlight {
             token,
             phase: self.phase,
             auth: auth.clone(),
+            versions,
         });
         Some(Outgoing {
             token,
@@ -927,7 +938,7 @@ impl DeviceClient {
         match resp {
             Response::Buckets(list) => {
                 for doc in list.buckets {
-                    self.apply_doc(doc);
+                    self.apply_doc(doc, None);
                 }
                 self.phase = Phase::Subscribe;
                 self.sync_backoff.succeed();
@@ -936,13 +947,23 @@ impl DeviceClient {
         }
     }
 
-    fn on_subscribe(&mut self, now: Millis, carried: Credentials, resp: Response) {
+    fn on_subscribe(
+        &mut self,
+        now: Millis,
+        carried: Credentials,
+        versions: &[(String, Option<u64>)],
+        resp: Response,
+    ) {
         match resp {
             Response::Buckets(list) => {
                 let mut accepted = false;
                 let mut anomalous = false;
                 for doc in list.buckets {
-                    match self.apply_doc(doc) {
+                    let told = versions
+                        .iter()
+                        .find(|(id, _)| *id == doc.id)
+                        .and_then(|(_, v)| *v);
+                    match self.apply_doc(doc, told) {
                         // A diff that did not fit asks for the whole value at once.
                         Applied::Accepted | Applied::Unusable => accepted = true,
                         Applied::Same => {}
@@ -985,8 +1006,9 @@ impl DeviceClient {
     }
 
     /// Applies one bucket object from a fetch or subscribe answer under the monotonic rule:
-    /// a whole value, or a diff from the version held.
-    fn apply_doc(&mut self, doc: BucketDoc) -> Applied {
+    /// a whole value, or a diff from the version held. `told`: the version the request
+    /// said the device held (see [`Self::offer`]).
+    fn apply_doc(&mut self, doc: BucketDoc, told: Option<u64>) -> Applied {
         if !self.ids.contains(&doc.id) {
             return Applied::Anomalous;
         }
@@ -1005,6 +1027,7 @@ impl DeviceClient {
                     // Already there (or further): nothing to apply.
                     Some(h) if version <= h.version => {
                         return self.offer(
+                            told,
                             doc.id,
                             doc.timestamp.unwrap_or(0),
                             version,
@@ -1024,12 +1047,26 @@ impl DeviceClient {
             _ => return Applied::Anomalous,
         };
         self.refetch.retain(|r| *r != doc.id);
-        self.offer(doc.id, doc.timestamp.unwrap_or(0), version, value)
+        self.offer(told, doc.id, doc.timestamp.unwrap_or(0), version, value)
     }
 
-    /// Replaces the held copy of `id` if `version` is newer; never goes backwards.
-    fn offer(&mut self, id: String, timestamp: u64, version: u64, value: Fields) -> Applied {
+    /// Replaces the held copy of `id` if `version` is newer; never goes backwards. An older
+    /// version is a regression — unless the request it answers told the server an even
+    /// older one (`told`): then it is a late answer, overtaken by a newer one on the other
+    /// slot (a subscribe answered before the device's own PUT committed, delivered after
+    /// that PUT's answer), and is dropped without an event.
+    fn offer(
+        &mut self,
+        told: Option<u64>,
+        id: String,
+        timestamp: u64,
+        version: u64,
+        value: Fields,
+    ) -> Applied {
         if let Some(h) = self.held.get(&id) {
+            if version < h.version && told.is_some_and(|t| t < version) {
+                return Applied::Same;
+            }
             if version < h.version {
                 self.events.push_back(Event::VersionRegression {
                     id,
@@ -1178,10 +1215,11 @@ impl DeviceClient {
         let PutInFlight { id, body: sent, .. } = put;
         let outcome = body.outcome;
         let version = body.version;
+        let told = Some(sent.base_version);
         match (outcome, body.value) {
             // Merged or refused: the server sent the whole bucket as it now stands.
             (UpdateOutcome::Merged | UpdateOutcome::Refused, Some(value)) => {
-                self.offer(id.clone(), body.timestamp, body.version, value);
+                self.offer(told, id.clone(), body.timestamp, body.version, value);
             }
             // Refused without a body: the change is dropped and nothing is learned.
             (UpdateOutcome::Refused, None) => {}
@@ -1196,7 +1234,7 @@ impl DeviceClient {
                         .map(|h| h.value.clone())
                         .unwrap_or_default();
                     value.extend(sent.value);
-                    self.offer(id.clone(), body.timestamp, body.version, value);
+                    self.offer(told, id.clone(), body.timestamp, body.version, value);
                 }
             }
         }

@@ -1688,3 +1688,53 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_late_answer_overtaken_by_the_devices_own_write_is_not_a_regression() {
+    // The subscribe in flight told the server v1. The device's own PUT is applied as v2
+    // (its answer lost, the retry replayed), then its next PUT as v3 — and only then
+    // does the subscribe's answer arrive: v2, which the server sent because the device
+    // said v1. Late, not a regression: dropped without an event.
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(21));
+    let put = poll(&mut c, 1);
+    c.handle_response(1, put.token, Response::Transport);
+    let at = c.poll_timeout().expect("backing off");
+    let retry = poll(&mut c, at);
+    c.handle_response(
+        at,
+        retry.token,
+        replayed(200, UpdateOutcome::Applied, 2, None),
+    );
+    c.set_field(DEV, "t", json!(22));
+    let next = poll(&mut c, at);
+    c.handle_response(
+        at,
+        next.token,
+        updated(200, UpdateOutcome::Applied, 3, None),
+    );
+    events(&mut c);
+    c.handle_response(
+        at,
+        sub,
+        list(vec![doc(DEV, 1_002, 2, json!({"mode": "heat", "t": 21}))]),
+    );
+    assert_eq!(events(&mut c), []);
+    assert_eq!(c.bucket(DEV).expect("held").version, 3);
+    // A subscribe that told the server v3 and gets v2 back is one.
+    let sub = poll(&mut c, at);
+    assert_eq!(subscribed(&sub)[0], (DEV.into(), Some(3)));
+    c.handle_response(
+        at,
+        sub.token,
+        list(vec![doc(DEV, 1_002, 2, json!({"t": 21}))]),
+    );
+    assert_eq!(
+        events(&mut c),
+        [Event::VersionRegression {
+            id: DEV.into(),
+            held: 3,
+            received: 2
+        }]
+    );
+}

@@ -159,9 +159,9 @@ struct HeldSub {
 }
 
 /// Op records kept in memory per set (the store remembers the rest).
-const KNOWN_OPS: usize = 256;
+const KNOWN_OPS: usize = 32;
 /// Changes kept in memory per bucket, to answer subscribers with diffs without a read.
-const RECENT_CHANGES: usize = 16;
+const RECENT_CHANGES: usize = 8;
 /// Changes are trimmed each time a bucket's version crosses a multiple of this (so the log
 /// keeps between the configured count and that many more).
 const TRIM_CHANGES_EVERY: u64 = 16;
