@@ -480,6 +480,10 @@ impl Config {
                 "max_bucket_bytes must be positive".into(),
             ));
         }
+        if matches!(self.store, StoreUrl::Fdb(_)) {
+            crate::store::fdb::check_bucket_limit(self.max_bucket_bytes)
+                .map_err(NodeError::Config)?;
+        }
         if self.subscribe_default_timeout > self.subscribe_max_timeout {
             return Err(NodeError::Config(
                 "subscribe default timeout exceeds the maximum".into(),
@@ -597,6 +601,24 @@ mod tests {
         assert_eq!(c.max_bucket_bytes, 100);
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert!(c.registration.device_types.contains_key("thermostat"));
+    }
+
+    #[test]
+    fn fdb_store_refuses_a_bucket_limit_above_one_fdb_value() {
+        let mut c = Config::load(ServeArgs::default()).expect("loads");
+        // `fdb:` parses only in binaries built with the feature; the check is the same.
+        c.store = StoreUrl::Fdb("/etc/foundationdb/fdb.cluster".into());
+        c.max_bucket_bytes = 100_000;
+        let err = c
+            .check_transport()
+            .expect_err("a bucket must fit one FDB value");
+        assert!(err.to_string().contains("FoundationDB"), "{err}");
+        c.max_bucket_bytes = crate::store::fdb::MAX_BUCKET_BYTES;
+        c.check_transport().expect("the largest bucket that fits");
+        c.store = StoreUrl::Redb("/tmp/x".into());
+        c.max_bucket_bytes = 1_000_000;
+        c.check_transport()
+            .expect("other stores have no such limit");
     }
 
     #[test]
