@@ -181,6 +181,9 @@ pub struct ServeArgs {
     /// `TETHER_CLUSTER_SECRET` environment variable may carry it instead.
     #[arg(long, env = "TETHER_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// Tests only: commits obey control files in this directory (`store/faults.rs`).
+    #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
+    pub test_store_faults: Option<PathBuf>,
 }
 
 /// The config file: every flag by its snake_case name, plus registration sections.
@@ -257,6 +260,8 @@ pub struct Config {
     pub registration: RegistrationConfig,
     /// Cluster mode (gossip, placement, forwarding); `None`: one node owns every set.
     pub cluster: Option<ClusterConfig>,
+    /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
+    pub test_store_faults: Option<PathBuf>,
 }
 
 /// How a node takes part in a cluster.
@@ -452,6 +457,7 @@ impl Config {
                 }
             },
             registration,
+            test_store_faults: args.test_store_faults,
         };
         config.check_transport()?;
         Ok(config)

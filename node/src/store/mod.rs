@@ -5,6 +5,7 @@
 //! adapter to `libfdb_c` with the `fdb` feature). Every backend passes the same
 //! conformance tests (`store::conformance`).
 
+pub mod faults;
 pub mod fdb;
 pub mod pg_server;
 pub mod postgres;
