@@ -628,6 +628,43 @@ mod tests {
     }
 
     #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"from-file\"\npairing_code_ttl_s = 11\nsubscribe_default_timeout_ms = 1000\n",
+        )
+        .expect("write");
+        // Variables only this test reads (tests share the process environment).
+        std::env::set_var("TETHER_PAIRING_CODE_TTL_S", "22");
+        std::env::set_var("TETHER_NODE_ID", "from-env");
+        let parse = |args: &[&str]| {
+            let m = <Cli as clap::CommandFactory>::command()
+                .try_get_matches_from(args)
+                .expect("arguments parse");
+            Config::load(Cli::from_arg_matches(&m).expect("matches").serve).expect("loads")
+        };
+        let file = path.display().to_string();
+        let c = parse(&["tether", "--config", &file, "--node-id", "from-flag"]);
+        std::env::remove_var("TETHER_PAIRING_CODE_TTL_S");
+        std::env::remove_var("TETHER_NODE_ID");
+        assert_eq!(c.node_id, "from-flag", "flag over environment and file");
+        assert_eq!(c.pairing_code_ttl_s, 22, "environment over file");
+        assert_eq!(
+            c.subscribe_default_timeout,
+            Duration::from_millis(1000),
+            "file over default"
+        );
+    }
+
+    #[test]
     fn unknown_config_keys_are_errors_not_silently_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.toml");

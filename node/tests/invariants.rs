@@ -73,7 +73,11 @@ async fn readers_see_only_committed_state_while_a_commit_is_in_flight() {
         .get(&format!("/v1/buckets?ids={id}"))
         .await
         .expect_json(StatusCode::OK);
-    assert_eq!(bucket_in(&listed, &id)["version"], before["version"], "{listed}");
+    assert_eq!(
+        bucket_in(&listed, &id)["version"],
+        before["version"],
+        "{listed}"
+    );
     // A subscribe holding the committed versions is not stale: it is held, not answered
     // with the uncommitted write.
     let second = node.device(A).with_client(http_client());
