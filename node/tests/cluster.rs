@@ -184,7 +184,11 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         .send()
         .await
         .expect("readyz");
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "ready before joining");
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ready before joining"
+    );
     let lonely_started = Instant::now();
     let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node)).await;
     let c = start_member("node-c", &url, Some(a.grpc), Some(&a.node)).await;

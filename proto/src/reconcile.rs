@@ -149,7 +149,6 @@ mod tests {
     //! bucket B1 with contents A and B; the client changes A to A'; t* are timestamps and
     //! v* versions. Concrete numbers keep the orderings the figures state.
     use super::*;
-    use alloc::string::ToString;
     use alloc::vec;
     use proptest::prelude::*;
     use serde_json::json;
