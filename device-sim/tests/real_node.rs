@@ -4,7 +4,8 @@
 //! answers lost after the server acted (every writer retries with the same op id) — for
 //! a few seconds, then the audit of the final state and of every bucket's history. Every
 //! check must pass: no version regression, no missed notification, no lost write, no
-//! write applied twice. No timing is asserted.
+//! write applied twice. No timing is asserted beyond a generous 15 s bound on a
+//! notification (a missed one is what the checker exists to find).
 //!
 //! The `tether` binary belongs to another package, so `CARGO_BIN_EXE_tether` does not
 //! exist here: it is built (a no-op when up to date) with the cargo running this test and
@@ -101,7 +102,7 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
                 "--max-answer-bytes",
                 "1536",
                 "--notify-deadline-ms",
-                "5000",
+                "15000",
                 "--audit",
                 "--json",
             ])
