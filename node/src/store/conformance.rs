@@ -362,7 +362,7 @@ fn change(version: u64, by: &str, op_id: Option<&str>, f: serde_json::Value) -> 
     }
 }
 
-fn op(op_id: &str, bucket: &str, version: u64, at_ms: u64) -> OpRecord {
+pub(crate) fn op(op_id: &str, bucket: &str, version: u64, at_ms: u64) -> OpRecord {
     OpRecord {
         op_id: op_id.into(),
         bucket: bucket.into(),
@@ -379,7 +379,7 @@ fn op(op_id: &str, bucket: &str, version: u64, at_ms: u64) -> OpRecord {
 }
 
 /// One write as the actor commits it: the bucket, its change and (optionally) its op id.
-fn logged(id: &str, version: u64, op_id: Option<&str>, at_ms: u64) -> Commit {
+pub(crate) fn logged(id: &str, version: u64, op_id: Option<&str>, at_ms: u64) -> Commit {
     let b = bucket(id, version, json!({ "v": version }));
     let bid = BucketId::parse(id).expect("valid id");
     Commit {
