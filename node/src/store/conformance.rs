@@ -545,6 +545,15 @@ pub(crate) async fn a_known_op_id_commits_nothing_and_returns_its_record(store: 
         .commit(&s, newer, logged("device.K1", 3, Some("op-c"), 8))
         .await
         .expect("op-c was not remembered by the fenced commit");
+    // The stale owner writing a change whose version the new owner has taken (and an op id
+    // the new owner knows) is told it was fenced, not a store error nor a replay.
+    for stale in [
+        logged("device.K1", 3, Some("op-d"), 9),
+        logged("device.K1", 3, Some("op-c"), 9),
+    ] {
+        let err = store.commit(&s, e, stale).await.expect_err("fenced");
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+    }
     let page = store
         .history(&id, 0, 10)
         .await

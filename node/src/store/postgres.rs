@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS tether_ops (
 CREATE INDEX IF NOT EXISTS tether_ops_by_age ON tether_ops (set_key, at_ms);
 ";
 
+const LEASE_FOR_SHARE: &str = "SELECT epoch FROM tether_leases WHERE set_key = $1 FOR SHARE";
+
 const UPSERT_BUCKETS: &str = "
 INSERT INTO tether_buckets (set_key, id, value, ts_ms, ts_logical, version)
 SELECT $1, * FROM unnest($2::text[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::bigint[])
@@ -338,15 +340,17 @@ impl Store for PostgresStore {
         let ops = client.prepare_cached(INSERT_OPS).await.map_err(backend)?;
         let trim_changes = client.prepare_cached(TRIM_CHANGES).await.map_err(backend)?;
         let trim_ops_stmt = client.prepare_cached(TRIM_OPS).await.map_err(backend)?;
+        let lease_stmt = client
+            .prepare_cached(LEASE_FOR_SHARE)
+            .await
+            .map_err(backend)?;
         let txn = client.transaction().await.map_err(backend)?;
         let set_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&s];
-        let lease = txn.query_opt(
-            "SELECT epoch FROM tether_leases WHERE set_key = $1 FOR SHARE",
-            &set_param,
-        );
+        let lease = txn.query_opt(&lease_stmt, &set_param);
         // Everything is sent at once (pipelined, in this order) and runs in the order sent:
         // the lease row is locked before any write; a write is undone by the rollback
-        // below if the lease moved or an op id was known.
+        // below if the lease moved or an op id was known. Every statement is prepared
+        // above: an unprepared one would wait for its Parse and be sent after the writes.
         let run_ops = async {
             if o_ids.is_empty() {
                 return Ok(0);
@@ -384,22 +388,28 @@ impl Store for PostgresStore {
                 Some((since, keep)) => txn.execute(&trim_ops_stmt, &[&s, since, keep]).await,
             }
         };
-        let (current, inserted, _, _, _, _) = futures::try_join!(
+        let (current, inserted, buckets, changes, trimmed_changes, trimmed_ops) = futures::join!(
             lease,
             run_ops,
             run_buckets,
             run_changes,
             run_trim_changes,
             run_trim_ops
-        )
-        .map_err(backend)?;
-        let current: Option<i64> = current.map(|r| r.get(0));
+        );
+        // The lease first: a stale owner's writes may fail (its change's version is taken
+        // by the new owner's), and then the answer is that it was fenced, not a store
+        // error. The lease was read before any write ran, so its answer stands.
+        let current: Option<i64> = current.map_err(backend)?.map(|r| r.get(0));
         if current != Some(as_i64(epoch.0)?) {
             // Dropping the transaction rolls it back.
             return Err(StoreError::Fenced {
                 set: set.to_string(),
                 epoch: epoch.0,
             });
+        }
+        let inserted = inserted.map_err(backend)?;
+        for done in [buckets, changes, trimmed_changes, trimmed_ops] {
+            done.map_err(backend)?;
         }
         if inserted < o_ids.len() {
             txn.rollback().await.map_err(backend)?;
