@@ -29,6 +29,16 @@ use tether_proto::credentials::{
 use tether_sim::fleet::{self, Phase, SimConfig};
 use tokio::sync::{mpsc, watch};
 
+/// The machine's load average, printed with every measurement (timings here depend on it).
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -368,6 +378,7 @@ async fn a_release_lives_through_rollout_scaling_and_a_killed_pod() {
         .collect();
     moved_gaps.sort();
     kept_gaps.sort();
+    println!("load average: {}", load());
     println!(
         "scale 3 → {scale_to}: new pods ready and every pod seeing {scale_to} members in {:.1} s; \
          {moved} of {} fleet sets moved ({:.0}%, the ring's expectation {:.0}%); \
@@ -421,7 +432,11 @@ async fn a_release_lives_through_rollout_scaling_and_a_killed_pod() {
     assert_graceful(&c);
     let connections = c.endpoints.connections();
     println!("device Service connections per pod: {connections:?}");
-    println!("whole scenario: {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "whole scenario: {:.1} s (load average {})",
+        started.elapsed().as_secs_f64(),
+        load()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
