@@ -8,8 +8,9 @@
 //!   force-deleted; every termination graceful (no SIGKILL at the grace period).
 //! - `a_wrong_cluster_secret_is_refused_and_renewed_certificates_are_picked_up`: the TLS
 //!   Secret renewed in place (served by every pod without a restart, and `helm test`
-//!   passes with the new CA), then a pod started with another cluster secret: never ready,
-//!   never a member, never given a connection, until the Secret is fixed.
+//!   passes with the new CA), a container crash (kubelet restarts it in the same pod), then
+//!   a pod started with another cluster secret: never ready, never a member, never given a
+//!   connection, until the Secret is fixed.
 //!
 //! Needs root (network namespaces), dnsmasq, PostgreSQL, skopeo and umoci; scripts/test
 //! installs them. Longer variants: `HELM_EXECUTE_DEVICES`, `HELM_EXECUTE_SCALE_TO`.
@@ -491,6 +492,28 @@ async fn a_wrong_cluster_secret_is_refused_and_renewed_certificates_are_picked_u
         code,
         Some(0),
         "helm test with the renewed CA failed:\n{out}"
+    );
+
+    // The container of pod 1 crashes (SIGKILL): kubelet restarts it in the same pod (same
+    // IP and name), the startup and readiness probes pass again, it rejoins.
+    let ip = c.pods()[&1].ip();
+    c.pods()[&1].crash();
+    let t = Instant::now();
+    while c.pods()[&1].restarts() == 0 || !c.pods()[&1].ready() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the crashed container did not come back\n{}",
+            c.report()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.pods()[&1].ip(), ip);
+    c.wait_members(3, Duration::from_secs(60))
+        .await
+        .expect("3 members after the restart");
+    println!(
+        "a crashed container restarted by kubelet and ready again in {:.1} s",
+        t.elapsed().as_secs_f64()
     );
 
     // Someone edits the cluster Secret, and a pod restarts with the wrong value.
