@@ -515,6 +515,21 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        // `HELM_EXECUTE_KEEP_LOGS=DIR` keeps every container's output (and the pod's
+        // events) for reading after the run.
+        if let Some(keep) = std::env::var_os("HELM_EXECUTE_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            let tag = format!("{}-{}", self.name, self.ns.name());
+            for i in 0..=self.restarts() {
+                let from = self.state.log_dir.join(format!("container-{i}.log"));
+                let _ = std::fs::copy(&from, keep.join(format!("{tag}-run{i}.log")));
+            }
+            let _ = std::fs::write(
+                keep.join(format!("{tag}-events.txt")),
+                self.events().join("\n"),
+            );
+        }
         self.state.terminating.store(true, Ordering::Release);
         if let Some(pid) = self.pid() {
             signal(pid, "KILL");

@@ -14,6 +14,8 @@
 //!
 //! Needs root (network namespaces), dnsmasq, PostgreSQL, skopeo and umoci; scripts/test
 //! installs them. Longer variants: `HELM_EXECUTE_DEVICES`, `HELM_EXECUTE_SCALE_TO`.
+//! Diagnosis: `HELM_EXECUTE_TRACE=1` prints every slow or failed read of the scale-up
+//! watchers; `HELM_EXECUTE_KEEP_LOGS=DIR` keeps every container's output and pod events.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
