@@ -44,6 +44,12 @@ def default_of(values: Any) -> str:
 def rows(node: dict[str, Any], values: Any, prefix: str, out: list[str], missing: list[str]) -> None:
     props = node.get("properties")
     if node.get("type") == "object" and props and node.get("additionalProperties") is False:
+        if prefix:
+            # A group of values: its own row says what the group is for.
+            desc = node.get("description", "").strip()
+            if not desc:
+                missing.append(prefix)
+            out.append(f"| `{prefix}` | object | | {desc.replace('|', chr(92) + '|')} |")
         for key, child in props.items():
             sub = values.get(key) if isinstance(values, dict) else None
             rows(child, sub, f"{prefix}.{key}" if prefix else key, out, missing)

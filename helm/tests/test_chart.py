@@ -41,9 +41,21 @@ MINIMAL = {
 }
 
 
+MONITORING_FIXTURES = Path(__file__).parent / "fixtures" / "monitoring"
+
+
 @pytest.fixture(scope="session")
-def renders() -> dict[str, dict[str, str]]:
-    return {c.name: render_case(c) for c in CASES}
+def reference_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chart with the fixed sample dashboards and alert files of fixtures/monitoring
+    in place of whatever files/ holds: the golden renders (and every check on them) show
+    the templates, and do not change when the observability work edits its files (those
+    are checked on their own: test_the_chart_ships_its_own_dashboards_and_alert_rules)."""
+    return chart_with_sample_monitoring_files(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
+def renders(reference_chart: Path) -> dict[str, dict[str, str]]:
+    return {c.name: render_case(c, chart_dir=reference_chart) for c in CASES}
 
 
 def sts_of(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -160,6 +172,11 @@ NEGATIVE = [
         ["autoscaling.minReplicas (5) exceeds autoscaling.maxReplicas (3)"],
     ),
     ("same ports", {"ports": {"grpc": 8443}}, ["ports.http and ports.grpc must differ"]),
+    (
+        "both monitors",
+        {"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}},
+        ["metrics.podMonitor and metrics.serviceMonitor are both enabled", "scraped twice"],
+    ),
 ]
 
 
@@ -219,11 +236,9 @@ def validate_custom_resources(objs: list[dict[str, Any]]) -> list[dict[str, Any]
     return [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
 
 
-def test_custom_resources_match_their_apis(renders: dict[str, dict[str, str]], tmp_path: Path) -> None:
+def test_custom_resources_match_their_apis(renders: dict[str, dict[str, str]]) -> None:
+    # The PrometheusRule comes from the sample alert files of the reference chart.
     crs = [o for name in CASE_IDS for o in objects(renders[name]) if o["kind"] in CRD_KINDS]
-    # The PrometheusRule exists once alert files do (sample files stand in for them).
-    chart = chart_with_sample_monitoring_files(tmp_path)
-    crs += [o for o in objects(render_case(chartlib.case("ha-monitoring"), chart_dir=chart)) if o["kind"] == "PrometheusRule"]
     assert {o["kind"] for o in crs} == CRD_KINDS, "the CI values render every custom resource kind"
     results = validate_custom_resources(crs)
     assert len(results) == len(crs)
@@ -272,7 +287,7 @@ def test_semantics(c: chartlib.Case, renders: dict[str, dict[str, str]]) -> None
     for o in objs:
         if o["kind"] == "Service":
             assert o["spec"]["selector"] == selector, o["metadata"]["name"]
-        if o["kind"] in ("PodDisruptionBudget", "PodMonitor", "ServiceMonitor"):
+        if o["kind"] in ("PodDisruptionBudget", "PodMonitor"):
             assert o["spec"]["selector"]["matchLabels"] == selector
         if o["kind"] == "NetworkPolicy":
             assert o["spec"]["podSelector"]["matchLabels"] == selector
@@ -284,6 +299,24 @@ def test_semantics(c: chartlib.Case, renders: dict[str, dict[str, str]]) -> None
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
     device = next(o for o in objs if o["kind"] == "Service" and o is not headless)
     assert not device["spec"].get("publishNotReadyAddresses")
+
+    # Monitoring: each pod scraped once (one monitor; the ServiceMonitor selects only the
+    # headless Service, never the device Service with the same pods), under job="tether"
+    # as the alert rules expect, on a port the pods and the Service have.
+    monitors = [o for o in objs if o["kind"] in ("PodMonitor", "ServiceMonitor")]
+    assert len(monitors) <= 1, [m["kind"] for m in monitors]
+    for m in monitors:
+        assert m["spec"]["jobLabel"] == "app.kubernetes.io/name"
+        endpoints = m["spec"].get("podMetricsEndpoints") or m["spec"]["endpoints"]
+        assert [e["port"] for e in endpoints] == ["http"] and endpoints[0]["path"] == "/metrics"
+        if m["kind"] == "PodMonitor":
+            assert pod_labels[m["spec"]["jobLabel"]] == "tether"
+            assert "http" in {p["name"] for p in container(objs)["ports"]}
+        else:
+            scraped = [o for o in objs if o["kind"] == "Service" and selector_matches(m["spec"]["selector"]["matchLabels"], o["metadata"]["labels"])]
+            assert scraped == [headless], [s["metadata"]["name"] for s in scraped]
+            assert headless["metadata"]["labels"][m["spec"]["jobLabel"]] == "tether"
+            assert "http" in {p["name"] for p in headless["spec"]["ports"]}
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
     assert "volumeClaimTemplates" not in sts["spec"]
 
@@ -447,17 +480,13 @@ def chart_copy(tmp_path: Path, *, keep_files: bool) -> Path:
 
 
 def chart_with_sample_monitoring_files(tmp_path: Path) -> Path:
-    """A chart copy holding sample dashboards and alert files in place of (or next to) the
-    observability work's: a Prometheus rules file and a PrometheusRule-shaped one."""
+    """A chart copy holding fixtures/monitoring's sample dashboards and alert files in
+    place of the observability work's: two dashboards, a Prometheus rules file and a
+    PrometheusRule-shaped one."""
     chart = chart_copy(tmp_path, keep_files=False)
-    (chart / "files" / "dashboards" / "tether-overview.json").write_text(json.dumps({"title": "Tether", "panels": []}))
-    (chart / "files" / "dashboards" / "tether-cluster.json").write_text(json.dumps({"title": "Cluster", "panels": []}))
-    (chart / "files" / "alerts" / "tether.yaml").write_text(
-        "groups:\n  - name: tether\n    rules:\n      - alert: TetherDown\n        expr: up{job=\"tether\"} == 0\n        for: 5m\n"
-    )
-    (chart / "files" / "alerts" / "crd-shaped.yaml").write_text(
-        "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nspec:\n  groups:\n    - name: tether-cluster\n      rules:\n        - alert: TetherSplit\n          expr: min(tether_cluster_members) < 3\n"
-    )
+    for kind in ("dashboards", "alerts"):
+        for f in (MONITORING_FIXTURES / kind).iterdir():
+            shutil.copy(f, chart / "files" / kind / f.name)
     chartlib._charts.pop(str(chart), None)
     return chart
 
@@ -477,6 +506,9 @@ def test_dashboards_and_alert_rules_ship_the_chart_files(tmp_path: Path) -> None
     assert json.loads(cm["data"]["tether-overview.json"])["title"] == "Tether"
     rule = find(objs, "PrometheusRule")
     assert sorted(g["name"] for g in rule["spec"]["groups"]) == ["tether", "tether-cluster"]
+    # Shipped as data: Prometheus's own templates in the rules are not Helm's.
+    summary = rule["spec"]["groups"][[g["name"] for g in rule["spec"]["groups"]].index("tether")]["rules"][0]["annotations"]["summary"]
+    assert summary == "Tether node {{ $labels.instance }} is down"
 
     # Off by default.
     chartlib._charts.pop(str(chart), None)
@@ -488,6 +520,52 @@ def test_dashboards_and_alert_rules_ship_the_chart_files(tmp_path: Path) -> None
     with pytest.raises(chartlib.HelmError) as err:
         render(values, chart_dir=chart)
     assert "files/alerts/broken.yaml has no rule groups" in str(err.value)
+
+
+# ConfigMaps hold at most 1 MiB (etcd's value limit).
+CONFIGMAP_LIMIT = 1 << 20
+
+
+def test_the_chart_ships_its_own_dashboards_and_alert_rules() -> None:
+    """Whatever the observability work put in files/ (none yet is fine: then nothing is
+    rendered) ships whole and valid: every dashboard verbatim in the ConfigMap, every rule
+    group in the PrometheusRule, which prometheus-operator's model accepts."""
+    dashboards = sorted((CHART / "files" / "dashboards").glob("*.json"))
+    alerts = sorted((CHART / "files" / "alerts").glob("*.yaml"))
+    print(f"\nshipped monitoring files: {[p.name for p in dashboards + alerts] or 'none yet'}")
+    objs = objects(render_case(chartlib.case("ha-monitoring")))
+    kinds = [o["kind"] for o in objs]
+    assert kinds.count("ConfigMap") == (1 if dashboards else 0) and kinds.count("PrometheusRule") == (1 if alerts else 0), kinds
+    if dashboards:
+        cm = find(objs, "ConfigMap", "tether-dashboards")
+        assert set(cm["data"]) == {p.name for p in dashboards}
+        uids = []
+        for p in dashboards:
+            assert cm["data"][p.name] == p.read_text().rstrip("\n"), f"{p.name} is not shipped verbatim"
+            board = json.loads(p.read_text())
+            assert board.get("title"), f"{p.name} has no title"
+            uids.append(board.get("uid"))
+        assert len(set(uids)) == len(uids), f"dashboard uids collide: {uids}"
+        size = sum(len(v.encode()) for v in cm["data"].values())
+        assert size < CONFIGMAP_LIMIT, f"the dashboards ConfigMap holds {size} bytes, more than a ConfigMap can"
+        for kube in KUBE_VERSIONS:
+            kubernetes_validate.validate(cm, kube, strict=True)
+    if alerts:
+        rule = find(objs, "PrometheusRule")
+        expected = []
+        for p in alerts:
+            doc = yaml.safe_load(p.read_text())
+            expected += doc.get("groups") or doc["spec"]["groups"]
+        assert rule["spec"]["groups"] == expected
+        names = [g["name"] for g in expected]
+        # prometheus-operator writes one rules file per PrometheusRule; Prometheus refuses
+        # a file that repeats a group name.
+        assert len(set(names)) == len(names), f"rule group names repeat: {names}"
+        for g in expected:
+            for r in g["rules"]:
+                assert ("alert" in r) != ("record" in r) and r.get("expr"), f"{g['name']}: {r}"
+        results = validate_custom_resources([rule])
+        assert not results[0]["errors"], results
 
 
 # --- checkov --------------------------------------------------------------------------

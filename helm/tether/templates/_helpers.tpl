@@ -35,6 +35,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: node
 {{- end -}}
 
+{{/* On the headless Service only: what the ServiceMonitor selects (not the device
+Service, which has the same selector labels: every pod would be scraped twice). */}}
+{{- define "tether.headlessLabels" -}}
+tether/service: headless
+{{- end -}}
+
 {{- define "tether.labels" -}}
 helm.sh/chart: {{ include "tether.chart" . }}
 {{ include "tether.selectorLabels" . }}
@@ -177,6 +183,9 @@ Cross-field rules the schema cannot express; each fails the render with what to 
 {{- end -}}
 {{- if eq $v.ports.http $v.ports.grpc -}}
 {{- fail "ports.http and ports.grpc must differ." -}}
+{{- end -}}
+{{- if and $v.metrics.podMonitor.enabled $v.metrics.serviceMonitor.enabled -}}
+{{- fail "metrics.podMonitor and metrics.serviceMonitor are both enabled: every pod would be scraped twice and every sum in the alerts and dashboards doubled. Enable one (podMonitor scrapes pods directly; serviceMonitor for a Prometheus that selects only ServiceMonitors)." -}}
 {{- end -}}
 {{- end -}}
 
