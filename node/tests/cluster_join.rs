@@ -168,8 +168,9 @@ async fn a_cluster_secret_rotates_in_two_rolling_steps_without_a_partition() {
     let s = Secrets::new();
     let (a, b) = (Slot::new("a"), Slot::new("b"));
     let old = [s.path("old")];
+    // In the chart's order: `clusterSecret.key` (the current secret) first, then
+    // `additionalKeys` (the next one). Both orders are in cluster/src/auth.rs's table.
     let both = [s.path("old"), s.path("new")];
-    let new_first = [s.path("new"), s.path("old")];
     let new = [s.path("new")];
 
     let na = a.start(&store, &old, None, None).await;
@@ -183,7 +184,7 @@ async fn a_cluster_secret_rotates_in_two_rolling_steps_without_a_partition() {
     wait_members(&nb, 2).await;
     wait_members(&na, 2).await;
     stop(na).await;
-    let na = a.start(&store, &new_first, Some(b.grpc), Some(&nb)).await;
+    let na = a.start(&store, &both, Some(b.grpc), Some(&nb)).await;
     wait_members(&na, 2).await;
     wait_members(&nb, 2).await;
     one_cluster(&na, &nb, "ROT0001", 1).await;
