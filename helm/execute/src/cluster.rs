@@ -115,6 +115,9 @@ pub struct Cluster {
     pub endpoints: Arc<Endpoints>,
     /// Every pod deletion so far: pod name and how it ended.
     pub terminations: Vec<(String, Termination)>,
+    /// The cold start alone: from creating the first pods (image built, PostgreSQL and DNS
+    /// up) until all of them are ready.
+    pub cold_start: Duration,
     pods: BTreeMap<usize, Pod>,
     mirrors: BTreeMap<usize, tokio::task::JoinHandle<()>>,
     proxy: ServiceProxy,
@@ -305,6 +308,7 @@ impl Cluster {
             objects,
             endpoints,
             terminations: Vec::new(),
+            cold_start: Duration::ZERO,
             pods: BTreeMap::new(),
             mirrors: BTreeMap::new(),
             proxy,
@@ -318,7 +322,9 @@ impl Cluster {
             net,
         };
         cluster.dns.set(records)?;
+        let pods_created = Instant::now();
         cluster.scale(replicas).await?;
+        cluster.cold_start = pods_created.elapsed();
         Ok(cluster)
     }
 
