@@ -65,27 +65,24 @@ impl Rendered {
     }
 }
 
-static VENV: Mutex<()> = Mutex::new(());
+static VENV: Mutex<bool> = Mutex::new(false);
 
-/// The chart tests' Python (target/venv-helm), made by `scripts/helm-venv` when missing.
+/// The chart tests' Python (target/venv-helm), made by `scripts/helm-venv` when missing or
+/// out of date. Always asked (it only compares stamps when up to date, and waits for a run
+/// in progress, such as the one `scripts/test` starts in the background), once per process.
 fn python() -> Result<PathBuf> {
-    let _once = VENV.lock().unwrap_or_else(|e| e.into_inner());
+    let mut checked = VENV.lock().unwrap_or_else(|e| e.into_inner());
     let root = root();
-    let py = root.join("target/venv-helm/bin/python");
-    let ok = py.exists()
-        && Command::new(&py)
-            .args(["-c", "import helm_python, yaml"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ok {
+    if !*checked {
         let st = Command::new(root.join("scripts/helm-venv"))
             .status()
             .context("running scripts/helm-venv")?;
         if !st.success() {
             bail!("scripts/helm-venv failed ({st}): helm-python-sdk is needed to render the chart");
         }
+        *checked = true;
     }
-    Ok(py)
+    Ok(root.join("target/venv-helm/bin/python"))
 }
 
 /// Renders `helm/tether` with `helm/tether/ci/<case>.yaml` and `overrides` on top.
