@@ -27,7 +27,6 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -206,6 +205,59 @@ fn exported(meta: &tracing::Metadata<'_>) -> bool {
         && (meta.is_span() || *meta.level() <= tracing::Level::WARN)
 }
 
+/// Text log fields: `name=value` separated by spaces, the message bare, and the `otel.*`
+/// fields (which steer the exported span: name, kind, status) left out.
+#[derive(Debug, Clone, Copy, Default)]
+struct LogFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LogFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = LogFieldVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct LogFieldVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl tracing::field::Visit for LogFieldVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if self.result.is_err() || field.name().starts_with("otel.") {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        // A value may carry text from a request: escape sequences are shown, not obeyed.
+        let text = format!("{value:?}").replace('\u{1b}', "\\x1b");
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{sep}{text}")
+        } else {
+            write!(self.writer, "{sep}{}={text}", field.name())
+        };
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            // Quoted like the default formatter, so values with spaces stay one field.
+            self.record_debug(field, &value);
+        }
+    }
+}
+
 /// Installs the global subscriber: logs on stderr (text, without colour unless stderr is a
 /// terminal, or JSON lines) filtered by `TETHER_LOG`, and the OpenTelemetry layer when
 /// `config` exports.
@@ -219,20 +271,7 @@ pub fn init(config: &TelemetryConfig, log_json: bool, node_id: &str) -> Result<T
         fmt.json().with_filter(filter).boxed()
     } else {
         // `otel.*` fields steer the exported span (name, kind, status); logs skip them.
-        fmt.fmt_fields(
-            tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-                if field.name().starts_with("otel.") {
-                    Ok(())
-                } else if field.name() == "message" {
-                    write!(w, "{value:?}")
-                } else {
-                    write!(w, "{field}={value:?}")
-                }
-            })
-            .delimited(" "),
-        )
-        .with_filter(filter)
-        .boxed()
+        fmt.fmt_fields(LogFields).with_filter(filter).boxed()
     };
     let registry = tracing_subscriber::registry().with(fmt);
     if !config.exports() {
