@@ -271,6 +271,21 @@ impl Metrics {
             "Leases taken over from another node (failover or rebalancing)",
             lease_takeovers.clone(),
         );
+        // Series of bounded, known label values start at zero, so a first increase is a
+        // rate (and a dashboard shows 0, not "no data").
+        for outcome in ["applied", "merged", "refused"] {
+            let _ = put_outcomes.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
+        for reason in [
+            "unauthorized",
+            "default_credentials_not_allowed",
+            "forbidden",
+        ] {
+            let _ = auth_failures.get_or_create(&vec![("reason", reason.to_string())]);
+        }
+        for outcome in ["changed", "empty", "cancelled"] {
+            let _ = subscribe_hold.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
         Metrics(Arc::new(Inner {
             request_duration,
             auth_failures,
@@ -327,6 +342,9 @@ impl Metrics {
     /// Names the store backend in the commit metrics (`redb`, `postgres`, `fdb`).
     pub fn set_store_backend(&self, backend: &'static str) {
         let _ = self.0.store_backend.set(backend);
+        let labels = vec![("backend", backend.to_string())];
+        let _ = self.0.commit_duration.get_or_create(&labels);
+        let _ = self.0.commit_requests.get_or_create(&labels);
     }
 
     /// The store backend's name (`unknown` before [`Metrics::set_store_backend`]).
