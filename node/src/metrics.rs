@@ -57,6 +57,8 @@ fn batch_histogram() -> Histogram {
 }
 
 type HistFamily = Family<Labels, Histogram, fn() -> Histogram>;
+/// Reads one gauge off a tokio runtime.
+type RuntimeGauge = fn(&tokio::runtime::RuntimeMetrics) -> usize;
 
 #[derive(Debug)]
 struct Inner {
@@ -371,7 +373,7 @@ impl Metrics {
         if runtimes.is_empty() {
             return;
         }
-        let gauges: [(&str, &str, fn(&tokio::runtime::RuntimeMetrics) -> usize); 3] = [
+        let gauges: [(&str, &str, RuntimeGauge); 3] = [
             (
                 "tether_runtime_workers",
                 "Worker threads of a tokio runtime",
