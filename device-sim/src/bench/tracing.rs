@@ -29,6 +29,8 @@ pub struct Opts {
     pub workers: usize,
     /// `grpc` or `http/protobuf`.
     pub protocol: String,
+    /// Share of requests traced (1: every one, `always_on`; below: `parentbased_traceidratio`).
+    pub sample: f64,
     /// Where results go.
     pub out: PathBuf,
 }
@@ -65,20 +67,26 @@ pub async fn run(o: Opts) -> Result<()> {
         let collector = Collector::start(protocol).await;
         let endpoint = collector.endpoint();
         let off = tether::start(&o.tether_bin, &["--http-workers", &workers]).await?;
-        let on = tether::start(
-            &o.tether_bin,
-            &[
-                "--http-workers",
-                &workers,
-                "--otlp-endpoint",
-                &endpoint,
-                "--otlp-protocol",
-                protocol.env_value(),
+        let ratio_arg = o.sample.to_string();
+        let mut on_args = vec![
+            "--http-workers",
+            &workers,
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            protocol.env_value(),
+        ];
+        if o.sample >= 1.0 {
+            on_args.extend(["--otel-traces-sampler", "always_on"]);
+        } else {
+            on_args.extend([
                 "--otel-traces-sampler",
-                "always_on",
-            ],
-        )
-        .await?;
+                "parentbased_traceidratio",
+                "--otel-traces-sampler-arg",
+                &ratio_arg,
+            ]);
+        }
+        let on = tether::start(&o.tether_bin, &on_args).await?;
         let off_devices =
             tether::register_many(&http, off.url(), &off.mfg_key, "TOFF", o.conns, 16).await?;
         let on_devices =
@@ -126,11 +134,12 @@ pub async fn run(o: Opts) -> Result<()> {
     let off_p99 = spread(&|r| r.off.latency.p99_ms);
     let on_p99 = spread(&|r| r.on.latency.p99_ms);
     println!(
-        "tracing-overhead ({} runs, {} connections, {} s each, {}): export off {} req/s (p99 {} ms), export on {} req/s (p99 {} ms), ratio on/off {}",
+        "tracing-overhead ({} runs, {} connections, {} s each, {}, sampled {}): export off {} req/s (p99 {} ms), export on {} req/s (p99 {} ms), ratio on/off {}",
         o.runs,
         o.conns,
         o.secs,
         protocol.env_value(),
+        o.sample,
         off_s.show(0),
         off_p99.show(1),
         on_s.show(0),
@@ -139,7 +148,7 @@ pub async fn run(o: Opts) -> Result<()> {
     );
     let result = json!({
         "benchmark": "tracing-overhead", "date": date, "machine": machine,
-        "params": {"runs": o.runs, "secs": o.secs, "connections": o.conns, "http_workers": o.workers, "protocol": o.protocol, "sampler": "always_on"},
+        "params": {"runs": o.runs, "secs": o.secs, "connections": o.conns, "http_workers": o.workers, "protocol": o.protocol, "sample": o.sample},
         "runs": runs,
         "summary": {"off_rps": off_s, "on_rps": on_s, "off_p99_ms": off_p99, "on_p99_ms": on_p99, "ratio_on_over_off": ratio_s},
     });

@@ -148,6 +148,9 @@ enum Cmd {
         /// OTLP transport: grpc or http/protobuf.
         #[arg(long, default_value = "grpc")]
         protocol: String,
+        /// Share of requests traced: 1 traces every one.
+        #[arg(long, default_value_t = 1.0)]
+        sample: f64,
         /// Results directory.
         #[arg(long, default_value = "results")]
         out: PathBuf,
@@ -219,6 +222,7 @@ fn run(args: Args) -> Result<()> {
                 conns,
                 workers,
                 protocol,
+                sample,
                 out,
             } => {
                 tracing::run(tracing::Opts {
@@ -228,6 +232,7 @@ fn run(args: Args) -> Result<()> {
                     conns,
                     workers,
                     protocol,
+                    sample,
                     out,
                 })
                 .await
