@@ -126,13 +126,12 @@ pub async fn run(config: Config) -> Result<()> {
                 let method = crate::telemetry::known_method(req.method().as_str());
                 // One span per request: child of the caller's `traceparent`, exported when
                 // tracing is on; its request id and trace id name every log line under it.
-                let (span, trace_id) = crate::telemetry::http_server_span(&req, request_id, &route);
-                let exemplar = crate::telemetry::sampled_trace_id(&span);
+                let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
+                let exemplar = crate::telemetry::exemplar(&trace);
                 let metrics = metrics.clone();
                 let started = Instant::now();
-                let log_trace = crate::telemetry::propagation::LogTrace::with_id(trace_id);
                 // The request id and trace context ride along when the request is forwarded.
-                let call = crate::telemetry::propagation::LOG_TRACE.scope(log_trace, srv.call(req));
+                let call = crate::telemetry::propagation::LOG_TRACE.scope(trace, srv.call(req));
                 crate::routing::forward::REQUEST_ID
                     .scope(request_id, call)
                     .map(move |res| {

@@ -7,6 +7,11 @@
 //! to it). Gossip is not traced. The HTTP/protobuf run uses a long batch delay and stops
 //! the nodes with SIGTERM before looking, so it also shows the exporter flushed on drain.
 //!
+//! The gRPC run samples with `parentbased_traceidratio` at ratio 0: the caller's sampled
+//! `traceparent` is followed, and requests the sampler leaves out (no `traceparent`, or
+//! one not sampled) export no span on either node — the non-owner passes the decision on —
+//! while their log lines on both nodes still carry their trace id.
+//!
 //! The log tests: request id and trace id on every request's log lines, no ANSI colour
 //! when stderr is not a terminal, and the trace id carried across a hop with export off.
 
@@ -120,13 +125,14 @@ fn describe(spans: &[Span]) -> String {
 
 async fn one_trace_across_two_nodes(protocol: Protocol) {
     let collector = Collector::start(protocol).await;
-    // gRPC: export every 100 ms. HTTP: only on drain (60 s delay), so the assertions
-    // below also prove that SIGTERM flushes the exporter.
-    let delay = match protocol {
-        Protocol::Grpc => "100",
-        Protocol::HttpProtobuf => "60000",
+    // gRPC: export every 100 ms, sample only what the caller sampled. HTTP: only on drain
+    // (60 s delay), so the assertions below also prove that SIGTERM flushes the exporter;
+    // the default sampler (parentbased_always_on).
+    let (delay, ratio_sampling) = match protocol {
+        Protocol::Grpc => ("100", true),
+        Protocol::HttpProtobuf => ("60000", false),
     };
-    let env = [
+    let env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()),
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -135,10 +141,22 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
         ("OTEL_BSP_SCHEDULE_DELAY", delay.to_string()),
         ("OTEL_SERVICE_NAME", "tether-under-test".to_string()),
     ];
+    // node-a samples no new trace (ratio 0), node-b every one (ratio 1): the trace node-a
+    // leaves out must stay out on node-b because node-a passes its decision on.
+    let sampler = |ratio: &str| {
+        let mut env = env.clone();
+        if ratio_sampling {
+            env.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()));
+            env.push(("OTEL_TRACES_SAMPLER_ARG", ratio.into()));
+            // The owner's "serving a forwarded call" lines.
+            env.push(("TETHER_LOG", "info,tether_node=debug".into()));
+        }
+        env
+    };
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("otel").expect("database");
-    let a = start_member("node-a", &url, None, None, &env).await;
-    let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &env).await;
+    let a = start_member("node-a", &url, None, None, &sampler("0")).await;
+    let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &sampler("1")).await;
     wait_ready(&a.node, 2).await;
     wait_ready(&b.node, 2).await;
 
@@ -151,6 +169,25 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
     let device = a.node.device(&serial);
     device.register_thermostat().await;
     let bucket = format!("device.{serial}");
+
+    // Requests the sampler leaves out, before the sampled one: a caller's trace not
+    // sampled, and a request without a `traceparent` (ratio 0 samples no new trace).
+    let unsampled_trace = random_hex(16);
+    if ratio_sampling {
+        for traceparent in [
+            Some(format!("00-{unsampled_trace}-{}-00", random_hex(8))),
+            None,
+        ] {
+            let mut req = device
+                .req(Method::PUT, &format!("/v1/buckets/{bucket}"))
+                .json(&json!({"value": {"mode": "heat"}}));
+            if let Some(tp) = traceparent {
+                req = req.header("traceparent", tp);
+            }
+            let r = device.send(req).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        }
+    }
 
     let trace_id = random_hex(16);
     let caller_span = random_hex(8);
@@ -279,6 +316,37 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
         "gossip spans were exported:\n{}",
         describe(&spans)
     );
+    if ratio_sampling {
+        // Spans end and are exported in order: the sampled-out requests, served first,
+        // would have arrived by now. None of their spans was exported (nor the
+        // registration's), on either node, and the owner logged the unsampled one under
+        // its trace id.
+        let request_path = |s: &Span| {
+            s.name.starts_with("PUT ")
+                || s.name.starts_with("POST ")
+                || s.name.starts_with("tether.node.v1.Sets/")
+                || s.name.starts_with("actor")
+                || ["route", "forward put", "reconcile", "store.commit"].contains(&s.name.as_str())
+        };
+        let others: Vec<Span> = spans
+            .iter()
+            .filter(|s| s.trace_id != trace_id && request_path(s))
+            .cloned()
+            .collect();
+        assert!(
+            others.is_empty(),
+            "spans of requests node-a's sampler left out were exported:\n{}",
+            describe(&others)
+        );
+        let b_logs = b.node.stderr_all();
+        assert!(
+            b_logs
+                .lines()
+                .any(|l| l.contains("forwarded{")
+                    && l.contains(&format!("trace_id={unsampled_trace}"))),
+            "the owner did not log the unsampled request under its trace id:\n{b_logs}"
+        );
+    }
     // The answer names its request, and node-a's log lines of it carry both ids.
     let request_id = r
         .headers

@@ -487,6 +487,8 @@ impl SetsService {
     }
 
     fn served(&self, op: &'static str) {
+        // In the `forwarded` span: the device request's id and trace id on the owner.
+        tracing::debug!(op, "serving a forwarded call");
         self.router.shared().metrics.forwarded_served(op);
     }
 }

@@ -233,10 +233,15 @@ impl BucketSetActor {
         }
         let Some(epoch) = self.epoch else { return };
         let mut jobs = std::mem::take(&mut self.queue);
-        // One commit for the whole batch: its span is a child of the first job's span and
-        // links to every job's (span links, not one parent: each request has its trace).
+        // One commit for the whole batch: its span is a child of the first job's span (the
+        // first whose trace is exported, if any is) and links to every exported job's (span
+        // links, not one parent: each request has its trace).
+        let parent = jobs
+            .iter_mut()
+            .position(|j| crate::telemetry::exported(&j.trace().span))
+            .unwrap_or(0);
         let commit_span = tracing::info_span!(
-            parent: jobs.first_mut().and_then(|j| j.trace().span.id()),
+            parent: jobs.get_mut(parent).and_then(|j| j.trace().span.id()),
             "store.commit",
             set = %self.set,
             requests = jobs.len(),

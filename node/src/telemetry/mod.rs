@@ -14,12 +14,14 @@
 
 pub mod http_client;
 pub mod propagation;
+pub mod sampling;
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use opentelemetry::trace::{TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -35,6 +37,8 @@ use tracing_subscriber::Layer;
 use crate::error::{NodeError, Result};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The configured sampler, applied before the OpenTelemetry layer ([`sampling`]).
+static SAMPLER: OnceLock<Sampler> = OnceLock::new();
 
 /// Whether spans are exported (an OpenTelemetry layer is installed).
 pub fn enabled() -> bool {
@@ -200,7 +204,7 @@ pub struct Telemetry {
 
 /// Span targets exported: the node's own spans (tonic, hyper and h2 would trace the
 /// exporter's own calls, and gossip lives in `tether_cluster`).
-fn exported(meta: &tracing::Metadata<'_>) -> bool {
+fn exported_target(meta: &tracing::Metadata<'_>) -> bool {
     meta.target().starts_with("tether_node")
         && (meta.is_span() || *meta.level() <= tracing::Level::WARN)
 }
@@ -308,21 +312,28 @@ pub fn init(config: &TelemetryConfig, log_json: bool, node_id: &str) -> Result<T
         };
         built.map_err(|e| NodeError::Config(format!("OTLP exporter for {url}: {e}")))?
     };
+    // The sampler decides in front of the OpenTelemetry layer (`sampling`), which then
+    // sees sampled traces only; the SDK records whatever reaches it.
+    let sampler = config.sampler()?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(config.sampler()?)
+        .with_sampler(Sampler::AlwaysOn)
+        .with_id_generator(sampling::PresetTraceIds::default())
         .with_resource(config.resource(node_id)?)
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let layer = tracing_opentelemetry::layer()
+    let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("tether"))
         .with_threads(false)
-        .with_location(false)
-        .with_filter(filter_fn(exported));
+        .with_location(false);
+    let layer =
+        sampling::HeadSampled::new(otel, sampler.clone()).with_filter(filter_fn(exported_target));
     registry
         .with(layer)
         .try_init()
         .map_err(|e| NodeError::Config(format!("logging: {e}")))?;
+    // Set once per process (a second `init` failed above: one global subscriber).
+    let _ = SAMPLER.set(sampler);
     ENABLED.store(true, Ordering::Relaxed);
     tracing::info!(endpoint = %url, ?protocol, "exporting traces over OTLP");
     Ok(Telemetry {
@@ -371,26 +382,77 @@ pub fn known_method(method: &str) -> &'static str {
     }
 }
 
+/// How a trace arrives at this node: its trace id (the caller's `traceparent`'s, or a new
+/// one) and whether it is sampled — with export on, the configured sampler's decision on
+/// that caller and that id; with export off, the caller's flag, passed on unchanged — and
+/// the caller's context when its spans are exported under it.
+fn arrive(
+    carrier: &dyn opentelemetry::propagation::Extractor,
+    traceparent: Option<&str>,
+    name: &str,
+) -> (propagation::LogTrace, Option<opentelemetry::Context>) {
+    let Some(sampler) = SAMPLER.get().filter(|_| enabled()) else {
+        return (propagation::LogTrace::from_header(traceparent), None);
+    };
+    let remote = traceparent.and_then(|_| propagation::extract(carrier));
+    let trace_id = remote.as_ref().map_or_else(
+        || TraceId::from_bytes(rand::random::<u128>().to_be_bytes()),
+        |cx| cx.span().span_context().trace_id(),
+    );
+    let sampled =
+        sampling::should_sample(sampler, remote.as_ref(), trace_id, name, SpanKind::Server);
+    (propagation::LogTrace::new(trace_id, sampled), remote)
+}
+
+/// Starts the OpenTelemetry span of a sampled server span: child of the caller's context,
+/// or a root under the trace id the sampler decided on.
+fn start_server_span(
+    span: &tracing::Span,
+    trace: propagation::LogTrace,
+    remote: Option<opentelemetry::Context>,
+) {
+    if let Some(parent) = remote {
+        // Fails only when no OpenTelemetry layer sees the span; it then has no trace.
+        let _ = span.set_parent(parent);
+    }
+    sampling::with_trace_id(trace.trace_id, || span.context());
+}
+
 /// The span of one device or app request, child of the caller's `traceparent` if any, and
-/// the trace id its log lines carry.
+/// the trace its log lines carry and forwarded calls pass on. Only a sampled request's
+/// span (and its children) reaches the OpenTelemetry layer; the others cost what they
+/// cost with export off.
 pub fn http_server_span(
     req: &actix_web::dev::ServiceRequest,
     request_id: uuid::Uuid,
     route: &str,
-) -> (tracing::Span, TraceId) {
+) -> (tracing::Span, propagation::LogTrace) {
     let method = known_method(req.method().as_str());
-    let span = tracing::info_span!(
+    let traceparent = req
+        .headers()
+        .get(propagation::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let (trace, remote) = arrive(
+        &propagation::ActixHeaders(req.headers()),
+        traceparent,
         "request",
-        %request_id,
-        trace_id = Empty,
-        method,
-        route,
-        otel.name = format!("{method} {route}"),
-        otel.kind = "server",
-        otel.status_code = Empty,
     );
-    let trace_id = if enabled() {
-        let id = propagation::adopt(&span, &propagation::ActixHeaders(req.headers()));
+    let exported = enabled() && trace.sampled;
+    let span = sampling::decided(exported, || {
+        tracing::info_span!(
+            "request",
+            %request_id,
+            trace_id = %trace.trace_id,
+            method,
+            route,
+            otel.name = Empty,
+            otel.kind = "server",
+            otel.status_code = Empty,
+        )
+    });
+    if exported {
+        span.record("otel.name", format!("{method} {route}").as_str());
+        start_server_span(&span, trace, remote);
         let conn = req.connection_info();
         let attrs = [
             ("http.request.method", method.to_string()),
@@ -421,23 +483,13 @@ pub fn http_server_span(
         {
             span.set_attribute("user_agent.original", ua.to_string());
         }
-        id.unwrap_or(TraceId::INVALID)
-    } else {
-        let header = req
-            .headers()
-            .get(propagation::TRACEPARENT)
-            .and_then(|v| v.to_str().ok());
-        propagation::LogTrace::from_header(header).trace_id
-    };
-    if trace_id != TraceId::INVALID {
-        span.record("trace_id", tracing::field::display(trace_id));
     }
-    (span, trace_id)
+    (span, trace)
 }
 
 /// Records the answer on a request span: the status, and an error status for 5xx.
 pub fn record_http_status(span: &tracing::Span, status: u16, error_code: Option<&str>) {
-    if !enabled() {
+    if !exported(span) {
         return;
     }
     span.set_attribute("http.response.status_code", i64::from(status));
@@ -447,14 +499,14 @@ pub fn record_http_status(span: &tracing::Span, status: u16, error_code: Option<
     }
 }
 
-/// Whether the current span is exported (sampled): its trace id then makes an exemplar.
-pub fn sampled_trace_id(span: &tracing::Span) -> Option<TraceId> {
-    if !enabled() {
-        return None;
-    }
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id())
+/// Whether `span`'s trace is exported (export on and the trace sampled).
+pub fn exported(span: &tracing::Span) -> bool {
+    enabled() && sampling::is_sampled(span)
+}
+
+/// The trace id of an exported request, for its latency's exemplar.
+pub fn exemplar(trace: &propagation::LogTrace) -> Option<TraceId> {
+    (enabled() && trace.sampled).then_some(trace.trace_id)
 }
 
 /// The server span of a call another node forwarded (its `traceparent` in the metadata);
@@ -465,30 +517,33 @@ pub fn grpc_server_span(req: &http::Request<()>, request_id: &str) -> tracing::S
         return tracing::Span::none();
     }
     let rpc = path.trim_start_matches('/');
-    let span = tracing::info_span!(
+    let traceparent = req
+        .headers()
+        .get(propagation::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let (trace, remote) = arrive(
+        &propagation::HttpHeaders(req.headers()),
+        traceparent,
         "forwarded",
-        request_id,
-        trace_id = Empty,
-        call = rpc,
-        otel.name = rpc.to_string(),
-        otel.kind = "server",
     );
-    let trace_id = if enabled() {
-        let id = propagation::adopt(&span, &propagation::HttpHeaders(req.headers()));
+    let exported = enabled() && trace.sampled;
+    let span = sampling::decided(exported, || {
+        tracing::info_span!(
+            "forwarded",
+            request_id,
+            trace_id = %trace.trace_id,
+            call = rpc,
+            otel.name = Empty,
+            otel.kind = "server",
+        )
+    });
+    if exported {
+        span.record("otel.name", rpc);
+        start_server_span(&span, trace, remote);
         let (service, method) = rpc.split_once('/').unwrap_or((rpc, ""));
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", service.to_string());
         span.set_attribute("rpc.method", method.to_string());
-        id
-    } else {
-        let header = req
-            .headers()
-            .get(propagation::TRACEPARENT)
-            .and_then(|v| v.to_str().ok());
-        Some(propagation::LogTrace::from_header(header).trace_id)
-    };
-    if let Some(id) = trace_id {
-        span.record("trace_id", tracing::field::display(id));
     }
     span
 }
@@ -503,11 +558,12 @@ pub fn forward_client_span(
         "forward",
         op,
         peer,
-        otel.name = format!("forward {op}"),
+        otel.name = Empty,
         otel.kind = "client",
         otel.status_code = Empty,
     );
-    if enabled() {
+    if exported(&span) {
+        span.record("otel.name", format!("forward {op}").as_str());
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", "tether.node.v1.Sets");
         span.set_attribute("server.address", addr.ip().to_string());
@@ -518,7 +574,7 @@ pub fn forward_client_span(
 
 /// The OpenTelemetry span context of `span` (for links), when exporting.
 pub fn span_context(span: &tracing::Span) -> Option<opentelemetry::trace::SpanContext> {
-    if !enabled() {
+    if !exported(span) {
         return None;
     }
     let sc = span.context().span().span_context().clone();
@@ -527,14 +583,14 @@ pub fn span_context(span: &tracing::Span) -> Option<opentelemetry::trace::SpanCo
 
 /// Links `span` to `to` (a batch commit to each request in it).
 pub fn link(span: &tracing::Span, to: &opentelemetry::trace::SpanContext) {
-    if enabled() {
+    if exported(span) {
         span.add_link(to.clone());
     }
 }
 
 /// Sets an attribute on an exported span (nothing when export is off, so logs stay lean).
 pub fn attribute(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
-    if enabled() {
+    if exported(span) {
         span.set_attribute(key, value);
     }
 }

@@ -61,22 +61,14 @@ pub fn extract(carrier: &dyn Extractor) -> Option<Context> {
     cx.span().span_context().is_valid().then_some(cx)
 }
 
-/// Makes `span` a child of the remote parent in `carrier` (export on), and returns the
-/// trace id `span` belongs to, for the logs.
-pub fn adopt(span: &tracing::Span, carrier: &dyn Extractor) -> Option<TraceId> {
-    if let Some(parent) = extract(carrier) {
-        // Fails only when the span was disabled by the filter; it then has no trace.
-        let _ = span.set_parent(parent);
-    }
-    let id = span.context().span().span_context().trace_id();
-    (id != TraceId::INVALID).then_some(id)
-}
-
-/// Puts the current span's trace context into a forwarded call (export on), or the log
-/// trace id of the request being served (export off).
+/// Puts the trace context of the request being served into a forwarded call: the current
+/// (client) span's when its trace is exported, else the request's trace id with its
+/// sampling flag, so the owner logs under the same trace id and, for a trace sampled out
+/// here, does not start exporting one of its own.
 pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
-    if super::enabled() {
-        let cx = tracing::Span::current().context();
+    let current = tracing::Span::current();
+    if super::exported(&current) {
+        let cx = current.context();
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut Metadata(metadata));
         });
@@ -88,17 +80,18 @@ pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
 }
 
 tokio::task_local! {
-    /// Export off: the trace id the request being served logs under.
+    /// The trace of the request being served (its log lines' trace id).
     pub static LOG_TRACE: LogTrace;
 }
 
-/// A request's trace id when no OpenTelemetry layer assigns one: the caller's (from its
-/// `traceparent`) or a fresh one, so logs of every node it crosses share it.
+/// A request's trace: the caller's trace id (from its `traceparent`) or a fresh one, so
+/// the logs of every node it crosses share it, and whether it is sampled.
 #[derive(Debug, Clone, Copy)]
 pub struct LogTrace {
     /// The trace id.
     pub trace_id: TraceId,
-    sampled: bool,
+    /// Sampled: exported here (export on), or the caller's flag (export off).
+    pub sampled: bool,
 }
 
 impl LogTrace {
@@ -116,12 +109,9 @@ impl LogTrace {
             })
     }
 
-    /// The trace id the HTTP span chose (sampled as far as logs care).
-    pub fn with_id(trace_id: TraceId) -> LogTrace {
-        LogTrace {
-            trace_id,
-            sampled: true,
-        }
+    /// A trace `trace_id`, sampled or not.
+    pub fn new(trace_id: TraceId, sampled: bool) -> LogTrace {
+        LogTrace { trace_id, sampled }
     }
 
     /// A `traceparent` naming this trace, for a forwarded call (a fresh parent span id:
