@@ -245,6 +245,64 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cluster_secret_files: Vec<PathBuf>,
+    /// Export traces over OTLP to this collector (`http://collector:4317` for grpc,
+    /// `http://collector:4318` for http/protobuf). Unset (and no traces endpoint): no export.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// The traces URL itself (used as is, e.g. `http://collector:4318/v1/traces`).
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otlp_traces_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` [default: http/protobuf].
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otlp_protocol: Option<String>,
+    /// The service name spans carry [default: tether].
+    #[arg(
+        long,
+        env = "OTEL_SERVICE_NAME",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otel_service_name: Option<String>,
+    /// always_on, always_off, traceidratio, parentbased_always_on (default),
+    /// parentbased_always_off or parentbased_traceidratio.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otel_traces_sampler: Option<String>,
+    /// The ratio of the traceidratio samplers (0 to 1).
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER_ARG",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otel_traces_sampler_arg: Option<String>,
+    /// `key=value,…` resource attributes (`service.instance.id` defaults to the node id).
+    #[arg(
+        long,
+        env = "OTEL_RESOURCE_ATTRIBUTES",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otel_resource_attributes: Option<String>,
+    /// `true` turns export off whatever else is set.
+    #[arg(
+        long,
+        env = "OTEL_SDK_DISABLED",
+        help_heading = "Traces (OpenTelemetry)"
+    )]
+    pub otel_sdk_disabled: Option<String>,
     /// Tests only: commits obey control files in this directory (`store/faults.rs`).
     #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
     pub test_store_faults: Option<PathBuf>,
@@ -337,6 +395,8 @@ pub struct Config {
     pub registration: RegistrationConfig,
     /// Cluster mode (gossip, placement, forwarding); `None`: one node owns every set.
     pub cluster: Option<ClusterConfig>,
+    /// Trace export (OTLP); off unless an endpoint is set.
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
     pub test_store_faults: Option<PathBuf>,
 }
@@ -542,7 +602,24 @@ impl Config {
             args.join.or(file.join),
             secret_files,
         )?;
+        let telemetry = crate::telemetry::TelemetryConfig {
+            endpoint: args.otlp_endpoint.filter(|s| !s.trim().is_empty()),
+            traces_endpoint: args.otlp_traces_endpoint.filter(|s| !s.trim().is_empty()),
+            protocol: args.otlp_protocol,
+            service_name: args.otel_service_name.filter(|s| !s.trim().is_empty()),
+            sampler: args.otel_traces_sampler,
+            sampler_arg: args.otel_traces_sampler_arg,
+            resource_attributes: args.otel_resource_attributes,
+            disabled: args
+                .otel_sdk_disabled
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+        };
+        if telemetry.exports() {
+            telemetry.traces_url()?;
+            telemetry.sampler()?;
+        }
         let config = Config {
+            telemetry,
             cluster,
             listen: args.listen.or(file.listen).unwrap_or(default_listen),
             data_dir,
@@ -816,6 +893,15 @@ impl StoreUrl {
             }
         };
         Ok(StoreUrl::Postgres(with))
+    }
+
+    /// The backend's name in metrics and spans.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            StoreUrl::Redb(_) => "redb",
+            StoreUrl::Postgres(_) => "postgres",
+            StoreUrl::Fdb(_) => "fdb",
+        }
     }
 
     /// Parses `redb:PATH` or `postgres://…` / `postgresql://…`.

@@ -16,3 +16,4 @@ pub mod security;
 pub mod server;
 pub mod sets;
 pub mod store;
+pub mod telemetry;

@@ -35,6 +35,7 @@ const LB_GRACE: Duration = Duration::from_secs(2);
 /// held subscriptions are answered, queued writes committed, the store closed.
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::new();
+    metrics.set_store_backend(config.store.backend());
     #[cfg(feature = "fdb")]
     let _fdb_network = matches!(config.store, crate::config::StoreUrl::Fdb(_))
         .then(crate::store::fdb::Network::boot);
@@ -126,20 +127,38 @@ pub async fn run(config: Config) -> Result<()> {
             .wrap_fn(move |req, srv| {
                 let request_id = uuid::Uuid::new_v4();
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-                let method = req.method().clone();
-                let span = tracing::info_span!("request", %request_id, %method, route = %route);
+                let method = crate::telemetry::known_method(req.method().as_str());
+                // One span per request: child of the caller's `traceparent`, exported when
+                // tracing is on; its request id and trace id name every log line under it.
+                let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
+                let exemplar = crate::telemetry::exemplar(&trace);
                 let metrics = metrics.clone();
                 let started = Instant::now();
-                // The request id rides along when the request is forwarded to a peer.
+                // The request id and trace context ride along when the request is forwarded.
+                let call = crate::telemetry::propagation::LOG_TRACE.scope(trace, srv.call(req));
                 crate::routing::forward::REQUEST_ID
-                    .scope(request_id, srv.call(req))
+                    .scope(request_id, call)
                     .map(move |res| {
                         if let Ok(r) = &res {
                             let status = r.status().as_u16();
-                            metrics.http_request(&route, status);
+                            let code = r
+                                .response()
+                                .error()
+                                .and_then(|e| e.as_error::<NodeError>())
+                                .map(|e| e.code_and_status().0);
+                            let elapsed = started.elapsed();
+                            metrics.http_request(&route, method, status, elapsed, exemplar);
+                            if let Some(code) = code {
+                                metrics.request_refused(&route, code);
+                            }
+                            crate::telemetry::record_http_status(
+                                &tracing::Span::current(),
+                                status,
+                                code,
+                            );
                             tracing::info!(
                                 status,
-                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                elapsed_ms = elapsed.as_millis() as u64,
                                 "request done"
                             );
                         }

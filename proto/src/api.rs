@@ -5,6 +5,8 @@
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+#[cfg(feature = "openapi")]
+use alloc::{format, vec};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -13,6 +15,7 @@ use crate::{pb, Bucket, Fields, ProtoError, Value};
 
 /// `POST /v1/register` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     /// The device's serial.
     pub device_id: String,
@@ -24,6 +27,7 @@ pub struct RegisterRequest {
 
 /// A firmware offer in a registration answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SoftwareUpdate {
     /// The version the device should run.
     pub version: String,
@@ -33,6 +37,7 @@ pub struct SoftwareUpdate {
 
 /// `POST /v1/register` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     /// The tier the device belongs to.
     pub tier: String,
@@ -48,6 +53,7 @@ pub struct RegisterResponse {
 
 /// A bucket object as the API shows it; parts are omitted when a view asked for less.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BucketDoc {
     /// The bucket id.
     pub id: String,
@@ -59,12 +65,14 @@ pub struct BucketDoc {
     pub version: Option<u64>,
     /// Field/value pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
 }
 
 /// How much of each bucket a listing carries (`view=` query).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum View {
     /// Ids only.
     Ids,
@@ -98,6 +106,7 @@ impl BucketDoc {
 
 /// `GET /v1/buckets` and `POST /v1/subscribe` answers.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BucketList {
     /// The buckets.
     pub buckets: Vec<BucketDoc>,
@@ -105,8 +114,10 @@ pub struct BucketList {
 
 /// `PUT /v1/buckets/{id}` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateRequest {
     /// The changed fields (a JSON object).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub value: Fields,
     /// The version the client last saw; 0 or absent if it never saw the bucket.
     #[serde(default)]
@@ -122,6 +133,7 @@ pub struct UpdateRequest {
 /// The `outcome` of a PUT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum UpdateOutcome {
     /// Stored on top of the version the client had (200, timestamp/version only).
     Applied,
@@ -133,6 +145,7 @@ pub enum UpdateOutcome {
 
 /// `PUT /v1/buckets/{id}` answer: the outcome and the bucket as the client must now hold it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateResponse {
     /// What happened.
     pub outcome: UpdateOutcome,
@@ -144,11 +157,13 @@ pub struct UpdateResponse {
     pub version: u64,
     /// Present for `merged` and `refused`: the full bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
 }
 
 /// One held bucket version in a subscribe request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeldBucket {
     /// The bucket id.
     pub id: String,
@@ -162,6 +177,7 @@ pub struct HeldBucket {
 
 /// `POST /v1/subscribe` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubscribeRequest {
     /// The buckets and versions the client holds.
     pub buckets: Vec<HeldBucket>,
@@ -175,6 +191,7 @@ pub struct SubscribeRequest {
 
 /// Every error body: `{"error": "<code>", "message": "<text>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// A stable machine-readable code (`bad_request`, `not_found`, …).
     pub error: String,
@@ -184,6 +201,7 @@ pub struct ErrorBody {
 
 /// `POST /v1/pairing-code` answer: a short-lived code a user redeems to pair this device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PairingCodeResponse {
     /// The code, e.g. `7Q4K-92XD`.
     pub code: String,
@@ -193,6 +211,7 @@ pub struct PairingCodeResponse {
 
 /// `POST /v1/pair` body (user credentials): redeem a device's pairing code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PairRequest {
     /// The code the device showed.
     pub code: String,
@@ -203,6 +222,7 @@ pub struct PairRequest {
 
 /// `POST /v1/pair` answer: the device now linked to the user's account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PairResponse {
     /// The paired device's id (its serial).
     pub device_id: String,

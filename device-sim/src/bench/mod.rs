@@ -13,6 +13,7 @@ pub mod peers;
 pub mod plot;
 pub mod procs;
 pub mod tether;
+pub mod tracing;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -119,6 +119,9 @@ impl ClusterNode {
             .map_err(|e| {
                 NodeError::Config(format!("binding --grpc-listen {}: {e}", config.grpc_listen))
             })?;
+        shared
+            .metrics
+            .watch_runtime("cluster", runtime.handle().clone());
         let placement = Arc::new(RingPlacement::new(local.clone(), VNODES));
         let peers = Peers::new(
             config.secret.clone(),

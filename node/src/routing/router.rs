@@ -19,6 +19,7 @@ use tether_cluster::{Member, RingPlacement};
 use tether_proto::reconcile::Held;
 use tether_proto::{Bucket, BucketId, Fields, Outcome, SetKey, Update};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
@@ -237,7 +238,16 @@ impl Router {
     {
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
         loop {
-            match attempt(self.route(set)).await {
+            let route = self.route(set);
+            let span = tracing::info_span!(
+                "route",
+                %set,
+                owner = match &route {
+                    Route::Local => "local",
+                    Route::Peer(m) => m.id.as_str(),
+                }
+            );
+            match attempt(route).instrument(span).await {
                 Err(NodeError::NotOwner(why)) => {
                     if tokio::time::Instant::now() + ROUTE_RETRY > deadline {
                         return Err(NodeError::Unavailable(format!(

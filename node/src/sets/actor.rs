@@ -14,6 +14,7 @@ use actix::prelude::*;
 use tether_proto::reconcile::{is_stale, should_notify, Held};
 use tether_proto::{reconcile, Bucket, BucketId, Fields, Outcome, SetKey, Update};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::sets::registry::Shared;
@@ -95,17 +96,46 @@ enum Job {
         update: Update,
         session: Option<String>,
         reply: oneshot::Sender<Result<WriteResult>>,
+        trace: JobTrace,
     },
     Ensure {
         buckets: Vec<(BucketId, Fields)>,
         reply: oneshot::Sender<Result<()>>,
+        trace: JobTrace,
     },
+}
+
+/// A queued job's spans: its `actor.{op}` span (open until it is answered) and the
+/// `actor.queue` span of its wait behind the commit in flight.
+struct JobTrace {
+    span: tracing::Span,
+    queued: Option<tracing::Span>,
+}
+
+impl JobTrace {
+    /// Called in the job's handler, whose span is current.
+    fn here() -> Self {
+        JobTrace {
+            span: tracing::Span::current(),
+            queued: Some(tracing::info_span!("actor.queue")),
+        }
+    }
+}
+
+impl Job {
+    fn trace(&mut self) -> &mut JobTrace {
+        match self {
+            Job::Put { trace, .. } | Job::Ensure { trace, .. } => trace,
+        }
+    }
 }
 
 struct HeldSub {
     held: HashSet<BucketId>,
     session: Option<String>,
     reply: oneshot::Sender<Vec<Bucket>>,
+    /// The subscribing request's span, for the notify span's links.
+    trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// The actor owning one bucket set on this node.
@@ -121,6 +151,9 @@ pub struct BucketSetActor {
     shutting_down: bool,
     passivated: bool,
     leased: bool,
+    /// The request that started the actor, parent of its `lease.acquire` span; dropped
+    /// once loaded so the request's span can end.
+    activation: tracing::Span,
 }
 
 impl std::fmt::Debug for BucketSetActor {
@@ -156,7 +189,19 @@ impl BucketSetActor {
             shutting_down: false,
             passivated: false,
             leased: false,
+            activation: tracing::Span::none(),
         }
+    }
+
+    /// The same actor, its activation traced under `request`.
+    pub fn activated_by(mut self, request: tracing::Span) -> Self {
+        self.activation = request;
+        self
+    }
+
+    /// What every actor of the node shares.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     fn touch(&mut self) {
@@ -187,13 +232,36 @@ impl BucketSetActor {
             return;
         }
         let Some(epoch) = self.epoch else { return };
-        let jobs = std::mem::take(&mut self.queue);
+        let mut jobs = std::mem::take(&mut self.queue);
+        // One commit for the whole batch: its span is a child of the first job's span (the
+        // first whose trace is exported, if any is) and links to every exported job's (span
+        // links, not one parent: each request has its trace).
+        let parent = jobs
+            .iter_mut()
+            .position(|j| crate::telemetry::exported(&j.trace().span))
+            .unwrap_or(0);
+        let commit_span = tracing::info_span!(
+            parent: jobs.get_mut(parent).and_then(|j| j.trace().span.id()),
+            "store.commit",
+            set = %self.set,
+            requests = jobs.len(),
+            backend = self.shared.metrics.store_backend(),
+            otel.status_code = tracing::field::Empty,
+        );
+        for job in &mut jobs {
+            let trace = job.trace();
+            trace.queued = None;
+            if let Some(cx) = crate::telemetry::span_context(&trace.span) {
+                crate::telemetry::link(&commit_span, &cx);
+            }
+        }
         let mut working = self.committed.clone();
         let mut changed = Changes::new();
         // Per job: its own answer (the state its reconcile produced, not the batch's final
         // state), or an error to send without committing; `None` for creations.
         let mut results: Vec<(Job, Option<Result<WriteResult>>)> = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        for mut job in jobs {
+            let reconciling = tracing::info_span!(parent: &job.trace().span, "reconcile").entered();
             let r = match &job {
                 Job::Put {
                     id,
@@ -236,6 +304,7 @@ impl BucketSetActor {
                     None
                 }
             };
+            drop(reconciling);
             results.push((job, r));
         }
         let writes: Vec<Bucket> = changed
@@ -245,15 +314,26 @@ impl BucketSetActor {
         self.committing = true;
         let store = self.shared.store.clone();
         let set = self.set.clone();
+        let requests = results.len();
+        let started = Instant::now();
         let fut = async move {
             if writes.is_empty() {
                 Ok(())
             } else {
                 store.commit(&set, epoch, writes).await
             }
-        };
+        }
+        .instrument(commit_span.clone());
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.committing = false;
+            match &res {
+                Ok(()) => act
+                    .shared
+                    .metrics
+                    .batch_committed(requests, started.elapsed()),
+                Err(_) => drop(commit_span.record("otel.status_code", "ERROR")),
+            }
+            let _in = commit_span.enter();
             act.finish_commit(res, working, changed, results, ctx);
             act.start_commit(ctx);
             if act.shutting_down && act.idle() {
@@ -331,8 +411,12 @@ impl BucketSetActor {
             }
         }
         let n = woken.len();
+        let _fan_out = tracing::info_span!("notify", subscribers = n).entered();
         for (sub_id, owed) in woken {
             if let Some(sub) = self.subs.remove(&sub_id) {
+                if let Some(cx) = &sub.trace {
+                    crate::telemetry::link(&tracing::Span::current(), cx);
+                }
                 // The subscriber may have gone; then there is nobody to tell.
                 drop(sub.reply.send(owed));
             }
@@ -357,17 +441,32 @@ impl Actor for BucketSetActor {
         let set = self.set.clone();
         let owner = self.shared.node_id.clone();
         let shared = self.shared.clone();
+        let lease_span = tracing::info_span!(
+            parent: &self.activation,
+            "lease.acquire",
+            set = %self.set,
+            epoch = tracing::field::Empty,
+            previous_owner = tracing::field::Empty,
+        );
+        self.activation = tracing::Span::none();
+        let started = Instant::now();
         // ctx.wait: no message is handled until the set is loaded, its lease taken and
         // the previous holder (if another node) told to stop serving it.
         ctx.wait(
             async move {
                 let lease = store.acquire_lease(&set, &owner).await?;
+                let span = tracing::Span::current();
+                span.record("epoch", lease.epoch.0);
                 let buckets = store.load_set(&set).await?;
+                let from_peer = lease.previous_owner.is_some();
                 if let Some(previous) = lease.previous_owner {
+                    span.record("previous_owner", previous.as_str());
                     shared.take_over(&set, previous).await;
                 }
+                shared.metrics.lease_taken(started.elapsed(), from_peer);
                 Ok::<_, StoreError>((lease.epoch, buckets))
             }
+            .instrument(lease_span)
             .into_actor(self)
             .map(|res, act, ctx| match res {
                 Ok((epoch, buckets)) => {
@@ -437,6 +536,7 @@ impl Handler<Put> for BucketSetActor {
             update: msg.update,
             session: msg.session,
             reply: tx,
+            trace: JobTrace::here(),
         });
         self.start_commit(ctx);
         Ok(rx)
@@ -455,6 +555,7 @@ impl Handler<EnsureBuckets> for BucketSetActor {
             self.queue.push(Job::Ensure {
                 buckets: msg.0,
                 reply: tx,
+                trace: JobTrace::here(),
             });
             self.start_commit(ctx);
         }
@@ -503,6 +604,7 @@ impl Handler<Subscribe> for BucketSetActor {
                 held,
                 session: msg.session,
                 reply: tx,
+                trace: crate::telemetry::span_context(&tracing::Span::current()),
             },
         );
         self.shared.metrics.subscriptions_held(1);
