@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -15,3 +16,4 @@ pub mod security;
 pub mod server;
 pub mod sets;
 pub mod store;
+pub mod telemetry;

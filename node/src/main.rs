@@ -2,26 +2,11 @@
 
 use clap::Parser;
 use tether_node::config::{Cli, Command, Config};
-use tracing_subscriber::EnvFilter;
-
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let json = args.log_json;
-            init_logging(json);
             let config = match Config::load(*args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -29,7 +14,20 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             };
+            let mut telemetry = match tether_node::telemetry::init(
+                &config.telemetry,
+                config.log_json,
+                &config.node_id,
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("tether: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
             let result = actix_rt::System::new().block_on(tether_node::server::run(config));
+            // The node drained: export the spans still buffered before exiting.
+            telemetry.shutdown();
             match result {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
@@ -38,6 +36,13 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Check(args) => match tether_node::check::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tether check: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Admin(cmd) => match tether_node::admin::run(cmd) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

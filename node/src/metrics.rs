@@ -1,15 +1,64 @@
-//! Prometheus metrics (`GET /metrics`).
+//! Prometheus metrics (`GET /metrics`): Prometheus text by default, OpenMetrics (with
+//! exemplars naming the trace of a sampled request) when the scraper asks for it.
+//!
+//! Names follow the Prometheus conventions (`tether_` prefix, base units in the name,
+//! `_total` counters) and every label takes a bounded set of values: routes are the
+//! route patterns, methods the known ones, codes the API's error codes, peers the
+//! cluster's node ids. Never a device, bucket or user id: a test registers 1,000 devices
+//! and checks that no series appears per device.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
+type ExemplarHistogram = HistogramWithExemplars<Labels>;
+
+/// Request latencies: 1 ms … 90 min (held subscriptions last up to the maximum hold).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 1800.0, 5400.0,
+];
+/// Held subscriptions: 100 ms … 90 min.
+const HOLD_BUCKETS: &[f64] = &[
+    0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 5400.0,
+];
+/// Work inside the node (commits, notifications, forwarding): 100 µs … 10 s.
+const FAST_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Queueing in an actor's mailbox: 10 µs … 1 s.
+const QUEUE_BUCKETS: &[f64] = &[
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+];
+
+fn request_histogram() -> ExemplarHistogram {
+    HistogramWithExemplars::new(REQUEST_BUCKETS.iter().copied())
+}
+fn hold_histogram() -> Histogram {
+    Histogram::new(HOLD_BUCKETS.iter().copied())
+}
+fn fast_histogram() -> Histogram {
+    Histogram::new(FAST_BUCKETS.iter().copied())
+}
+fn queue_histogram() -> Histogram {
+    Histogram::new(QUEUE_BUCKETS.iter().copied())
+}
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
+type HistFamily = Family<Labels, Histogram, fn() -> Histogram>;
+/// Reads one gauge off a tokio runtime.
+type RuntimeGauge = fn(&tokio::runtime::RuntimeMetrics) -> usize;
 
 #[derive(Debug)]
 struct Inner {
@@ -30,6 +79,19 @@ struct Inner {
     forwarded_served: Family<Labels, Counter>,
     handoffs: Counter,
     cluster_members: Gauge,
+    request_duration: Family<Labels, ExemplarHistogram, fn() -> ExemplarHistogram>,
+    auth_failures: Family<Labels, Counter>,
+    rate_limited: Family<Labels, Counter>,
+    subscribe_hold: HistFamily,
+    notify_latency: Histogram,
+    mailbox_wait: HistFamily,
+    commit_duration: HistFamily,
+    commit_requests: HistFamily,
+    forward_duration: HistFamily,
+    lease_acquire: Histogram,
+    lease_takeovers: Counter,
+    store_backend: OnceLock<&'static str>,
+    runtimes: Mutex<Vec<(&'static str, tokio::runtime::Handle)>>,
 }
 
 /// Shared handle to the node's metrics; cheap to clone.
@@ -91,13 +153,13 @@ impl Metrics {
         let store_commits = Counter::default();
         registry.register(
             "store_commits",
-            "Store write transactions (one fsync each)",
+            "Embedded store (redb) write transactions, one fsync each",
             store_commits.clone(),
         );
         let store_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         registry.register(
             "store_commit_batch_size",
-            "Requests folded into one store transaction",
+            "Commits folded into one embedded store (redb) transaction (group commit)",
             store_batch.clone(),
         );
         let leases_acquired = Counter::default();
@@ -142,7 +204,104 @@ impl Metrics {
             "Live members in this node's view, itself included",
             cluster_members.clone(),
         );
+        let request_duration =
+            Family::<Labels, ExemplarHistogram, fn() -> ExemplarHistogram>::new_with_constructor(
+                request_histogram,
+            );
+        registry.register(
+            "http_request_duration_seconds",
+            "Device API request latency, by method, route pattern and status (exemplars: trace ids)",
+            request_duration.clone(),
+        );
+        let auth_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused by authentication or authorization, by API error code",
+            auth_failures.clone(),
+        );
+        let rate_limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit (429), by route",
+            rate_limited.clone(),
+        );
+        let subscribe_hold = HistFamily::new_with_constructor(hold_histogram);
+        registry.register(
+            "subscribe_hold_seconds",
+            "How long held subscriptions were held, by how they ended (changed, empty: timeout, drain or access change, cancelled: client left)",
+            subscribe_hold.clone(),
+        );
+        let notify_latency = fast_histogram();
+        registry.register(
+            "notify_latency_seconds",
+            "From a change's commit (its server timestamp) to the held subscription's answer being written",
+            notify_latency.clone(),
+        );
+        let mailbox_wait = HistFamily::new_with_constructor(queue_histogram);
+        registry.register(
+            "actor_mailbox_wait_seconds",
+            "Time a message waited in a bucket set actor's mailbox before being handled, by message",
+            mailbox_wait.clone(),
+        );
+        let commit_duration = HistFamily::new_with_constructor(fast_histogram);
+        registry.register(
+            "store_commit_duration_seconds",
+            "Time for one actor batch to become durable in the store, by backend",
+            commit_duration.clone(),
+        );
+        let commit_requests = HistFamily::new_with_constructor(batch_histogram);
+        registry.register(
+            "store_commit_requests",
+            "Device requests acknowledged by one actor batch commit, by backend",
+            commit_requests.clone(),
+        );
+        let forward_duration = HistFamily::new_with_constructor(fast_histogram);
+        registry.register(
+            "forward_duration_seconds",
+            "Latency of calls forwarded to the owning node, by peer, operation and result (a held subscribe: until the owner's first answer)",
+            forward_duration.clone(),
+        );
+        let lease_acquire = fast_histogram();
+        registry.register(
+            "lease_acquire_duration_seconds",
+            "Time to take a bucket set's lease and load it (an activation)",
+            lease_acquire.clone(),
+        );
+        let lease_takeovers = Counter::default();
+        registry.register(
+            "lease_takeovers",
+            "Leases taken over from another node (failover or rebalancing)",
+            lease_takeovers.clone(),
+        );
+        // Series of bounded, known label values start at zero, so a first increase is a
+        // rate (and a dashboard shows 0, not "no data").
+        for outcome in ["applied", "merged", "refused"] {
+            let _ = put_outcomes.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
+        for reason in [
+            "unauthorized",
+            "default_credentials_not_allowed",
+            "forbidden",
+        ] {
+            let _ = auth_failures.get_or_create(&vec![("reason", reason.to_string())]);
+        }
+        for outcome in ["changed", "empty", "cancelled"] {
+            let _ = subscribe_hold.get_or_create(&vec![("outcome", outcome.to_string())]);
+        }
         Metrics(Arc::new(Inner {
+            request_duration,
+            auth_failures,
+            rate_limited,
+            subscribe_hold,
+            notify_latency,
+            mailbox_wait,
+            commit_duration,
+            commit_requests,
+            forward_duration,
+            lease_acquire,
+            lease_takeovers,
+            store_backend: OnceLock::new(),
+            runtimes: Mutex::new(Vec::new()),
             owned_sets,
             forwarded,
             forwarded_served,
@@ -163,15 +322,96 @@ impl Metrics {
         }))
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// OpenMetrics exposition, exemplars included, plus the process and runtime gauges.
+    pub fn render_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.0.registry);
+        let body_end = out.rfind("# EOF").unwrap_or(out.len());
+        out.truncate(body_end);
+        self.render_runtime(&mut out);
+        crate::metrics::process::render(&mut out);
+        out.push_str("# EOF\n");
         out
     }
 
-    pub(crate) fn http_request(&self, route: &str, status: u16) {
+    /// Prometheus text exposition (version 0.0.4): the OpenMetrics text without exemplars,
+    /// which that format does not have.
+    pub fn render(&self) -> String {
+        strip_exemplars(&self.render_openmetrics())
+    }
+
+    /// Names the store backend in the commit metrics (`redb`, `postgres`, `fdb`).
+    pub fn set_store_backend(&self, backend: &'static str) {
+        let _ = self.0.store_backend.set(backend);
+        let labels = vec![("backend", backend.to_string())];
+        let _ = self.0.commit_duration.get_or_create(&labels);
+        let _ = self.0.commit_requests.get_or_create(&labels);
+    }
+
+    /// The store backend's name (`unknown` before [`Metrics::set_store_backend`]).
+    pub fn store_backend(&self) -> &'static str {
+        self.0.store_backend.get().copied().unwrap_or("unknown")
+    }
+
+    /// Reports a tokio runtime's workers and tasks as `tether_runtime_*{runtime=name}`.
+    pub fn watch_runtime(&self, name: &'static str, handle: tokio::runtime::Handle) {
+        self.0
+            .runtimes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((name, handle));
+    }
+
+    fn render_runtime(&self, out: &mut String) {
+        use std::fmt::Write;
+        let runtimes = self
+            .0
+            .runtimes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if runtimes.is_empty() {
+            return;
+        }
+        let gauges: [(&str, &str, RuntimeGauge); 3] = [
+            (
+                "tether_runtime_workers",
+                "Worker threads of a tokio runtime",
+                |m| m.num_workers(),
+            ),
+            (
+                "tether_runtime_alive_tasks",
+                "Tasks alive on a tokio runtime",
+                |m| m.num_alive_tasks(),
+            ),
+            (
+                "tether_runtime_global_queue_depth",
+                "Tasks waiting in a tokio runtime's global queue",
+                |m| m.global_queue_depth(),
+            ),
+        ];
+        for (name, help, read) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
+            for (runtime, handle) in runtimes.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{runtime=\"{runtime}\"}} {}",
+                    read(&handle.metrics())
+                );
+            }
+        }
+    }
+
+    /// One answered device API request. `trace_id` (of a sampled trace) becomes the
+    /// exemplar of its latency bucket.
+    pub(crate) fn http_request(
+        &self,
+        route: &str,
+        method: &'static str,
+        status: u16,
+        elapsed: Duration,
+        trace_id: Option<opentelemetry::trace::TraceId>,
+    ) {
         self.0
             .http_requests
             .get_or_create(&vec![
@@ -179,6 +419,99 @@ impl Metrics {
                 ("status", status.to_string()),
             ])
             .inc();
+        self.0
+            .request_duration
+            .get_or_create(&vec![
+                ("method", method.to_string()),
+                ("route", route.to_string()),
+                ("status", status.to_string()),
+            ])
+            .observe(
+                elapsed.as_secs_f64(),
+                trace_id.map(|t| vec![("trace_id", t.to_string())]),
+                None,
+            );
+    }
+
+    /// A request refused with API error `code` on `route`: counted as an authentication
+    /// failure or a rate limit when it is one.
+    pub(crate) fn request_refused(&self, route: &str, code: &'static str) {
+        match code {
+            "unauthorized" | "default_credentials_not_allowed" | "forbidden" => {
+                self.0
+                    .auth_failures
+                    .get_or_create(&vec![("reason", code.to_string())])
+                    .inc();
+            }
+            "rate_limited" => {
+                self.0
+                    .rate_limited
+                    .get_or_create(&vec![("route", route.to_string())])
+                    .inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// A held subscription ended: `outcome` is `changed`, `empty` or `cancelled`.
+    pub(crate) fn subscription_ended(&self, outcome: &'static str, held: Duration) {
+        self.0
+            .subscribe_hold
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .observe(held.as_secs_f64());
+    }
+
+    /// A notification was written `latency` after its change was committed.
+    pub(crate) fn notify_latency(&self, latency: Duration) {
+        self.0.notify_latency.observe(latency.as_secs_f64());
+    }
+
+    /// A message of kind `op` waited `waited` in an actor's mailbox.
+    pub(crate) fn mailbox_wait(&self, op: &'static str, waited: Duration) {
+        self.0
+            .mailbox_wait
+            .get_or_create(&vec![("op", op.to_string())])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// An actor batch of `requests` requests became durable in `took`.
+    pub(crate) fn batch_committed(&self, requests: usize, took: Duration) {
+        let labels = vec![("backend", self.store_backend().to_string())];
+        self.0
+            .commit_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.0
+            .commit_requests
+            .get_or_create(&labels)
+            .observe(requests as f64);
+    }
+
+    /// A call forwarded to `peer` finished.
+    pub(crate) fn forward_latency(
+        &self,
+        peer: &str,
+        op: &'static str,
+        result: &'static str,
+        took: Duration,
+    ) {
+        self.0
+            .forward_duration
+            .get_or_create(&vec![
+                ("peer", peer.to_string()),
+                ("op", op.to_string()),
+                ("result", result.to_string()),
+            ])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A lease was taken (and the set loaded) in `took`; `from_peer` when another node held
+    /// it before.
+    pub(crate) fn lease_taken(&self, took: Duration, from_peer: bool) {
+        self.0.lease_acquire.observe(took.as_secs_f64());
+        if from_peer {
+            self.0.lease_takeovers.inc();
+        }
     }
     pub(crate) fn put_outcome(&self, outcome: &str) {
         self.0
@@ -238,6 +571,67 @@ impl Metrics {
         self.0.store_batch.observe(batch as f64);
     }
 }
+
+/// Times one held subscription: answered with changes, answered empty, or cancelled
+/// (dropped unanswered: the client hung up).
+#[derive(Debug)]
+pub(crate) struct HoldTimer {
+    metrics: Metrics,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl HoldTimer {
+    pub(crate) fn start(metrics: Metrics) -> Self {
+        HoldTimer {
+            metrics,
+            started: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    /// The answer is being written at `now_ms`; `newest_change_ms` is the server timestamp
+    /// of the newest bucket in it (none: an empty answer). A change's timestamp is taken as
+    /// its batch is reconciled, just before the commit, so the notify latency covers the
+    /// commit itself; across nodes it includes their clock offset (clamped at zero).
+    pub(crate) fn answered(mut self, newest_change_ms: Option<u64>, now_ms: u64) {
+        self.done = true;
+        let held = self.started.elapsed();
+        match newest_change_ms {
+            Some(ts) => {
+                self.metrics.subscription_ended("changed", held);
+                self.metrics
+                    .notify_latency(Duration::from_millis(now_ms.saturating_sub(ts)));
+            }
+            None => self.metrics.subscription_ended("empty", held),
+        }
+    }
+}
+
+impl Drop for HoldTimer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics
+                .subscription_ended("cancelled", self.started.elapsed());
+        }
+    }
+}
+
+/// The Prometheus text form of an OpenMetrics exposition: exemplars (` # {…} v`) dropped.
+fn strip_exemplars(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let line = match (line.starts_with('#'), line.find(" # {")) {
+            (false, Some(i)) => &line[..i],
+            _ => line,
+        };
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+mod process;
 
 /// Sum of the samples of metric `name` (any labels) in Prometheus text; `None` when the
 /// text has none. For tools and tests that read another node's `/metrics`.

@@ -35,6 +35,7 @@ const LB_GRACE: Duration = Duration::from_secs(2);
 /// held subscriptions are answered, queued writes committed, the store closed.
 pub async fn run(config: Config) -> Result<()> {
     let metrics = Metrics::new();
+    metrics.set_store_backend(config.store.backend());
     #[cfg(feature = "fdb")]
     let _fdb_network = matches!(config.store, crate::config::StoreUrl::Fdb(_))
         .then(crate::store::fdb::Network::boot);
@@ -74,7 +75,7 @@ pub async fn run(config: Config) -> Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{bound}"));
-    let (router, placement, joined, mut cluster): (
+    let (router, placement, joined, cluster): (
         Arc<Router>,
         Arc<dyn tether_cluster::Placement>,
         Arc<AtomicBool>,
@@ -87,7 +88,11 @@ pub async fn run(config: Config) -> Result<()> {
             None,
         ),
         Some(c) => {
-            let node = ClusterNode::start(c, &config.node_id, url, shared.clone())?;
+            let advertise = c
+                .advertise
+                .resolve(crate::config::Advertise::RESOLVE_DEADLINE)
+                .await?;
+            let node = ClusterNode::start(c, advertise, &config.node_id, url, shared.clone())?;
             (
                 node.router(),
                 node.placement(),
@@ -126,20 +131,38 @@ pub async fn run(config: Config) -> Result<()> {
             .wrap_fn(move |req, srv| {
                 let request_id = uuid::Uuid::new_v4();
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-                let method = req.method().clone();
-                let span = tracing::info_span!("request", %request_id, %method, route = %route);
+                let method = crate::telemetry::known_method(req.method().as_str());
+                // One span per request: child of the caller's `traceparent`, exported when
+                // tracing is on; its request id and trace id name every log line under it.
+                let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
+                let exemplar = crate::telemetry::exemplar(&trace);
                 let metrics = metrics.clone();
                 let started = Instant::now();
-                // The request id rides along when the request is forwarded to a peer.
+                // The request id and trace context ride along when the request is forwarded.
+                let call = crate::telemetry::propagation::LOG_TRACE.scope(trace, srv.call(req));
                 crate::routing::forward::REQUEST_ID
-                    .scope(request_id, srv.call(req))
+                    .scope(request_id, call)
                     .map(move |res| {
                         if let Ok(r) = &res {
                             let status = r.status().as_u16();
-                            metrics.http_request(&route, status);
+                            let code = r
+                                .response()
+                                .error()
+                                .and_then(|e| e.as_error::<NodeError>())
+                                .map(|e| e.code_and_status().0);
+                            let elapsed = started.elapsed();
+                            metrics.http_request(&route, method, status, elapsed, exemplar);
+                            if let Some(code) = code {
+                                metrics.request_refused(&route, code);
+                            }
+                            crate::telemetry::record_http_status(
+                                &tracing::Span::current(),
+                                status,
+                                code,
+                            );
                             tracing::info!(
                                 status,
-                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                elapsed_ms = elapsed.as_millis() as u64,
                                 "request done"
                             );
                         }
@@ -192,16 +215,57 @@ pub async fn run(config: Config) -> Result<()> {
     let handle = server.handle();
     let serve = tokio::spawn(server);
     if let Some(cert) = tls {
+        if let Some(interval) = config.tls_reload_interval {
+            cert.watch(interval);
+        }
         tokio::spawn(reload_on_sighup(cert));
     }
     wait_for_signal().await;
-    tracing::info!("shutting down: answering held subscriptions, draining writes");
+    tracing::info!(
+        drain_timeout_s = config.drain_timeout.as_secs(),
+        "shutting down: answering held subscriptions, draining writes"
+    );
+    let drain = drain(
+        config.drain_timeout,
+        state,
+        cluster,
+        router,
+        shared,
+        handle,
+        serve,
+        store,
+    );
+    match tokio::time::timeout(config.drain_timeout, drain).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!(
+                drain_timeout_s = config.drain_timeout.as_secs(),
+                "graceful shutdown did not finish in time; exiting (acknowledged writes are durable)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The graceful shutdown after SIGTERM, bounded by the caller.
+#[allow(clippy::too_many_arguments)]
+async fn drain(
+    drain_timeout: Duration,
+    state: web::Data<AppState>,
+    mut cluster: Option<ClusterNode>,
+    router: Arc<Router>,
+    shared: Arc<Shared>,
+    handle: actix_web::dev::ServerHandle,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Arc<dyn crate::store::Store>,
+) -> Result<()> {
+    let deadline = DRAIN_DEADLINE.min(drain_timeout);
     state.serving.store(false, Ordering::Release);
     if let Some(cluster) = &mut cluster {
         // Peers take this node's sets over at once; its actors commit what is queued and
         // answer their held subscriptions, whose clients resubscribe elsewhere.
         cluster.leave().await;
-        shared.wait_idle(DRAIN_DEADLINE).await;
+        shared.wait_idle(deadline).await;
     }
     router.start_draining();
     if cluster.is_some() {
@@ -209,7 +273,7 @@ pub async fn run(config: Config) -> Result<()> {
         // interval) are forwarded to the new owners meanwhile.
         tokio::time::sleep(LB_GRACE).await;
     }
-    shared.shutdown(DRAIN_DEADLINE).await;
+    shared.shutdown(deadline).await;
     handle.stop(true).await;
     let _ = serve.await;
     if let Some(mut cluster) = cluster {

@@ -5,6 +5,8 @@
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+#[cfg(feature = "openapi")]
+use alloc::{format, vec};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -14,6 +16,7 @@ use crate::{pb, Bucket, Fields, ProtoError, Value};
 
 /// `POST /v1/register` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     /// The device's serial.
     pub device_id: String,
@@ -25,6 +28,7 @@ pub struct RegisterRequest {
 
 /// A firmware offer in a registration answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SoftwareUpdate {
     /// The version the device should run.
     pub version: String,
@@ -34,6 +38,7 @@ pub struct SoftwareUpdate {
 
 /// `POST /v1/register` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     /// The tier the device belongs to.
     pub tier: String,
@@ -49,6 +54,7 @@ pub struct RegisterResponse {
 
 /// A bucket object as the API shows it; parts are omitted when a view asked for less.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BucketDoc {
     /// The bucket id.
     pub id: String,
@@ -60,18 +66,21 @@ pub struct BucketDoc {
     pub version: Option<u64>,
     /// Field/value pairs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
     /// A diff instead of `value`: the version the client held (subscribe with `diffs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_version: Option<u64>,
     /// With `base_version`: every field changed after it, with its latest value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub changes: Option<Fields>,
 }
 
 /// How much of each bucket a listing carries (`view=` query).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum View {
     /// Ids only.
     Ids,
@@ -119,6 +128,7 @@ impl BucketDoc {
 
 /// `GET /v1/buckets` and `POST /v1/subscribe` answers.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BucketList {
     /// The buckets.
     pub buckets: Vec<BucketDoc>,
@@ -130,8 +140,10 @@ pub struct BucketList {
 
 /// `PUT /v1/buckets/{id}` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateRequest {
     /// The changed fields (a JSON object).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub value: Fields,
     /// The version the client last saw; 0 or absent if it never saw the bucket.
     #[serde(default)]
@@ -151,6 +163,7 @@ pub struct UpdateRequest {
 /// The `outcome` of a PUT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum UpdateOutcome {
     /// Stored on top of the version the client had (200, timestamp/version only).
     Applied,
@@ -162,6 +175,7 @@ pub enum UpdateOutcome {
 
 /// `PUT /v1/buckets/{id}` answer: the outcome and the bucket as the client must now hold it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateResponse {
     /// What happened.
     pub outcome: UpdateOutcome,
@@ -173,6 +187,7 @@ pub struct UpdateResponse {
     pub version: u64,
     /// Present for `merged` and `refused`: the full bucket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
     /// The answer of an earlier write with the same `op_id`: nothing changed now. The
     /// outcome, timestamp and version are the original write's; `value` (merged,
@@ -187,6 +202,7 @@ fn is_false(b: &bool) -> bool {
 
 /// One held bucket version in a subscribe request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeldBucket {
     /// The bucket id.
     pub id: String,
@@ -200,6 +216,7 @@ pub struct HeldBucket {
 
 /// `POST /v1/subscribe` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubscribeRequest {
     /// The buckets and versions the client holds.
     pub buckets: Vec<HeldBucket>,
@@ -221,6 +238,7 @@ pub struct SubscribeRequest {
 
 /// One change in `GET /v1/buckets/{id}/history`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChangeDoc {
     /// The version this write produced.
     pub version: u64,
@@ -235,6 +253,7 @@ pub struct ChangeDoc {
     /// The write's op id, or null.
     pub op_id: Option<String>,
     /// The fields this write set.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub fields: Fields,
 }
 
@@ -254,6 +273,7 @@ impl From<Change> for ChangeDoc {
 
 /// `GET /v1/buckets/{id}/history` answer: changes after `since_version`, ascending.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryResponse {
     /// The bucket.
     pub id: String,
@@ -269,6 +289,7 @@ pub struct HistoryResponse {
 
 /// Every error body: `{"error": "<code>", "message": "<text>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// A stable machine-readable code (`bad_request`, `not_found`, …).
     pub error: String,
@@ -278,6 +299,7 @@ pub struct ErrorBody {
 
 /// `POST /v1/pairing-code` answer: a short-lived code a user redeems to pair this device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PairingCodeResponse {
     /// The code, e.g. `7Q4K-92XD`.
     pub code: String,
@@ -287,6 +309,7 @@ pub struct PairingCodeResponse {
 
 /// `POST /v1/pair` body (user credentials): redeem a device's pairing code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PairRequest {
     /// The code the device showed.
     pub code: String,
@@ -297,6 +320,7 @@ pub struct PairRequest {
 
 /// `POST /v1/pair` answer: the device now linked to the user's account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PairResponse {
     /// The paired device's id (its serial).
     pub device_id: String,

@@ -12,6 +12,8 @@
 //! change after version `v` to a copy of the bucket at `v` gives the bucket as stored.
 
 use alloc::string::String;
+#[cfg(feature = "openapi")]
+use alloc::vec;
 use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,7 @@ pub fn valid_op_id(op_id: &str) -> bool {
 /// What produced a change (the history's `outcome`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ChangeKind {
     /// The bucket was created (registration, a new structure): version 1.
     Created,

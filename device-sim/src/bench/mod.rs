@@ -14,6 +14,7 @@ pub mod plot;
 pub mod procs;
 pub mod synclog;
 pub mod tether;
+pub mod tracing;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tether_sim::bench::{ceiling, cold, idle, peers, synclog};
+use tether_sim::bench::{ceiling, cold, idle, peers, synclog, tracing};
 
 /// Tether benchmarks (loopback only).
 #[derive(Debug, Parser)]
@@ -155,6 +155,34 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
+    /// Durable PUT throughput with trace export off vs on (to an in-process OTLP
+    /// receiver, every request sampled), same binary, same run.
+    TracingOverhead {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Measured seconds per node per run.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+        /// HTTP workers of each node.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// OTLP transport: grpc or http/protobuf.
+        #[arg(long, default_value = "grpc")]
+        protocol: String,
+        /// Share of requests traced: 1 traces every one.
+        #[arg(long, default_value_t = 1.0)]
+        sample: f64,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
     /// (internal) The trivial actix-web server of http-ceiling.
     TrivialServer {
         /// Worker threads.
@@ -211,6 +239,28 @@ fn run(args: Args) -> Result<()> {
                     secs,
                     conns,
                     workers,
+                    out,
+                })
+                .await
+            }
+            Cmd::TracingOverhead {
+                tether_bin,
+                runs,
+                secs,
+                conns,
+                workers,
+                protocol,
+                sample,
+                out,
+            } => {
+                tracing::run(tracing::Opts {
+                    tether_bin,
+                    runs,
+                    secs,
+                    conns,
+                    workers,
+                    protocol,
+                    sample,
                     out,
                 })
                 .await

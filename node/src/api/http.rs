@@ -14,14 +14,16 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{
-    BucketDoc, BucketList, ChangeDoc, HistoryResponse, PairRequest, PairResponse,
+    BucketDoc, BucketList, ChangeDoc, ErrorBody, HistoryResponse, PairRequest, PairResponse,
     PairingCodeResponse, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
     UpdateRequest, UpdateResponse, View, WireMessage,
 };
 use tether_proto::reconcile::Held;
 use tether_proto::synclog::{pack, valid_op_id, Encoding};
 use tether_proto::{Bucket, BucketId, SetKey, Update};
+use tracing::Instrument;
 
+use crate::api::openapi::{self, ProtobufBody};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::routing::router::{BucketUpdate, PutKind, Router, Subscription, Write};
@@ -77,9 +79,33 @@ impl AppState {
         }
     }
 
-    /// Authenticates a request for an endpoint kind.
+    /// Authenticates a request for an endpoint kind (in an `auth` span).
     async fn principal(&self, req: &HttpRequest, endpoint: Endpoint) -> Result<Principal> {
-        self.auth.authenticate(req, endpoint, is_secure(req)).await
+        let span = tracing::info_span!(
+            "auth",
+            principal = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty
+        );
+        let r = self
+            .auth
+            .authenticate(req, endpoint, is_secure(req))
+            .instrument(span.clone())
+            .await;
+        match &r {
+            Ok(p) => span.record(
+                "principal",
+                if matches!(p, Principal::User { .. }) {
+                    "user"
+                } else {
+                    "device"
+                },
+            ),
+            Err(e) => {
+                crate::telemetry::attribute(&span, "error.type", e.code_and_status().0);
+                span.record("otel.status_code", "ERROR")
+            }
+        };
+        r
     }
 }
 
@@ -195,6 +221,30 @@ fn check_session(session: &Option<String>) -> Result<()> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/register",
+    tag = "devices",
+    operation_id = "register",
+    description = "Registers a device (default or assigned credentials). First contact creates \
+        the device type's buckets and issues assigned credentials in `X-Tether-Set-Credentials`; \
+        default credentials again later revoke the old assigned ones and issue new ones.",
+    request_body(content(
+        (RegisterRequest = "application/json", example = json!({"device_id": "01AA02AB", "device_type": "thermostat", "sw_version": "1.2.0"})),
+        (ProtobufBody = "application/x-protobuf"),
+    )),
+    responses(
+        (status = 200, description = "Registered; its buckets listed", content(
+            (RegisterResponse = "application/json", example = json!({"tier": "production", "redirect": null, "software_update": null, "sync_url": "https://sync.example.com", "buckets": ["device.01AA02AB", "shared.01AA02AB"]})),
+            (ProtobufBody = "application/x-protobuf"),
+        ),
+        headers(("X-Tether-Set-Credentials" = String, description = "New assigned credentials: `<id> <secret>`")),
+        links(
+            ("GetBucket" = (operation_id = "getBucket", parameters(("id" = "$response.body#/buckets/0")), description = "Read the device's first bucket")),
+            ("ListBuckets" = (operation_id = "listBuckets", parameters(("view" = "full")), description = "Everything the device may read")),
+        )),
+    ),
+)]
 /// `POST /v1/register` (seed 000 FIG 15–18).
 pub async fn register(
     req: HttpRequest,
@@ -263,6 +313,25 @@ fn parse_ids(list: &str) -> Result<Vec<BucketId>> {
         .collect()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/buckets",
+    tag = "buckets",
+    operation_id = "listBuckets",
+    params(
+        ("view" = Option<View>, Query, description = "`ids`, `versions` (default) or `full`"),
+        ("ids" = Option<String>, Query, description = "Comma-separated bucket ids to restrict the list to", example = "device.01AA02AB,shared.01AA02AB"),
+    ),
+    responses(
+        (status = 200, description = "The buckets the principal may read", content(
+            (BucketList = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 42}]})),
+            (ProtobufBody = "application/x-protobuf"),
+        ),
+        links(
+            ("Subscribe" = (operation_id = "subscribe", request_body = json!({"buckets": "$response.body#/buckets", "timeout_ms": 100}), description = "Hold the listed versions")),
+        )),
+    ),
+)]
 /// `GET /v1/buckets`: the principal's buckets, in the requested view.
 pub async fn list(
     req: HttpRequest,
@@ -308,6 +377,24 @@ fn parse_path_id(raw: &str) -> Result<BucketId> {
     Ok(BucketId::parse(raw)?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/buckets/{id}",
+    tag = "buckets",
+    operation_id = "getBucket",
+    params(("id" = String, Path, description = "Bucket id `<kind>.<key>`", example = "device.01AA02AB")),
+    responses(
+        (status = 200, description = "The bucket", content(
+            (BucketDoc = "application/json", example = json!({"id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 42, "value": {"target_temperature": 21.5, "mode": "heat"}})),
+            (ProtobufBody = "application/x-protobuf"),
+        ),
+        links(
+            ("PutBucket" = (operation_id = "putBucket", parameters(("id" = "$response.body#/id")), request_body = json!({"value": {"mode": "heat"}, "base_version": "$response.body#/version"}), description = "Write on top of this version")),
+            ("Subscribe" = (operation_id = "subscribe", request_body = json!({"buckets": [{"id": "$response.body#/id", "version": "$response.body#/version", "timestamp": "$response.body#/timestamp"}], "timeout_ms": 100}), description = "Wait for a change")),
+        )),
+        (status = 404, description = "No such bucket (one the principal could read if it existed)", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
+    ),
+)]
 /// `GET /v1/buckets/{id}`.
 pub async fn get_one(
     req: HttpRequest,
@@ -331,6 +418,34 @@ pub async fn get_one(
     ))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/buckets/{id}",
+    tag = "buckets",
+    operation_id = "putBucket",
+    description = "Writes changed fields, reconciled against the stored version (seed 000 FIG 23). \
+        Answered only once the write is durable.",
+    params(("id" = String, Path, description = "Bucket id `<kind>.<key>`", example = "device.01AA02AB")),
+    request_body(content(
+        (UpdateRequest = "application/json", example = json!({"value": {"target_temperature": 21.5}, "base_version": 42, "occ": false})),
+        (ProtobufBody = "application/x-protobuf"),
+    )),
+    responses(
+        (status = 200, description = "`applied` (timestamp and version) or `merged` (the merged bucket)", content(
+            (UpdateResponse = "application/json", example = json!({"outcome": "applied", "id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 43})),
+            (ProtobufBody = "application/x-protobuf"),
+        ),
+        links(
+            ("GetBucket" = (operation_id = "getBucket", parameters(("id" = "$response.body#/id")), description = "Read it back")),
+            ("Subscribe" = (operation_id = "subscribe", request_body = json!({"buckets": [{"id": "$response.body#/id", "version": "$response.body#/version", "timestamp": "$response.body#/timestamp"}], "timeout_ms": 100}), description = "Wait for the next change")),
+        )),
+        (status = 404, description = "No such bucket", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
+        (status = 409, description = "`refused`: OCC was set and the base version is stale; the stored bucket", content(
+            (UpdateResponse = "application/json", example = json!({"outcome": "refused", "id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 44, "value": {"target_temperature": 20.0}})),
+            (ProtobufBody = "application/x-protobuf"),
+        )),
+    ),
+)]
 /// `PUT /v1/buckets/{id}` (seed 000 FIG 23). Answered only after the write is durable.
 pub async fn put(
     req: HttpRequest,
@@ -389,6 +504,25 @@ pub async fn put(
     Ok(respond(&req, status, &resp))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/subscribe",
+    tag = "buckets",
+    operation_id = "subscribe",
+    description = "Long-poll: answers at once with the buckets whose stored version differs from \
+        the one sent, else holds until one changes or `timeout_ms` passes (then `{\"buckets\": []}`).",
+    request_body(content(
+        (SubscribeRequest = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 42}], "timeout_ms": 1000})),
+        (ProtobufBody = "application/x-protobuf"),
+    )),
+    responses(
+        (status = 200, description = "Changed buckets (full), or none when the hold timed out", content(
+            (BucketList = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800999_u64, "version": 43, "value": {"mode": "off"}}]})),
+            (ProtobufBody = "application/x-protobuf"),
+        )),
+        (status = 404, description = "A listed bucket does not exist", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
+    ),
+)]
 /// `POST /v1/subscribe` (seed 000 FIG 21): answer at once with stale buckets, else hold.
 pub async fn subscribe(
     req: HttpRequest,
@@ -447,8 +581,14 @@ pub async fn subscribe(
     // body also makes actix drop this future, and with it the held subscription (on
     // every owner), when the client hangs up, so a closed connection cancels it.
     let draining = state.router.drain_signal();
+    let hold = crate::metrics::HoldTimer::start(state.shared.metrics.clone());
     let body = async move {
-        let list = answer(held.answer(timeout, draining).await);
+        let updates = held.answer(timeout, draining).await;
+        hold.answered(
+            updates.iter().map(|u| u.bucket.timestamp.millis).max(),
+            now_ms(),
+        );
+        let list = answer(updates);
         let bytes = match format {
             Format::Json => {
                 serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
@@ -490,6 +630,24 @@ pub struct HistoryQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/buckets/{id}/history",
+    tag = "buckets",
+    operation_id = "getBucketHistory",
+    params(
+        ("id" = String, Path, description = "Bucket id `<kind>.<key>`", example = "device.01AA02AB"),
+        ("since_version" = Option<u64>, Query, description = "Changes after this version (default 0: from the oldest kept)"),
+        ("limit" = Option<usize>, Query, description = "Most changes in this page (1–1000, default 100)"),
+    ),
+    responses(
+        (status = 200, description = "The bucket's changes after `since_version`, ascending: who changed which field, when", content(
+            (HistoryResponse = "application/json", example = json!({"id": "device.01AA02AB", "oldest_version": 1, "truncated": false, "next_since_version": null, "changes": [{"version": 2, "timestamp": 1763884800123_u64, "outcome": "applied", "by": "device:01AA02AB", "session": "s1", "op_id": "a1b2c3d4-7", "fields": {"mode": "heat"}}]})),
+            (ProtobufBody = "application/x-protobuf"),
+        )),
+        (status = 404, description = "No such bucket (one the principal could read if it existed)", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
+    ),
+)]
 /// `GET /v1/buckets/{id}/history` (API.md "History"): the bucket's changes after
 /// `since_version`, ascending, a page at a time; who changed which field, when.
 pub async fn history(
@@ -546,6 +704,20 @@ fn pairing_code() -> String {
     code
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/pairing-code",
+    tag = "devices",
+    operation_id = "pairingCode",
+    description = "A device (assigned credentials) asks for a short-lived code its user redeems with `POST /v1/pair`.",
+    responses(
+        (status = 200, description = "The code", content(
+            (PairingCodeResponse = "application/json", example = json!({"code": "7Q4K-92XD", "expires_in_s": 600})),
+            (ProtobufBody = "application/x-protobuf"),
+        ),
+        links(("Pair" = (operation_id = "pair", request_body = json!({"code": "$response.body#/code"}), description = "A user redeems the code")))),
+    ),
+)]
 /// `POST /v1/pairing-code`: a device asks for a short-lived code its user can redeem.
 pub async fn pairing_code_handler(
     req: HttpRequest,
@@ -585,6 +757,25 @@ fn structure_template(structure: &SetKey) -> Result<Vec<(BucketId, tether_proto:
     Ok(vec![(BucketId::new(STRUCTURE_KIND, structure)?, fields)])
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/pair",
+    tag = "pairing",
+    operation_id = "pair",
+    description = "A user redeems a device's pairing code; the device joins the user's account and, if named, one of the user's structures.",
+    request_body(content(
+        (PairRequest = "application/json", example = json!({"code": "7Q4K-92XD", "structure": "home"})),
+        (ProtobufBody = "application/x-protobuf"),
+    )),
+    responses(
+        (status = 200, description = "Paired", content(
+            (PairResponse = "application/json", example = json!({"device_id": "01AA02AB", "structure": "home"})),
+            (ProtobufBody = "application/x-protobuf"),
+        ),
+        links(("Unpair" = (operation_id = "unpair", parameters(("device_id" = "$response.body#/device_id")), description = "Undo it")))),
+        (status = 404, description = "No such pairing code, or it expired", body = ErrorBody, example = json!({"error": "not_found", "message": "no such pairing code, or it expired"})),
+    ),
+)]
 /// `POST /v1/pair`: a user redeems a device's code; the device joins the user's account
 /// and, if named, one of the user's structures (created on first use).
 pub async fn pair(
@@ -650,6 +841,19 @@ pub async fn pair(
     Ok(respond(&req, StatusCode::OK, &resp))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/devices/{device_id}/pairing",
+    tag = "pairing",
+    operation_id = "unpair",
+    params(("device_id" = String, Path, description = "The device's serial", example = "01AA02AB")),
+    responses(
+        (status = 200, description = "Unpaired", content(
+            (PairResponse = "application/json", example = json!({"device_id": "01AA02AB", "structure": null})),
+            (ProtobufBody = "application/x-protobuf"),
+        )),
+    ),
+)]
 /// `DELETE /v1/devices/{device_id}/pairing`: the owning user unpairs a device.
 pub async fn unpair(
     req: HttpRequest,
@@ -685,11 +889,30 @@ pub async fn unpair(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    security(()),
+    responses((status = 200, description = "The process is alive", body = crate::api::openapi::Health, example = json!({"status": "ok"}))),
+)]
 /// `GET /healthz`: the process is alive.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    security(()),
+    responses(
+        (status = 200, description = "Serving", body = crate::api::openapi::Health, example = json!({"status": "ready", "members": 3})),
+        (status = 503, description = "Joining its cluster or draining", body = crate::api::openapi::Health, example = json!({"status": "draining"})),
+    ),
+)]
 /// `GET /readyz`: the node serves requests: store open, cluster joined (its ring known),
 /// not draining. Load balancers send traffic only to ready nodes.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
@@ -704,11 +927,34 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// `GET /metrics`: Prometheus text.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.shared.metrics.render())
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    security(()),
+    responses((status = 200, description = "Prometheus text (`text/plain; version=0.0.4`), or OpenMetrics with exemplars when accepted", content(
+        (String = "text/plain"),
+        (String = "application/openmetrics-text"),
+    ))),
+)]
+/// `GET /metrics`: Prometheus text, or OpenMetrics with exemplars (trace ids) when the
+/// scraper accepts `application/openmetrics-text`.
+pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let openmetrics = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        HttpResponse::Ok()
+            .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .body(state.shared.metrics.render_openmetrics())
+    } else {
+        HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(state.shared.metrics.render())
+    }
 }
 
 /// Anything else: a JSON 404.
@@ -734,6 +980,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
+        .route("/v1/openapi.json", web::get().to(openapi::openapi_json))
+        .route("/docs", web::get().to(openapi::docs_redirect))
+        .service(openapi::swagger_ui())
         .app_data(
             web::QueryConfig::default()
                 .error_handler(|e, _| NodeError::BadRequest(e.to_string()).into()),

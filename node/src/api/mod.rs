@@ -4,3 +4,4 @@
 //! `crate::routing::Router`; nothing here touches an actor or the store directly.
 
 pub mod http;
+pub mod openapi;

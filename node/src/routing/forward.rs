@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, Stream, StreamExt};
 use tether_cluster::auth::PeerAuthInterceptor;
@@ -22,6 +22,7 @@ use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey, Update};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
@@ -51,23 +52,25 @@ tokio::task_local! {
 /// gRPC metadata key of the forwarded request's id.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
 
-/// A peer call carrying the current request's id.
+/// A peer call carrying the current request's id and trace context (`traceparent`).
 fn traced<T>(msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     if let Ok(Ok(v)) = REQUEST_ID.try_with(|id| id.to_string().parse()) {
         req.metadata_mut().insert(REQUEST_ID_KEY, v);
     }
+    crate::telemetry::propagation::inject(req.metadata_mut());
     req
 }
 
-/// The span a forwarded call is served in: the device request's id and the operation.
+/// The span a forwarded call is served in: the device request's id, its trace (child of
+/// the forwarding node's client span) and the operation. Gossip calls get none.
 pub fn served_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     let id = req
         .headers()
         .get(REQUEST_ID_KEY)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!("forwarded", request_id = %id, call = %req.uri().path())
+    crate::telemetry::grpc_server_span(req, id)
 }
 
 /// Largest forwarded message: a bucket set's worth of buckets.
@@ -283,13 +286,20 @@ impl Peers {
         Ok(client)
     }
 
-    fn count<T>(&self, op: &'static str, r: &Result<T>) {
+    fn count<T>(&self, op: &'static str, peer: &Member, started: Instant, r: &Result<T>) {
         let result = match r {
             Ok(_) => "ok",
             Err(NodeError::NotOwner(_)) => "rerouted",
             Err(_) => "error",
         };
         self.metrics.forwarded(op, result);
+        self.metrics
+            .forward_latency(peer.id.as_str(), op, result, started.elapsed());
+    }
+
+    /// The client span of one forwarded call.
+    fn span(op: &'static str, peer: &Member) -> tracing::Span {
+        crate::telemetry::forward_client_span(op, peer.id.as_str(), peer.gossip_addr)
     }
 
     /// `Get` on the owner.
@@ -299,6 +309,7 @@ impl Peers {
         set: &SetKey,
         ids: Option<Vec<BucketId>>,
     ) -> Result<Vec<Bucket>> {
+        let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::GetRequest {
@@ -316,14 +327,16 @@ impl Peers {
                 .map_err(|s| from_status(owner, &s, true))?;
             buckets_from_pb(reply.into_inner().buckets)
         }
+        .instrument(Self::span("get", owner))
         .await;
-        self.count("get", &r);
+        self.count("get", owner, started, &r);
         r
     }
 
     /// `Put` on the owner; routed again if nothing was sent, or if its fate is unknown
     /// and it carries an op id (`FateUnknown`, see the router).
     pub async fn put(&self, owner: &Member, id: &BucketId, write: Write) -> Result<PutAnswer> {
+        let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::PutRequest {
@@ -356,8 +369,9 @@ impl Peers {
                 replayed: reply.replayed,
             })
         }
+        .instrument(Self::span("put", owner))
         .await;
-        self.count("put", &r);
+        self.count("put", owner, started, &r);
         r
     }
 
@@ -368,6 +382,7 @@ impl Peers {
         set: &SetKey,
         buckets: Vec<(BucketId, Fields)>,
     ) -> Result<()> {
+        let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::EnsureRequest {
@@ -386,8 +401,9 @@ impl Peers {
                 .map_err(|s| from_status(owner, &s, true))?;
             Ok(())
         }
+        .instrument(Self::span("ensure", owner))
         .await;
-        self.count("ensure", &r);
+        self.count("ensure", owner, started, &r);
         r
     }
 
@@ -402,6 +418,7 @@ impl Peers {
     }
 
     async fn set_call(&self, to: &Member, set: &SetKey, call: SetCall) -> Result<()> {
+        let started = Instant::now();
         let r = async {
             let mut client = self.client(to)?;
             let req = traced(pb::ReleaseRequest {
@@ -414,8 +431,9 @@ impl Peers {
             .map_err(|s| from_status(to, &s, true))?;
             Ok(())
         }
+        .instrument(Self::span(call.name(), to))
         .await;
-        self.count(call.name(), &r);
+        self.count(call.name(), to, started, &r);
         r
     }
 
@@ -430,6 +448,7 @@ impl Peers {
         timeout: Duration,
         diffs: bool,
     ) -> Result<Leg> {
+        let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::SubscribeRequest {
@@ -475,8 +494,9 @@ impl Peers {
                 Event::Changed(_) => Err(bad("subscribe", "answer before the check")),
             }
         }
+        .instrument(Self::span("subscribe", owner))
         .await;
-        self.count("subscribe", &r);
+        self.count("subscribe", owner, started, &r);
         r
     }
 }
@@ -502,6 +522,8 @@ impl SetsService {
     }
 
     fn served(&self, op: &'static str) {
+        // In the `forwarded` span: the device request's id and trace id on the owner.
+        tracing::debug!(op, "serving a forwarded call");
         self.router.shared().metrics.forwarded_served(op);
     }
 }

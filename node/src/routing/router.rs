@@ -25,6 +25,7 @@ use tether_proto::reconcile::Held;
 use tether_proto::synclog::diff_since;
 use tether_proto::{Bucket, BucketId, Fields, SetKey, Update};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
@@ -294,7 +295,16 @@ impl Router {
     {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            match attempt(self.route(set)).await {
+            let route = self.route(set);
+            let span = tracing::info_span!(
+                "route",
+                %set,
+                owner = match &route {
+                    Route::Local => "local",
+                    Route::Peer(m) => m.id.as_str(),
+                }
+            );
+            match attempt(route).instrument(span).await {
                 Err(NodeError::FateUnknown(why)) if retry_unknown => {
                     if tokio::time::Instant::now() + ROUTE_RETRY > deadline {
                         return Err(NodeError::FateUnknown(format!(

@@ -24,6 +24,7 @@ use tether_proto::synclog::{
 };
 use tether_proto::{reconcile, Bucket, BucketId, Fields, Outcome, SetKey, Update};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::sets::registry::Shared;
@@ -133,10 +134,12 @@ enum Job {
         by: String,
         op_id: Option<String>,
         reply: oneshot::Sender<Result<WriteResult>>,
+        trace: JobTrace,
     },
     Ensure {
         buckets: Vec<(BucketId, Fields)>,
         reply: oneshot::Sender<Result<()>>,
+        trace: JobTrace,
     },
 }
 
@@ -150,12 +153,39 @@ enum Answer {
     Created,
 }
 
+/// A queued job's spans: its `actor.{op}` span (open until it is answered) and the
+/// `actor.queue` span of its wait behind the commit in flight.
+struct JobTrace {
+    span: tracing::Span,
+    queued: Option<tracing::Span>,
+}
+
+impl JobTrace {
+    /// Called in the job's handler, whose span is current.
+    fn here() -> Self {
+        JobTrace {
+            span: tracing::Span::current(),
+            queued: Some(tracing::info_span!("actor.queue")),
+        }
+    }
+}
+
+impl Job {
+    fn trace(&mut self) -> &mut JobTrace {
+        match self {
+            Job::Put { trace, .. } | Job::Ensure { trace, .. } => trace,
+        }
+    }
+}
+
 struct HeldSub {
     /// The held buckets and the version the subscriber holds of each.
     held: HashMap<BucketId, Option<u64>>,
     session: Option<String>,
     diffs: bool,
     reply: oneshot::Sender<Vec<Stale>>,
+    /// The subscribing request's span, for the notify span's links.
+    trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// Op records kept in memory per set (the store remembers the rest).
@@ -210,6 +240,9 @@ pub struct BucketSetActor {
     shutting_down: bool,
     passivated: bool,
     leased: bool,
+    /// The request that started the actor, parent of its `lease.acquire` span; dropped
+    /// once loaded so the request's span can end.
+    activation: tracing::Span,
 }
 
 impl std::fmt::Debug for BucketSetActor {
@@ -273,7 +306,19 @@ impl BucketSetActor {
             shutting_down: false,
             passivated: false,
             leased: false,
+            activation: tracing::Span::none(),
         }
+    }
+
+    /// The same actor, its activation traced under `request`.
+    pub fn activated_by(mut self, request: tracing::Span) -> Self {
+        self.activation = request;
+        self
+    }
+
+    /// What every actor of the node shares.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     fn touch(&mut self) {
@@ -304,7 +349,29 @@ impl BucketSetActor {
             return;
         }
         let Some(epoch) = self.epoch else { return };
-        let jobs = std::mem::take(&mut self.queue);
+        let mut jobs = std::mem::take(&mut self.queue);
+        // One commit for the whole batch: its span is a child of the first job's span (the
+        // first whose trace is exported, if any is) and links to every exported job's (span
+        // links, not one parent: each request has its trace).
+        let parent = jobs
+            .iter_mut()
+            .position(|j| crate::telemetry::exported(&j.trace().span))
+            .unwrap_or(0);
+        let commit_span = tracing::info_span!(
+            parent: jobs.get_mut(parent).and_then(|j| j.trace().span.id()),
+            "store.commit",
+            set = %self.set,
+            requests = jobs.len(),
+            backend = self.shared.metrics.store_backend(),
+            otel.status_code = tracing::field::Empty,
+        );
+        for job in &mut jobs {
+            let trace = job.trace();
+            trace.queued = None;
+            if let Some(cx) = crate::telemetry::span_context(&trace.span) {
+                crate::telemetry::link(&commit_span, &cx);
+            }
+        }
         let mut working = self.committed.clone();
         let mut changed = Changes::new();
         let mut commit = Commit::default();
@@ -316,7 +383,8 @@ impl BucketSetActor {
             .iter()
             .map(|(id, b)| (id.clone(), b.version))
             .collect();
-        for (index, job) in jobs.into_iter().enumerate() {
+        for (index, mut job) in jobs.into_iter().enumerate() {
+            let reconciling = tracing::info_span!(parent: &job.trace().span, "reconcile").entered();
             let answer = match &job {
                 Job::Put {
                     id,
@@ -356,6 +424,7 @@ impl BucketSetActor {
                     Answer::Created
                 }
             };
+            drop(reconciling);
             results.push((job, answer));
         }
         commit.buckets = changed
@@ -367,15 +436,26 @@ impl BucketSetActor {
         let store = self.shared.store.clone();
         let set = self.set.clone();
         let to_commit = commit.clone();
+        let requests = results.len();
+        let started = Instant::now();
         let fut = async move {
             if to_commit.is_empty() {
                 Ok(())
             } else {
                 store.commit(&set, epoch, to_commit).await
             }
-        };
+        }
+        .instrument(commit_span.clone());
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.committing = false;
+            match &res {
+                Ok(()) => act
+                    .shared
+                    .metrics
+                    .batch_committed(requests, started.elapsed()),
+                Err(_) => drop(commit_span.record("otel.status_code", "ERROR")),
+            }
+            let _in = commit_span.enter();
             act.finish_commit(res, working, changed, commit, results, ctx);
             act.start_commit(ctx);
             if act.shutting_down && act.idle() {
@@ -695,8 +775,12 @@ impl BucketSetActor {
             }
         }
         let n = woken.len();
+        let _fan_out = tracing::info_span!("notify", subscribers = n).entered();
         for (sub_id, owed) in woken {
             if let Some(sub) = self.subs.remove(&sub_id) {
+                if let Some(cx) = &sub.trace {
+                    crate::telemetry::link(&tracing::Span::current(), cx);
+                }
                 // The subscriber may have gone; then there is nobody to tell.
                 drop(sub.reply.send(owed));
             }
@@ -721,17 +805,32 @@ impl Actor for BucketSetActor {
         let set = self.set.clone();
         let owner = self.shared.node_id.clone();
         let shared = self.shared.clone();
+        let lease_span = tracing::info_span!(
+            parent: &self.activation,
+            "lease.acquire",
+            set = %self.set,
+            epoch = tracing::field::Empty,
+            previous_owner = tracing::field::Empty,
+        );
+        self.activation = tracing::Span::none();
+        let started = Instant::now();
         // ctx.wait: no message is handled until the set is loaded, its lease taken and
         // the previous holder (if another node) told to stop serving it.
         ctx.wait(
             async move {
                 let lease = store.acquire_lease(&set, &owner).await?;
+                let span = tracing::Span::current();
+                span.record("epoch", lease.epoch.0);
                 let buckets = store.load_set(&set).await?;
+                let from_peer = lease.previous_owner.is_some();
                 if let Some(previous) = lease.previous_owner {
+                    span.record("previous_owner", previous.as_str());
                     shared.take_over(&set, previous).await;
                 }
+                shared.metrics.lease_taken(started.elapsed(), from_peer);
                 Ok::<_, StoreError>((lease.epoch, buckets))
             }
+            .instrument(lease_span)
             .into_actor(self)
             .map(|res, act, ctx| match res {
                 Ok((epoch, buckets)) => {
@@ -803,6 +902,7 @@ impl Handler<Put> for BucketSetActor {
             by: msg.by,
             op_id: msg.op_id,
             reply: tx,
+            trace: JobTrace::here(),
         });
         self.start_commit(ctx);
         Ok(rx)
@@ -821,6 +921,7 @@ impl Handler<EnsureBuckets> for BucketSetActor {
             self.queue.push(Job::Ensure {
                 buckets: msg.0,
                 reply: tx,
+                trace: JobTrace::here(),
             });
             self.start_commit(ctx);
         }
@@ -879,6 +980,7 @@ impl Handler<Subscribe> for BucketSetActor {
                 session: msg.session,
                 diffs: msg.diffs,
                 reply: tx,
+                trace: crate::telemetry::span_context(&tracing::Span::current()),
             },
         );
         self.shared.metrics.subscriptions_held(1);

@@ -3,3 +3,4 @@
 
 pub mod actor;
 pub mod registry;
+pub mod traced;

@@ -14,6 +14,7 @@ use tether_proto::{Hlc, HlcClock, SetKey};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::sets::actor::{BucketSetActor, Shutdown};
+use crate::sets::traced::{Op, Traced};
 use crate::store::Store;
 
 /// Actor tuning.
@@ -131,6 +132,7 @@ impl Shared {
     /// A set's lease was just taken from `previous`: make it stop serving the set, waiting
     /// at most [`TAKE_OVER_WAIT`] (a dead or unreachable node serves nothing anyway, and
     /// its commits are fenced).
+    #[tracing::instrument(name = "lease.handoff", skip(self), fields(%set, %previous))]
     pub async fn take_over(&self, set: &SetKey, previous: String) {
         if let Some(t) = self.takeover.get() {
             let stopped = t.stop_serving(set.clone(), previous.clone());
@@ -142,6 +144,7 @@ impl Shared {
 
     /// Stops serving `set` because another node took its lease: the actor answers its
     /// held subscriptions and stops; resolves once it refuses further requests.
+    #[tracing::instrument(name = "lease.relinquish", skip(self), fields(%set))]
     pub async fn relinquish(&self, set: &SetKey) {
         if let Some(addr) = self.existing_actor(set) {
             self.metrics.handoff();
@@ -171,8 +174,9 @@ impl Shared {
         let shard = (self.hasher.hash_one(set) as usize) % self.arbiters.len();
         let shared = self.clone();
         let key = set.clone();
+        let request = tracing::Span::current();
         let addr = BucketSetActor::start_in_arbiter(&self.arbiters[shard], move |_| {
-            BucketSetActor::new(key, shared)
+            BucketSetActor::new(key, shared).activated_by(request)
         });
         actors.insert(set.clone(), addr.clone());
         Ok(addr)
@@ -182,15 +186,15 @@ impl Shared {
     /// it, the message was never handled, so it is safe to start a new one and resend.
     pub async fn call<M>(self: &Arc<Self>, set: &SetKey, msg: M) -> Result<M::Result>
     where
-        M: Message + Send + Clone + 'static,
+        M: Message + Op + Send + Clone + 'static,
         M::Result: Send,
-        BucketSetActor: Handler<M>,
+        BucketSetActor: Handler<Traced<M>>,
     {
         for _ in 0..3 {
             if self.closing.load(Ordering::Acquire) {
                 return Err(NodeError::Unavailable("node is shutting down".into()));
             }
-            match self.actor(set)?.send(msg.clone()).await {
+            match self.actor(set)?.send(Traced::new(msg.clone())).await {
                 Ok(r) => return Ok(r),
                 Err(MailboxError::Closed) => continue,
                 Err(MailboxError::Timeout) => break,
@@ -222,6 +226,10 @@ impl Shared {
             .filter(|(set, _)| !self.owns(set))
             .map(|(_, a)| a.clone())
             .collect();
+        if lost.is_empty() {
+            return 0;
+        }
+        let _handoff = tracing::info_span!("lease.handoff", moved = lost.len()).entered();
         for a in &lost {
             a.do_send(Shutdown);
             self.metrics.handoff();
