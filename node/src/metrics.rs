@@ -30,6 +30,8 @@ struct Inner {
     forwarded_served: Family<Labels, Counter>,
     handoffs: Counter,
     cluster_members: Gauge,
+    connections_open: Gauge,
+    limited: Family<Labels, Counter>,
 }
 
 /// Shared handle to the node's metrics; cheap to clone.
@@ -142,7 +144,21 @@ impl Metrics {
             "Live members in this node's view, itself included",
             cluster_members.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open connections on the device port",
+            connections_open.clone(),
+        );
+        let limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "limited",
+            "Requests and connections refused or cut short by a per-client limit (SECURITY.md), by limit",
+            limited.clone(),
+        );
         Metrics(Arc::new(Inner {
+            connections_open,
+            limited,
             owned_sets,
             forwarded,
             forwarded_served,
@@ -236,6 +252,15 @@ impl Metrics {
     pub(crate) fn store_commit(&self, batch: usize) {
         self.0.store_commits.inc();
         self.0.store_batch.observe(batch as f64);
+    }
+    pub(crate) fn connections_open(&self, delta: i64) {
+        self.0.connections_open.inc_by(delta);
+    }
+    pub(crate) fn limited(&self, limit: &'static str) {
+        self.0
+            .limited
+            .get_or_create(&vec![("limit", limit.to_string())])
+            .inc();
     }
 }
 

@@ -1,8 +1,10 @@
 //! Three real `tether` nodes in cluster mode on one private PostgreSQL: gossip over the
 //! internal gRPC port, every set owned by one node (the consistent-hash ring), any node
 //! serving any request by forwarding to the owner, held subscriptions answered across
-//! nodes, peers authenticated, and ownership moving on a graceful drain (SIGTERM) and
-//! on `kill -9` without losing an acknowledged write.
+//! nodes, peers authenticated — mTLS with certificates of the cluster CA plus the cluster
+//! secret — and ownership moving on a graceful drain (SIGTERM) and on `kill -9` without
+//! losing an acknowledged write. A node with a certificate of another CA is refused, and
+//! joins once its certificate files are replaced by the cluster's (reloaded, no restart).
 //! (The same through HAProxy with a fleet simulator: `chaos-tests/tests/lb_cluster.rs`.)
 
 use std::collections::BTreeMap;
@@ -13,9 +15,17 @@ use serde_json::{json, Value};
 use tether_cluster::{NodeId, Ring};
 use tether_node::store::pg_server::PgServer;
 use tether_test_support::node::*;
+use tether_test_support::pki::{ClusterPki, NodeCert};
 
 const SECRET: &str = "cluster-test-secret-0123456789";
 const DEVICES: usize = 12;
+/// The thermostat's template with the fields this test writes (one per phase, so each
+/// acknowledged write can be found again): writes outside a template are refused.
+const TEMPLATE: &str = r#"
+[device_types.thermostat.buckets]
+device = ["current_temperature", "humidity", "hvac_state", "sw_version"]
+shared = ["target_temperature", "mode", "name", "w0", "w1", "w2", "w3"]
+"#;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -30,16 +40,28 @@ struct Member {
     grpc: u16,
 }
 
-async fn start_member(id: &str, store: &str, join: Option<u16>, keyring: Option<&Node>) -> Member {
+async fn start_member(
+    id: &str,
+    store: &str,
+    join: Option<u16>,
+    keyring: Option<&Node>,
+    cert: &NodeCert,
+) -> Member {
     let grpc = free_port();
     let mut b = Node::builder()
+        .config(TEMPLATE)
         .arg("--node-id")
         .arg(id)
         .arg("--store")
         .arg(store)
         .arg("--grpc-listen")
         .arg(format!("127.0.0.1:{grpc}"))
+        .arg("--cert-reload-interval-ms")
+        .arg("200")
         .env("TETHER_CLUSTER_SECRET", SECRET);
+    for f in cert.flags() {
+        b = b.arg(f);
+    }
     if let Some(seed) = join {
         b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
     }
@@ -142,6 +164,36 @@ async fn hold(
     sub
 }
 
+/// A `Sets.Get` from a caller that is not a node: plain text (`None`) or mTLS with `cert`,
+/// never the cluster secret. The status it gets.
+async fn stranger_get(
+    grpc: u16,
+    cert: Option<&NodeCert>,
+    req: tether_node::routing::forward::pb::GetRequest,
+) -> tonic::Status {
+    use tether_node::routing::forward::pb::sets_client::SetsClient;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], grpc).into();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5));
+    let connector = cert.map(|c| {
+        let files = tether_node::config::ClusterTlsFiles {
+            cert: c.cert.clone(),
+            key: c.key.clone(),
+            ca: c.ca.clone(),
+            reload_interval: Duration::from_secs(3600),
+        };
+        tether_node::security::cluster_tls::TlsConnector::new(
+            tether_node::security::cluster_tls::ClusterTls::start(&files).expect("stranger TLS"),
+        )
+    });
+    let channel = tether_cluster::transport::grpc::lazy_channel(endpoint, addr, connector);
+    let mut stranger = SetsClient::new(channel);
+    within(REQUEST_DEADLINE, "stranger call", stranger.get(req))
+        .await
+        .expect_err("a stranger's call must fail")
+}
+
 fn owner(ids: &[&str], set: &str) -> String {
     Ring::new(ids.iter().map(|i| NodeId::new(*i)), 256)
         .owner(set)
@@ -153,9 +205,12 @@ fn owner(ids: &[&str], set: &str) -> String {
 async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("cluster").expect("database");
-    let a = start_member("node-a", &url, None, None).await;
-    let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node)).await;
-    let c = start_member("node-c", &url, Some(a.grpc), Some(&a.node)).await;
+    let mut pki = ClusterPki::generate().await;
+    let a = start_member("node-a", &url, None, None, &pki.issue("node-a").await).await;
+    let b_cert = pki.issue("node-b").await;
+    let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &b_cert).await;
+    let c_cert = pki.issue("node-c").await;
+    let c = start_member("node-c", &url, Some(a.grpc), Some(&a.node), &c_cert).await;
     for m in [&a, &b, &c] {
         wait_ready(&m.node, 3).await;
     }
@@ -296,7 +351,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let seen_ids = ids_of(&seen);
     assert!(
         seen_ids.contains(&format!("shared.{paired}"))
-            && seen_ids.contains(&"structure.home".to_string()),
+            && seen_ids.iter().any(|i| i.starts_with("structure.home-")),
         "the user sees the paired device and its structure: {seen}"
     );
     let device = members[2].node.device(&paired);
@@ -319,27 +374,76 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     .expect_json(StatusCode::OK);
     assert!(buckets_of(&released).is_empty(), "{released}");
 
-    // The internal port refuses callers without the cluster secret.
-    {
-        use tether_node::routing::forward::pb::sets_client::SetsClient;
-        let channel = tonic::transport::Endpoint::from_shared(format!(
-            "http://127.0.0.1:{}",
-            members[0].grpc
-        ))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to the internal port");
-        let mut stranger = SetsClient::new(channel);
-        let status = stranger
-            .get(tether_node::routing::forward::pb::GetRequest {
-                set: serials[0].clone(),
-                ids: Vec::new(),
-                all: true,
-            })
+    // The internal port takes only mTLS with a certificate of the cluster CA, and then
+    // still the cluster secret: a caller in plain text, one with another CA's certificate,
+    // and one with a good certificate but no secret are all refused.
+    let mut other_pki = ClusterPki::generate().await;
+    let get = tether_node::routing::forward::pb::GetRequest {
+        set: serials[0].clone(),
+        ids: Vec::new(),
+        all: true,
+        without_values: false,
+        max_bytes: 0,
+    };
+    let grpc = members[0].grpc;
+    let plain = stranger_get(grpc, None, get.clone()).await;
+    assert_ne!(plain.code(), tonic::Code::Ok, "plain text is refused: {plain:?}");
+    let foreign = stranger_get(grpc, Some(&other_pki.issue("intruder").await), get.clone()).await;
+    assert_eq!(
+        foreign.code(),
+        tonic::Code::Unavailable,
+        "another CA's certificate fails the handshake: {foreign:?}"
+    );
+    let no_secret = stranger_get(grpc, Some(&pki.issue("stranger").await), get).await;
+    assert_eq!(
+        no_secret.code(),
+        tonic::Code::Unauthenticated,
+        "a cluster certificate without the cluster secret: {no_secret:?}"
+    );
+
+    // A node whose certificate comes from another CA is refused: it never joins. Once its
+    // certificate files are replaced by ones of the cluster CA, it is reloaded and joins.
+    let intruder_cert = other_pki.issue("node-d").await;
+    let d = start_member("node-d", &url, Some(members[0].grpc), Some(&members[0].node), &intruder_cert).await;
+    let refused_at = Instant::now();
+    loop {
+        let refusals = members[0]
+            .node
+            .stderr_all()
+            .matches("refused a peer on the internal port")
+            .count();
+        if refusals >= 2 {
+            break;
+        }
+        assert!(
+            refused_at.elapsed() < Duration::from_secs(20),
+            "node-a never refused node-d's handshake; stderr:\n{}",
+            members[0].node.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for m in &members {
+        let r: Value = m
+            .node
+            .anon(reqwest::Method::GET, "/readyz")
+            .send()
             .await
-            .expect_err("an unauthenticated peer call must fail");
-        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            .expect("readyz")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(r["members"], json!(3), "{} let node-d in: {r}", m.id);
+    }
+    intruder_cert.replace_with(&pki.issue("node-d").await);
+    for m in members.iter().map(|m| &m.node).chain([&d.node]) {
+        wait_ready(m, 4).await;
+    }
+    // node-d leaves again (SIGTERM) so the rest of the test sees three members.
+    d.node.sigterm().await;
+    let mut d = d;
+    assert!(d.node.wait_exit(Duration::from_secs(30)).await.success());
+    for m in &members {
+        wait_ready(&m.node, 3).await;
     }
 
     // Drain: SIGTERM node-c while a subscribe on one of its sets is held through node-a.

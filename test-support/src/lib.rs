@@ -4,7 +4,9 @@
 //! - [`bin`]: the workspace's binaries, built with cargo and found by path (a test in another
 //!   package has no `CARGO_BIN_EXE_<name>`);
 //! - [`node`]: one real `tether` node as a child process on a free port, with its own data
-//!   directory and manufacturing key, and the principals (devices, users) that talk to it.
+//!   directory and manufacturing key, and the principals (devices, users) that talk to it;
+//! - [`pki`]: a cluster CA and node certificates for mTLS between test nodes.
 
 pub mod bin;
 pub mod node;
+pub mod pki;

@@ -23,6 +23,12 @@ pub struct ActorConfig {
     pub passivate_after: Duration,
     /// Largest bucket value (JSON bytes) a write may produce.
     pub max_bucket_bytes: usize,
+    /// The templates writes are checked against (device types, structures).
+    pub templates: Arc<crate::registration::RegistrationConfig>,
+    /// Most distinct bucket ids one read may name.
+    pub max_ids: usize,
+    /// Largest answer (notification) of one held subscription, in bytes.
+    pub max_answer_bytes: usize,
 }
 
 /// What every actor of a node shares.

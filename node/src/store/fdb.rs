@@ -447,10 +447,25 @@ impl Store for FdbStore {
 
     async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
         let key = self.rec("code", &code.code);
+        let index = self.rec("device_code", &code.device_id);
+        let root = self.root.clone();
         self.db
             .run(|trx, _| {
-                let (key, code) = (key.clone(), code.clone());
+                let (key, index, code, root) =
+                    (key.clone(), index.clone(), code.clone(), root.clone());
                 async move {
+                    // The device's previous code, removed only if it is still that device's.
+                    if let Some(old) = trx.get(&index, false).await? {
+                        let old: String = from_json(&old)?;
+                        let old_key = root.pack(&("rec", "code", old.as_str()));
+                        if let Some(v) = trx.get(&old_key, false).await? {
+                            let c: PairingCode = from_json(&v)?;
+                            if c.device_id == code.device_id {
+                                trx.clear(&old_key);
+                            }
+                        }
+                    }
+                    trx.set(&index, &to_json(&code.code)?);
                     trx.set(&key, &to_json(&code)?);
                     Ok(())
                 }
