@@ -433,7 +433,8 @@ async fn through_haproxy_a_join_and_a_kill9_lose_no_acknowledged_write() {
 // ---------------------------------------------------------------------------------------
 // forwarding overhead
 
-/// `PUT {"value": {"n": n}}` to `base`; its latency, retried (not timed) on 503.
+/// `PUT {"value": {"target_temperature": n}}` to `base`; its latency, retried (not timed)
+/// on 503.
 async fn timed_put(
     http: &reqwest::Client,
     base: &str,
@@ -448,7 +449,7 @@ async fn timed_put(
             "PUT",
             http.put(format!("{base}/v1/buckets/{id}"))
                 .header(AUTHORIZATION, basic_header(creds))
-                .json(&json!({"value": {"n": n}, "base_version": 0}))
+                .json(&json!({"value": {"target_temperature": n}, "base_version": 0}))
                 .send(),
         )
         .await

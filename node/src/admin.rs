@@ -110,7 +110,9 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
             sans,
             days,
         } => {
-            crate::security::cluster_tls::write_node_cert(&ca_cert, &ca_key, &cert, &key, sans, days)?;
+            crate::security::cluster_tls::write_node_cert(
+                &ca_cert, &ca_key, &cert, &key, sans, days,
+            )?;
             println!("wrote {} and {}", cert.display(), key.display());
         }
         AdminCommand::SelfSigned { cert, key, sans } => {

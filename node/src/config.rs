@@ -793,7 +793,10 @@ impl Hardening {
             ("max_answer_bytes", limits.max_answer_bytes == 0),
             ("max_held_per_principal", limits.max_held_per_principal == 0),
             ("max_connections", limits.max_connections == 0),
-            ("max_connections_per_source", limits.max_connections_per_source == 0),
+            (
+                "max_connections_per_source",
+                limits.max_connections_per_source == 0,
+            ),
         ] {
             if zero {
                 return Err(NodeError::Config(format!("{name} must be positive")));
@@ -834,26 +837,25 @@ impl Hardening {
             f.cert_reload_interval_ms,
             Duration::from_secs(10),
         );
-        let cluster_tls = match (
-            h.cluster_tls_cert.or(f.cluster_tls_cert.take()),
-            h.cluster_tls_key.or(f.cluster_tls_key.take()),
-            h.cluster_tls_ca.or(f.cluster_tls_ca.take()),
-        ) {
-            (Some(cert), Some(key), Some(ca)) => Some(ClusterTlsFiles {
-                cert,
-                key,
-                ca,
-                reload_interval,
-            }),
-            (None, None, None) => None,
-            _ => {
-                return Err(NodeError::Config(
+        let cluster_tls =
+            match (
+                h.cluster_tls_cert.or(f.cluster_tls_cert.take()),
+                h.cluster_tls_key.or(f.cluster_tls_key.take()),
+                h.cluster_tls_ca.or(f.cluster_tls_ca.take()),
+            ) {
+                (Some(cert), Some(key), Some(ca)) => Some(ClusterTlsFiles {
+                    cert,
+                    key,
+                    ca,
+                    reload_interval,
+                }),
+                (None, None, None) => None,
+                _ => return Err(NodeError::Config(
                     "mTLS between nodes needs all of --cluster-tls-cert, --cluster-tls-key and \
                      --cluster-tls-ca"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         Ok(Hardening {
             limits,
             auth,

@@ -32,6 +32,7 @@ struct Inner {
     cluster_members: Gauge,
     connections_open: Gauge,
     limited: Family<Labels, Counter>,
+    auth_tracked_ids: Gauge,
 }
 
 /// Shared handle to the node's metrics; cheap to clone.
@@ -156,7 +157,14 @@ impl Metrics {
             "Requests and connections refused or cut short by a per-client limit (SECURITY.md), by limit",
             limited.clone(),
         );
+        let auth_tracked_ids = Gauge::default();
+        registry.register(
+            "auth_tracked_ids",
+            "Credential ids with recent failed checks in the bounded failure table",
+            auth_tracked_ids.clone(),
+        );
         Metrics(Arc::new(Inner {
+            auth_tracked_ids,
             connections_open,
             limited,
             owned_sets,
@@ -255,6 +263,9 @@ impl Metrics {
     }
     pub(crate) fn connections_open(&self, delta: i64) {
         self.0.connections_open.inc_by(delta);
+    }
+    pub(crate) fn auth_tracked_ids(&self, n: usize) {
+        self.0.auth_tracked_ids.set(n as i64);
     }
     pub(crate) fn limited(&self, limit: &'static str) {
         self.0

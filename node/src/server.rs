@@ -161,7 +161,12 @@ pub async fn run(config: Config) -> Result<()> {
                             let elapsed_ms = started.elapsed().as_millis() as u64;
                             if matches!(status, 401 | 403 | 429) {
                                 if let Some(suppressed) = rejections.admit(Instant::now()) {
-                                    tracing::info!(status, elapsed_ms, suppressed, "request rejected");
+                                    tracing::info!(
+                                        status,
+                                        elapsed_ms,
+                                        suppressed,
+                                        "request rejected"
+                                    );
                                 }
                             } else {
                                 tracing::info!(status, elapsed_ms, "request done");

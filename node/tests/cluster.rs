@@ -183,7 +183,7 @@ async fn stranger_get(
             ca: c.ca.clone(),
             reload_interval: Duration::from_secs(3600),
         };
-        tether_node::security::cluster_tls::TlsConnector::new(
+        tether_node::security::cluster_tls::TlsConnector::connector(
             tether_node::security::cluster_tls::ClusterTls::start(&files).expect("stranger TLS"),
         )
     });
@@ -387,7 +387,11 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     };
     let grpc = members[0].grpc;
     let plain = stranger_get(grpc, None, get.clone()).await;
-    assert_ne!(plain.code(), tonic::Code::Ok, "plain text is refused: {plain:?}");
+    assert_ne!(
+        plain.code(),
+        tonic::Code::Ok,
+        "plain text is refused: {plain:?}"
+    );
     let foreign = stranger_get(grpc, Some(&other_pki.issue("intruder").await), get.clone()).await;
     assert_eq!(
         foreign.code(),
@@ -404,7 +408,14 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     // A node whose certificate comes from another CA is refused: it never joins. Once its
     // certificate files are replaced by ones of the cluster CA, it is reloaded and joins.
     let intruder_cert = other_pki.issue("node-d").await;
-    let d = start_member("node-d", &url, Some(members[0].grpc), Some(&members[0].node), &intruder_cert).await;
+    let d = start_member(
+        "node-d",
+        &url,
+        Some(members[0].grpc),
+        Some(&members[0].node),
+        &intruder_cert,
+    )
+    .await;
     let refused_at = Instant::now();
     loop {
         let refusals = members[0]

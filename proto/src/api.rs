@@ -239,9 +239,9 @@ fn value_from_pb(v: pb::Value) -> Result<Value, ProtoError> {
         Some(Kind::IntValue(i)) => Value::from(i),
         // Non-finite doubles have no JSON form: refused, as JSON refuses them (a NaN stored
         // as null would silently change what the client wrote).
-        Some(Kind::NumberValue(f)) => Value::Number(
-            serde_json::Number::from_f64(f).ok_or(ProtoError::NonFiniteNumber)?,
-        ),
+        Some(Kind::NumberValue(f)) => {
+            Value::Number(serde_json::Number::from_f64(f).ok_or(ProtoError::NonFiniteNumber)?)
+        }
         Some(Kind::StringValue(s)) => Value::String(s),
         Some(Kind::JsonValue(s)) => {
             serde_json::from_str(&s).map_err(|e| ProtoError::NestedJson(e.to_string()))?

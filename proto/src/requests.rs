@@ -195,10 +195,21 @@ mod tests {
             assert_eq!(pairing_code(typed).as_deref(), Ok("7Q4K-92XD"), "{typed:?}");
         }
         for bad in [
-            "", "7Q4K-92X", "7Q4K-92XD1", "7Q4-K92XD", "0Q4K-92XD", "7Q4K--92XD", "7Q4K 92XD",
-            "ÄQ4K-92XD", "-7Q4K92XD",
+            "",
+            "7Q4K-92X",
+            "7Q4K-92XD1",
+            "7Q4-K92XD",
+            "0Q4K-92XD",
+            "7Q4K--92XD",
+            "7Q4K 92XD",
+            "ÄQ4K-92XD",
+            "-7Q4K92XD",
         ] {
-            assert_eq!(pairing_code(bad), Err(ProtoError::InvalidPairingCode), "{bad:?}");
+            assert_eq!(
+                pairing_code(bad),
+                Err(ProtoError::InvalidPairingCode),
+                "{bad:?}"
+            );
         }
     }
 

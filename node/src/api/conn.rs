@@ -324,10 +324,16 @@ mod tests {
         let out = with_json_body(head).expect("rewritten");
         let text = String::from_utf8(out).expect("ascii");
         let (h, body) = text.split_once("\r\n\r\n").expect("head and body");
-        assert!(h.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{h}");
+        assert!(
+            h.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{h}"
+        );
         assert!(h.contains("\r\ncontent-type: application/json\r\n"), "{h}");
         assert!(h.contains("\r\nconnection: close\r\n"), "{h}");
-        assert!(h.contains(&format!("\r\ncontent-length: {}\r\n", body.len())), "{h}");
+        assert!(
+            h.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{h}"
+        );
         let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
         assert_eq!(v["error"], "headers_too_large");
         for status in ["400 Bad Request", "408 Request Timeout"] {
@@ -335,7 +341,9 @@ mod tests {
             assert!(with_json_body(head.as_bytes()).is_some(), "{status}");
         }
         // A handler's error already has its body; other statuses are never touched.
-        assert!(with_json_body(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 57\r\n\r\n{}").is_none());
+        assert!(
+            with_json_body(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 57\r\n\r\n{}").is_none()
+        );
         assert!(with_json_body(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").is_none());
         assert!(with_json_body(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
         assert!(with_json_body(b"{\"buckets\":[]}").is_none());

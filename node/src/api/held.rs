@@ -13,12 +13,15 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 
+/// One principal's held subscriptions, oldest first: an id and the way to answer it.
+type Queue = VecDeque<(u64, oneshot::Sender<()>)>;
+
 /// Held subscriptions by principal, oldest first.
 #[derive(Debug)]
 pub struct HeldByPrincipal {
     cap: usize,
     next: AtomicU64,
-    by_principal: Mutex<HashMap<String, VecDeque<(u64, oneshot::Sender<()>)>>>,
+    by_principal: Mutex<HashMap<String, Queue>>,
     metrics: Metrics,
 }
 

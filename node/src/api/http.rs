@@ -742,6 +742,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let metrics = &state.shared.metrics;
+    metrics.auth_tracked_ids(state.auth.credentials.failure_table_len());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.shared.metrics.render())

@@ -79,7 +79,7 @@ impl ClusterNode {
         // mTLS both ways when configured: peers dial with this node's certificate and the
         // internal server accepts only certificates of the cluster CA.
         let tls = config.tls.as_ref().map(ClusterTls::start).transpose()?;
-        let connector = tls.clone().map(TlsConnector::new);
+        let connector = tls.clone().map(TlsConnector::connector);
         let peers = Peers::new(
             config.secret.clone(),
             shared.metrics.clone(),
@@ -122,9 +122,7 @@ impl ClusterNode {
                 None => {
                     let incoming = tonic::transport::server::TcpIncoming::from(listener)
                         .with_nodelay(Some(true));
-                    server
-                        .serve_with_incoming_shutdown(incoming, stopped)
-                        .await
+                    server.serve_with_incoming_shutdown(incoming, stopped).await
                 }
             };
             if let Err(e) = served {

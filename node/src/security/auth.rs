@@ -221,7 +221,10 @@ impl Auth {
         grant: DefaultRegistration,
     ) -> Result<()> {
         let serial = grant.serial;
-        self.credentials.charge_registration(serial.as_str())?;
+        let metrics = &self.router.shared().metrics;
+        self.credentials
+            .charge_registration(serial.as_str())
+            .inspect_err(|_| metrics.limited("register_quota"))?;
         let (assigned, lost) = self.credentials.issue_assigned(serial.as_str()).await?;
         req.extensions_mut().insert(SetCredentials(assigned));
         if lost {
@@ -260,8 +263,11 @@ impl Auth {
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| NodeError::Unauthorized("missing Basic credentials".into()))?;
+        let metrics = &self.router.shared().metrics;
         let malformed = |what: &str| {
-            self.credentials.gate_source(source, None)?;
+            self.credentials
+                .gate_source(source, None)
+                .inspect_err(|_| metrics.limited("auth_source"))?;
             self.credentials.failed(source, None);
             Err(NodeError::Unauthorized(format!("malformed {what}")))
         };
@@ -282,7 +288,9 @@ impl Auth {
                 ));
             }
         }
-        self.credentials.gate_source(source, Some(&creds))?;
+        self.credentials
+            .gate_source(source, Some(&creds))
+            .inspect_err(|_| metrics.limited("auth_source"))?;
         let checked = self.check(&id, &creds).await;
         let (principal, set, pending) = match checked {
             Err(e @ NodeError::Unauthorized(_)) => {
@@ -294,7 +302,9 @@ impl Auth {
         if let Some(c) = set {
             req.extensions_mut().insert(SetCredentials(c));
         }
-        self.credentials.check_rate(&creds.id)?;
+        self.credentials
+            .check_rate(&creds.id)
+            .inspect_err(|_| metrics.limited("request_rate"))?;
         match (endpoint, &principal) {
             (Endpoint::Register | Endpoint::PairingCode, Principal::User { .. }) => {
                 Err(NodeError::Forbidden("this endpoint is for devices".into()))
@@ -311,11 +321,7 @@ impl Auth {
         &self,
         id: &CredentialId,
         creds: &Credentials,
-    ) -> Result<(
-        Principal,
-        Option<Credentials>,
-        Option<DefaultRegistration>,
-    )> {
+    ) -> Result<(Principal, Option<Credentials>, Option<DefaultRegistration>)> {
         let store = &self.router.shared().store;
         match (id, id.kind()) {
             (CredentialId::Default { serial, .. }, CredentialKind::Default) => {

@@ -76,9 +76,9 @@ impl ClusterTls {
         let chain = certs(&files.cert)?;
         let mut roots = RootCertStore::empty();
         for ca in certs(&files.ca)? {
-            roots
-                .add(ca)
-                .map_err(|e| NodeError::Config(format!("cluster CA {}: {e}", files.ca.display())))?;
+            roots.add(ca).map_err(|e| {
+                NodeError::Config(format!("cluster CA {}: {e}", files.ca.display()))
+            })?;
         }
         let roots = Arc::new(roots);
         let client_verifier =
@@ -191,7 +191,7 @@ pub struct TlsConnector {
 
 impl TlsConnector {
     /// A connector over the reloadable configuration.
-    pub fn new(tls: Arc<Reloadable<ClusterTls>>) -> Arc<dyn PeerConnector> {
+    pub fn connector(tls: Arc<Reloadable<ClusterTls>>) -> Arc<dyn PeerConnector> {
         Arc::new(TlsConnector { tls })
     }
 }
@@ -206,7 +206,9 @@ impl PeerConnector for TlsConnector {
             let connecting = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
             let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
             Ok(Box::new(hyper_util::rt::TokioIo::new(tls)) as BoxedIo)
         }
         .boxed()
@@ -279,7 +281,9 @@ pub fn incoming(
                     Ok(Err(e)) => {
                         tracing::warn!(%peer, error = %e, "refused a peer on the internal port: TLS handshake failed");
                     }
-                    Err(_) => tracing::warn!(%peer, "refused a peer on the internal port: TLS handshake timed out"),
+                    Err(_) => {
+                        tracing::warn!(%peer, "refused a peer on the internal port: TLS handshake timed out")
+                    }
                 }
             });
             if tx.is_closed() {
@@ -287,9 +291,10 @@ pub fn incoming(
             }
         }
     });
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|s| (Ok(s), rx))
-    })
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|s| (Ok(s), rx)) },
+    )
 }
 
 fn gen_err(e: rcgen::Error) -> NodeError {
@@ -336,7 +341,10 @@ pub fn write_node_cert(
     };
     let ca_signing = KeyPair::from_pem(&read(ca_key)?).map_err(gen_err)?;
     let issuer = Issuer::from_ca_cert_pem(&read(ca_cert)?, ca_signing).map_err(gen_err)?;
-    let common_name = sans.first().cloned().unwrap_or_else(|| "tether-node".into());
+    let common_name = sans
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "tether-node".into());
     let mut params = CertificateParams::new(sans).map_err(gen_err)?;
     params
         .distinguished_name

@@ -315,7 +315,8 @@ impl CredentialService {
         if let Some(id) = id {
             self.id_failures.record(id.to_string(), now);
         }
-        source.is_some_and(|s| self.source_failures.record(s, now) >= self.config.failures_per_source)
+        source
+            .is_some_and(|s| self.source_failures.record(s, now) >= self.config.failures_per_source)
     }
 
     /// Keys in the id failure table now (bounded by the table capacity).
@@ -337,7 +338,8 @@ impl CredentialService {
 
     /// Counts a failed redemption (no such code, or expired) against `user_id`.
     pub fn pair_failed(&self, user_id: &str) {
-        self.pair_failures.record(user_id.to_string(), Instant::now());
+        self.pair_failures
+            .record(user_id.to_string(), Instant::now());
     }
 
     /// FIG 28C 1842: a default secret is valid when it is the HMAC of its id under the
@@ -427,9 +429,7 @@ impl CredentialService {
                     Verdict::Previous(current) => return Ok(Some(current)),
                     // Rotation writes: through the store below.
                     Verdict::Expired => {}
-                    Verdict::Unknown if !self.may_reread(&c.id, &cached) => {
-                        return Err(rejected())
-                    }
+                    Verdict::Unknown if !self.may_reread(&c.id, &cached) => return Err(rejected()),
                     Verdict::Unknown => {}
                 },
                 Record::Absent if !self.may_reread(&c.id, &cached) => return Err(rejected()),

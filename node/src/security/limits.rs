@@ -40,7 +40,8 @@ impl<K: Hash + Eq, V> std::fmt::Debug for BoundedMap<K, V> {
 impl<K: Hash + Eq, V> BoundedMap<K, V> {
     /// A map holding at most about `capacity` entries (rounded up to whole shards).
     pub fn new(capacity: usize) -> Self {
-        let per_shard = NonZeroUsize::new(capacity.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
+        let per_shard =
+            NonZeroUsize::new(capacity.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
         BoundedMap {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
@@ -206,7 +207,11 @@ pub struct Cidr {
 impl Cidr {
     /// Parses `addr` or `addr/prefix`.
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = || NodeError::Config(format!("{s:?}: expected an IP address or CIDR (10.0.0.0/8)"));
+        let bad = || {
+            NodeError::Config(format!(
+                "{s:?}: expected an IP address or CIDR (10.0.0.0/8)"
+            ))
+        };
         let (addr, prefix) = match s.trim().split_once('/') {
             Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s.trim(), None),
@@ -225,11 +230,15 @@ impl Cidr {
         let ip = canonical(ip);
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -327,7 +336,7 @@ mod tests {
             counters.record(i, now);
         }
         let cap = counters.capacity();
-        assert!(cap >= 1000 && cap < 1000 + SHARDS, "capacity {cap}");
+        assert!((1000..1000 + SHARDS).contains(&cap), "capacity {cap}");
         assert!(counters.len() <= cap);
         // A key used just now is still counted exactly.
         for _ in 0..3 {
@@ -344,11 +353,17 @@ mod tests {
         c.record("a", t0);
         assert_eq!(c.exhausted(&"a", t0), None);
         c.record("a", t0 + Duration::from_secs(1));
-        let wait = c.exhausted(&"a", t0 + Duration::from_secs(4)).expect("exhausted");
+        let wait = c
+            .exhausted(&"a", t0 + Duration::from_secs(4))
+            .expect("exhausted");
         assert_eq!(wait, Duration::from_secs(6));
         assert_eq!(c.exhausted(&"b", t0), None, "per key");
         assert_eq!(c.exhausted(&"a", t0 + Duration::from_secs(10)), None);
-        assert_eq!(c.record("a", t0 + Duration::from_secs(11)), 1, "a new window");
+        assert_eq!(
+            c.record("a", t0 + Duration::from_secs(11)),
+            1,
+            "a new window"
+        );
     }
 
     #[test]
@@ -360,7 +375,9 @@ mod tests {
         let one = Cidr::parse("::1").expect("valid");
         assert!(one.contains("::1".parse().expect("ip")));
         assert!(!one.contains("::2".parse().expect("ip")));
-        assert!(Cidr::parse("0.0.0.0/0").expect("valid").contains("8.8.8.8".parse().expect("ip")));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .expect("valid")
+            .contains("8.8.8.8".parse().expect("ip")));
         for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
@@ -372,11 +389,20 @@ mod tests {
         let lb: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
         let direct: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
         let ip = |s: &str| s.parse::<IpAddr>().ok();
-        assert_eq!(s.source(Some(lb), Some("6.6.6.6, 198.51.100.4")), ip("198.51.100.4"));
+        assert_eq!(
+            s.source(Some(lb), Some("6.6.6.6, 198.51.100.4")),
+            ip("198.51.100.4")
+        );
         assert_eq!(s.source(Some(lb), None), ip("127.0.0.1"));
         assert_eq!(s.source(Some(lb), Some("garbage")), ip("127.0.0.1"));
-        assert_eq!(s.source(Some(direct), Some("198.51.100.4")), ip("192.0.2.7"));
-        assert_eq!(Sources::default().source(Some(lb), Some("198.51.100.4")), ip("127.0.0.1"));
+        assert_eq!(
+            s.source(Some(direct), Some("198.51.100.4")),
+            ip("192.0.2.7")
+        );
+        assert_eq!(
+            Sources::default().source(Some(lb), Some("198.51.100.4")),
+            ip("127.0.0.1")
+        );
     }
 
     #[test]

@@ -144,7 +144,10 @@ mod tests {
         std::fs::write(&path, "not a number").expect("write");
         assert!(r.check().is_err(), "a broken file is reported");
         assert_eq!(*r.current(), 2, "and the previous value stays");
-        assert!(!r.check().expect("reported once"), "the same broken content once");
+        assert!(
+            !r.check().expect("reported once"),
+            "the same broken content once"
+        );
         // A Kubernetes Secret update: the file is replaced (new inode), not rewritten.
         let tmp = dir.path().join("n.tmp");
         std::fs::write(&tmp, "3").expect("write");
@@ -168,7 +171,10 @@ mod tests {
         std::fs::write(&path, "2").expect("write");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while r.current().as_str() != "2" {
-            assert!(std::time::Instant::now() < deadline, "not reloaded within 10 s");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not reloaded within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -328,9 +328,7 @@ pub(crate) async fn pairing_codes_are_taken_once(store: Arc<dyn Store>) {
 }
 
 /// Issue 13 finding 7: only a device's newest pairing code is valid.
-pub(crate) async fn a_new_pairing_code_invalidates_the_devices_previous_one(
-    store: Arc<dyn Store>,
-) {
+pub(crate) async fn a_new_pairing_code_invalidates_the_devices_previous_one(store: Arc<dyn Store>) {
     let code = |c: &str, device: &str| PairingCode {
         code: c.into(),
         device_id: device.into(),
