@@ -24,17 +24,19 @@ use crate::{BucketId, ProtoError, SetKey};
 /// distinct ids fail with [`ProtoError::TooManyIds`] as soon as the `max + 1`-th appears, so
 /// the work is bounded by `max` whatever the list's length.
 pub fn id_list(list: &str, max: usize) -> Result<Vec<BucketId>, ProtoError> {
-    let mut ids = BTreeSet::new();
+    // Repeats are recognized by their text, before anything is allocated for them.
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
     for item in list.split(',').filter(|s| !s.is_empty()) {
-        let id = BucketId::parse(item)?;
-        if !ids.contains(&id) {
-            if ids.len() == max {
-                return Err(ProtoError::TooManyIds { max });
-            }
-            ids.insert(id);
+        if seen.contains(item) {
+            continue;
         }
+        if seen.len() == max {
+            return Err(ProtoError::TooManyIds { max });
+        }
+        BucketId::parse(item)?;
+        seen.insert(item);
     }
-    Ok(ids.into_iter().collect())
+    seen.into_iter().map(BucketId::parse).collect()
 }
 
 /// The distinct held buckets of a subscribe, in the order each id first appears. An id
@@ -42,11 +44,10 @@ pub fn id_list(list: &str, max: usize) -> Result<Vec<BucketId>, ProtoError> {
 /// ones, the client cannot hold both, so it holds neither: the bucket is sent at once
 /// (version `None`). More than `max` distinct ids fail with [`ProtoError::TooManyIds`].
 pub fn held_set(buckets: &[HeldBucket], max: usize) -> Result<Vec<Held>, ProtoError> {
-    let mut index: BTreeMap<BucketId, usize> = BTreeMap::new();
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut out: Vec<Held> = Vec::new();
     for h in buckets {
-        let id = BucketId::parse(&h.id)?;
-        match index.get(&id) {
+        match index.get(h.id.as_str()) {
             Some(&i) => {
                 let first = &mut out[i];
                 if first.version != h.version || first.timestamp != h.timestamp {
@@ -58,7 +59,8 @@ pub fn held_set(buckets: &[HeldBucket], max: usize) -> Result<Vec<Held>, ProtoEr
                 if out.len() == max {
                     return Err(ProtoError::TooManyIds { max });
                 }
-                index.insert(id.clone(), out.len());
+                let id = BucketId::parse(&h.id)?;
+                index.insert(h.id.as_str(), out.len());
                 out.push(Held {
                     id,
                     timestamp: h.timestamp,
