@@ -28,6 +28,8 @@ use tokio::time::Instant;
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Simulated devices (each its own bucket set).
+/// The field probes write into their `shared.<serial>` bucket (thermostat template).
+const PROBE_FIELD: &str = "target_temperature";
 const DEVICES: usize = 48;
 /// Probe devices per kind (on the killed node; moving to the joined node).
 const PROBES: usize = 4;
@@ -109,7 +111,8 @@ async fn probe(
             .put(&url)
             .header(AUTHORIZATION, basic_header(&creds))
             .timeout(Duration::from_secs(5))
-            .json(&json!({"value": {"probe": n}, "base_version": 0}))
+            // A field of the thermostat's template (a node refuses others).
+            .json(&json!({"value": {PROBE_FIELD: n}, "base_version": 0}))
             .send()
             .await;
         match r {
@@ -158,7 +161,7 @@ async fn stored_probe(cluster: &Cluster, serial: &str, creds: &Credentials) -> O
         match r {
             Ok(r) if r.status() == StatusCode::OK => {
                 let v: Value = r.json().await.expect("bucket JSON");
-                return v["value"]["probe"].as_u64();
+                return v["value"][PROBE_FIELD].as_u64();
             }
             Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {}
             Ok(r) => {

@@ -976,6 +976,88 @@ mod tests {
     }
 
     #[test]
+    fn limits_come_from_flags_over_the_file_over_safe_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "max_held_per_principal = 3\nbody_read_timeout_ms = 700\n\
+             trusted_proxies = [\"10.13.0.0/16\"]\nauth_failures_per_source = 7\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            hardening: HardeningArgs {
+                max_held_per_principal: Some(5),
+                pair_failures_per_hour: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = Config::load(args).expect("loads");
+        assert_eq!(c.limits.max_held_per_principal, 5, "flag beats file");
+        assert_eq!(c.limits.body_read_timeout, Duration::from_millis(700));
+        assert_eq!(c.limits.trusted_proxies.len(), 1);
+        assert_eq!(c.credentials.failures_per_source, 7);
+        assert_eq!(c.credentials.pair_failures_per_hour, 2);
+        // Everything else at its default.
+        let d = Limits::default();
+        assert_eq!(c.limits.max_ids_per_request, d.max_ids_per_request);
+        assert_eq!(c.limits.max_connections_per_source, 256);
+        assert_eq!(c.credentials.failures_per_id, 20);
+    }
+
+    #[test]
+    fn limits_that_would_disable_themselves_are_refused() {
+        for bad in [
+            "max_held_per_principal = 0\n",
+            "max_connections_per_source = 0\n",
+            "readyz_saturation_percent = 0\n",
+            "trusted_proxies = [\"10.0.0.0/33\"]\n",
+            "max_answer_bytes = 1000\n",
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.toml");
+            std::fs::write(&path, bad).expect("write");
+            let args = ServeArgs {
+                config: Some(path),
+                ..Default::default()
+            };
+            assert!(Config::load(args).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_internal_port_needs_mtls_off_loopback() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
+        let args = |listen: &str, plaintext: bool| ServeArgs {
+            store: Some("postgres://t@127.0.0.1:1/t".into()),
+            grpc_listen: Some(listen.parse().expect("addr")),
+            grpc_advertise: Some("10.13.0.5:7000".parse().expect("addr")),
+            cluster_secret_file: Some(secret.clone()),
+            hardening: HardeningArgs {
+                cluster_plaintext: plaintext,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = Config::load(args("0.0.0.0:7000", false)).expect_err("refused");
+        assert!(err.to_string().contains("--cluster-tls-cert"), "{err}");
+        assert!(Config::load(args("0.0.0.0:7000", true)).is_ok());
+        assert!(Config::load(args("127.0.0.1:7000", false)).is_ok());
+        let partial = ServeArgs {
+            hardening: HardeningArgs {
+                cluster_tls_cert: Some("c.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(Config::load(partial).is_err(), "cert without key and CA");
+    }
+
+    #[test]
     fn unknown_config_keys_are_errors_not_silently_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.toml");

@@ -850,6 +850,7 @@ async fn rejections_are_logged_within_a_budget() {
     const SENT: usize = 300;
     let node = Node::builder()
         .env("TETHER_REJECTIONS_LOGGED_PER_MINUTE", &BUDGET.to_string())
+        .env("TETHER_LOG_JSON", "true")
         .start()
         .await;
     let client = client_from(ATTACKER);
@@ -876,9 +877,20 @@ async fn rejections_are_logged_within_a_budget() {
         .unwrap_or(0.0);
     assert!(counted >= SENT as f64, "{counted}");
     let logs = node.stderr_all();
-    let lines = logs
+    let logged: Vec<Value> = logs
         .lines()
-        .filter(|l| l.contains("status=401") || l.contains("status=429"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|l| l["fields"]["message"] == "tether serving"),
+        "the node logs JSON lines: {}",
+        node.stderr_tail()
+    );
+    let lines = logged
+        .iter()
+        .filter(|l| matches!(l["fields"]["status"].as_u64(), Some(401 | 429)))
         .count();
     assert!(
         lines <= BUDGET,
