@@ -6,6 +6,7 @@
 #   2. flash (text+rodata+data) <= 256 KB and static RAM (data+bss) <= 48 KB, TLS on;
 #   3. the QEMU test (qemu-test/: a recorded exchange replayed through DeviceClient and
 #      the firmware's HTTP/protobuf/storage code on an emulated Cortex-M4) passes.
+# `ci.sh --tools-only` installs and checks the tools (target, QEMU, llvm-size) and stops.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -42,26 +43,59 @@ if ! command -v qemu-system-arm >/dev/null 2>&1; then
   apt_install qemu-system-arm || fail "cannot install qemu-system-arm"
 fi
 
-# llvm-size: rustup's llvm-tools if present, else any llvm-size on PATH, else Debian's llvm.
+# llvm-size: rustup's llvm-tools if present, else an llvm-size on PATH, else Debian's
+# /usr/bin/llvm-size-N. Prints nothing (and succeeds) when there is none: under
+# `set -e -o pipefail` a failing lookup must not end the script before the install below.
 find_llvm_size() {
-  local sysroot host
+  local sysroot host candidate
   sysroot="$(rustc --print sysroot)"
   host="$(rustc -vV | sed -n 's/^host: //p')"
-  if [ -x "$sysroot/lib/rustlib/$host/bin/llvm-size" ]; then
-    echo "$sysroot/lib/rustlib/$host/bin/llvm-size"
-  elif command -v llvm-size >/dev/null 2>&1; then
-    command -v llvm-size
+  candidate="$sysroot/lib/rustlib/$host/bin/llvm-size"
+  if [ -x "$candidate" ]; then
+    echo "$candidate"
+    return 0
+  fi
+  if candidate="$(command -v llvm-size)" && [ -x "$candidate" ]; then
+    echo "$candidate"
+    return 0
+  fi
+  for candidate in $(compgen -G '/usr/bin/llvm-size-*' | sort -V -r); do
+    if [ -x "$candidate" ]; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 0
+}
+# Debian's llvm provides llvm-size; when the package is installed but the tool is gone (a
+# trimmed image), reinstalling it (and its llvm-N) puts the tool back.
+install_llvm() {
+  local status versioned
+  status="$(dpkg-query -W -f='${Status}' llvm 2>/dev/null || true)"
+  if [[ "$status" == *"ok installed"* ]]; then
+    versioned="$(dpkg-query -W -f='${Depends}' llvm 2>/dev/null | grep -oE 'llvm-[0-9]+' | head -1 || true)"
+    echo "==> llvm is installed but provides no llvm-size: reinstalling llvm $versioned"
+    apt-get install -y --reinstall llvm $versioned ||
+      { apt-get update && apt-get install -y --reinstall llvm $versioned; }
   else
-    ls /usr/bin/llvm-size-* 2>/dev/null | sort -V | tail -1
+    echo "==> installing Debian's llvm (for llvm-size)"
+    apt_install llvm
   fi
 }
 LLVM_SIZE="$(find_llvm_size)"
 if [ -z "$LLVM_SIZE" ]; then
-  echo "==> installing llvm (for llvm-size)"
-  apt_install llvm || fail "cannot install llvm"
+  echo "==> no llvm-size in rustup's llvm-tools, on PATH or as /usr/bin/llvm-size-*"
+  install_llvm || fail "no llvm-size, and installing Debian's llvm failed: the size budget \
+needs llvm-size (apt-get install llvm, or rustup component add llvm-tools)"
   LLVM_SIZE="$(find_llvm_size)"
 fi
-[ -n "$LLVM_SIZE" ] || fail "no llvm-size found"
+[ -n "$LLVM_SIZE" ] || fail "no llvm-size after installing Debian's llvm: the size budget \
+needs llvm-size (apt-get install llvm, or rustup component add llvm-tools)"
+echo "firmware-nrf/ci.sh: llvm-size is $LLVM_SIZE"
+if [ "${1:-}" = "--tools-only" ]; then
+  echo "firmware-nrf/ci.sh: tools ready (--tools-only: nothing built)"
+  exit 0
+fi
 
 # --- build --------------------------------------------------------------------------
 echo "==> cargo fmt --check (firmware workspace)"

@@ -12,6 +12,7 @@
 //! are printed, never asserted.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::AUTHORIZATION;
@@ -41,6 +42,8 @@ const JOIN_AT: Duration = Duration::from_secs(4);
 /// The earliest kill, from the start of the load (and at least [`SETTLE`] after the join).
 const KILL_AT: Duration = Duration::from_secs(12);
 const SETTLE: Duration = Duration::from_secs(4);
+/// How long after the kill every probe set must have been served again.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
 /// The original node that is killed (not n0, which later nodes join through).
 const VICTIM: usize = 1;
 /// The node that joins mid-run.
@@ -94,6 +97,7 @@ async fn probe(
     serial: String,
     creds: Credentials,
     mut stop: watch::Receiver<bool>,
+    last_ack: Arc<Mutex<Option<Instant>>>,
 ) -> ProbeLog {
     let url = format!("{lb}/v1/buckets/shared.{serial}");
     let mut log = ProbeLog {
@@ -120,7 +124,10 @@ async fn probe(
                 let at = Instant::now();
                 match r.json::<Value>().await {
                     Ok(v) => match v["version"].as_u64() {
-                        Some(version) => log.acks.push(Ack { at, n, version }),
+                        Some(version) => {
+                            log.acks.push(Ack { at, n, version });
+                            *last_ack.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+                        }
                         None => {
                             *log.errors
                                 .entry(format!("200 without version: {v}"))
@@ -206,15 +213,19 @@ async fn through_haproxy_a_join_and_a_kill9_lose_no_acknowledged_write() {
         probe_creds.push((serial.clone(), creds));
     }
     let (stop_probes, stop_rx) = watch::channel(false);
+    let last_acks: Vec<Arc<Mutex<Option<Instant>>>> =
+        probe_creds.iter().map(|_| Arc::default()).collect();
     let probes: Vec<_> = probe_creds
         .iter()
-        .map(|(serial, creds)| {
+        .zip(&last_acks)
+        .map(|((serial, creds), last_ack)| {
             tokio::spawn(probe(
                 cluster.http().clone(),
                 lb.clone(),
                 serial.clone(),
                 creds.clone(),
                 stop_rx.clone(),
+                last_ack.clone(),
             ))
         })
         .collect();
@@ -278,7 +289,19 @@ async fn through_haproxy_a_join_and_a_kill9_lose_no_acknowledged_write() {
         .expect("simulator task")
         .expect("simulator run");
 
-    // The load went on for a while after the kill: the probes have had their chance.
+    // The probes go on until each has been served after the kill (failure detection, then
+    // the new owner), or FAILOVER_DEADLINE after it: the behaviour is checked, not its
+    // speed on two loaded cores (the failover time is printed below).
+    let served_again = || {
+        last_acks.iter().all(|a| {
+            a.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|at| at > killed_at)
+        })
+    };
+    while !served_again() && Instant::now() < killed_at + FAILOVER_DEADLINE {
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
     let _ = stop_probes.send(true);
     let mut logs = Vec::new();
     for p in probes {

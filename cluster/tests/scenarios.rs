@@ -400,10 +400,20 @@ async fn killed_node_is_detected_down_within_the_bound_and_leaves_the_ring() {
         ExpectOwner(&k3, heir),
     ])
     .await;
+    // `ExpectDown` already failed past the implementation's own bound (7.6 s for three
+    // nodes); this checks the number operators are told (README: "declared down by the
+    // others within about 5 s"), "about" read as at most 6 s.
     let bound = config().failure_detection_bound(3);
     println!("kill detected everywhere after {detections:?} (bound {bound:?})");
-    assert!(detections[0] <= bound);
+    assert!(
+        detections[0] <= README_DOWN_WITHIN,
+        "a killed node of 3 is declared down after {:?}, not within the README's {README_DOWN_WITHIN:?}",
+        detections[0]
+    );
 }
+
+/// How soon the README tells operators a killed node is declared down ("about 5 s").
+const README_DOWN_WITHIN: Duration = Duration::from_secs(6);
 
 #[tokio::test]
 async fn graceful_leave_is_seen_without_waiting_for_detection() {

@@ -1,7 +1,8 @@
 //! A short run of `tether-sim` against a real `tether` node: a few devices with
 //! companions, an app user paired through pairing codes (in the setup phase, before the
 //! timed load starts), sleep cycles and flaky links, for a few seconds, then the audit of
-//! the final state. Every check must pass. No timing is asserted.
+//! the final state. Every check must pass. No timing is asserted beyond a generous 15 s
+//! bound on a notification (a missed one is what the checker exists to find).
 //!
 //! The `tether` binary belongs to another package, so `CARGO_BIN_EXE_tether` does not
 //! exist here: it is built (a no-op when up to date) with the cargo running this test and
@@ -95,7 +96,7 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
                 "--flaky-per-min",
                 "20",
                 "--notify-deadline-ms",
-                "5000",
+                "15000",
                 "--audit",
                 "--json",
             ])

@@ -213,6 +213,9 @@ pub struct ServeArgs {
     /// `TETHER_CLUSTER_SECRET` environment variable may carry it instead.
     #[arg(long, env = "TETHER_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// Tests only: commits obey control files in this directory (`store/faults.rs`).
+    #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
+    pub test_store_faults: Option<PathBuf>,
     /// Limits and mTLS between nodes (SECURITY.md).
     #[command(flatten)]
     pub hardening: HardeningArgs,
@@ -400,6 +403,8 @@ pub struct Config {
     pub registration: RegistrationConfig,
     /// Cluster mode (gossip, placement, forwarding); `None`: one node owns every set.
     pub cluster: Option<ClusterConfig>,
+    /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
+    pub test_store_faults: Option<PathBuf>,
     /// What one client may use of this node.
     pub limits: Limits,
 }
@@ -677,6 +682,7 @@ impl Config {
                 }
             },
             registration,
+            test_store_faults: args.test_store_faults,
         };
         config.check_transport()?;
         Ok(config)
@@ -704,6 +710,10 @@ impl Config {
             return Err(NodeError::Config(
                 "max_bucket_bytes must be positive".into(),
             ));
+        }
+        if matches!(self.store, StoreUrl::Fdb(_)) {
+            crate::store::fdb::check_bucket_limit(self.max_bucket_bytes)
+                .map_err(NodeError::Config)?;
         }
         if self.subscribe_default_timeout > self.subscribe_max_timeout {
             return Err(NodeError::Config(
@@ -973,6 +983,61 @@ mod tests {
         assert_eq!(c.max_bucket_bytes, 100);
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert!(c.registration.device_types.contains_key("thermostat"));
+    }
+
+    #[test]
+    fn fdb_store_refuses_a_bucket_limit_above_one_fdb_value() {
+        let mut c = Config::load(ServeArgs::default()).expect("loads");
+        // `fdb:` parses only in binaries built with the feature; the check is the same.
+        c.store = StoreUrl::Fdb("/etc/foundationdb/fdb.cluster".into());
+        c.max_bucket_bytes = 100_000;
+        let err = c
+            .check_transport()
+            .expect_err("a bucket must fit one FDB value");
+        assert!(err.to_string().contains("FoundationDB"), "{err}");
+        c.max_bucket_bytes = crate::store::fdb::MAX_BUCKET_BYTES;
+        c.check_transport().expect("the largest bucket that fits");
+        c.store = StoreUrl::Redb("/tmp/x".into());
+        c.max_bucket_bytes = 1_000_000;
+        c.check_transport()
+            .expect("other stores have no such limit");
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"from-file\"\npairing_code_ttl_s = 11\nsubscribe_default_timeout_ms = 1000\n",
+        )
+        .expect("write");
+        // Variables only this test reads (tests share the process environment).
+        std::env::set_var("TETHER_PAIRING_CODE_TTL_S", "22");
+        std::env::set_var("TETHER_NODE_ID", "from-env");
+        let parse = |args: &[&str]| {
+            let m = <Cli as clap::CommandFactory>::command()
+                .try_get_matches_from(args)
+                .expect("arguments parse");
+            Config::load(Cli::from_arg_matches(&m).expect("matches").serve).expect("loads")
+        };
+        let file = path.display().to_string();
+        let c = parse(&["tether", "--config", &file, "--node-id", "from-flag"]);
+        std::env::remove_var("TETHER_PAIRING_CODE_TTL_S");
+        std::env::remove_var("TETHER_NODE_ID");
+        assert_eq!(c.node_id, "from-flag", "flag over environment and file");
+        assert_eq!(c.pairing_code_ttl_s, 22, "environment over file");
+        assert_eq!(
+            c.subscribe_default_timeout,
+            Duration::from_millis(1000),
+            "file over default"
+        );
     }
 
     #[test]

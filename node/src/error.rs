@@ -139,6 +139,8 @@ impl ResponseError for NodeError {
 
 /// gRPC metadata key carrying the API error code of a forwarded request's failure.
 pub const GRPC_ERROR_KEY: &str = "x-tether-error";
+/// gRPC metadata key carrying a forwarded rate limit's `Retry-After` seconds.
+const GRPC_RETRY_AFTER_KEY: &str = "x-tether-retry-after";
 /// The code a node answers a forwarded request with when it does not own the set.
 const NOT_OWNER: &str = "not_owner";
 
@@ -172,6 +174,11 @@ impl NodeError {
         if let Ok(v) = api_code.parse() {
             status.metadata_mut().insert(GRPC_ERROR_KEY, v);
         }
+        if let NodeError::RateLimited { retry_after_s } = self {
+            if let Ok(v) = retry_after_s.to_string().parse() {
+                status.metadata_mut().insert(GRPC_RETRY_AFTER_KEY, v);
+            }
+        }
         status
     }
 
@@ -185,7 +192,13 @@ impl NodeError {
             "bad_request" => NodeError::BadRequest(msg),
             "unauthorized" => NodeError::Unauthorized(msg),
             "default_credentials_not_allowed" => NodeError::DefaultCredentialsNotAllowed(msg),
-            "rate_limited" => NodeError::RateLimited { retry_after_s: 1 },
+            "rate_limited" => NodeError::RateLimited {
+                retry_after_s: status
+                    .metadata()
+                    .get(GRPC_RETRY_AFTER_KEY)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1),
+            },
             "forbidden" => NodeError::Forbidden(msg),
             "not_found" => NodeError::NotFound(msg),
             "too_large" => NodeError::TooLarge(msg),
@@ -194,11 +207,77 @@ impl NodeError {
             "request_timeout" => NodeError::RequestTimeout(msg),
             "headers_too_large" => NodeError::HeadersTooLarge(msg),
             NOT_OWNER => NodeError::NotOwner(msg),
-            "unavailable" | "store_error" => NodeError::Unavailable(msg),
-            _ => NodeError::Internal(msg),
+            "unavailable" => NodeError::Unavailable(msg),
+            // The owner's store failed: the same code (and 503) as a local store failure.
+            "store_error" => NodeError::Store(StoreError::Backend(
+                msg.strip_prefix("store: ").unwrap_or(&msg).to_string(),
+            )),
+            _ => NodeError::Internal(
+                msg.strip_prefix("internal error: ")
+                    .unwrap_or(&msg)
+                    .to_string(),
+            ),
         })
     }
 }
 
 /// Short alias used across the crate.
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Invariant 9: a request forwarded to its owner fails exactly as it would have on
+    /// the owner itself — same status, API code, message and headers — for every error
+    /// a handler can return (`NotOwner` never reaches a client: the sender routes again).
+    #[test]
+    fn forwarded_errors_map_exactly_like_local_ones() {
+        let every = [
+            NodeError::BadRequest("bad body".into()),
+            NodeError::Proto(ProtoError::InvalidBucketId("x".into())),
+            NodeError::Unauthorized("who?".into()),
+            NodeError::DefaultCredentialsNotAllowed("register only".into()),
+            NodeError::RateLimited { retry_after_s: 7 },
+            NodeError::Forbidden("not yours".into()),
+            NodeError::NotFound("no bucket device.X".into()),
+            NodeError::TooLarge("bucket too large".into()),
+            NodeError::UnsupportedMediaType("text/plain".into()),
+            NodeError::Store(StoreError::Backend("disk on fire".into())),
+            NodeError::Store(StoreError::Fenced {
+                set: "X".into(),
+                epoch: 3,
+            }),
+            NodeError::Unavailable("shutting down".into()),
+            NodeError::Internal("bug".into()),
+        ];
+        for local in every {
+            let forwarded = NodeError::from_status(&local.to_status())
+                .unwrap_or_else(|| panic!("{local:?} lost its API code on the way"));
+            let (l, f) = (local.error_response(), forwarded.error_response());
+            assert_eq!(l.status(), f.status(), "{local:?} → {forwarded:?}");
+            assert_eq!(
+                local.body().error,
+                forwarded.body().error,
+                "{local:?} → {forwarded:?}"
+            );
+            for h in ["retry-after", "www-authenticate"] {
+                assert_eq!(
+                    l.headers().get(h),
+                    f.headers().get(h),
+                    "{h}: {local:?} → {forwarded:?}"
+                );
+            }
+            assert_eq!(
+                local.to_string(),
+                forwarded.to_string(),
+                "message of {local:?}"
+            );
+        }
+        let not_owner = NodeError::from_status(&NodeError::NotOwner("moved".into()).to_status());
+        assert!(
+            matches!(not_owner, Some(NodeError::NotOwner(_))),
+            "{not_owner:?}"
+        );
+    }
+}

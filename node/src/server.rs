@@ -43,7 +43,11 @@ pub async fn run(config: Config) -> Result<()> {
     #[cfg(feature = "fdb")]
     let _fdb_network = matches!(config.store, crate::config::StoreUrl::Fdb(_))
         .then(crate::store::fdb::Network::boot);
-    let store = crate::store::open(&config.store, metrics.clone(), 32).await?;
+    let mut store = crate::store::open(&config.store, metrics.clone(), 32).await?;
+    if let Some(dir) = &config.test_store_faults {
+        tracing::warn!(dir = %dir.display(), "test fault injection on the store (--test-store-faults)");
+        store = Arc::new(crate::store::faults::FaultyStore::new(store, dir));
+    }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| NodeError::Config(format!("creating {}: {e}", config.data_dir.display())))?;
     let shared = Shared::new(

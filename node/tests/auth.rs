@@ -13,9 +13,13 @@ use tether_proto::credentials::{basic_header, default_secret, Credentials};
 use tether_test_support::node::*;
 use tokio::time::{sleep_until, Instant};
 
-/// Lifetime and grace of assigned credentials in the rotation tests.
-const LIFETIME_S: u64 = 2;
-const GRACE_S: u64 = 3;
+/// Lifetime and grace of assigned credentials in the rotation tests. The rotation tests
+/// run several requests inside these windows on two shared, loaded cores: the lifetime
+/// leaves room for the checks before it, the grace for the half-dozen requests in it.
+const LIFETIME_S: u64 = 4;
+const GRACE_S: u64 = 10;
+/// Grace in the test that restarts the node inside it.
+const RESTART_GRACE_S: u64 = 30;
 /// Margin past a server-side expiry before relying on it.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(200);
 
@@ -788,7 +792,7 @@ async fn rotation_with_puts_in_flight_acknowledges_and_keeps_them() {
     const P: &str = "ROTPUT01";
     const WRITERS: u64 = 8;
     let data = tempfile::tempdir().expect("data dir");
-    // A longer grace here: the old set is also checked after a restart.
+    // A longer grace here: the old set is also checked after a kill -9 and a restart.
     let template = thermostat_template(
         &(0..WRITERS)
             .map(|i| format!("w{i}"))
@@ -803,7 +807,7 @@ async fn rotation_with_puts_in_flight_acknowledges_and_keeps_them() {
         .arg("--credential-lifetime-s")
         .arg(LIFETIME_S.to_string())
         .arg("--credential-grace-s")
-        .arg("5")
+        .arg(RESTART_GRACE_S.to_string())
         .start()
         .await;
     let d = node.device(P);
@@ -858,7 +862,7 @@ async fn rotation_with_puts_in_flight_acknowledges_and_keeps_them() {
         .arg("--credential-lifetime-s")
         .arg(LIFETIME_S.to_string())
         .arg("--credential-grace-s")
-        .arg("5")
+        .arg(RESTART_GRACE_S.to_string())
         .start()
         .await;
     let new = node.with_credentials(s2.clone());
@@ -1157,9 +1161,11 @@ async fn a_refused_pair_claims_no_structure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_principal_are_rate_limited() {
+    // 1/s (burst 2): 40 requests outpace it unless each takes over a second, so the test
+    // holds on a loaded machine.
     let node = Node::builder()
         .arg("--requests-per-second")
-        .arg("5")
+        .arg("1")
         .user("alice")
         .start()
         .await;
@@ -1170,7 +1176,7 @@ async fn requests_per_principal_are_rate_limited() {
     let alice = node.user("alice");
     let path = "/v1/buckets/device.LOUD0001";
 
-    // 5/s with a burst of 10: quick requests beyond that are refused.
+    // 1/s with a burst of 2: quick requests beyond that are refused.
     let mut statuses = Vec::new();
     let mut limited = None;
     for _ in 0..40 {
@@ -1183,13 +1189,13 @@ async fn requests_per_principal_are_rate_limited() {
         r.expect(StatusCode::OK);
     }
     let r = limited
-        .unwrap_or_else(|| panic!("40 quick requests at 5/s were never limited: {statuses:?}"));
+        .unwrap_or_else(|| panic!("40 quick requests at 1/s were never limited: {statuses:?}"));
     assert!(
-        statuses.len() >= 10,
-        "the burst (2 × 5) is served before limiting: {statuses:?}"
+        statuses.len() >= 3,
+        "the burst (2 × 1) is served before limiting: {statuses:?}"
     );
     let retry = assert_429(&r);
-    assert!(retry <= 2, "Retry-After {retry} s for a 5/s limit");
+    assert!(retry <= 2, "Retry-After {retry} s for a 1/s limit");
 
     // Per principal: others are unaffected meanwhile.
     m.get("/v1/buckets/device.CALM0001")

@@ -23,8 +23,8 @@ const DEVICES: usize = 12;
 /// acknowledged write can be found again): writes outside a template are refused.
 const TEMPLATE: &str = r#"
 [device_types.thermostat.buckets]
-device = ["current_temperature", "humidity", "hvac_state", "sw_version"]
-shared = ["target_temperature", "mode", "name", "w0", "w1", "w2", "w3"]
+device = ["current_temperature", "humidity", "hvac_state", "sw_version", "big1", "big2"]
+shared = ["target_temperature", "mode", "name", "w0", "w1", "w2", "w3", "fate"]
 "#;
 
 fn free_port() -> u16 {
@@ -38,6 +38,8 @@ struct Member {
     node: Node,
     id: String,
     grpc: u16,
+    /// The store fault seam's control directory (`--test-store-faults`).
+    faults: tempfile::TempDir,
 }
 
 async fn start_member(
@@ -48,8 +50,11 @@ async fn start_member(
     cert: &NodeCert,
 ) -> Member {
     let grpc = free_port();
+    let faults = tempfile::tempdir().expect("faults dir");
     let mut b = Node::builder()
         .config(TEMPLATE)
+        .arg("--test-store-faults")
+        .arg(faults.path().display().to_string())
         .arg("--node-id")
         .arg(id)
         .arg("--store")
@@ -72,7 +77,23 @@ async fn start_member(
         node: b.start().await,
         id: id.to_string(),
         grpc,
+        faults,
     }
+}
+
+/// Asserts a 503 says when to retry (README: `Retry-After: 1` on cluster 503s).
+fn assert_retry_after(r: &Resp) {
+    assert_eq!(
+        r.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "a 503 without Retry-After: 1: {}",
+        r.text()
+    );
+}
+
+/// The parts of an error answer a client sees: status, API code and message.
+fn error_of(r: &Resp) -> (StatusCode, Value) {
+    (r.status, r.json())
 }
 
 /// Waits until `node` answers /readyz 200 with `members` live members.
@@ -113,6 +134,7 @@ async fn write_retrying(
         match r.status {
             StatusCode::OK => return (u64_of(&r.json(), "version"), start.elapsed()),
             StatusCode::SERVICE_UNAVAILABLE if start.elapsed() < limit => {
+                assert_retry_after(&r);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => panic!(
@@ -176,22 +198,27 @@ async fn stranger_get(
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect_timeout(Duration::from_secs(5));
-    let connector = cert.map(|c| {
-        let files = tether_node::config::ClusterTlsFiles {
-            cert: c.cert.clone(),
-            key: c.key.clone(),
-            ca: c.ca.clone(),
-            reload_interval: Duration::from_secs(3600),
-        };
-        tether_node::security::cluster_tls::TlsConnector::connector(
-            tether_node::security::cluster_tls::ClusterTls::start(&files).expect("stranger TLS"),
-        )
-    });
+    let connector = cert.map(peer_connector);
     let channel = tether_cluster::transport::grpc::lazy_channel(endpoint, addr, connector);
     let mut stranger = SetsClient::new(channel);
     within(REQUEST_DEADLINE, "stranger call", stranger.get(req))
         .await
         .expect_err("a stranger's call must fail")
+}
+
+/// Dials the internal port over mTLS with `cert`, as a node does.
+fn peer_connector(
+    cert: &NodeCert,
+) -> std::sync::Arc<dyn tether_cluster::transport::grpc::PeerConnector> {
+    let files = tether_node::config::ClusterTlsFiles {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        ca: cert.ca.clone(),
+        reload_interval: Duration::from_secs(3600),
+    };
+    tether_node::security::cluster_tls::TlsConnector::connector(
+        tether_node::security::cluster_tls::ClusterTls::start(&files).expect("peer TLS"),
+    )
 }
 
 fn owner(ids: &[&str], set: &str) -> String {
@@ -207,6 +234,27 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let url = pg.url("cluster").expect("database");
     let mut pki = ClusterPki::generate().await;
     let a = start_member("node-a", &url, None, None, &pki.issue("node-a").await).await;
+    // README: /readyz answers 503 until the node has joined; a node whose seeds never
+    // answer starts a new cluster after 15 s (checked at the end of this test).
+    let lonely = start_member(
+        "node-x",
+        &url,
+        Some(free_port()),
+        Some(&a.node),
+        &pki.issue("node-x").await,
+    )
+    .await;
+    let r = http_client()
+        .get(lonely.node.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ready before joining"
+    );
+    let lonely_started = Instant::now();
     let b_cert = pki.issue("node-b").await;
     let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &b_cert).await;
     let c_cert = pki.issue("node-c").await;
@@ -215,6 +263,14 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         wait_ready(&m.node, 3).await;
     }
     let mut members = vec![a, b, c];
+    for m in &members {
+        assert_eq!(
+            m.node.metric("tether_cluster_members").await,
+            Some(3.0),
+            "{}: tether_cluster_members",
+            m.id
+        );
+    }
     let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
 
@@ -320,6 +376,133 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let got = buckets_of(&answered);
     assert_eq!(got.len(), 1, "{answered}");
     assert_eq!(u64_of(&got[0], "version"), v1, "{answered}");
+
+    // Invariant 9, black-box: a request that fails on the owner fails the same through a
+    // node that forwards it (404 for a bucket the set lacks, 413 for a write that would
+    // make the bucket too large).
+    {
+        let serial = &serials[1];
+        let owner_id = owner(&id_refs, serial);
+        let on_owner = members.iter().find(|m| m.id == owner_id).expect("owner");
+        let elsewhere = members
+            .iter()
+            .find(|m| m.id != owner_id)
+            .expect("non-owner");
+        let (o, e) = (on_owner.node.device(serial), elsewhere.node.device(serial));
+        let missing = format!("/v1/buckets/other.{serial}");
+        let local = o.get(&missing).await;
+        local.expect_error(StatusCode::NOT_FOUND, "not_found");
+        assert_eq!(
+            error_of(&e.get(&missing).await),
+            error_of(&local),
+            "GET 404 forwarded"
+        );
+        let put_missing = json!({"value": {"x": 1}});
+        let local = o.put(&format!("other.{serial}"), &put_missing).await;
+        local.expect_error(StatusCode::NOT_FOUND, "not_found");
+        let forwarded = e.put(&format!("other.{serial}"), &put_missing).await;
+        assert_eq!(error_of(&forwarded), error_of(&local), "PUT 404 forwarded");
+        let half = "x".repeat(40_000);
+        let shared_id = format!("device.{serial}");
+        o.put(&shared_id, &json!({"value": {"big1": half}}))
+            .await
+            .expect(StatusCode::OK);
+        let too_big = json!({"value": {"big2": half}});
+        let local = o.put(&shared_id, &too_big).await;
+        local.expect_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+        assert_eq!(
+            error_of(&e.put(&shared_id, &too_big).await),
+            error_of(&local),
+            "413 forwarded"
+        );
+    }
+
+    // Invariant 14: a subscribe held on the owner through another node is cancelled on
+    // the owner when the subscriber goes away (the forwarded stream drops).
+    {
+        let serial = &serials[2];
+        let owner_id = owner(&id_refs, serial);
+        let via = members
+            .iter()
+            .find(|m| m.id != owner_id)
+            .expect("non-owner");
+        let id = format!("shared.{serial}");
+        let version = acked[serial][0].1;
+        let before = held(&members).await;
+        let sub = hold(
+            &members,
+            via.node.device(serial).with_client(http_client()),
+            id,
+            version,
+        )
+        .await;
+        sub.abort();
+        let start = Instant::now();
+        while held(&members).await > before {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the owner still holds a subscription whose subscriber left"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // Invariant 13: a forwarded request reaching a node that does not own its set is
+    // answered `not_owner` there, never forwarded again (no loop between disagreeing views).
+    {
+        use tether_node::routing::forward::pb;
+        let serial = &serials[3];
+        let owner_id = owner(&id_refs, serial);
+        let stranger = members
+            .iter()
+            .find(|m| m.id != owner_id)
+            .expect("non-owner");
+        // A peer: the cluster CA's certificate (mTLS) and the cluster secret.
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], stranger.grpc).into();
+        let channel = tether_cluster::transport::grpc::lazy_channel(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint"),
+            addr,
+            Some(peer_connector(&pki.issue("peer").await)),
+        );
+        let secret =
+            tether_cluster::ClusterSecret::new(SECRET.as_bytes().to_vec()).expect("secret");
+        let mut peer = pb::sets_client::SetsClient::with_interceptor(
+            channel,
+            tether_cluster::auth::PeerAuthInterceptor::client(secret),
+        );
+        let forwarded_before = stranger
+            .node
+            .metric("tether_forwarded_requests_total")
+            .await
+            .unwrap_or(0.0);
+        let status = peer
+            .get(pb::GetRequest {
+                set: serial.clone(),
+                ids: Vec::new(),
+                all: true,
+                without_values: false,
+                max_bytes: 0,
+            })
+            .await
+            .expect_err("a non-owner must not serve the set");
+        assert_eq!(
+            status
+                .metadata()
+                .get("x-tether-error")
+                .and_then(|v| v.to_str().ok()),
+            Some("not_owner"),
+            "{status:?}"
+        );
+        assert_eq!(
+            stranger
+                .node
+                .metric("tether_forwarded_requests_total")
+                .await
+                .unwrap_or(0.0),
+            forwarded_before,
+            "the non-owner forwarded a forwarded request again"
+        );
+    }
 
     // Users live in the shared store (`admin user add --store`): one pairs a device
     // through one node and reads it through another; unpairing through a third answers
@@ -471,6 +654,30 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let sub = hold(&members, held_via, c_id, c_version).await;
     let mut c = members.pop().expect("node-c");
     c.node.sigterm().await;
+    // While it drains, node-c tells load balancers it is not ready, and hands its sets off.
+    {
+        let client = http_client();
+        let start = Instant::now();
+        let mut seen = None;
+        while seen.is_none() && start.elapsed() < Duration::from_secs(10) {
+            if let Ok(r) = client.get(c.node.url("/readyz")).send().await {
+                if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+                    seen = Some(r.json::<Value>().await.unwrap_or(Value::Null));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            seen.as_ref().map(|v| v["status"].clone()),
+            Some(json!("draining")),
+            "/readyz while draining"
+        );
+        let handoffs = c.node.metric("tether_handoffs_total").await.unwrap_or(0.0);
+        assert!(
+            handoffs >= 1.0,
+            "node-c handed off its sets: tether_handoffs_total {handoffs}"
+        );
+    }
     let answered = within(
         Duration::from_secs(15),
         "held subscribe answered on drain",
@@ -487,6 +694,12 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     assert!(status.success(), "drained node exits cleanly: {status:?}");
     for m in &members {
         wait_ready(&m.node, 2).await;
+        assert_eq!(
+            m.node.metric("tether_cluster_members").await,
+            Some(2.0),
+            "{}",
+            m.id
+        );
     }
     let mut drain_gap = Duration::ZERO;
     for serial in &serials {
@@ -513,8 +726,46 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         .find(|s| owner(&["node-a", "node-b"], s) == "node-b")
         .expect("node-b owns some of the sets")
         .clone();
+    // Invariant 11: a write through node-a is committed on node-b, whose answer never
+    // comes back (node-b is killed after the commit, before answering): its fate is
+    // unknown to node-a, which answers 503 and never applies it a second time elsewhere.
+    let unknown_id = format!("shared.{b_set}");
+    let base = u64_of(
+        &members[0].node.device(&b_set).bucket(&unknown_id).await,
+        "version",
+    );
+    std::fs::write(b.faults.path().join("hold-after-commit"), b"").expect("hold");
+    let unknown = {
+        let p = members[0].node.device(&b_set).with_client(http_client());
+        let id = unknown_id.clone();
+        tokio::spawn(async move {
+            p.put(
+                &id,
+                &json!({"value": {"fate": "unknown"}, "base_version": base}),
+            )
+            .await
+        })
+    };
+    let done = b.faults.path().join("commit-done-held");
+    let start = Instant::now();
+    while !done.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node-b never committed the write"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     b.node.kill9().await;
     let killed = Instant::now();
+    let r = within(
+        Duration::from_secs(30),
+        "the write of unknown fate answered",
+        unknown,
+    )
+    .await
+    .expect("writer task");
+    r.expect_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert_retry_after(&r);
     let a = &members[0];
     let p = a.node.device(&b_set);
     let (v, _) = write_retrying(
@@ -525,6 +776,16 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     )
     .await;
     let failover = killed.elapsed();
+    assert_eq!(
+        v,
+        base + 2,
+        "the write of unknown fate was applied once (v{}) before w3, never twice",
+        base + 1
+    );
+    acked
+        .get_mut(&b_set)
+        .expect("device")
+        .push(("fate".into(), base + 1));
     acked
         .get_mut(&b_set)
         .expect("device")
@@ -549,6 +810,11 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             );
         }
     }
+    wait_ready(&lonely.node, 1).await;
+    assert!(
+        lonely_started.elapsed() >= Duration::from_secs(10),
+        "node-x must wait for its seeds before starting a new cluster"
+    );
     eprintln!(
         "cluster: drain → slowest write to a moved set {} ms; kill -9 → node-b's set {b_set} served again after {} ms",
         drain_gap.as_millis(),

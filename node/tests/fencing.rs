@@ -16,10 +16,13 @@ use tether_test_support::node::*;
 
 const WRITES_PER_NODE: u64 = 60;
 
-/// The thermostat template with the fields `w0`… this test writes (a node refuses fields
-/// outside a template).
+/// The thermostat template with the fields `w0`… of the concurrent phase and `w1000`…
+/// of the lease hand-over before it (a node refuses fields outside a template).
 fn template() -> String {
-    let fields: Vec<String> = (0..2 * WRITES_PER_NODE).map(|n| format!("w{n}")).collect();
+    let fields: Vec<String> = (0..2 * WRITES_PER_NODE)
+        .chain(1000..1003)
+        .map(|n| format!("w{n}"))
+        .collect();
     thermostat_template(&fields.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -64,6 +67,19 @@ async fn two_nodes_owning_one_set_never_both_commit_and_lose_nothing() {
     on_a.register_thermostat().await;
     let on_b = b.device("FENCE01");
     let id = "shared.FENCE01";
+
+    // Each node certainly takes the lease from the other once: A holds it (registration),
+    // B's first write takes it, so A's next commit must be refused as a stale owner.
+    let put = |p: &Principal, n: u64| {
+        let body = json!({"value": {format!("w{n}"): n}, "base_version": 0});
+        let p = p.clone();
+        async move { p.put(id, &body).await }
+    };
+    put(&on_a, 1000).await.expect(StatusCode::OK);
+    put(&on_b, 1001).await.expect(StatusCode::OK);
+    put(&on_a, 1002)
+        .await
+        .expect_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
 
     // Both nodes write the same set at the same time.
     let writer = |p: Principal, parity: u64| async move {
@@ -122,12 +138,22 @@ async fn two_nodes_owning_one_set_never_both_commit_and_lose_nothing() {
         missing.is_empty(),
         "acknowledged writes lost: {missing:?} in {bucket}"
     );
+    // Fencing happened, on both sides: stale-owner commits were refused and both nodes
+    // lost the lease at least once (the oracles above only bite if the nodes interleaved).
+    let lost_a = a.metric("tether_leases_lost_total").await.unwrap_or(0.0);
+    let lost_b = b.metric("tether_leases_lost_total").await.unwrap_or(0.0);
     eprintln!(
         "fencing: {} writes acknowledged, {} commits refused as stale owner (A {fenced_a}, B {fenced_b}); \
-         node A metrics lost={:?}, node B lost={:?}",
+         leases lost: A {lost_a}, B {lost_b}",
         by_version.len(),
         fenced_a + fenced_b,
-        a.metric("tether_leases_lost_total").await,
-        b.metric("tether_leases_lost_total").await,
+    );
+    assert!(
+        fenced_a + fenced_b > 0,
+        "no commit was refused during the concurrent phase: the nodes never interleaved"
+    );
+    assert!(
+        lost_a >= 1.0 && lost_b >= 1.0,
+        "both nodes must have lost the lease (A {lost_a}, B {lost_b})"
     );
 }

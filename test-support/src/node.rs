@@ -35,8 +35,10 @@ use tokio::process::{Child, Command};
 
 /// How long the binary may take to print its `listening on` line.
 pub const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
-/// How long a held subscription may take to be answered after the change that wakes it.
-pub const NOTIFY_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a held subscription may take to be answered after the change that wakes it
+/// (or a subscribe that must be answered at once, next to holds of 60 s): generous, since
+/// the tests share two loaded cores; latency is measured by the benchmarks, not here.
+pub const NOTIFY_DEADLINE: Duration = Duration::from_secs(15);
 /// Upper bound for any request that is not a held subscription.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 

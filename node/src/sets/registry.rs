@@ -273,3 +273,117 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Invariant 10 on two nodes' registries sharing one store (the FoundationDB store's
+    //! logic on its in-memory database), with the take-over wired straight to the previous
+    //! node's `relinquish` as the gRPC `Relinquish` call does.
+    use super::*;
+    use crate::routing::router::Router;
+    use crate::store::fdb::memory::MemoryKv;
+    use crate::store::fdb::KvStore;
+    use serde_json::json;
+    use tether_proto::{BucketId, Fields, Update};
+
+    #[derive(Debug)]
+    struct Direct {
+        previous: Arc<Shared>,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl TakeOver for Direct {
+        fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()> {
+            let (shared, log) = (self.previous.clone(), self.log.clone());
+            Box::pin(async move {
+                assert_eq!(previous, shared.node_id);
+                shared.relinquish(&set).await;
+                log.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(format!("{previous} stopped serving {set}"));
+            })
+        }
+    }
+
+    fn node(id: &str, store: Arc<dyn Store>) -> Arc<Shared> {
+        let config = ActorConfig {
+            passivate_after: Duration::from_secs(600),
+            max_bucket_bytes: 65_536,
+            templates: Arc::new(crate::registration::RegistrationConfig::default()),
+            max_ids: 1024,
+            max_answer_bytes: 4 << 20,
+        };
+        Shared::new(id.into(), store, Metrics::new(), config, 1)
+    }
+
+    fn fields(v: serde_json::Value) -> Fields {
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => Fields::new(),
+        }
+    }
+
+    #[test]
+    fn relinquish_stops_the_previous_holder_before_the_new_owner_serves() {
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let (n1, n2) = (node("n1", store.clone()), node("n2", store));
+            let log = Arc::new(Mutex::new(Vec::new()));
+            n2.set_takeover(Arc::new(Direct {
+                previous: n1.clone(),
+                log: log.clone(),
+            }));
+            let (r1, r2) = (Router::single(n1.clone()), Router::single(n2.clone()));
+            let set = SetKey::parse("REL00001").expect("set");
+            let id = BucketId::parse("shared.REL00001").expect("id");
+            let put = |v: serde_json::Value| Update {
+                value: fields(v),
+                base_version: 0,
+                occ: false,
+            };
+
+            // No device type: the bucket's own fields are its template.
+            r1.ensure(&set, vec![(id.clone(), fields(json!({"x": null})))], None)
+                .await
+                .expect("create on n1");
+            r1.put(&id, put(json!({"x": 1})), None)
+                .await
+                .expect("n1 writes");
+            assert!(n1.existing_actor(&set).is_some(), "n1 serves the set");
+
+            // n2 takes the set over (its view says it owns it); its first answer comes
+            // only after n1 stopped serving.
+            let answer = r2
+                .put(&id, put(json!({"x": 2})), None)
+                .await
+                .expect("n2 writes");
+            assert_eq!(
+                log.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_slice(),
+                ["n1 stopped serving REL00001"],
+                "n2 served before n1 was told to stop"
+            );
+            assert!(
+                n1.existing_actor(&set).is_none(),
+                "n1 still holds the set in memory after the take-over"
+            );
+            assert_eq!(answer.bucket.value.get("x"), Some(&json!(2)));
+
+            // n1 answers no read from its stale copy: a read there loads the set again.
+            let all = crate::routing::router::Get {
+                ids: None,
+                values: true,
+                max_bytes: 4 << 20,
+            };
+            let read = r1.get(&set, all).await.expect("read on n1");
+            assert_eq!(
+                read[0].value.get("x"),
+                Some(&json!(2)),
+                "n1 answered from stale memory: {read:?}"
+            );
+            n1.shutdown(Duration::from_secs(5)).await;
+            n2.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+}

@@ -397,7 +397,6 @@ macro_rules! every_case {
         );
     };
 }
-#[cfg(feature = "fdb")]
 pub(crate) use every_case;
 
 mod redb {

@@ -1,10 +1,11 @@
 //! The domain-level store: what a node needs from durable storage, and nothing more.
 //!
-//! Backends: [`redb::RedbStore`] (embedded, single node) and [`postgres::PostgresStore`]
-//! (shared, for clusters). Every backend passes the same conformance tests
-//! (`store::conformance`).
+//! Backends: [`redb::RedbStore`] (embedded, single node), [`postgres::PostgresStore`]
+//! (shared, for clusters) and the FoundationDB store ([`fdb`]: its logic always, its
+//! adapter to `libfdb_c` with the `fdb` feature). Every backend passes the same
+//! conformance tests (`store::conformance`).
 
-#[cfg(feature = "fdb")]
+pub mod faults;
 pub mod fdb;
 pub mod pg_server;
 pub mod postgres;
@@ -202,7 +203,9 @@ pub async fn open(
             std::sync::Arc::new(postgres::PostgresStore::connect(url, pool).await?)
         }
         #[cfg(feature = "fdb")]
-        StoreUrl::Fdb(cluster_file) => std::sync::Arc::new(fdb::FdbStore::open(cluster_file)?),
+        StoreUrl::Fdb(cluster_file) => {
+            std::sync::Arc::new(fdb::FdbStore::open(cluster_file).await?)
+        }
         #[cfg(not(feature = "fdb"))]
         StoreUrl::Fdb(_) => {
             return Err(crate::error::NodeError::Config(

@@ -1,0 +1,684 @@
+//! The FoundationDB store: the production store of the Helm chart.
+//!
+//! Split in two so that everything but the C library runs in plain `cargo test`:
+//! - this module — the key layout, fencing, the retry loop with its time and attempt
+//!   bounds, and idempotent retries, written against the small transactional key-value
+//!   surface of [`kv`] ([`KvStore`]); always compiled, no link to `libfdb_c`;
+//! - `native` (cargo feature `fdb`) — the thin adapter from that surface to the
+//!   `foundationdb` crate, the network thread and [`FdbStore`](native::FdbStore).
+//!
+//! [`memory::MemoryKv`] implements the same surface in memory with FDB's conflict rules and
+//! injectable failures (`commit_unknown_result`, retryable errors, an unreachable
+//! cluster); the store conformance suite runs on it in CI (`store::fdb::tests`).
+//!
+//! Key layout (FDB tuple encoding, all under the `("tether",)` subspace):
+//!
+//! | key                                   | value                                  |
+//! |---------------------------------------|----------------------------------------|
+//! | `("tether","bucket",set,id)`          | JSON `{value, ts_ms, ts_logical, version}` |
+//! | `("tether","lease",set)`              | epoch, u64 big-endian                  |
+//! | `("tether","lease_owner",set)`        | node id holding the lease, UTF-8       |
+//! | `("tether","device",device_id)`       | JSON `DeviceRecord`                    |
+//! | `("tether","rec",ns,k1[,k2])`         | JSON (credentials, users, pairings, structures, codes) |
+//! | `("tether","txn",ms,uuid)`            | JSON result of a committed non-idempotent operation |
+//!
+//! Fencing: `commit` reads the set's lease key in the same transaction as its writes, so a
+//! concurrent `acquire_lease` conflicts with it (serializable isolation): one of them
+//! retries and the commit then sees the new epoch and is refused.
+//!
+//! Retries: every operation runs in a loop that retries FDB's retryable errors with
+//! exponential backoff, at most [`Limits::max_attempts`] times and for at most
+//! [`Limits::timeout`] in all (5 s, the PostgreSQL backend's bound), then fails with
+//! [`StoreError::Backend`] — a 503 with `Retry-After`, never a hang. An attempt whose
+//! commit reported `commit_unknown_result` may have committed; operations whose second
+//! application would answer differently (lease take-over, user creation, pairing-code
+//! consumption, pairing, credential swap) write a transaction marker `("txn",ms,uuid)`
+//! holding their result in the same transaction, and every retry first reads it: when it
+//! is there the first attempt committed and its result is returned (FDB developer guide,
+//! "Transactions with unknown results"). Markers older than [`MARKER_TTL_MS`] are cleared
+//! by later marked transactions. Commits, device records, pairing codes and structure
+//! claims are idempotent as they are.
+//!
+//! Limits: a bucket is one value, and FDB values are at most 100,000 bytes, so the node
+//! refuses a `max_bucket_bytes` above [`MAX_BUCKET_BYTES`] on this store
+//! ([`check_bucket_limit`]). A commit writes one bucket set (a handful of values), so
+//! transactions stay far below FDB's 10 MB; there are no watches at all — notifications
+//! come from the owning actor, never one FDB watch per device.
+
+pub mod kv;
+pub mod memory;
+#[cfg(feature = "fdb")]
+pub mod native;
+#[cfg(feature = "fdb")]
+pub use native::{FdbStore, Network};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use foundationdb_tuple::Subspace;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tether_proto::{Bucket, SetKey};
+
+use self::kv::{KvDatabase, KvError, KvTransaction, MAX_VALUE_BYTES};
+use super::{
+    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode,
+    Store, StoreError, UserRecord,
+};
+
+/// Upper bound of what a stored bucket adds to its value's JSON (`{"value":…,"ts_ms":…,
+/// "ts_logical":…,"version":…}` with every number at its widest; a test checks it).
+pub const STORED_BUCKET_ENVELOPE: usize = 128;
+/// The largest `max_bucket_bytes` this store accepts: a bucket must fit one FDB value.
+pub const MAX_BUCKET_BYTES: usize = MAX_VALUE_BYTES - STORED_BUCKET_ENVELOPE;
+/// How long a transaction marker is kept: far beyond any retry loop ([`Limits::timeout`]),
+/// and beyond any sane clock skew between the nodes that clear old markers.
+pub const MARKER_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Refuses a bucket size limit FoundationDB could not store: without this, a bucket near
+/// the limit fails every commit of its set with `value_too_large` (a 503 forever).
+pub fn check_bucket_limit(max_bucket_bytes: usize) -> Result<(), String> {
+    if max_bucket_bytes > MAX_BUCKET_BYTES {
+        return Err(format!(
+            "max_bucket_bytes {max_bucket_bytes} is too large for the FoundationDB store: a bucket is \
+             stored as one value and FoundationDB values are at most {MAX_VALUE_BYTES} bytes; use at \
+             most {MAX_BUCKET_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+/// How long and how often a store operation may try before it fails (503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The whole operation, every attempt and backoff included.
+    pub timeout: Duration,
+    /// Attempts before a retryable error is final.
+    pub max_attempts: u32,
+    /// Pairs per range read request (more pages are read until the range is done).
+    pub range_page: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(5),
+            max_attempts: 50,
+            range_page: 1000,
+        }
+    }
+}
+
+/// Which attempt of an operation's transaction this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first.
+    pub number: u32,
+    /// An earlier attempt's commit reported a result it could not verify.
+    pub maybe_committed: bool,
+}
+
+/// Why one attempt ended without a result.
+#[derive(Debug)]
+pub enum TxError {
+    /// The key-value layer failed; retried when the error is retryable.
+    Kv(KvError),
+    /// A domain answer (fenced, corrupt record): returned at once, nothing committed.
+    Abort(StoreError),
+}
+
+impl From<KvError> for TxError {
+    fn from(e: KvError) -> Self {
+        TxError::Kv(e)
+    }
+}
+
+fn abort(e: StoreError) -> TxError {
+    TxError::Abort(e)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, TxError> {
+    serde_json::to_vec(v).map_err(|e| abort(StoreError::Corrupt(e.to_string())))
+}
+
+fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, TxError> {
+    serde_json::from_slice(bytes).map_err(|e| abort(StoreError::Corrupt(e.to_string())))
+}
+
+/// Decodes a lease epoch (u64 big-endian).
+fn decode_epoch(bytes: &[u8]) -> Result<u64, TxError> {
+    let raw: [u8; 8] = bytes.try_into().map_err(|_| {
+        abort(StoreError::Corrupt(format!(
+            "lease epoch of {} bytes",
+            bytes.len()
+        )))
+    })?;
+    Ok(u64::from_be_bytes(raw))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Every pair of a range, page by page (one transaction, serializable).
+async fn read_all<T: KvTransaction>(
+    trx: &T,
+    (begin, end): (Vec<u8>, Vec<u8>),
+    page: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TxError> {
+    let mut out = Vec::new();
+    let mut from = begin;
+    loop {
+        let chunk = trx.get_range(&from, &end, page.max(1)).await?;
+        let more = chunk.more;
+        out.extend(chunk.pairs);
+        match out.last() {
+            Some((last, _)) if more => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The FoundationDB store's logic over any [`KvDatabase`]: [`native::FdbStore`] in
+/// production, [`memory::MemoryKv`] in tests.
+pub struct KvStore<D: KvDatabase> {
+    db: Arc<D>,
+    root: Subspace,
+    limits: Limits,
+}
+
+impl<D: KvDatabase> Clone for KvStore<D> {
+    fn clone(&self) -> Self {
+        KvStore {
+            db: self.db.clone(),
+            root: self.root.clone(),
+            limits: self.limits,
+        }
+    }
+}
+
+impl<D: KvDatabase> std::fmt::Debug for KvStore<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("root", &self.root)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: KvDatabase> KvStore<D> {
+    /// The store under the top-level tuple prefix `prefix` (`"tether"`; tests use a fresh
+    /// one each), with the default [`Limits`].
+    pub fn new(db: D, prefix: &str) -> Self {
+        Self::with_limits(db, prefix, Limits::default())
+    }
+
+    /// Like [`new`](Self::new) with other limits (tests shorten the timeout).
+    pub fn with_limits(db: D, prefix: &str, limits: Limits) -> Self {
+        KvStore {
+            db: Arc::new(db),
+            root: Subspace::all().subspace(&prefix),
+            limits,
+        }
+    }
+
+    /// The database underneath.
+    pub fn database(&self) -> &D {
+        &self.db
+    }
+
+    /// Checks that the database answers a read within the timeout, so a wrong cluster file
+    /// or an unreachable cluster stops the node at start instead of hanging its first
+    /// request.
+    pub async fn probe(&self, what: &str) -> Result<(), StoreError> {
+        let key = self.root.pack(&("probe",));
+        self.run(what, |trx, _| {
+            let key = key.clone();
+            async move {
+                trx.get(&key).await?;
+                Ok(())
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("{what} is not reachable: {e}")))
+    }
+
+    /// Clears everything under this store's prefix (tests on a shared cluster).
+    pub async fn clear_all(&self) -> Result<(), StoreError> {
+        let (begin, end) = self.root.range();
+        self.run("clear", |trx, _| {
+            let (begin, end) = (begin.clone(), end.clone());
+            async move {
+                trx.clear_range(&begin, &end);
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Runs `body` in a transaction and commits it, retrying retryable errors with
+    /// backoff, within [`Limits`]. `body` may run more than once: it must be idempotent,
+    /// or go through [`run_once`](Self::run_once).
+    async fn run<T, F, Fut>(&self, what: &str, body: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: Fn(Arc<D::Trx>, Attempt) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, TxError>> + Send,
+    {
+        let timeout = self.limits.timeout;
+        match tokio::time::timeout(timeout, self.retry(what, &body)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Backend(format!(
+                "FoundationDB: {what} did not complete within {timeout:?} (cluster unreachable or \
+                 overloaded); nothing was acknowledged"
+            ))),
+        }
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, body: &F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: Fn(Arc<D::Trx>, Attempt) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, TxError>> + Send,
+    {
+        let mut attempt = Attempt {
+            number: 1,
+            maybe_committed: false,
+        };
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let error = match self.attempt(body, attempt).await {
+                Ok(value) => return Ok(value),
+                Err(TxError::Abort(e)) => return Err(e),
+                Err(TxError::Kv(e)) => e,
+            };
+            if !error.retryable {
+                return Err(StoreError::Backend(format!(
+                    "FoundationDB: {what}: {error}"
+                )));
+            }
+            if attempt.number >= self.limits.max_attempts {
+                return Err(StoreError::Backend(format!(
+                    "FoundationDB: {what} gave up after {} attempts: {error}",
+                    attempt.number
+                )));
+            }
+            tracing::debug!(
+                what,
+                attempt = attempt.number,
+                code = error.code,
+                "retrying transaction"
+            );
+            attempt.number += 1;
+            attempt.maybe_committed |= error.maybe_committed;
+            let jitter = {
+                use rand::Rng;
+                rand::rng().random_range(0.5..1.0)
+            };
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn attempt<T, F, Fut>(&self, body: &F, attempt: Attempt) -> Result<T, TxError>
+    where
+        F: Fn(Arc<D::Trx>, Attempt) -> Fut,
+        Fut: Future<Output = Result<T, TxError>>,
+    {
+        let trx = Arc::new(self.db.begin()?);
+        let value = body(trx.clone(), attempt).await?;
+        let trx = Arc::try_unwrap(trx).map_err(|_| {
+            abort(StoreError::Backend(
+                "FoundationDB: a transaction was kept past its closure".into(),
+            ))
+        })?;
+        trx.commit().await?;
+        Ok(value)
+    }
+
+    /// [`run`](Self::run) for an operation whose second application would answer
+    /// differently: the first attempt that commits also writes its result under a fresh
+    /// marker key, and every later attempt returns the marker's result when it finds one.
+    /// Later attempts always look, not only after `commit_unknown_result`: a commit whose
+    /// result was unknown may land after the next attempt's read version, which then fails
+    /// with a conflict, and only the attempt after that sees the marker.
+    async fn run_once<T, F, Fut>(&self, what: &str, body: F) -> Result<T, StoreError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+        F: Fn(Arc<D::Trx>, Attempt) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<T, TxError>> + Send,
+    {
+        let now = now_ms();
+        let marker = self
+            .root
+            .pack(&("txn", now, uuid::Uuid::new_v4().to_string()));
+        let expired = (
+            self.root.subspace(&("txn",)).range().0,
+            self.root.pack(&("txn", now.saturating_sub(MARKER_TTL_MS))),
+        );
+        let (marker, expired, body) = (&marker, &expired, &body);
+        self.run(what, |trx, attempt| async move {
+            if attempt.number > 1 {
+                if let Some(done) = trx.get(marker).await? {
+                    tracing::debug!(what, "an earlier attempt committed; returning its result");
+                    return from_json(&done);
+                }
+            }
+            let result = body(trx.clone(), attempt).await?;
+            trx.set(marker, &to_json(&result)?);
+            trx.clear_range(&expired.0, &expired.1);
+            Ok(result)
+        })
+        .await
+    }
+
+    fn rec(&self, ns: &str, k1: &str) -> Vec<u8> {
+        self.root.pack(&("rec", ns, k1))
+    }
+
+    fn rec2(&self, ns: &str, k1: &str, k2: &str) -> Vec<u8> {
+        self.root.pack(&("rec", ns, k1, k2))
+    }
+
+    async fn get_json<T: DeserializeOwned + Send>(
+        &self,
+        what: &str,
+        key: Vec<u8>,
+    ) -> Result<Option<T>, StoreError> {
+        let key = &key;
+        self.run(what, |trx, _| async move {
+            match trx.get(key).await? {
+                Some(v) => Ok(Some(from_json(&v)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn put_json<T: Serialize + Sync>(
+        &self,
+        what: &str,
+        key: Vec<u8>,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let key = &key;
+        self.run(what, |trx, _| async move {
+            trx.set(key, &to_json(value)?);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_json<T: DeserializeOwned + Send>(
+        &self,
+        what: &str,
+        space: Subspace,
+    ) -> Result<Vec<T>, StoreError> {
+        let (space, page) = (&space, self.limits.range_page);
+        self.run(what, |trx, _| async move {
+            read_all(&*trx, space.range(), page)
+                .await?
+                .into_iter()
+                .map(|(_, v)| from_json(&v))
+                .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl<D: KvDatabase> Store for KvStore<D> {
+    async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
+        let space = self.root.subspace(&("bucket", set.as_str()));
+        let (range, page) = (&space.range(), self.limits.range_page);
+        let rows = self
+            .run("load_set", |trx, _| async move {
+                read_all(&*trx, range.clone(), page).await
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                let (id,): (String,) = space
+                    .unpack(&k)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                decode_bucket(&id, &v)
+            })
+            .collect()
+    }
+
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
+        let key = &self.root.pack(&("lease", set.as_str()));
+        let owner_key = &self.root.pack(&("lease_owner", set.as_str()));
+        let (epoch, previous): (u64, Option<String>) = self
+            .run_once("acquire_lease", |trx, _| async move {
+                let current = match trx.get(key).await? {
+                    Some(v) => decode_epoch(&v)?,
+                    None => 0,
+                };
+                let previous = trx
+                    .get(owner_key)
+                    .await?
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                let next = current + 1;
+                trx.set(key, &next.to_be_bytes());
+                trx.set(owner_key, owner.as_bytes());
+                Ok((next, previous))
+            })
+            .await?;
+        Ok(Lease {
+            epoch: Epoch(epoch),
+            previous_owner: previous.filter(|p| p != owner),
+        })
+    }
+
+    async fn commit(
+        &self,
+        set: &SetKey,
+        epoch: Epoch,
+        writes: Vec<Bucket>,
+    ) -> Result<(), StoreError> {
+        let lease = &self.root.pack(&("lease", set.as_str()));
+        let encoded = &writes
+            .iter()
+            .map(|b| {
+                let body = encode_bucket(b)?;
+                Ok((
+                    self.root.pack(&("bucket", set.as_str(), b.id.as_str())),
+                    body,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Idempotent: a retry rewrites the same values under the same epoch check.
+        self.run("commit", |trx, _| async move {
+            let current = trx
+                .get(lease)
+                .await?
+                .map(|v| decode_epoch(&v))
+                .transpose()?;
+            if current != Some(epoch.0) {
+                return Err(abort(StoreError::Fenced {
+                    set: set.to_string(),
+                    epoch: epoch.0,
+                }));
+            }
+            for (k, v) in encoded {
+                trx.set(k, v);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.get_json("get_device", self.root.pack(&("device", device_id)))
+            .await
+    }
+
+    async fn put_device(&self, record: DeviceRecord) -> Result<(), StoreError> {
+        let key = self.root.pack(&("device", record.device_id.as_str()));
+        self.put_json("put_device", key, &record).await
+    }
+
+    async fn get_assigned(&self, serial: &str) -> Result<Option<AssignedRecord>, StoreError> {
+        self.get_json("get_assigned", self.rec("assigned", serial))
+            .await
+    }
+
+    async fn swap_assigned(
+        &self,
+        serial: &str,
+        expected: Option<[u8; 32]>,
+        new: Option<AssignedRecord>,
+    ) -> Result<bool, StoreError> {
+        let (key, new) = (&self.rec("assigned", serial), &new);
+        self.run_once("swap_assigned", |trx, _| async move {
+            let current: Option<AssignedRecord> =
+                trx.get(key).await?.map(|v| from_json(&v)).transpose()?;
+            if current.map(|r| r.current_hash) != expected {
+                return Ok(false);
+            }
+            match new {
+                Some(r) => trx.set(key, &to_json(r)?),
+                None => trx.clear(key),
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.get_json("get_user", self.rec("user", user_id)).await
+    }
+
+    async fn create_user(&self, user: UserRecord) -> Result<bool, StoreError> {
+        let (key, user) = (&self.rec("user", &user.user_id), &user);
+        self.run_once("create_user", |trx, _| async move {
+            if trx.get(key).await?.is_some() {
+                return Ok(false);
+            }
+            trx.set(key, &to_json(user)?);
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn get_pairing(&self, device_id: &str) -> Result<Option<Pairing>, StoreError> {
+        self.get_json("get_pairing", self.rec("pairing", device_id))
+            .await
+    }
+
+    async fn set_pairing(
+        &self,
+        device_id: &str,
+        pairing: Option<Pairing>,
+    ) -> Result<Option<Pairing>, StoreError> {
+        let key = &self.rec("pairing", device_id);
+        let (root, pairing) = (&self.root, &pairing);
+        self.run_once("set_pairing", |trx, _| async move {
+            let old: Option<Pairing> = trx.get(key).await?.map(|v| from_json(&v)).transpose()?;
+            if let Some(o) = &old {
+                trx.clear(&root.pack(&("rec", "user_device", o.user_id.as_str(), device_id)));
+            }
+            match pairing {
+                Some(p) => {
+                    let body = to_json(p)?;
+                    trx.set(key, &body);
+                    trx.set(
+                        &root.pack(&("rec", "user_device", p.user_id.as_str(), device_id)),
+                        &body,
+                    );
+                }
+                None => trx.clear(key),
+            }
+            Ok(old)
+        })
+        .await
+    }
+
+    async fn user_pairings(&self, user_id: &str) -> Result<Vec<Pairing>, StoreError> {
+        self.list_json(
+            "user_pairings",
+            self.root.subspace(&("rec", "user_device", user_id)),
+        )
+        .await
+    }
+
+    async fn structure_owner(&self, structure: &str) -> Result<Option<String>, StoreError> {
+        self.get_json("structure_owner", self.rec("structure", structure))
+            .await
+    }
+
+    async fn claim_structure(&self, structure: &str, user_id: &str) -> Result<String, StoreError> {
+        let key = &self.rec("structure", structure);
+        let index = &self.rec2("user_structure", user_id, structure);
+        // Idempotent: a retry after its own commit finds itself the owner.
+        self.run("claim_structure", |trx, _| async move {
+            if let Some(owner) = trx.get(key).await? {
+                return from_json::<String>(&owner);
+            }
+            trx.set(key, &to_json(&user_id)?);
+            trx.set(index, &to_json(&structure)?);
+            Ok(user_id.to_string())
+        })
+        .await
+    }
+
+    async fn user_structures(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        self.list_json(
+            "user_structures",
+            self.root.subspace(&("rec", "user_structure", user_id)),
+        )
+        .await
+    }
+
+    async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
+        let key = &self.rec("code", &code.code);
+        let index = &self.rec("device_code", &code.device_id);
+        let (root, code) = (&self.root, &code);
+        // Idempotent: a retried attempt finds its own code in the index and rewrites it.
+        self.run("put_pairing_code", |trx, _| async move {
+            // The device's previous code, removed only if it is still that device's.
+            if let Some(old) = trx.get(index).await? {
+                let old: String = from_json(&old)?;
+                if old != code.code {
+                    let old_key = root.pack(&("rec", "code", old.as_str()));
+                    if let Some(v) = trx.get(&old_key).await? {
+                        let c: PairingCode = from_json(&v)?;
+                        if c.device_id == code.device_id {
+                            trx.clear(&old_key);
+                        }
+                    }
+                }
+            }
+            trx.set(index, &to_json(&code.code)?);
+            trx.set(key, &to_json(code)?);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError> {
+        let key = &self.rec("code", code);
+        self.run_once("take_pairing_code", |trx, _| async move {
+            let found = trx.get(key).await?.map(|v| from_json(&v)).transpose()?;
+            trx.clear(key);
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        // Every acknowledged write was committed by FDB before its answer.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
