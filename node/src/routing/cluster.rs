@@ -77,8 +77,12 @@ impl ClusterNode {
             })?;
         let placement = Arc::new(RingPlacement::new(local.clone(), VNODES));
         // mTLS both ways when configured: peers dial with this node's certificate and the
-        // internal server accepts only certificates of the cluster CA.
-        let tls = config.tls.as_ref().map(ClusterTls::start).transpose()?;
+        // internal server accepts only certificates of the cluster CA. Its files are
+        // watched on this runtime.
+        let tls = {
+            let _on = runtime.enter();
+            config.tls.as_ref().map(ClusterTls::start).transpose()?
+        };
         let connector = tls.clone().map(TlsConnector::connector);
         let peers = Peers::new(
             config.secret.clone(),

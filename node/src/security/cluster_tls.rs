@@ -2,7 +2,7 @@
 //! certificate signed by the cluster CA and accepts only peers that do, in both
 //! directions; the HMAC peer token of the cluster secret stays as a second factor
 //! (`tether_cluster::auth`). Certificate, key and CA come from files and are reloaded
-//! when they change ([`Reloadable`]), so cert-manager style rotation needs no restart.
+//! when they change ([`Reloader`]), so cert-manager style rotation needs no restart.
 //!
 //! Identity is the CA: peers are dialed by address (gossip knows addresses, not names),
 //! so the server name is not checked; any certificate the cluster CA signed for TLS
@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use crate::config::ClusterTlsFiles;
 use crate::error::{NodeError, Result};
-use crate::security::reload::Reloadable;
+use crate::security::reload::Reloader;
 
 /// Longest TLS handshake between nodes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,12 +109,14 @@ impl ClusterTls {
         })
     }
 
-    /// Loads the files and watches them (every `files.reload_interval`).
-    pub fn start(files: &ClusterTlsFiles) -> Result<Arc<Reloadable<ClusterTls>>> {
+    /// Loads the files and watches them every `files.reload_interval` on the current
+    /// tokio runtime, for as long as the configuration is in use.
+    pub fn start(files: &ClusterTlsFiles) -> Result<Arc<Reloader<ClusterTls>>> {
         let paths = vec![files.cert.clone(), files.key.clone(), files.ca.clone()];
         let f = files.clone();
-        let tls = Reloadable::load("cluster-tls", paths, move || ClusterTls::load(&f))?;
-        tls.watch(files.reload_interval)?;
+        let tls = Reloader::new("cluster mTLS", paths, move || ClusterTls::load(&f))?;
+        // The watcher holds the reloader weakly and ends once it is dropped everywhere else.
+        drop(tls.watch(files.reload_interval));
         Ok(tls)
     }
 }
@@ -186,12 +188,12 @@ impl ServerCertVerifier for ClusterCa {
 /// every new connection).
 #[derive(Debug)]
 pub struct TlsConnector {
-    tls: Arc<Reloadable<ClusterTls>>,
+    tls: Arc<Reloader<ClusterTls>>,
 }
 
 impl TlsConnector {
     /// A connector over the reloadable configuration.
-    pub fn connector(tls: Arc<Reloadable<ClusterTls>>) -> Arc<dyn PeerConnector> {
+    pub fn connector(tls: Arc<Reloader<ClusterTls>>) -> Arc<dyn PeerConnector> {
         Arc::new(TlsConnector { tls })
     }
 }
@@ -257,7 +259,7 @@ impl AsyncWrite for PeerStream {
 /// cluster CA; the others are logged and dropped.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-    tls: Arc<Reloadable<ClusterTls>>,
+    tls: Arc<Reloader<ClusterTls>>,
 ) -> impl futures::Stream<Item = io::Result<PeerStream>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<PeerStream>(64);
     tokio::spawn(async move {
