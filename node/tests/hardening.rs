@@ -198,6 +198,67 @@ async fn repeated_ids_cost_one_copy_and_leave_other_devices_fast() {
     );
 }
 
+/// The answer to one request is bounded (`--max-answer-bytes`): a listing of more than
+/// fits is refused (413, asking for less), and a subscribe with more stale buckets than fit
+/// answers those that fit, the rest on the next subscribe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_bounded_per_request() {
+    const MAX_ANSWER: usize = 80_000;
+    let node = Node::builder()
+        .env("TETHER_MAX_ANSWER_BYTES", &MAX_ANSWER.to_string())
+        .start()
+        .await;
+    let a = node.device(A);
+    a.register_thermostat().await;
+    let (device, shared) = (format!("device.{A}"), format!("shared.{A}"));
+    let old: Vec<(String, u64)> = {
+        let mut v = Vec::new();
+        for id in [&device, &shared] {
+            v.push((id.clone(), u64_of(&a.bucket(id).await, "version")));
+        }
+        v
+    };
+    // Two buckets of 48 KB each: either fits an answer, both together do not.
+    let big = "x".repeat(48 * 1024);
+    a.write(&device, json!({"sw_version": big}), old[0].1).await;
+    a.write(&shared, json!({"name": big}), old[1].1).await;
+
+    a.get("/v1/buckets?view=full")
+        .await
+        .expect_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+    let ids = a.get("/v1/buckets?view=ids").await.expect_json(StatusCode::OK);
+    assert_eq!(ids_of(&ids).len(), 2, "{ids}");
+    for id in [&device, &shared] {
+        a.bucket(id).await;
+    }
+
+    // Subscribe holding both at their old versions: one answer per bucket.
+    let mut held = old.clone();
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let body: Vec<Value> = held
+            .iter()
+            .map(|(id, v)| json!({"id": id, "version": v}))
+            .collect();
+        let r = a
+            .subscribe(&json!({"buckets": body, "timeout_ms": 1000}), REQUEST_DEADLINE)
+            .await;
+        let len = r.body.len();
+        let v = r.expect_json(StatusCode::OK);
+        let got = buckets_of(&v);
+        assert_eq!(got.len(), 1, "one of the two fits an answer");
+        assert!(len <= MAX_ANSWER, "an answer of {len} bytes");
+        let id = got[0]["id"].as_str().expect("id").to_string();
+        let version = u64_of(&got[0], "version");
+        for h in held.iter_mut().filter(|h| h.0 == id) {
+            h.1 = version;
+        }
+        sent.push(id);
+    }
+    sent.sort();
+    assert_eq!(sent, vec![device, shared], "each bucket sent once, in turn");
+}
+
 /// B's read latencies while `attackers` clients of A each send `rounds` GETs of `path`
 /// (each answered with exactly one bucket).
 async fn reads_under_load(
@@ -313,14 +374,20 @@ async fn a_device_registers_after_ten_wrong_default_guesses() {
         id,
     };
     let attacker = node.device(A).with_client(client_from(ATTACKER));
+    let mut refused = Vec::new();
     for _ in 0..15 {
-        attacker
+        let r = attacker
             .with_credentials(guess.clone())
             .register("thermostat", "1.0.0")
-            .await
-            .expect_error(StatusCode::UNAUTHORIZED, "unauthorized");
+            .await;
+        refused.push((r.status, r.text()));
     }
+    // The device itself, after the guesses: registered (the old code answered it 429).
     node.device(A).register_thermostat().await;
+    // Each guess was a plain 401, none charged to the device's registration quota.
+    for (status, body) in &refused {
+        assert_eq!(*status, StatusCode::UNAUTHORIZED, "a wrong guess: {body}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
