@@ -226,7 +226,10 @@ async fn answers_are_bounded_per_request() {
     a.get("/v1/buckets?view=full")
         .await
         .expect_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
-    let ids = a.get("/v1/buckets?view=ids").await.expect_json(StatusCode::OK);
+    let ids = a
+        .get("/v1/buckets?view=ids")
+        .await
+        .expect_json(StatusCode::OK);
     assert_eq!(ids_of(&ids).len(), 2, "{ids}");
     for id in [&device, &shared] {
         a.bucket(id).await;
@@ -241,7 +244,10 @@ async fn answers_are_bounded_per_request() {
             .map(|(id, v)| json!({"id": id, "version": v}))
             .collect();
         let r = a
-            .subscribe(&json!({"buckets": body, "timeout_ms": 1000}), REQUEST_DEADLINE)
+            .subscribe(
+                &json!({"buckets": body, "timeout_ms": 1000}),
+                REQUEST_DEADLINE,
+            )
             .await;
         let len = r.body.len();
         let v = r.expect_json(StatusCode::OK);
