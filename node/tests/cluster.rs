@@ -575,12 +575,39 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         tonic::Code::Ok,
         "plain text is refused: {plain:?}"
     );
-    let foreign = stranger_get(grpc, Some(&other_pki.issue("intruder").await), get.clone()).await;
-    assert_eq!(
-        foreign.code(),
-        tonic::Code::Unavailable,
-        "another CA's certificate fails the handshake: {foreign:?}"
+    // The intruder trusts the cluster CA (CA certificates are public), so only node-a's
+    // check of the client certificate can refuse it: it must never reach the secret check,
+    // and node-a logs the refusal (an invalid peer certificate).
+    let refusals = |node: &Node| {
+        node.stderr_all()
+            .lines()
+            .filter(|l| {
+                l.contains("refused a peer on the internal port")
+                    && l.contains("invalid peer certificate")
+            })
+            .count()
+    };
+    let refused_before = refusals(&members[0].node);
+    let intruder = other_pki.issue("intruder").await;
+    std::fs::copy(&pki.ca_cert, &intruder.ca).expect("trust the cluster CA");
+    let foreign = stranger_get(grpc, Some(&intruder), get.clone()).await;
+    assert!(
+        !matches!(
+            foreign.code(),
+            tonic::Code::Ok | tonic::Code::Unauthenticated
+        ),
+        "another CA's certificate fails the handshake, before the secret is checked: \
+         {foreign:?}"
     );
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    while refusals(&members[0].node) == refused_before {
+        assert!(
+            Instant::now() < deadline,
+            "node-a did not refuse the intruder's certificate; stderr:\n{}",
+            members[0].node.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let no_secret = stranger_get(grpc, Some(&pki.issue("stranger").await), get).await;
     assert_eq!(
         no_secret.code(),
@@ -588,9 +615,12 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         "a cluster certificate without the cluster secret: {no_secret:?}"
     );
 
-    // A node whose certificate comes from another CA is refused: it never joins. Once its
-    // certificate files are replaced by ones of the cluster CA, it is reloaded and joins.
+    // A node whose certificate comes from another CA is refused: it never joins (it
+    // trusts the cluster CA and has the cluster secret, so the refusal is the cluster's
+    // check of its certificate). Once its certificate files are replaced by ones of the
+    // cluster CA, it is reloaded and joins.
     let intruder_cert = other_pki.issue("node-d").await;
+    std::fs::copy(&pki.ca_cert, &intruder_cert.ca).expect("trust the cluster CA");
     let d = start_member(
         "node-d",
         &url,
@@ -601,12 +631,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     .await;
     let refused_at = Instant::now();
     loop {
-        let refusals = members[0]
-            .node
-            .stderr_all()
-            .matches("refused a peer on the internal port")
-            .count();
-        if refusals >= 2 {
+        if refusals(&members[0].node) >= refused_before + 2 {
             break;
         }
         assert!(
