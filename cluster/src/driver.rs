@@ -4,28 +4,38 @@
 //! deadlines into the state machine, sends what it hands out, re-resolves the seeds
 //! (`--join` names whose addresses change), publishes the live view, and on
 //! [`ClusterHandle::leave`] leaves gracefully (drain).
+//!
+//! The view also says what the node learnt about its seeds, for the node to decide when
+//! to serve: how many seed addresses other than its own the last resolution found (a
+//! Kubernetes headless Service that resolves only to this pod: the first pod of a new
+//! cluster), and whether a peer refused its frames (`Unauthenticated`: the cluster
+//! secrets differ — such a node must not start a cluster of its own).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::membership::{Member, Membership, MembershipEvent};
 use crate::ring::RingPlacement;
-use crate::seeds::{resolve_seeds, SeedSpec};
-use crate::{Millis, Transport};
+use crate::seeds::{resolve_seeds_reporting, SeedSpec};
+use crate::{ClusterError, Millis, Transport};
 
 /// Options of the driver loop.
 #[derive(Debug, Clone)]
 pub struct DriverOptions {
     /// The `--join` entries, resolved now and every `reresolve_interval`.
     pub seeds: Vec<SeedSpec>,
-    /// How often seed names are resolved again.
+    /// How often seed names are resolved again once the node has peers.
     pub reresolve_interval: Duration,
+    /// How often they are resolved while the node knows no live peer (joining, or alone
+    /// after its seeds resolved only to itself): pods that start together find each other
+    /// within about this long.
+    pub reresolve_alone_interval: Duration,
     /// How long leaving waits for its farewell frames to be handed over.
     pub leave_timeout: Duration,
 }
@@ -35,6 +45,7 @@ impl Default for DriverOptions {
         Self {
             seeds: Vec::new(),
             reresolve_interval: Duration::from_secs(30),
+            reresolve_alone_interval: Duration::from_secs(1),
             leave_timeout: Duration::from_secs(2),
         }
     }
@@ -47,6 +58,13 @@ pub struct View {
     pub members: Vec<Member>,
     /// Whether this node knows at least one live peer.
     pub connected: bool,
+    /// Seed addresses other than this node's own that the last resolution of `--join`
+    /// found; `None` until the seeds resolved at least once (a name that does not
+    /// resolve yet counts as not resolved).
+    pub other_seeds: Option<usize>,
+    /// The last peer that refused this node's frames as unauthenticated (its cluster
+    /// secret differs); cleared when the node is connected.
+    pub refused_by: Option<SocketAddr>,
 }
 
 /// Handle on a running driver: its view, its events, and graceful leave.
@@ -102,10 +120,13 @@ pub fn spawn(
     let initial = View {
         members: membership.members(),
         connected: membership.is_connected(),
+        other_seeds: None,
+        refused_by: None,
     };
     let (view_tx, view_rx) = watch::channel(initial);
     let (events_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (refusals_tx, refusals_rx) = mpsc::unbounded_channel();
     let driver = Driver {
         membership,
         transport,
@@ -115,6 +136,10 @@ pub fn spawn(
         events: events_tx.clone(),
         start: Instant::now(),
         known_seeds: HashSet::new(),
+        other_seeds: None,
+        refused_by: None,
+        refusals_tx,
+        refusals_rx,
     };
     let task = tokio::spawn(driver.run(stop_rx));
     ClusterHandle {
@@ -134,6 +159,11 @@ struct Driver {
     events: broadcast::Sender<MembershipEvent>,
     start: Instant,
     known_seeds: HashSet<SocketAddr>,
+    other_seeds: Option<usize>,
+    refused_by: Option<SocketAddr>,
+    /// Send tasks report peers that answered `Unauthenticated` here.
+    refusals_tx: mpsc::UnboundedSender<SocketAddr>,
+    refusals_rx: mpsc::UnboundedReceiver<SocketAddr>,
 }
 
 impl Driver {
@@ -142,8 +172,8 @@ impl Driver {
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        let mut reresolve = tokio::time::interval(self.options.reresolve_interval);
-        reresolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Resolved at once, then again after the interval that fits the node's state.
+        let mut next_resolve = Instant::now();
         loop {
             self.flush();
             self.publish();
@@ -168,8 +198,20 @@ impl Driver {
                     let now = self.now();
                     self.membership.handle_timer(now);
                 }
-                _ = reresolve.tick(), if !self.options.seeds.is_empty() => {
+                () = tokio::time::sleep_until(next_resolve), if !self.options.seeds.is_empty() => {
                     self.join_new_seeds().await;
+                    let every = if self.membership.is_connected() {
+                        self.options.reresolve_interval
+                    } else {
+                        self.options.reresolve_alone_interval
+                    };
+                    next_resolve = Instant::now() + every;
+                }
+                Some(peer) = self.refusals_rx.recv() => {
+                    if self.refused_by.is_none() {
+                        tracing::error!(%peer, "a peer refuses this node's gossip as unauthenticated: the cluster secrets differ (check --cluster-secret-file on both)");
+                    }
+                    self.refused_by = Some(peer);
                 }
                 _ = &mut stop => {
                     self.leave().await;
@@ -180,7 +222,16 @@ impl Driver {
     }
 
     async fn join_new_seeds(&mut self) {
-        for seed in resolve_seeds(&self.options.seeds).await {
+        let (seeds, all_resolved) = resolve_seeds_reporting(&self.options.seeds).await;
+        let own = self.membership.local().gossip_addr;
+        let others = seeds.iter().filter(|s| **s != own).count();
+        if all_resolved || others > 0 {
+            if others == 0 && self.other_seeds != Some(0) {
+                tracing::info!(%own, "the seeds resolve only to this node");
+            }
+            self.other_seeds = Some(others);
+        }
+        for seed in seeds {
             if self.known_seeds.insert(seed) {
                 let now = self.now();
                 if let Err(e) = self.membership.join(seed, now) {
@@ -195,9 +246,15 @@ impl Driver {
     fn flush(&mut self) {
         while let Some((to, payload)) = self.membership.poll_transmit() {
             let transport = Arc::clone(&self.transport);
+            let refusals = self.refusals_tx.clone();
             tokio::spawn(async move {
-                if let Err(e) = transport.send(to, payload).await {
-                    tracing::debug!(%to, error = %e, "gossip send");
+                match transport.send(to, payload).await {
+                    Ok(()) => {}
+                    Err(ClusterError::Unauthenticated(why)) => {
+                        tracing::debug!(%to, why, "gossip refused");
+                        let _ = refusals.send(to);
+                    }
+                    Err(e) => tracing::debug!(%to, error = %e, "gossip send"),
                 }
             });
         }
@@ -219,12 +276,26 @@ impl Driver {
             changed = true;
         }
         let connected = self.membership.is_connected();
-        if changed || self.view.borrow().connected != connected {
+        if connected {
+            self.refused_by = None;
+        }
+        let seen = {
+            let v = self.view.borrow();
+            (v.connected, v.other_seeds, v.refused_by)
+        };
+        if changed || seen != (connected, self.other_seeds, self.refused_by) {
             let members = self.membership.members();
-            if let Some(placement) = &self.placement {
-                placement.update(&members);
+            if changed || seen.0 != connected {
+                if let Some(placement) = &self.placement {
+                    placement.update(&members);
+                }
             }
-            self.view.send_replace(View { members, connected });
+            self.view.send_replace(View {
+                members,
+                connected,
+                other_seeds: self.other_seeds,
+                refused_by: self.refused_by,
+            });
         }
     }
 

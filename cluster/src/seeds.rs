@@ -57,16 +57,52 @@ pub fn parse_seeds(list: &str) -> Result<Vec<SeedSpec>, ClusterError> {
 /// deduplicated. An entry that does not resolve (yet) is skipped with a warning: the
 /// first pod of a headless Service has no peers to find.
 pub async fn resolve_seeds(specs: &[SeedSpec]) -> Vec<SocketAddr> {
+    resolve_seeds_reporting(specs).await.0
+}
+
+/// [`resolve_seeds`], and whether every entry resolved (a name that does not resolve
+/// yet — a headless Service before its first endpoint is published — makes it false).
+pub async fn resolve_seeds_reporting(specs: &[SeedSpec]) -> (Vec<SocketAddr>, bool) {
     let mut out = Vec::new();
+    let mut all = true;
     for spec in specs {
-        match tokio::net::lookup_host((spec.host.trim_matches(['[', ']']), spec.port)).await {
+        match resolve_one(spec).await {
             Ok(addrs) => out.extend(addrs),
-            Err(e) => tracing::warn!(seed = %spec, error = %e, "seed does not resolve"),
+            Err(e) => {
+                all = false;
+                tracing::warn!(seed = %spec, error = %e, "seed does not resolve");
+            }
         }
     }
     out.sort();
     out.dedup();
-    out
+    (out, all)
+}
+
+async fn resolve_one(spec: &SeedSpec) -> std::io::Result<Vec<SocketAddr>> {
+    Ok(
+        tokio::net::lookup_host((spec.host.trim_matches(['[', ']']), spec.port))
+            .await?
+            .collect(),
+    )
+}
+
+/// Resolves one `host:port` (an IP literal or a DNS name) to its first address, for an
+/// address a node advertises: a Kubernetes pod's own DNS name
+/// (`<pod>.<headless service>.<namespace>.svc.<cluster domain>`) resolves to the pod's IP.
+pub async fn resolve_advertise(spec: &SeedSpec) -> Result<SocketAddr, ClusterError> {
+    let addrs = resolve_one(spec).await.map_err(|e| {
+        ClusterError::InvalidConfig(format!("--grpc-advertise {spec} does not resolve: {e}"))
+    })?;
+    // Prefer IPv4 when a name has both, as Kubernetes' single-stack default does.
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| {
+            ClusterError::InvalidConfig(format!("--grpc-advertise {spec} resolves to nothing"))
+        })
 }
 
 /// [`parse_seeds`] then [`resolve_seeds`]: `--join` to addresses.

@@ -2,7 +2,13 @@
 //!
 //! 1. **Versions never go backwards.** [`tether_proto::client::DeviceClient`] never applies
 //!    an older version than the one it holds and reports it as
-//!    `Event::VersionRegression`; each such event is a [`Violation::VersionRegression`].
+//!    `Event::VersionRegression`. It is a [`Violation::VersionRegression`] when the answer
+//!    is older than what the device held *when it sent the request*: the server answered
+//!    with something older than the device had already been given (a stale read). An
+//!    answer older only than a version the device learnt while the request was out — its
+//!    own next PUT, acknowledged on another connection and delivered first — is not: it
+//!    was current when the server made it, and connections are not ordered with each
+//!    other (counted in the report's errors as reordered answers).
 //! 2. **Every change reaches the device.** Every write another client (a companion or an
 //!    app) makes to one of the device's buckets sets that writer's own field to a
 //!    sequence number that only grows (`{"<writer>": seq}`). Fields are merged per field,

@@ -117,6 +117,13 @@ pub struct SimConfig {
     pub local_addresses: Vec<IpAddr>,
     /// A CA certificate (PEM) to trust for `https://` URLs.
     pub ca_cert: Option<PathBuf>,
+    /// Host names connected to at these addresses instead of resolving them (`curl
+    /// --resolve`): the public name of a load balancer inside a test network. The port of
+    /// the URL is used.
+    pub resolve: Vec<(String, std::net::SocketAddr)>,
+    /// Ends the load phase early once it holds `true` (a test ends the load when its
+    /// fault sequence is done); `duration` stays the upper bound.
+    pub stop_load: Option<watch::Receiver<bool>>,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Seeds every random choice.
@@ -154,6 +161,8 @@ impl SimConfig {
             protobuf: false,
             local_addresses: Vec::new(),
             ca_cert: None,
+            resolve: Vec::new(),
+            stop_load: None,
             progress: false,
             seed: 1,
         }
@@ -330,6 +339,9 @@ fn http_clients(cfg: &SimConfig) -> Result<Vec<reqwest::Client>> {
             if let Some(ca) = &ca {
                 b = b.add_root_certificate(ca.clone());
             }
+            for (host, addr) in &cfg.resolve {
+                b = b.resolve(host, *addr);
+            }
             b.build().context("building the HTTP client")
         })
         .collect()
@@ -470,6 +482,9 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         sweep(&ctx);
         progress(&ctx, "");
         if ctx.cfg.max_updates.is_some_and(|m| ctx.updates() >= m) {
+            break;
+        }
+        if ctx.cfg.stop_load.as_ref().is_some_and(|s| *s.borrow()) {
             break;
         }
     }
@@ -737,6 +752,12 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let mut own_in_flight: Option<u64> = None;
     let mut registered_once = false;
     let mut regressions_seen: HashSet<(String, u64, u64)> = HashSet::new();
+    // The versions the device held when each request in flight was sent, and those of the
+    // request answered last: an answer older than what the device held *before it asked*
+    // is a regression; one older than a version learnt meanwhile (its own PUT answered
+    // first on another connection) is only a reordering (see `checker`).
+    let mut held_at_send: HashMap<u64, HashMap<String, u64>> = HashMap::new();
+    let mut answered_held: HashMap<String, u64> = HashMap::new();
     let mut requests: JoinSet<(u64, Response)> = JoinSet::new();
     let mut in_flight: HashMap<u64, AbortHandle> = HashMap::new();
     let (cred_tx, mut cred_rx) = mpsc::unbounded_channel::<Credentials>();
@@ -780,6 +801,13 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 let base = client.base_url().to_string();
                 let (http, tx, opts, ctx2) = (http.clone(), cred_tx.clone(), ctx.wire, ctx.clone());
                 let token = out.token;
+                held_at_send.insert(
+                    token,
+                    client
+                        .buckets()
+                        .map(|b| (b.id.clone(), b.version))
+                        .collect(),
+                );
                 let handle = requests.spawn(async move {
                     let (resp, failure) = wire::send(&http, &base, &out, opts, |c| {
                         let _ = tx.send(c);
@@ -812,7 +840,12 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                     }
                 }
                 Event::VersionRegression { id, held, received } => {
-                    if regressions_seen.insert((id.clone(), held, received)) {
+                    let held_before = answered_held.get(&id).copied().unwrap_or(0);
+                    if received >= held_before {
+                        ctx.error(
+                            "answers older than held, to requests sent before that version was held (reordered connections)",
+                        );
+                    } else if regressions_seen.insert((id.clone(), held, received)) {
                         ctx.violation(Violation::VersionRegression {
                             device: dev.serial.clone(),
                             bucket: id,
@@ -870,6 +903,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
             Some(done) = requests.join_next(), if !requests.is_empty() => {
                 if let Ok((token, resp)) = done {
                     in_flight.remove(&token);
+                    answered_held = held_at_send.remove(&token).unwrap_or_default();
                     client.handle_response(ctx.now_ms(), token, resp);
                 }
             }
@@ -889,6 +923,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         asleep = true;
                         requests.abort_all();
                         in_flight.clear();
+                        held_at_send.clear();
                         client.link_down(ctx.now_ms());
                         lock(&dev.track).sleep();
                         ctx.stats.sleeps.fetch_add(1, Ordering::Relaxed);
@@ -900,6 +935,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         let now_ms = ctx.now_ms();
                         for (token, h) in in_flight.drain() {
                             h.abort();
+                            held_at_send.remove(&token);
                             ctx.stats.drops.fetch_add(1, Ordering::Relaxed);
                             client.handle_response(now_ms, token, Response::Transport);
                         }

@@ -2,7 +2,8 @@
 //! one answers subscribes with an older version than it served before, one holds every
 //! subscribe and never notifies, and one acknowledges and notifies every write but loses
 //! the companions' writes from its final state. The checker must catch each and the binary
-//! must exit non-zero.
+//! must exit non-zero. And one honest server whose subscribe answers travel slowly, so
+//! that the device's own later PUT answers overtake them: not a violation.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -29,6 +30,9 @@ enum Misbehaviour {
     /// the first change), but reads (`GET /v1/buckets`) have lost every `companion` field:
     /// acknowledged writes missing from the final state.
     ForgetsWrites,
+    /// Honest, but each subscribe answer waits 300 ms after it was made: the device's own
+    /// PUTs, answered at once on another connection, arrive first with newer versions.
+    SlowSubscribeAnswers,
 }
 
 /// A tiny in-memory "server" speaking just enough of API.md for a device and a companion.
@@ -134,13 +138,16 @@ async fn subscribe(fake: web::Data<Fake>, body: web::Json<SubscribeRequest>) -> 
             tokio::time::sleep(Duration::from_millis(hold)).await;
             HttpResponse::Ok().json(json!({ "buckets": [] }))
         }
-        Misbehaviour::ForgetsWrites => {
+        Misbehaviour::ForgetsWrites | Misbehaviour::SlowSubscribeAnswers => {
             let hold = Duration::from_millis(body.timeout_ms.unwrap_or(1_000).min(5_000));
             let until = tokio::time::Instant::now() + hold;
             let mut changes = fake.changes.subscribe();
             loop {
                 let docs = newer(&fake, &body);
                 if !docs.is_empty() {
+                    if fake.mode == Misbehaviour::SlowSubscribeAnswers {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     return HttpResponse::Ok().json(json!({ "buckets": docs }));
                 }
                 match tokio::time::timeout_at(until, changes.changed()).await {
@@ -336,4 +343,30 @@ async fn an_acknowledged_write_missing_from_the_final_state_is_caught_by_the_aud
         .violations
         .iter()
         .all(|v| !v.to_string().contains(tether_sim::fleet::DEVICE_FIELD)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_overtaken_by_the_devices_own_put_is_not_a_regression() {
+    let url = start_fake(Misbehaviour::SlowSubscribeAnswers);
+    let mut cfg = small_fleet(&url);
+    cfg.update_rate = 8.0;
+    cfg.companion_rate = 0.0;
+    cfg.duration = Duration::from_secs(3);
+    let report = fleet::run(cfg).await.expect("run the fleet");
+    assert!(
+        report.ok(),
+        "reordered answers are not violations: {}",
+        report.human()
+    );
+    let reordered = report
+        .errors
+        .iter()
+        .filter(|(k, _)| k.contains("reordered"))
+        .map(|(_, n)| *n)
+        .sum::<u64>();
+    assert!(
+        reordered > 0,
+        "the run produced overtaken answers (else it tests nothing): {}",
+        report.human()
+    );
 }

@@ -55,11 +55,11 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
             user_id,
             data_dir,
             store,
+            store_file,
+            store_password_file,
         }) => {
-            let store = match store {
-                Some(url) => crate::config::StoreUrl::parse(&url)?,
-                None => crate::config::StoreUrl::Redb(data_dir.clone()),
-            };
+            let store = crate::config::StoreUrl::resolve(store, store_file, store_password_file)?
+                .unwrap_or_else(|| crate::config::StoreUrl::Redb(data_dir.clone()));
             SetKey::parse(&user_id).map_err(|_| {
                 NodeError::Config(format!("user id {user_id:?} must be [A-Za-z0-9_-]{{1,64}}"))
             })?;

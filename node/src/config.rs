@@ -29,6 +29,29 @@ pub enum Command {
     /// Operator tools: manufacturing keys, default credentials, users, certificates.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Check a running node or cluster from outside (the Helm chart's `helm test`): exits
+    /// 0 when it is ready, with the expected members, and its device API answers.
+    Check(CheckArgs),
+}
+
+/// `tether check <url>`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The base URL devices use (`https://devices.example.com`, or a node's URL).
+    pub url: String,
+    /// Connect to this host instead of the URL's (a Kubernetes Service's name), on the
+    /// URL's port, still verifying the certificate for the URL's host name.
+    #[arg(long)]
+    pub connect_host: Option<String>,
+    /// CA certificate (PEM) to verify an `https://` URL with; required for `https://`.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Require `/readyz` to report this many cluster members.
+    #[arg(long)]
+    pub expect_members: Option<usize>,
+    /// Keep retrying until this many seconds passed.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_s: u64,
 }
 
 /// `tether admin …`.
@@ -119,8 +142,14 @@ pub enum UserCommand {
         data_dir: PathBuf,
         /// The store, as for `tether serve --store` (a cluster's shared PostgreSQL, which
         /// the nodes may keep using) [default: redb:<data-dir>].
-        #[arg(long, env = "TETHER_STORE")]
+        #[arg(long, env = "TETHER_STORE", conflicts_with = "store_file")]
         store: Option<String>,
+        /// A file holding the store URL, as for `tether serve --store-file`.
+        #[arg(long, env = "TETHER_STORE_FILE")]
+        store_file: Option<PathBuf>,
+        /// A file holding the PostgreSQL password, as for `tether serve`.
+        #[arg(long, env = "TETHER_STORE_PASSWORD_FILE")]
+        store_password_file: Option<PathBuf>,
     },
 }
 
@@ -134,9 +163,19 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Durable store: `redb:PATH` (embedded, one node) or `postgres://user@host:port/db`
-    /// (shared by a cluster) [default: redb:<data-dir>].
+    /// (shared by a cluster) [default: redb:<data-dir>]. Never put a password here (the
+    /// command line is visible to every process): use --store-file or
+    /// --store-password-file.
     #[arg(long, env = "TETHER_STORE")]
     pub store: Option<String>,
+    /// A file holding the store URL instead of --store (a mounted Kubernetes Secret);
+    /// read at start.
+    #[arg(long, env = "TETHER_STORE_FILE")]
+    pub store_file: Option<PathBuf>,
+    /// A file holding the PostgreSQL password, added to the store URL (which must not
+    /// carry one); read at start.
+    #[arg(long, env = "TETHER_STORE_PASSWORD_FILE")]
+    pub store_password_file: Option<PathBuf>,
     /// TOML config file (device types, tiers, software updates, and any flag's key).
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -165,12 +204,28 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_ACTOR_THREADS")]
     pub actor_threads: Option<usize>,
     /// TLS certificate chain (PEM); with --tls-key serves HTTPS and allows non-loopback
-    /// addresses. Reloaded on SIGHUP.
+    /// addresses. Reloaded when the files change (checked every --tls-reload-interval-s)
+    /// and on SIGHUP.
     #[arg(long, env = "TETHER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
     #[arg(long, env = "TETHER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// How often the TLS files are checked for changes, in seconds; 0 turns watching off
+    /// (SIGHUP only) [default: 10].
+    #[arg(long, env = "TETHER_TLS_RELOAD_INTERVAL_S")]
+    pub tls_reload_interval_s: Option<u64>,
+    /// Serve plain HTTP on a non-loopback address. Only behind something that terminates
+    /// TLS for the devices (an Ingress, a TLS load balancer) on a private network:
+    /// devices send credentials.
+    #[arg(long, env = "TETHER_ALLOW_PLAIN_HTTP")]
+    pub allow_plain_http: bool,
+    /// Longest graceful shutdown after SIGTERM, in seconds: leave the cluster, hand sets
+    /// over, commit queued writes, answer held subscriptions; the node exits when done or
+    /// when this passed (Kubernetes: keep terminationGracePeriodSeconds above the preStop
+    /// hook plus this) [default: 30].
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: Option<u64>,
     /// A manufacturing key as `<key_id>=<path>`; repeat for several key ids.
     #[arg(
         long = "mfg-key-file",
@@ -201,18 +256,27 @@ pub struct ServeArgs {
     /// --cluster-secret-file). Not for devices.
     #[arg(long, env = "TETHER_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
-    /// The gRPC address peers dial [default: --grpc-listen; required when that is a
-    /// wildcard such as 0.0.0.0].
+    /// The gRPC `host:port` peers dial [default: --grpc-listen; required when that is a
+    /// wildcard such as 0.0.0.0]. A DNS name (a Kubernetes pod's own name under its
+    /// headless Service) is resolved at start, and waited for until it resolves to an
+    /// address of this host.
     #[arg(long, env = "TETHER_GRPC_ADVERTISE")]
-    pub grpc_advertise: Option<SocketAddr>,
+    pub grpc_advertise: Option<String>,
     /// Seeds to join: `host:port,…` or a DNS name resolving to several addresses (a
-    /// Kubernetes headless Service). Without it the node starts a new cluster.
+    /// Kubernetes headless Service). Without it the node starts a new cluster; so does a
+    /// node whose seeds resolve only to itself (the first pod of a new cluster).
     #[arg(long, env = "TETHER_JOIN")]
     pub join: Option<String>,
-    /// File holding the cluster secret (at least 16 bytes; every node the same). The
-    /// `TETHER_CLUSTER_SECRET` environment variable may carry it instead.
-    #[arg(long, env = "TETHER_CLUSTER_SECRET_FILE")]
-    pub cluster_secret_file: Option<PathBuf>,
+    /// File holding the cluster secret (at least 16 bytes; every node the same). Give it
+    /// twice to rotate the secret: the node then signs with both and accepts either (see
+    /// the README). The `TETHER_CLUSTER_SECRET` environment variable may carry one
+    /// instead.
+    #[arg(
+        long = "cluster-secret-file",
+        env = "TETHER_CLUSTER_SECRET_FILE",
+        value_delimiter = ','
+    )]
+    pub cluster_secret_files: Vec<PathBuf>,
     /// Tests only: commits obey control files in this directory (`store/faults.rs`).
     #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
     pub test_store_faults: Option<PathBuf>,
@@ -312,6 +376,8 @@ pub struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     store: Option<String>,
+    store_file: Option<PathBuf>,
+    store_password_file: Option<PathBuf>,
     public_url: Option<String>,
     node_id: Option<String>,
     max_bucket_bytes: Option<usize>,
@@ -322,6 +388,10 @@ pub struct FileConfig {
     actor_threads: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    tls_reload_interval_s: Option<u64>,
+    #[serde(default)]
+    allow_plain_http: bool,
+    drain_timeout_s: Option<u64>,
     #[serde(default)]
     mfg_key_files: Vec<String>,
     credential_lifetime_s: Option<u64>,
@@ -330,9 +400,10 @@ pub struct FileConfig {
     requests_per_second: Option<u32>,
     pairing_code_ttl_s: Option<u64>,
     grpc_listen: Option<SocketAddr>,
-    grpc_advertise: Option<SocketAddr>,
+    grpc_advertise: Option<String>,
     join: Option<String>,
-    cluster_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    cluster_secret_file: Vec<PathBuf>,
     max_ids_per_request: Option<usize>,
     max_answer_bytes: Option<usize>,
     max_held_per_principal: Option<usize>,
@@ -395,6 +466,12 @@ pub struct Config {
     pub log_json: bool,
     /// TLS certificate and key paths.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How often the TLS files are checked for changes (`None`: SIGHUP only).
+    pub tls_reload_interval: Option<Duration>,
+    /// Plain HTTP allowed on a non-loopback address (TLS terminated in front).
+    pub allow_plain_http: bool,
+    /// Longest graceful shutdown.
+    pub drain_timeout: Duration,
     /// Credential rules and manufacturing keys.
     pub credentials: CredentialConfig,
     /// Pairing code lifetime in seconds.
@@ -476,8 +553,8 @@ pub struct ClusterTlsFiles {
 pub struct ClusterConfig {
     /// Where the internal gRPC server listens.
     pub grpc_listen: SocketAddr,
-    /// The gRPC address peers dial.
-    pub advertise: SocketAddr,
+    /// The gRPC address peers dial, or the name that resolves to it.
+    pub advertise: Advertise,
     /// Seeds to join (empty: start a new cluster).
     pub seeds: Vec<tether_cluster::seeds::SeedSpec>,
     /// Authenticates peers on the internal port.
@@ -486,12 +563,90 @@ pub struct ClusterConfig {
     pub tls: Option<ClusterTlsFiles>,
 }
 
+/// What `--grpc-advertise` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advertise {
+    /// An address, used as given.
+    Addr(SocketAddr),
+    /// A DNS name, resolved at start ([`Advertise::resolve`]).
+    Name(tether_cluster::seeds::SeedSpec),
+}
+
+impl Advertise {
+    /// How long [`Advertise::resolve`] waits for a name to resolve to this host.
+    pub const RESOLVE_DEADLINE: Duration = Duration::from_secs(60);
+
+    fn parse(value: &str) -> Result<Self> {
+        if let Ok(addr) = value.parse::<SocketAddr>() {
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                return Err(NodeError::Config(format!(
+                    "--grpc-advertise {addr}: peers need a concrete address and port"
+                )));
+            }
+            return Ok(Advertise::Addr(addr));
+        }
+        match tether_cluster::seeds::parse_seeds(value) {
+            Ok(mut specs) if specs.len() == 1 => Ok(Advertise::Name(specs.remove(0))),
+            Ok(_) => Err(NodeError::Config(format!(
+                "--grpc-advertise {value:?}: expected one host:port"
+            ))),
+            Err(e) => Err(NodeError::Config(format!(
+                "--grpc-advertise {value:?}: {e}"
+            ))),
+        }
+    }
+
+    /// The address peers dial. A name is resolved until it resolves to an address of this
+    /// host (a pod's DNS record may still point at the previous pod of the same name for
+    /// a moment), for at most `deadline`.
+    pub async fn resolve(&self, deadline: Duration) -> Result<SocketAddr> {
+        let spec = match self {
+            Advertise::Addr(addr) => return Ok(*addr),
+            Advertise::Name(spec) => spec,
+        };
+        let until = tokio::time::Instant::now() + deadline;
+        let mut last;
+        loop {
+            last = match tether_cluster::seeds::resolve_advertise(spec).await {
+                Ok(addr) if is_local_address(addr.ip()) => {
+                    tracing::info!(advertise = %spec, %addr, "advertised gRPC name resolved");
+                    return Ok(addr);
+                }
+                Ok(addr) => format!("resolves to {addr}, which is not an address of this host"),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= until {
+                return Err(NodeError::Config(format!(
+                    "--grpc-advertise {spec}: {last} (waited {}s)",
+                    deadline.as_secs()
+                )));
+            }
+            tracing::info!(advertise = %spec, why = %last, "waiting for the advertised name to resolve to this host");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl std::fmt::Display for Advertise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Advertise::Addr(a) => write!(f, "{a}"),
+            Advertise::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Whether `ip` belongs to this host (a socket can be bound to it).
+fn is_local_address(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 impl ClusterConfig {
     fn load(
         grpc_listen: Option<SocketAddr>,
-        advertise: Option<SocketAddr>,
+        advertise: Option<String>,
         join: Option<String>,
-        secret_file: Option<PathBuf>,
+        secret_files: Vec<PathBuf>,
     ) -> Result<Option<Self>> {
         let Some(grpc_listen) = grpc_listen else {
             if join.is_some() || advertise.is_some() {
@@ -501,34 +656,40 @@ impl ClusterConfig {
             }
             return Ok(None);
         };
-        let advertise = match advertise {
-            Some(a) => a,
-            None if grpc_listen.ip().is_unspecified() => {
+        let advertise = match advertise.as_deref().map(str::trim) {
+            Some(a) if !a.is_empty() => Advertise::parse(a)?,
+            _ if grpc_listen.ip().is_unspecified() => {
                 return Err(NodeError::Config(format!(
                     "--grpc-listen {grpc_listen} is a wildcard: pass --grpc-advertise with the \
                      address peers dial"
                 )))
             }
-            None => grpc_listen,
+            _ => Advertise::parse(&grpc_listen.to_string())?,
         };
-        if advertise.ip().is_unspecified() || advertise.port() == 0 {
-            return Err(NodeError::Config(format!(
-                "--grpc-advertise {advertise}: peers need a concrete address and port"
-            )));
-        }
         let seeds = match join.as_deref().map(str::trim) {
             None | Some("") => Vec::new(),
             Some(list) => tether_cluster::seeds::parse_seeds(list)
                 .map_err(|e| NodeError::Config(format!("--join {list:?}: {e}")))?,
         };
-        let secret = match (secret_file, std::env::var("TETHER_CLUSTER_SECRET").ok()) {
-            (Some(path), _) => std::fs::read(&path)
-                .map(|b| b.trim_ascii().to_vec())
-                .map_err(|e| {
-                    NodeError::Config(format!("reading cluster secret {}: {e}", path.display()))
-                })?,
-            (None, Some(value)) => value.trim().as_bytes().to_vec(),
-            (None, None) => {
+        let keys = match (
+            secret_files.is_empty(),
+            std::env::var("TETHER_CLUSTER_SECRET").ok(),
+        ) {
+            (false, _) => secret_files
+                .iter()
+                .map(|path| {
+                    std::fs::read(path)
+                        .map(|b| b.trim_ascii().to_vec())
+                        .map_err(|e| {
+                            NodeError::Config(format!(
+                                "reading cluster secret {}: {e}",
+                                path.display()
+                            ))
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            (true, Some(value)) => vec![value.trim().as_bytes().to_vec()],
+            (true, None) => {
                 return Err(NodeError::Config(
                     "cluster mode needs the cluster secret: set TETHER_CLUSTER_SECRET or pass \
                      --cluster-secret-file (the same secret on every node)"
@@ -536,7 +697,7 @@ impl ClusterConfig {
                 ))
             }
         };
-        let secret = tether_cluster::ClusterSecret::new(secret)
+        let secret = tether_cluster::ClusterSecret::with_keys(keys)
             .map_err(|e| NodeError::Config(format!("cluster secret: {e}")))?;
         Ok(Some(ClusterConfig {
             grpc_listen,
@@ -576,15 +737,21 @@ impl Config {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("./tether-data"));
-        let store = match args.store.or(file.store) {
-            Some(url) => StoreUrl::parse(&url)?,
-            None => StoreUrl::Redb(data_dir.clone()),
-        };
+        let store = StoreUrl::resolve(
+            args.store.or(file.store),
+            args.store_file.or(file.store_file),
+            args.store_password_file.or(file.store_password_file),
+        )?
+        .unwrap_or_else(|| StoreUrl::Redb(data_dir.clone()));
+        let mut secret_files = args.cluster_secret_files;
+        if secret_files.is_empty() {
+            secret_files = file.cluster_secret_file;
+        }
         let mut cluster = ClusterConfig::load(
             args.grpc_listen.or(file.grpc_listen),
             args.grpc_advertise.or(file.grpc_advertise),
             args.join.or(file.join),
-            args.cluster_secret_file.or(file.cluster_secret_file),
+            secret_files,
         )?;
         if let Some(c) = &mut cluster {
             c.tls = hard.cluster_tls.clone();
@@ -643,6 +810,21 @@ impl Config {
                 .pairing_code_ttl_s
                 .or(file.pairing_code_ttl_s)
                 .unwrap_or(600),
+            tls_reload_interval: match args
+                .tls_reload_interval_s
+                .or(file.tls_reload_interval_s)
+                .unwrap_or(10)
+            {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            allow_plain_http: args.allow_plain_http || file.allow_plain_http,
+            drain_timeout: Duration::from_secs(
+                args.drain_timeout_s
+                    .or(file.drain_timeout_s)
+                    .unwrap_or(30)
+                    .max(1),
+            ),
             tls: match (
                 args.tls_cert.or(file.tls_cert),
                 args.tls_key.or(file.tls_key),
@@ -691,11 +873,12 @@ impl Config {
     /// Plain HTTP is only for loopback: device credentials must never cross a network in
     /// clear text.
     fn check_transport(&self) -> Result<()> {
-        if !self.listen.ip().is_loopback() && self.tls.is_none() {
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.allow_plain_http {
             return Err(NodeError::Config(format!(
                 "refusing to serve plain HTTP on non-loopback address {}: devices send credentials, so \
                  only loopback may be unencrypted. Pass --tls-cert and --tls-key (see `tether admin \
-                 self-signed` for development), or listen on 127.0.0.1",
+                 self-signed` for development), or listen on 127.0.0.1 (or, behind a proxy that \
+                 terminates TLS on a private network, pass --allow-plain-http)",
                 self.listen
             )));
         }
@@ -875,8 +1058,8 @@ impl Hardening {
     }
 }
 
-/// Where durable state lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where durable state lives. Its `Debug` hides a PostgreSQL password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// The embedded store in this directory.
     Redb(PathBuf),
@@ -886,7 +1069,131 @@ pub enum StoreUrl {
     Fdb(String),
 }
 
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Redb(p) => f.debug_tuple("Redb").field(p).finish(),
+            StoreUrl::Postgres(url) => f.debug_tuple("Postgres").field(&redact_url(url)).finish(),
+            StoreUrl::Fdb(c) => f.debug_tuple("Fdb").field(c).finish(),
+        }
+    }
+}
+
+/// `scheme://user:password@rest` → `scheme://user:***@rest`; anything else unchanged.
+pub fn redact_url(url: &str) -> String {
+    match split_userinfo(url) {
+        Some((head, user, Some(_), rest)) => format!("{head}{user}:***@{rest}"),
+        _ => url.to_string(),
+    }
+}
+
+/// Splits `scheme://userinfo@rest` into (`scheme://`, user, password, rest).
+fn split_userinfo(url: &str) -> Option<(&str, &str, Option<&str>, &str)> {
+    let scheme_end = url.find("://")? + 3;
+    let (head, after) = url.split_at(scheme_end);
+    // The authority ends at the first '/', '?' or '#'; its userinfo at its last '@'.
+    let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let at = after[..authority_end].rfind('@')?;
+    let userinfo = &after[..at];
+    let rest = &after[at + 1..];
+    Some(match userinfo.split_once(':') {
+        Some((user, password)) => (head, user, Some(password), rest),
+        None => (head, userinfo, None, rest),
+    })
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 impl StoreUrl {
+    /// The store from `--store` or `--store-file`, with `--store-password-file`'s
+    /// password added to a PostgreSQL URL; `None` when neither is given.
+    pub fn resolve(
+        url: Option<String>,
+        url_file: Option<PathBuf>,
+        password_file: Option<PathBuf>,
+    ) -> Result<Option<Self>> {
+        let url = match (url, url_file) {
+            (Some(_), Some(_)) => {
+                return Err(NodeError::Config(
+                    "give the store either with --store or with --store-file, not both".into(),
+                ))
+            }
+            (Some(url), None) => Some(url),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        NodeError::Config(format!("reading the store URL {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let Some(url) = url else {
+            if password_file.is_some() {
+                return Err(NodeError::Config(
+                    "--store-password-file needs a PostgreSQL store (--store or --store-file)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut store = StoreUrl::parse(&url)?;
+        if let Some(path) = password_file {
+            let password = std::fs::read_to_string(&path).map_err(|e| {
+                NodeError::Config(format!(
+                    "reading the store password {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            store = store.with_password(password)?;
+        }
+        Ok(Some(store))
+    }
+
+    /// A PostgreSQL URL with `password` in it (percent-encoded).
+    fn with_password(self, password: &str) -> Result<Self> {
+        let StoreUrl::Postgres(url) = self else {
+            return Err(NodeError::Config(
+                "--store-password-file is only for a PostgreSQL store".into(),
+            ));
+        };
+        if password.is_empty() {
+            return Err(NodeError::Config("the store password file is empty".into()));
+        }
+        let with = match split_userinfo(&url) {
+            Some((_, _, Some(_), _)) => {
+                return Err(NodeError::Config(
+                    "the store URL already carries a password: drop it, or drop \
+                     --store-password-file"
+                        .into(),
+                ))
+            }
+            Some((head, user, None, rest)) => {
+                format!("{head}{user}:{}@{rest}", percent_encode(password))
+            }
+            None => {
+                return Err(NodeError::Config(
+                    "--store-password-file needs a user in the store URL \
+                     (postgres://user@host:port/db)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(StoreUrl::Postgres(with))
+    }
+
     /// Parses `redb:PATH` or `postgres://…` / `postgresql://…`.
     pub fn parse(url: &str) -> Result<Self> {
         if let Some(path) = url.strip_prefix("redb:") {
@@ -905,7 +1212,8 @@ impl StoreUrl {
             ));
         }
         Err(NodeError::Config(format!(
-            "--store {url:?}: expected redb:PATH or postgres://user@host:port/db"
+            "--store {:?}: expected redb:PATH or postgres://user@host:port/db",
+            redact_url(url)
         )))
     }
 }
@@ -952,6 +1260,23 @@ fn load_mfg_keys(specs: &[String]) -> Result<std::collections::HashMap<String, V
         );
     }
     Ok(keys)
+}
+
+/// A TOML value that is one path or a list of paths.
+fn one_or_many<'de, D>(d: D) -> std::result::Result<Vec<PathBuf>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[cfg(test)]
@@ -1100,8 +1425,8 @@ mod tests {
         let args = |listen: &str, plaintext: bool| ServeArgs {
             store: Some("postgres://t@127.0.0.1:1/t".into()),
             grpc_listen: Some(listen.parse().expect("addr")),
-            grpc_advertise: Some("10.13.0.5:7000".parse().expect("addr")),
-            cluster_secret_file: Some(secret.clone()),
+            grpc_advertise: Some("10.13.0.5:7000".into()),
+            cluster_secret_files: vec![secret.clone()],
             hardening: HardeningArgs {
                 cluster_plaintext: plaintext,
                 ..Default::default()
@@ -1132,5 +1457,153 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(args).is_err());
+    }
+
+    #[test]
+    fn store_url_and_password_come_from_files_and_never_show_in_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = dir.path().join("url");
+        let pw = dir.path().join("password");
+        std::fs::write(&url, "postgres://tether@db.example:5432/tether\n").expect("write");
+        std::fs::write(&pw, "p@ss:w/rd %1\n").expect("write");
+        let store = StoreUrl::resolve(None, Some(url.clone()), Some(pw.clone()))
+            .expect("resolves")
+            .expect("a store");
+        assert_eq!(
+            store,
+            StoreUrl::Postgres(
+                "postgres://tether:p%40ss%3Aw%2Frd%20%251@db.example:5432/tether".into()
+            )
+        );
+        let shown = format!("{store:?}");
+        assert!(
+            !shown.contains("p%40ss") && shown.contains("tether:***@db.example"),
+            "{shown}"
+        );
+        // tokio-postgres decodes the password back.
+        let StoreUrl::Postgres(u) = &store else {
+            unreachable!()
+        };
+        let parsed: tokio_postgres::Config = u.parse().expect("valid URL");
+        assert_eq!(parsed.get_password(), Some(&b"p@ss:w/rd %1"[..]));
+
+        // The URL alone, from the flag or the file.
+        let from_flag = StoreUrl::resolve(Some("postgres://u@h/d".into()), None, None)
+            .expect("ok")
+            .expect("store");
+        assert_eq!(from_flag, StoreUrl::Postgres("postgres://u@h/d".into()));
+        assert_eq!(StoreUrl::resolve(None, None, None).expect("ok"), None);
+
+        for (flag, file, password, why) in [
+            (
+                Some("postgres://u@h/d"),
+                Some(url.clone()),
+                None,
+                "not both",
+            ),
+            (
+                Some("postgres://u:old@h/d"),
+                None,
+                Some(pw.clone()),
+                "already carries a password",
+            ),
+            (
+                Some("postgres://h/d"),
+                None,
+                Some(pw.clone()),
+                "needs a user",
+            ),
+            (None, None, Some(pw.clone()), "needs a PostgreSQL store"),
+            (
+                Some("redb:/tmp/x"),
+                None,
+                Some(pw.clone()),
+                "only for a PostgreSQL store",
+            ),
+            (
+                None,
+                Some(dir.path().join("missing")),
+                None,
+                "reading the store URL",
+            ),
+        ] {
+            let err =
+                StoreUrl::resolve(flag.map(String::from), file, password).expect_err("must refuse");
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
+        let bad = StoreUrl::parse("mysql://u:secret@h/d").expect_err("unknown scheme");
+        assert!(!bad.to_string().contains("secret"), "{bad}");
+    }
+
+    #[test]
+    fn advertise_takes_an_address_or_one_name() {
+        assert_eq!(
+            Advertise::parse("10.0.0.5:7000").expect("addr"),
+            Advertise::Addr("10.0.0.5:7000".parse().expect("addr"))
+        );
+        assert!(matches!(
+            Advertise::parse("tether-0.tether-headless.ns.svc.cluster.local:7000"),
+            Ok(Advertise::Name(s)) if s.port == 7000
+        ));
+        for bad in ["0.0.0.0:7000", "10.0.0.5:0", "a:1,b:2", "name-without-port"] {
+            assert!(Advertise::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_advertised_name_must_resolve_to_this_host() {
+        let local = Advertise::parse("localhost:7000").expect("name");
+        let addr = local
+            .resolve(Duration::from_secs(5))
+            .await
+            .expect("resolves");
+        assert!(addr.ip().is_loopback(), "{addr}");
+        // An address of no interface here: refused after the deadline, with the reason.
+        let elsewhere = Advertise::Name(tether_cluster::seeds::SeedSpec {
+            host: "192.0.2.1".into(),
+            port: 7000,
+        });
+        let err = elsewhere
+            .resolve(Duration::from_millis(100))
+            .await
+            .expect_err("not local");
+        assert!(
+            err.to_string().contains("not an address of this host"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn two_cluster_secret_files_are_held_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "first-secret-0123456789\n").expect("write");
+        std::fs::write(&b, "second-secret-0123456789").expect("write");
+        let c = ClusterConfig::load(
+            Some("127.0.0.1:7000".parse().expect("addr")),
+            None,
+            None,
+            vec![a.clone(), b.clone()],
+        )
+        .expect("loads")
+        .expect("cluster mode");
+        assert_eq!(c.secret.len(), 2);
+        let three = ClusterConfig::load(
+            Some("127.0.0.1:7000".parse().expect("addr")),
+            None,
+            None,
+            vec![a.clone(), b, a],
+        );
+        assert!(three.is_err());
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_the_explicit_flag() {
+        let args = ServeArgs {
+            listen: Some("0.0.0.0:8080".parse().expect("addr")),
+            allow_plain_http: true,
+            ..Default::default()
+        };
+        assert!(Config::load(args).is_ok());
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod metrics;

@@ -38,6 +38,13 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Check(args) => match tether_node::check::run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tether check: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Admin(cmd) => match tether_node::admin::run(cmd) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

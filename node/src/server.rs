@@ -78,7 +78,7 @@ pub async fn run(config: Config) -> Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{bound}"));
-    let (router, placement, joined, mut cluster): (
+    let (router, placement, joined, cluster): (
         Arc<Router>,
         Arc<dyn tether_cluster::Placement>,
         Arc<AtomicBool>,
@@ -91,7 +91,11 @@ pub async fn run(config: Config) -> Result<()> {
             None,
         ),
         Some(c) => {
-            let node = ClusterNode::start(c, &config.node_id, url, shared.clone())?;
+            let advertise = c
+                .advertise
+                .resolve(crate::config::Advertise::RESOLVE_DEADLINE)
+                .await?;
+            let node = ClusterNode::start(c, advertise, &config.node_id, url, shared.clone())?;
             (
                 node.router(),
                 node.placement(),
@@ -260,16 +264,57 @@ pub async fn run(config: Config) -> Result<()> {
     let handle = server.handle();
     let serve = tokio::spawn(server);
     if let Some(cert) = tls {
+        if let Some(interval) = config.tls_reload_interval {
+            cert.watch(interval);
+        }
         tokio::spawn(reload_on_sighup(cert));
     }
     wait_for_signal().await;
-    tracing::info!("shutting down: answering held subscriptions, draining writes");
+    tracing::info!(
+        drain_timeout_s = config.drain_timeout.as_secs(),
+        "shutting down: answering held subscriptions, draining writes"
+    );
+    let drain = drain(
+        config.drain_timeout,
+        state,
+        cluster,
+        router,
+        shared,
+        handle,
+        serve,
+        store,
+    );
+    match tokio::time::timeout(config.drain_timeout, drain).await {
+        Ok(done) => done,
+        Err(_) => {
+            tracing::warn!(
+                drain_timeout_s = config.drain_timeout.as_secs(),
+                "graceful shutdown did not finish in time; exiting (acknowledged writes are durable)"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The graceful shutdown after SIGTERM, bounded by the caller.
+#[allow(clippy::too_many_arguments)]
+async fn drain(
+    drain_timeout: Duration,
+    state: web::Data<AppState>,
+    mut cluster: Option<ClusterNode>,
+    router: Arc<Router>,
+    shared: Arc<Shared>,
+    handle: actix_web::dev::ServerHandle,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Arc<dyn crate::store::Store>,
+) -> Result<()> {
+    let deadline = DRAIN_DEADLINE.min(drain_timeout);
     state.serving.store(false, Ordering::Release);
     if let Some(cluster) = &mut cluster {
         // Peers take this node's sets over at once; its actors commit what is queued and
         // answer their held subscriptions, whose clients resubscribe elsewhere.
         cluster.leave().await;
-        shared.wait_idle(DRAIN_DEADLINE).await;
+        shared.wait_idle(deadline).await;
     }
     router.start_draining();
     if cluster.is_some() {
@@ -277,7 +322,7 @@ pub async fn run(config: Config) -> Result<()> {
         // interval) are forwarded to the new owners meanwhile.
         tokio::time::sleep(LB_GRACE).await;
     }
-    shared.shutdown(DRAIN_DEADLINE).await;
+    shared.shutdown(deadline).await;
     handle.stop(true).await;
     let _ = serve.await;
     if let Some(mut cluster) = cluster {

@@ -270,6 +270,96 @@ async fn tls_serves_on_non_loopback_addresses() {
     }
 }
 
+/// Kubelet's atomic writer, as for a mounted Secret: the files go into a fresh directory,
+/// `..data` is swapped to it in one rename, and `tls.crt`/`tls.key` are symlinks through
+/// `..data` (created once).
+fn atomic_secret_update(dir: &Path, generation: u32, cert: &Path, key: &Path) {
+    use std::os::unix::fs::symlink;
+    let data = dir.join(format!("..gen{generation}"));
+    std::fs::create_dir(&data).expect("generation dir");
+    std::fs::copy(cert, data.join("tls.crt")).expect("copy cert");
+    std::fs::copy(key, data.join("tls.key")).expect("copy key");
+    for name in ["tls.crt", "tls.key"] {
+        let visible = dir.join(name);
+        if std::fs::symlink_metadata(&visible).is_err() {
+            symlink(Path::new("..data").join(name), &visible).expect("visible symlink");
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    symlink(format!("..gen{generation}"), &tmp).expect("tmp symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+}
+
+/// Whether a client trusting only `cert` completes a request to `node`.
+async fn accepted_by(cert: &Path, node: &Node) -> bool {
+    trusting(cert)
+        .get(node.url("/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .is_ok()
+}
+
+/// Kubernetes renews a Secret in place and signals nothing: the node must notice the new
+/// files by itself, serve the new certificate to new connections, and keep the working
+/// one when an update is unusable (a key that does not match its certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_replaced_in_place_are_served_without_restart_or_signal() {
+    let first = self_signed(&["localhost", "127.0.0.1"]).await;
+    let second = self_signed(&["localhost", "127.0.0.1"]).await;
+    let third = self_signed(&["localhost", "127.0.0.1"]).await;
+    let mounted = tempfile::tempdir().expect("secret dir");
+    atomic_secret_update(mounted.path(), 1, &first.cert, &first.key);
+    let (crt, key) = (
+        mounted.path().join("tls.crt"),
+        mounted.path().join("tls.key"),
+    );
+    let node = Node::builder()
+        .tls(&crt, &key)
+        .arg("--tls-reload-interval-s")
+        .arg("1")
+        .client(trusting(&first.cert))
+        .start()
+        .await;
+    assert!(accepted_by(&first.cert, &node).await);
+    assert!(!accepted_by(&second.cert, &node).await);
+
+    atomic_secret_update(mounted.path(), 2, &second.cert, &second.key);
+    let start = std::time::Instant::now();
+    while !accepted_by(&second.cert, &node).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the new certificate is not served 20 s after the files changed; stderr:\n{}",
+            node.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !accepted_by(&first.cert, &node).await,
+        "new handshakes no longer get the old certificate"
+    );
+
+    // A certificate with another certificate's key: refused, the working pair stays.
+    atomic_secret_update(mounted.path(), 3, &third.cert, &second.key);
+    let start = std::time::Instant::now();
+    while !node
+        .stderr_all()
+        .contains("cannot be used; keeping the previous ones")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the mismatched pair was not noticed; stderr:\n{}",
+            node.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        accepted_by(&second.cert, &node).await,
+        "still serving the working pair"
+    );
+    assert!(!accepted_by(&third.cert, &node).await);
+}
+
 /// README: "`kill -HUP` reloads the certificate files": after the files are replaced and
 /// the node gets SIGHUP, new connections are served with the new certificate (a client
 /// trusting only the new one connects), without a restart.

@@ -15,7 +15,27 @@ pub fn cargo_binary(package: &str, bin: &str) -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("test-support lives in the workspace")?;
-    let out = std::process::Command::new(&cargo)
+    let mut command = std::process::Command::new(&cargo);
+    // Cargo sets these for the test process itself; a nested cargo that inherits them
+    // rebuilds build scripts that watch them (ring's watches CARGO_MANIFEST_DIR), and then
+    // the next `cargo test` rebuilds them back: minutes per round trip on 2 cores.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        let set_for_tests = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+            "OUT_DIR",
+        ];
+        if set_for_tests.iter().any(|p| k.starts_with(p)) {
+            command.env_remove(&key);
+        }
+    }
+    let out = command
         .current_dir(root)
         .args(["build", "-p", package, "--bin", bin])
         .arg("--message-format=json-render-diagnostics")

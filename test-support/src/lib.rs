@@ -5,8 +5,12 @@
 //!   package has no `CARGO_BIN_EXE_<name>`);
 //! - [`node`]: one real `tether` node as a child process on a free port, with its own data
 //!   directory and manufacturing key, and the principals (devices, users) that talk to it;
+//! - [`netns`]: hosts of their own for processes (network namespaces on a bridge, own
+//!   address and resolver), and [`dns`]: a DNS server (dnsmasq) for them;
 //! - [`pki`]: a cluster CA and node certificates for mTLS between test nodes.
 
 pub mod bin;
+pub mod dns;
+pub mod netns;
 pub mod node;
 pub mod pki;

@@ -159,6 +159,8 @@ fn config(a: Args) -> Result<SimConfig> {
         protobuf: a.protobuf,
         local_addresses: a.local_addresses,
         ca_cert: a.ca_cert,
+        resolve: Vec::new(),
+        stop_load: None,
         progress: !a.quiet && !a.json,
         seed: a.seed,
     })

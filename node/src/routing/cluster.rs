@@ -27,8 +27,52 @@ use crate::sets::registry::Shared;
 pub const VNODES: u32 = 256;
 /// A node given seeds that finds none of them alive for this long starts serving alone
 /// (a whole cluster restarting: someone has to be first). Fencing keeps a split safe, and
-/// the membership's seed re-announce merges it later.
+/// the membership's seed re-announce merges it later. A node whose seeds resolve only to
+/// itself does not wait; a node a peer refused (another cluster secret) never starts
+/// alone.
 pub const ALONE_AFTER: Duration = Duration::from_secs(15);
+
+/// Why a node that has not joined yet may start serving, from what its membership driver
+/// published ([`tether_cluster::driver::View`]) and whether [`ALONE_AFTER`] passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not yet: still looking for its peers.
+    Joining,
+    /// Not until it joins: a peer refused its frames (the cluster secrets differ), so
+    /// starting a cluster of its own would split the fleet.
+    Refused,
+    /// Joined: it knows at least one live peer.
+    Joined,
+    /// Its seeds resolve only to itself: the first node of a new cluster.
+    OnlySelf,
+    /// No seed answered within [`ALONE_AFTER`] and none refused it.
+    Alone,
+}
+
+impl Readiness {
+    /// The decision for `view`, `alone_elapsed` telling whether [`ALONE_AFTER`] passed.
+    pub fn of(view: &tether_cluster::driver::View, alone_elapsed: bool) -> Readiness {
+        if view.connected {
+            Readiness::Joined
+        } else if view.refused_by.is_some() {
+            Readiness::Refused
+        } else if view.other_seeds == Some(0) {
+            Readiness::OnlySelf
+        } else if alone_elapsed {
+            Readiness::Alone
+        } else {
+            Readiness::Joining
+        }
+    }
+
+    /// Whether the node serves (answers `/readyz` with 200).
+    pub fn serves(self) -> bool {
+        matches!(
+            self,
+            Readiness::Joined | Readiness::OnlySelf | Readiness::Alone
+        )
+    }
+}
 /// Concurrent calls one peer may have open on this node (held subscriptions included).
 const MAX_STREAMS_PER_PEER: u32 = 1 << 20;
 
@@ -53,6 +97,7 @@ impl ClusterNode {
     /// Binds the internal gRPC port, starts gossip and returns the node's router.
     pub fn start(
         config: &ClusterConfig,
+        advertise: std::net::SocketAddr,
         node_id: &str,
         public_url: String,
         shared: Arc<Shared>,
@@ -65,7 +110,7 @@ impl ClusterNode {
             .map_err(|e| NodeError::Config(format!("cluster runtime: {e}")))?;
         let local = Member {
             id: NodeId::new(node_id),
-            gossip_addr: config.advertise,
+            gossip_addr: advertise,
             public_url,
             // A restarted node is a newer life of the same id and wins at once.
             incarnation: now_ms(),
@@ -92,7 +137,7 @@ impl ClusterNode {
         );
         let router = Router::clustered(shared.clone(), placement.clone(), local.clone(), peers);
         let (transport, gossip) = GrpcTransport::new(
-            config.advertise,
+            advertise,
             config.secret.clone(),
             GrpcOptions {
                 connector,
@@ -153,14 +198,26 @@ impl ClusterNode {
         runtime.spawn(async move {
             let alone = tokio::time::sleep(ALONE_AFTER);
             tokio::pin!(alone);
+            let mut alone_elapsed = false;
+            let mut last = Readiness::Joining;
             loop {
-                let (members, connected) = {
+                let (members, readiness) = {
                     let v = view.borrow_and_update();
-                    (v.members.len(), v.connected)
+                    (v.members.len(), Readiness::of(&v, alone_elapsed))
                 };
                 watch_shared.metrics.cluster_members(members);
-                if connected && !watch_ready.swap(true, Ordering::AcqRel) {
-                    tracing::info!(members, "joined the cluster; ready");
+                if readiness != last && !watch_ready.load(Ordering::Acquire) {
+                    match readiness {
+                        Readiness::Joined => tracing::info!(members, "joined the cluster; ready"),
+                        Readiness::OnlySelf => tracing::info!("the seeds resolve only to this node: starting a new cluster; ready"),
+                        Readiness::Alone => tracing::warn!(after_s = ALONE_AFTER.as_secs(), "no seed answered; serving as a new cluster (peers that appear later merge in)"),
+                        Readiness::Refused => tracing::error!("refused by the cluster (another cluster secret): not serving until this node can join"),
+                        Readiness::Joining => {}
+                    }
+                    last = readiness;
+                }
+                if readiness.serves() {
+                    watch_ready.store(true, Ordering::Release);
                 }
                 let moved = watch_shared.hand_off_lost_sets();
                 if moved > 0 {
@@ -168,14 +225,11 @@ impl ClusterNode {
                 }
                 tokio::select! {
                     changed = view.changed() => if changed.is_err() { return },
-                    () = &mut alone, if !watch_ready.load(Ordering::Acquire) => {
-                        tracing::warn!(after_s = ALONE_AFTER.as_secs(), "no seed answered; serving as a new cluster (peers that appear later merge in)");
-                        watch_ready.store(true, Ordering::Release);
-                    }
+                    () = &mut alone, if !alone_elapsed => alone_elapsed = true,
                 }
             }
         });
-        tracing::info!(node = %local.id, grpc = %config.grpc_listen, advertise = %config.advertise, seeds = config.seeds.len(), mtls = config.tls.is_some(), "cluster mode");
+        tracing::info!(node = %local.id, grpc = %config.grpc_listen, %advertise, seeds = config.seeds.len(), cluster_secrets = ?config.secret.key_ids(), mtls = config.tls.is_some(), "cluster mode");
         drop(_on);
         Ok(ClusterNode {
             router,
@@ -241,5 +295,46 @@ impl Drop for ClusterNode {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_cluster::driver::View;
+
+    use super::*;
+
+    fn view(connected: bool, other_seeds: Option<usize>, refused: bool) -> View {
+        View {
+            members: Vec::new(),
+            connected,
+            other_seeds,
+            refused_by: refused.then(|| ([10, 0, 0, 9], 7000).into()),
+        }
+    }
+
+    /// When a node that has not joined yet starts serving.
+    #[test]
+    fn readiness_table() {
+        use Readiness::*;
+        let cases = [
+            // connected, other seeds, refused, ALONE_AFTER passed → decision
+            (false, None, false, false, Joining),
+            (false, Some(2), false, false, Joining),
+            (false, Some(0), false, false, OnlySelf),
+            (false, Some(2), false, true, Alone),
+            (false, None, false, true, Alone),
+            (false, Some(2), true, false, Refused),
+            (false, Some(0), true, false, Refused),
+            (false, Some(2), true, true, Refused),
+            (true, Some(2), false, false, Joined),
+            (true, Some(0), false, true, Joined),
+        ];
+        for (connected, others, refused, elapsed, expected) in cases {
+            let got = Readiness::of(&view(connected, others, refused), elapsed);
+            assert_eq!(got, expected, "{connected} {others:?} {refused} {elapsed}");
+        }
+        assert!(!Joining.serves() && !Refused.serves());
+        assert!(Joined.serves() && OnlySelf.serves() && Alone.serves());
     }
 }

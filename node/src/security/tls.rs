@@ -1,7 +1,10 @@
-//! TLS for the device port (rustls, ring provider), with certificates reloaded on SIGHUP.
+//! TLS for the device port (rustls, ring provider). The certificate and key are a
+//! [`Reloader`]: swapped for new ones when the files change (a renewed Kubernetes Secret,
+//! checked every `--tls-reload-interval-s`) or on SIGHUP.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -10,12 +13,15 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 use crate::error::{NodeError, Result};
+use crate::security::reload::Reloader;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn load(cert: &Path, key: &Path) -> Result<CertifiedKey> {
+/// Reads a certificate chain and its private key, refusing a key that does not belong to
+/// the chain's first certificate (a pair caught half-replaced).
+fn load(cert: &Path, key_path: &Path) -> Result<CertifiedKey> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<std::result::Result<_, _>>())
         .map_err(|e| NodeError::Config(format!("reading certificates {}: {e}", cert.display())))?;
@@ -25,36 +31,42 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey> {
             cert.display()
         )));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| NodeError::Config(format!("reading private key {}: {e}", key.display())))?;
-    let signing = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| NodeError::Config(format!("unusable private key: {e}")))?;
-    Ok(CertifiedKey::new(certs, signing))
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
+        NodeError::Config(format!("reading private key {}: {e}", key_path.display()))
+    })?;
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|e| {
+        NodeError::Config(format!(
+            "unusable certificate/key pair {}, {}: {e}",
+            cert.display(),
+            key_path.display()
+        ))
+    })
 }
 
-/// Serves the latest loaded certificate; [`reload`](Self::reload) swaps it atomically, so
-/// established connections keep theirs and new handshakes get the new one.
+/// Serves the latest loaded certificate; a reload swaps it atomically, so established
+/// connections keep theirs and new handshakes get the new one.
 #[derive(Debug)]
 pub struct ReloadableCert {
-    cert: PathBuf,
-    key: PathBuf,
-    current: RwLock<Arc<CertifiedKey>>,
+    files: Arc<Reloader<CertifiedKey>>,
 }
 
 impl ReloadableCert {
     /// Loads the pair once; fails (the node does not start) if it is unusable.
     pub fn load(cert: PathBuf, key: PathBuf) -> Result<Arc<Self>> {
-        let current = RwLock::new(Arc::new(load(&cert, &key)?));
-        Ok(Arc::new(ReloadableCert { cert, key, current }))
+        let paths = vec![cert.clone(), key.clone()];
+        let files = Reloader::new("TLS certificate", paths, move || load(&cert, &key))?;
+        Ok(Arc::new(ReloadableCert { files }))
     }
 
     /// Re-reads the files; on error the old certificate stays in use.
     pub fn reload(&self) -> Result<()> {
-        let fresh = Arc::new(load(&self.cert, &self.key)?);
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = fresh;
-        Ok(())
+        self.files.reload()
+    }
+
+    /// Checks the files every `interval` (on the current tokio runtime) and swaps in a
+    /// changed pair.
+    pub fn watch(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        self.files.watch(interval)
     }
 
     /// The rustls server configuration using this resolver.
@@ -73,12 +85,7 @@ impl ReloadableCert {
 
 impl ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        )
+        Some(self.files.current())
     }
 }
 

@@ -497,6 +497,26 @@ mod postgres {
         every_case!(suite, server);
     }
 
+    /// The nodes of a new cluster start at once and each creates the schema: none may
+    /// fail (CREATE TABLE IF NOT EXISTS alone races in PostgreSQL's catalog).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_connecting_at_once_to_a_fresh_database_all_succeed() {
+        let server = PgServer::start().expect("own server");
+        for round in 0..4 {
+            let url = server.url(&format!("fresh{round}")).expect("db");
+            let connects: Vec<_> = (0..6)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move { PostgresStore::connect(&url, 1).await })
+                })
+                .collect();
+            for c in connects {
+                let store = c.await.expect("task");
+                assert!(store.is_ok(), "round {round}: {:?}", store.err());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn committed_state_survives_a_server_crash() {
         let server = PgServer::start().expect("own server");

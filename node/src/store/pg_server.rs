@@ -5,8 +5,12 @@
 //! When running as root (CI), the cluster is initialised and started as the `postgres`
 //! user through `runuser`, since PostgreSQL refuses to run as root. Missing binaries are
 //! an error, never a silent skip.
+//!
+//! [`PgServer::start_with`] can run it inside a network namespace (`ip netns exec`), on
+//! a given address and port, with password authentication for TCP clients (the superuser
+//! `tether` gets the password; local socket connections stay trusted).
 
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -46,6 +50,31 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Where and how a [`PgServer`] runs.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// A network namespace to run in (`ip netns exec`); `None`: this one.
+    pub netns: Option<String>,
+    /// The address it listens on.
+    pub listen: IpAddr,
+    /// Its port; `None`: a free one.
+    pub port: Option<u16>,
+    /// Password of the `tether` superuser, required from TCP clients (scram-sha-256);
+    /// `None`: every connection is trusted.
+    pub password: Option<String>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            netns: None,
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: None,
+            password: None,
+        }
+    }
+}
+
 /// A running private PostgreSQL server.
 #[derive(Debug)]
 pub struct PgServer {
@@ -53,11 +82,17 @@ pub struct PgServer {
     bin: PathBuf,
     as_postgres: bool,
     port: u16,
+    options: PgOptions,
 }
 
 impl PgServer {
     /// Initialises a cluster in a fresh directory and starts it on a free loopback port.
     pub fn start() -> Result<Self, StoreError> {
+        Self::start_with(PgOptions::default())
+    }
+
+    /// Initialises a cluster in a fresh directory and starts it as `options` say.
+    pub fn start_with(options: PgOptions) -> Result<Self, StoreError> {
         let bin = bin_dir()?;
         let as_postgres = is_root();
         let dir = std::env::temp_dir().join(format!(
@@ -76,32 +111,51 @@ impl PgServer {
                 return Err(fail("chown of the data directory failed"));
             }
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(fail)?
-            .port();
+        let port = match options.port {
+            Some(p) => p,
+            None => TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(fail)?
+                .port(),
+        };
         let server = PgServer {
             dir,
             bin,
             as_postgres,
             port,
+            options,
         };
-        server.run(
-            "initdb",
-            &[
-                "-D",
-                &server.data(),
-                "-U",
-                "tether",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        )?;
+        let data = server.data();
+        let mut initdb = vec!["-D", &data, "-U", "tether", "-E", "UTF8", "--no-sync"];
+        let pwfile = server.dir.join("pwfile").display().to_string();
+        match &server.options.password {
+            Some(pw) => {
+                std::fs::write(&pwfile, format!("{pw}\n")).map_err(fail)?;
+                server.chown(&pwfile)?;
+                initdb.extend(["--auth-local=trust", "--auth-host=scram-sha-256"]);
+                initdb.push("--pwfile");
+                initdb.push(&pwfile);
+            }
+            None => initdb.push("--auth=trust"),
+        }
+        server.run("initdb", &initdb)?;
+        let _ = std::fs::remove_file(&pwfile);
+        if !server.options.listen.is_loopback() {
+            // initdb admits loopback clients only; this server is for other hosts.
+            let method = if server.options.password.is_some() {
+                "scram-sha-256"
+            } else {
+                "trust"
+            };
+            let hba = server.dir.join("data").join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).map_err(fail)?;
+            text.push_str(&format!("host all all 0.0.0.0/0 {method}\n"));
+            std::fs::write(&hba, text).map_err(fail)?;
+        }
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200",
-            server.dir.display()
+            "-p {port} -k {} -c listen_addresses={} -c fsync=on -c max_connections=200",
+            server.dir.display(),
+            server.options.listen
         );
         server.run(
             "pg_ctl",
@@ -130,18 +184,34 @@ impl PgServer {
         self.dir.join("server.log").display().to_string()
     }
 
+    fn chown(&self, path: &str) -> Result<(), StoreError> {
+        if self.as_postgres {
+            let st = Command::new("chown")
+                .args(["postgres:postgres", path])
+                .status()
+                .map_err(fail)?;
+            if !st.success() {
+                return Err(fail(format!("chown {path} failed")));
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> Result<(), StoreError> {
         let exe = self.bin.join(tool);
-        let output = if self.as_postgres {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&exe)
-                .args(args)
-                .output()
-        } else {
-            Command::new(&exe).args(args).output()
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.options.netns {
+            argv.extend(["ip", "netns", "exec", ns].map(Into::into));
         }
-        .map_err(|e| fail(format!("running {}: {e}", exe.display())))?;
+        if self.as_postgres {
+            argv.extend(["runuser", "-u", "postgres", "--"].map(Into::into));
+        }
+        argv.push(exe.clone().into());
+        argv.extend(args.iter().map(Into::into));
+        let output = Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .map_err(|e| fail(format!("running {}: {e}", exe.display())))?;
         if output.status.success() {
             Ok(())
         } else {
@@ -156,7 +226,7 @@ impl PgServer {
     fn wait_ready(&self) -> Result<(), StoreError> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect((self.options.listen, self.port)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -164,11 +234,14 @@ impl PgServer {
         Err(fail("server did not accept connections within 30 s"))
     }
 
-    /// The connection URL of a database on this server, created if needed.
+    /// The connection URL of a database on this server, created if needed (without the
+    /// password, when there is one).
     pub fn url(&self, database: &str) -> Result<String, StoreError> {
         let port = self.port.to_string();
+        // Through the local socket: trusted, and reachable from any network namespace.
+        let socket_dir = self.dir.display().to_string();
         let exists_check = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "tether", database])
+            .args(["-h", &socket_dir, "-p", &port, "-U", "tether", database])
             .output()
             .map_err(fail)?;
         if !exists_check.status.success()
@@ -179,7 +252,10 @@ impl PgServer {
                 String::from_utf8_lossy(&exists_check.stderr)
             )));
         }
-        Ok(format!("postgres://tether@127.0.0.1:{port}/{database}"))
+        Ok(format!(
+            "postgres://tether@{}:{port}/{database}",
+            self.options.listen
+        ))
     }
 
     /// Stops the server immediately (as a crash would) and starts it again on the same
@@ -190,9 +266,10 @@ impl PgServer {
             &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
         )?;
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses={}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.options.listen
         );
         self.run(
             "pg_ctl",
@@ -215,6 +292,11 @@ impl PgServer {
     /// The data directory root (for logs on failure).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 }
 

@@ -28,8 +28,24 @@ CREATE TABLE IF NOT EXISTS tether_devices (device_id TEXT PRIMARY KEY, body JSON
 CREATE TABLE IF NOT EXISTS tether_records (key TEXT PRIMARY KEY, body JSONB NOT NULL);
 ";
 
+/// The advisory lock key under which the schema is created (any constant of our own).
+const SCHEMA_LOCK: i64 = 0x7465_7468_6572; // "tether"
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// An error and its causes: tokio-postgres says only "db error" at the top, and the
+/// server's reason (authentication failed, no such database) below.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, StoreError> {
@@ -126,9 +142,13 @@ impl PostgresStore {
         store
             .client()
             .await?
-            .batch_execute(SCHEMA)
+            .batch_execute(&format!(
+                // Nodes of a new cluster start together; CREATE TABLE IF NOT EXISTS races
+                // (duplicate key in pg_type) unless they take turns.
+                "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT;"
+            ))
             .await
-            .map_err(backend)?;
+            .map_err(|e| backend(format!("creating the schema: {}", with_causes(&e))))?;
         Ok(store)
     }
 
@@ -136,7 +156,7 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| backend(format!("PostgreSQL connection: {e}")))
+            .map_err(|e| backend(format!("PostgreSQL connection: {}", with_causes(&e))))
     }
 
     async fn record<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
