@@ -1,4 +1,5 @@
-//! `tether admin`: manufacturing keys, default credentials, users, development certificates.
+//! `tether admin`: manufacturing keys, default credentials, users, development certificates,
+//! the cluster CA and node certificates.
 
 use std::io::Write;
 use std::path::Path;
@@ -96,6 +97,23 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
                 return Err(NodeError::Config(format!("user {user_id} already exists")));
             }
             println!("u.{user_id} {secret}");
+        }
+        AdminCommand::ClusterCa { cert, key } => {
+            crate::security::cluster_tls::write_ca(&cert, &key)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+        }
+        AdminCommand::ClusterCert {
+            ca_cert,
+            ca_key,
+            cert,
+            key,
+            sans,
+            days,
+        } => {
+            crate::security::cluster_tls::write_node_cert(
+                &ca_cert, &ca_key, &cert, &key, sans, days,
+            )?;
+            println!("wrote {} and {}", cert.display(), key.display());
         }
         AdminCommand::SelfSigned { cert, key, sans } => {
             crate::security::tls::write_self_signed(&cert, &key, sans)?;

@@ -40,6 +40,15 @@ pub enum NodeError {
     /// A body in a content type the API does not speak.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A write names fields outside its bucket's template (the device type's).
+    #[error("{0}")]
+    UnknownField(String),
+    /// The request (headers or body) did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The request's headers are larger than the node takes.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// The store failed; nothing was acknowledged.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -76,6 +85,12 @@ impl NodeError {
             NodeError::UnsupportedMediaType(_) => {
                 ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
             }
+            NodeError::UnknownField(_) => ("unknown_field", StatusCode::UNPROCESSABLE_ENTITY),
+            NodeError::RequestTimeout(_) => ("request_timeout", StatusCode::REQUEST_TIMEOUT),
+            NodeError::HeadersTooLarge(_) => (
+                "headers_too_large",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ),
             NodeError::Store(StoreError::Fenced { .. })
             | NodeError::Unavailable(_)
             | NodeError::NotOwner(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
@@ -143,7 +158,10 @@ impl NodeError {
             NodeError::RateLimited { .. } | NodeError::TooLarge(_) => Code::ResourceExhausted,
             NodeError::Forbidden(_) => Code::PermissionDenied,
             NodeError::NotFound(_) => Code::NotFound,
-            NodeError::UnsupportedMediaType(_) => Code::InvalidArgument,
+            NodeError::UnsupportedMediaType(_)
+            | NodeError::UnknownField(_)
+            | NodeError::HeadersTooLarge(_) => Code::InvalidArgument,
+            NodeError::RequestTimeout(_) => Code::DeadlineExceeded,
             NodeError::NotOwner(_) => Code::FailedPrecondition,
             NodeError::Store(_) | NodeError::Unavailable(_) => Code::Unavailable,
             NodeError::Config(_) | NodeError::Internal(_) => Code::Internal,
@@ -185,6 +203,9 @@ impl NodeError {
             "not_found" => NodeError::NotFound(msg),
             "too_large" => NodeError::TooLarge(msg),
             "unsupported_media_type" => NodeError::UnsupportedMediaType(msg),
+            "unknown_field" => NodeError::UnknownField(msg),
+            "request_timeout" => NodeError::RequestTimeout(msg),
+            "headers_too_large" => NodeError::HeadersTooLarge(msg),
             NOT_OWNER => NodeError::NotOwner(msg),
             "unavailable" => NodeError::Unavailable(msg),
             // The owner's store failed: the same code (and 503) as a local store failure.

@@ -119,7 +119,7 @@ pub async fn closed_loop(
                 let mut rb = http
                     .put(format!("{url}/v1/buckets/{id}"))
                     .timeout(Duration::from_secs(10))
-                    .json(&json!({"value": {"n": seq}, "base_version": version, "session": format!("bench-{c}")}));
+                    .json(&json!({"value": {"target_temperature": seq}, "base_version": version, "session": format!("bench-{c}")}));
                 if let Some((_, creds)) = &dev {
                     rb = rb.header(AUTHORIZATION, basic_header(creds));
                 }

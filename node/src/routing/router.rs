@@ -23,8 +23,9 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
+pub use crate::sets::actor::Get;
 use crate::sets::actor::{
-    EnsureBuckets, Get, Put, ReleaseHeld, Subscribe, SubscribeAnswer, Unsubscribe,
+    EnsureBuckets, Put, ReleaseHeld, Subscribe, SubscribeAnswer, Unsubscribe,
 };
 use crate::sets::registry::Shared;
 
@@ -262,14 +263,15 @@ impl Router {
         }
     }
 
-    /// The committed buckets of `set` (all, or the listed ones that exist).
-    pub async fn get(&self, set: &SetKey, ids: Option<Vec<BucketId>>) -> Result<Vec<Bucket>> {
+    /// The committed buckets of `set` (all, or the listed ones that exist), with their
+    /// values (at most `max_bytes` of them, else 413) or without.
+    pub async fn get(&self, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
         self.routed(set, |route| {
-            let ids = ids.clone();
+            let read = read.clone();
             async move {
                 match route {
-                    Route::Local => self.local_get(set, ids).await,
-                    Route::Peer(owner) => self.peers()?.get(&owner, set, ids).await,
+                    Route::Local => self.local_get(set, read).await,
+                    Route::Peer(owner) => self.peers()?.get(&owner, set, read).await,
                 }
             }
         })
@@ -296,14 +298,24 @@ impl Router {
         .await
     }
 
-    /// Creates the listed buckets of `set` unless they exist.
-    pub async fn ensure(&self, set: &SetKey, buckets: Vec<(BucketId, Fields)>) -> Result<()> {
+    /// Creates the listed buckets of `set` unless they exist; `device_type` names the
+    /// template its buckets follow (registration).
+    pub async fn ensure(
+        &self,
+        set: &SetKey,
+        buckets: Vec<(BucketId, Fields)>,
+        device_type: Option<String>,
+    ) -> Result<()> {
+        let msg = EnsureBuckets {
+            buckets,
+            device_type,
+        };
         self.routed(set, |route| {
-            let buckets = buckets.clone();
+            let msg = msg.clone();
             async move {
                 match route {
-                    Route::Local => self.local_ensure(set, buckets).await,
-                    Route::Peer(owner) => self.peers()?.ensure(&owner, set, buckets).await,
+                    Route::Local => self.local_ensure(set, msg).await,
+                    Route::Peer(owner) => self.peers()?.ensure(&owner, set, msg).await,
                 }
             }
         })
@@ -336,15 +348,21 @@ impl Router {
     /// Checks held versions on every owner of the sets listed and holds where nothing is
     /// stale (seed 000 FIG 21C/21D, fanned out): answers at once if any owner has newer
     /// buckets, else a [`HeldSubscription`] that any owner's answer completes.
+    /// An immediate answer carries at most about `max_bytes` of buckets per owner (the
+    /// first stale bucket always); the rest stay stale for the next subscribe.
     pub async fn subscribe(
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
         session: Option<String>,
         timeout: Duration,
+        max_bytes: usize,
     ) -> Result<Subscription> {
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
         loop {
-            match self.open_subscription(&by_set, &session, timeout).await {
+            match self
+                .open_subscription(&by_set, &session, timeout, max_bytes)
+                .await
+            {
                 Err(NodeError::NotOwner(why))
                     if tokio::time::Instant::now() + ROUTE_RETRY <= deadline =>
                 {
@@ -366,6 +384,7 @@ impl Router {
         by_set: &BTreeMap<SetKey, Vec<Held>>,
         session: &Option<String>,
         timeout: Duration,
+        max_bytes: usize,
     ) -> Result<Subscription> {
         let mut local = BTreeMap::new();
         let mut remote: HashMap<_, (Member, Vec<Held>)> = HashMap::new();
@@ -383,13 +402,19 @@ impl Router {
         }
         let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
         if !local.is_empty() {
-            opening.push(self.open_local(local, session.clone()).boxed());
+            opening.push(self.open_local(local, session.clone(), max_bytes).boxed());
         }
         for (_, (owner, held)) in remote {
             let peers = self.peers()?;
             let session = session.clone();
-            opening
-                .push(async move { peers.subscribe(&owner, held, session, timeout).await }.boxed());
+            opening.push(
+                async move {
+                    peers
+                        .subscribe(&owner, held, session, timeout, max_bytes)
+                        .await
+                }
+                .boxed(),
+            );
         }
         // Every owner checks at once; any error drops (cancels) the legs already held.
         let legs = futures::future::try_join_all(opening).await?;
@@ -408,12 +433,8 @@ impl Router {
         })
     }
 
-    pub(crate) async fn local_get(
-        &self,
-        set: &SetKey,
-        ids: Option<Vec<BucketId>>,
-    ) -> Result<Vec<Bucket>> {
-        self.shared.call(set, Get(ids)).await?
+    pub(crate) async fn local_get(&self, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
+        self.shared.call(set, read).await?
     }
 
     pub(crate) async fn local_put(
@@ -448,12 +469,8 @@ impl Router {
         })
     }
 
-    pub(crate) async fn local_ensure(
-        &self,
-        set: &SetKey,
-        buckets: Vec<(BucketId, Fields)>,
-    ) -> Result<()> {
-        let created = self.shared.call(set, EnsureBuckets(buckets)).await??;
+    pub(crate) async fn local_ensure(&self, set: &SetKey, msg: EnsureBuckets) -> Result<()> {
+        let created = self.shared.call(set, msg).await??;
         created
             .await
             .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))?
@@ -470,7 +487,9 @@ impl Router {
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
         session: Option<String>,
+        max_bytes: usize,
     ) -> Result<Leg> {
+        let mut budget = max_bytes;
         let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let mut guard = SubscriptionGuard {
             shared: self.shared.clone(),
@@ -488,11 +507,17 @@ impl Router {
                         sub_id,
                         held,
                         session: session.clone(),
+                        max_bytes: budget,
                     },
                 )
                 .await??;
             match answer {
-                SubscribeAnswer::Now(buckets) => now.extend(buckets),
+                SubscribeAnswer::Now(buckets) => {
+                    for b in &buckets {
+                        budget = budget.saturating_sub(answer_size(b));
+                    }
+                    now.extend(buckets);
+                }
                 SubscribeAnswer::Held(rx) => {
                     guard.sets.push(set);
                     waiting.push(rx);
@@ -525,6 +550,11 @@ impl Router {
     pub fn drain_signal(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
     }
+}
+
+/// About what bucket `b` adds to an answer, in bytes (its value as JSON and an envelope).
+pub fn answer_size(b: &Bucket) -> usize {
+    serde_json::to_vec(&b.value).map_or(usize::MAX, |v| v.len().saturating_add(160))
 }
 
 /// Cancels a held subscription on every local set it spans when dropped: on answer, on
