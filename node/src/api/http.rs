@@ -975,6 +975,35 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
     }
 }
 
+#[utoipa::path(
+    head,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthzHead",
+    security(()),
+    responses((status = 200, description = "The process is alive (no body)")),
+)]
+/// `HEAD /healthz`: `GET /healthz` without its body (for probes that send HEAD).
+pub async fn healthz_head() -> HttpResponse {
+    healthz().await
+}
+
+#[utoipa::path(
+    head,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyzHead",
+    security(()),
+    responses(
+        (status = 200, description = "Serving (no body)"),
+        (status = 503, description = "Joining, draining or saturated (no body)"),
+    ),
+)]
+/// `HEAD /readyz`: `GET /readyz` without its body (for probes that send HEAD).
+pub async fn readyz_head(state: web::Data<AppState>) -> HttpResponse {
+    readyz(state).await
+}
+
 /// Anything else: a JSON 404.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     Err(NodeError::NotFound(format!(
@@ -995,9 +1024,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/pair", web::post().to(pair))
         .route("/v1/devices/{device_id}/pairing", web::delete().to(unpair))
         .route("/healthz", web::get().to(healthz))
-        .route("/healthz", web::head().to(healthz))
+        .route("/healthz", web::head().to(healthz_head))
         .route("/readyz", web::get().to(readyz))
-        .route("/readyz", web::head().to(readyz))
+        .route("/readyz", web::head().to(readyz_head))
         .route("/metrics", web::get().to(metrics))
         .route("/v1/openapi.json", web::get().to(openapi::openapi_json))
         .route("/docs", web::get().to(openapi::docs_redirect))
