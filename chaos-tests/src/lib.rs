@@ -403,6 +403,9 @@ impl Cluster {
             .arg(&s.data_dir)
             .args(["--mfg-key-file", &key])
             .args(["--requests-per-second", "100000"])
+            // HAProxy, on this machine, is the load balancer: per-source limits apply to
+            // the clients it forwards for, not to it.
+            .args(["--trusted-proxies", "127.0.0.1"])
             .env("TETHER_CLUSTER_SECRET", &self.secret)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -29,6 +29,8 @@ use tokio::time::Instant;
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Simulated devices (each its own bucket set).
+/// The field probes write into their `shared.<serial>` bucket (thermostat template).
+const PROBE_FIELD: &str = "target_temperature";
 const DEVICES: usize = 48;
 /// Probe devices per kind (on the killed node; moving to the joined node).
 const PROBES: usize = 4;
@@ -113,7 +115,8 @@ async fn probe(
             .put(&url)
             .header(AUTHORIZATION, basic_header(&creds))
             .timeout(Duration::from_secs(5))
-            .json(&json!({"value": {"probe": n}, "base_version": 0}))
+            // A field of the thermostat's template (a node refuses others).
+            .json(&json!({"value": {PROBE_FIELD: n}, "base_version": 0}))
             .send()
             .await;
         match r {
@@ -165,7 +168,7 @@ async fn stored_probe(cluster: &Cluster, serial: &str, creds: &Credentials) -> O
         match r {
             Ok(r) if r.status() == StatusCode::OK => {
                 let v: Value = r.json().await.expect("bucket JSON");
-                return v["value"]["probe"].as_u64();
+                return v["value"][PROBE_FIELD].as_u64();
             }
             Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {}
             Ok(r) => {
@@ -456,7 +459,8 @@ async fn through_haproxy_a_join_and_a_kill9_lose_no_acknowledged_write() {
 // ---------------------------------------------------------------------------------------
 // forwarding overhead
 
-/// `PUT {"value": {"n": n}}` to `base`; its latency, retried (not timed) on 503.
+/// `PUT {"value": {"target_temperature": n}}` to `base`; its latency, retried (not timed)
+/// on 503.
 async fn timed_put(
     http: &reqwest::Client,
     base: &str,
@@ -471,7 +475,7 @@ async fn timed_put(
             "PUT",
             http.put(format!("{base}/v1/buckets/{id}"))
                 .header(AUTHORIZATION, basic_header(creds))
-                .json(&json!({"value": {"n": n}, "base_version": 0}))
+                .json(&json!({"value": {"target_temperature": n}, "base_version": 0}))
                 .send(),
         )
         .await

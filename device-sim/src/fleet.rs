@@ -23,6 +23,16 @@
 //! device's buckets are read once more and every acknowledged write must be in them
 //! ([`crate::checker`]). Every loop is bounded by these phases.
 
+/// The field a simulated device writes into its `device.<serial>` bucket, and those its
+/// companion and its app write into `shared.<serial>`: fields of the thermostat's template
+/// (a node refuses fields outside the device type's template). A writer's field is its
+/// identity in the checker.
+pub const DEVICE_FIELD: &str = "current_temperature";
+/// The companion's field (see [`DEVICE_FIELD`]).
+pub const COMPANION_FIELD: &str = "target_temperature";
+/// The app's field (one app per device; see [`DEVICE_FIELD`]).
+pub const APP_FIELD: &str = "mode";
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -434,7 +444,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
     for i in 0..ctx.cfg.devices {
         tasks.spawn(run_device(ctx.clone(), i));
         if ctx.cfg.companion_rate > 0.0 {
-            let field = "companion".to_string();
+            let field = COMPANION_FIELD.to_string();
             tasks.spawn(run_writer(
                 ctx.clone(),
                 i,
@@ -897,7 +907,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 let mut lose_answer = false;
                 if let Request::Put { id, body } = &out.request {
                     if *id == device_bucket {
-                        own_in_flight = body.value.get("temperature").and_then(Value::as_u64);
+                        own_in_flight = body.value.get(DEVICE_FIELD).and_then(Value::as_u64);
                     }
                     if let Some(op) = &body.op_id {
                         lock(&dev.track).sent_op(id, op);
@@ -984,7 +994,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                     if outcome == tether_proto::api::UpdateOutcome::Refused {
                         ctx.error("put refused");
                     } else if let (true, Some(seq)) = (id == device_bucket, own_in_flight) {
-                        lock(&dev.track).acked_final(&id, "temperature", seq);
+                        lock(&dev.track).acked_final(&id, DEVICE_FIELD, seq);
                     }
                 }
                 Event::ChangeRejected { status, .. } => ctx.error(format!("put rejected {status}")),
@@ -1037,7 +1047,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 let now = Instant::now();
                 if next_update.is_some_and(|t| t <= now) {
                     own_seq += 1;
-                    client.set_field(&device_bucket, "temperature", Value::from(own_seq));
+                    client.set_field(&device_bucket, DEVICE_FIELD, Value::from(own_seq));
                     next_update = Some(now + exp_sample(&mut rng, Duration::from_secs_f64(1.0 / cfg.update_rate)));
                 }
                 if next_toggle.is_some_and(|t| t <= now) {
@@ -1310,7 +1320,7 @@ async fn app_device(
         run_writer(
             ctx.clone(),
             i,
-            format!("app_{user_id}"),
+            APP_FIELD.to_string(),
             format!("app-{user_id}"),
             Some(user),
             ctx.cfg.app_rate,

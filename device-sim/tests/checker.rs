@@ -46,7 +46,7 @@ struct Fake {
 }
 
 /// The field the companion writer owns (see `fleet`).
-const COMPANION: &str = "companion";
+const COMPANION: &str = tether_sim::fleet::COMPANION_FIELD;
 
 /// Buckets start here so a regression below it is possible.
 const FIRST_VERSION: u64 = 5;
@@ -294,7 +294,7 @@ async fn a_missed_notification_is_caught_and_fails_the_binary() {
         !violations.is_empty()
             && violations
                 .iter()
-                .all(|v| v["kind"] == "missed_notification" && v["writer"] == "companion"),
+                .all(|v| v["kind"] == "missed_notification" && v["writer"] == COMPANION),
         "expected only missed notifications, got {violations:?}"
     );
     assert!(
@@ -337,11 +337,12 @@ async fn an_acknowledged_write_missing_from_the_final_state_is_caught_by_the_aud
         );
     }
     assert!(report.violations.len() <= 3, "{:?}", report.violations);
-    // The devices' own writes (`temperature` in `device.*`) were kept, and were audited.
+    // The devices' own writes (`current_temperature` in `device.*`) were kept, and were
+    // audited.
     assert!(report
         .violations
         .iter()
-        .all(|v| !v.to_string().contains("temperature")));
+        .all(|v| !v.to_string().contains(tether_sim::fleet::DEVICE_FIELD)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,6 +55,7 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
         .arg("--mfg-key-file")
         .arg(format!("k1={key_s}"))
         .args(["--requests-per-second", "100000"])
+        .args(["--max-connections-per-source", "100000"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

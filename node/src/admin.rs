@@ -1,5 +1,5 @@
 //! `tether admin`: manufacturing keys, default credentials, users, development certificates,
-//! bucket history.
+//! bucket history, the cluster CA and node certificates.
 
 use std::io::Write;
 use std::path::Path;
@@ -111,6 +111,23 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
             } else {
                 print!("{}", history_table(&history));
             }
+        }
+        AdminCommand::ClusterCa { cert, key } => {
+            crate::security::cluster_tls::write_ca(&cert, &key)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+        }
+        AdminCommand::ClusterCert {
+            ca_cert,
+            ca_key,
+            cert,
+            key,
+            sans,
+            days,
+        } => {
+            crate::security::cluster_tls::write_node_cert(
+                &ca_cert, &ca_key, &cert, &key, sans, days,
+            )?;
+            println!("wrote {} and {}", cert.display(), key.display());
         }
         AdminCommand::SelfSigned { cert, key, sans } => {
             crate::security::tls::write_self_signed(&cert, &key, sans)?;

@@ -96,6 +96,38 @@ pub enum AdminCommand {
         #[arg(long, env = "TETHER_STORE")]
         store: Option<String>,
     },
+    /// Create a cluster CA (certificate and key, PEM) for mTLS between nodes.
+    ClusterCa {
+        /// CA certificate output path (every node's --cluster-tls-ca).
+        #[arg(long, default_value = "cluster-ca.pem")]
+        cert: PathBuf,
+        /// CA private key output path (keep it off the nodes).
+        #[arg(long, default_value = "cluster-ca-key.pem")]
+        key: PathBuf,
+    },
+    /// Issue a node's certificate and key (PEM) from the cluster CA, for TLS client and
+    /// server use on the internal port.
+    ClusterCert {
+        /// The cluster CA certificate.
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// The cluster CA private key.
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// Certificate output path (--cluster-tls-cert).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Private key output path (--cluster-tls-key).
+        #[arg(long)]
+        key: PathBuf,
+        /// Names the certificate carries (DNS names or IP addresses); the first is its
+        /// common name.
+        #[arg(long = "san", default_values_t = ["tether-node".to_string()])]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Write a self-signed certificate and key (PEM) for development.
     SelfSigned {
         /// Certificate output path.
@@ -341,6 +373,93 @@ pub struct ServeArgs {
     /// Tests only: commits obey control files in this directory (`store/faults.rs`).
     #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
     pub test_store_faults: Option<PathBuf>,
+    /// Limits and mTLS between nodes (SECURITY.md).
+    #[command(flatten)]
+    pub hardening: HardeningArgs,
+}
+
+/// The flags of every limit that keeps one client to its share of a node, and of mTLS on
+/// the internal port (SECURITY.md says what each defends). Each has a `TETHER_*`
+/// variable and a config-file key of its name.
+#[derive(Debug, Args, Default)]
+pub struct HardeningArgs {
+    /// Most distinct bucket ids one request may name (`GET /v1/buckets?ids=`, subscribe)
+    /// [default: 1024].
+    #[arg(long, env = "TETHER_MAX_IDS_PER_REQUEST")]
+    pub max_ids_per_request: Option<usize>,
+    /// Largest answer body of one request; a listing above it is refused (413), a
+    /// subscribe answer sends what fits and the rest on the next subscribe [default: 4194304].
+    #[arg(long, env = "TETHER_MAX_ANSWER_BYTES")]
+    pub max_answer_bytes: Option<usize>,
+    /// Held subscriptions one principal may have on this node; a new one answers the
+    /// principal's oldest (empty) [default: 16].
+    #[arg(long, env = "TETHER_MAX_HELD_PER_PRINCIPAL")]
+    pub max_held_per_principal: Option<usize>,
+    /// Longest time a request body may take to arrive (408) [default: 10000].
+    #[arg(long, env = "TETHER_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
+    /// Longest time a request's headers may take to arrive (408) [default: 10000].
+    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// An idle keep-alive connection is closed after this [default: 30000].
+    #[arg(long, env = "TETHER_KEEP_ALIVE_MS")]
+    pub keep_alive_ms: Option<u64>,
+    /// Longest TLS handshake on the device port [default: 10000].
+    #[arg(long, env = "TETHER_TLS_HANDSHAKE_TIMEOUT_MS")]
+    pub tls_handshake_timeout_ms: Option<u64>,
+    /// Open connections on the device port, all sources together (further ones are closed
+    /// at once; never more than the process's file limit allows) [default: 50000].
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections from one source address (trusted proxies excepted) [default: 256].
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+    /// `/readyz` answers 503 once this percentage of the connection capacity is in use, so
+    /// a load balancer moves new clients elsewhere before the node runs out [default: 90].
+    #[arg(long, env = "TETHER_READYZ_SATURATION_PERCENT")]
+    pub readyz_saturation_percent: Option<u8>,
+    /// Load balancers whose `X-Forwarded-For` names the client: addresses or CIDRs,
+    /// comma-separated. Their connections are not limited per source.
+    #[arg(long, env = "TETHER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+    /// Failed credential checks one source may make per failure window before its
+    /// unverified attempts get 429 [default: 30].
+    #[arg(long, env = "TETHER_AUTH_FAILURES_PER_SOURCE")]
+    pub auth_failures_per_source: Option<u32>,
+    /// Failed checks of one credential id per window after which the store is asked about
+    /// it at most once a second (a correct secret is always accepted) [default: 20].
+    #[arg(long, env = "TETHER_AUTH_FAILURES_PER_ID")]
+    pub auth_failures_per_id: Option<u32>,
+    /// The failure counting window in seconds [default: 60].
+    #[arg(long, env = "TETHER_AUTH_FAILURE_WINDOW_S")]
+    pub auth_failure_window_s: Option<u64>,
+    /// Entries of each bounded table (failure counters, verified credentials) [default: 100000].
+    #[arg(long, env = "TETHER_AUTH_TABLE_CAPACITY")]
+    pub auth_table_capacity: Option<usize>,
+    /// Failed pairing-code redemptions per user account per hour [default: 10].
+    #[arg(long, env = "TETHER_PAIR_FAILURES_PER_HOUR")]
+    pub pair_failures_per_hour: Option<u32>,
+    /// Rejections (401, 403, 429) logged per minute; the rest are counted in the next line
+    /// [default: 60].
+    #[arg(long, env = "TETHER_REJECTIONS_LOGGED_PER_MINUTE")]
+    pub rejections_logged_per_minute: Option<u32>,
+    /// mTLS on the internal port: this node's certificate chain (PEM). With
+    /// --cluster-tls-key and --cluster-tls-ca; reloaded when the files change.
+    #[arg(long, env = "TETHER_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM) for the internal port.
+    #[arg(long, env = "TETHER_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): peers must present a certificate it signed.
+    #[arg(long, env = "TETHER_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
+    /// Serve the internal port without TLS on a non-loopback address (only where the network
+    /// itself encrypts, e.g. a service mesh). The cluster secret still authenticates peers.
+    #[arg(long, env = "TETHER_CLUSTER_PLAINTEXT")]
+    pub cluster_plaintext: bool,
+    /// How often certificate files are checked for changes, in ms [default: 10000].
+    #[arg(long, env = "TETHER_CERT_RELOAD_INTERVAL_MS")]
+    pub cert_reload_interval_ms: Option<u64>,
 }
 
 /// The config file: every flag by its snake_case name, plus registration sections.
@@ -381,6 +500,30 @@ pub struct FileConfig {
     join: Option<String>,
     #[serde(default, deserialize_with = "one_or_many")]
     cluster_secret_file: Vec<PathBuf>,
+    max_ids_per_request: Option<usize>,
+    max_answer_bytes: Option<usize>,
+    max_held_per_principal: Option<usize>,
+    body_read_timeout_ms: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    keep_alive_ms: Option<u64>,
+    tls_handshake_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    readyz_saturation_percent: Option<u8>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    auth_failures_per_source: Option<u32>,
+    auth_failures_per_id: Option<u32>,
+    auth_failure_window_s: Option<u64>,
+    auth_table_capacity: Option<usize>,
+    pair_failures_per_hour: Option<u32>,
+    rejections_logged_per_minute: Option<u32>,
+    cluster_tls_cert: Option<PathBuf>,
+    cluster_tls_key: Option<PathBuf>,
+    cluster_tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    cluster_plaintext: bool,
+    cert_reload_interval_ms: Option<u64>,
     tier: Option<String>,
     #[serde(default)]
     device_types: std::collections::BTreeMap<String, crate::registration::DeviceType>,
@@ -445,6 +588,70 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
     pub test_store_faults: Option<PathBuf>,
+    /// What one client may use of this node.
+    pub limits: Limits,
+}
+
+/// What one client may use of a node: the fair-share and anti-amplification limits of
+/// issue 13 (SECURITY.md "What each limit defends").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most distinct bucket ids per request.
+    pub max_ids_per_request: usize,
+    /// Largest answer body per request.
+    pub max_answer_bytes: usize,
+    /// Held subscriptions per principal on this node.
+    pub max_held_per_principal: usize,
+    /// Longest wait for a request body.
+    pub body_read_timeout: Duration,
+    /// Longest wait for a request's headers.
+    pub header_read_timeout: Duration,
+    /// Idle keep-alive before a connection is closed.
+    pub keep_alive: Duration,
+    /// Longest TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Open device-port connections, all sources.
+    pub max_connections: usize,
+    /// Open device-port connections per source address.
+    pub max_connections_per_source: usize,
+    /// `/readyz` fails above this share (percent) of the connection capacity.
+    pub readyz_saturation_percent: u8,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<crate::security::limits::Cidr>,
+    /// Rejections logged per minute.
+    pub rejections_logged_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_ids_per_request: 1024,
+            max_answer_bytes: 4 * 1024 * 1024,
+            max_held_per_principal: 16,
+            body_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_connections: 50_000,
+            max_connections_per_source: 256,
+            readyz_saturation_percent: 90,
+            trusted_proxies: Vec::new(),
+            rejections_logged_per_minute: 60,
+        }
+    }
+}
+
+/// mTLS on the internal port: this node's certificate and key, and the cluster CA.
+#[derive(Debug, Clone)]
+pub struct ClusterTlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// The CA that signs every node's certificate (PEM).
+    pub ca: PathBuf,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 /// How a node takes part in a cluster.
@@ -458,6 +665,8 @@ pub struct ClusterConfig {
     pub seeds: Vec<tether_cluster::seeds::SeedSpec>,
     /// Authenticates peers on the internal port.
     pub secret: tether_cluster::ClusterSecret,
+    /// mTLS between nodes; `None` only on loopback or with --cluster-plaintext.
+    pub tls: Option<ClusterTlsFiles>,
 }
 
 /// What `--grpc-advertise` names.
@@ -601,14 +810,15 @@ impl ClusterConfig {
             advertise,
             seeds,
             secret,
+            tls: None,
         }))
     }
 }
 
 impl Config {
     /// Merges flags/env over the config file over defaults, and validates the result.
-    pub fn load(args: ServeArgs) -> Result<Config> {
-        let file: FileConfig = match &args.config {
+    pub fn load(mut args: ServeArgs) -> Result<Config> {
+        let mut file: FileConfig = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     NodeError::Config(format!("reading config {}: {e}", path.display()))
@@ -618,6 +828,7 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let hard = Hardening::merge(std::mem::take(&mut args.hardening), &mut file)?;
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let default_listen = SocketAddr::from(([127, 0, 0, 1], 8080));
         let registration = RegistrationConfig {
@@ -642,7 +853,7 @@ impl Config {
         if secret_files.is_empty() {
             secret_files = file.cluster_secret_file;
         }
-        let cluster = ClusterConfig::load(
+        let mut cluster = ClusterConfig::load(
             args.grpc_listen.or(file.grpc_listen),
             args.grpc_advertise.or(file.grpc_advertise),
             args.join.or(file.join),
@@ -664,8 +875,21 @@ impl Config {
             telemetry.traces_url()?;
             telemetry.sampler()?;
         }
+        if let Some(c) = &mut cluster {
+            c.tls = hard.cluster_tls.clone();
+            if c.tls.is_none() && !c.grpc_listen.ip().is_loopback() && !hard.cluster_plaintext {
+                return Err(NodeError::Config(format!(
+                    "refusing to serve the internal port {} without TLS: pass --cluster-tls-cert, \
+                     --cluster-tls-key and --cluster-tls-ca (mTLS between nodes; `tether admin \
+                     cluster-ca` and `cluster-cert` make them), or --cluster-plaintext where the \
+                     network itself encrypts",
+                    c.grpc_listen
+                )));
+            }
+        }
         let config = Config {
             telemetry,
+            limits: hard.limits,
             cluster,
             listen: args.listen.or(file.listen).unwrap_or(default_listen),
             data_dir,
@@ -770,6 +994,7 @@ impl Config {
                         .or(file.requests_per_second)
                         .unwrap_or(defaults.requests_per_second),
                     cache_ttl: defaults.cache_ttl,
+                    ..hard.auth
                 }
             },
             registration,
@@ -817,7 +1042,158 @@ impl Config {
                 "subscribe default timeout exceeds the maximum".into(),
             ));
         }
+        if self.limits.max_answer_bytes < self.max_bucket_bytes.saturating_add(4096) {
+            return Err(NodeError::Config(format!(
+                "max_answer_bytes ({}) must hold at least one full bucket (max_bucket_bytes {} \
+                 + 4096)",
+                self.limits.max_answer_bytes, self.max_bucket_bytes
+            )));
+        }
         Ok(())
+    }
+}
+
+/// The merged hardening settings, before they are spread over `Config`.
+struct Hardening {
+    limits: Limits,
+    auth: CredentialConfig,
+    cluster_tls: Option<ClusterTlsFiles>,
+    cluster_plaintext: bool,
+}
+
+impl Hardening {
+    fn merge(h: HardeningArgs, f: &mut FileConfig) -> Result<Self> {
+        let d = Limits::default();
+        let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
+            flag.or(file).map_or(default, Duration::from_millis)
+        };
+        let mut proxies = h.trusted_proxies;
+        proxies.append(&mut f.trusted_proxies);
+        let limits = Limits {
+            max_ids_per_request: h
+                .max_ids_per_request
+                .or(f.max_ids_per_request)
+                .unwrap_or(d.max_ids_per_request),
+            max_answer_bytes: h
+                .max_answer_bytes
+                .or(f.max_answer_bytes)
+                .unwrap_or(d.max_answer_bytes),
+            max_held_per_principal: h
+                .max_held_per_principal
+                .or(f.max_held_per_principal)
+                .unwrap_or(d.max_held_per_principal),
+            body_read_timeout: ms(
+                h.body_read_timeout_ms,
+                f.body_read_timeout_ms,
+                d.body_read_timeout,
+            ),
+            header_read_timeout: ms(
+                h.header_read_timeout_ms,
+                f.header_read_timeout_ms,
+                d.header_read_timeout,
+            ),
+            keep_alive: ms(h.keep_alive_ms, f.keep_alive_ms, d.keep_alive),
+            tls_handshake_timeout: ms(
+                h.tls_handshake_timeout_ms,
+                f.tls_handshake_timeout_ms,
+                d.tls_handshake_timeout,
+            ),
+            max_connections: h
+                .max_connections
+                .or(f.max_connections)
+                .unwrap_or(d.max_connections),
+            max_connections_per_source: h
+                .max_connections_per_source
+                .or(f.max_connections_per_source)
+                .unwrap_or(d.max_connections_per_source),
+            readyz_saturation_percent: h
+                .readyz_saturation_percent
+                .or(f.readyz_saturation_percent)
+                .unwrap_or(d.readyz_saturation_percent),
+            trusted_proxies: proxies
+                .iter()
+                .filter(|p| !p.trim().is_empty())
+                .map(|p| crate::security::limits::Cidr::parse(p))
+                .collect::<Result<_>>()?,
+            rejections_logged_per_minute: h
+                .rejections_logged_per_minute
+                .or(f.rejections_logged_per_minute)
+                .unwrap_or(d.rejections_logged_per_minute),
+        };
+        for (name, zero) in [
+            ("max_ids_per_request", limits.max_ids_per_request == 0),
+            ("max_answer_bytes", limits.max_answer_bytes == 0),
+            ("max_held_per_principal", limits.max_held_per_principal == 0),
+            ("max_connections", limits.max_connections == 0),
+            (
+                "max_connections_per_source",
+                limits.max_connections_per_source == 0,
+            ),
+        ] {
+            if zero {
+                return Err(NodeError::Config(format!("{name} must be positive")));
+            }
+        }
+        if !(1..=100).contains(&limits.readyz_saturation_percent) {
+            return Err(NodeError::Config(
+                "readyz_saturation_percent must be within 1..=100".into(),
+            ));
+        }
+        let a = CredentialConfig::default();
+        let auth = CredentialConfig {
+            failures_per_source: h
+                .auth_failures_per_source
+                .or(f.auth_failures_per_source)
+                .unwrap_or(a.failures_per_source),
+            failures_per_id: h
+                .auth_failures_per_id
+                .or(f.auth_failures_per_id)
+                .unwrap_or(a.failures_per_id),
+            failure_window: h
+                .auth_failure_window_s
+                .or(f.auth_failure_window_s)
+                .map_or(a.failure_window, Duration::from_secs),
+            table_capacity: h
+                .auth_table_capacity
+                .or(f.auth_table_capacity)
+                .unwrap_or(a.table_capacity)
+                .max(1),
+            pair_failures_per_hour: h
+                .pair_failures_per_hour
+                .or(f.pair_failures_per_hour)
+                .unwrap_or(a.pair_failures_per_hour),
+            ..a
+        };
+        let reload_interval = ms(
+            h.cert_reload_interval_ms,
+            f.cert_reload_interval_ms,
+            Duration::from_secs(10),
+        );
+        let cluster_tls =
+            match (
+                h.cluster_tls_cert.or(f.cluster_tls_cert.take()),
+                h.cluster_tls_key.or(f.cluster_tls_key.take()),
+                h.cluster_tls_ca.or(f.cluster_tls_ca.take()),
+            ) {
+                (Some(cert), Some(key), Some(ca)) => Some(ClusterTlsFiles {
+                    cert,
+                    key,
+                    ca,
+                    reload_interval,
+                }),
+                (None, None, None) => None,
+                _ => return Err(NodeError::Config(
+                    "mTLS between nodes needs all of --cluster-tls-cert, --cluster-tls-key and \
+                     --cluster-tls-ca"
+                        .into(),
+                )),
+            };
+        Ok(Hardening {
+            limits,
+            auth,
+            cluster_tls,
+            cluster_plaintext: h.cluster_plaintext || f.cluster_plaintext,
+        })
     }
 }
 
@@ -1135,6 +1511,88 @@ mod tests {
             Duration::from_millis(1000),
             "file over default"
         );
+    }
+
+    #[test]
+    fn limits_come_from_flags_over_the_file_over_safe_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "max_held_per_principal = 3\nbody_read_timeout_ms = 700\n\
+             trusted_proxies = [\"10.13.0.0/16\"]\nauth_failures_per_source = 7\n",
+        )
+        .expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            hardening: HardeningArgs {
+                max_held_per_principal: Some(5),
+                pair_failures_per_hour: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = Config::load(args).expect("loads");
+        assert_eq!(c.limits.max_held_per_principal, 5, "flag beats file");
+        assert_eq!(c.limits.body_read_timeout, Duration::from_millis(700));
+        assert_eq!(c.limits.trusted_proxies.len(), 1);
+        assert_eq!(c.credentials.failures_per_source, 7);
+        assert_eq!(c.credentials.pair_failures_per_hour, 2);
+        // Everything else at its default.
+        let d = Limits::default();
+        assert_eq!(c.limits.max_ids_per_request, d.max_ids_per_request);
+        assert_eq!(c.limits.max_connections_per_source, 256);
+        assert_eq!(c.credentials.failures_per_id, 20);
+    }
+
+    #[test]
+    fn limits_that_would_disable_themselves_are_refused() {
+        for bad in [
+            "max_held_per_principal = 0\n",
+            "max_connections_per_source = 0\n",
+            "readyz_saturation_percent = 0\n",
+            "trusted_proxies = [\"10.0.0.0/33\"]\n",
+            "max_answer_bytes = 1000\n",
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("t.toml");
+            std::fs::write(&path, bad).expect("write");
+            let args = ServeArgs {
+                config: Some(path),
+                ..Default::default()
+            };
+            assert!(Config::load(args).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_internal_port_needs_mtls_off_loopback() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
+        let args = |listen: &str, plaintext: bool| ServeArgs {
+            store: Some("postgres://t@127.0.0.1:1/t".into()),
+            grpc_listen: Some(listen.parse().expect("addr")),
+            grpc_advertise: Some("10.13.0.5:7000".into()),
+            cluster_secret_files: vec![secret.clone()],
+            hardening: HardeningArgs {
+                cluster_plaintext: plaintext,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = Config::load(args("0.0.0.0:7000", false)).expect_err("refused");
+        assert!(err.to_string().contains("--cluster-tls-cert"), "{err}");
+        assert!(Config::load(args("0.0.0.0:7000", true)).is_ok());
+        assert!(Config::load(args("127.0.0.1:7000", false)).is_ok());
+        let partial = ServeArgs {
+            hardening: HardeningArgs {
+                cluster_tls_cert: Some("c.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(Config::load(partial).is_err(), "cert without key and CA");
     }
 
     #[test]

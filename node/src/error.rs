@@ -43,6 +43,15 @@ pub enum NodeError {
     /// An `op_id` the set remembers for another write (another body, bucket or principal).
     #[error("{0}")]
     OpIdReused(String),
+    /// A write names fields outside its bucket's template (the device type's).
+    #[error("{0}")]
+    UnknownField(String),
+    /// The request (headers or body) did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The request's headers are larger than the node takes.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// The store failed; nothing was acknowledged.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -85,6 +94,12 @@ impl NodeError {
                 ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
             }
             NodeError::OpIdReused(_) => ("op_id_reused", StatusCode::UNPROCESSABLE_ENTITY),
+            NodeError::UnknownField(_) => ("unknown_field", StatusCode::UNPROCESSABLE_ENTITY),
+            NodeError::RequestTimeout(_) => ("request_timeout", StatusCode::REQUEST_TIMEOUT),
+            NodeError::HeadersTooLarge(_) => (
+                "headers_too_large",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ),
             NodeError::Store(StoreError::Fenced { .. })
             | NodeError::Unavailable(_)
             | NodeError::NotOwner(_)
@@ -156,8 +171,11 @@ impl NodeError {
             NodeError::RateLimited { .. } | NodeError::TooLarge(_) => Code::ResourceExhausted,
             NodeError::Forbidden(_) => Code::PermissionDenied,
             NodeError::NotFound(_) => Code::NotFound,
-            NodeError::UnsupportedMediaType(_) => Code::InvalidArgument,
+            NodeError::UnsupportedMediaType(_)
+            | NodeError::UnknownField(_)
+            | NodeError::HeadersTooLarge(_) => Code::InvalidArgument,
             NodeError::OpIdReused(_) => Code::AlreadyExists,
+            NodeError::RequestTimeout(_) => Code::DeadlineExceeded,
             NodeError::NotOwner(_) => Code::FailedPrecondition,
             NodeError::Store(_) | NodeError::Unavailable(_) | NodeError::FateUnknown(_) => {
                 Code::Unavailable
@@ -202,6 +220,9 @@ impl NodeError {
             "too_large" => NodeError::TooLarge(msg),
             "unsupported_media_type" => NodeError::UnsupportedMediaType(msg),
             "op_id_reused" => NodeError::OpIdReused(msg),
+            "unknown_field" => NodeError::UnknownField(msg),
+            "request_timeout" => NodeError::RequestTimeout(msg),
+            "headers_too_large" => NodeError::HeadersTooLarge(msg),
             NOT_OWNER => NodeError::NotOwner(msg),
             "unavailable" => NodeError::Unavailable(msg),
             // The owner's store failed: the same code (and 503) as a local store failure.

@@ -92,6 +92,9 @@ struct Inner {
     lease_takeovers: Counter,
     store_backend: OnceLock<&'static str>,
     runtimes: Mutex<Vec<(&'static str, tokio::runtime::Handle)>>,
+    connections_open: Gauge,
+    limited: Family<Labels, Counter>,
+    auth_tracked_ids: Gauge,
 }
 
 /// Shared handle to the node's metrics; cheap to clone.
@@ -288,6 +291,24 @@ impl Metrics {
         for outcome in ["changed", "empty", "cancelled"] {
             let _ = subscribe_hold.get_or_create(&vec![("outcome", outcome.to_string())]);
         }
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open connections on the device port",
+            connections_open.clone(),
+        );
+        let limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "limited",
+            "Requests and connections refused or cut short by a per-client limit (SECURITY.md), by limit",
+            limited.clone(),
+        );
+        let auth_tracked_ids = Gauge::default();
+        registry.register(
+            "auth_tracked_ids",
+            "Credential ids with recent failed checks in the bounded failure table",
+            auth_tracked_ids.clone(),
+        );
         Metrics(Arc::new(Inner {
             request_duration,
             auth_failures,
@@ -302,6 +323,9 @@ impl Metrics {
             lease_takeovers,
             store_backend: OnceLock::new(),
             runtimes: Mutex::new(Vec::new()),
+            auth_tracked_ids,
+            connections_open,
+            limited,
             owned_sets,
             forwarded,
             forwarded_served,
@@ -569,6 +593,18 @@ impl Metrics {
     pub(crate) fn store_commit(&self, batch: usize) {
         self.0.store_commits.inc();
         self.0.store_batch.observe(batch as f64);
+    }
+    pub(crate) fn connections_open(&self, delta: i64) {
+        self.0.connections_open.inc_by(delta);
+    }
+    pub(crate) fn auth_tracked_ids(&self, n: usize) {
+        self.0.auth_tracked_ids.set(n as i64);
+    }
+    pub(crate) fn limited(&self, limit: &'static str) {
+        self.0
+            .limited
+            .get_or_create(&vec![("limit", limit.to_string())])
+            .inc();
     }
 }
 

@@ -100,6 +100,12 @@ pub fn thermostat() -> DeviceType {
     }
 }
 
+/// The bucket kind of structures (`structure.<key>`); a device type may not use it.
+pub const STRUCTURE_KIND: &str = "structure";
+
+/// The fields of a structure's bucket.
+pub const STRUCTURE_FIELDS: [&str; 2] = ["name", "away"];
+
 /// Firmware versions as devices report them; `1.2` reads as `1.2.0`.
 pub fn parse_version(v: &str) -> Option<semver::Version> {
     semver::Version::parse(v).ok().or_else(|| {
@@ -146,6 +152,11 @@ impl RegistrationConfig {
             }
         }
         for (name, t) in &self.device_types {
+            if t.buckets.contains_key(STRUCTURE_KIND) {
+                return Err(NodeError::Config(format!(
+                    "device type {name}: the bucket kind {STRUCTURE_KIND:?} belongs to structures"
+                )));
+            }
             for kind in t.buckets.keys() {
                 BucketId::parse(&format!("{kind}.x")).map_err(|_| {
                     NodeError::Config(format!("device type {name}: invalid bucket kind {kind:?}"))
@@ -153,6 +164,28 @@ impl RegistrationConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether bucket kind `kind` of a set of `device_type` has field `field`; `None` when
+    /// no template says (an unknown or removed device type).
+    pub fn allows(&self, kind: &str, device_type: Option<&str>, field: &str) -> Option<bool> {
+        if kind == STRUCTURE_KIND {
+            return Some(STRUCTURE_FIELDS.contains(&field));
+        }
+        let fields = self.device_types.get(device_type?)?.buckets.get(kind)?;
+        Some(fields.iter().any(|f| f == field))
+    }
+
+    /// The template fields of bucket kind `kind` of `device_type`, if a template says.
+    pub fn fields(&self, kind: &str, device_type: Option<&str>) -> Option<Vec<String>> {
+        if kind == STRUCTURE_KIND {
+            return Some(STRUCTURE_FIELDS.iter().map(|f| f.to_string()).collect());
+        }
+        self.device_types
+            .get(device_type?)?
+            .buckets
+            .get(kind)
+            .cloned()
     }
 
     /// The registration decision for `req` from device `set` (FIG 15C, 16C, 18C).

@@ -5,8 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::Service;
-use actix_web::{web, App, HttpServer};
+use actix_http::{HttpService, KeepAlive, Protocol};
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{AppConfig, Extensions, Service};
+use actix_web::error::DispatchError;
+use actix_web::{web, App};
 use futures::FutureExt;
 use tracing::Instrument;
 
@@ -14,6 +17,7 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::HttpMessage;
 use tether_proto::credentials::format_set_credentials;
 
+use crate::api::conn::{Conn, Connections, Stream};
 use crate::api::http::{self, AppState};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
@@ -22,6 +26,7 @@ use crate::routing::cluster::ClusterNode;
 use crate::routing::router::Router;
 use crate::security::auth::{Auth, SetCredentials};
 use crate::security::credentials::CredentialService;
+use crate::security::limits::{LogBudget, Sources};
 use crate::security::tls::ReloadableCert;
 use crate::sets::registry::{ActorConfig, Shared};
 
@@ -57,6 +62,9 @@ pub async fn run(config: Config) -> Result<()> {
             op_ids_per_set: config.op_ids_per_set,
             op_id_retention: config.op_id_retention,
             fault_stall_op_prefix: config.fault_stall_op_prefix.clone(),
+            templates: Arc::new(config.registration.clone()),
+            max_ids: config.limits.max_ids_per_request,
+            max_answer_bytes: config.limits.max_answer_bytes,
         },
         config.actor_threads,
     );
@@ -107,9 +115,18 @@ pub async fn run(config: Config) -> Result<()> {
             .mfg_keys
             .insert(DEV_KEY_ID.into(), dev_mfg_key(&config.data_dir)?);
     }
+    let limits = config.limits.clone();
+    let sources = Sources::new(limits.trusted_proxies.clone());
+    let conns = Connections::new(
+        limits.max_connections,
+        limits.max_connections_per_source,
+        sources.clone(),
+        metrics.clone(),
+    );
     let auth = Auth::new(
         CredentialService::new(store.clone(), credentials),
         router.clone(),
+        sources,
     );
     let state = web::Data::new(AppState::new(
         router.clone(),
@@ -117,15 +134,26 @@ pub async fn run(config: Config) -> Result<()> {
         placement,
         auth,
         joined,
+        conns.clone(),
     ));
     let tls = match &config.tls {
         Some((cert, key)) => Some(ReloadableCert::load(cert.clone(), key.clone())?),
         None => None,
     };
+    let acceptor = match &tls {
+        Some(cert) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            cert.server_config()?,
+        ))),
+        None => None,
+    };
+    // 401/403/429 are logged within a budget, the rest counted in the next line logged
+    // (finding 7: a flood of rejections must not flood the logs).
+    let rejections = Arc::new(LogBudget::new(limits.rejections_logged_per_minute));
 
     let app_state = state.clone();
-    let server = HttpServer::new(move || {
+    let make_app = move || {
         let metrics = app_state.shared.metrics.clone();
+        let rejections = rejections.clone();
         App::new()
             .app_data(app_state.clone())
             .wrap_fn(move |req, srv| {
@@ -137,6 +165,7 @@ pub async fn run(config: Config) -> Result<()> {
                 let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
                 let exemplar = crate::telemetry::exemplar(&trace);
                 let metrics = metrics.clone();
+                let rejections = rejections.clone();
                 let started = Instant::now();
                 // The request id and trace context ride along when the request is forwarded.
                 let call = crate::telemetry::propagation::LOG_TRACE.scope(trace, srv.call(req));
@@ -160,11 +189,19 @@ pub async fn run(config: Config) -> Result<()> {
                                 status,
                                 code,
                             );
-                            tracing::info!(
-                                status,
-                                elapsed_ms = elapsed.as_millis() as u64,
-                                "request done"
-                            );
+                            let elapsed_ms = elapsed.as_millis() as u64;
+                            if matches!(status, 401 | 403 | 429) {
+                                if let Some(suppressed) = rejections.admit(Instant::now()) {
+                                    tracing::info!(
+                                        status,
+                                        elapsed_ms,
+                                        suppressed,
+                                        "request rejected"
+                                    );
+                                }
+                            } else {
+                                tracing::info!(status, elapsed_ms, "request done");
+                            }
                         }
                         res.map(|mut r| {
                             let set = r.request().extensions().get::<SetCredentials>().cloned();
@@ -188,21 +225,59 @@ pub async fn run(config: Config) -> Result<()> {
                     .instrument(span)
             })
             .configure(http::routes)
-    })
-    .workers(config.http_workers)
-    .backlog(4096)
-    .max_connections(50_000)
-    .keep_alive(Duration::from_secs(75))
-    .client_request_timeout(Duration::from_secs(30))
-    .h1_allow_half_closed(false)
-    .disable_signals()
-    .shutdown_timeout(5);
-    let server = match &tls {
-        Some(cert) => server.listen_rustls_0_23(listener, cert.server_config()?),
-        None => server.listen(listener),
-    }
-    .map_err(|e| NodeError::Config(format!("listening on {bound}: {e}")))?
-    .run();
+    };
+    // actix-web's HttpServer, assembled by hand so that every connection passes through
+    // `api::conn` first: refused at once beyond the per-source and total limits, TLS
+    // within a handshake timeout, and protocol-level errors answered with JSON bodies.
+    let server = actix_server::Server::build()
+        .workers(config.http_workers)
+        .backlog(4096)
+        // Per worker; the node-wide limit is `Connections`'.
+        .max_concurrent_connections(limits.max_connections)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen("tether-http", listener, move || {
+            let app = make_app()
+                .into_factory()
+                .map_err(|e: actix_web::Error| e.error_response());
+            let http = HttpService::build()
+                .keep_alive(KeepAlive::Timeout(limits.keep_alive))
+                .client_request_timeout(limits.header_read_timeout)
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .h1_allow_half_closed(false)
+                .local_addr(bound)
+                .on_connect_ext(|io: &Conn, ext: &mut Extensions| {
+                    ext.insert(io.info());
+                })
+                .finish(map_config(app, |_| AppConfig::default()));
+            let (conns, acceptor) = (conns.clone(), acceptor.clone());
+            let handshake = limits.tls_handshake_timeout;
+            fn_service(move |tcp: tokio::net::TcpStream| {
+                let (conns, acceptor) = (conns.clone(), acceptor.clone());
+                async move {
+                    let refused = |why: String| DispatchError::Io(std::io::Error::other(why));
+                    let peer = tcp.peer_addr().ok();
+                    let permit = conns
+                        .admit(peer)
+                        .map_err(|r| refused(format!("connection refused: {r:?}")))?;
+                    let _ = tcp.set_nodelay(true);
+                    let stream = match acceptor {
+                        None => Stream::Plain(tcp),
+                        Some(acceptor) => {
+                            match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                                Ok(Err(e)) => return Err(refused(format!("TLS: {e}"))),
+                                Err(_) => return Err(refused("TLS handshake timed out".into())),
+                            }
+                        }
+                    };
+                    Ok((Conn::new(stream, permit), Protocol::Http1, peer))
+                }
+            })
+            .and_then(http)
+        })
+        .map_err(|e| NodeError::Config(format!("listening on {bound}: {e}")))?
+        .run();
 
     // The one line tests and scripts wait for; logs go to stderr.
     println!("listening on {scheme}://{bound}");

@@ -13,12 +13,36 @@ use tether_test_support::node::*;
 const A: &str = "01AA02AB";
 const B: &str = "01AA02AC";
 
+/// The fields these tests write besides the thermostat's own (declared in the template:
+/// a node refuses fields outside it).
+fn api_template() -> String {
+    let writers: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+    let mut fields: Vec<&str> = writers.iter().map(String::as_str).collect();
+    fields.extend([
+        "target_temperature",
+        "mode",
+        "fan",
+        "counter",
+        "note",
+        "setpoints",
+        "schedule",
+        "hold",
+        "away",
+    ]);
+    thermostat_template(&fields)
+}
+
+/// A node whose thermostat template has the fields these tests write.
+async fn api_node() -> Node {
+    Node::builder().config(&api_template()).start().await
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. register
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_first_contact_creates_buckets_and_is_idempotent() {
-    let node = Node::start().await;
+    let node = api_node().await;
     let dev = node.device(A);
 
     let r = dev
@@ -104,8 +128,8 @@ async fn register_rejects_bad_requests() {
     let node = Node::start().await;
     let dev = node.device(A);
 
-    // Valid default credentials, bad body: authenticated (the device is handed assigned
-    // credentials, which it keeps) but rejected.
+    // Valid default credentials, bad body: rejected, and nothing happens — the whole request
+    // is validated before credentials are issued (issue 13 finding 4).
     dev.register("toaster-9000", "1.0.0")
         .await
         .expect_error(StatusCode::BAD_REQUEST, "bad_request");
@@ -124,28 +148,21 @@ async fn register_rejects_bad_requests() {
     })))
     .await
     .expect_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(
+        dev.assigned_credentials().is_none(),
+        "a rejected registration issues no credentials"
+    );
 
-    // None of the rejected calls created anything.
-    dev.get(&format!("/v1/buckets/device.{A}"))
-        .await
-        .expect_error(StatusCode::NOT_FOUND, "not_found");
-    // B never registered: its default credentials open nothing but registration. A
-    // registration it makes with a bad body authenticates it (first contact: assigned
-    // credentials) without creating buckets, so B can see that A's attempt made none.
-    let b = node.device(B);
-    b.get(&format!("/v1/buckets/device.{B}"))
+    // None of the rejected calls created anything: the first valid registration is a first
+    // contact (its buckets at version 1).
+    dev.register_thermostat().await;
+    let b = dev.bucket(&format!("device.{A}")).await;
+    assert_eq!(u64_of(&b, "version"), 1, "{b}");
+    // Default credentials open nothing but registration.
+    node.device(B)
+        .get(&format!("/v1/buckets/device.{B}"))
         .await
         .expect_error(StatusCode::UNAUTHORIZED, "default_credentials_not_allowed");
-    b.register("toaster-9000", "1.0.0")
-        .await
-        .expect_error(StatusCode::BAD_REQUEST, "bad_request");
-    assert!(
-        b.assigned_credentials().is_some(),
-        "an authenticated first contact hands out assigned credentials, even when the body is rejected"
-    );
-    b.get(&format!("/v1/buckets/device.{B}"))
-        .await
-        .expect_error(StatusCode::NOT_FOUND, "not_found");
 }
 
 const TIER_CONFIG: &str = r#"
@@ -391,7 +408,7 @@ async fn get_views_filters_and_access_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_applied_merged_refused() {
-    let node = Node::start().await;
+    let node = api_node().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let id = format!("device.{A}");
@@ -518,7 +535,7 @@ async fn put_applied_merged_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_get_distinct_consecutive_versions() {
     const WRITERS: u64 = 40;
-    let node = Node::start().await;
+    let node = api_node().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let id = format!("device.{A}");
@@ -651,6 +668,7 @@ async fn put_errors_have_json_bodies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_size_limit_is_configurable() {
     let node = Node::builder()
+        .config(&api_template())
         .arg("--max-bucket-bytes")
         .arg("1024")
         .start()
@@ -676,7 +694,7 @@ async fn put_size_limit_is_configurable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_size_limit_from_config_file() {
     let node = Node::builder()
-        .config("max_bucket_bytes = 1024\n")
+        .config(&format!("max_bucket_bytes = 1024\n{}", api_template()))
         .start()
         .await;
     let a = node.device(A);
@@ -698,7 +716,7 @@ async fn put_size_limit_from_config_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_round_trip() {
-    let node = Node::start().await;
+    let node = api_node().await;
     let a = node.device(A);
     let id = format!("device.{A}");
 

@@ -1,8 +1,10 @@
 //! Three real `tether` nodes in cluster mode on one private PostgreSQL: gossip over the
 //! internal gRPC port, every set owned by one node (the consistent-hash ring), any node
 //! serving any request by forwarding to the owner, held subscriptions answered across
-//! nodes, peers authenticated, and ownership moving on a graceful drain (SIGTERM) and
-//! on `kill -9` without losing an acknowledged write.
+//! nodes, peers authenticated — mTLS with certificates of the cluster CA plus the cluster
+//! secret — and ownership moving on a graceful drain (SIGTERM) and on `kill -9` without
+//! losing an acknowledged write. A node with a certificate of another CA is refused, and
+//! joins once its certificate files are replaced by the cluster's (reloaded, no restart).
 //! (The same through HAProxy with a fleet simulator: `chaos-tests/tests/lb_cluster.rs`.)
 
 use std::collections::BTreeMap;
@@ -14,9 +16,17 @@ use serde_json::{json, Value};
 use tether_cluster::{NodeId, Ring};
 use tether_node::store::pg_server::PgServer;
 use tether_test_support::node::*;
+use tether_test_support::pki::{ClusterPki, NodeCert};
 
 const SECRET: &str = "cluster-test-secret-0123456789";
 const DEVICES: usize = 12;
+/// The thermostat's template with the fields this test writes (one per phase, so each
+/// acknowledged write can be found again): writes outside a template are refused.
+const TEMPLATE: &str = r#"
+[device_types.thermostat.buckets]
+device = ["current_temperature", "humidity", "hvac_state", "sw_version", "big1", "big2"]
+shared = ["target_temperature", "mode", "name", "w0", "w1", "w2", "w3", "fate"]
+"#;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -33,10 +43,17 @@ struct Member {
     faults: tempfile::TempDir,
 }
 
-async fn start_member(id: &str, store: &str, join: Option<u16>, keyring: Option<&Node>) -> Member {
+async fn start_member(
+    id: &str,
+    store: &str,
+    join: Option<u16>,
+    keyring: Option<&Node>,
+    cert: &NodeCert,
+) -> Member {
     let grpc = free_port();
     let faults = tempfile::tempdir().expect("faults dir");
     let mut b = Node::builder()
+        .config(TEMPLATE)
         .arg("--test-store-faults")
         .arg(faults.path().display().to_string())
         .arg("--node-id")
@@ -45,7 +62,12 @@ async fn start_member(id: &str, store: &str, join: Option<u16>, keyring: Option<
         .arg(store)
         .arg("--grpc-listen")
         .arg(format!("127.0.0.1:{grpc}"))
+        .arg("--cert-reload-interval-ms")
+        .arg("200")
         .env("TETHER_CLUSTER_SECRET", SECRET);
+    for f in cert.flags() {
+        b = b.arg(f);
+    }
     if let Some(seed) = join {
         b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
     }
@@ -165,6 +187,41 @@ async fn hold(
     sub
 }
 
+/// A `Sets.Get` from a caller that is not a node: plain text (`None`) or mTLS with `cert`,
+/// never the cluster secret. The status it gets.
+async fn stranger_get(
+    grpc: u16,
+    cert: Option<&NodeCert>,
+    req: tether_node::routing::forward::pb::GetRequest,
+) -> tonic::Status {
+    use tether_node::routing::forward::pb::sets_client::SetsClient;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], grpc).into();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(5));
+    let connector = cert.map(peer_connector);
+    let channel = tether_cluster::transport::grpc::lazy_channel(endpoint, addr, connector);
+    let mut stranger = SetsClient::new(channel);
+    within(REQUEST_DEADLINE, "stranger call", stranger.get(req))
+        .await
+        .expect_err("a stranger's call must fail")
+}
+
+/// Dials the internal port over mTLS with `cert`, as a node does.
+fn peer_connector(
+    cert: &NodeCert,
+) -> std::sync::Arc<dyn tether_cluster::transport::grpc::PeerConnector> {
+    let files = tether_node::config::ClusterTlsFiles {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        ca: cert.ca.clone(),
+        reload_interval: Duration::from_secs(3600),
+    };
+    tether_node::security::cluster_tls::TlsConnector::connector(
+        tether_node::security::cluster_tls::ClusterTls::start(&files).expect("peer TLS"),
+    )
+}
+
 fn owner(ids: &[&str], set: &str) -> String {
     Ring::new(ids.iter().map(|i| NodeId::new(*i)), 256)
         .owner(set)
@@ -176,10 +233,18 @@ fn owner(ids: &[&str], set: &str) -> String {
 async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("cluster").expect("database");
-    let a = start_member("node-a", &url, None, None).await;
+    let mut pki = ClusterPki::generate().await;
+    let a = start_member("node-a", &url, None, None, &pki.issue("node-a").await).await;
     // README: /readyz answers 503 until the node has joined; a node whose seeds never
     // answer starts a new cluster after 15 s (checked at the end of this test).
-    let lonely = start_member("node-x", &url, Some(free_port()), Some(&a.node)).await;
+    let lonely = start_member(
+        "node-x",
+        &url,
+        Some(free_port()),
+        Some(&a.node),
+        &pki.issue("node-x").await,
+    )
+    .await;
     let r = http_client()
         .get(lonely.node.url("/readyz"))
         .send()
@@ -191,8 +256,10 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         "ready before joining"
     );
     let lonely_started = Instant::now();
-    let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node)).await;
-    let c = start_member("node-c", &url, Some(a.grpc), Some(&a.node)).await;
+    let b_cert = pki.issue("node-b").await;
+    let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &b_cert).await;
+    let c_cert = pki.issue("node-c").await;
+    let c = start_member("node-c", &url, Some(a.grpc), Some(&a.node), &c_cert).await;
     for m in [&a, &b, &c] {
         wait_ready(&m.node, 3).await;
     }
@@ -391,12 +458,13 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             .iter()
             .find(|m| m.id != owner_id)
             .expect("non-owner");
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", stranger.grpc))
-                .expect("endpoint")
-                .connect()
-                .await
-                .expect("connect to the internal port");
+        // A peer: the cluster CA's certificate (mTLS) and the cluster secret.
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], stranger.grpc).into();
+        let channel = tether_cluster::transport::grpc::lazy_channel(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint"),
+            addr,
+            Some(peer_connector(&pki.issue("peer").await)),
+        );
         let secret =
             tether_cluster::ClusterSecret::new(SECRET.as_bytes().to_vec()).expect("secret");
         let mut peer = pb::sets_client::SetsClient::with_interceptor(
@@ -413,6 +481,8 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
                 set: serial.clone(),
                 ids: Vec::new(),
                 all: true,
+                without_values: false,
+                max_bytes: 0,
             })
             .await
             .expect_err("a non-owner must not serve the set");
@@ -465,7 +535,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let seen_ids = ids_of(&seen);
     assert!(
         seen_ids.contains(&format!("shared.{paired}"))
-            && seen_ids.contains(&"structure.home".to_string()),
+            && seen_ids.iter().any(|i| i.starts_with("structure.home-")),
         "the user sees the paired device and its structure: {seen}"
     );
     let device = members[2].node.device(&paired);
@@ -488,27 +558,112 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     .expect_json(StatusCode::OK);
     assert!(buckets_of(&released).is_empty(), "{released}");
 
-    // The internal port refuses callers without the cluster secret.
-    {
-        use tether_node::routing::forward::pb::sets_client::SetsClient;
-        let channel = tonic::transport::Endpoint::from_shared(format!(
-            "http://127.0.0.1:{}",
-            members[0].grpc
-        ))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to the internal port");
-        let mut stranger = SetsClient::new(channel);
-        let status = stranger
-            .get(tether_node::routing::forward::pb::GetRequest {
-                set: serials[0].clone(),
-                ids: Vec::new(),
-                all: true,
+    // The internal port takes only mTLS with a certificate of the cluster CA, and then
+    // still the cluster secret: a caller in plain text, one with another CA's certificate,
+    // and one with a good certificate but no secret are all refused.
+    let mut other_pki = ClusterPki::generate().await;
+    let get = tether_node::routing::forward::pb::GetRequest {
+        set: serials[0].clone(),
+        ids: Vec::new(),
+        all: true,
+        without_values: false,
+        max_bytes: 0,
+    };
+    let grpc = members[0].grpc;
+    let plain = stranger_get(grpc, None, get.clone()).await;
+    assert_ne!(
+        plain.code(),
+        tonic::Code::Ok,
+        "plain text is refused: {plain:?}"
+    );
+    // The intruder trusts the cluster CA (CA certificates are public), so only node-a's
+    // check of the client certificate can refuse it: it must never reach the secret check,
+    // and node-a logs the refusal (an invalid peer certificate).
+    let refusals = |node: &Node| {
+        node.stderr_all()
+            .lines()
+            .filter(|l| {
+                l.contains("refused a peer on the internal port")
+                    && l.contains("invalid peer certificate")
             })
+            .count()
+    };
+    let refused_before = refusals(&members[0].node);
+    let intruder = other_pki.issue("intruder").await;
+    std::fs::copy(&pki.ca_cert, &intruder.ca).expect("trust the cluster CA");
+    let foreign = stranger_get(grpc, Some(&intruder), get.clone()).await;
+    assert!(
+        !matches!(
+            foreign.code(),
+            tonic::Code::Ok | tonic::Code::Unauthenticated
+        ),
+        "another CA's certificate fails the handshake, before the secret is checked: \
+         {foreign:?}"
+    );
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    while refusals(&members[0].node) == refused_before {
+        assert!(
+            Instant::now() < deadline,
+            "node-a did not refuse the intruder's certificate; stderr:\n{}",
+            members[0].node.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let no_secret = stranger_get(grpc, Some(&pki.issue("stranger").await), get).await;
+    assert_eq!(
+        no_secret.code(),
+        tonic::Code::Unauthenticated,
+        "a cluster certificate without the cluster secret: {no_secret:?}"
+    );
+
+    // A node whose certificate comes from another CA is refused: it never joins (it
+    // trusts the cluster CA and has the cluster secret, so the refusal is the cluster's
+    // check of its certificate). Once its certificate files are replaced by ones of the
+    // cluster CA, it is reloaded and joins.
+    let intruder_cert = other_pki.issue("node-d").await;
+    std::fs::copy(&pki.ca_cert, &intruder_cert.ca).expect("trust the cluster CA");
+    let d = start_member(
+        "node-d",
+        &url,
+        Some(members[0].grpc),
+        Some(&members[0].node),
+        &intruder_cert,
+    )
+    .await;
+    let refused_at = Instant::now();
+    loop {
+        if refusals(&members[0].node) >= refused_before + 2 {
+            break;
+        }
+        assert!(
+            refused_at.elapsed() < Duration::from_secs(20),
+            "node-a never refused node-d's handshake; stderr:\n{}",
+            members[0].node.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for m in &members {
+        let r: Value = m
+            .node
+            .anon(reqwest::Method::GET, "/readyz")
+            .send()
             .await
-            .expect_err("an unauthenticated peer call must fail");
-        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            .expect("readyz")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(r["members"], json!(3), "{} let node-d in: {r}", m.id);
+    }
+    intruder_cert.replace_with(&pki.issue("node-d").await);
+    for m in members.iter().map(|m| &m.node).chain([&d.node]) {
+        wait_ready(m, 4).await;
+    }
+    // node-d leaves again (SIGTERM) so the rest of the test sees three members.
+    d.node.sigterm().await;
+    let mut d = d;
+    assert!(d.node.wait_exit(Duration::from_secs(30)).await.success());
+    for m in &members {
+        wait_ready(&m.node, 3).await;
     }
 
     // Drain: SIGTERM node-c while a subscribe on one of its sets is held through node-a.

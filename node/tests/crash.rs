@@ -40,7 +40,11 @@ async fn acked_write(p: &Principal, id: &str, seq: u64, base: u64) -> (u64, u64)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let data = tempfile::tempdir().expect("data dir");
-    let mut node = Node::builder().data_dir(data.path()).start().await;
+    let mut node = Node::builder()
+        .config(&thermostat_template(&["seq", "note", "after_restart"]))
+        .data_dir(data.path())
+        .start()
+        .await;
 
     let serials: Vec<String> = (0..DEVICES).map(|i| format!("CRASH{i:03}")).collect();
     let mut buckets: Vec<(String, String)> = Vec::new(); // (serial, bucket id)
@@ -191,6 +195,7 @@ async fn acknowledged_writes_survive_kill_9() {
     // Restart on the same data directory (same manufacturing key, devices keep their
     // assigned credentials): every acknowledged write is there.
     let node = Node::builder()
+        .config(&thermostat_template(&["seq", "note", "after_restart"]))
         .data_dir(data.path())
         .keyring(keyring)
         .start()

@@ -16,6 +16,16 @@ use tether_test_support::node::*;
 
 const WRITES_PER_NODE: u64 = 60;
 
+/// The thermostat template with the fields `w0`… of the concurrent phase and `w1000`…
+/// of the lease hand-over before it (a node refuses fields outside a template).
+fn template() -> String {
+    let fields: Vec<String> = (0..2 * WRITES_PER_NODE)
+        .chain(1000..1003)
+        .map(|n| format!("w{n}"))
+        .collect();
+    thermostat_template(&fields.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// Writes field `w<n>` through `p`, retrying refused (fenced) commits; returns the
 /// acknowledged version and the number of 503s seen.
 async fn write_until_acked(p: &Principal, id: &str, n: u64) -> (u64, u32) {
@@ -41,11 +51,13 @@ async fn two_nodes_owning_one_set_never_both_commit_and_lose_nothing() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("fencing").expect("database");
     let a = Node::builder()
+        .config(&template())
         .arg("--store")
         .arg(url.clone())
         .start()
         .await;
     let b = Node::builder()
+        .config(&template())
         .arg("--store")
         .arg(url.clone())
         .keyring(a.keyring())
@@ -104,6 +116,7 @@ async fn two_nodes_owning_one_set_never_both_commit_and_lose_nothing() {
 
     // A third node reads the set fresh from the store: every acknowledged write is there.
     let c = Node::builder()
+        .config(&template())
         .arg("--store")
         .arg(url)
         .keyring(a.keyring())

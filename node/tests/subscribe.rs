@@ -25,9 +25,22 @@ fn held(id: &str, bucket: &Value) -> Value {
     json!({"id": id, "timestamp": bucket["timestamp"], "version": bucket["version"]})
 }
 
+/// A node whose thermostat template has the fields these tests write (a node refuses
+/// fields outside a template).
+fn sub_node() -> NodeBuilder {
+    Node::builder().config(&thermostat_template(&[
+        "round",
+        "theirs",
+        "mine",
+        "mode",
+        "away",
+        "target_temperature",
+    ]))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_answers_at_once_when_the_client_is_stale() {
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");
@@ -77,7 +90,7 @@ async fn subscribe_answers_at_once_when_the_client_is_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_is_held_until_another_client_writes() {
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");
@@ -135,7 +148,7 @@ async fn subscribe_is_held_until_another_client_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_times_out_with_an_empty_list() {
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");
@@ -154,7 +167,7 @@ async fn subscribe_times_out_with_an_empty_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_session_writes_do_not_wake_the_subscription() {
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");
@@ -213,7 +226,7 @@ async fn own_session_writes_do_not_wake_the_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_writes_wake_nobody_and_any_listed_bucket_wakes() {
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");
@@ -280,7 +293,7 @@ async fn refused_writes_wake_nobody_and_any_listed_bucket_wakes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_sessions_change_wakes_even_next_to_an_own_write() {
     const ROUNDS: u64 = 20;
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");
@@ -332,7 +345,7 @@ async fn another_sessions_change_wakes_even_next_to_an_own_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_rejects_before_holding() {
-    let node = Node::builder().user("alice").start().await;
+    let node = sub_node().user("alice").start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     node.device(B).register_thermostat().await;
@@ -395,7 +408,7 @@ async fn a_thousand_held_subscriptions_are_all_answered() {
     const PER_DEVICE: usize = 4;
     const TOTAL: usize = DEVICES * PER_DEVICE;
 
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let serials: Vec<String> = (0..DEVICES).map(|i| format!("LOAD{i:04}")).collect();
 
     // Register every device (bounded concurrency) and note each device bucket's state.
@@ -494,7 +507,7 @@ async fn closing_the_connection_cancels_the_subscription() {
     const PER_DEVICE: usize = 4;
     const TOTAL: usize = DEVICES * PER_DEVICE;
 
-    let node = Node::start().await;
+    let node = sub_node().start().await;
     let serials: Vec<String> = (0..DEVICES).map(|i| format!("GONE{i:04}")).collect();
     let states: Vec<(String, Value)> = stream::iter(serials)
         .map(|s| {
@@ -557,7 +570,7 @@ async fn closing_the_connection_cancels_the_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_held_subscriptions_and_exits_zero() {
-    let mut node = Node::start().await;
+    let mut node = sub_node().start().await;
     let a = node.device(A);
     a.register_thermostat().await;
     let dev = format!("device.{A}");

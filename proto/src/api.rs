@@ -355,9 +355,10 @@ fn value_from_pb(v: pb::Value) -> Result<Value, ProtoError> {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(b),
         Some(Kind::IntValue(i)) => Value::from(i),
-        // Non-finite doubles have no JSON form; they become null rather than failing.
+        // Non-finite doubles have no JSON form: refused, as JSON refuses them (a NaN stored
+        // as null would silently change what the client wrote).
         Some(Kind::NumberValue(f)) => {
-            serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+            Value::Number(serde_json::Number::from_f64(f).ok_or(ProtoError::NonFiniteNumber)?)
         }
         Some(Kind::StringValue(s)) => Value::String(s),
         Some(Kind::JsonValue(s)) => {
@@ -1026,5 +1027,28 @@ mod tests {
             ..Default::default()
         };
         assert!(UpdateRequest::from_pb(bad_json).is_err());
+    }
+
+    /// Issue 13: NaN and ±Infinity were stored as null over protobuf while JSON refuses
+    /// them; both encodings now refuse them.
+    #[test]
+    fn non_finite_numbers_are_refused_like_json_refuses_them() {
+        for f in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let m = pb::UpdateRequest {
+                value: vec![pb::Field {
+                    name: "t".into(),
+                    value: Some(pb::Value {
+                        kind: Some(pb::value::Kind::NumberValue(f)),
+                    }),
+                }],
+                ..Default::default()
+            };
+            assert_eq!(
+                UpdateRequest::from_pb(m),
+                Err(ProtoError::NonFiniteNumber),
+                "{f}"
+            );
+        }
+        assert!(serde_json::from_str::<UpdateRequest>(r#"{"value": {"t": NaN}}"#).is_err());
     }
 }

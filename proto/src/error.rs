@@ -22,6 +22,18 @@ pub enum ProtoError {
     /// A required message field was absent.
     #[error("missing field {0}")]
     MissingField(&'static str),
+    /// A list of bucket ids names more distinct buckets than the server takes at once.
+    #[error("more than {max} distinct bucket ids in one request")]
+    TooManyIds {
+        /// The limit.
+        max: usize,
+    },
+    /// A protobuf number that JSON cannot hold (NaN, ±Infinity).
+    #[error("a number is NaN or infinite; bucket values are JSON numbers")]
+    NonFiniteNumber,
+    /// A pairing code is not 8 characters of the code alphabet (`7Q4K-92XD`).
+    #[error("malformed pairing code: expected 8 characters like 7Q4K-92XD")]
+    InvalidPairingCode,
     /// A credential id, secret or credential header was malformed.
     #[error(transparent)]
     Credential(#[from] CredentialError),

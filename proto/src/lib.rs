@@ -18,6 +18,7 @@ pub mod hlc;
 pub mod model;
 pub mod pb;
 pub mod reconcile;
+pub mod requests;
 pub mod synclog;
 
 pub use credentials::{CredentialError, CredentialId, CredentialKind, Credentials};

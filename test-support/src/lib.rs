@@ -6,12 +6,14 @@
 //! - [`node`]: one real `tether` node as a child process on a free port, with its own data
 //!   directory and manufacturing key, and the principals (devices, users) that talk to it;
 //! - [`netns`]: hosts of their own for processes (network namespaces on a bridge, own
-//!   address and resolver), and [`dns`]: a DNS server (dnsmasq) for them.
+//!   address and resolver), and [`dns`]: a DNS server (dnsmasq) for them;
 //! - [`otlp`]: an in-process OTLP trace receiver (gRPC and HTTP/protobuf) the trace tests
-//!   and the tracing-overhead benchmark export to.
+//!   and the tracing-overhead benchmark export to;
+//! - [`pki`]: a cluster CA and node certificates for mTLS between test nodes.
 
 pub mod bin;
 pub mod dns;
 pub mod netns;
 pub mod node;
 pub mod otlp;
+pub mod pki;

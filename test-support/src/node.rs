@@ -55,6 +55,10 @@ pub const SET_CREDENTIALS: &str = "x-tether-set-credentials";
 /// device in about a second), close to the default (50/s, burst 100) on a fast machine.
 /// The limit itself is tested in auth.rs.
 pub const TEST_REQUESTS_PER_SECOND: u32 = 100_000;
+/// Connections per source address given to test nodes unless a test sets its own: every
+/// test client connects from loopback (a thousand held subscriptions in subscribe.rs).
+/// The limit itself is tested in hardening.rs.
+pub const TEST_CONNECTIONS_PER_SOURCE: u32 = 100_000;
 
 /// Awaits `fut` or panics with `what` after `limit`.
 pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
@@ -71,6 +75,30 @@ pub fn http_client() -> Client {
         .pool_max_idle_per_host(4096)
         .build()
         .expect("build http client")
+}
+
+/// The thermostat's template (`device` and `shared` fields) with `extra` fields added to
+/// both kinds, as TOML for [`NodeBuilder::config`]. A node refuses writes of fields outside
+/// a device type's template (422 `unknown_field`), so a test that writes fields of its own
+/// declares them, as an operator would.
+pub fn thermostat_template(extra: &[&str]) -> String {
+    let list = |base: &[&str]| {
+        base.iter()
+            .chain(extra)
+            .map(|f| format!("{f:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[device_types.thermostat.buckets]\ndevice = [{}]\nshared = [{}]\n",
+        list(&[
+            "current_temperature",
+            "humidity",
+            "hvac_state",
+            "sw_version"
+        ]),
+        list(&["target_temperature", "mode", "name"])
+    )
 }
 
 /// Bucket ids a thermostat gets on first contact.
@@ -566,6 +594,12 @@ impl NodeBuilder {
             cmd.arg("--requests-per-second")
                 .arg(TEST_REQUESTS_PER_SECOND.to_string());
         }
+        // Through the environment, so a test's own flag or variable beats it (and an older
+        // binary without the setting ignores it).
+        cmd.env(
+            "TETHER_MAX_CONNECTIONS_PER_SOURCE",
+            TEST_CONNECTIONS_PER_SOURCE.to_string(),
+        );
         if let Some((cert, key)) = &self.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }

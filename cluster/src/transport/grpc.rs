@@ -5,8 +5,10 @@
 //! gRPC server (next to forwarding); [`GrpcTransport::bind`] serves it alone.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +37,9 @@ pub struct GrpcOptions {
     pub send_timeout: Duration,
     /// Largest frame accepted, in bytes.
     pub max_frame_size: usize,
+    /// How connections to peers are made: `None` is plain TCP; the node passes its mTLS
+    /// connector (`tether_node::security::cluster_tls`).
+    pub connector: Option<Arc<dyn PeerConnector>>,
 }
 
 impl Default for GrpcOptions {
@@ -42,7 +47,39 @@ impl Default for GrpcOptions {
         Self {
             send_timeout: Duration::from_millis(500),
             max_frame_size: MAX_FRAME,
+            connector: None,
         }
+    }
+}
+
+/// A byte stream to a peer, as tonic channels take it (plain TCP or a TLS session).
+pub trait PeerIo: hyper::rt::Read + hyper::rt::Write + Send + Unpin {}
+impl<T: hyper::rt::Read + hyper::rt::Write + Send + Unpin> PeerIo for T {}
+
+/// A boxed [`PeerIo`].
+pub type BoxedIo = Box<dyn PeerIo>;
+
+/// Opens connections to peers (mTLS between nodes); the cluster crate knows nothing of
+/// certificates.
+pub trait PeerConnector: Send + Sync + std::fmt::Debug + 'static {
+    /// A connection to the peer at `addr`, ready for HTTP/2.
+    fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<BoxedIo>> + Send>>;
+}
+
+/// A channel to `addr` that connects on first use, through `connector` if given.
+pub fn lazy_channel(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    connector: Option<Arc<dyn PeerConnector>>,
+) -> Channel {
+    match connector {
+        None => endpoint.connect_lazy(),
+        Some(c) => endpoint.connect_with_connector_lazy(tower::service_fn(
+            move |_: tonic::codegen::http::Uri| c.connect(addr),
+        )),
     }
 }
 
@@ -189,7 +226,7 @@ impl GrpcTransport {
             .map_err(|e| ClusterError::InvalidConfig(format!("peer address {to}: {e}")))?
             .connect_timeout(self.options.send_timeout)
             .tcp_nodelay(true);
-        let client = GossipClient::new(endpoint.connect_lazy());
+        let client = GossipClient::new(lazy_channel(endpoint, to, self.options.connector.clone()));
         clients.insert(to, client.clone());
         Ok(client)
     }

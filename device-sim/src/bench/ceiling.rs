@@ -118,7 +118,7 @@ pub async fn closed_loop(
             let mut seq = 0u64;
             while Instant::now() < end {
                 seq += 1;
-                let mut body = json!({"value": {"n": seq}, "base_version": version, "session": format!("bench-{c}")});
+                let mut body = json!({"value": {"target_temperature": seq}, "base_version": version, "session": format!("bench-{c}")});
                 if op_ids {
                     body["op_id"] = json!(format!("bench-{c}-{seq}"));
                 }

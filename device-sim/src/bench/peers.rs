@@ -230,7 +230,10 @@ struct TetherWriter {
 impl Writer for TetherWriter {
     async fn write(&mut self, k: usize, payload: String) -> Result<()> {
         let (serial, creds) = &self.devices[k];
-        let value: Value = serde_json::from_str(&payload)?;
+        // The payload `{"t": …, "w": …}` in thermostat fields: a node refuses fields
+        // outside the device type's template.
+        let p: Value = serde_json::from_str(&payload)?;
+        let value = json!({"target_temperature": p["t"], "mode": p["w"]});
         let r = self
             .http
             .put(format!("{}/v1/buckets/shared.{serial}", self.url))
@@ -287,7 +290,7 @@ async fn run_tether(o: &Opts) -> Result<SystemResult> {
                             if let Some(t) = doc
                                 .value
                                 .as_ref()
-                                .and_then(|v| v.get("t"))
+                                .and_then(|v| v.get("target_temperature"))
                                 .and_then(Value::as_u64)
                             {
                                 rec.notified(t);

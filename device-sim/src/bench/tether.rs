@@ -69,6 +69,8 @@ async fn start_in(
         .arg("--mfg-key-file")
         .arg(format!("k1={}", key_path.display()))
         .args(["--requests-per-second", "1000000"])
+        // Every simulated device connects from this one machine.
+        .args(["--max-connections-per-source", "1000000"])
         .args(["--register-per-hour", "1000000"])
         .args(extra);
     let (child, url) = spawn_listening(cmd, Duration::from_secs(30)).await?;

@@ -19,22 +19,29 @@ use tether_proto::api::{
     UpdateRequest, UpdateResponse, View, WireMessage,
 };
 use tether_proto::reconcile::Held;
+use tether_proto::requests;
 use tether_proto::synclog::{pack, valid_op_id, Encoding};
 use tether_proto::{Bucket, BucketId, SetKey, Update};
 use tracing::Instrument;
 
+use crate::api::conn::{ConnInfo, Connections};
+use crate::api::held::HeldByPrincipal;
 use crate::api::openapi::{self, ProtobufBody};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
-use crate::routing::router::{BucketUpdate, PutKind, Router, Subscription, Write};
+use crate::registration::STRUCTURE_FIELDS;
+use crate::routing::router::{
+    answer_size, BucketUpdate, Get, PutKind, Router, Subscription, Write,
+};
 use crate::security::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
 
 /// Room for the envelope (`base_version`, `session`, JSON punctuation) around a bucket.
 const ENVELOPE_BYTES: usize = 4096;
-/// Most buckets one subscribe may list.
-const MAX_SUBSCRIBE_BUCKETS: usize = 1024;
+/// Longest entry of a subscribe body (`{"id":…,"timestamp":…,"version":…}`), for its size
+/// limit.
+const HELD_ENTRY_BYTES: usize = 160;
 /// Longest session id accepted.
 const MAX_SESSION_LEN: usize = 128;
 
@@ -57,6 +64,10 @@ pub struct AppState {
     pub serving: AtomicBool,
     /// True once the node knows its cluster (always for a single node).
     pub joined: Arc<AtomicBool>,
+    /// Held subscriptions per principal (the fair-share cap).
+    pub held: Arc<HeldByPrincipal>,
+    /// Open device connections (for `/readyz`).
+    pub conns: Arc<Connections>,
 }
 
 impl AppState {
@@ -67,15 +78,19 @@ impl AppState {
         placement: Arc<dyn tether_cluster::Placement>,
         auth: Auth,
         joined: Arc<AtomicBool>,
+        conns: Arc<Connections>,
     ) -> Self {
+        let metrics = router.shared().metrics.clone();
         AppState {
             shared: router.shared().clone(),
+            held: HeldByPrincipal::new(config.limits.max_held_per_principal, metrics),
             router,
             config,
             placement,
             auth,
             serving: AtomicBool::new(true),
             joined,
+            conns,
         }
     }
 
@@ -174,8 +189,29 @@ fn respond<T: Serialize + WireMessage>(
     }
 }
 
-/// Reads a body of at most `limit` bytes; larger ones are refused without being read whole.
+/// Reads a body of at most `limit` bytes within the body read timeout; larger ones are
+/// refused without being read whole, slower ones with 408 (finding 5: a client trickling
+/// a body holds a connection and a worker's attention for at most that long).
 async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+    state: &AppState,
+) -> Result<web::Bytes> {
+    let within = state.config.limits.body_read_timeout;
+    match tokio::time::timeout(within, read_body_unbounded(req, payload, limit)).await {
+        Ok(body) => body,
+        Err(_) => {
+            state.shared.metrics.limited("body_read_timeout");
+            Err(NodeError::RequestTimeout(format!(
+                "the request body did not arrive within {} ms",
+                within.as_millis()
+            )))
+        }
+    }
+}
+
+async fn read_body_unbounded(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -203,7 +239,8 @@ async fn read_body(
 
 /// TLS, or loopback development mode (plain HTTP is only ever served on loopback).
 fn is_secure(req: &HttpRequest) -> bool {
-    req.app_config().secure() || req.peer_addr().is_some_and(|a| a.ip().is_loopback())
+    req.conn_data::<ConnInfo>().is_some_and(|c| c.tls)
+        || req.peer_addr().is_some_and(|a| a.ip().is_loopback())
 }
 
 fn now_ms() -> u64 {
@@ -245,14 +282,20 @@ fn check_session(session: &Option<String>) -> Result<()> {
         )),
     ),
 )]
-/// `POST /v1/register` (seed 000 FIG 15–18).
+/// `POST /v1/register` (seed 000 FIG 15–18). The whole request is validated before
+/// anything happens (finding 4): credentials, body, `device_id`, device type; only then is
+/// a default-credential registration charged and applied (new credentials, unpairing in the
+/// lost-credentials case) and are the buckets created.
 pub async fn register(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = state.principal(&req, Endpoint::Register).await?;
-    let body = read_body(&req, payload, ENVELOPE_BYTES).await?;
+    let (principal, pending) = state
+        .auth
+        .authenticate_register(&req, is_secure(&req))
+        .await?;
+    let body = read_body(&req, payload, ENVELOPE_BYTES, &state).await?;
     let msg: RegisterRequest = decode(request_format(&req)?, &body)?;
     let set = SetKey::parse(&msg.device_id)?;
     if principal.device() != Some(&set) {
@@ -261,13 +304,19 @@ pub async fn register(
         ));
     }
     let decision = state.config.registration.decide(&set, &msg)?;
+    if let Some(grant) = pending {
+        state.auth.complete_registration(&req, grant).await?;
+    }
     let buckets: Vec<String> = decision
         .buckets
         .iter()
         .map(|(id, _)| id.to_string())
         .collect();
     if decision.redirect.is_none() {
-        state.router.ensure(&set, decision.buckets).await?;
+        state
+            .router
+            .ensure(&set, decision.buckets, Some(msg.device_type.clone()))
+            .await?;
         let now = now_ms();
         let first_seen_ms = state
             .shared
@@ -306,13 +355,6 @@ pub struct ListQuery {
     ids: Option<String>,
 }
 
-fn parse_ids(list: &str) -> Result<Vec<BucketId>> {
-    list.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| Ok(BucketId::parse(s)?))
-        .collect()
-}
-
 #[utoipa::path(
     get,
     path = "/v1/buckets",
@@ -332,17 +374,20 @@ fn parse_ids(list: &str) -> Result<Vec<BucketId>> {
         )),
     ),
 )]
-/// `GET /v1/buckets`: the principal's buckets, in the requested view.
+/// `GET /v1/buckets`: the principal's buckets, in the requested view. `ids=` is a set
+/// (duplicates count once) of at most `max_ids_per_request` ids; values are copied only
+/// for `view=full`, and at most `max_answer_bytes` of them (413 beyond: finding 1).
 pub async fn list(
     req: HttpRequest,
     query: web::Query<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let limits = &state.config.limits;
     let mut by_set: BTreeMap<SetKey, Option<Vec<BucketId>>> = BTreeMap::new();
     match &query.ids {
         Some(ids) => {
-            for id in parse_ids(ids)? {
+            for id in requests::id_list(ids, limits.max_ids_per_request)? {
                 principal.authorize(&id)?;
                 by_set
                     .entry(id.set_key())
@@ -353,15 +398,22 @@ pub async fn list(
         }
         None => by_set.extend(principal.sets().into_iter().map(|s| (s, None))),
     }
+    let values = query.view == View::Full;
+    let mut budget = limits.max_answer_bytes;
     let mut buckets = Vec::new();
     for (set, ids) in by_set {
-        let found: Vec<Bucket> = state.router.get(&set, ids).await?;
-        buckets.extend(
-            found
-                .iter()
-                .filter(|b| principal.may_access(&b.id))
-                .map(|b| BucketDoc::from_bucket(b, query.view)),
-        );
+        let read = Get {
+            ids,
+            values,
+            max_bytes: budget,
+        };
+        let found: Vec<Bucket> = state.router.get(&set, read).await?;
+        for b in found.iter().filter(|b| principal.may_access(&b.id)) {
+            if values {
+                budget = budget.saturating_sub(answer_size(b));
+            }
+            buckets.push(BucketDoc::from_bucket(b, query.view));
+        }
     }
     Ok(respond(
         &req,
@@ -404,10 +456,12 @@ pub async fn get_one(
     let principal = state.principal(&req, Endpoint::Buckets).await?;
     let id = parse_path_id(&path)?;
     principal.authorize(&id)?;
-    let found: Vec<Bucket> = state
-        .router
-        .get(&id.set_key(), Some(vec![id.clone()]))
-        .await?;
+    let read = Get {
+        ids: Some(vec![id.clone()]),
+        values: true,
+        max_bytes: state.config.limits.max_answer_bytes,
+    };
+    let found: Vec<Bucket> = state.router.get(&id.set_key(), read).await?;
     let b = found
         .first()
         .ok_or_else(|| NodeError::NotFound(format!("no bucket {id}")))?;
@@ -460,6 +514,7 @@ pub async fn put(
         &req,
         payload,
         state.config.max_bucket_bytes + ENVELOPE_BYTES,
+        &state,
     )
     .await?;
     let msg: UpdateRequest = decode(request_format(&req)?, &body)?;
@@ -524,32 +579,31 @@ pub async fn put(
     ),
 )]
 /// `POST /v1/subscribe` (seed 000 FIG 21): answer at once with stale buckets, else hold.
+/// The held ids are a set of at most `max_ids_per_request`; an answer carries at most about
+/// `max_answer_bytes` of buckets (the rest are answered by the next subscribe); a principal
+/// holds at most `max_held_per_principal` subscriptions, a new one answering its oldest.
 pub async fn subscribe(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let principal = state.principal(&req, Endpoint::Buckets).await?;
-    let body = read_body(&req, payload, 64 * MAX_SUBSCRIBE_BUCKETS + ENVELOPE_BYTES).await?;
+    let limits = &state.config.limits;
+    let body_limit = limits
+        .max_ids_per_request
+        .saturating_mul(HELD_ENTRY_BYTES)
+        .saturating_add(ENVELOPE_BYTES);
+    let body = read_body(&req, payload, body_limit, &state).await?;
     let msg: SubscribeRequest = decode(request_format(&req)?, &body)?;
     check_session(&msg.session)?;
-    if msg.buckets.is_empty() {
+    let held_set = requests::held_set(&msg.buckets, limits.max_ids_per_request)?;
+    if held_set.is_empty() {
         return Err(NodeError::BadRequest("subscribe lists no buckets".into()));
     }
-    if msg.buckets.len() > MAX_SUBSCRIBE_BUCKETS {
-        return Err(NodeError::BadRequest(format!(
-            "subscribe lists more than {MAX_SUBSCRIBE_BUCKETS} buckets"
-        )));
-    }
     let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
-    for h in msg.buckets {
-        let id = BucketId::parse(&h.id)?;
-        principal.authorize(&id)?;
-        by_set.entry(id.set_key()).or_default().push(Held {
-            id,
-            timestamp: h.timestamp,
-            version: h.version,
-        });
+    for h in held_set {
+        principal.authorize(&h.id)?;
+        by_set.entry(h.id.set_key()).or_default().push(h);
     }
     let timeout = msg
         .timeout_ms
@@ -563,11 +617,17 @@ pub async fn subscribe(
         Format::Json => Encoding::Json,
         Format::Protobuf => Encoding::Protobuf,
     };
-    let max_bytes = msg.max_bytes;
+    // The node's budget is the ceiling (each owner answers within it); a device's
+    // `max_bytes` asks for less. What does not fit is listed in `pending`.
+    let ceiling = limits.max_answer_bytes;
+    let max_bytes = Some(
+        msg.max_bytes
+            .map_or(ceiling as u64, |m| m.min(ceiling as u64)),
+    );
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
     let held = match state
         .router
-        .subscribe(by_set, msg.session, timeout, msg.diffs)
+        .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling)
         .await?
     {
         Subscription::Now(updates) => {
@@ -575,15 +635,23 @@ pub async fn subscribe(
         }
         Subscription::Held(held) => held,
     };
+    // One more held subscription of this principal; past its cap, its oldest is answered.
+    let slot = state.held.register(principal.key());
     // Held: the status line and headers go out now (API.md: headers such as new
     // credentials reach the device "even on a held subscribe, before the body"); the body
-    // follows when a bucket changes, the hold times out or the node drains. Streaming the
-    // body also makes actix drop this future, and with it the held subscription (on
-    // every owner), when the client hangs up, so a closed connection cancels it.
+    // follows when a bucket changes, the hold times out, the node drains or a newer
+    // subscription of the principal takes this one's place. Streaming the body also makes
+    // actix drop this future, and with it the held subscription (on every owner), when the
+    // client hangs up, so a closed connection cancels it.
     let draining = state.router.drain_signal();
     let hold = crate::metrics::HoldTimer::start(state.shared.metrics.clone());
     let body = async move {
-        let updates = held.answer(timeout, draining).await;
+        let mut slot = slot;
+        let updates = tokio::select! {
+            updates = held.answer(timeout, draining) => updates,
+            _ = &mut slot.evicted => Vec::new(),
+        };
+        drop(slot);
         hold.answered(
             updates.iter().map(|u| u.bucket.timestamp.millis).max(),
             now_ms(),
@@ -688,18 +756,16 @@ pub async fn history(
     Ok(respond(&req, StatusCode::OK, &resp))
 }
 
-/// Unambiguous characters for pairing codes (no 0/O, 1/I).
-const CODE_ALPHABET: &[u8] = b"23456789ABCDEFGHJKLMNPQRSTUVWXYZ";
-
 fn pairing_code() -> String {
     use rand::Rng;
+    let alphabet = requests::CODE_ALPHABET;
     let mut rng = rand::rng();
-    let mut code = String::with_capacity(9);
-    for i in 0..8 {
-        if i == 4 {
+    let mut code = String::with_capacity(requests::CODE_LEN + 1);
+    for i in 0..requests::CODE_LEN {
+        if i == requests::CODE_LEN / 2 {
             code.push('-');
         }
-        code.push(CODE_ALPHABET[rng.random_range(0..CODE_ALPHABET.len())] as char);
+        code.push(alphabet[rng.random_range(0..alphabet.len())] as char);
     }
     code
 }
@@ -718,7 +784,8 @@ fn pairing_code() -> String {
         links(("Pair" = (operation_id = "pair", request_body = json!({"code": "$response.body#/code"}), description = "A user redeems the code")))),
     ),
 )]
-/// `POST /v1/pairing-code`: a device asks for a short-lived code its user can redeem.
+/// `POST /v1/pairing-code`: a device asks for a short-lived code its user can redeem. Only
+/// the newest code of a device is valid: issuing one invalidates the one before (finding 7).
 pub async fn pairing_code_handler(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -748,13 +815,14 @@ pub async fn pairing_code_handler(
     ))
 }
 
-/// The buckets a new structure starts with.
-fn structure_template(structure: &SetKey) -> Result<Vec<(BucketId, tether_proto::Fields)>> {
-    let fields = ["name", "away"]
+/// The buckets a new structure starts with: the template's fields, its name filled in.
+fn structure_template(key: &SetKey, name: &str) -> Result<Vec<(BucketId, tether_proto::Fields)>> {
+    let mut fields: tether_proto::Fields = STRUCTURE_FIELDS
         .iter()
         .map(|f| (f.to_string(), tether_proto::Value::Null))
         .collect();
-    Ok(vec![(BucketId::new(STRUCTURE_KIND, structure)?, fields)])
+    fields.insert("name".into(), tether_proto::Value::from(name));
+    Ok(vec![(BucketId::new(STRUCTURE_KIND, key)?, fields)])
 }
 
 #[utoipa::path(
@@ -777,46 +845,74 @@ fn structure_template(structure: &SetKey) -> Result<Vec<(BucketId, tether_proto:
     ),
 )]
 /// `POST /v1/pair`: a user redeems a device's code; the device joins the user's account
-/// and, if named, one of the user's structures (created on first use).
+/// and, if named, one of the user's structures (created on first use). Structure names are
+/// the user's own: `"home"` is this user's home, whatever other accounts call theirs, and
+/// the answer's `structure` is its id (`structure.<id>` is its bucket); naming an id the
+/// user already owns works too. Failed redemptions are limited per account.
 pub async fn pair(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
     let principal = state.principal(&req, Endpoint::UserOnly).await?;
-    let Principal::User { user_id, .. } = &principal else {
+    let Principal::User {
+        user_id,
+        structures,
+        ..
+    } = &principal
+    else {
         return Err(NodeError::Forbidden("users only".into()));
     };
-    let body = read_body(&req, payload, ENVELOPE_BYTES).await?;
+    let body = read_body(&req, payload, ENVELOPE_BYTES, &state).await?;
     let msg: PairRequest = decode(request_format(&req)?, &body)?;
-    let structure = msg.structure.as_deref().map(SetKey::parse).transpose()?;
+    let code = requests::pairing_code(&msg.code)?;
+    let structure = match msg.structure.as_deref() {
+        None => None,
+        Some(s) if structures.contains(s) => Some((SetKey::parse(s)?, None)),
+        Some(name) => Some((requests::structure_key(user_id, name)?, Some(name))),
+    };
+    let credentials = &state.auth.credentials;
+    credentials.check_pair_failures(user_id).inspect_err(|_| {
+        state.shared.metrics.limited("pair_failures");
+    })?;
     let store = &state.shared.store;
-    // Refuse another account's structure before the code is spent, and spend the code
-    // before claiming anything: a refused pair changes nothing.
-    if let Some(s) = &structure {
+    // Refuse another account's structure before the code is spent (only a structure
+    // claimed before names were scoped per user can be one), and spend the code before
+    // claiming anything: a refused pair changes nothing.
+    if let Some((key, _)) = &structure {
         if store
-            .structure_owner(s.as_str())
+            .structure_owner(key.as_str())
             .await?
             .is_some_and(|owner| &owner != user_id)
         {
             return Err(NodeError::Forbidden(format!(
-                "structure {s} belongs to another account"
+                "structure {key} belongs to another account"
             )));
         }
     }
-    let code = store
-        .take_pairing_code(msg.code.trim())
+    let Some(code) = store
+        .take_pairing_code(&code)
         .await?
         .filter(|c| c.expires_ms > now_ms())
-        .ok_or_else(|| NodeError::NotFound("no such pairing code, or it expired".into()))?;
-    if let Some(s) = &structure {
-        let owner = store.claim_structure(s.as_str(), user_id).await?;
+    else {
+        credentials.pair_failed(user_id);
+        return Err(NodeError::NotFound(
+            "no such pairing code, or it expired".into(),
+        ));
+    };
+    if let Some((key, name)) = &structure {
+        let owner = store.claim_structure(key.as_str(), user_id).await?;
         if &owner != user_id {
             return Err(NodeError::Forbidden(format!(
-                "structure {s} belongs to another account"
+                "structure {key} belongs to another account"
             )));
         }
-        state.router.ensure(s, structure_template(s)?).await?;
+        if let Some(name) = name {
+            state
+                .router
+                .ensure(key, structure_template(key, name)?, None)
+                .await?;
+        }
     }
     let old = store
         .set_pairing(
@@ -824,7 +920,7 @@ pub async fn pair(
             Some(Pairing {
                 device_id: code.device_id.clone(),
                 user_id: user_id.clone(),
-                structure: structure.as_ref().map(ToString::to_string),
+                structure: structure.as_ref().map(|(k, _)| k.to_string()),
                 paired_ms: now_ms(),
             }),
         )
@@ -836,7 +932,7 @@ pub async fn pair(
     tracing::info!(device = %code.device_id, user = %user_id, "device paired");
     let resp = PairResponse {
         device_id: code.device_id,
-        structure: structure.map(|s| s.to_string()),
+        structure: structure.map(|(k, _)| k.to_string()),
     };
     Ok(respond(&req, StatusCode::OK, &resp))
 }
@@ -897,7 +993,7 @@ pub async fn unpair(
     security(()),
     responses((status = 200, description = "The process is alive", body = crate::api::openapi::Health, example = json!({"status": "ok"}))),
 )]
-/// `GET /healthz`: the process is alive.
+/// `GET /healthz` (and `HEAD`): the process is alive.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
@@ -910,20 +1006,30 @@ pub async fn healthz() -> HttpResponse {
     security(()),
     responses(
         (status = 200, description = "Serving", body = crate::api::openapi::Health, example = json!({"status": "ready", "members": 3})),
-        (status = 503, description = "Joining its cluster or draining", body = crate::api::openapi::Health, example = json!({"status": "draining"})),
+        (status = 503, description = "Joining its cluster, draining, or near its connection capacity (`saturated`)", body = crate::api::openapi::Health, example = json!({"status": "draining"})),
     ),
 )]
-/// `GET /readyz`: the node serves requests: store open, cluster joined (its ring known),
-/// not draining. Load balancers send traffic only to ready nodes.
+/// `GET /readyz` (and `HEAD`): the node serves requests: store open, cluster joined (its
+/// ring known), not draining, and not about to run out of connections — it turns 503
+/// `saturated` once `readyz_saturation_percent` of its connection capacity is open, so a
+/// load balancer sends new clients elsewhere while this node can still answer its own.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let members = state.router.members();
+    let (open, capacity) = (state.conns.open(), state.conns.capacity());
+    let saturated = open.saturating_mul(100)
+        >= capacity.saturating_mul(usize::from(state.config.limits.readyz_saturation_percent));
+    let body = |status: &str| {
+        serde_json::json!({"status": status, "members": members, "connections": open,
+                           "connection_capacity": capacity})
+    };
     if !state.serving.load(Ordering::Acquire) {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "draining"}))
+        HttpResponse::ServiceUnavailable().json(body("draining"))
     } else if !state.joined.load(Ordering::Acquire) {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"status": "joining", "members": members}))
+        HttpResponse::ServiceUnavailable().json(body("joining"))
+    } else if saturated {
+        HttpResponse::ServiceUnavailable().json(body("saturated"))
     } else {
-        HttpResponse::Ok().json(serde_json::json!({"status": "ready", "members": members}))
+        HttpResponse::Ok().json(body("ready"))
     }
 }
 
@@ -946,6 +1052,10 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         .get(ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
+    state
+        .shared
+        .metrics
+        .auth_tracked_ids(state.auth.credentials.failure_table_len());
     if openmetrics {
         HttpResponse::Ok()
             .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
@@ -955,6 +1065,35 @@ pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
             .content_type("text/plain; version=0.0.4; charset=utf-8")
             .body(state.shared.metrics.render())
     }
+}
+
+#[utoipa::path(
+    head,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthzHead",
+    security(()),
+    responses((status = 200, description = "The process is alive (no body)")),
+)]
+/// `HEAD /healthz`: `GET /healthz` without its body (for probes that send HEAD).
+pub async fn healthz_head() -> HttpResponse {
+    healthz().await
+}
+
+#[utoipa::path(
+    head,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyzHead",
+    security(()),
+    responses(
+        (status = 200, description = "Serving (no body)"),
+        (status = 503, description = "Joining, draining or saturated (no body)"),
+    ),
+)]
+/// `HEAD /readyz`: `GET /readyz` without its body (for probes that send HEAD).
+pub async fn readyz_head(state: web::Data<AppState>) -> HttpResponse {
+    readyz(state).await
 }
 
 /// Anything else: a JSON 404.
@@ -978,7 +1117,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/pair", web::post().to(pair))
         .route("/v1/devices/{device_id}/pairing", web::delete().to(unpair))
         .route("/healthz", web::get().to(healthz))
+        .route("/healthz", web::head().to(healthz_head))
         .route("/readyz", web::get().to(readyz))
+        .route("/readyz", web::head().to(readyz_head))
         .route("/metrics", web::get().to(metrics))
         .route("/v1/openapi.json", web::get().to(openapi::openapi_json))
         .route("/docs", web::get().to(openapi::docs_redirect))

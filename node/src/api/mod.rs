@@ -2,6 +2,10 @@
 //!
 //! Handlers authenticate (`crate::security`), then hand every set operation to the
 //! `crate::routing::Router`; nothing here touches an actor or the store directly.
+//! `conn` is the connection below HTTP (per-source limits, JSON bodies for the errors the
+//! HTTP layer sends itself); `held` counts each principal's held subscriptions.
 
+pub mod conn;
+pub mod held;
 pub mod http;
 pub mod openapi;

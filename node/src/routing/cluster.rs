@@ -2,7 +2,7 @@
 //!
 //! [`ClusterNode::start`] runs, on a runtime of its own (so inter-node traffic never
 //! waits behind HTTP workers): the internal gRPC server (gossip + forwarding, both
-//! authenticated with the cluster secret), the SWIM membership driver (foca, via
+//! authenticated with the cluster secret, over mTLS when certificates are configured), the SWIM membership driver (foca, via
 //! `tether_cluster::driver`), which keeps the [`RingPlacement`] current, and a watcher
 //! that hands off the sets this node no longer owns whenever the view changes.
 //! [`ClusterNode::drain`] leaves gracefully (SIGTERM).
@@ -20,6 +20,7 @@ use crate::config::ClusterConfig;
 use crate::error::{NodeError, Result};
 use crate::routing::forward::{Peers, SetsService};
 use crate::routing::router::Router;
+use crate::security::cluster_tls::{self, ClusterTls, TlsConnector};
 use crate::sets::registry::Shared;
 
 /// Virtual nodes per member on the ring.
@@ -123,35 +124,59 @@ impl ClusterNode {
             .metrics
             .watch_runtime("cluster", runtime.handle().clone());
         let placement = Arc::new(RingPlacement::new(local.clone(), VNODES));
+        // mTLS both ways when configured: peers dial with this node's certificate and the
+        // internal server accepts only certificates of the cluster CA. Its files are
+        // watched on this runtime.
+        let tls = {
+            let _on = runtime.enter();
+            config.tls.as_ref().map(ClusterTls::start).transpose()?
+        };
+        let connector = tls.clone().map(TlsConnector::connector);
         let peers = Peers::new(
             config.secret.clone(),
             shared.metrics.clone(),
             runtime.handle().clone(),
+            connector.clone(),
         );
         let router = Router::clustered(shared.clone(), placement.clone(), local.clone(), peers);
-        let (transport, gossip) =
-            GrpcTransport::new(advertise, config.secret.clone(), GrpcOptions::default());
+        let (transport, gossip) = GrpcTransport::new(
+            advertise,
+            config.secret.clone(),
+            GrpcOptions {
+                connector,
+                ..GrpcOptions::default()
+            },
+        );
         let sets = SetsService::server(router.clone(), config.secret.clone());
 
         let _on = runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| NodeError::Config(format!("--grpc-listen: {e}")))?;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_grpc, stopped) = oneshot::channel::<()>();
         let grpc_addr = config.grpc_listen;
         runtime.spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let server = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_PEER))
                 .trace_fn(crate::routing::forward::served_span)
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                 .add_service(gossip)
-                .add_service(sets)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
+                .add_service(sets);
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            let served = match tls {
+                Some(tls) => {
+                    server
+                        .serve_with_incoming_shutdown(cluster_tls::incoming(listener, tls), stopped)
+                        .await
+                }
+                None => {
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                        .with_nodelay(Some(true));
+                    server.serve_with_incoming_shutdown(incoming, stopped).await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, %grpc_addr, "internal gRPC server stopped");
             }
@@ -207,7 +232,7 @@ impl ClusterNode {
                 }
             }
         });
-        tracing::info!(node = %local.id, grpc = %config.grpc_listen, %advertise, seeds = config.seeds.len(), cluster_secrets = ?config.secret.key_ids(), "cluster mode");
+        tracing::info!(node = %local.id, grpc = %config.grpc_listen, %advertise, seeds = config.seeds.len(), cluster_secrets = ?config.secret.key_ids(), mtls = config.tls.is_some(), "cluster mode");
         drop(_on);
         Ok(ClusterNode {
             router,

@@ -27,6 +27,8 @@ use tracing::Instrument;
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::routing::router::{BucketUpdate, Leg, PutAnswer, PutKind, Router, Write};
+use crate::sets::actor::{EnsureBuckets, Get};
+use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
 
 /// Generated from `proto/forward.proto` by `build.rs`.
 #[allow(
@@ -202,6 +204,7 @@ pub struct Peers {
     secret: ClusterSecret,
     metrics: Metrics,
     runtime: tokio::runtime::Handle,
+    connector: Option<Arc<dyn PeerConnector>>,
     clients: Mutex<HashMap<SocketAddr, Client>>,
 }
 
@@ -247,12 +250,19 @@ fn from_status(owner: &Member, status: &Status, safe_to_retry: bool) -> NodeErro
 }
 
 impl Peers {
-    /// Peers authenticated with `secret`; their connections live on `runtime`.
-    pub fn new(secret: ClusterSecret, metrics: Metrics, runtime: tokio::runtime::Handle) -> Self {
+    /// Peers authenticated with `secret`, reached through `connector` (mTLS) or plain TCP;
+    /// their connections live on `runtime`.
+    pub fn new(
+        secret: ClusterSecret,
+        metrics: Metrics,
+        runtime: tokio::runtime::Handle,
+        connector: Option<Arc<dyn PeerConnector>>,
+    ) -> Self {
         Peers {
             secret,
             metrics,
             runtime,
+            connector,
             clients: Mutex::new(HashMap::new()),
         }
     }
@@ -276,7 +286,7 @@ impl Peers {
         // worker made the first call.
         let channel = {
             let _on = self.runtime.enter();
-            endpoint.connect_lazy()
+            lazy_channel(endpoint, addr, self.connector.clone())
         };
         let client =
             SetsClient::with_interceptor(channel, PeerAuthInterceptor::client(self.secret.clone()))
@@ -303,23 +313,21 @@ impl Peers {
     }
 
     /// `Get` on the owner.
-    pub async fn get(
-        &self,
-        owner: &Member,
-        set: &SetKey,
-        ids: Option<Vec<BucketId>>,
-    ) -> Result<Vec<Bucket>> {
+    pub async fn get(&self, owner: &Member, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
         let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::GetRequest {
                 set: set.to_string(),
-                all: ids.is_none(),
-                ids: ids
+                all: read.ids.is_none(),
+                ids: read
+                    .ids
                     .unwrap_or_default()
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
+                without_values: !read.values,
+                max_bytes: read.max_bytes as u64,
             };
             let reply = client
                 .get(traced(req))
@@ -376,18 +384,15 @@ impl Peers {
     }
 
     /// `Ensure` on the owner (idempotent).
-    pub async fn ensure(
-        &self,
-        owner: &Member,
-        set: &SetKey,
-        buckets: Vec<(BucketId, Fields)>,
-    ) -> Result<()> {
+    pub async fn ensure(&self, owner: &Member, set: &SetKey, msg: EnsureBuckets) -> Result<()> {
         let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::EnsureRequest {
                 set: set.to_string(),
-                buckets: buckets
+                device_type: msg.device_type,
+                buckets: msg
+                    .buckets
                     .iter()
                     .map(|(id, f)| pb::NewBucket {
                         id: id.to_string(),
@@ -447,6 +452,7 @@ impl Peers {
         session: Option<String>,
         timeout: Duration,
         diffs: bool,
+        max_bytes: usize,
     ) -> Result<Leg> {
         let started = Instant::now();
         let r = async {
@@ -456,6 +462,7 @@ impl Peers {
                 session,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 diffs,
+                max_bytes: max_bytes as u64,
             };
             let mut stream = client
                 .subscribe(traced(req))
@@ -526,6 +533,15 @@ impl SetsService {
         tracing::debug!(op, "serving a forwarded call");
         self.router.shared().metrics.forwarded_served(op);
     }
+
+    /// A peer's answer budget, never above this node's own.
+    fn max_bytes(&self, asked: u64) -> usize {
+        let own = self.router.shared().config.max_answer_bytes;
+        match usize::try_from(asked) {
+            Ok(0) | Err(_) => own,
+            Ok(n) => n.min(own),
+        }
+    }
 }
 
 type EventStream =
@@ -554,9 +570,14 @@ impl Sets for SetsService {
                     .collect::<std::result::Result<Vec<_>, _>>()?,
             )
         };
+        let read = Get {
+            ids,
+            values: !req.without_values,
+            max_bytes: self.max_bytes(req.max_bytes),
+        };
         let found = self
             .router
-            .local_get(&set, ids)
+            .local_get(&set, read)
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(buckets_to_pb(&found)))
@@ -617,8 +638,12 @@ impl Sets for SetsService {
                 ))
             })
             .collect::<std::result::Result<Vec<_>, Status>>()?;
+        let msg = EnsureBuckets {
+            buckets,
+            device_type: req.device_type,
+        };
         self.router
-            .local_ensure(&set, buckets)
+            .local_ensure(&set, msg)
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::EnsureReply {}))
@@ -653,7 +678,12 @@ impl Sets for SetsService {
         let hold = Duration::from_millis(req.timeout_ms).saturating_add(HOLD_MARGIN);
         let leg = self
             .router
-            .open_local(by_set, req.session, req.diffs)
+            .open_local(
+                by_set,
+                req.session,
+                req.diffs,
+                self.max_bytes(req.max_bytes),
+            )
             .await
             .map_err(|e| e.to_status())?;
         let stream: EventStream = match leg {

@@ -29,8 +29,9 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
+pub use crate::sets::actor::Get;
 use crate::sets::actor::{
-    EnsureBuckets, Get, Put, ReleaseHeld, Stale, Subscribe, SubscribeAnswer, Unsubscribe,
+    EnsureBuckets, Put, ReleaseHeld, Stale, Subscribe, SubscribeAnswer, Unsubscribe,
 };
 use crate::sets::registry::Shared;
 use crate::store::HistoryPage;
@@ -328,14 +329,15 @@ impl Router {
         }
     }
 
-    /// The committed buckets of `set` (all, or the listed ones that exist).
-    pub async fn get(&self, set: &SetKey, ids: Option<Vec<BucketId>>) -> Result<Vec<Bucket>> {
+    /// The committed buckets of `set` (all, or the listed ones that exist), with their
+    /// values (at most `max_bytes` of them, else 413) or without.
+    pub async fn get(&self, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
         self.routed(set, |route| {
-            let ids = ids.clone();
+            let read = read.clone();
             async move {
                 match route {
-                    Route::Local => self.local_get(set, ids).await,
-                    Route::Peer(owner) => self.peers()?.get(&owner, set, ids).await,
+                    Route::Local => self.local_get(set, read).await,
+                    Route::Peer(owner) => self.peers()?.get(&owner, set, read).await,
                 }
             }
         })
@@ -375,14 +377,24 @@ impl Router {
         Ok(self.shared.store.history(id, since_version, limit).await?)
     }
 
-    /// Creates the listed buckets of `set` unless they exist.
-    pub async fn ensure(&self, set: &SetKey, buckets: Vec<(BucketId, Fields)>) -> Result<()> {
+    /// Creates the listed buckets of `set` unless they exist; `device_type` names the
+    /// template its buckets follow (registration).
+    pub async fn ensure(
+        &self,
+        set: &SetKey,
+        buckets: Vec<(BucketId, Fields)>,
+        device_type: Option<String>,
+    ) -> Result<()> {
+        let msg = EnsureBuckets {
+            buckets,
+            device_type,
+        };
         self.routed(set, |route| {
-            let buckets = buckets.clone();
+            let msg = msg.clone();
             async move {
                 match route {
-                    Route::Local => self.local_ensure(set, buckets).await,
-                    Route::Peer(owner) => self.peers()?.ensure(&owner, set, buckets).await,
+                    Route::Local => self.local_ensure(set, msg).await,
+                    Route::Peer(owner) => self.peers()?.ensure(&owner, set, msg).await,
                 }
             }
         })
@@ -415,17 +427,20 @@ impl Router {
     /// Checks held versions on every owner of the sets listed and holds where nothing is
     /// stale (seed 000 FIG 21C/21D, fanned out): answers at once if any owner has newer
     /// buckets, else a [`HeldSubscription`] that any owner's answer completes.
+    /// An immediate answer carries at most about `max_bytes` of buckets per owner (the
+    /// first stale bucket always); the rest stay stale for the next subscribe.
     pub async fn subscribe(
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
         session: Option<String>,
         timeout: Duration,
         diffs: bool,
+        max_bytes: usize,
     ) -> Result<Subscription> {
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
         loop {
             match self
-                .open_subscription(&by_set, &session, timeout, diffs)
+                .open_subscription(&by_set, &session, timeout, diffs, max_bytes)
                 .await
             {
                 Err(NodeError::NotOwner(why))
@@ -450,6 +465,7 @@ impl Router {
         session: &Option<String>,
         timeout: Duration,
         diffs: bool,
+        max_bytes: usize,
     ) -> Result<Subscription> {
         let mut local = BTreeMap::new();
         let mut remote: HashMap<_, (Member, Vec<Held>)> = HashMap::new();
@@ -467,13 +483,21 @@ impl Router {
         }
         let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
         if !local.is_empty() {
-            opening.push(self.open_local(local, session.clone(), diffs).boxed());
+            opening.push(
+                self.open_local(local, session.clone(), diffs, max_bytes)
+                    .boxed(),
+            );
         }
         for (_, (owner, held)) in remote {
             let peers = self.peers()?;
             let session = session.clone();
             opening.push(
-                async move { peers.subscribe(&owner, held, session, timeout, diffs).await }.boxed(),
+                async move {
+                    peers
+                        .subscribe(&owner, held, session, timeout, diffs, max_bytes)
+                        .await
+                }
+                .boxed(),
             );
         }
         // Every owner checks at once; any error drops (cancels) the legs already held.
@@ -493,12 +517,8 @@ impl Router {
         })
     }
 
-    pub(crate) async fn local_get(
-        &self,
-        set: &SetKey,
-        ids: Option<Vec<BucketId>>,
-    ) -> Result<Vec<Bucket>> {
-        self.shared.call(set, Get(ids)).await?
+    pub(crate) async fn local_get(&self, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
+        self.shared.call(set, read).await?
     }
 
     pub(crate) async fn local_put(&self, id: &BucketId, write: Write) -> Result<PutAnswer> {
@@ -543,12 +563,8 @@ impl Router {
         })
     }
 
-    pub(crate) async fn local_ensure(
-        &self,
-        set: &SetKey,
-        buckets: Vec<(BucketId, Fields)>,
-    ) -> Result<()> {
-        let created = self.shared.call(set, EnsureBuckets(buckets)).await??;
+    pub(crate) async fn local_ensure(&self, set: &SetKey, msg: EnsureBuckets) -> Result<()> {
+        let created = self.shared.call(set, msg).await??;
         created
             .await
             .map_err(|_| NodeError::Unavailable("bucket set stopped".into()))?
@@ -568,7 +584,9 @@ impl Router {
         by_set: BTreeMap<SetKey, Vec<Held>>,
         session: Option<String>,
         diffs: bool,
+        max_bytes: usize,
     ) -> Result<Leg> {
+        let mut budget = max_bytes;
         let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let mut guard = SubscriptionGuard {
             shared: self.shared.clone(),
@@ -587,11 +605,17 @@ impl Router {
                         held,
                         session: session.clone(),
                         diffs,
+                        max_bytes: budget,
                     },
                 )
                 .await??;
             match answer {
-                SubscribeAnswer::Now(buckets) => now.extend(buckets),
+                SubscribeAnswer::Now(buckets) => {
+                    for s in &buckets {
+                        budget = budget.saturating_sub(answer_size(&s.bucket));
+                    }
+                    now.extend(buckets);
+                }
                 SubscribeAnswer::Held(rx) => {
                     guard.sets.push(set);
                     waiting.push(rx);
@@ -663,6 +687,11 @@ async fn diff_from_log(shared: &Shared, bucket: &Bucket, held: u64) -> Option<Fi
             None
         }
     }
+}
+
+/// About what bucket `b` adds to an answer, in bytes (its value as JSON and an envelope).
+pub fn answer_size(b: &Bucket) -> usize {
+    serde_json::to_vec(&b.value).map_or(usize::MAX, |v| v.len().saturating_add(160))
 }
 
 /// Cancels a held subscription on every local set it spans when dropped: on answer, on

@@ -7,6 +7,7 @@
 //! limit, and returns the [`Principal`] with the bucket scope it may read and write.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::http::header::AUTHORIZATION;
@@ -17,9 +18,10 @@ use tether_proto::{BucketId, SetKey};
 use crate::error::{NodeError, Result};
 use crate::routing::router::Router;
 use crate::security::credentials::CredentialService;
+use crate::security::limits::Sources;
 
 /// The bucket kind of structures (`structure.<id>`); every other kind belongs to a device.
-pub const STRUCTURE_KIND: &str = "structure";
+pub use crate::registration::STRUCTURE_KIND;
 
 /// Which credential kinds an endpoint takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,13 +124,18 @@ impl Principal {
             .collect()
     }
 
-    /// How the bucket log names this principal as a writer: `device:<serial>` or
-    /// `user:<id>` (also who may replay a write's op id).
-    pub fn author(&self) -> String {
+    /// Who this is, for per-principal limits: `device:<serial>` or `user:<id>`.
+    pub fn key(&self) -> String {
         match self {
             Principal::Device { serial, .. } => format!("device:{serial}"),
             Principal::User { user_id, .. } => format!("user:{user_id}"),
         }
+    }
+
+    /// How the bucket log names this principal as a writer (also who may replay a write's
+    /// op id): the same `device:<serial>` or `user:<id>` as [`Principal::key`].
+    pub fn author(&self) -> String {
+        self.key()
     }
 
     /// The device serial, for device principals.
@@ -146,6 +153,16 @@ pub struct Auth {
     /// Credential verification, issuing, rotation and rate limits.
     pub credentials: CredentialService,
     router: Arc<Router>,
+    sources: Sources,
+}
+
+/// Verified default credentials on `POST /v1/register`: the registration they allow, not
+/// yet applied. The handler validates the whole request first and only then calls
+/// [`Auth::complete_registration`], so a refused request changes nothing (finding 4).
+#[derive(Debug)]
+#[must_use = "a verified default-credential registration does nothing until completed"]
+pub struct DefaultRegistration {
+    serial: SetKey,
 }
 
 fn default_not_allowed() -> NodeError {
@@ -156,122 +173,144 @@ fn default_not_allowed() -> NodeError {
 }
 
 impl Auth {
-    /// An authenticator over the store.
-    pub fn new(credentials: CredentialService, router: Arc<Router>) -> Self {
+    /// An authenticator over the store; `sources` says who a request comes from.
+    pub fn new(credentials: CredentialService, router: Arc<Router>, sources: Sources) -> Self {
         Auth {
             credentials,
             router,
+            sources,
         }
     }
 
+    /// The client address of `req` (for per-source limits).
+    pub fn source_of(&self, req: &HttpRequest) -> Option<IpAddr> {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        self.sources.source(req.peer_addr(), forwarded)
+    }
+
     /// Verifies the request's credentials for `endpoint` and resolves the principal.
-    /// `secure` says whether the connection is TLS or loopback development mode.
+    /// `secure` says whether the connection is TLS or loopback development mode. Default
+    /// credentials are refused here: only [`Auth::authenticate_register`] takes them.
     pub async fn authenticate(
         &self,
         req: &HttpRequest,
         endpoint: Endpoint,
         secure: bool,
     ) -> Result<Principal> {
+        let (principal, pending) = self.verify(req, endpoint, secure).await?;
+        if pending.is_some() {
+            return Err(default_not_allowed());
+        }
+        Ok(principal)
+    }
+
+    /// `POST /v1/register`: assigned credentials (nothing pending), or verified default
+    /// credentials with the [`DefaultRegistration`] they allow once the request is valid.
+    pub async fn authenticate_register(
+        &self,
+        req: &HttpRequest,
+        secure: bool,
+    ) -> Result<(Principal, Option<DefaultRegistration>)> {
+        self.verify(req, Endpoint::Register, secure).await
+    }
+
+    /// FIG 28C 1840–1852, after the whole request was validated: charges the device's
+    /// registration quota (429 once spent), issues assigned credentials (replacing any
+    /// earlier set: the lost-credentials case unpairs the device) and attaches them to the
+    /// response.
+    pub async fn complete_registration(
+        &self,
+        req: &HttpRequest,
+        grant: DefaultRegistration,
+    ) -> Result<()> {
+        let serial = grant.serial;
+        let metrics = &self.router.shared().metrics;
+        self.credentials
+            .charge_registration(serial.as_str())
+            .inspect_err(|_| metrics.limited("register_quota"))?;
+        let (assigned, lost) = self.credentials.issue_assigned(serial.as_str()).await?;
+        req.extensions_mut().insert(SetCredentials(assigned));
+        if lost {
+            // The lost-credentials case: the old set is revoked (replaced above) and the
+            // device must be paired again (1850–1852).
+            let old = self
+                .router
+                .shared()
+                .store
+                .set_pairing(serial.as_str(), None)
+                .await?;
+            let structure = old.and_then(|p| p.structure);
+            self.router
+                .release_held(std::iter::once(serial.as_str()).chain(structure.as_deref()));
+            tracing::warn!(device = %serial, "default credentials presented again: assigned set replaced, device unpaired");
+        } else {
+            tracing::info!(device = %serial, "first contact: assigned credentials issued");
+        }
+        Ok(())
+    }
+
+    /// Credential checks, in the order that keeps a guesser from costing the rightful
+    /// holder anything (finding 2): a source that failed too often is refused before any
+    /// check (unless its credentials are already known good); otherwise the secret is
+    /// verified, and only a failure is counted, against the source and the id. A correct
+    /// secret is never refused for failures others caused.
+    async fn verify(
+        &self,
+        req: &HttpRequest,
+        endpoint: Endpoint,
+        secure: bool,
+    ) -> Result<(Principal, Option<DefaultRegistration>)> {
+        let source = self.source_of(req);
         let header = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| NodeError::Unauthorized("missing Basic credentials".into()))?;
-        let creds = parse_basic(header)
-            .map_err(|_| NodeError::Unauthorized("malformed Basic credentials".into()))?;
-        let id = CredentialId::parse(&creds.id)
-            .map_err(|_| NodeError::Unauthorized("malformed credential id".into()))?;
-        let mut set = None;
-        let principal = match (&id, id.kind()) {
-            (CredentialId::Default { serial, .. }, CredentialKind::Default) => {
-                if endpoint != Endpoint::Register {
-                    return Err(default_not_allowed());
-                }
-                let serial = SetKey::parse(serial)?;
-                // FIG 28C, in the seed's order: secure connection, rate, validity, contact.
-                if !secure {
-                    return Err(NodeError::Forbidden(
-                        "default credentials are accepted over TLS only".into(),
-                    ));
-                }
-                self.credentials.check_register_rate(serial.as_str())?;
-                self.credentials
-                    .throttled(&creds.id, async { self.credentials.verify_default(&creds) })
-                    .await?;
-                let (assigned, lost) = self.credentials.issue_assigned(serial.as_str()).await?;
-                if lost {
-                    // The lost-credentials case: the old set is revoked (replaced above) and
-                    // the device must be paired again (1850–1852).
-                    let old = self
-                        .router
-                        .shared()
-                        .store
-                        .set_pairing(serial.as_str(), None)
-                        .await?;
-                    let structure = old.and_then(|p| p.structure);
-                    self.router
-                        .release_held(std::iter::once(serial.as_str()).chain(structure.as_deref()));
-                    tracing::warn!(device = %serial, "default credentials presented again: assigned set replaced, device unpaired");
-                } else {
-                    tracing::info!(device = %serial, "first contact: assigned credentials issued");
-                }
-                set = Some(assigned);
-                Principal::Device {
-                    serial,
-                    structure: None,
-                }
+        let metrics = &self.router.shared().metrics;
+        let malformed = |what: &str| {
+            self.credentials
+                .gate_source(source, None)
+                .inspect_err(|_| metrics.limited("auth_source"))?;
+            self.credentials.failed(source, None);
+            Err(NodeError::Unauthorized(format!("malformed {what}")))
+        };
+        let Ok(creds) = parse_basic(header) else {
+            return malformed("Basic credentials");
+        };
+        let Ok(id) = CredentialId::parse(&creds.id) else {
+            return malformed("credential id");
+        };
+        if matches!(id.kind(), CredentialKind::Default) {
+            if endpoint != Endpoint::Register {
+                return Err(default_not_allowed());
             }
-            (CredentialId::Assigned { serial }, _) => {
-                let serial = SetKey::parse(serial)?;
-                set = self
-                    .credentials
-                    .throttled(
-                        &creds.id,
-                        self.credentials.verify_assigned(&creds, serial.as_str()),
-                    )
-                    .await?;
-                let structure = self
-                    .router
-                    .shared()
-                    .store
-                    .get_pairing(serial.as_str())
-                    .await?
-                    .and_then(|p| p.structure);
-                Principal::Device { serial, structure }
+            // FIG 28C: a secure connection first (nothing is counted for a refusal here).
+            if !secure {
+                return Err(NodeError::Forbidden(
+                    "default credentials are accepted over TLS only".into(),
+                ));
             }
-            (CredentialId::User { user_id }, _) => {
-                self.credentials
-                    .throttled(&creds.id, self.credentials.verify_user(&creds, user_id))
-                    .await?;
-                let devices = self
-                    .router
-                    .shared()
-                    .store
-                    .user_pairings(user_id)
-                    .await?
-                    .into_iter()
-                    .map(|p| p.device_id)
-                    .collect();
-                let structures = self
-                    .router
-                    .shared()
-                    .store
-                    .user_structures(user_id)
-                    .await?
-                    .into_iter()
-                    .collect();
-                Principal::User {
-                    user_id: user_id.clone(),
-                    devices,
-                    structures,
-                }
+        }
+        self.credentials
+            .gate_source(source, Some(&creds))
+            .inspect_err(|_| metrics.limited("auth_source"))?;
+        let checked = self.check(&id, &creds).await;
+        let (principal, set, pending) = match checked {
+            Err(e @ NodeError::Unauthorized(_)) => {
+                self.credentials.failed(source, Some(&creds.id));
+                return Err(e);
             }
-            _ => return Err(NodeError::Unauthorized("unknown credential kind".into())),
+            other => other?,
         };
         if let Some(c) = set {
             req.extensions_mut().insert(SetCredentials(c));
         }
-        self.credentials.check_rate(&creds.id)?;
+        self.credentials
+            .check_rate(&creds.id)
+            .inspect_err(|_| metrics.limited("request_rate"))?;
         match (endpoint, &principal) {
             (Endpoint::Register | Endpoint::PairingCode, Principal::User { .. }) => {
                 Err(NodeError::Forbidden("this endpoint is for devices".into()))
@@ -279,7 +318,62 @@ impl Auth {
             (Endpoint::UserOnly, Principal::Device { .. }) => {
                 Err(NodeError::Forbidden("this endpoint is for users".into()))
             }
-            _ => Ok(principal),
+            _ => Ok((principal, pending)),
+        }
+    }
+
+    /// Verifies `creds` and resolves what they may touch.
+    async fn check(
+        &self,
+        id: &CredentialId,
+        creds: &Credentials,
+    ) -> Result<(Principal, Option<Credentials>, Option<DefaultRegistration>)> {
+        let store = &self.router.shared().store;
+        match (id, id.kind()) {
+            (CredentialId::Default { serial, .. }, CredentialKind::Default) => {
+                let serial = SetKey::parse(serial)?;
+                self.credentials.verify_default(creds)?;
+                Ok((
+                    Principal::Device {
+                        serial: serial.clone(),
+                        structure: None,
+                    },
+                    None,
+                    Some(DefaultRegistration { serial }),
+                ))
+            }
+            (CredentialId::Assigned { serial }, _) => {
+                let serial = SetKey::parse(serial)?;
+                let set = self
+                    .credentials
+                    .verify_assigned(creds, serial.as_str())
+                    .await?;
+                let structure = store
+                    .get_pairing(serial.as_str())
+                    .await?
+                    .and_then(|p| p.structure);
+                Ok((Principal::Device { serial, structure }, set, None))
+            }
+            (CredentialId::User { user_id }, _) => {
+                self.credentials.verify_user(creds, user_id).await?;
+                let devices = store
+                    .user_pairings(user_id)
+                    .await?
+                    .into_iter()
+                    .map(|p| p.device_id)
+                    .collect();
+                let structures = store.user_structures(user_id).await?.into_iter().collect();
+                Ok((
+                    Principal::User {
+                        user_id: user_id.clone(),
+                        devices,
+                        structures,
+                    },
+                    None,
+                    None,
+                ))
+            }
+            _ => Err(NodeError::Unauthorized("unknown credential kind".into())),
         }
     }
 }

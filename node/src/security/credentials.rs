@@ -9,8 +9,9 @@
 //! (FIG 28F 1870J) without the server holding it in clear.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chacha20poly1305::aead::{Aead, KeyInit};
@@ -23,6 +24,7 @@ use tether_proto::credentials::{
 };
 
 use crate::error::{NodeError, Result};
+use crate::security::limits::{rate_limited, BoundedMap, WindowCounters};
 use crate::store::{AssignedRecord, PreviousSet, Store};
 
 /// Credential settings.
@@ -38,8 +40,19 @@ pub struct CredentialConfig {
     pub register_per_hour: u32,
     /// Requests per second allowed per principal (burst: twice that).
     pub requests_per_second: u32,
-    /// How long a successful verification is trusted before the store is asked again.
+    /// How long a credential record read from the store is trusted before it is read again.
     pub cache_ttl: Duration,
+    /// Failed checks one source may make per window before its unverified attempts get 429.
+    pub failures_per_source: u32,
+    /// Failed checks of one id per window after which its record is re-read at most once
+    /// per [`REFRESH_HOT`] (a correct secret is always accepted).
+    pub failures_per_id: u32,
+    /// The failure counting window.
+    pub failure_window: Duration,
+    /// Entries of each bounded table (record cache, failure counters).
+    pub table_capacity: usize,
+    /// Failed pairing-code redemptions per user per hour.
+    pub pair_failures_per_hour: u32,
 }
 
 impl Default for CredentialConfig {
@@ -51,6 +64,11 @@ impl Default for CredentialConfig {
             register_per_hour: 10,
             requests_per_second: 50,
             cache_ttl: Duration::from_secs(30),
+            failures_per_source: 30,
+            failures_per_id: 20,
+            failure_window: Duration::from_secs(60),
+            table_capacity: 100_000,
+            pair_failures_per_hour: 10,
         }
     }
 }
@@ -64,56 +82,36 @@ pub struct Verified {
     pub set_credentials: Option<Credentials>,
 }
 
-struct CacheEntry {
-    hash: [u8; 32],
-    at: Instant,
-    /// When the set is due for rotation (ms since epoch); past it the store is consulted.
-    rotate_at_ms: Option<u64>,
+/// A credential record as last read from the store, and when: verification compares a
+/// presented secret with it, so the store is read once per id per [`CredentialConfig::cache_ttl`]
+/// for correct secrets and wrong ones alike (finding 2: failures must neither lock the
+/// holder out nor multiply store reads).
+#[derive(Debug, Clone)]
+enum Record {
+    Assigned(AssignedRecord),
+    User([u8; 32]),
+    /// The store has no credentials under this id.
+    Absent,
 }
 
-/// Failed verifications allowed per credential id per window before it gets 429.
-const MAX_FAILURES: u32 = 20;
-/// The failure counting window.
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-
-/// Counts failed verifications per credential id, so guessing a secret is throttled
-/// (verification only succeeds, and the per-principal limit only applies, with the secret).
-#[derive(Default)]
-struct Failures(Mutex<HashMap<String, (u32, Instant)>>);
-
-impl Failures {
-    fn check(&self, id: &str) -> Result<()> {
-        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        match map.get(id) {
-            Some((n, start)) if *n >= MAX_FAILURES && start.elapsed() < FAILURE_WINDOW => {
-                let left = FAILURE_WINDOW.saturating_sub(start.elapsed());
-                Err(NodeError::RateLimited {
-                    retry_after_s: left.as_secs().max(1),
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn record(&self, id: &str) {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.len() > 100_000 {
-            map.retain(|_, (_, start)| start.elapsed() < FAILURE_WINDOW);
-        }
-        let entry = map.entry(id.to_string()).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= FAILURE_WINDOW {
-            *entry = (0, Instant::now());
-        }
-        entry.0 += 1;
-    }
+#[derive(Debug, Clone)]
+struct Cached {
+    record: Record,
+    read_at: Instant,
 }
+
+/// An id whose failures passed its limit is read from the store at most this often; a
+/// secret the cached record does not know is refused in between.
+pub const REFRESH_HOT: Duration = Duration::from_secs(1);
 
 /// Verifies and issues credentials.
 pub struct CredentialService {
-    failures: Failures,
     store: Arc<dyn Store>,
     config: CredentialConfig,
-    cache: Mutex<HashMap<String, CacheEntry>>,
+    records: BoundedMap<String, Cached>,
+    id_failures: WindowCounters<String>,
+    source_failures: WindowCounters<IpAddr>,
+    pair_failures: WindowCounters<String>,
     register_limiter: DefaultKeyedRateLimiter<String>,
     request_limiter: DefaultKeyedRateLimiter<String>,
 }
@@ -180,62 +178,76 @@ fn quota_per_hour(n: u32) -> Quota {
     Quota::per_hour(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN))
 }
 
+/// What a cached assigned record says about a presented secret.
+enum Verdict {
+    /// The current set, within its lifetime.
+    Current,
+    /// The current set, past its lifetime: rotate (through the store).
+    Expired,
+    /// The previous set within its grace period: resend the current one.
+    Previous(Credentials),
+    /// Neither.
+    Unknown,
+}
+
 impl CredentialService {
     /// A service over `store`.
     pub fn new(store: Arc<dyn Store>, config: CredentialConfig) -> Self {
         let rps = NonZeroU32::new(config.requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.requests_per_second.max(1).saturating_mul(2))
             .unwrap_or(NonZeroU32::MIN);
+        let cap = config.table_capacity;
         CredentialService {
             register_limiter: RateLimiter::keyed(quota_per_hour(config.register_per_hour)),
             request_limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
             store,
+            records: BoundedMap::new(cap),
+            id_failures: WindowCounters::new(config.failures_per_id, config.failure_window, cap),
+            source_failures: WindowCounters::new(
+                config.failures_per_source,
+                config.failure_window,
+                cap,
+            ),
+            pair_failures: WindowCounters::new(
+                config.pair_failures_per_hour.max(1),
+                Duration::from_secs(3600),
+                cap,
+            ),
             config,
-            cache: Mutex::new(HashMap::new()),
-            failures: Failures::default(),
         }
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, CacheEntry>> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn cached(&self, c: &Credentials) -> bool {
-        let hash = secret_hash(&c.secret);
-        let mut cache = self.cache();
-        match cache.get(&c.id) {
-            Some(e)
-                if e.at.elapsed() < self.config.cache_ttl
-                    && e.rotate_at_ms.is_none_or(|t| now_ms() < t)
-                    && ct_eq(&e.hash, &hash) =>
-            {
-                true
-            }
-            Some(_) => {
-                cache.remove(&c.id);
-                false
-            }
-            None => false,
-        }
-    }
-
-    fn remember(&self, c: &Credentials, rotate_at_ms: Option<u64>) {
-        let mut cache = self.cache();
-        if cache.len() > 100_000 {
-            cache.retain(|_, e| e.at.elapsed() < self.config.cache_ttl);
-        }
-        cache.insert(
-            c.id.clone(),
-            CacheEntry {
-                hash: secret_hash(&c.secret),
-                at: Instant::now(),
-                rotate_at_ms,
+    fn remember(&self, id: &str, record: Record) {
+        self.records.put(
+            id.to_string(),
+            Cached {
+                record,
+                read_at: Instant::now(),
             },
         );
     }
 
     fn forget(&self, id: &str) {
-        self.cache().remove(id);
+        self.records.remove(&id.to_string());
+    }
+
+    /// The cached record of `id` if it is recent enough to be trusted.
+    fn cached(&self, id: &str) -> Option<Cached> {
+        self.records
+            .get(&id.to_string())
+            .filter(|c| c.read_at.elapsed() < self.config.cache_ttl)
+    }
+
+    /// Whether a secret the cached record does not know may be checked against the store:
+    /// always, unless the id is failing a lot and its record was read less than
+    /// [`REFRESH_HOT`] ago (then the store is spared; a secret issued meanwhile is known
+    /// within a second).
+    fn may_reread(&self, id: &str, cached: &Cached) -> bool {
+        cached.read_at.elapsed() >= REFRESH_HOT
+            || self
+                .id_failures
+                .exhausted(&id.to_string(), Instant::now())
+                .is_none()
     }
 
     /// Per-principal request limit: 429 with a retry hint once exceeded.
@@ -246,38 +258,88 @@ impl CredentialService {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ));
-                NodeError::RateLimited {
-                    retry_after_s: wait.as_secs().max(1),
-                }
+                rate_limited(wait)
             })
     }
 
-    /// FIG 28C 1840: default-credential registrations per device per hour.
-    pub fn check_register_rate(&self, serial: &str) -> Result<()> {
+    /// FIG 28C 1840: charges one default-credential registration of a device, answering 429
+    /// once its hourly quota is spent. Called only for verified default credentials and a
+    /// valid request, right before the registration takes effect (finding 3: wrong guesses
+    /// by others never use up a device's registrations).
+    pub fn charge_registration(&self, serial: &str) -> Result<()> {
         self.register_limiter
             .check_key(&serial.to_string())
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ));
-                NodeError::RateLimited {
-                    retry_after_s: wait.as_secs().max(1),
-                }
+                rate_limited(wait)
             })
     }
 
-    /// Runs one verification under the failure throttle of its credential id.
-    pub async fn throttled<T>(
-        &self,
-        id: &str,
-        verify: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        self.failures.check(id)?;
-        let result = verify.await;
-        if matches!(result, Err(NodeError::Unauthorized(_))) {
-            self.failures.record(id);
+    /// Before verifying: a source that failed too often gets 429, unless `c` can be
+    /// verified without the store from what this node already knows (a recently read
+    /// record it matches) — so a device sharing an address with a guesser keeps working.
+    pub fn gate_source(&self, source: Option<IpAddr>, c: Option<&Credentials>) -> Result<()> {
+        let Some(source) = source else { return Ok(()) };
+        let Some(wait) = self.source_failures.exhausted(&source, Instant::now()) else {
+            return Ok(());
+        };
+        let known = c.is_some_and(|c| self.known_good(c));
+        if known {
+            Ok(())
+        } else {
+            Err(rate_limited(wait))
         }
-        result
+    }
+
+    /// Whether `c` matches a recently read record (no store access).
+    fn known_good(&self, c: &Credentials) -> bool {
+        self.cached(&c.id).is_some_and(|cached| {
+            let presented = secret_hash(&c.secret);
+            match &cached.record {
+                Record::Assigned(r) => !matches!(
+                    self.judge(r, c, &presented, now_ms()),
+                    Ok(Verdict::Unknown) | Err(_)
+                ),
+                Record::User(hash) => ct_eq(hash, &presented),
+                Record::Absent => false,
+            }
+        })
+    }
+
+    /// Counts a failed verification against its source and its id. Returns whether the
+    /// source has now used up its failures (for the log).
+    pub fn failed(&self, source: Option<IpAddr>, id: Option<&str>) -> bool {
+        let now = Instant::now();
+        if let Some(id) = id {
+            self.id_failures.record(id.to_string(), now);
+        }
+        source
+            .is_some_and(|s| self.source_failures.record(s, now) >= self.config.failures_per_source)
+    }
+
+    /// Keys in the id failure table now (bounded by the table capacity).
+    pub fn failure_table_len(&self) -> usize {
+        self.id_failures.len()
+    }
+
+    /// Before redeeming a pairing code: 429 once `user_id` failed too many redemptions this
+    /// hour (40-bit codes: finding 7).
+    pub fn check_pair_failures(&self, user_id: &str) -> Result<()> {
+        match self
+            .pair_failures
+            .exhausted(&user_id.to_string(), Instant::now())
+        {
+            Some(wait) => Err(rate_limited(wait)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed redemption (no such code, or expired) against `user_id`.
+    pub fn pair_failed(&self, user_id: &str) {
+        self.pair_failures
+            .record(user_id.to_string(), Instant::now());
     }
 
     /// FIG 28C 1842: a default secret is valid when it is the HMAC of its id under the
@@ -311,13 +373,44 @@ impl CredentialService {
             let expected = existing.as_ref().map(|r| r.current_hash);
             if self
                 .store
-                .swap_assigned(serial, expected, Some(record))
+                .swap_assigned(serial, expected, Some(record.clone()))
                 .await?
             {
-                self.forget(&creds.id);
+                self.remember(&creds.id, Record::Assigned(record));
                 return Ok((creds, existing.is_some()));
             }
         }
+    }
+
+    /// FIG 28D/28F, 29C: what `record` says about the presented secret.
+    fn judge(
+        &self,
+        record: &AssignedRecord,
+        c: &Credentials,
+        presented: &[u8; 32],
+        now: u64,
+    ) -> Result<Verdict> {
+        // 1870G: the recently assigned (current) set.
+        if ct_eq(presented, &record.current_hash) {
+            let age = Duration::from_millis(now.saturating_sub(record.issued_ms));
+            return Ok(if age < self.config.lifetime {
+                Verdict::Current
+            } else {
+                Verdict::Expired
+            });
+        }
+        // 1870H: the previously assigned set, within its grace period → 1870J resend.
+        if let Some(prev) = &record.previous {
+            if now < prev.grace_until_ms && ct_eq(presented, &prev.hash) {
+                let secret = unseal(&c.secret, &prev.sealed_current)
+                    .ok_or_else(|| NodeError::Internal("sealed credentials do not open".into()))?;
+                return Ok(Verdict::Previous(Credentials {
+                    id: c.id.clone(),
+                    secret,
+                }));
+            }
+        }
+        Ok(Verdict::Unknown)
     }
 
     /// FIG 28D/28F and FIG 29C: verifies an assigned set. Valid current credentials older
@@ -328,75 +421,79 @@ impl CredentialService {
         c: &Credentials,
         serial: &str,
     ) -> Result<Option<Credentials>> {
-        if self.cached(c) {
-            return Ok(None);
-        }
         let presented = secret_hash(&c.secret);
+        if let Some(cached) = self.cached(&c.id) {
+            match &cached.record {
+                Record::Assigned(r) => match self.judge(r, c, &presented, now_ms())? {
+                    Verdict::Current => return Ok(None),
+                    Verdict::Previous(current) => return Ok(Some(current)),
+                    // Rotation writes: through the store below.
+                    Verdict::Expired => {}
+                    Verdict::Unknown if !self.may_reread(&c.id, &cached) => return Err(rejected()),
+                    Verdict::Unknown => {}
+                },
+                Record::Absent if !self.may_reread(&c.id, &cached) => return Err(rejected()),
+                _ => {}
+            }
+        }
         loop {
             let Some(record) = self.store.get_assigned(serial).await? else {
+                self.remember(&c.id, Record::Absent);
                 return Err(rejected());
             };
+            self.remember(&c.id, Record::Assigned(record.clone()));
             let now = now_ms();
-            // 1870G: the recently assigned (current) set.
-            if ct_eq(&presented, &record.current_hash) {
-                let age = Duration::from_millis(now.saturating_sub(record.issued_ms));
-                if age < self.config.lifetime {
-                    let lifetime_ms = self.config.lifetime.as_millis() as u64;
-                    self.remember(c, Some(record.issued_ms.saturating_add(lifetime_ms)));
-                    return Ok(None);
-                }
-                // FIG 29C 1934–1950: expired → rotate, keeping this set for the grace period.
-                let fresh = new_assigned(serial);
-                let rotated = AssignedRecord {
-                    current_hash: secret_hash(&fresh.secret),
-                    issued_ms: now,
-                    previous: Some(PreviousSet {
-                        hash: record.current_hash,
-                        grace_until_ms: now.saturating_add(self.config.grace.as_millis() as u64),
-                        sealed_current: seal(&c.secret, &fresh.secret)?,
-                    }),
-                };
-                if self
-                    .store
-                    .swap_assigned(serial, Some(record.current_hash), Some(rotated))
-                    .await?
-                {
-                    self.forget(&c.id);
-                    tracing::info!(device = serial, "assigned credentials rotated");
-                    return Ok(Some(fresh));
-                }
-                // Someone rotated concurrently: re-read; this set is now the previous one.
-                continue;
+            match self.judge(&record, c, &presented, now)? {
+                Verdict::Current => return Ok(None),
+                Verdict::Previous(current) => return Ok(Some(current)),
+                Verdict::Unknown => return Err(rejected()),
+                Verdict::Expired => {}
             }
-            // 1870H: the previously assigned set, within its grace period → 1870J resend.
-            if let Some(prev) = &record.previous {
-                if now < prev.grace_until_ms && ct_eq(&presented, &prev.hash) {
-                    let secret = unseal(&c.secret, &prev.sealed_current).ok_or_else(|| {
-                        NodeError::Internal("sealed credentials do not open".into())
-                    })?;
-                    return Ok(Some(Credentials {
-                        id: c.id.clone(),
-                        secret,
-                    }));
-                }
+            // FIG 29C 1934–1950: expired → rotate, keeping this set for the grace period.
+            let fresh = new_assigned(serial);
+            let rotated = AssignedRecord {
+                current_hash: secret_hash(&fresh.secret),
+                issued_ms: now,
+                previous: Some(PreviousSet {
+                    hash: record.current_hash,
+                    grace_until_ms: now.saturating_add(self.config.grace.as_millis() as u64),
+                    sealed_current: seal(&c.secret, &fresh.secret)?,
+                }),
+            };
+            if self
+                .store
+                .swap_assigned(serial, Some(record.current_hash), Some(rotated.clone()))
+                .await?
+            {
+                self.remember(&c.id, Record::Assigned(rotated));
+                tracing::info!(device = serial, "assigned credentials rotated");
+                return Ok(Some(fresh));
             }
-            // 1870I: neither.
+            // Someone rotated concurrently: re-read; this set is now the previous one.
             self.forget(&c.id);
-            return Err(rejected());
         }
     }
 
     /// Verifies a user's credentials.
     pub async fn verify_user(&self, c: &Credentials, user_id: &str) -> Result<()> {
-        if self.cached(c) {
-            return Ok(());
+        let presented = secret_hash(&c.secret);
+        if let Some(cached) = self.cached(&c.id) {
+            match &cached.record {
+                Record::User(hash) if ct_eq(&presented, hash) => return Ok(()),
+                Record::User(_) | Record::Absent if !self.may_reread(&c.id, &cached) => {
+                    return Err(rejected())
+                }
+                _ => {}
+            }
         }
-        let user = self.store.get_user(user_id).await?.ok_or_else(rejected)?;
-        if ct_eq(&secret_hash(&c.secret), &user.secret_hash) {
-            self.remember(c, None);
+        let Some(user) = self.store.get_user(user_id).await? else {
+            self.remember(&c.id, Record::Absent);
+            return Err(rejected());
+        };
+        self.remember(&c.id, Record::User(user.secret_hash));
+        if ct_eq(&presented, &user.secret_hash) {
             Ok(())
         } else {
-            self.forget(&c.id);
             Err(rejected())
         }
     }

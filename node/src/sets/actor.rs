@@ -12,7 +12,7 @@
 //! remembers (in memory, or found by the store's conditional commit) is answered from that
 //! record and changes nothing (DESIGN.md §7 invariant 7).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,12 +66,26 @@ pub struct Put {
 /// Registration: create the listed buckets unless they exist (null-valued template fields).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<oneshot::Receiver<Result<()>>>")]
-pub struct EnsureBuckets(pub Vec<(BucketId, Fields)>);
+pub struct EnsureBuckets {
+    /// The buckets and their initial fields.
+    pub buckets: Vec<(BucketId, Fields)>,
+    /// The registering device's type, whose template the set's buckets follow from now on
+    /// (`None`: keep what the set knows, e.g. for a structure).
+    pub device_type: Option<String>,
+}
 
 /// Read the committed buckets (all of the set, or the listed ones that exist).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Vec<Bucket>>")]
-pub struct Get(pub Option<Vec<BucketId>>);
+pub struct Get {
+    /// The buckets (duplicates count once); `None`: every bucket of the set.
+    pub ids: Option<Vec<BucketId>>,
+    /// With values (`view=full`); without, nothing but ids, timestamps and versions is
+    /// copied (finding 1: project before cloning).
+    pub values: bool,
+    /// Most bytes of values to answer with; more is refused (413), not truncated.
+    pub max_bytes: usize,
+}
 
 /// A bucket a subscriber is owed: its state, the version the subscriber held, and — when
 /// the subscriber asked for diffs and this actor still remembers every change since —
@@ -105,6 +119,9 @@ pub struct Subscribe {
     pub held: Vec<Held>,
     /// The subscriber's session.
     pub session: Option<String>,
+    /// Most bytes of stale buckets to answer with at once; the rest (never the first) are
+    /// left for the client's next subscribe, which answers them at once.
+    pub max_bytes: usize,
     /// The subscriber takes diffs.
     pub diffs: bool,
 }
@@ -243,6 +260,10 @@ pub struct BucketSetActor {
     /// The request that started the actor, parent of its `lease.acquire` span; dropped
     /// once loaded so the request's span can end.
     activation: tracing::Span,
+    /// The device type whose template the set's buckets follow (from its registration).
+    device_type: Option<String>,
+    /// Encoded sizes of committed buckets, computed when first needed.
+    sizes: HashMap<BucketId, usize>,
 }
 
 impl std::fmt::Debug for BucketSetActor {
@@ -288,6 +309,9 @@ fn encoded_len(value: &Fields) -> usize {
     serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
 }
 
+/// What a bucket adds to an answer beside its value (id, timestamp, version, JSON).
+const BUCKET_OVERHEAD: usize = 160;
+
 impl BucketSetActor {
     /// An actor for `set`; it loads its state when started.
     pub fn new(set: SetKey, shared: Arc<Shared>) -> Self {
@@ -307,6 +331,8 @@ impl BucketSetActor {
             passivated: false,
             leased: false,
             activation: tracing::Span::none(),
+            device_type: None,
+            sizes: HashMap::new(),
         }
     }
 
@@ -319,6 +345,55 @@ impl BucketSetActor {
     /// What every actor of the node shares.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The answer size of committed bucket `id` (value and envelope), cached until it changes.
+    fn size_of(&mut self, id: &BucketId) -> usize {
+        if let Some(n) = self.sizes.get(id) {
+            return *n;
+        }
+        let n = self
+            .committed
+            .get(id)
+            .map_or(0, |b| encoded_len(&b.value).saturating_add(BUCKET_OVERHEAD));
+        self.sizes.insert(id.clone(), n);
+        n
+    }
+
+    /// Refuses a write naming fields outside its bucket's template (finding 7): the
+    /// template of the set's device type, the structure template for a structure, or — for
+    /// a set whose type is unknown — the fields the bucket was created with.
+    fn check_fields(&self, id: &BucketId, fields: &Fields) -> Result<()> {
+        let templates = &self.shared.config.templates;
+        let kind = id.kind();
+        let known = |f: &str| match templates.allows(kind, self.device_type.as_deref(), f) {
+            Some(allowed) => allowed,
+            None => self
+                .committed
+                .get(id)
+                .is_none_or(|b| b.value.contains_key(f)),
+        };
+        let unknown: Vec<&str> = fields
+            .keys()
+            .map(String::as_str)
+            .filter(|f| !known(f))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let listed: Vec<String> = match templates.fields(kind, self.device_type.as_deref()) {
+            Some(fields) => fields,
+            None => self
+                .committed
+                .get(id)
+                .map(|b| b.value.keys().cloned().collect())
+                .unwrap_or_default(),
+        };
+        Err(NodeError::UnknownField(format!(
+            "bucket {id} has no field {}; its template has {}",
+            unknown.join(", "),
+            listed.join(", ")
+        )))
     }
 
     fn touch(&mut self) {
@@ -690,6 +765,9 @@ impl BucketSetActor {
             .zip(answers)
             .map(|(retry, answer)| retry.or(answer))
             .collect();
+        for id in changed.keys() {
+            self.sizes.remove(id);
+        }
         for ((job, _), answer) in pending.into_iter().zip(replies) {
             match job {
                 Job::Put { reply, .. } => {
@@ -749,8 +827,16 @@ impl BucketSetActor {
         if changed.is_empty() || self.subs.is_empty() {
             return;
         }
+        let max_bytes = self.shared.config.max_answer_bytes;
+        let sizes: HashMap<BucketId, usize> = changed
+            .keys()
+            .map(|id| (id.clone(), self.size_of(id)))
+            .collect();
         let mut woken = Vec::new();
         for (sub_id, sub) in &self.subs {
+            // Within the answer budget; a change left out stays stale for the client's
+            // held version, so its next subscribe gets it at once.
+            let mut budget = max_bytes;
             let owed: Vec<Stale> = changed
                 .iter()
                 .filter(|(id, writers)| {
@@ -758,6 +844,12 @@ impl BucketSetActor {
                         && writers
                             .iter()
                             .any(|w| should_notify(sub.session.as_deref(), w.as_deref()))
+                })
+                .filter(|(id, _)| {
+                    let size = sizes.get(*id).copied().unwrap_or(0);
+                    let fits = budget == max_bytes || size <= budget;
+                    budget = budget.saturating_sub(size);
+                    fits
                 })
                 .filter_map(|(id, _)| {
                     let bucket = self.committed.get(id)?.clone();
@@ -821,19 +913,21 @@ impl Actor for BucketSetActor {
                 let lease = store.acquire_lease(&set, &owner).await?;
                 let span = tracing::Span::current();
                 span.record("epoch", lease.epoch.0);
-                let buckets = store.load_set(&set).await?;
+                let (buckets, device) =
+                    futures::try_join!(store.load_set(&set), store.get_device(set.as_str()))?;
                 let from_peer = lease.previous_owner.is_some();
                 if let Some(previous) = lease.previous_owner {
                     span.record("previous_owner", previous.as_str());
                     shared.take_over(&set, previous).await;
                 }
                 shared.metrics.lease_taken(started.elapsed(), from_peer);
-                Ok::<_, StoreError>((lease.epoch, buckets))
+                Ok::<_, StoreError>((lease.epoch, buckets, device.map(|d| d.device_type)))
             }
             .instrument(lease_span)
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok((epoch, buckets)) => {
+                Ok((epoch, buckets, device_type)) => {
+                    act.device_type = device_type;
                     for b in buckets {
                         act.shared.observe(b.timestamp);
                         act.committed.insert(b.id.clone(), b);
@@ -894,6 +988,7 @@ impl Handler<Put> for BucketSetActor {
     fn handle(&mut self, msg: Put, ctx: &mut Context<Self>) -> Self::Result {
         self.ready()?;
         self.touch();
+        self.check_fields(&msg.id, &msg.update.value)?;
         let (tx, rx) = oneshot::channel();
         self.queue.push(Job::Put {
             id: msg.id,
@@ -914,12 +1009,19 @@ impl Handler<EnsureBuckets> for BucketSetActor {
     fn handle(&mut self, msg: EnsureBuckets, ctx: &mut Context<Self>) -> Self::Result {
         self.ready()?;
         self.touch();
+        if msg.device_type.is_some() {
+            self.device_type = msg.device_type;
+        }
         let (tx, rx) = oneshot::channel();
-        if msg.0.iter().all(|(id, _)| self.committed.contains_key(id)) {
+        if msg
+            .buckets
+            .iter()
+            .all(|(id, _)| self.committed.contains_key(id))
+        {
             drop(tx.send(Ok(())));
         } else {
             self.queue.push(Job::Ensure {
-                buckets: msg.0,
+                buckets: msg.buckets,
                 reply: tx,
                 trace: JobTrace::here(),
             });
@@ -934,13 +1036,51 @@ impl Handler<Get> for BucketSetActor {
     fn handle(&mut self, msg: Get, _ctx: &mut Context<Self>) -> Self::Result {
         self.ready()?;
         self.touch();
-        Ok(match msg.0 {
-            None => self.committed.values().cloned().collect(),
-            Some(ids) => ids
+        // A set of ids, the ones that exist: a list naming one bucket a thousand times
+        // costs one copy (finding 1).
+        let ids: Vec<BucketId> = match msg.ids {
+            None => self.committed.keys().cloned().collect(),
+            Some(ids) => {
+                let distinct: BTreeSet<BucketId> = ids.into_iter().collect();
+                let max = self.shared.config.max_ids;
+                if distinct.len() > max {
+                    return Err(NodeError::BadRequest(format!(
+                        "more than {max} distinct bucket ids in one request"
+                    )));
+                }
+                distinct
+                    .into_iter()
+                    .filter(|id| self.committed.contains_key(id))
+                    .collect()
+            }
+        };
+        if msg.values {
+            let total = ids
                 .iter()
-                .filter_map(|id| self.committed.get(id).cloned())
-                .collect(),
-        })
+                .fold(0usize, |sum, id| sum.saturating_add(self.size_of(id)));
+            if total > msg.max_bytes {
+                return Err(NodeError::TooLarge(format!(
+                    "the answer would be larger than {} bytes; ask for fewer buckets or view=versions",
+                    msg.max_bytes
+                )));
+            }
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|id| self.committed.get(id))
+            .map(|b| {
+                if msg.values {
+                    b.clone()
+                } else {
+                    Bucket {
+                        id: b.id.clone(),
+                        value: Fields::new(),
+                        timestamp: b.timestamp,
+                        version: b.version,
+                    }
+                }
+            })
+            .collect())
     }
 }
 
@@ -949,21 +1089,36 @@ impl Handler<Subscribe> for BucketSetActor {
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> Self::Result {
         self.ready()?;
         self.touch();
-        let mut stale = Vec::new();
+        let mut stale_ids = Vec::new();
+        let mut seen = HashSet::new();
         for h in &msg.held {
             let stored = self
                 .committed
                 .get(&h.id)
                 .ok_or_else(|| NodeError::NotFound(format!("no bucket {}", h.id)))?;
-            if is_stale(h, stored) {
+            if is_stale(h, stored) && seen.insert(&h.id) {
+                stale_ids.push((h.id.clone(), h.version));
+            }
+        }
+        // At once, within the answer budget (the first always): what does not fit is
+        // still stale on the client's next subscribe, which answers it at once.
+        let mut budget = msg.max_bytes;
+        let mut stale = Vec::new();
+        for (id, held) in &stale_ids {
+            let size = self.size_of(id);
+            if !stale.is_empty() && size > budget {
+                continue;
+            }
+            budget = budget.saturating_sub(size);
+            if let Some(stored) = self.committed.get(id) {
                 let diff = if msg.diffs {
-                    self.diff_from_memory(stored, h.version)
+                    self.diff_from_memory(stored, *held)
                 } else {
                     None
                 };
                 stale.push(Stale {
                     bucket: stored.clone(),
-                    held: h.version,
+                    held: *held,
                     diff,
                 });
             }

@@ -33,6 +33,12 @@ pub struct ActorConfig {
     /// Fault injection for tests (`--fault-stall-op-prefix`, hidden): a PUT whose op id
     /// starts with this is committed and then never answered.
     pub fault_stall_op_prefix: Option<String>,
+    /// The templates writes are checked against (device types, structures).
+    pub templates: Arc<crate::registration::RegistrationConfig>,
+    /// Most distinct bucket ids one read may name.
+    pub max_ids: usize,
+    /// Largest answer (notification) of one held subscription, in bytes.
+    pub max_answer_bytes: usize,
 }
 
 /// What every actor of a node shares.
@@ -324,6 +330,9 @@ mod tests {
             op_ids_per_set: 1_000,
             op_id_retention: Duration::from_secs(86_400),
             fault_stall_op_prefix: None,
+            templates: Arc::new(crate::registration::RegistrationConfig::default()),
+            max_ids: 1024,
+            max_answer_bytes: 4 << 20,
         };
         Shared::new(id.into(), store, Metrics::new(), config, 1)
     }
@@ -359,7 +368,8 @@ mod tests {
                 op_id: None,
             };
 
-            r1.ensure(&set, vec![(id.clone(), Fields::new())])
+            // No device type: the bucket's own fields are its template.
+            r1.ensure(&set, vec![(id.clone(), fields(json!({"x": null})))], None)
                 .await
                 .expect("create on n1");
             r1.put(&id, put(json!({"x": 1}))).await.expect("n1 writes");
@@ -382,7 +392,12 @@ mod tests {
             assert_eq!(answer.bucket.value.get("x"), Some(&json!(2)));
 
             // n1 answers no read from its stale copy: a read there loads the set again.
-            let read = r1.get(&set, None).await.expect("read on n1");
+            let all = crate::routing::router::Get {
+                ids: None,
+                values: true,
+                max_bytes: 4 << 20,
+            };
+            let read = r1.get(&set, all).await.expect("read on n1");
             assert_eq!(
                 read[0].value.get("x"),
                 Some(&json!(2)),

@@ -633,6 +633,55 @@ pub(crate) async fn retention_trims_in_the_same_commit(store: Arc<dyn Store>) {
     }
 }
 
+/// Issue 13 finding 7: only a device's newest pairing code is valid.
+pub(crate) async fn a_new_pairing_code_invalidates_the_devices_previous_one(store: Arc<dyn Store>) {
+    let code = |c: &str, device: &str| PairingCode {
+        code: c.into(),
+        device_id: device.into(),
+        expires_ms: 5,
+    };
+    store
+        .put_pairing_code(code("AAAA-AAAA", "D1"))
+        .await
+        .expect("put");
+    store
+        .put_pairing_code(code("BBBB-BBBB", "D2"))
+        .await
+        .expect("put");
+    store
+        .put_pairing_code(code("CCCC-CCCC", "D1"))
+        .await
+        .expect("put");
+    assert_eq!(
+        store.take_pairing_code("AAAA-AAAA").await.expect("take"),
+        None,
+        "the first code of D1 died with the second"
+    );
+    assert_eq!(
+        store.take_pairing_code("BBBB-BBBB").await.expect("take"),
+        Some(code("BBBB-BBBB", "D2")),
+        "another device's code is untouched"
+    );
+    // A redeemed code leaves nothing behind that could remove someone else's later code
+    // of the same text.
+    assert_eq!(
+        store.take_pairing_code("CCCC-CCCC").await.expect("take"),
+        Some(code("CCCC-CCCC", "D1"))
+    );
+    store
+        .put_pairing_code(code("CCCC-CCCC", "D3"))
+        .await
+        .expect("put");
+    store
+        .put_pairing_code(code("DDDD-DDDD", "D1"))
+        .await
+        .expect("put");
+    assert_eq!(
+        store.take_pairing_code("CCCC-CCCC").await.expect("take"),
+        Some(code("CCCC-CCCC", "D3"))
+    );
+}
+
 /// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
 macro_rules! every_case {
     ($m:ident $(, $arg:expr)*) => {
@@ -653,6 +702,7 @@ macro_rules! every_case {
             changes_commit_with_their_bucket_and_page_in_order,
             a_known_op_id_commits_nothing_and_returns_its_record,
             retention_trims_in_the_same_commit,
+            a_new_pairing_code_invalidates_the_devices_previous_one,
         );
     };
 }

@@ -359,7 +359,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn claim_structure(&self, structure: &str, user_id: &str) -> Result<String, StoreError>;
     /// Structures a user owns.
     async fn user_structures(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
-    /// Stores a pairing code.
+    /// Stores a pairing code and invalidates the device's previous one, atomically: only a
+    /// device's newest code can be redeemed.
     async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError>;
     /// Removes and returns a pairing code (a code is redeemable once).
     async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError>;

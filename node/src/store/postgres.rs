@@ -631,15 +631,21 @@ impl Store for PostgresStore {
 
     async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
         let body = to_json(&code)?;
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO tether_records (key, body) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body",
-                &[&format!("code/{}", code.code), &body],
+        let index = format!("device_code/{}", code.device_id);
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(backend)?;
+        // The device's previous code, removed only if it is still that device's.
+        if let Some(old) = lock_record::<String>(&txn, &index).await? {
+            txn.execute(
+                "DELETE FROM tether_records WHERE key = $1 AND body->>'device_id' = $2",
+                &[&format!("code/{old}"), &code.device_id],
             )
             .await
-            .map_err(backend)
-            .map(drop)
+            .map_err(backend)?;
+        }
+        put_record(&txn, &index, Some(&to_json(&code.code)?)).await?;
+        put_record(&txn, &format!("code/{}", code.code), Some(&body)).await?;
+        txn.commit().await.map_err(backend)
     }
 
     async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError> {

@@ -65,6 +65,11 @@ enum WriteOp {
         writes: Vec<(String, Option<Vec<u8>>)>,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
+    /// Stores a pairing code, removing the device's previous one.
+    PutCode {
+        code: PairingCode,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Deletes a record and returns what it held.
     Take {
         key: String,
@@ -363,6 +368,35 @@ fn apply(
                 }
                 Err(e) => replies.push(Reply::Bytes(reply, Err(e))),
             }
+        }
+        WriteOp::PutCode { code, reply } => {
+            let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            let index = format!("device_code/{}", code.device_id);
+            let previous: Option<String> = table
+                .get(index.as_str())
+                .map_err(backend)?
+                .map(|g| from_json(&index, g.value()))
+                .transpose()?;
+            if let Some(old) = previous {
+                let old_key = format!("code/{old}");
+                let theirs = table
+                    .get(old_key.as_str())
+                    .map_err(backend)?
+                    .map(|g| from_json::<PairingCode>(&old_key, g.value()))
+                    .transpose()?
+                    .is_some_and(|c| c.device_id == code.device_id);
+                if theirs {
+                    table.remove(old_key.as_str()).map_err(backend)?;
+                }
+            }
+            table
+                .insert(index.as_str(), to_json(&code.code)?.as_slice())
+                .map_err(backend)?;
+            let key = format!("code/{}", code.code);
+            table
+                .insert(key.as_str(), to_json(&code)?.as_slice())
+                .map_err(backend)?;
+            replies.push(Reply::Unit(reply, Ok(())));
         }
         WriteOp::Take { key, reply } => {
             let mut table = txn.open_table(RECORDS).map_err(backend)?;
@@ -733,10 +767,7 @@ impl Store for RedbStore {
     }
 
     async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
-        let key = format!("code/{}", code.code);
-        self.write_records(None, vec![(key, Some(to_json(&code)?))])
-            .await
-            .map(drop)
+        self.write(|reply| WriteOp::PutCode { code, reply }).await
     }
 
     async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError> {

@@ -829,8 +829,29 @@ impl<D: KvDatabase> Store for KvStore<D> {
     }
 
     async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
-        let key = self.rec("code", &code.code);
-        self.put_json("put_pairing_code", key, &code).await
+        let key = &self.rec("code", &code.code);
+        let index = &self.rec("device_code", &code.device_id);
+        let (root, code) = (&self.root, &code);
+        // Idempotent: a retried attempt finds its own code in the index and rewrites it.
+        self.run("put_pairing_code", |trx, _| async move {
+            // The device's previous code, removed only if it is still that device's.
+            if let Some(old) = trx.get(index).await? {
+                let old: String = from_json(&old)?;
+                if old != code.code {
+                    let old_key = root.pack(&("rec", "code", old.as_str()));
+                    if let Some(v) = trx.get(&old_key).await? {
+                        let c: PairingCode = from_json(&v)?;
+                        if c.device_id == code.device_id {
+                            trx.clear(&old_key);
+                        }
+                    }
+                }
+            }
+            trx.set(index, &to_json(&code.code)?);
+            trx.set(key, &to_json(code)?);
+            Ok(())
+        })
+        .await
     }
 
     async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError> {

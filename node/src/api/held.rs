@@ -1,0 +1,124 @@
+//! A fair share of held subscriptions: each principal (a device, a user) may hold at most
+//! `max_held_per_principal` subscriptions on this node at once. A new one beyond that
+//! answers the principal's oldest with an empty list ("no change": its client subscribes
+//! again if it still cares), so a device that reconnects without closing its old
+//! connections, or one that opens thousands on purpose, never holds more than its cap of
+//! the node's connections and file descriptors (issue 13 finding 5).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// One principal's held subscriptions, oldest first: an id and the way to answer it.
+type Queue = VecDeque<(u64, oneshot::Sender<()>)>;
+
+/// Held subscriptions by principal, oldest first.
+#[derive(Debug)]
+pub struct HeldByPrincipal {
+    cap: usize,
+    next: AtomicU64,
+    by_principal: Mutex<HashMap<String, Queue>>,
+    metrics: Metrics,
+}
+
+/// One held subscription's place in its principal's share; dropping it (the subscription
+/// ended) frees the place.
+#[derive(Debug)]
+pub struct HeldSlot {
+    owner: Arc<HeldByPrincipal>,
+    principal: String,
+    id: u64,
+    /// Resolves when a newer subscription of the same principal took this one's place.
+    pub evicted: oneshot::Receiver<()>,
+}
+
+impl HeldByPrincipal {
+    /// At most `cap` held subscriptions per principal.
+    pub fn new(cap: usize, metrics: Metrics) -> Arc<Self> {
+        Arc::new(HeldByPrincipal {
+            cap: cap.max(1),
+            next: AtomicU64::new(1),
+            by_principal: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Takes a place for a new held subscription of `principal`, evicting its oldest when
+    /// the principal is at its cap.
+    pub fn register(self: &Arc<Self>, principal: String) -> HeldSlot {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut map = self
+            .by_principal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let queue = map.entry(principal.clone()).or_default();
+        while queue.len() >= self.cap {
+            if let Some((_, oldest)) = queue.pop_front() {
+                // Its holder may be gone already; then there is nobody to tell.
+                let _ = oldest.send(());
+                self.metrics.limited("held_per_principal");
+            }
+        }
+        queue.push_back((id, tx));
+        HeldSlot {
+            owner: self.clone(),
+            principal,
+            id,
+            evicted: rx,
+        }
+    }
+
+    /// Held subscriptions of `principal` on this node.
+    pub fn held_by(&self, principal: &str) -> usize {
+        self.by_principal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(principal)
+            .map_or(0, VecDeque::len)
+    }
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .owner
+            .by_principal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(queue) = map.get_mut(&self.principal) {
+            // At most `cap` entries: a short scan.
+            queue.retain(|(id, _)| *id != self.id);
+            if queue.is_empty() {
+                map.remove(&self.principal);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_goes_when_a_principal_exceeds_its_cap_and_others_are_unaffected() {
+        let held = HeldByPrincipal::new(2, Metrics::new());
+        let mut a1 = held.register("a".into());
+        let a2 = held.register("a".into());
+        let b1 = held.register("b".into());
+        assert_eq!(held.held_by("a"), 2);
+        let mut a3 = held.register("a".into());
+        assert_eq!(a1.evicted.try_recv(), Ok(()), "the oldest of a is answered");
+        assert_eq!(held.held_by("a"), 2);
+        assert_eq!(held.held_by("b"), 1, "b keeps its place");
+        drop(a2);
+        assert_eq!(held.held_by("a"), 1);
+        assert!(a3.evicted.try_recv().is_err(), "a3 holds on");
+        drop((a1, a3, b1));
+        assert_eq!(held.held_by("a") + held.held_by("b"), 0);
+    }
+}
