@@ -30,6 +30,17 @@ async fn all_changes(p: &Principal, id: &str) -> Vec<Value> {
     }
 }
 
+/// The fields these tests write, declared in the thermostat's template (a node refuses
+/// writes of fields outside it: 422 `unknown_field`).
+const FIELDS: &[&str] = &[
+    "target", "a", "n", "away", "x", "y", "note", "f0", "f1", "f2", "by_app", "blob",
+];
+
+/// A node whose thermostat template declares [`FIELDS`].
+fn templated() -> NodeBuilder {
+    Node::builder().config(&thermostat_template(FIELDS))
+}
+
 fn with_op(op: &str) -> impl Fn(&Value) -> bool + '_ {
     move |c: &Value| c["op_id"] == op
 }
@@ -42,7 +53,7 @@ async fn registered(node: &Node, serial: &str) -> Principal {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_repeated_with_its_op_id_is_replayed_and_logged_once() {
-    let node = Node::start().await;
+    let node = templated().start().await;
     let p = registered(&node, "OPS001").await;
     let id = "shared.OPS001";
     let body =
@@ -138,7 +149,7 @@ async fn a_put_repeated_with_its_op_id_is_replayed_and_logged_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_op_id_with_another_body_or_principal_is_refused_422() {
-    let node = Node::builder().user("alice").start().await;
+    let node = templated().user("alice").start().await;
     let p = registered(&node, "OPS002").await;
     let id = "shared.OPS002";
     p.put(
@@ -191,7 +202,7 @@ async fn the_same_op_id_with_another_body_or_principal_is_refused_422() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_between_commit_and_answer_then_retry_is_replayed_not_applied_twice() {
     let data = tempfile::tempdir().expect("data dir");
-    let mut node = Node::builder()
+    let mut node = templated()
         .data_dir(data.path())
         .arg("--fault-stall-op-prefix")
         .arg("stall-")
@@ -238,7 +249,7 @@ async fn kill_9_between_commit_and_answer_then_retry_is_replayed_not_applied_twi
     );
     let keyring = node.keyring();
     drop(node);
-    let node = Node::builder()
+    let node = templated()
         .data_dir(data.path())
         .keyring(keyring)
         .start()
@@ -268,7 +279,7 @@ async fn kill_9_between_commit_and_answer_then_retry_is_replayed_not_applied_twi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_pages_truncates_and_is_authorized_like_the_bucket() {
-    let node = Node::builder()
+    let node = templated()
         .user("alice")
         .arg("--history-per-bucket")
         .arg("5")
@@ -400,7 +411,7 @@ async fn subscribe(p: &Principal, held: &[(&str, u64)], extra: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_with_diffs_answers_a_device_five_versions_behind_with_the_fields_changed() {
-    let node = Node::builder()
+    let node = templated()
         .arg("--history-per-bucket")
         .arg("20")
         .start()
@@ -505,7 +516,7 @@ async fn subscribe_with_diffs_answers_a_device_five_versions_behind_with_the_fie
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_bytes_splits_an_answer_into_pending() {
-    let node = Node::start().await;
+    let node = templated().start().await;
     let p = registered(&node, "MAX001").await;
     let (dev, shared) = ("device.MAX001", "shared.MAX001");
     let big = "x".repeat(400);
@@ -539,7 +550,7 @@ async fn max_bytes_splits_an_answer_into_pending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_history_prints_the_audit_trail() {
     let data = tempfile::tempdir().expect("data dir");
-    let mut node = Node::builder().data_dir(data.path()).start().await;
+    let mut node = templated().data_dir(data.path()).start().await;
     let p = registered(&node, "ADM001").await;
     p.put(
         "shared.ADM001",
