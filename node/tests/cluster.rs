@@ -925,7 +925,7 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
     let via = members[0].node.device(&serial);
     via.register_thermostat().await;
     let id = format!("shared.{serial}");
-    let body = json!({"value": {"setpoint": 23}, "base_version": 1, "op_id": "stall-7"});
+    let body = json!({"value": {"target_temperature": 23}, "base_version": 1, "op_id": "stall-7"});
     let put = {
         let via = via.clone();
         let (id, body) = (id.clone(), body.clone());
@@ -985,7 +985,7 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
     );
     let bucket = reader.bucket(&id).await;
     assert_eq!(u64_of(&bucket, "version"), 2, "{bucket}");
-    assert_eq!(bucket["value"]["setpoint"], 23);
+    assert_eq!(bucket["value"]["target_temperature"], 23);
     // The client retrying too (its own timeout) is answered the same way.
     let again = via.put(&id, &body).await.expect_json(StatusCode::OK);
     assert_eq!(
@@ -1004,7 +1004,7 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
     let via = members[0].node.device(&serial);
     via.register_thermostat().await;
     let id = format!("shared.{serial}");
-    let body = json!({"value": {"away": true}, "base_version": 1, "op_id": "hand-1"});
+    let body = json!({"value": {"mode": "away"}, "base_version": 1, "op_id": "hand-1"});
     let first = via.put(&id, &body).await.expect_json(StatusCode::OK);
     assert_eq!(first["outcome"], "applied");
     let mut b = members.pop().expect("op-b");
