@@ -141,7 +141,7 @@ async fn one_cluster(node: &Node, other: &Node, serial: &str, n: u64) {
         let r = device
             .put(
                 &id,
-                &serde_json::json!({"value": {"n": n}, "base_version": 0}),
+                &serde_json::json!({"value": {"current_temperature": n}, "base_version": 0}),
             )
             .await;
         if r.status == StatusCode::OK {
@@ -159,7 +159,11 @@ async fn one_cluster(node: &Node, other: &Node, serial: &str, n: u64) {
     }
     let creds = device.credentials();
     let read = other.with_credentials(creds).bucket(&id).await;
-    assert_eq!(read["value"]["n"], n, "read through {}: {read}", other.base);
+    assert_eq!(
+        read["value"]["current_temperature"], n,
+        "read through {}: {read}",
+        other.base
+    );
 }
 
 #[tokio::test]

@@ -180,7 +180,7 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
         ] {
             let mut req = device
                 .req(Method::PUT, &format!("/v1/buckets/{bucket}"))
-                .json(&json!({"value": {"mode": "heat"}}));
+                .json(&json!({"value": {"hvac_state": "heating"}}));
             if let Some(tp) = traceparent {
                 req = req.header("traceparent", tp);
             }
@@ -395,16 +395,17 @@ async fn a_batch_commit_links_to_every_request_in_it() {
         let tp = format!("00-{trace}-{}-01", random_hex(8));
         traces.insert(trace, ());
         let d = device.clone();
-        let id = if i % 2 == 0 {
-            "device.BATCH001"
+        // Fields of the thermostat's templates (a write naming another field is refused).
+        let (id, field) = if i % 2 == 0 {
+            ("device.BATCH001", "current_temperature")
         } else {
-            "shared.BATCH001"
+            ("shared.BATCH001", "target_temperature")
         };
         tasks.push(tokio::spawn(async move {
             d.send(
                 d.req(Method::PUT, &format!("/v1/buckets/{id}"))
                     .header("traceparent", tp)
-                    .json(&json!({"value": {"n": i}, "base_version": 0})),
+                    .json(&json!({"value": {field: i}, "base_version": 0})),
             )
             .await
             .status
@@ -472,7 +473,7 @@ async fn log_lines_carry_request_and_trace_ids_and_no_colour_codes() {
             device
                 .req(Method::PUT, "/v1/buckets/device.LOG00001")
                 .header("traceparent", format!("00-{trace_id}-{}-01", random_hex(8)))
-                .json(&json!({"value": {"mode": "heat"}, "base_version": 0})),
+                .json(&json!({"value": {"hvac_state": "heating"}, "base_version": 0})),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
