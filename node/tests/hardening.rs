@@ -554,8 +554,19 @@ async fn connections_are_limited_per_source_and_readyz_fails_before_exhaustion()
         (r.status, r.json())
     };
     let mut held = Vec::new();
+    // Each of the eight answers a request first, so the node has accepted and counted it
+    // before the ninth arrives (a TCP connect completes in the kernel's backlog, before
+    // the node accepts: without this, the ninth may be accepted ahead of one of the eight).
     for _ in 0..8 {
-        held.push(connect_from(&node, ATTACKER).await.expect("connect"));
+        let mut c = connect_from(&node, ATTACKER).await.expect("connect");
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let r = within(REQUEST_DEADLINE, "healthz", read_response(&mut c))
+            .await
+            .expect("answer");
+        assert_eq!(r.0, 200, "{}", r.1);
+        held.push(c);
     }
     // The ninth from the same address is closed without an answer.
     let mut ninth = connect_from(&node, ATTACKER).await.expect("TCP accept");
