@@ -16,10 +16,10 @@
 //! when stderr is not a terminal, and the trace id carried across a hop with export off.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use tether_cluster::{NodeId, Ring};
 use tether_node::store::pg_server::PgServer;
 use tether_test_support::node::*;
@@ -67,27 +67,6 @@ async fn start_member(
     Member {
         node: b.start().await,
         grpc,
-    }
-}
-
-async fn wait_ready(node: &Node, members: u64) {
-    let client = http_client();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(node.url("/readyz")).send().await {
-            let ok = r.status() == StatusCode::OK;
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            if ok && body["members"] == json!(members) {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} not ready with {members} members after 30 s; stderr:\n{}",
-            node.base,
-            node.stderr_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -157,8 +136,8 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
     let url = pg.url("otel").expect("database");
     let a = start_member("node-a", &url, None, None, &sampler("0")).await;
     let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &sampler("1")).await;
-    wait_ready(&a.node, 2).await;
-    wait_ready(&b.node, 2).await;
+    a.node.wait_ready(2).await;
+    b.node.wait_ready(2).await;
 
     // A device whose set node-b owns, written through node-a.
     let ring = Ring::new([NodeId::new("node-a"), NodeId::new("node-b")], 256);
