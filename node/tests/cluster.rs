@@ -97,28 +97,6 @@ fn error_of(r: &Resp) -> (StatusCode, Value) {
     (r.status, r.json())
 }
 
-/// Waits until `node` answers /readyz 200 with `members` live members.
-async fn wait_ready(node: &Node, members: u64) {
-    let client = http_client();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(node.url("/readyz")).send().await {
-            let ok = r.status() == StatusCode::OK;
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            if ok && body["members"] == json!(members) {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} not ready with {members} members after 30 s; stderr:\n{}",
-            node.base,
-            node.stderr_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Writes `fields` through `p`, retrying 503s (ownership moving) for at most `limit`;
 /// returns the acknowledged version and how long it took.
 async fn write_retrying(
@@ -261,7 +239,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let c_cert = pki.issue("node-c").await;
     let c = start_member("node-c", &url, Some(a.grpc), Some(&a.node), &c_cert).await;
     for m in [&a, &b, &c] {
-        wait_ready(&m.node, 3).await;
+        m.node.wait_ready(3).await;
     }
     let mut members = vec![a, b, c];
     for m in &members {
@@ -656,14 +634,14 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     }
     intruder_cert.replace_with(&pki.issue("node-d").await);
     for m in members.iter().map(|m| &m.node).chain([&d.node]) {
-        wait_ready(m, 4).await;
+        m.wait_ready(4).await;
     }
     // node-d leaves again (SIGTERM) so the rest of the test sees three members.
     d.node.sigterm().await;
     let mut d = d;
     assert!(d.node.wait_exit(Duration::from_secs(30)).await.success());
     for m in &members {
-        wait_ready(&m.node, 3).await;
+        m.node.wait_ready(3).await;
     }
 
     // Drain: SIGTERM node-c while a subscribe on one of its sets is held through node-a.
@@ -719,7 +697,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let status = c.node.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "drained node exits cleanly: {status:?}");
     for m in &members {
-        wait_ready(&m.node, 2).await;
+        m.node.wait_ready(2).await;
         assert_eq!(
             m.node.metric("tether_cluster_members").await,
             Some(2.0),
@@ -816,7 +794,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         .get_mut(&b_set)
         .expect("device")
         .push(("w3".into(), v));
-    wait_ready(&a.node, 1).await;
+    a.node.wait_ready(1).await;
 
     // Every acknowledged write is there, versions as acknowledged or later.
     for serial in &serials {
@@ -836,7 +814,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             );
         }
     }
-    wait_ready(&lonely.node, 1).await;
+    lonely.node.wait_ready(1).await;
     assert!(
         lonely_started.elapsed() >= Duration::from_secs(10),
         "node-x must wait for its seeds before starting a new cluster"

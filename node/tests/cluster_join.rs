@@ -93,24 +93,6 @@ async fn readyz(node: &Node) -> (StatusCode, Value) {
     (r.status, r.json())
 }
 
-/// Waits until `node` is ready with `members` members.
-async fn wait_members(node: &Node, members: u64) {
-    let start = Instant::now();
-    loop {
-        let (status, body) = readyz(node).await;
-        if status == StatusCode::OK && body["members"] == members {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} not ready with {members} members after 30 s (last {status} {body}); stderr:\n{}",
-            node.base,
-            node.stderr_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// SIGTERM and wait for the exit, as a rolling update does to the old pod.
 async fn stop(mut node: Node) {
     node.sigterm().await;
@@ -141,7 +123,7 @@ async fn one_cluster(node: &Node, other: &Node, serial: &str, n: u64) {
         let r = device
             .put(
                 &id,
-                &serde_json::json!({"value": {"n": n}, "base_version": 0}),
+                &serde_json::json!({"value": {"current_temperature": n}, "base_version": 0}),
             )
             .await;
         if r.status == StatusCode::OK {
@@ -159,7 +141,11 @@ async fn one_cluster(node: &Node, other: &Node, serial: &str, n: u64) {
     }
     let creds = device.credentials();
     let read = other.with_credentials(creds).bucket(&id).await;
-    assert_eq!(read["value"]["n"], n, "read through {}: {read}", other.base);
+    assert_eq!(
+        read["value"]["current_temperature"], n,
+        "read through {}: {read}",
+        other.base
+    );
 }
 
 #[tokio::test]
@@ -175,29 +161,29 @@ async fn a_cluster_secret_rotates_in_two_rolling_steps_without_a_partition() {
 
     let na = a.start(&store, &old, None, None).await;
     let nb = b.start(&store, &old, Some(a.grpc), Some(&na)).await;
-    wait_members(&nb, 2).await;
+    nb.wait_ready(2).await;
 
     // Step 1: every node gets both secrets, one pod at a time; each restarted pod rejoins
     // the one still on the old secret alone.
     stop(nb).await;
     let nb = b.start(&store, &both, Some(a.grpc), Some(&na)).await;
-    wait_members(&nb, 2).await;
-    wait_members(&na, 2).await;
+    nb.wait_ready(2).await;
+    na.wait_ready(2).await;
     stop(na).await;
     let na = a.start(&store, &both, Some(b.grpc), Some(&nb)).await;
-    wait_members(&na, 2).await;
-    wait_members(&nb, 2).await;
+    na.wait_ready(2).await;
+    nb.wait_ready(2).await;
     one_cluster(&na, &nb, "ROT0001", 1).await;
 
     // Step 2: every node only the new one; a node on both talks to one on the new only.
     stop(nb).await;
     let nb = b.start(&store, &new, Some(a.grpc), Some(&na)).await;
-    wait_members(&nb, 2).await;
-    wait_members(&na, 2).await;
+    nb.wait_ready(2).await;
+    na.wait_ready(2).await;
     stop(na).await;
     let na = a.start(&store, &new, Some(b.grpc), Some(&nb)).await;
-    wait_members(&na, 2).await;
-    wait_members(&nb, 2).await;
+    na.wait_ready(2).await;
+    nb.wait_ready(2).await;
     one_cluster(&nb, &na, "ROT0002", 2).await;
     assert!(
         !has_log(&na, "refuses this node's gossip") && !has_log(&nb, "refuses this node's gossip"),
@@ -219,7 +205,7 @@ async fn a_cluster_secret_rotates_in_two_rolling_steps_without_a_partition() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(readyz(&nc).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    wait_members(&na, 2).await;
+    na.wait_ready(2).await;
 }
 
 #[tokio::test]
@@ -270,7 +256,7 @@ async fn seeds_resolving_only_to_itself_start_a_new_cluster_at_once() {
     // What the first pod of a StatefulSet sees: the headless Service's name resolves to
     // its own address only.
     let na = a.start(&store, &[s.path("old")], Some(a.grpc), None).await;
-    wait_members(&na, 1).await;
+    na.wait_ready(1).await;
     assert!(
         has_log(
             &na,
@@ -284,6 +270,6 @@ async fn seeds_resolving_only_to_itself_start_a_new_cluster_at_once() {
     let nb = b
         .start(&store, &[s.path("old")], Some(a.grpc), Some(&na))
         .await;
-    wait_members(&nb, 2).await;
-    wait_members(&na, 2).await;
+    nb.wait_ready(2).await;
+    na.wait_ready(2).await;
 }

@@ -554,8 +554,19 @@ async fn connections_are_limited_per_source_and_readyz_fails_before_exhaustion()
         (r.status, r.json())
     };
     let mut held = Vec::new();
+    // Each of the eight answers a request first, so the node has accepted and counted it
+    // before the ninth arrives (a TCP connect completes in the kernel's backlog, before
+    // the node accepts: without this, the ninth may be accepted ahead of one of the eight).
     for _ in 0..8 {
-        held.push(connect_from(&node, ATTACKER).await.expect("connect"));
+        let mut c = connect_from(&node, ATTACKER).await.expect("connect");
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let r = within(REQUEST_DEADLINE, "healthz", read_response(&mut c))
+            .await
+            .expect("answer");
+        assert_eq!(r.0, 200, "{}", r.1);
+        held.push(c);
     }
     // The ninth from the same address is closed without an answer.
     let mut ninth = connect_from(&node, ATTACKER).await.expect("TCP accept");
@@ -625,7 +636,10 @@ async fn connections_are_limited_per_source_and_readyz_fails_before_exhaustion()
 async fn slow_and_malformed_requests_get_json_errors_within_their_timeouts() {
     let node = Node::builder()
         .env("TETHER_BODY_READ_TIMEOUT_MS", "500")
-        .env("TETHER_HEADER_READ_TIMEOUT_MS", "500")
+        // Long enough that a loaded machine parses the malformed requests below before it
+        // fires (at 500 ms, CI once answered the unparsable request with 408, not 400),
+        // short enough that the trickling headers' 408 comes well within the deadline.
+        .env("TETHER_HEADER_READ_TIMEOUT_MS", "3000")
         .start()
         .await;
     let d = node.device(A);

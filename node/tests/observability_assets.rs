@@ -181,7 +181,7 @@ async fn every_metric_the_dashboard_and_alerts_use_exists_on_a_running_node() {
         assert_eq!(
             d.put(
                 &id,
-                &serde_json::json!({"value": {"mode": "heat"}, "base_version": 0})
+                &serde_json::json!({"value": {"hvac_state": "heating"}, "base_version": 0})
             )
             .await
             .status,

@@ -16,10 +16,10 @@
 //! when stderr is not a terminal, and the trace id carried across a hop with export off.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use tether_cluster::{NodeId, Ring};
 use tether_node::store::pg_server::PgServer;
 use tether_test_support::node::*;
@@ -67,27 +67,6 @@ async fn start_member(
     Member {
         node: b.start().await,
         grpc,
-    }
-}
-
-async fn wait_ready(node: &Node, members: u64) {
-    let client = http_client();
-    let start = Instant::now();
-    loop {
-        if let Ok(r) = client.get(node.url("/readyz")).send().await {
-            let ok = r.status() == StatusCode::OK;
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            if ok && body["members"] == json!(members) {
-                return;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} not ready with {members} members after 30 s; stderr:\n{}",
-            node.base,
-            node.stderr_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -157,8 +136,8 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
     let url = pg.url("otel").expect("database");
     let a = start_member("node-a", &url, None, None, &sampler("0")).await;
     let b = start_member("node-b", &url, Some(a.grpc), Some(&a.node), &sampler("1")).await;
-    wait_ready(&a.node, 2).await;
-    wait_ready(&b.node, 2).await;
+    a.node.wait_ready(2).await;
+    b.node.wait_ready(2).await;
 
     // A device whose set node-b owns, written through node-a.
     let ring = Ring::new([NodeId::new("node-a"), NodeId::new("node-b")], 256);
@@ -180,7 +159,7 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
         ] {
             let mut req = device
                 .req(Method::PUT, &format!("/v1/buckets/{bucket}"))
-                .json(&json!({"value": {"mode": "heat"}}));
+                .json(&json!({"value": {"hvac_state": "heating"}}));
             if let Some(tp) = traceparent {
                 req = req.header("traceparent", tp);
             }
@@ -395,16 +374,17 @@ async fn a_batch_commit_links_to_every_request_in_it() {
         let tp = format!("00-{trace}-{}-01", random_hex(8));
         traces.insert(trace, ());
         let d = device.clone();
-        let id = if i % 2 == 0 {
-            "device.BATCH001"
+        // Fields of the thermostat's templates (a write naming another field is refused).
+        let (id, field) = if i % 2 == 0 {
+            ("device.BATCH001", "current_temperature")
         } else {
-            "shared.BATCH001"
+            ("shared.BATCH001", "target_temperature")
         };
         tasks.push(tokio::spawn(async move {
             d.send(
                 d.req(Method::PUT, &format!("/v1/buckets/{id}"))
                     .header("traceparent", tp)
-                    .json(&json!({"value": {"n": i}, "base_version": 0})),
+                    .json(&json!({"value": {field: i}, "base_version": 0})),
             )
             .await
             .status
@@ -472,7 +452,7 @@ async fn log_lines_carry_request_and_trace_ids_and_no_colour_codes() {
             device
                 .req(Method::PUT, "/v1/buckets/device.LOG00001")
                 .header("traceparent", format!("00-{trace_id}-{}-01", random_hex(8)))
-                .json(&json!({"value": {"mode": "heat"}, "base_version": 0})),
+                .json(&json!({"value": {"hvac_state": "heating"}, "base_version": 0})),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

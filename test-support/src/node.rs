@@ -731,6 +731,33 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// Waits until `/readyz` answers 200 with `members` cluster members; fails after 30 s
+    /// with the last answer and the node's stderr.
+    pub async fn wait_ready(&self, members: u64) {
+        let client = http_client();
+        let start = std::time::Instant::now();
+        loop {
+            let last = match client.get(self.url("/readyz")).send().await {
+                Ok(r) => {
+                    let status = r.status();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    if status == StatusCode::OK && body["members"] == members {
+                        return;
+                    }
+                    format!("{status} {body}")
+                }
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{} not ready with {members} members after 30 s (last {last}); stderr:\n{}",
+                self.base,
+                self.stderr_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn builder() -> NodeBuilder {
         NodeBuilder::default()
     }

@@ -498,6 +498,7 @@ pub async fn get_one(
             (UpdateResponse = "application/json", example = json!({"outcome": "refused", "id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 44, "value": {"target_temperature": 20.0}})),
             (ProtobufBody = "application/x-protobuf"),
         )),
+        (status = 422, description = "`unknown_field`: the write names a field outside its bucket's template; nothing was changed", body = ErrorBody, example = json!({"error": "unknown_field", "message": "bucket device.01AA02AB has no field fan; its template has current_temperature, humidity, hvac_state, sw_version"})),
     ),
 )]
 /// `PUT /v1/buckets/{id}` (seed 000 FIG 23). Answered only after the write is durable.
