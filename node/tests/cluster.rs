@@ -891,7 +891,7 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
     let b = start("op-b", Some(a.grpc), Some(keys.clone())).await;
     let c = start("op-c", Some(a.grpc), Some(keys)).await;
     for m in [&a, &b, &c] {
-        wait_ready(&m.node, 3).await;
+        m.node.wait_ready(3).await;
     }
     let members = vec![a, b, c];
     let ids = ["op-a", "op-b", "op-c"];
@@ -974,7 +974,7 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
 
     // Across a handoff: a write acknowledged through op-a by its owner op-b, then op-b
     // drains (SIGTERM) and its sets move to op-a; the retry is replayed by the new owner.
-    wait_ready(&members[0].node, 2).await;
+    members[0].node.wait_ready(2).await;
     let serial = (0..)
         .map(|i| format!("OPH{i:03}"))
         .find(|s| owner(&["op-a", "op-b"], s) == "op-b")
@@ -988,7 +988,7 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
     let mut b = members.pop().expect("op-b");
     b.node.sigterm().await;
     assert!(b.node.wait_exit(Duration::from_secs(30)).await.success());
-    wait_ready(&members[0].node, 1).await;
+    members[0].node.wait_ready(1).await;
     let retry = via.put(&id, &body).await.expect_json(StatusCode::OK);
     assert_eq!(retry["replayed"], true, "{retry}");
     assert_eq!(retry["version"], first["version"]);
