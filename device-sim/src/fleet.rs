@@ -859,6 +859,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let mut own_in_flight: Option<u64> = None;
     let mut registered_once = false;
     let mut regressions_seen: HashSet<(String, u64, u64)> = HashSet::new();
+    let mut late_seen = 0u64;
     // The versions the device held when each request in flight was sent, and those of the
     // request answered last: an answer older than what the device held *before it asked*
     // is a regression; one older than a version learnt meanwhile (its own PUT answered
@@ -943,6 +944,13 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 in_flight.insert(token, handle);
             }
         }
+        let late = client.late_answers();
+        for _ in late_seen..late {
+            ctx.error(
+                "answers older than held, overtaken by the device's own PUT answer (reordered connections)",
+            );
+        }
+        late_seen = late;
         while let Some(ev) = client.poll_event() {
             match ev {
                 Event::Registered => {

@@ -495,6 +495,8 @@ pub struct DeviceClient {
     next_token: u64,
     rng: XorShift,
     events: VecDeque<Event>,
+    /// Late answers dropped so far (see [`Self::late_answers`]).
+    late_answers: u64,
 }
 
 impl DeviceClient {
@@ -522,6 +524,7 @@ impl DeviceClient {
             next_token: 1,
             rng: XorShift::new(cfg.jitter_seed),
             events: VecDeque::new(),
+            late_answers: 0,
             cfg,
         }
     }
@@ -585,6 +588,13 @@ impl DeviceClient {
             None
         };
         [sync, put, pairing].into_iter().flatten().min()
+    }
+
+    /// How many answers arrived older than the held copy but newer than what their request
+    /// told the server: overtaken on the other slot (the device's own PUT answered first),
+    /// dropped without an event. Not a fault; a simulator counts them to show it raced.
+    pub fn late_answers(&self) -> u64 {
+        self.late_answers
     }
 
     /// The next thing the application should know about, oldest first.
@@ -1065,6 +1075,7 @@ impl DeviceClient {
     ) -> Applied {
         if let Some(h) = self.held.get(&id) {
             if version < h.version && told.is_some_and(|t| t < version) {
+                self.late_answers += 1;
                 return Applied::Same;
             }
             if version < h.version {
