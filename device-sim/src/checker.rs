@@ -26,15 +26,25 @@
 //!    or still in flight when the run ended, superseded it). Anything lower or absent is a
 //!    [`Violation::LostWrite`]: the server said yes and then forgot.
 //!
+//! 4. **No write is applied twice** (the audit). Every write carries an op id and is
+//!    retried with the same one when its answer is lost (a timeout, a dropped connection,
+//!    a 5xx, or an answer the flaky link drops after the server acted). After the run,
+//!    each audited bucket's history (`GET /v1/buckets/{id}/history`) is read in full: an
+//!    op id this device's writers sent that appears in more than one change is a
+//!    [`Violation::DoubleApplication`]; an acknowledged (applied or merged) op id missing
+//!    from a history that still reaches back to its version is a
+//!    [`Violation::AckedWriteMissing`].
+//!
 //! A write is registered ([`DeviceTrack::intend`]) before it is sent, because its
 //! notification can overtake its acknowledgement. Writes whose outcome stays unknown
 //! (the writer gave up after transport errors) are [`DeviceTrack::abandon`]ed: there is
-//! nothing to demand of them.
+//! nothing to demand of them (but they may still not be applied twice).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tether_proto::api::{ChangeDoc, UpdateOutcome};
 use tether_proto::{Fields, Value};
 
 /// Something the simulator saw that the protocol forbids.
@@ -79,6 +89,30 @@ pub enum Violation {
         /// What the final state holds in that field (`None`: absent or not a number).
         found: Option<u64>,
     },
+    /// A write (one op id) appears more than once in its bucket's history: a retry was
+    /// applied again.
+    DoubleApplication {
+        /// The device serial.
+        device: String,
+        /// The bucket written.
+        bucket: String,
+        /// The write's op id.
+        op_id: String,
+        /// The versions of the changes that carry it.
+        versions: Vec<u64>,
+    },
+    /// A write acknowledged as applied or merged is not in its bucket's history, though
+    /// the history still reaches back to the version it was acknowledged with.
+    AckedWriteMissing {
+        /// The device serial.
+        device: String,
+        /// The bucket written.
+        bucket: String,
+        /// The write's op id.
+        op_id: String,
+        /// The version its answer carried.
+        version: u64,
+    },
 }
 
 impl std::fmt::Display for Violation {
@@ -118,6 +152,27 @@ impl std::fmt::Display for Violation {
                      but write #{seq} was acknowledged"
                 )
             }
+            Violation::DoubleApplication {
+                device,
+                bucket,
+                op_id,
+                versions,
+            } => write!(
+                f,
+                "DOUBLE APPLICATION: device {device}'s {bucket} applied op {op_id} {} times \
+                 (versions {versions:?})",
+                versions.len()
+            ),
+            Violation::AckedWriteMissing {
+                device,
+                bucket,
+                op_id,
+                version,
+            } => write!(
+                f,
+                "ACKNOWLEDGED WRITE MISSING: op {op_id} to device {device}'s {bucket} was \
+                 acknowledged at v{version} but is not in the bucket's history"
+            ),
         }
     }
 }
@@ -147,6 +202,29 @@ pub struct Delivery {
     pub live: bool,
 }
 
+/// What the checker knows of one op id sent to one of the device's buckets.
+#[derive(Debug, Clone, Default)]
+struct OpTrack {
+    bucket: String,
+    /// How many times it was sent (more than once: retried).
+    attempts: u32,
+    /// The version and outcome it was acknowledged with.
+    acked: Option<(u64, UpdateOutcome)>,
+    /// One of its answers was a replay.
+    replayed: bool,
+}
+
+/// Counts of the op-id audit, for the run summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OpAudit {
+    /// Op ids found in the histories read.
+    pub ops_in_history: u64,
+    /// Sent op ids the histories could vouch for (history reached back far enough).
+    pub ops_checked: u64,
+    /// Of those, how many were sent more than once.
+    pub retried_checked: u64,
+}
+
 /// Everything the checker knows about one device's buckets.
 #[derive(Debug)]
 pub struct DeviceTrack {
@@ -156,6 +234,8 @@ pub struct DeviceTrack {
     writes: HashMap<(String, String), WriterTrack>,
     /// The highest acknowledged sequence number per (bucket, writer), for the audit.
     acked_max: BTreeMap<(String, String), u64>,
+    /// Every op id sent to the device's buckets.
+    ops: BTreeMap<String, OpTrack>,
 }
 
 impl DeviceTrack {
@@ -167,7 +247,95 @@ impl DeviceTrack {
             awake_since: now,
             writes: HashMap::new(),
             acked_max: BTreeMap::new(),
+            ops: BTreeMap::new(),
         }
+    }
+
+    /// `op_id` is being sent to `bucket` (again, when retried).
+    pub fn sent_op(&mut self, bucket: &str, op_id: &str) {
+        let t = self.ops.entry(op_id.to_string()).or_default();
+        t.bucket = bucket.to_string();
+        t.attempts = t.attempts.saturating_add(1);
+    }
+
+    /// `op_id` was answered with `outcome` at `version` (`replayed`: from the server's
+    /// memory of an earlier attempt).
+    pub fn acked_op(&mut self, op_id: &str, outcome: UpdateOutcome, version: u64, replayed: bool) {
+        if let Some(t) = self.ops.get_mut(op_id) {
+            t.acked.get_or_insert((version, outcome));
+            t.replayed |= replayed;
+        }
+    }
+
+    /// Op ids sent more than once, and answers that were replays.
+    pub fn retry_counts(&self) -> (u64, u64) {
+        let retried = self.ops.values().filter(|t| t.attempts > 1).count() as u64;
+        let replayed = self.ops.values().filter(|t| t.replayed).count() as u64;
+        (retried, replayed)
+    }
+
+    /// Checks `bucket`'s history (every change after version 0 the server still keeps,
+    /// oldest kept version `oldest`) against the op ids sent to it: none may be applied
+    /// twice, and every acknowledged one the history reaches back to must be there once.
+    pub fn audit_history(
+        &self,
+        bucket: &str,
+        oldest: u64,
+        changes: &[ChangeDoc],
+    ) -> (Vec<Violation>, OpAudit) {
+        let mut seen: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for c in changes {
+            if let Some(op) = &c.op_id {
+                seen.entry(op.as_str()).or_default().push(c.version);
+            }
+        }
+        let mut out = Vec::new();
+        let mut audit = OpAudit {
+            ops_in_history: seen.len() as u64,
+            ..OpAudit::default()
+        };
+        for (op_id, t) in self.ops.iter().filter(|(_, t)| t.bucket == bucket) {
+            let versions = seen.get(op_id.as_str()).cloned().unwrap_or_default();
+            if versions.len() > 1 {
+                out.push(Violation::DoubleApplication {
+                    device: self.device.clone(),
+                    bucket: bucket.to_string(),
+                    op_id: op_id.clone(),
+                    versions,
+                });
+                continue;
+            }
+            match t.acked {
+                // Only an applied write names its own version; a merged answer may name
+                // a later one (a replay carries the bucket as it is now).
+                Some((v, UpdateOutcome::Applied)) if v >= oldest => {
+                    audit.ops_checked += 1;
+                    audit.retried_checked += u64::from(t.attempts > 1);
+                    if versions != [v] {
+                        out.push(Violation::AckedWriteMissing {
+                            device: self.device.clone(),
+                            bucket: bucket.to_string(),
+                            op_id: op_id.clone(),
+                            version: v,
+                        });
+                    }
+                }
+                Some((v, UpdateOutcome::Merged)) if v >= oldest => {
+                    audit.ops_checked += 1;
+                    audit.retried_checked += u64::from(t.attempts > 1);
+                    if versions.is_empty() {
+                        out.push(Violation::AckedWriteMissing {
+                            device: self.device.clone(),
+                            bucket: bucket.to_string(),
+                            op_id: op_id.clone(),
+                            version: v,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        (out, audit)
     }
 
     /// The device serial.
@@ -216,9 +384,11 @@ impl DeviceTrack {
         *max = (*max).max(seq);
     }
 
-    /// The buckets with acknowledged writes: what the audit must read.
+    /// The buckets with acknowledged writes or sent op ids: what the audit must read.
     pub fn audited_buckets(&self) -> Vec<String> {
         let mut out: Vec<String> = self.acked_max.keys().map(|(b, _)| b.clone()).collect();
+        out.extend(self.ops.values().map(|t| t.bucket.clone()));
+        out.sort();
         out.dedup();
         out
     }
@@ -456,6 +626,90 @@ mod tests {
         // Delivery bookkeeping does not affect the audit.
         d.observe("shared.D1", &fields(&[("w", 3)]), t0);
         assert_eq!(d.audit("shared.D1", Some(&Fields::new())).len(), 1);
+    }
+
+    fn change(version: u64, op_id: Option<&str>) -> ChangeDoc {
+        ChangeDoc {
+            version,
+            timestamp: version,
+            outcome: tether_proto::synclog::ChangeKind::Applied,
+            by: "device:D1".into(),
+            session: None,
+            op_id: op_id.map(String::from),
+            fields: Fields::new(),
+        }
+    }
+
+    #[test]
+    fn the_history_audit_finds_double_applications_and_missing_acknowledged_writes() {
+        let mut d = DeviceTrack::new("D1", Instant::now());
+        for op in ["a", "b", "c", "d"] {
+            d.sent_op("shared.D1", op);
+        }
+        d.sent_op("shared.D1", "a"); // retried after a lost answer
+        d.acked_op("a", UpdateOutcome::Applied, 2, true);
+        d.acked_op("b", UpdateOutcome::Applied, 3, false);
+        d.acked_op("c", UpdateOutcome::Merged, 9, false);
+        assert_eq!(d.retry_counts(), (1, 1));
+        assert_eq!(d.audited_buckets(), ["shared.D1"]);
+
+        // Correct history: each op id once (d was never acknowledged and never applied).
+        let good = [
+            change(1, None),
+            change(2, Some("a")),
+            change(3, Some("b")),
+            change(4, Some("c")),
+        ];
+        let (v, audit) = d.audit_history("shared.D1", 1, &good);
+        assert!(v.is_empty(), "{v:?}");
+        assert_eq!(
+            audit,
+            OpAudit {
+                ops_in_history: 3,
+                ops_checked: 3,
+                retried_checked: 1
+            }
+        );
+        // The retry of `a` applied again; `b` lost.
+        let bad = [
+            change(1, None),
+            change(2, Some("a")),
+            change(4, Some("a")),
+            change(5, Some("c")),
+        ];
+        let (v, _) = d.audit_history("shared.D1", 1, &bad);
+        assert_eq!(
+            v,
+            [
+                Violation::DoubleApplication {
+                    device: "D1".into(),
+                    bucket: "shared.D1".into(),
+                    op_id: "a".into(),
+                    versions: vec![2, 4],
+                },
+                Violation::AckedWriteMissing {
+                    device: "D1".into(),
+                    bucket: "shared.D1".into(),
+                    op_id: "b".into(),
+                    version: 3,
+                },
+            ]
+        );
+        // A history truncated past an op's version vouches for nothing about it.
+        let (v, audit) = d.audit_history("shared.D1", 4, &[change(4, Some("c"))]);
+        assert!(v.is_empty(), "{v:?}");
+        assert_eq!(audit.ops_checked, 1);
+        // An unacknowledged write (d) may be applied once, never twice.
+        let (v, _) = d.audit_history(
+            "shared.D1",
+            1,
+            &[change(7, Some("d")), change(8, Some("d"))],
+        );
+        assert!(
+            v.iter()
+                .any(|x| matches!(x, Violation::DoubleApplication { op_id, .. } if op_id == "d")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! `poll_request` asks for (each request its own task, so a held subscribe and a PUT run
 //! side by side as on the firmware), feeds the answers back, makes local changes at
 //! `update_rate`, and — when configured — sleeps (link down, changes made offline, back
-//! with its versions) and loses connections at random (flaky link).
+//! with its versions), loses connections at random (flaky link), and loses PUT answers
+//! after the server acted (`drop_answers`): every writer then retries with the same op id,
+//! and the audit reads each bucket's history to check that no write was applied twice.
 //!
 //! Writers that are *other* clients of a device's buckets make the delivery check
 //! possible ([`crate::checker`]): a **companion** (a second client of the device, on its
@@ -46,14 +48,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde_json::json;
-use tether_proto::api::{BucketList, UpdateRequest, UpdateResponse};
+use tether_proto::api::{BucketList, HistoryResponse, UpdateRequest, UpdateResponse};
 use tether_proto::client::{ClientConfig, DeviceClient, Event, Request, Response};
 use tether_proto::credentials::{basic_header, default_credentials, Credentials};
 use tether_proto::{Fields, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::checker::{DeviceTrack, Violation};
+use crate::checker::{DeviceTrack, OpAudit, Violation};
 use crate::report::{latency_histogram, LatencySummary, Report};
 use crate::wire::{self, request_kind, Failure, WireOpts};
 
@@ -91,6 +93,11 @@ pub struct SimConfig {
     pub sleep_for: Duration,
     /// Connection drops per device per minute (flaky link); 0 disables.
     pub flaky_per_min: f64,
+    /// Fraction of PUT answers lost after the server acted (received, then dropped); the
+    /// writer retries with the same op id. 0 disables.
+    pub drop_answers: f64,
+    /// The devices' `max_answer_bytes` (subscribe `max_bytes`); 0: no limit.
+    pub max_answer_bytes: u64,
     /// Length of the load phase.
     pub duration: Duration,
     /// Ends the load phase early after this many acknowledged updates.
@@ -149,6 +156,8 @@ impl SimConfig {
             sleep_every: None,
             sleep_for: Duration::from_secs(2),
             flaky_per_min: 0.0,
+            drop_answers: 0.0,
+            max_answer_bytes: 0,
             duration: Duration::from_secs(10),
             max_updates: None,
             ramp: Duration::from_secs(1),
@@ -194,6 +203,8 @@ struct Stats {
     catch_up: AtomicU64,
     sleeps: AtomicU64,
     drops: AtomicU64,
+    answers_dropped: AtomicU64,
+    op_audit: Mutex<OpAudit>,
     latency: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
@@ -223,6 +234,8 @@ struct Ctx {
     violations: Mutex<Vec<Violation>>,
     pb: ProgressBar,
     apps: Vec<mpsc::UnboundedSender<(usize, String)>>,
+    /// Makes the writers' op ids unique to this run.
+    run_nonce: u64,
 }
 
 /// Locks a mutex, ignoring poisoning (a panicked task must not hide the report).
@@ -414,6 +427,8 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
             catch_up: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
             drops: AtomicU64::new(0),
+            answers_dropped: AtomicU64::new(0),
+            op_audit: Mutex::new(OpAudit::default()),
             latency: Mutex::new(latency_histogram()),
             errors: Mutex::new(BTreeMap::new()),
         },
@@ -421,6 +436,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         violations: Mutex::new(Vec::new()),
         pb,
         apps,
+        run_nonce: rand::random(),
         cfg,
     });
 
@@ -543,6 +559,16 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
     ctx.pb.finish_and_clear();
 
     let s = &ctx.stats;
+    let (retried_writes, replayed_answers) = ctx
+        .devices
+        .iter()
+        .map(|d| lock(&d.track).retry_counts())
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    let violations = lock(&ctx.violations).clone();
+    let double_applications = violations
+        .iter()
+        .filter(|v| matches!(v, Violation::DoubleApplication { .. }))
+        .count() as u64;
     let device_updates = s.device_updates.load(Ordering::Relaxed);
     let writer_updates = s.writer_updates.load(Ordering::Relaxed);
     let report = Report {
@@ -560,9 +586,14 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         catch_up_deliveries: s.catch_up.load(Ordering::Relaxed),
         sleeps: s.sleeps.load(Ordering::Relaxed),
         dropped_connections: s.drops.load(Ordering::Relaxed),
+        answers_dropped: s.answers_dropped.load(Ordering::Relaxed),
+        retried_writes,
+        replayed_answers,
+        op_audit: audited.map(|_| *lock(&s.op_audit)),
+        double_applications,
         errors: lock(&s.errors).clone(),
         audited,
-        violations: lock(&ctx.violations).clone(),
+        violations,
     };
     Ok(report)
 }
@@ -620,19 +651,26 @@ async fn audit_device(ctx: Arc<Ctx>, i: usize) -> bool {
         let wait = match r {
             Ok(r) if r.status().is_success() => match r.json::<BucketList>().await {
                 Ok(list) => {
-                    let track = lock(&dev.track);
-                    let mut found = Vec::new();
-                    for b in &buckets {
-                        let value = list
-                            .buckets
-                            .iter()
-                            .find(|d| &d.id == b)
-                            .and_then(|d| d.value.as_ref());
-                        found.extend(track.audit(b, value));
-                    }
-                    drop(track);
+                    let found = {
+                        let track = lock(&dev.track);
+                        let mut found = Vec::new();
+                        for b in &buckets {
+                            let value = list
+                                .buckets
+                                .iter()
+                                .find(|d| &d.id == b)
+                                .and_then(|d| d.value.as_ref());
+                            found.extend(track.audit(b, value));
+                        }
+                        found
+                    };
                     for v in found {
                         ctx.violation(v);
+                    }
+                    for b in &buckets {
+                        if !audit_history(&ctx, i, &http, &base, &creds, b).await {
+                            return false;
+                        }
                     }
                     return true;
                 }
@@ -663,6 +701,71 @@ async fn audit_device(ctx: Arc<Ctx>, i: usize) -> bool {
         tokio::time::sleep(wait).await;
     }
     false
+}
+
+/// Reads the whole history of `bucket` (device `i`'s credentials) and checks every op id
+/// sent to it: none applied twice, every acknowledged one there. Whether it could be read.
+async fn audit_history(
+    ctx: &Ctx,
+    i: usize,
+    http: &reqwest::Client,
+    base: &str,
+    creds: &Credentials,
+    bucket: &str,
+) -> bool {
+    let mut changes = Vec::new();
+    let mut since = 0u64;
+    let mut oldest = None;
+    let mut attempts = 0u32;
+    loop {
+        let url = format!(
+            "{}/v1/buckets/{bucket}/history?since_version={since}&limit=1000",
+            base.trim_end_matches('/')
+        );
+        let r = http
+            .get(&url)
+            .header(AUTHORIZATION, basic_header(creds))
+            .timeout(ctx.cfg.request_timeout)
+            .send()
+            .await;
+        let page = match r {
+            Ok(r) if r.status().is_success() => r.json::<HistoryResponse>().await.ok(),
+            Ok(r) => {
+                ctx.error(format!("audit history {}", r.status().as_u16()));
+                None
+            }
+            Err(_) => {
+                ctx.error("audit history transport");
+                None
+            }
+        };
+        let Some(page) = page else {
+            attempts += 1;
+            if attempts >= AUDIT_ATTEMPTS {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200 << attempts.min(3))).await;
+            continue;
+        };
+        oldest.get_or_insert(page.oldest_version);
+        changes.extend(page.changes);
+        match page.next_since_version {
+            Some(next) if next > since => since = next,
+            _ => break,
+        }
+    }
+    let (found, audit) =
+        lock(&ctx.devices[i].track).audit_history(bucket, oldest.unwrap_or(1), &changes);
+    {
+        let mut total = lock(&ctx.stats.op_audit);
+        total.ops_in_history += audit.ops_in_history;
+        total.ops_checked += audit.ops_checked;
+        total.retried_checked += audit.retried_checked;
+    }
+    for v in found {
+        ctx.violation(v);
+    }
+    true
 }
 
 /// Reports every acknowledged write that is overdue.
@@ -734,6 +837,10 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
         jitter_seed: seed,
         default_credentials: default,
         auth_backoff_max_ms: 10_000,
+        // Unique per run (and per reboot of a real device), never derived from the seed:
+        // two runs against the same node must not share op ids.
+        op_id_nonce: rand::random(),
+        max_answer_bytes: cfg.max_answer_bytes,
     });
     let http = ctx.http_of(i);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -752,6 +859,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let mut own_in_flight: Option<u64> = None;
     let mut registered_once = false;
     let mut regressions_seen: HashSet<(String, u64, u64)> = HashSet::new();
+    let mut late_seen = 0u64;
     // The versions the device held when each request in flight was sent, and those of the
     // request answered last: an answer older than what the device held *before it asked*
     // is a regression; one older than a version learnt meanwhile (its own PUT answered
@@ -760,6 +868,10 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
     let mut answered_held: HashMap<String, u64> = HashMap::new();
     let mut requests: JoinSet<(u64, Response)> = JoinSet::new();
     let mut in_flight: HashMap<u64, AbortHandle> = HashMap::new();
+    // What each request in flight was, and what the last answer fed to the client answered
+    // (to say which exchange a regression came with).
+    let mut kinds: HashMap<u64, &'static str> = HashMap::new();
+    let mut last_answered = "";
     let (cred_tx, mut cred_rx) = mpsc::unbounded_channel::<Credentials>();
 
     loop {
@@ -793,14 +905,20 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                 {
                     ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
                 }
+                let mut lose_answer = false;
                 if let Request::Put { id, body } = &out.request {
                     if *id == device_bucket {
                         own_in_flight = body.value.get(DEVICE_FIELD).and_then(Value::as_u64);
                     }
+                    if let Some(op) = &body.op_id {
+                        lock(&dev.track).sent_op(id, op);
+                    }
+                    lose_answer = cfg.drop_answers > 0.0 && rng.random::<f64>() < cfg.drop_answers;
                 }
                 let base = client.base_url().to_string();
                 let (http, tx, opts, ctx2) = (http.clone(), cred_tx.clone(), ctx.wire, ctx.clone());
                 let token = out.token;
+                kinds.insert(token, request_kind(&out.request));
                 held_at_send.insert(
                     token,
                     client
@@ -816,11 +934,23 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                     if let Some(f) = failure {
                         ctx2.failure(request_kind(&out.request), &f);
                     }
+                    // The flaky link of `drop_answers`: the server acted, the answer is lost.
+                    if lose_answer && matches!(resp, Response::Updated { .. }) {
+                        ctx2.stats.answers_dropped.fetch_add(1, Ordering::Relaxed);
+                        return (token, Response::Transport);
+                    }
                     (token, resp)
                 });
                 in_flight.insert(token, handle);
             }
         }
+        let late = client.late_answers();
+        for _ in late_seen..late {
+            ctx.error(
+                "answers older than held, overtaken by the device's own PUT answer (reordered connections)",
+            );
+        }
+        late_seen = late;
         while let Some(ev) = client.poll_event() {
             match ev {
                 Event::Registered => {
@@ -846,6 +976,10 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                             "answers older than held, to requests sent before that version was held (reordered connections)",
                         );
                     } else if regressions_seen.insert((id.clone(), held, received)) {
+                        ctx.say(&format!(
+                            "  device {} was sent {id} v{received} (holding v{held}) in the answer to a {last_answered}",
+                            dev.serial
+                        ));
                         ctx.violation(Violation::VersionRegression {
                             device: dev.serial.clone(),
                             bucket: id,
@@ -854,7 +988,16 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         });
                     }
                 }
-                Event::ChangeAcked { id, outcome } => {
+                Event::ChangeAcked {
+                    id,
+                    outcome,
+                    op_id,
+                    version,
+                    replayed,
+                } => {
+                    if let Some(op) = &op_id {
+                        lock(&dev.track).acked_op(op, outcome, version, replayed);
+                    }
                     ctx.stats.device_updates.fetch_add(1, Ordering::Relaxed);
                     if outcome == tether_proto::api::UpdateOutcome::Refused {
                         ctx.error("put refused");
@@ -903,6 +1046,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
             Some(done) = requests.join_next(), if !requests.is_empty() => {
                 if let Ok((token, resp)) = done {
                     in_flight.remove(&token);
+                    last_answered = kinds.remove(&token).unwrap_or("dropped request");
                     answered_held = held_at_send.remove(&token).unwrap_or_default();
                     client.handle_response(ctx.now_ms(), token, resp);
                 }
@@ -923,6 +1067,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         asleep = true;
                         requests.abort_all();
                         in_flight.clear();
+                        kinds.clear();
                         held_at_send.clear();
                         client.link_down(ctx.now_ms());
                         lock(&dev.track).sleep();
@@ -935,6 +1080,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         let now_ms = ctx.now_ms();
                         for (token, h) in in_flight.drain() {
                             h.abort();
+                            kinds.remove(&token);
                             held_at_send.remove(&token);
                             ctx.stats.drops.fetch_add(1, Ordering::Relaxed);
                             client.handle_response(now_ms, token, Response::Transport);
@@ -977,6 +1123,7 @@ async fn run_writer(
     if phase_rx.wait_for(|p| *p >= Phase::Load).await.is_err() {
         return;
     }
+    let nonce = ctx.run_nonce;
     loop {
         // Wait for the next write (and for the device to be connected), or the load's end.
         let pause = exp_sample(&mut rng, mean);
@@ -1007,12 +1154,19 @@ async fn run_writer(
             };
             let mut value = Fields::new();
             value.insert(field.clone(), Value::from(seq));
+            // One op id per write, the same on every attempt (the body too: the base
+            // version only moves once a write is acknowledged).
+            let op_id = format!("{session}-{nonce:x}-{seq}");
             let body = UpdateRequest {
                 value,
                 base_version,
                 occ: false,
                 session: Some(session.clone()),
+                op_id: Some(op_id.clone()),
             };
+            lock(&dev.track).sent_op(&bucket, &op_id);
+            let lose_answer =
+                ctx.cfg.drop_answers > 0.0 && rng.random::<f64>() < ctx.cfg.drop_answers;
             let req = http
                 .put(format!(
                     "{}/v1/buckets/{bucket}",
@@ -1025,9 +1179,20 @@ async fn run_writer(
             let sent = req.send().await;
             let wait = match sent {
                 Ok(r) if r.status().as_u16() == 200 => match r.json::<UpdateResponse>().await {
+                    Ok(_) if lose_answer => {
+                        // The server acted; the flaky link lost its answer: retry, same op id.
+                        ctx.stats.answers_dropped.fetch_add(1, Ordering::Relaxed);
+                        ctx.error(format!("{what} answer dropped on purpose"));
+                        attempt = attempt.saturating_sub(1);
+                        Duration::from_millis(50)
+                    }
                     Ok(u) => {
                         base_version = u.version;
-                        lock(&dev.track).acked(&bucket, &field, seq, Instant::now());
+                        {
+                            let mut track = lock(&dev.track);
+                            track.acked_op(&op_id, u.outcome, u.version, u.replayed);
+                            track.acked(&bucket, &field, seq, Instant::now());
+                        }
                         ctx.stats.writer_updates.fetch_add(1, Ordering::Relaxed);
                         break;
                     }

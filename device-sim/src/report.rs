@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::checker::Violation;
+use crate::checker::{OpAudit, Violation};
 
 /// Percentiles of a latency histogram recorded in microseconds, reported in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -81,6 +81,17 @@ pub struct Report {
     pub sleeps: u64,
     /// Connections dropped on purpose (flaky links).
     pub dropped_connections: u64,
+    /// PUT answers received and then dropped on purpose (the server had acted; the
+    /// writer retried with the same op id).
+    pub answers_dropped: u64,
+    /// Writes sent more than once (same op id) because an answer was lost.
+    pub retried_writes: u64,
+    /// Answers the server gave from its memory of an earlier attempt (`replayed`).
+    pub replayed_answers: u64,
+    /// The op-id audit of the histories (with `audit`): how many writes it vouched for.
+    pub op_audit: Option<OpAudit>,
+    /// Writes applied more than once (op ids in more than one change): must be 0.
+    pub double_applications: u64,
     /// Errors by kind (`<request> <status>`, `<request> transport`, …).
     pub errors: BTreeMap<String, u64>,
     /// Devices whose final state the audit read and checked (`None`: no audit asked for;
@@ -122,8 +133,13 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "sleep cycles: {}, connections dropped on purpose: {}",
-            self.sleeps, self.dropped_connections
+            "sleep cycles: {}, connections dropped on purpose: {}, PUT answers dropped after the server acted: {}",
+            self.sleeps, self.dropped_connections, self.answers_dropped
+        );
+        let _ = writeln!(
+            s,
+            "retries: {} writes resent with their op id, {} answered as replays",
+            self.retried_writes, self.replayed_answers
         );
         if self.errors.is_empty() {
             let _ = writeln!(s, "errors: none");
@@ -136,9 +152,16 @@ impl Report {
         if let Some(n) = self.audited {
             let _ = writeln!(s, "final-state audit: {n} of {} devices read", self.devices);
         }
+        if let Some(a) = &self.op_audit {
+            let _ = writeln!(
+                s,
+                "history audit: {} op ids in the histories, {} acknowledged writes checked ({} of them retried): {} double applications",
+                a.ops_in_history, a.ops_checked, a.retried_checked, self.double_applications
+            );
+        }
         if self.violations.is_empty() {
             let audit = if self.audited.is_some() {
-                ", every acknowledged write in the final state"
+                ", every acknowledged write in the final state, no write applied twice"
             } else {
                 ""
             };

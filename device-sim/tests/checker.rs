@@ -12,8 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::{json, Value};
-use tether_proto::api::{RegisterRequest, SubscribeRequest, UpdateRequest};
+use tether_proto::api::{
+    ChangeDoc, HistoryResponse, RegisterRequest, SubscribeRequest, UpdateRequest,
+};
 use tether_proto::credentials::{assigned_secret, SET_CREDENTIALS_HEADER};
+use tether_proto::synclog::ChangeKind;
 use tether_proto::Fields;
 use tether_sim::checker::Violation;
 use tether_sim::fleet::{self, SimConfig};
@@ -41,6 +44,10 @@ struct Fake {
     mode: Misbehaviour,
     base: OnceLock<String>,
     buckets: Mutex<HashMap<String, (u64, Fields)>>,
+    /// Every write's change, per bucket: an honest history (also for `ForgetsWrites`,
+    /// whose fault is in its reads), so the audit's op-id check passes and only the lost
+    /// fields are reported.
+    history: Mutex<HashMap<String, Vec<ChangeDoc>>>,
     /// Bumped on every write, waking held subscribes.
     changes: watch::Sender<u64>,
 }
@@ -172,13 +179,57 @@ async fn put(
             .json(json!({"error": "not_found", "message": "no such bucket"}));
     };
     *version += 1;
-    fields.extend(body.into_inner().value);
+    let body = body.into_inner();
+    fields.extend(body.value.clone());
     let version = *version;
     drop(b);
+    let timestamp = now_ms();
+    fake.history
+        .lock()
+        .expect("lock")
+        .entry(id.to_string())
+        .or_default()
+        .push(ChangeDoc {
+            version,
+            timestamp,
+            outcome: ChangeKind::Applied,
+            by: "device".into(),
+            session: body.session,
+            op_id: body.op_id,
+            fields: body.value,
+        });
     fake.changes.send_modify(|n| *n += 1);
     HttpResponse::Ok().json(json!({
-        "outcome": "applied", "id": id.as_str(), "timestamp": now_ms(), "version": version,
+        "outcome": "applied", "id": id.as_str(), "timestamp": timestamp, "version": version,
     }))
+}
+
+/// `GET /v1/buckets/{id}/history`: every change after `since_version`, in one page.
+async fn history(fake: web::Data<Fake>, id: web::Path<String>, req: HttpRequest) -> HttpResponse {
+    let since: u64 = req
+        .query_string()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("since_version="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if !fake.buckets.lock().expect("lock").contains_key(id.as_str()) {
+        return HttpResponse::NotFound()
+            .json(json!({"error": "not_found", "message": "no such bucket"}));
+    }
+    let changes: Vec<ChangeDoc> = fake
+        .history
+        .lock()
+        .expect("lock")
+        .get(id.as_str())
+        .map(|h| h.iter().filter(|c| c.version > since).cloned().collect())
+        .unwrap_or_default();
+    HttpResponse::Ok().json(HistoryResponse {
+        id: id.to_string(),
+        oldest_version: FIRST_VERSION + 1,
+        truncated: false,
+        next_since_version: None,
+        changes,
+    })
 }
 
 /// Starts a fake server on its own thread (an actix system of its own); its base URL.
@@ -191,6 +242,7 @@ fn start_fake(mode: Misbehaviour) -> String {
                 mode,
                 base: OnceLock::new(),
                 buckets: Mutex::new(HashMap::new()),
+                history: Mutex::new(HashMap::new()),
                 changes: watch::channel(0).0,
             });
             let data = fake.clone();
@@ -201,6 +253,7 @@ fn start_fake(mode: Misbehaviour) -> String {
                     .route("/v1/buckets", web::get().to(fetch))
                     .route("/v1/subscribe", web::post().to(subscribe))
                     .route("/v1/buckets/{id}", web::put().to(put))
+                    .route("/v1/buckets/{id}/history", web::get().to(history))
             })
             .workers(1)
             .bind(("127.0.0.1", 0))

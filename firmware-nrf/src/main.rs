@@ -332,10 +332,12 @@ async fn main(spawner: Spawner) {
     spawner.spawn(usb_ncm_task(runner).expect("ncm task"));
 
     let mut rng = Rng::new(p.RNG, Irqs);
-    let mut seed = [0u8; 16];
+    let mut seed = [0u8; 24];
     rng.blocking_fill_bytes(&mut seed);
     let net_seed = u64::from_le_bytes(seed[..8].try_into().unwrap_or_default());
-    let jitter_seed = u64::from_le_bytes(seed[8..].try_into().unwrap_or_default());
+    let jitter_seed = u64::from_le_bytes(seed[8..16].try_into().unwrap_or_default());
+    // Op ids must never repeat across boots: a fresh random nonce each time.
+    let op_id_nonce = u64::from_le_bytes(seed[16..].try_into().unwrap_or_default());
 
     // DHCP for address, gateway and DNS; DNS, TCP and the DHCP socket.
     static RESOURCES: StaticCell<StackResources<3>> = StaticCell::new();
@@ -363,6 +365,7 @@ async fn main(spawner: Spawner) {
         backoff_max_ms: config::BACKOFF_MAX_MS,
         auth_backoff_max_ms: config::AUTH_BACKOFF_MAX_MS,
         jitter_seed,
+        op_id_nonce,
     });
     restore(&mut app, &mut store).await;
 
@@ -644,11 +647,19 @@ fn log_events(events: Vec<Event>) {
                 )
             }
             Event::BucketChanged { id, version } => info!("{=str} now v{}", id.as_str(), version),
-            Event::ChangeAcked { id, outcome } => {
+            Event::ChangeAcked {
+                id,
+                outcome,
+                version,
+                replayed,
+                ..
+            } => {
                 info!(
-                    "change to {=str}: {=str}",
+                    "change to {=str}: {=str} v{}{=str}",
                     id.as_str(),
-                    outcome_name(outcome)
+                    outcome_name(outcome),
+                    version,
+                    if replayed { " (replayed)" } else { "" }
                 )
             }
             Event::ChangeRejected { id, status } => {

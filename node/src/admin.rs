@@ -1,5 +1,5 @@
 //! `tether admin`: manufacturing keys, default credentials, users, development certificates,
-//! the cluster CA and node certificates.
+//! bucket history, the cluster CA and node certificates.
 
 use std::io::Write;
 use std::path::Path;
@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
+use tether_proto::api::{ChangeDoc, HistoryResponse};
 use tether_proto::credentials::{default_secret, secret_hash, user_secret, CredentialId};
-use tether_proto::SetKey;
+use tether_proto::{BucketId, SetKey};
 
 use crate::config::{read_mfg_key, AdminCommand, MfgKeyCommand, UserCommand};
 use crate::error::{NodeError, Result};
@@ -74,29 +75,42 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
                 secret_hash: secret_hash(&secret),
                 created_ms,
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| NodeError::Internal(e.to_string()))?;
-            let created = rt.block_on(async {
-                #[cfg(feature = "fdb")]
-                let _fdb_network = matches!(store, crate::config::StoreUrl::Fdb(_))
-                    .then(crate::store::fdb::Network::boot);
-                let store: Arc<dyn Store> = crate::store::open(&store, Metrics::new(), 1)
-                    .await
-                    .map_err(|e| {
-                        NodeError::Config(format!(
-                            "opening the store: {e} (with the embedded store, stop the node first: it is single-process)"
-                        ))
-                    })?;
-                let created = store.create_user(record).await?;
-                store.close().await?;
-                Ok::<_, NodeError>(created)
+            let created = with_store(&store, |store| {
+                Box::pin(async move { Ok(store.create_user(record).await?) })
             })?;
             if !created {
                 return Err(NodeError::Config(format!("user {user_id} already exists")));
             }
             println!("u.{user_id} {secret}");
+        }
+        AdminCommand::History {
+            bucket,
+            since_version,
+            limit,
+            json,
+            data_dir,
+            store,
+        } => {
+            let store = match store {
+                Some(url) => crate::config::StoreUrl::parse(&url)?,
+                None => crate::config::StoreUrl::Redb(data_dir.clone()),
+            };
+            let id = BucketId::parse(&bucket)
+                .map_err(|e| NodeError::Config(format!("bucket id {bucket:?}: {e}")))?;
+            let history = with_store(&store, |store| {
+                Box::pin(
+                    async move { read_history(store.as_ref(), &id, since_version, limit).await },
+                )
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&history)
+                        .map_err(|e| NodeError::Internal(e.to_string()))?
+                );
+            } else {
+                print!("{}", history_table(&history));
+            }
         }
         AdminCommand::ClusterCa { cert, key } => {
             crate::security::cluster_tls::write_ca(&cert, &key)?;
@@ -121,4 +135,145 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens the store `url` names on a runtime of its own, runs `f` with it, closes it.
+fn with_store<T>(
+    url: &crate::config::StoreUrl,
+    f: impl FnOnce(Arc<dyn Store>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>>>>,
+) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::Internal(e.to_string()))?;
+    rt.block_on(async {
+        #[cfg(feature = "fdb")]
+        let _fdb_network =
+            matches!(url, crate::config::StoreUrl::Fdb(_)).then(crate::store::fdb::Network::boot);
+        let store: Arc<dyn Store> = crate::store::open(url, Metrics::new(), 1)
+            .await
+            .map_err(|e| {
+                NodeError::Config(format!(
+                    "opening the store: {e} (with the embedded store, stop the node first: it is single-process)"
+                ))
+            })?;
+        let out = f(store.clone()).await;
+        store.close().await?;
+        out
+    })
+}
+
+/// Up to `limit` changes of `id` after `since`, read page by page, as API.md's answer.
+async fn read_history(
+    store: &dyn Store,
+    id: &BucketId,
+    since: u64,
+    limit: usize,
+) -> Result<HistoryResponse> {
+    const PAGE: usize = 1_000;
+    let mut changes: Vec<ChangeDoc> = Vec::new();
+    let mut after = since;
+    let (version, oldest, more) = loop {
+        let want = (limit - changes.len()).min(PAGE);
+        let page = store
+            .history(id, after, want.max(1))
+            .await?
+            .ok_or_else(|| NodeError::Config(format!("no bucket {id}")))?;
+        let got = page.changes.len();
+        if let Some(last) = page.changes.last() {
+            after = last.version;
+        }
+        changes.extend(page.changes.into_iter().map(ChangeDoc::from));
+        if !page.more || changes.len() >= limit || got == 0 {
+            break (page.version, page.oldest, page.more);
+        }
+    };
+    let oldest = oldest.unwrap_or(version.saturating_add(1));
+    Ok(HistoryResponse {
+        id: id.to_string(),
+        oldest_version: oldest,
+        truncated: since < version && oldest > since.saturating_add(1),
+        next_since_version: more.then_some(after),
+        changes,
+    })
+}
+
+/// The history as a table for an operator: one change per line, oldest first.
+fn history_table(h: &HistoryResponse) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: {} change(s) shown; oldest kept version {}{}",
+        h.id,
+        h.changes.len(),
+        h.oldest_version,
+        if h.truncated {
+            " (older changes were dropped by retention)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:>8}  {:<24}  {:<8}  {:<24}  {:<16}  {:<24}  FIELDS",
+        "VERSION", "TIME (UTC)", "OUTCOME", "BY", "SESSION", "OP_ID"
+    );
+    for c in &h.changes {
+        let outcome = serde_json::to_value(c.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<24}  {:<8}  {:<24}  {:<16}  {:<24}  {}",
+            c.version,
+            utc(c.timestamp),
+            outcome,
+            c.by,
+            c.session.as_deref().unwrap_or("-"),
+            c.op_id.as_deref().unwrap_or("-"),
+            serde_json::Value::Object(c.fields.clone())
+        );
+    }
+    if let Some(next) = h.next_since_version {
+        let _ = writeln!(out, "more changes follow: --since-version {next}");
+    }
+    out
+}
+
+/// `ms` since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (proleptic Gregorian, UTC).
+fn utc(ms: u64) -> String {
+    let days = (ms / 86_400_000) as i64;
+    let rem = ms % 86_400_000;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1_000 % 60,
+        rem % 1_000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn timestamps_print_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(1_763_884_800_123), "2025-11-23T08:00:00.123Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
 }

@@ -74,6 +74,28 @@ pub enum AdminCommand {
     /// User accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Print a bucket's history (its sync log): who changed which fields, when, with
+    /// which op id — the audit trail.
+    History {
+        /// The bucket id, e.g. `device.01AA02AB`.
+        bucket: String,
+        /// Only changes after this version.
+        #[arg(long, default_value_t = 0)]
+        since_version: u64,
+        /// At most this many changes.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object (API.md's history answer) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The node's data directory (the node must be stopped: redb is single-process).
+        #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
+        data_dir: PathBuf,
+        /// The store, as for `tether serve --store` (a cluster's shared PostgreSQL, which
+        /// the nodes may keep using) [default: redb:<data-dir>].
+        #[arg(long, env = "TETHER_STORE")]
+        store: Option<String>,
+    },
     /// Create a cluster CA (certificate and key, PEM) for mTLS between nodes.
     ClusterCa {
         /// CA certificate output path (every node's --cluster-tls-ca).
@@ -248,6 +270,19 @@ pub struct ServeArgs {
     /// How long a device's pairing code can be redeemed [default: 600].
     #[arg(long, env = "TETHER_PAIRING_CODE_TTL_S")]
     pub pairing_code_ttl_s: Option<u64>,
+    /// Changes kept in each bucket's history (at least) [default: 100].
+    #[arg(long, env = "TETHER_HISTORY_PER_BUCKET")]
+    pub history_per_bucket: Option<u64>,
+    /// Op ids of at least this many writes per bucket set are remembered [default: 1000] …
+    #[arg(long, env = "TETHER_OP_IDS_PER_SET")]
+    pub op_ids_per_set: Option<u64>,
+    /// … and of every write younger than this many seconds [default: 86400].
+    #[arg(long, env = "TETHER_OP_ID_RETENTION_S")]
+    pub op_id_retention_s: Option<u64>,
+    /// Fault injection for tests: a PUT whose op id starts with this is committed and then
+    /// never answered. Never set it in production.
+    #[arg(long, hide = true)]
+    pub fault_stall_op_prefix: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TETHER_LOG_JSON")]
     pub log_json: bool,
@@ -457,6 +492,9 @@ pub struct FileConfig {
     register_per_hour: Option<u32>,
     requests_per_second: Option<u32>,
     pairing_code_ttl_s: Option<u64>,
+    history_per_bucket: Option<u64>,
+    op_ids_per_set: Option<u64>,
+    op_id_retention_s: Option<u64>,
     grpc_listen: Option<SocketAddr>,
     grpc_advertise: Option<String>,
     join: Option<String>,
@@ -534,6 +572,14 @@ pub struct Config {
     pub credentials: CredentialConfig,
     /// Pairing code lifetime in seconds.
     pub pairing_code_ttl_s: u64,
+    /// Changes kept per bucket (at least).
+    pub history_per_bucket: u64,
+    /// Op ids remembered per set: at least this many …
+    pub op_ids_per_set: u64,
+    /// … and every one younger than this.
+    pub op_id_retention: Duration,
+    /// Fault injection (tests): answers of op ids with this prefix are never sent.
+    pub fault_stall_op_prefix: Option<String>,
     /// Registration rules.
     pub registration: RegistrationConfig,
     /// Cluster mode (gossip, placement, forwarding); `None`: one node owns every set.
@@ -887,6 +933,17 @@ impl Config {
                 .pairing_code_ttl_s
                 .or(file.pairing_code_ttl_s)
                 .unwrap_or(600),
+            history_per_bucket: args
+                .history_per_bucket
+                .or(file.history_per_bucket)
+                .unwrap_or(100),
+            op_ids_per_set: args.op_ids_per_set.or(file.op_ids_per_set).unwrap_or(1_000),
+            op_id_retention: Duration::from_secs(
+                args.op_id_retention_s
+                    .or(file.op_id_retention_s)
+                    .unwrap_or(24 * 3600),
+            ),
+            fault_stall_op_prefix: args.fault_stall_op_prefix.filter(|p| !p.is_empty()),
             tls_reload_interval: match args
                 .tls_reload_interval_s
                 .or(file.tls_reload_interval_s)
@@ -964,6 +1021,11 @@ impl Config {
                 "cluster mode needs a store every node shares: pass --store postgres://… (or \
                  fdb:CLUSTER_FILE); the embedded redb store belongs to one node"
                     .into(),
+            ));
+        }
+        if self.history_per_bucket == 0 {
+            return Err(NodeError::Config(
+                "history_per_bucket must be at least 1 (diffs and retries need the log)".into(),
             ));
         }
         if self.max_bucket_bytes == 0 {

@@ -40,6 +40,9 @@ pub enum NodeError {
     /// A body in a content type the API does not speak.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// An `op_id` the set remembers for another write (another body, bucket or principal).
+    #[error("{0}")]
+    OpIdReused(String),
     /// A write names fields outside its bucket's template (the device type's).
     #[error("{0}")]
     UnknownField(String),
@@ -59,6 +62,11 @@ pub enum NodeError {
     /// caller routes the request again. Reaches a client only as a 503.
     #[error("{0}")]
     NotOwner(String),
+    /// A forwarded write whose fate is unknown: sent to its owner, no answer (the owner
+    /// died or the call broke). Routed again only when it carries an op id (the owner
+    /// answers a retry from memory); otherwise it reaches the client as a 503.
+    #[error("{0}")]
+    FateUnknown(String),
     /// Configuration or start-up problem (never an HTTP answer).
     #[error("{0}")]
     Config(String),
@@ -85,6 +93,7 @@ impl NodeError {
             NodeError::UnsupportedMediaType(_) => {
                 ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
             }
+            NodeError::OpIdReused(_) => ("op_id_reused", StatusCode::UNPROCESSABLE_ENTITY),
             NodeError::UnknownField(_) => ("unknown_field", StatusCode::UNPROCESSABLE_ENTITY),
             NodeError::RequestTimeout(_) => ("request_timeout", StatusCode::REQUEST_TIMEOUT),
             NodeError::HeadersTooLarge(_) => (
@@ -93,7 +102,8 @@ impl NodeError {
             ),
             NodeError::Store(StoreError::Fenced { .. })
             | NodeError::Unavailable(_)
-            | NodeError::NotOwner(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
+            | NodeError::NotOwner(_)
+            | NodeError::FateUnknown(_) => ("unavailable", StatusCode::SERVICE_UNAVAILABLE),
             NodeError::Store(_) => ("store_error", StatusCode::SERVICE_UNAVAILABLE),
             NodeError::Config(_) | NodeError::Internal(_) => {
                 ("internal", StatusCode::INTERNAL_SERVER_ERROR)
@@ -129,7 +139,10 @@ impl ResponseError for NodeError {
         }
         if matches!(
             self,
-            NodeError::Unavailable(_) | NodeError::Store(_) | NodeError::NotOwner(_)
+            NodeError::Unavailable(_)
+                | NodeError::Store(_)
+                | NodeError::NotOwner(_)
+                | NodeError::FateUnknown(_)
         ) {
             resp.insert_header(("Retry-After", "1"));
         }
@@ -161,9 +174,12 @@ impl NodeError {
             NodeError::UnsupportedMediaType(_)
             | NodeError::UnknownField(_)
             | NodeError::HeadersTooLarge(_) => Code::InvalidArgument,
+            NodeError::OpIdReused(_) => Code::AlreadyExists,
             NodeError::RequestTimeout(_) => Code::DeadlineExceeded,
             NodeError::NotOwner(_) => Code::FailedPrecondition,
-            NodeError::Store(_) | NodeError::Unavailable(_) => Code::Unavailable,
+            NodeError::Store(_) | NodeError::Unavailable(_) | NodeError::FateUnknown(_) => {
+                Code::Unavailable
+            }
             NodeError::Config(_) | NodeError::Internal(_) => Code::Internal,
         };
         let api_code = match self {
@@ -203,6 +219,7 @@ impl NodeError {
             "not_found" => NodeError::NotFound(msg),
             "too_large" => NodeError::TooLarge(msg),
             "unsupported_media_type" => NodeError::UnsupportedMediaType(msg),
+            "op_id_reused" => NodeError::OpIdReused(msg),
             "unknown_field" => NodeError::UnknownField(msg),
             "request_timeout" => NodeError::RequestTimeout(msg),
             "headers_too_large" => NodeError::HeadersTooLarge(msg),

@@ -58,6 +58,10 @@ pub async fn run(config: Config) -> Result<()> {
         ActorConfig {
             passivate_after: config.passivate_after,
             max_bucket_bytes: config.max_bucket_bytes,
+            history_per_bucket: config.history_per_bucket,
+            op_ids_per_set: config.op_ids_per_set,
+            op_id_retention: config.op_id_retention,
+            fault_stall_op_prefix: config.fault_stall_op_prefix.clone(),
             templates: Arc::new(config.registration.clone()),
             max_ids: config.limits.max_ids_per_request,
             max_answer_bytes: config.limits.max_answer_bytes,
@@ -279,6 +283,9 @@ pub async fn run(config: Config) -> Result<()> {
     println!("listening on {scheme}://{bound}");
     let _ = std::io::stdout().flush();
     tracing::info!(%bound, data_dir = %config.data_dir.display(), node = %config.node_id, "tether serving");
+    if let Some(prefix) = &config.fault_stall_op_prefix {
+        tracing::warn!(%prefix, "FAULT INJECTION: answers of writes whose op id starts with this are never sent");
+    }
 
     let handle = server.handle();
     let serve = tokio::spawn(server);

@@ -770,6 +770,7 @@ async fn protobuf_round_trip() {
         base_version: 1,
         occ: false,
         session: Some("pb-session".into()),
+        op_id: None,
     };
     let r = a.put_pb(&id, up.encode_pb()).await.expect(StatusCode::OK);
     let resp: UpdateResponse = r.pb();
@@ -791,6 +792,7 @@ async fn protobuf_round_trip() {
         base_version: 1,
         occ: false,
         session: None,
+        op_id: None,
     };
     let resp: UpdateResponse = a
         .put_pb(&id, up.encode_pb())
@@ -810,6 +812,7 @@ async fn protobuf_round_trip() {
         base_version: 1,
         occ: true,
         session: None,
+        op_id: None,
     };
     let r = a
         .put_pb(&id, up.encode_pb())
@@ -831,6 +834,7 @@ async fn protobuf_round_trip() {
         base_version: 3,
         occ: false,
         session: None,
+        op_id: None,
     };
     let r = a
         .put_raw(&id, PROTOBUF, up.encode_pb())
@@ -848,6 +852,8 @@ async fn protobuf_round_trip() {
         }],
         session: None,
         timeout_ms: Some(60_000),
+        diffs: false,
+        max_bytes: None,
     };
     let r = send_within(
         NOTIFY_DEADLINE,
@@ -875,6 +881,8 @@ async fn protobuf_round_trip() {
         }],
         session: Some("pb-sub".into()),
         timeout_ms: Some(60_000),
+        diffs: false,
+        max_bytes: None,
     };
     let a2 = a.clone();
     let held = tokio::spawn(async move {

@@ -8,6 +8,7 @@
 //! (The same through HAProxy with a fleet simulator: `chaos-tests/tests/lb_cluster.rs`.)
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -824,4 +825,177 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         failover.as_millis()
     );
     drop(b);
+}
+
+/// Every change of bucket `id` read through `p` (history pages).
+async fn changes_of(p: &Principal, id: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = p
+            .get(&format!(
+                "/v1/buckets/{id}/history?since_version={since}&limit=1000"
+            ))
+            .await
+            .expect_json(StatusCode::OK);
+        out.extend(page["changes"].as_array().expect("changes").iter().cloned());
+        match page["next_since_version"].as_u64() {
+            Some(n) => since = n,
+            None => return out,
+        }
+    }
+}
+
+/// A write through a non-owner whose owner is killed with `kill -9` after committing it
+/// and before answering (fault injection holds the answer): the forwarding node's router
+/// retries it with its op id on the new owner, which answers from the store's record —
+/// the client gets `replayed`, the write is applied exactly once. Then the same across a
+/// graceful handoff (the owner drains with SIGTERM; the retry reaches the new owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_once() {
+    let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
+    let url = pg.url("opretry").expect("database");
+    let start = |id: &'static str, join: Option<u16>, keys: Option<Arc<Keyring>>| {
+        let url = url.clone();
+        async move {
+            let grpc = free_port();
+            let faults = tempfile::tempdir().expect("faults dir");
+            let mut b = Node::builder()
+                .arg("--test-store-faults")
+                .arg(faults.path().display().to_string())
+                .arg("--node-id")
+                .arg(id)
+                .arg("--store")
+                .arg(url)
+                .arg("--grpc-listen")
+                .arg(format!("127.0.0.1:{grpc}"))
+                .arg("--fault-stall-op-prefix")
+                .arg("stall-")
+                .env("TETHER_CLUSTER_SECRET", SECRET);
+            if let Some(seed) = join {
+                b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
+            }
+            if let Some(k) = keys {
+                b = b.keyring(k);
+            }
+            Member {
+                node: b.start().await,
+                id: id.to_string(),
+                grpc,
+                faults,
+            }
+        }
+    };
+    let a = start("op-a", None, None).await;
+    let keys = a.node.keyring();
+    let b = start("op-b", Some(a.grpc), Some(keys.clone())).await;
+    let c = start("op-c", Some(a.grpc), Some(keys)).await;
+    for m in [&a, &b, &c] {
+        m.node.wait_ready(3).await;
+    }
+    let members = vec![a, b, c];
+    let ids = ["op-a", "op-b", "op-c"];
+    // A device whose set the third member owns; requests go through the first.
+    let serial = (0..)
+        .map(|i| format!("OPR{i:03}"))
+        .find(|s| owner(&ids, s) == "op-c")
+        .expect("some serial lands on op-c");
+    let via = members[0].node.device(&serial);
+    via.register_thermostat().await;
+    let id = format!("shared.{serial}");
+    let body = json!({"value": {"target_temperature": 23}, "base_version": 1, "op_id": "stall-7"});
+    let put = {
+        let via = via.clone();
+        let (id, body) = (id.clone(), body.clone());
+        tokio::spawn(async move {
+            let r = via
+                .req(reqwest::Method::PUT, &format!("/v1/buckets/{id}"))
+                .json(&body)
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .expect("the forwarding node answers");
+            Resp::read(r).await
+        })
+    };
+    // Committed on the owner (its change is in the shared store), answer held there.
+    let reader = members[1].node.device(&serial);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !changes_of(&reader, &id)
+        .await
+        .iter()
+        .any(|c| c["op_id"] == "stall-7")
+    {
+        assert!(Instant::now() < deadline, "stall-7 never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !put.is_finished(),
+        "the owner must still be holding the answer"
+    );
+    let mut members = members;
+    let mut owner_member = members.pop().expect("op-c");
+    owner_member.node.kill9().await;
+    let killed = Instant::now();
+    let answer = within(
+        Duration::from_secs(40),
+        "the retried write is answered",
+        put,
+    )
+    .await
+    .expect("task")
+    .expect_json(StatusCode::OK);
+    eprintln!(
+        "op-id retry: owner killed mid-request, answered by the new owner after {} ms: {answer}",
+        killed.elapsed().as_millis()
+    );
+    assert_eq!(answer["replayed"], true, "{answer}");
+    assert_eq!(
+        (&answer["outcome"], u64_of(&answer, "version")),
+        (&json!("applied"), 2)
+    );
+    // Applied exactly once: one change with the op id, the bucket one version on.
+    let changes = changes_of(&reader, &id).await;
+    assert_eq!(
+        changes.iter().filter(|c| c["op_id"] == "stall-7").count(),
+        1,
+        "{changes:?}"
+    );
+    let bucket = reader.bucket(&id).await;
+    assert_eq!(u64_of(&bucket, "version"), 2, "{bucket}");
+    assert_eq!(bucket["value"]["target_temperature"], 23);
+    // The client retrying too (its own timeout) is answered the same way.
+    let again = via.put(&id, &body).await.expect_json(StatusCode::OK);
+    assert_eq!(
+        (&again["replayed"], u64_of(&again, "version")),
+        (&json!(true), 2)
+    );
+    drop(owner_member);
+
+    // Across a handoff: a write acknowledged through op-a by its owner op-b, then op-b
+    // drains (SIGTERM) and its sets move to op-a; the retry is replayed by the new owner.
+    members[0].node.wait_ready(2).await;
+    let serial = (0..)
+        .map(|i| format!("OPH{i:03}"))
+        .find(|s| owner(&["op-a", "op-b"], s) == "op-b")
+        .expect("some serial lands on op-b");
+    let via = members[0].node.device(&serial);
+    via.register_thermostat().await;
+    let id = format!("shared.{serial}");
+    let body = json!({"value": {"mode": "away"}, "base_version": 1, "op_id": "hand-1"});
+    let first = via.put(&id, &body).await.expect_json(StatusCode::OK);
+    assert_eq!(first["outcome"], "applied");
+    let mut b = members.pop().expect("op-b");
+    b.node.sigterm().await;
+    assert!(b.node.wait_exit(Duration::from_secs(30)).await.success());
+    members[0].node.wait_ready(1).await;
+    let retry = via.put(&id, &body).await.expect_json(StatusCode::OK);
+    assert_eq!(retry["replayed"], true, "{retry}");
+    assert_eq!(retry["version"], first["version"]);
+    let changes = changes_of(&via, &id).await;
+    assert_eq!(
+        changes.iter().filter(|c| c["op_id"] == "hand-1").count(),
+        1,
+        "{changes:?}"
+    );
 }

@@ -908,6 +908,7 @@ async fn writes_are_held_to_the_template_and_to_json_numbers() {
             base_version: 2,
             occ: false,
             session: None,
+            op_id: None,
         }
         .to_pb();
         body.value.push(tether_proto::pb::Field {

@@ -11,6 +11,7 @@ use alloc::{format, vec};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use crate::synclog::{Change, ChangeKind};
 use crate::{pb, Bucket, Fields, ProtoError, Value};
 
 /// `POST /v1/register` body.
@@ -67,6 +68,13 @@ pub struct BucketDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
+    /// A diff instead of `value`: the version the client held (subscribe with `diffs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
+    /// With `base_version`: every field changed after it, with its latest value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub changes: Option<Fields>,
 }
 
 /// How much of each bucket a listing carries (`view=` query).
@@ -100,6 +108,20 @@ impl BucketDoc {
             timestamp,
             version,
             value,
+            base_version: None,
+            changes: None,
+        }
+    }
+
+    /// `b` as a diff from `base_version`: `changes` instead of `value`.
+    pub fn diff(b: &Bucket, base_version: u64, changes: Fields) -> Self {
+        BucketDoc {
+            id: b.id.to_string(),
+            timestamp: Some(b.timestamp.millis),
+            version: Some(b.version),
+            value: None,
+            base_version: Some(base_version),
+            changes: Some(changes),
         }
     }
 }
@@ -110,6 +132,10 @@ impl BucketDoc {
 pub struct BucketList {
     /// The buckets.
     pub buckets: Vec<BucketDoc>,
+    /// Stale buckets left out to keep a subscribe answer within `max_bytes`; the client
+    /// subscribes again at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
 }
 
 /// `PUT /v1/buckets/{id}` body.
@@ -128,6 +154,10 @@ pub struct UpdateRequest {
     /// Suppresses the echo of this write to the same session's subscription.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Idempotency key (1–64 chars of `[A-Za-z0-9_-]`), fresh for every distinct write:
+    /// a retry with the same one gets the original answer and changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_id: Option<String>,
 }
 
 /// The `outcome` of a PUT.
@@ -159,6 +189,15 @@ pub struct UpdateResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
+    /// The answer of an earlier write with the same `op_id`: nothing changed now. The
+    /// outcome, timestamp and version are the original write's; `value` (merged,
+    /// refused) is the bucket as it is now.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub replayed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One held bucket version in a subscribe request.
@@ -187,6 +226,65 @@ pub struct SubscribeRequest {
     /// How long to hold the request; server default and maximum apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Answer a stale bucket whose held version is still in its history with the fields
+    /// changed since (`base_version` + `changes`) instead of its whole value.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub diffs: bool,
+    /// Keep the answer body within this many bytes; stale buckets that do not fit are
+    /// named in `pending`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+}
+
+/// One change in `GET /v1/buckets/{id}/history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ChangeDoc {
+    /// The version this write produced.
+    pub version: u64,
+    /// Its timestamp (ms).
+    pub timestamp: u64,
+    /// `created`, `applied`, `merged` or `server`.
+    pub outcome: ChangeKind,
+    /// `device:<serial>`, `user:<id>` or `server`.
+    pub by: String,
+    /// The writer's session, or null.
+    pub session: Option<String>,
+    /// The write's op id, or null.
+    pub op_id: Option<String>,
+    /// The fields this write set.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub fields: Fields,
+}
+
+impl From<Change> for ChangeDoc {
+    fn from(c: Change) -> Self {
+        ChangeDoc {
+            version: c.version,
+            timestamp: c.timestamp,
+            outcome: c.outcome,
+            by: c.by,
+            session: c.session,
+            op_id: c.op_id,
+            fields: c.fields,
+        }
+    }
+}
+
+/// `GET /v1/buckets/{id}/history` answer: changes after `since_version`, ascending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryResponse {
+    /// The bucket.
+    pub id: String,
+    /// The oldest version whose change is still kept.
+    pub oldest_version: u64,
+    /// Changes after `since_version` were already dropped (retention).
+    pub truncated: bool,
+    /// More changes follow: ask again with this `since_version`; null at the end.
+    pub next_since_version: Option<u64>,
+    /// The changes, ascending by version.
+    pub changes: Vec<ChangeDoc>,
 }
 
 /// Every error body: `{"error": "<code>", "message": "<text>"}`.
@@ -368,6 +466,8 @@ impl WireMessage for BucketDoc {
             version: self.version,
             has_value: self.value.is_some(),
             value: self.value.as_ref().map(fields_to_pb).unwrap_or_default(),
+            base_version: self.base_version,
+            changes: self.changes.as_ref().map(fields_to_pb).unwrap_or_default(),
         }
     }
     fn from_pb(p: pb::Bucket) -> Result<Self, ProtoError> {
@@ -380,6 +480,12 @@ impl WireMessage for BucketDoc {
             } else {
                 None
             },
+            // A diff always has its changes (an empty list: nothing but the version moved).
+            changes: match p.base_version {
+                Some(_) => Some(fields_from_pb(p.changes)?),
+                None => None,
+            },
+            base_version: p.base_version,
         })
     }
 }
@@ -389,6 +495,7 @@ impl WireMessage for BucketList {
     fn to_pb(&self) -> pb::BucketList {
         pb::BucketList {
             buckets: self.buckets.iter().map(BucketDoc::to_pb).collect(),
+            pending: self.pending.clone(),
         }
     }
     fn from_pb(p: pb::BucketList) -> Result<Self, ProtoError> {
@@ -398,6 +505,7 @@ impl WireMessage for BucketList {
                 .into_iter()
                 .map(BucketDoc::from_pb)
                 .collect::<Result<_, _>>()?,
+            pending: p.pending,
         })
     }
 }
@@ -410,6 +518,7 @@ impl WireMessage for UpdateRequest {
             base_version: self.base_version,
             occ: self.occ,
             session: self.session.clone(),
+            op_id: self.op_id.clone(),
         }
     }
     fn from_pb(p: pb::UpdateRequest) -> Result<Self, ProtoError> {
@@ -418,6 +527,7 @@ impl WireMessage for UpdateRequest {
             base_version: p.base_version,
             occ: p.occ,
             session: p.session,
+            op_id: p.op_id,
         })
     }
 }
@@ -438,9 +548,12 @@ impl WireMessage for UpdateResponse {
                     timestamp: Some(self.timestamp),
                     version: Some(self.version),
                     value: self.value.clone(),
+                    base_version: None,
+                    changes: None,
                 }
                 .to_pb(),
             ),
+            replayed: self.replayed,
         }
     }
     fn from_pb(p: pb::UpdateResponse) -> Result<Self, ProtoError> {
@@ -457,6 +570,7 @@ impl WireMessage for UpdateResponse {
             timestamp: b.timestamp.ok_or(ProtoError::MissingField("timestamp"))?,
             version: b.version.ok_or(ProtoError::MissingField("version"))?,
             value: b.value,
+            replayed: p.replayed,
         })
     }
 }
@@ -476,6 +590,8 @@ impl WireMessage for SubscribeRequest {
                 .collect(),
             session: self.session.clone(),
             timeout_ms: self.timeout_ms,
+            diffs: self.diffs,
+            max_bytes: self.max_bytes,
         }
     }
     fn from_pb(p: pb::SubscribeRequest) -> Result<Self, ProtoError> {
@@ -491,6 +607,69 @@ impl WireMessage for SubscribeRequest {
                 .collect(),
             session: p.session,
             timeout_ms: p.timeout_ms,
+            diffs: p.diffs,
+            max_bytes: p.max_bytes,
+        })
+    }
+}
+
+impl WireMessage for HistoryResponse {
+    type Pb = pb::History;
+    fn to_pb(&self) -> pb::History {
+        pb::History {
+            id: self.id.clone(),
+            oldest_version: self.oldest_version,
+            truncated: self.truncated,
+            next_since_version: self.next_since_version,
+            changes: self
+                .changes
+                .iter()
+                .map(|c| pb::Change {
+                    version: c.version,
+                    timestamp: c.timestamp,
+                    outcome: match c.outcome {
+                        ChangeKind::Created => pb::ChangeOutcome::Created,
+                        ChangeKind::Applied => pb::ChangeOutcome::Applied,
+                        ChangeKind::Merged => pb::ChangeOutcome::Merged,
+                        ChangeKind::Server => pb::ChangeOutcome::Server,
+                    } as i32,
+                    by: c.by.clone(),
+                    session: c.session.clone(),
+                    op_id: c.op_id.clone(),
+                    fields: fields_to_pb(&c.fields),
+                })
+                .collect(),
+        }
+    }
+    fn from_pb(p: pb::History) -> Result<Self, ProtoError> {
+        let changes = p
+            .changes
+            .into_iter()
+            .map(|c| {
+                let outcome = match pb::ChangeOutcome::try_from(c.outcome) {
+                    Ok(pb::ChangeOutcome::Created) => ChangeKind::Created,
+                    Ok(pb::ChangeOutcome::Applied) => ChangeKind::Applied,
+                    Ok(pb::ChangeOutcome::Merged) => ChangeKind::Merged,
+                    Ok(pb::ChangeOutcome::Server) => ChangeKind::Server,
+                    _ => return Err(ProtoError::MissingField("outcome")),
+                };
+                Ok(ChangeDoc {
+                    version: c.version,
+                    timestamp: c.timestamp,
+                    outcome,
+                    by: c.by,
+                    session: c.session,
+                    op_id: c.op_id,
+                    fields: fields_from_pb(c.fields)?,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(HistoryResponse {
+            id: p.id,
+            oldest_version: p.oldest_version,
+            truncated: p.truncated,
+            next_since_version: p.next_since_version,
+            changes,
         })
     }
 }
@@ -584,33 +763,58 @@ mod tests {
                     timestamp: Some(5),
                     version: Some(2),
                     value: Some(value.clone()),
+                    base_version: None,
+                    changes: None,
                 },
                 BucketDoc {
                     id: "shared.x".into(),
                     timestamp: None,
                     version: None,
                     value: Some(Fields::new()),
+                    base_version: None,
+                    changes: None,
                 },
                 BucketDoc {
                     id: "shared.y".into(),
                     timestamp: None,
                     version: None,
                     value: None,
+                    base_version: None,
+                    changes: None,
+                },
+                BucketDoc {
+                    id: "shared.z".into(),
+                    timestamp: Some(9),
+                    version: Some(12),
+                    value: None,
+                    base_version: Some(7),
+                    changes: Some(value.clone()),
+                },
+                BucketDoc {
+                    id: "shared.w".into(),
+                    timestamp: Some(9),
+                    version: Some(12),
+                    value: None,
+                    base_version: Some(11),
+                    changes: Some(Fields::new()),
                 },
             ],
+            pending: vec!["device.q".into()],
         });
         roundtrip(UpdateRequest {
             value: value.clone(),
             base_version: 9,
             occ: true,
             session: Some("s".into()),
+            op_id: Some("op-1".into()),
         });
         roundtrip(UpdateResponse {
             outcome: UpdateOutcome::Merged,
             id: "device.x".into(),
             timestamp: 1,
             version: 2,
-            value: Some(value),
+            value: Some(value.clone()),
+            replayed: true,
         });
         roundtrip(SubscribeRequest {
             buckets: vec![HeldBucket {
@@ -620,6 +824,34 @@ mod tests {
             }],
             session: None,
             timeout_ms: Some(1000),
+            diffs: true,
+            max_bytes: Some(1536),
+        });
+        roundtrip(HistoryResponse {
+            id: "device.x".into(),
+            oldest_version: 3,
+            truncated: true,
+            next_since_version: Some(5),
+            changes: vec![
+                ChangeDoc {
+                    version: 4,
+                    timestamp: 10,
+                    outcome: ChangeKind::Applied,
+                    by: "device:x".into(),
+                    session: Some("s".into()),
+                    op_id: Some("op".into()),
+                    fields: value,
+                },
+                ChangeDoc {
+                    version: 5,
+                    timestamp: 11,
+                    outcome: ChangeKind::Created,
+                    by: "server".into(),
+                    session: None,
+                    op_id: None,
+                    fields: Fields::new(),
+                },
+            ],
         });
         roundtrip(RegisterResponse {
             tier: "production".into(),
@@ -666,6 +898,83 @@ mod tests {
             serde_json::from_str(r#"{"device_id": "01AA02AB", "structure": "home"}"#)
                 .expect("API.md example");
         assert_eq!(resp.structure.as_deref(), Some("home"));
+    }
+
+    #[test]
+    fn additions_are_optional_and_match_api_md_json() {
+        // Old clients' bodies still decode, and answers without additions serialize as before.
+        let old: SubscribeRequest =
+            serde_json::from_str(r#"{"buckets": [{"id": "device.x", "version": 3}]}"#)
+                .expect("old subscribe");
+        assert!(!old.diffs && old.max_bytes.is_none());
+        let put: UpdateRequest =
+            serde_json::from_str(r#"{"value": {}, "op_id": "a-1"}"#).expect("put with op id");
+        assert_eq!(put.op_id.as_deref(), Some("a-1"));
+        let resp = UpdateResponse {
+            outcome: UpdateOutcome::Applied,
+            id: "device.x".into(),
+            timestamp: 1,
+            version: 2,
+            value: None,
+            replayed: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&resp).expect("json"),
+            r#"{"outcome":"applied","id":"device.x","timestamp":1,"version":2}"#
+        );
+        let list = BucketList::default();
+        assert_eq!(
+            serde_json::to_string(&list).expect("json"),
+            r#"{"buckets":[]}"#
+        );
+        let h: HistoryResponse = serde_json::from_str(
+            r#"{"id": "device.x", "oldest_version": 1, "truncated": false,
+                "next_since_version": null, "changes": [{"version": 43, "timestamp": 5,
+                "outcome": "merged", "by": "user:alice", "session": null, "op_id": null,
+                "fields": {"a": 1}}]}"#,
+        )
+        .expect("API.md history example");
+        assert_eq!(h.changes[0].outcome, ChangeKind::Merged);
+        let back = serde_json::to_value(&h).expect("json");
+        assert_eq!(
+            back["changes"][0]["session"],
+            Value::Null,
+            "null, not omitted"
+        );
+        assert_eq!(back["next_since_version"], Value::Null);
+    }
+
+    /// Protobuf bytes of the previous schema (no additions) still decode, and the new
+    /// fields are invisible to a decoder that predates them (they are optional).
+    #[test]
+    fn old_protobuf_decoders_ignore_the_additions() {
+        let new = BucketList {
+            buckets: vec![BucketDoc {
+                id: "shared.x".into(),
+                timestamp: Some(1),
+                version: Some(3),
+                value: None,
+                base_version: Some(2),
+                changes: Some(Fields::new()),
+            }],
+            pending: vec!["device.x".into()],
+        };
+        // A decoder knowing only fields 1–5 of Bucket and 1 of BucketList.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct OldBucket {
+            #[prost(string, tag = "1")]
+            id: String,
+            #[prost(uint64, optional, tag = "3")]
+            version: Option<u64>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct OldList {
+            #[prost(message, repeated, tag = "1")]
+            buckets: Vec<OldBucket>,
+        }
+        let old = OldList::decode(new.encode_pb().as_slice()).expect("old decoder");
+        assert_eq!(old.buckets.len(), 1);
+        assert_eq!(old.buckets[0].version, Some(3));
     }
 
     #[test]

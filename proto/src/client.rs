@@ -37,9 +37,19 @@
 //!   when it carries a greater version; a lower one is reported as
 //!   [`Event::VersionRegression`] and never applied (DESIGN.md §7 invariant 2, as seen
 //!   by this client);
-//! - local changes coalesce per bucket (a later value for a field wins) and are sent one
-//!   PUT at a time; a PUT lost to the network or a server error goes back into the outbox
-//!   beneath any newer local edit of the same field, so newer local edits always win.
+//! - local changes coalesce per bucket (a later value for a field wins, seed 001's merge
+//!   table for field-level writes) and are sent one PUT at a time, each with a fresh
+//!   `op_id`;
+//! - a PUT whose answer never came (timeout, dropped connection, 5xx, 408, 429, a 401 on a
+//!   set since replaced) may have been applied: it is resent *verbatim*, same `op_id`,
+//!   until it gets an answer, so the server applies it at most once and answers a retry
+//!   with the original outcome (`replayed`). Local edits made meanwhile wait in the outbox
+//!   and go in the next PUT, after it, so newer edits still win;
+//! - subscribes ask for diffs: a stale bucket comes as the fields changed since the held
+//!   version, applied to the held copy; a diff that does not fit the held copy is not
+//!   applied and the next subscribe asks for that bucket's whole value; with
+//!   `max_answer_bytes` the server keeps answers within the device's buffer and names
+//!   the buckets left out (`pending`), which the immediate resubscribe brings.
 //!
 //! Credential rules (seed 000 FIG 28B, 29B, 30B; API.md "Credentials"):
 //! - every request carries a set ([`Outgoing::auth`]): the assigned set whenever one is
@@ -68,7 +78,10 @@ use crate::api::{
     SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse,
 };
 use crate::credentials::{check_secret_shape, CredentialId, CredentialKind, Credentials};
+use crate::synclog::apply_diff;
 use crate::{BucketId, Fields, Millis, Value};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 
 /// Consecutive registration redirects followed at once; beyond this each further redirect
 /// waits out a back-off, so two tiers pointing at each other cannot make a device spin.
@@ -103,6 +116,12 @@ pub struct ClientConfig {
     /// `backoff_initial_ms` doubled per consecutive rejection up to this. Also, with
     /// `backoff_max_ms`, bounds how long a server's `Retry-After` can make the device wait.
     pub auth_backoff_max_ms: u64,
+    /// Makes this run's `op_id`s unique: a fresh random value at every start (the
+    /// hardware RNG on a device), so no op id is ever reused after a reboot.
+    pub op_id_nonce: u64,
+    /// The largest subscribe answer body the device can take (its receive buffer less
+    /// the headers); sent as `max_bytes`. 0: no limit.
+    pub max_answer_bytes: u64,
 }
 
 /// A request the driver must send to [`DeviceClient::base_url`].
@@ -228,6 +247,13 @@ pub enum Event {
         id: String,
         /// What the server did with the change.
         outcome: UpdateOutcome,
+        /// The write's op id.
+        op_id: Option<String>,
+        /// The version the answer carried.
+        version: u64,
+        /// The answer was the server's memory of an earlier attempt of this very write
+        /// (whose answer was lost): it was applied once, not again.
+        replayed: bool,
     },
     /// The server rejected a PUT outright (4xx); the change was dropped.
     ChangeRejected {
@@ -309,22 +335,31 @@ enum Phase {
     Subscribe,
 }
 
-/// The sync request in flight: its token, what it was, and the set it carried.
+/// The sync request in flight: its token, what it was, the set it carried, and (for a
+/// subscribe) the versions it told the server the device holds.
 #[derive(Debug)]
 struct SyncInFlight {
     token: u64,
     phase: Phase,
     auth: Credentials,
+    versions: Vec<(String, Option<u64>)>,
 }
 
-/// The PUT in flight: which bucket and exactly which fields, to merge or put back, and
-/// the set it carried.
+/// A PUT in flight: which bucket, exactly what was sent (resent verbatim if its answer is
+/// lost), and the set it carried.
 #[derive(Debug)]
 struct PutInFlight {
     token: u64,
     id: String,
-    sent: Fields,
+    body: UpdateRequest,
     auth: Credentials,
+}
+
+/// A PUT sent whose answer never came: it may have been applied.
+#[derive(Debug, Clone, PartialEq)]
+struct InDoubt {
+    id: String,
+    body: UpdateRequest,
 }
 
 /// The pairing slot: whether the application wants a code, and the request in flight.
@@ -420,6 +455,9 @@ enum Applied {
     /// Older, incomplete or contradictory: not applied, and resubscribing at once would
     /// only get the same answer again.
     Anomalous,
+    /// A diff from a version not held: not applied; the next subscribe asks for the
+    /// bucket's whole value.
+    Unusable,
 }
 
 /// The device side of the sync protocol as a state machine; see the module docs.
@@ -436,6 +474,12 @@ pub struct DeviceClient {
     held: BTreeMap<String, ClientBucket>,
     /// Local changes not yet sent, coalesced per bucket.
     outbox: BTreeMap<String, Fields>,
+    /// The PUT whose answer was lost, resent as it was before anything else.
+    in_doubt: Option<InDoubt>,
+    /// Op ids issued this run (with `op_id_nonce`, unique across runs).
+    ops_issued: u64,
+    /// Buckets whose diff could not be applied: the next subscribe asks for their value.
+    refetch: Vec<String>,
     /// The bucket of the last PUT sent, so the outbox is served round-robin.
     last_put: Option<String>,
     sync_in_flight: Option<SyncInFlight>,
@@ -451,6 +495,8 @@ pub struct DeviceClient {
     next_token: u64,
     rng: XorShift,
     events: VecDeque<Event>,
+    /// Late answers dropped so far (see [`Self::late_answers`]).
+    late_answers: u64,
 }
 
 impl DeviceClient {
@@ -463,6 +509,9 @@ impl DeviceClient {
             ids: Vec::new(),
             held: BTreeMap::new(),
             outbox: BTreeMap::new(),
+            in_doubt: None,
+            ops_issued: 0,
+            refetch: Vec::new(),
             last_put: None,
             sync_in_flight: None,
             put_in_flight: None,
@@ -475,6 +524,7 @@ impl DeviceClient {
             next_token: 1,
             rng: XorShift::new(cfg.jitter_seed),
             events: VecDeque::new(),
+            late_answers: 0,
             cfg,
         }
     }
@@ -506,7 +556,7 @@ impl DeviceClient {
             match sync.phase {
                 Phase::Register => self.on_register(now, sync.auth, resp),
                 Phase::Fetch => self.on_fetch(now, sync.auth, resp),
-                Phase::Subscribe => self.on_subscribe(now, sync.auth, resp),
+                Phase::Subscribe => self.on_subscribe(now, sync.auth, &sync.versions, resp),
             }
             return;
         }
@@ -540,6 +590,13 @@ impl DeviceClient {
         [sync, put, pairing].into_iter().flatten().min()
     }
 
+    /// How many answers arrived older than the held copy but newer than what their request
+    /// told the server: overtaken on the other slot (the device's own PUT answered first),
+    /// dropped without an event. Not a fault; a simulator counts them to show it raced.
+    pub fn late_answers(&self) -> u64 {
+        self.late_answers
+    }
+
     /// The next thing the application should know about, oldest first.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
@@ -563,12 +620,12 @@ impl DeviceClient {
     }
 
     /// The link went down: every request in flight is lost (their answers will be
-    /// ignored), an in-flight PUT's fields go back into the outbox, and both slots back
-    /// off before resubscribing with the held versions and resending.
+    /// ignored), an in-flight PUT is in doubt (resent as it was, same op id), and both
+    /// slots back off before resubscribing with the held versions and resending.
     pub fn link_down(&mut self, now: Millis) {
         self.sync_in_flight = None;
         if let Some(put) = self.put_in_flight.take() {
-            self.requeue(put);
+            self.doubt(put);
         }
         self.fail_sync(now);
         self.fail_put(now);
@@ -632,6 +689,8 @@ impl DeviceClient {
         self.ids.clear();
         self.held.clear();
         self.outbox.clear();
+        self.in_doubt = None;
+        self.refetch.clear();
         self.last_put = None;
         self.sync_in_flight = None;
         self.put_in_flight = None;
@@ -716,9 +775,15 @@ impl DeviceClient {
         self.held.values()
     }
 
-    /// The unsent local changes of a bucket (a PUT in flight is not included).
+    /// The unsent local changes of a bucket (a PUT in flight or in doubt is not included).
     pub fn pending(&self, id: &str) -> Option<&Fields> {
         self.outbox.get(id)
+    }
+
+    /// The PUT whose answer was lost, resent verbatim (same op id) before anything else:
+    /// its bucket and body.
+    pub fn in_doubt(&self) -> Option<(&str, &UpdateRequest)> {
+        self.in_doubt.as_ref().map(|d| (d.id.as_str(), &d.body))
     }
 
     /// Registered, fetched (or restored), and nothing pending: every local change is
@@ -727,6 +792,7 @@ impl DeviceClient {
     pub fn is_synced(&self) -> bool {
         self.phase == Phase::Subscribe
             && self.outbox.is_empty()
+            && self.in_doubt.is_none()
             && self.put_in_flight.is_none()
             && self.sync_backoff.attempt == 0
     }
@@ -793,13 +859,24 @@ impl DeviceClient {
                 session: self.session(),
                 timeout_ms: (self.cfg.subscribe_timeout_ms > 0)
                     .then_some(self.cfg.subscribe_timeout_ms),
+                diffs: true,
+                max_bytes: (self.cfg.max_answer_bytes > 0).then_some(self.cfg.max_answer_bytes),
             }),
         };
         let token = self.token();
+        let versions = match &request {
+            Request::Subscribe(sub) => sub
+                .buckets
+                .iter()
+                .map(|h| (h.id.clone(), h.version))
+                .collect(),
+            _ => Vec::new(),
+        };
         self.sync_in_flight = Some(SyncInFlight {
             token,
             phase: self.phase,
             auth: auth.clone(),
+            versions,
         });
         Some(Outgoing {
             token,
@@ -809,7 +886,11 @@ impl DeviceClient {
     }
 
     fn held_version(&self, id: &str) -> HeldBucket {
-        let held = self.held.get(id);
+        // A bucket whose diff did not fit the held copy is asked for whole: no version.
+        let held = self
+            .held
+            .get(id)
+            .filter(|_| !self.refetch.iter().any(|r| r == id));
         HeldBucket {
             id: id.to_string(),
             // 0 means the server never said; sending it would make the server see a
@@ -867,7 +948,7 @@ impl DeviceClient {
         match resp {
             Response::Buckets(list) => {
                 for doc in list.buckets {
-                    self.apply_doc(doc);
+                    self.apply_doc(doc, None);
                 }
                 self.phase = Phase::Subscribe;
                 self.sync_backoff.succeed();
@@ -876,14 +957,25 @@ impl DeviceClient {
         }
     }
 
-    fn on_subscribe(&mut self, now: Millis, carried: Credentials, resp: Response) {
+    fn on_subscribe(
+        &mut self,
+        now: Millis,
+        carried: Credentials,
+        versions: &[(String, Option<u64>)],
+        resp: Response,
+    ) {
         match resp {
             Response::Buckets(list) => {
                 let mut accepted = false;
                 let mut anomalous = false;
                 for doc in list.buckets {
-                    match self.apply_doc(doc) {
-                        Applied::Accepted => accepted = true,
+                    let told = versions
+                        .iter()
+                        .find(|(id, _)| *id == doc.id)
+                        .and_then(|(_, v)| *v);
+                    match self.apply_doc(doc, told) {
+                        // A diff that did not fit asks for the whole value at once.
+                        Applied::Accepted | Applied::Unusable => accepted = true,
                         Applied::Same => {}
                         Applied::Anomalous => anomalous = true,
                     }
@@ -923,20 +1015,69 @@ impl DeviceClient {
         }
     }
 
-    /// Applies one bucket object from a fetch or subscribe answer under the monotonic rule.
-    fn apply_doc(&mut self, doc: BucketDoc) -> Applied {
+    /// Applies one bucket object from a fetch or subscribe answer under the monotonic rule:
+    /// a whole value, or a diff from the version held. `told`: the version the request
+    /// said the device held (see [`Self::offer`]).
+    fn apply_doc(&mut self, doc: BucketDoc, told: Option<u64>) -> Applied {
         if !self.ids.contains(&doc.id) {
             return Applied::Anomalous;
         }
-        let (Some(version), Some(value)) = (doc.version, doc.value) else {
+        let Some(version) = doc.version else {
             return Applied::Anomalous;
         };
-        self.offer(doc.id, doc.timestamp.unwrap_or(0), version, value)
+        let value = match (doc.value, doc.base_version, doc.changes) {
+            (Some(value), _, _) => value,
+            (None, Some(base), Some(changes)) => {
+                match self.held.get(&doc.id) {
+                    Some(h) if h.version == base && version > base => {
+                        let mut value = h.value.clone();
+                        apply_diff(&mut value, &changes);
+                        value
+                    }
+                    // Already there (or further): nothing to apply.
+                    Some(h) if version <= h.version => {
+                        return self.offer(
+                            told,
+                            doc.id,
+                            doc.timestamp.unwrap_or(0),
+                            version,
+                            Fields::new(),
+                        );
+                    }
+                    // A diff from a version this device does not hold: ask for the whole
+                    // value next time.
+                    _ => {
+                        if !self.refetch.contains(&doc.id) {
+                            self.refetch.push(doc.id);
+                        }
+                        return Applied::Unusable;
+                    }
+                }
+            }
+            _ => return Applied::Anomalous,
+        };
+        self.refetch.retain(|r| *r != doc.id);
+        self.offer(told, doc.id, doc.timestamp.unwrap_or(0), version, value)
     }
 
-    /// Replaces the held copy of `id` if `version` is newer; never goes backwards.
-    fn offer(&mut self, id: String, timestamp: u64, version: u64, value: Fields) -> Applied {
+    /// Replaces the held copy of `id` if `version` is newer; never goes backwards. An older
+    /// version is a regression — unless the request it answers told the server an even
+    /// older one (`told`): then it is a late answer, overtaken by a newer one on the other
+    /// slot (a subscribe answered before the device's own PUT committed, delivered after
+    /// that PUT's answer), and is dropped without an event.
+    fn offer(
+        &mut self,
+        told: Option<u64>,
+        id: String,
+        timestamp: u64,
+        version: u64,
+        value: Fields,
+    ) -> Applied {
         if let Some(h) = self.held.get(&id) {
+            if version < h.version && told.is_some_and(|t| t < version) {
+                self.late_answers += 1;
+                return Applied::Same;
+            }
             if version < h.version {
                 self.events.push_back(Event::VersionRegression {
                     id,
@@ -977,38 +1118,57 @@ impl DeviceClient {
 
     fn put_may_send(&self) -> bool {
         // Before registration there is no sync server, and before the fetch no base version.
-        self.phase == Phase::Subscribe && self.assigned.is_some() && !self.outbox.is_empty()
+        self.phase == Phase::Subscribe
+            && self.assigned.is_some()
+            && (self.in_doubt.is_some() || !self.outbox.is_empty())
+    }
+
+    /// A fresh op id: this run's nonce and a counter, `[A-Za-z0-9_-]`, at most 32 chars.
+    fn next_op_id(&mut self) -> String {
+        self.ops_issued = self.ops_issued.wrapping_add(1);
+        let mut op = URL_SAFE_NO_PAD.encode(self.cfg.op_id_nonce.to_le_bytes());
+        op.push('-');
+        op.push_str(&self.ops_issued.to_string());
+        op
     }
 
     fn poll_put(&mut self, now: Millis) -> Option<Outgoing> {
         if self.put_in_flight.is_some() || !self.put_may_send() || !self.put_backoff.ready(now) {
             return None;
         }
-        // Round-robin from the bucket after the last one sent, so a bucket edited faster
-        // than a round trip cannot starve the others.
-        let next = match &self.last_put {
-            Some(last) => self
-                .outbox
-                .range::<str, _>((Bound::Excluded(last.as_str()), Bound::Unbounded))
-                .next()
-                .map(|(k, _)| k.clone()),
-            None => None,
-        };
         let auth = self.credentials_for(self.phase)?;
-        let id = next.or_else(|| self.outbox.keys().next().cloned())?;
-        let sent = self.outbox.remove(&id)?;
-        let body = UpdateRequest {
-            value: sent.clone(),
-            base_version: self.held.get(&id).map_or(0, |b| b.version),
-            occ: false,
-            session: self.session(),
+        // A write whose answer was lost goes again first, exactly as it was.
+        let (id, body) = match self.in_doubt.take() {
+            Some(InDoubt { id, body }) => (id, body),
+            None => {
+                // Round-robin from the bucket after the last one sent, so a bucket edited
+                // faster than a round trip cannot starve the others.
+                let next = match &self.last_put {
+                    Some(last) => self
+                        .outbox
+                        .range::<str, _>((Bound::Excluded(last.as_str()), Bound::Unbounded))
+                        .next()
+                        .map(|(k, _)| k.clone()),
+                    None => None,
+                };
+                let id = next.or_else(|| self.outbox.keys().next().cloned())?;
+                let value = self.outbox.remove(&id)?;
+                let body = UpdateRequest {
+                    value,
+                    base_version: self.held.get(&id).map_or(0, |b| b.version),
+                    occ: false,
+                    session: self.session(),
+                    op_id: Some(self.next_op_id()),
+                };
+                self.last_put = Some(id.clone());
+                (id, body)
+            }
         };
         let token = self.token();
-        self.last_put = Some(id.clone());
         self.put_in_flight = Some(PutInFlight {
             token,
             id: id.clone(),
-            sent,
+            body: body.clone(),
             auth: auth.clone(),
         });
         Some(Outgoing {
@@ -1025,46 +1185,52 @@ impl DeviceClient {
                 self.on_update(put, body);
             }
             Response::Error { status: 401, .. } => {
-                // Not the change's fault: keep it. A stale 401 resends at once with the
-                // set now held; after a drop it waits for the new registration.
+                // Not the change's fault, and the server may never have seen it: resent
+                // as it was (same op id) with the set now held, or after re-registering.
                 let carried = put.auth.clone();
-                self.requeue(put);
+                self.doubt(put);
                 if self.unauthorized(now, &carried) == Unauthorized::DefaultRejected {
                     self.fail_put(now);
                 }
             }
             Response::Error { status, .. } if retryable(status) => {
+                // A 5xx may come after the write was applied (the owner died answering):
+                // the same op id makes the retry safe.
                 let retry_after = self.retry_after(now, &resp);
-                self.requeue(put);
+                self.doubt(put);
                 self.fail_put(now);
                 if let Some(t) = retry_after {
                     self.put_backoff.hold_until(t);
                 }
             }
             Response::Error { status, .. } => {
-                // 403 lands here too: this principal may not write the bucket.
+                // 403 lands here too: this principal may not write the bucket. 422: the
+                // op id was taken by another write (never, for this client's fresh ids).
                 self.put_backoff.succeed();
                 self.events
                     .push_back(Event::ChangeRejected { id: put.id, status });
             }
-            // A transport failure, or an answer that makes no sense for a PUT.
+            // A transport failure (timeout, dropped connection: the write may or may not
+            // have been applied), or an answer that makes no sense for a PUT.
             Response::Transport
             | Response::Registered(_)
             | Response::Buckets(_)
             | Response::PairingCode { .. } => {
-                self.requeue(put);
+                self.doubt(put);
                 self.fail_put(now);
             }
         }
     }
 
     fn on_update(&mut self, put: PutInFlight, body: UpdateResponse) {
-        let PutInFlight { id, sent, .. } = put;
+        let PutInFlight { id, body: sent, .. } = put;
         let outcome = body.outcome;
+        let version = body.version;
+        let told = Some(sent.base_version);
         match (outcome, body.value) {
             // Merged or refused: the server sent the whole bucket as it now stands.
             (UpdateOutcome::Merged | UpdateOutcome::Refused, Some(value)) => {
-                self.offer(id.clone(), body.timestamp, body.version, value);
+                self.offer(told, id.clone(), body.timestamp, body.version, value);
             }
             // Refused without a body: the change is dropped and nothing is learned.
             (UpdateOutcome::Refused, None) => {}
@@ -1078,12 +1244,18 @@ impl DeviceClient {
                         .get(&id)
                         .map(|h| h.value.clone())
                         .unwrap_or_default();
-                    value.extend(sent);
-                    self.offer(id.clone(), body.timestamp, body.version, value);
+                    value.extend(sent.value);
+                    self.offer(told, id.clone(), body.timestamp, body.version, value);
                 }
             }
         }
-        self.events.push_back(Event::ChangeAcked { id, outcome });
+        self.events.push_back(Event::ChangeAcked {
+            id,
+            outcome,
+            op_id: sent.op_id,
+            version,
+            replayed: body.replayed,
+        });
     }
 
     // -----------------------------------------------------------------------------------
@@ -1143,12 +1315,13 @@ impl DeviceClient {
         }
     }
 
-    /// Puts an unacknowledged PUT's fields back into the outbox, beneath newer local edits.
-    fn requeue(&mut self, put: PutInFlight) {
-        let pending = self.outbox.entry(put.id).or_default();
-        for (k, v) in put.sent {
-            pending.entry(k).or_insert(v);
-        }
+    /// A PUT got no answer: it may have been applied, so it is resent exactly as it was
+    /// (same op id, same base version) before any other change.
+    fn doubt(&mut self, put: PutInFlight) {
+        self.in_doubt = Some(InDoubt {
+            id: put.id,
+            body: put.body,
+        });
     }
 
     // -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ pub mod model;
 pub mod pb;
 pub mod reconcile;
 pub mod requests;
+pub mod synclog;
 
 pub use credentials::{CredentialError, CredentialId, CredentialKind, Credentials};
 pub use error::ProtoError;

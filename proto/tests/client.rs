@@ -23,6 +23,13 @@ const MAX: u64 = 30_000;
 const AUTH_MAX: u64 = 600_000;
 const SERIAL: &str = "01AA02AB";
 const MFG_KEY: [u8; 64] = [7; 64];
+/// This run's op-id nonce.
+const NONCE: u64 = 0x0807_0605_0403_0201;
+
+/// The n-th op id a client with [`NONCE`] issues.
+fn op(n: u64) -> String {
+    format!("AQIDBAUGBwg-{n}")
+}
 
 fn default_creds() -> Credentials {
     default_credentials(&MFG_KEY, SERIAL, "k1").expect("valid default credentials")
@@ -53,6 +60,8 @@ fn cfg(seed: u64) -> ClientConfig {
         jitter_seed: seed,
         default_credentials: default_creds(),
         auth_backoff_max_ms: AUTH_MAX,
+        op_id_nonce: NONCE,
+        max_answer_bytes: 0,
     }
 }
 
@@ -69,11 +78,28 @@ fn doc(id: &str, timestamp: u64, version: u64, value: serde_json::Value) -> Buck
         timestamp: Some(timestamp),
         version: Some(version),
         value: Some(fields(value)),
+        base_version: None,
+        changes: None,
+    }
+}
+
+/// A bucket answered as a diff from `base`.
+fn diff(id: &str, version: u64, base: u64, changes: serde_json::Value) -> BucketDoc {
+    BucketDoc {
+        id: id.into(),
+        timestamp: Some(version * 100),
+        version: Some(version),
+        value: None,
+        base_version: Some(base),
+        changes: Some(fields(changes)),
     }
 }
 
 fn list(docs: Vec<BucketDoc>) -> Response {
-    Response::Buckets(BucketList { buckets: docs })
+    Response::Buckets(BucketList {
+        buckets: docs,
+        pending: vec![],
+    })
 }
 
 fn registered(redirect: Option<&str>, software_update: Option<SoftwareUpdate>) -> Response {
@@ -95,7 +121,18 @@ fn updated(status: u16, outcome: UpdateOutcome, version: u64, value: Option<Fiel
             timestamp: 1_000 + version,
             version,
             value,
+            replayed: false,
         },
+    }
+}
+
+fn replayed(status: u16, outcome: UpdateOutcome, version: u64, value: Option<Fields>) -> Response {
+    match updated(status, outcome, version, value) {
+        Response::Updated { status, mut body } => {
+            body.replayed = true;
+            Response::Updated { status, body }
+        }
+        other => other,
     }
 }
 
@@ -133,10 +170,14 @@ fn changed(id: &str, version: u64) -> Event {
     }
 }
 
-fn acked(outcome: UpdateOutcome) -> Event {
+/// The acknowledgement of the client's `n`-th op id, answered with `version`.
+fn acked(outcome: UpdateOutcome, version: u64, n: u64) -> Event {
     Event::ChangeAcked {
         id: DEV.into(),
         outcome,
+        op_id: Some(op(n)),
+        version,
+        replayed: false,
     }
 }
 
@@ -303,6 +344,11 @@ fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
     assert_eq!((body.base_version, body.occ), (2, false));
     assert_eq!(body.session.as_deref(), Some("s1"));
     assert_eq!(
+        body.op_id.as_deref(),
+        Some(op(1).as_str()),
+        "every PUT carries an op id"
+    );
+    assert_eq!(
         (put.request.method(), &*put.request.path()),
         ("PUT", "/v1/buckets/device.01AA02AB")
     );
@@ -312,7 +358,7 @@ fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
     c.handle_response(7, put.token, updated(200, UpdateOutcome::Applied, 3, None));
     assert_eq!(
         events(&mut c),
-        [changed(DEV, 3), acked(UpdateOutcome::Applied)]
+        [changed(DEV, 3), acked(UpdateOutcome::Applied, 3, 1)]
     );
     let held = c.bucket(DEV).expect("held");
     assert_eq!((held.version, held.timestamp), (3, 1_003));
@@ -335,7 +381,7 @@ fn merged_put_replaces_the_whole_bucket_with_the_servers() {
     );
     assert_eq!(
         events(&mut c),
-        [changed(DEV, 4), acked(UpdateOutcome::Merged)]
+        [changed(DEV, 4), acked(UpdateOutcome::Merged, 4, 1)]
     );
     let held = c.bucket(DEV).expect("held");
     assert_eq!((held.version, &held.value), (4, &merged));
@@ -356,7 +402,7 @@ fn refused_put_replaces_local_copy_with_server_bucket() {
     );
     assert_eq!(
         events(&mut c),
-        [changed(DEV, 5), acked(UpdateOutcome::Refused)]
+        [changed(DEV, 5), acked(UpdateOutcome::Refused, 5, 1)]
     );
     let held = c.bucket(DEV).expect("held");
     assert_eq!((held.version, &held.value), (5, &stored));
@@ -441,7 +487,7 @@ fn version_regression_in_a_put_answer_is_not_applied() {
     c.handle_response(3, put.token, updated(200, UpdateOutcome::Applied, 2, None));
     assert_eq!(
         events(&mut c),
-        [changed(DEV, 9), acked(UpdateOutcome::Applied)]
+        [changed(DEV, 9), acked(UpdateOutcome::Applied, 2, 1)]
     );
     assert_eq!(c.bucket(DEV).expect("held").version, 9);
 }
@@ -472,29 +518,27 @@ fn own_write_echoed_by_subscribe_does_not_back_off() {
 }
 
 #[test]
-fn transport_errors_back_off_exponentially_with_capped_jitter_and_retry_coalesced_fields() {
+fn transport_errors_back_off_exponentially_and_retry_the_same_write_with_its_op_id() {
     let (mut c, _sub) = synced_client(42);
     c.set_field(DEV, "t", json!(21));
     c.set_field(DEV, "mode", json!("heat"));
     c.set_field(DEV, "t", json!(22)); // coalesced: the later value wins
     let mut now = 10;
     let put = poll(&mut c, now);
-    assert_eq!(
-        put_of(&put).1.value,
-        fields(json!({"t": 22, "mode": "heat"}))
-    );
+    let first = put_of(&put).1.clone();
+    assert_eq!(first.value, fields(json!({"t": 22, "mode": "heat"})));
+    assert_eq!(first.op_id, Some(op(1)));
 
     // A newer local edit while the PUT is in flight.
     c.set_field(DEV, "t", json!(23));
     c.handle_response(now, put.token, Response::Transport);
-    // Sent fields go back beneath the newer edit.
-    assert_eq!(
-        c.pending(DEV),
-        Some(&fields(json!({"t": 23, "mode": "heat"})))
-    );
+    // The lost PUT may have been applied: it is kept as it was, the edit waits after it.
+    assert_eq!(c.in_doubt(), Some((DEV, &first)));
+    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 23}))));
+    assert!(!c.is_synced());
 
     // Keep failing (transport, then 5xx): the wait doubles from INITIAL and caps at MAX,
-    // jitter shortening it by at most a quarter.
+    // jitter shortening it by at most a quarter; every retry is the same write.
     let mut delays = Vec::new();
     let mut fail_next_with = error(503, "unavailable");
     for attempt in 0..10u32 {
@@ -514,8 +558,10 @@ fn transport_errors_back_off_exponentially_with_capped_jitter_and_retry_coalesce
         now = at;
         let put = poll(&mut c, now);
         let (_, body) = put_of(&put);
-        assert_eq!(body.value, fields(json!({"t": 23, "mode": "heat"})));
-        assert_eq!(body.base_version, 1);
+        assert_eq!(
+            body, &first,
+            "attempt {attempt}: resent verbatim, same op id"
+        );
         c.handle_response(now, put.token, fail_next_with.clone());
         fail_next_with = Response::Transport;
     }
@@ -526,26 +572,88 @@ fn transport_errors_back_off_exponentially_with_capped_jitter_and_retry_coalesce
     assert!(delays.iter().all(|&d| d <= MAX), "caps: {delays:?}");
     assert!(delays[6..].iter().all(|&d| d >= MAX - MAX / 4));
 
-    // A success resets the back-off: the next failure waits about INITIAL again.
+    // The server had applied the first attempt: it answers the retry with the original
+    // outcome (replayed). A success resets the back-off.
     now = c.poll_timeout().expect("backing off");
     let put = poll(&mut c, now);
     c.handle_response(
         now,
         put.token,
-        updated(200, UpdateOutcome::Applied, 2, None),
+        replayed(200, UpdateOutcome::Applied, 2, None),
     );
     assert_eq!(
-        c.bucket(DEV).expect("held").value,
-        fields(json!({"mode": "heat", "t": 23}))
+        events(&mut c),
+        [
+            changed(DEV, 2),
+            Event::ChangeAcked {
+                id: DEV.into(),
+                outcome: UpdateOutcome::Applied,
+                op_id: Some(op(1)),
+                version: 2,
+                replayed: true,
+            }
+        ]
     );
-    c.set_field(DEV, "t", json!(24));
-    let put = poll(&mut c, now);
-    c.handle_response(now, put.token, Response::Transport);
+    assert_eq!(c.in_doubt(), None);
+    assert_eq!(
+        c.bucket(DEV).expect("held").value,
+        fields(json!({"mode": "heat", "t": 22}))
+    );
+    // Then the newer edit goes, as a new write on top of what the server confirmed.
+    let next = poll(&mut c, now);
+    let (_, body) = put_of(&next);
+    assert_eq!(body.value, fields(json!({"t": 23})));
+    assert_eq!((body.base_version, body.op_id.clone()), (2, Some(op(2))));
+    c.handle_response(now, next.token, Response::Transport);
     let delay = c.poll_timeout().expect("backing off") - now;
     assert!(
         (INITIAL - INITIAL / 4..=INITIAL).contains(&delay),
         "{delay}"
     );
+}
+
+#[test]
+fn every_write_gets_a_fresh_op_id_unique_to_this_run() {
+    let (mut c, _sub) = synced_client(1);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..5 {
+        c.set_field(DEV, "t", json!(i));
+        let put = poll(&mut c, i);
+        let op_id = put_of(&put).1.op_id.clone().expect("op id");
+        assert!(
+            op_id.len() <= 64
+                && op_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{op_id}"
+        );
+        assert!(seen.insert(op_id), "fresh for every distinct write");
+        c.handle_response(
+            i,
+            put.token,
+            updated(200, UpdateOutcome::Applied, 2 + i, None),
+        );
+    }
+    // Another run of the same device (another nonce, as after a reboot) never repeats one.
+    let mut other = DeviceClient::new(ClientConfig {
+        op_id_nonce: NONCE + 1,
+        ..cfg(1)
+    });
+    let reg = poll(&mut other, 0);
+    register_ok(&mut other, 0, reg.token, None);
+    let fetch = poll(&mut other, 0);
+    other.handle_response(
+        0,
+        fetch.token,
+        list(vec![
+            doc(DEV, 1, 1, json!({})),
+            doc(SHARED, 1, 1, json!({})),
+        ]),
+    );
+    poll(&mut other, 0);
+    other.set_field(DEV, "t", json!(0));
+    let put = poll(&mut other, 0);
+    assert!(!seen.contains(put_of(&put).1.op_id.as_deref().expect("op id")));
 }
 
 #[test]
@@ -613,7 +721,13 @@ fn link_down_ignores_stale_answers_and_resubscribes_with_held_versions() {
     c.handle_response(4, 12_345, Response::Transport);
     assert_eq!(events(&mut c), []);
     assert_eq!(c.bucket(DEV).expect("held").version, 1);
-    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 19}))));
+    let lost = put_of(&put).1.clone();
+    assert_eq!(
+        c.in_doubt(),
+        Some((DEV, &lost)),
+        "the lost PUT may have been applied"
+    );
+    assert_eq!(c.pending(DEV), None);
 
     // Back off, then resubscribe with the versions held and resend the change.
     // Both slots back off, each with its own jitter.
@@ -635,7 +749,7 @@ fn link_down_ignores_stale_answers_and_resubscribes_with_held_versions() {
         subscribed(&resub),
         [(DEV.into(), Some(1)), (SHARED.into(), Some(4))]
     );
-    assert_eq!(put_of(&reput).1.value, fields(json!({"t": 19})));
+    assert_eq!(put_of(&reput).1, &lost, "resent verbatim: same op id");
     assert_ne!(
         (resub.token, reput.token),
         (sub.token, put.token),
@@ -961,7 +1075,11 @@ fn a_401_on_a_put_drops_the_set_abandons_the_held_subscribe_and_keeps_the_change
             id: "a.01AA02AB".into()
         }]
     );
-    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 11}))));
+    assert_eq!(
+        c.in_doubt().map(|(id, b)| (id, b.value.clone())),
+        Some((DEV, fields(json!({"t": 11})))),
+        "kept, to be resent as it was once registered again"
+    );
     // The subscribe held with the rejected set is abandoned: its late answer is ignored.
     c.handle_response(3, sub, list(vec![doc(DEV, 900, 9, json!({}))]));
     assert_eq!(events(&mut c), []);
@@ -1046,7 +1164,10 @@ fn retry_after_is_honoured_and_capped() {
     let put = poll(&mut c, 10);
     c.handle_response(10, put.token, retry_after(429, 45_000));
     assert_eq!(c.poll_timeout(), Some(45_010));
-    assert_eq!(c.pending(DEV), Some(&fields(json!({"t": 1}))));
+    let sent = put_of(&put).1.clone();
+    assert_eq!(c.in_doubt(), Some((DEV, &sent)));
+    let again = poll(&mut c, 45_010);
+    assert_eq!(put_of(&again).1, &sent, "the same write, same op id");
 }
 
 #[test]
@@ -1293,4 +1414,327 @@ proptest! {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// diffs, max_bytes, op-id retries against a model server
+
+#[test]
+fn subscribes_ask_for_diffs_within_the_buffer_and_apply_them_to_the_held_copy() {
+    let mut c = DeviceClient::new(ClientConfig {
+        max_answer_bytes: 1_536,
+        ..cfg(1)
+    });
+    let reg = poll(&mut c, 0);
+    register_ok(&mut c, 0, reg.token, None);
+    let fetch = poll(&mut c, 0);
+    c.handle_response(
+        0,
+        fetch.token,
+        list(vec![
+            doc(DEV, 100, 1, json!({"mode": "heat", "t": 20})),
+            doc(SHARED, 100, 4, json!({"name": "Hall", "target": 21})),
+        ]),
+    );
+    let sub = poll(&mut c, 0);
+    let Request::Subscribe(body) = &sub.request else {
+        panic!("expected a subscribe")
+    };
+    assert!(body.diffs, "asks for diffs");
+    assert_eq!(body.max_bytes, Some(1_536), "within its buffer");
+    events(&mut c);
+
+    // Five versions later, only the target changed (twice) and a field was added.
+    c.handle_response(
+        1,
+        sub.token,
+        list(vec![diff(
+            SHARED,
+            9,
+            4,
+            json!({"target": 22.5, "away": true}),
+        )]),
+    );
+    assert_eq!(events(&mut c), [changed(SHARED, 9)]);
+    let held = c.bucket(SHARED).expect("held");
+    assert_eq!(held.version, 9);
+    assert_eq!(
+        held.value,
+        fields(json!({"name": "Hall", "target": 22.5, "away": true}))
+    );
+
+    // A diff from a version this device does not hold is not applied; the next subscribe
+    // asks for the bucket's whole value (no version), at once.
+    let sub = poll(&mut c, 2);
+    c.handle_response(2, sub.token, list(vec![diff(DEV, 7, 5, json!({"t": 25}))]));
+    assert_eq!(events(&mut c), []);
+    assert_eq!(c.bucket(DEV).expect("held").version, 1);
+    let sub = poll(&mut c, 2);
+    assert_eq!(
+        subscribed(&sub),
+        [(DEV.into(), None), (SHARED.into(), Some(9))]
+    );
+    c.handle_response(
+        3,
+        sub.token,
+        list(vec![doc(DEV, 700, 7, json!({"mode": "cool", "t": 25}))]),
+    );
+    assert_eq!(events(&mut c), [changed(DEV, 7)]);
+    let sub = poll(&mut c, 3);
+    assert_eq!(
+        subscribed(&sub),
+        [(DEV.into(), Some(7)), (SHARED.into(), Some(9))],
+        "versions again once the whole value is held"
+    );
+
+    // An answer cut to the buffer names what it left out: resubscribe at once.
+    c.handle_response(
+        4,
+        sub.token,
+        Response::Buckets(BucketList {
+            buckets: vec![diff(DEV, 8, 7, json!({"t": 26}))],
+            pending: vec![SHARED.into()],
+        }),
+    );
+    assert_eq!(events(&mut c), [changed(DEV, 8)]);
+    let next = poll(&mut c, 4);
+    assert!(matches!(next.request, Request::Subscribe(_)), "at once");
+    assert_eq!(
+        c.bucket(DEV).expect("held").value,
+        fields(json!({"mode": "cool", "t": 26}))
+    );
+}
+
+/// A model server for one bucket: versions with their values, a change log with retention,
+/// op ids remembered; it answers subscribes with diffs from the log when it reaches the
+/// held version.
+struct ModelServer {
+    values: Vec<Fields>, // values[v - 1] = value at version v
+    log: Vec<(u64, Fields, String)>,
+    keep: usize,
+    ops: std::collections::BTreeMap<String, (UpdateOutcome, u64)>,
+}
+
+impl ModelServer {
+    fn version(&self) -> u64 {
+        self.values.len() as u64
+    }
+
+    fn write(&mut self, f: Fields, op_id: Option<String>) {
+        let mut v = self.values.last().cloned().unwrap_or_default();
+        for (k, x) in &f {
+            v.insert(k.clone(), x.clone());
+        }
+        self.values.push(v);
+        self.log
+            .push((self.version(), f, op_id.unwrap_or_default()));
+        let n = self.log.len();
+        if n > self.keep {
+            self.log.drain(..n - self.keep);
+        }
+    }
+
+    fn answer(&self, held: Option<u64>) -> BucketDoc {
+        let current = self.version();
+        let value = self.values[current as usize - 1].clone();
+        let whole = doc(
+            DEV,
+            current * 100,
+            current,
+            serde_json::Value::Object(value),
+        );
+        let Some(h) = held.filter(|&h| h < current) else {
+            return whole;
+        };
+        if self.log.first().is_none_or(|(v, _, _)| *v > h + 1) {
+            return whole;
+        }
+        let mut changes = Fields::new();
+        for (v, f, _) in &self.log {
+            if *v > h {
+                changes.extend(f.clone());
+            }
+        }
+        diff(DEV, current, h, serde_json::Value::Object(changes))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Act {
+    /// Another client writes this field.
+    Other(u8, i64),
+    /// The device changes a field; the server's answer is lost with `drop`.
+    Local(u8, i64, bool),
+    /// The device's subscribe is answered.
+    Answer,
+}
+
+fn arb_act() -> impl Strategy<Value = Act> {
+    prop_oneof![
+        3 => (0u8..4, -9i64..9).prop_map(|(f, v)| Act::Other(f, v)),
+        2 => (0u8..4, -9i64..9, any::<bool>()).prop_map(|(f, v, d)| Act::Local(f, v, d)),
+        3 => Just(Act::Answer),
+    ]
+}
+
+proptest! {
+    /// Whatever writes happen and whichever PUT answers are lost, the device's held copy is
+    /// always exactly the server's value at the version it holds, every PUT is applied at
+    /// most once (a retry carries the same op id and is answered from memory), and every
+    /// acknowledged change is in the log once.
+    #[test]
+    fn held_copy_equals_the_server_value_and_no_retry_is_applied_twice(
+        acts in proptest::collection::vec(arb_act(), 1..60),
+        keep in 1usize..8)
+    {
+        let (mut c, first) = synced_client(5);
+        let mut server = ModelServer {
+            values: vec![fields(json!({"mode": "heat", "t": 20}))],
+            log: vec![(1, fields(json!({"mode": "heat", "t": 20})), String::new())],
+            keep,
+            ops: Default::default(),
+        };
+        let mut sub = Some(first);
+        let mut now = 0u64;
+        let mut put: Option<(u64, tether_proto::api::UpdateRequest)> = None;
+        let mut bodies = std::collections::BTreeMap::new();
+        let mut acks = std::collections::BTreeMap::new();
+        for act in acts {
+            now = now.max(c.poll_timeout().unwrap_or(now)) + 1;
+            while let Some(out) = c.poll_request(now) {
+                match out.request {
+                    Request::Subscribe(s) => {
+                        prop_assert!(s.diffs);
+                        sub = Some(out.token);
+                        let held = s.buckets.iter().find(|h| h.id == DEV).and_then(|h| h.version);
+                        prop_assert_eq!(held, c.bucket(DEV).map(|b| b.version).filter(|_| held.is_some()));
+                    }
+                    Request::Put { id, body } => {
+                        prop_assert_eq!(id.as_str(), DEV);
+                        // A retry is the same write: one body per op id, ever (else the
+                        // server would answer 422 op_id_reused).
+                        let op_id = body.op_id.clone().expect("every PUT has an op id");
+                        let first = bodies.entry(op_id).or_insert_with(|| body.clone());
+                        prop_assert_eq!(&*first, &body);
+                        put = Some((out.token, body));
+                    }
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            match act {
+                Act::Other(f, v) => {
+                    let mut w = Fields::new();
+                    w.insert(format!("f{f}"), json!(v));
+                    server.write(w, None);
+                }
+                Act::Local(f, v, lose) => {
+                    c.set_field(DEV, &format!("f{f}"), json!(v));
+                    if let Some((token, body)) = put.take() {
+                        let op_id = body.op_id.clone().expect("every PUT has an op id");
+                        let (outcome, version, replay) = match server.ops.get(&op_id) {
+                            Some(&(o, v)) => (o, v, true),
+                            None => {
+                                let current = server.version();
+                                let outcome = if body.base_version == current {
+                                    UpdateOutcome::Applied
+                                } else {
+                                    UpdateOutcome::Merged
+                                };
+                                server.write(body.value.clone(), Some(op_id.clone()));
+                                server.ops.insert(op_id, (outcome, server.version()));
+                                (outcome, server.version(), false)
+                            }
+                        };
+                        if lose {
+                            c.handle_response(now, token, Response::Transport);
+                        } else {
+                            // Merged (and a replayed merged: API.md, the bucket as it is
+                            // now) carries the whole bucket; applied only its version.
+                            let resp = if outcome == UpdateOutcome::Merged {
+                                let now_v = server.version();
+                                let value = Some(server.values[now_v as usize - 1].clone());
+                                if replay { replayed(200, outcome, now_v, value) } else { updated(200, outcome, now_v, value) }
+                            } else if replay {
+                                replayed(200, outcome, version, None)
+                            } else {
+                                updated(200, outcome, version, None)
+                            };
+                            c.handle_response(now, token, resp);
+                        }
+                    }
+                }
+                Act::Answer => {
+                    if let Some(t) = sub.take() {
+                        let held = c.bucket(DEV).map(|b| b.version);
+                        let held = held.filter(|_| c.bucket(DEV).is_some());
+                        c.handle_response(now, t, list(vec![server.answer(held)]));
+                    }
+                }
+            }
+            let b = c.bucket(DEV).expect("held");
+            prop_assert_eq!(&b.value, &server.values[b.version as usize - 1], "v{}", b.version);
+            while let Some(ev) = c.poll_event() {
+                if let Event::ChangeAcked { op_id: Some(op_id), version, .. } = ev {
+                    acks.insert(op_id, version);
+                }
+            }
+        }
+        // Every acknowledged write was applied once, under the op id the client sent.
+        for (op_id, acked) in &acks {
+            let (outcome, original) = server.ops.get(op_id).copied().expect("applied");
+            if outcome == UpdateOutcome::Applied {
+                prop_assert_eq!(original, *acked, "an applied replay names the original version");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_late_answer_overtaken_by_the_devices_own_write_is_not_a_regression() {
+    // The subscribe in flight told the server v1. The device's own PUT is applied as v2
+    // (its answer lost, the retry replayed), then its next PUT as v3 — and only then
+    // does the subscribe's answer arrive: v2, which the server sent because the device
+    // said v1. Late, not a regression: dropped without an event.
+    let (mut c, sub) = synced_client(1);
+    c.set_field(DEV, "t", json!(21));
+    let put = poll(&mut c, 1);
+    c.handle_response(1, put.token, Response::Transport);
+    let at = c.poll_timeout().expect("backing off");
+    let retry = poll(&mut c, at);
+    c.handle_response(
+        at,
+        retry.token,
+        replayed(200, UpdateOutcome::Applied, 2, None),
+    );
+    c.set_field(DEV, "t", json!(22));
+    let next = poll(&mut c, at);
+    c.handle_response(
+        at,
+        next.token,
+        updated(200, UpdateOutcome::Applied, 3, None),
+    );
+    events(&mut c);
+    c.handle_response(
+        at,
+        sub,
+        list(vec![doc(DEV, 1_002, 2, json!({"mode": "heat", "t": 21}))]),
+    );
+    assert_eq!(events(&mut c), []);
+    assert_eq!(c.bucket(DEV).expect("held").version, 3);
+    // A subscribe that told the server v3 and gets v2 back is one.
+    let sub = poll(&mut c, at);
+    assert_eq!(subscribed(&sub)[0], (DEV.into(), Some(3)));
+    c.handle_response(
+        at,
+        sub.token,
+        list(vec![doc(DEV, 1_002, 2, json!({"t": 21}))]),
+    );
+    assert_eq!(
+        events(&mut c),
+        [Event::VersionRegression {
+            id: DEV.into(),
+            held: 3,
+            received: 2
+        }]
+    );
 }

@@ -29,6 +29,8 @@ fn doc(id: &str, timestamp: u64, version: u64, value: serde_json::Value) -> Buck
         timestamp: Some(timestamp),
         version: Some(version),
         value: Some(fields(value)),
+        base_version: None,
+        changes: None,
     }
 }
 
@@ -47,6 +49,10 @@ fn thermostat() -> DeviceClient {
         default_credentials: default_credentials(&[7u8; 64], SERIAL, "k1")
             .expect("valid default credentials"),
         auth_backoff_max_ms: 3_600_000,
+        op_id_nonce: 0x5eed,
+        // firmware-nrf/device/src/app.rs: MAX_ANSWER_BYTES (the 2 KiB receive buffer less
+        // room for the response headers).
+        max_answer_bytes: 1_536,
     })
 }
 
@@ -92,6 +98,7 @@ fn thermostat_subscribe_and_notification_fit_200_bytes_of_protobuf() {
                     json!({"target_temperature": 21.0, "mode": "heat", "name": "Hallway"}),
                 ),
             ],
+            pending: vec![],
         }),
     );
     let sub = c.poll_request(1).expect("subscribe");
@@ -104,16 +111,22 @@ fn thermostat_subscribe_and_notification_fit_200_bytes_of_protobuf() {
         "both buckets, with versions and timestamps"
     );
     assert!(body.session.is_some() && body.timeout_ms.is_some());
+    assert!(body.diffs && body.max_bytes == Some(1_536));
     let subscribe = body.encode_pb();
 
-    // The server answers with the changed shared bucket (full value, as subscribe does).
+    // The server answers with what changed in the shared bucket since the held version:
+    // a diff (subscribe with `diffs`), as the node does for a held version it still has
+    // in the bucket's history.
     let notification = BucketList {
-        buckets: vec![doc(
-            SHARED,
-            T + 60_000,
-            318,
-            json!({"target_temperature": 21.5, "mode": "heat", "name": "Hallway"}),
-        )],
+        buckets: vec![BucketDoc {
+            id: SHARED.into(),
+            timestamp: Some(T + 60_000),
+            version: Some(318),
+            value: None,
+            base_version: Some(317),
+            changes: Some(fields(json!({"target_temperature": 21.5}))),
+        }],
+        pending: vec![],
     }
     .encode_pb();
     let decoded = BucketList::decode_pb(&notification).expect("the firmware decodes it");
@@ -126,10 +139,15 @@ fn thermostat_subscribe_and_notification_fit_200_bytes_of_protobuf() {
             version: 318
         })
     );
+    assert_eq!(
+        c.bucket(SHARED).expect("held").value,
+        fields(json!({"target_temperature": 21.5, "mode": "heat", "name": "Hallway"})),
+        "the diff applied to the held copy"
+    );
 
     let json_sub = serde_json::to_vec(body).expect("json").len();
     let json_note = json!({"buckets": [{"id": SHARED, "timestamp": T + 60_000, "version": 318,
-        "value": {"target_temperature": 21.5, "mode": "heat", "name": "Hallway"}}]})
+        "base_version": 317, "changes": {"target_temperature": 21.5}}]})
     .to_string()
     .len();
     let total = subscribe.len() + notification.len();
@@ -151,4 +169,24 @@ fn thermostat_subscribe_and_notification_fit_200_bytes_of_protobuf() {
         total,
         PAYLOAD_BUDGET
     );
+
+    // When the held version fell out of the history the server sends the whole value:
+    // that round fits too.
+    let whole = BucketList {
+        buckets: vec![doc(
+            SHARED,
+            T + 60_000,
+            318,
+            json!({"target_temperature": 21.5, "mode": "heat", "name": "Hallway"}),
+        )],
+        pending: vec![],
+    }
+    .encode_pb();
+    println!(
+        "thermostat payload without a diff: {} B + {} B = {} B",
+        subscribe.len(),
+        whole.len(),
+        subscribe.len() + whole.len()
+    );
+    assert!(subscribe.len() + whole.len() <= PAYLOAD_BUDGET);
 }

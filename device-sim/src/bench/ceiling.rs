@@ -88,13 +88,15 @@ pub fn trivial_server(workers: usize) -> Result<()> {
 
 /// Runs C connections of sequential PUTs against `url` for `secs` (after a 1 s warm-up).
 /// Connection `c` writes `shared.<serial>` of `devices[c % len]` (or a made-up id with no
-/// credentials for the trivial server), following the versions it is answered.
+/// credentials for the trivial server), following the versions it is answered; with
+/// `op_ids`, every PUT carries a fresh op id.
 pub async fn closed_loop(
     http: &reqwest::Client,
     url: &str,
     devices: &[(String, Credentials)],
     conns: usize,
     secs: f64,
+    op_ids: bool,
 ) -> Load {
     let warm_until = Instant::now() + Duration::from_secs(1);
     let end = warm_until + Duration::from_secs_f64(secs);
@@ -116,10 +118,14 @@ pub async fn closed_loop(
             let mut seq = 0u64;
             while Instant::now() < end {
                 seq += 1;
+                let mut body = json!({"value": {"target_temperature": seq}, "base_version": version, "session": format!("bench-{c}")});
+                if op_ids {
+                    body["op_id"] = json!(format!("bench-{c}-{seq}"));
+                }
                 let mut rb = http
                     .put(format!("{url}/v1/buckets/{id}"))
                     .timeout(Duration::from_secs(10))
-                    .json(&json!({"value": {"target_temperature": seq}, "base_version": version, "session": format!("bench-{c}")}));
+                    .json(&body);
                 if let Some((_, creds)) = &dev {
                     rb = rb.header(AUTHORIZATION, basic_header(creds));
                 }
@@ -180,12 +186,12 @@ pub async fn run(o: Opts) -> Result<()> {
         let trivial_srv = procs::start_trivial(o.workers).await?;
         // Alternate the order so neither target always runs on a warmer machine.
         let (trivial, tether, commits) = if r % 2 == 0 {
-            let t = closed_loop(&http, &trivial_srv.url, &[], o.conns, o.secs).await;
+            let t = closed_loop(&http, &trivial_srv.url, &[], o.conns, o.secs, false).await;
             let (x, c) = tether_load(&http, node.url(), &devices, &o).await;
             (t, x, c)
         } else {
             let (x, c) = tether_load(&http, node.url(), &devices, &o).await;
-            let t = closed_loop(&http, &trivial_srv.url, &[], o.conns, o.secs).await;
+            let t = closed_loop(&http, &trivial_srv.url, &[], o.conns, o.secs, false).await;
             (t, x, c)
         };
         trivial_srv.stop().await;
@@ -246,7 +252,7 @@ async fn tether_load(
     o: &Opts,
 ) -> (Load, f64) {
     let before = tether::metric(http, url, "tether_store_commits_total").await;
-    let load = closed_loop(http, url, devices, o.conns, o.secs).await;
+    let load = closed_loop(http, url, devices, o.conns, o.secs, false).await;
     let after = tether::metric(http, url, "tether_store_commits_total").await;
     let commits = match (before, after) {
         (Some(b), Some(a)) => (a - b) / (o.secs + 1.0),

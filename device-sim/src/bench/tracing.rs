@@ -94,12 +94,12 @@ pub async fn run(o: Opts) -> Result<()> {
         let before = collector.spans().len();
         // Alternate the order so neither node always runs on a warmer machine.
         let (off_load, on_load) = if r % 2 == 0 {
-            let a = closed_loop(&http, off.url(), &off_devices, o.conns, o.secs).await;
-            let b = closed_loop(&http, on.url(), &on_devices, o.conns, o.secs).await;
+            let a = closed_loop(&http, off.url(), &off_devices, o.conns, o.secs, false).await;
+            let b = closed_loop(&http, on.url(), &on_devices, o.conns, o.secs, false).await;
             (a, b)
         } else {
-            let b = closed_loop(&http, on.url(), &on_devices, o.conns, o.secs).await;
-            let a = closed_loop(&http, off.url(), &off_devices, o.conns, o.secs).await;
+            let b = closed_loop(&http, on.url(), &on_devices, o.conns, o.secs, false).await;
+            let a = closed_loop(&http, off.url(), &off_devices, o.conns, o.secs, false).await;
             (a, b)
         };
         on.server.stop().await;

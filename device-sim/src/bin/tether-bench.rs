@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tether_sim::bench::{ceiling, cold, idle, peers, tracing};
+use tether_sim::bench::{ceiling, cold, idle, peers, synclog, tracing};
 
 /// Tether benchmarks (loopback only).
 #[derive(Debug, Parser)]
@@ -123,6 +123,34 @@ enum Cmd {
         /// The node's `--passivate-after-ms`.
         #[arg(long, default_value_t = 300)]
         passivate_after_ms: u64,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// The sync log: bytes of catching up after N missed changes (whole value vs diff), and
+    /// PUT throughput of this release vs the previous one (with and without op ids).
+    SyncLog {
+        /// This release's `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// The previous release's `tether` binary (scripts/bench/sync-log builds it).
+        #[arg(long)]
+        baseline_bin: Option<PathBuf>,
+        /// Repetitions of the throughput comparison.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Measured seconds per target per run.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+        /// HTTP workers of the node.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Missed changes to catch up from.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,5,10,20,50,100,150")]
+        missed: Vec<usize>,
         /// Results directory.
         #[arg(long, default_value = "results")]
         out: PathBuf,
@@ -301,6 +329,28 @@ fn run(args: Args) -> Result<()> {
                     runs,
                     devices,
                     passivate_after_ms,
+                    out,
+                })
+                .await
+            }
+            Cmd::SyncLog {
+                tether_bin,
+                baseline_bin,
+                runs,
+                secs,
+                conns,
+                workers,
+                missed,
+                out,
+            } => {
+                synclog::run(synclog::Opts {
+                    tether_bin,
+                    baseline_bin,
+                    runs,
+                    secs,
+                    conns,
+                    workers,
+                    missed,
                     out,
                 })
                 .await

@@ -70,6 +70,14 @@ struct Args {
     /// Connection drops per device per minute (flaky link); 0 disables.
     #[arg(long, default_value_t = 0.0)]
     flaky_per_min: f64,
+    /// Flaky link that loses answers after the server acted: this fraction of PUT answers
+    /// (devices, companions, apps) is received and thrown away; the writer retries with
+    /// the same op id. 0 disables.
+    #[arg(long, default_value_t = 0.0)]
+    drop_answers: f64,
+    /// The devices' receive buffer for subscribe answers (`max_bytes`); 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    max_answer_bytes: u64,
     /// Length of the load phase in seconds.
     #[arg(long, default_value_t = 10.0)]
     duration_s: f64,
@@ -147,6 +155,8 @@ fn config(a: Args) -> Result<SimConfig> {
         sleep_every: (a.sleep_every_s > 0.0).then(|| secs(a.sleep_every_s)),
         sleep_for: secs(a.sleep_for_s),
         flaky_per_min: a.flaky_per_min,
+        drop_answers: a.drop_answers.clamp(0.0, 1.0),
+        max_answer_bytes: a.max_answer_bytes,
         duration: secs(a.duration_s),
         max_updates: a.max_updates,
         ramp: secs(a.ramp_s),

@@ -22,6 +22,10 @@ pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// How much longer than the requested hold a subscribe may take before the device gives
 /// up on it (the server answers a hold that ran out with an empty list).
 pub const SUBSCRIBE_MARGIN_MS: u64 = 20_000;
+/// The largest subscribe answer body the device asks for (`max_bytes`): the driver's
+/// 2 KiB buffer for one exchange's response (`HTTP_RX` in `src/main.rs`) less room for
+/// its status line and headers. Larger answers are split by the server (`pending`).
+pub const MAX_ANSWER_BYTES: u64 = 2048 - 512;
 
 /// Everything the device is configured with (see `firmware-nrf/src/config.rs`).
 #[derive(Debug, Clone)]
@@ -47,6 +51,8 @@ pub struct Config {
     pub auth_backoff_max_ms: u64,
     /// Seeds retry jitter (from the hardware RNG on the device).
     pub jitter_seed: u64,
+    /// Makes this boot's op ids unique (from the hardware RNG, fresh at every boot).
+    pub op_id_nonce: u64,
 }
 
 /// An HTTP answer as the driver received it.
@@ -102,6 +108,8 @@ impl App {
                 secret: cfg.default_secret.clone(),
             },
             auth_backoff_max_ms: cfg.auth_backoff_max_ms,
+            op_id_nonce: cfg.op_id_nonce,
+            max_answer_bytes: MAX_ANSWER_BYTES,
         });
         App {
             client,

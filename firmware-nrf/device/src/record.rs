@@ -37,8 +37,11 @@ pub fn encode_buckets(buckets: &[ClientBucket]) -> Vec<u8> {
                 timestamp: (b.timestamp != 0).then_some(b.timestamp),
                 version: Some(b.version),
                 value: Some(b.value.clone()),
+                base_version: None,
+                changes: None,
             })
             .collect(),
+        pending: Vec::new(),
     };
     let mut out = Vec::with_capacity(160);
     out.push(FORMAT);

@@ -7,8 +7,9 @@
 //!
 //! register (assigned credentials issued) → fetch → sw_version PUT → subscribe →
 //! notification → measured temperature PUT (the held subscribe hung up for it) →
-//! a refused 409 → a merged PUT → a 503 retried → a dropped link and back-off →
-//! a held subscribe that times out → reboot from flash → subscribe with stored versions.
+//! a refused 409 → a merged PUT → a 503 retried with the same op id → a dropped link and
+//! back-off → a held subscribe that times out → reboot from flash → subscribe with stored
+//! versions → a diff applied to the held copy.
 //!
 //! Every answer is what the server sends (API.md; `node/tests/api.rs`), encoded with the
 //! same protobuf types; every request the device emits is decoded and checked. Prints one
@@ -34,7 +35,9 @@ use embedded_storage_async::nor_flash::{
 };
 use serde_json::json;
 
-use tether_device::app::{App, Config, Reply, REQUEST_TIMEOUT_MS, SUBSCRIBE_MARGIN_MS};
+use tether_device::app::{
+    App, Config, Reply, MAX_ANSWER_BYTES, REQUEST_TIMEOUT_MS, SUBSCRIBE_MARGIN_MS,
+};
 use tether_device::http::{split_url, HttpCall, Kind, Method, Target, PROTOBUF};
 use tether_device::record;
 use tether_device::store::{Store, KEY_BUCKETS, KEY_CREDENTIALS};
@@ -63,6 +66,12 @@ const HOLD_MS: u64 = 120_000;
 const BACKOFF_MS: u64 = 1_000;
 /// Server timestamps (ms since the epoch) of the recorded exchange.
 const T0: u64 = 1_763_884_800_123;
+/// The op-id nonce of the first boot (the hardware RNG's, on a device) …
+const NONCE_1: u64 = 0x5eed;
+/// … and of the second.
+const NONCE_2: u64 = 0x5eee;
+/// `DeviceClient`'s op ids are the nonce (8 bytes little-endian, URL64) and a counter.
+const OP_PREFIX_1: &str = "7V4AAAAAAAA-";
 
 // ---------------------------------------------------------------------------------------
 // checks
@@ -223,6 +232,27 @@ fn doc(id: &str, timestamp: u64, version: u64, value: Value) -> BucketDoc {
         timestamp: Some(timestamp),
         version: Some(version),
         value: Some(fields(value)),
+        base_version: None,
+        changes: None,
+    }
+}
+
+/// A bucket answered as the fields changed since `base` (subscribe with diffs).
+fn diff(id: &str, timestamp: u64, version: u64, base: u64, changes: Value) -> BucketDoc {
+    BucketDoc {
+        id: id.into(),
+        timestamp: Some(timestamp),
+        version: Some(version),
+        value: None,
+        base_version: Some(base),
+        changes: Some(fields(changes)),
+    }
+}
+
+fn list(buckets: Vec<BucketDoc>) -> BucketList {
+    BucketList {
+        buckets,
+        pending: vec![],
     }
 }
 
@@ -292,7 +322,7 @@ struct Device {
     records_written: u32,
 }
 
-fn config() -> Config {
+fn config(op_id_nonce: u64) -> Config {
     Config {
         serial: SERIAL.into(),
         key_id: "k1".into(),
@@ -304,14 +334,15 @@ fn config() -> Config {
         backoff_max_ms: 60_000,
         auth_backoff_max_ms: 3_600_000,
         jitter_seed: 7,
+        op_id_nonce,
     }
 }
 
 impl Device {
     /// Boots as the firmware does: open the store, restore what it holds.
-    fn boot(c: &mut Checks, now: Millis) -> Self {
+    fn boot(c: &mut Checks, now: Millis, op_id_nonce: u64) -> Self {
         let mut store = Store::new(RamFlash::take(), 0..(PAGE * PAGES) as u32);
-        let mut app = App::new(&config());
+        let mut app = App::new(&config(op_id_nonce));
         let mut buckets = Vec::new();
         let mut creds = Vec::new();
         let has_b = block_on(store.load(KEY_BUCKETS, &mut buckets));
@@ -454,15 +485,24 @@ fn subscribe_of(buckets: Vec<HeldBucket>) -> SubscribeRequest {
         buckets,
         session: Some(SESSION.into()),
         timeout_ms: Some(HOLD_MS),
+        diffs: true,
+        max_bytes: Some(MAX_ANSWER_BYTES),
     }
 }
 
-fn update(value: Value, base_version: u64) -> UpdateRequest {
+/// The first boot's `n`-th op id.
+fn op(n: u64) -> String {
+    alloc::format!("{OP_PREFIX_1}{n}")
+}
+
+/// The first boot's `n`-th write.
+fn update(value: Value, base_version: u64, n: u64) -> UpdateRequest {
     UpdateRequest {
         value: fields(value),
         base_version,
         occ: false,
         session: Some(SESSION.into()),
+        op_id: Some(op(n)),
     }
 }
 
@@ -473,10 +513,14 @@ fn changed(id: &str, version: u64) -> Event {
     }
 }
 
-fn acked(id: &str, outcome: UpdateOutcome) -> Event {
+/// The acknowledgement of the first boot's `n`-th write, answered with `version`.
+fn acked(id: &str, outcome: UpdateOutcome, version: u64, n: u64) -> Event {
     Event::ChangeAcked {
         id: id.into(),
         outcome,
+        op_id: Some(op(n)),
+        version,
+        replayed: false,
     }
 }
 
@@ -485,7 +529,7 @@ fn acked(id: &str, outcome: UpdateOutcome) -> Event {
 
 fn scenario(c: &mut Checks) {
     hprintln!("# boot 1: empty flash");
-    let mut d = Device::boot(c, 0);
+    let mut d = Device::boot(c, 0, NONCE_1);
     check_eq!(
         c,
         d.app.client().buckets().count(),
@@ -552,22 +596,20 @@ fn scenario(c: &mut Checks) {
         ASSIGNED_ID,
     );
     check!(c, call.body.is_none(), "  GET carries no body");
-    let fetched = BucketList {
-        buckets: vec![
-            doc(
-                DEV,
-                T0,
-                1,
-                json!({"current_temperature": null, "humidity": null, "hvac_state": null, "sw_version": null}),
-            ),
-            doc(
-                SHARED,
-                T0,
-                1,
-                json!({"target_temperature": null, "mode": null, "name": null}),
-            ),
-        ],
-    };
+    let fetched = list(vec![
+        doc(
+            DEV,
+            T0,
+            1,
+            json!({"current_temperature": null, "humidity": null, "hvac_state": null, "sw_version": null}),
+        ),
+        doc(
+            SHARED,
+            T0,
+            1,
+            json!({"target_temperature": null, "mode": null, "name": null}),
+        ),
+    ]);
     let ev = d.answer(c, &call, &Recorded::pb(200, fetched.encode_pb()));
     check_eq!(
         c,
@@ -596,7 +638,7 @@ fn scenario(c: &mut Checks) {
     check_eq!(
         c,
         decode_put(c, &call),
-        update(json!({"sw_version": "1.2.0"}), 1),
+        update(json!({"sw_version": "1.2.0"}), 1, 1),
         "  PUT {{sw_version: 1.2.0}} on base_version 1, session, no OCC"
     );
     let applied = UpdateResponse {
@@ -605,12 +647,13 @@ fn scenario(c: &mut Checks) {
         timestamp: T0 + 412,
         version: 2,
         value: None,
+        replayed: false,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
     check_eq!(
         c,
         ev,
-        vec![changed(DEV, 2), acked(DEV, UpdateOutcome::Applied)],
+        vec![changed(DEV, 2), acked(DEV, UpdateOutcome::Applied, 2, 1)],
         "  applied: device bucket now v2"
     );
     let dev = d.app.client().bucket(DEV).cloned();
@@ -651,14 +694,12 @@ fn scenario(c: &mut Checks) {
 
     hprintln!("# notification: a user set target 21.5 heat, named it Hallway");
     d.now = 40_000;
-    let note = BucketList {
-        buckets: vec![doc(
-            SHARED,
-            T0 + 40_000,
-            2,
-            json!({"target_temperature": 21.5, "mode": "heat", "name": "Hallway"}),
-        )],
-    };
+    let note = list(vec![doc(
+        SHARED,
+        T0 + 40_000,
+        2,
+        json!({"target_temperature": 21.5, "mode": "heat", "name": "Hallway"}),
+    )]);
     let ev = d.answer(c, &sub, &Recorded::pb(200, note.encode_pb()));
     check_eq!(
         c,
@@ -724,6 +765,7 @@ fn scenario(c: &mut Checks) {
         decode_put(c, &call),
         update(
             json!({"current_temperature": 19.0, "hvac_state": "heating"}),
+            2,
             2
         ),
         "  PUT {{current_temperature: 19.0, hvac_state: heating}} on base 2 (0.25 C steps)"
@@ -734,12 +776,13 @@ fn scenario(c: &mut Checks) {
         timestamp: T0 + 50_007,
         version: 3,
         value: None,
+        replayed: false,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
     check_eq!(
         c,
         ev,
-        vec![changed(DEV, 3), acked(DEV, UpdateOutcome::Applied)],
+        vec![changed(DEV, 3), acked(DEV, UpdateOutcome::Applied, 3, 2)],
         "  applied: device v3"
     );
     let sub = d.expect_call(
@@ -787,7 +830,7 @@ fn scenario(c: &mut Checks) {
     check_eq!(
         c,
         decode_put(c, &call),
-        update(json!({"mode": "off"}), 2),
+        update(json!({"mode": "off"}), 2, 3),
         "  PUT {{mode: off}} on base 2"
     );
     let refused = UpdateResponse {
@@ -798,12 +841,16 @@ fn scenario(c: &mut Checks) {
         value: Some(fields(
             json!({"target_temperature": 21.5, "mode": "cool", "name": "Hallway"}),
         )),
+        replayed: false,
     };
     let ev = d.answer(c, &call, &Recorded::pb(409, refused.encode_pb()));
     check_eq!(
         c,
         ev,
-        vec![changed(SHARED, 3), acked(SHARED, UpdateOutcome::Refused)],
+        vec![
+            changed(SHARED, 3),
+            acked(SHARED, UpdateOutcome::Refused, 3, 3)
+        ],
         "  refused: the change is dropped, the stored shared v3 is taken"
     );
     check_eq!(
@@ -834,23 +881,24 @@ fn scenario(c: &mut Checks) {
     check_eq!(
         c,
         decode_put(c, &call),
-        update(json!({"hvac_state": "idle"}), 3),
+        update(json!({"hvac_state": "idle"}), 3, 4),
         "  reports hvac_state idle on base 3"
     );
 
-    hprintln!("# a 503 on that PUT keeps the change and retries after a back-off");
+    hprintln!("# a 503 on that PUT keeps the write and retries it after a back-off");
     let mut unavailable = Recorded::json_error(503, "unavailable", "node is draining");
     unavailable.retry_after = Some("1");
     let ev = d.answer(c, &call, &unavailable);
     check!(c, ev.is_empty(), "  no event for a retryable failure");
     check_eq!(
         c,
-        d.app
-            .client()
-            .pending(DEV)
-            .and_then(|p| p.get("hvac_state").cloned()),
-        Some(json!("idle")),
-        "  hvac_state idle back in the outbox"
+        d.app.client().in_doubt().map(|(id, body)| (
+            id,
+            body.value.get("hvac_state").cloned(),
+            body.op_id.clone()
+        )),
+        Some((DEV, Some(json!("idle")), Some(op(4)))),
+        "  the write is kept as sent (it may have been applied): same op id"
     );
     let sub = d.expect_call(
         c,
@@ -892,8 +940,8 @@ fn scenario(c: &mut Checks) {
     check_eq!(
         c,
         decode_put(c, &call),
-        update(json!({"hvac_state": "idle"}), 3),
-        "  the same change is resent"
+        update(json!({"hvac_state": "idle"}), 3, 4),
+        "  the same write is resent, with the same op id (applied at most once)"
     );
     let applied = UpdateResponse {
         outcome: UpdateOutcome::Applied,
@@ -901,12 +949,13 @@ fn scenario(c: &mut Checks) {
         timestamp: T0 + 63_000,
         version: 4,
         value: None,
+        replayed: false,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
     check_eq!(
         c,
         ev,
-        vec![changed(DEV, 4), acked(DEV, UpdateOutcome::Applied)],
+        vec![changed(DEV, 4), acked(DEV, UpdateOutcome::Applied, 4, 4)],
         "  applied: device v4"
     );
     let sub = d.expect_call(
@@ -933,7 +982,7 @@ fn scenario(c: &mut Checks) {
     check_eq!(
         c,
         decode_put(c, &call),
-        update(json!({"target_temperature": 22.0}), 3),
+        update(json!({"target_temperature": 22.0}), 3, 5),
         "  PUT {{target_temperature: 22.0}} on base 3"
     );
     let merged = UpdateResponse {
@@ -944,12 +993,16 @@ fn scenario(c: &mut Checks) {
         value: Some(fields(
             json!({"target_temperature": 22.0, "mode": "cool", "name": "Living room"}),
         )),
+        replayed: false,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, merged.encode_pb()));
     check_eq!(
         c,
         ev,
-        vec![changed(SHARED, 5), acked(SHARED, UpdateOutcome::Merged)],
+        vec![
+            changed(SHARED, 5),
+            acked(SHARED, UpdateOutcome::Merged, 5, 5)
+        ],
         "  merged: shared v5 is the server's merge"
     );
     let t = &d.app.thermostat;
@@ -1074,7 +1127,7 @@ fn scenario(c: &mut Checks) {
     drop(d);
 
     hprintln!("# boot 2: restore from flash, register, subscribe straight away");
-    let mut d = Device::boot(c, 0);
+    let mut d = Device::boot(c, 0, NONCE_2);
     check_eq!(
         c,
         d.app.client().snapshot(),
@@ -1111,20 +1164,28 @@ fn scenario(c: &mut Checks) {
         vec![held(DEV, T0 + 63_000, 4), held(SHARED, T0 + 70_010, 5)],
         "  no fetch: subscribes with the stored versions"
     );
-    let note = BucketList {
-        buckets: vec![doc(
-            SHARED,
-            T0 + 900_000,
-            6,
-            json!({"target_temperature": 20.0, "mode": "heat", "name": "Living room"}),
-        )],
-    };
+    // With diffs: only what changed since the stored v5 (the node's log reaches back).
+    let note = list(vec![diff(
+        SHARED,
+        T0 + 900_000,
+        6,
+        5,
+        json!({"target_temperature": 20.0, "mode": "heat"}),
+    )]);
     let ev = d.answer(c, &sub, &Recorded::pb(200, note.encode_pb()));
     check_eq!(
         c,
         ev,
         vec![changed(SHARED, 6)],
         "  the change made while it was off arrives at once (shared v6)"
+    );
+    check_eq!(
+        c,
+        d.app.client().bucket(SHARED).map(|b| b.value.clone()),
+        Some(fields(
+            json!({"target_temperature": 20.0, "mode": "heat", "name": "Living room"})
+        )),
+        "  the diff applied to the held copy: the name kept, target and mode changed"
     );
     check_eq!(
         c,

@@ -14,12 +14,13 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{
-    BucketDoc, BucketList, ErrorBody, PairRequest, PairResponse, PairingCodeResponse,
-    RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome, UpdateRequest,
-    UpdateResponse, View, WireMessage,
+    BucketDoc, BucketList, ChangeDoc, ErrorBody, HistoryResponse, PairRequest, PairResponse,
+    PairingCodeResponse, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
+    UpdateRequest, UpdateResponse, View, WireMessage,
 };
 use tether_proto::reconcile::Held;
 use tether_proto::requests;
+use tether_proto::synclog::{pack, valid_op_id, Encoding};
 use tether_proto::{Bucket, BucketId, SetKey, Update};
 use tracing::Instrument;
 
@@ -29,7 +30,9 @@ use crate::api::openapi::{self, ProtobufBody};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::registration::STRUCTURE_FIELDS;
-use crate::routing::router::{answer_size, Get, PutKind, Router, Subscription};
+use crate::routing::router::{
+    answer_size, BucketUpdate, Get, PutKind, Router, Subscription, Write,
+};
 use crate::security::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
@@ -412,7 +415,14 @@ pub async fn list(
             buckets.push(BucketDoc::from_bucket(b, query.view));
         }
     }
-    Ok(respond(&req, StatusCode::OK, &BucketList { buckets }))
+    Ok(respond(
+        &req,
+        StatusCode::OK,
+        &BucketList {
+            buckets,
+            pending: Vec::new(),
+        },
+    ))
 }
 
 fn parse_path_id(raw: &str) -> Result<BucketId> {
@@ -510,13 +520,24 @@ pub async fn put(
     .await?;
     let msg: UpdateRequest = decode(request_format(&req)?, &body)?;
     check_session(&msg.session)?;
+    if let Some(op) = msg.op_id.as_deref().filter(|op| !valid_op_id(op)) {
+        return Err(NodeError::BadRequest(format!(
+            "op_id {op:?}: expected 1–64 characters of [A-Za-z0-9_-]"
+        )));
+    }
     let set = id.set_key();
-    let update = Update {
-        value: msg.value,
-        base_version: msg.base_version,
-        occ: msg.occ,
+    let write = Write {
+        update: Update {
+            value: msg.value,
+            base_version: msg.base_version,
+            occ: msg.occ,
+        },
+        session: msg.session,
+        by: principal.author(),
+        op_id: msg.op_id,
     };
-    let written = state.router.put(&id, update, msg.session).await?;
+    let op_id = write.op_id.clone();
+    let written = state.router.put(&id, write).await?;
     let b = &written.bucket;
     let (status, outcome, value) = match written.kind {
         PutKind::Applied => (StatusCode::OK, UpdateOutcome::Applied, None),
@@ -527,13 +548,14 @@ pub async fn put(
             Some(b.value.clone()),
         ),
     };
-    tracing::info!(set = %set, bucket = %id, outcome = ?outcome, version = b.version, "put");
+    tracing::info!(set = %set, bucket = %id, outcome = ?outcome, version = b.version, op_id = op_id.as_deref().unwrap_or("-"), replayed = written.replayed, "put");
     let resp = UpdateResponse {
         outcome,
         id: id.to_string(),
         timestamp: b.timestamp.millis,
         version: b.version,
         value,
+        replayed: written.replayed,
     };
     Ok(respond(&req, status, &resp))
 }
@@ -591,15 +613,26 @@ pub async fn subscribe(
             Duration::from_millis,
         )
         .min(state.config.subscribe_max_timeout);
-    let max_bytes = limits.max_answer_bytes;
+    let format = response_format(&req);
+    let encoding = match format {
+        Format::Json => Encoding::Json,
+        Format::Protobuf => Encoding::Protobuf,
+    };
+    // The node's budget is the ceiling (each owner answers within it); a device's
+    // `max_bytes` asks for less. What does not fit is listed in `pending`.
+    let ceiling = limits.max_answer_bytes;
+    let max_bytes = Some(
+        msg.max_bytes
+            .map_or(ceiling as u64, |m| m.min(ceiling as u64)),
+    );
+    let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
     let held = match state
         .router
-        .subscribe(by_set, msg.session, timeout, max_bytes)
+        .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling)
         .await?
     {
-        Subscription::Now(buckets) => {
-            let buckets = within_budget(buckets, max_bytes);
-            return Ok(respond(&req, StatusCode::OK, &full_list(&buckets)));
+        Subscription::Now(updates) => {
+            return Ok(respond(&req, StatusCode::OK, &answer(updates)));
         }
         Subscription::Held(held) => held,
     };
@@ -611,18 +644,20 @@ pub async fn subscribe(
     // subscription of the principal takes this one's place. Streaming the body also makes
     // actix drop this future, and with it the held subscription (on every owner), when the
     // client hangs up, so a closed connection cancels it.
-    let format = response_format(&req);
     let draining = state.router.drain_signal();
     let hold = crate::metrics::HoldTimer::start(state.shared.metrics.clone());
     let body = async move {
         let mut slot = slot;
-        let buckets = tokio::select! {
-            buckets = held.answer(timeout, draining) => buckets,
+        let updates = tokio::select! {
+            updates = held.answer(timeout, draining) => updates,
             _ = &mut slot.evicted => Vec::new(),
         };
         drop(slot);
-        hold.answered(buckets.iter().map(|b| b.timestamp.millis).max(), now_ms());
-        let list = full_list(&within_budget(buckets, max_bytes));
+        hold.answered(
+            updates.iter().map(|u| u.bucket.timestamp.millis).max(),
+            now_ms(),
+        );
+        let list = answer(updates);
         let bytes = match format {
             Format::Json => {
                 serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
@@ -640,29 +675,86 @@ pub async fn subscribe(
         .streaming(futures::stream::once(body)))
 }
 
-/// The first buckets of `buckets` that fit `max_bytes` (the first always): owners answer
-/// within the budget each, and this bounds what several owners answer together.
-fn within_budget(buckets: Vec<Bucket>, max_bytes: usize) -> Vec<Bucket> {
-    let mut budget = max_bytes;
-    let mut out = Vec::with_capacity(buckets.len());
-    for b in buckets {
-        let size = answer_size(&b);
-        if !out.is_empty() && size > budget {
-            continue;
-        }
-        budget = budget.saturating_sub(size);
-        out.push(b);
-    }
-    out
+/// What a subscriber is sent for each bucket: a diff when one was made, else the value.
+fn docs(updates: Vec<BucketUpdate>) -> Vec<BucketDoc> {
+    updates
+        .into_iter()
+        .map(|u| match u.diff {
+            Some((base, changes)) => BucketDoc::diff(&u.bucket, base, changes),
+            None => BucketDoc::from_bucket(&u.bucket, View::Full),
+        })
+        .collect()
 }
 
-fn full_list(buckets: &[Bucket]) -> BucketList {
-    BucketList {
-        buckets: buckets
-            .iter()
-            .map(|b| BucketDoc::from_bucket(b, View::Full))
-            .collect(),
-    }
+/// Most changes one history page may hold.
+const MAX_HISTORY_LIMIT: usize = 1_000;
+/// A history page's size when the request names none.
+const DEFAULT_HISTORY_LIMIT: usize = 100;
+
+/// `GET /v1/buckets/{id}/history` query.
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    since_version: u64,
+    limit: Option<usize>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/buckets/{id}/history",
+    tag = "buckets",
+    operation_id = "getBucketHistory",
+    params(
+        ("id" = String, Path, description = "Bucket id `<kind>.<key>`", example = "device.01AA02AB"),
+        ("since_version" = Option<u64>, Query, description = "Changes after this version (default 0: from the oldest kept)"),
+        ("limit" = Option<usize>, Query, description = "Most changes in this page (1–1000, default 100)"),
+    ),
+    responses(
+        (status = 200, description = "The bucket's changes after `since_version`, ascending: who changed which field, when", content(
+            (HistoryResponse = "application/json", example = json!({"id": "device.01AA02AB", "oldest_version": 1, "truncated": false, "next_since_version": null, "changes": [{"version": 2, "timestamp": 1763884800123_u64, "outcome": "applied", "by": "device:01AA02AB", "session": "s1", "op_id": "a1b2c3d4-7", "fields": {"mode": "heat"}}]})),
+            (ProtobufBody = "application/x-protobuf"),
+        )),
+        (status = 404, description = "No such bucket (one the principal could read if it existed)", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
+    ),
+)]
+/// `GET /v1/buckets/{id}/history` (API.md "History"): the bucket's changes after
+/// `since_version`, ascending, a page at a time; who changed which field, when.
+pub async fn history(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<HistoryQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let id = parse_path_id(&path)?;
+    principal.authorize(&id)?;
+    let limit = match query.limit {
+        Some(0) => return Err(NodeError::BadRequest("limit must be at least 1".into())),
+        Some(n) => n.min(MAX_HISTORY_LIMIT),
+        None => DEFAULT_HISTORY_LIMIT,
+    };
+    let since = query.since_version;
+    let page = state
+        .router
+        .history(&id, since, limit)
+        .await?
+        .ok_or_else(|| NodeError::NotFound(format!("no bucket {id}")))?;
+    // Nothing kept at all (a bucket older than the log): the log starts after its version.
+    let oldest = page.oldest.unwrap_or(page.version.saturating_add(1));
+    let resp = HistoryResponse {
+        id: id.to_string(),
+        oldest_version: oldest,
+        // Changes after `since` were dropped when the oldest kept one is further along
+        // than the next version and there was anything after `since` at all.
+        truncated: since < page.version && oldest > since.saturating_add(1),
+        next_since_version: if page.more {
+            page.changes.last().map(|c| c.version)
+        } else {
+            None
+        },
+        changes: page.changes.into_iter().map(ChangeDoc::from).collect(),
+    };
+    Ok(respond(&req, StatusCode::OK, &resp))
 }
 
 fn pairing_code() -> String {
@@ -1020,6 +1112,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/buckets", web::get().to(list))
         .route("/v1/buckets/{id}", web::get().to(get_one))
         .route("/v1/buckets/{id}", web::put().to(put))
+        .route("/v1/buckets/{id}/history", web::get().to(history))
         .route("/v1/subscribe", web::post().to(subscribe))
         .route("/v1/pairing-code", web::post().to(pairing_code_handler))
         .route("/v1/pair", web::post().to(pair))

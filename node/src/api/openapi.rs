@@ -14,10 +14,11 @@ use std::sync::OnceLock;
 use actix_web::HttpResponse;
 use serde_json::{json, Value};
 use tether_proto::api::{
-    BucketDoc, BucketList, ErrorBody, HeldBucket, PairRequest, PairResponse, PairingCodeResponse,
-    RegisterRequest, RegisterResponse, SoftwareUpdate, SubscribeRequest, UpdateOutcome,
-    UpdateRequest, UpdateResponse, View,
+    BucketDoc, BucketList, ChangeDoc, ErrorBody, HeldBucket, HistoryResponse, PairRequest,
+    PairResponse, PairingCodeResponse, RegisterRequest, RegisterResponse, SoftwareUpdate,
+    SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse, View,
 };
+use tether_proto::synclog::ChangeKind;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -41,6 +42,7 @@ use crate::api::http;
         http::register,
         http::list,
         http::get_one,
+        http::history,
         http::put,
         http::subscribe,
         http::pairing_code_handler,
@@ -56,7 +58,8 @@ use crate::api::http;
     components(schemas(
         RegisterRequest, RegisterResponse, SoftwareUpdate, BucketDoc, BucketList, View,
         UpdateRequest, UpdateResponse, UpdateOutcome, HeldBucket, SubscribeRequest, ErrorBody,
-        PairingCodeResponse, PairRequest, PairResponse, Health, ProtobufBody,
+        PairingCodeResponse, PairRequest, PairResponse, Health, ProtobufBody, ChangeDoc,
+        HistoryResponse, ChangeKind,
     )),
     modifiers(&CommonErrors),
     tags(

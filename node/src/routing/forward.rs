@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::routing::router::{Leg, PutAnswer, PutKind, Router};
+use crate::routing::router::{BucketUpdate, Leg, PutAnswer, PutKind, Router, Write};
 use crate::sets::actor::{EnsureBuckets, Get};
 use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
 
@@ -94,6 +94,38 @@ fn bucket_to_pb(b: &Bucket) -> pb::Bucket {
         timestamp_ms: b.timestamp.millis,
         timestamp_logical: b.timestamp.logical,
         version: b.version,
+        base_version: None,
+        changes_json: bytes::Bytes::new(),
+    }
+}
+
+fn update_to_pb(u: &BucketUpdate) -> pb::Bucket {
+    let mut b = bucket_to_pb(&u.bucket);
+    if let Some((base, changes)) = &u.diff {
+        b.base_version = Some(*base);
+        b.changes_json = fields_to(changes);
+    }
+    b
+}
+
+fn update_from_pb(b: pb::Bucket) -> Result<BucketUpdate> {
+    let diff = match b.base_version {
+        Some(base) => Some((base, fields_from(&b.changes_json)?)),
+        None => None,
+    };
+    Ok(BucketUpdate {
+        bucket: bucket_from_pb(b)?,
+        diff,
+    })
+}
+
+fn updates_from_pb(list: Vec<pb::Bucket>) -> Result<Vec<BucketUpdate>> {
+    list.into_iter().map(update_from_pb).collect()
+}
+
+fn updates_to_pb(list: &[BucketUpdate]) -> pb::BucketsReply {
+    pb::BucketsReply {
+        buckets: list.iter().map(update_to_pb).collect(),
     }
 }
 
@@ -213,7 +245,7 @@ fn from_status(owner: &Member, status: &Status, safe_to_retry: bool) -> NodeErro
     if safe_to_retry {
         NodeError::NotOwner(why)
     } else {
-        NodeError::Unavailable(why)
+        NodeError::FateUnknown(why)
     }
 }
 
@@ -309,23 +341,20 @@ impl Peers {
         r
     }
 
-    /// `Put` on the owner; routed again only if nothing was sent.
-    pub async fn put(
-        &self,
-        owner: &Member,
-        id: &BucketId,
-        update: Update,
-        session: Option<String>,
-    ) -> Result<PutAnswer> {
+    /// `Put` on the owner; routed again if nothing was sent, or if its fate is unknown
+    /// and it carries an op id (`FateUnknown`, see the router).
+    pub async fn put(&self, owner: &Member, id: &BucketId, write: Write) -> Result<PutAnswer> {
         let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::PutRequest {
                 id: id.to_string(),
-                value_json: fields_to(&update.value),
-                base_version: update.base_version,
-                occ: update.occ,
-                session,
+                value_json: fields_to(&write.update.value),
+                base_version: write.update.base_version,
+                occ: write.update.occ,
+                session: write.session,
+                op_id: write.op_id,
+                by: write.by,
             };
             let reply = client
                 .put(traced(req))
@@ -342,7 +371,11 @@ impl Peers {
                 .bucket
                 .ok_or_else(|| bad("put reply", "no bucket"))
                 .and_then(bucket_from_pb)?;
-            Ok(PutAnswer { kind, bucket })
+            Ok(PutAnswer {
+                kind,
+                bucket,
+                replayed: reply.replayed,
+            })
         }
         .instrument(Self::span("put", owner))
         .await;
@@ -418,6 +451,7 @@ impl Peers {
         held: Vec<Held>,
         session: Option<String>,
         timeout: Duration,
+        diffs: bool,
         max_bytes: usize,
     ) -> Result<Leg> {
         let started = Instant::now();
@@ -427,6 +461,7 @@ impl Peers {
                 held: held.iter().map(held_to_pb).collect(),
                 session,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                diffs,
                 max_bytes: max_bytes as u64,
             };
             let mut stream = client
@@ -441,7 +476,7 @@ impl Peers {
                 .and_then(|m| m.event)
                 .ok_or_else(|| NodeError::NotOwner(format!("owner {} ended the call", owner.id)))?;
             match first {
-                Event::Now(list) => Ok(Leg::Now(buckets_from_pb(list.buckets)?)),
+                Event::Now(list) => Ok(Leg::Now(updates_from_pb(list.buckets)?)),
                 Event::Held(_) => {
                     let owner_id = owner.id.clone();
                     Ok(Leg::Held(
@@ -449,7 +484,7 @@ impl Peers {
                             match stream.message().await {
                                 Ok(Some(pb::SubscribeEvent {
                                     event: Some(Event::Changed(list)),
-                                })) => buckets_from_pb(list.buckets).unwrap_or_else(|e| {
+                                })) => updates_from_pb(list.buckets).unwrap_or_else(|e| {
                                     tracing::warn!(owner = %owner_id, error = %e, "forwarded notification dropped");
                                     Vec::new()
                                 }),
@@ -555,14 +590,23 @@ impl Sets for SetsService {
         self.served("put");
         let req = request.into_inner();
         let id = parse_id(&req.id)?;
-        let update = Update {
-            value: fields_from(&req.value_json).map_err(|e| e.to_status())?,
-            base_version: req.base_version,
-            occ: req.occ,
+        let write = Write {
+            update: Update {
+                value: fields_from(&req.value_json).map_err(|e| e.to_status())?,
+                base_version: req.base_version,
+                occ: req.occ,
+            },
+            session: req.session,
+            by: if req.by.is_empty() {
+                crate::sets::actor::BY_SERVER.to_string()
+            } else {
+                req.by
+            },
+            op_id: req.op_id,
         };
         let answer = self
             .router
-            .local_put(&id, update, req.session)
+            .local_put(&id, write)
             .await
             .map_err(|e| e.to_status())?;
         let outcome = match answer.kind {
@@ -573,6 +617,7 @@ impl Sets for SetsService {
         Ok(Response::new(pb::PutReply {
             outcome: outcome.into(),
             bucket: Some(bucket_to_pb(&answer.bucket)),
+            replayed: answer.replayed,
         }))
     }
 
@@ -633,19 +678,24 @@ impl Sets for SetsService {
         let hold = Duration::from_millis(req.timeout_ms).saturating_add(HOLD_MARGIN);
         let leg = self
             .router
-            .open_local(by_set, req.session, self.max_bytes(req.max_bytes))
+            .open_local(
+                by_set,
+                req.session,
+                req.diffs,
+                self.max_bytes(req.max_bytes),
+            )
             .await
             .map_err(|e| e.to_status())?;
         let stream: EventStream = match leg {
             Leg::Now(buckets) => {
-                futures::stream::once(async move { event(Event::Now(buckets_to_pb(&buckets))) })
+                futures::stream::once(async move { event(Event::Now(updates_to_pb(&buckets))) })
                     .boxed()
             }
             Leg::Held(wait) => {
                 let drain = self.router.drain_signal();
                 let answer = async move {
                     let buckets = crate::routing::router::answer_within(wait, hold, drain).await;
-                    event(Event::Changed(buckets_to_pb(&buckets)))
+                    event(Event::Changed(updates_to_pb(&buckets)))
                 };
                 futures::stream::once(async { event(Event::Held(pb::Held {})) })
                     .chain(futures::stream::once(answer))

@@ -6,7 +6,11 @@
 //! no longer owns the set answers `NotOwner`, and the request is routed again with the
 //! newer view, for at most [`ROUTE_DEADLINE`]. A write is retried only when it certainly
 //! was not applied (refused before reaching the actor, or the owner unreachable before
-//! anything was sent), so a retry never applies a write twice.
+//! anything was sent), so a retry never applies a write twice — or, when it carries an
+//! op id, also when its fate is unknown (the owner died mid-request): the owner, old or
+//! new, answers a remembered op id from the store's record instead of applying it again,
+//! so such a write keeps being routed, for at most [`FATE_UNKNOWN_DEADLINE`], until one
+//! owner answers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +20,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tether_cluster::{Member, RingPlacement};
+use tether_proto::api::UpdateOutcome;
 use tether_proto::reconcile::Held;
-use tether_proto::{Bucket, BucketId, Fields, Outcome, SetKey, Update};
+use tether_proto::synclog::diff_since;
+use tether_proto::{Bucket, BucketId, Fields, SetKey, Update};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -25,12 +31,18 @@ use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
 pub use crate::sets::actor::Get;
 use crate::sets::actor::{
-    EnsureBuckets, Put, ReleaseHeld, Subscribe, SubscribeAnswer, Unsubscribe,
+    EnsureBuckets, Put, ReleaseHeld, Stale, Subscribe, SubscribeAnswer, Unsubscribe,
 };
 use crate::sets::registry::Shared;
+use crate::store::HistoryPage;
 
 /// How long a request keeps looking for its set's owner while ownership moves.
 pub const ROUTE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a write with an op id whose fate is unknown keeps being routed: long enough
+/// for the cluster to declare a dead owner down and a new owner to take the set over.
+pub const FATE_UNKNOWN_DEADLINE: Duration = Duration::from_secs(12);
+/// A diff spans at most this many versions; further behind, the whole value goes.
+const MAX_DIFF_SPAN: u64 = 1_000;
 /// Pause before routing again, so a view that is converging gets the time to.
 const ROUTE_RETRY: Duration = Duration::from_millis(50);
 
@@ -53,6 +65,31 @@ pub struct PutAnswer {
     pub kind: PutKind,
     /// The bucket.
     pub bucket: Bucket,
+    /// The owner answered from the memory of an earlier attempt with this op id.
+    pub replayed: bool,
+}
+
+/// A write as routed: the update and everything that travels with it to the owner.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// Fields, base version, OCC flag.
+    pub update: Update,
+    /// The writer's session.
+    pub session: Option<String>,
+    /// `device:<serial>` or `user:<id>`.
+    pub by: String,
+    /// The client's idempotency key.
+    pub op_id: Option<String>,
+}
+
+/// A bucket a subscriber is sent: its state, and a diff from the version it held when it
+/// asked for diffs and one could be made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketUpdate {
+    /// The bucket as committed.
+    pub bucket: Bucket,
+    /// The held version and the fields changed since.
+    pub diff: Option<(u64, Fields)>,
 }
 
 /// Where a set is served.
@@ -66,7 +103,7 @@ enum Route {
 #[derive(Debug)]
 pub enum Subscription {
     /// Some held versions were stale: these buckets, at once.
-    Now(Vec<Bucket>),
+    Now(Vec<BucketUpdate>),
     /// Nothing stale; held on every owner until one answers.
     Held(HeldSubscription),
 }
@@ -74,7 +111,7 @@ pub enum Subscription {
 /// A subscription held on one or more owners. Dropping it cancels it everywhere (local
 /// actors are told, forwarded calls are cancelled).
 pub struct HeldSubscription {
-    legs: Vec<BoxFuture<'static, Vec<Bucket>>>,
+    legs: Vec<BoxFuture<'static, Vec<BucketUpdate>>>,
 }
 
 impl std::fmt::Debug for HeldSubscription {
@@ -89,7 +126,11 @@ impl HeldSubscription {
     /// The buckets of the first owner to answer (the others are cancelled), or nothing
     /// when `timeout` passes or the node starts draining. An empty answer means "no
     /// change": the client resubscribes with its versions and loses nothing.
-    pub async fn answer(self, timeout: Duration, draining: watch::Receiver<bool>) -> Vec<Bucket> {
+    pub async fn answer(
+        self,
+        timeout: Duration,
+        draining: watch::Receiver<bool>,
+    ) -> Vec<BucketUpdate> {
         if self.legs.is_empty() {
             return Vec::new();
         }
@@ -99,11 +140,11 @@ impl HeldSubscription {
 }
 
 /// `answer`, or nothing ("no change") when `timeout` passes or the node starts draining.
-pub(crate) async fn answer_within(
-    answer: impl std::future::Future<Output = Vec<Bucket>>,
+pub(crate) async fn answer_within<T>(
+    answer: impl std::future::Future<Output = Vec<T>>,
     timeout: Duration,
     mut draining: watch::Receiver<bool>,
-) -> Vec<Bucket> {
+) -> Vec<T> {
     let drained = async {
         if draining.wait_for(|d| *d).await.is_err() {
             // The router is gone: nothing will ever signal a drain.
@@ -119,8 +160,8 @@ pub(crate) async fn answer_within(
 
 /// One owner's part of a subscribe check.
 pub(crate) enum Leg {
-    Now(Vec<Bucket>),
-    Held(BoxFuture<'static, Vec<Bucket>>),
+    Now(Vec<BucketUpdate>),
+    Held(BoxFuture<'static, Vec<BucketUpdate>>),
 }
 
 /// Routes set operations to their owners.
@@ -232,12 +273,28 @@ impl Router {
 
     /// Runs `attempt` against the set's current owner until it answers something other
     /// than `NotOwner`, or [`ROUTE_DEADLINE`] passes.
-    async fn routed<T, F, Fut>(&self, set: &SetKey, mut attempt: F) -> Result<T>
+    async fn routed<T, F, Fut>(&self, set: &SetKey, attempt: F) -> Result<T>
     where
         F: FnMut(Route) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        self.routed_until(set, ROUTE_DEADLINE, false, attempt).await
+    }
+
+    /// [`Self::routed`] with a deadline, and with `retry_unknown` also routing again
+    /// after a `FateUnknown` (a write with an op id).
+    async fn routed_until<T, F, Fut>(
+        &self,
+        set: &SetKey,
+        limit: Duration,
+        retry_unknown: bool,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Route) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let route = self.route(set);
             let span = tracing::info_span!(
@@ -249,6 +306,15 @@ impl Router {
                 }
             );
             match attempt(route).instrument(span).await {
+                Err(NodeError::FateUnknown(why)) if retry_unknown => {
+                    if tokio::time::Instant::now() + ROUTE_RETRY > deadline {
+                        return Err(NodeError::FateUnknown(format!(
+                            "{why}; the write carries an op id: retry it with the same op id"
+                        )));
+                    }
+                    tracing::info!(%set, %why, "write with an op id lost its owner mid-request; routing it again");
+                    tokio::time::sleep(ROUTE_RETRY).await;
+                }
                 Err(NodeError::NotOwner(why)) => {
                     if tokio::time::Instant::now() + ROUTE_RETRY > deadline {
                         return Err(NodeError::Unavailable(format!(
@@ -278,24 +344,37 @@ impl Router {
         .await
     }
 
-    /// One write, answered once it is durable on the owner.
-    pub async fn put(
-        &self,
-        id: &BucketId,
-        update: Update,
-        session: Option<String>,
-    ) -> Result<PutAnswer> {
+    /// One write, answered once it is durable on the owner. A write with an op id that
+    /// lost its owner mid-request is routed again (to the new owner once the view moved):
+    /// whichever owner committed it answers the retry from its record.
+    pub async fn put(&self, id: &BucketId, write: Write) -> Result<PutAnswer> {
         let set = id.set_key();
-        self.routed(&set, |route| {
-            let (update, session) = (update.clone(), session.clone());
+        let (limit, retry_unknown) = if write.op_id.is_some() {
+            (FATE_UNKNOWN_DEADLINE, true)
+        } else {
+            (ROUTE_DEADLINE, false)
+        };
+        self.routed_until(&set, limit, retry_unknown, |route| {
+            let write = write.clone();
             async move {
                 match route {
-                    Route::Local => self.local_put(id, update, session).await,
-                    Route::Peer(owner) => self.peers()?.put(&owner, id, update, session).await,
+                    Route::Local => self.local_put(id, write).await,
+                    Route::Peer(owner) => self.peers()?.put(&owner, id, write).await,
                 }
             }
         })
         .await
+    }
+
+    /// A page of bucket `id`'s history, straight from the store every owner commits to
+    /// (only committed changes are there); `None` when the bucket does not exist.
+    pub async fn history(
+        &self,
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>> {
+        Ok(self.shared.store.history(id, since_version, limit).await?)
     }
 
     /// Creates the listed buckets of `set` unless they exist; `device_type` names the
@@ -355,12 +434,13 @@ impl Router {
         by_set: BTreeMap<SetKey, Vec<Held>>,
         session: Option<String>,
         timeout: Duration,
+        diffs: bool,
         max_bytes: usize,
     ) -> Result<Subscription> {
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
         loop {
             match self
-                .open_subscription(&by_set, &session, timeout, max_bytes)
+                .open_subscription(&by_set, &session, timeout, diffs, max_bytes)
                 .await
             {
                 Err(NodeError::NotOwner(why))
@@ -384,6 +464,7 @@ impl Router {
         by_set: &BTreeMap<SetKey, Vec<Held>>,
         session: &Option<String>,
         timeout: Duration,
+        diffs: bool,
         max_bytes: usize,
     ) -> Result<Subscription> {
         let mut local = BTreeMap::new();
@@ -402,7 +483,10 @@ impl Router {
         }
         let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
         if !local.is_empty() {
-            opening.push(self.open_local(local, session.clone(), max_bytes).boxed());
+            opening.push(
+                self.open_local(local, session.clone(), diffs, max_bytes)
+                    .boxed(),
+            );
         }
         for (_, (owner, held)) in remote {
             let peers = self.peers()?;
@@ -410,7 +494,7 @@ impl Router {
             opening.push(
                 async move {
                     peers
-                        .subscribe(&owner, held, session, timeout, max_bytes)
+                        .subscribe(&owner, held, session, timeout, diffs, max_bytes)
                         .await
                 }
                 .boxed(),
@@ -437,20 +521,24 @@ impl Router {
         self.shared.call(set, read).await?
     }
 
-    pub(crate) async fn local_put(
-        &self,
-        id: &BucketId,
-        update: Update,
-        session: Option<String>,
-    ) -> Result<PutAnswer> {
+    pub(crate) async fn local_put(&self, id: &BucketId, write: Write) -> Result<PutAnswer> {
+        let stall = write.op_id.as_deref().is_some_and(|op| {
+            self.shared
+                .config
+                .fault_stall_op_prefix
+                .as_deref()
+                .is_some_and(|p| op.starts_with(p))
+        });
         let rx = self
             .shared
             .call(
                 &id.set_key(),
                 Put {
                     id: id.clone(),
-                    update,
-                    session,
+                    update: write.update,
+                    session: write.session,
+                    by: write.by,
+                    op_id: write.op_id,
                 },
             )
             .await??;
@@ -458,14 +546,20 @@ impl Router {
         let written = rx
             .await
             .map_err(|_| NodeError::Unavailable("bucket set stopped before the commit".into()))??;
+        if stall && !written.replayed {
+            // Fault injection (tests only): committed, and the answer never leaves.
+            tracing::warn!(bucket = %id, "fault injection: holding the answer of a committed write");
+            std::future::pending::<()>().await;
+        }
         let kind = match written.outcome {
-            Outcome::Applied(_) => PutKind::Applied,
-            Outcome::Merged(_) => PutKind::Merged,
-            Outcome::Refused(_) => PutKind::Refused,
+            UpdateOutcome::Applied => PutKind::Applied,
+            UpdateOutcome::Merged => PutKind::Merged,
+            UpdateOutcome::Refused => PutKind::Refused,
         };
         Ok(PutAnswer {
             kind,
             bucket: written.bucket,
+            replayed: written.replayed,
         })
     }
 
@@ -483,10 +577,13 @@ impl Router {
     }
 
     /// The subscribe check on this node's own sets (every listed set must be local).
+    /// With `diffs`, a stale bucket whose diff the actor could not make from memory gets
+    /// one from the store's log when that still reaches back to the held version.
     pub(crate) async fn open_local(
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
         session: Option<String>,
+        diffs: bool,
         max_bytes: usize,
     ) -> Result<Leg> {
         let mut budget = max_bytes;
@@ -507,14 +604,15 @@ impl Router {
                         sub_id,
                         held,
                         session: session.clone(),
+                        diffs,
                         max_bytes: budget,
                     },
                 )
                 .await??;
             match answer {
                 SubscribeAnswer::Now(buckets) => {
-                    for b in &buckets {
-                        budget = budget.saturating_sub(answer_size(b));
+                    for s in &buckets {
+                        budget = budget.saturating_sub(answer_size(&s.bucket));
                     }
                     now.extend(buckets);
                 }
@@ -525,15 +623,16 @@ impl Router {
             }
         }
         if !now.is_empty() || waiting.is_empty() {
-            return Ok(Leg::Now(now));
+            return Ok(Leg::Now(complete_diffs(&self.shared, now, diffs).await));
         }
+        let shared = self.shared.clone();
         Ok(Leg::Held(
             async move {
                 let (answer, _, _) = futures::future::select_all(waiting).await;
                 drop(guard);
                 // A dropped sender means the actor stopped (handoff, shutdown, lease
                 // lost): an empty answer makes the client resubscribe with its versions.
-                answer.unwrap_or_default()
+                complete_diffs(&shared, answer.unwrap_or_default(), diffs).await
             }
             .boxed(),
         ))
@@ -549,6 +648,44 @@ impl Router {
     /// A receiver that turns true when the node starts draining.
     pub fn drain_signal(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+}
+
+/// Turns an actor's stale buckets into what subscribers are sent: with `diffs`, each
+/// with the actor's diff, else one made from the store's log when it still reaches back
+/// to the held version, else none (the whole value goes).
+async fn complete_diffs(shared: &Shared, stale: Vec<Stale>, diffs: bool) -> Vec<BucketUpdate> {
+    let mut out = Vec::with_capacity(stale.len());
+    for s in stale {
+        let diff = match (diffs, s.held, s.diff) {
+            (false, _, _) | (_, None, _) => None,
+            (true, Some(held), Some(d)) => Some((held, d)),
+            (true, Some(held), None) => diff_from_log(shared, &s.bucket, held)
+                .await
+                .map(|d| (held, d)),
+        };
+        out.push(BucketUpdate {
+            bucket: s.bucket,
+            diff,
+        });
+    }
+    out
+}
+
+/// The diff from `held` to `bucket`, from the bucket's log in the store.
+async fn diff_from_log(shared: &Shared, bucket: &Bucket, held: u64) -> Option<Fields> {
+    let span = bucket
+        .version
+        .checked_sub(held)
+        .filter(|n| (1..=MAX_DIFF_SPAN).contains(n))?;
+    let limit = usize::try_from(span).ok()?;
+    match shared.store.history(&bucket.id, held, limit).await {
+        Ok(Some(page)) => diff_since(held, bucket.version, &page.changes),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(bucket = %bucket.id, error = %e, "reading the log for a diff failed; sending the whole value");
+            None
+        }
     }
 }
 

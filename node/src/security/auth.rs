@@ -132,6 +132,12 @@ impl Principal {
         }
     }
 
+    /// How the bucket log names this principal as a writer (also who may replay a write's
+    /// op id): the same `device:<serial>` or `user:<id>` as [`Principal::key`].
+    pub fn author(&self) -> String {
+        self.key()
+    }
+
     /// The device serial, for device principals.
     pub fn device(&self) -> Option<&SetKey> {
         match self {

@@ -5,30 +5,47 @@
 //! subscribe checks from them; a write is reconciled, committed to the store in a batch
 //! with the other writes that queued meanwhile, and only then acknowledged and notified.
 //! Idle actors stop (passivation) and are reloaded from the store on the next request.
+//!
+//! The sync log rides on the same commits: every accepted write appends its [`Change`] to
+//! its bucket's log, and a write carrying an op id commits its [`OpRecord`], in the batch's
+//! one store transaction, with retention trims. A write whose op id the set already
+//! remembers (in memory, or found by the store's conditional commit) is answered from that
+//! record and changes nothing (DESIGN.md §7 invariant 7).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use tether_proto::api::UpdateOutcome;
 use tether_proto::reconcile::{is_stale, should_notify, Held};
+use tether_proto::synclog::{
+    check_op, diff_since, op_digest, Change, ChangeKind, OpCheck, OpRecord,
+};
 use tether_proto::{reconcile, Bucket, BucketId, Fields, Outcome, SetKey, Update};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::sets::registry::Shared;
-use crate::store::{Epoch, StoreError};
+use crate::store::{Commit, Epoch, OpRetention, StoreError};
 
 /// What a caller gets back for an accepted or refused write.
 #[derive(Debug, Clone)]
 pub struct WriteResult {
-    /// The reconciliation outcome.
-    pub outcome: Outcome,
+    /// Applied, merged or refused (for a replay: the original write's).
+    pub outcome: UpdateOutcome,
     /// The bucket as this write left it (for a refused write, the stored copy it was
-    /// refused against). Later writes in the same batch do not show here.
+    /// refused against). Later writes in the same batch do not show here. For a replay:
+    /// an applied write's original timestamp and version; a merged or refused one's
+    /// bucket as it is now (API.md "Idempotent writes").
     pub bucket: Bucket,
+    /// Answered from the memory of an earlier attempt with the same op id.
+    pub replayed: bool,
 }
+
+/// The log's name for a writer that is not a device or a user.
+pub const BY_SERVER: &str = "server";
 
 /// A device or app update of one bucket.
 #[derive(Debug, Clone, Message)]
@@ -40,6 +57,10 @@ pub struct Put {
     pub update: Update,
     /// The writer's session, for echo suppression.
     pub session: Option<String>,
+    /// Who writes (`device:<serial>`, `user:<id>`), for the log and op-id replays.
+    pub by: String,
+    /// The client's idempotency key.
+    pub op_id: Option<String>,
 }
 
 /// Registration: create the listed buckets unless they exist (null-valued template fields).
@@ -66,13 +87,26 @@ pub struct Get {
     pub max_bytes: usize,
 }
 
+/// A bucket a subscriber is owed: its state, the version the subscriber held, and — when
+/// the subscriber asked for diffs and this actor still remembers every change since —
+/// the fields changed since.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stale {
+    /// The bucket as committed.
+    pub bucket: Bucket,
+    /// The version the subscriber said it held.
+    pub held: Option<u64>,
+    /// The coalesced changes after `held`, if known here.
+    pub diff: Option<Fields>,
+}
+
 /// What a subscribe check found.
 #[derive(Debug)]
 pub enum SubscribeAnswer {
     /// Some held versions are stale: answer at once with these buckets.
-    Now(Vec<Bucket>),
+    Now(Vec<Stale>),
     /// Nothing stale: the subscription is registered and will be answered on this channel.
-    Held(oneshot::Receiver<Vec<Bucket>>),
+    Held(oneshot::Receiver<Vec<Stale>>),
 }
 
 /// Check held versions and, if none is stale, hold the subscription (FIG 21C/21D).
@@ -88,6 +122,8 @@ pub struct Subscribe {
     /// Most bytes of stale buckets to answer with at once; the rest (never the first) are
     /// left for the client's next subscribe, which answers them at once.
     pub max_bytes: usize,
+    /// The subscriber takes diffs.
+    pub diffs: bool,
 }
 
 /// The subscriber went away (timeout or closed connection): forget it.
@@ -112,6 +148,8 @@ enum Job {
         id: BucketId,
         update: Update,
         session: Option<String>,
+        by: String,
+        op_id: Option<String>,
         reply: oneshot::Sender<Result<WriteResult>>,
         trace: JobTrace,
     },
@@ -120,6 +158,16 @@ enum Job {
         reply: oneshot::Sender<Result<()>>,
         trace: JobTrace,
     },
+}
+
+/// A job's answer, decided while reconciling its batch.
+enum Answer {
+    /// Ready (sent once the batch commits).
+    Done(Result<WriteResult>),
+    /// A retry of the put at this index of the same batch: its result, replayed.
+    SameAs(usize),
+    /// A creation: nothing to answer but success.
+    Created,
 }
 
 /// A queued job's spans: its `actor.{op}` span (open until it is answered) and the
@@ -148,11 +196,47 @@ impl Job {
 }
 
 struct HeldSub {
-    held: HashSet<BucketId>,
+    /// The held buckets and the version the subscriber holds of each.
+    held: HashMap<BucketId, Option<u64>>,
     session: Option<String>,
-    reply: oneshot::Sender<Vec<Bucket>>,
+    diffs: bool,
+    reply: oneshot::Sender<Vec<Stale>>,
     /// The subscribing request's span, for the notify span's links.
     trace: Option<opentelemetry::trace::SpanContext>,
+}
+
+/// Op records kept in memory per set (the store remembers the rest).
+const KNOWN_OPS: usize = 32;
+/// Changes kept in memory per bucket, to answer subscribers with diffs without a read.
+const RECENT_CHANGES: usize = 8;
+/// Changes are trimmed each time a bucket's version crosses a multiple of this (so the log
+/// keeps between the configured count and that many more).
+const TRIM_CHANGES_EVERY: u64 = 16;
+/// Op ids are trimmed every this many new ones.
+const TRIM_OPS_EVERY: u64 = 64;
+
+/// Op records this actor committed or learned, newest last, at most [`KNOWN_OPS`].
+#[derive(Debug, Default)]
+struct KnownOps {
+    by_id: HashMap<String, OpRecord>,
+    order: VecDeque<String>,
+}
+
+impl KnownOps {
+    fn get(&self, op_id: &str) -> Option<&OpRecord> {
+        self.by_id.get(op_id)
+    }
+
+    fn insert(&mut self, rec: OpRecord) {
+        if self.by_id.insert(rec.op_id.clone(), rec.clone()).is_none() {
+            self.order.push_back(rec.op_id);
+        }
+        while self.order.len() > KNOWN_OPS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
 }
 
 /// The actor owning one bucket set on this node.
@@ -161,6 +245,11 @@ pub struct BucketSetActor {
     shared: Arc<Shared>,
     epoch: Option<Epoch>,
     committed: BTreeMap<BucketId, Bucket>,
+    /// The last changes committed per bucket by this actor, oldest first.
+    recent: HashMap<BucketId, VecDeque<Change>>,
+    known_ops: KnownOps,
+    /// New op ids committed since the last op-id trim.
+    ops_since_trim: u64,
     queue: Vec<Job>,
     committing: bool,
     subs: HashMap<u64, HeldSub>,
@@ -190,6 +279,31 @@ impl std::fmt::Debug for BucketSetActor {
 /// session's echo must not hide another session's change in the same batch).
 type Changes = BTreeMap<BucketId, Vec<Option<String>>>;
 
+fn op_id_reused(op_id: &str) -> NodeError {
+    NodeError::OpIdReused(format!(
+        "op_id {op_id:?} was already used for another write; use a fresh op_id for every distinct write"
+    ))
+}
+
+/// The answer to a write the set remembers: an applied write's original timestamp and
+/// version; for a merged or refused one, the bucket as it is now.
+fn replay(rec: &OpRecord, now: &Bucket) -> WriteResult {
+    let bucket = match rec.outcome {
+        UpdateOutcome::Applied => Bucket {
+            id: now.id.clone(),
+            value: now.value.clone(),
+            timestamp: rec.timestamp,
+            version: rec.version,
+        },
+        UpdateOutcome::Merged | UpdateOutcome::Refused => now.clone(),
+    };
+    WriteResult {
+        outcome: rec.outcome,
+        bucket,
+        replayed: true,
+    }
+}
+
 /// Size of a bucket's value as JSON, the unit of the bucket size limit.
 fn encoded_len(value: &Fields) -> usize {
     serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
@@ -206,6 +320,9 @@ impl BucketSetActor {
             shared,
             epoch: None,
             committed: BTreeMap::new(),
+            recent: HashMap::new(),
+            known_ops: KnownOps::default(),
+            ops_since_trim: 0,
             queue: Vec::new(),
             committing: false,
             subs: HashMap::new(),
@@ -332,70 +449,75 @@ impl BucketSetActor {
         }
         let mut working = self.committed.clone();
         let mut changed = Changes::new();
-        // Per job: its own answer (the state its reconcile produced, not the batch's final
-        // state), or an error to send without committing; `None` for creations.
-        let mut results: Vec<(Job, Option<Result<WriteResult>>)> = Vec::with_capacity(jobs.len());
-        for mut job in jobs {
+        let mut commit = Commit::default();
+        // Op ids of this batch: the job that carries each first, who sent it and its digest.
+        let mut batch_ops: HashMap<String, (usize, String, String)> = HashMap::new();
+        let mut results: Vec<(Job, Answer)> = Vec::with_capacity(jobs.len());
+        let versions_before: HashMap<BucketId, u64> = self
+            .committed
+            .iter()
+            .map(|(id, b)| (id.clone(), b.version))
+            .collect();
+        for (index, mut job) in jobs.into_iter().enumerate() {
             let reconciling = tracing::info_span!(parent: &job.trace().span, "reconcile").entered();
-            let r = match &job {
+            let answer = match &job {
                 Job::Put {
                     id,
                     update,
                     session,
+                    by,
+                    op_id,
                     ..
-                } => match working.get(id) {
-                    None => Some(Err(NodeError::NotFound(format!("no bucket {id}")))),
-                    Some(stored) => {
-                        let now = self.shared.tick();
-                        let outcome = reconcile(stored, update, now);
-                        let max = self.shared.config.max_bucket_bytes;
-                        match outcome.new_state() {
-                            Some(new) if encoded_len(&new.value) > max => {
-                                Some(Err(NodeError::TooLarge(format!(
-                                    "bucket {id} would be larger than {max} bytes"
-                                ))))
-                            }
-                            Some(new) => {
-                                let bucket = new.clone();
-                                working.insert(id.clone(), bucket.clone());
-                                changed.entry(id.clone()).or_default().push(session.clone());
-                                Some(Ok(WriteResult { outcome, bucket }))
-                            }
-                            None => Some(Ok(WriteResult {
-                                outcome,
-                                bucket: stored.clone(),
-                            })),
-                        }
-                    }
-                },
+                } => self.reconcile_put(
+                    index,
+                    (id, update, session, by, op_id),
+                    &mut working,
+                    &mut changed,
+                    &mut commit,
+                    &mut batch_ops,
+                ),
                 Job::Ensure { buckets, .. } => {
                     for (id, fields) in buckets {
                         if !working.contains_key(id) {
                             let b = Bucket::created(id.clone(), fields.clone(), self.shared.tick());
+                            commit.changes.push((
+                                id.clone(),
+                                Change {
+                                    version: b.version,
+                                    timestamp: b.timestamp.millis,
+                                    outcome: ChangeKind::Created,
+                                    by: BY_SERVER.to_string(),
+                                    session: None,
+                                    op_id: None,
+                                    fields: fields.clone(),
+                                },
+                            ));
                             working.insert(id.clone(), b);
                             changed.entry(id.clone()).or_default().push(None);
                         }
                     }
-                    None
+                    Answer::Created
                 }
             };
             drop(reconciling);
-            results.push((job, r));
+            results.push((job, answer));
         }
-        let writes: Vec<Bucket> = changed
+        commit.buckets = changed
             .keys()
             .filter_map(|id| working.get(id).cloned())
             .collect();
+        self.plan_trims(&mut commit, &versions_before);
         self.committing = true;
         let store = self.shared.store.clone();
         let set = self.set.clone();
+        let to_commit = commit.clone();
         let requests = results.len();
         let started = Instant::now();
         let fut = async move {
-            if writes.is_empty() {
+            if to_commit.is_empty() {
                 Ok(())
             } else {
-                store.commit(&set, epoch, writes).await
+                store.commit(&set, epoch, to_commit).await
             }
         }
         .instrument(commit_span.clone());
@@ -409,7 +531,7 @@ impl BucketSetActor {
                 Err(_) => drop(commit_span.record("otel.status_code", "ERROR")),
             }
             let _in = commit_span.enter();
-            act.finish_commit(res, working, changed, results, ctx);
+            act.finish_commit(res, working, changed, commit, results, ctx);
             act.start_commit(ctx);
             if act.shutting_down && act.idle() {
                 ctx.stop();
@@ -417,14 +539,159 @@ impl BucketSetActor {
         }));
     }
 
+    /// Reconciles one put of a batch against `working`; what to answer it with.
+    #[allow(clippy::type_complexity)]
+    fn reconcile_put(
+        &mut self,
+        index: usize,
+        (id, update, session, by, op_id): (
+            &BucketId,
+            &Update,
+            &Option<String>,
+            &String,
+            &Option<String>,
+        ),
+        working: &mut BTreeMap<BucketId, Bucket>,
+        changed: &mut Changes,
+        commit: &mut Commit,
+        batch_ops: &mut HashMap<String, (usize, String, String)>,
+    ) -> Answer {
+        let Some(stored) = working.get(id) else {
+            return Answer::Done(Err(NodeError::NotFound(format!("no bucket {id}"))));
+        };
+        let digest = op_id
+            .as_ref()
+            .map(|_| op_digest(id.as_str(), update, session.as_deref()));
+        if let (Some(op), Some(digest)) = (op_id, &digest) {
+            match check_op(self.known_ops.get(op), by, digest) {
+                OpCheck::Replay(rec) => {
+                    self.shared.metrics.put_outcome("replayed");
+                    return Answer::Done(Ok(replay(rec, stored)));
+                }
+                OpCheck::Reused => return Answer::Done(Err(op_id_reused(op))),
+                OpCheck::New => {}
+            }
+            if let Some((first, first_by, first_digest)) = batch_ops.get(op) {
+                return if first_by == by && first_digest == digest {
+                    Answer::SameAs(*first)
+                } else {
+                    Answer::Done(Err(op_id_reused(op)))
+                };
+            }
+        }
+        let now = self.shared.tick();
+        let outcome = reconcile(stored, update, now);
+        let max = self.shared.config.max_bucket_bytes;
+        let (result, kind) = match &outcome {
+            Outcome::Applied(new) | Outcome::Merged(new) => {
+                if encoded_len(&new.value) > max {
+                    return Answer::Done(Err(NodeError::TooLarge(format!(
+                        "bucket {id} would be larger than {max} bytes"
+                    ))));
+                }
+                let (api, kind) = match outcome {
+                    Outcome::Applied(_) => (UpdateOutcome::Applied, ChangeKind::Applied),
+                    _ => (UpdateOutcome::Merged, ChangeKind::Merged),
+                };
+                commit.changes.push((
+                    id.clone(),
+                    Change {
+                        version: new.version,
+                        timestamp: new.timestamp.millis,
+                        outcome: kind,
+                        by: by.clone(),
+                        session: session.clone(),
+                        op_id: op_id.clone(),
+                        fields: update.value.clone(),
+                    },
+                ));
+                working.insert(id.clone(), new.clone());
+                changed.entry(id.clone()).or_default().push(session.clone());
+                (
+                    WriteResult {
+                        outcome: api,
+                        bucket: new.clone(),
+                        replayed: false,
+                    },
+                    api,
+                )
+            }
+            Outcome::Refused(_) => (
+                WriteResult {
+                    outcome: UpdateOutcome::Refused,
+                    bucket: stored.clone(),
+                    replayed: false,
+                },
+                UpdateOutcome::Refused,
+            ),
+        };
+        if let (Some(op), Some(digest)) = (op_id, digest) {
+            commit.ops.push(OpRecord {
+                op_id: op.clone(),
+                bucket: id.to_string(),
+                by: by.clone(),
+                digest: digest.clone(),
+                outcome: kind,
+                version: result.bucket.version,
+                timestamp: result.bucket.timestamp,
+                at_ms: now.millis,
+            });
+            batch_ops.insert(op.clone(), (index, by.clone(), digest));
+        }
+        Answer::Done(Ok(result))
+    }
+
+    /// Adds the retention trims due with this commit: a bucket's log each time its version
+    /// crosses a multiple of [`TRIM_CHANGES_EVERY`], the set's op ids every
+    /// [`TRIM_OPS_EVERY`] new ones.
+    fn plan_trims(&self, commit: &mut Commit, before: &HashMap<BucketId, u64>) {
+        let keep = self.shared.config.history_per_bucket.max(1);
+        for b in &commit.buckets {
+            let old = before.get(&b.id).copied().unwrap_or(0);
+            if b.version / TRIM_CHANGES_EVERY > old / TRIM_CHANGES_EVERY && b.version > keep {
+                commit
+                    .trim
+                    .changes_through
+                    .push((b.id.clone(), b.version - keep));
+            }
+        }
+        if self.ops_since_trim + commit.ops.len() as u64 >= TRIM_OPS_EVERY {
+            let now = commit
+                .ops
+                .iter()
+                .map(|o| o.at_ms)
+                .max()
+                .unwrap_or_else(|| self.shared.tick().millis);
+            let age =
+                u64::try_from(self.shared.config.op_id_retention.as_millis()).unwrap_or(u64::MAX);
+            commit.trim.ops = Some(OpRetention {
+                keep_last: self.shared.config.op_ids_per_set,
+                keep_since_ms: now.saturating_sub(age),
+            });
+        }
+    }
+
     fn finish_commit(
         &mut self,
         res: std::result::Result<(), StoreError>,
         working: BTreeMap<BucketId, Bucket>,
         changed: Changes,
-        results: Vec<(Job, Option<Result<WriteResult>>)>,
+        commit: Commit,
+        results: Vec<(Job, Answer)>,
         ctx: &mut Context<Self>,
     ) {
+        if let Err(StoreError::OpsKnown(known)) = res {
+            // Retries whose first attempt committed (before a crash or on a previous
+            // owner): learn their records and reconcile the batch again, now answering
+            // them from the records. Nothing was written.
+            tracing::debug!(set = %self.set, known = known.len(), "retried op ids already committed");
+            for rec in known {
+                self.known_ops.insert(rec);
+            }
+            let jobs: Vec<Job> = results.into_iter().map(|(job, _)| job).collect();
+            self.queue.splice(0..0, jobs);
+            return;
+        }
         if let Err(e) = res {
             let fenced = matches!(e, StoreError::Fenced { .. });
             tracing::warn!(set = %self.set, error = %e, "commit failed; batch not acknowledged");
@@ -443,20 +710,77 @@ impl BucketSetActor {
             return;
         }
         self.committed = working;
+        self.ops_since_trim = if commit.trim.ops.is_some() {
+            0
+        } else {
+            self.ops_since_trim + commit.ops.len() as u64
+        };
+        for rec in commit.ops {
+            self.known_ops.insert(rec);
+        }
+        for (id, change) in commit.changes {
+            let log = self.recent.entry(id).or_default();
+            log.push_back(change);
+            while log.len() > RECENT_CHANGES {
+                log.pop_front();
+            }
+        }
+        // Answers first decided (a retry within the batch takes its first attempt's).
+        let mut answers: Vec<Option<Result<WriteResult>>> = Vec::with_capacity(results.len());
+        let mut pending = Vec::with_capacity(results.len());
+        for (job, answer) in results {
+            match answer {
+                Answer::Done(r) => {
+                    answers.push(Some(r));
+                    pending.push((job, None));
+                }
+                Answer::SameAs(first) => {
+                    answers.push(None);
+                    pending.push((job, Some(first)));
+                }
+                Answer::Created => {
+                    answers.push(None);
+                    pending.push((job, None));
+                }
+            }
+        }
+        // Retries within the batch take their first attempt's answer (before any is sent).
+        let retries: Vec<Option<Result<WriteResult>>> = pending
+            .iter()
+            .map(|(_, same_as)| {
+                same_as.map(|first| match answers.get(first).and_then(Option::as_ref) {
+                    Some(Ok(w)) => {
+                        self.shared.metrics.put_outcome("replayed");
+                        Ok(self.replayed_in_batch(w))
+                    }
+                    Some(Err(e)) => Err(NodeError::Unavailable(format!(
+                        "the first attempt of this op id failed ({e}); retry"
+                    ))),
+                    None => Err(NodeError::Internal("put without outcome".into())),
+                })
+            })
+            .collect();
+        let replies: Vec<Option<Result<WriteResult>>> = retries
+            .into_iter()
+            .zip(answers)
+            .map(|(retry, answer)| retry.or(answer))
+            .collect();
         for id in changed.keys() {
             self.sizes.remove(id);
         }
-        for (job, r) in results {
+        for ((job, _), answer) in pending.into_iter().zip(replies) {
             match job {
                 Job::Put { reply, .. } => {
-                    let answer =
-                        r.unwrap_or_else(|| Err(NodeError::Internal("put without outcome".into())));
+                    let answer = answer
+                        .unwrap_or_else(|| Err(NodeError::Internal("put without outcome".into())));
                     if let Ok(w) = &answer {
-                        self.shared.metrics.put_outcome(match w.outcome {
-                            Outcome::Applied(_) => "applied",
-                            Outcome::Merged(_) => "merged",
-                            Outcome::Refused(_) => "refused",
-                        });
+                        if !w.replayed {
+                            self.shared.metrics.put_outcome(match w.outcome {
+                                UpdateOutcome::Applied => "applied",
+                                UpdateOutcome::Merged => "merged",
+                                UpdateOutcome::Refused => "refused",
+                            });
+                        }
                     }
                     drop(reply.send(answer));
                 }
@@ -464,6 +788,37 @@ impl BucketSetActor {
             }
         }
         self.notify(&changed);
+    }
+
+    /// The answer to a retry that arrived in the same batch as its first attempt.
+    fn replayed_in_batch(&self, first: &WriteResult) -> WriteResult {
+        let bucket = match first.outcome {
+            UpdateOutcome::Applied => first.bucket.clone(),
+            UpdateOutcome::Merged | UpdateOutcome::Refused => self
+                .committed
+                .get(&first.bucket.id)
+                .cloned()
+                .unwrap_or_else(|| first.bucket.clone()),
+        };
+        WriteResult {
+            outcome: first.outcome,
+            bucket,
+            replayed: true,
+        }
+    }
+
+    /// The diff taking a subscriber from `held` to the committed bucket, from this actor's
+    /// memory of recent changes; `None` when it does not reach back that far.
+    fn diff_from_memory(&self, bucket: &Bucket, held: Option<u64>) -> Option<Fields> {
+        let held = held?;
+        let log = self.recent.get(&bucket.id)?;
+        let (front, back) = log.as_slices();
+        if back.is_empty() {
+            diff_since(held, bucket.version, front)
+        } else {
+            let all: Vec<Change> = log.iter().cloned().collect();
+            diff_since(held, bucket.version, &all)
+        }
     }
 
     /// Answers every held subscription that holds a changed bucket written by another
@@ -482,10 +837,10 @@ impl BucketSetActor {
             // Within the answer budget; a change left out stays stale for the client's
             // held version, so its next subscribe gets it at once.
             let mut budget = max_bytes;
-            let owed: Vec<Bucket> = changed
+            let owed: Vec<Stale> = changed
                 .iter()
                 .filter(|(id, writers)| {
-                    sub.held.contains(*id)
+                    sub.held.contains_key(*id)
                         && writers
                             .iter()
                             .any(|w| should_notify(sub.session.as_deref(), w.as_deref()))
@@ -496,7 +851,16 @@ impl BucketSetActor {
                     budget = budget.saturating_sub(size);
                     fits
                 })
-                .filter_map(|(id, _)| self.committed.get(id).cloned())
+                .filter_map(|(id, _)| {
+                    let bucket = self.committed.get(id)?.clone();
+                    let held = sub.held.get(id).copied().flatten();
+                    let diff = if sub.diffs {
+                        self.diff_from_memory(&bucket, held)
+                    } else {
+                        None
+                    };
+                    Some(Stale { bucket, held, diff })
+                })
                 .collect();
             if !owed.is_empty() {
                 woken.push((*sub_id, owed));
@@ -630,6 +994,8 @@ impl Handler<Put> for BucketSetActor {
             id: msg.id,
             update: msg.update,
             session: msg.session,
+            by: msg.by,
+            op_id: msg.op_id,
             reply: tx,
             trace: JobTrace::here(),
         });
@@ -731,33 +1097,43 @@ impl Handler<Subscribe> for BucketSetActor {
                 .get(&h.id)
                 .ok_or_else(|| NodeError::NotFound(format!("no bucket {}", h.id)))?;
             if is_stale(h, stored) && seen.insert(&h.id) {
-                stale_ids.push(h.id.clone());
+                stale_ids.push((h.id.clone(), h.version));
             }
         }
         // At once, within the answer budget (the first always): what does not fit is
         // still stale on the client's next subscribe, which answers it at once.
         let mut budget = msg.max_bytes;
         let mut stale = Vec::new();
-        for id in &stale_ids {
+        for (id, held) in &stale_ids {
             let size = self.size_of(id);
             if !stale.is_empty() && size > budget {
                 continue;
             }
             budget = budget.saturating_sub(size);
-            if let Some(b) = self.committed.get(id) {
-                stale.push(b.clone());
+            if let Some(stored) = self.committed.get(id) {
+                let diff = if msg.diffs {
+                    self.diff_from_memory(stored, *held)
+                } else {
+                    None
+                };
+                stale.push(Stale {
+                    bucket: stored.clone(),
+                    held: *held,
+                    diff,
+                });
             }
         }
         if !stale.is_empty() {
             return Ok(SubscribeAnswer::Now(stale));
         }
         let (tx, rx) = oneshot::channel();
-        let held = msg.held.into_iter().map(|h| h.id).collect();
+        let held = msg.held.into_iter().map(|h| (h.id, h.version)).collect();
         self.subs.insert(
             msg.sub_id,
             HeldSub {
                 held,
                 session: msg.session,
+                diffs: msg.diffs,
                 reply: tx,
                 trace: crate::telemetry::span_context(&tracing::Span::current()),
             },

@@ -24,6 +24,15 @@ pub struct ActorConfig {
     pub passivate_after: Duration,
     /// Largest bucket value (JSON bytes) a write may produce.
     pub max_bucket_bytes: usize,
+    /// At least this many changes of each bucket are kept in its log.
+    pub history_per_bucket: u64,
+    /// At least the op ids of this many writes of each set are remembered …
+    pub op_ids_per_set: u64,
+    /// … and those of every write younger than this.
+    pub op_id_retention: Duration,
+    /// Fault injection for tests (`--fault-stall-op-prefix`, hidden): a PUT whose op id
+    /// starts with this is committed and then never answered.
+    pub fault_stall_op_prefix: Option<String>,
     /// The templates writes are checked against (device types, structures).
     pub templates: Arc<crate::registration::RegistrationConfig>,
     /// Most distinct bucket ids one read may name.
@@ -288,7 +297,7 @@ mod tests {
     //! logic on its in-memory database), with the take-over wired straight to the previous
     //! node's `relinquish` as the gRPC `Relinquish` call does.
     use super::*;
-    use crate::routing::router::Router;
+    use crate::routing::router::{Router, Write};
     use crate::store::fdb::memory::MemoryKv;
     use crate::store::fdb::KvStore;
     use serde_json::json;
@@ -317,6 +326,10 @@ mod tests {
         let config = ActorConfig {
             passivate_after: Duration::from_secs(600),
             max_bucket_bytes: 65_536,
+            history_per_bucket: 100,
+            op_ids_per_set: 1_000,
+            op_id_retention: Duration::from_secs(86_400),
+            fault_stall_op_prefix: None,
             templates: Arc::new(crate::registration::RegistrationConfig::default()),
             max_ids: 1024,
             max_answer_bytes: 4 << 20,
@@ -344,27 +357,27 @@ mod tests {
             let (r1, r2) = (Router::single(n1.clone()), Router::single(n2.clone()));
             let set = SetKey::parse("REL00001").expect("set");
             let id = BucketId::parse("shared.REL00001").expect("id");
-            let put = |v: serde_json::Value| Update {
-                value: fields(v),
-                base_version: 0,
-                occ: false,
+            let put = |v: serde_json::Value| Write {
+                update: Update {
+                    value: fields(v),
+                    base_version: 0,
+                    occ: false,
+                },
+                session: None,
+                by: "device:REL00001".into(),
+                op_id: None,
             };
 
             // No device type: the bucket's own fields are its template.
             r1.ensure(&set, vec![(id.clone(), fields(json!({"x": null})))], None)
                 .await
                 .expect("create on n1");
-            r1.put(&id, put(json!({"x": 1})), None)
-                .await
-                .expect("n1 writes");
+            r1.put(&id, put(json!({"x": 1}))).await.expect("n1 writes");
             assert!(n1.existing_actor(&set).is_some(), "n1 serves the set");
 
             // n2 takes the set over (its view says it owns it); its first answer comes
             // only after n1 stopped serving.
-            let answer = r2
-                .put(&id, put(json!({"x": 2})), None)
-                .await
-                .expect("n2 writes");
+            let answer = r2.put(&id, put(json!({"x": 2}))).await.expect("n2 writes");
             assert_eq!(
                 log.lock()
                     .unwrap_or_else(PoisonError::into_inner)

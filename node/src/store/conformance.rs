@@ -8,8 +8,12 @@ use std::sync::Arc;
 use serde_json::json;
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 
+use tether_proto::api::UpdateOutcome;
+use tether_proto::synclog::{Change, ChangeKind, OpRecord};
+
 use super::{
-    AssignedRecord, DeviceRecord, Pairing, PairingCode, PreviousSet, Store, StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, OpRetention, Pairing, PairingCode, PreviousSet, Store,
+    StoreError, Trim, UserRecord,
 };
 
 fn set(k: &str) -> SetKey {
@@ -77,7 +81,7 @@ pub(crate) async fn committed_buckets_load_back_exactly(store: Arc<dyn Store>) {
     );
     let b2 = bucket("shared.A1", 1, json!({}));
     store
-        .commit(&s, e, vec![b1.clone(), b2.clone()])
+        .commit(&s, e, Commit::of(vec![b1.clone(), b2.clone()]))
         .await
         .expect("commit");
     let mut loaded = store.load_set(&s).await.expect("load");
@@ -86,7 +90,7 @@ pub(crate) async fn committed_buckets_load_back_exactly(store: Arc<dyn Store>) {
     // A later commit replaces the bucket; other sets are untouched.
     let b1v4 = bucket("device.A1", 4, json!({"t": 22}));
     store
-        .commit(&s, e, vec![b1v4.clone()])
+        .commit(&s, e, Commit::of(vec![b1v4.clone()]))
         .await
         .expect("commit");
     let loaded = store.load_set(&s).await.expect("load");
@@ -102,18 +106,30 @@ pub(crate) async fn stale_epoch_commit_is_fenced_and_writes_nothing(store: Arc<d
     let old = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
     let new = store.acquire_lease(&s, "n2").await.expect("lease").epoch;
     let err = store
-        .commit(&s, old, vec![bucket("device.A1", 9, json!({"x": 1}))])
+        .commit(
+            &s,
+            old,
+            Commit::of(vec![bucket("device.A1", 9, json!({"x": 1}))]),
+        )
         .await
         .expect_err("fenced");
     assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
     assert!(store.load_set(&s).await.expect("load").is_empty());
     store
-        .commit(&s, new, vec![bucket("device.A1", 1, json!({"x": 2}))])
+        .commit(
+            &s,
+            new,
+            Commit::of(vec![bucket("device.A1", 1, json!({"x": 2}))]),
+        )
         .await
         .expect("current epoch commits");
     // Without any lease a commit is fenced too.
     let err = store
-        .commit(&set("Z9"), new, vec![bucket("device.Z9", 1, json!({}))])
+        .commit(
+            &set("Z9"),
+            new,
+            Commit::of(vec![bucket("device.Z9", 1, json!({}))]),
+        )
         .await
         .expect_err("no lease");
     assert!(matches!(err, StoreError::Fenced { .. }));
@@ -130,7 +146,7 @@ pub(crate) async fn concurrent_commits_are_all_durable(store: Arc<dyn Store>) {
                 .commit(
                     &s,
                     e,
-                    vec![bucket(&format!("device.S{i}"), 1, json!({"i": i}))],
+                    Commit::of(vec![bucket(&format!("device.S{i}"), 1, json!({"i": i}))]),
                 )
                 .await
                 .expect("commit");
@@ -327,6 +343,296 @@ pub(crate) async fn pairing_codes_are_taken_once(store: Arc<dyn Store>) {
     );
 }
 
+fn change(version: u64, by: &str, op_id: Option<&str>, f: serde_json::Value) -> Change {
+    Change {
+        version,
+        timestamp: 1000 + version,
+        outcome: if version == 1 {
+            ChangeKind::Created
+        } else {
+            ChangeKind::Applied
+        },
+        by: by.into(),
+        session: Some("s1".into()),
+        op_id: op_id.map(String::from),
+        fields: match f {
+            serde_json::Value::Object(m) => m,
+            _ => Fields::new(),
+        },
+    }
+}
+
+pub(crate) fn op(op_id: &str, bucket: &str, version: u64, at_ms: u64) -> OpRecord {
+    OpRecord {
+        op_id: op_id.into(),
+        bucket: bucket.into(),
+        by: "device:L1".into(),
+        digest: format!("digest-of-{op_id}"),
+        outcome: UpdateOutcome::Applied,
+        version,
+        timestamp: Hlc {
+            millis: 1000 + version,
+            logical: 1,
+        },
+        at_ms,
+    }
+}
+
+/// One write as the actor commits it: the bucket, its change and (optionally) its op id.
+pub(crate) fn logged(id: &str, version: u64, op_id: Option<&str>, at_ms: u64) -> Commit {
+    let b = bucket(id, version, json!({ "v": version }));
+    let bid = BucketId::parse(id).expect("valid id");
+    Commit {
+        buckets: vec![b],
+        changes: vec![(
+            bid,
+            change(version, "device:L1", op_id, json!({ "v": version })),
+        )],
+        ops: op_id
+            .map(|o| op(o, id, version, at_ms))
+            .into_iter()
+            .collect(),
+        trim: Trim::default(),
+    }
+}
+
+pub(crate) async fn changes_commit_with_their_bucket_and_page_in_order(store: Arc<dyn Store>) {
+    let s = set("L1");
+    let id = BucketId::parse("device.L1").expect("valid id");
+    let other = BucketId::parse("shared.L1").expect("valid id");
+    assert_eq!(store.history(&id, 0, 10).await.expect("history"), None);
+    let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+    // A bucket written before the log existed: no change, oldest unknown.
+    store
+        .commit(&s, e, Commit::of(vec![bucket("shared.L1", 3, json!({}))]))
+        .await
+        .expect("commit");
+    let page = store
+        .history(&other, 0, 10)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(
+        (page.version, page.oldest, page.changes.len(), page.more),
+        (3, None, 0, false)
+    );
+    for v in 1..=7 {
+        store
+            .commit(
+                &s,
+                e,
+                logged("device.L1", v, Some(&format!("op{v}")), 10 * v),
+            )
+            .await
+            .expect("commit");
+    }
+    let all = store
+        .history(&id, 0, 100)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(all.version, 7);
+    assert_eq!(all.oldest, Some(1));
+    assert!(!all.more);
+    assert_eq!(
+        all.changes,
+        (1..=7)
+            .map(|v| change(v, "device:L1", Some(&format!("op{v}")), json!({ "v": v })))
+            .collect::<Vec<_>>(),
+        "every change, as written, ascending"
+    );
+    // Pages: versions above since_version, at most limit, `more` while some follow.
+    let p1 = store
+        .history(&id, 2, 3)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(
+        p1.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert!(p1.more);
+    let p2 = store
+        .history(&id, 5, 3)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(
+        p2.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        [6, 7]
+    );
+    assert!(!p2.more);
+    let none = store
+        .history(&id, 7, 3)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert!(none.changes.is_empty() && !none.more);
+    // Another bucket's log (and a set whose key extends this one) stays apart.
+    let e2 = store
+        .acquire_lease(&set("L10"), "n1")
+        .await
+        .expect("lease")
+        .epoch;
+    store
+        .commit(&set("L10"), e2, logged("device.L10", 1, None, 1))
+        .await
+        .expect("commit");
+    assert_eq!(
+        store
+            .history(&id, 0, 100)
+            .await
+            .expect("h")
+            .expect("e")
+            .changes
+            .len(),
+        7
+    );
+}
+
+pub(crate) async fn a_known_op_id_commits_nothing_and_returns_its_record(store: Arc<dyn Store>) {
+    let s = set("K1");
+    let id = BucketId::parse("device.K1").expect("valid id");
+    let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+    store
+        .commit(&s, e, logged("device.K1", 1, Some("op-a"), 5))
+        .await
+        .expect("commit");
+    // The retry of op-a, committed again with a new state (and a fresh op-b beside it):
+    // nothing is written, and the first attempt's record comes back.
+    let mut again = logged("device.K1", 2, Some("op-a"), 6);
+    again.ops.push(op("op-b", "device.K1", 2, 6));
+    let err = store.commit(&s, e, again).await.expect_err("op-a is known");
+    match err {
+        StoreError::OpsKnown(known) => assert_eq!(known, vec![op("op-a", "device.K1", 1, 5)]),
+        other => panic!("expected OpsKnown, got {other:?}"),
+    }
+    let loaded = store.load_set(&s).await.expect("load");
+    assert_eq!(
+        loaded,
+        vec![bucket("device.K1", 1, json!({ "v": 1 }))],
+        "bucket untouched"
+    );
+    let page = store
+        .history(&id, 0, 10)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(page.changes.len(), 1, "no change appended");
+    // op-b was not remembered either: it commits on its own.
+    store
+        .commit(&s, e, logged("device.K1", 2, Some("op-b"), 7))
+        .await
+        .expect("op-b is new");
+    // Op ids are per set: the same op id in another set is another write.
+    let e2 = store
+        .acquire_lease(&set("K2"), "n1")
+        .await
+        .expect("lease")
+        .epoch;
+    store
+        .commit(&set("K2"), e2, logged("device.K2", 1, Some("op-a"), 5))
+        .await
+        .expect("another set");
+    // A commit fenced by a newer lease writes no change and no op id either.
+    let newer = store.acquire_lease(&s, "n2").await.expect("lease").epoch;
+    let err = store
+        .commit(&s, e, logged("device.K1", 3, Some("op-c"), 8))
+        .await
+        .expect_err("fenced");
+    assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+    store
+        .commit(&s, newer, logged("device.K1", 3, Some("op-c"), 8))
+        .await
+        .expect("op-c was not remembered by the fenced commit");
+    // The stale owner writing a change whose version the new owner has taken (and an op id
+    // the new owner knows) is told it was fenced, not a store error nor a replay.
+    for stale in [
+        logged("device.K1", 3, Some("op-d"), 9),
+        logged("device.K1", 3, Some("op-c"), 9),
+    ] {
+        let err = store.commit(&s, e, stale).await.expect_err("fenced");
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+    }
+    let page = store
+        .history(&id, 0, 10)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(
+        page.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+}
+
+pub(crate) async fn retention_trims_in_the_same_commit(store: Arc<dyn Store>) {
+    let s = set("R1");
+    let id = BucketId::parse("device.R1").expect("valid id");
+    let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+    for v in 1..=10 {
+        store
+            .commit(
+                &s,
+                e,
+                logged("device.R1", v, Some(&format!("op{v}")), 100 * v),
+            )
+            .await
+            .expect("commit");
+    }
+    // Keep the newest 4 changes; op ids: the newest 3, or anything handled at 500 or later.
+    let mut c = logged("device.R1", 11, Some("op11"), 1100);
+    c.trim = Trim {
+        changes_through: vec![(id.clone(), 11 - 4)],
+        ops: Some(OpRetention {
+            keep_last: 3,
+            keep_since_ms: 500,
+        }),
+    };
+    store.commit(&s, e, c).await.expect("commit with trim");
+    let page = store
+        .history(&id, 0, 100)
+        .await
+        .expect("history")
+        .expect("exists");
+    assert_eq!(page.oldest, Some(8));
+    assert_eq!(
+        page.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        [8, 9, 10, 11]
+    );
+    // op1..op4 (handled before 500, beyond the newest 3) are forgotten: committing them
+    // again succeeds; op5 (at 500) is still remembered.
+    for forgotten in 1..=4 {
+        let mut retry = Commit::default();
+        retry
+            .ops
+            .push(op(&format!("op{forgotten}"), "device.R1", forgotten, 1));
+        store.commit(&s, e, retry).await.expect("forgotten op id");
+    }
+    let mut retry = Commit::default();
+    retry.ops.push(op("op5", "device.R1", 5, 1));
+    assert!(matches!(
+        store.commit(&s, e, retry).await,
+        Err(StoreError::OpsKnown(_))
+    ));
+    // By count alone: with every op id old, the newest keep_last stay.
+    let mut c = Commit::default();
+    c.trim.ops = Some(OpRetention {
+        keep_last: 2,
+        keep_since_ms: u64::MAX,
+    });
+    store.commit(&s, e, c).await.expect("trim");
+    for (op_id, known) in [("op9", false), ("op10", true), ("op11", true)] {
+        let mut retry = Commit::default();
+        retry.ops.push(op(op_id, "device.R1", 1, 1));
+        let r = store.commit(&s, e, retry).await;
+        assert_eq!(
+            matches!(r, Err(StoreError::OpsKnown(_))),
+            known,
+            "{op_id}: {r:?}"
+        );
+    }
+}
+
 /// Issue 13 finding 7: only a device's newest pairing code is valid.
 pub(crate) async fn a_new_pairing_code_invalidates_the_devices_previous_one(store: Arc<dyn Store>) {
     let code = |c: &str, device: &str| PairingCode {
@@ -393,6 +699,9 @@ macro_rules! every_case {
             pairings_follow_their_device,
             structures_have_one_owner,
             pairing_codes_are_taken_once,
+            changes_commit_with_their_bucket_and_page_in_order,
+            a_known_op_id_commits_nothing_and_returns_its_record,
+            retention_trims_in_the_same_commit,
             a_new_pairing_code_invalidates_the_devices_previous_one,
         );
     };
@@ -425,14 +734,40 @@ mod redb {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = set("P1");
         let b = bucket("device.P1", 7, json!({"kept": true}));
+        let logged_write = logged("device.P1", 8, Some("op-8"), 80);
         {
             let store = open(&dir);
             let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
-            store.commit(&s, e, vec![b.clone()]).await.expect("commit");
+            store
+                .commit(&s, e, Commit::of(vec![b.clone()]))
+                .await
+                .expect("commit");
+            store
+                .commit(&s, e, logged_write.clone())
+                .await
+                .expect("commit");
             store.close().await.expect("close");
         }
         let store = open(&dir);
-        assert_eq!(store.load_set(&s).await.expect("load"), vec![b]);
+        assert_eq!(
+            store.load_set(&s).await.expect("load"),
+            logged_write.buckets
+        );
+        // The change and the op id came back with their bucket.
+        let id = BucketId::parse("device.P1").expect("valid id");
+        let page = store
+            .history(&id, 0, 10)
+            .await
+            .expect("history")
+            .expect("exists");
+        assert_eq!(page.changes, vec![logged_write.changes[0].1.clone()]);
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        assert!(matches!(
+            store
+                .commit(&s, e, logged("device.P1", 9, Some("op-8"), 90))
+                .await,
+            Err(StoreError::OpsKnown(_))
+        ));
         // Epochs continue after a restart, so a pre-restart epoch stays fenced.
         let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
         assert!(e.0 >= 2);
@@ -452,7 +787,11 @@ mod redb {
                 let s = s.clone();
                 tokio::spawn(async move {
                     store
-                        .commit(&s, e, vec![bucket("device.G1", i + 1, json!({"i": i}))])
+                        .commit(
+                            &s,
+                            e,
+                            Commit::of(vec![bucket("device.G1", i + 1, json!({"i": i}))]),
+                        )
                         .await
                 })
             })
@@ -522,14 +861,28 @@ mod postgres {
         let server = PgServer::start().expect("own server");
         let url = server.url("crash").expect("db");
         let s = set("P1");
-        let b = bucket("device.P1", 7, json!({"kept": true}));
+        let written = logged("device.P1", 7, Some("op-7"), 70);
         {
             let store = PostgresStore::connect(&url, 2).await.expect("connect");
             let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
-            store.commit(&s, e, vec![b.clone()]).await.expect("commit");
+            store.commit(&s, e, written.clone()).await.expect("commit");
         }
         server.restart().expect("immediate stop and start");
         let store = PostgresStore::connect(&url, 2).await.expect("reconnect");
-        assert_eq!(store.load_set(&s).await.expect("load"), vec![b]);
+        assert_eq!(store.load_set(&s).await.expect("load"), written.buckets);
+        let id = BucketId::parse("device.P1").expect("valid id");
+        let page = store
+            .history(&id, 0, 10)
+            .await
+            .expect("history")
+            .expect("exists");
+        assert_eq!(page.changes, vec![written.changes[0].1.clone()]);
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        assert!(matches!(
+            store
+                .commit(&s, e, logged("device.P1", 8, Some("op-7"), 80))
+                .await,
+            Err(StoreError::OpsKnown(_))
+        ));
     }
 }

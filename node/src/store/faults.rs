@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tether_proto::{Bucket, SetKey};
+use tether_proto::{Bucket, BucketId, SetKey};
 
 use super::{
-    AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode, Store, StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, Pairing, PairingCode, Store,
+    StoreError, UserRecord,
 };
 
 /// How often a held commit looks at its control file.
@@ -62,12 +63,7 @@ impl Store for FaultyStore {
     async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
         self.inner.acquire_lease(set, owner).await
     }
-    async fn commit(
-        &self,
-        set: &SetKey,
-        epoch: Epoch,
-        writes: Vec<Bucket>,
-    ) -> Result<(), StoreError> {
+    async fn commit(&self, set: &SetKey, epoch: Epoch, writes: Commit) -> Result<(), StoreError> {
         self.hold_while("hold-commit", "commit-held").await;
         if self.dir.join("fail-commit").exists() {
             return Err(StoreError::Backend(
@@ -78,6 +74,14 @@ impl Store for FaultyStore {
         self.hold_while("hold-after-commit", "commit-done-held")
             .await;
         Ok(())
+    }
+    async fn history(
+        &self,
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        self.inner.history(id, since_version, limit).await
     }
     async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         self.inner.get_device(device_id).await

@@ -13,7 +13,8 @@ pub mod redb;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tether_proto::{Bucket, SetKey};
+use tether_proto::synclog::{Change, OpRecord};
+use tether_proto::{Bucket, BucketId, SetKey};
 
 /// A lease epoch: every commit names one and fails unless it is still the set's current
 /// epoch, so a stale owner can never write.
@@ -28,6 +29,75 @@ pub struct Lease {
     pub epoch: Epoch,
     /// The previous holder's node id, when it was a different node.
     pub previous_owner: Option<String>,
+}
+
+/// One atomic commit of a bucket set: the new bucket states, the change each accepted
+/// write appends to its bucket's log, the op ids of the writes (with their outcomes), and
+/// what falls out of retention. All of it commits together or none of it does, only under
+/// the lease epoch, and only if none of `ops`' op ids is already remembered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Commit {
+    /// New states of the buckets written.
+    pub buckets: Vec<Bucket>,
+    /// The changes to append, each with its bucket (versions as in `buckets`).
+    pub changes: Vec<(BucketId, Change)>,
+    /// Op ids to remember. If the store already remembers one of them, nothing is
+    /// written and the commit fails with [`StoreError::OpsKnown`].
+    pub ops: Vec<OpRecord>,
+    /// Retention, enforced in the same transaction.
+    pub trim: Trim,
+}
+
+impl Commit {
+    /// A commit of bucket states alone (nothing logged).
+    pub fn of(buckets: Vec<Bucket>) -> Self {
+        Commit {
+            buckets,
+            ..Commit::default()
+        }
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+            && self.changes.is_empty()
+            && self.ops.is_empty()
+            && self.trim.changes_through.is_empty()
+            && self.trim.ops.is_none()
+    }
+}
+
+/// What a commit drops because it fell out of retention.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trim {
+    /// Per bucket: drop its changes up to and including this version.
+    pub changes_through: Vec<(BucketId, u64)>,
+    /// The set's op-id retention to enforce.
+    pub ops: Option<OpRetention>,
+}
+
+/// Op ids are kept while they are among the set's newest `keep_last`, or younger than
+/// `keep_since_ms` (API.md: at least the last 1,000 writes and all of the last 24 h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpRetention {
+    /// How many of the newest op ids are always kept.
+    pub keep_last: u64,
+    /// Op ids handled at or after this time (ms since the epoch) are kept.
+    pub keep_since_ms: u64,
+}
+
+/// A page of a bucket's history, read consistently with the bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// The bucket's current version.
+    pub version: u64,
+    /// The oldest version whose change is kept (`None`: none is, e.g. a bucket written
+    /// before the log existed).
+    pub oldest: Option<u64>,
+    /// Changes with versions above the one asked for, ascending, at most the limit.
+    pub changes: Vec<Change>,
+    /// More changes follow the last one.
+    pub more: bool,
 }
 
 /// What the registration server remembers about a device.
@@ -167,6 +237,19 @@ pub(crate) fn decode_bucket(id: &str, bytes: &[u8]) -> Result<Bucket, StoreError
     })
 }
 
+/// Encodes a change for a key-value backend.
+pub(crate) fn encode_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Decodes what [`encode_json`] wrote under `key`.
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))
+}
+
 /// Store failures. Nothing is acknowledged when one occurs.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -187,6 +270,10 @@ pub enum StoreError {
     /// The store has shut down.
     #[error("store is closed")]
     Closed,
+    /// The commit named op ids the set already remembers (a retried write whose first
+    /// attempt committed): nothing was written. The remembered records, to answer from.
+    #[error("{} op id(s) already committed", .0.len())]
+    OpsKnown(Vec<OpRecord>),
 }
 
 /// Opens the store `url` names (`pool`: connections, for the shared backends). The
@@ -223,14 +310,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Takes the set's lease for `owner`, with a new epoch greater than any before, and
     /// names the previous holder when it was another node.
     async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError>;
-    /// Writes buckets atomically, only if `epoch` is still the set's lease epoch. When it
-    /// returns `Ok` the writes are durable.
-    async fn commit(
+    /// Writes a [`Commit`] atomically, only if `epoch` is still the set's lease epoch and
+    /// none of its op ids is remembered yet (else [`StoreError::OpsKnown`], nothing
+    /// written). When it returns `Ok` the writes are durable.
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError>;
+    /// The changes of bucket `id` with versions above `since_version`, ascending, at most
+    /// `limit`, with the bucket's current version and its oldest kept change; `None` when
+    /// the bucket does not exist.
+    async fn history(
         &self,
-        set: &SetKey,
-        epoch: Epoch,
-        writes: Vec<Bucket>,
-    ) -> Result<(), StoreError>;
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError>;
     /// A device's registration record.
     async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError>;
     /// Creates or replaces a registration record, durably.

@@ -5,16 +5,24 @@
 //! lease taken by another node either waits for an in-flight commit or makes it fail —
 //! never both commit. Concurrent commits of different sets run in parallel on the pool;
 //! PostgreSQL's own WAL group commit folds their fsyncs.
+//!
+//! The sync log lives next to the buckets: `tether_changes` (one row per accepted write)
+//! and `tether_ops` (remembered op ids, with their age for retention), written in the
+//! bucket commit's own transaction. The commit's statements are pipelined on its
+//! connection (one round trip for the lease check and every write), then committed —
+//! or rolled back when the lease moved or an op id was already remembered.
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tether_proto::synclog::{Change, OpRecord};
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 use tokio_postgres::NoTls;
 
 use super::{
-    AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode, Store, StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, OpRetention, Pairing,
+    PairingCode, Store, StoreError, UserRecord,
 };
 
 /// Schema, applied idempotently at start-up.
@@ -26,10 +34,55 @@ CREATE TABLE IF NOT EXISTS tether_buckets (
 CREATE TABLE IF NOT EXISTS tether_leases (set_key TEXT PRIMARY KEY, epoch BIGINT NOT NULL, owner TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tether_devices (device_id TEXT PRIMARY KEY, body JSONB NOT NULL);
 CREATE TABLE IF NOT EXISTS tether_records (key TEXT PRIMARY KEY, body JSONB NOT NULL);
+CREATE TABLE IF NOT EXISTS tether_changes (
+    set_key TEXT NOT NULL, id TEXT NOT NULL, version BIGINT NOT NULL, body JSONB NOT NULL,
+    PRIMARY KEY (set_key, id, version));
+CREATE TABLE IF NOT EXISTS tether_ops (
+    set_key TEXT NOT NULL, op_id TEXT NOT NULL, at_ms BIGINT NOT NULL, body JSONB NOT NULL,
+    PRIMARY KEY (set_key, op_id));
+CREATE INDEX IF NOT EXISTS tether_ops_by_age ON tether_ops (set_key, at_ms);
 ";
 
 /// The advisory lock key under which the schema is created (any constant of our own).
 const SCHEMA_LOCK: i64 = 0x7465_7468_6572; // "tether"
+
+const LEASE_FOR_SHARE: &str = "SELECT epoch FROM tether_leases WHERE set_key = $1 FOR SHARE";
+
+const UPSERT_BUCKETS: &str = "
+INSERT INTO tether_buckets (set_key, id, value, ts_ms, ts_logical, version)
+SELECT $1, * FROM unnest($2::text[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::bigint[])
+ON CONFLICT (set_key, id) DO UPDATE SET value = EXCLUDED.value, ts_ms = EXCLUDED.ts_ms,
+    ts_logical = EXCLUDED.ts_logical, version = EXCLUDED.version";
+
+const INSERT_CHANGES: &str = "
+INSERT INTO tether_changes (set_key, id, version, body)
+SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::jsonb[])";
+
+/// Inserts the op ids not remembered yet; returns the ones it inserted.
+const INSERT_OPS: &str = "
+INSERT INTO tether_ops (set_key, op_id, at_ms, body)
+SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::jsonb[])
+ON CONFLICT (set_key, op_id) DO NOTHING RETURNING op_id";
+
+const TRIM_CHANGES: &str = "
+DELETE FROM tether_changes c USING unnest($2::text[], $3::bigint[]) AS t(id, through)
+WHERE c.set_key = $1 AND c.id = t.id AND c.version <= t.through";
+
+/// Drops the oldest op ids older than $2 while more than $3 remain.
+const TRIM_OPS: &str = "
+DELETE FROM tether_ops WHERE set_key = $1 AND op_id IN (
+    SELECT op_id FROM tether_ops WHERE set_key = $1 AND at_ms < $2 ORDER BY at_ms
+    LIMIT GREATEST(0, (SELECT count(*) FROM tether_ops WHERE set_key = $1) - $3))";
+
+/// The bucket's version, its oldest kept change and a page of changes (one more than
+/// asked, to tell whether more follow), in one statement: one snapshot.
+const HISTORY: &str = "
+SELECT b.version,
+    (SELECT min(version) FROM tether_changes WHERE set_key = $1 AND id = $2),
+    (SELECT coalesce(jsonb_agg(c.body ORDER BY c.version), '[]'::jsonb) FROM
+        (SELECT body, version FROM tether_changes WHERE set_key = $1 AND id = $2 AND version > $3
+         ORDER BY version LIMIT $4) c)
+FROM tether_buckets b WHERE b.set_key = $1 AND b.id = $2";
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -244,53 +297,195 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn commit(
-        &self,
-        set: &SetKey,
-        epoch: Epoch,
-        writes: Vec<Bucket>,
-    ) -> Result<(), StoreError> {
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
         let mut client = self.client().await?;
+        let s = set.as_str();
+        // Columns of the multi-row statements.
+        let mut b_ids = Vec::new();
+        let mut b_values = Vec::new();
+        let mut b_ms = Vec::new();
+        let mut b_logical = Vec::new();
+        let mut b_versions = Vec::new();
+        for b in &commit.buckets {
+            b_ids.push(b.id.as_str());
+            b_values.push(to_json(&b.value)?);
+            b_ms.push(as_i64(b.timestamp.millis)?);
+            b_logical.push(i64::from(b.timestamp.logical));
+            b_versions.push(as_i64(b.version)?);
+        }
+        let mut c_ids = Vec::new();
+        let mut c_versions = Vec::new();
+        let mut c_bodies = Vec::new();
+        for (id, c) in &commit.changes {
+            c_ids.push(id.as_str());
+            c_versions.push(as_i64(c.version)?);
+            c_bodies.push(to_json(c)?);
+        }
+        let mut o_ids = Vec::new();
+        let mut o_at = Vec::new();
+        let mut o_bodies = Vec::new();
+        for op in &commit.ops {
+            o_ids.push(op.op_id.as_str());
+            o_at.push(as_i64(op.at_ms)?);
+            o_bodies.push(to_json(op)?);
+        }
+        let mut t_ids = Vec::new();
+        let mut t_through = Vec::new();
+        for (id, through) in &commit.trim.changes_through {
+            t_ids.push(id.as_str());
+            t_through.push(as_i64(*through)?);
+        }
+        let trim_ops = commit
+            .trim
+            .ops
+            .map(
+                |OpRetention {
+                     keep_last,
+                     keep_since_ms,
+                 }| {
+                    let clamp = |v: u64| as_i64(v.min(i64::MAX as u64));
+                    Ok::<_, StoreError>((clamp(keep_since_ms)?, clamp(keep_last)?))
+                },
+            )
+            .transpose()?;
+
+        let upsert = client
+            .prepare_cached(UPSERT_BUCKETS)
+            .await
+            .map_err(backend)?;
+        let changes = client
+            .prepare_cached(INSERT_CHANGES)
+            .await
+            .map_err(backend)?;
+        let ops = client.prepare_cached(INSERT_OPS).await.map_err(backend)?;
+        let trim_changes = client.prepare_cached(TRIM_CHANGES).await.map_err(backend)?;
+        let trim_ops_stmt = client.prepare_cached(TRIM_OPS).await.map_err(backend)?;
+        let lease_stmt = client
+            .prepare_cached(LEASE_FOR_SHARE)
+            .await
+            .map_err(backend)?;
         let txn = client.transaction().await.map_err(backend)?;
-        let current: Option<i64> = txn
-            .query_opt(
-                "SELECT epoch FROM tether_leases WHERE set_key = $1 FOR SHARE",
-                &[&set.as_str()],
+        let set_param: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&s];
+        let lease = txn.query_opt(&lease_stmt, &set_param);
+        // Everything is sent at once (pipelined, in this order) and runs in the order sent:
+        // the lease row is locked before any write; a write is undone by the rollback
+        // below if the lease moved or an op id was known. Every statement is prepared
+        // above: an unprepared one would wait for its Parse and be sent after the writes.
+        let run_ops = async {
+            if o_ids.is_empty() {
+                return Ok(0);
+            }
+            txn.query(&ops, &[&s, &o_ids, &o_at, &o_bodies])
+                .await
+                .map(|rows| rows.len())
+        };
+        let run_buckets = async {
+            if b_ids.is_empty() {
+                return Ok(0);
+            }
+            txn.execute(
+                &upsert,
+                &[&s, &b_ids, &b_values, &b_ms, &b_logical, &b_versions],
             )
             .await
-            .map_err(backend)?
-            .map(|r| r.get(0));
+        };
+        let run_changes = async {
+            if c_ids.is_empty() {
+                return Ok(0);
+            }
+            txn.execute(&changes, &[&s, &c_ids, &c_versions, &c_bodies])
+                .await
+        };
+        let run_trim_changes = async {
+            if t_ids.is_empty() {
+                return Ok(0);
+            }
+            txn.execute(&trim_changes, &[&s, &t_ids, &t_through]).await
+        };
+        let run_trim_ops = async {
+            match &trim_ops {
+                None => Ok(0),
+                Some((since, keep)) => txn.execute(&trim_ops_stmt, &[&s, since, keep]).await,
+            }
+        };
+        let (current, inserted, buckets, changes, trimmed_changes, trimmed_ops) = futures::join!(
+            lease,
+            run_ops,
+            run_buckets,
+            run_changes,
+            run_trim_changes,
+            run_trim_ops
+        );
+        // The lease first: a stale owner's writes may fail (its change's version is taken
+        // by the new owner's), and then the answer is that it was fenced, not a store
+        // error. The lease was read before any write ran, so its answer stands.
+        let current: Option<i64> = current.map_err(backend)?.map(|r| r.get(0));
         if current != Some(as_i64(epoch.0)?) {
+            // Dropping the transaction rolls it back.
             return Err(StoreError::Fenced {
                 set: set.to_string(),
                 epoch: epoch.0,
             });
         }
-        let upsert = txn
-            .prepare(
-                "INSERT INTO tether_buckets (set_key, id, value, ts_ms, ts_logical, version) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (set_key, id) DO UPDATE SET value = EXCLUDED.value, ts_ms = EXCLUDED.ts_ms,
-                     ts_logical = EXCLUDED.ts_logical, version = EXCLUDED.version",
-            )
-            .await
-            .map_err(backend)?;
-        for b in &writes {
-            let value = to_json(&b.value)?;
-            txn.execute(
-                &upsert,
+        let inserted = inserted.map_err(backend)?;
+        for done in [buckets, changes, trimmed_changes, trimmed_ops] {
+            done.map_err(backend)?;
+        }
+        if inserted < o_ids.len() {
+            txn.rollback().await.map_err(backend)?;
+            let rows = client
+                .query(
+                    "SELECT body FROM tether_ops WHERE set_key = $1 AND op_id = ANY($2)",
+                    &[&s, &o_ids],
+                )
+                .await
+                .map_err(backend)?;
+            let known = rows
+                .into_iter()
+                .map(|r| from_json::<OpRecord>(s, r.get(0)))
+                .collect::<Result<Vec<_>, _>>()?;
+            if known.is_empty() {
+                return Err(backend("op ids conflicted but none is stored"));
+            }
+            return Err(StoreError::OpsKnown(known));
+        }
+        txn.commit().await.map_err(backend)
+    }
+
+    async fn history(
+        &self,
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        let set = id.set_key();
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(HISTORY).await.map_err(backend)?;
+        let page = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let row = client
+            .query_opt(
+                &stmt,
                 &[
                     &set.as_str(),
-                    &b.id.as_str(),
-                    &value,
-                    &as_i64(b.timestamp.millis)?,
-                    &i64::from(b.timestamp.logical),
-                    &as_i64(b.version)?,
+                    &id.as_str(),
+                    &as_i64(since_version.min(i64::MAX as u64))?,
+                    &page,
                 ],
             )
             .await
             .map_err(backend)?;
-        }
-        txn.commit().await.map_err(backend)
+        let Some(row) = row else { return Ok(None) };
+        let version = as_u64(row.get(0))?;
+        let oldest = row.get::<_, Option<i64>>(1).map(as_u64).transpose()?;
+        let mut changes: Vec<Change> = from_json(id.as_str(), row.get(2))?;
+        let more = changes.len() > limit;
+        changes.truncate(limit);
+        Ok(Some(HistoryPage {
+            version,
+            oldest,
+            changes,
+            more,
+        }))
     }
 
     async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {

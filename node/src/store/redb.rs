@@ -13,12 +13,13 @@ use std::thread;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
-use tether_proto::{Bucket, SetKey};
+use tether_proto::synclog::{Change, OpRecord};
+use tether_proto::{Bucket, BucketId, SetKey};
 use tokio::sync::oneshot;
 
 use super::{
-    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode,
-    Store, StoreError, UserRecord,
+    decode_bucket, decode_json, encode_bucket, encode_json, AssignedRecord, Commit, DeviceRecord,
+    Epoch, HistoryPage, Lease, OpRetention, Pairing, PairingCode, Store, StoreError, UserRecord,
 };
 use crate::metrics::Metrics;
 
@@ -30,6 +31,14 @@ const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases");
 const LEASE_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("lease_owners");
 /// device id → encoded registration record.
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// The sync log: (set key, bucket id, version) → JSON change.
+const CHANGES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("changes");
+/// Remembered op ids: (set key, op id) → JSON op record.
+const OPS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("ops");
+/// The same op ids by age, for retention: (set key, handled at ms, op id).
+const OP_AGE: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("op_age");
+/// How many op ids each set remembers (the rows of `OPS` under it).
+const OP_COUNT: TableDefinition<&str, u64> = TableDefinition::new("op_count");
 
 /// Credentials, users, pairings, structures, pairing codes: `<namespace>/<key>` → JSON.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -76,7 +85,7 @@ enum WriteOp {
     Commit {
         set: SetKey,
         epoch: Epoch,
-        writes: Vec<Bucket>,
+        commit: Commit,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Lease {
@@ -115,6 +124,10 @@ impl RedbStore {
             txn.open_table(LEASE_OWNERS).map_err(backend)?;
             txn.open_table(DEVICES).map_err(backend)?;
             txn.open_table(RECORDS).map_err(backend)?;
+            txn.open_table(CHANGES).map_err(backend)?;
+            txn.open_table(OPS).map_err(backend)?;
+            txn.open_table(OP_AGE).map_err(backend)?;
+            txn.open_table(OP_COUNT).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -252,7 +265,7 @@ fn apply(
         WriteOp::Commit {
             set,
             epoch,
-            writes,
+            commit,
             reply,
         } => {
             let current = txn
@@ -269,13 +282,13 @@ fn apply(
                 replies.push(Reply::Unit(reply, Err(e)));
                 return Ok(());
             }
-            let mut table = txn.open_table(BUCKETS).map_err(backend)?;
-            for b in &writes {
-                let bytes = encode_bucket(b)?;
-                table
-                    .insert((set.as_str(), b.id.as_str()), bytes.as_slice())
-                    .map_err(backend)?;
+            // Checked before anything is written, so a known op id writes nothing.
+            let known = known_ops(txn, &set, &commit.ops)?;
+            if !known.is_empty() {
+                replies.push(Reply::Unit(reply, Err(StoreError::OpsKnown(known))));
+                return Ok(());
             }
+            write_commit(txn, &set, &commit)?;
             replies.push(Reply::Unit(reply, Ok(())));
         }
         WriteOp::Lease { set, owner, reply } => {
@@ -399,6 +412,106 @@ fn apply(
     Ok(())
 }
 
+/// The records of the op ids in `ops` that the set already remembers.
+fn known_ops(
+    txn: &redb::WriteTransaction,
+    set: &SetKey,
+    ops: &[OpRecord],
+) -> Result<Vec<OpRecord>, StoreError> {
+    if ops.is_empty() {
+        return Ok(Vec::new());
+    }
+    let table = txn.open_table(OPS).map_err(backend)?;
+    let mut known = Vec::new();
+    for op in ops {
+        if let Some(v) = table
+            .get((set.as_str(), op.op_id.as_str()))
+            .map_err(backend)?
+        {
+            known.push(decode_json(&op.op_id, v.value())?);
+        }
+    }
+    Ok(known)
+}
+
+/// Buckets, their changes, op ids and retention of one commit, in the caller's transaction.
+fn write_commit(
+    txn: &redb::WriteTransaction,
+    set: &SetKey,
+    commit: &Commit,
+) -> Result<(), StoreError> {
+    let s = set.as_str();
+    {
+        let mut table = txn.open_table(BUCKETS).map_err(backend)?;
+        for b in &commit.buckets {
+            let bytes = encode_bucket(b)?;
+            table
+                .insert((s, b.id.as_str()), bytes.as_slice())
+                .map_err(backend)?;
+        }
+    }
+    {
+        let mut changes = txn.open_table(CHANGES).map_err(backend)?;
+        for (id, c) in &commit.changes {
+            let bytes = encode_json(c)?;
+            changes
+                .insert((s, id.as_str(), c.version), bytes.as_slice())
+                .map_err(backend)?;
+        }
+        for (id, through) in &commit.trim.changes_through {
+            changes
+                .retain_in(
+                    (s, id.as_str(), 0u64)..=(s, id.as_str(), *through),
+                    |_, _| false,
+                )
+                .map_err(backend)?;
+        }
+    }
+    if commit.ops.is_empty() && commit.trim.ops.is_none() {
+        return Ok(());
+    }
+    let mut ops = txn.open_table(OPS).map_err(backend)?;
+    let mut age = txn.open_table(OP_AGE).map_err(backend)?;
+    let mut count = txn.open_table(OP_COUNT).map_err(backend)?;
+    let mut n = count.get(s).map_err(backend)?.map_or(0, |g| g.value());
+    for op in &commit.ops {
+        let bytes = encode_json(op)?;
+        ops.insert((s, op.op_id.as_str()), bytes.as_slice())
+            .map_err(backend)?;
+        age.insert((s, op.at_ms, op.op_id.as_str()), ())
+            .map_err(backend)?;
+        n += 1;
+    }
+    if let Some(OpRetention {
+        keep_last,
+        keep_since_ms,
+    }) = commit.trim.ops
+    {
+        // The oldest first, while more than `keep_last` remain and they are older than
+        // `keep_since_ms`.
+        let excess = n.saturating_sub(keep_last);
+        let mut dropped: Vec<(u64, String)> = Vec::new();
+        for entry in age
+            .range((s, 0u64, "")..(s, keep_since_ms, ""))
+            .map_err(backend)?
+        {
+            if dropped.len() as u64 >= excess {
+                break;
+            }
+            let (k, _) = entry.map_err(backend)?;
+            let (_, at, op_id) = k.value();
+            dropped.push((at, op_id.to_string()));
+        }
+        for (at, op_id) in &dropped {
+            age.remove((s, *at, op_id.as_str())).map_err(backend)?;
+            ops.remove((s, op_id.as_str())).map_err(backend)?;
+        }
+        n -= dropped.len() as u64;
+    }
+    count.insert(s, n).map_err(backend)?;
+    Ok(())
+}
+
 fn writer_loop(db: Arc<Database>, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
     let mut close_replies = Vec::new();
     while close_replies.is_empty() {
@@ -469,18 +582,60 @@ impl Store for RedbStore {
             .await
     }
 
-    async fn commit(
-        &self,
-        set: &SetKey,
-        epoch: Epoch,
-        writes: Vec<Bucket>,
-    ) -> Result<(), StoreError> {
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
         let set = set.clone();
         self.write(|reply| WriteOp::Commit {
             set,
             epoch,
-            writes,
+            commit,
             reply,
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        let id = id.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let set = id.set_key();
+            let (s, b) = (set.as_str(), id.as_str());
+            let buckets = txn.open_table(BUCKETS).map_err(backend)?;
+            let Some(stored) = buckets.get((s, b)).map_err(backend)? else {
+                return Ok(None);
+            };
+            let version = decode_bucket(b, stored.value())?.version;
+            let table = txn.open_table(CHANGES).map_err(backend)?;
+            let oldest = table
+                .range((s, b, 0u64)..=(s, b, u64::MAX))
+                .map_err(backend)?
+                .next()
+                .transpose()
+                .map_err(backend)?
+                .map(|(k, _)| k.value().2);
+            let mut changes = Vec::new();
+            let mut more = false;
+            for entry in table
+                .range((s, b, since_version.saturating_add(1))..=(s, b, u64::MAX))
+                .map_err(backend)?
+            {
+                if changes.len() >= limit {
+                    more = true;
+                    break;
+                }
+                let (_, v) = entry.map_err(backend)?;
+                changes.push(decode_json::<Change>(b, v.value())?);
+            }
+            Ok(Some(HistoryPage {
+                version,
+                oldest,
+                changes,
+                more,
+            }))
         })
         .await
     }

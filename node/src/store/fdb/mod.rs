@@ -21,6 +21,14 @@
 //! | `("tether","device",device_id)`       | JSON `DeviceRecord`                    |
 //! | `("tether","rec",ns,k1[,k2])`         | JSON (credentials, users, pairings, structures, codes) |
 //! | `("tether","txn",ms,uuid)`            | JSON result of a committed non-idempotent operation |
+//! | `("tether","change",set,id,version)`  | JSON `Change` (the bucket's sync log)  |
+//! | `("tether","op",set,op_id)`           | JSON `OpRecord` (a remembered op id)   |
+//! | `("tether","op_age",set,at_ms,op_id)` | empty: the set's op ids by age         |
+//! | `("tether","op_count",set)`           | how many op ids the set remembers, u64 big-endian |
+//!
+//! A commit writes the buckets, their changes, its op records and the retention trims in
+//! one transaction, after checking the lease and that none of its op ids is remembered
+//! ([`StoreError::OpsKnown`] otherwise, nothing written).
 //!
 //! Fencing: `commit` reads the set's lease key in the same transaction as its writes, so a
 //! concurrent `acquire_lease` conflicts with it (serializable isolation): one of them
@@ -36,8 +44,10 @@
 //! holding their result in the same transaction, and every retry first reads it: when it
 //! is there the first attempt committed and its result is returned (FDB developer guide,
 //! "Transactions with unknown results"). Markers older than [`MARKER_TTL_MS`] are cleared
-//! by later marked transactions. Commits, device records, pairing codes and structure
-//! claims are idempotent as they are.
+//! by later marked transactions. A commit that remembers op ids (or trims them) is marked
+//! too: its second application would find its own op ids and answer `OpsKnown`, and bump
+//! the op count twice. Other commits (buckets, changes, change trims), device records,
+//! pairing codes and structure claims are idempotent as they are.
 //!
 //! Limits: a bucket is one value, and FDB values are at most 100,000 bytes, so the node
 //! refuses a `max_bucket_bytes` above [`MAX_BUCKET_BYTES`] on this store
@@ -60,12 +70,13 @@ use async_trait::async_trait;
 use foundationdb_tuple::Subspace;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tether_proto::{Bucket, SetKey};
+use tether_proto::synclog::{Change, OpRecord};
+use tether_proto::{Bucket, BucketId, SetKey};
 
 use self::kv::{KvDatabase, KvError, KvTransaction, MAX_VALUE_BYTES};
 use super::{
-    decode_bucket, encode_bucket, AssignedRecord, DeviceRecord, Epoch, Lease, Pairing, PairingCode,
-    Store, StoreError, UserRecord,
+    decode_bucket, encode_bucket, AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease,
+    OpRetention, Pairing, PairingCode, Store, StoreError, UserRecord,
 };
 
 /// Upper bound of what a stored bucket adds to its value's JSON (`{"value":…,"ts_ms":…,
@@ -184,6 +195,41 @@ async fn read_all<T: KvTransaction>(
             _ => return Ok(out),
         }
     }
+}
+
+/// At most `limit` pairs of a range, in order.
+async fn read_limited<T: KvTransaction>(
+    trx: &T,
+    (begin, end): (Vec<u8>, Vec<u8>),
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TxError> {
+    let mut out = Vec::new();
+    let mut from = begin;
+    while out.len() < limit {
+        let chunk = trx.get_range(&from, &end, limit - out.len()).await?;
+        let more = chunk.more;
+        out.extend(chunk.pairs);
+        match out.last() {
+            Some((last, _)) if more => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// One commit's keys and values, encoded before the transaction runs (it may run again).
+struct Encoded {
+    lease: Vec<u8>,
+    writes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// (op key, record, age key) per op id.
+    ops: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>,
+    trims: Vec<(Vec<u8>, Vec<u8>)>,
+    count: Vec<u8>,
+    retention: Option<OpRetention>,
 }
 
 /// The FoundationDB store's logic over any [`KvDatabase`]: [`native::FdbStore`] in
@@ -383,6 +429,126 @@ impl<D: KvDatabase> KvStore<D> {
         self.root.pack(&("rec", ns, k1))
     }
 
+    fn encode_commit(&self, set: &SetKey, commit: &Commit) -> Result<Encoded, StoreError> {
+        let s = set.as_str();
+        let mut writes = Vec::new();
+        for b in &commit.buckets {
+            writes.push((
+                self.root.pack(&("bucket", s, b.id.as_str())),
+                encode_bucket(b)?,
+            ));
+        }
+        for (id, c) in &commit.changes {
+            writes.push((
+                self.root.pack(&("change", s, id.as_str(), c.version)),
+                super::encode_json(c)?,
+            ));
+        }
+        let mut ops = Vec::new();
+        for op in &commit.ops {
+            ops.push((
+                self.root.pack(&("op", s, op.op_id.as_str())),
+                super::encode_json(op)?,
+                self.root.pack(&("op_age", s, op.at_ms, op.op_id.as_str())),
+            ));
+        }
+        let trims = commit
+            .trim
+            .changes_through
+            .iter()
+            .map(|(id, through)| {
+                (
+                    self.root.pack(&("change", s, id.as_str(), 0u64)),
+                    self.root
+                        .pack(&("change", s, id.as_str(), through.saturating_add(1))),
+                )
+            })
+            .collect();
+        Ok(Encoded {
+            lease: self.root.pack(&("lease", s)),
+            writes,
+            ops,
+            trims,
+            count: self.root.pack(&("op_count", s)),
+            retention: commit.trim.ops,
+        })
+    }
+
+    /// One attempt of a commit: the lease and the op ids checked, then everything written.
+    async fn commit_in(
+        &self,
+        trx: &D::Trx,
+        set: &SetKey,
+        epoch: Epoch,
+        e: &Encoded,
+    ) -> Result<(), TxError> {
+        let current = trx
+            .get(&e.lease)
+            .await?
+            .map(|v| decode_epoch(&v))
+            .transpose()?;
+        if current != Some(epoch.0) {
+            return Err(abort(StoreError::Fenced {
+                set: set.to_string(),
+                epoch: epoch.0,
+            }));
+        }
+        // Checked before anything is written: a known op id writes nothing.
+        let mut known = Vec::new();
+        for (key, _, _) in &e.ops {
+            if let Some(v) = trx.get(key).await? {
+                known.push(from_json::<OpRecord>(&v)?);
+            }
+        }
+        if !known.is_empty() {
+            return Err(abort(StoreError::OpsKnown(known)));
+        }
+        for (k, v) in &e.writes {
+            trx.set(k, v);
+        }
+        for (begin, end) in &e.trims {
+            trx.clear_range(begin, end);
+        }
+        if e.ops.is_empty() && e.retention.is_none() {
+            return Ok(());
+        }
+        let mut n = match trx.get(&e.count).await? {
+            Some(v) => decode_epoch(&v)?,
+            None => 0,
+        };
+        for (key, body, age) in &e.ops {
+            trx.set(key, body);
+            trx.set(age, &[]);
+            n += 1;
+        }
+        if let Some(OpRetention {
+            keep_last,
+            keep_since_ms,
+        }) = e.retention
+        {
+            // The oldest first, while more than `keep_last` remain and they are older
+            // than `keep_since_ms`.
+            let excess = usize::try_from(n.saturating_sub(keep_last)).unwrap_or(usize::MAX);
+            let s = set.as_str();
+            let range = (
+                self.root.pack(&("op_age", s, 0u64)),
+                self.root.pack(&("op_age", s, keep_since_ms)),
+            );
+            let old = read_limited(trx, range, excess).await?;
+            let age_space = self.root.subspace(&("op_age", s));
+            for (k, _) in &old {
+                let (_, op_id): (u64, String) = age_space
+                    .unpack(k)
+                    .map_err(|e| abort(StoreError::Corrupt(e.to_string())))?;
+                trx.clear(k);
+                trx.clear(&self.root.pack(&("op", s, op_id.as_str())));
+            }
+            n -= old.len() as u64;
+        }
+        trx.set(&e.count, &n.to_be_bytes());
+        Ok(())
+    }
+
     fn rec2(&self, ns: &str, k1: &str, k2: &str) -> Vec<u8> {
         self.root.pack(&("rec", ns, k1, k2))
     }
@@ -478,40 +644,64 @@ impl<D: KvDatabase> Store for KvStore<D> {
         })
     }
 
-    async fn commit(
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
+        let encoded = &self.encode_commit(set, &commit)?;
+        if encoded.ops.is_empty() && encoded.retention.is_none() {
+            // Idempotent: a retry rewrites the same values under the same epoch check.
+            return self
+                .run("commit", |trx, _| async move {
+                    self.commit_in(&trx, set, epoch, encoded).await
+                })
+                .await;
+        }
+        // A retry after an unknown result must not find its own op ids (nor count them
+        // twice): marked, so it returns the first attempt's success.
+        self.run_once("commit", |trx, _| async move {
+            self.commit_in(&trx, set, epoch, encoded).await
+        })
+        .await
+    }
+
+    async fn history(
         &self,
-        set: &SetKey,
-        epoch: Epoch,
-        writes: Vec<Bucket>,
-    ) -> Result<(), StoreError> {
-        let lease = &self.root.pack(&("lease", set.as_str()));
-        let encoded = &writes
-            .iter()
-            .map(|b| {
-                let body = encode_bucket(b)?;
-                Ok((
-                    self.root.pack(&("bucket", set.as_str(), b.id.as_str())),
-                    body,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // Idempotent: a retry rewrites the same values under the same epoch check.
-        self.run("commit", |trx, _| async move {
-            let current = trx
-                .get(lease)
-                .await?
-                .map(|v| decode_epoch(&v))
-                .transpose()?;
-            if current != Some(epoch.0) {
-                return Err(abort(StoreError::Fenced {
-                    set: set.to_string(),
-                    epoch: epoch.0,
-                }));
-            }
-            for (k, v) in encoded {
-                trx.set(k, v);
-            }
-            Ok(())
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        let set = id.set_key();
+        let bucket_key = &self.root.pack(&("bucket", set.as_str(), id.as_str()));
+        let space = &self.root.subspace(&("change", set.as_str(), id.as_str()));
+        self.run("history", |trx, _| async move {
+            let Some(stored) = trx.get(bucket_key).await? else {
+                return Ok(None);
+            };
+            let version = decode_bucket(id.as_str(), &stored).map_err(abort)?.version;
+            let first = read_limited(&*trx, space.range(), 1).await?;
+            let oldest = match first.first() {
+                Some((k, _)) => Some(
+                    space
+                        .unpack::<u64>(k)
+                        .map_err(|e| abort(StoreError::Corrupt(e.to_string())))?,
+                ),
+                None => None,
+            };
+            let range = (
+                space.pack(&since_version.saturating_add(1)),
+                space.range().1,
+            );
+            let rows = read_limited(&*trx, range, limit.saturating_add(1)).await?;
+            let more = rows.len() > limit;
+            let changes = rows
+                .iter()
+                .take(limit)
+                .map(|(_, v)| from_json::<Change>(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(HistoryPage {
+                version,
+                oldest,
+                changes,
+                more,
+            }))
         })
         .await
     }

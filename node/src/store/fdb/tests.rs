@@ -15,7 +15,8 @@ use super::{check_bucket_limit, KvStore, Limits, MAX_BUCKET_BYTES, STORED_BUCKET
 use crate::error::NodeError;
 use crate::store::conformance as c;
 use crate::store::{
-    AssignedRecord, DeviceRecord, Epoch, Pairing, PairingCode, Store, StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, OpRetention, Pairing, PairingCode, Store,
+    StoreError, UserRecord,
 };
 
 /// Deadline of a test's store call: far above the store's own bounds, so reaching it means
@@ -103,12 +104,12 @@ async fn fdb_lease_take_over_retried_after_unknown_result_names_the_previous_own
             "{fault:?}: one take-over, one epoch"
         );
         assert_eq!(kv.stats().injected, 1);
-        let err = bounded(store.commit(&s, first.epoch, vec![])).await;
+        let err = bounded(store.commit(&s, first.epoch, Commit::default())).await;
         assert!(
             matches!(err, Err(StoreError::Fenced { .. })),
             "{fault:?}: {err:?}"
         );
-        bounded(store.commit(&s, taken.epoch, vec![]))
+        bounded(store.commit(&s, taken.epoch, Commit::default()))
             .await
             .expect("the new epoch commits");
     }
@@ -244,6 +245,78 @@ async fn fdb_credential_swap_retried_after_unknown_result_reports_its_win() {
     );
 }
 
+/// A commit carrying an op id whose result is unknown (its writes applied or not) reports
+/// success once: the bucket, its change and the op record exist once, the set's op count
+/// is not bumped twice, and the device's retry of that op id is then answered from the
+/// record. Without the transaction marker the store's own retry would find the op id it
+/// just wrote and answer `OpsKnown`, and the actor would reconcile a write that is in fact
+/// committed a second time.
+#[tokio::test]
+async fn fdb_an_op_id_commit_retried_after_unknown_result_is_applied_once() {
+    for fault in [CommitFault::UnknownApplied, CommitFault::UnknownNotApplied] {
+        let kv = MemoryKv::new();
+        let store = store(&kv);
+        let s = set("U1");
+        let id = BucketId::parse("device.U1").expect("id");
+        let epoch = bounded(store.acquire_lease(&s, "n1"))
+            .await
+            .expect("lease")
+            .epoch;
+        let count = |kv: &MemoryKv| kv.get_now(&key(&("op_count", "U1")));
+
+        kv.inject_commit(fault.clone());
+        bounded(store.commit(&s, epoch, c::logged("device.U1", 1, Some("op-a"), 5)))
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: committed once, so it must succeed: {e:?}"));
+        assert_eq!(kv.stats().injected, 1, "{fault:?}");
+        let page = bounded(store.history(&id, 0, 10))
+            .await
+            .expect("history")
+            .expect("exists");
+        assert_eq!(
+            page.changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+            [1],
+            "{fault:?}: one change"
+        );
+        assert_eq!(
+            bounded(store.load_set(&s)).await.expect("load"),
+            c::logged("device.U1", 1, None, 0).buckets,
+            "{fault:?}"
+        );
+        assert_eq!(
+            count(&kv),
+            Some(1u64.to_be_bytes().to_vec()),
+            "{fault:?}: one op id remembered, counted once"
+        );
+
+        // The device retries op-a: nothing is written, the first attempt's record answers.
+        let err =
+            bounded(store.commit(&s, epoch, c::logged("device.U1", 2, Some("op-a"), 6))).await;
+        match err {
+            Err(StoreError::OpsKnown(known)) => {
+                assert_eq!(known, vec![c::op("op-a", "device.U1", 1, 5)], "{fault:?}");
+            }
+            other => panic!("{fault:?}: expected OpsKnown, got {other:?}"),
+        }
+
+        // Retention under the same fault: op-a forgotten once, the count back to zero.
+        kv.inject_commit(fault.clone());
+        let mut trim = Commit::default();
+        trim.trim.ops = Some(OpRetention {
+            keep_last: 0,
+            keep_since_ms: u64::MAX,
+        });
+        bounded(store.commit(&s, epoch, trim))
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: trim: {e:?}"));
+        assert_eq!(kv.stats().injected, 2, "{fault:?}");
+        assert_eq!(count(&kv), Some(0u64.to_be_bytes().to_vec()), "{fault:?}");
+        bounded(store.commit(&s, epoch, c::logged("device.U1", 2, Some("op-a"), 7)))
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: op-a was forgotten: {e:?}"));
+    }
+}
+
 #[tokio::test]
 async fn fdb_a_lease_taken_while_a_commit_is_in_flight_fences_it() {
     let kv = MemoryKv::new();
@@ -265,7 +338,7 @@ async fn fdb_a_lease_taken_while_a_commit_is_in_flight_fences_it() {
         },
         version: 1,
     };
-    let err = bounded(store.commit(&s, epoch, vec![b])).await;
+    let err = bounded(store.commit(&s, epoch, Commit::of(vec![b]))).await;
     assert!(matches!(err, Err(StoreError::Fenced { .. })), "{err:?}");
     assert_eq!(
         kv.stats().conflicts,
@@ -474,11 +547,11 @@ async fn fdb_bucket_at_the_accepted_limit_commits_and_one_beyond_fdb_is_refused(
             version: u64::MAX,
         }
     };
-    bounded(store.commit(&s, epoch, vec![bucket(MAX_BUCKET_BYTES)]))
+    bounded(store.commit(&s, epoch, Commit::of(vec![bucket(MAX_BUCKET_BYTES)])))
         .await
         .expect("the largest bucket the node accepts is stored");
     let begun = kv.stats().begun;
-    let err = bounded(store.commit(&s, epoch, vec![bucket(MAX_VALUE_BYTES)]))
+    let err = bounded(store.commit(&s, epoch, Commit::of(vec![bucket(MAX_VALUE_BYTES)])))
         .await
         .expect_err("above FDB's value limit");
     assert!(err.to_string().contains("2103"), "{err}");
