@@ -19,6 +19,8 @@
 //! - A missing HAProxy or PostgreSQL fails the test with the package to install; nothing
 //!   is skipped.
 
+pub mod history;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
