@@ -19,6 +19,7 @@
 //! - A missing HAProxy or PostgreSQL fails the test with the package to install; nothing
 //!   is skipped.
 
+pub mod checker;
 pub mod history;
 
 use std::collections::{BTreeMap, HashSet};
