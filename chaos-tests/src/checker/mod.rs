@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `forked_versions` | (bucket, version) shown with two different timestamps or two different field sets, or acknowledged to two different writes (split-brain commit) |
 //! | `lost_writes` | acknowledged write whose field values are missing (or replaced by a value no later write produced) in a state at or after its version, or whose bucket's final reads (after `End`) show only older versions |
-//! | `underivable_states` | version `v+1` (both `v` and `v+1` known, not forked) that no *single* write explains: `reconcile(chain[v], w)` for the write acknowledged at `v+1` (fields it did not write must match), or else for some not yet used write of unknown fate invoked before `v+1` was first shown; also a timestamp that went back between consecutive known versions. States already counted as garbage or lost are not counted again |
+//! | `underivable_states` | state shown with its fields at `v` that does not follow from the previous state shown with its fields (`u < v`, neither forked nor garbage) by the writes that made `u+1..=v`: the write acknowledged at each version (applied with `reconcile`, OCC left to `occ_lost_updates`), and for each version nobody was shown and no acknowledgement names, exactly one not yet used write of unknown fate sent no later than the first sign of a later version (each write used once, OCC respected; a bounded search). Also a timestamp that went back between consecutive known versions. A stretch whose acknowledged write is already a lost write is not counted again |
 //! | `garbage_reads` | observed state (op, bucket) holding a field value that no write with outcome `Ok`/`Unknown` produced (only a `Refused` one, or none) and that was not in the bucket's initial state |
 //! | `occ_lost_updates` | applied OCC write whose version is not `base_version + 1` (it overwrote a state it never saw; the example names the other OCC writes on that base) |
 //! | `realtime_violations` | operation B whose version contradicts an operation A on the same bucket that completed before B was invoked: B a write acknowledged at a version ≤ any version A showed; or B a read/subscribe of another client showing a version lower than a read/subscribe A showed |
@@ -25,17 +25,22 @@
 //!
 //! A stale read by the writer itself is both stale and a regression; otherwise each
 //! anomaly lands in one counter, the most specific. A retried write that the server
-//! replayed is judged at its first invocation.
+//! replayed is judged at its first invocation. "Before" in real time is strict: an
+//! operation that completed at the very microsecond another was sent is concurrent with
+//! it. A write of unknown fate may take effect at any time after it was sent.
+//!
+//! The initial state of a bucket is whatever was shown before the first write to it was
+//! sent (the runner reads every bucket before the workload starts), plus any version 1.
 //!
 //! Timestamps are compared at millisecond precision (the API drops the HLC's logical
 //! part): `reconcile` is run with the stored state at `(ms, 0)` and the new one at
 //! `(ms', 0)`, or `(ms, 1)` when the milliseconds are equal (the committer's HLC always
 //! issues a strictly newer timestamp).
 //!
-//! Limits: derivation cannot cross a version that nobody was shown and no acknowledgement
-//! names (a write of unknown fate applied there); the chain restarts at the next shown
-//! state, and acknowledged writes are still checked against every later state by
-//! `lost_writes`.
+//! Limits: a stretch whose search exceeds its budget (many writes of unknown fate and a
+//! long run of versions nobody was shown) is skipped, not counted; acknowledged writes
+//! are still checked against every later state by `lost_writes`. Differentially tested
+//! against a brute-force linearizability check (`tests/checker_differential.rs`).
 //!
 //! # Liveness
 //!

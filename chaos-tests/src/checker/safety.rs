@@ -203,8 +203,8 @@ pub(super) fn check(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) -> S
     let forked = forks(&obs, &writes, &chain, &acked, f);
     let garbage = garbage(&obs, &writes, f);
     occ(&writes, f);
-    derivation(&obs, &writes, &chain, &acked, &forked, &garbage, f);
-    lost(hist, &obs, &writes, f);
+    let lost = lost(hist, &obs, &writes, f);
+    derivation(&obs, &writes, &chain, &acked, &forked, &garbage, &lost, f);
     hung(hist, opts, f);
     sweep(&obs, &writes, f)
 }
@@ -399,7 +399,79 @@ fn occ(writes: &[Write<'_>], f: &mut Findings) {
     }
 }
 
-/// Every known `chain[v+1]` explained by exactly one write applied to `chain[v]`.
+/// How many search steps one stretch of the chain may take before the checker gives up
+/// on it (it then restarts at the next shown state; nothing is counted).
+const SEARCH_BUDGET: usize = 100_000;
+
+/// One version on the path between two states shown with their fields.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// The write acknowledged at this version, and the acknowledged timestamp.
+    Fixed(usize, u64),
+    /// Nobody was shown this version: a write of unknown fate sent before `bound` made it.
+    Free { bound: u64 },
+}
+
+struct PathSearch<'s, 'a> {
+    writes: &'s [Write<'a>],
+    used: &'s [bool],
+    candidates: Vec<usize>,
+    slots: Vec<Slot>,
+    start_version: u64,
+    target: &'s Fields,
+    target_ts: u64,
+    budget: usize,
+    chosen: Vec<usize>,
+}
+
+impl PathSearch<'_, '_> {
+    /// True when the slots from `i` on turn `fields` (version `start_version + i`,
+    /// timestamp `ts`) into the target.
+    fn go(&mut self, i: usize, fields: &Fields, ts: u64) -> bool {
+        if self.budget == 0 {
+            return false;
+        }
+        self.budget -= 1;
+        let Some(slot) = self.slots.get(i).copied() else {
+            return fields == self.target;
+        };
+        let v = self.start_version + i as u64 + 1;
+        let last = i + 1 == self.slots.len();
+        match slot {
+            Slot::Fixed(wi, ack_ts) => {
+                let w = &self.writes[wi];
+                match apply(fields, v, ts, ack_ts.max(ts), w, false) {
+                    Some(next) => self.go(i + 1, &next, ack_ts.max(ts)),
+                    None => false,
+                }
+            }
+            Slot::Free { bound } => {
+                let new_ts = if last { self.target_ts } else { ts };
+                for k in 0..self.candidates.len() {
+                    let wi = self.candidates[k];
+                    let w = &self.writes[wi];
+                    if self.used[wi] || self.chosen.contains(&wi) || w.invoke > bound {
+                        continue;
+                    }
+                    let Some(next) = apply(fields, v, ts, new_ts, w, w.occ) else {
+                        continue;
+                    };
+                    self.chosen.push(wi);
+                    if self.go(i + 1, &next, new_ts) {
+                        return true;
+                    }
+                    self.chosen.pop();
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Every shown state derivable from the previous shown state by the writes that made the
+/// versions in between: the one acknowledged at each version, or else exactly one write of
+/// unknown fate per version, each write used once.
+#[allow(clippy::too_many_arguments)]
 fn derivation<'a>(
     obs: &[Obs<'a>],
     writes: &[Write<'a>],
@@ -407,6 +479,7 @@ fn derivation<'a>(
     acked: &BTreeMap<&'a str, BTreeMap<u64, Vec<usize>>>,
     forked: &HashSet<(&'a str, u64)>,
     garbage: &HashSet<(&'a str, u64)>,
+    lost: &HashSet<usize>,
     f: &mut Findings,
 ) {
     let mut used = vec![false; writes.len()];
@@ -416,10 +489,19 @@ fn derivation<'a>(
         let seen = chain.get(b).unwrap_or(&empty);
         let acks = acked.get(b).unwrap_or(&empty);
         let versions: BTreeSet<u64> = seen.keys().chain(acks.keys()).copied().collect();
-        // (version, fields, timestamp, an op that showed or made it)
-        let mut prev: Option<(u64, Fields, u64, u64)> = None;
+        let candidates: Vec<usize> = writes
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| {
+                w.bucket == b
+                    && (w.fate == Fate::Unknown || (w.fate == Fate::Ok && w.ack.is_none()))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        // The last state shown with its fields: (version, fields, timestamp, op).
+        let mut prev: Option<(u64, &Fields, u64, u64)> = None;
         let mut last_ts: Option<(u64, u64, u64)> = None; // (version, ts, op)
-        for v in versions {
+        for &v in &versions {
             if forked.contains(&(b, v)) {
                 prev = None;
                 last_ts = None;
@@ -437,12 +519,6 @@ fn derivation<'a>(
                 .map(|&i| obs[i].op)
                 .or_else(|| ack.map(|i| writes[i].ops[0]))
                 .unwrap_or(0);
-            let fields = shown.iter().find_map(|&i| obs[i].fields);
-            let first_shown = shown
-                .iter()
-                .map(|&i| obs[i].complete)
-                .min()
-                .unwrap_or(u64::MAX);
             let is_garbage = garbage.contains(&(b, v));
             if let Some((pv, pts, pop)) = last_ts {
                 if ts < pts && !is_garbage {
@@ -457,94 +533,105 @@ fn derivation<'a>(
                 }
             }
             last_ts = Some((v, ts, some_op));
-            let next = match &prev {
-                Some((pv, pfields, pts, pop)) if *pv + 1 == v && ts >= *pts => {
-                    if let Some(wi) = ack {
-                        let w = &writes[wi];
-                        used[wi] = true;
-                        let expected = apply(pfields, v, *pts, ts, w, false);
-                        if let (Some(exp), Some(got), false) = (&expected, fields, is_garbage) {
-                            let mut keys: BTreeSet<&String> = exp.keys().collect();
-                            keys.extend(got.keys());
-                            let wrong: Vec<String> = keys
-                                .into_iter()
-                                .filter(|k| {
-                                    !w.fields.contains_key(*k) && exp.get(*k) != got.get(*k)
-                                })
-                                .map(|k| {
-                                    format!(
-                                        "{k}: expected {}, shown {}",
-                                        exp.get(k).map_or("nothing".into(), |x| x.to_string()),
-                                        got.get(k).map_or("nothing".into(), |x| x.to_string())
-                                    )
-                                })
-                                .collect();
-                            if !wrong.is_empty() {
-                                let mut ops = vec![*pop];
-                                ops.extend(&w.ops);
-                                ops.extend(shown.iter().map(|&i| obs[i].op));
-                                f.add(
-                                    "underivable_states",
-                                    b,
-                                    Some(v),
-                                    ops,
-                                    format!(
-                                        "{b} v{v} is not v{pv} + the write acknowledged at v{v} ({}): {}",
-                                        ops_text(&w.ops),
-                                        wrong.join("; ")
-                                    ),
-                                );
-                            }
-                        }
-                        fields.cloned().or(expected)
-                    } else if let Some(got) = fields {
-                        let cand = writes.iter().enumerate().find(|(i, w)| {
-                            !used[*i]
-                                && w.bucket == b
-                                && (w.fate == Fate::Unknown
-                                    || (w.fate == Fate::Ok && w.ack.is_none()))
-                                && w.invoke < first_shown
-                                && apply(pfields, v, *pts, ts, w, w.occ).as_ref() == Some(got)
-                        });
-                        match cand {
-                            Some((i, _)) => used[i] = true,
-                            None if !is_garbage => {
-                                let mut ops = vec![*pop];
-                                ops.extend(shown.iter().map(|&i| obs[i].op));
-                                f.add(
-                                    "underivable_states",
-                                    b,
-                                    Some(v),
-                                    ops,
-                                    format!(
-                                        "no single write turns {b} v{pv} {} into v{v} {}",
-                                        serde_json::Value::Object(pfields.clone()),
-                                        serde_json::Value::Object(got.clone())
-                                    ),
-                                );
-                            }
-                            None => {}
-                        }
-                        Some(got.clone())
-                    } else {
-                        None
-                    }
-                }
-                _ => {
-                    if let Some(wi) = ack {
-                        used[wi] = true;
-                    }
-                    fields.cloned()
-                }
+            let Some(fields) = shown.iter().find_map(|&i| obs[i].fields) else {
+                continue; // a version on the way to the next shown state
             };
-            // A state holding garbage is not a base to derive from (counted already).
-            prev = next.filter(|_| !is_garbage).map(|fl| (v, fl, ts, some_op));
+            if is_garbage {
+                prev = None; // counted already; not a base to derive from
+                continue;
+            }
+            if let Some((pv, pfields, pts, pop)) = prev.filter(|p| ts >= p.2) {
+                let first_shown = shown
+                    .iter()
+                    .map(|&i| obs[i].complete)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                // Versions pv+1 ..= v: the acknowledged write, or a free slot that must
+                // have been made by a write sent before any later version was known.
+                let mut slots = Vec::new();
+                let mut bound = first_shown;
+                for s in (pv + 1..=v).rev() {
+                    match acks.get(&s).and_then(|ws| ws.first()) {
+                        Some(&wi) => {
+                            let w = &writes[wi];
+                            slots.push(Slot::Fixed(wi, w.ack.map_or(ts, |a| a.1)));
+                            bound = bound.min(w.complete);
+                        }
+                        None => slots.push(Slot::Free { bound }),
+                    }
+                }
+                slots.reverse();
+                let fixed: Vec<usize> = slots
+                    .iter()
+                    .filter_map(|s| match s {
+                        Slot::Fixed(wi, _) => Some(*wi),
+                        Slot::Free { .. } => None,
+                    })
+                    .collect();
+                let mut search = PathSearch {
+                    writes,
+                    used: &used,
+                    candidates: candidates.clone(),
+                    slots,
+                    start_version: pv,
+                    target: fields,
+                    target_ts: ts,
+                    budget: SEARCH_BUDGET,
+                    chosen: Vec::new(),
+                };
+                let found = search.go(0, pfields, pts);
+                let gave_up = search.budget == 0;
+                let chosen = std::mem::take(&mut search.chosen);
+                if found {
+                    for wi in chosen {
+                        used[wi] = true;
+                    }
+                } else if !gave_up && !fixed.iter().any(|wi| lost.contains(wi)) {
+                    let mut ops = vec![pop];
+                    ops.extend(fixed.iter().flat_map(|&wi| writes[wi].ops.iter().copied()));
+                    ops.extend(shown.iter().map(|&i| obs[i].op));
+                    let how = if v == pv + 1 {
+                        match fixed.first() {
+                            Some(&wi) => format!(
+                                "the write acknowledged at v{v} ({})",
+                                ops_text(&writes[wi].ops)
+                            ),
+                            None => "any single write of unknown fate".to_string(),
+                        }
+                    } else {
+                        format!(
+                            "the {} acknowledged write(s) and {} write(s) of unknown fate that made v{}..v{v}",
+                            fixed.len(),
+                            (v - pv) as usize - fixed.len(),
+                            pv + 1
+                        )
+                    };
+                    f.add(
+                        "underivable_states",
+                        b,
+                        Some(v),
+                        ops,
+                        format!(
+                            "{b} v{v} {} does not follow from v{pv} {} by {how}",
+                            serde_json::Value::Object(fields.clone()),
+                            serde_json::Value::Object(pfields.clone()),
+                        ),
+                    );
+                }
+            }
+            prev = Some((v, fields, ts, some_op));
         }
     }
 }
 
 /// Acknowledged writes whose values are missing from a later state or the final reads.
-fn lost(hist: &Hist<'_>, obs: &[Obs<'_>], writes: &[Write<'_>], f: &mut Findings) {
+fn lost(
+    hist: &Hist<'_>,
+    obs: &[Obs<'_>],
+    writes: &[Write<'_>],
+    f: &mut Findings,
+) -> HashSet<usize> {
+    let mut lost = HashSet::new();
     let mut by_bucket: HashMap<&str, Vec<&Obs<'_>>> = HashMap::new();
     for o in obs {
         by_bucket.entry(o.bucket).or_default().push(o);
@@ -552,7 +639,7 @@ fn lost(hist: &Hist<'_>, obs: &[Obs<'_>], writes: &[Write<'_>], f: &mut Findings
     for list in by_bucket.values_mut() {
         list.sort_by_key(|o| (o.version, o.complete));
     }
-    for w in writes {
+    for (wi, w) in writes.iter().enumerate() {
         let (Fate::Ok, Some((vw, _))) = (w.fate, w.ack) else {
             continue;
         };
@@ -575,7 +662,11 @@ fn lost(hist: &Hist<'_>, obs: &[Obs<'_>], writes: &[Write<'_>], f: &mut Findings
                         && z.fields.get(k) == Some(got)
                         && match (z.fate, z.ack) {
                             (Fate::Ok, Some((vz, _))) => vz > vw && vz <= s.version,
-                            _ => z.complete == u64::MAX || z.complete > w.invoke,
+                            // A write of unknown fate may take effect any time after
+                            // it was sent; one acknowledged without a version, after `w`
+                            // was sent only if it had not completed by then.
+                            (Fate::Unknown, _) => true,
+                            _ => z.complete > w.invoke,
                         }
                 });
                 if !overwritten {
@@ -591,6 +682,7 @@ fn lost(hist: &Hist<'_>, obs: &[Obs<'_>], writes: &[Write<'_>], f: &mut Findings
             }
         }
         if let Some((s, why)) = lost_in {
+            lost.insert(wi);
             let mut ops = w.ops.clone();
             ops.push(s.op);
             f.add(
@@ -611,6 +703,7 @@ fn lost(hist: &Hist<'_>, obs: &[Obs<'_>], writes: &[Write<'_>], f: &mut Findings
         let finals: Vec<&&Obs<'_>> = list.iter().filter(|s| s.invoke >= hist.end).collect();
         if let Some(top) = finals.iter().max_by_key(|s| s.version) {
             if top.version < vw {
+                lost.insert(wi);
                 let mut ops = w.ops.clone();
                 ops.push(top.op);
                 f.add(
@@ -629,6 +722,7 @@ fn lost(hist: &Hist<'_>, obs: &[Obs<'_>], writes: &[Write<'_>], f: &mut Findings
             }
         }
     }
+    lost
 }
 
 /// Subscribes answered (or still open at `End`) past their timeout plus the grace.
