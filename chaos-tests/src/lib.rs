@@ -20,7 +20,10 @@
 //!   is skipped.
 
 pub mod checker;
+pub mod cli;
+pub mod error;
 pub mod history;
+pub mod report;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;

@@ -11,8 +11,11 @@ use crate::history::{Entry, FaultPhase, Outcome};
 pub struct Window {
     pub kind: String,
     pub target: String,
+    /// µs since the run started.
     pub start: u64,
     pub end: u64,
+    /// The detail of the fault's start entry.
+    pub detail: String,
 }
 
 impl Window {
@@ -29,7 +32,7 @@ impl Window {
 
 /// Pairs every fault start with the next end of the same kind and target.
 pub fn windows(entries: &[Entry], end: u64) -> Vec<Window> {
-    let mut open: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+    let mut open: BTreeMap<(String, String), Vec<(u64, String)>> = BTreeMap::new();
     let mut out = Vec::new();
     for e in entries {
         if let Entry::Fault {
@@ -37,14 +40,14 @@ pub fn windows(entries: &[Entry], end: u64) -> Vec<Window> {
             kind,
             target,
             phase,
-            ..
+            detail,
         } = e
         {
             let key = (kind.clone(), target.clone());
             match phase {
-                FaultPhase::Start => open.entry(key).or_default().push(*t_us),
+                FaultPhase::Start => open.entry(key).or_default().push((*t_us, detail.clone())),
                 FaultPhase::End => {
-                    if let Some(start) = open.get_mut(&key).and_then(|v| {
+                    if let Some((start, detail)) = open.get_mut(&key).and_then(|v| {
                         if v.is_empty() {
                             None
                         } else {
@@ -56,6 +59,7 @@ pub fn windows(entries: &[Entry], end: u64) -> Vec<Window> {
                             target: target.clone(),
                             start,
                             end: *t_us,
+                            detail,
                         });
                     }
                 }
@@ -63,12 +67,13 @@ pub fn windows(entries: &[Entry], end: u64) -> Vec<Window> {
         }
     }
     for ((kind, target), starts) in open {
-        for start in starts {
+        for (start, detail) in starts {
             out.push(Window {
                 kind: kind.clone(),
                 target: target.clone(),
                 start,
                 end: end.max(start),
+                detail,
             });
         }
     }
@@ -82,6 +87,7 @@ pub fn set_of(bucket: &str) -> &str {
 }
 
 /// Set owners over time, from `Owner` entries.
+#[derive(Debug)]
 pub struct Owners {
     by_set: HashMap<String, Vec<(u64, String)>>,
 }

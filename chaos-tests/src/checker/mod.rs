@@ -67,6 +67,8 @@
 mod liveness;
 mod safety;
 
+pub use liveness::{set_of, windows as fault_windows, Owners, Window};
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -206,6 +208,18 @@ pub struct Verdict {
     pub liveness_passed: bool,
 }
 
+/// Success in the availability sense: `Ok`, or a semantic refusal (a 4xx other than
+/// 408/429). `None` (never answered) is a failure.
+pub fn succeeded(result: Option<&Outcome>) -> bool {
+    match result {
+        Some(Outcome::Ok { .. }) => true,
+        Some(Outcome::Refused { http, .. }) => {
+            (400..500).contains(http) && *http != 408 && *http != 429
+        }
+        _ => false,
+    }
+}
+
 /// What kind of operation an op was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -237,13 +251,7 @@ impl Op<'_> {
 
     /// Success in the availability sense.
     fn succeeded(&self) -> bool {
-        match self.result {
-            Some(Outcome::Ok { .. }) => true,
-            Some(Outcome::Refused { http, .. }) => {
-                (400..500).contains(http) && *http != 408 && *http != 429
-            }
-            _ => false,
-        }
+        succeeded(self.result)
     }
 
     /// The buckets the operation addressed.
