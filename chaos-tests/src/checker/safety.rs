@@ -639,36 +639,83 @@ fn lost(
     for list in by_bucket.values_mut() {
         list.sort_by_key(|o| (o.version, o.complete));
     }
+    // (bucket, field) → versions of the acknowledged writes of that field, sorted;
+    // (bucket, field, value) → the writes (not refused) that wrote that value.
+    let mut field_acks: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
+    let mut produced: HashMap<(&str, &str, String), Vec<usize>> = HashMap::new();
+    for (zi, z) in writes.iter().enumerate() {
+        if z.fate == Fate::Refused {
+            continue;
+        }
+        for (k, v) in z.fields {
+            produced
+                .entry((z.bucket, k.as_str(), value_key(v)))
+                .or_default()
+                .push(zi);
+            if let (Fate::Ok, Some((vz, _))) = (z.fate, z.ack) {
+                field_acks
+                    .entry((z.bucket, k.as_str()))
+                    .or_default()
+                    .push(vz);
+            }
+        }
+    }
+    for v in field_acks.values_mut() {
+        v.sort_unstable();
+    }
     for (wi, w) in writes.iter().enumerate() {
         let (Fate::Ok, Some((vw, _))) = (w.fate, w.ack) else {
             continue;
         };
         let list = by_bucket.get(w.bucket).map_or(&[][..], Vec::as_slice);
+        let from = list.partition_point(|s| s.version < vw);
+        // Each field is checked up to the next acknowledged write of it; from there on,
+        // that write's own check takes over.
+        let fields: Vec<(&String, &serde_json::Value, u64)> = w
+            .fields
+            .iter()
+            .map(|(k, val)| {
+                let next = field_acks
+                    .get(&(w.bucket, k.as_str()))
+                    .and_then(|vs| vs.get(vs.partition_point(|v| *v <= vw)).copied())
+                    .unwrap_or(u64::MAX);
+                (k, val, next)
+            })
+            .collect();
+        let limit = fields.iter().map(|f| f.2).max().unwrap_or(0);
         let mut lost_in: Option<(&Obs<'_>, String)> = None;
-        for s in list.iter().filter(|s| s.version >= vw) {
+        'states: for s in &list[from..] {
+            if s.version >= limit {
+                break;
+            }
             let Some(fl) = s.fields else { continue };
-            for (k, val) in w.fields {
+            for &(k, val, next) in &fields {
+                if s.version >= next {
+                    continue;
+                }
                 let Some(got) = fl.get(k) else {
                     lost_in = Some((s, format!("{k} missing")));
-                    break;
+                    break 'states;
                 };
                 if got == val {
                     continue;
                 }
-                let overwritten = writes.iter().any(|z| {
-                    !std::ptr::eq(z, w)
-                        && z.bucket == w.bucket
-                        && z.fate != Fate::Refused
-                        && z.fields.get(k) == Some(got)
-                        && match (z.fate, z.ack) {
-                            (Fate::Ok, Some((vz, _))) => vz > vw && vz <= s.version,
-                            // A write of unknown fate may take effect any time after
-                            // it was sent; one acknowledged without a version, after `w`
-                            // was sent only if it had not completed by then.
-                            (Fate::Unknown, _) => true,
-                            _ => z.complete > w.invoke,
-                        }
-                });
+                let overwritten = produced
+                    .get(&(w.bucket, k.as_str(), value_key(got)))
+                    .into_iter()
+                    .flatten()
+                    .any(|&zi| {
+                        let z = &writes[zi];
+                        zi != wi
+                            && match (z.fate, z.ack) {
+                                (Fate::Ok, Some((vz, _))) => vz > vw && vz <= s.version,
+                                // A write of unknown fate may take effect any time after
+                                // it was sent; one acknowledged without a version, after
+                                // `w` was sent only if it had not completed by then.
+                                (Fate::Unknown, _) => true,
+                                _ => z.complete > w.invoke,
+                            }
+                    });
                 if !overwritten {
                     lost_in = Some((
                         s,
