@@ -96,6 +96,14 @@ pub fn summary(v: &Verdict) -> String {
     for (k, n) in v.properties.iter() {
         let _ = writeln!(s, "  {k:<20} {n}");
     }
+    if v.malformed_count > 0 {
+        let _ = writeln!(
+            s,
+            "  malformed history ({}): {}",
+            v.malformed_count,
+            v.malformed.join("; ")
+        );
+    }
     for e in v.examples.iter().take(5) {
         let _ = writeln!(s, "  e.g. {}: {}", e.property, e.detail);
     }

@@ -172,6 +172,8 @@ pub fn results_json(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> ser
             "detail": w.detail,
         })).collect::<Vec<_>>(),
         "examples": verdict.examples,
+        "malformed": verdict.malformed,
+        "malformed_count": verdict.malformed_count,
         "tier": meta.tier,
         "nodes": meta.nodes,
         "devices": meta.devices,
@@ -203,6 +205,13 @@ pub fn markdown(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> String 
         .collect();
     if verdict.passed {
         let _ = writeln!(md, "**Verdict: PASS** — every safety property holds.");
+    } else if failing.is_empty() {
+        let _ = writeln!(
+            md,
+            "**Verdict: FAIL** — the history is malformed ({} problems): {}.",
+            verdict.malformed_count,
+            verdict.malformed.join("; ")
+        );
     } else {
         let _ = writeln!(
             md,

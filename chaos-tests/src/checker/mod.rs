@@ -29,6 +29,9 @@
 //! operation that completed at the very microsecond another was sent is concurrent with
 //! it. A write of unknown fate may take effect at any time after it was sent.
 //!
+//! A malformed history (an op invoked or completed twice, completed before or without
+//! its invocation) fails the verdict: `malformed` says what is wrong.
+//!
 //! The initial state of a bucket is whatever was shown before the first write to it was
 //! sent (the runner reads every bucket before the workload starts), plus any version 1.
 //!
@@ -202,7 +205,12 @@ pub struct Verdict {
     pub failover_s: Option<f64>,
     pub convergence_s: Option<f64>,
     pub ops: OpCounts,
-    /// Every safety property is zero.
+    /// Problems of the history itself (an op invoked or completed twice, completed before
+    /// or without its invocation): the first few, and how many. A malformed history
+    /// cannot be trusted, so it fails the verdict.
+    pub malformed: Vec<String>,
+    pub malformed_count: u64,
+    /// Every safety property is zero and the history is well formed.
     pub passed: bool,
     /// Every liveness figure that could be measured is within the options' thresholds.
     pub liveness_passed: bool,
@@ -269,6 +277,9 @@ struct Hist<'a> {
     ops: Vec<Op<'a>>,
     end: u64,
     entries: &'a [Entry],
+    /// What is wrong with the history itself (first few).
+    malformed: Vec<String>,
+    malformed_count: u64,
 }
 
 impl<'a> Hist<'a> {
@@ -276,6 +287,14 @@ impl<'a> Hist<'a> {
         let mut by_op: BTreeMap<u64, Op<'a>> = BTreeMap::new();
         let mut end = None;
         let mut last = 0;
+        let mut malformed = Vec::new();
+        let mut malformed_count = 0u64;
+        let mut bad = |what: String| {
+            malformed_count += 1;
+            if malformed.len() < 10 {
+                malformed.push(what);
+            }
+        };
         for e in entries {
             match e {
                 Entry::Invoke {
@@ -285,6 +304,11 @@ impl<'a> Hist<'a> {
                     call,
                 } => {
                     last = last.max(*t_us);
+                    if by_op.contains_key(op) {
+                        bad(format!(
+                            "op {op} invoked twice (the later invocation is used)"
+                        ));
+                    }
                     by_op.insert(
                         *op,
                         Op {
@@ -299,9 +323,18 @@ impl<'a> Hist<'a> {
                 }
                 Entry::Complete { op, t_us, result } => {
                     last = last.max(*t_us);
-                    if let Some(o) = by_op.get_mut(op) {
-                        o.complete = Some(*t_us);
-                        o.result = Some(result);
+                    match by_op.get_mut(op) {
+                        Some(o) if o.complete.is_some() => bad(format!(
+                            "op {op} completed twice (the first completion is used)"
+                        )),
+                        Some(o) if *t_us < o.invoke => {
+                            bad(format!("op {op} completed before it was invoked (ignored)"))
+                        }
+                        Some(o) => {
+                            o.complete = Some(*t_us);
+                            o.result = Some(result);
+                        }
+                        None => bad(format!("op {op} completed but never invoked (ignored)")),
                     }
                 }
                 Entry::Fault { t_us, .. } | Entry::Owner { t_us, .. } => last = last.max(*t_us),
@@ -316,6 +349,8 @@ impl<'a> Hist<'a> {
             ops: by_op.into_values().collect(),
             end: end.unwrap_or(last),
             entries,
+            malformed,
+            malformed_count,
         }
     }
 }
@@ -390,7 +425,9 @@ pub fn check(entries: &[Entry], opts: &CheckOptions) -> Verdict {
         && within(live.failover_s, &|s| s <= opts.max_failover_s)
         && within(live.convergence_s, &|s| s <= opts.max_convergence_s);
     Verdict {
-        passed: findings.properties.all_zero(),
+        passed: findings.properties.all_zero() && hist.malformed_count == 0,
+        malformed: hist.malformed.clone(),
+        malformed_count: hist.malformed_count,
         properties: findings.properties,
         examples: findings.examples,
         staleness,

@@ -401,7 +401,7 @@ fn occ(writes: &[Write<'_>], f: &mut Findings) {
 
 /// How many search steps one stretch of the chain may take before the checker gives up
 /// on it (it then restarts at the next shown state; nothing is counted).
-const SEARCH_BUDGET: usize = 100_000;
+const SEARCH_BUDGET: usize = 20_000;
 
 /// One version on the path between two states shown with their fields.
 #[derive(Debug, Clone, Copy)]
@@ -451,6 +451,10 @@ impl PathSearch<'_, '_> {
                     let wi = self.candidates[k];
                     let w = &self.writes[wi];
                     if self.used[wi] || self.chosen.contains(&wi) || w.invoke > bound {
+                        continue;
+                    }
+                    // The write that made the target wrote values the target shows.
+                    if last && w.fields.iter().any(|(k, x)| self.target.get(k) != Some(x)) {
                         continue;
                     }
                     let Some(next) = apply(fields, v, ts, new_ts, w, w.occ) else {

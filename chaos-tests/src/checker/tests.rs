@@ -639,3 +639,29 @@ fn liveness_figures_follow_their_definitions() {
     assert!(!v.liveness_passed, "availability 67 % is below 95 %");
     assert_eq!(v.properties.stale_reads, 1);
 }
+
+#[test]
+fn a_malformed_history_fails_and_says_why() {
+    let b = base();
+    let mut entries = b.h.entries();
+    // A second invocation reusing op 3's number, and a completion of an op never invoked.
+    let dup = entries
+        .iter()
+        .find(|e| matches!(e, Entry::Invoke { op: 3, .. }))
+        .cloned()
+        .expect("op 3");
+    entries.push(dup);
+    entries.push(Entry::Complete {
+        op: 999,
+        t_us: 1,
+        result: Outcome::Unknown { detail: "x".into() },
+    });
+    let v = check(&entries, &CheckOptions::default());
+    assert!(!v.passed);
+    assert_eq!(v.malformed_count, 2, "{:?}", v.malformed);
+    assert!(v.malformed.iter().any(|m| m.contains("op 3 invoked twice")));
+    assert!(v
+        .malformed
+        .iter()
+        .any(|m| m.contains("op 999 completed but never invoked")));
+}
