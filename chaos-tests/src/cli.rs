@@ -55,9 +55,12 @@ pub fn run(cli: Cli) -> ExitCode {
             };
             match check_file(&history, out.as_deref(), &opts) {
                 Ok(v) => {
-                    print!("{}", summary(&v));
+                    // A closed stdout (`| head`) must not turn a verdict into a panic.
+                    use std::io::Write as _;
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = stdout.write_all(summary(&v).as_bytes());
                     if let Some(dir) = &out {
-                        println!("report: {}", dir.join("report.md").display());
+                        let _ = writeln!(stdout, "report: {}", dir.join("report.md").display());
                     }
                     ExitCode::from(if v.passed { EXIT_PASS } else { EXIT_FAIL })
                 }
