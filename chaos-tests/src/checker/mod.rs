@@ -55,8 +55,10 @@
 //!   without faults, over the whole run.
 //! - `availability_unaffected`: the same over operations none of whose buckets' sets
 //!   (bucket id `kind.set`) was owned — by the last `Owner` entry before the invocation —
-//!   by a node named in the target of a fault active at the invocation (`None` when no
-//!   such operation exists, e.g. a store fault touches every set).
+//!   by a node named in the target of a fault active at the invocation. A part of the
+//!   target (split at `<->` and `,`) counts as a node when some `Owner` entry names it; a
+//!   fault naming no such node (the store) touches every set, so the figure is `None`
+//!   when no unaffected operation exists.
 //! - `failover_s`: for every fault naming a node, every bucket whose set that node owned at
 //!   the fault's start: the longest interval between consecutive successful write
 //!   acknowledgements on that bucket that overlaps the fault window (from the fault start
