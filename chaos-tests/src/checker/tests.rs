@@ -665,3 +665,55 @@ fn a_malformed_history_fails_and_says_why() {
         .iter()
         .any(|m| m.contains("op 999 completed but never invoked")));
 }
+
+#[test]
+fn a_store_fault_touches_every_set_and_a_write_gap_runs_to_end() {
+    let mut h = Builder {
+        end: 8000,
+        ..Builder::default()
+    };
+    h.owner(0, "s1", "node-1");
+    h.read(0, (0, 10), state(S1, 1, 1000, json!({})));
+    h.write(
+        1,
+        (100, 200),
+        S1,
+        json!({"a": 1}),
+        1,
+        false,
+        Res::Ack(2, 1100),
+    );
+    // The store is down from 1 s on: one success (a semantic 422), one 503.
+    h.fault(1000, "store-crash", "store", FaultPhase::Start);
+    h.write(
+        1,
+        (1100, 1200),
+        S1,
+        json!({"a": 2}),
+        2,
+        false,
+        Res::Refused(422),
+    );
+    h.write(
+        1,
+        (1300, 1400),
+        S1,
+        json!({"a": 3}),
+        2,
+        false,
+        Res::Refused(503),
+    );
+    h.fault(3000, "store-crash", "store", FaultPhase::End);
+    // node-1 (s1's owner) is paused from 5 s and no write succeeds again before End (8 s).
+    h.fault(5000, "pause", "node-1", FaultPhase::Start);
+    h.write(1, (5100, 6100), S1, json!({"a": 4}), 2, false, Res::Unknown);
+    let v = h.check();
+    assert!(v.passed, "{:#?}", v.examples);
+    // In windows: the 422 (success), the 503 and the unknown write (failures).
+    assert_eq!(v.availability, Some(1.0 / 3.0));
+    // The store fault names no node that owns a set, the pause names s1's owner: no
+    // operation in a window was on a set outside the fault.
+    assert_eq!(v.availability_unaffected, None);
+    // s1's last acknowledgement at 200 ms, none after the pause began: gap to End.
+    assert_eq!(v.failover_s, Some(7.8));
+}
