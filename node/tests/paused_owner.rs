@@ -1,0 +1,163 @@
+//! A paused owner never answers from stale memory (ARCHITECTURE.md invariant 16; issue 12,
+//! chaos scenario `pause-owner`). Two real `tether` nodes in cluster mode on one private
+//! PostgreSQL: node-a owns a set and has it in memory; node-a is stopped (SIGSTOP) for
+//! longer than the failure-detection bound, node-b takes the set over and acknowledges a
+//! newer write; node-a is resumed (SIGCONT) and read from at once and for a few seconds.
+//! Its view is still the old one (it owns the set), so without the lease confirmation it
+//! answers from the memory it had before the pause. Every read must return the
+//! acknowledged version or a newer one (a 503 while ownership settles is allowed; at least
+//! one read must succeed, or the test proves nothing).
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use tether_cluster::{NodeId, Ring};
+use tether_node::store::pg_server::PgServer;
+use tether_test_support::node::*;
+
+const SECRET: &str = "paused-owner-test-secret-0123456789";
+/// How long node-a stays stopped at most while node-b notices (the failure-detection
+/// bound of a two-node LAN cluster is a few seconds).
+const DETECT_LIMIT: Duration = Duration::from_secs(30);
+/// How long node-a is read from after it resumes.
+const READ_FOR: Duration = Duration::from_secs(5);
+const READ_EVERY: Duration = Duration::from_millis(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+async fn member(id: &str, store: &str, join: Option<u16>, keyring: Option<&Node>) -> (Node, u16) {
+    let grpc = free_port();
+    let mut b = Node::builder()
+        .config(&thermostat_template(&["w0", "w1"]))
+        .arg("--node-id")
+        .arg(id)
+        .arg("--store")
+        .arg(store)
+        .arg("--grpc-listen")
+        .arg(format!("127.0.0.1:{grpc}"))
+        .env("TETHER_CLUSTER_SECRET", SECRET);
+    if let Some(seed) = join {
+        b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
+    }
+    if let Some(k) = keyring {
+        b = b.keyring(k.keyring());
+    }
+    (b.start().await, grpc)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill (procps)");
+    assert!(st.success(), "kill -{sig} {pid}: {st:?}");
+}
+
+/// Stops a process; resumes it when dropped (every exit path, panics included).
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_owner_never_answers_from_memory_older_than_an_acknowledged_write() {
+    let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
+    let url = pg.url("paused").expect("database");
+    let (a, a_grpc) = member("node-a", &url, None, None).await;
+    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a)).await;
+    a.wait_ready(2).await;
+    b.wait_ready(2).await;
+
+    // A set node-a owns, loaded in its memory at version `before`.
+    let ring = Ring::new([NodeId::new("node-a"), NodeId::new("node-b")], 256);
+    let serial = (0..1000)
+        .map(|i| format!("PAUSE{i:03}"))
+        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
+        .expect("node-a owns some set");
+    let id = format!("shared.{serial}");
+    let on_a = a.device(&serial);
+    on_a.register_thermostat().await;
+    let before = u64_of(
+        &on_a
+            .put(&id, &json!({"value": {"w0": 0}, "base_version": 0}))
+            .await
+            .expect_json(StatusCode::OK),
+        "version",
+    );
+    let read = on_a.bucket(&id).await;
+    assert_eq!(u64_of(&read, "version"), before, "node-a serves {read}");
+
+    // node-a stops; node-b notices, takes the set over and acknowledges a newer write.
+    let paused = Stopped::new(a.pid());
+    let stopped_at = Instant::now();
+    b.wait_ready(1).await;
+    assert!(stopped_at.elapsed() < DETECT_LIMIT);
+    let on_b = b.device(&serial);
+    let acked = loop {
+        let r = on_b
+            .put(&id, &json!({"value": {"w1": 1}, "base_version": 0}))
+            .await;
+        match r.status {
+            StatusCode::OK => break u64_of(&r.json(), "version"),
+            StatusCode::SERVICE_UNAVAILABLE if stopped_at.elapsed() < DETECT_LIMIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("write through node-b: {other}: {}", r.text()),
+        }
+    };
+    assert!(
+        acked > before,
+        "node-b acknowledged v{acked} after v{before}"
+    );
+    let pause = stopped_at.elapsed();
+
+    // node-a resumes and is read from at once: never below the acknowledged version.
+    drop(paused);
+    let resumed = Instant::now();
+    let (mut ok, mut unavailable, mut stale) = (0u32, 0u32, Vec::new());
+    while resumed.elapsed() < READ_FOR {
+        let r = on_a.get(&format!("/v1/buckets/{id}")).await;
+        match r.status {
+            StatusCode::OK => {
+                ok += 1;
+                let v = u64_of(&r.json(), "version");
+                if v < acked {
+                    stale.push((resumed.elapsed().as_millis(), v));
+                }
+            }
+            StatusCode::SERVICE_UNAVAILABLE => unavailable += 1,
+            other => panic!("read through node-a: {other}: {}", r.text()),
+        }
+        tokio::time::sleep(READ_EVERY).await;
+    }
+    eprintln!(
+        "paused owner: node-a stopped {} ms; after SIGCONT {ok} reads answered, {unavailable} 503, {} stale (below v{acked}): {:?}",
+        pause.as_millis(),
+        stale.len(),
+        stale.iter().take(5).collect::<Vec<_>>(),
+    );
+    assert!(
+        stale.is_empty(),
+        "node-a answered {} reads (first at +{} ms after SIGCONT) from memory older than the write node-b acknowledged (v{acked})",
+        stale.len(),
+        stale[0].0
+    );
+    assert!(ok > 0, "node-a answered no read after it resumed");
+}
