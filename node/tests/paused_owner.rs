@@ -1,4 +1,4 @@
-//! A paused owner never answers from stale memory (ARCHITECTURE.md invariant 16; issue 12,
+//! A paused owner never answers from stale memory (ARCHITECTURE.md invariant 23; issue 12,
 //! chaos scenario `pause-owner`). Two real `tether` nodes in cluster mode on one private
 //! PostgreSQL: node-a owns a set and has it in memory; node-a is stopped (SIGSTOP) for
 //! longer than the failure-detection bound, node-b takes the set over and acknowledges a
@@ -31,7 +31,13 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-async fn member(id: &str, store: &str, join: Option<u16>, keyring: Option<&Node>) -> (Node, u16) {
+async fn member(
+    id: &str,
+    store: &str,
+    join: Option<u16>,
+    keyring: Option<&Node>,
+    planted: Option<&str>,
+) -> (Node, u16) {
     let grpc = free_port();
     let mut b = Node::builder()
         .config(&thermostat_template(&["w0", "w1"]))
@@ -47,6 +53,9 @@ async fn member(id: &str, store: &str, join: Option<u16>, keyring: Option<&Node>
     }
     if let Some(k) = keyring {
         b = b.keyring(k.keyring());
+    }
+    if let Some(bug) = planted {
+        b = b.env("TETHER_PLANTED_BUG", bug);
     }
     (b.start().await, grpc)
 }
@@ -76,12 +85,45 @@ impl Drop for Stopped {
     }
 }
 
+/// What node-a answered after it resumed.
+struct Reads {
+    acked: u64,
+    ok: u32,
+    /// (ms after SIGCONT, version) of every read below `acked`.
+    stale: Vec<(u128, u64)>,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_owner_never_answers_from_memory_older_than_an_acknowledged_write() {
+    let Reads { acked, ok, stale } = pause_owner_then_read(None).await;
+    assert!(
+        stale.is_empty(),
+        "node-a answered {} reads (first at +{} ms after SIGCONT) from memory older than the write node-b acknowledged (v{acked})",
+        stale.len(),
+        stale[0].0
+    );
+    assert!(ok > 0, "node-a answered no read after it resumed");
+}
+
+/// The planted bug `stale-reads` (ARCHITECTURE.md "Planted bugs") makes the same run
+/// answer from stale memory: the check above can fail.
+#[cfg(feature = "planted-stale-reads")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_stale_reads_are_caught() {
+    let Reads { stale, .. } = pause_owner_then_read(Some("stale-reads")).await;
+    assert!(!stale.is_empty(), "the planted bug did not bite");
+}
+
+async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
+    // The binary cargo built for this run (with the planted features when they are on),
+    // before anything builds one.
+    if std::env::var_os("TETHER_BIN").is_none() {
+        std::env::set_var("TETHER_BIN", env!("CARGO_BIN_EXE_tether"));
+    }
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("paused").expect("database");
-    let (a, a_grpc) = member("node-a", &url, None, None).await;
-    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a)).await;
+    let (a, a_grpc) = member("node-a", &url, None, None, planted).await;
+    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a), planted).await;
     a.wait_ready(2).await;
     b.wait_ready(2).await;
 
@@ -153,11 +195,5 @@ async fn a_resumed_owner_never_answers_from_memory_older_than_an_acknowledged_wr
         stale.len(),
         stale.iter().take(5).collect::<Vec<_>>(),
     );
-    assert!(
-        stale.is_empty(),
-        "node-a answered {} reads (first at +{} ms after SIGCONT) from memory older than the write node-b acknowledged (v{acked})",
-        stale.len(),
-        stale[0].0
-    );
-    assert!(ok > 0, "node-a answered no read after it resumed");
+    Reads { acked, ok, stale }
 }

@@ -192,7 +192,7 @@ impl crate::sets::registry::TakeOver for PeerTakeOver {
         let (placement, peers) = (self.placement.clone(), self.peers.clone());
         async move {
             // A node that is no longer a member in this view may still be alive (paused,
-            // cut off): the new owner then waits out its lease trust (invariant 16).
+            // cut off): the new owner then waits out its lease trust (invariant 23).
             let Some(member) = placement.member(&previous) else {
                 return false;
             };

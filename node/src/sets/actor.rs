@@ -259,7 +259,7 @@ pub struct BucketSetActor {
     leased: bool,
     /// When the newest store round trip that proved this actor's lease (taking it, a
     /// commit, a confirmation) was sent: reads are answered from memory only within
-    /// [`Shared::lease_trust`] of it (invariant 16).
+    /// [`Shared::lease_trust`] of it (invariant 23).
     confirmed: Option<Instant>,
     /// Planted bug `ack-before-durable`: the background commit of the previous batch.
     #[cfg(feature = "planted-ack-before-durable")]

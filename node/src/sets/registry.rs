@@ -70,12 +70,12 @@ pub trait TakeOver: Send + Sync + std::fmt::Debug {
 }
 
 /// A new owner serves a set taken from another node only once that node confirmed it
-/// stopped serving it, or this long after the lease was taken (invariant 16).
+/// stopped serving it, or this long after the lease was taken (invariant 23).
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
 
 /// How long after a store round trip proved an actor's lease (taking it, a commit, a
 /// confirmation) the actor answers reads from memory without asking the store again
-/// (invariant 16). Well below [`TAKE_OVER_WAIT`]: a new owner serves no earlier than
+/// (invariant 23). Well below [`TAKE_OVER_WAIT`]: a new owner serves no earlier than
 /// that after the round trip, whatever happened to this node meanwhile (paused, cut off).
 pub const LEASE_TRUST: Duration = Duration::from_millis(500);
 const _: () = assert!(LEASE_TRUST.as_millis() * 2 <= TAKE_OVER_WAIT.as_millis());
@@ -148,7 +148,7 @@ impl Shared {
     /// resolves once `previous` confirmed it stopped serving the set, or
     /// [`TAKE_OVER_WAIT`] after `taken` — by then its lease trust ([`LEASE_TRUST`]) has
     /// run out, so a paused or cut-off previous owner confirms with the store before it
-    /// answers a read again, and finds the lease gone (invariant 16). Its commits are
+    /// answers a read again, and finds the lease gone (invariant 23). Its commits are
     /// fenced anyway.
     #[tracing::instrument(name = "lease.handoff", skip(self, taken), fields(%set, %previous))]
     pub async fn take_over(&self, set: &SetKey, previous: String, taken: Instant) {

@@ -312,7 +312,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError>;
     /// The set's current lease epoch as the store has it now (`None`: never leased): an
     /// owner confirms with it that no other node took the lease (ARCHITECTURE.md
-    /// invariant 16). One round trip, writes nothing.
+    /// invariant 23). One round trip, writes nothing.
     async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError>;
     /// Writes a [`Commit`] atomically, only if `epoch` is still the set's lease epoch and
     /// none of its op ids is remembered yet (else [`StoreError::OpsKnown`], nothing
