@@ -91,11 +91,27 @@ struct Reads {
     ok: u32,
     /// (ms after SIGCONT, version) of every read below `acked`.
     stale: Vec<(u128, u64)>,
+    /// Whether a subscription held at node-a on another set node-b took over was
+    /// answered within [`SUB_ANSWERED_WITHIN`] of SIGCONT (else it waits out its timeout
+    /// for changes that never reach node-a).
+    sub_answered: bool,
 }
+
+/// How soon after SIGCONT a subscription held at node-a must be answered.
+const SUB_ANSWERED_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_owner_never_answers_from_memory_older_than_an_acknowledged_write() {
-    let Reads { acked, ok, stale } = pause_owner_then_read(None).await;
+    let Reads {
+        acked,
+        ok,
+        stale,
+        sub_answered,
+    } = pause_owner_then_read(None).await;
+    assert!(
+        sub_answered,
+        "a subscription held at node-a was not answered within {SUB_ANSWERED_WITHIN:?} after it resumed, though node-b took its set over"
+    );
     assert!(
         stale.is_empty(),
         "node-a answered {} reads (first at +{} ms after SIGCONT) from memory older than the write node-b acknowledged (v{acked})",
@@ -145,6 +161,24 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
     );
     let read = on_a.bucket(&id).await;
     assert_eq!(u64_of(&read, "version"), before, "node-a serves {read}");
+    // Another set of node-a's, with a subscription held there (and nothing else).
+    let watched = (0..1000)
+        .map(|i| format!("WATCH{i:03}"))
+        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
+        .expect("node-a owns some set");
+    let watched_id = format!("shared.{watched}");
+    let watcher = a.device(&watched);
+    watcher.register_thermostat().await;
+    let held = watcher.bucket(&watched_id).await;
+    let sub = {
+        let (p, body) = (
+            watcher.clone(),
+            json!({"buckets": [{"id": watched_id, "timestamp": held["timestamp"], "version": held["version"]}],
+                   "session": "watcher", "timeout_ms": 120_000}),
+        );
+        tokio::spawn(async move { p.subscribe(&body, Duration::from_secs(180)).await })
+    };
+    a.wait_held(1, REQUEST_DEADLINE).await;
 
     // node-a stops; node-b notices, takes the set over and acknowledges a newer write.
     let paused = Stopped::new(a.pid());
@@ -168,6 +202,22 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
         acked > before,
         "node-b acknowledged v{acked} after v{before}"
     );
+    let on_b_watched = b.device(&watched);
+    loop {
+        let r = on_b_watched
+            .put(
+                &watched_id,
+                &json!({"value": {"w1": 1}, "base_version": 0, "session": "writer"}),
+            )
+            .await;
+        match r.status {
+            StatusCode::OK => break,
+            StatusCode::SERVICE_UNAVAILABLE if stopped_at.elapsed() < DETECT_LIMIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("write through node-b: {other}: {}", r.text()),
+        }
+    }
     let pause = stopped_at.elapsed();
 
     // node-a resumes and is read from at once: never below the acknowledged version.
@@ -195,5 +245,15 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
         stale.len(),
         stale.iter().take(5).collect::<Vec<_>>(),
     );
-    Reads { acked, ok, stale }
+    let sub_answered =
+        tokio::time::timeout(SUB_ANSWERED_WITHIN.saturating_sub(resumed.elapsed()), sub)
+            .await
+            .is_ok();
+    eprintln!("paused owner: the subscription held at node-a answered within {SUB_ANSWERED_WITHIN:?} of SIGCONT: {sub_answered}");
+    Reads {
+        acked,
+        ok,
+        stale,
+        sub_answered,
+    }
 }

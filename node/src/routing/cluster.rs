@@ -73,6 +73,33 @@ impl Readiness {
         )
     }
 }
+/// How often the pause detector ticks, and the gap between ticks that means this node
+/// was paused (SIGSTOP, a VM or cgroup freeze, starvation).
+const PAUSE_TICK: Duration = Duration::from_millis(100);
+const PAUSE_GAP: Duration = Duration::from_millis(1000);
+
+/// Notices that this node was paused — its monotonic clock jumped between two ticks — and
+/// has every actor holding subscriptions confirm its lease: other nodes may have taken
+/// its sets meanwhile (reads confirm by themselves, invariant 23).
+async fn watch_for_pauses(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(PAUSE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = std::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let gap = last.elapsed();
+        last = std::time::Instant::now();
+        if gap >= PAUSE_GAP {
+            let asked = shared.revalidate_held();
+            tracing::warn!(
+                paused_ms = gap.as_millis() as u64,
+                actors = asked,
+                "this node was paused: confirming the leases of sets with held subscriptions"
+            );
+        }
+    }
+}
+
 /// Concurrent calls one peer may have open on this node (held subscriptions included).
 const MAX_STREAMS_PER_PEER: u32 = 1 << 20;
 
@@ -195,6 +222,7 @@ impl ClusterNode {
             },
             Some(placement.clone()),
         );
+        runtime.spawn(watch_for_pauses(shared.clone()));
         let ready = Arc::new(AtomicBool::new(!has_seeds));
         let mut view = handle.view();
         let (watch_shared, watch_ready) = (shared, ready.clone());
@@ -226,6 +254,9 @@ impl ClusterNode {
                 if moved > 0 {
                     tracing::info!(moved, members, "view changed: handing off sets this node no longer owns");
                 }
+                // Sets kept may have been taken meanwhile (this node was cut off):
+                // their held subscribers must not wait for changes that never come.
+                watch_shared.revalidate_held();
                 tokio::select! {
                     changed = view.changed() => if changed.is_err() { return },
                     () = &mut alone, if !alone_elapsed => alone_elapsed = true,

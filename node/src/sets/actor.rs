@@ -138,6 +138,14 @@ pub struct Unsubscribe(pub u64);
 #[rtype(result = "()")]
 pub struct ReleaseHeld;
 
+/// This node may have been away (paused, cut off, its view changed): an actor holding
+/// subscriptions confirms its lease now, so subscribers of a set another node took are
+/// answered (empty: they resubscribe at the new owner) instead of waiting out their
+/// timeout for changes that will never reach this node.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Revalidate;
+
 /// Graceful stop: finish queued writes, answer held subscriptions (empty), stop.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -1118,11 +1126,27 @@ impl BucketSetActor {
             let r = answer(self, ctx);
             return Box::pin(fut::ready(r));
         }
+        Box::pin(self.confirm_lease().map(move |confirmed, act, ctx| {
+            confirmed?;
+            if !act.lease_trusted() {
+                return Err(NodeError::Unavailable(format!(
+                    "confirming the lease of bucket set {} took too long; retry",
+                    act.set
+                )));
+            }
+            answer(act, ctx)
+        }))
+    }
+
+    /// One store round trip: is the lease still this actor's? If another node took it
+    /// (this node was paused or cut off), the actor drops the set: held subscriptions
+    /// answered (their clients resubscribe at the new owner), memory dropped, stopped.
+    fn confirm_lease(&mut self) -> impl ActorFuture<Self, Output = Result<()>> + 'static {
         let span = tracing::info_span!("lease.confirm", set = %self.set);
         let (store, set) = (self.shared.store.clone(), self.set.clone());
         let sent = Instant::now();
         let confirm = async move { store.lease_epoch(&set).await }.instrument(span.clone());
-        Box::pin(confirm.into_actor(self).map(move |current, act, ctx| {
+        confirm.into_actor(self).map(move |current, act, ctx| {
             let _in = span.enter();
             act.ready()?;
             let current = current.map_err(NodeError::Store)?;
@@ -1139,14 +1163,8 @@ impl BucketSetActor {
                 )));
             }
             act.confirmed = act.confirmed.max(Some(sent));
-            if !act.lease_trusted() {
-                return Err(NodeError::Unavailable(format!(
-                    "confirming the lease of bucket set {} took too long; retry",
-                    act.set
-                )));
-            }
-            answer(act, ctx)
-        }))
+            Ok(())
+        })
     }
 
     /// A read from memory (the lease trusted).
@@ -1294,6 +1312,16 @@ impl Handler<ReleaseHeld> for BucketSetActor {
     type Result = ();
     fn handle(&mut self, _msg: ReleaseHeld, _ctx: &mut Context<Self>) {
         self.release_held();
+    }
+}
+
+impl Handler<Revalidate> for BucketSetActor {
+    type Result = ();
+    fn handle(&mut self, _msg: Revalidate, ctx: &mut Context<Self>) {
+        if self.subs.is_empty() || self.ready().is_err() || self.shared.lease_trust().is_none() {
+            return;
+        }
+        ctx.spawn(self.confirm_lease().map(|_, _, _| ()));
     }
 }
 

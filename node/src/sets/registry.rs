@@ -13,7 +13,7 @@ use tether_proto::{Hlc, HlcClock, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::sets::actor::{BucketSetActor, Shutdown};
+use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown};
 use crate::sets::traced::{Op, Traced};
 use crate::store::Store;
 
@@ -270,6 +270,22 @@ impl Shared {
             self.metrics.handoff();
         }
         lost.len()
+    }
+
+    /// This node may have been away (a pause, a view change): every actor holding
+    /// subscriptions confirms its lease ([`Revalidate`]). Returns how many were asked.
+    pub fn revalidate_held(&self) -> usize {
+        let addrs: Vec<_> = self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for a in &addrs {
+            a.do_send(Revalidate);
+        }
+        addrs.len()
     }
 
     /// Called by a stopping actor: forget it unless a newer actor replaced it already.
