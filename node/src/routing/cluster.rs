@@ -231,10 +231,14 @@ impl ClusterNode {
             tokio::pin!(alone);
             let mut alone_elapsed = false;
             let mut last = Readiness::Joining;
+            let mut known: Vec<tether_cluster::NodeId> = Vec::new();
             loop {
-                let (members, readiness) = {
+                let (members, readiness, appeared) = {
                     let v = view.borrow_and_update();
-                    (v.members.len(), Readiness::of(&v, alone_elapsed))
+                    let ids: Vec<_> = v.members.iter().map(|m| m.id.clone()).collect();
+                    let appeared = ids.iter().any(|id| !known.contains(id));
+                    known = ids;
+                    (v.members.len(), Readiness::of(&v, alone_elapsed), appeared)
                 };
                 watch_shared.metrics.cluster_members(members);
                 if readiness != last && !watch_ready.load(Ordering::Acquire) {
@@ -254,9 +258,12 @@ impl ClusterNode {
                 if moved > 0 {
                     tracing::info!(moved, members, "view changed: handing off sets this node no longer owns");
                 }
-                // Sets kept may have been taken meanwhile (this node was cut off):
-                // their held subscribers must not wait for changes that never come.
-                watch_shared.revalidate_held();
+                // A peer (re)appeared: this node may have been cut off, and sets it kept
+                // taken meanwhile; their held subscribers must not wait for changes that
+                // never come here.
+                if appeared {
+                    watch_shared.revalidate_held();
+                }
                 tokio::select! {
                     changed = view.changed() => if changed.is_err() { return },
                     () = &mut alone, if !alone_elapsed => alone_elapsed = true,
