@@ -1096,7 +1096,7 @@ impl Handler<Get> for BucketSetActor {
 
 impl BucketSetActor {
     /// Whether reads may be answered from memory now: a store round trip proved the lease
-    /// less than [`Shared::lease_trust`] ago (always, for a node alone). Invariant 16.
+    /// less than [`Shared::lease_trust`] ago (always, for a node alone). Invariant 23.
     fn lease_trusted(&self) -> bool {
         // Planted bug (chaos self-test): memory is always trusted.
         #[cfg(feature = "planted-stale-reads")]
