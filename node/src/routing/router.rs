@@ -191,9 +191,10 @@ impl crate::sets::registry::TakeOver for PeerTakeOver {
     fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, bool> {
         let (placement, peers) = (self.placement.clone(), self.peers.clone());
         async move {
-            // A node that is no longer a member in this view may still be alive (paused,
-            // cut off): the new owner then waits out its lease trust (invariant 23).
-            let Some(member) = placement.member(&previous) else {
+            // A node that left the view may still be running (drained, paused, cut off):
+            // ask it too; if it cannot confirm, the new owner waits out its lease trust
+            // (invariant 23).
+            let Some(member) = placement.last_known(&previous) else {
                 return false;
             };
             match peers.relinquish(&member, &set).await {
