@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use hashring::HashRing;
 
@@ -116,7 +116,13 @@ pub struct RingPlacement {
     vnodes: u32,
     view: RwLock<Arc<RingView>>,
     retired: AtomicBool,
+    /// Members that left the view (drained, declared down), newest last, at most
+    /// [`DEPARTED`]: a node taking over one's sets can still ask it to stop serving them.
+    departed: Mutex<Vec<Member>>,
 }
+
+/// How many departed members [`RingPlacement::last_known`] remembers.
+const DEPARTED: usize = 64;
 
 impl RingPlacement {
     /// Placement that, until the first [`update`](Self::update), owns everything itself.
@@ -127,6 +133,7 @@ impl RingPlacement {
             vnodes,
             view: RwLock::new(Arc::new(view)),
             retired: AtomicBool::new(false),
+            departed: Mutex::new(Vec::new()),
         }
     }
 
@@ -157,7 +164,34 @@ impl RingPlacement {
             all.push(self.local.clone());
         }
         let view = Arc::new(Self::build(&all, self.vnodes));
-        *self.view.write().unwrap_or_else(PoisonError::into_inner) = view;
+        let old = std::mem::replace(
+            &mut *self.view.write().unwrap_or_else(PoisonError::into_inner),
+            view.clone(),
+        );
+        let mut departed = self.departed.lock().unwrap_or_else(PoisonError::into_inner);
+        departed.retain(|m| !view.members.contains_key(&m.id));
+        for m in old.members.values() {
+            if !view.members.contains_key(&m.id) {
+                departed.retain(|d| d.id != m.id);
+                departed.push(m.clone());
+            }
+        }
+        let excess = departed.len().saturating_sub(DEPARTED);
+        departed.drain(..excess);
+    }
+
+    /// The member named `id` in the current view, or as it was when it last left the
+    /// view (a drained or unreachable node may still be running).
+    pub fn last_known(&self, id: &str) -> Option<Member> {
+        self.member(id).or_else(|| {
+            self.departed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .rev()
+                .find(|m| m.id.as_str() == id)
+                .cloned()
+        })
     }
 
     /// Drain: from now on every key goes to the other members (this node keeps only
@@ -346,5 +380,32 @@ mod tests {
         }
         placement.update(&[]);
         assert_eq!(placement.sync_url("anything"), a.public_url);
+    }
+
+    /// A member that left the view is still found by `last_known` (a new owner asks it to
+    /// stop serving), and is current again once it comes back.
+    #[test]
+    fn departed_members_stay_known() {
+        let (a, b) = (member("a", 7001), member("b", 7002));
+        let placement = RingPlacement::new(a.clone(), 64);
+        placement.update(std::slice::from_ref(&b));
+        placement.update(&[]);
+        assert_eq!(placement.member("b"), None);
+        assert_eq!(placement.last_known("b"), Some(b.clone()));
+        assert_eq!(placement.last_known("nobody"), None);
+        let b2 = Member {
+            incarnation: 2,
+            ..b.clone()
+        };
+        placement.update(std::slice::from_ref(&b2));
+        assert_eq!(placement.last_known("b"), Some(b2));
+        for i in 0..100u16 {
+            placement.update(&[member(&format!("x{i}"), 8000 + i)]);
+        }
+        assert_eq!(
+            placement.last_known("b"),
+            None,
+            "departed members are bounded"
+        );
     }
 }

@@ -10,6 +10,13 @@ pub mod check;
 pub mod config;
 pub mod error;
 pub mod metrics;
+#[cfg(any(
+    feature = "planted-ack-before-durable",
+    feature = "planted-skip-epoch-check",
+    feature = "planted-stale-reads",
+    feature = "planted-drop-notification"
+))]
+pub mod planted;
 pub mod registration;
 pub mod routing;
 pub mod security;

@@ -39,6 +39,13 @@ const LB_GRACE: Duration = Duration::from_secs(2);
 /// Runs the node on the current actix system until a termination signal, then drains:
 /// held subscriptions are answered, queued writes committed, the store closed.
 pub async fn run(config: Config) -> Result<()> {
+    #[cfg(any(
+        feature = "planted-ack-before-durable",
+        feature = "planted-skip-epoch-check",
+        feature = "planted-stale-reads",
+        feature = "planted-drop-notification"
+    ))]
+    crate::planted::announce()?;
     let metrics = Metrics::new();
     metrics.set_store_backend(config.store.backend());
     #[cfg(feature = "fdb")]

@@ -73,6 +73,33 @@ impl Readiness {
         )
     }
 }
+/// How often the pause detector ticks, and the gap between ticks that means this node
+/// was paused (SIGSTOP, a VM or cgroup freeze, starvation).
+const PAUSE_TICK: Duration = Duration::from_millis(100);
+const PAUSE_GAP: Duration = Duration::from_millis(1000);
+
+/// Notices that this node was paused — its monotonic clock jumped between two ticks — and
+/// has every actor holding subscriptions confirm its lease: other nodes may have taken
+/// its sets meanwhile (reads confirm by themselves, invariant 23).
+async fn watch_for_pauses(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(PAUSE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = std::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let gap = last.elapsed();
+        last = std::time::Instant::now();
+        if gap >= PAUSE_GAP {
+            let asked = shared.revalidate_held();
+            tracing::warn!(
+                paused_ms = gap.as_millis() as u64,
+                actors = asked,
+                "this node was paused: confirming the leases of sets with held subscriptions"
+            );
+        }
+    }
+}
+
 /// Concurrent calls one peer may have open on this node (held subscriptions included).
 const MAX_STREAMS_PER_PEER: u32 = 1 << 20;
 
@@ -195,6 +222,7 @@ impl ClusterNode {
             },
             Some(placement.clone()),
         );
+        runtime.spawn(watch_for_pauses(shared.clone()));
         let ready = Arc::new(AtomicBool::new(!has_seeds));
         let mut view = handle.view();
         let (watch_shared, watch_ready) = (shared, ready.clone());
@@ -203,10 +231,14 @@ impl ClusterNode {
             tokio::pin!(alone);
             let mut alone_elapsed = false;
             let mut last = Readiness::Joining;
+            let mut known: Vec<tether_cluster::NodeId> = Vec::new();
             loop {
-                let (members, readiness) = {
+                let (members, readiness, appeared) = {
                     let v = view.borrow_and_update();
-                    (v.members.len(), Readiness::of(&v, alone_elapsed))
+                    let ids: Vec<_> = v.members.iter().map(|m| m.id.clone()).collect();
+                    let appeared = ids.iter().any(|id| !known.contains(id));
+                    known = ids;
+                    (v.members.len(), Readiness::of(&v, alone_elapsed), appeared)
                 };
                 watch_shared.metrics.cluster_members(members);
                 if readiness != last && !watch_ready.load(Ordering::Acquire) {
@@ -225,6 +257,12 @@ impl ClusterNode {
                 let moved = watch_shared.hand_off_lost_sets();
                 if moved > 0 {
                     tracing::info!(moved, members, "view changed: handing off sets this node no longer owns");
+                }
+                // A peer (re)appeared: this node may have been cut off, and sets it kept
+                // taken meanwhile; their held subscribers must not wait for changes that
+                // never come here.
+                if appeared {
+                    watch_shared.revalidate_held();
                 }
                 tokio::select! {
                     changed = view.changed() => if changed.is_err() { return },

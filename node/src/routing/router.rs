@@ -188,15 +188,21 @@ struct PeerTakeOver {
 }
 
 impl crate::sets::registry::TakeOver for PeerTakeOver {
-    fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()> {
+    fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, bool> {
         let (placement, peers) = (self.placement.clone(), self.peers.clone());
         async move {
-            // A node that is no longer a member serves nothing.
-            let Some(member) = placement.member(&previous) else {
-                return;
+            // A node that left the view may still be running (drained, paused, cut off):
+            // ask it too; if it cannot confirm, the new owner waits out its lease trust
+            // (invariant 23).
+            let Some(member) = placement.last_known(&previous) else {
+                return false;
             };
-            if let Err(e) = peers.relinquish(&member, &set).await {
-                tracing::debug!(%set, %previous, error = %e, "previous owner unreachable; its commits are fenced");
+            match peers.relinquish(&member, &set).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(%set, %previous, error = %e, "previous owner unreachable; waiting out its lease trust (its commits are fenced)");
+                    false
+                }
             }
         }
         .boxed()

@@ -138,6 +138,14 @@ pub struct Unsubscribe(pub u64);
 #[rtype(result = "()")]
 pub struct ReleaseHeld;
 
+/// This node may have been away (paused, cut off, its view changed): an actor holding
+/// subscriptions confirms its lease now, so subscribers of a set another node took are
+/// answered (empty: they resubscribe at the new owner) instead of waiting out their
+/// timeout for changes that will never reach this node.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Revalidate;
+
 /// Graceful stop: finish queued writes, answer held subscriptions (empty), stop.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -257,6 +265,13 @@ pub struct BucketSetActor {
     shutting_down: bool,
     passivated: bool,
     leased: bool,
+    /// When the newest store round trip that proved this actor's lease (taking it, a
+    /// commit, a confirmation) was sent: reads are answered from memory only within
+    /// [`Shared::lease_trust`] of it (invariant 23).
+    confirmed: Option<Instant>,
+    /// Planted bug `ack-before-durable`: the background commit of the previous batch.
+    #[cfg(feature = "planted-ack-before-durable")]
+    planted_tail: Option<tokio::task::JoinHandle<()>>,
     /// The request that started the actor, parent of its `lease.acquire` span; dropped
     /// once loaded so the request's span can end.
     activation: tracing::Span,
@@ -330,6 +345,9 @@ impl BucketSetActor {
             shutting_down: false,
             passivated: false,
             leased: false,
+            confirmed: None,
+            #[cfg(feature = "planted-ack-before-durable")]
+            planted_tail: None,
             activation: tracing::Span::none(),
             device_type: None,
             sizes: HashMap::new(),
@@ -401,17 +419,17 @@ impl BucketSetActor {
     }
 
     fn ready(&self) -> Result<()> {
-        if self.epoch.is_none() {
-            return Err(NodeError::Unavailable(format!(
-                "bucket set {} is not loaded",
+        if self.shutting_down {
+            // Handoff, drain or a lease found taken: the caller routes the request again
+            // (to the new owner, or fails it with 503 when the whole node is closing).
+            return Err(NodeError::NotOwner(format!(
+                "bucket set {} is moving",
                 self.set
             )));
         }
-        if self.shutting_down {
-            // Handoff or drain: the caller routes the request again (to the new owner,
-            // or fails it with 503 when the whole node is closing).
-            return Err(NodeError::NotOwner(format!(
-                "bucket set {} is moving",
+        if self.epoch.is_none() {
+            return Err(NodeError::Unavailable(format!(
+                "bucket set {} is not loaded",
                 self.set
             )));
         }
@@ -511,23 +529,49 @@ impl BucketSetActor {
         let store = self.shared.store.clone();
         let set = self.set.clone();
         let to_commit = commit.clone();
+        // Planted bug (chaos self-test): the batch is committed later, in the background,
+        // and answered now.
+        #[cfg(feature = "planted-ack-before-durable")]
+        let to_commit = if crate::planted::active(crate::planted::Bug::AckBeforeDurable) {
+            let prev = self.planted_tail.take();
+            self.planted_tail =
+                crate::planted::commit_later(store.clone(), set.clone(), epoch, to_commit, prev);
+            Commit::default()
+        } else {
+            to_commit
+        };
+        #[cfg(feature = "planted-skip-epoch-check")]
+        let owner = self.shared.node_id.clone();
+        let reaches_store = !to_commit.is_empty();
         let requests = results.len();
         let started = Instant::now();
         let fut = async move {
             if to_commit.is_empty() {
-                Ok(())
-            } else {
-                store.commit(&set, epoch, to_commit).await
+                return Ok(());
             }
+            // Planted bug (chaos self-test): a fenced commit is written anyway.
+            #[cfg(feature = "planted-skip-epoch-check")]
+            if crate::planted::active(crate::planted::Bug::SkipEpochCheck) {
+                return crate::planted::commit_fenced_anyway(
+                    &*store, &set, &owner, epoch, to_commit,
+                )
+                .await;
+            }
+            store.commit(&set, epoch, to_commit).await
         }
         .instrument(commit_span.clone());
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.committing = false;
             match &res {
-                Ok(()) => act
-                    .shared
-                    .metrics
-                    .batch_committed(requests, started.elapsed()),
+                Ok(()) => {
+                    if reaches_store {
+                        // Committed under its epoch: the lease was this actor's then.
+                        act.confirmed = act.confirmed.max(Some(started));
+                    }
+                    act.shared
+                        .metrics
+                        .batch_committed(requests, started.elapsed());
+                }
                 Err(_) => drop(commit_span.record("otel.status_code", "ERROR")),
             }
             let _in = commit_span.enter();
@@ -862,6 +906,11 @@ impl BucketSetActor {
                     Some(Stale { bucket, held, diff })
                 })
                 .collect();
+            // Planted bug (chaos self-test): this subscriber is not told (it stays held).
+            #[cfg(feature = "planted-drop-notification")]
+            if !owed.is_empty() && crate::planted::drop_this_notification() {
+                continue;
+            }
             if !owed.is_empty() {
                 woken.push((*sub_id, owed));
             }
@@ -910,6 +959,7 @@ impl Actor for BucketSetActor {
         // the previous holder (if another node) told to stop serving it.
         ctx.wait(
             async move {
+                let taken = Instant::now();
                 let lease = store.acquire_lease(&set, &owner).await?;
                 let span = tracing::Span::current();
                 span.record("epoch", lease.epoch.0);
@@ -918,15 +968,21 @@ impl Actor for BucketSetActor {
                 let from_peer = lease.previous_owner.is_some();
                 if let Some(previous) = lease.previous_owner {
                     span.record("previous_owner", previous.as_str());
-                    shared.take_over(&set, previous).await;
+                    shared.take_over(&set, previous, taken).await;
                 }
                 shared.metrics.lease_taken(started.elapsed(), from_peer);
-                Ok::<_, StoreError>((lease.epoch, buckets, device.map(|d| d.device_type)))
+                Ok::<_, StoreError>((
+                    lease.epoch,
+                    taken,
+                    buckets,
+                    device.map(|d| d.device_type),
+                ))
             }
             .instrument(lease_span)
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok((epoch, buckets, device_type)) => {
+                Ok((epoch, taken, buckets, device_type)) => {
+                    act.confirmed = Some(taken);
                     act.device_type = device_type;
                     for b in buckets {
                         act.shared.observe(b.timestamp);
@@ -1032,8 +1088,87 @@ impl Handler<EnsureBuckets> for BucketSetActor {
 }
 
 impl Handler<Get> for BucketSetActor {
-    type Result = Result<Vec<Bucket>>;
-    fn handle(&mut self, msg: Get, _ctx: &mut Context<Self>) -> Self::Result {
+    type Result = ResponseActFuture<Self, Result<Vec<Bucket>>>;
+    fn handle(&mut self, msg: Get, ctx: &mut Context<Self>) -> Self::Result {
+        self.under_lease(ctx, move |act, _| act.read(msg))
+    }
+}
+
+impl BucketSetActor {
+    /// Whether reads may be answered from memory now: a store round trip proved the lease
+    /// less than [`Shared::lease_trust`] ago (always, for a node alone). Invariant 23.
+    fn lease_trusted(&self) -> bool {
+        // Planted bug (chaos self-test): memory is always trusted.
+        #[cfg(feature = "planted-stale-reads")]
+        if crate::planted::active(crate::planted::Bug::StaleReads) {
+            return true;
+        }
+        match self.shared.lease_trust() {
+            None => true,
+            Some(trust) => self.confirmed.is_some_and(|at| at.elapsed() < trust),
+        }
+    }
+
+    /// Runs `answer` (a read from memory) under a trusted lease: at once when it is
+    /// trusted, else after one store round trip confirms the lease is still this actor's.
+    /// A lease another node took meanwhile (this node was paused or cut off) stops the
+    /// actor — its held subscriptions answered, its memory dropped — and the request is
+    /// routed again (`NotOwner`): it never answers from memory that may be stale.
+    fn under_lease<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        answer: impl FnOnce(&mut Self, &mut Context<Self>) -> Result<T> + 'static,
+    ) -> ResponseActFuture<Self, Result<T>> {
+        if let Err(e) = self.ready() {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        if self.lease_trusted() {
+            let r = answer(self, ctx);
+            return Box::pin(fut::ready(r));
+        }
+        Box::pin(self.confirm_lease().map(move |confirmed, act, ctx| {
+            confirmed?;
+            if !act.lease_trusted() {
+                return Err(NodeError::Unavailable(format!(
+                    "confirming the lease of bucket set {} took too long; retry",
+                    act.set
+                )));
+            }
+            answer(act, ctx)
+        }))
+    }
+
+    /// One store round trip: is the lease still this actor's? If another node took it
+    /// (this node was paused or cut off), the actor drops the set: held subscriptions
+    /// answered (their clients resubscribe at the new owner), memory dropped, stopped.
+    fn confirm_lease(&mut self) -> impl ActorFuture<Self, Output = Result<()>> + 'static {
+        let span = tracing::info_span!("lease.confirm", set = %self.set);
+        let (store, set) = (self.shared.store.clone(), self.set.clone());
+        let sent = Instant::now();
+        let confirm = async move { store.lease_epoch(&set).await }.instrument(span.clone());
+        confirm.into_actor(self).map(move |current, act, ctx| {
+            let _in = span.enter();
+            act.ready()?;
+            let current = current.map_err(NodeError::Store)?;
+            if current.is_none() || current != act.epoch {
+                tracing::warn!(set = %act.set, held = ?act.epoch, current = ?current, "lease taken by another node while this one was away (paused or cut off): dropping the set");
+                act.shared.metrics.lease_lost();
+                act.epoch = None;
+                act.shutting_down = true;
+                act.release_held();
+                ctx.stop();
+                return Err(NodeError::NotOwner(format!(
+                    "bucket set {} moved to another node",
+                    act.set
+                )));
+            }
+            act.confirmed = act.confirmed.max(Some(sent));
+            Ok(())
+        })
+    }
+
+    /// A read from memory (the lease trusted).
+    fn read(&mut self, msg: Get) -> Result<Vec<Bucket>> {
         self.ready()?;
         self.touch();
         // A set of ids, the ones that exist: a list naming one bucket a thousand times
@@ -1085,8 +1220,19 @@ impl Handler<Get> for BucketSetActor {
 }
 
 impl Handler<Subscribe> for BucketSetActor {
-    type Result = Result<SubscribeAnswer>;
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> Self::Result {
+    type Result = ResponseActFuture<Self, Result<SubscribeAnswer>>;
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) -> Self::Result {
+        let span = tracing::Span::current();
+        self.under_lease(ctx, move |act, _| {
+            let _in = span.enter();
+            act.subscribe(msg)
+        })
+    }
+}
+
+impl BucketSetActor {
+    /// A subscribe check against memory (the lease trusted).
+    fn subscribe(&mut self, msg: Subscribe) -> Result<SubscribeAnswer> {
         self.ready()?;
         self.touch();
         let mut stale_ids = Vec::new();
@@ -1166,6 +1312,16 @@ impl Handler<ReleaseHeld> for BucketSetActor {
     type Result = ();
     fn handle(&mut self, _msg: ReleaseHeld, _ctx: &mut Context<Self>) {
         self.release_held();
+    }
+}
+
+impl Handler<Revalidate> for BucketSetActor {
+    type Result = ();
+    fn handle(&mut self, _msg: Revalidate, ctx: &mut Context<Self>) {
+        if self.subs.is_empty() || self.ready().is_err() || self.shared.lease_trust().is_none() {
+            return;
+        }
+        ctx.spawn(self.confirm_lease().map(|_, _, _| ()));
     }
 }
 

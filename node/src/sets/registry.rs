@@ -13,7 +13,7 @@ use tether_proto::{Hlc, HlcClock, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::sets::actor::{BucketSetActor, Shutdown};
+use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown};
 use crate::sets::traced::{Op, Traced};
 use crate::store::Store;
 
@@ -64,12 +64,21 @@ pub struct Shared {
 /// Tells the node that held a set's lease before this one to stop serving it (cluster
 /// mode), so it answers no read from its now stale memory.
 pub trait TakeOver: Send + Sync + std::fmt::Debug {
-    /// Asks `previous` to hand `set` off; resolves when it confirmed, or gave up.
-    fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()>;
+    /// Asks `previous` to hand `set` off; resolves with `true` once it confirmed, `false`
+    /// when it could not be asked (unreachable, no longer a member).
+    fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, bool>;
 }
 
-/// How long a new owner waits for the previous one to confirm it stopped serving.
+/// A new owner serves a set taken from another node only once that node confirmed it
+/// stopped serving it, or this long after the lease was taken (invariant 23).
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
+
+/// How long after a store round trip proved an actor's lease (taking it, a commit, a
+/// confirmation) the actor answers reads from memory without asking the store again
+/// (invariant 23). Well below [`TAKE_OVER_WAIT`]: a new owner serves no earlier than
+/// that after the round trip, whatever happened to this node meanwhile (paused, cut off).
+pub const LEASE_TRUST: Duration = Duration::from_millis(500);
+const _: () = assert!(LEASE_TRUST.as_millis() * 2 <= TAKE_OVER_WAIT.as_millis());
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -135,23 +144,43 @@ impl Shared {
         }
     }
 
-    /// A set's lease was just taken from `previous`: make it stop serving the set, waiting
-    /// at most [`TAKE_OVER_WAIT`] (a dead or unreachable node serves nothing anyway, and
-    /// its commits are fenced).
-    #[tracing::instrument(name = "lease.handoff", skip(self), fields(%set, %previous))]
-    pub async fn take_over(&self, set: &SetKey, previous: String) {
+    /// A set's lease was taken from `previous` at `taken` (before the store was asked):
+    /// resolves once `previous` confirmed it stopped serving the set, or
+    /// [`TAKE_OVER_WAIT`] after `taken` — by then its lease trust ([`LEASE_TRUST`]) has
+    /// run out, so a paused or cut-off previous owner confirms with the store before it
+    /// answers a read again, and finds the lease gone (invariant 23). Its commits are
+    /// fenced anyway.
+    #[tracing::instrument(name = "lease.handoff", skip(self, taken), fields(%set, %previous))]
+    pub async fn take_over(&self, set: &SetKey, previous: String, taken: Instant) {
         if let Some(t) = self.takeover.get() {
+            let deadline = tokio::time::Instant::from_std(taken + TAKE_OVER_WAIT);
             let stopped = t.stop_serving(set.clone(), previous.clone());
-            if tokio::time::timeout(TAKE_OVER_WAIT, stopped).await.is_err() {
-                tracing::warn!(%set, %previous, "previous owner did not confirm the handoff in time");
+            match tokio::time::timeout_at(deadline, stopped).await {
+                Ok(true) => {}
+                Ok(false) => tokio::time::sleep_until(deadline).await,
+                Err(_) => {
+                    tracing::warn!(%set, %previous, "previous owner did not confirm the handoff in time");
+                }
             }
         }
+    }
+
+    /// How long a lease proven by a store round trip answers reads without another
+    /// ([`LEASE_TRUST`]), in cluster mode; `None` for a node alone (no other node takes
+    /// its leases).
+    pub fn lease_trust(&self) -> Option<Duration> {
+        self.takeover.get().map(|_| LEASE_TRUST)
     }
 
     /// Stops serving `set` because another node took its lease: the actor answers its
     /// held subscriptions and stops; resolves once it refuses further requests.
     #[tracing::instrument(name = "lease.relinquish", skip(self), fields(%set))]
     pub async fn relinquish(&self, set: &SetKey) {
+        // Planted bug (chaos self-test): the take-over is confirmed, the set kept serving.
+        #[cfg(feature = "planted-stale-reads")]
+        if crate::planted::active(crate::planted::Bug::StaleReads) {
+            return;
+        }
         if let Some(addr) = self.existing_actor(set) {
             self.metrics.handoff();
             let _ = addr.send(Shutdown).await;
@@ -243,6 +272,22 @@ impl Shared {
         lost.len()
     }
 
+    /// This node may have been away (a pause, a view change): every actor holding
+    /// subscriptions confirms its lease ([`Revalidate`]). Returns how many were asked.
+    pub fn revalidate_held(&self) -> usize {
+        let addrs: Vec<_> = self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for a in &addrs {
+            a.do_send(Revalidate);
+        }
+        addrs.len()
+    }
+
     /// Called by a stopping actor: forget it unless a newer actor replaced it already.
     pub fn forget(&self, set: &SetKey, addr: &Addr<BucketSetActor>) {
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
@@ -310,7 +355,7 @@ mod tests {
     }
 
     impl TakeOver for Direct {
-        fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, ()> {
+        fn stop_serving(&self, set: SetKey, previous: String) -> BoxFuture<'static, bool> {
             let (shared, log) = (self.previous.clone(), self.log.clone());
             Box::pin(async move {
                 assert_eq!(previous, shared.node_id);
@@ -318,6 +363,7 @@ mod tests {
                 log.lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .push(format!("{previous} stopped serving {set}"));
+                true
             })
         }
     }

@@ -46,9 +46,13 @@ pub(crate) async fn empty_set_loads_nothing(store: Arc<dyn Store>) {
 
 pub(crate) async fn lease_epochs_strictly_increase(store: Arc<dyn Store>) {
     let s = set("A1");
+    assert_eq!(store.lease_epoch(&s).await.expect("epoch"), None);
     let e1 = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+    assert_eq!(store.lease_epoch(&s).await.expect("epoch"), Some(e1));
     let e2 = store.acquire_lease(&s, "n2").await.expect("lease").epoch;
     assert!(e2 > e1);
+    // What an owner confirms its lease with (invariant 23): the newest epoch.
+    assert_eq!(store.lease_epoch(&s).await.expect("epoch"), Some(e2));
     let other = store
         .acquire_lease(&set("B2"), "n1")
         .await

@@ -63,6 +63,9 @@ impl Store for FaultyStore {
     async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
         self.inner.acquire_lease(set, owner).await
     }
+    async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
+        self.inner.lease_epoch(set).await
+    }
     async fn commit(&self, set: &SetKey, epoch: Epoch, writes: Commit) -> Result<(), StoreError> {
         self.hold_while("hold-commit", "commit-held").await;
         if self.dir.join("fail-commit").exists() {

@@ -310,6 +310,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Takes the set's lease for `owner`, with a new epoch greater than any before, and
     /// names the previous holder when it was another node.
     async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError>;
+    /// The set's current lease epoch as the store has it now (`None`: never leased): an
+    /// owner confirms with it that no other node took the lease (ARCHITECTURE.md
+    /// invariant 23). One round trip, writes nothing.
+    async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError>;
     /// Writes a [`Commit`] atomically, only if `epoch` is still the set's lease epoch and
     /// none of its op ids is remembered yet (else [`StoreError::OpsKnown`], nothing
     /// written). When it returns `Ok` the writes are durable.

@@ -662,6 +662,18 @@ impl Store for PostgresStore {
         row.map(|r| from_json(&key, r.get(0))).transpose()
     }
 
+    async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT epoch FROM tether_leases WHERE set_key = $1",
+                &[&set.as_str()],
+            )
+            .await
+            .map_err(backend)?;
+        row.map(|r| as_u64(r.get(0)).map(Epoch)).transpose()
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         // Every acknowledged write was committed by PostgreSQL before its answer.
         self.pool.close();

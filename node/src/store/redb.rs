@@ -582,6 +582,19 @@ impl Store for RedbStore {
             .await
     }
 
+    async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
+        let set = set.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(LEASES).map_err(backend)?;
+            Ok(table
+                .get(set.as_str())
+                .map_err(backend)?
+                .map(|g| Epoch(g.value())))
+        })
+        .await
+    }
+
     async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
         let set = set.clone();
         self.write(|reply| WriteOp::Commit {

@@ -644,6 +644,19 @@ impl<D: KvDatabase> Store for KvStore<D> {
         })
     }
 
+    async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
+        let key = &self.root.pack(&("lease", set.as_str()));
+        let epoch = self
+            .run("lease_epoch", |trx, _| async move {
+                match trx.get(key).await? {
+                    Some(v) => Ok(Some(decode_epoch(&v)?)),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        Ok(epoch.map(Epoch))
+    }
+
     async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
         let encoded = &self.encode_commit(set, &commit)?;
         if encoded.ops.is_empty() && encoded.retention.is_none() {
