@@ -192,6 +192,8 @@ pub struct Cluster {
     http: reqwest::Client,
     /// The address HAProxy connects to nodes from (their `--trusted-proxies`).
     proxy_ip: IpAddr,
+    /// Every process id this cluster ever started (nodes, restarts, HAProxy).
+    started: Vec<u32>,
     node_env: Vec<(String, String)>,
     config_path: Option<PathBuf>,
     // Dropped after the processes are killed (Drop below), in this order: PostgreSQL
@@ -510,6 +512,7 @@ impl Cluster {
             users,
             http,
             proxy_ip,
+            started: Vec::new(),
             node_env: opts.node_env.clone(),
             config_path,
             pg,
@@ -591,6 +594,8 @@ impl Cluster {
             .stderr(Stdio::from(stderr))
             .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn tether serve");
+        self.started.extend(child.id());
+        let s = &mut self.slots[i];
         let stdout = child.stdout.take().expect("node stdout");
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(STARTUP_DEADLINE, lines.next_line()).await;
@@ -707,6 +712,7 @@ impl Cluster {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {HAPROXY}: {e}"));
+        self.started.extend(child.id());
         self.haproxy = Some(child);
         let deadline = Instant::now() + LB_DEADLINE;
         loop {
@@ -967,13 +973,13 @@ impl Cluster {
         self.slots[i].child.as_ref().and_then(Child::id)
     }
 
-    /// Every process id of the cluster (nodes and HAProxy) still running.
+    /// Every process id this cluster started (nodes, their restarts, HAProxy), and
+    /// PostgreSQL's postmaster while it runs.
     pub fn pids(&self) -> Vec<u32> {
-        self.slots
-            .iter()
-            .filter_map(|s| s.child.as_ref().and_then(Child::id))
-            .chain(self.haproxy.as_ref().and_then(Child::id))
-            .collect()
+        let postmaster = std::fs::read_to_string(self.pg.dir().join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
+        self.started.iter().copied().chain(postmaster).collect()
     }
 
     /// Sets node `i`'s wall clock offset (libfaketime, [`ClusterOptions::faketime`]) to

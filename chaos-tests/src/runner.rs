@@ -63,6 +63,12 @@ pub struct RunInfo {
     pub wall_s: f64,
     /// Where the run's files are.
     pub dir: PathBuf,
+    /// The run's namespaces' name prefix (all deleted at teardown).
+    pub namespace_prefix: String,
+    /// Every process the run started (all gone after teardown).
+    pub pids: Vec<u32>,
+    /// PostgreSQL's directory (deleted at teardown).
+    pub store_dir: PathBuf,
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), ChaosError> {
@@ -143,6 +149,13 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     copts.config = Some(workload::device_type_config());
     copts.faketime = scenario.needs_faketime();
     let mut cluster = Cluster::start(copts).await;
+    let namespace_prefix = cluster.namespace_prefix().unwrap_or_default();
+    let store_dir = cluster.store().dir().to_path_buf();
+    eprintln!(
+        "-- cluster up: namespaces {namespace_prefix}*, load balancer {}, pids {:?}",
+        cluster.lb_url(),
+        cluster.pids()
+    );
     let mut notes = capabilities.notes.clone();
     notes.push(format!(
         "topology: PostgreSQL and {} nodes in network namespaces {}* on a bridge; nodes \
@@ -278,6 +291,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         let log = dir.join(format!("{}.stderr.log", cluster.name(i)));
         write_file(&log, &cluster.stderr(i))?;
     }
+    let pids = cluster.pids();
     drop(cluster);
 
     let entries = history::read(&history_path)
@@ -297,6 +311,9 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         tally,
         wall_s: started.elapsed().as_secs_f64(),
         dir: dir.clone(),
+        namespace_prefix,
+        pids,
+        store_dir,
     };
     write_file(
         &dir.join("run.json"),

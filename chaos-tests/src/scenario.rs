@@ -247,11 +247,12 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "clock-bump",
-            hypothesis: "One node's wall clock jumps by up to ±10 min for 10-15 s (libfaketime, \
-                monotonic clock real): safety holds; bucket timestamps never run far ahead.",
+            hypothesis: "A hot set owner's wall clock jumps by -2 to +10 min for 10-15 s \
+                (libfaketime, monotonic clock real): safety holds; bucket timestamps never run \
+                far ahead.",
             plan: plan(
                 K::ClockBump,
-                T::AnyNode,
+                T::HotOwner,
                 (3_000, 6_000),
                 (10_000, 15_000),
                 (-120, 600),
