@@ -182,24 +182,31 @@ fn transport(e: &reqwest::Error) -> Outcome {
     }
 }
 
+/// One PUT's parameters.
+struct Put<'a> {
+    bucket: &'a str,
+    fields: &'a Fields,
+    base_version: u64,
+    occ: bool,
+    op_id: &'a str,
+}
+
 /// One write; its outcome.
 async fn write(
     http: &reqwest::Client,
     base: &str,
     set: &HotSet,
-    bucket: &str,
-    fields: &Fields,
-    base_version: u64,
-    occ: bool,
-    op_id: &str,
+    put: Put<'_>,
     timeout: Duration,
 ) -> Outcome {
+    let bucket = put.bucket;
     let r = http
         .put(format!("{base}/v1/buckets/{bucket}"))
         .header(AUTHORIZATION, basic_header(&set.creds))
         .timeout(timeout)
         .json(&json!({
-            "value": fields, "base_version": base_version, "occ": occ, "op_id": op_id,
+            "value": put.fields, "base_version": put.base_version, "occ": put.occ,
+            "op_id": put.op_id,
         }))
         .send()
         .await;
@@ -326,18 +333,14 @@ pub async fn client(
                     via: via_name.clone(),
                 },
             );
-            let out = write(
-                &http,
-                &base,
-                set,
+            let put = Put {
                 bucket,
-                &fields,
+                fields: &fields,
                 base_version,
                 occ,
-                &op_id,
-                cfg.request_timeout,
-            )
-            .await;
+                op_id: &op_id,
+            };
+            let out = write(&http, &base, set, put, cfg.request_timeout).await;
             rec.complete(op, out.clone());
             out
         } else if rng.random_range(0..100u32) < cfg.subscribe_percent {

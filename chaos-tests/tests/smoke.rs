@@ -270,11 +270,14 @@ fn ctrl_c_tears_the_cluster_down() {
     assert_torn_down(&prefix, &pids, None);
 }
 
+/// What a cluster could leave behind: its namespaces' prefix, its processes, PostgreSQL's
+/// directory.
+type Leftovers = (String, Vec<u32>, PathBuf);
+
 #[test]
 fn a_panic_mid_run_tears_the_cluster_down() {
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let seen: std::sync::Arc<std::sync::Mutex<Option<(String, Vec<u32>, PathBuf)>>> =
-        Default::default();
+    let seen: std::sync::Arc<std::sync::Mutex<Option<Leftovers>>> = Default::default();
     let seen2 = seen.clone();
     let result = std::panic::catch_unwind(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
