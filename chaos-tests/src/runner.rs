@@ -25,6 +25,9 @@ use crate::{Cluster, ClusterOptions, NodeState};
 
 /// The client id of the final reads (after `End`).
 pub const FINAL_READER: u32 = 1000;
+/// The client id of the initial reads (before any write: the template's state, every
+/// field `null`, so a checker knows the values no write produced).
+pub const INITIAL_READER: u32 = 999;
 
 /// How to run scenarios.
 #[derive(Debug, Clone)]
@@ -198,6 +201,26 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         wall_ms,
     });
 
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .map_err(|e| ChaosError::Usage(format!("HTTP client: {e}")))?;
+    let wcfg = WorkloadConfig {
+        clients: spec.clients,
+        ..WorkloadConfig::default()
+    };
+    for set in &sets {
+        workload::read_set(
+            &http,
+            &rec,
+            INITIAL_READER,
+            ("lb", &endpoints.lb),
+            set,
+            wcfg.request_timeout,
+        )
+        .await;
+    }
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let owners: Owners = Owners::default();
     let poller = tokio::spawn(workload::owner_poller(
@@ -207,14 +230,6 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         rec.clone(),
         stop_rx.clone(),
     ));
-    let wcfg = WorkloadConfig {
-        clients: spec.clients,
-        ..WorkloadConfig::default()
-    };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .map_err(|e| ChaosError::Usage(format!("HTTP client: {e}")))?;
     let (client_stop_tx, client_stop_rx) = watch::channel(false);
     let clients: Vec<_> = (0..spec.clients)
         .map(|c| {
