@@ -1,9 +1,21 @@
-//! The one error type of the chaos runner.
+//! The crate's one error type.
 
-/// What can stop a chaos run before it has a verdict.
+use std::path::PathBuf;
+
+/// What can go wrong in `tether-chaos` outside a scenario's own assertions.
 #[derive(Debug, thiserror::Error)]
 pub enum ChaosError {
-    /// A tool or package the run needs is missing (never a skip).
+    /// `history.jsonl` could not be read or a line did not parse (the message names it).
+    #[error("history: {0}")]
+    History(String),
+    /// Writing the report failed.
+    #[error("report in {path}: {source}")]
+    Report {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool or package a run needs is missing (never a skip).
     #[error("missing {what}: install the Debian package `{package}`")]
     Missing { what: String, package: String },
     /// A capability probe failed without a fallback.
@@ -16,10 +28,10 @@ pub enum ChaosError {
         target: String,
         detail: String,
     },
-    /// A command line the runner did not understand.
+    /// A command line the runner did not understand, or a scenario it cannot run.
     #[error("{0}")]
     Usage(String),
-    /// Reading or writing the run's files.
+    /// Reading or writing a run's files.
     #[error("{path}: {source}")]
     Io {
         path: String,

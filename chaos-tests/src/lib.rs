@@ -34,9 +34,12 @@
 //!   ([`ClusterOptions::faketime`], monotonic clock left real).
 
 pub mod caps;
+pub mod checker;
+pub mod cli;
 pub mod error;
 pub mod history;
 pub mod nemesis;
+pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod workload;

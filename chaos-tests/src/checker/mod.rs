@@ -1,0 +1,446 @@
+//! The history checker: reads a chaos run's `history.jsonl` ([`crate::history`]) and says
+//! whether Tether kept its per-bucket promises (safety) and how available it stayed
+//! (liveness). Pure: no I/O, no clock; [`check`] is a function of the entries.
+//!
+//! # Method: the version chain (research chaos.md §4b.1)
+//!
+//! Every accepted write of a bucket gets `version = previous + 1` from the one fenced
+//! committer of its set, so the version order is observable. For each bucket the checker
+//! collects every state it was shown — write acknowledgements (version, timestamp, and the
+//! fields when the server returned them), reads, subscribe answers, the final reads — into
+//! `chain[v]`, and every write into a *logical write* (operations with the same `op_id` on
+//! the same bucket are one write: a retry the server replayed). Then, per property:
+//!
+//! | counter | what it counts (one per …) |
+//! |---|---|
+//! | `forked_versions` | (bucket, version) shown with two different timestamps or two different field sets, or acknowledged to two different writes (split-brain commit) |
+//! | `lost_writes` | acknowledged write whose field values are missing (or replaced by a value no later write produced) in a state at or after its version, or whose bucket's final reads (after `End`) show only older versions |
+//! | `underivable_states` | state shown with its fields at `v` that does not follow from the previous state shown with its fields (`u < v`, neither forked nor garbage) by the writes that made `u+1..=v`: the write acknowledged at each version (applied with `reconcile`, OCC left to `occ_lost_updates`), and for each version nobody was shown and no acknowledgement names, exactly one not yet used write of unknown fate sent no later than the first sign of a later version (each write used once, OCC respected; a bounded search). Also a timestamp that went back between consecutive known versions. A stretch whose acknowledged write is already a lost write is not counted again |
+//! | `garbage_reads` | observed state (op, bucket) holding a field value that no write with outcome `Ok`/`Unknown` produced (only a `Refused` one, or none) and that was not in the bucket's initial state |
+//! | `occ_lost_updates` | applied OCC write whose version is not `base_version + 1` (it overwrote a state it never saw; the example names the other OCC writes on that base) |
+//! | `realtime_violations` | operation B whose version contradicts an operation A on the same bucket that completed before B was invoked: B a write acknowledged at a version ≤ any version A showed; or B a read/subscribe of another client showing a version lower than a read/subscribe A showed |
+//! | `version_regressions` | read/subscribe result of a client lower than a version that client already saw (its own reads, subscribes, acknowledgements) |
+//! | `stale_reads` | read/subscribe result (op, bucket) lower than the version of a write acknowledged before it was invoked; staleness = versions behind, and ms since the first acknowledgement of a newer version |
+//! | `hung_subscribers` | subscribe answered later than `timeout_ms + subscribe_grace`, or not answered by `End` although that deadline passed |
+//!
+//! A stale read by the writer itself is both stale and a regression; otherwise each
+//! anomaly lands in one counter, the most specific. A retried write that the server
+//! replayed is judged at its first invocation. "Before" in real time is strict: an
+//! operation that completed at the very microsecond another was sent is concurrent with
+//! it. A write of unknown fate may take effect at any time after it was sent.
+//!
+//! A malformed history (an op invoked or completed twice, completed before or without
+//! its invocation) fails the verdict: `malformed` says what is wrong.
+//!
+//! The initial state of a bucket is whatever was shown before the first write to it was
+//! sent (the runner reads every bucket before the workload starts), plus any version 1.
+//!
+//! Timestamps are compared at millisecond precision (the API drops the HLC's logical
+//! part): `reconcile` is run with the stored state at `(ms, 0)` and the new one at
+//! `(ms', 0)`, or `(ms, 1)` when the milliseconds are equal (the committer's HLC always
+//! issues a strictly newer timestamp).
+//!
+//! Limits: a stretch whose search exceeds its budget (many writes of unknown fate and a
+//! long run of versions nobody was shown) is skipped, not counted; acknowledged writes
+//! are still checked against every later state by `lost_writes`. Differentially tested
+//! against a brute-force linearizability check (`tests/checker_differential.rs`).
+//!
+//! # Liveness
+//!
+//! - **Success**: `Ok`, or `Refused` with a 4xx other than 408/429 (a semantic refusal such
+//!   as an OCC refusal or a 422). Failure: `Unknown`, a 5xx or 408/429 refusal, or no answer.
+//! - **Fault windows**: each `Fault` `Start` is paired with the next `End` of the same kind
+//!   and target (an unclosed one lasts until `End`).
+//! - `availability`: successes / operations invoked inside any fault window; for a run
+//!   without faults, over the whole run.
+//! - `availability_unaffected`: the same over operations none of whose buckets' sets
+//!   (bucket id `kind.set`) was owned — by the last `Owner` entry before the invocation —
+//!   by a node named in the target of a fault active at the invocation. A part of the
+//!   target (split at `<->` and `,`) counts as a node when some `Owner` entry names it; a
+//!   fault naming no such node (the store) touches every set, so the figure is `None`
+//!   when no unaffected operation exists.
+//! - `failover_s`: for every fault naming a node, every bucket whose set that node owned at
+//!   the fault's start: the longest interval between consecutive successful write
+//!   acknowledgements on that bucket that overlaps the fault window (from the fault start
+//!   when there was no write before, up to `End` when none came after). The maximum over
+//!   faults and buckets; `None` when no fault names an owner.
+//! - `convergence_s`: after the last fault's end `h`, for each client and bucket, the last
+//!   read/subscribe that was not current (showed a version below the highest acknowledged
+//!   before it was invoked); the maximum of (its completion − `h`), 0 when every read after
+//!   `h` was current; `None` without faults.
+
+mod liveness;
+mod safety;
+
+pub use liveness::{set_of, windows as fault_windows, Owners, Window};
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::history::{Call, Entry, Outcome};
+
+/// Thresholds and tolerances the checker is run with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckOptions {
+    /// How long past its `timeout_ms` a subscribe may take before it counts as hung.
+    pub subscribe_grace_ms: u64,
+    /// Liveness thresholds (`liveness_passed`); they never change `passed`.
+    pub min_availability: f64,
+    pub min_availability_unaffected: f64,
+    pub max_failover_s: f64,
+    pub max_convergence_s: f64,
+    /// Examples kept per property.
+    pub max_examples: usize,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            subscribe_grace_ms: 5_000,
+            min_availability: 0.95,
+            min_availability_unaffected: 0.99,
+            max_failover_s: 15.0,
+            max_convergence_s: 20.0,
+            max_examples: 10,
+        }
+    }
+}
+
+/// Counts per safety property; every one must be zero for a run to pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Properties {
+    pub lost_writes: u64,
+    pub version_regressions: u64,
+    pub forked_versions: u64,
+    pub garbage_reads: u64,
+    pub hung_subscribers: u64,
+    pub stale_reads: u64,
+    pub underivable_states: u64,
+    pub realtime_violations: u64,
+    pub occ_lost_updates: u64,
+}
+
+impl Properties {
+    /// `(name, count)` for every property, in report order.
+    pub fn iter(&self) -> [(&'static str, u64); 9] {
+        [
+            ("lost_writes", self.lost_writes),
+            ("forked_versions", self.forked_versions),
+            ("underivable_states", self.underivable_states),
+            ("garbage_reads", self.garbage_reads),
+            ("occ_lost_updates", self.occ_lost_updates),
+            ("realtime_violations", self.realtime_violations),
+            ("version_regressions", self.version_regressions),
+            ("stale_reads", self.stale_reads),
+            ("hung_subscribers", self.hung_subscribers),
+        ]
+    }
+
+    /// True when every property is zero.
+    pub fn all_zero(&self) -> bool {
+        self.iter().iter().all(|(_, n)| *n == 0)
+    }
+
+    fn bump(&mut self, property: &str) {
+        let c = match property {
+            "lost_writes" => &mut self.lost_writes,
+            "forked_versions" => &mut self.forked_versions,
+            "underivable_states" => &mut self.underivable_states,
+            "garbage_reads" => &mut self.garbage_reads,
+            "occ_lost_updates" => &mut self.occ_lost_updates,
+            "realtime_violations" => &mut self.realtime_violations,
+            "version_regressions" => &mut self.version_regressions,
+            "stale_reads" => &mut self.stale_reads,
+            "hung_subscribers" => &mut self.hung_subscribers,
+            other => unreachable!("unknown property {other}"),
+        };
+        *c += 1;
+    }
+}
+
+/// One concrete instance of a violated property, naming what to grep for in
+/// `history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    pub property: String,
+    pub bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The operations involved (`op` numbers).
+    pub ops: Vec<u64>,
+    pub detail: String,
+}
+
+/// How stale the stale reads were.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Staleness {
+    /// The most versions a stale read was behind.
+    pub max_versions: u64,
+    /// The longest a stale read came after a newer version was acknowledged (ms).
+    pub max_ms: f64,
+}
+
+/// Operation counts, for the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpCounts {
+    pub total: u64,
+    pub writes_ok: u64,
+    pub writes_refused: u64,
+    pub writes_unknown: u64,
+    pub reads: u64,
+    pub subscribes: u64,
+    pub incomplete: u64,
+}
+
+/// The checker's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub properties: Properties,
+    /// Up to `max_examples` per property, in history order.
+    pub examples: Vec<Example>,
+    pub staleness: Staleness,
+    /// Fraction of successful operations in fault windows (whole run without faults).
+    pub availability: Option<f64>,
+    /// The same for operations on sets the faulted node did not own.
+    pub availability_unaffected: Option<f64>,
+    pub failover_s: Option<f64>,
+    pub convergence_s: Option<f64>,
+    pub ops: OpCounts,
+    /// Problems of the history itself (an op invoked or completed twice, completed before
+    /// or without its invocation): the first few, and how many. A malformed history
+    /// cannot be trusted, so it fails the verdict.
+    pub malformed: Vec<String>,
+    pub malformed_count: u64,
+    /// Every safety property is zero and the history is well formed.
+    pub passed: bool,
+    /// Every liveness figure that could be measured is within the options' thresholds.
+    pub liveness_passed: bool,
+}
+
+/// Success in the availability sense: `Ok`, or a semantic refusal (a 4xx other than
+/// 408/429). `None` (never answered) is a failure.
+pub fn succeeded(result: Option<&Outcome>) -> bool {
+    match result {
+        Some(Outcome::Ok { .. }) => true,
+        Some(Outcome::Refused { http, .. }) => {
+            (400..500).contains(http) && *http != 408 && *http != 429
+        }
+        _ => false,
+    }
+}
+
+/// What kind of operation an op was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write,
+    Read,
+    Subscribe,
+}
+
+/// One operation, invocation and completion joined.
+#[derive(Debug, Clone)]
+struct Op<'a> {
+    op: u64,
+    client: u32,
+    invoke: u64,
+    /// `None`: never completed (treated as `Unknown`).
+    complete: Option<u64>,
+    call: &'a Call,
+    result: Option<&'a Outcome>,
+}
+
+impl Op<'_> {
+    fn kind(&self) -> Kind {
+        match self.call {
+            Call::Write { .. } => Kind::Write,
+            Call::Read { .. } => Kind::Read,
+            Call::Subscribe { .. } => Kind::Subscribe,
+        }
+    }
+
+    /// Success in the availability sense.
+    fn succeeded(&self) -> bool {
+        succeeded(self.result)
+    }
+
+    /// The buckets the operation addressed.
+    fn buckets(&self) -> Vec<&str> {
+        match self.call {
+            Call::Write { bucket, .. } => vec![bucket.as_str()],
+            Call::Read { buckets, .. } => buckets.iter().map(String::as_str).collect(),
+            Call::Subscribe { held, .. } => held.keys().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// The history, indexed.
+struct Hist<'a> {
+    ops: Vec<Op<'a>>,
+    end: u64,
+    entries: &'a [Entry],
+    /// What is wrong with the history itself (first few).
+    malformed: Vec<String>,
+    malformed_count: u64,
+}
+
+impl<'a> Hist<'a> {
+    fn new(entries: &'a [Entry]) -> Self {
+        let mut by_op: BTreeMap<u64, Op<'a>> = BTreeMap::new();
+        let mut end = None;
+        let mut last = 0;
+        let mut malformed = Vec::new();
+        let mut malformed_count = 0u64;
+        let mut bad = |what: String| {
+            malformed_count += 1;
+            if malformed.len() < 10 {
+                malformed.push(what);
+            }
+        };
+        for e in entries {
+            match e {
+                Entry::Invoke {
+                    op,
+                    client,
+                    t_us,
+                    call,
+                } => {
+                    last = last.max(*t_us);
+                    if by_op.contains_key(op) {
+                        bad(format!(
+                            "op {op} invoked twice (the later invocation is used)"
+                        ));
+                    }
+                    by_op.insert(
+                        *op,
+                        Op {
+                            op: *op,
+                            client: *client,
+                            invoke: *t_us,
+                            complete: None,
+                            call,
+                            result: None,
+                        },
+                    );
+                }
+                Entry::Complete { op, t_us, result } => {
+                    last = last.max(*t_us);
+                    match by_op.get_mut(op) {
+                        Some(o) if o.complete.is_some() => bad(format!(
+                            "op {op} completed twice (the first completion is used)"
+                        )),
+                        Some(o) if *t_us < o.invoke => {
+                            bad(format!("op {op} completed before it was invoked (ignored)"))
+                        }
+                        Some(o) => {
+                            o.complete = Some(*t_us);
+                            o.result = Some(result);
+                        }
+                        None => bad(format!("op {op} completed but never invoked (ignored)")),
+                    }
+                }
+                Entry::Fault { t_us, .. } | Entry::Owner { t_us, .. } => last = last.max(*t_us),
+                Entry::End { t_us } => {
+                    last = last.max(*t_us);
+                    end = Some(*t_us);
+                }
+                Entry::Start { .. } => {}
+            }
+        }
+        Hist {
+            ops: by_op.into_values().collect(),
+            end: end.unwrap_or(last),
+            entries,
+            malformed,
+            malformed_count,
+        }
+    }
+}
+
+/// Collects counts and examples.
+struct Findings {
+    properties: Properties,
+    examples: Vec<Example>,
+    per_property: BTreeMap<String, usize>,
+    max_examples: usize,
+}
+
+impl Findings {
+    fn new(max_examples: usize) -> Self {
+        Findings {
+            properties: Properties::default(),
+            examples: Vec::new(),
+            per_property: BTreeMap::new(),
+            max_examples,
+        }
+    }
+
+    fn add(
+        &mut self,
+        property: &str,
+        bucket: &str,
+        version: Option<u64>,
+        ops: Vec<u64>,
+        detail: String,
+    ) {
+        self.properties.bump(property);
+        let n = self.per_property.entry(property.to_string()).or_default();
+        if *n < self.max_examples {
+            *n += 1;
+            self.examples.push(Example {
+                property: property.to_string(),
+                bucket: bucket.to_string(),
+                version,
+                ops,
+                detail,
+            });
+        }
+    }
+}
+
+/// Checks a history: every safety property counted with examples, and the liveness
+/// figures (see the module docs for the exact definitions).
+pub fn check(entries: &[Entry], opts: &CheckOptions) -> Verdict {
+    let hist = Hist::new(entries);
+    let mut findings = Findings::new(opts.max_examples);
+    let staleness = safety::check(&hist, opts, &mut findings);
+    let live = liveness::measure(&hist);
+    let mut ops = OpCounts::default();
+    for o in &hist.ops {
+        ops.total += 1;
+        if o.complete.is_none() {
+            ops.incomplete += 1;
+        }
+        match (o.kind(), o.result) {
+            (Kind::Write, Some(Outcome::Ok { .. })) => ops.writes_ok += 1,
+            (Kind::Write, Some(Outcome::Refused { .. })) => ops.writes_refused += 1,
+            (Kind::Write, _) => ops.writes_unknown += 1,
+            (Kind::Read, _) => ops.reads += 1,
+            (Kind::Subscribe, _) => ops.subscribes += 1,
+        }
+    }
+    let within = |v: Option<f64>, ok: &dyn Fn(f64) -> bool| v.is_none_or(ok);
+    let liveness_passed = within(live.availability, &|a| a >= opts.min_availability)
+        && within(live.availability_unaffected, &|a| {
+            a >= opts.min_availability_unaffected
+        })
+        && within(live.failover_s, &|s| s <= opts.max_failover_s)
+        && within(live.convergence_s, &|s| s <= opts.max_convergence_s);
+    Verdict {
+        passed: findings.properties.all_zero() && hist.malformed_count == 0,
+        malformed: hist.malformed.clone(),
+        malformed_count: hist.malformed_count,
+        properties: findings.properties,
+        examples: findings.examples,
+        staleness,
+        availability: live.availability,
+        availability_unaffected: live.availability_unaffected,
+        failover_s: live.failover_s,
+        convergence_s: live.convergence_s,
+        ops,
+        liveness_passed,
+    }
+}
+
+#[cfg(test)]
+mod tests;

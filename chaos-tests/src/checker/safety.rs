@@ -1,0 +1,956 @@
+//! The safety properties over the version chain (definitions in the module docs of
+//! [`super`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use tether_proto::{reconcile, Bucket, BucketId, Hlc, Update};
+
+use super::{CheckOptions, Findings, Hist, Kind, Staleness};
+use crate::history::{Call, Fields, Outcome};
+
+/// One bucket state shown to a client.
+#[derive(Debug)]
+struct Obs<'a> {
+    op: u64,
+    client: u32,
+    kind: Kind,
+    invoke: u64,
+    complete: u64,
+    bucket: &'a str,
+    version: u64,
+    ts: u64,
+    fields: Option<&'a Fields>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Ok,
+    Unknown,
+    Refused,
+}
+
+/// A logical write: the operations that sent it (one, or a retry with the same `op_id`).
+#[derive(Debug)]
+struct Write<'a> {
+    ops: Vec<u64>,
+    bucket: &'a str,
+    fields: &'a Fields,
+    base: u64,
+    occ: bool,
+    fate: Fate,
+    /// First invocation.
+    invoke: u64,
+    /// Last completion (`u64::MAX` when one never completed).
+    complete: u64,
+    /// `(version, timestamp)` of the acknowledgement.
+    ack: Option<(u64, u64)>,
+}
+
+fn value_key(v: &serde_json::Value) -> String {
+    v.to_string()
+}
+
+fn hlc_pair(prev_ts: u64, ts: u64) -> (Hlc, Hlc) {
+    let stored = Hlc::at(prev_ts);
+    let now = if ts > prev_ts {
+        Hlc::at(ts)
+    } else {
+        stored.successor()
+    };
+    (stored, now)
+}
+
+/// The state `w` makes of `stored` (version `v - 1`, timestamp `prev_ts`) when the server
+/// stamps it `ts`, or `None` when `reconcile` refuses it.
+fn apply(
+    stored: &Fields,
+    v: u64,
+    prev_ts: u64,
+    ts: u64,
+    w: &Write<'_>,
+    occ: bool,
+) -> Option<Fields> {
+    let id = BucketId::parse("chaos.checker").ok()?;
+    let (stored_ts, now) = hlc_pair(prev_ts, ts);
+    let bucket = Bucket {
+        id,
+        value: stored.clone(),
+        timestamp: stored_ts,
+        version: v.saturating_sub(1),
+    };
+    let update = Update {
+        value: w.fields.clone(),
+        base_version: w.base,
+        occ,
+    };
+    reconcile(&bucket, &update, now)
+        .new_state()
+        .map(|b| b.value.clone())
+}
+
+fn ops_text(ops: &[u64]) -> String {
+    ops.iter()
+        .map(|o| format!("op {o}"))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+pub(super) fn check(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) -> Staleness {
+    let mut obs: Vec<Obs<'_>> = Vec::new();
+    let mut writes: Vec<Write<'_>> = Vec::new();
+    let mut write_of: HashMap<(&str, String), usize> = HashMap::new();
+    for o in &hist.ops {
+        let complete = o.complete.unwrap_or(u64::MAX);
+        if let Some(Outcome::Ok { states, .. }) = o.result {
+            for s in states {
+                obs.push(Obs {
+                    op: o.op,
+                    client: o.client,
+                    kind: o.kind(),
+                    invoke: o.invoke,
+                    complete,
+                    bucket: &s.bucket,
+                    version: s.version,
+                    ts: s.timestamp,
+                    fields: s.fields.as_ref(),
+                });
+            }
+        }
+        if let Call::Write {
+            bucket,
+            fields,
+            base_version,
+            occ,
+            op_id,
+            ..
+        } = o.call
+        {
+            let fate = match o.result {
+                Some(Outcome::Ok { .. }) => Fate::Ok,
+                Some(Outcome::Refused { .. }) => Fate::Refused,
+                _ => Fate::Unknown,
+            };
+            let ack = match o.result {
+                Some(Outcome::Ok { states, .. }) => states
+                    .iter()
+                    .find(|s| &s.bucket == bucket)
+                    .map(|s| (s.version, s.timestamp)),
+                _ => None,
+            };
+            let key = (
+                bucket.as_str(),
+                op_id.clone().unwrap_or_else(|| format!("#op{}", o.op)),
+            );
+            match write_of.get(&key) {
+                Some(&i) => {
+                    let w = &mut writes[i];
+                    w.ops.push(o.op);
+                    w.invoke = w.invoke.min(o.invoke);
+                    w.complete = if w.complete == u64::MAX || complete == u64::MAX {
+                        u64::MAX
+                    } else {
+                        w.complete.max(complete)
+                    };
+                    w.fate = match (w.fate, fate) {
+                        (Fate::Ok, _) | (_, Fate::Ok) => Fate::Ok,
+                        (Fate::Unknown, _) | (_, Fate::Unknown) => Fate::Unknown,
+                        _ => Fate::Refused,
+                    };
+                    if w.ack.is_none() {
+                        w.ack = ack;
+                    }
+                }
+                None => {
+                    write_of.insert(key, writes.len());
+                    writes.push(Write {
+                        ops: vec![o.op],
+                        bucket,
+                        fields,
+                        base: *base_version,
+                        occ: *occ,
+                        fate,
+                        invoke: o.invoke,
+                        complete,
+                        ack,
+                    });
+                }
+            }
+        }
+    }
+
+    // Per bucket: observations by version, acknowledged writes by version.
+    let mut chain: BTreeMap<&str, BTreeMap<u64, Vec<usize>>> = BTreeMap::new();
+    for (i, o) in obs.iter().enumerate() {
+        chain
+            .entry(o.bucket)
+            .or_default()
+            .entry(o.version)
+            .or_default()
+            .push(i);
+    }
+    let mut acked: BTreeMap<&str, BTreeMap<u64, Vec<usize>>> = BTreeMap::new();
+    for (i, w) in writes.iter().enumerate() {
+        if let (Fate::Ok, Some((v, _))) = (w.fate, w.ack) {
+            acked
+                .entry(w.bucket)
+                .or_default()
+                .entry(v)
+                .or_default()
+                .push(i);
+        }
+    }
+
+    let forked = forks(&obs, &writes, &chain, &acked, f);
+    let garbage = garbage(&obs, &writes, f);
+    occ(&writes, f);
+    let lost = lost(hist, &obs, &writes, f);
+    derivation(&obs, &writes, &chain, &acked, &forked, &garbage, &lost, f);
+    hung(hist, opts, f);
+    sweep(&obs, &writes, f)
+}
+
+/// (bucket, version) with two different states, or acknowledged to two writes.
+fn forks<'a>(
+    obs: &[Obs<'a>],
+    writes: &[Write<'a>],
+    chain: &BTreeMap<&'a str, BTreeMap<u64, Vec<usize>>>,
+    acked: &BTreeMap<&'a str, BTreeMap<u64, Vec<usize>>>,
+    f: &mut Findings,
+) -> HashSet<(&'a str, u64)> {
+    let mut forked = HashSet::new();
+    let mut versions: BTreeSet<(&str, u64)> = BTreeSet::new();
+    for (b, vs) in chain {
+        versions.extend(vs.keys().map(|v| (*b, *v)));
+    }
+    for (b, vs) in acked {
+        versions.extend(vs.keys().map(|v| (*b, *v)));
+    }
+    for (b, v) in versions {
+        let seen: &[usize] = chain
+            .get(b)
+            .and_then(|c| c.get(&v))
+            .map_or(&[], Vec::as_slice);
+        let ws: &[usize] = acked
+            .get(b)
+            .and_then(|c| c.get(&v))
+            .map_or(&[], Vec::as_slice);
+        let mut detail = Vec::new();
+        let tss: BTreeSet<u64> = seen.iter().map(|&i| obs[i].ts).collect();
+        if tss.len() > 1 {
+            detail.push(format!("timestamps {tss:?}"));
+        }
+        let mut field_sets: Vec<&Fields> = Vec::new();
+        for &i in seen {
+            if let Some(fl) = obs[i].fields {
+                if !field_sets.contains(&fl) {
+                    field_sets.push(fl);
+                }
+            }
+        }
+        if field_sets.len() > 1 {
+            detail.push(format!(
+                "field sets {}",
+                field_sets
+                    .iter()
+                    .map(|fl| serde_json::Value::Object((*fl).clone()).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" vs ")
+            ));
+        }
+        if ws.len() > 1 {
+            detail.push(format!(
+                "acknowledged to {} writes",
+                ws.iter()
+                    .map(|&i| ops_text(&writes[i].ops))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !detail.is_empty() {
+            forked.insert((b, v));
+            let mut ops: Vec<u64> = seen.iter().map(|&i| obs[i].op).collect();
+            ops.extend(ws.iter().flat_map(|&i| writes[i].ops.iter().copied()));
+            ops.sort_unstable();
+            ops.dedup();
+            f.add(
+                "forked_versions",
+                b,
+                Some(v),
+                ops,
+                format!(
+                    "version {v} of {b} seen as two states: {}",
+                    detail.join("; ")
+                ),
+            );
+        }
+    }
+    forked
+}
+
+/// Observed states holding a value no applied-or-unknown write produced.
+fn garbage<'a>(obs: &[Obs<'a>], writes: &[Write<'a>], f: &mut Findings) -> HashSet<(&'a str, u64)> {
+    // (bucket, field, value) → produced by an Ok/Unknown write; refused writes' ops.
+    let mut produced: HashMap<(&str, &str, String), (bool, Vec<u64>)> = HashMap::new();
+    let mut first_write: HashMap<&str, u64> = HashMap::new();
+    for w in writes {
+        let e = first_write.entry(w.bucket).or_insert(w.invoke);
+        *e = (*e).min(w.invoke);
+        for (k, v) in w.fields {
+            let p = produced
+                .entry((w.bucket, k.as_str(), value_key(v)))
+                .or_default();
+            if w.fate == Fate::Refused {
+                p.1.extend(&w.ops);
+            } else {
+                p.0 = true;
+            }
+        }
+    }
+    // The initial state: what was shown before the first write was sent, and version 1.
+    let mut baseline: HashSet<(&str, &str, String)> = HashSet::new();
+    for o in obs {
+        let before = first_write.get(o.bucket).is_none_or(|&t| o.complete < t);
+        if let (true, Some(fl)) = (before || o.version == 1, o.fields) {
+            for (k, v) in fl {
+                baseline.insert((o.bucket, k.as_str(), value_key(v)));
+            }
+        }
+    }
+    let mut bad = HashSet::new();
+    for o in obs {
+        let Some(fl) = o.fields else { continue };
+        let mut why = Vec::new();
+        let mut ops = vec![o.op];
+        for (k, v) in fl {
+            let key = (o.bucket, k.as_str(), value_key(v));
+            if baseline.contains(&key) {
+                continue;
+            }
+            match produced.get(&key) {
+                Some((true, _)) => {}
+                Some((false, refused)) => {
+                    why.push(format!(
+                        "{k}={v} written only by refused {}",
+                        ops_text(refused)
+                    ));
+                    ops.extend(refused);
+                }
+                None => why.push(format!("{k}={v} written by no operation")),
+            }
+        }
+        if !why.is_empty() {
+            bad.insert((o.bucket, o.version));
+            f.add(
+                "garbage_reads",
+                o.bucket,
+                Some(o.version),
+                ops,
+                format!(
+                    "op {} was shown {} v{}: {}",
+                    o.op,
+                    o.bucket,
+                    o.version,
+                    why.join("; ")
+                ),
+            );
+        }
+    }
+    bad
+}
+
+/// Applied OCC writes that did not land on their base version.
+fn occ(writes: &[Write<'_>], f: &mut Findings) {
+    for w in writes {
+        let (Fate::Ok, Some((v, _)), true) = (w.fate, w.ack, w.occ) else {
+            continue;
+        };
+        if v == w.base + 1 {
+            continue;
+        }
+        let mut ops = w.ops.clone();
+        let others: Vec<u64> = writes
+            .iter()
+            .filter(|o| {
+                o.bucket == w.bucket
+                    && o.occ
+                    && o.base == w.base
+                    && o.fate == Fate::Ok
+                    && !std::ptr::eq(*o, w)
+            })
+            .flat_map(|o| o.ops.iter().copied())
+            .collect();
+        ops.extend(&others);
+        f.add(
+            "occ_lost_updates",
+            w.bucket,
+            Some(v),
+            ops,
+            format!(
+                "OCC {} based on v{} was applied as v{v}{}",
+                ops_text(&w.ops),
+                w.base,
+                if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (also applied on v{}: {})", w.base, ops_text(&others))
+                }
+            ),
+        );
+    }
+}
+
+/// How many search steps one stretch of the chain may take before the checker gives up
+/// on it (it then restarts at the next shown state; nothing is counted).
+const SEARCH_BUDGET: usize = 20_000;
+
+/// One version on the path between two states shown with their fields.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// The write acknowledged at this version, and the acknowledged timestamp.
+    Fixed(usize, u64),
+    /// Nobody was shown this version: a write of unknown fate sent before `bound` made it.
+    Free { bound: u64 },
+}
+
+struct PathSearch<'s, 'a> {
+    writes: &'s [Write<'a>],
+    used: &'s [bool],
+    candidates: Vec<usize>,
+    slots: Vec<Slot>,
+    start_version: u64,
+    target: &'s Fields,
+    target_ts: u64,
+    budget: usize,
+    chosen: Vec<usize>,
+}
+
+impl PathSearch<'_, '_> {
+    /// True when the slots from `i` on turn `fields` (version `start_version + i`,
+    /// timestamp `ts`) into the target.
+    fn go(&mut self, i: usize, fields: &Fields, ts: u64) -> bool {
+        if self.budget == 0 {
+            return false;
+        }
+        self.budget -= 1;
+        let Some(slot) = self.slots.get(i).copied() else {
+            return fields == self.target;
+        };
+        let v = self.start_version + i as u64 + 1;
+        let last = i + 1 == self.slots.len();
+        match slot {
+            Slot::Fixed(wi, ack_ts) => {
+                let w = &self.writes[wi];
+                match apply(fields, v, ts, ack_ts.max(ts), w, false) {
+                    Some(next) => self.go(i + 1, &next, ack_ts.max(ts)),
+                    None => false,
+                }
+            }
+            Slot::Free { bound } => {
+                let new_ts = if last { self.target_ts } else { ts };
+                for k in 0..self.candidates.len() {
+                    let wi = self.candidates[k];
+                    let w = &self.writes[wi];
+                    if self.used[wi] || self.chosen.contains(&wi) || w.invoke > bound {
+                        continue;
+                    }
+                    // The write that made the target wrote values the target shows.
+                    if last && w.fields.iter().any(|(k, x)| self.target.get(k) != Some(x)) {
+                        continue;
+                    }
+                    let Some(next) = apply(fields, v, ts, new_ts, w, w.occ) else {
+                        continue;
+                    };
+                    self.chosen.push(wi);
+                    if self.go(i + 1, &next, new_ts) {
+                        return true;
+                    }
+                    self.chosen.pop();
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Every shown state derivable from the previous shown state by the writes that made the
+/// versions in between: the one acknowledged at each version, or else exactly one write of
+/// unknown fate per version, each write used once.
+#[allow(clippy::too_many_arguments)]
+fn derivation<'a>(
+    obs: &[Obs<'a>],
+    writes: &[Write<'a>],
+    chain: &BTreeMap<&'a str, BTreeMap<u64, Vec<usize>>>,
+    acked: &BTreeMap<&'a str, BTreeMap<u64, Vec<usize>>>,
+    forked: &HashSet<(&'a str, u64)>,
+    garbage: &HashSet<(&'a str, u64)>,
+    lost: &HashSet<usize>,
+    f: &mut Findings,
+) {
+    let mut used = vec![false; writes.len()];
+    let empty = BTreeMap::new();
+    let buckets: BTreeSet<&str> = chain.keys().chain(acked.keys()).copied().collect();
+    for b in buckets {
+        let seen = chain.get(b).unwrap_or(&empty);
+        let acks = acked.get(b).unwrap_or(&empty);
+        let versions: BTreeSet<u64> = seen.keys().chain(acks.keys()).copied().collect();
+        let candidates: Vec<usize> = writes
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| {
+                w.bucket == b
+                    && (w.fate == Fate::Unknown || (w.fate == Fate::Ok && w.ack.is_none()))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        // The last state shown with its fields: (version, fields, timestamp, op).
+        let mut prev: Option<(u64, &Fields, u64, u64)> = None;
+        let mut last_ts: Option<(u64, u64, u64)> = None; // (version, ts, op)
+        for &v in &versions {
+            if forked.contains(&(b, v)) {
+                prev = None;
+                last_ts = None;
+                continue;
+            }
+            let shown: &[usize] = seen.get(&v).map_or(&[], Vec::as_slice);
+            let ack = acks.get(&v).and_then(|ws| ws.first().copied());
+            let ts = shown
+                .first()
+                .map(|&i| obs[i].ts)
+                .or_else(|| ack.and_then(|i| writes[i].ack.map(|a| a.1)))
+                .unwrap_or(0);
+            let some_op = shown
+                .first()
+                .map(|&i| obs[i].op)
+                .or_else(|| ack.map(|i| writes[i].ops[0]))
+                .unwrap_or(0);
+            let is_garbage = garbage.contains(&(b, v));
+            if let Some((pv, pts, pop)) = last_ts {
+                if ts < pts && !is_garbage {
+                    f.add(
+                        "underivable_states",
+                        b,
+                        Some(v),
+                        vec![pop, some_op],
+                        format!("{b} v{v} has timestamp {ts} ms, older than v{pv}'s {pts} ms"),
+                    );
+                    prev = None;
+                }
+            }
+            last_ts = Some((v, ts, some_op));
+            let Some(fields) = shown.iter().find_map(|&i| obs[i].fields) else {
+                continue; // a version on the way to the next shown state
+            };
+            if is_garbage {
+                prev = None; // counted already; not a base to derive from
+                continue;
+            }
+            if let Some((pv, pfields, pts, pop)) = prev.filter(|p| ts >= p.2) {
+                let first_shown = shown
+                    .iter()
+                    .map(|&i| obs[i].complete)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                // Versions pv+1 ..= v: the acknowledged write, or a free slot that must
+                // have been made by a write sent before any later version was known.
+                let mut slots = Vec::new();
+                let mut bound = first_shown;
+                for s in (pv + 1..=v).rev() {
+                    match acks.get(&s).and_then(|ws| ws.first()) {
+                        Some(&wi) => {
+                            let w = &writes[wi];
+                            slots.push(Slot::Fixed(wi, w.ack.map_or(ts, |a| a.1)));
+                            bound = bound.min(w.complete);
+                        }
+                        None => slots.push(Slot::Free { bound }),
+                    }
+                }
+                slots.reverse();
+                let fixed: Vec<usize> = slots
+                    .iter()
+                    .filter_map(|s| match s {
+                        Slot::Fixed(wi, _) => Some(*wi),
+                        Slot::Free { .. } => None,
+                    })
+                    .collect();
+                let mut search = PathSearch {
+                    writes,
+                    used: &used,
+                    candidates: candidates.clone(),
+                    slots,
+                    start_version: pv,
+                    target: fields,
+                    target_ts: ts,
+                    budget: SEARCH_BUDGET,
+                    chosen: Vec::new(),
+                };
+                let found = search.go(0, pfields, pts);
+                let gave_up = search.budget == 0;
+                let chosen = std::mem::take(&mut search.chosen);
+                if found {
+                    for wi in chosen {
+                        used[wi] = true;
+                    }
+                } else if !gave_up && !fixed.iter().any(|wi| lost.contains(wi)) {
+                    let mut ops = vec![pop];
+                    ops.extend(fixed.iter().flat_map(|&wi| writes[wi].ops.iter().copied()));
+                    ops.extend(shown.iter().map(|&i| obs[i].op));
+                    let how = if v == pv + 1 {
+                        match fixed.first() {
+                            Some(&wi) => format!(
+                                "the write acknowledged at v{v} ({})",
+                                ops_text(&writes[wi].ops)
+                            ),
+                            None => "any single write of unknown fate".to_string(),
+                        }
+                    } else {
+                        format!(
+                            "the {} acknowledged write(s) and {} write(s) of unknown fate that made v{}..v{v}",
+                            fixed.len(),
+                            (v - pv) as usize - fixed.len(),
+                            pv + 1
+                        )
+                    };
+                    f.add(
+                        "underivable_states",
+                        b,
+                        Some(v),
+                        ops,
+                        format!(
+                            "{b} v{v} {} does not follow from v{pv} {} by {how}",
+                            serde_json::Value::Object(fields.clone()),
+                            serde_json::Value::Object(pfields.clone()),
+                        ),
+                    );
+                }
+            }
+            prev = Some((v, fields, ts, some_op));
+        }
+    }
+}
+
+/// Acknowledged writes whose values are missing from a later state or the final reads.
+fn lost(
+    hist: &Hist<'_>,
+    obs: &[Obs<'_>],
+    writes: &[Write<'_>],
+    f: &mut Findings,
+) -> HashSet<usize> {
+    let mut lost = HashSet::new();
+    let mut by_bucket: HashMap<&str, Vec<&Obs<'_>>> = HashMap::new();
+    for o in obs {
+        by_bucket.entry(o.bucket).or_default().push(o);
+    }
+    for list in by_bucket.values_mut() {
+        list.sort_by_key(|o| (o.version, o.complete));
+    }
+    // (bucket, field) → versions of the acknowledged writes of that field, sorted;
+    // (bucket, field, value) → the writes (not refused) that wrote that value.
+    let mut field_acks: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
+    let mut produced: HashMap<(&str, &str, String), Vec<usize>> = HashMap::new();
+    for (zi, z) in writes.iter().enumerate() {
+        if z.fate == Fate::Refused {
+            continue;
+        }
+        for (k, v) in z.fields {
+            produced
+                .entry((z.bucket, k.as_str(), value_key(v)))
+                .or_default()
+                .push(zi);
+            if let (Fate::Ok, Some((vz, _))) = (z.fate, z.ack) {
+                field_acks
+                    .entry((z.bucket, k.as_str()))
+                    .or_default()
+                    .push(vz);
+            }
+        }
+    }
+    for v in field_acks.values_mut() {
+        v.sort_unstable();
+    }
+    for (wi, w) in writes.iter().enumerate() {
+        let (Fate::Ok, Some((vw, _))) = (w.fate, w.ack) else {
+            continue;
+        };
+        let list = by_bucket.get(w.bucket).map_or(&[][..], Vec::as_slice);
+        let from = list.partition_point(|s| s.version < vw);
+        // Each field is checked up to the next acknowledged write of it; from there on,
+        // that write's own check takes over.
+        let fields: Vec<(&String, &serde_json::Value, u64)> = w
+            .fields
+            .iter()
+            .map(|(k, val)| {
+                let next = field_acks
+                    .get(&(w.bucket, k.as_str()))
+                    .and_then(|vs| vs.get(vs.partition_point(|v| *v <= vw)).copied())
+                    .unwrap_or(u64::MAX);
+                (k, val, next)
+            })
+            .collect();
+        let limit = fields.iter().map(|f| f.2).max().unwrap_or(0);
+        let mut lost_in: Option<(&Obs<'_>, String)> = None;
+        'states: for s in &list[from..] {
+            if s.version >= limit {
+                break;
+            }
+            let Some(fl) = s.fields else { continue };
+            for &(k, val, next) in &fields {
+                if s.version >= next {
+                    continue;
+                }
+                let Some(got) = fl.get(k) else {
+                    lost_in = Some((s, format!("{k} missing")));
+                    break 'states;
+                };
+                if got == val {
+                    continue;
+                }
+                let overwritten = produced
+                    .get(&(w.bucket, k.as_str(), value_key(got)))
+                    .into_iter()
+                    .flatten()
+                    .any(|&zi| {
+                        let z = &writes[zi];
+                        zi != wi
+                            && match (z.fate, z.ack) {
+                                (Fate::Ok, Some((vz, _))) => vz > vw && vz <= s.version,
+                                // A write of unknown fate may take effect any time after
+                                // it was sent; one acknowledged without a version, after
+                                // `w` was sent only if it had not completed by then.
+                                (Fate::Unknown, _) => true,
+                                _ => z.complete > w.invoke,
+                            }
+                    });
+                if !overwritten {
+                    lost_in = Some((
+                        s,
+                        format!("{k}={got} instead of {val}, and no later write of {k} made it"),
+                    ));
+                    break;
+                }
+            }
+            if lost_in.is_some() {
+                break;
+            }
+        }
+        if let Some((s, why)) = lost_in {
+            lost.insert(wi);
+            let mut ops = w.ops.clone();
+            ops.push(s.op);
+            f.add(
+                "lost_writes",
+                w.bucket,
+                Some(vw),
+                ops,
+                format!(
+                    "write {} acknowledged as {} v{vw} is not in v{} shown to op {}: {why}",
+                    ops_text(&w.ops),
+                    w.bucket,
+                    s.version,
+                    s.op
+                ),
+            );
+            continue;
+        }
+        let finals: Vec<&&Obs<'_>> = list.iter().filter(|s| s.invoke >= hist.end).collect();
+        if let Some(top) = finals.iter().max_by_key(|s| s.version) {
+            if top.version < vw {
+                lost.insert(wi);
+                let mut ops = w.ops.clone();
+                ops.push(top.op);
+                f.add(
+                    "lost_writes",
+                    w.bucket,
+                    Some(vw),
+                    ops,
+                    format!(
+                        "write {} acknowledged as {} v{vw}, but the final reads show at most v{} (op {})",
+                        ops_text(&w.ops),
+                        w.bucket,
+                        top.version,
+                        top.op
+                    ),
+                );
+            }
+        }
+    }
+    lost
+}
+
+/// Subscribes answered (or still open at `End`) past their timeout plus the grace.
+fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
+    for o in &hist.ops {
+        let Call::Subscribe {
+            timeout_ms, held, ..
+        } = o.call
+        else {
+            continue;
+        };
+        let deadline = o
+            .invoke
+            .saturating_add(timeout_ms.saturating_add(opts.subscribe_grace_ms) * 1000);
+        let (late, detail) = match o.complete {
+            Some(t) if t > deadline => (
+                true,
+                format!(
+                    "answered after {:.1} s (timeout {timeout_ms} ms + grace {} ms)",
+                    (t - o.invoke) as f64 / 1e6,
+                    opts.subscribe_grace_ms
+                ),
+            ),
+            None if hist.end > deadline => (
+                true,
+                format!(
+                    "never answered; {:.1} s open at End (timeout {timeout_ms} ms + grace {} ms)",
+                    (hist.end - o.invoke) as f64 / 1e6,
+                    opts.subscribe_grace_ms
+                ),
+            ),
+            _ => (false, String::new()),
+        };
+        if late {
+            let bucket = held.keys().next().map_or("", String::as_str);
+            f.add(
+                "hung_subscribers",
+                bucket,
+                None,
+                vec![o.op],
+                format!("subscribe op {} (client {}) {detail}", o.op, o.client),
+            );
+        }
+    }
+}
+
+/// Real-time checks in one sweep over invocations and completions.
+fn sweep<'a>(obs: &[Obs<'a>], writes: &[Write<'a>], f: &mut Findings) -> Staleness {
+    // The first invocation of the logical write an op belongs to.
+    let mut first_invoke: HashMap<u64, u64> = HashMap::new();
+    for w in writes {
+        for o in &w.ops {
+            first_invoke.insert(*o, w.invoke);
+        }
+    }
+    // Events: (time, 0 = query at invocation / 1 = update at completion, obs index).
+    let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(obs.len() * 2);
+    for (i, o) in obs.iter().enumerate() {
+        let at = match o.kind {
+            Kind::Write => first_invoke.get(&o.op).copied().unwrap_or(o.invoke),
+            _ => o.invoke,
+        };
+        events.push((at, 0, i));
+        if o.complete != u64::MAX {
+            events.push((o.complete, 1, i));
+        }
+    }
+    events.sort_unstable();
+    // Per bucket: highest acknowledged (version, obs), highest shown (version, obs).
+    let mut max_ack: HashMap<&str, (u64, usize)> = HashMap::new();
+    let mut max_any: HashMap<&str, (u64, usize)> = HashMap::new();
+    let mut max_client: HashMap<(u32, &str), (u64, usize)> = HashMap::new();
+    // Per bucket: acknowledgements (version, completion) so far.
+    let mut acks: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    let mut staleness = Staleness::default();
+    for (t, phase, i) in events {
+        let o = &obs[i];
+        if phase == 1 {
+            let bump = |m: &mut HashMap<_, (u64, usize)>, k| {
+                let e = m.entry(k).or_insert((o.version, i));
+                if o.version > e.0 {
+                    *e = (o.version, i);
+                }
+            };
+            if o.kind == Kind::Write {
+                bump(&mut max_ack, o.bucket);
+                acks.entry(o.bucket).or_default().push((o.version, t));
+            }
+            bump(&mut max_any, o.bucket);
+            let e = max_client
+                .entry((o.client, o.bucket))
+                .or_insert((o.version, i));
+            if o.version > e.0 {
+                *e = (o.version, i);
+            }
+            continue;
+        }
+        if o.kind == Kind::Write {
+            if let Some(&(v, a)) = max_any.get(o.bucket) {
+                if o.version <= v && obs[a].op != o.op {
+                    f.add(
+                        "realtime_violations",
+                        o.bucket,
+                        Some(o.version),
+                        vec![obs[a].op, o.op],
+                        format!(
+                            "op {} showed {} v{v} before write op {} was sent, yet that write was acknowledged as v{}",
+                            obs[a].op, o.bucket, o.op, o.version
+                        ),
+                    );
+                }
+            }
+            continue;
+        }
+        let mut flagged = false;
+        if let Some(&(v, a)) = max_ack.get(o.bucket) {
+            if o.version < v {
+                flagged = true;
+                let since = acks
+                    .get(o.bucket)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(av, _)| *av > o.version)
+                    .map(|(_, at)| *at)
+                    .min()
+                    .unwrap_or(t);
+                let ms = t.saturating_sub(since) as f64 / 1000.0;
+                staleness.max_versions = staleness.max_versions.max(v - o.version);
+                staleness.max_ms = staleness.max_ms.max(ms);
+                f.add(
+                    "stale_reads",
+                    o.bucket,
+                    Some(o.version),
+                    vec![obs[a].op, o.op],
+                    format!(
+                        "op {} (client {}) was shown {} v{} although write op {} had been acknowledged as v{v}: {} versions, {ms:.0} ms behind",
+                        o.op,
+                        o.client,
+                        o.bucket,
+                        o.version,
+                        obs[a].op,
+                        v - o.version
+                    ),
+                );
+            }
+        }
+        if let Some(&(v, a)) = max_client.get(&(o.client, o.bucket)) {
+            if o.version < v {
+                flagged = true;
+                f.add(
+                    "version_regressions",
+                    o.bucket,
+                    Some(o.version),
+                    vec![obs[a].op, o.op],
+                    format!(
+                        "client {} saw {} v{v} (op {}), then v{} (op {})",
+                        o.client, o.bucket, obs[a].op, o.version, o.op
+                    ),
+                );
+            }
+        }
+        if !flagged {
+            if let Some(&(v, a)) = max_any.get(o.bucket) {
+                if o.version < v {
+                    f.add(
+                        "realtime_violations",
+                        o.bucket,
+                        Some(o.version),
+                        vec![obs[a].op, o.op],
+                        format!(
+                            "op {} (client {}) was shown {} v{v} before op {} (client {}) was sent, which was shown v{}",
+                            obs[a].op, obs[a].client, o.bucket, o.op, o.client, o.version
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    staleness
+}

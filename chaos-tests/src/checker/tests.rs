@@ -1,0 +1,719 @@
+//! Mutation tests: one correct concurrent history that no property flags, and one
+//! deliberately wrong variant of it per property, each flagged by exactly its counter.
+
+use serde_json::json;
+
+use super::*;
+use crate::history::{Entry, FaultPhase, Fields, Observed};
+
+/// Times in the builder are milliseconds; the history holds microseconds.
+const MS: u64 = 1000;
+
+#[derive(Debug, Clone)]
+enum Res {
+    /// Write acknowledged as (version, timestamp).
+    Ack(u64, u64),
+    /// Read/subscribe shown these states.
+    Shown(Vec<Observed>),
+    Refused(u16),
+    Unknown,
+    /// Never completed.
+    Open,
+}
+
+#[derive(Debug, Clone)]
+struct TOp {
+    op: u64,
+    client: u32,
+    invoke: u64,
+    complete: u64,
+    call: Call,
+    res: Res,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct Builder {
+    ops: Vec<TOp>,
+    other: Vec<(u64, Entry)>,
+    end: u64,
+}
+
+fn obj(v: serde_json::Value) -> Fields {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => panic!("fixture must be an object: {other}"),
+    }
+}
+
+fn state(bucket: &str, version: u64, ts: u64, fields: serde_json::Value) -> Observed {
+    Observed {
+        bucket: bucket.into(),
+        version,
+        timestamp: ts,
+        fields: Some(obj(fields)),
+    }
+}
+
+impl Builder {
+    fn push(&mut self, client: u32, invoke: u64, complete: u64, call: Call, res: Res) -> u64 {
+        let op = self.ops.len() as u64 + 1;
+        self.ops.push(TOp {
+            op,
+            client,
+            invoke,
+            complete,
+            call,
+            res,
+        });
+        op
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        client: u32,
+        (invoke, complete): (u64, u64),
+        bucket: &str,
+        fields: serde_json::Value,
+        base: u64,
+        occ: bool,
+        res: Res,
+    ) -> u64 {
+        let call = Call::Write {
+            bucket: bucket.into(),
+            fields: obj(fields),
+            base_version: base,
+            occ,
+            op_id: None,
+            via: "lb".into(),
+        };
+        self.push(client, invoke, complete, call, res)
+    }
+
+    fn read(&mut self, client: u32, (invoke, complete): (u64, u64), shown: Observed) -> u64 {
+        let call = Call::Read {
+            buckets: vec![shown.bucket.clone()],
+            via: "lb".into(),
+        };
+        self.push(client, invoke, complete, call, Res::Shown(vec![shown]))
+    }
+
+    fn subscribe(
+        &mut self,
+        client: u32,
+        (invoke, complete): (u64, u64),
+        held: (&str, u64),
+        timeout_ms: u64,
+        res: Res,
+    ) -> u64 {
+        let call = Call::Subscribe {
+            held: [(held.0.to_string(), held.1)].into_iter().collect(),
+            timeout_ms,
+            via: "lb".into(),
+        };
+        self.push(client, invoke, complete, call, res)
+    }
+
+    fn op(&mut self, op: u64) -> &mut TOp {
+        &mut self.ops[op as usize - 1]
+    }
+
+    fn fault(&mut self, t: u64, kind: &str, target: &str, phase: FaultPhase) {
+        self.other.push((
+            t,
+            Entry::Fault {
+                t_us: t * MS,
+                kind: kind.into(),
+                target: target.into(),
+                phase,
+                detail: String::new(),
+            },
+        ));
+    }
+
+    fn owner(&mut self, t: u64, set: &str, node: &str) {
+        self.other.push((
+            t,
+            Entry::Owner {
+                t_us: t * MS,
+                set: set.into(),
+                node: node.into(),
+            },
+        ));
+    }
+
+    /// The history as the recorder would write it: entries in time order.
+    pub(super) fn entries(&self) -> Vec<Entry> {
+        let mut timed: Vec<(u64, u8, Entry)> = vec![(
+            0,
+            0,
+            Entry::Start {
+                scenario: "unit".into(),
+                seed: 1,
+                wall_ms: 0,
+            },
+        )];
+        for o in &self.ops {
+            timed.push((
+                o.invoke * MS,
+                1,
+                Entry::Invoke {
+                    op: o.op,
+                    client: o.client,
+                    t_us: o.invoke * MS,
+                    call: o.call.clone(),
+                },
+            ));
+            let bucket = match &o.call {
+                Call::Write { bucket, .. } => bucket.clone(),
+                _ => String::new(),
+            };
+            let result = match &o.res {
+                Res::Ack(version, ts) => Outcome::Ok {
+                    outcome: Some("applied".into()),
+                    states: vec![Observed {
+                        bucket,
+                        version: *version,
+                        timestamp: *ts,
+                        fields: None,
+                    }],
+                    replayed: false,
+                },
+                Res::Shown(states) => Outcome::Ok {
+                    outcome: None,
+                    states: states.clone(),
+                    replayed: false,
+                },
+                Res::Refused(http) => Outcome::Refused {
+                    http: *http,
+                    code: "refused".into(),
+                },
+                Res::Unknown => Outcome::Unknown {
+                    detail: "timeout".into(),
+                },
+                Res::Open => continue,
+            };
+            timed.push((
+                o.complete * MS,
+                1,
+                Entry::Complete {
+                    op: o.op,
+                    t_us: o.complete * MS,
+                    result,
+                },
+            ));
+        }
+        for (t, e) in &self.other {
+            timed.push((t * MS, 1, e.clone()));
+        }
+        timed.push((
+            self.end * MS,
+            1,
+            Entry::End {
+                t_us: self.end * MS,
+            },
+        ));
+        timed.sort_by_key(|(t, order, _)| (*t, *order));
+        timed.into_iter().map(|(_, _, e)| e).collect()
+    }
+
+    fn check(&self) -> Verdict {
+        check(&self.entries(), &CheckOptions::default())
+    }
+}
+
+const S1: &str = "hot.s1";
+const S2: &str = "hot.s2";
+
+/// Named operations of [`base`], for the mutations.
+struct Base {
+    h: Builder,
+    w1_a: u64,
+    w2_a: u64,
+    read_v2: u64,
+    occ_ok: u64,
+    occ_refused: u64,
+    w3_unknown: u64,
+    sub_v5: u64,
+    final_s1: u64,
+    final_s2: u64,
+}
+
+/// A correct concurrent history on two buckets: overlapping writes that merge, a read
+/// concurrent with a write, two OCC writes on one base (one refused), a write of unknown
+/// fate that applied and one that did not, a subscribe that sees it, an open subscribe
+/// whose timeout has not passed, final reads.
+fn base() -> Base {
+    let mut h = Builder {
+        end: 7000,
+        ..Builder::default()
+    };
+    h.read(0, (0, 10), state(S1, 1, 1000, json!({})));
+    h.read(0, (0, 10), state(S2, 1, 1000, json!({})));
+    let w1_a = h.write(
+        1,
+        (20, 40),
+        S1,
+        json!({"w1": 1}),
+        1,
+        false,
+        Res::Ack(2, 1020),
+    );
+    let w2_a = h.write(
+        2,
+        (25, 50),
+        S1,
+        json!({"w2": 1}),
+        1,
+        false,
+        Res::Ack(3, 1030),
+    );
+    let read_v2 = h.read(3, (30, 45), state(S1, 2, 1020, json!({"w1": 1})));
+    let occ_ok = h.write(
+        1,
+        (60, 80),
+        S1,
+        json!({"w1": 2}),
+        3,
+        true,
+        Res::Ack(4, 1060),
+    );
+    let occ_refused = h.write(2, (62, 85), S1, json!({"z": 9}), 3, true, Res::Refused(409));
+    let w3_unknown = h.write(3, (90, 100), S1, json!({"w3": 1}), 4, false, Res::Unknown);
+    let sub_v5 = h.subscribe(
+        2,
+        (95, 120),
+        (S1, 4),
+        1000,
+        Res::Shown(vec![state(S1, 5, 1095, json!({"w1": 2, "w2": 1, "w3": 1}))]),
+    );
+    h.write(4, (100, 110), S1, json!({"w4": 1}), 5, true, Res::Unknown);
+    h.write(
+        1,
+        (130, 140),
+        S2,
+        json!({"x": 1}),
+        1,
+        false,
+        Res::Ack(2, 1135),
+    );
+    h.subscribe(4, (150, 0), (S2, 2), 30_000, Res::Open);
+    let final_s1 = h.read(
+        0,
+        (7010, 7020),
+        state(S1, 5, 1095, json!({"w1": 2, "w2": 1, "w3": 1})),
+    );
+    let final_s2 = h.read(0, (7010, 7020), state(S2, 2, 1135, json!({"x": 1})));
+    Base {
+        h,
+        w1_a,
+        w2_a,
+        read_v2,
+        occ_ok,
+        occ_refused,
+        w3_unknown,
+        sub_v5,
+        final_s1,
+        final_s2,
+    }
+}
+
+/// Asserts that exactly `property` is non-zero, with `count`.
+fn assert_only(v: &Verdict, property: &str, count: u64) {
+    for (name, n) in v.properties.iter() {
+        if name == property {
+            assert_eq!(n, count, "{property}: {:#?}", v.examples);
+        } else {
+            assert_eq!(
+                n, 0,
+                "{name} flagged too (expected only {property}): {:#?}",
+                v.examples
+            );
+        }
+    }
+    assert!(!v.passed);
+    let ex: Vec<&Example> = v
+        .examples
+        .iter()
+        .filter(|e| e.property == property)
+        .collect();
+    assert!(!ex.is_empty(), "no example for {property}");
+    assert!(ex.iter().all(|e| !e.ops.is_empty() && !e.bucket.is_empty()));
+}
+
+#[test]
+fn a_correct_concurrent_history_passes() {
+    let b = base();
+    let v = b.h.check();
+    assert!(v.passed, "{:#?}", v.examples);
+    assert!(v.examples.is_empty());
+    assert_eq!(v.ops.writes_ok, 4);
+    assert_eq!(v.ops.writes_refused, 1);
+    assert_eq!(v.ops.writes_unknown, 2);
+    assert_eq!(v.ops.incomplete, 1);
+}
+
+#[test]
+fn a_lost_acknowledged_write_is_counted_as_lost() {
+    let mut b = base();
+    // The final read shows hot.s2 at the acknowledged version, without the write's field.
+    b.h.op(b.final_s2).res = Res::Shown(vec![state(S2, 2, 1135, json!({}))]);
+    let v = b.h.check();
+    assert_only(&v, "lost_writes", 1);
+    assert_eq!(v.examples[0].version, Some(2));
+    assert!(v.examples[0].ops.contains(&b.final_s2));
+}
+
+#[test]
+fn final_reads_behind_an_acknowledged_version_count_as_lost() {
+    let mut b = base();
+    // The bucket came back at v1 after the write was acknowledged as v2: lost, and the
+    // final read is stale too.
+    b.h.op(b.final_s2).res = Res::Shown(vec![state(S2, 1, 1000, json!({}))]);
+    let v = b.h.check();
+    assert_eq!(v.properties.lost_writes, 1, "{:#?}", v.examples);
+    assert_eq!(v.properties.stale_reads, 1);
+}
+
+#[test]
+fn one_version_shown_with_two_timestamps_is_a_fork() {
+    let mut b = base();
+    b.h.read(4, (55, 58), state(S1, 3, 1031, json!({"w1": 1, "w2": 1})));
+    let v = b.h.check();
+    assert_only(&v, "forked_versions", 1);
+    assert_eq!(v.examples[0].version, Some(3));
+}
+
+#[test]
+fn one_version_acknowledged_to_two_writes_is_a_fork() {
+    let mut b = base();
+    // A second owner committed its own v2 (split brain) for a concurrent write.
+    b.h.write(
+        4,
+        (21, 39),
+        S1,
+        json!({"w4": 7}),
+        1,
+        false,
+        Res::Ack(2, 1020),
+    );
+    let v = b.h.check();
+    assert_eq!(v.properties.forked_versions, 1, "{:#?}", v.examples);
+}
+
+#[test]
+fn a_client_seeing_an_older_version_is_a_regression() {
+    let b = base();
+    let mut h = b.h;
+    // Client 2 saw v5 in its subscribe answer, then reads v4.
+    h.read(2, (130, 140), state(S1, 4, 1060, json!({"w1": 2, "w2": 1})));
+    let v = h.check();
+    assert_only(&v, "version_regressions", 1);
+    assert!(v.examples[0].ops.contains(&b.sub_v5));
+}
+
+#[test]
+fn a_value_only_a_refused_write_made_is_a_garbage_read() {
+    let mut b = base();
+    b.h.op(b.final_s1).res = Res::Shown(vec![state(
+        S1,
+        6,
+        1130,
+        json!({"w1": 2, "w2": 1, "w3": 1, "z": 9}),
+    )]);
+    let v = b.h.check();
+    assert_only(&v, "garbage_reads", 1);
+    assert!(v.examples[0].ops.contains(&b.occ_refused));
+}
+
+#[test]
+fn a_value_no_write_made_is_a_garbage_read() {
+    let mut b = base();
+    b.h.op(b.read_v2).res = Res::Shown(vec![state(S1, 2, 1020, json!({"w1": 1, "q": 5}))]);
+    let v = b.h.check();
+    // The same version is also shown without `q` nowhere else, so only garbage.
+    assert_eq!(v.properties.garbage_reads, 1, "{:#?}", v.examples);
+    assert_eq!(v.properties.underivable_states, 0);
+}
+
+#[test]
+fn two_occ_writes_applied_on_one_base_are_a_lost_update() {
+    let mut b = base();
+    // The second OCC write on base 3 is applied too (as v5); the unknown write did not run.
+    b.h.op(b.occ_refused).res = Res::Ack(5, 1085);
+    b.h.op(b.sub_v5).res = Res::Shown(vec![state(S1, 5, 1085, json!({"w1": 2, "w2": 1, "z": 9}))]);
+    b.h.op(b.final_s1).res =
+        Res::Shown(vec![state(S1, 5, 1085, json!({"w1": 2, "w2": 1, "z": 9}))]);
+    let v = b.h.check();
+    assert_only(&v, "occ_lost_updates", 1);
+    assert!(v.examples[0].ops.contains(&b.occ_ok));
+    assert!(v.examples[0].ops.contains(&b.occ_refused));
+}
+
+#[test]
+fn a_subscribe_answered_past_its_timeout_and_grace_hangs() {
+    let mut b = base();
+    // Answered 6.1 s after it was sent with a 1 s timeout (grace 5 s).
+    b.h.op(b.sub_v5).complete = 95 + 6100;
+    let v = b.h.check();
+    assert_only(&v, "hung_subscribers", 1);
+}
+
+#[test]
+fn a_subscribe_never_answered_by_end_past_its_deadline_hangs() {
+    let mut b = base();
+    b.h.subscribe(4, (160, 0), (S2, 2), 1000, Res::Open);
+    let v = b.h.check();
+    assert_only(&v, "hung_subscribers", 1);
+}
+
+#[test]
+fn a_read_older_than_an_acknowledged_write_is_stale() {
+    let mut b = base();
+    // Sent after the OCC write was acknowledged as v4 (at 80 ms), shown v3.
+    b.h.read(4, (90, 92), state(S1, 3, 1030, json!({"w1": 1, "w2": 1})));
+    let v = b.h.check();
+    assert_only(&v, "stale_reads", 1);
+    assert_eq!(v.staleness.max_versions, 1);
+    assert!(
+        (v.staleness.max_ms - 10.0).abs() < 1e-9,
+        "{:?}",
+        v.staleness
+    );
+}
+
+#[test]
+fn a_write_acknowledged_below_an_earlier_acknowledged_write_violates_real_time() {
+    let mut b = base();
+    // w2 (v3) is acknowledged at 18 ms, before w1 (v2) is sent at 20 ms.
+    b.h.op(b.w2_a).invoke = 12;
+    b.h.op(b.w2_a).complete = 18;
+    b.h.op(b.read_v2).invoke = 15;
+    let v = b.h.check();
+    assert_only(&v, "realtime_violations", 1);
+    let e = &v.examples[0];
+    assert!(e.ops.contains(&b.w1_a) && e.ops.contains(&b.w2_a), "{e:?}");
+}
+
+#[test]
+fn a_state_shown_before_its_write_was_sent_violates_real_time() {
+    let mut b = base();
+    // v4 is shown to client 3 at 58 ms; the write acknowledged as v4 was sent at 60 ms.
+    b.h.read(3, (55, 58), state(S1, 4, 1060, json!({"w1": 2, "w2": 1})));
+    let v = b.h.check();
+    assert_only(&v, "realtime_violations", 1);
+    assert!(v.examples[0].ops.contains(&b.occ_ok));
+}
+
+#[test]
+fn a_read_older_than_another_clients_earlier_read_violates_real_time() {
+    let mut b = base();
+    // Client 4 is shown v4 after client 2's subscribe showed v5 (no ack of v5 exists).
+    b.h.read(4, (125, 128), state(S1, 4, 1060, json!({"w1": 2, "w2": 1})));
+    let v = b.h.check();
+    assert_only(&v, "realtime_violations", 1);
+}
+
+#[test]
+fn a_state_no_single_write_explains_is_underivable() {
+    let mut b = base();
+    // v5 shown with the unknown write's field and the other unknown write's field: two
+    // writes in one version.
+    let bad = json!({"w1": 2, "w2": 1, "w3": 1, "w4": 1});
+    b.h.op(b.sub_v5).res = Res::Shown(vec![state(S1, 5, 1095, bad.clone())]);
+    b.h.op(b.final_s1).res = Res::Shown(vec![state(S1, 5, 1095, bad)]);
+    let v = b.h.check();
+    assert_only(&v, "underivable_states", 1);
+}
+
+#[test]
+fn a_timestamp_going_back_is_underivable() {
+    let mut b = base();
+    b.h.op(b.sub_v5).res = Res::Shown(vec![state(S1, 5, 1001, json!({"w1": 2, "w2": 1, "w3": 1}))]);
+    b.h.op(b.final_s1).res =
+        Res::Shown(vec![state(S1, 5, 1001, json!({"w1": 2, "w2": 1, "w3": 1}))]);
+    let v = b.h.check();
+    assert_only(&v, "underivable_states", 1);
+}
+
+#[test]
+fn a_retried_write_the_server_replayed_is_one_write() {
+    let mut b = base();
+    // Client 3 retries its unknown write with the same op_id after v5 was seen; the
+    // server replays the original (v5) answer: not a real-time violation, not a fork.
+    let mut call = b.h.op(b.w3_unknown).call.clone();
+    if let Call::Write { op_id, .. } = &mut call {
+        *op_id = Some("c3-1".into());
+    }
+    b.h.op(b.w3_unknown).call = call.clone();
+    let retry = b.h.push(3, 200, 210, call, Res::Ack(5, 1095));
+    let v = b.h.check();
+    assert!(v.passed, "{:#?}", v.examples);
+    assert_eq!(v.ops.writes_ok, 5, "retry {retry} counted");
+}
+
+#[test]
+fn liveness_figures_follow_their_definitions() {
+    let mut h = Builder {
+        end: 10_000,
+        ..Builder::default()
+    };
+    h.owner(0, "s1", "node-1");
+    h.owner(0, "s2", "node-2");
+    h.read(0, (0, 10), state(S1, 1, 1000, json!({})));
+    h.read(0, (0, 10), state(S2, 1, 1000, json!({})));
+    // node-1 (owner of s1) is killed from 1000 to 5000 ms; s1 moves to node-2 at 4000.
+    h.fault(1000, "kill", "node-1", FaultPhase::Start);
+    h.fault(5000, "kill", "node-1", FaultPhase::End);
+    h.owner(4000, "s1", "node-2");
+    h.write(
+        1,
+        (900, 950),
+        S1,
+        json!({"a": 1}),
+        1,
+        false,
+        Res::Ack(2, 1950),
+    );
+    // In the window: s1 fails twice (unknown, 503) then succeeds at 4100 ms.
+    h.write(1, (1100, 2100), S1, json!({"a": 2}), 2, false, Res::Unknown);
+    h.write(
+        1,
+        (2200, 2300),
+        S1,
+        json!({"a": 3}),
+        2,
+        false,
+        Res::Refused(503),
+    );
+    h.write(
+        1,
+        (4050, 4100),
+        S1,
+        json!({"a": 4}),
+        2,
+        false,
+        Res::Ack(3, 5100),
+    );
+    // s2 (node-2): two successes and a semantic refusal (409) in the window.
+    h.write(
+        2,
+        (1200, 1250),
+        S2,
+        json!({"b": 1}),
+        1,
+        false,
+        Res::Ack(2, 2250),
+    );
+    h.write(
+        2,
+        (1300, 1350),
+        S2,
+        json!({"b": 2}),
+        1,
+        true,
+        Res::Refused(409),
+    );
+    h.write(
+        2,
+        (1400, 1450),
+        S2,
+        json!({"b": 3}),
+        2,
+        false,
+        Res::Ack(3, 2450),
+    );
+    // After the heal: client 3 is shown s2 v2 (stale, at 6100 ms), then v3.
+    h.read(3, (6000, 6100), state(S2, 2, 2250, json!({"b": 1})));
+    h.read(3, (6200, 6300), state(S2, 3, 2450, json!({"b": 3})));
+    let v = h.check();
+    // 6 operations invoked in [1000, 5000]: 4 succeed (3 ok + 1 semantic refusal).
+    assert_eq!(v.availability, Some(4.0 / 6.0));
+    // Not on node-1's sets at invocation: the three s2 writes (all succeed); the s1 write
+    // at 4050 ms is on node-2 by then.
+    assert_eq!(v.availability_unaffected, Some(4.0 / 4.0));
+    // s1's acks: 950 ms, then 4100 ms: 3.15 s.
+    assert_eq!(v.failover_s, Some(3.15));
+    // The last non-current read after the heal (5000 ms) completed at 6100 ms.
+    assert_eq!(v.convergence_s, Some(1.1));
+    assert!(!v.liveness_passed, "availability 67 % is below 95 %");
+    assert_eq!(v.properties.stale_reads, 1);
+}
+
+#[test]
+fn a_malformed_history_fails_and_says_why() {
+    let b = base();
+    let mut entries = b.h.entries();
+    // A second invocation reusing op 3's number, and a completion of an op never invoked.
+    let dup = entries
+        .iter()
+        .find(|e| matches!(e, Entry::Invoke { op: 3, .. }))
+        .cloned()
+        .expect("op 3");
+    entries.push(dup);
+    entries.push(Entry::Complete {
+        op: 999,
+        t_us: 1,
+        result: Outcome::Unknown { detail: "x".into() },
+    });
+    let v = check(&entries, &CheckOptions::default());
+    assert!(!v.passed);
+    assert_eq!(v.malformed_count, 2, "{:?}", v.malformed);
+    assert!(v.malformed.iter().any(|m| m.contains("op 3 invoked twice")));
+    assert!(v
+        .malformed
+        .iter()
+        .any(|m| m.contains("op 999 completed but never invoked")));
+}
+
+#[test]
+fn a_store_fault_touches_every_set_and_a_write_gap_runs_to_end() {
+    let mut h = Builder {
+        end: 8000,
+        ..Builder::default()
+    };
+    h.owner(0, "s1", "node-1");
+    h.read(0, (0, 10), state(S1, 1, 1000, json!({})));
+    h.write(
+        1,
+        (100, 200),
+        S1,
+        json!({"a": 1}),
+        1,
+        false,
+        Res::Ack(2, 1100),
+    );
+    // The store is down from 1 s on: one success (a semantic 422), one 503.
+    h.fault(1000, "store-crash", "store", FaultPhase::Start);
+    h.write(
+        1,
+        (1100, 1200),
+        S1,
+        json!({"a": 2}),
+        2,
+        false,
+        Res::Refused(422),
+    );
+    h.write(
+        1,
+        (1300, 1400),
+        S1,
+        json!({"a": 3}),
+        2,
+        false,
+        Res::Refused(503),
+    );
+    h.fault(3000, "store-crash", "store", FaultPhase::End);
+    // node-1 (s1's owner) is paused from 5 s and no write succeeds again before End (8 s).
+    h.fault(5000, "pause", "node-1", FaultPhase::Start);
+    h.write(1, (5100, 6100), S1, json!({"a": 4}), 2, false, Res::Unknown);
+    let v = h.check();
+    assert!(v.passed, "{:#?}", v.examples);
+    // In windows: the 422 (success), the 503 and the unknown write (failures).
+    assert_eq!(v.availability, Some(1.0 / 3.0));
+    // The store fault names no node that owns a set, the pause names s1's owner: no
+    // operation in a window was on a set outside the fault.
+    assert_eq!(v.availability_unaffected, None);
+    // s1's last acknowledgement at 200 ms, none after the pause began: gap to End.
+    assert_eq!(v.failover_s, Some(7.8));
+}
