@@ -269,7 +269,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     }
     tokio::time::sleep(spec.quiet).await;
     let _ = client_stop_tx.send(true);
-    let bound = Duration::from_millis(wcfg.subscribe_timeout_ms) + wcfg.request_timeout * 2;
+    let bound = Duration::from_millis(wcfg.subscribe_timeout_ms) + wcfg.request_timeout * 3;
     for c in clients {
         let _ = tokio::time::timeout(bound, c).await;
     }

@@ -366,7 +366,11 @@ pub async fn client(
             let out = list(
                 http.post(format!("{base}/v1/subscribe"))
                     .header(AUTHORIZATION, basic_header(&set.creds))
-                    .timeout(Duration::from_millis(cfg.subscribe_timeout_ms) + cfg.request_timeout)
+                    // Well past timeout_ms + the checker's 5 s grace: a late answer is
+                    // recorded with its real time, not cut off at the boundary.
+                    .timeout(
+                        Duration::from_millis(cfg.subscribe_timeout_ms) + 2 * cfg.request_timeout,
+                    )
                     .json(&body),
             )
             .await;
