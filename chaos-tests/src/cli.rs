@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use crate::checker::{check, CheckOptions, Verdict};
 use crate::error::ChaosError;
 use crate::report::{self, RunMeta};
+use crate::runner::{self, RunOptions};
+use crate::scenario::{self, Scenario, Tier};
 
 /// Exit code when every safety property holds.
 pub const EXIT_PASS: u8 = 0;
@@ -27,6 +29,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// List the scenarios, their steady-state hypotheses and tiers.
+    List,
+    /// Run scenarios on fresh namespaced clusters (needs root), check each history and
+    /// write its report: exits 0 only if every safety property held in every scenario (1 if
+    /// one did not, 2 if a scenario could not run).
+    Run(RunArgs),
     /// Re-check a recorded history: prints the verdict, exits 0 only if every safety
     /// property holds (1 if one does not, 2 if the history cannot be read).
     Check {
@@ -41,9 +49,226 @@ pub enum Command {
     },
 }
 
+/// `tether-chaos run`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Scenario names, or `smoke` (the smoke six) or `all` (every runnable scenario).
+    #[arg(required = true)]
+    pub scenarios: Vec<String>,
+    #[arg(long, value_enum, default_value = "smoke")]
+    pub tier: Tier,
+    /// Seed of the fault schedule and the clients' operations [default: random, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Length of the fault phase, seconds [default: the tier's].
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Nodes [default: the tier's].
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// Hot-bucket clients [default: the tier's].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Where each scenario's directory is written.
+    #[arg(long, default_value = "chaos-out")]
+    pub out: PathBuf,
+    /// The `tether` binary to run (e.g. one built with a planted bug) [default: built from
+    /// this workspace].
+    #[arg(long)]
+    pub tether_bin: Option<PathBuf>,
+    /// Extra environment for every node, `KEY=VALUE` (repeatable), e.g. a planted bug's
+    /// switch.
+    #[arg(long = "node-env")]
+    pub node_env: Vec<String>,
+}
+
+fn list() {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "Every scenario: {}.\n", scenario::SAFETY);
+    for s in scenario::all() {
+        let status = match s.missing {
+            Some(why) => format!("not runnable yet: {why}"),
+            None if s.smoke => "smoke, standard".to_string(),
+            None => "standard".to_string(),
+        };
+        let _ = writeln!(out, "{:<24} [{status}]\n    {}", s.name, s.hypothesis);
+    }
+}
+
+fn pick(names: &[String]) -> Result<Vec<Scenario>, ChaosError> {
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "smoke" => out.extend(scenario::smoke()),
+            "all" => out.extend(scenario::all().into_iter().filter(|s| s.missing.is_none())),
+            name => out.push(scenario::find(name).ok_or_else(|| {
+                ChaosError::Usage(format!(
+                    "no scenario {name:?} (`tether-chaos list` names them)"
+                ))
+            })?),
+        }
+    }
+    Ok(out)
+}
+
+fn run_options(args: &RunArgs) -> Result<RunOptions, ChaosError> {
+    let mut node_env = Vec::new();
+    for kv in &args.node_env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| ChaosError::Usage(format!("--node-env {kv}: expected KEY=VALUE")))?;
+        node_env.push((k.to_string(), v.to_string()));
+    }
+    Ok(RunOptions {
+        tier: args.tier,
+        seed: args.seed.unwrap_or_else(rand::random),
+        duration: args.duration.map(std::time::Duration::from_secs),
+        nodes: args.nodes,
+        clients: args.clients,
+        out: args.out.clone(),
+        tether_bin: args.tether_bin.clone(),
+        node_env,
+    })
+}
+
+/// The command line that reruns `scenario` of this run with its seed.
+fn command_line(scenario: &str, opts: &RunOptions) -> Vec<String> {
+    let mut c = vec![
+        "tether-chaos".to_string(),
+        "run".into(),
+        scenario.to_string(),
+        "--tier".into(),
+        format!("{:?}", opts.tier).to_lowercase(),
+        "--seed".into(),
+        opts.seed.to_string(),
+    ];
+    if let Some(d) = opts.duration {
+        c.extend(["--duration".into(), d.as_secs().to_string()]);
+    }
+    if let Some(n) = opts.nodes {
+        c.extend(["--nodes".into(), n.to_string()]);
+    }
+    if let Some(n) = opts.clients {
+        c.extend(["--clients".into(), n.to_string()]);
+    }
+    if let Some(b) = &opts.tether_bin {
+        c.extend(["--tether-bin".into(), b.display().to_string()]);
+    }
+    for (k, v) in &opts.node_env {
+        c.extend(["--node-env".into(), format!("{k}={v}")]);
+    }
+    c
+}
+
+/// Runs, checks and reports every scenario; the exit code.
+async fn run_scenarios(args: RunArgs) -> Result<u8, ChaosError> {
+    let scenarios = pick(&args.scenarios)?;
+    let opts = run_options(&args)?;
+    if let Some(bin) = &opts.tether_bin {
+        // The nodes' certificates are made by the same binary (test-support runs $TETHER_BIN).
+        std::env::set_var("TETHER_BIN", bin);
+    }
+    eprintln!("tether-chaos: seed {0} (replay with --seed {0})", opts.seed);
+    let started = std::time::Instant::now();
+    let (mut passed, mut failed, mut broken) = (Vec::new(), Vec::new(), Vec::new());
+    for s in &scenarios {
+        let info = match runner::run_one(s, &opts).await {
+            Ok(info) => info,
+            Err(e) => {
+                eprintln!("-- {}: COULD NOT RUN: {e}", s.name);
+                broken.push(s.name);
+                continue;
+            }
+        };
+        let history = info.dir.join("history.jsonl");
+        let entries = crate::history::read(&history).map_err(ChaosError::History)?;
+        let verdict = check(&entries, &CheckOptions::default());
+        let mut meta = RunMeta::from_history(&entries);
+        meta.command_line = command_line(s.name, &opts);
+        meta.tier = format!("{:?}", opts.tier).to_lowercase();
+        meta.nodes = info.spec.nodes;
+        meta.devices = info.spec.clients;
+        meta.notes = info.notes.clone();
+        meta.notes
+            .push(format!("steady-state hypothesis: {}", s.hypothesis));
+        report::write(&info.dir, &entries, &verdict, &meta).map_err(|source| {
+            ChaosError::Report {
+                path: info.dir.clone(),
+                source,
+            }
+        })?;
+        eprint!("-- {}: {}", s.name, summary(&verdict));
+        eprintln!("   report: {}", info.dir.join("report.md").display());
+        if verdict.passed {
+            passed.push(s.name);
+        } else {
+            failed.push(s.name);
+        }
+    }
+    eprintln!(
+        "tether-chaos: {} passed, {} failed, {} could not run ({:.0} s){}{}",
+        passed.len(),
+        failed.len(),
+        broken.len(),
+        started.elapsed().as_secs_f64(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; FAILED: {}", failed.join(", "))
+        },
+        if broken.is_empty() {
+            String::new()
+        } else {
+            format!("; COULD NOT RUN: {}", broken.join(", "))
+        },
+    );
+    Ok(if !broken.is_empty() {
+        EXIT_ERROR
+    } else if !failed.is_empty() {
+        EXIT_FAIL
+    } else {
+        EXIT_PASS
+    })
+}
+
 /// Runs a parsed command line; the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::List => {
+            list();
+            ExitCode::from(EXIT_PASS)
+        }
+        Command::Run(args) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tether-chaos: tokio runtime: {e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            };
+            let result = rt.block_on(async {
+                tokio::select! {
+                    r = run_scenarios(args) => r,
+                    _ = tokio::signal::ctrl_c() => {
+                        // Dropping the run future drops its cluster: processes killed,
+                        // PostgreSQL stopped, namespaces and bridge deleted.
+                        Err(ChaosError::Usage("interrupted (Ctrl-C): cluster torn down".into()))
+                    }
+                }
+            });
+            match result {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("tether-chaos: {e}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
         Command::Check {
             history,
             out,

@@ -153,6 +153,84 @@ impl Recorder {
     }
 }
 
+/// A [`Recorder`] shared by the workload clients, the ownership poller and the nemesis
+/// of one run: one clock (`t_us` since the run started), one op counter. A failed write
+/// of the history is kept and reported by [`SharedRecorder::failure`] (the run then has no
+/// verdict), never ignored.
+#[derive(Debug, Clone)]
+pub struct SharedRecorder {
+    inner: std::sync::Arc<std::sync::Mutex<(Recorder, Option<String>)>>,
+    t0: std::time::Instant,
+    next_op: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SharedRecorder {
+    /// Starts recording; `t_us = 0` is now.
+    pub fn new(recorder: Recorder) -> Self {
+        SharedRecorder {
+            inner: std::sync::Arc::new(std::sync::Mutex::new((recorder, None))),
+            t0: std::time::Instant::now(),
+            next_op: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        }
+    }
+
+    /// Microseconds since the run started.
+    pub fn now_us(&self) -> u64 {
+        u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Appends `entry`.
+    pub fn record(&self, entry: &Entry) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = g.0.record(entry) {
+            g.1.get_or_insert_with(|| format!("writing the history: {e}"));
+        }
+    }
+
+    /// Records the invocation of `call` by `client`; the new op number.
+    pub fn invoke(&self, client: u32, call: Call) -> u64 {
+        let op = self
+            .next_op
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record(&Entry::Invoke {
+            op,
+            client,
+            t_us: self.now_us(),
+            call,
+        });
+        op
+    }
+
+    /// Records how `op` ended.
+    pub fn complete(&self, op: u64, result: Outcome) {
+        self.record(&Entry::Complete {
+            op,
+            t_us: self.now_us(),
+            result,
+        });
+    }
+
+    /// Records a fault's start or end.
+    pub fn fault(&self, kind: &str, target: &str, phase: FaultPhase, detail: String) {
+        self.record(&Entry::Fault {
+            t_us: self.now_us(),
+            kind: kind.to_string(),
+            target: target.to_string(),
+            phase,
+            detail,
+        });
+    }
+
+    /// The first failure to write the history, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+}
+
 /// Reads a whole `history.jsonl`; a line that does not parse is an error naming its number.
 pub fn read(path: &Path) -> Result<Vec<Entry>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -18,15 +18,34 @@
 //!   tails are printed); the PostgreSQL server stops when its [`PgServer`] drops.
 //! - A missing HAProxy or PostgreSQL fails the test with the package to install; nothing
 //!   is skipped.
+//! - **Namespaced mode** ([`ClusterOptions::namespaces`], root only; the chaos runner's
+//!   topology): a bridge `t12b<slot>` with a private /24 (`10.12.<slot>.0/24`,
+//!   `tether_test_support::netns`), PostgreSQL in a namespace of its own listening on its
+//!   bridge address, and every node in its own namespace (`t12-<slot>-n<i>`) binding its
+//!   own address (HTTP :8080, gRPC :7070, plain HTTP allowed, nodes cluster over mTLS with
+//!   certificates from `tether_test_support::pki`). HAProxy and the clients stay in the
+//!   test's namespace and reach the nodes through the bridge (the gateway address is the
+//!   nodes' `--trusted-proxies`), so the nemesis can cut one node's links with nftables
+//!   inside its namespace. Dropping the cluster kills every process, stops PostgreSQL,
+//!   then deletes the namespaces and the bridge.
+//! - Nodes can run a given binary ([`ClusterOptions::tether_bin`], e.g. one built with a
+//!   planted bug), extra environment ([`ClusterOptions::node_env`]), a config file
+//!   ([`ClusterOptions::config`]) and libfaketime with a per-node offset file
+//!   ([`ClusterOptions::faketime`], monotonic clock left real).
 
+pub mod caps;
 pub mod checker;
 pub mod cli;
 pub mod error;
 pub mod history;
+pub mod nemesis;
 pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod workload;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -36,13 +55,15 @@ use rand::RngCore;
 use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use tether_cluster::{NodeId, Ring};
-use tether_node::store::pg_server::PgServer;
+use tether_node::store::pg_server::{PgOptions, PgServer};
 use tether_node::store::postgres::PostgresStore;
 use tether_node::store::{Store, UserRecord};
 use tether_proto::credentials::{
     basic_header, default_credentials, parse_set_credentials, secret_hash, user_secret,
     Credentials, SET_CREDENTIALS_HEADER,
 };
+use tether_test_support::netns::{Namespace, Network};
+use tether_test_support::pki::{ClusterPki, NodeCert};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -61,6 +82,16 @@ pub const LB_DEADLINE: Duration = Duration::from_secs(15);
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// The HAProxy backend name (for the admin socket).
 const BACKEND: &str = "tether";
+/// Name prefix of the bridge and namespaces of namespaced clusters (issue 12).
+pub const NET_PREFIX: &str = "t12";
+/// Second octet of namespaced clusters' subnets (`10.12.<slot>.0/24`).
+pub const NET_OCTET: u8 = 12;
+/// A namespaced node's HTTP port (every node has an address of its own).
+pub const NS_HTTP_PORT: u16 = 8080;
+/// A namespaced node's gRPC port.
+pub const NS_GRPC_PORT: u16 = 7070;
+/// Where Debian's `libfaketime` package puts the preload library.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// How to start a [`Cluster`].
 #[derive(Debug, Clone)]
@@ -72,6 +103,17 @@ pub struct ClusterOptions {
     pub max_nodes: usize,
     /// App users created in the store before the nodes start (`u.<name>`).
     pub users: Vec<String>,
+    /// Every node (and PostgreSQL) in a network namespace of its own (root only).
+    pub namespaces: bool,
+    /// The `tether` binary to run (default: built from this workspace).
+    pub tether_bin: Option<PathBuf>,
+    /// Extra environment of every node (e.g. a planted bug's switch).
+    pub node_env: Vec<(String, String)>,
+    /// A `--config` file's text for every node (e.g. extra device types).
+    pub config: Option<String>,
+    /// Start every node under libfaketime with an offset file of its own
+    /// ([`Cluster::set_clock_offset`]).
+    pub faketime: bool,
 }
 
 impl ClusterOptions {
@@ -81,6 +123,11 @@ impl ClusterOptions {
             nodes,
             max_nodes: max_nodes.max(nodes),
             users: Vec::new(),
+            namespaces: false,
+            tether_bin: None,
+            node_env: Vec::new(),
+            config: None,
+            faketime: false,
         }
     }
 }
@@ -96,18 +143,39 @@ pub enum NodeState {
     Killed,
     /// Sent SIGTERM (draining or exited).
     Terminated,
+    /// Stopped with SIGSTOP (alive, frozen).
+    Paused,
 }
 
 /// One node slot: its ports, and its process once started.
 #[derive(Debug)]
 struct Slot {
     name: String,
+    /// The address it binds (loopback, or its namespace's).
+    host: IpAddr,
+    /// Its namespace (namespaced clusters).
+    ns: Option<Namespace>,
+    /// Its mTLS certificate (namespaced clusters).
+    cert: Option<NodeCert>,
+    /// Its libfaketime offset file.
+    clock_file: Option<PathBuf>,
     http_port: u16,
     grpc_port: u16,
     data_dir: PathBuf,
     stderr_path: PathBuf,
     child: Option<Child>,
     state: NodeState,
+}
+
+impl Slot {
+    /// The HTTP address it binds: its own address, or every address of its namespace (so
+    /// that provisioning from inside the namespace comes from loopback).
+    fn bind(&self) -> IpAddr {
+        match self.ns {
+            Some(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            None => self.host,
+        }
+    }
 }
 
 /// A running cluster behind HAProxy. Dropping it kills every process.
@@ -125,9 +193,19 @@ pub struct Cluster {
     mfg_key: Vec<u8>,
     users: Vec<Credentials>,
     http: reqwest::Client,
-    // Dropped after the processes are killed (Drop below), in this order.
-    _pg: PgServer,
+    /// The address HAProxy connects to nodes from (their `--trusted-proxies`).
+    proxy_ip: IpAddr,
+    /// Every process id this cluster ever started (nodes, restarts, HAProxy).
+    started: Vec<u32>,
+    node_env: Vec<(String, String)>,
+    config_path: Option<PathBuf>,
+    // Dropped after the processes are killed (Drop below), in this order: PostgreSQL
+    // stops (inside its namespace), then its namespace, the files, the bridge.
+    pg: PgServer,
+    pg_ns: Option<Namespace>,
+    _pki: Option<ClusterPki>,
     dir: tempfile::TempDir,
+    network: Option<Network>,
 }
 
 impl Drop for Cluster {
@@ -225,8 +303,8 @@ fn require_haproxy() {
     );
 }
 
-fn start_postgres() -> PgServer {
-    PgServer::start().unwrap_or_else(|e| {
+fn start_postgres(options: PgOptions) -> PgServer {
+    PgServer::start_with(options).unwrap_or_else(|e| {
         panic!(
             "could not start a private PostgreSQL server: {e}. Install the Debian package \
              `postgresql` (scripts/test installs it) or set TETHER_PG_BIN. The cluster tests \
@@ -235,14 +313,13 @@ fn start_postgres() -> PgServer {
     })
 }
 
-/// The HAProxy configuration for `slots` (started or not) behind `lb_port`.
-fn haproxy_config(lb_port: u16, socket: &Path, slots: &[(String, u16, bool)]) -> String {
+/// The HAProxy configuration for `slots` (name, `host:port`, enabled; started or not)
+/// behind `lb_port`.
+fn haproxy_config(lb_port: u16, socket: &Path, slots: &[(String, String, bool)]) -> String {
     let mut servers = String::new();
-    for (name, port, enabled) in slots {
+    for (name, addr, enabled) in slots {
         let disabled = if *enabled { "" } else { " disabled" };
-        servers.push_str(&format!(
-            "    server {name} 127.0.0.1:{port} check{disabled}\n"
-        ));
+        servers.push_str(&format!("    server {name} {addr} check{disabled}\n"));
     }
     format!(
         "# Written by tether-chaos-tests.
@@ -304,10 +381,41 @@ impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Cluster {
         require_haproxy();
         assert!(opts.nodes >= 1, "a cluster has at least one node");
-        let tether = tokio::task::spawn_blocking(tether_binary)
-            .await
-            .expect("build tether");
-        let pg = tokio::task::spawn_blocking(start_postgres)
+        let tether = match opts.tether_bin.clone() {
+            Some(path) => {
+                assert!(
+                    path.exists(),
+                    "--tether-bin {} does not exist",
+                    path.display()
+                );
+                path
+            }
+            None => tokio::task::spawn_blocking(tether_binary)
+                .await
+                .expect("build tether"),
+        };
+        let mut network = if opts.namespaces {
+            Some(
+                Network::create(NET_PREFIX, NET_OCTET)
+                    .unwrap_or_else(|e| panic!("creating the test network: {e:#}")),
+            )
+        } else {
+            None
+        };
+        let pg_ns = network.as_mut().map(|net| {
+            net.add_namespace("pg")
+                .unwrap_or_else(|e| panic!("creating PostgreSQL's namespace: {e:#}"))
+        });
+        let pg_options = match &pg_ns {
+            Some(ns) => PgOptions {
+                netns: Some(ns.name().to_string()),
+                listen: IpAddr::V4(ns.ip()),
+                port: Some(5432),
+                password: None,
+            },
+            None => PgOptions::default(),
+        };
+        let pg = tokio::task::spawn_blocking(move || start_postgres(pg_options))
             .await
             .expect("start PostgreSQL");
         let store_url = pg.url("tether").expect("create the tether database");
@@ -333,21 +441,60 @@ impl Cluster {
         rand::rng().fill_bytes(&mut random);
         let secret: String = random.iter().map(|b| format!("{b:02x}")).collect();
 
+        let mut pki = match network {
+            Some(_) => Some(ClusterPki::generate().await),
+            None => None,
+        };
         let lb_port = free_port();
-        let slots = (0..opts.max_nodes)
-            .map(|i| {
-                let name = format!("n{i}");
-                Slot {
-                    data_dir: dir.path().join(&name),
-                    stderr_path: dir.path().join(format!("{name}.stderr.log")),
-                    name,
-                    http_port: free_port(),
-                    grpc_port: free_port(),
-                    child: None,
-                    state: NodeState::Spare,
+        let mut slots = Vec::new();
+        for i in 0..opts.max_nodes {
+            let name = format!("n{i}");
+            let (host, ns, http_port, grpc_port) = match network.as_mut() {
+                Some(net) => {
+                    let ns = net
+                        .add_namespace(&name)
+                        .unwrap_or_else(|e| panic!("creating {name}'s namespace: {e:#}"));
+                    (IpAddr::V4(ns.ip()), Some(ns), NS_HTTP_PORT, NS_GRPC_PORT)
                 }
-            })
-            .collect();
+                None => (
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    None,
+                    free_port(),
+                    free_port(),
+                ),
+            };
+            let cert = match pki.as_mut() {
+                Some(p) => Some(p.issue(&name).await),
+                None => None,
+            };
+            let clock_file = opts.faketime.then(|| {
+                let f = dir.path().join(format!("{name}.faketime"));
+                std::fs::write(&f, "+0\n").expect("write the faketime offset file");
+                f
+            });
+            slots.push(Slot {
+                data_dir: dir.path().join(&name),
+                stderr_path: dir.path().join(format!("{name}.stderr.log")),
+                name,
+                host,
+                ns,
+                cert,
+                clock_file,
+                http_port,
+                grpc_port,
+                child: None,
+                state: NodeState::Spare,
+            });
+        }
+        let config_path = opts.config.as_ref().map(|text| {
+            let p = dir.path().join("tether.toml");
+            std::fs::write(&p, text).expect("write the node config file");
+            p
+        });
+        let proxy_ip = match &network {
+            Some(net) => IpAddr::V4(net.gateway()),
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
         let haproxy_socket = dir.path().join("haproxy.sock");
         let haproxy_stderr = dir.path().join("haproxy.stderr.log");
         let http = reqwest::Client::builder()
@@ -367,15 +514,22 @@ impl Cluster {
             mfg_key,
             users,
             http,
-            _pg: pg,
+            proxy_ip,
+            started: Vec::new(),
+            node_env: opts.node_env.clone(),
+            config_path,
+            pg,
+            pg_ns,
+            _pki: pki,
             dir,
+            network,
         };
 
         cluster.spawn_node(0, None).await;
         cluster.wait_ready(0).await;
-        let seed = cluster.slots[0].grpc_port;
+        let seed = cluster.grpc_addr(0);
         for i in 1..opts.nodes {
-            cluster.spawn_node(i, Some(seed)).await;
+            cluster.spawn_node(i, Some(seed.clone())).await;
         }
         for i in 1..opts.nodes {
             cluster.wait_ready(i).await;
@@ -389,19 +543,43 @@ impl Cluster {
 
     /// Starts the node of slot `i`, joining through gRPC port `join` (none: it starts
     /// the cluster), and waits for its `listening on` line.
-    async fn spawn_node(&mut self, i: usize, join: Option<u16>) {
+    async fn spawn_node(&mut self, i: usize, join: Option<String>) {
         let lb = self.lb_url();
         let key = format!("{KEY_ID}={}", self.mfg_key_path.display());
+        let proxy = self.proxy_ip.to_string();
         let s = &mut self.slots[i];
         std::fs::create_dir_all(&s.data_dir).expect("node data dir");
         let stderr = std::fs::File::create(&s.stderr_path).expect("node stderr log");
-        let mut cmd = Command::new(&self.tether);
+        // In a namespace, `ip netns exec` execs the node itself: the child's pid is the
+        // node's, so signals reach it.
+        let mut cmd = match &s.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]).arg(&self.tether);
+                c
+            }
+            None => Command::new(&self.tether),
+        };
         cmd.arg("serve")
             .args(["--node-id", &s.name])
-            .args(["--listen", &format!("127.0.0.1:{}", s.http_port)])
-            .args(["--grpc-listen", &format!("127.0.0.1:{}", s.grpc_port)]);
+            .args(["--listen", &format!("{}:{}", s.bind(), s.http_port)])
+            .args(["--grpc-listen", &format!("{}:{}", s.host, s.grpc_port)]);
         if let Some(seed) = join {
-            cmd.args(["--join", &format!("127.0.0.1:{seed}")]);
+            cmd.args(["--join", &seed]);
+        }
+        if let Some(cert) = &s.cert {
+            cmd.args(cert.flags()).arg("--allow-plain-http");
+        }
+        if let Some(config) = &self.config_path {
+            cmd.arg("--config").arg(config);
+        }
+        if let Some(clock) = &s.clock_file {
+            // Wall clock offset from the file (re-read at most once a second); the
+            // monotonic clock stays real, as with real NTP skew.
+            cmd.env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", clock)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         cmd.args(["--store", &self.store_url])
             .args(["--public-url", &lb])
@@ -411,17 +589,20 @@ impl Cluster {
             .args(["--requests-per-second", "100000"])
             // HAProxy, on this machine, is the load balancer: per-source limits apply to
             // the clients it forwards for, not to it.
-            .args(["--trusted-proxies", "127.0.0.1"])
+            .args(["--trusted-proxies", &proxy])
             .env("TETHER_CLUSTER_SECRET", &self.secret)
+            .envs(self.node_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
             .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn tether serve");
+        self.started.extend(child.id());
+        let s = &mut self.slots[i];
         let stdout = child.stdout.take().expect("node stdout");
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(STARTUP_DEADLINE, lines.next_line()).await;
-        let expected = format!("listening on http://127.0.0.1:{}", s.http_port);
+        let expected = format!("listening on http://{}:{}", s.bind(), s.http_port);
         let line = match first {
             Ok(Ok(Some(l))) => l,
             Ok(Ok(None)) => {
@@ -493,11 +674,17 @@ impl Cluster {
     }
 
     async fn start_haproxy(&mut self, enabled: usize) {
-        let slots: Vec<(String, u16, bool)> = self
+        let slots: Vec<(String, String, bool)> = self
             .slots
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.name.clone(), s.http_port, i < enabled))
+            .map(|(i, s)| {
+                (
+                    s.name.clone(),
+                    format!("{}:{}", s.host, s.http_port),
+                    i < enabled,
+                )
+            })
             .collect();
         let cfg_path = self.dir.path().join("haproxy.cfg");
         std::fs::write(
@@ -528,6 +715,7 @@ impl Cluster {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {HAPROXY}: {e}"));
+        self.started.extend(child.id());
         self.haproxy = Some(child);
         let deadline = Instant::now() + LB_DEADLINE;
         loop {
@@ -617,7 +805,7 @@ impl Cluster {
         let seed = self
             .live_nodes()
             .first()
-            .map(|&j| self.slots[j].grpc_port)
+            .map(|&j| self.grpc_addr(j))
             .expect("a live node to join through");
         self.spawn_node(i, Some(seed)).await;
         self.wait_ready(i).await;
@@ -648,20 +836,55 @@ impl Cluster {
 
     /// Sends SIGTERM to node `i` (it drains: `/readyz` 503, then exits).
     pub async fn sigterm(&mut self, i: usize) {
-        let s = &mut self.slots[i];
+        self.signal(i, "TERM").await;
+        self.slots[i].state = NodeState::Terminated;
+    }
+
+    /// Freezes node `i` with SIGSTOP (its sockets stay open, it answers nothing).
+    pub async fn pause(&mut self, i: usize) {
+        self.signal(i, "STOP").await;
+        self.slots[i].state = NodeState::Paused;
+    }
+
+    /// Thaws node `i` after [`Cluster::pause`] (SIGCONT).
+    pub async fn resume(&mut self, i: usize) {
+        self.signal(i, "CONT").await;
+        self.slots[i].state = NodeState::Running;
+    }
+
+    /// `kill -<sig> <pid>` of node `i`.
+    async fn signal(&mut self, i: usize, sig: &str) {
+        let s = &self.slots[i];
         let pid = s
             .child
             .as_ref()
             .and_then(Child::id)
             .unwrap_or_else(|| panic!("node {} is not running", s.name));
         let st = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{sig}"))
             .arg(pid.to_string())
             .status()
             .await
-            .expect("run kill -TERM");
-        assert!(st.success(), "kill -TERM {pid} failed: {st:?}");
-        s.state = NodeState::Terminated;
+            .expect("run kill");
+        assert!(st.success(), "kill -{sig} {pid} failed: {st:?}");
+    }
+
+    /// Starts node `i` again after a kill or exit, on its data directory, joining
+    /// through a live node (or starting alone when none is left), and waits until it is
+    /// ready. HAProxy's health check routes to it again by itself.
+    pub async fn restart(&mut self, i: usize) {
+        if let Some(c) = self.slots[i].child.as_mut() {
+            // Reap it (a killed or drained node has exited, or exits now).
+            let _ = c.start_kill();
+            let _ = within(Duration::from_secs(10), "reap the old process", c.wait()).await;
+        }
+        let seed = self
+            .live_nodes()
+            .into_iter()
+            .find(|&j| j != i)
+            .map(|j| self.grpc_addr(j));
+        self.spawn_node(i, seed).await;
+        self.wait_ready(i).await;
     }
 
     /// Waits for node `i` to exit (after [`Cluster::sigterm`]); its exit code.
@@ -696,9 +919,82 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.lb_port)
     }
 
-    /// `http://127.0.0.1:<port><path>` of node `i` itself.
+    /// `http://<address>:<port><path>` of node `i` itself.
     pub fn node_url(&self, i: usize, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.slots[i].http_port)
+        let s = &self.slots[i];
+        format!("http://{}:{}{path}", s.host, s.http_port)
+    }
+
+    /// `host:port` of node `i`'s gRPC (cluster) port.
+    pub fn grpc_addr(&self, i: usize) -> String {
+        let s = &self.slots[i];
+        format!("{}:{}", s.host, s.grpc_port)
+    }
+
+    /// The address node `i` binds.
+    pub fn host(&self, i: usize) -> IpAddr {
+        self.slots[i].host
+    }
+
+    /// Node `i`'s network namespace (namespaced clusters).
+    pub fn namespace(&self, i: usize) -> Option<&Namespace> {
+        self.slots[i].ns.as_ref()
+    }
+
+    /// PostgreSQL's address, and its namespace (namespaced clusters).
+    pub fn store_host(&self) -> (IpAddr, Option<&Namespace>) {
+        match &self.pg_ns {
+            Some(ns) => (IpAddr::V4(ns.ip()), Some(ns)),
+            None => (IpAddr::V4(Ipv4Addr::LOCALHOST), None),
+        }
+    }
+
+    /// The address HAProxy and the clients reach the nodes from.
+    pub fn proxy_ip(&self) -> IpAddr {
+        self.proxy_ip
+    }
+
+    /// The shared store's URL.
+    pub fn store_url(&self) -> &str {
+        &self.store_url
+    }
+
+    /// The shared PostgreSQL server.
+    pub fn store(&self) -> &PgServer {
+        &self.pg
+    }
+
+    /// The bridge's names (namespaced clusters): the namespaces' common prefix.
+    pub fn namespace_prefix(&self) -> Option<String> {
+        self.network
+            .as_ref()
+            .map(|n| format!("{NET_PREFIX}-{}-", n.slot()))
+    }
+
+    /// Node `i`'s process id while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.slots[i].child.as_ref().and_then(Child::id)
+    }
+
+    /// Every process id this cluster started (nodes, their restarts, HAProxy), and
+    /// PostgreSQL's postmaster while it runs.
+    pub fn pids(&self) -> Vec<u32> {
+        let postmaster = std::fs::read_to_string(self.pg.dir().join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
+        self.started.iter().copied().chain(postmaster).collect()
+    }
+
+    /// Sets node `i`'s wall clock offset (libfaketime, [`ClusterOptions::faketime`]) to
+    /// `offset_s` seconds; it takes effect within a second.
+    pub fn set_clock_offset(&self, i: usize, offset_s: i64) -> std::io::Result<()> {
+        let s = &self.slots[i];
+        let file = s.clock_file.as_ref().ok_or_else(|| {
+            std::io::Error::other(format!("{} was not started under libfaketime", s.name))
+        })?;
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{offset_s:+}\n"))?;
+        std::fs::rename(&tmp, file)
     }
 
     /// The tail of node `i`'s stderr.
@@ -781,50 +1077,98 @@ impl Cluster {
     /// Registers device `serial` (a `thermostat`) with its default credentials through the
     /// load balancer, retrying 503s; the assigned credentials it was given.
     pub async fn register(&self, serial: &str) -> Credentials {
+        self.register_as(serial, "thermostat").await
+    }
+
+    /// [`Cluster::register`] with a device type of the nodes' config.
+    pub async fn register_as(&self, serial: &str, device_type: &str) -> Credentials {
         let default = default_credentials(&self.mfg_key, serial, KEY_ID)
             .unwrap_or_else(|e| panic!("default credentials of {serial}: {e}"));
         let body = serde_json::json!({
-            "device_id": serial, "device_type": "thermostat", "sw_version": "1.0.0",
+            "device_id": serial, "device_type": device_type, "sw_version": "1.0.0",
         });
         let mut last = String::new();
         for _ in 0..30 {
-            let r = within(
-                REQUEST_DEADLINE,
-                "register",
-                self.http
-                    .post(format!("{}/v1/register", self.lb_url()))
-                    .header(AUTHORIZATION, basic_header(&default))
-                    .json(&body)
-                    .send(),
-            )
-            .await;
-            match r {
-                Ok(r) if r.status() == StatusCode::OK => {
-                    let header = r
-                        .headers()
-                        .get(SET_CREDENTIALS_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_else(|| {
-                            panic!("register {serial}: no {SET_CREDENTIALS_HEADER}")
-                        });
-                    return parse_set_credentials(header)
+            match self.post_register(&default, &body).await {
+                Ok((200, Some(header), _)) => {
+                    return parse_set_credentials(&header)
                         .unwrap_or_else(|e| panic!("register {serial}: bad credentials: {e}"));
                 }
-                Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                    last = format!("503 {}", r.text().await.unwrap_or_default());
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    panic!(
-                        "register {serial}: {status} {}",
-                        r.text().await.unwrap_or_default()
-                    );
-                }
+                Ok((200, None, _)) => panic!("register {serial}: no {SET_CREDENTIALS_HEADER}"),
+                Ok((503, _, text)) => last = format!("503 {text}"),
+                Ok((status, _, text)) => panic!("register {serial}: {status} {text}"),
                 Err(e) => last = format!("request failed: {e}"),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!("register {serial}: never succeeded; last: {last}");
+    }
+
+    /// `POST /v1/register`: status, the new-credentials header, the body. Default
+    /// credentials are accepted over TLS or from loopback only: a loopback cluster registers
+    /// through the load balancer; a namespaced one from inside a node's namespace, to its
+    /// loopback address (`curl`, as a provisioning step on the node's host would).
+    async fn post_register(
+        &self,
+        default: &Credentials,
+        body: &serde_json::Value,
+    ) -> Result<(u16, Option<String>, String), String> {
+        let ns = self.live_nodes().into_iter().find_map(|i| {
+            self.slots[i]
+                .ns
+                .as_ref()
+                .map(|ns| (ns, self.slots[i].http_port))
+        });
+        let Some((ns, port)) = ns else {
+            let r = within(
+                REQUEST_DEADLINE,
+                "register",
+                self.http
+                    .post(format!("{}/v1/register", self.lb_url()))
+                    .header(AUTHORIZATION, basic_header(default))
+                    .json(body)
+                    .send(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let status = r.status().as_u16();
+            let header = r
+                .headers()
+                .get(SET_CREDENTIALS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return Ok((status, header, r.text().await.unwrap_or_default()));
+        };
+        let out = within(
+            REQUEST_DEADLINE,
+            "register (curl)",
+            Command::new("ip")
+                .args(["netns", "exec", ns.name(), "curl", "-sS", "-i", "-m", "8"])
+                .args(["-X", "POST", "-H", "content-type: application/json"])
+                .args(["-H", &format!("authorization: {}", basic_header(default))])
+                .args(["--data", &body.to_string()])
+                .arg(format!("http://127.0.0.1:{port}/v1/register"))
+                .output(),
+        )
+        .await
+        .map_err(|e| format!("curl (Debian package curl): {e}"))?;
+        if !out.status.success() {
+            return Err(format!("curl: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let header = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(SET_CREDENTIALS_HEADER)
+                .then(|| v.trim().to_string())
+        });
+        Ok((status, header, body.to_string()))
     }
 }
 

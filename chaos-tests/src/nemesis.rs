@@ -1,0 +1,533 @@
+//! The nemesis: a seeded fault schedule ([`Schedule`]: kind, target, start, duration,
+//! parameter), printed before the run and replayable from its seed, and the code that
+//! injects and heals each fault on the real processes of a namespaced [`Cluster`],
+//! recording a `Fault` entry at every start and end.
+//!
+//! - `kill`: `kill -9` the node, restart it (same data directory) after the duration.
+//! - `pause`: SIGSTOP, SIGCONT after the duration.
+//! - `isolate`: nftables in the node's namespace drop everything to and from the other
+//!   nodes (gossip and forwarding); PostgreSQL and the load balancer stay reachable.
+//! - `store-partition` / `lb-partition`: the same, against PostgreSQL's address / the
+//!   bridge gateway (HAProxy and the direct clients).
+//! - `loss`: nftables drop a random `param` % of the packets to and from the other nodes.
+//! - `store-crash`: `pg_ctl stop -m immediate`, then start (crash recovery).
+//! - `clock-bump`: the node's libfaketime offset file says `param` seconds for the
+//!   duration, then 0 again (the monotonic clock stays real).
+//! - `drain`: SIGTERM (graceful drain), wait for the exit, restart after the duration.
+//!
+//! A target is a node, the owner of a hot set at the time the fault starts (resolved from
+//! the lease table the ownership poller reads), or the store. Faults of one schedule never
+//! overlap. Healing on an early exit is by teardown: the namespaces (with their nftables
+//! tables) are deleted and every process killed when the [`Cluster`] drops.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use crate::error::ChaosError;
+use crate::history::{FaultPhase, SharedRecorder};
+use crate::{Cluster, NodeState};
+
+/// The kinds of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    Kill,
+    Pause,
+    Isolate,
+    StorePartition,
+    LbPartition,
+    Loss,
+    StoreCrash,
+    ClockBump,
+    Drain,
+}
+
+impl FaultKind {
+    /// The name in the history and the schedule.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Isolate => "isolate",
+            FaultKind::StorePartition => "store-partition",
+            FaultKind::LbPartition => "lb-partition",
+            FaultKind::Loss => "loss",
+            FaultKind::StoreCrash => "store-crash",
+            FaultKind::ClockBump => "clock-bump",
+            FaultKind::Drain => "drain",
+        }
+    }
+}
+
+/// Whom a fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// Node slot `i`.
+    Node(usize),
+    /// Whichever node holds hot set `k`'s lease when the fault starts.
+    OwnerOf(usize),
+    /// The shared store.
+    Store,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Node(i) => write!(f, "n{i}"),
+            Target::OwnerOf(k) => write!(f, "owner(set {k})"),
+            Target::Store => write!(f, "store"),
+        }
+    }
+}
+
+/// Which targets a plan picks from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetRule {
+    /// The owner of a random hot set.
+    HotOwner,
+    /// A random node.
+    AnyNode,
+    /// Every node in turn (rolling).
+    EachNode,
+    /// The store.
+    Store,
+}
+
+/// How a scenario's faults are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub kind: FaultKind,
+    pub target: TargetRule,
+    /// Gap from the end of one fault to the start of the next, drawn from this range.
+    pub gap_ms: (u64, u64),
+    /// How long a fault lasts, drawn from this range.
+    pub duration_ms: (u64, u64),
+    /// The fault's parameter, drawn from this range (clock offset in s, loss in %).
+    pub param: (i64, i64),
+    /// At most this many faults (0: as many as fit).
+    pub max_faults: usize,
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Planned {
+    pub kind: FaultKind,
+    pub target: Target,
+    /// From the start of the fault phase.
+    pub start_ms: u64,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub param: i64,
+}
+
+/// A whole fault phase's faults, in start order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub faults: Vec<Planned>,
+}
+
+impl Schedule {
+    /// The faults `plan` makes from `seed` within a fault phase of `phase` (every fault
+    /// ends at least a second before the phase does), for `nodes` nodes and `sets` hot
+    /// sets. Deterministic: the same arguments give the same schedule.
+    pub fn generate(
+        plan: Option<&Plan>,
+        seed: u64,
+        phase: Duration,
+        nodes: usize,
+        sets: usize,
+    ) -> Schedule {
+        let Some(plan) = plan else {
+            return Schedule::default();
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let phase_ms = u64::try_from(phase.as_millis()).unwrap_or(u64::MAX);
+        let draw = |rng: &mut StdRng, (lo, hi): (u64, u64)| {
+            if hi > lo {
+                rng.random_range(lo..=hi)
+            } else {
+                lo
+            }
+        };
+        let mut faults = Vec::new();
+        let mut t = draw(&mut rng, plan.gap_ms);
+        loop {
+            if plan.max_faults != 0 && faults.len() >= plan.max_faults {
+                break;
+            }
+            let duration_ms = draw(&mut rng, plan.duration_ms);
+            if t + duration_ms + 1000 > phase_ms {
+                break;
+            }
+            let target = match plan.target {
+                TargetRule::HotOwner => Target::OwnerOf(rng.random_range(0..sets.max(1))),
+                TargetRule::AnyNode => Target::Node(rng.random_range(0..nodes.max(1))),
+                TargetRule::EachNode => Target::Node(faults.len() % nodes.max(1)),
+                TargetRule::Store => Target::Store,
+            };
+            let (lo, hi) = plan.param;
+            let param = if hi > lo {
+                rng.random_range(lo..=hi)
+            } else {
+                lo
+            };
+            faults.push(Planned {
+                kind: plan.kind,
+                target,
+                start_ms: t,
+                duration_ms,
+                param,
+            });
+            t += duration_ms + draw(&mut rng, plan.gap_ms);
+        }
+        Schedule { faults }
+    }
+
+    /// One line per fault, for the console and `schedule.txt`.
+    pub fn describe(&self) -> String {
+        if self.faults.is_empty() {
+            return "  (no faults)\n".into();
+        }
+        self.faults
+            .iter()
+            .map(|f| {
+                let param = match f.kind {
+                    FaultKind::ClockBump => format!(" offset {:+} s", f.param),
+                    FaultKind::Loss => format!(" loss {} %", f.param),
+                    _ => String::new(),
+                };
+                format!(
+                    "  t+{:>6.1} s  {:<15} {:<14} for {:>5.1} s{param}\n",
+                    f.start_ms as f64 / 1000.0,
+                    f.kind.name(),
+                    f.target.to_string(),
+                    f.duration_ms as f64 / 1000.0,
+                )
+            })
+            .collect()
+    }
+}
+
+/// Who holds each hot set's lease (set key → node name), kept current by the ownership
+/// poller.
+pub type Owners = Arc<Mutex<BTreeMap<String, String>>>;
+
+fn err(kind: FaultKind, target: &str, detail: impl fmt::Display) -> ChaosError {
+    ChaosError::Nemesis {
+        kind: kind.name().to_string(),
+        target: target.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Runs `nft -f -` with `rules` inside node `i`'s namespace.
+async fn nft(cluster: &Cluster, i: usize, rules: &str) -> Result<(), String> {
+    let ns = cluster
+        .namespace(i)
+        .ok_or_else(|| "the node has no namespace of its own (loopback cluster)".to_string())?;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin
+            .write_all(rules.as_bytes())
+            .await
+            .map_err(|e| format!("nft stdin: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft -f - in {}: {}\n{rules}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The nftables table the nemesis adds to a node's namespace.
+const TABLE: &str = "t12chaos";
+
+/// Rules dropping traffic between node `i` and `peers` (all of it, or `loss` % at random).
+fn drop_rules(peers: &[String], loss: Option<i64>) -> String {
+    let set = peers.join(", ");
+    let verdict = match loss {
+        Some(p) => format!("numgen random mod 100 < {p} drop"),
+        None => "drop".into(),
+    };
+    format!(
+        "table inet {TABLE} {{
+  chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} {verdict}; }}
+  chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} {verdict}; }}
+}}
+"
+    )
+}
+
+/// The addresses a network fault of `kind` cuts node `i` from.
+fn cut_from(cluster: &Cluster, kind: FaultKind, i: usize, nodes: usize) -> Vec<String> {
+    match kind {
+        FaultKind::StorePartition => vec![cluster.store_host().0.to_string()],
+        FaultKind::LbPartition => vec![cluster.proxy_ip().to_string()],
+        _ => (0..nodes)
+            .filter(|&j| j != i)
+            .map(|j| cluster.host(j).to_string())
+            .collect(),
+    }
+}
+
+/// Resolves `target` to a node index: an owner from the lease table (falling back to a
+/// running node when the owner is unknown or not running).
+fn resolve(cluster: &Cluster, target: Target, owners: &Owners, set_keys: &[String]) -> usize {
+    let running = cluster.live_nodes();
+    let pick = match target {
+        Target::Node(i) => Some(i),
+        Target::OwnerOf(k) => {
+            let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+            set_keys
+                .get(k)
+                .and_then(|key| owners.get(key))
+                .and_then(|name| name.strip_prefix('n'))
+                .and_then(|n| n.parse::<usize>().ok())
+        }
+        Target::Store => None,
+    };
+    match pick {
+        Some(i) if cluster.state(i) == NodeState::Running => i,
+        Some(i) if running.is_empty() => i,
+        _ => running.first().copied().unwrap_or(0),
+    }
+}
+
+/// Injects one fault, waits its duration, heals it; records both ends.
+pub async fn apply(
+    cluster: &mut Cluster,
+    fault: &Planned,
+    nodes: usize,
+    owners: &Owners,
+    set_keys: &[String],
+    rec: &SharedRecorder,
+) -> Result<(), ChaosError> {
+    let kind = fault.kind;
+    let duration = Duration::from_millis(fault.duration_ms);
+    if kind == FaultKind::StoreCrash {
+        rec.fault(kind.name(), "store", FaultPhase::Start, String::new());
+        let started = std::time::Instant::now();
+        // Blocking pg_ctl calls; the workload keeps running on the other worker.
+        tokio::task::block_in_place(|| cluster.store().restart())
+            .map_err(|e| err(kind, "store", e))?;
+        rec.fault(
+            kind.name(),
+            "store",
+            FaultPhase::End,
+            format!(
+                "pg_ctl stop -m immediate + start took {:.1} s",
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        tokio::time::sleep(duration).await;
+        return Ok(());
+    }
+    let i = resolve(cluster, fault.target, owners, set_keys);
+    let name = cluster.name(i).to_string();
+    let detail = match fault.target {
+        Target::OwnerOf(k) => format!("owner of set {}", set_keys.get(k).map_or("?", |s| s)),
+        _ => String::new(),
+    };
+    match kind {
+        FaultKind::Kill => {
+            rec.fault(kind.name(), &name, FaultPhase::Start, detail);
+            cluster.kill9(i).await;
+            tokio::time::sleep(duration).await;
+            cluster.restart(i).await;
+            rec.fault(kind.name(), &name, FaultPhase::End, "restarted".into());
+        }
+        FaultKind::Drain => {
+            rec.fault(kind.name(), &name, FaultPhase::Start, detail);
+            cluster.sigterm(i).await;
+            let code = cluster.wait_exit(i, Duration::from_secs(45)).await;
+            tokio::time::sleep(duration).await;
+            cluster.restart(i).await;
+            rec.fault(
+                kind.name(),
+                &name,
+                FaultPhase::End,
+                format!("drained (exit {code:?}), restarted"),
+            );
+        }
+        FaultKind::Pause => {
+            rec.fault(kind.name(), &name, FaultPhase::Start, detail);
+            cluster.pause(i).await;
+            tokio::time::sleep(duration).await;
+            cluster.resume(i).await;
+            rec.fault(kind.name(), &name, FaultPhase::End, String::new());
+        }
+        FaultKind::Isolate
+        | FaultKind::StorePartition
+        | FaultKind::LbPartition
+        | FaultKind::Loss => {
+            let peers = cut_from(cluster, kind, i, nodes);
+            let loss = (kind == FaultKind::Loss).then_some(fault.param);
+            let rules = drop_rules(&peers, loss);
+            nft(cluster, i, &rules)
+                .await
+                .map_err(|e| err(kind, &name, e))?;
+            let what = match loss {
+                Some(p) => format!("{p} % of packets to/from {}", peers.join(" ")),
+                None => format!("drop to/from {}", peers.join(" ")),
+            };
+            let detail = if detail.is_empty() {
+                what
+            } else {
+                format!("{detail}; {what}")
+            };
+            rec.fault(kind.name(), &name, FaultPhase::Start, detail);
+            tokio::time::sleep(duration).await;
+            nft(cluster, i, &format!("delete table inet {TABLE}\n"))
+                .await
+                .map_err(|e| err(kind, &name, e))?;
+            rec.fault(kind.name(), &name, FaultPhase::End, "healed".into());
+        }
+        FaultKind::ClockBump => {
+            cluster
+                .set_clock_offset(i, fault.param)
+                .map_err(|e| err(kind, &name, e))?;
+            let what = format!("wall clock {:+} s", fault.param);
+            let detail = if detail.is_empty() {
+                what
+            } else {
+                format!("{detail}; {what}")
+            };
+            rec.fault(kind.name(), &name, FaultPhase::Start, detail);
+            tokio::time::sleep(duration).await;
+            cluster
+                .set_clock_offset(i, 0)
+                .map_err(|e| err(kind, &name, e))?;
+            rec.fault(kind.name(), &name, FaultPhase::End, "offset 0".into());
+        }
+        FaultKind::StoreCrash => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// Runs `schedule` from now (the start of the fault phase).
+pub async fn run(
+    cluster: &mut Cluster,
+    schedule: &Schedule,
+    nodes: usize,
+    owners: &Owners,
+    set_keys: &[String],
+    rec: &SharedRecorder,
+) -> Result<(), ChaosError> {
+    let phase_start = tokio::time::Instant::now();
+    for fault in &schedule.faults {
+        tokio::time::sleep_until(phase_start + Duration::from_millis(fault.start_ms)).await;
+        apply(cluster, fault, nodes, owners, set_keys, rec).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            kind: FaultKind::Kill,
+            target: TargetRule::HotOwner,
+            gap_ms: (2_000, 8_000),
+            duration_ms: (3_000, 6_000),
+            param: (0, 0),
+            max_faults: 0,
+        }
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_schedule_every_time() {
+        let a = Schedule::generate(Some(&plan()), 42, Duration::from_secs(45), 3, 4);
+        let b = Schedule::generate(Some(&plan()), 42, Duration::from_secs(45), 3, 4);
+        assert_eq!(a, b);
+        assert!(!a.faults.is_empty());
+        // Replayable from its printed form too: the JSON round-trips.
+        let json = serde_json::to_string(&a).expect("serialize");
+        let back: Schedule = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn different_seeds_give_different_schedules() {
+        let schedules: std::collections::BTreeSet<String> = (0..8)
+            .map(|seed| {
+                Schedule::generate(Some(&plan()), seed, Duration::from_secs(45), 3, 4).describe()
+            })
+            .collect();
+        assert!(schedules.len() > 1, "{schedules:?}");
+    }
+
+    #[test]
+    fn faults_fit_the_phase_and_never_overlap() {
+        for seed in 0..50 {
+            let s = Schedule::generate(Some(&plan()), seed, Duration::from_secs(45), 3, 4);
+            let mut end = 0;
+            for f in &s.faults {
+                assert!(f.start_ms >= end, "seed {seed}: overlap in {s:?}");
+                end = f.start_ms + f.duration_ms;
+                assert!(end + 1000 <= 45_000, "seed {seed}: past the phase: {s:?}");
+                assert!((3_000..=6_000).contains(&f.duration_ms));
+                assert!(matches!(f.target, Target::OwnerOf(k) if k < 4));
+            }
+        }
+    }
+
+    #[test]
+    fn rolling_targets_visit_every_node_in_turn() {
+        let mut p = plan();
+        p.target = TargetRule::EachNode;
+        p.gap_ms = (1_000, 1_000);
+        p.duration_ms = (1_000, 1_000);
+        let s = Schedule::generate(Some(&p), 1, Duration::from_secs(20), 3, 4);
+        let targets: Vec<Target> = s.faults.iter().map(|f| f.target).take(4).collect();
+        assert_eq!(
+            targets,
+            vec![
+                Target::Node(0),
+                Target::Node(1),
+                Target::Node(2),
+                Target::Node(0)
+            ]
+        );
+    }
+
+    #[test]
+    fn no_plan_no_faults() {
+        let s = Schedule::generate(None, 7, Duration::from_secs(45), 3, 4);
+        assert!(s.faults.is_empty());
+    }
+
+    #[test]
+    fn drop_rules_name_every_peer_both_ways() {
+        let r = drop_rules(&["10.12.1.4".into(), "10.12.1.5".into()], None);
+        assert!(r.contains("ip saddr { 10.12.1.4, 10.12.1.5 } drop"), "{r}");
+        assert!(r.contains("ip daddr { 10.12.1.4, 10.12.1.5 } drop"), "{r}");
+        let r = drop_rules(&["10.12.1.4".into()], Some(30));
+        assert!(r.contains("numgen random mod 100 < 30 drop"), "{r}");
+    }
+}

@@ -1,0 +1,372 @@
+//! The named scenarios (research `chaos.md` §4a), each a steady-state hypothesis and a
+//! nemesis [`Plan`], and the tiers that size a run.
+//!
+//! A scenario whose fault needs machinery the suite does not have yet (the userspace
+//! latency proxy, a standby store, a disk-full ballast) is listed with what it needs and
+//! refused by `run` with that reason: never run as something else, never skipped silently.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::nemesis::{FaultKind, Plan, TargetRule};
+
+/// How big and long a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// CI: 3 nodes, 45 s of faults per scenario; the six smoke scenarios ≤ 10 min.
+    Smoke,
+    /// Before a release: 5 nodes, 5 min of faults per scenario.
+    Standard,
+    /// Nightly: 5 nodes, 60 min of faults.
+    Soak,
+}
+
+/// The sizes and phases of a tier.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierSpec {
+    pub nodes: usize,
+    /// Hot-bucket clients (half through the load balancer, half direct).
+    pub clients: usize,
+    /// Hot bucket sets (two buckets each).
+    pub sets: usize,
+    /// Load before the first fault (the steady state).
+    pub warmup: Duration,
+    /// The fault phase.
+    pub faults: Duration,
+    /// Load after the last fault healed, before the final reads.
+    pub quiet: Duration,
+}
+
+impl Tier {
+    /// The tier's sizes.
+    pub fn spec(self) -> TierSpec {
+        match self {
+            Tier::Smoke => TierSpec {
+                nodes: 3,
+                clients: 8,
+                sets: 4,
+                warmup: Duration::from_secs(3),
+                faults: Duration::from_secs(45),
+                quiet: Duration::from_secs(10),
+            },
+            Tier::Standard => TierSpec {
+                nodes: 5,
+                clients: 16,
+                sets: 8,
+                warmup: Duration::from_secs(10),
+                faults: Duration::from_secs(300),
+                quiet: Duration::from_secs(15),
+            },
+            Tier::Soak => TierSpec {
+                nodes: 5,
+                clients: 16,
+                sets: 8,
+                warmup: Duration::from_secs(10),
+                faults: Duration::from_secs(3600),
+                quiet: Duration::from_secs(20),
+            },
+        }
+    }
+}
+
+/// One named scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub name: &'static str,
+    /// What must hold while the faults run (the steady-state hypothesis).
+    pub hypothesis: &'static str,
+    /// The faults; `None` for the baseline.
+    pub plan: Option<Plan>,
+    /// Why `run` cannot run it yet; `None` when it can.
+    pub missing: Option<&'static str>,
+    /// In the smoke tier.
+    pub smoke: bool,
+}
+
+impl Scenario {
+    /// Whether nodes must start under libfaketime.
+    pub fn needs_faketime(&self) -> bool {
+        self.plan.is_some_and(|p| p.kind == FaultKind::ClockBump)
+    }
+}
+
+/// The safety properties every scenario holds to (zero tolerance, every tier).
+pub const SAFETY: &str = "no acknowledged write lost, no version regression, no forked version, \
+    no garbage read, no hung subscriber, no stale read";
+
+const fn plan(
+    kind: FaultKind,
+    target: TargetRule,
+    gap_ms: (u64, u64),
+    duration_ms: (u64, u64),
+    param: (i64, i64),
+    max_faults: usize,
+) -> Option<Plan> {
+    Some(Plan {
+        kind,
+        target,
+        gap_ms,
+        duration_ms,
+        param,
+        max_faults,
+    })
+}
+
+/// Every scenario, in the order of research §4a (plus `packet-loss`).
+pub fn all() -> Vec<Scenario> {
+    use FaultKind as K;
+    use TargetRule as T;
+    vec![
+        Scenario {
+            name: "baseline",
+            hypothesis: "No faults: every property holds and ≥ 99.9 % of requests succeed. \
+                If this fails the environment is invalid, not Tether.",
+            plan: None,
+            missing: None,
+            smoke: true,
+        },
+        Scenario {
+            name: "kill-owner",
+            hypothesis: "kill -9 of a hot set's owner, restart after 5 s: safety holds; \
+                writes to the killed owner's sets are served again within the failure-detection \
+                bound (≤ 15 s); ≥ 99 % availability for other sets.",
+            plan: plan(
+                K::Kill,
+                T::HotOwner,
+                (6_000, 10_000),
+                (5_000, 5_000),
+                (0, 0),
+                0,
+            ),
+            missing: None,
+            smoke: true,
+        },
+        Scenario {
+            name: "kill-restart-same",
+            hypothesis: "kill -9 then an immediate restart of the same node (new incarnation, \
+                rejoin): safety holds; the node serves again within its start-up time.",
+            plan: plan(K::Kill, T::AnyNode, (6_000, 10_000), (0, 500), (0, 0), 0),
+            missing: None,
+            smoke: false,
+        },
+        Scenario {
+            name: "pause-owner",
+            hypothesis: "SIGSTOP of a hot set's owner for 15 s (past the 9.6 s failure-detection \
+                bound), then SIGCONT: safety holds, including no stale read from the woken \
+                deposed owner; failover ≤ 15 s.",
+            plan: plan(
+                K::Pause,
+                T::HotOwner,
+                (4_000, 8_000),
+                (15_000, 15_000),
+                (0, 0),
+                0,
+            ),
+            missing: None,
+            smoke: true,
+        },
+        Scenario {
+            name: "isolate-node",
+            hypothesis: "One node cut from every peer (gossip and forwarding) for 15 s while the \
+                store and the load balancer still reach it: safety holds, no stale read; \
+                views agree ≤ 10 s after heal.",
+            plan: plan(
+                K::Isolate,
+                T::HotOwner,
+                (4_000, 8_000),
+                (15_000, 15_000),
+                (0, 0),
+                0,
+            ),
+            missing: None,
+            smoke: true,
+        },
+        Scenario {
+            name: "majorities-ring",
+            hypothesis: "Overlapping majorities (each node sees a different majority): safety \
+                holds while views disagree.",
+            plan: None,
+            missing: Some("per-link partitions (one nft rule set per link) are not wired yet"),
+            smoke: false,
+        },
+        Scenario {
+            name: "store-partition-node",
+            hypothesis: "One node cut from PostgreSQL only for 15 s: its writes fail (5xx, never \
+                acknowledged); safety holds; other nodes' sets ≥ 99 % available.",
+            plan: plan(
+                K::StorePartition,
+                T::HotOwner,
+                (4_000, 8_000),
+                (15_000, 15_000),
+                (0, 0),
+                0,
+            ),
+            missing: None,
+            smoke: false,
+        },
+        Scenario {
+            name: "lb-partition-node",
+            hypothesis: "HAProxy (and the direct clients) cut from one node for 15 s: HAProxy \
+                routes around it; ≥ 99.9 % of requests through the load balancer succeed.",
+            plan: plan(
+                K::LbPartition,
+                T::AnyNode,
+                (4_000, 8_000),
+                (15_000, 15_000),
+                (0, 0),
+                0,
+            ),
+            missing: None,
+            smoke: false,
+        },
+        Scenario {
+            name: "slow-peer-links",
+            hypothesis: "200 ± 100 ms on gRPC links (above probe_rtt 300 ms at the tail): \
+                safety holds; ≥ 99 % availability.",
+            plan: None,
+            missing: Some("latency needs the userspace TCP proxy (no tc netem in this kernel)"),
+            smoke: false,
+        },
+        Scenario {
+            name: "slow-store",
+            hypothesis: "50 ± 25 ms and one 6 s stall on node→PostgreSQL links: safety holds; \
+                no request hangs > 10 s.",
+            plan: None,
+            missing: Some("latency needs the userspace TCP proxy (no tc netem in this kernel)"),
+            smoke: false,
+        },
+        Scenario {
+            name: "swizzle-clog",
+            hypothesis: "FoundationDB's swizzle: clog a random subset of links, unclog in \
+                reverse order: safety holds.",
+            plan: None,
+            missing: Some("needs the userspace TCP proxy's per-link clog"),
+            smoke: false,
+        },
+        Scenario {
+            name: "clock-bump",
+            hypothesis: "A hot set owner's wall clock jumps by -2 to +10 min for 10-15 s \
+                (libfaketime, monotonic clock real): safety holds; bucket timestamps never run \
+                far ahead.",
+            plan: plan(
+                K::ClockBump,
+                T::HotOwner,
+                (3_000, 6_000),
+                (10_000, 15_000),
+                (-120, 600),
+                0,
+            ),
+            missing: None,
+            smoke: true,
+        },
+        Scenario {
+            name: "store-crash-restart",
+            hypothesis: "pg_ctl stop -m immediate + start, three times: no acknowledged write \
+                lost; writes succeed again ≤ 10 s after PostgreSQL is ready.",
+            plan: plan(
+                K::StoreCrash,
+                T::Store,
+                (6_000, 10_000),
+                (4_000, 4_000),
+                (0, 0),
+                3,
+            ),
+            missing: None,
+            smoke: true,
+        },
+        Scenario {
+            name: "store-disk-full",
+            hypothesis: "ENOSPC on PostgreSQL's data directory for 30 s: writes fail, never \
+                acknowledged and lost.",
+            plan: None,
+            missing: Some("PostgreSQL's data directory on a small tmpfs is not wired yet"),
+            smoke: false,
+        },
+        Scenario {
+            name: "store-failover",
+            hypothesis: "Promote a streaming standby: with synchronous replication no \
+                acknowledged write is lost.",
+            plan: None,
+            missing: Some("a standby PostgreSQL (pg_basebackup -R) is not wired yet"),
+            smoke: false,
+        },
+        Scenario {
+            name: "rolling-drain-and-churn",
+            hypothesis: "SIGTERM each node in turn (graceful drain, then restart): safety holds; \
+                ≥ 99 % availability (drains hand sets over).",
+            plan: plan(
+                K::Drain,
+                T::EachNode,
+                (3_000, 5_000),
+                (2_000, 2_000),
+                (0, 0),
+                0,
+            ),
+            missing: None,
+            smoke: false,
+        },
+        Scenario {
+            name: "packet-loss",
+            hypothesis: "30 % random loss between one node and its peers for 15 s (nftables \
+                numgen): safety holds; ≥ 95 % availability.",
+            plan: plan(
+                K::Loss,
+                T::AnyNode,
+                (4_000, 8_000),
+                (15_000, 15_000),
+                (30, 30),
+                0,
+            ),
+            missing: None,
+            smoke: false,
+        },
+    ]
+}
+
+/// The scenario called `name`.
+pub fn find(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
+
+/// The smoke tier's scenarios.
+pub fn smoke() -> Vec<Scenario> {
+    all().into_iter().filter(|s| s.smoke).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_smoke_six_are_runnable() {
+        let names: Vec<&str> = smoke().iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            [
+                "baseline",
+                "kill-owner",
+                "pause-owner",
+                "isolate-node",
+                "clock-bump",
+                "store-crash-restart"
+            ]
+        );
+        assert!(smoke().iter().all(|s| s.missing.is_none()));
+    }
+
+    #[test]
+    fn names_are_unique_and_every_scenario_has_a_hypothesis() {
+        let all = all();
+        assert!(all.len() >= 16);
+        let names: std::collections::BTreeSet<&str> = all.iter().map(|s| s.name).collect();
+        assert_eq!(names.len(), all.len());
+        assert!(all.iter().all(|s| !s.hypothesis.is_empty()));
+        // Every runnable scenario but the baseline has faults.
+        assert!(all
+            .iter()
+            .filter(|s| s.missing.is_none() && s.name != "baseline")
+            .all(|s| s.plan.is_some()));
+    }
+}
