@@ -21,7 +21,7 @@
 //! | `realtime_violations` | operation B whose version contradicts an operation A on the same bucket that completed before B was invoked: B a write acknowledged at a version ≤ any version A showed; or B a read/subscribe of another client showing a version lower than a read/subscribe A showed |
 //! | `version_regressions` | read/subscribe result of a client lower than a version that client already saw (its own reads, subscribes, acknowledgements) |
 //! | `stale_reads` | read/subscribe result (op, bucket) lower than the version of a write acknowledged before it was invoked; staleness = versions behind, and ms since the first acknowledgement of a newer version |
-//! | `hung_subscribers` | subscribe answered later than `timeout_ms + subscribe_grace`, or not answered by `End` although that deadline passed |
+//! | `hung_subscribers` | subscribe answered later than `timeout_ms + subscribe_grace`, or not answered by `End` although that deadline passed — unless the node it was sent to (or any node, for one sent through the load balancer) was paused when the deadline fell and the answer came within `timeout_ms + subscribe_grace` of the node waking (counted in `excused_subscribers`) |
 //!
 //! A stale read by the writer itself is both stale and a regression; otherwise each
 //! anomaly lands in one counter, the most specific. A retried write that the server
@@ -212,6 +212,11 @@ pub struct Verdict {
     /// cannot be trusted, so it fails the verdict.
     pub malformed: Vec<String>,
     pub malformed_count: u64,
+    /// Subscribes answered late only because the node holding them was paused (SIGSTOP)
+    /// past their deadline, and answered within their timeout after it woke: not counted
+    /// as hung (a frozen process can answer nobody).
+    #[serde(default)]
+    pub excused_subscribers: u64,
     /// Every safety property is zero and the history is well formed.
     pub passed: bool,
     /// Every liveness figure that could be measured is within the options' thresholds.
@@ -360,6 +365,8 @@ impl<'a> Hist<'a> {
 /// Collects counts and examples.
 struct Findings {
     properties: Properties,
+    /// Subscribes late only because the node holding them was frozen (see `hung`).
+    excused_subscribers: u64,
     examples: Vec<Example>,
     per_property: BTreeMap<String, usize>,
     max_examples: usize,
@@ -369,6 +376,7 @@ impl Findings {
     fn new(max_examples: usize) -> Self {
         Findings {
             properties: Properties::default(),
+            excused_subscribers: 0,
             examples: Vec::new(),
             per_property: BTreeMap::new(),
             max_examples,
@@ -430,6 +438,7 @@ pub fn check(entries: &[Entry], opts: &CheckOptions) -> Verdict {
         passed: findings.properties.all_zero() && hist.malformed_count == 0,
         malformed: hist.malformed.clone(),
         malformed_count: hist.malformed_count,
+        excused_subscribers: findings.excused_subscribers,
         properties: findings.properties,
         examples: findings.examples,
         staleness,

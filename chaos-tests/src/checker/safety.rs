@@ -777,17 +777,39 @@ fn lost(
 }
 
 /// Subscribes answered (or still open at `End`) past their timeout plus the grace.
+///
+/// A frozen process answers nobody: a subscribe sent to a node (directly, or through the
+/// load balancer, which may have handed it to that node) whose deadline fell while that
+/// node was paused (SIGSTOP) is excused — but only if it was answered within its own
+/// timeout plus the grace after the node woke (a woken node must answer its held
+/// subscribers at once). Excused subscribes are counted in `Verdict::excused_subscribers`.
 fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
+    let pauses: Vec<_> = super::fault_windows(hist.entries, hist.end)
+        .into_iter()
+        .filter(|w| w.kind == "pause")
+        .collect();
     for o in &hist.ops {
         let Call::Subscribe {
-            timeout_ms, held, ..
+            timeout_ms,
+            held,
+            via,
         } = o.call
         else {
             continue;
         };
-        let deadline = o
-            .invoke
-            .saturating_add(timeout_ms.saturating_add(opts.subscribe_grace_ms) * 1000);
+        let allowed_us = timeout_ms.saturating_add(opts.subscribe_grace_ms) * 1000;
+        let deadline = o.invoke.saturating_add(allowed_us);
+        let frozen = pauses.iter().find(|w| {
+            (via == "lb" || *via == w.target)
+                && w.start <= deadline
+                && deadline <= w.end
+                && o.complete.unwrap_or(hist.end) <= w.end.saturating_add(allowed_us)
+                && (o.complete.is_some() || hist.end <= w.end.saturating_add(allowed_us))
+        });
+        if frozen.is_some() && o.complete.is_none_or(|t| t > deadline) {
+            f.excused_subscribers += 1;
+            continue;
+        }
         let (late, detail) = match o.complete {
             Some(t) if t > deadline => (
                 true,

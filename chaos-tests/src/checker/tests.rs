@@ -460,6 +460,44 @@ fn a_subscribe_answered_past_its_timeout_and_grace_hangs() {
 }
 
 #[test]
+fn a_subscribe_late_only_because_its_node_was_frozen_is_excused() {
+    let mut b = base();
+    b.h.end = 20_000;
+    // n1 frozen from 150 ms to 6.5 s; the subscribe (1 s timeout, deadline 6.16 s) was
+    // answered 100 ms after it woke.
+    b.h.fault(150, "pause", "n1", FaultPhase::Start);
+    b.h.fault(6500, "pause", "n1", FaultPhase::End);
+    b.h.subscribe(4, (160, 6600), (S2, 2), 1000, Res::Shown(vec![]));
+    let v = b.h.check();
+    assert!(v.passed, "{:?}", v.examples);
+    assert_eq!(v.excused_subscribers, 1);
+}
+
+#[test]
+fn a_woken_node_that_still_does_not_answer_hangs_its_subscriber() {
+    let mut b = base();
+    b.h.end = 20_000;
+    b.h.fault(150, "pause", "n1", FaultPhase::Start);
+    b.h.fault(6500, "pause", "n1", FaultPhase::End);
+    // Answered 6.1 s after the node woke: more than its timeout and grace.
+    b.h.subscribe(4, (160, 12_600), (S2, 2), 1000, Res::Shown(vec![]));
+    let v = b.h.check();
+    assert_only(&v, "hung_subscribers", 1);
+    assert_eq!(v.excused_subscribers, 0);
+}
+
+#[test]
+fn a_pause_that_ended_before_the_deadline_excuses_nothing() {
+    let mut b = base();
+    b.h.end = 20_000;
+    b.h.fault(150, "pause", "n1", FaultPhase::Start);
+    b.h.fault(3000, "pause", "n1", FaultPhase::End);
+    b.h.subscribe(4, (160, 6300), (S2, 2), 1000, Res::Shown(vec![]));
+    let v = b.h.check();
+    assert_only(&v, "hung_subscribers", 1);
+}
+
+#[test]
 fn a_subscribe_never_answered_by_end_past_its_deadline_hangs() {
     let mut b = base();
     b.h.subscribe(4, (160, 0), (S2, 2), 1000, Res::Open);
