@@ -127,6 +127,7 @@ pub fn spawn(
     let (events_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = oneshot::channel();
     let (refusals_tx, refusals_rx) = mpsc::unbounded_channel();
+    let (gone_tx, gone_rx) = mpsc::unbounded_channel();
     let driver = Driver {
         membership,
         transport,
@@ -140,6 +141,8 @@ pub fn spawn(
         refused_by: None,
         refusals_tx,
         refusals_rx,
+        gone_tx,
+        gone_rx,
     };
     let task = tokio::spawn(driver.run(stop_rx));
     ClusterHandle {
@@ -164,6 +167,9 @@ struct Driver {
     /// Send tasks report peers that answered `Unauthenticated` here.
     refusals_tx: mpsc::UnboundedSender<SocketAddr>,
     refusals_rx: mpsc::UnboundedReceiver<SocketAddr>,
+    /// Send tasks report peers whose host refused the connection (process gone) here.
+    gone_tx: mpsc::UnboundedSender<SocketAddr>,
+    gone_rx: mpsc::UnboundedReceiver<SocketAddr>,
 }
 
 impl Driver {
@@ -213,6 +219,10 @@ impl Driver {
                     }
                     self.refused_by = Some(peer);
                 }
+                Some(peer) = self.gone_rx.recv() => {
+                    let now = self.now();
+                    self.membership.peer_refused(peer, now);
+                }
                 _ = &mut stop => {
                     self.leave().await;
                     return;
@@ -247,9 +257,14 @@ impl Driver {
         while let Some((to, payload)) = self.membership.poll_transmit() {
             let transport = Arc::clone(&self.transport);
             let refusals = self.refusals_tx.clone();
+            let gone = self.gone_tx.clone();
             tokio::spawn(async move {
                 match transport.send(to, payload).await {
                     Ok(()) => {}
+                    Err(ClusterError::PeerRefused { addr }) => {
+                        tracing::debug!(%to, "gossip: connection refused");
+                        let _ = gone.send(addr);
+                    }
                     Err(ClusterError::Unauthenticated(why)) => {
                         tracing::debug!(%to, why, "gossip refused");
                         let _ = refusals.send(to);
@@ -359,6 +374,14 @@ mod tests {
     }
 
     async fn node(id: &str, seeds: &[SocketAddr]) -> (ClusterHandle, Member) {
+        node_with(id, seeds, fast()).await
+    }
+
+    async fn node_with(
+        id: &str,
+        seeds: &[SocketAddr],
+        config: MembershipConfig,
+    ) -> (ClusterHandle, Member) {
         let secret = ClusterSecret::new(b"driver-test-secret-0123".to_vec()).expect("secret");
         let transport = GrpcTransport::bind(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -373,7 +396,7 @@ mod tests {
             public_url: format!("http://{id}.example"),
             incarnation: 1,
         };
-        let membership = Membership::new(local.clone(), fast(), 7).expect("config");
+        let membership = Membership::new(local.clone(), config, 7).expect("config");
         let options = DriverOptions {
             seeds: seeds
                 .iter()
@@ -411,6 +434,28 @@ mod tests {
 
         b.leave().await;
         wait_for(&mut view_a, "a to see b leave", |v| {
+            v.members == vec![a_member.clone()]
+        })
+        .await;
+        a.leave().await;
+    }
+
+    /// A peer killed without leaving (its port now refuses connections) is declared down
+    /// on the first refusal: long before the suspicion timeout — set here to 10 minutes,
+    /// so only the refusal can explain it.
+    #[tokio::test]
+    async fn a_killed_peer_is_down_at_its_first_refusal_not_after_suspicion() {
+        let patient = MembershipConfig {
+            suspect_to_down_after: Duration::from_secs(600),
+            ..fast()
+        };
+        let (a, a_member) = node_with("a", &[], patient.clone()).await;
+        let (b, b_member) = node_with("b", &[a_member.gossip_addr], patient).await;
+        let mut view_a = a.view();
+        wait_for(&mut view_a, "a to see b", |v| v.members.contains(&b_member)).await;
+        // Killed: its task and transport dropped, no farewell.
+        drop(b);
+        wait_for(&mut view_a, "a to declare the killed b down", |v| {
             v.members == vec![a_member.clone()]
         })
         .await;

@@ -25,6 +25,14 @@ pub enum ClusterError {
         /// What the transport saw.
         reason: String,
     },
+    /// The peer's host refused the connection: nothing listens on its port any more (a
+    /// process killed on a live host). Immediate evidence that the member is gone, unlike
+    /// a timeout, which a slow or paused process also causes.
+    #[error("peer {addr} refused the connection")]
+    PeerRefused {
+        /// The peer's gossip address.
+        addr: SocketAddr,
+    },
     /// A peer answered with an error status of its own.
     #[error("peer {addr} answered {code:?}: {message}")]
     Remote {
@@ -69,7 +77,9 @@ impl ClusterError {
         match self {
             ClusterError::Unauthenticated(_) => Code::Unauthenticated,
             ClusterError::WeakSecret { .. } | ClusterError::Server(_) => Code::Internal,
-            ClusterError::PeerUnreachable { .. } | ClusterError::Closed => Code::Unavailable,
+            ClusterError::PeerUnreachable { .. }
+            | ClusterError::PeerRefused { .. }
+            | ClusterError::Closed => Code::Unavailable,
             ClusterError::Remote { code, .. } => *code,
             ClusterError::FrameTooLarge { .. } => Code::ResourceExhausted,
             ClusterError::Overloaded => Code::ResourceExhausted,
@@ -81,6 +91,9 @@ impl ClusterError {
 
     /// What a caller makes of `status`, answered by the peer at `addr`.
     pub fn from_status(addr: SocketAddr, status: &Status) -> Self {
+        if refused(status) {
+            return ClusterError::PeerRefused { addr };
+        }
         match status.code() {
             // tonic reports connect failures and timeouts as these codes, without a
             // response from the peer's handler.
@@ -98,6 +111,22 @@ impl ClusterError {
             },
         }
     }
+}
+
+/// Whether a call failed because the peer's host refused the TCP connection (found in
+/// the status's chain of causes).
+fn refused(status: &Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    for _ in 0..16 {
+        let Some(e) = cause else { return false };
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
 }
 
 impl From<ClusterError> for Status {

@@ -173,6 +173,10 @@ pub struct MembershipConfig {
     pub remove_down_after: Duration,
     /// Largest frame sent or accepted, in bytes.
     pub max_frame_size: usize,
+    /// Declare a member down as soon as its address refuses a connection (its process is
+    /// gone; a slow or paused process still accepts), without waiting for the probe and
+    /// suspicion timeouts. Timeouts alone still need `suspect_to_down_after`.
+    pub down_on_refusal: bool,
 }
 
 impl Default for MembershipConfig {
@@ -185,7 +189,9 @@ impl MembershipConfig {
     /// Settings for a cluster on one network: failures detected in a few seconds.
     pub fn lan() -> Self {
         Self {
-            probe_period: Duration::from_millis(1000),
+            // Probing often is cheap and finds a killed peer's refusal sooner; declaring a
+            // silent (maybe only slow) peer down still takes the whole suspicion timeout.
+            probe_period: Duration::from_millis(500),
             probe_rtt: Duration::from_millis(300),
             num_indirect_probes: 3,
             suspect_to_down_after: Duration::from_millis(3000),
@@ -197,6 +203,7 @@ impl MembershipConfig {
             rejoin_interval: Duration::from_secs(2),
             remove_down_after: Duration::from_secs(15 * 60),
             max_frame_size: 16 * 1024,
+            down_on_refusal: true,
         }
     }
 
@@ -418,6 +425,33 @@ impl Membership {
             self.config.seed_announce_interval
         };
         self.next_seed_announce = Some(now.saturating_add(millis(every)));
+        self.pump(now);
+    }
+
+    /// A connection to `addr` was refused: the process of every member at that address is
+    /// gone. Declares them down now and gossips it (a node that is in fact alive, e.g.
+    /// restarted on the same address, comes back with a newer incarnation). Does nothing
+    /// unless [`MembershipConfig::down_on_refusal`].
+    pub fn peer_refused(&mut self, addr: SocketAddr, now: Millis) {
+        if !self.config.down_on_refusal {
+            return;
+        }
+        let gone: Vec<foca::Member<Ident>> = self
+            .swim
+            .iter_membership_state()
+            .filter(|m| m.state() != State::Down && m.id().0.gossip_addr == addr)
+            .map(|m| foca::Member::new(m.id().clone(), m.incarnation(), State::Down))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(%addr, "peer refused the connection: declared down");
+        if let Err(e) = self
+            .swim
+            .apply_many(gone.into_iter(), true, &mut self.runtime)
+        {
+            tracing::debug!(error = %e, "declaring a refusing peer down");
+        }
         self.pump(now);
     }
 

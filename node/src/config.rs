@@ -302,6 +302,23 @@ pub struct ServeArgs {
     /// node whose seeds resolve only to itself (the first pod of a new cluster).
     #[arg(long, env = "TETHER_JOIN")]
     pub join: Option<String>,
+    /// Failure detection: how often this node probes one peer, in ms [default: 500].
+    /// Shorter finds a killed peer's refusal sooner; costs a small frame per period.
+    #[arg(long, help_heading = "Failure detection")]
+    pub failure_probe_ms: Option<u64>,
+    /// How long a probe waits for its answer before asking other peers to probe, in ms
+    /// [default: 300]; must be shorter than the probe period.
+    #[arg(long, help_heading = "Failure detection")]
+    pub failure_probe_rtt_ms: Option<u64>,
+    /// How long a peer that stopped answering (but did not refuse connections) stays
+    /// suspected before it is declared down, in ms [default: 3000]. Shorter fails over a
+    /// frozen or partitioned node sooner but risks declaring a merely slow one dead.
+    #[arg(long, help_heading = "Failure detection")]
+    pub failure_suspect_ms: Option<u64>,
+    /// Declare a peer down as soon as its address refuses a connection (its process is
+    /// gone) [default: true].
+    #[arg(long, help_heading = "Failure detection")]
+    pub failure_down_on_refusal: Option<bool>,
     /// File holding the cluster secret (at least 16 bytes; every node the same). Give it
     /// twice to rotate the secret: the node then signs with both and accepts either (see
     /// the README). The `TETHER_CLUSTER_SECRET` environment variable may carry one
@@ -498,6 +515,10 @@ pub struct FileConfig {
     grpc_listen: Option<SocketAddr>,
     grpc_advertise: Option<String>,
     join: Option<String>,
+    failure_probe_ms: Option<u64>,
+    failure_probe_rtt_ms: Option<u64>,
+    failure_suspect_ms: Option<u64>,
+    failure_down_on_refusal: Option<bool>,
     #[serde(default, deserialize_with = "one_or_many")]
     cluster_secret_file: Vec<PathBuf>,
     max_ids_per_request: Option<usize>,
@@ -667,6 +688,8 @@ pub struct ClusterConfig {
     pub secret: tether_cluster::ClusterSecret,
     /// mTLS between nodes; `None` only on loopback or with --cluster-plaintext.
     pub tls: Option<ClusterTlsFiles>,
+    /// Failure-detection timing (`--failure-*`).
+    pub failure: tether_cluster::MembershipConfig,
 }
 
 /// What `--grpc-advertise` names.
@@ -811,6 +834,7 @@ impl ClusterConfig {
             seeds,
             secret,
             tls: None,
+            failure: tether_cluster::MembershipConfig::lan(),
         }))
     }
 }
@@ -859,6 +883,33 @@ impl Config {
             args.join.or(file.join),
             secret_files,
         )?;
+        if let Some(c) = cluster.as_mut() {
+            let ms = std::time::Duration::from_millis;
+            let f = &mut c.failure;
+            if let Some(v) = args.failure_probe_ms.or(file.failure_probe_ms) {
+                f.probe_period = ms(v);
+            }
+            if let Some(v) = args.failure_probe_rtt_ms.or(file.failure_probe_rtt_ms) {
+                f.probe_rtt = ms(v);
+            }
+            if let Some(v) = args.failure_suspect_ms.or(file.failure_suspect_ms) {
+                f.suspect_to_down_after = ms(v);
+            }
+            if let Some(v) = args
+                .failure_down_on_refusal
+                .or(file.failure_down_on_refusal)
+            {
+                f.down_on_refusal = v;
+            }
+            if f.probe_rtt >= f.probe_period || f.suspect_to_down_after.is_zero() {
+                return Err(NodeError::Config(format!(
+                    "failure detection: --failure-probe-rtt-ms ({} ms) must be shorter than \
+                     --failure-probe-ms ({} ms), and --failure-suspect-ms above 0",
+                    f.probe_rtt.as_millis(),
+                    f.probe_period.as_millis()
+                )));
+            }
+        }
         let telemetry = crate::telemetry::TelemetryConfig {
             endpoint: args.otlp_endpoint.filter(|s| !s.trim().is_empty()),
             traces_endpoint: args.otlp_traces_endpoint.filter(|s| !s.trim().is_empty()),
@@ -1593,6 +1644,47 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(partial).is_err(), "cert without key and CA");
+    }
+
+    /// The failure-detection timing comes from the flags (over the file, over safe
+    /// defaults); a probe timeout not shorter than the probe period is refused.
+    #[test]
+    fn failure_detection_timing_is_configurable_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
+        let toml = dir.path().join("t.toml");
+        std::fs::write(&toml, "failure_suspect_ms = 9000\nfailure_probe_ms = 800\n")
+            .expect("write");
+        let args = |probe: Option<u64>, rtt: Option<u64>| ServeArgs {
+            config: Some(toml.clone()),
+            store: Some("postgres://t@127.0.0.1:1/t".into()),
+            grpc_listen: Some("127.0.0.1:7000".parse().expect("addr")),
+            cluster_secret_files: vec![secret.clone()],
+            failure_probe_ms: probe,
+            failure_probe_rtt_ms: rtt,
+            failure_down_on_refusal: Some(false),
+            ..Default::default()
+        };
+        let config = Config::load(args(Some(400), Some(100))).expect("valid timing");
+        let f = config.cluster.expect("cluster mode").failure;
+        assert_eq!(f.probe_period, Duration::from_millis(400), "flag over file");
+        assert_eq!(f.probe_rtt, Duration::from_millis(100));
+        assert_eq!(
+            f.suspect_to_down_after,
+            Duration::from_millis(9000),
+            "from the file"
+        );
+        assert!(!f.down_on_refusal);
+        let defaults = Config::load(args(None, None)).expect("valid");
+        let f = defaults.cluster.expect("cluster mode").failure;
+        assert_eq!(f.probe_period, Duration::from_millis(800));
+        assert_eq!(
+            f.probe_rtt,
+            tether_cluster::MembershipConfig::lan().probe_rtt
+        );
+        let err = Config::load(args(Some(200), Some(200))).expect_err("rtt not below period");
+        assert!(err.to_string().contains("--failure-probe-rtt-ms"), "{err}");
     }
 
     #[test]

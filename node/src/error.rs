@@ -100,6 +100,9 @@ impl NodeError {
                 "headers_too_large",
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ),
+            NodeError::Store(StoreError::Overloaded(_)) => {
+                ("overloaded", StatusCode::SERVICE_UNAVAILABLE)
+            }
             NodeError::Store(StoreError::Fenced { .. })
             | NodeError::Unavailable(_)
             | NodeError::NotOwner(_)
@@ -225,6 +228,11 @@ impl NodeError {
             "headers_too_large" => NodeError::HeadersTooLarge(msg),
             NOT_OWNER => NodeError::NotOwner(msg),
             "unavailable" => NodeError::Unavailable(msg),
+            "overloaded" => NodeError::Store(StoreError::Overloaded(
+                msg.strip_prefix("store: overloaded: ")
+                    .unwrap_or(&msg)
+                    .to_string(),
+            )),
             // The owner's store failed: the same code (and 503) as a local store failure.
             "store_error" => NodeError::Store(StoreError::Backend(
                 msg.strip_prefix("store: ").unwrap_or(&msg).to_string(),
@@ -261,6 +269,7 @@ mod tests {
             NodeError::TooLarge("bucket too large".into()),
             NodeError::UnsupportedMediaType("text/plain".into()),
             NodeError::Store(StoreError::Backend("disk on fire".into())),
+            NodeError::Store(StoreError::Overloaded("8192 commits queued".into())),
             NodeError::Store(StoreError::Fenced {
                 set: "X".into(),
                 epoch: 3,

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tether_cluster::driver::{self, ClusterHandle, DriverOptions};
 use tether_cluster::transport::grpc::{GrpcOptions, GrpcTransport};
-use tether_cluster::{Member, Membership, MembershipConfig, NodeId, RingPlacement};
+use tether_cluster::{Member, Membership, NodeId, RingPlacement};
 use tokio::sync::oneshot;
 
 use crate::config::ClusterConfig;
@@ -210,7 +210,7 @@ impl ClusterNode {
         });
 
         let seed = rand::random::<u64>();
-        let membership = Membership::new(local.clone(), MembershipConfig::lan(), seed)
+        let membership = Membership::new(local.clone(), config.failure.clone(), seed)
             .map_err(|e| NodeError::Config(format!("membership: {e}")))?;
         let has_seeds = !config.seeds.is_empty();
         let handle = driver::spawn(

@@ -36,8 +36,11 @@ use crate::sets::actor::{
 use crate::sets::registry::Shared;
 use crate::store::HistoryPage;
 
-/// How long a request keeps looking for its set's owner while ownership moves.
-pub const ROUTE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a request keeps looking for its set's owner while ownership moves: a request
+/// for a set whose owner was just killed waits here (its forward refused, routed again
+/// every [`ROUTE_RETRY`]) until the cluster declared the owner down and a new owner took
+/// the lease, instead of failing with 503 — within a device's patience.
+pub const ROUTE_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a write with an op id whose fate is unknown keeps being routed: long enough
 /// for the cluster to declare a dead owner down and a new owner to take the set over.
 pub const FATE_UNKNOWN_DEADLINE: Duration = Duration::from_secs(12);

@@ -686,6 +686,49 @@ pub(crate) async fn a_new_pairing_code_invalidates_the_devices_previous_one(stor
     );
 }
 
+/// Commits of several sets in flight at once, one of them under a stale epoch: only that
+/// one is fenced (and writes nothing); the others commit. With a batching writer these
+/// share a transaction, and fencing one set must not fail its neighbours.
+pub(crate) async fn a_fenced_set_fails_alone_among_concurrent_commits(store: Arc<dyn Store>) {
+    let stale_set = set("F1");
+    let stale = store
+        .acquire_lease(&stale_set, "n1")
+        .await
+        .expect("lease")
+        .epoch;
+    store
+        .acquire_lease(&stale_set, "n2")
+        .await
+        .expect("taken over");
+    let mut others = Vec::new();
+    for k in ["F2", "F3", "F4"] {
+        let s = set(k);
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        others.push((s, e));
+    }
+    let fenced = store.commit(&stale_set, stale, logged("device.F1", 1, Some("op-f1"), 10));
+    let fine = others.iter().map(|(s, e)| {
+        store.commit(
+            s,
+            *e,
+            logged(&format!("device.{s}"), 1, Some(&format!("op-{s}")), 10),
+        )
+    });
+    let (fenced, fine) = futures::join!(fenced, futures::future::join_all(fine));
+    assert!(
+        matches!(fenced, Err(StoreError::Fenced { .. })),
+        "{fenced:?}"
+    );
+    for ((s, _), res) in others.iter().zip(fine) {
+        res.unwrap_or_else(|e| panic!("{s} failed with its neighbour fenced: {e:?}"));
+        let loaded = store.load_set(s).await.expect("load");
+        assert_eq!(loaded.len(), 1, "{s} committed");
+    }
+    assert!(store.load_set(&stale_set).await.expect("load").is_empty());
+    let id = BucketId::parse("device.F1").expect("id");
+    assert_eq!(store.history(&id, 0, 10).await.expect("history"), None);
+}
+
 /// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
 macro_rules! every_case {
     ($m:ident $(, $arg:expr)*) => {
@@ -707,6 +750,7 @@ macro_rules! every_case {
             a_known_op_id_commits_nothing_and_returns_its_record,
             retention_trims_in_the_same_commit,
             a_new_pairing_code_invalidates_the_devices_previous_one,
+            a_fenced_set_fails_alone_among_concurrent_commits,
         );
     };
 }
@@ -820,7 +864,7 @@ mod redb {
 mod postgres {
     use super::*;
     use crate::store::pg_server::PgServer;
-    use crate::store::postgres::PostgresStore;
+    use crate::store::postgres::{BatchConfig, PostgresStore};
 
     macro_rules! suite {
         ($server:expr, $($name:ident),* $(,)?) => {$(
@@ -888,5 +932,268 @@ mod postgres {
                 .await,
             Err(StoreError::OpsKnown(_))
         ));
+    }
+
+    /// A second session on the test's database, to hold locks the writer must wait for.
+    async fn session(url: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("second session");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Waits (generous deadline) until a session of the database waits for `event_type`
+    /// (`Lock`: a row or advisory lock held by the test).
+    async fn until_waiting(probe: &tokio_postgres::Client, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let n: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            if n > 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never waited for {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn batching_store(url: &str, queue: usize) -> (Arc<dyn Store>, crate::metrics::Metrics) {
+        let metrics = crate::metrics::Metrics::new();
+        let store = PostgresStore::connect_with(
+            url,
+            4,
+            metrics.clone(),
+            BatchConfig {
+                queue,
+                writers: 1,
+                max_batch: 64,
+            },
+        )
+        .await
+        .expect("connect");
+        (Arc::new(store), metrics)
+    }
+
+    fn transactions(metrics: &crate::metrics::Metrics) -> f64 {
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("tether_store_commits_total "))
+            .and_then(|v| v.parse().ok())
+            .expect("commit counter present")
+    }
+
+    /// Commits of three sets queued behind a busy writer go to PostgreSQL in ONE
+    /// transaction; the one whose lease moved is refused and writes nothing, the two others
+    /// commit (with their op ids and changes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_batch_refuses_its_fenced_set_and_commits_the_others() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("batch_fence").expect("db");
+        let (store, metrics) = batching_store(&url, 64).await;
+        let blocker = set("D0");
+        let eb = store
+            .acquire_lease(&blocker, "n1")
+            .await
+            .expect("lease")
+            .epoch;
+        let fenced_set = set("A1");
+        let stale = store
+            .acquire_lease(&fenced_set, "n1")
+            .await
+            .expect("lease")
+            .epoch;
+        store.acquire_lease(&fenced_set, "n2").await.expect("moved");
+        let (b, c) = (set("B1"), set("C1"));
+        let eb1 = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
+        let ec1 = store.acquire_lease(&c, "n1").await.expect("lease").epoch;
+
+        // The writer's first batch (D0 alone) waits on D0's lease row; the rest queue.
+        let holder = session(&url).await;
+        holder
+            .batch_execute("BEGIN; SELECT 1 FROM tether_leases WHERE set_key = 'D0' FOR UPDATE")
+            .await
+            .expect("hold D0");
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .commit(&blocker, eb, logged("device.D0", 1, None, 1))
+                    .await
+            }
+        });
+        let probe = session(&url).await;
+        until_waiting(&probe, "the lease row of D0").await;
+        let before = transactions(&metrics);
+        let queued = futures::future::join3(
+            store.commit(&fenced_set, stale, logged("device.A1", 1, Some("op-a"), 1)),
+            store.commit(&b, eb1, logged("device.B1", 1, Some("op-b"), 1)),
+            store.commit(&c, ec1, logged("device.C1", 1, Some("op-c"), 1)),
+        );
+        let release = async {
+            // Every commit of `queued` is in the queue once it is first polled (join3
+            // polls all three before this runs).
+            tokio::task::yield_now().await;
+            holder.batch_execute("COMMIT").await.expect("release D0");
+        };
+        let ((a, b_res, c_res), ()) = futures::join!(queued, release);
+        first.await.expect("task").expect("D0 commits");
+        assert!(matches!(a, Err(StoreError::Fenced { .. })), "{a:?}");
+        b_res.expect("B1 commits beside a fenced set");
+        c_res.expect("C1 commits beside a fenced set");
+        // D0's batch and the batch of the three: two transactions.
+        assert_eq!(
+            transactions(&metrics) - before,
+            1.0,
+            "A1, B1 and C1 shared a batch"
+        );
+        assert!(store.load_set(&fenced_set).await.expect("load").is_empty());
+        for (s, id) in [(&b, "device.B1"), (&c, "device.C1")] {
+            assert_eq!(store.load_set(s).await.expect("load").len(), 1);
+            let page = store
+                .history(&BucketId::parse(id).expect("id"), 0, 10)
+                .await
+                .expect("history")
+                .expect("bucket exists");
+            assert_eq!(page.changes.len(), 1, "{id}'s change committed with it");
+        }
+        // B1's op id was remembered in the batch: a retry is answered from it.
+        let e = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
+        assert!(matches!(
+            store
+                .commit(&b, e, logged("device.B1", 2, Some("op-b"), 2))
+                .await,
+            Err(StoreError::OpsKnown(_))
+        ));
+    }
+
+    /// A commit is answered only after PostgreSQL's COMMIT returned: while COMMIT itself
+    /// waits (a deferred trigger blocks on a lock the test holds), the writes are done but
+    /// the caller has no answer yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_acknowledged_only_after_commit_returned() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("batch_durable").expect("db");
+        let (store, _) = batching_store(&url, 64).await;
+        let holder = session(&url).await;
+        holder
+            .batch_execute(
+                "CREATE FUNCTION tether_test_hold() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_advisory_xact_lock(7701); RETURN NULL; END $$;
+                 CREATE CONSTRAINT TRIGGER tether_test_hold AFTER INSERT OR UPDATE ON tether_buckets
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION tether_test_hold();
+                 BEGIN; SELECT pg_advisory_xact_lock(7701);",
+            )
+            .await
+            .expect("a COMMIT that waits for the test");
+        let s = set("W1");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        let mut commit =
+            std::pin::pin!(store.commit(&s, e, logged("device.W1", 1, Some("op-w"), 1)));
+        assert!(futures::poll!(commit.as_mut()).is_pending());
+        let probe = session(&url).await;
+        // The deferred trigger runs inside COMMIT: once the writer waits on the lock, its
+        // statements all ran and only COMMIT is outstanding.
+        until_waiting(&probe, "the lock its COMMIT needs").await;
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+            assert!(
+                futures::poll!(commit.as_mut()).is_pending(),
+                "answered before PostgreSQL's COMMIT returned"
+            );
+        }
+        holder.batch_execute("COMMIT").await.expect("release");
+        commit.await.expect("commits once COMMIT returns");
+        let seen: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM tether_buckets WHERE set_key = 'W1'",
+                &[],
+            )
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(seen, 1, "acknowledged and visible to everyone");
+    }
+
+    /// Past its bound the writer's queue refuses at once (Overloaded: 503 + Retry-After)
+    /// instead of queueing without limit; queued commits still commit, and once the queue
+    /// drains new ones are accepted again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_at_once_and_recovers() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("batch_full").expect("db");
+        let (store, _) = batching_store(&url, 4).await;
+        let s = set("Q1");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        let other = set("Q2");
+        let eo = store
+            .acquire_lease(&other, "n1")
+            .await
+            .expect("lease")
+            .epoch;
+        let holder = session(&url).await;
+        holder
+            .batch_execute("BEGIN; SELECT 1 FROM tether_leases WHERE set_key = 'Q1' FOR UPDATE")
+            .await
+            .expect("hold Q1");
+        let mut held = Vec::new();
+        for v in 1..=4u64 {
+            let mut c = Box::pin(store.commit(
+                &s,
+                e,
+                Commit::of(vec![bucket("device.Q1", v, json!({"v": v}))]),
+            ));
+            assert!(
+                futures::poll!(c.as_mut()).is_pending(),
+                "commit {v} is queued"
+            );
+            held.push(c);
+        }
+        // Refused on its first poll: it never waits.
+        let refused = match futures::poll!(std::pin::pin!(store.commit(
+            &other,
+            eo,
+            Commit::of(vec![bucket("device.Q2", 1, json!({}))])
+        ))) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => {
+                panic!("a commit past the bound waits instead of being refused")
+            }
+        };
+        assert!(
+            matches!(refused, Err(StoreError::Overloaded(_))),
+            "{refused:?}"
+        );
+        let answer = crate::error::NodeError::Store(refused.expect_err("refused"));
+        let resp = actix_web::ResponseError::error_response(&answer);
+        assert_eq!(
+            resp.status(),
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(resp.headers().contains_key("retry-after"));
+        holder.batch_execute("COMMIT").await.expect("release");
+        for c in held {
+            c.await.expect("queued commits commit");
+        }
+        store
+            .commit(
+                &other,
+                eo,
+                Commit::of(vec![bucket("device.Q2", 1, json!({}))]),
+            )
+            .await
+            .expect("accepted again once the queue drained");
+        assert_eq!(store.load_set(&other).await.expect("load").len(), 1);
+        assert_eq!(store.load_set(&s).await.expect("load")[0].version, 4);
     }
 }

@@ -274,6 +274,10 @@ pub enum StoreError {
     /// attempt committed): nothing was written. The remembered records, to answer from.
     #[error("{} op id(s) already committed", .0.len())]
     OpsKnown(Vec<OpRecord>),
+    /// The store's write queue is full: the commit was refused at once, nothing written;
+    /// retry after a moment (503 + `Retry-After`).
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 /// Opens the store `url` names (`pool`: connections, for the shared backends). The
@@ -286,9 +290,15 @@ pub async fn open(
     use crate::config::StoreUrl;
     Ok(match url {
         StoreUrl::Redb(dir) => std::sync::Arc::new(redb::RedbStore::open(dir, metrics)?),
-        StoreUrl::Postgres(url) => {
-            std::sync::Arc::new(postgres::PostgresStore::connect(url, pool).await?)
-        }
+        StoreUrl::Postgres(url) => std::sync::Arc::new(
+            postgres::PostgresStore::connect_with(
+                url,
+                pool,
+                metrics,
+                postgres::BatchConfig::default(),
+            )
+            .await?,
+        ),
         #[cfg(feature = "fdb")]
         StoreUrl::Fdb(cluster_file) => {
             std::sync::Arc::new(fdb::FdbStore::open(cluster_file).await?)

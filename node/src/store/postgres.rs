@@ -20,6 +20,10 @@ use tether_proto::synclog::{Change, OpRecord};
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 use tokio_postgres::NoTls;
 
+mod batch;
+
+pub use batch::BatchConfig;
+
 use super::{
     AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, OpRetention, Pairing,
     PairingCode, Store, StoreError, UserRecord,
@@ -156,6 +160,10 @@ async fn put_record(
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    metrics: crate::metrics::Metrics,
+    /// The batching writer commits go through; `None` in the writer tasks' own handle
+    /// (they write with [`PostgresStore::commit_one`]).
+    batcher: Option<std::sync::Arc<batch::Batcher>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -170,8 +178,25 @@ impl std::fmt::Debug for PostgresStore {
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PostgresStore {
-    /// Connects to `url` (`postgres://user@host:port/db`), creating the schema if needed.
+    /// Connects to `url` (`postgres://user@host:port/db`), creating the schema if needed,
+    /// with the default batching limits.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::connect_with(
+            url,
+            pool_size,
+            crate::metrics::Metrics::new(),
+            BatchConfig::default(),
+        )
+        .await
+    }
+
+    /// Connects with explicit batching limits; batches are counted in `metrics`.
+    pub async fn connect_with(
+        url: &str,
+        pool_size: usize,
+        metrics: crate::metrics::Metrics,
+        batching: BatchConfig,
+    ) -> Result<Self, StoreError> {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| backend(format!("store URL: {e}")))?;
@@ -191,7 +216,11 @@ impl PostgresStore {
             .create_timeout(Some(POOL_WAIT))
             .build()
             .map_err(backend)?;
-        let store = PostgresStore { pool };
+        let mut store = PostgresStore {
+            pool,
+            metrics,
+            batcher: None,
+        };
         store
             .client()
             .await?
@@ -202,6 +231,13 @@ impl PostgresStore {
             ))
             .await
             .map_err(|e| backend(format!("creating the schema: {}", with_causes(&e))))?;
+        // Writers never need more connections than the pool has.
+        let batching = BatchConfig {
+            writers: batching.writers.clamp(1, pool_size.max(1)),
+            ..batching
+        };
+        let batcher = batch::Batcher::start(store.clone(), batching);
+        store.batcher = Some(std::sync::Arc::new(batcher));
         Ok(store)
     }
 
@@ -238,66 +274,15 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT id, value, ts_ms, ts_logical, version FROM tether_buckets WHERE set_key = $1 ORDER BY id",
-                &[&set.as_str()],
-            )
-            .await
-            .map_err(backend)?;
-        rows.into_iter()
-            .map(|r| {
-                let id: &str = r.get(0);
-                Ok(Bucket {
-                    id: BucketId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    value: from_json::<Fields>(id, r.get(1))?,
-                    timestamp: Hlc {
-                        millis: as_u64(r.get(2))?,
-                        logical: u32::try_from(r.get::<_, i64>(3))
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    },
-                    version: as_u64(r.get(4))?,
-                })
-            })
-            .collect()
-    }
-
-    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
-        let mut client = self.client().await?;
-        let txn = client.transaction().await.map_err(backend)?;
-        // The row lock taken by the upsert serializes concurrent takers; the previous
-        // owner is read under it.
-        let previous: Option<String> = txn
-            .query_opt(
-                "SELECT owner FROM tether_leases WHERE set_key = $1 FOR UPDATE",
-                &[&set.as_str()],
-            )
-            .await
-            .map_err(backend)?
-            .map(|r| r.get(0));
-        let row = txn
-            .query_one(
-                "INSERT INTO tether_leases (set_key, epoch, owner) VALUES ($1, 1, $2)
-                 ON CONFLICT (set_key) DO UPDATE SET epoch = tether_leases.epoch + 1, owner = EXCLUDED.owner
-                 RETURNING epoch",
-                &[&set.as_str(), &owner],
-            )
-            .await
-            .map_err(backend)?;
-        let epoch = Epoch(as_u64(row.get(0))?);
-        txn.commit().await.map_err(backend)?;
-        Ok(Lease {
-            epoch,
-            previous_owner: previous.filter(|p| p != owner),
-        })
-    }
-
-    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
+impl PostgresStore {
+    /// One commit in its own transaction (the batch writer's fallback when a batch's
+    /// writes fail, so a bad commit fails alone).
+    async fn commit_one(
+        &self,
+        set: &SetKey,
+        epoch: Epoch,
+        commit: Commit,
+    ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let s = set.as_str();
         // Columns of the multi-row statements.
@@ -450,6 +435,73 @@ impl Store for PostgresStore {
             return Err(StoreError::OpsKnown(known));
         }
         txn.commit().await.map_err(backend)
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, value, ts_ms, ts_logical, version FROM tether_buckets WHERE set_key = $1 ORDER BY id",
+                &[&set.as_str()],
+            )
+            .await
+            .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                let id: &str = r.get(0);
+                Ok(Bucket {
+                    id: BucketId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    value: from_json::<Fields>(id, r.get(1))?,
+                    timestamp: Hlc {
+                        millis: as_u64(r.get(2))?,
+                        logical: u32::try_from(r.get::<_, i64>(3))
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    },
+                    version: as_u64(r.get(4))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(backend)?;
+        // The row lock taken by the upsert serializes concurrent takers; the previous
+        // owner is read under it.
+        let previous: Option<String> = txn
+            .query_opt(
+                "SELECT owner FROM tether_leases WHERE set_key = $1 FOR UPDATE",
+                &[&set.as_str()],
+            )
+            .await
+            .map_err(backend)?
+            .map(|r| r.get(0));
+        let row = txn
+            .query_one(
+                "INSERT INTO tether_leases (set_key, epoch, owner) VALUES ($1, 1, $2)
+                 ON CONFLICT (set_key) DO UPDATE SET epoch = tether_leases.epoch + 1, owner = EXCLUDED.owner
+                 RETURNING epoch",
+                &[&set.as_str(), &owner],
+            )
+            .await
+            .map_err(backend)?;
+        let epoch = Epoch(as_u64(row.get(0))?);
+        txn.commit().await.map_err(backend)?;
+        Ok(Lease {
+            epoch,
+            previous_owner: previous.filter(|p| p != owner),
+        })
+    }
+
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
+        match &self.batcher {
+            Some(batcher) => batcher.commit(set, epoch, commit).await,
+            None => self.commit_one(set, epoch, commit).await,
+        }
     }
 
     async fn history(
@@ -675,7 +727,11 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        // Every acknowledged write was committed by PostgreSQL before its answer.
+        // Every acknowledged write was committed by PostgreSQL before its answer; queued
+        // commits are written (or failed) before the pool closes.
+        if let Some(batcher) = &self.batcher {
+            batcher.close().await;
+        }
         self.pool.close();
         Ok(())
     }

@@ -1,0 +1,501 @@
+//! The batching writer of the PostgreSQL store: group commit across bucket sets.
+//!
+//! Every actor of a node hands its commit to one queue. A few writer tasks each take
+//! whatever is queued (up to [`BatchConfig::max_batch`]) and write it in ONE transaction:
+//!
+//! 1. one round trip (pipelined): lock every named set's lease row `FOR SHARE` and read
+//!    its epoch; read which of the batch's op ids are already remembered;
+//! 2. decide per commit: a set whose epoch moved is fenced, a commit naming a known op id
+//!    is answered with the remembered records — both write nothing, the others go on;
+//! 3. one round trip (pipelined): multi-row statements for the accepted commits' op ids,
+//!    buckets, changes and trims, then `COMMIT`.
+//!
+//! Fencing is as strong as the one-commit path: the lease rows stay share-locked from the
+//! epoch check to `COMMIT`, so a node taking a lease (`FOR UPDATE`) waits for the batch or
+//! makes the batch see its new epoch — never both commit. Each commit is answered only
+//! after `COMMIT` returned. If a write statement fails, the batch is rolled back (nothing
+//! was committed) and its accepted commits are written one by one, so one bad commit
+//! cannot fail its neighbours.
+//!
+//! Admission: at most [`BatchConfig::queue`] commits wait or are being written; past that
+//! a commit fails at once with [`StoreError::Overloaded`] (503 + `Retry-After`), never an
+//! unbounded wait.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tether_proto::synclog::OpRecord;
+use tether_proto::SetKey;
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
+
+use super::{as_i64, backend, from_json, to_json, PostgresStore};
+use crate::store::{Commit, Epoch, OpRetention, StoreError};
+
+/// Limits of the batching writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most commits queued or being written at once; more are refused (overloaded).
+    pub queue: usize,
+    /// Batch transactions in flight at once (each holds one pooled connection).
+    pub writers: usize,
+    /// Most commits folded into one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            queue: 8192,
+            writers: 4,
+            max_batch: 512,
+        }
+    }
+}
+
+/// A commit waiting for its batch.
+struct Request {
+    set: SetKey,
+    epoch: Epoch,
+    commit: Commit,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+    /// Its place in the admission bound, given back when it is answered.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The queue in front of the writer tasks.
+#[derive(Debug)]
+pub(super) struct Batcher {
+    tx: mpsc::UnboundedSender<Request>,
+    admission: Arc<Semaphore>,
+    bound: usize,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("set", &self.set).finish()
+    }
+}
+
+impl Batcher {
+    /// Starts `config.writers` writer tasks on the current runtime, writing through
+    /// `store`'s pool.
+    pub(super) fn start(store: PostgresStore, config: BatchConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..config.writers.max(1) {
+            let (rx, store) = (rx.clone(), store.clone());
+            let max_batch = config.max_batch.max(1);
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = Vec::new();
+                    {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { return };
+                        batch.push(first);
+                        while batch.len() < max_batch {
+                            match rx.try_recv() {
+                                Ok(r) => batch.push(r),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    write_batch(&store, batch).await;
+                }
+            });
+        }
+        Batcher {
+            tx,
+            admission: Arc::new(Semaphore::new(config.queue.max(1))),
+            bound: config.queue.max(1),
+        }
+    }
+
+    /// Queues a commit and waits until its batch committed (or it failed).
+    pub(super) async fn commit(
+        &self,
+        set: &SetKey,
+        epoch: Epoch,
+        commit: Commit,
+    ) -> Result<(), StoreError> {
+        let permit = match self.admission.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(StoreError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                return Err(StoreError::Overloaded(format!(
+                    "{} commits already queued for PostgreSQL",
+                    self.bound
+                )))
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request {
+                set: set.clone(),
+                epoch,
+                commit,
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Refuses new commits and waits (bounded) until every admitted one was answered.
+    pub(super) async fn close(&self) {
+        let all = u32::try_from(self.bound).unwrap_or(u32::MAX);
+        // Every permit back means nothing is queued or being written.
+        let drained = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.admission.acquire_many(all),
+        )
+        .await;
+        drop(drained);
+        self.admission.close();
+    }
+}
+
+const LEASES_FOR_SHARE: &str = "
+SELECT set_key, epoch FROM tether_leases WHERE set_key = ANY($1) ORDER BY set_key FOR SHARE";
+
+const KNOWN_OPS: &str = "
+SELECT o.set_key, o.body FROM tether_ops o JOIN unnest($1::text[], $2::text[]) AS t(set_key, op_id)
+    ON o.set_key = t.set_key AND o.op_id = t.op_id";
+
+const INSERT_OPS: &str = "
+INSERT INTO tether_ops (set_key, op_id, at_ms, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+ON CONFLICT (set_key, op_id) DO NOTHING RETURNING op_id";
+
+const UPSERT_BUCKETS: &str = "
+INSERT INTO tether_buckets (set_key, id, value, ts_ms, ts_logical, version)
+SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::bigint[], $5::bigint[], $6::bigint[])
+ON CONFLICT (set_key, id) DO UPDATE SET value = EXCLUDED.value, ts_ms = EXCLUDED.ts_ms,
+    ts_logical = EXCLUDED.ts_logical, version = EXCLUDED.version";
+
+const INSERT_CHANGES: &str = "
+INSERT INTO tether_changes (set_key, id, version, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])";
+
+const TRIM_CHANGES: &str = "
+DELETE FROM tether_changes c USING unnest($1::text[], $2::text[], $3::bigint[]) AS t(set_key, id, through)
+WHERE c.set_key = t.set_key AND c.id = t.id AND c.version <= t.through";
+
+/// Per set: drops the oldest op ids older than `since` while more than `keep` remain.
+const TRIM_OPS: &str = "
+DELETE FROM tether_ops o USING (
+    SELECT t.set_key, x.op_id FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(set_key, since, keep)
+    CROSS JOIN LATERAL (
+        SELECT op_id FROM tether_ops WHERE set_key = t.set_key AND at_ms < t.since ORDER BY at_ms
+        LIMIT GREATEST(0, (SELECT count(*) FROM tether_ops WHERE set_key = t.set_key) - t.keep)) x
+) d WHERE o.set_key = d.set_key AND o.op_id = d.op_id";
+
+/// The accepted commits of a batch as columns of the multi-row statements.
+#[derive(Default)]
+struct Columns<'a> {
+    o_sets: Vec<&'a str>,
+    o_ids: Vec<&'a str>,
+    o_at: Vec<i64>,
+    o_bodies: Vec<serde_json::Value>,
+    b_sets: Vec<&'a str>,
+    b_ids: Vec<&'a str>,
+    b_values: Vec<serde_json::Value>,
+    b_ms: Vec<i64>,
+    b_logical: Vec<i64>,
+    b_versions: Vec<i64>,
+    c_sets: Vec<&'a str>,
+    c_ids: Vec<&'a str>,
+    c_versions: Vec<i64>,
+    c_bodies: Vec<serde_json::Value>,
+    t_sets: Vec<&'a str>,
+    t_ids: Vec<&'a str>,
+    t_through: Vec<i64>,
+    r_sets: Vec<&'a str>,
+    r_since: Vec<i64>,
+    r_keep: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(accepted: &[&'a Request]) -> Result<Self, StoreError> {
+        let mut c = Columns::default();
+        // A bucket written by two commits of the batch: its last state only (one row
+        // may not be upserted twice by one statement).
+        let mut last_bucket: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut retention: HashMap<&str, OpRetention> = HashMap::new();
+        for r in accepted {
+            let s = r.set.as_str();
+            for op in &r.commit.ops {
+                c.o_sets.push(s);
+                c.o_ids.push(op.op_id.as_str());
+                c.o_at.push(as_i64(op.at_ms)?);
+                c.o_bodies.push(to_json(op)?);
+            }
+            for b in &r.commit.buckets {
+                let row = (
+                    to_json(&b.value)?,
+                    as_i64(b.timestamp.millis)?,
+                    i64::from(b.timestamp.logical),
+                    as_i64(b.version)?,
+                );
+                match last_bucket.get(&(s, b.id.as_str())) {
+                    Some(&i) => {
+                        (c.b_values[i], c.b_ms[i], c.b_logical[i], c.b_versions[i]) = row;
+                    }
+                    None => {
+                        last_bucket.insert((s, b.id.as_str()), c.b_ids.len());
+                        c.b_sets.push(s);
+                        c.b_ids.push(b.id.as_str());
+                        c.b_values.push(row.0);
+                        c.b_ms.push(row.1);
+                        c.b_logical.push(row.2);
+                        c.b_versions.push(row.3);
+                    }
+                }
+            }
+            for (id, ch) in &r.commit.changes {
+                c.c_sets.push(s);
+                c.c_ids.push(id.as_str());
+                c.c_versions.push(as_i64(ch.version)?);
+                c.c_bodies.push(to_json(ch)?);
+            }
+            for (id, through) in &r.commit.trim.changes_through {
+                c.t_sets.push(s);
+                c.t_ids.push(id.as_str());
+                c.t_through.push(as_i64(*through)?);
+            }
+            if let Some(keep) = r.commit.trim.ops {
+                retention.insert(s, keep);
+            }
+        }
+        for (s, keep) in retention {
+            let clamp = |v: u64| as_i64(v.min(i64::MAX as u64));
+            c.r_sets.push(s);
+            c.r_since.push(clamp(keep.keep_since_ms)?);
+            c.r_keep.push(clamp(keep.keep_last)?);
+        }
+        Ok(c)
+    }
+}
+
+/// What became of one commit of the batch before anything was written.
+enum Verdict {
+    /// Its set's epoch moved, or its op ids are known: answered with this, nothing written.
+    Refused(StoreError),
+    /// Goes into the batch's writes.
+    Accepted,
+}
+
+/// Writes one batch and answers every request in it.
+async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
+    store.metrics.store_commit(batch.len());
+    match try_batch(store, &batch).await {
+        Ok(answers) => {
+            for (r, answer) in batch.into_iter().zip(answers) {
+                // A dropped receiver: the requester gave up; nothing to tell it.
+                let _ = r.reply.send(answer);
+            }
+        }
+        Err(Fallback::Each(verdicts)) => {
+            // The writes failed before COMMIT (nothing committed): the accepted commits go
+            // one by one, so a bad one fails alone.
+            for (r, verdict) in batch.into_iter().zip(verdicts) {
+                let answer = match verdict {
+                    Verdict::Refused(e) => Err(e),
+                    Verdict::Accepted => store.commit_one(&r.set, r.epoch, r.commit.clone()).await,
+                };
+                let _ = r.reply.send(answer);
+            }
+        }
+        Err(Fallback::All(e)) => {
+            for r in batch {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// How a batch that could not commit as one is answered.
+enum Fallback {
+    /// Every request fails with this (the transaction's fate is unknown or it never ran).
+    All(StoreError),
+    /// Nothing was committed; refused requests keep their verdict, accepted ones are
+    /// written one by one.
+    Each(Vec<Verdict>),
+}
+
+async fn try_batch(
+    store: &PostgresStore,
+    batch: &[Request],
+) -> Result<Vec<Result<(), StoreError>>, Fallback> {
+    let mut client = store.client().await.map_err(Fallback::All)?;
+    let all = |e: tokio_postgres::Error| Fallback::All(backend(e));
+    let leases = client.prepare_cached(LEASES_FOR_SHARE).await.map_err(all)?;
+    let known_ops = client.prepare_cached(KNOWN_OPS).await.map_err(all)?;
+    let insert_ops = client.prepare_cached(INSERT_OPS).await.map_err(all)?;
+    let upsert = client.prepare_cached(UPSERT_BUCKETS).await.map_err(all)?;
+    let changes = client.prepare_cached(INSERT_CHANGES).await.map_err(all)?;
+    let trim_changes = client.prepare_cached(TRIM_CHANGES).await.map_err(all)?;
+    let trim_ops = client.prepare_cached(TRIM_OPS).await.map_err(all)?;
+
+    let sets: Vec<&str> = batch
+        .iter()
+        .map(|r| r.set.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let (mut q_sets, mut q_ops) = (Vec::new(), Vec::new());
+    for r in batch {
+        for op in &r.commit.ops {
+            q_sets.push(r.set.as_str());
+            q_ops.push(op.op_id.as_str());
+        }
+    }
+
+    let txn = client.transaction().await.map_err(all)?;
+    // Round trip 1: the lease rows locked and read, the known op ids read.
+    let read_known = async {
+        if q_ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        txn.query(&known_ops, &[&q_sets, &q_ops]).await
+    };
+    let lease_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sets];
+    let (epochs, known) = futures::join!(txn.query(&leases, &lease_params), read_known);
+    let epochs: HashMap<String, i64> = epochs
+        .map_err(all)?
+        .into_iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+        .collect();
+    let mut remembered: HashMap<(String, String), OpRecord> = HashMap::new();
+    for row in known.map_err(all)? {
+        let set: String = row.get(0);
+        let op: OpRecord = from_json(&set, row.get(1)).map_err(Fallback::All)?;
+        remembered.insert((set, op.op_id.clone()), op);
+    }
+
+    // The verdicts, in queue order: a later commit of the batch naming an op id an
+    // earlier accepted one carries is answered with that one's record.
+    let mut verdicts = Vec::with_capacity(batch.len());
+    for r in batch {
+        let s = r.set.as_str();
+        let current = epochs.get(s).copied();
+        let verdict = if as_i64(r.epoch.0).ok() != current {
+            Verdict::Refused(StoreError::Fenced {
+                set: s.to_string(),
+                epoch: r.epoch.0,
+            })
+        } else {
+            let known: Vec<OpRecord> = r
+                .commit
+                .ops
+                .iter()
+                .filter_map(|op| remembered.get(&(s.to_string(), op.op_id.clone())).cloned())
+                .collect();
+            if known.is_empty() {
+                for op in &r.commit.ops {
+                    remembered.insert((s.to_string(), op.op_id.clone()), op.clone());
+                }
+                Verdict::Accepted
+            } else {
+                Verdict::Refused(StoreError::OpsKnown(known))
+            }
+        };
+        verdicts.push(verdict);
+    }
+    let accepted: Vec<&Request> = batch
+        .iter()
+        .zip(&verdicts)
+        .filter(|(_, v)| matches!(v, Verdict::Accepted))
+        .map(|(r, _)| r)
+        .collect();
+    let cols = Columns::of(&accepted).map_err(Fallback::All)?;
+
+    // Round trip 2: every write, pipelined in this order (ops before their trim, changes
+    // before theirs).
+    let run_ops = async {
+        if cols.o_ids.is_empty() {
+            return Ok(0);
+        }
+        txn.query(
+            &insert_ops,
+            &[&cols.o_sets, &cols.o_ids, &cols.o_at, &cols.o_bodies],
+        )
+        .await
+        .map(|rows| rows.len())
+    };
+    let run_buckets = async {
+        if cols.b_ids.is_empty() {
+            return Ok(0);
+        }
+        txn.execute(
+            &upsert,
+            &[
+                &cols.b_sets,
+                &cols.b_ids,
+                &cols.b_values,
+                &cols.b_ms,
+                &cols.b_logical,
+                &cols.b_versions,
+            ],
+        )
+        .await
+    };
+    let run_changes = async {
+        if cols.c_ids.is_empty() {
+            return Ok(0);
+        }
+        txn.execute(
+            &changes,
+            &[&cols.c_sets, &cols.c_ids, &cols.c_versions, &cols.c_bodies],
+        )
+        .await
+    };
+    let run_trim_changes = async {
+        if cols.t_ids.is_empty() {
+            return Ok(0);
+        }
+        txn.execute(&trim_changes, &[&cols.t_sets, &cols.t_ids, &cols.t_through])
+            .await
+    };
+    let run_trim_ops = async {
+        if cols.r_sets.is_empty() {
+            return Ok(0);
+        }
+        txn.execute(&trim_ops, &[&cols.r_sets, &cols.r_since, &cols.r_keep])
+            .await
+    };
+    let (inserted, buckets, changed, trimmed_changes, trimmed_ops) = futures::join!(
+        run_ops,
+        run_buckets,
+        run_changes,
+        run_trim_changes,
+        run_trim_ops
+    );
+    let wrote = (|| {
+        let inserted = inserted?;
+        buckets?;
+        changed?;
+        trimmed_changes?;
+        trimmed_ops?;
+        Ok::<_, tokio_postgres::Error>(inserted)
+    })();
+    match wrote {
+        // Every op id checked above went in: nobody else wrote one meanwhile.
+        Ok(inserted) if inserted == cols.o_ids.len() => {}
+        // A write failed, or an op id appeared since the check: roll back and go one by
+        // one (each commit checks its own op ids again).
+        _ => {
+            drop(txn);
+            return Err(Fallback::Each(verdicts));
+        }
+    }
+    // Answers only once COMMIT returned: an error here leaves the fate unknown, so every
+    // accepted commit fails as a lone commit would (nothing acknowledged).
+    txn.commit().await.map_err(all)?;
+    Ok(verdicts
+        .into_iter()
+        .map(|v| match v {
+            Verdict::Refused(e) => Err(e),
+            Verdict::Accepted => Ok(()),
+        })
+        .collect())
+}
