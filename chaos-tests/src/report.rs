@@ -174,6 +174,7 @@ pub fn results_json(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> ser
         "examples": verdict.examples,
         "malformed": verdict.malformed,
         "malformed_count": verdict.malformed_count,
+        "excused_subscribers": verdict.excused_subscribers,
         "tier": meta.tier,
         "nodes": meta.nodes,
         "devices": meta.devices,
@@ -252,6 +253,15 @@ pub fn markdown(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> String 
     );
     for (k, n) in verdict.properties.iter() {
         let _ = writeln!(md, "| {k} | {n}{} |", if n > 0 { " ✗" } else { "" });
+    }
+    if verdict.excused_subscribers > 0 {
+        let _ = writeln!(
+            md,
+            "\n{} subscribe(s) were answered late only because the node holding them was \
+             paused (SIGSTOP) past their deadline, and answered within their timeout after it \
+             woke: not counted as hung.",
+            verdict.excused_subscribers
+        );
     }
     if verdict.properties.stale_reads > 0 {
         let _ = writeln!(

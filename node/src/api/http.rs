@@ -626,11 +626,25 @@ pub async fn subscribe(
             .map_or(ceiling as u64, |m| m.min(ceiling as u64)),
     );
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
-    let held = match state
-        .router
-        .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling)
-        .await?
-    {
+    // The whole subscribe, finding the owners included, answers within `timeout`
+    // (invariant 6): an owner that cannot be reached (isolated, paused) makes it a 503 at
+    // the subscriber's deadline, not a hang past it.
+    let started = tokio::time::Instant::now();
+    let opened = tokio::time::timeout(
+        timeout,
+        state
+            .router
+            .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling),
+    )
+    .await
+    .map_err(|_| {
+        NodeError::Unavailable(
+            "no owner of a subscribed bucket set could be reached within the subscribe's \
+             timeout_ms; retry"
+                .into(),
+        )
+    })??;
+    let held = match opened {
         Subscription::Now(updates) => {
             return Ok(respond(&req, StatusCode::OK, &answer(updates)));
         }
@@ -649,7 +663,7 @@ pub async fn subscribe(
     let body = async move {
         let mut slot = slot;
         let updates = tokio::select! {
-            updates = held.answer(timeout, draining) => updates,
+            updates = held.answer(timeout.saturating_sub(started.elapsed()), draining) => updates,
             _ = &mut slot.evicted => Vec::new(),
         };
         drop(slot);
