@@ -628,10 +628,13 @@ pub async fn subscribe(
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
     // The whole subscribe, finding the owners included, answers within `timeout`
     // (invariant 6): an owner that cannot be reached (isolated, paused) makes it a 503 at
-    // the subscriber's deadline, not a hang past it.
+    // the subscriber's deadline, not a hang past it. Finding the owners gets at least
+    // OPEN_AT_LEAST, so a subscribe that only asks for what is newer now (`timeout_ms` 0)
+    // still gets its answer.
+    const OPEN_AT_LEAST: Duration = Duration::from_secs(1);
     let started = tokio::time::Instant::now();
     let opened = tokio::time::timeout(
-        timeout,
+        timeout.max(OPEN_AT_LEAST),
         state
             .router
             .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling),
