@@ -251,32 +251,15 @@ fn the_smoke_tier_records_complete_histories_and_leaves_nothing_behind() {
             .expect("cp");
         eprintln!("{scenario}: run kept in {} ({copied})", keep.display());
     }
-    // OPEN_DEFECTS (REPORT.md): a failure of these is reported loudly, with its run kept
-    // above, but does not fail this test until the defect is fixed; any other failure does.
-    let (known, new): (Vec<_>, Vec<_>) = failing
-        .into_iter()
-        .partition(|(scenario, _, _)| OPEN_DEFECTS.iter().any(|(s, _)| s == scenario));
-    for (scenario, _, properties) in &known {
-        let why = OPEN_DEFECTS
-            .iter()
-            .find(|(s, _)| s == scenario)
-            .map_or("", |(_, why)| why);
-        eprintln!("OPEN DEFECT {scenario} failed again: {properties} — {why}");
-    }
+    let failed: Vec<_> = failing
+        .iter()
+        .map(|(scenario, _, properties)| format!("{scenario}: {properties}"))
+        .collect();
     assert!(
-        new.is_empty(),
-        "smoke scenarios whose safety properties failed: {new:?}"
+        failed.is_empty(),
+        "smoke scenarios whose safety properties failed: {failed:?}"
     );
 }
-
-/// Scenarios that have failed a safety property in some runs for a reason not yet found
-/// and fixed, each with its entry in chaos-tests/REPORT.md. Remove an entry with its fix.
-const OPEN_DEFECTS: &[(&str, &str)] = &[(
-    "kill-owner",
-    "REPORT.md defect 5: in 1 of 3 smoke runs on 2026-12-01 a kill -9 left one forked \
-     version, one lost write and one underivable state (seed 12, run kept in \
-     target/tmp/chaos-smoke-failed)",
-)];
 
 #[test]
 fn ctrl_c_tears_the_cluster_down() {

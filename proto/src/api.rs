@@ -190,8 +190,10 @@ pub struct UpdateResponse {
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub value: Option<Fields>,
     /// The answer of an earlier write with the same `op_id`: nothing changed now. The
-    /// outcome, timestamp and version are the original write's; `value` (merged,
-    /// refused) is the bucket as it is now.
+    /// outcome is the original write's. A replayed `applied` carries the original write's
+    /// timestamp and version; a replayed `merged` or `refused` carries the bucket as it is
+    /// now (timestamp, version and value together, so the pair is always a real state): its
+    /// version may be later than the write's own.
     #[serde(default, skip_serializing_if = "is_false")]
     pub replayed: bool,
 }

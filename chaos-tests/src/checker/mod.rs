@@ -25,9 +25,11 @@
 //!
 //! A stale read by the writer itself is both stale and a regression; otherwise each
 //! anomaly lands in one counter, the most specific. A retried write that the server
-//! replayed is judged at its first invocation. "Before" in real time is strict: an
-//! operation that completed at the very microsecond another was sent is concurrent with
-//! it. A write of unknown fate may take effect at any time after it was sent.
+//! replayed is judged at its first invocation; a replayed `merged` answer shows the
+//! bucket as it is now (its version may be later than the write's), so it is an
+//! observation and an acknowledgement without a version, never the write's own version.
+//! "Before" in real time is strict: an operation that completed at the very microsecond
+//! another was sent is concurrent with it. A write of unknown fate may take effect at any time after it was sent.
 //!
 //! A malformed history (an op invoked or completed twice, completed before or without
 //! its invocation) fails the verdict: `malformed` says what is wrong.
