@@ -15,9 +15,16 @@
 //!   `Unknown`.
 //! - The ownership poller reads the store's lease table (the truth of who owns a set) every
 //!   250 ms and records every change as an `Owner` entry.
+//! - The last hot set (of two or more) is *quiet*: all clients read and subscribe it as
+//!   any other, but it takes at most one write per [`WorkloadConfig::quiet_write_gap`]
+//!   (a client whose turn it is not reads or subscribes instead). A held subscriber of a busy set is
+//!   woken by the next write anyway; one of the quiet set depends on the notification of
+//!   each write, so a lost notification shows as a subscriber answered "nothing changed"
+//!   at its timeout (the checker's `missed_notifications`).
 //! - Every loop is bounded by the stop signal and a maximum op count.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -69,6 +76,24 @@ pub struct WorkloadConfig {
     pub subscribe_timeout_ms: u64,
     /// Bound of a read or write.
     pub request_timeout: Duration,
+    /// Least time between two writes to the quiet set (the last one).
+    pub quiet_write_gap: Duration,
+    /// When the quiet set may be written next (shared by every client of a run).
+    pub quiet_next: Arc<Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl WorkloadConfig {
+    /// Whether a client may write the quiet set now; if so, the next write must wait
+    /// [`Self::quiet_write_gap`].
+    fn quiet_turn(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut next = self.quiet_next.lock().unwrap_or_else(|e| e.into_inner());
+        if next.is_some_and(|t| now < t) {
+            return false;
+        }
+        *next = Some(now + self.quiet_write_gap);
+        true
+    }
 }
 
 impl Default for WorkloadConfig {
@@ -81,6 +106,8 @@ impl Default for WorkloadConfig {
             think: Duration::from_millis(25),
             subscribe_timeout_ms: 2_000,
             request_timeout: Duration::from_secs(5),
+            quiet_write_gap: Duration::from_millis(1_500),
+            quiet_next: Arc::default(),
         }
     }
 }
@@ -312,9 +339,11 @@ pub async fn client(
         } else {
             ("lb".to_string(), endpoints.lb.clone())
         };
-        let set = &sets[rng.random_range(0..sets.len())];
+        let k = rng.random_range(0..sets.len());
+        let set = &sets[k];
         let roll = rng.random_range(0..100u32);
-        let out = if roll < cfg.write_percent {
+        let quiet = sets.len() >= 2 && k == sets.len() - 1;
+        let out = if roll < cfg.write_percent && (!quiet || cfg.quiet_turn()) {
             seq += 1;
             let bucket = &set.buckets[rng.random_range(0..set.buckets.len())];
             let occ = rng.random_range(0..100u32) < cfg.occ_percent;

@@ -22,6 +22,7 @@
 //! | `version_regressions` | read/subscribe result of a client lower than a version that client already saw (its own reads, subscribes, acknowledgements) |
 //! | `stale_reads` | read/subscribe result (op, bucket) lower than the version of a write acknowledged before it was invoked; staleness = versions behind, and ms since the first acknowledgement of a newer version |
 //! | `hung_subscribers` | subscribe answered later than `timeout_ms + subscribe_grace`, or not answered by `End` although that deadline passed — unless the node it was sent to (or any node, for one sent through the load balancer) was paused when the deadline fell and the answer came within `timeout_ms + subscribe_grace` of the node waking (counted in `excused_subscribers`) |
+//! | `missed_notifications` | subscribe answered "nothing changed" (an empty answer at its timeout) although a version of a bucket it held newer than the one it held had been acknowledged or shown to someone more than `notify_grace` before the answer: the subscriber was left holding a stale copy (a dropped notification, or a node answering for a set it no longer owns) |
 //!
 //! A stale read by the writer itself is both stale and a regression; otherwise each
 //! anomaly lands in one counter, the most specific. A retried write that the server
@@ -87,6 +88,10 @@ use crate::history::{Call, Entry, Outcome};
 pub struct CheckOptions {
     /// How long past its `timeout_ms` a subscribe may take before it counts as hung.
     pub subscribe_grace_ms: u64,
+    /// How long after a newer version was acknowledged a held subscriber may still be
+    /// answered "nothing changed" (the notification's way from the commit to the client).
+    #[serde(default = "default_notify_grace_ms")]
+    pub notify_grace_ms: u64,
     /// Liveness thresholds (`liveness_passed`); they never change `passed`.
     pub min_availability: f64,
     pub min_availability_unaffected: f64,
@@ -100,6 +105,7 @@ impl Default for CheckOptions {
     fn default() -> Self {
         CheckOptions {
             subscribe_grace_ms: 5_000,
+            notify_grace_ms: default_notify_grace_ms(),
             min_availability: 0.95,
             min_availability_unaffected: 0.99,
             max_failover_s: 15.0,
@@ -107,6 +113,10 @@ impl Default for CheckOptions {
             max_examples: 10,
         }
     }
+}
+
+fn default_notify_grace_ms() -> u64 {
+    1_000
 }
 
 /// Counts per safety property; every one must be zero for a run to pass.
@@ -117,6 +127,8 @@ pub struct Properties {
     pub forked_versions: u64,
     pub garbage_reads: u64,
     pub hung_subscribers: u64,
+    #[serde(default)]
+    pub missed_notifications: u64,
     pub stale_reads: u64,
     pub underivable_states: u64,
     pub realtime_violations: u64,
@@ -125,7 +137,7 @@ pub struct Properties {
 
 impl Properties {
     /// `(name, count)` for every property, in report order.
-    pub fn iter(&self) -> [(&'static str, u64); 9] {
+    pub fn iter(&self) -> [(&'static str, u64); 10] {
         [
             ("lost_writes", self.lost_writes),
             ("forked_versions", self.forked_versions),
@@ -136,6 +148,7 @@ impl Properties {
             ("version_regressions", self.version_regressions),
             ("stale_reads", self.stale_reads),
             ("hung_subscribers", self.hung_subscribers),
+            ("missed_notifications", self.missed_notifications),
         ]
     }
 
@@ -155,6 +168,7 @@ impl Properties {
             "version_regressions" => &mut self.version_regressions,
             "stale_reads" => &mut self.stale_reads,
             "hung_subscribers" => &mut self.hung_subscribers,
+            "missed_notifications" => &mut self.missed_notifications,
             other => unreachable!("unknown property {other}"),
         };
         *c += 1;

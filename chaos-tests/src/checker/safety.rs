@@ -212,6 +212,7 @@ pub(super) fn check(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) -> S
     let lost = lost(hist, &obs, &writes, f);
     derivation(&obs, &writes, &chain, &acked, &forked, &garbage, &lost, f);
     hung(hist, opts, f);
+    missed(hist, &obs, opts, f);
     sweep(&obs, &writes, f)
 }
 
@@ -810,7 +811,6 @@ fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
                 && w.start <= deadline
                 && deadline <= w.end
                 && o.complete.unwrap_or(hist.end) <= w.end.saturating_add(allowed_us)
-                && (o.complete.is_some() || hist.end <= w.end.saturating_add(allowed_us))
         });
         if frozen.is_some() && o.complete.is_none_or(|t| t > deadline) {
             f.excused_subscribers += 1;
@@ -844,6 +844,71 @@ fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
                 vec![o.op],
                 format!("subscribe op {} (client {}) {detail}", o.op, o.client),
             );
+        }
+    }
+}
+
+/// Subscribes answered "nothing changed" although a newer version of a bucket they held
+/// was known (acknowledged, or shown to anyone) more than `notify_grace` earlier.
+fn missed(hist: &Hist<'_>, obs: &[Obs<'_>], opts: &CheckOptions, f: &mut Findings) {
+    // Per bucket: completions in time order with the highest version known by then.
+    let mut known: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new(); // (t, max v, op)
+    let mut by_bucket: HashMap<&str, Vec<&Obs<'_>>> = HashMap::new();
+    for o in obs.iter().filter(|o| o.complete != u64::MAX) {
+        by_bucket.entry(o.bucket).or_default().push(o);
+    }
+    for (b, mut list) in by_bucket {
+        list.sort_by_key(|o| o.complete);
+        let mut top: Option<(u64, u64)> = None; // (version, op)
+        let line = known.entry(b).or_default();
+        for o in list {
+            if top.is_none_or(|(v, _)| o.version > v) {
+                top = Some((o.version, o.op));
+            }
+            if let Some((v, op)) = top {
+                line.push((o.complete, v, op));
+            }
+        }
+    }
+    let grace_us = opts.notify_grace_ms.saturating_mul(1000);
+    for o in &hist.ops {
+        let (Call::Subscribe { held, .. }, Some(t), Some(Outcome::Ok { states, .. })) =
+            (o.call, o.complete, o.result)
+        else {
+            continue;
+        };
+        if !states.is_empty() {
+            continue;
+        }
+        for (b, &held_v) in held {
+            let Some(line) = known.get(b.as_str()) else {
+                continue;
+            };
+            // The highest version known more than the grace before the answer.
+            let cut = t.saturating_sub(grace_us);
+            let n = line.partition_point(|(at, _, _)| *at < cut);
+            let Some(&(_, top, _)) = n.checked_sub(1).and_then(|i| line.get(i)) else {
+                continue;
+            };
+            if top <= held_v {
+                continue;
+            }
+            // The first time anything newer than the held version was known.
+            let first = line.partition_point(|(_, v, _)| *v <= held_v);
+            let (at, v, by) = line[first];
+            f.add(
+                "missed_notifications",
+                b,
+                Some(v),
+                vec![by, o.op],
+                format!(
+                    "subscribe op {} (client {}) holding {b} v{held_v} was answered \"nothing changed\" {:.1} s after op {by} showed v{v}",
+                    o.op,
+                    o.client,
+                    (t.saturating_sub(at)) as f64 / 1e6
+                ),
+            );
+            break;
         }
     }
 }
