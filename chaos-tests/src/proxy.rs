@@ -502,6 +502,14 @@ mod tests {
             .expect("start link")
     }
 
+    /// `fut`, failing the test (instead of hanging it) if a broken proxy never lets it
+    /// finish; generous, never part of an assertion about speed.
+    async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not done within 30 s"))
+    }
+
     /// Bounded wait for `what`, polling `cond`; generous, never part of an assertion.
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -536,7 +544,9 @@ mod tests {
             w.shutdown().await.expect("shutdown");
         });
         let mut back = Vec::new();
-        r.read_to_end(&mut back).await.expect("read back");
+        bounded("read_to_end", r.read_to_end(&mut back))
+            .await
+            .expect("read back");
         writer.await.expect("writer");
         assert_eq!(back.len(), data.len(), "every byte came back");
         assert!(back == data, "bytes came back reordered or altered");
@@ -557,7 +567,9 @@ mod tests {
             let sent = Instant::now();
             s.write_all(&[i; 10]).await.expect("write");
             let mut buf = [0u8; 10];
-            s.read_exact(&mut buf).await.expect("read");
+            bounded("read_exact", s.read_exact(&mut buf))
+                .await
+                .expect("read");
             let rtt = sent.elapsed();
             assert_eq!(buf, [i; 10]);
             assert!(
@@ -575,20 +587,26 @@ mod tests {
         let mut s = TcpStream::connect(link.local_addr())
             .await
             .expect("connect");
-        let mut up = got.await.expect("upstream connection");
+        let mut up = bounded("upstream connection", got)
+            .await
+            .expect("upstream connection");
         // Ten messages 10 ms apart, all sent long before the first is due.
         for i in 0..10u8 {
             s.write_all(&[i; 100]).await.expect("write");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut first = [0u8; 100];
-        up.read_exact(&mut first).await.expect("first message");
+        bounded("read_exact", up.read_exact(&mut first))
+            .await
+            .expect("first message");
         assert_eq!(first, [0u8; 100]);
         // When the first one comes out, the proxy has already read all ten (a reader
         // that slept on each chunk would have read one).
         assert_eq!(link.stats().bytes_read, 1000);
         let mut rest = [0u8; 900];
-        up.read_exact(&mut rest).await.expect("the rest");
+        bounded("read_exact", up.read_exact(&mut rest))
+            .await
+            .expect("the rest");
         for (i, c) in rest.chunks(100).enumerate() {
             assert_eq!(c, [i as u8 + 1; 100]);
         }
@@ -601,7 +619,9 @@ mod tests {
         let mut s = TcpStream::connect(link.local_addr())
             .await
             .expect("connect");
-        let up = got.await.expect("upstream connection");
+        let up = bounded("upstream connection", got)
+            .await
+            .expect("upstream connection");
         link.clog();
         let data = pattern(50_000);
         s.write_all(&data).await.expect("write");
@@ -620,7 +640,9 @@ mod tests {
         link.unclog();
         let mut up = up;
         let mut back = vec![0u8; data.len()];
-        up.read_exact(&mut back).await.expect("read after unclog");
+        bounded("read_exact", up.read_exact(&mut back))
+            .await
+            .expect("read after unclog");
         assert!(back == data, "held bytes came out altered or reordered");
     }
 
@@ -631,12 +653,16 @@ mod tests {
         let mut s = TcpStream::connect(link.local_addr())
             .await
             .expect("connect");
-        let mut up = got.await.expect("upstream connection");
+        let mut up = bounded("upstream connection", got)
+            .await
+            .expect("upstream connection");
         let stalled = Instant::now();
         link.stall(Duration::from_millis(400));
         s.write_all(b"held").await.expect("write");
         let mut buf = [0u8; 4];
-        up.read_exact(&mut buf).await.expect("read");
+        bounded("read_exact", up.read_exact(&mut buf))
+            .await
+            .expect("read");
         assert!(stalled.elapsed() >= Duration::from_millis(400));
         assert_eq!(&buf, b"held");
         // After the stall, bytes flow without one.
@@ -650,7 +676,9 @@ mod tests {
         let s = TcpStream::connect(link.local_addr())
             .await
             .expect("connect");
-        let _up = got.await.expect("upstream connection");
+        let _up = bounded("upstream connection", got)
+            .await
+            .expect("upstream connection");
         link.clog();
         let (_r, mut w) = s.into_split();
         let total = 64 * 1024 * 1024;
@@ -667,7 +695,8 @@ mod tests {
         });
         // Wait until the proxy's reading stops growing (its queue is full).
         let mut last = u64::MAX;
-        loop {
+        for round in 0.. {
+            assert!(round < 100, "the proxy kept reading from a clogged link");
             tokio::time::sleep(Duration::from_millis(200)).await;
             let now = link.stats().bytes_read;
             if now == last {
@@ -694,13 +723,15 @@ mod tests {
         let mut s = TcpStream::connect(link.local_addr())
             .await
             .expect("connect");
-        let mut up = got.await.expect("upstream connection");
+        let mut up = bounded("upstream connection", got)
+            .await
+            .expect("upstream connection");
         s.write_all(b"last words").await.expect("write");
         s.shutdown()
             .await
             .expect("client shuts down its write half");
         let mut got = Vec::new();
-        up.read_to_end(&mut got)
+        bounded("read_to_end", up.read_to_end(&mut got))
             .await
             .expect("upstream reads to EOF");
         assert_eq!(got, b"last words");
@@ -708,7 +739,9 @@ mod tests {
         up.write_all(b"reply").await.expect("upstream writes");
         drop(up);
         let mut back = Vec::new();
-        s.read_to_end(&mut back).await.expect("client reads to EOF");
+        bounded("read_to_end", s.read_to_end(&mut back))
+            .await
+            .expect("client reads to EOF");
         assert_eq!(back, b"reply");
     }
 
