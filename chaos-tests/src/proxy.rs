@@ -583,26 +583,35 @@ mod tests {
     async fn the_delay_is_a_queue_the_reader_keeps_reading_while_chunks_wait() {
         let (addr, got) = sink().await;
         let link = link_to(addr).await;
-        link.set_latency(Duration::from_millis(1500), Duration::ZERO);
+        link.set_latency(Duration::from_millis(2000), Duration::ZERO);
         let mut s = TcpStream::connect(link.local_addr())
             .await
             .expect("connect");
         let mut up = bounded("upstream connection", got)
             .await
             .expect("upstream connection");
-        // Ten messages 10 ms apart, all sent long before the first is due.
+        // Ten messages, each sent once the proxy has read the one before (so each is a
+        // chunk of its own), all long before the first is due.
         for i in 0..10u8 {
             s.write_all(&[i; 100]).await.expect("write");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let read = 100 * (u64::from(i) + 1);
+            wait_for("the proxy to read the message", || {
+                link.stats().bytes_read == read
+            })
+            .await;
         }
+        // A reader that slept on each chunk until it was due would only have read the
+        // second message after delivering the first.
+        assert_eq!(
+            link.stats().bytes_written,
+            0,
+            "a message went out before the proxy had read the ones behind it"
+        );
         let mut first = [0u8; 100];
         bounded("read_exact", up.read_exact(&mut first))
             .await
             .expect("first message");
         assert_eq!(first, [0u8; 100]);
-        // When the first one comes out, the proxy has already read all ten (a reader
-        // that slept on each chunk would have read one).
-        assert_eq!(link.stats().bytes_read, 1000);
         let mut rest = [0u8; 900];
         bounded("read_exact", up.read_exact(&mut rest))
             .await
