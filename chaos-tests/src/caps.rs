@@ -6,7 +6,7 @@
 //! - A missing kernel feature with a fallback switches to it and says so in
 //!   [`Capabilities::notes`] (they go into the run's metadata and report): no cgroup
 //!   freezer → pauses use SIGSTOP only (they do anyway: a node is one process); no
-//!   `tc netem` (this kernel) → latency scenarios need the userspace proxy.
+//!   `tc netem` (this kernel) → latency, stalls and clogs come from the userspace proxy.
 //! - A missing feature without a fallback (not root, no network namespaces, no nftables
 //!   in the kernel) fails the run with the failing command and its stderr.
 //!
@@ -38,6 +38,8 @@ pub struct Capabilities {
 pub struct Needs {
     /// Nodes under libfaketime (clock scenarios).
     pub faketime: bool,
+    /// Nodes' links through the userspace proxy (nftables DNAT in their namespaces).
+    pub link_proxy: bool,
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String, String> {
@@ -81,6 +83,21 @@ fn postgres_installed() -> bool {
                 .any(|e| e.path().join("bin/postgres").exists())
         })
         .unwrap_or(false)
+}
+
+/// A `nat output` DNAT rule like the link proxy's, in namespace `ns`.
+fn probe_nat(ns: &str) -> Result<(), String> {
+    let rules = crate::proxy::nat_rules(
+        "t12probenat",
+        std::net::SocketAddr::from(([10, 12, 255, 1], 0)),
+        &[(std::net::SocketAddr::from(([10, 12, 255, 2], 7070)), 40000)],
+    );
+    let file = std::env::temp_dir().join(format!("t12probenat-{}.nft", std::process::id()));
+    std::fs::write(&file, rules).map_err(|e| format!("{}: {e}", file.display()))?;
+    let path = file.to_string_lossy().into_owned();
+    let r = run("ip", &["netns", "exec", ns, "nft", "-f", &path]).map(|_| ());
+    let _ = std::fs::remove_file(&file);
+    r
 }
 
 /// Probes everything a run with `needs` uses.
@@ -129,8 +146,14 @@ pub fn probe(needs: Needs) -> Result<Capabilities, ChaosError> {
             "netns", "exec", &ns, "nft", "add", "table", "inet", "t12probe",
         ],
     );
+    let nat = if needs.link_proxy {
+        probe_nat(&ns)
+    } else {
+        Ok(())
+    };
     let _ = run("ip", &["netns", "del", &ns]);
     nft.map_err(|e| probe_failed("nftables in a namespace", e))?;
+    nat.map_err(|e| probe_failed("nftables DNAT in a namespace (the link proxy)", e))?;
 
     // libfaketime: a child must see the offset from the file, with a real monotonic clock.
     if needs.faketime {
@@ -173,8 +196,8 @@ pub fn probe(needs: Needs) -> Result<Capabilities, ChaosError> {
     caps.netem = config.lines().any(|l| l == "CONFIG_NET_SCH_NETEM=y");
     if !caps.netem {
         caps.notes.push(
-            "tc netem absent (CONFIG_NET_SCH_NETEM not set): latency and stalls need the \
-             userspace proxy; loss uses nftables `numgen random`"
+            "tc netem absent (CONFIG_NET_SCH_NETEM not set): latency, stalls and clogs come from the \
+             userspace proxy (`proxy.rs`); loss uses nftables `numgen random`"
                 .into(),
         );
     }

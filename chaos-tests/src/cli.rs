@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// switch.
     #[arg(long = "node-env")]
     pub node_env: Vec<String>,
+    /// Route every node's peer and store connections through the userspace fault proxy
+    /// even in scenarios without link faults (zero delay): measures the proxy's own cost.
+    #[arg(long)]
+    pub link_proxy: bool,
 }
 
 fn list() {
@@ -129,6 +133,7 @@ fn run_options(args: &RunArgs) -> Result<RunOptions, ChaosError> {
         out: args.out.clone(),
         tether_bin: args.tether_bin.clone(),
         node_env,
+        link_proxy: args.link_proxy,
     })
 }
 
@@ -157,6 +162,9 @@ fn command_line(scenario: &str, opts: &RunOptions) -> Vec<String> {
     }
     for (k, v) in &opts.node_env {
         c.extend(["--node-env".into(), format!("{k}={v}")]);
+    }
+    if opts.link_proxy {
+        c.push("--link-proxy".into());
     }
     c
 }

@@ -39,6 +39,7 @@ pub mod cli;
 pub mod error;
 pub mod history;
 pub mod nemesis;
+pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod scenario;
@@ -114,6 +115,9 @@ pub struct ClusterOptions {
     /// Start every node under libfaketime with an offset file of its own
     /// ([`Cluster::set_clock_offset`]).
     pub faketime: bool,
+    /// Route every node's connections to its peers' gRPC ports and to PostgreSQL through
+    /// the userspace fault proxy ([`proxy::ClusterLinks`]; namespaced clusters only).
+    pub link_proxy: bool,
 }
 
 impl ClusterOptions {
@@ -128,6 +132,7 @@ impl ClusterOptions {
             node_env: Vec::new(),
             config: None,
             faketime: false,
+            link_proxy: false,
         }
     }
 }
@@ -199,6 +204,8 @@ pub struct Cluster {
     started: Vec<u32>,
     node_env: Vec<(String, String)>,
     config_path: Option<PathBuf>,
+    /// The proxied links ([`ClusterOptions::link_proxy`]).
+    links: Option<proxy::ClusterLinks>,
     // Dropped after the processes are killed (Drop below), in this order: PostgreSQL
     // stops (inside its namespace), then its namespace, the files, the bridge.
     pg: PgServer,
@@ -495,6 +502,11 @@ impl Cluster {
             Some(net) => IpAddr::V4(net.gateway()),
             None => IpAddr::V4(Ipv4Addr::LOCALHOST),
         };
+        let links = match (opts.link_proxy, &network) {
+            (false, _) => None,
+            (true, None) => panic!("the link proxy needs a namespaced cluster"),
+            (true, Some(_)) => Some(install_links(proxy_ip, &slots, &pg_ns, pg.port()).await),
+        };
         let haproxy_socket = dir.path().join("haproxy.sock");
         let haproxy_stderr = dir.path().join("haproxy.stderr.log");
         let http = reqwest::Client::builder()
@@ -518,6 +530,7 @@ impl Cluster {
             started: Vec::new(),
             node_env: opts.node_env.clone(),
             config_path,
+            links,
             pg,
             pg_ns,
             _pki: pki,
@@ -954,6 +967,11 @@ impl Cluster {
         self.proxy_ip
     }
 
+    /// The proxied links, when started with [`ClusterOptions::link_proxy`].
+    pub fn links(&self) -> Option<&proxy::ClusterLinks> {
+        self.links.as_ref()
+    }
+
     /// The shared store's URL.
     pub fn store_url(&self) -> &str {
         &self.store_url
@@ -1170,6 +1188,29 @@ impl Cluster {
         });
         Ok((status, header, body.to_string()))
     }
+}
+
+/// Starts the link proxy for every node slot of a namespaced cluster and PostgreSQL in
+/// `pg_ns` listening on `pg_port`.
+async fn install_links(
+    gateway: IpAddr,
+    slots: &[Slot],
+    pg_ns: &Option<Namespace>,
+    pg_port: u16,
+) -> proxy::ClusterLinks {
+    let pg_ns = pg_ns.as_ref().expect("PostgreSQL's namespace");
+    let hosts: Vec<proxy::Host<'_>> = slots
+        .iter()
+        .map(|s| proxy::Host {
+            name: &s.name,
+            namespace: s.ns.as_ref().expect("a namespaced node").name(),
+            grpc: std::net::SocketAddr::new(s.host, s.grpc_port),
+        })
+        .collect();
+    let store = std::net::SocketAddr::new(IpAddr::V4(pg_ns.ip()), pg_port);
+    proxy::ClusterLinks::install(gateway, &hosts, store)
+        .await
+        .unwrap_or_else(|e| panic!("starting the link proxy: {e}"))
 }
 
 /// Decodes the hex key file `tether admin mfg-key generate` writes.

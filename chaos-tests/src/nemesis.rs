@@ -14,6 +14,20 @@
 //! - `clock-bump`: the node's libfaketime offset file says `param` seconds for the
 //!   duration, then 0 again (the monotonic clock stays real).
 //! - `drain`: SIGTERM (graceful drain), wait for the exit, restart after the duration.
+//! - `peer-latency`: every node→node gRPC link of the userspace proxy
+//!   ([`crate::proxy`]) adds `param/2 ± 50 %` ms in each direction (a round trip gains
+//!   `param ± 50 %` ms) for the duration. Recorded with every node as its target.
+//! - `store-latency`: the same on every node→PostgreSQL link, and a third of the way in
+//!   one `store-stall` of [`STORE_STALL`] (every byte held), recorded as a fault of its
+//!   own (target `store`).
+//! - `clog`: FoundationDB's swizzle. A random subset of the links (node→node and
+//!   node→PostgreSQL, 2 to half of them, drawn from the seed `param`) is clogged one by
+//!   one, `duration / 2k` apart, then unclogged in reverse order at the same pace; a clogged
+//!   link holds every byte (nothing dropped) until unclogged. Each link's clog is its own
+//!   fault entry, target `<from>,<to>` (e.g. `n0,n2` or `n1,store`).
+//!
+//! The link kinds need the cluster started with its links through the proxy
+//! ([`crate::ClusterOptions::link_proxy`], set by the runner for scenarios using them).
 //!
 //! A target is a node, the owner of a hot set at the time the fault starts (resolved from
 //! the lease table the ownership poller reads), or the store. Faults of one schedule never
@@ -47,6 +61,9 @@ pub enum FaultKind {
     StoreCrash,
     ClockBump,
     Drain,
+    PeerLatency,
+    StoreLatency,
+    Clog,
 }
 
 impl FaultKind {
@@ -62,7 +79,18 @@ impl FaultKind {
             FaultKind::StoreCrash => "store-crash",
             FaultKind::ClockBump => "clock-bump",
             FaultKind::Drain => "drain",
+            FaultKind::PeerLatency => "peer-latency",
+            FaultKind::StoreLatency => "store-latency",
+            FaultKind::Clog => "clog",
         }
+    }
+
+    /// Whether it acts on the userspace proxy's links.
+    pub fn uses_link_proxy(self) -> bool {
+        matches!(
+            self,
+            FaultKind::PeerLatency | FaultKind::StoreLatency | FaultKind::Clog
+        )
     }
 }
 
@@ -76,6 +104,8 @@ pub enum Target {
     OwnerOf(usize),
     /// The shared store.
     Store,
+    /// Links of the userspace proxy (which ones: the fault kind says).
+    Links,
 }
 
 impl fmt::Display for Target {
@@ -84,6 +114,7 @@ impl fmt::Display for Target {
             Target::Node(i) => write!(f, "n{i}"),
             Target::OwnerOf(k) => write!(f, "owner(set {k})"),
             Target::Store => write!(f, "store"),
+            Target::Links => write!(f, "links"),
         }
     }
 }
@@ -100,6 +131,8 @@ pub enum TargetRule {
     EachNode,
     /// The store.
     Store,
+    /// The proxy's links.
+    Links,
 }
 
 /// How a scenario's faults are drawn.
@@ -173,6 +206,7 @@ impl Schedule {
                 TargetRule::AnyNode => Target::Node(rng.random_range(0..nodes.max(1))),
                 TargetRule::EachNode => Target::Node(faults.len() % nodes.max(1)),
                 TargetRule::Store => Target::Store,
+                TargetRule::Links => Target::Links,
             };
             let (lo, hi) = plan.param;
             let param = if hi > lo {
@@ -203,6 +237,17 @@ impl Schedule {
                 let param = match f.kind {
                     FaultKind::ClockBump => format!(" offset {:+} s", f.param),
                     FaultKind::Loss => format!(" loss {} %", f.param),
+                    FaultKind::PeerLatency => {
+                        format!(" round trip +{} ± {} ms", f.param, f.param / 2)
+                    }
+                    FaultKind::StoreLatency => format!(
+                        " round trip +{} ± {} ms, {} s stall at +{:.1} s",
+                        f.param,
+                        f.param / 2,
+                        STORE_STALL.as_secs(),
+                        f.duration_ms as f64 / 3000.0
+                    ),
+                    FaultKind::Clog => format!(" links drawn from seed {}", f.param),
                     _ => String::new(),
                 };
                 format!(
@@ -308,7 +353,7 @@ fn resolve(cluster: &Cluster, target: Target, owners: &Owners, set_keys: &[Strin
                 .and_then(|name| name.strip_prefix('n'))
                 .and_then(|n| n.parse::<usize>().ok())
         }
-        Target::Store => None,
+        Target::Store | Target::Links => None,
     };
     match pick {
         Some(i) if cluster.state(i) == NodeState::Running => i,
@@ -345,6 +390,9 @@ pub async fn apply(
         );
         tokio::time::sleep(duration).await;
         return Ok(());
+    }
+    if kind.uses_link_proxy() {
+        return apply_links(cluster, fault, rec).await;
     }
     let i = resolve(cluster, fault.target, owners, set_keys);
     let name = cluster.name(i).to_string();
@@ -423,9 +471,164 @@ pub async fn apply(
                 .map_err(|e| err(kind, &name, e))?;
             rec.fault(kind.name(), &name, FaultPhase::End, "offset 0".into());
         }
-        FaultKind::StoreCrash => unreachable!("handled above"),
+        FaultKind::StoreCrash
+        | FaultKind::PeerLatency
+        | FaultKind::StoreLatency
+        | FaultKind::Clog => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// How long `store-latency`'s one stall holds every byte (slow-store: PostgreSQL
+/// answers nothing for longer than the pool's 5 s wait).
+pub const STORE_STALL: Duration = Duration::from_secs(6);
+
+/// One-way delay and jitter for a round trip of `rtt_ms ± 50 %`: half each way, each
+/// `± 50 %`.
+fn one_way(rtt_ms: i64) -> (Duration, Duration) {
+    let rtt = u64::try_from(rtt_ms).unwrap_or(0);
+    (
+        Duration::from_millis(rtt / 2),
+        Duration::from_millis(rtt / 4),
+    )
+}
+
+/// The history target of a link named `from->to`: `from,to`.
+fn link_target(name: &str) -> String {
+    name.replace("->", ",")
+}
+
+/// Injects and heals a fault of the link proxy ([`FaultKind::uses_link_proxy`]).
+async fn apply_links(
+    cluster: &Cluster,
+    fault: &Planned,
+    rec: &SharedRecorder,
+) -> Result<(), ChaosError> {
+    let kind = fault.kind;
+    let duration = Duration::from_millis(fault.duration_ms);
+    let links = cluster.links().ok_or_else(|| {
+        err(
+            kind,
+            &fault.target.to_string(),
+            "the cluster's links do not go through the proxy (ClusterOptions::link_proxy)",
+        )
+    })?;
+    let started = tokio::time::Instant::now();
+    match kind {
+        FaultKind::PeerLatency => {
+            let (d, j) = one_way(fault.param);
+            for l in links.peer_links() {
+                l.set_latency(d, j);
+            }
+            let target = links.names().join(",");
+            rec.fault(
+                kind.name(),
+                &target,
+                FaultPhase::Start,
+                format!(
+                    "every node→node gRPC link: {} ± {} ms each way (round trip +{} ± {} ms)",
+                    d.as_millis(),
+                    j.as_millis(),
+                    fault.param,
+                    fault.param / 2
+                ),
+            );
+            tokio::time::sleep(duration).await;
+            for l in links.peer_links() {
+                l.heal();
+            }
+            rec.fault(kind.name(), &target, FaultPhase::End, "healed".into());
+        }
+        FaultKind::StoreLatency => {
+            let (d, j) = one_way(fault.param);
+            for l in links.store_links() {
+                l.set_latency(d, j);
+            }
+            rec.fault(
+                kind.name(),
+                "store",
+                FaultPhase::Start,
+                format!(
+                    "every node→PostgreSQL link: {} ± {} ms each way (round trip +{} ± {} ms)",
+                    d.as_millis(),
+                    j.as_millis(),
+                    fault.param,
+                    fault.param / 2
+                ),
+            );
+            let stall_at = duration / 3;
+            let stall = STORE_STALL.min(duration.saturating_sub(stall_at));
+            tokio::time::sleep_until(started + stall_at).await;
+            for l in links.store_links() {
+                l.stall(stall);
+            }
+            rec.fault(
+                "store-stall",
+                "store",
+                FaultPhase::Start,
+                format!(
+                    "every byte on every node→PostgreSQL link held for {:.1} s",
+                    stall.as_secs_f64()
+                ),
+            );
+            tokio::time::sleep(stall).await;
+            rec.fault("store-stall", "store", FaultPhase::End, String::new());
+            tokio::time::sleep_until(started + duration).await;
+            for l in links.store_links() {
+                l.heal();
+            }
+            rec.fault(kind.name(), "store", FaultPhase::End, "healed".into());
+        }
+        FaultKind::Clog => {
+            let all: Vec<&crate::proxy::Link> = links.all().collect();
+            let chosen = swizzle_pick(all.len(), fault.param);
+            let k = chosen.len().max(1);
+            let step = duration / (2 * u32::try_from(k).unwrap_or(1));
+            for (m, &x) in chosen.iter().enumerate() {
+                all[x].clog();
+                rec.fault(
+                    kind.name(),
+                    &link_target(all[x].name()),
+                    FaultPhase::Start,
+                    format!(
+                        "{}: every byte held (swizzle: clog {} of {k}, {} links in all)",
+                        all[x].name(),
+                        m + 1,
+                        all.len()
+                    ),
+                );
+                tokio::time::sleep(step).await;
+            }
+            for &x in chosen.iter().rev() {
+                all[x].unclog();
+                rec.fault(
+                    kind.name(),
+                    &link_target(all[x].name()),
+                    FaultPhase::End,
+                    "unclogged".into(),
+                );
+                tokio::time::sleep(step).await;
+            }
+            for l in links.all() {
+                l.heal();
+            }
+        }
+        _ => unreachable!("only link kinds come here"),
+    }
+    Ok(())
+}
+
+/// The links a swizzle clogs, in clogging order: 2 to half of `n` (at least 2, at most
+/// `n`) distinct indices drawn from `seed`.
+fn swizzle_pick(n: usize, seed: i64) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed.unsigned_abs());
+    let most = (n / 2).max(2).min(n);
+    let k = if most > 2 {
+        rng.random_range(2..=most)
+    } else {
+        most
+    };
+    rand::seq::index::sample(&mut rng, n, k).into_vec()
 }
 
 /// Runs `schedule` from now (the start of the fault phase).
@@ -520,6 +723,35 @@ mod tests {
     fn no_plan_no_faults() {
         let s = Schedule::generate(None, 7, Duration::from_secs(45), 3, 4);
         assert!(s.faults.is_empty());
+    }
+
+    #[test]
+    fn a_swizzle_clogs_distinct_links_and_the_same_ones_for_a_seed() {
+        for seed in 0..200 {
+            let picked = swizzle_pick(9, seed);
+            assert!((2..=4).contains(&picked.len()), "{picked:?}");
+            let distinct: std::collections::BTreeSet<_> = picked.iter().collect();
+            assert_eq!(distinct.len(), picked.len(), "{picked:?}");
+            assert!(picked.iter().all(|&x| x < 9));
+            assert_eq!(picked, swizzle_pick(9, seed));
+        }
+        let subsets: std::collections::BTreeSet<Vec<usize>> =
+            (0..50).map(|s| swizzle_pick(9, s)).collect();
+        assert!(subsets.len() > 10, "{subsets:?}");
+        assert_eq!(swizzle_pick(2, 5).len(), 2);
+    }
+
+    #[test]
+    fn latency_is_split_half_each_way_with_half_as_jitter() {
+        assert_eq!(
+            one_way(200),
+            (Duration::from_millis(100), Duration::from_millis(50))
+        );
+        assert_eq!(
+            one_way(50),
+            (Duration::from_millis(25), Duration::from_millis(12))
+        );
+        assert_eq!(link_target("n0->store"), "n0,store");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub tether_bin: Option<PathBuf>,
     /// Extra node environment (`KEY=VALUE`), e.g. a planted bug's switch.
     pub node_env: Vec<(String, String)>,
+    /// Links through the userspace proxy even when the scenario does not need it.
+    pub link_proxy: bool,
 }
 
 /// What a run recorded, for the checker and the report.
@@ -114,6 +116,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     let spec = effective_spec(opts)?;
     let capabilities = caps::probe(Needs {
         faketime: scenario.needs_faketime(),
+        link_proxy: opts.link_proxy || scenario.needs_link_proxy(),
     })?;
     let dir = opts.out.join(scenario.name);
     std::fs::create_dir_all(&dir).map_err(|e| ChaosError::io(&dir, e))?;
@@ -151,6 +154,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     copts.node_env = opts.node_env.clone();
     copts.config = Some(workload::device_type_config());
     copts.faketime = scenario.needs_faketime();
+    copts.link_proxy = opts.link_proxy || scenario.needs_link_proxy();
     let mut cluster = Cluster::start(copts).await;
     let namespace_prefix = cluster.namespace_prefix().unwrap_or_default();
     let store_dir = cluster.store().dir().to_path_buf();
@@ -166,6 +170,14 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         spec.nodes,
         cluster.namespace_prefix().unwrap_or_default()
     ));
+    if cluster.links().is_some() {
+        notes.push(
+            "links: every node's connections to its peers' gRPC ports and to PostgreSQL go \
+             through the userspace fault proxy on the bridge gateway (nftables DNAT in each \
+             node's namespace); latency, stalls and clogs are the proxy's"
+                .into(),
+        );
+    }
 
     let mut sets = Vec::new();
     for k in 0..spec.sets {
@@ -305,6 +317,9 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     for i in 0..spec.nodes {
         let log = dir.join(format!("{}.stderr.log", cluster.name(i)));
         write_file(&log, &cluster.stderr(i))?;
+    }
+    if let Some(links) = cluster.links() {
+        notes.push(format!("link proxy carried: {}", links.describe()));
     }
     let pids = cluster.pids();
     drop(cluster);

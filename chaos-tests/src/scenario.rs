@@ -1,8 +1,8 @@
 //! The named scenarios (research `chaos.md` §4a), each a steady-state hypothesis and a
 //! nemesis [`Plan`], and the tiers that size a run.
 //!
-//! A scenario whose fault needs machinery the suite does not have yet (the userspace
-//! latency proxy, a standby store, a disk-full ballast) is listed with what it needs and
+//! A scenario whose fault needs machinery the suite does not have yet (a standby store,
+//! a disk-full ballast) is listed with what it needs and
 //! refused by `run` with that reason: never run as something else, never skipped silently.
 
 use std::time::Duration;
@@ -89,6 +89,12 @@ impl Scenario {
     /// Whether nodes must start under libfaketime.
     pub fn needs_faketime(&self) -> bool {
         self.plan.is_some_and(|p| p.kind == FaultKind::ClockBump)
+    }
+
+    /// Whether nodes' peer and store connections must go through the userspace proxy
+    /// (latency, stalls and clogs: this kernel has no `tc netem`).
+    pub fn needs_link_proxy(&self) -> bool {
+        self.plan.is_some_and(|p| p.kind.uses_link_proxy())
     }
 }
 
@@ -224,25 +230,50 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "slow-peer-links",
             hypothesis: "200 ± 100 ms on gRPC links (above probe_rtt 300 ms at the tail): \
-                safety holds; ≥ 99 % availability.",
-            plan: None,
-            missing: Some("latency needs the userspace TCP proxy (no tc netem in this kernel)"),
+                safety holds; ≥ 99 % availability. Every node→node link of the userspace \
+                proxy adds 100 ± 50 ms each way for 15-20 s at a time.",
+            plan: plan(
+                K::PeerLatency,
+                T::Links,
+                (3_000, 6_000),
+                (15_000, 20_000),
+                (200, 200),
+                0,
+            ),
+            missing: None,
             smoke: false,
         },
         Scenario {
             name: "slow-store",
             hypothesis: "50 ± 25 ms and one 6 s stall on node→PostgreSQL links: safety holds; \
-                no request hangs > 10 s.",
-            plan: None,
-            missing: Some("latency needs the userspace TCP proxy (no tc netem in this kernel)"),
+                no request hangs > 10 s. Windows of 20 s of latency through the userspace \
+                proxy, the stall (every byte held) a third of the way in.",
+            plan: plan(
+                K::StoreLatency,
+                T::Store,
+                (3_000, 6_000),
+                (20_000, 20_000),
+                (50, 50),
+                0,
+            ),
+            missing: None,
             smoke: false,
         },
         Scenario {
             name: "swizzle-clog",
             hypothesis: "FoundationDB's swizzle: clog a random subset of links, unclog in \
-                reverse order: safety holds.",
-            plan: None,
-            missing: Some("needs the userspace TCP proxy's per-link clog"),
+                reverse order: safety holds. 2 to half of the node→node and node→PostgreSQL \
+                links of the userspace proxy, clogged one by one over 12-16 s (bytes held, \
+                never dropped).",
+            plan: plan(
+                K::Clog,
+                T::Links,
+                (3_000, 6_000),
+                (12_000, 16_000),
+                (0, 1_000_000),
+                0,
+            ),
+            missing: None,
             smoke: false,
         },
         Scenario {
@@ -354,6 +385,17 @@ mod tests {
             ]
         );
         assert!(smoke().iter().all(|s| s.missing.is_none()));
+    }
+
+    #[test]
+    fn the_latency_scenarios_run_through_the_link_proxy() {
+        for name in ["slow-peer-links", "slow-store", "swizzle-clog"] {
+            let s = find(name).expect(name);
+            assert!(s.missing.is_none(), "{name}");
+            assert!(s.needs_link_proxy(), "{name}");
+        }
+        // No other scenario pays for the proxy.
+        assert_eq!(all().iter().filter(|s| s.needs_link_proxy()).count(), 3);
     }
 
     #[test]
