@@ -18,6 +18,8 @@ use std::io;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use serde::{Deserialize, Serialize};
@@ -483,6 +485,49 @@ fn plot_err<E: std::fmt::Display>(e: E) -> io::Error {
     io::Error::other(format!("timeline.png: {e}"))
 }
 
+/// The colours of the timeline's faults and ownership moves.
+const FAULT_FILL: RGBAColor = RGBAColor(240, 120, 120, 0.22);
+const MOVE_COLOR: RGBColor = RGBColor(120, 80, 200);
+
+/// One of the timeline's panels over seconds `0..x_max` and `0..y_top`: its mesh, the
+/// faults shaded and the ownership moves as vertical lines.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    x_max: f64,
+    y_top: f64,
+    y_desc: &str,
+    faults: &[Window],
+    moves: &[(f64, String)],
+) -> io::Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_top)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .y_desc(y_desc)
+        .x_desc("s since start")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(plot_err)?;
+    chart
+        .draw_series(faults.iter().map(|w| {
+            Rectangle::new(
+                [(w.start as f64 / 1e6, 0.0), (w.end as f64 / 1e6, y_top)],
+                FAULT_FILL.filled(),
+            )
+        }))
+        .map_err(plot_err)?;
+    chart
+        .draw_series(moves.iter().map(|(t, _)| {
+            PathElement::new(vec![(*t, 0.0), (*t, y_top)], MOVE_COLOR.stroke_width(1))
+        }))
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
 /// Draws `timeline.png`: requests and errors per second above, p99 latency below; faults
 /// shaded, ownership moves as vertical lines.
 fn timeline(path: &Path, entries: &[Entry], faults: &[Window], meta: &RunMeta) -> io::Result<()> {
@@ -513,38 +558,9 @@ fn timeline(path: &Path, entries: &[Entry], faults: &[Window], meta: &RunMeta) -
         )
         .map_err(plot_err)?;
     let (upper, lower) = root.split_vertically(360);
-    let fault_fill = RGBColor(240, 120, 120).mix(0.22);
-    let move_color = RGBColor(120, 80, 200);
+    let (fault_fill, move_color) = (FAULT_FILL, MOVE_COLOR);
 
-    let mut chart = ChartBuilder::on(&upper)
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max, 0f64..top_req)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .y_desc("operations / s")
-        .x_desc("s since start")
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(plot_err)?;
-    chart
-        .draw_series(faults.iter().map(|w| {
-            Rectangle::new(
-                [(w.start as f64 / 1e6, 0.0), (w.end as f64 / 1e6, top_req)],
-                fault_fill.filled(),
-            )
-        }))
-        .map_err(plot_err)?;
-    for (t, _) in &moves {
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(*t, 0.0), (*t, top_req)],
-                move_color.stroke_width(1),
-            )))
-            .map_err(plot_err)?;
-    }
+    let mut chart = panel(&upper, x_max, top_req, "operations / s", faults, &moves)?;
     chart
         .draw_series(LineSeries::new(
             secs.iter()
@@ -589,35 +605,7 @@ fn timeline(path: &Path, entries: &[Entry], faults: &[Window], meta: &RunMeta) -
         .draw()
         .map_err(plot_err)?;
 
-    let mut chart = ChartBuilder::on(&lower)
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max, 0f64..top_lat)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .y_desc("p99 latency (ms)")
-        .x_desc("s since start")
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(plot_err)?;
-    chart
-        .draw_series(faults.iter().map(|w| {
-            Rectangle::new(
-                [(w.start as f64 / 1e6, 0.0), (w.end as f64 / 1e6, top_lat)],
-                fault_fill.filled(),
-            )
-        }))
-        .map_err(plot_err)?;
-    for (t, _) in &moves {
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(*t, 0.0), (*t, top_lat)],
-                move_color.stroke_width(1),
-            )))
-            .map_err(plot_err)?;
-    }
+    let mut chart = panel(&lower, x_max, top_lat, "p99 latency (ms)", faults, &moves)?;
     chart
         .draw_series(
             p99s.iter().enumerate().filter_map(|(i, p)| {
