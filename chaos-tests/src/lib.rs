@@ -42,6 +42,7 @@ pub mod nemesis;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod store_faults;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashSet};
@@ -114,6 +115,13 @@ pub struct ClusterOptions {
     /// Start every node under libfaketime with an offset file of its own
     /// ([`Cluster::set_clock_offset`]).
     pub faketime: bool,
+    /// PostgreSQL's directory on a tmpfs of this many MiB (disk-full faults).
+    pub store_tmpfs_mib: Option<u64>,
+    /// Extra PostgreSQL settings (`-c name=value`).
+    pub store_settings: Vec<(String, String)>,
+    /// A synchronous streaming standby in a namespace of its own, and a store URL naming
+    /// both hosts (failover faults; namespaced clusters only).
+    pub store_standby: bool,
 }
 
 impl ClusterOptions {
@@ -128,6 +136,9 @@ impl ClusterOptions {
             node_env: Vec::new(),
             config: None,
             faketime: false,
+            store_tmpfs_mib: None,
+            store_settings: Vec::new(),
+            store_standby: false,
         }
     }
 }
@@ -201,7 +212,12 @@ pub struct Cluster {
     config_path: Option<PathBuf>,
     // Dropped after the processes are killed (Drop below), in this order: PostgreSQL
     // stops (inside its namespace), then its namespace, the files, the bridge.
+    standby: Option<PgServer>,
     pg: PgServer,
+    /// The primary a failover left behind (down).
+    old_primary: Option<PgServer>,
+    store_tmpfs: Option<store_faults::Tmpfs>,
+    _standby_ns: Option<Namespace>,
     pg_ns: Option<Namespace>,
     _pki: Option<ClusterPki>,
     dir: tempfile::TempDir,
@@ -406,19 +422,40 @@ impl Cluster {
             net.add_namespace("pg")
                 .unwrap_or_else(|e| panic!("creating PostgreSQL's namespace: {e:#}"))
         });
-        let pg_options = match &pg_ns {
+        let store_tmpfs = opts.store_tmpfs_mib.map(|mib| {
+            store_faults::Tmpfs::mount(mib).unwrap_or_else(|e| {
+                panic!("a {mib} MiB tmpfs for PostgreSQL (util-linux mount): {e}")
+            })
+        });
+        let mut pg_options = match &pg_ns {
             Some(ns) => PgOptions {
                 netns: Some(ns.name().to_string()),
                 listen: IpAddr::V4(ns.ip()),
                 port: Some(5432),
-                password: None,
+                ..PgOptions::default()
             },
             None => PgOptions::default(),
         };
+        pg_options.base_dir = store_tmpfs.as_ref().map(|fs| fs.path().to_path_buf());
+        pg_options.settings = opts.store_settings.clone();
         let pg = tokio::task::spawn_blocking(move || start_postgres(pg_options))
             .await
             .expect("start PostgreSQL");
-        let store_url = pg.url("tether").expect("create the tether database");
+        let mut store_url = pg.url("tether").expect("create the tether database");
+        let (standby, standby_ns) = if opts.store_standby {
+            let net = network
+                .as_mut()
+                .expect("a standby store needs a namespaced cluster");
+            let ns = net
+                .add_namespace("pg2")
+                .unwrap_or_else(|e| panic!("creating the standby's namespace: {e:#}"));
+            let standby = tokio::task::block_in_place(|| store_faults::start_standby(&pg, &ns))
+                .unwrap_or_else(|e| panic!("a synchronous standby PostgreSQL: {e}"));
+            store_url = store_faults::multi_host_url(&pg, &standby);
+            (Some(standby), Some(ns))
+        } else {
+            (None, None)
+        };
         let dir = tempfile::tempdir().expect("cluster tempdir");
 
         // One manufacturing key for every node, written by the real admin command.
@@ -518,7 +555,11 @@ impl Cluster {
             started: Vec::new(),
             node_env: opts.node_env.clone(),
             config_path,
+            standby,
             pg,
+            old_primary: None,
+            store_tmpfs,
+            _standby_ns: standby_ns,
             pg_ns,
             _pki: pki,
             dir,
@@ -959,9 +1000,27 @@ impl Cluster {
         &self.store_url
     }
 
-    /// The shared PostgreSQL server.
+    /// The shared PostgreSQL server (the primary; after a failover, the promoted one).
     pub fn store(&self) -> &PgServer {
         &self.pg
+    }
+
+    /// The streaming standby ([`ClusterOptions::store_standby`]) until it is promoted.
+    pub fn standby(&self) -> Option<&PgServer> {
+        self.standby.as_ref()
+    }
+
+    /// Records that the standby was promoted: it is the store from now on; the old
+    /// primary is kept (down) until the cluster drops.
+    pub fn promoted(&mut self) {
+        if let Some(new) = self.standby.take() {
+            self.old_primary = Some(std::mem::replace(&mut self.pg, new));
+        }
+    }
+
+    /// The tmpfs PostgreSQL's directory is on ([`ClusterOptions::store_tmpfs_mib`]).
+    pub fn store_tmpfs(&self) -> Option<&store_faults::Tmpfs> {
+        self.store_tmpfs.as_ref()
     }
 
     /// The bridge's names (namespaced clusters): the namespaces' common prefix.
@@ -979,10 +1038,19 @@ impl Cluster {
     /// Every process id this cluster started (nodes, their restarts, HAProxy), and
     /// PostgreSQL's postmaster while it runs.
     pub fn pids(&self) -> Vec<u32> {
-        let postmaster = std::fs::read_to_string(self.pg.dir().join("data/postmaster.pid"))
-            .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
-        self.started.iter().copied().chain(postmaster).collect()
+        let postmasters = [
+            Some(&self.pg),
+            self.standby.as_ref(),
+            self.old_primary.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|pg| {
+            std::fs::read_to_string(pg.dir().join("data/postmaster.pid"))
+                .ok()
+                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
+        });
+        self.started.iter().copied().chain(postmasters).collect()
     }
 
     /// Sets node `i`'s wall clock offset (libfaketime, [`ClusterOptions::faketime`]) to
