@@ -217,7 +217,7 @@ pub struct Cluster {
     /// The primary a failover left behind (down).
     old_primary: Option<PgServer>,
     store_tmpfs: Option<store_faults::Tmpfs>,
-    _standby_ns: Option<Namespace>,
+    standby_ns: Option<Namespace>,
     pg_ns: Option<Namespace>,
     _pki: Option<ClusterPki>,
     dir: tempfile::TempDir,
@@ -559,7 +559,7 @@ impl Cluster {
             pg,
             old_primary: None,
             store_tmpfs,
-            _standby_ns: standby_ns,
+            standby_ns,
             pg_ns,
             _pki: pki,
             dir,
@@ -1008,6 +1008,11 @@ impl Cluster {
     /// The streaming standby ([`ClusterOptions::store_standby`]) until it is promoted.
     pub fn standby(&self) -> Option<&PgServer> {
         self.standby.as_ref()
+    }
+
+    /// The standby's network namespace name ([`ClusterOptions::store_standby`]).
+    pub fn standby_namespace(&self) -> Option<&str> {
+        self.standby_ns.as_ref().map(Namespace::name)
     }
 
     /// Records that the standby was promoted: it is the store from now on; the old

@@ -313,8 +313,9 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "store-failover",
-            hypothesis: "Crash the primary (pg_ctl stop -m immediate) and promote its \
-                synchronous streaming standby 5 s later: no acknowledged write is lost; nodes \
+            hypothesis: "Cut replication for 3 s, crash the primary (pg_ctl stop -m \
+                immediate) and promote its synchronous streaming standby 5 s later, then cold-restart every \
+                node (sets reload from the promoted store): no acknowledged write is lost; nodes \
                 reach the new primary through their multi-host store URL \
                 (target_session_attrs=read-write) and writes succeed again.",
             plan: plan(

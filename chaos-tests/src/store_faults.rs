@@ -17,9 +17,14 @@
 //!   it on every commit (`synchronous_standby_names = '*'`, `synchronous_commit = on`:
 //!   the commit is flushed on the standby before it is acknowledged). The nodes' store URL
 //!   names both hosts with `target_session_attrs=read-write` (tokio-postgres tries them in
-//!   order and keeps the one that accepts writes). The fault crashes the primary
-//!   (`pg_ctl stop -m immediate`), waits the duration (a failover manager's detection
-//!   time), then promotes the standby (`pg_ctl promote`). The old primary stays down.
+//!   order and keeps the one that accepts writes). The fault cuts the standby from the
+//!   primary (nftables in the standby's namespace) for [`REPLICATION_STALL`] (commits go
+//!   unreplicated), crashes the primary (`pg_ctl stop -m immediate`), waits the duration
+//!   (a failover manager's detection time), promotes the standby (`pg_ctl promote`) and
+//!   lifts the cut. The old primary stays down. Then every node is killed and restarted
+//!   (a cold start loads every set from the promoted store: a running owner would write
+//!   its in-memory state back and hide a lost commit). With asynchronous replication the commits acknowledged during
+//!   the stall would be lost; the checker counts them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -281,7 +286,55 @@ pub async fn disk_full(
     Ok(())
 }
 
-/// Crashes the primary, waits the fault's duration, promotes the standby.
+/// How long replication stalls before the primary crashes.
+pub const REPLICATION_STALL: Duration = Duration::from_secs(3);
+
+/// The nftables table of the replication cut.
+const CUT_TABLE: &str = "t12repl";
+
+/// Rules dropping everything to and from `peer`.
+fn cut_rules(peer: &str) -> String {
+    format!(
+        "table inet {CUT_TABLE} {{
+  chain input {{ type filter hook input priority 0; policy accept; ip saddr {peer} drop; }}
+  chain output {{ type filter hook output priority 0; policy accept; ip daddr {peer} drop; }}
+}}
+"
+    )
+}
+
+/// `nft -f -` with `rules` in namespace `ns`.
+async fn nft_in(ns: &str, rules: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .await
+            .map_err(|e| format!("nft stdin: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft -f - in {ns}: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Stalls replication, crashes the primary, waits the fault's duration, promotes the
+/// standby.
 pub async fn failover(
     cluster: &mut Cluster,
     fault: &Planned,
@@ -303,13 +356,30 @@ pub async fn failover(
     })
     .unwrap_or_else(|e| format!("? ({e})"));
     let (primary, standby_ip) = (cluster.store().listen(), standby.listen());
-    tokio::task::block_in_place(|| cluster.store().stop_immediate()).map_err(|e| err(kind, e))?;
+    // The primary's host drops off the network first, as seen from the standby
+    // (nftables in the standby's namespace), so that the crash finds commits the standby
+    // never received: synchronous replication holds their acknowledgements back;
+    // asynchronous replication would have acknowledged them. The cut stays until the
+    // standby is promoted, so nothing the primary's kernel still retransmits arrives.
+    let ns = cluster
+        .standby_namespace()
+        .ok_or_else(|| err(kind, "the standby has no namespace"))?
+        .to_string();
+    nft_in(&ns, &cut_rules(&primary.to_string()))
+        .await
+        .map_err(|e| err(kind, e))?;
     rec.fault(
         kind.name(),
         "store",
         FaultPhase::Start,
-        format!("primary {primary} stopped -m immediate; standby {standby_ip} was: {lag}"),
+        format!(
+            "standby {standby_ip} was: {lag}; it lost the primary {primary} for {} ms, then \
+             the primary stopped -m immediate",
+            REPLICATION_STALL.as_millis()
+        ),
     );
+    tokio::time::sleep(REPLICATION_STALL).await;
+    tokio::task::block_in_place(|| cluster.store().stop_immediate()).map_err(|e| err(kind, e))?;
     tokio::time::sleep(Duration::from_millis(fault.duration_ms)).await;
     let t = Instant::now();
     let standby = cluster
@@ -317,12 +387,30 @@ pub async fn failover(
         .ok_or_else(|| err(kind, "standby vanished"))?;
     tokio::task::block_in_place(|| standby.promote()).map_err(|e| err(kind, e))?;
     let took = t.elapsed().as_secs_f64();
+    nft_in(&ns, &format!("delete table inet {CUT_TABLE}\n"))
+        .await
+        .map_err(|e| err(kind, e))?;
     cluster.promoted();
+    // A running owner keeps its sets in memory and would write a lost commit back with
+    // its next one, hiding the loss; a cold restart makes every node load its sets from
+    // the promoted store, so the final reads show what the store really kept.
+    let t = Instant::now();
+    let running = cluster.live_nodes();
+    for &i in &running {
+        cluster.kill9(i).await;
+    }
+    for &i in &running {
+        cluster.restart(i).await;
+    }
     rec.fault(
         kind.name(),
         "store",
         FaultPhase::End,
-        format!("standby {standby_ip} promoted in {took:.1} s; the old primary stays down"),
+        format!(
+            "standby {standby_ip} promoted in {took:.1} s; the old primary stays down; every \
+             node killed and restarted on the promoted store in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ),
     );
     Ok(())
 }
