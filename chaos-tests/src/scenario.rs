@@ -299,7 +299,8 @@ pub fn all() -> Vec<Scenario> {
             name: "store-disk-full",
             hypothesis: "ENOSPC on PostgreSQL's data directory (a 256 MiB tmpfs filled by a \
                 ballast file) for 30 s: writes fail (5xx), none acknowledged and lost; writes \
-                succeed again once the ballast is gone (PostgreSQL restarted if it shut down).",
+                succeed again once the ballast is gone (PostgreSQL restarted if it shut down; \
+                then every node cold-restarted, so sets reload from the store).",
             plan: plan(
                 K::DiskFull,
                 T::Store,

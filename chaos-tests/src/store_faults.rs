@@ -8,7 +8,8 @@
 //!   failing the statement (relation extension) or, on a WAL write, by PANIC and a crash
 //!   restart; if it shut down for good (recovery itself needs space), the heal starts it
 //!   again, as an operator or a supervisor would, and says so in the fault's end entry.
-//!   The server runs with `wal_init_zero=off` and `wal_recycle=off` (the settings for
+//!   Then every node is killed and restarted (as after a failover, below). The server
+//!   runs with `wal_init_zero=off` and `wal_recycle=off` (the settings for
 //!   copy-on-write file systems), so new WAL is allocated as it is written and the full
 //!   disk bites within seconds instead of at the next 16 MB segment switch (the fault
 //!   starts a new segment with `pg_switch_wal()` before it fills the disk).
@@ -22,8 +23,8 @@
 //!   unreplicated), crashes the primary (`pg_ctl stop -m immediate`), waits the duration
 //!   (a failover manager's detection time), promotes the standby (`pg_ctl promote`) and
 //!   lifts the cut. The old primary stays down. Then every node is killed and restarted
-//!   (a cold start loads every set from the promoted store: a running owner would write
-//!   its in-memory state back and hide a lost commit). With asynchronous replication the commits acknowledged during
+//!   (a cold start loads every set from the store: a running owner would write its
+//!   in-memory state back with its next commit and hide a lost one). With asynchronous replication the commits acknowledged during
 //!   the stall would be lost; the checker counts them.
 
 use std::io::Write;
@@ -228,10 +229,24 @@ fn panics(log: &str) -> usize {
     log.lines().filter(|l| l.contains("PANIC:")).count()
 }
 
+/// Kills every running node and starts them again. A running owner keeps its sets in
+/// memory and would write a lost commit back with its next one, hiding the loss; after a
+/// cold start every node loads its sets from the store, so later reads show what the
+/// store really kept.
+async fn cold_restart(cluster: &mut Cluster) {
+    let running = cluster.live_nodes();
+    for &i in &running {
+        cluster.kill9(i).await;
+    }
+    for &i in &running {
+        cluster.restart(i).await;
+    }
+}
+
 /// Fills the store's disk for the fault's duration, then frees it (and starts PostgreSQL
 /// again if it shut down).
 pub async fn disk_full(
-    cluster: &Cluster,
+    cluster: &mut Cluster,
     fault: &Planned,
     rec: &SharedRecorder,
 ) -> Result<(), ChaosError> {
@@ -282,6 +297,12 @@ pub async fn disk_full(
             t.elapsed().as_secs_f64()
         ));
     }
+    let t = Instant::now();
+    cold_restart(cluster).await;
+    detail.push_str(&format!(
+        "; every node killed and restarted in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
     rec.fault(kind.name(), "store", FaultPhase::End, detail);
     Ok(())
 }
@@ -391,17 +412,8 @@ pub async fn failover(
         .await
         .map_err(|e| err(kind, e))?;
     cluster.promoted();
-    // A running owner keeps its sets in memory and would write a lost commit back with
-    // its next one, hiding the loss; a cold restart makes every node load its sets from
-    // the promoted store, so the final reads show what the store really kept.
     let t = Instant::now();
-    let running = cluster.live_nodes();
-    for &i in &running {
-        cluster.kill9(i).await;
-    }
-    for &i in &running {
-        cluster.restart(i).await;
-    }
+    cold_restart(cluster).await;
     rec.fault(
         kind.name(),
         "store",
