@@ -40,6 +40,10 @@ pub struct Needs {
     pub faketime: bool,
     /// Nodes' links through the userspace proxy (nftables DNAT in their namespaces).
     pub link_proxy: bool,
+    /// PostgreSQL on a tmpfs (disk-full scenarios): `mount -t tmpfs` must work.
+    pub tmpfs: bool,
+    /// A streaming standby (failover scenarios): `pg_basebackup` and `psql`.
+    pub standby: bool,
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String, String> {
@@ -74,13 +78,18 @@ fn probe_failed(probe: &str, detail: String) -> ChaosError {
 
 /// Whether `/usr/lib/postgresql/*/bin/postgres` (or `$TETHER_PG_BIN/postgres`) exists.
 fn postgres_installed() -> bool {
+    pg_tool_installed("postgres")
+}
+
+/// Whether PostgreSQL's `tool` is next to its server binaries.
+fn pg_tool_installed(tool: &str) -> bool {
     if let Ok(dir) = std::env::var("TETHER_PG_BIN") {
-        return Path::new(&dir).join("postgres").exists();
+        return Path::new(&dir).join(tool).exists();
     }
     std::fs::read_dir("/usr/lib/postgresql")
         .map(|d| {
             d.filter_map(Result::ok)
-                .any(|e| e.path().join("bin/postgres").exists())
+                .any(|e| e.path().join("bin").join(tool).exists())
         })
         .unwrap_or(false)
 }
@@ -98,6 +107,22 @@ fn probe_nat(ns: &str) -> Result<(), String> {
     let r = run("ip", &["netns", "exec", ns, "nft", "-f", &path]).map(|_| ());
     let _ = std::fs::remove_file(&file);
     r
+}
+
+/// A 1 MiB tmpfs mounted and unmounted again (disk-full scenarios).
+fn probe_tmpfs() -> Result<(), ChaosError> {
+    if run("mount", &["--version"]).is_err() {
+        return Err(missing("mount (util-linux)", "mount"));
+    }
+    let dir = tempfile::tempdir().map_err(|e| ChaosError::io(Path::new("/tmp"), e))?;
+    let path = dir.path().display().to_string();
+    run(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=1m", "t12-probe", &path],
+    )
+    .map_err(|e| probe_failed("tmpfs mount", e))?;
+    run("umount", &[&path]).map_err(|e| probe_failed("tmpfs umount", e))?;
+    Ok(())
 }
 
 /// Probes everything a run with `needs` uses.
@@ -135,6 +160,19 @@ pub fn probe(needs: Needs) -> Result<Capabilities, ChaosError> {
     }
     if needs.faketime && !Path::new(LIBFAKETIME).exists() {
         return Err(missing(LIBFAKETIME, "libfaketime"));
+    }
+    if needs.standby {
+        for tool in ["pg_basebackup", "psql"] {
+            if !pg_tool_installed(tool) {
+                return Err(missing(
+                    &format!("{tool} next to PostgreSQL's server binaries"),
+                    "postgresql-client",
+                ));
+            }
+        }
+    }
+    if needs.tmpfs {
+        probe_tmpfs()?;
     }
 
     // Namespaces and nftables, for real, in a throw-away namespace.

@@ -43,6 +43,7 @@ pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod store_faults;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashSet};
@@ -118,6 +119,13 @@ pub struct ClusterOptions {
     /// Route every node's connections to its peers' gRPC ports and to PostgreSQL through
     /// the userspace fault proxy ([`proxy::ClusterLinks`]; namespaced clusters only).
     pub link_proxy: bool,
+    /// PostgreSQL's directory on a tmpfs of this many MiB (disk-full faults).
+    pub store_tmpfs_mib: Option<u64>,
+    /// Extra PostgreSQL settings (`-c name=value`).
+    pub store_settings: Vec<(String, String)>,
+    /// A synchronous streaming standby in a namespace of its own, and a store URL naming
+    /// both hosts (failover faults; namespaced clusters only).
+    pub store_standby: bool,
 }
 
 impl ClusterOptions {
@@ -133,6 +141,9 @@ impl ClusterOptions {
             config: None,
             faketime: false,
             link_proxy: false,
+            store_tmpfs_mib: None,
+            store_settings: Vec::new(),
+            store_standby: false,
         }
     }
 }
@@ -208,7 +219,12 @@ pub struct Cluster {
     links: Option<proxy::ClusterLinks>,
     // Dropped after the processes are killed (Drop below), in this order: PostgreSQL
     // stops (inside its namespace), then its namespace, the files, the bridge.
+    standby: Option<PgServer>,
     pg: PgServer,
+    /// The primary a failover left behind (down).
+    old_primary: Option<PgServer>,
+    store_tmpfs: Option<store_faults::Tmpfs>,
+    standby_ns: Option<Namespace>,
     pg_ns: Option<Namespace>,
     _pki: Option<ClusterPki>,
     dir: tempfile::TempDir,
@@ -413,19 +429,40 @@ impl Cluster {
             net.add_namespace("pg")
                 .unwrap_or_else(|e| panic!("creating PostgreSQL's namespace: {e:#}"))
         });
-        let pg_options = match &pg_ns {
+        let store_tmpfs = opts.store_tmpfs_mib.map(|mib| {
+            store_faults::Tmpfs::mount(mib).unwrap_or_else(|e| {
+                panic!("a {mib} MiB tmpfs for PostgreSQL (util-linux mount): {e}")
+            })
+        });
+        let mut pg_options = match &pg_ns {
             Some(ns) => PgOptions {
                 netns: Some(ns.name().to_string()),
                 listen: IpAddr::V4(ns.ip()),
                 port: Some(5432),
-                password: None,
+                ..PgOptions::default()
             },
             None => PgOptions::default(),
         };
+        pg_options.base_dir = store_tmpfs.as_ref().map(|fs| fs.path().to_path_buf());
+        pg_options.settings = opts.store_settings.clone();
         let pg = tokio::task::spawn_blocking(move || start_postgres(pg_options))
             .await
             .expect("start PostgreSQL");
-        let store_url = pg.url("tether").expect("create the tether database");
+        let mut store_url = pg.url("tether").expect("create the tether database");
+        let (standby, standby_ns) = if opts.store_standby {
+            let net = network
+                .as_mut()
+                .expect("a standby store needs a namespaced cluster");
+            let ns = net
+                .add_namespace("pg2")
+                .unwrap_or_else(|e| panic!("creating the standby's namespace: {e:#}"));
+            let standby = tokio::task::block_in_place(|| store_faults::start_standby(&pg, &ns))
+                .unwrap_or_else(|e| panic!("a synchronous standby PostgreSQL: {e}"));
+            store_url = store_faults::multi_host_url(&pg, &standby);
+            (Some(standby), Some(ns))
+        } else {
+            (None, None)
+        };
         let dir = tempfile::tempdir().expect("cluster tempdir");
 
         // One manufacturing key for every node, written by the real admin command.
@@ -531,7 +568,11 @@ impl Cluster {
             node_env: opts.node_env.clone(),
             config_path,
             links,
+            standby,
             pg,
+            old_primary: None,
+            store_tmpfs,
+            standby_ns,
             pg_ns,
             _pki: pki,
             dir,
@@ -977,9 +1018,32 @@ impl Cluster {
         &self.store_url
     }
 
-    /// The shared PostgreSQL server.
+    /// The shared PostgreSQL server (the primary; after a failover, the promoted one).
     pub fn store(&self) -> &PgServer {
         &self.pg
+    }
+
+    /// The streaming standby ([`ClusterOptions::store_standby`]) until it is promoted.
+    pub fn standby(&self) -> Option<&PgServer> {
+        self.standby.as_ref()
+    }
+
+    /// The standby's network namespace name ([`ClusterOptions::store_standby`]).
+    pub fn standby_namespace(&self) -> Option<&str> {
+        self.standby_ns.as_ref().map(Namespace::name)
+    }
+
+    /// Records that the standby was promoted: it is the store from now on; the old
+    /// primary is kept (down) until the cluster drops.
+    pub fn promoted(&mut self) {
+        if let Some(new) = self.standby.take() {
+            self.old_primary = Some(std::mem::replace(&mut self.pg, new));
+        }
+    }
+
+    /// The tmpfs PostgreSQL's directory is on ([`ClusterOptions::store_tmpfs_mib`]).
+    pub fn store_tmpfs(&self) -> Option<&store_faults::Tmpfs> {
+        self.store_tmpfs.as_ref()
     }
 
     /// The bridge's names (namespaced clusters): the namespaces' common prefix.
@@ -997,10 +1061,19 @@ impl Cluster {
     /// Every process id this cluster started (nodes, their restarts, HAProxy), and
     /// PostgreSQL's postmaster while it runs.
     pub fn pids(&self) -> Vec<u32> {
-        let postmaster = std::fs::read_to_string(self.pg.dir().join("data/postmaster.pid"))
-            .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()));
-        self.started.iter().copied().chain(postmaster).collect()
+        let postmasters = [
+            Some(&self.pg),
+            self.standby.as_ref(),
+            self.old_primary.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|pg| {
+            std::fs::read_to_string(pg.dir().join("data/postmaster.pid"))
+                .ok()
+                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
+        });
+        self.started.iter().copied().chain(postmasters).collect()
     }
 
     /// Sets node `i`'s wall clock offset (libfaketime, [`ClusterOptions::faketime`]) to

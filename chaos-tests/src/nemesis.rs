@@ -28,6 +28,12 @@
 //!
 //! The link kinds need the cluster started with its links through the proxy
 //! ([`crate::ClusterOptions::link_proxy`], set by the runner for scenarios using them).
+//! - `disk-full`: a ballast file fills PostgreSQL's tmpfs (ENOSPC) for the duration
+//!   ([`crate::store_faults`]).
+//! - `store-failover`: `pg_ctl stop -m immediate` of the primary, `pg_ctl promote` of the
+//!   synchronous standby after the duration ([`crate::store_faults`]).
+//! - `ring-partition`: per-link partitions (nftables in both nodes' namespaces) so that
+//!   every node sees a majority but not the same one ([`ring_cuts`]).
 //!
 //! A target is a node, the owner of a hot set at the time the fault starts (resolved from
 //! the lease table the ownership poller reads), or the store. Faults of one schedule never
@@ -64,6 +70,9 @@ pub enum FaultKind {
     PeerLatency,
     StoreLatency,
     Clog,
+    DiskFull,
+    StoreFailover,
+    RingPartition,
 }
 
 impl FaultKind {
@@ -82,6 +91,9 @@ impl FaultKind {
             FaultKind::PeerLatency => "peer-latency",
             FaultKind::StoreLatency => "store-latency",
             FaultKind::Clog => "clog",
+            FaultKind::DiskFull => "disk-full",
+            FaultKind::StoreFailover => "store-failover",
+            FaultKind::RingPartition => "ring-partition",
         }
     }
 
@@ -106,6 +118,8 @@ pub enum Target {
     Store,
     /// Links of the userspace proxy (which ones: the fault kind says).
     Links,
+    /// Every node at once (per-link faults).
+    AllNodes,
 }
 
 impl fmt::Display for Target {
@@ -115,6 +129,7 @@ impl fmt::Display for Target {
             Target::OwnerOf(k) => write!(f, "owner(set {k})"),
             Target::Store => write!(f, "store"),
             Target::Links => write!(f, "links"),
+            Target::AllNodes => write!(f, "all nodes"),
         }
     }
 }
@@ -133,6 +148,8 @@ pub enum TargetRule {
     Store,
     /// The proxy's links.
     Links,
+    /// Every node at once (per-link faults).
+    AllNodes,
 }
 
 /// How a scenario's faults are drawn.
@@ -207,6 +224,7 @@ impl Schedule {
                 TargetRule::EachNode => Target::Node(faults.len() % nodes.max(1)),
                 TargetRule::Store => Target::Store,
                 TargetRule::Links => Target::Links,
+                TargetRule::AllNodes => Target::AllNodes,
             };
             let (lo, hi) = plan.param;
             let param = if hi > lo {
@@ -248,6 +266,7 @@ impl Schedule {
                         f.duration_ms as f64 / 3000.0
                     ),
                     FaultKind::Clog => format!(" links drawn from seed {}", f.param),
+                    FaultKind::RingPartition => format!(" ring seed {}", f.param),
                     _ => String::new(),
                 };
                 format!(
@@ -275,7 +294,7 @@ fn err(kind: FaultKind, target: &str, detail: impl fmt::Display) -> ChaosError {
 }
 
 /// Runs `nft -f -` with `rules` inside node `i`'s namespace.
-async fn nft(cluster: &Cluster, i: usize, rules: &str) -> Result<(), String> {
+pub(crate) async fn nft(cluster: &Cluster, i: usize, rules: &str) -> Result<(), String> {
     let ns = cluster
         .namespace(i)
         .ok_or_else(|| "the node has no namespace of its own (loopback cluster)".to_string())?;
@@ -353,7 +372,7 @@ fn resolve(cluster: &Cluster, target: Target, owners: &Owners, set_keys: &[Strin
                 .and_then(|name| name.strip_prefix('n'))
                 .and_then(|n| n.parse::<usize>().ok())
         }
-        Target::Store | Target::Links => None,
+        Target::Store | Target::Links | Target::AllNodes => None,
     };
     match pick {
         Some(i) if cluster.state(i) == NodeState::Running => i,
@@ -373,6 +392,14 @@ pub async fn apply(
 ) -> Result<(), ChaosError> {
     let kind = fault.kind;
     let duration = Duration::from_millis(fault.duration_ms);
+    match kind {
+        FaultKind::DiskFull => return crate::store_faults::disk_full(cluster, fault, rec).await,
+        FaultKind::StoreFailover => {
+            return crate::store_faults::failover(cluster, fault, rec).await
+        }
+        FaultKind::RingPartition => return ring_partition(cluster, fault, nodes, rec).await,
+        _ => {}
+    }
     if kind == FaultKind::StoreCrash {
         rec.fault(kind.name(), "store", FaultPhase::Start, String::new());
         let started = std::time::Instant::now();
@@ -474,7 +501,10 @@ pub async fn apply(
         FaultKind::StoreCrash
         | FaultKind::PeerLatency
         | FaultKind::StoreLatency
-        | FaultKind::Clog => unreachable!("handled above"),
+        | FaultKind::Clog
+        | FaultKind::DiskFull
+        | FaultKind::StoreFailover
+        | FaultKind::RingPartition => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -631,6 +661,89 @@ fn swizzle_pick(n: usize, seed: i64) -> Vec<usize> {
     rand::seq::index::sample(&mut rng, n, k).into_vec()
 }
 
+/// The links a ring partition of `nodes` nodes cuts (pairs `a < b`), for ring seed
+/// `seed`: the nodes in a seeded ring order each keep the links to their nearest
+/// neighbours on both sides, just enough to see a strict majority (themselves included),
+/// and lose the others. Three nodes are the exception (a ring of three is complete): the
+/// link between two of them is cut, and the third sees both. Fewer than three nodes:
+/// nothing to cut (no two majorities can differ).
+pub fn ring_cuts(nodes: usize, seed: i64) -> Vec<(usize, usize)> {
+    use rand::seq::SliceRandom;
+    if nodes < 3 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..nodes).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed.unsigned_abs()));
+    if nodes == 3 {
+        let (a, b) = (order[0], order[1]);
+        return vec![(a.min(b), a.max(b))];
+    }
+    // Keep ring distance ≤ k with 2k + 1 > nodes / 2.
+    let k = (nodes / 2).div_ceil(2);
+    let mut pos = vec![0; nodes];
+    for (p, &node) in order.iter().enumerate() {
+        pos[node] = p;
+    }
+    let mut cuts = Vec::new();
+    for a in 0..nodes {
+        for b in a + 1..nodes {
+            let d = pos[a].abs_diff(pos[b]);
+            if d.min(nodes - d) > k {
+                cuts.push((a, b));
+            }
+        }
+    }
+    cuts
+}
+
+/// Cuts the links [`ring_cuts`] names (each in both nodes' namespaces), waits the
+/// duration, heals them.
+async fn ring_partition(
+    cluster: &Cluster,
+    fault: &Planned,
+    nodes: usize,
+    rec: &SharedRecorder,
+) -> Result<(), ChaosError> {
+    let kind = fault.kind;
+    let cuts = ring_cuts(nodes, fault.param);
+    let mut peers: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for &(a, b) in &cuts {
+        peers
+            .entry(a)
+            .or_default()
+            .push(cluster.host(b).to_string());
+        peers
+            .entry(b)
+            .or_default()
+            .push(cluster.host(a).to_string());
+    }
+    let target: Vec<String> = peers.keys().map(|&i| cluster.name(i).to_string()).collect();
+    let target = target.join(",");
+    for (&i, p) in &peers {
+        nft(cluster, i, &drop_rules(p, None))
+            .await
+            .map_err(|e| err(kind, cluster.name(i), e))?;
+    }
+    let links: Vec<String> = cuts
+        .iter()
+        .map(|&(a, b)| format!("{}-{}", cluster.name(a), cluster.name(b)))
+        .collect();
+    rec.fault(
+        kind.name(),
+        &target,
+        FaultPhase::Start,
+        format!("cut {}", links.join(" ")),
+    );
+    tokio::time::sleep(Duration::from_millis(fault.duration_ms)).await;
+    for &i in peers.keys() {
+        nft(cluster, i, &format!("delete table inet {TABLE}\n"))
+            .await
+            .map_err(|e| err(kind, cluster.name(i), e))?;
+    }
+    rec.fault(kind.name(), &target, FaultPhase::End, "healed".into());
+    Ok(())
+}
+
 /// Runs `schedule` from now (the start of the fault phase).
 pub async fn run(
     cluster: &mut Cluster,
@@ -723,6 +836,48 @@ mod tests {
     fn no_plan_no_faults() {
         let s = Schedule::generate(None, 7, Duration::from_secs(45), 3, 4);
         assert!(s.faults.is_empty());
+    }
+
+    /// Who node `i` still reaches (itself included) after `cuts`.
+    fn view(nodes: usize, cuts: &[(usize, usize)], i: usize) -> Vec<usize> {
+        (0..nodes)
+            .filter(|&j| j == i || !cuts.contains(&(i.min(j), i.max(j))))
+            .collect()
+    }
+
+    #[test]
+    fn ring_cuts_leave_every_node_a_majority_but_not_the_same_one() {
+        for nodes in 3..=9 {
+            for seed in 0..20 {
+                let cuts = ring_cuts(nodes, seed);
+                assert!(!cuts.is_empty(), "{nodes} nodes, seed {seed}: nothing cut");
+                let views: Vec<Vec<usize>> = (0..nodes).map(|i| view(nodes, &cuts, i)).collect();
+                for (i, v) in views.iter().enumerate() {
+                    assert!(
+                        2 * v.len() > nodes,
+                        "{nodes} nodes, seed {seed}: n{i} sees only {v:?} ({cuts:?})"
+                    );
+                }
+                let distinct: std::collections::BTreeSet<&Vec<usize>> = views.iter().collect();
+                assert!(
+                    distinct.len() >= 3,
+                    "{nodes} nodes, seed {seed}: views {views:?}"
+                );
+                // Two nodes cut from each other: their majorities differ yet overlap.
+                let (a, b) = cuts[0];
+                assert!(!views[a].contains(&b) && !views[b].contains(&a));
+                assert!(views[a].iter().any(|x| views[b].contains(x)));
+            }
+        }
+        assert_eq!(ring_cuts(2, 1), vec![]);
+        // Five nodes: each keeps exactly its two ring neighbours.
+        let cuts = ring_cuts(5, 3);
+        assert_eq!(cuts.len(), 5, "{cuts:?}");
+        for i in 0..5 {
+            assert_eq!(view(5, &cuts, i).len(), 3);
+        }
+        // Seeded: the same seed cuts the same links.
+        assert_eq!(ring_cuts(5, 3), cuts);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::error::ChaosError;
 use crate::history::{self, Entry, Recorder, SharedRecorder};
 use crate::nemesis::{self, Owners, Schedule};
 use crate::scenario::{Scenario, Tier, TierSpec};
+use crate::store_faults;
 use crate::workload::{self, Endpoints, HotSet, Tally, WorkloadConfig};
 use crate::{Cluster, ClusterOptions, NodeState};
 
@@ -104,6 +105,16 @@ pub fn effective_spec(opts: &RunOptions) -> Result<TierSpec, ChaosError> {
     Ok(spec)
 }
 
+/// The store set-up a scenario's faults need: PostgreSQL on a small tmpfs (disk full), or
+/// with a synchronous standby (failover).
+fn store_options(scenario: &Scenario, copts: &mut ClusterOptions) {
+    if scenario.needs_store_tmpfs() {
+        copts.store_tmpfs_mib = Some(store_faults::STORE_TMPFS_MIB);
+        copts.store_settings = store_faults::disk_full_settings();
+    }
+    copts.store_standby = scenario.needs_standby();
+}
+
 /// Runs `scenario`; the run's record (the verdict is the checker's, on `history.jsonl`).
 pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, ChaosError> {
     if let Some(why) = scenario.missing {
@@ -117,6 +128,8 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     let capabilities = caps::probe(Needs {
         faketime: scenario.needs_faketime(),
         link_proxy: opts.link_proxy || scenario.needs_link_proxy(),
+        tmpfs: scenario.needs_store_tmpfs(),
+        standby: scenario.needs_standby(),
     })?;
     let dir = opts.out.join(scenario.name);
     std::fs::create_dir_all(&dir).map_err(|e| ChaosError::io(&dir, e))?;
@@ -155,6 +168,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     copts.config = Some(workload::device_type_config());
     copts.faketime = scenario.needs_faketime();
     copts.link_proxy = opts.link_proxy || scenario.needs_link_proxy();
+    store_options(scenario, &mut copts);
     let mut cluster = Cluster::start(copts).await;
     let namespace_prefix = cluster.namespace_prefix().unwrap_or_default();
     let store_dir = cluster.store().dir().to_path_buf();

@@ -96,6 +96,17 @@ impl Scenario {
     pub fn needs_link_proxy(&self) -> bool {
         self.plan.is_some_and(|p| p.kind.uses_link_proxy())
     }
+
+    /// Whether PostgreSQL's directory must be on a small tmpfs (disk-full faults).
+    pub fn needs_store_tmpfs(&self) -> bool {
+        self.plan.is_some_and(|p| p.kind == FaultKind::DiskFull)
+    }
+
+    /// Whether the store needs a synchronous standby (failover faults).
+    pub fn needs_standby(&self) -> bool {
+        self.plan
+            .is_some_and(|p| p.kind == FaultKind::StoreFailover)
+    }
 }
 
 /// The safety properties every scenario holds to (zero tolerance, every tier).
@@ -191,10 +202,18 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "majorities-ring",
-            hypothesis: "Overlapping majorities (each node sees a different majority): safety \
-                holds while views disagree.",
-            plan: None,
-            missing: Some("per-link partitions (one nft rule set per link) are not wired yet"),
+            hypothesis: "Overlapping majorities for 15 s (per-link nftables cuts: with 3 nodes \
+                n_a-n_b is cut and the third sees both; with 5 each node sees its two ring \
+                neighbours): safety holds while views disagree; views agree ≤ 10 s after heal.",
+            plan: plan(
+                K::RingPartition,
+                T::AllNodes,
+                (4_000, 8_000),
+                (15_000, 15_000),
+                (0, 1_000_000),
+                0,
+            ),
+            missing: None,
             smoke: false,
         },
         Scenario {
@@ -309,18 +328,37 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "store-disk-full",
-            hypothesis: "ENOSPC on PostgreSQL's data directory for 30 s: writes fail, never \
-                acknowledged and lost.",
-            plan: None,
-            missing: Some("PostgreSQL's data directory on a small tmpfs is not wired yet"),
+            hypothesis: "ENOSPC on PostgreSQL's data directory (a 256 MiB tmpfs filled by a \
+                ballast file) for 30 s: writes fail (5xx), none acknowledged and lost; writes \
+                succeed again once the ballast is gone (PostgreSQL restarted if it shut down; \
+                then every node cold-restarted, so sets reload from the store).",
+            plan: plan(
+                K::DiskFull,
+                T::Store,
+                (6_000, 8_000),
+                (30_000, 30_000),
+                (0, 0),
+                1,
+            ),
+            missing: None,
             smoke: false,
         },
         Scenario {
             name: "store-failover",
-            hypothesis: "Promote a streaming standby: with synchronous replication no \
-                acknowledged write is lost.",
-            plan: None,
-            missing: Some("a standby PostgreSQL (pg_basebackup -R) is not wired yet"),
+            hypothesis: "Cut replication for 3 s, crash the primary (pg_ctl stop -m \
+                immediate) and promote its synchronous streaming standby 5 s later, then cold-restart every \
+                node (sets reload from the promoted store): no acknowledged write is lost; nodes \
+                reach the new primary through their multi-host store URL \
+                (target_session_attrs=read-write) and writes succeed again.",
+            plan: plan(
+                K::StoreFailover,
+                T::Store,
+                (8_000, 12_000),
+                (5_000, 5_000),
+                (0, 0),
+                1,
+            ),
+            missing: None,
             smoke: false,
         },
         Scenario {

@@ -223,6 +223,7 @@ impl Cluster {
                 listen: pg_ns.ip().into(),
                 port: Some(port),
                 password: Some(password.clone()),
+                ..PgOptions::default()
             };
             let pg = tokio::task::spawn_blocking(move || PgServer::start_with(options))
                 .await?

@@ -62,6 +62,11 @@ pub struct PgOptions {
     /// Password of the `tether` superuser, required from TCP clients (scram-sha-256);
     /// `None`: every connection is trusted.
     pub password: Option<String>,
+    /// Where its directory is made (e.g. a small tmpfs for disk-full tests); `None`: the
+    /// system temporary directory.
+    pub base_dir: Option<PathBuf>,
+    /// Extra server settings (`-c name=value`), applied at every start.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Default for PgOptions {
@@ -71,6 +76,8 @@ impl Default for PgOptions {
             listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: None,
             password: None,
+            base_dir: None,
+            settings: Vec::new(),
         }
     }
 }
@@ -93,38 +100,7 @@ impl PgServer {
 
     /// Initialises a cluster in a fresh directory and starts it as `options` say.
     pub fn start_with(options: PgOptions) -> Result<Self, StoreError> {
-        let bin = bin_dir()?;
-        let as_postgres = is_root();
-        let dir = std::env::temp_dir().join(format!(
-            "tether-pg-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).map_err(fail)?;
-        if as_postgres {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .map_err(fail)?;
-            if !status.success() {
-                return Err(fail("chown of the data directory failed"));
-            }
-        }
-        let port = match options.port {
-            Some(p) => p,
-            None => TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(fail)?
-                .port(),
-        };
-        let server = PgServer {
-            dir,
-            bin,
-            as_postgres,
-            port,
-            options,
-        };
+        let server = Self::prepare(options)?;
         let data = server.data();
         let mut initdb = vec!["-D", &data, "-U", "tether", "-E", "UTF8", "--no-sync"];
         let pwfile = server.dir.join("pwfile").display().to_string();
@@ -149,31 +125,163 @@ impl PgServer {
             };
             let hba = server.dir.join("data").join("pg_hba.conf");
             let mut text = std::fs::read_to_string(&hba).map_err(fail)?;
-            text.push_str(&format!("host all all 0.0.0.0/0 {method}\n"));
+            // Streaming standbys (`standby_of`) connect from other hosts too.
+            text.push_str(&format!(
+                "host all all 0.0.0.0/0 {method}\nhost replication all 0.0.0.0/0 {method}\n"
+            ));
             std::fs::write(&hba, text).map_err(fail)?;
         }
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses={} -c fsync=on -c max_connections=200",
-            server.dir.display(),
-            server.options.listen
-        );
+        server.start_again()?;
+        Ok(server)
+    }
+
+    /// A fresh directory (owned by `postgres` when running as root) and a port.
+    fn prepare(options: PgOptions) -> Result<Self, StoreError> {
+        let bin = bin_dir()?;
+        let as_postgres = is_root();
+        let base = options.base_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "tether-pg-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        if as_postgres {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .map_err(fail)?;
+            if !status.success() {
+                return Err(fail("chown of the data directory failed"));
+            }
+        }
+        let port = match options.port {
+            Some(p) => p,
+            None => TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(fail)?
+                .port(),
+        };
+        Ok(PgServer {
+            dir,
+            bin,
+            as_postgres,
+            port,
+            options,
+        })
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`: it follows the primary's WAL
+    /// and is read-only until [`PgServer::promote`]), started as `options` say. The
+    /// primary decides whether commits wait for it (`synchronous_standby_names`).
+    pub fn standby_of(primary: &PgServer, options: PgOptions) -> Result<Self, StoreError> {
+        let server = Self::prepare(options)?;
+        let data = server.data();
+        let port = primary.port.to_string();
+        let host = primary.options.listen.to_string();
         server.run(
+            "pg_basebackup",
+            &[
+                "-h", &host, "-p", &port, "-U", "tether", "-D", &data, "-R", "-X", "stream", "-c",
+                "fast",
+            ],
+        )?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    /// The `pg_ctl start` options: the same at every start.
+    fn start_opts(&self) -> String {
+        let mut opts = format!(
+            "-p {} -k {} -c listen_addresses={} -c fsync=on -c max_connections=200",
+            self.port,
+            self.dir.display(),
+            self.options.listen
+        );
+        for (name, value) in &self.options.settings {
+            opts.push_str(&format!(" -c {name}={value}"));
+        }
+        opts
+    }
+
+    /// Starts the server on its data directory (after [`PgServer::stop_immediate`], or
+    /// after it shut itself down) and waits until it accepts connections.
+    pub fn start_again(&self) -> Result<(), StoreError> {
+        let opts = self.start_opts();
+        self.run(
             "pg_ctl",
             &[
                 "-D",
-                &server.data(),
+                &self.data(),
                 "-o",
                 &opts,
                 "-l",
-                &server.log(),
+                &self.log(),
                 "-w",
                 "-t",
                 "60",
                 "start",
             ],
         )?;
-        server.wait_ready()?;
-        Ok(server)
+        self.wait_ready()
+    }
+
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`: no checkpoint,
+    /// recovery at the next start).
+    pub fn stop_immediate(&self) -> Result<(), StoreError> {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        )
+    }
+
+    /// Whether the postmaster runs (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
+        self.run("pg_ctl", &["-D", &self.data(), "status"]).is_ok()
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`, waiting until it accepts
+    /// writes).
+    pub fn promote(&self) -> Result<(), StoreError> {
+        self.run("pg_ctl", &["-D", &self.data(), "-w", "-t", "60", "promote"])
+    }
+
+    /// Runs `sql` as the superuser through the local socket; its output (`psql -XAt`).
+    pub fn psql(&self, sql: &str) -> Result<String, StoreError> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", &self.dir.display().to_string()])
+            .args(["-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "tether",
+                "-d",
+                "postgres",
+                "-XAt",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(["-c", sql])
+            .output()
+            .map_err(|e| fail(format!("psql: {e}")))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(fail(format!(
+                "psql -c {sql:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    /// The address it listens on.
+    pub fn listen(&self) -> IpAddr {
+        self.options.listen
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
     }
 
     fn data(&self) -> String {
@@ -261,32 +369,8 @@ impl PgServer {
     /// Stops the server immediately (as a crash would) and starts it again on the same
     /// port and data: for testing that committed data survives.
     pub fn restart(&self) -> Result<(), StoreError> {
-        self.run(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        )?;
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses={}",
-            self.port,
-            self.dir.display(),
-            self.options.listen
-        );
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-o",
-                &opts,
-                "-l",
-                &self.log(),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        )?;
-        self.wait_ready()
+        self.stop_immediate()?;
+        self.start_again()
     }
 
     /// The data directory root (for logs on failure).
