@@ -102,7 +102,10 @@ async fn write(http: &reqwest::Client, base: &str, serial: &str, creds: &Credent
         match r.status() {
             StatusCode::OK => return,
             StatusCode::SERVICE_UNAVAILABLE => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("PUT shared.{serial}: {other} {}", r.text().await.unwrap_or_default()),
+            other => panic!(
+                "PUT shared.{serial}: {other} {}",
+                r.text().await.unwrap_or_default()
+            ),
         }
     }
     panic!("PUT shared.{serial}: 503 a hundred times");
@@ -168,10 +171,11 @@ async fn an_isolated_node_turns_unready_and_takes_no_lease_until_healed() {
                         .send()
                         .await;
                     let status = r.map_or(StatusCode::REQUEST_TIMEOUT, |r| r.status());
-                    answers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((sent, serial.clone(), status));
+                    answers.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        sent,
+                        serial.clone(),
+                        status,
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -212,7 +216,12 @@ async fn an_isolated_node_turns_unready_and_takes_no_lease_until_healed() {
                     "{name} while cut off: {body}"
                 );
             } else {
-                assert_eq!(status, StatusCode::OK, "{} while {name} is cut off: {body}", cluster.name(i));
+                assert_eq!(
+                    status,
+                    StatusCode::OK,
+                    "{} while {name} is cut off: {body}",
+                    cluster.name(i)
+                );
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -237,7 +246,9 @@ async fn an_isolated_node_turns_unready_and_takes_no_lease_until_healed() {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .filter(|(sent, _, status)| *sent > minority_after + Duration::from_secs(1) && *status == StatusCode::OK)
+        .filter(|(sent, _, status)| {
+            *sent > minority_after + Duration::from_secs(1) && *status == StatusCode::OK
+        })
         .cloned()
         .collect();
     assert!(
