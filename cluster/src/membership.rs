@@ -534,15 +534,23 @@ impl Membership {
             return;
         }
         // Whatever its state here (another node may have declared it down already), a
-        // member at that address is gone for good: it no longer counts for the quorum.
-        let refused: Vec<(NodeId, u64)> = self
+        // member at that address is gone for good: it no longer counts for the quorum —
+        // here, and on every peer, told with a farewell on its behalf (a peer that only
+        // hears it is down would go on counting it).
+        let refused: Vec<Farewell> = self
             .known
             .values()
             .filter(|m| m.gossip_addr == addr)
-            .map(|m| (m.id.clone(), m.incarnation))
+            .map(|m| Farewell {
+                id: m.id.clone(),
+                incarnation: m.incarnation,
+            })
             .collect();
-        for (id, incarnation) in refused {
-            record_departure(&self.departed, &id, incarnation);
+        for farewell in refused {
+            if let Err(e) = self.swim.add_broadcast(&farewell.encode()) {
+                tracing::debug!(error = %e, "farewell of a refusing peer");
+                record_departure(&self.departed, &farewell.id, farewell.incarnation);
+            }
         }
         let gone: Vec<foca::Member<Ident>> = self
             .swim

@@ -44,9 +44,9 @@ enum Step<'a> {
     /// No live node cut off from the node (all of them, once it is dead) lists it,
     /// within the failure-detection bound counted from its kill (or from now).
     ExpectDown(NodeId),
-    /// Every live node is told that the (killed) node's address refused a connection, as
-    /// the driver reports a refused send: its process is gone.
-    Refused(NodeId),
+    /// The second node is told that the first (killed) node's address refused a
+    /// connection, as the driver reports a refused send: its process is gone.
+    Refused(NodeId, NodeId),
     /// Each listed node has (`true`) or lacks a quorum of its last known members, within
     /// the failure-detection bound from now.
     ExpectQuorum(&'a [NodeId], bool),
@@ -352,12 +352,11 @@ async fn run_scenario(steps: &[Step<'_>]) -> Vec<Duration> {
                 );
                 detections.push(Duration::from_millis(sim.now - from));
             }
-            Refused(gone) => {
+            Refused(gone, told) => {
                 let addr = sim.addrs[gone];
                 let now = sim.now;
-                for node in sim.live.values_mut() {
-                    node.membership.peer_refused(addr, now);
-                }
+                let node = sim.live.get_mut(told).expect("told a running node");
+                node.membership.peer_refused(addr, now);
                 sim.settle().await;
             }
             ExpectQuorum(nodes, want) => {
@@ -733,7 +732,8 @@ async fn a_killed_member_counts_until_its_address_refuses() {
         ExpectQuorum(&[N1], false),
     ])
     .await;
-    // Its address refused a connection: its process is gone, it no longer counts.
+    // Its address refused a connection (seen by N2 only): its process is gone, it no
+    // longer counts, on N2 and — told by N2's gossip — on N1.
     run_scenario(&[
         Join(N1),
         Join(N2),
@@ -741,7 +741,8 @@ async fn a_killed_member_counts_until_its_address_refuses() {
         ExpectConverged,
         Kill(N3),
         ExpectDown(N3),
-        Refused(N3),
+        Refused(N3, N2),
+        Advance(Duration::from_secs(2)),
         Leave(N2),
         Advance(Duration::from_secs(10)),
         ExpectQuorum(&[N1], true),
