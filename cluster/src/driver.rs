@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::membership::{Member, Membership, MembershipEvent};
+use crate::quorum::Quorum;
 use crate::ring::RingPlacement;
 use crate::seeds::{resolve_seeds_reporting, SeedSpec};
 use crate::{ClusterError, Millis, Transport};
@@ -65,6 +66,9 @@ pub struct View {
     /// The last peer that refused this node's frames as unauthenticated (its cluster
     /// secret differs); cleared when the node is connected.
     pub refused_by: Option<SocketAddr>,
+    /// Whether `members` are a strict majority of the last known members
+    /// ([`crate::quorum`]); the placement's ring carries the same.
+    pub quorum: Quorum,
 }
 
 /// Handle on a running driver: its view, its events, and graceful leave.
@@ -122,6 +126,7 @@ pub fn spawn(
         connected: membership.is_connected(),
         other_seeds: None,
         refused_by: None,
+        quorum: membership.quorum(),
     };
     let (view_tx, view_rx) = watch::channel(initial);
     let (events_tx, _) = broadcast::channel(256);
@@ -285,6 +290,9 @@ impl Driver {
                 MembershipEvent::MemberDown(m) => {
                     tracing::info!(node = %m.id, addr = %m.gossip_addr, "member down");
                 }
+                MembershipEvent::MemberLeft(m) => {
+                    tracing::info!(node = %m.id, addr = %m.gossip_addr, "member left the cluster (drained, or its process is gone): no longer counted for the quorum");
+                }
             }
             // No receiver is fine: the view carries the same information.
             let _ = self.events.send(event);
@@ -294,15 +302,31 @@ impl Driver {
         if connected {
             self.refused_by = None;
         }
+        let quorum = self.membership.quorum();
         let seen = {
             let v = self.view.borrow();
-            (v.connected, v.other_seeds, v.refused_by)
+            (v.connected, v.other_seeds, v.refused_by, v.quorum)
         };
-        if changed || seen != (connected, self.other_seeds, self.refused_by) {
+        if changed || seen != (connected, self.other_seeds, self.refused_by, quorum) {
             let members = self.membership.members();
-            if changed || seen.0 != connected {
+            if changed || seen.0 != connected || seen.3 != quorum {
                 if let Some(placement) = &self.placement {
-                    placement.update(&members);
+                    placement.set_view(&members, quorum);
+                }
+                if seen.3.holds() != quorum.holds() {
+                    if quorum.holds() {
+                        tracing::info!(
+                            reachable = quorum.reachable,
+                            last_known = quorum.last_known,
+                            "reaching a majority of the cluster again"
+                        );
+                    } else {
+                        tracing::warn!(
+                            reachable = quorum.reachable,
+                            last_known = quorum.last_known,
+                            "cut off from the majority of the cluster: no quorum"
+                        );
+                    }
                 }
             }
             self.view.send_replace(View {
@@ -310,6 +334,7 @@ impl Driver {
                 connected,
                 other_seeds: self.other_seeds,
                 refused_by: self.refused_by,
+                quorum,
             });
         }
     }

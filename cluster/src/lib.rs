@@ -12,7 +12,8 @@
 //! (seed 000 FIG 17C): [`SingleNode`] answers for one node, [`RingPlacement`] for a
 //! cluster, so nothing above it changes.
 //!
-//! Code map: `ring.rs` (placement), `membership.rs` (SWIM state machine), `seeds.rs`
+//! Code map: `ring.rs` (placement), `membership.rs` (SWIM state machine, last known
+//! members), `quorum.rs` (the majority rule nodes serve under), `seeds.rs`
 //! (`--join`), `auth.rs` (cluster secret), `transport/` (trait, in-memory, gRPC),
 //! `driver.rs` (tokio loop), `error.rs` (the crate's error and its gRPC mapping).
 
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod driver;
 pub mod error;
 pub mod membership;
+pub mod quorum;
 pub mod ring;
 pub mod seeds;
 pub mod transport;
@@ -38,6 +40,7 @@ pub mod pb {
 pub use auth::ClusterSecret;
 pub use error::ClusterError;
 pub use membership::{Member, Membership, MembershipConfig, MembershipEvent, NodeId};
+pub use quorum::{has_quorum, Quorum};
 pub use ring::{Ring, RingPlacement};
 pub use transport::{Frame, Transport};
 

@@ -17,23 +17,32 @@
 //! [`MembershipEvent`]s are per node id, not per identity: a restart or a rename is one
 //! `MemberUp` with the new metadata, and `MemberDown` means no live identity of that
 //! node id is left.
+//!
+//! Besides the live view it keeps the *last known* members ([`Membership::last_known`]):
+//! every node seen alive, until it leaves for good — a graceful leave (drain), which
+//! [`Membership::leave`] gossips as a farewell (a foca custom broadcast, so it spreads
+//! like the leaver's own down update), or its address refusing a connection (the process
+//! is gone). A member that only stopped answering stays: [`Membership::quorum`] counts
+//! against it ([`crate::quorum`]).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
-    AccumulatingRuntime, Foca, NoCustomBroadcast, OwnedNotification, PeriodicParams, PostcardCodec,
-    State, Timer,
+    AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, PeriodicParams,
+    PostcardCodec, State, Timer,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::quorum::Quorum;
 use crate::{ClusterError, Millis};
 
 /// A node's stable name (e.g. the StatefulSet pod name): what the ring hashes.
@@ -140,6 +149,11 @@ pub enum MembershipEvent {
     MemberUp(Member),
     /// The node left or was declared down. Carries its last known metadata.
     MemberDown(Member),
+    /// The node left the cluster for good: it drained (its farewell arrived) or its
+    /// address refused a connection (its process is gone). It no longer counts among the
+    /// last known members ([`Membership::quorum`]); it comes back with its next
+    /// `MemberUp` (a restart). Follows or precedes its `MemberDown`.
+    MemberLeft(Member),
 }
 
 /// SWIM timing and dissemination knobs. [`MembershipConfig::lan`] is the default.
@@ -252,7 +266,82 @@ impl MembershipConfig {
     }
 }
 
-type Swim = Foca<Ident, PostcardCodec, StdRng, NoCustomBroadcast>;
+type Swim = Foca<Ident, PostcardCodec, StdRng, Farewells>;
+
+/// At most this many departures are remembered (node ids of a cluster's life; a flood
+/// of forged ones would need the cluster secret anyway).
+const MAX_DEPARTED: usize = 4096;
+
+/// A farewell: node `id` in its life `incarnation` (or an earlier one) left gracefully.
+/// Encoded as the incarnation (8 bytes, big-endian) followed by the id in UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Farewell {
+    id: NodeId,
+    incarnation: u64,
+}
+
+impl Farewell {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.id.as_str().len());
+        out.extend_from_slice(&self.incarnation.to_be_bytes());
+        out.extend_from_slice(self.id.as_str().as_bytes());
+        out
+    }
+
+    fn decode(data: &[u8]) -> Result<Farewell, ClusterError> {
+        let bad = |why: &str| ClusterError::MalformedFrame(format!("farewell: {why}"));
+        let (inc, id) = data.split_at_checked(8).ok_or_else(|| bad("too short"))?;
+        let incarnation = u64::from_be_bytes(inc.try_into().map_err(|_| bad("too short"))?);
+        let id = std::str::from_utf8(id).map_err(|_| bad("id is not UTF-8"))?;
+        if id.is_empty() {
+            return Err(bad("empty id"));
+        }
+        Ok(Farewell {
+            id: NodeId::new(id),
+            incarnation,
+        })
+    }
+}
+
+impl Invalidates for Farewell {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.id == other.id && self.incarnation >= other.incarnation
+    }
+}
+
+/// Departures (farewells received, refusals seen): node id → the latest incarnation
+/// that departed. Shared between the foca broadcast handler and [`Membership`].
+type Departed = Arc<Mutex<BTreeMap<NodeId, u64>>>;
+
+fn record_departure(departed: &Departed, id: &NodeId, incarnation: u64) -> bool {
+    let mut map = departed.lock().unwrap_or_else(PoisonError::into_inner);
+    if map.get(id).is_some_and(|&known| known >= incarnation) {
+        return false;
+    }
+    if map.len() >= MAX_DEPARTED && !map.contains_key(id) {
+        return false;
+    }
+    map.insert(id.clone(), incarnation);
+    true
+}
+
+/// foca's handler of our one custom broadcast, the farewell: new ones are recorded and
+/// disseminated further, known ones dropped.
+struct Farewells(Departed);
+
+impl BroadcastHandler<Ident> for Farewells {
+    type Key = Farewell;
+    type Error = ClusterError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&Ident>,
+    ) -> Result<Option<Farewell>, ClusterError> {
+        let farewell = Farewell::decode(data)?;
+        Ok(record_departure(&self.0, &farewell.id, farewell.incarnation).then_some(farewell))
+    }
+}
 
 /// A pending foca timer.
 struct Pending {
@@ -272,6 +361,10 @@ pub struct Membership {
     next_seed_announce: Option<Millis>,
     /// Live peers (not this node), by node id.
     view: BTreeMap<NodeId, Member>,
+    /// Last known peers: seen alive and not departed (drained, or process gone).
+    known: BTreeMap<NodeId, Member>,
+    /// Departures: farewells gossiped to us (through foca) and refusals we saw.
+    departed: Departed,
     events: VecDeque<MembershipEvent>,
     transmits: VecDeque<(SocketAddr, Bytes)>,
 }
@@ -299,11 +392,13 @@ impl Membership {
         config: MembershipConfig,
         rng_seed: u64,
     ) -> Result<Self, ClusterError> {
-        let swim = Foca::new(
+        let departed = Departed::default();
+        let swim = Foca::with_custom_broadcast(
             Ident(local),
             config.to_foca()?,
             StdRng::seed_from_u64(rng_seed),
             PostcardCodec,
+            Farewells(departed.clone()),
         );
         Ok(Self {
             swim,
@@ -314,6 +409,8 @@ impl Membership {
             seeds: Vec::new(),
             next_seed_announce: None,
             view: BTreeMap::new(),
+            known: BTreeMap::new(),
+            departed,
             events: VecDeque::new(),
             transmits: VecDeque::new(),
         })
@@ -436,6 +533,25 @@ impl Membership {
         if !self.config.down_on_refusal {
             return;
         }
+        // Whatever its state here (another node may have declared it down already), a
+        // member at that address is gone for good: it no longer counts for the quorum —
+        // here, and on every peer, told with a farewell on its behalf (a peer that only
+        // hears it is down would go on counting it).
+        let refused: Vec<Farewell> = self
+            .known
+            .values()
+            .filter(|m| m.gossip_addr == addr)
+            .map(|m| Farewell {
+                id: m.id.clone(),
+                incarnation: m.incarnation,
+            })
+            .collect();
+        for farewell in refused {
+            if let Err(e) = self.swim.add_broadcast(&farewell.encode()) {
+                tracing::debug!(error = %e, "farewell of a refusing peer");
+                record_departure(&self.departed, &farewell.id, farewell.incarnation);
+            }
+        }
         let gone: Vec<foca::Member<Ident>> = self
             .swim
             .iter_membership_state()
@@ -443,6 +559,7 @@ impl Membership {
             .map(|m| foca::Member::new(m.id().clone(), m.incarnation(), State::Down))
             .collect();
         if gone.is_empty() {
+            self.refresh_view();
             return;
         }
         tracing::info!(%addr, "peer refused the connection: declared down");
@@ -458,6 +575,15 @@ impl Membership {
     /// Leaves gracefully (drain): tells peers at once, so they need not detect it.
     /// Flush [`poll_transmit`](Self::poll_transmit) before stopping.
     pub fn leave(&mut self, now: Millis) -> Result<(), ClusterError> {
+        // The farewell rides with the leave's own down update (and spreads like it), so
+        // peers forget this node rather than count it as unreachable.
+        let farewell = Farewell {
+            id: self.local().id.clone(),
+            incarnation: self.local().incarnation,
+        };
+        if let Err(e) = self.swim.add_broadcast(&farewell.encode()) {
+            tracing::debug!(error = %e, "farewell");
+        }
         let result = self.swim.leave_cluster(&mut self.runtime);
         self.next_seed_announce = None;
         self.pump(now);
@@ -495,6 +621,24 @@ impl Membership {
     /// Whether this node knows at least one live peer.
     pub fn is_connected(&self) -> bool {
         !self.view.is_empty()
+    }
+
+    /// The last known members, this node included: every node seen alive that has not
+    /// left for good (drained, or its address refused a connection).
+    pub fn last_known(&self) -> BTreeSet<NodeId> {
+        self.known
+            .keys()
+            .cloned()
+            .chain(std::iter::once(self.local().id.clone()))
+            .collect()
+    }
+
+    /// Whether this node reaches a strict majority of its last known members
+    /// ([`crate::quorum`]): the live view (this node included) against
+    /// [`last_known`](Self::last_known).
+    pub fn quorum(&self) -> Quorum {
+        let reachable: BTreeSet<NodeId> = self.members().into_iter().map(|m| m.id).collect();
+        Quorum::of(&self.last_known(), &reachable)
     }
 
     /// Moves foca's outputs into ours and turns identity changes into per-node events.
@@ -553,5 +697,27 @@ impl Membership {
             }
         }
         self.view = live;
+        self.refresh_known();
+    }
+
+    /// Live members join the last known ones (a restart's newer life again); departed
+    /// ones leave them, each with a `MemberLeft`.
+    fn refresh_known(&mut self) {
+        let departed = self
+            .departed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let gone = |m: &Member| departed.get(&m.id).is_some_and(|&inc| inc >= m.incarnation);
+        for (id, m) in &self.view {
+            if !gone(m) {
+                self.known.insert(id.clone(), m.clone());
+            }
+        }
+        let left: Vec<Member> = self.known.values().filter(|m| gone(m)).cloned().collect();
+        for m in left {
+            self.known.remove(&m.id);
+            self.events.push_back(MembershipEvent::MemberLeft(m));
+        }
     }
 }

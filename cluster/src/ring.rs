@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use hashring::HashRing;
 
 use crate::membership::{Member, NodeId};
+use crate::quorum::Quorum;
 use crate::Placement;
 
 /// One point of a member on the ring. Its position is the hash of (node id, replica).
@@ -104,6 +105,9 @@ impl std::fmt::Debug for Ring {
 struct RingView {
     ring: Ring,
     members: HashMap<NodeId, Member>,
+    /// Whether this view reaches a majority of the last known members: without one, this
+    /// node places sets on itself only for lack of anyone else, and must not serve them.
+    quorum: Quorum,
 }
 
 /// [`Placement`] for a cluster: the owner's public URL, from the latest membership view.
@@ -127,7 +131,7 @@ const DEPARTED: usize = 64;
 impl RingPlacement {
     /// Placement that, until the first [`update`](Self::update), owns everything itself.
     pub fn new(local: Member, vnodes: u32) -> Self {
-        let view = Self::build(std::slice::from_ref(&local), vnodes);
+        let view = Self::build(std::slice::from_ref(&local), vnodes, Quorum::ALONE);
         Self {
             local,
             vnodes,
@@ -137,10 +141,11 @@ impl RingPlacement {
         }
     }
 
-    fn build(members: &[Member], vnodes: u32) -> RingView {
+    fn build(members: &[Member], vnodes: u32, quorum: Quorum) -> RingView {
         RingView {
             ring: Ring::new(members.iter().map(|m| m.id.clone()), vnodes),
             members: members.iter().map(|m| (m.id.clone(), m.clone())).collect(),
+            quorum,
         }
     }
 
@@ -152,8 +157,16 @@ impl RingPlacement {
     }
 
     /// Replaces the view with the live `members` (this node included or not: it is
-    /// always on its own ring while it serves).
+    /// always on its own ring while it serves), keeping the quorum as it was.
     pub fn update(&self, members: &[Member]) {
+        let quorum = self.current().quorum;
+        self.set_view(members, quorum);
+    }
+
+    /// Replaces the view with the live `members` and whether they are a `quorum` of the
+    /// last known members, in one step: a reader never sees the ring of a minority
+    /// (every set on this node) without its lack of quorum.
+    pub fn set_view(&self, members: &[Member], quorum: Quorum) {
         let mut all: Vec<Member> = members
             .iter()
             .filter(|m| m.id != self.local.id)
@@ -163,7 +176,7 @@ impl RingPlacement {
         if !self.retired.load(Ordering::Acquire) || all.is_empty() {
             all.push(self.local.clone());
         }
-        let view = Arc::new(Self::build(&all, self.vnodes));
+        let view = Arc::new(Self::build(&all, self.vnodes, quorum));
         let old = std::mem::replace(
             &mut *self.view.write().unwrap_or_else(PoisonError::into_inner),
             view.clone(),
@@ -224,6 +237,25 @@ impl RingPlacement {
     /// Whether this node owns `set_key` in the current view.
     pub fn is_local(&self, set_key: &str) -> bool {
         self.owner(set_key).id == self.local.id
+    }
+
+    /// The quorum of the current view ([`crate::quorum`]).
+    pub fn quorum(&self) -> Quorum {
+        self.current().quorum
+    }
+
+    /// Whether this node may serve `set_key` now (take its lease): `Ok(true)` when it
+    /// owns it in the current view, `Ok(false)` when another member does, `Err` with the
+    /// counts when the view has no quorum — as of one view, read once.
+    pub fn serves(&self, set_key: &str) -> Result<bool, Quorum> {
+        let view = self.current();
+        if !view.quorum.holds() {
+            return Err(view.quorum);
+        }
+        Ok(view
+            .ring
+            .owner(set_key)
+            .is_none_or(|id| id == self.local.id))
     }
 }
 

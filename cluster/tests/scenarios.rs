@@ -44,6 +44,12 @@ enum Step<'a> {
     /// No live node cut off from the node (all of them, once it is dead) lists it,
     /// within the failure-detection bound counted from its kill (or from now).
     ExpectDown(NodeId),
+    /// The second node is told that the first (killed) node's address refused a
+    /// connection, as the driver reports a refused send: its process is gone.
+    Refused(NodeId, NodeId),
+    /// Each listed node has (`true`) or lacks a quorum of its last known members, within
+    /// the failure-detection bound from now.
+    ExpectQuorum(&'a [NodeId], bool),
 }
 use Step::*;
 
@@ -346,6 +352,38 @@ async fn run_scenario(steps: &[Step<'_>]) -> Vec<Duration> {
                 );
                 detections.push(Duration::from_millis(sim.now - from));
             }
+            Refused(gone, told) => {
+                let addr = sim.addrs[gone];
+                let now = sim.now;
+                let node = sim.live.get_mut(told).expect("told a running node");
+                node.membership.peer_refused(addr, now);
+                sim.settle().await;
+            }
+            ExpectQuorum(nodes, want) => {
+                let bound = sim.config.failure_detection_bound(sim.live.len() + 1);
+                let took = sim
+                    .eventually(
+                        &format!("quorum {want} on {nodes:?} within {bound:?}"),
+                        sim.now + ms(bound),
+                        |s| {
+                            for id in *nodes {
+                                let q = s.live[id].membership.quorum();
+                                if q.holds() != *want {
+                                    return Err(format!(
+                                        "{id}: {q:?}, last known {:?}",
+                                        s.live[id].membership.last_known()
+                                    ));
+                                }
+                            }
+                            Ok(())
+                        },
+                    )
+                    .await;
+                println!(
+                    "t={:>6} quorum {want} on {nodes:?} after {took} ms",
+                    sim.now
+                );
+            }
         }
     }
     detections
@@ -610,4 +648,170 @@ async fn node_moved_to_a_new_address_is_one_member_with_the_new_metadata() {
         "no MemberDown({N2})"
     );
     assert!(!events.contains(&MemberDown(new_n2)));
+}
+
+// Quorum (issue 12): a node serves only while it reaches a strict majority of the last
+// known members; drained members and members whose address refused are forgotten.
+
+#[tokio::test]
+async fn an_isolated_node_loses_its_quorum_and_the_majority_keeps_it() {
+    run_scenario(&[
+        Join(N1),
+        Join(N2),
+        Join(N3),
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2, N3], true),
+        Partition(&[N3]),
+        ExpectQuorum(&[N3], false),
+        ExpectQuorum(&[N1, N2], true),
+        Advance(Duration::from_secs(15)),
+        ExpectQuorum(&[N3], false),
+        ExpectQuorum(&[N1, N2], true),
+        Heal,
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2, N3], true),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_two_node_cluster_stays_up_when_one_drains() {
+    run_scenario(&[
+        Join(N1),
+        Join(N2),
+        ExpectConverged,
+        Leave(N2),
+        Advance(Duration::from_secs(30)),
+        ExpectQuorum(&[N1], true),
+        // The drained node comes back: it counts again.
+        Join(N2),
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2], true),
+        Partition(&[N2]),
+        ExpectQuorum(&[N1, N2], false),
+        Heal,
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2], true),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_half_split_leaves_no_side_with_a_quorum() {
+    run_scenario(&[
+        Join(N1),
+        Join(N2),
+        Join(N3),
+        Join(N4),
+        ExpectConverged,
+        Partition(&[N1, N2]),
+        ExpectDown(N3),
+        ExpectDown(N1),
+        ExpectQuorum(&[N1, N2, N3, N4], false),
+        Heal,
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2, N3, N4], true),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_member_counts_until_its_address_refuses() {
+    // Killed silently (its host drops frames): it may be cut off rather than dead, so the
+    // last node standing of three, with the third drained, has no majority.
+    run_scenario(&[
+        Join(N1),
+        Join(N2),
+        Join(N3),
+        ExpectConverged,
+        Kill(N3),
+        ExpectDown(N3),
+        ExpectQuorum(&[N1, N2], true),
+        Leave(N2),
+        Advance(Duration::from_secs(10)),
+        ExpectQuorum(&[N1], false),
+    ])
+    .await;
+    // Its address refused a connection (seen by N2 only): its process is gone, it no
+    // longer counts, on N2 and — told by N2's gossip — on N1.
+    run_scenario(&[
+        Join(N1),
+        Join(N2),
+        Join(N3),
+        ExpectConverged,
+        Kill(N3),
+        ExpectDown(N3),
+        Refused(N3, N2),
+        Advance(Duration::from_secs(2)),
+        Leave(N2),
+        Advance(Duration::from_secs(10)),
+        ExpectQuorum(&[N1], true),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_and_a_cold_started_cluster_have_a_quorum() {
+    run_scenario(&[
+        // Cold start: every node alone (its own majority), then one cluster.
+        Join(N1),
+        ExpectQuorum(&[N1], true),
+        Join(N2),
+        Join(N3),
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2, N3], true),
+        // kill -9 and restart with an empty view: it joins through its seeds.
+        Kill(N3),
+        ExpectDown(N3),
+        Join(N3),
+        ExpectConverged,
+        ExpectQuorum(&[N1, N2, N3], true),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_drain_is_reported_as_left_and_a_refusal_too() {
+    use tether_cluster::MembershipEvent::{MemberDown, MemberLeft};
+    let mut sim = Sim::new();
+    for id in [&N1, &N2, &N3] {
+        sim.join(id).await;
+    }
+    let deadline = sim.now + ms(CONVERGE_DEADLINE);
+    sim.eventually("convergence", deadline, Sim::converged)
+        .await;
+    let drain = |sim: &mut Sim| -> Vec<_> {
+        std::iter::from_fn(|| {
+            sim.live
+                .get_mut(&N1)
+                .and_then(|n| n.membership.poll_event())
+        })
+        .filter(|e| !matches!(e, tether_cluster::MembershipEvent::MemberUp(_)))
+        .collect()
+    };
+    drain(&mut sim);
+    let n2 = sim.live[&N2].membership.local().clone();
+    sim.leave(&N2).await;
+    assert_eq!(
+        drain(&mut sim),
+        vec![MemberDown(n2.clone()), MemberLeft(n2)]
+    );
+    let n3 = sim.live[&N3].membership.local().clone();
+    sim.kill(&N3);
+    let now = sim.now;
+    let addr = sim.addrs[&N3];
+    sim.live
+        .get_mut(&N1)
+        .expect("n1")
+        .membership
+        .peer_refused(addr, now);
+    let events = drain(&mut sim);
+    assert!(
+        events.contains(&MemberLeft(n3.clone())) && events.contains(&MemberDown(n3)),
+        "{events:?}"
+    );
+    assert_eq!(
+        sim.live[&N1].membership.last_known(),
+        [N1].into_iter().collect()
+    );
 }

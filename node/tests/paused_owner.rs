@@ -1,8 +1,10 @@
 //! A paused owner never answers from stale memory (ARCHITECTURE.md invariant 23; issue 12,
-//! chaos scenario `pause-owner`). Two real `tether` nodes in cluster mode on one private
+//! chaos scenario `pause-owner`). Three real `tether` nodes in cluster mode on one private
 //! PostgreSQL: node-a owns a set and has it in memory; node-a is stopped (SIGSTOP) for
-//! longer than the failure-detection bound, node-b takes the set over and acknowledges a
-//! newer write; node-a is resumed (SIGCONT) and read from at once and for a few seconds.
+//! longer than the failure-detection bound, the two others (a majority, invariant 24: of
+//! two nodes, node-b alone could not tell a frozen node-a from a partition and would
+//! rightly serve nothing) take the set over and node-b acknowledges a newer write; node-a
+//! is resumed (SIGCONT) and read from at once and for a few seconds.
 //! Its view is still the old one (it owns the set), so without the lease confirmation it
 //! answers from the memory it had before the pause. Every read must return the
 //! acknowledged version or a newer one (a 503 while ownership settles is allowed; at least
@@ -140,11 +142,20 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
     let url = pg.url("paused").expect("database");
     let (a, a_grpc) = member("node-a", &url, None, None, planted).await;
     let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a), planted).await;
-    a.wait_ready(2).await;
-    b.wait_ready(2).await;
+    let (c, _) = member("node-c", &url, Some(a_grpc), Some(&a), planted).await;
+    a.wait_ready(3).await;
+    b.wait_ready(3).await;
+    c.wait_ready(3).await;
 
     // A set node-a owns, loaded in its memory at version `before`.
-    let ring = Ring::new([NodeId::new("node-a"), NodeId::new("node-b")], 256);
+    let ring = Ring::new(
+        [
+            NodeId::new("node-a"),
+            NodeId::new("node-b"),
+            NodeId::new("node-c"),
+        ],
+        256,
+    );
     let serial = (0..1000)
         .map(|i| format!("PAUSE{i:03}"))
         .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
@@ -183,7 +194,7 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
     // node-a stops; node-b notices, takes the set over and acknowledges a newer write.
     let paused = Stopped::new(a.pid());
     let stopped_at = Instant::now();
-    b.wait_ready(1).await;
+    b.wait_ready(2).await;
     assert!(stopped_at.elapsed() < DETECT_LIMIT);
     let on_b = b.device(&serial);
     let acked = loop {

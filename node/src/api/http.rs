@@ -1024,11 +1024,12 @@ pub async fn healthz() -> HttpResponse {
     security(()),
     responses(
         (status = 200, description = "Serving", body = crate::api::openapi::Health, example = json!({"status": "ready", "members": 3})),
-        (status = 503, description = "Joining its cluster, draining, or near its connection capacity (`saturated`)", body = crate::api::openapi::Health, example = json!({"status": "draining"})),
+        (status = 503, description = "Joining its cluster, draining, cut off from the majority of its cluster's last known members (`minority`: it serves no set), or near its connection capacity (`saturated`)", body = crate::api::openapi::Health, example = json!({"status": "minority", "members": 1, "reachable_members": 1, "last_known_members": 3})),
     ),
 )]
 /// `GET /readyz` (and `HEAD`): the node serves requests: store open, cluster joined (its
-/// ring known), not draining, and not about to run out of connections — it turns 503
+/// ring known), reaching a strict majority of its cluster's last known members (else
+/// `minority`, invariant 24), not draining, and not about to run out of connections — it turns 503
 /// `saturated` once `readyz_saturation_percent` of its connection capacity is open, so a
 /// load balancer sends new clients elsewhere while this node can still answer its own.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
@@ -1036,14 +1037,23 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (open, capacity) = (state.conns.open(), state.conns.capacity());
     let saturated = open.saturating_mul(100)
         >= capacity.saturating_mul(usize::from(state.config.limits.readyz_saturation_percent));
+    let quorum = state.router.quorum();
     let body = |status: &str| {
-        serde_json::json!({"status": status, "members": members, "connections": open,
-                           "connection_capacity": capacity})
+        let mut b = serde_json::json!({"status": status, "members": members, "connections": open,
+                                       "connection_capacity": capacity});
+        if let Some(q) = quorum {
+            b["reachable_members"] = q.reachable.into();
+            b["last_known_members"] = q.last_known.into();
+        }
+        b
     };
     if !state.serving.load(Ordering::Acquire) {
         HttpResponse::ServiceUnavailable().json(body("draining"))
     } else if !state.joined.load(Ordering::Acquire) {
         HttpResponse::ServiceUnavailable().json(body("joining"))
+    } else if quorum.is_some_and(|q| !q.holds()) {
+        // Cut off from the majority: it takes no lease, so it serves nothing.
+        HttpResponse::ServiceUnavailable().json(body("minority"))
     } else if saturated {
         HttpResponse::ServiceUnavailable().json(body("saturated"))
     } else {

@@ -95,10 +95,16 @@ impl utoipa::ToSchema for ProtobufBody {}
 /// `GET /healthz` and `GET /readyz` answers.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Health {
-    /// `ok`, `ready`, `joining` or `draining`.
+    /// `ok`, `ready`, `joining`, `draining`, `minority` or `saturated`.
     pub status: String,
     /// Live cluster members in this node's view (readiness only).
     pub members: Option<u64>,
+    /// Cluster mode: how many of the last known members this node reaches, itself
+    /// included (readiness only).
+    pub reachable_members: Option<u64>,
+    /// Cluster mode: the last known members — seen alive, not drained, process not gone
+    /// (readiness only). Without a strict majority of them reachable: `minority`.
+    pub last_known_members: Option<u64>,
 }
 
 /// `GET /v1/openapi.json`: this document.

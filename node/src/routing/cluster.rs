@@ -351,6 +351,7 @@ mod tests {
             connected,
             other_seeds,
             refused_by: refused.then(|| ([10, 0, 0, 9], 7000).into()),
+            quorum: tether_cluster::Quorum::ALONE,
         }
     }
 

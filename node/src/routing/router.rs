@@ -654,6 +654,12 @@ impl Router {
             .map_or(1, |c| c.placement.ring().members().len())
     }
 
+    /// Whether this node reaches a majority of its cluster's last known members (`None`
+    /// outside a cluster: a node alone always serves).
+    pub fn quorum(&self) -> Option<tether_cluster::Quorum> {
+        self.cluster.as_ref().map(|c| c.placement.quorum())
+    }
+
     /// A receiver that turns true when the node starts draining.
     pub fn drain_signal(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()

@@ -941,7 +941,14 @@ impl Actor for BucketSetActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // A node that lost its quorum since this actor was asked for takes no lease:
+        // requests already queued find the actor stopped and are refused (503).
         self.shared.metrics.set_activated();
+        if let Err(e) = self.shared.may_take_leases() {
+            tracing::info!(set = %self.set, error = %e, "not taking the lease");
+            ctx.stop();
+            return;
+        }
         let store = self.shared.store.clone();
         let set = self.set.clone();
         let owner = self.shared.node_id.clone();

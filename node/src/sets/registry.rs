@@ -80,6 +80,15 @@ const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
 pub const LEASE_TRUST: Duration = Duration::from_millis(500);
 const _: () = assert!(LEASE_TRUST.as_millis() * 2 <= TAKE_OVER_WAIT.as_millis());
 
+/// The 503 of a node without a quorum: another node serves the set (retry elsewhere).
+fn no_quorum(q: tether_cluster::Quorum) -> NodeError {
+    NodeError::Unavailable(format!(
+        "this node reaches {} of the {} last known members of its cluster (no majority): \
+         it serves no bucket set until it does; retry (another node serves it)",
+        q.reachable, q.last_known
+    ))
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -187,20 +196,37 @@ impl Shared {
         }
     }
 
-    /// Whether this node owns `set` in its current view (always, outside a cluster).
+    /// Whether this node owns `set` in its current view (always, outside a cluster) and
+    /// may serve it: a node without a quorum of its cluster owns nothing.
     pub fn owns(&self, set: &SetKey) -> bool {
         self.placement
             .get()
-            .is_none_or(|p| p.is_local(set.as_str()))
+            .is_none_or(|p| p.serves(set.as_str()) == Ok(true))
+    }
+
+    /// Whether this node may take leases: outside a cluster always; in one, only while it
+    /// reaches a strict majority of the last known members (`tether_cluster::quorum`).
+    /// Otherwise the answer to give, a 503 naming the counts.
+    pub fn may_take_leases(&self) -> Result<()> {
+        match self.placement.get().map(|p| p.quorum()) {
+            Some(q) if !q.holds() => Err(no_quorum(q)),
+            _ => Ok(()),
+        }
     }
 
     /// The running actor of `set`, started (and loading) if there is none. Refuses a set
-    /// this node does not own: its actor would take the lease from the real owner.
+    /// this node does not own: its actor would take the lease from the real owner; and
+    /// every set while this node has no quorum (it may be the one cut off: its ring then
+    /// places every set on itself, and its leases would be taken from the majority).
     pub fn actor(self: &Arc<Self>, set: &SetKey) -> Result<Addr<BucketSetActor>> {
-        if !self.owns(set) {
-            return Err(NodeError::NotOwner(format!(
-                "bucket set {set} is owned by another node"
-            )));
+        match self.placement.get().map(|p| p.serves(set.as_str())) {
+            None | Some(Ok(true)) => {}
+            Some(Ok(false)) => {
+                return Err(NodeError::NotOwner(format!(
+                    "bucket set {set} is owned by another node"
+                )))
+            }
+            Some(Err(q)) => return Err(no_quorum(q)),
         }
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(a) = actors.get(set).filter(|a| a.connected()) {
@@ -249,7 +275,8 @@ impl Shared {
             .cloned()
     }
 
-    /// Hands off every set this node no longer owns (the view changed): its actor
+    /// Hands off every set this node no longer owns (the view changed, or this node lost
+    /// its quorum: then every set): its actor
     /// commits what is queued, answers its held subscriptions (their clients resubscribe
     /// and reach the new owner) and stops. The new owner's lease fences anything later.
     pub fn hand_off_lost_sets(&self) -> usize {
