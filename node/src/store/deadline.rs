@@ -6,7 +6,7 @@
 //! [`StoreError::FateUnknown`], since it may still commit at the store. Whoever keeps
 //! the store's state in memory reloads it after such an answer before writing again
 //! (the set actor stops, and the next request activates one that takes a new lease and
-//! loads; the new lease fences the write if it lands late — ARCHITECTURE.md invariant 24).
+//! loads; the new lease fences the write if it lands late — ARCHITECTURE.md invariant 25).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -285,7 +285,7 @@ pub enum StoreError {
     TimedOut(String),
     /// A write passed its deadline before the store answered: it may still commit at the
     /// store, or never. Nothing is acknowledged, and a set's actor that had this answer
-    /// reloads before it commits again (ARCHITECTURE.md invariant 24).
+    /// reloads before it commits again (ARCHITECTURE.md invariant 25).
     #[error("fate unknown: {0}")]
     FateUnknown(String),
 }
