@@ -150,7 +150,12 @@ fn with_store<T>(
         #[cfg(feature = "fdb")]
         let _fdb_network =
             matches!(url, crate::config::StoreUrl::Fdb(_)).then(crate::store::fdb::Network::boot);
-        let store: Arc<dyn Store> = crate::store::open(url, Metrics::new(), 1)
+        let store: Arc<dyn Store> = crate::store::open(
+            url,
+            Metrics::new(),
+            1,
+            crate::store::deadline::DEFAULT_DEADLINE,
+        )
             .await
             .map_err(|e| {
                 NodeError::Config(format!(

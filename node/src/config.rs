@@ -387,6 +387,11 @@ pub struct ServeArgs {
         help_heading = "Traces (OpenTelemetry)"
     )]
     pub otel_sdk_disabled: Option<String>,
+    /// Deadline of every store call, in milliseconds [default: 3000]: a store that does
+    /// not answer within it fails the request with 503 + `Retry-After` (a write's fate is
+    /// then unknown; retry it with its op id).
+    #[arg(long, env = "TETHER_STORE_TIMEOUT_MS")]
+    pub store_timeout_ms: Option<u64>,
     /// Tests only: commits obey control files in this directory (`store/faults.rs`).
     #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
     pub test_store_faults: Option<PathBuf>,
@@ -512,6 +517,7 @@ pub struct FileConfig {
     history_per_bucket: Option<u64>,
     op_ids_per_set: Option<u64>,
     op_id_retention_s: Option<u64>,
+    store_timeout_ms: Option<u64>,
     grpc_listen: Option<SocketAddr>,
     grpc_advertise: Option<String>,
     join: Option<String>,
@@ -607,6 +613,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Trace export (OTLP); off unless an endpoint is set.
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// Deadline of every store call (`store::deadline`).
+    pub store_timeout: Duration,
     /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
     pub test_store_faults: Option<PathBuf>,
     /// What one client may use of this node.
@@ -1049,6 +1057,14 @@ impl Config {
                 }
             },
             registration,
+            store_timeout: args
+                .store_timeout_ms
+                .or(file.store_timeout_ms)
+                .filter(|ms| *ms > 0)
+                .map_or(
+                    crate::store::deadline::DEFAULT_DEADLINE,
+                    Duration::from_millis,
+                ),
             test_store_faults: args.test_store_faults,
         };
         config.check_transport()?;

@@ -51,7 +51,8 @@ pub async fn run(config: Config) -> Result<()> {
     #[cfg(feature = "fdb")]
     let _fdb_network = matches!(config.store, crate::config::StoreUrl::Fdb(_))
         .then(crate::store::fdb::Network::boot);
-    let mut store = crate::store::open(&config.store, metrics.clone(), 32).await?;
+    let mut store =
+        crate::store::open(&config.store, metrics.clone(), 32, config.store_timeout).await?;
     if let Some(dir) = &config.test_store_faults {
         tracing::warn!(dir = %dir.display(), "test fault injection on the store (--test-store-faults)");
         store = Arc::new(crate::store::faults::FaultyStore::new(store, dir));

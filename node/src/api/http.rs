@@ -407,7 +407,8 @@ pub async fn list(
             values,
             max_bytes: budget,
         };
-        let found: Vec<Bucket> = state.router.get(&set, read).await?;
+        let found: Vec<Bucket> =
+            within_store_deadline(&state, state.router.get(&set, read)).await?;
         for b in found.iter().filter(|b| principal.may_access(&b.id)) {
             if values {
                 budget = budget.saturating_sub(answer_size(b));
@@ -423,6 +424,24 @@ pub async fn list(
             pending: Vec::new(),
         },
     ))
+}
+
+/// The least time a subscribe gets to answer, whatever its `timeout_ms`.
+const OPEN_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// A read bounded by the store's deadline (`--store-timeout-ms`): an owner whose store
+/// does not answer makes it a 503 + `Retry-After`, not a hang.
+async fn within_store_deadline<T>(
+    state: &AppState,
+    read: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let limit = state.config.store_timeout;
+    tokio::time::timeout(limit, read).await.map_err(|_| {
+        NodeError::Unavailable(format!(
+            "the read took longer than the store deadline ({} ms); retry",
+            limit.as_millis()
+        ))
+    })?
 }
 
 fn parse_path_id(raw: &str) -> Result<BucketId> {
@@ -461,7 +480,8 @@ pub async fn get_one(
         values: true,
         max_bytes: state.config.limits.max_answer_bytes,
     };
-    let found: Vec<Bucket> = state.router.get(&id.set_key(), read).await?;
+    let found: Vec<Bucket> =
+        within_store_deadline(&state, state.router.get(&id.set_key(), read)).await?;
     let b = found
         .first()
         .ok_or_else(|| NodeError::NotFound(format!("no bucket {id}")))?;
@@ -588,7 +608,15 @@ pub async fn subscribe(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    // The whole subscribe answers within `timeout.max(OPEN_AT_LEAST)` (invariant 6):
+    // checking the credentials (a store lookup on a cache miss) gets at most
+    // OPEN_AT_LEAST of it, so a store that does not answer cannot hold the subscriber.
+    let started = tokio::time::Instant::now();
+    let principal = tokio::time::timeout(OPEN_AT_LEAST, state.principal(&req, Endpoint::Buckets))
+        .await
+        .map_err(|_| {
+            NodeError::Unavailable("the credentials could not be checked in time; retry".into())
+        })??;
     let limits = &state.config.limits;
     let body_limit = limits
         .max_ids_per_request
@@ -626,15 +654,13 @@ pub async fn subscribe(
             .map_or(ceiling as u64, |m| m.min(ceiling as u64)),
     );
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
-    // The whole subscribe, finding the owners included, answers within `timeout`
-    // (invariant 6): an owner that cannot be reached (isolated, paused) makes it a 503 at
-    // the subscriber's deadline, not a hang past it. Finding the owners gets at least
-    // OPEN_AT_LEAST, so a subscribe that only asks for what is newer now (`timeout_ms` 0)
-    // still gets its answer.
-    const OPEN_AT_LEAST: Duration = Duration::from_secs(1);
-    let started = tokio::time::Instant::now();
+    // The whole subscribe, checking credentials and finding the owners included, answers
+    // within `timeout` (invariant 6): an owner that cannot be reached (isolated, paused)
+    // or a store that does not answer makes it a 503 at the subscriber's deadline, not a
+    // hang past it. The subscribe gets at least OPEN_AT_LEAST, so one that only asks for
+    // what is newer now (`timeout_ms` 0) still gets its answer.
     let opened = tokio::time::timeout(
-        timeout.max(OPEN_AT_LEAST),
+        timeout.max(OPEN_AT_LEAST).saturating_sub(started.elapsed()),
         state
             .router
             .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling),

@@ -750,6 +750,15 @@ impl BucketSetActor {
                 // Another owner holds the lease: this actor must never commit again.
                 self.epoch = None;
                 ctx.stop();
+            } else if e.may_have_written() {
+                // The batch may still land at the store (its deadline passed, or the
+                // store failed mid-commit): memory may be behind the store, and the next
+                // commit must not be built on it. The actor stops without committing
+                // again; the next request activates one that takes a new lease (fencing
+                // this epoch's late commit, or ordering after it) and loads (invariant 25).
+                tracing::warn!(set = %self.set, "commit fate unknown; set reloads before its next commit");
+                self.epoch = None;
+                ctx.stop();
             }
             return;
         }

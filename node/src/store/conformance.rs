@@ -977,6 +977,7 @@ mod postgres {
                 queue,
                 writers: 1,
                 max_batch: 64,
+                ..BatchConfig::default()
             },
         )
         .await

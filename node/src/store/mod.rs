@@ -5,6 +5,7 @@
 //! adapter to `libfdb_c` with the `fdb` feature). Every backend passes the same
 //! conformance tests (`store::conformance`).
 
+pub mod deadline;
 pub mod faults;
 pub mod fdb;
 pub mod pg_server;
@@ -278,6 +279,23 @@ pub enum StoreError {
     /// retry after a moment (503 + `Retry-After`).
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// A call that writes nothing passed its deadline (`--store-timeout-ms`) before the
+    /// store answered (503 + `Retry-After`).
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    /// A write passed its deadline before the store answered: it may still commit at the
+    /// store, or never. Nothing is acknowledged, and a set's actor that had this answer
+    /// reloads before it commits again (ARCHITECTURE.md invariant 25).
+    #[error("fate unknown: {0}")]
+    FateUnknown(String),
+}
+
+impl StoreError {
+    /// Whether the store may hold a write this error failed (its fate is unknown), so
+    /// whoever keeps the store's state in memory must reload it before writing again.
+    pub fn may_have_written(&self) -> bool {
+        matches!(self, StoreError::FateUnknown(_) | StoreError::Backend(_))
+    }
 }
 
 /// Opens the store `url` names (`pool`: connections, for the shared backends). The
@@ -286,16 +304,20 @@ pub async fn open(
     url: &crate::config::StoreUrl,
     metrics: crate::metrics::Metrics,
     pool: usize,
+    deadline: std::time::Duration,
 ) -> Result<std::sync::Arc<dyn Store>, crate::error::NodeError> {
     use crate::config::StoreUrl;
-    Ok(match url {
+    let store: std::sync::Arc<dyn Store> = match url {
         StoreUrl::Redb(dir) => std::sync::Arc::new(redb::RedbStore::open(dir, metrics)?),
         StoreUrl::Postgres(url) => std::sync::Arc::new(
             postgres::PostgresStore::connect_with(
                 url,
                 pool,
                 metrics,
-                postgres::BatchConfig::default(),
+                postgres::BatchConfig {
+                    deadline,
+                    ..postgres::BatchConfig::default()
+                },
             )
             .await?,
         ),
@@ -309,7 +331,10 @@ pub async fn open(
                 "built without the fdb feature".into(),
             ))
         }
-    })
+    };
+    Ok(std::sync::Arc::new(deadline::DeadlineStore::new(
+        store, deadline,
+    )))
 }
 
 /// Durable state of a node.

@@ -88,6 +88,13 @@ SELECT b.version,
          ORDER BY version LIMIT $4) c)
 FROM tether_buckets b WHERE b.set_key = $1 AND b.id = $2";
 
+/// Takes a connection out of the pool for good (dropped: closed once what is queued on it
+/// was answered or its socket failed): one whose last transaction timed out may still be
+/// waiting for a stalled server and must never carry another request.
+fn abandon(client: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(client));
+}
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -164,6 +171,9 @@ pub struct PostgresStore {
     /// The batching writer commits go through; `None` in the writer tasks' own handle
     /// (they write with [`PostgresStore::commit_one`]).
     batcher: Option<std::sync::Arc<batch::Batcher>>,
+    /// How long a commit's transaction may take; past it the commit's fate is unknown and
+    /// its connection is dropped, never reused ([`BatchConfig::deadline`]).
+    deadline: std::time::Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -176,6 +186,9 @@ impl std::fmt::Debug for PostgresStore {
 
 /// Longest wait for a pooled connection (or a new one) before a request fails.
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Longest time sent data may stay unacknowledged before the kernel drops the connection.
+const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`), creating the schema if needed,
@@ -197,9 +210,20 @@ impl PostgresStore {
         metrics: crate::metrics::Metrics,
         batching: BatchConfig,
     ) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| backend(format!("store URL: {e}")))?;
+        // A peer that vanished (host down, link cut) is noticed by TCP: data unacknowledged
+        // for TCP_USER_TIMEOUT (Linux) or keepalive probes unanswered close the connection,
+        // so the pool never hands out a dead one for long. A peer that is connected but
+        // does not answer (a clogged link, a stopped server) is bounded by the deadlines.
+        config
+            .connect_timeout(POOL_WAIT)
+            .keepalives(true)
+            .keepalives_idle(std::time::Duration::from_secs(10))
+            .keepalives_interval(std::time::Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -220,6 +244,7 @@ impl PostgresStore {
             pool,
             metrics,
             batcher: None,
+            deadline: batching.deadline,
         };
         store
             .client()
@@ -284,6 +309,32 @@ impl PostgresStore {
         commit: Commit,
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
+        match tokio::time::timeout(
+            self.deadline,
+            Self::commit_on(&mut client, set, epoch, commit),
+        )
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => {
+                // The transaction may still commit (COMMIT may be on its way): its
+                // connection is never reused, and the caller is told the fate is unknown.
+                abandon(client);
+                Err(StoreError::FateUnknown(format!(
+                    "commit of set {set}: no answer from PostgreSQL within {} ms",
+                    self.deadline.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// [`PostgresStore::commit_one`] on `client`.
+    async fn commit_on(
+        client: &mut deadpool_postgres::Object,
+        set: &SetKey,
+        epoch: Epoch,
+        commit: Commit,
+    ) -> Result<(), StoreError> {
         let s = set.as_str();
         // Columns of the multi-row statements.
         let mut b_ids = Vec::new();

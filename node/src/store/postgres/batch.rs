@@ -17,6 +17,11 @@
 //! was committed) and its accepted commits are written one by one, so one bad commit
 //! cannot fail its neighbours.
 //!
+//! Deadline: a batch's transaction that has not answered within [`BatchConfig::deadline`]
+//! is abandoned with its connection (never reused: a stalled server may still commit it),
+//! and each of its commits is answered [`StoreError::FateUnknown`]. A commit whose
+//! requester stopped waiting before its batch began is not written at all.
+//!
 //! Admission: at most [`BatchConfig::queue`] commits wait or are being written; past that
 //! a commit fails at once with [`StoreError::Overloaded`] (503 + `Retry-After`), never an
 //! unbounded wait.
@@ -40,6 +45,10 @@ pub struct BatchConfig {
     pub writers: usize,
     /// Most commits folded into one transaction.
     pub max_batch: usize,
+    /// How long a batch's transaction may take (`--store-timeout-ms`). Past it the batch
+    /// is abandoned: its connection dropped, never reused, and every commit in it told
+    /// its fate is unknown ([`StoreError::FateUnknown`]), never that it failed.
+    pub deadline: std::time::Duration,
 }
 
 impl Default for BatchConfig {
@@ -48,6 +57,7 @@ impl Default for BatchConfig {
             queue: 8192,
             writers: 4,
             max_batch: 512,
+            deadline: crate::store::deadline::DEFAULT_DEADLINE,
         }
     }
 }
@@ -286,8 +296,33 @@ enum Verdict {
 
 /// Writes one batch and answers every request in it.
 async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
+    // A requester that stopped waiting (its deadline passed while queued) was told the
+    // fate is unknown: writing nothing for it is one of the fates it allowed, and the
+    // safest one.
+    let batch: Vec<Request> = batch.into_iter().filter(|r| !r.reply.is_closed()).collect();
+    if batch.is_empty() {
+        return;
+    }
     store.metrics.store_commit(batch.len());
-    match try_batch(store, &batch).await {
+    let tried = match store.client().await {
+        Err(e) => Err(Fallback::All(e)),
+        Ok(mut client) => {
+            match tokio::time::timeout(store.deadline, try_batch(&mut client, &batch)).await {
+                Ok(tried) => tried,
+                Err(_) => {
+                    // The transaction may still commit at the server: the connection goes,
+                    // and no commit of the batch is acknowledged or failed for sure.
+                    super::abandon(client);
+                    Err(Fallback::All(StoreError::FateUnknown(format!(
+                        "batch of {} commits: no answer from PostgreSQL within {} ms",
+                        batch.len(),
+                        store.deadline.as_millis()
+                    ))))
+                }
+            }
+        }
+    };
+    match tried {
         Ok(answers) => {
             for (r, answer) in batch.into_iter().zip(answers) {
                 // A dropped receiver: the requester gave up; nothing to tell it.
@@ -323,10 +358,9 @@ enum Fallback {
 }
 
 async fn try_batch(
-    store: &PostgresStore,
+    client: &mut deadpool_postgres::Object,
     batch: &[Request],
 ) -> Result<Vec<Result<(), StoreError>>, Fallback> {
-    let mut client = store.client().await.map_err(Fallback::All)?;
     let all = |e: tokio_postgres::Error| Fallback::All(backend(e));
     let leases = client.prepare_cached(LEASES_FOR_SHARE).await.map_err(all)?;
     let known_ops = client.prepare_cached(KNOWN_OPS).await.map_err(all)?;

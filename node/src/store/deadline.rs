@@ -1,0 +1,294 @@
+//! Every store call has a deadline (`--store-timeout-ms`): a store that is connected but
+//! never answers (a clogged link, a stopped server) fails the call with 503 +
+//! `Retry-After` instead of holding the request until the link recovers.
+//!
+//! A call that writes nothing fails with [`StoreError::TimedOut`]; a write with
+//! [`StoreError::FateUnknown`], since it may still commit at the store. Whoever keeps
+//! the store's state in memory reloads it after such an answer before writing again
+//! (the set actor stops, and the next request activates one that takes a new lease and
+//! loads; the new lease fences the write if it lands late — ARCHITECTURE.md invariant 25).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tether_proto::{Bucket, BucketId, SetKey};
+
+use super::{
+    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, Pairing, PairingCode, Store,
+    StoreError, UserRecord,
+};
+
+/// The deadline of a store call unless configured (`--store-timeout-ms`).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(3000);
+
+/// A store whose every call answers within `deadline`.
+#[derive(Debug)]
+pub struct DeadlineStore {
+    inner: Arc<dyn Store>,
+    deadline: Duration,
+}
+
+impl DeadlineStore {
+    /// Bounds every call of `inner` by `deadline`.
+    pub fn new(inner: Arc<dyn Store>, deadline: Duration) -> Self {
+        DeadlineStore { inner, deadline }
+    }
+
+    /// A call that writes nothing.
+    async fn read<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::TimedOut(format!(
+                    "{what}: no answer from the store within {} ms",
+                    self.deadline.as_millis()
+                )))
+            })
+    }
+
+    /// A call that may write: past the deadline its fate is unknown.
+    async fn write<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::FateUnknown(format!(
+                    "{what}: no answer from the store within {} ms; it may or may not \
+                     have been written",
+                    self.deadline.as_millis()
+                )))
+            })
+    }
+}
+
+#[async_trait]
+impl Store for DeadlineStore {
+    async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
+        self.read("loading a set", self.inner.load_set(set)).await
+    }
+
+    async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
+        self.write("taking a lease", self.inner.acquire_lease(set, owner))
+            .await
+    }
+
+    async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
+        self.read("confirming a lease", self.inner.lease_epoch(set))
+            .await
+    }
+
+    async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
+        self.write("commit", self.inner.commit(set, epoch, commit))
+            .await
+    }
+
+    async fn history(
+        &self,
+        id: &BucketId,
+        since_version: u64,
+        limit: usize,
+    ) -> Result<Option<HistoryPage>, StoreError> {
+        self.read("history", self.inner.history(id, since_version, limit))
+            .await
+    }
+
+    async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.read("device record", self.inner.get_device(device_id))
+            .await
+    }
+
+    async fn put_device(&self, record: DeviceRecord) -> Result<(), StoreError> {
+        self.write("device record", self.inner.put_device(record))
+            .await
+    }
+
+    async fn get_assigned(&self, serial: &str) -> Result<Option<AssignedRecord>, StoreError> {
+        self.read("credentials", self.inner.get_assigned(serial))
+            .await
+    }
+
+    async fn swap_assigned(
+        &self,
+        serial: &str,
+        expected: Option<[u8; 32]>,
+        new: Option<AssignedRecord>,
+    ) -> Result<bool, StoreError> {
+        self.write(
+            "credentials",
+            self.inner.swap_assigned(serial, expected, new),
+        )
+        .await
+    }
+
+    async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.read("user", self.inner.get_user(user_id)).await
+    }
+
+    async fn create_user(&self, user: UserRecord) -> Result<bool, StoreError> {
+        self.write("user", self.inner.create_user(user)).await
+    }
+
+    async fn get_pairing(&self, device_id: &str) -> Result<Option<Pairing>, StoreError> {
+        self.read("pairing", self.inner.get_pairing(device_id))
+            .await
+    }
+
+    async fn set_pairing(
+        &self,
+        device_id: &str,
+        pairing: Option<Pairing>,
+    ) -> Result<Option<Pairing>, StoreError> {
+        self.write("pairing", self.inner.set_pairing(device_id, pairing))
+            .await
+    }
+
+    async fn user_pairings(&self, user_id: &str) -> Result<Vec<Pairing>, StoreError> {
+        self.read("pairings", self.inner.user_pairings(user_id))
+            .await
+    }
+
+    async fn structure_owner(&self, structure: &str) -> Result<Option<String>, StoreError> {
+        self.read("structure", self.inner.structure_owner(structure))
+            .await
+    }
+
+    async fn claim_structure(&self, structure: &str, user_id: &str) -> Result<String, StoreError> {
+        self.write("structure", self.inner.claim_structure(structure, user_id))
+            .await
+    }
+
+    async fn user_structures(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        self.read("structures", self.inner.user_structures(user_id))
+            .await
+    }
+
+    async fn put_pairing_code(&self, code: PairingCode) -> Result<(), StoreError> {
+        self.write("pairing code", self.inner.put_pairing_code(code))
+            .await
+    }
+
+    async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError> {
+        self.write("pairing code", self.inner.take_pairing_code(code))
+            .await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        // Bounded by the store itself (the batch writer drains for at most 10 s).
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store call that never answers.
+    #[derive(Debug)]
+    struct Silent;
+
+    #[async_trait]
+    impl Store for Silent {
+        async fn load_set(&self, _: &SetKey) -> Result<Vec<Bucket>, StoreError> {
+            std::future::pending().await
+        }
+        async fn acquire_lease(&self, _: &SetKey, _: &str) -> Result<Lease, StoreError> {
+            std::future::pending().await
+        }
+        async fn lease_epoch(&self, _: &SetKey) -> Result<Option<Epoch>, StoreError> {
+            std::future::pending().await
+        }
+        async fn commit(&self, _: &SetKey, _: Epoch, _: Commit) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn history(
+            &self,
+            _: &BucketId,
+            _: u64,
+            _: usize,
+        ) -> Result<Option<HistoryPage>, StoreError> {
+            std::future::pending().await
+        }
+        async fn get_device(&self, _: &str) -> Result<Option<DeviceRecord>, StoreError> {
+            std::future::pending().await
+        }
+        async fn put_device(&self, _: DeviceRecord) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn get_assigned(&self, _: &str) -> Result<Option<AssignedRecord>, StoreError> {
+            std::future::pending().await
+        }
+        async fn swap_assigned(
+            &self,
+            _: &str,
+            _: Option<[u8; 32]>,
+            _: Option<AssignedRecord>,
+        ) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn get_user(&self, _: &str) -> Result<Option<UserRecord>, StoreError> {
+            std::future::pending().await
+        }
+        async fn create_user(&self, _: UserRecord) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn get_pairing(&self, _: &str) -> Result<Option<Pairing>, StoreError> {
+            std::future::pending().await
+        }
+        async fn set_pairing(
+            &self,
+            _: &str,
+            _: Option<Pairing>,
+        ) -> Result<Option<Pairing>, StoreError> {
+            std::future::pending().await
+        }
+        async fn user_pairings(&self, _: &str) -> Result<Vec<Pairing>, StoreError> {
+            std::future::pending().await
+        }
+        async fn structure_owner(&self, _: &str) -> Result<Option<String>, StoreError> {
+            std::future::pending().await
+        }
+        async fn claim_structure(&self, _: &str, _: &str) -> Result<String, StoreError> {
+            std::future::pending().await
+        }
+        async fn user_structures(&self, _: &str) -> Result<Vec<String>, StoreError> {
+            std::future::pending().await
+        }
+        async fn put_pairing_code(&self, _: PairingCode) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn take_pairing_code(&self, _: &str) -> Result<Option<PairingCode>, StoreError> {
+            std::future::pending().await
+        }
+        async fn close(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_store_times_reads_out_and_leaves_writes_of_unknown_fate() {
+        let store = DeadlineStore::new(Arc::new(Silent), Duration::from_millis(50));
+        let set = SetKey::parse("01AA02AB").expect("set key");
+        assert!(matches!(
+            store.load_set(&set).await,
+            Err(StoreError::TimedOut(_))
+        ));
+        assert!(matches!(
+            store.get_assigned("01AA02AB").await,
+            Err(StoreError::TimedOut(_))
+        ));
+        let committed = store.commit(&set, Epoch(1), Commit::default()).await;
+        assert!(
+            matches!(&committed, Err(e @ StoreError::FateUnknown(_)) if e.may_have_written()),
+            "{committed:?}"
+        );
+    }
+}
