@@ -298,8 +298,13 @@ pub(crate) async fn nft(cluster: &Cluster, i: usize, rules: &str) -> Result<(), 
     let ns = cluster
         .namespace(i)
         .ok_or_else(|| "the node has no namespace of its own (loopback cluster)".to_string())?;
+    nft_in(ns.name(), rules).await
+}
+
+/// Runs `nft -f -` with `rules` inside network namespace `ns`.
+pub(crate) async fn nft_in(ns: &str, rules: &str) -> Result<(), String> {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -320,8 +325,7 @@ pub(crate) async fn nft(cluster: &Cluster, i: usize, rules: &str) -> Result<(), 
         Ok(())
     } else {
         Err(format!(
-            "nft -f - in {}: {}\n{rules}",
-            ns.name(),
+            "nft -f - in {ns}: {}\n{rules}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }

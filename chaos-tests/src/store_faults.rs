@@ -324,36 +324,6 @@ fn cut_rules(peer: &str) -> String {
     )
 }
 
-/// `nft -f -` with `rules` in namespace `ns`.
-async fn nft_in(ns: &str, rules: &str) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nft: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .await
-            .map_err(|e| format!("nft stdin: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "nft -f - in {ns}: {}\n{rules}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Stalls replication, crashes the primary, waits the fault's duration, promotes the
 /// standby.
 pub async fn failover(
@@ -386,7 +356,7 @@ pub async fn failover(
         .standby_namespace()
         .ok_or_else(|| err(kind, "the standby has no namespace"))?
         .to_string();
-    nft_in(&ns, &cut_rules(&primary.to_string()))
+    crate::nemesis::nft_in(&ns, &cut_rules(&primary.to_string()))
         .await
         .map_err(|e| err(kind, e))?;
     rec.fault(
@@ -408,7 +378,7 @@ pub async fn failover(
         .ok_or_else(|| err(kind, "standby vanished"))?;
     tokio::task::block_in_place(|| standby.promote()).map_err(|e| err(kind, e))?;
     let took = t.elapsed().as_secs_f64();
-    nft_in(&ns, &format!("delete table inet {CUT_TABLE}\n"))
+    crate::nemesis::nft_in(&ns, &format!("delete table inet {CUT_TABLE}\n"))
         .await
         .map_err(|e| err(kind, e))?;
     cluster.promoted();
