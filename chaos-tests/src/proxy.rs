@@ -386,7 +386,9 @@ impl ClusterLinks {
             stores.push(link);
             peers.push(row);
             let rules = nat_rules(NAT_TABLE, listen, &redirects);
-            nft(from.namespace, &rules)?;
+            crate::nemesis::nft_in(from.namespace, &rules)
+                .await
+                .map_err(|e| format!("{e} (nftables is Debian package nftables)"))?;
         }
         Ok(ClusterLinks {
             names: hosts.iter().map(|h| h.name.to_string()).collect(),
@@ -434,32 +436,6 @@ impl ClusterLinks {
             })
             .collect::<Vec<_>>()
             .join("; ")
-    }
-}
-
-/// Runs `nft -f -` with `rules` in namespace `ns`.
-fn nft(ns: &str, rules: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nft (Debian package nftables): {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .map_err(|e| format!("nft stdin: {e}"))?;
-    }
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "nft -f - in {ns}: {}\n{rules}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
     }
 }
 
