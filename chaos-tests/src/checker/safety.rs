@@ -789,11 +789,17 @@ fn lost(
 /// load balancer, which may have handed it to that node) whose deadline fell while that
 /// node was paused (SIGSTOP) is excused — but only if it was answered within its own
 /// timeout plus the grace after the node woke (a woken node must answer its held
-/// subscribers at once). Excused subscribes are counted in `Verdict::excused_subscribers`.
+/// subscribers at once). Likewise an answer nobody can deliver: a subscribe sent to a
+/// node (directly, or through the load balancer) while the clients and the load balancer
+/// were cut from that node (`lb-partition`) at any time before its deadline — its answer,
+/// or its request, may be dropped on the way, and the client cannot tell. Excused
+/// subscribes are counted in `Verdict::excused_subscribers`.
 fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
-    let pauses: Vec<_> = super::fault_windows(hist.entries, hist.end)
-        .into_iter()
-        .filter(|w| w.kind == "pause")
+    let windows = super::fault_windows(hist.entries, hist.end);
+    let pauses: Vec<_> = windows.iter().filter(|w| w.kind == "pause").collect();
+    let cuts: Vec<_> = windows
+        .iter()
+        .filter(|w| w.kind == "lb-partition")
         .collect();
     for o in &hist.ops {
         let Call::Subscribe {
@@ -812,10 +818,9 @@ fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
                 && deadline <= w.end
                 && o.complete.unwrap_or(hist.end) <= w.end.saturating_add(allowed_us)
         });
-        if frozen.is_some() && o.complete.is_none_or(|t| t > deadline) {
-            f.excused_subscribers += 1;
-            continue;
-        }
+        let cut = cuts.iter().find(|w| {
+            (via == "lb" || *via == w.target) && w.start <= deadline && o.invoke <= w.end
+        });
         let (late, detail) = match o.complete {
             Some(t) if t > deadline => (
                 true,
@@ -835,7 +840,9 @@ fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
             ),
             _ => (false, String::new()),
         };
-        if late {
+        if late && (frozen.is_some() || cut.is_some()) {
+            f.excused_subscribers += 1;
+        } else if late {
             let bucket = held.keys().next().map_or("", String::as_str);
             f.add(
                 "hung_subscribers",

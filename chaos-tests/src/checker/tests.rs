@@ -481,6 +481,32 @@ fn a_subscribe_late_only_because_its_node_was_frozen_is_excused() {
     assert_eq!(v.excused_subscribers, 1);
 }
 
+/// A subscribe sent while the clients were cut from its node (`lb-partition`): its answer
+/// could not be delivered (the client gave up after 12 s). Excused when it went to that
+/// node or through the load balancer; one sent to another node is not.
+#[test]
+fn a_subscribe_cut_off_from_its_node_is_excused_but_not_one_to_another_node() {
+    let history = |via: &str| {
+        let mut b = base();
+        b.h.end = 20_000;
+        b.h.fault(150, "lb-partition", "n1", FaultPhase::Start);
+        b.h.fault(15_000, "lb-partition", "n1", FaultPhase::End);
+        let op = b.h.subscribe(4, (160, 12_160), (S2, 2), 1000, Res::Unknown);
+        if let Call::Subscribe { via: v, .. } = &mut b.h.op(op).call {
+            *v = via.into();
+        }
+        b.h.check()
+    };
+    for via in ["lb", "n1"] {
+        let v = history(via);
+        assert!(v.passed, "via {via}: {:?}", v.examples);
+        assert_eq!(v.excused_subscribers, 1, "via {via}");
+    }
+    let v = history("n2");
+    assert_only(&v, "hung_subscribers", 1);
+    assert_eq!(v.excused_subscribers, 0);
+}
+
 #[test]
 fn a_woken_node_that_still_does_not_answer_hangs_its_subscriber() {
     let mut b = base();
