@@ -268,3 +268,87 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
         sub_answered,
     }
 }
+
+/// A node forwarding a held subscribe answers "nothing changed" only when the owner said
+/// so (chaos defect 7: with the forwarder→owner link clogged, a forwarder answered "no
+/// change" at its own timer although the owner had acknowledged a write to the held
+/// bucket 1.6 s earlier). node-b holds a subscribe for a set node-a owns; first the
+/// owner's own timeout answer comes through node-b (200, nothing changed); then node-a is
+/// stopped while a second subscribe is held through node-b: node-b cannot know whether
+/// node-a sent a notification, so the held response is cut (the client resubscribes),
+/// never a 200 "no change".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarder_never_answers_no_change_the_owner_did_not_give() {
+    if std::env::var_os("TETHER_BIN").is_none() {
+        std::env::set_var("TETHER_BIN", env!("CARGO_BIN_EXE_tether"));
+    }
+    let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
+    let url = pg.url("forwarded").expect("database");
+    let (a, a_grpc) = member("node-a", &url, None, None, None).await;
+    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a), None).await;
+    let (c, _) = member("node-c", &url, Some(a_grpc), Some(&a), None).await;
+    a.wait_ready(3).await;
+    b.wait_ready(3).await;
+    c.wait_ready(3).await;
+    let ring = Ring::new(
+        [
+            NodeId::new("node-a"),
+            NodeId::new("node-b"),
+            NodeId::new("node-c"),
+        ],
+        256,
+    );
+    let serial = (0..1000)
+        .map(|i| format!("FWD{i:03}"))
+        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
+        .expect("node-a owns some set");
+    let id = format!("shared.{serial}");
+    a.device(&serial).register_thermostat().await;
+    let on_b = b.device(&serial);
+    let bucket = on_b.bucket(&id).await;
+    let body = json!({"buckets": [{"id": id, "timestamp": bucket["timestamp"], "version": bucket["version"]}],
+                      "timeout_ms": 1_500});
+
+    // The owner's own "nothing changed", through node-b.
+    let r = on_b.subscribe(&body, Duration::from_secs(30)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.json()["buckets"].as_array().map(Vec::len),
+        Some(0),
+        "nothing changed, so nothing is answered: {}",
+        r.text()
+    );
+
+    // Held through node-b, then node-a stops: no "no change" without the owner.
+    let held = {
+        let (p, body) = (on_b.clone(), body.clone());
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(30),
+                p.req(reqwest::Method::POST, "/v1/subscribe")
+                    .json(&body)
+                    .send(),
+            )
+            .await
+            .expect("the subscribe's headers within 30 s")
+            .expect("send the subscribe");
+            tether_test_support::node::Resp::read_checked(r).await
+        })
+    };
+    a.wait_held(1, REQUEST_DEADLINE).await;
+    let paused = Stopped::new(a.pid());
+    let answer = tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("node-b answers within 30 s")
+        .expect("the subscribe task");
+    drop(paused);
+    if let Some(r) = answer {
+        assert_ne!(
+            r.status,
+            StatusCode::OK,
+            "node-b answered {} ({}) for a subscription its stopped owner never answered",
+            r.status,
+            r.text()
+        );
+    }
+}

@@ -691,8 +691,13 @@ pub async fn subscribe(
     let hold = crate::metrics::HoldTimer::start(state.shared.metrics.clone());
     let body = async move {
         let mut slot = slot;
+        // An owner that could not confirm "nothing changed" (its forwarded call broke or
+        // its answer is late) fails the body: the response is cut and the client
+        // resubscribes, never told "no change" by a node that does not know.
         let updates = tokio::select! {
-            updates = held.answer(timeout.saturating_sub(started.elapsed()), draining) => updates,
+            updates = held.answer(timeout.saturating_sub(started.elapsed()), draining) => {
+                updates.inspect_err(|e| tracing::info!(error = %e, "held subscribe cut"))?
+            }
             _ = &mut slot.evicted => Vec::new(),
         };
         drop(slot);

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use tether_cluster::auth::PeerAuthInterceptor;
 use tether_cluster::{ClusterSecret, Member};
 use tether_proto::reconcile::Held;
@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::routing::router::{BucketUpdate, Leg, PutAnswer, PutKind, Router, Write};
+use crate::routing::router::{BucketUpdate, HeldLeg, Leg, PutAnswer, PutKind, Router, Write};
 use crate::sets::actor::{EnsureBuckets, Get};
 use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
 
@@ -77,10 +77,6 @@ pub fn served_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
 
 /// Largest forwarded message: a bucket set's worth of buckets.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
-/// Extra time an owner holds a forwarded subscription beyond the subscriber's own
-/// timeout (the forwarding node answers the device at its timeout and cancels the call).
-const HOLD_MARGIN: Duration = Duration::from_secs(5);
-
 // ---- conversions -----------------------------------------------------------------------
 
 fn bad(what: &str, e: impl std::fmt::Display) -> NodeError {
@@ -444,7 +440,9 @@ impl Peers {
 
     /// The subscribe check on the owner: `Now` with its stale buckets, or `Held` with a
     /// future of its answer. Dropping that future cancels the call (and the owner's
-    /// subscription). A broken call answers "no change": the client resubscribes.
+    /// subscription). The owner answers by its own timer, `timeout` after the call
+    /// reached it; a call that breaks or ends without an answer is an error, never a
+    /// "no change" the owner did not give ([`crate::routing::router::HeldSubscription::answer`]).
     pub(crate) async fn subscribe(
         &self,
         owner: &Member,
@@ -479,24 +477,21 @@ impl Peers {
                 Event::Now(list) => Ok(Leg::Now(updates_from_pb(list.buckets)?)),
                 Event::Held(_) => {
                     let owner_id = owner.id.clone();
-                    Ok(Leg::Held(
-                        async move {
-                            match stream.message().await {
-                                Ok(Some(pb::SubscribeEvent {
-                                    event: Some(Event::Changed(list)),
-                                })) => updates_from_pb(list.buckets).unwrap_or_else(|e| {
-                                    tracing::warn!(owner = %owner_id, error = %e, "forwarded notification dropped");
-                                    Vec::new()
-                                }),
-                                Ok(_) => Vec::new(),
-                                Err(status) => {
-                                    tracing::debug!(owner = %owner_id, %status, "held subscription on the owner broke; client resubscribes");
-                                    Vec::new()
-                                }
-                            }
+                    Ok(Leg::Held(HeldLeg::forwarded(async move {
+                        match stream.message().await {
+                            Ok(Some(pb::SubscribeEvent {
+                                event: Some(Event::Changed(list)),
+                            })) => updates_from_pb(list.buckets),
+                            Ok(_) => Err(NodeError::Unavailable(format!(
+                                "owner {owner_id} ended a held subscription without an answer; \
+                                 resubscribe"
+                            ))),
+                            Err(status) => Err(NodeError::Unavailable(format!(
+                                "held subscription on owner {owner_id} broke ({}); resubscribe",
+                                status.message()
+                            ))),
                         }
-                        .boxed(),
-                    ))
+                    })))
                 }
                 Event::Changed(_) => Err(bad("subscribe", "answer before the check")),
             }
@@ -675,7 +670,7 @@ impl Sets for SetsService {
                     .to_status(),
             );
         }
-        let hold = Duration::from_millis(req.timeout_ms).saturating_add(HOLD_MARGIN);
+        let hold = Duration::from_millis(req.timeout_ms);
         let leg = self
             .router
             .open_local(
@@ -694,7 +689,7 @@ impl Sets for SetsService {
             Leg::Held(wait) => {
                 let drain = self.router.drain_signal();
                 let answer = async move {
-                    let buckets = crate::routing::router::answer_within(wait, hold, drain).await;
+                    let buckets = wait.answer_within(hold, drain).await.unwrap_or_default();
                     event(Event::Changed(updates_to_pb(&buckets)))
                 };
                 futures::stream::once(async { event(Event::Held(pb::Held {})) })

@@ -13,6 +13,7 @@
 //! owner answers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,7 +115,7 @@ pub enum Subscription {
 /// A subscription held on one or more owners. Dropping it cancels it everywhere (local
 /// actors are told, forwarded calls are cancelled).
 pub struct HeldSubscription {
-    legs: Vec<BoxFuture<'static, Vec<BucketUpdate>>>,
+    legs: Vec<HeldLeg>,
 }
 
 impl std::fmt::Debug for HeldSubscription {
@@ -125,46 +126,125 @@ impl std::fmt::Debug for HeldSubscription {
     }
 }
 
+/// How long past the subscriber's timeout a node waits for a forwarded owner's own
+/// timeout answer. The owner holds a forwarded subscription for the subscriber's
+/// `timeout_ms` from when the call reached it, so its "nothing changed" comes a little
+/// after the forwarding node's own timer (the call's transit both ways); past this
+/// grace the owner is taken as unreachable.
+pub const FORWARDED_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 impl HeldSubscription {
-    /// The buckets of the first owner to answer (the others are cancelled), or nothing
-    /// when `timeout` passes or the node starts draining. An empty answer means "no
-    /// change": the client resubscribes with its versions and loses nothing.
+    /// The buckets of the first owner to answer before `timeout` (the others are
+    /// cancelled), or nothing ("no change": the client resubscribes with its versions and
+    /// loses nothing) when the node starts draining or `timeout` passes — but a
+    /// "no change" is given only when every owner confirmed it: after `timeout` the local
+    /// owners have nothing newer, and each forwarded owner answers by its own timer
+    /// (within [`FORWARDED_ANSWER_GRACE`]). A forwarded owner whose call broke, or whose
+    /// answer does not come within the grace, may have sent a notification that was
+    /// lost on the way: that is an error (the held response is cut, the client retries),
+    /// never a "no change" the owner did not give (chaos defect 7).
     pub async fn answer(
         self,
         timeout: Duration,
         draining: watch::Receiver<bool>,
-    ) -> Vec<BucketUpdate> {
+    ) -> Result<Vec<BucketUpdate>> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         if self.legs.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let any = async { futures::future::select_all(self.legs).await.0 };
-        answer_within(any, timeout, draining).await
+        let mut unconfirmed = self.legs.iter().filter(|l| l.forwarded).count();
+        let mut legs: FuturesUnordered<_> = self
+            .legs
+            .into_iter()
+            .map(|l| l.answer.map(move |a| (l.forwarded, a)))
+            .collect();
+        let drained = drained(draining);
+        tokio::pin!(drained);
+        tokio::select! {
+            Some((_, answer)) = legs.next() => return answer,
+            () = tokio::time::sleep(timeout) => {}
+            () = &mut drained => return Ok(Vec::new()),
+        }
+        let grace = tokio::time::sleep(FORWARDED_ANSWER_GRACE);
+        tokio::pin!(grace);
+        while unconfirmed > 0 {
+            tokio::select! {
+                next = legs.next() => match next {
+                    Some((_, Ok(buckets))) if !buckets.is_empty() => return Ok(buckets),
+                    Some((true, Ok(_))) => unconfirmed -= 1,
+                    Some((false, Ok(_))) => {}
+                    Some((_, Err(e))) => return Err(e),
+                    None => break,
+                },
+                () = &mut grace => {
+                    return Err(NodeError::Unavailable(format!(
+                        "{unconfirmed} owner(s) of the subscribed bucket sets did not answer \
+                         in time; resubscribe"
+                    )))
+                }
+                () = &mut drained => return Ok(Vec::new()),
+            }
+        }
+        Ok(Vec::new())
     }
 }
 
-/// `answer`, or nothing ("no change") when `timeout` passes or the node starts draining.
-pub(crate) async fn answer_within<T>(
-    answer: impl std::future::Future<Output = Vec<T>>,
-    timeout: Duration,
-    mut draining: watch::Receiver<bool>,
-) -> Vec<T> {
-    let drained = async {
-        if draining.wait_for(|d| *d).await.is_err() {
-            // The router is gone: nothing will ever signal a drain.
-            std::future::pending::<()>().await;
+/// One owner's held part of a subscription: its answer (empty: "nothing changed" from
+/// that owner, or its set moved), or an error when a forwarded call broke first.
+pub(crate) struct HeldLeg {
+    answer: BoxFuture<'static, Result<Vec<BucketUpdate>>>,
+    /// Held on a peer: its "nothing changed" comes over the network (see
+    /// [`HeldSubscription::answer`]).
+    forwarded: bool,
+}
+
+impl HeldLeg {
+    /// A leg held by this node's actors.
+    pub(crate) fn local(answer: impl Future<Output = Vec<BucketUpdate>> + Send + 'static) -> Self {
+        Self {
+            answer: answer.map(Ok).boxed(),
+            forwarded: false,
         }
-    };
-    tokio::select! {
-        buckets = answer => buckets,
-        _ = tokio::time::sleep(timeout) => Vec::new(),
-        _ = drained => Vec::new(),
+    }
+
+    /// A leg held on a peer (the forwarded call's answer).
+    pub(crate) fn forwarded(
+        answer: impl Future<Output = Result<Vec<BucketUpdate>>> + Send + 'static,
+    ) -> Self {
+        Self {
+            answer: answer.boxed(),
+            forwarded: true,
+        }
+    }
+
+    /// A leg held by this node's actors, answered here: its buckets, or nothing when
+    /// `hold` passes or the node drains.
+    pub(crate) async fn answer_within(
+        self,
+        hold: Duration,
+        draining: watch::Receiver<bool>,
+    ) -> Result<Vec<BucketUpdate>> {
+        let drained = drained(draining);
+        tokio::select! {
+            buckets = self.answer => buckets,
+            () = tokio::time::sleep(hold) => Ok(Vec::new()),
+            () = drained => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Completes when the node starts draining (never when the router is gone).
+async fn drained(mut draining: watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        // The router is gone: nothing will ever signal a drain.
+        std::future::pending::<()>().await;
     }
 }
 
 /// One owner's part of a subscribe check.
 pub(crate) enum Leg {
     Now(Vec<BucketUpdate>),
-    Held(BoxFuture<'static, Vec<BucketUpdate>>),
+    Held(HeldLeg),
 }
 
 /// Routes set operations to their owners.
@@ -635,16 +715,13 @@ impl Router {
             return Ok(Leg::Now(complete_diffs(&self.shared, now, diffs).await));
         }
         let shared = self.shared.clone();
-        Ok(Leg::Held(
-            async move {
-                let (answer, _, _) = futures::future::select_all(waiting).await;
-                drop(guard);
-                // A dropped sender means the actor stopped (handoff, shutdown, lease
-                // lost): an empty answer makes the client resubscribe with its versions.
-                complete_diffs(&shared, answer.unwrap_or_default(), diffs).await
-            }
-            .boxed(),
-        ))
+        Ok(Leg::Held(HeldLeg::local(async move {
+            let (answer, _, _) = futures::future::select_all(waiting).await;
+            drop(guard);
+            // A dropped sender means the actor stopped (handoff, shutdown, lease
+            // lost): an empty answer makes the client resubscribe with its versions.
+            complete_diffs(&shared, answer.unwrap_or_default(), diffs).await
+        })))
     }
 
     /// This node's live members view size (1 outside a cluster).
