@@ -9,7 +9,7 @@
 //! | bug | what it breaks | hook |
 //! |---|---|---|
 //! | `ack-before-durable` | acknowledged ⇒ durable: a batch is answered at once and committed ~200 ms later in the background, so a kill -9 or a store crash loses acknowledged writes | `BucketSetActor::start_commit` |
-//! | `skip-epoch-check` | one committer per set: a commit fenced for a stale epoch is written anyway (the lease is taken again and the change log's per-version check skipped), so two owners commit the same version | `BucketSetActor::start_commit` |
+//! | `skip-epoch-check` | one committer per set: a commit fenced for a stale epoch is written anyway (under the current epoch read from the store, the lease left with its holder, and the change log's per-version check skipped), so two owners commit the same version | `BucketSetActor::start_commit` |
 //! | `stale-reads` | reads only under a confirmed lease (invariant 23): reads are served from memory without confirming the lease, and a take-over (`Relinquish`) is ignored | `BucketSetActor::lease_trusted`, `Shared::relinquish` |
 //! | `drop-notification` | every change reaches its held subscribers: every 3rd notification is dropped (the subscriber stays held) | `BucketSetActor::notify` |
 
@@ -144,25 +144,26 @@ pub fn commit_later(
     }))
 }
 
-/// `skip-epoch-check`: commits `commit`; if the store refuses it for a stale epoch, takes
-/// the lease again and writes it anyway, without the change log rows (whose per-version
-/// key would refuse a version the new owner wrote already): the effect of a store whose
-/// commit does not check the epoch.
+/// `skip-epoch-check`: commits `commit`; if the store refuses it for a stale epoch, writes
+/// it anyway under the set's current epoch (read from the store, the lease left with its
+/// holder), without the change log rows (whose per-version key would refuse a version the
+/// current owner wrote already): the effect of a store whose commit does not check the
+/// epoch. The stale owner's memory overwrites the current owner's buckets, and the
+/// current owner, its lease untouched, overwrites them back at its next commit.
 #[cfg(feature = "planted-skip-epoch-check")]
 pub async fn commit_fenced_anyway(
     store: &dyn crate::store::Store,
     set: &tether_proto::SetKey,
-    owner: &str,
     epoch: crate::store::Epoch,
     commit: crate::store::Commit,
 ) -> Result<(), crate::store::StoreError> {
     match store.commit(set, epoch, commit.clone()).await {
         Err(crate::store::StoreError::Fenced { .. }) => {
             tracing::error!(%set, epoch = epoch.0, "planted-skip-epoch-check: committing under a stale epoch anyway");
-            let lease = store.acquire_lease(set, owner).await?;
+            let current = store.lease_epoch(set).await?.unwrap_or(epoch);
             let mut commit = commit;
             commit.changes.clear();
-            store.commit(set, lease.epoch, commit).await
+            store.commit(set, current, commit).await
         }
         other => other,
     }

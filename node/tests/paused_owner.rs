@@ -19,6 +19,9 @@ use tether_node::store::pg_server::PgServer;
 use tether_test_support::node::*;
 
 const SECRET: &str = "paused-owner-test-secret-0123456789";
+/// One three-node cluster at a time: the machine may have two cores, and the starved-node
+/// test must not be starved further by another test's cluster.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// How long node-a stays stopped at most while node-b notices (the failure-detection
 /// bound of a two-node LAN cluster is a few seconds).
 const DETECT_LIMIT: Duration = Duration::from_secs(30);
@@ -60,6 +63,35 @@ async fn member(
         b = b.env("TETHER_PLANTED_BUG", bug);
     }
     (b.start().await, grpc)
+}
+
+/// node-a, node-b and node-c clustered on one database of `pg`, each seeing all three.
+/// Callers hold [`ONE_CLUSTER`].
+async fn three_members(pg: &PgServer, db: &str, planted: Option<&str>) -> (Node, Node, Node) {
+    let url = pg.url(db).expect("database");
+    let (a, a_grpc) = member("node-a", &url, None, None, planted).await;
+    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a), planted).await;
+    let (c, _) = member("node-c", &url, Some(a_grpc), Some(&a), planted).await;
+    a.wait_ready(3).await;
+    b.wait_ready(3).await;
+    c.wait_ready(3).await;
+    (a, b, c)
+}
+
+/// A device serial (`<prefix>NNN`) whose bucket set the three-node ring places on node-a.
+fn owned_by_a(prefix: &str) -> String {
+    let ring = Ring::new(
+        [
+            NodeId::new("node-a"),
+            NodeId::new("node-b"),
+            NodeId::new("node-c"),
+        ],
+        256,
+    );
+    (0..1000)
+        .map(|i| format!("{prefix}{i:03}"))
+        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
+        .expect("node-a owns some set")
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -138,28 +170,12 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
     if std::env::var_os("TETHER_BIN").is_none() {
         std::env::set_var("TETHER_BIN", env!("CARGO_BIN_EXE_tether"));
     }
+    let _one = ONE_CLUSTER.lock().await;
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
-    let url = pg.url("paused").expect("database");
-    let (a, a_grpc) = member("node-a", &url, None, None, planted).await;
-    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a), planted).await;
-    let (c, _) = member("node-c", &url, Some(a_grpc), Some(&a), planted).await;
-    a.wait_ready(3).await;
-    b.wait_ready(3).await;
-    c.wait_ready(3).await;
+    let (a, b, _c) = three_members(&pg, "paused", planted).await;
 
     // A set node-a owns, loaded in its memory at version `before`.
-    let ring = Ring::new(
-        [
-            NodeId::new("node-a"),
-            NodeId::new("node-b"),
-            NodeId::new("node-c"),
-        ],
-        256,
-    );
-    let serial = (0..1000)
-        .map(|i| format!("PAUSE{i:03}"))
-        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
-        .expect("node-a owns some set");
+    let serial = owned_by_a("PAUSE");
     let id = format!("shared.{serial}");
     let on_a = a.device(&serial);
     on_a.register_thermostat().await;
@@ -173,10 +189,7 @@ async fn pause_owner_then_read(planted: Option<&str>) -> Reads {
     let read = on_a.bucket(&id).await;
     assert_eq!(u64_of(&read, "version"), before, "node-a serves {read}");
     // Another set of node-a's, with a subscription held there (and nothing else).
-    let watched = (0..1000)
-        .map(|i| format!("WATCH{i:03}"))
-        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
-        .expect("node-a owns some set");
+    let watched = owned_by_a("WATCH");
     let watched_id = format!("shared.{watched}");
     let watcher = a.device(&watched);
     watcher.register_thermostat().await;
@@ -282,26 +295,10 @@ async fn a_forwarder_never_answers_no_change_the_owner_did_not_give() {
     if std::env::var_os("TETHER_BIN").is_none() {
         std::env::set_var("TETHER_BIN", env!("CARGO_BIN_EXE_tether"));
     }
+    let _one = ONE_CLUSTER.lock().await;
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
-    let url = pg.url("forwarded").expect("database");
-    let (a, a_grpc) = member("node-a", &url, None, None, None).await;
-    let (b, _) = member("node-b", &url, Some(a_grpc), Some(&a), None).await;
-    let (c, _) = member("node-c", &url, Some(a_grpc), Some(&a), None).await;
-    a.wait_ready(3).await;
-    b.wait_ready(3).await;
-    c.wait_ready(3).await;
-    let ring = Ring::new(
-        [
-            NodeId::new("node-a"),
-            NodeId::new("node-b"),
-            NodeId::new("node-c"),
-        ],
-        256,
-    );
-    let serial = (0..1000)
-        .map(|i| format!("FWD{i:03}"))
-        .find(|s| ring.owner(s).map(|o| o.to_string()).as_deref() == Some("node-a"))
-        .expect("node-a owns some set");
+    let (a, b, _c) = three_members(&pg, "forwarded", None).await;
+    let serial = owned_by_a("FWD");
     let id = format!("shared.{serial}");
     a.device(&serial).register_thermostat().await;
     let on_b = b.device(&serial);
@@ -350,5 +347,96 @@ async fn a_forwarder_never_answers_no_change_the_owner_did_not_give() {
             r.status,
             r.text()
         );
+    }
+}
+
+/// How long node-a shares its CPU with busy loops.
+const STARVE_FOR: Duration = Duration::from_secs(10);
+/// Busy loops pinned to node-a's CPU beside it (at the same priority: node-a gets about
+/// 1 / (1 + this) of one core while they run).
+const BUSY_LOOPS: usize = 2;
+
+/// A loaded node is not a dead one (issue 16: fast failure detection without false
+/// suspicion). node-a's threads are pinned to one CPU and share it with busy loops for
+/// 10 s; meanwhile no node's view may lose a member — neither node-b's and node-c's view
+/// of node-a nor node-a's of them — so no set moves and nothing fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_starved_node_is_not_declared_dead() {
+    if std::env::var_os("TETHER_BIN").is_none() {
+        std::env::set_var("TETHER_BIN", env!("CARGO_BIN_EXE_tether"));
+    }
+    let _one = ONE_CLUSTER.lock().await;
+    let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
+    let (a, b, c) = three_members(&pg, "starved", None).await;
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-p", "0x1", &a.pid().to_string()])
+        .output()
+        .expect("run taskset (util-linux)");
+    assert!(pinned.status.success(), "taskset: {pinned:?}");
+    let busy = Busy::start(BUSY_LOOPS);
+    let started = Instant::now();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("HTTP client");
+    let mut lost = Vec::new();
+    let mut polls = 0u32;
+    while started.elapsed() < STARVE_FOR {
+        for (name, node) in [("node-a", &a), ("node-b", &b), ("node-c", &c)] {
+            // node-a may be slow to answer its own /readyz: only a view it states counts.
+            let Ok(r) = client.get(node.url("/readyz")).send().await else {
+                continue;
+            };
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            polls += 1;
+            if body["members"].as_u64().is_some_and(|m| m != 3) {
+                lost.push((name, started.elapsed().as_millis(), body));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(busy);
+    eprintln!(
+        "starved node: {polls} views read in {} s, {} without all three members",
+        STARVE_FOR.as_secs(),
+        lost.len()
+    );
+    assert!(polls > 0, "no node answered /readyz while node-a was loaded");
+    assert!(
+        lost.is_empty(),
+        "a view lost a member while node-a was merely loaded (first: {:?}); node-a's stderr:\n{}",
+        lost.first(),
+        a.stderr_tail()
+    );
+    // Still one cluster afterwards.
+    for node in [&a, &b, &c] {
+        node.wait_ready(3).await;
+    }
+}
+
+/// Busy loops pinned to CPU 0; killed when dropped (every exit path).
+struct Busy(Vec<std::process::Child>);
+
+impl Busy {
+    fn start(n: usize) -> Self {
+        Busy(
+            (0..n)
+                .map(|_| {
+                    std::process::Command::new("taskset")
+                        .args(["0x1", "sh", "-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start a busy loop (taskset, sh)")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

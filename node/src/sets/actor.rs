@@ -540,8 +540,6 @@ impl BucketSetActor {
         } else {
             to_commit
         };
-        #[cfg(feature = "planted-skip-epoch-check")]
-        let owner = self.shared.node_id.clone();
         let reaches_store = !to_commit.is_empty();
         let requests = results.len();
         let started = Instant::now();
@@ -552,10 +550,8 @@ impl BucketSetActor {
             // Planted bug (chaos self-test): a fenced commit is written anyway.
             #[cfg(feature = "planted-skip-epoch-check")]
             if crate::planted::active(crate::planted::Bug::SkipEpochCheck) {
-                return crate::planted::commit_fenced_anyway(
-                    &*store, &set, &owner, epoch, to_commit,
-                )
-                .await;
+                return crate::planted::commit_fenced_anyway(&*store, &set, epoch, to_commit)
+                    .await;
             }
             store.commit(&set, epoch, to_commit).await
         }
