@@ -133,87 +133,19 @@ async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
     for _ in 0..o.nodes {
         nodes.push(tether::start(&o.tether_bin, &[]).await?);
     }
-    let out = hold_on(o, &nodes, src_offset, false).await;
+    let out = hold_on(o, &nodes.iter().collect::<Vec<_>>(), src_offset, false).await;
     for n in nodes {
         n.server.stop().await;
     }
     out
-}
-
-/// Waits (bounded) until every node's `/readyz` names `members` live members.
-async fn wait_members(
-    http: &reqwest::Client,
-    nodes: &[tether::TetherNode],
-    members: usize,
-) -> Result<()> {
-    let until = Instant::now() + Duration::from_secs(60);
-    for node in nodes {
-        loop {
-            let body: Option<serde_json::Value> =
-                match http.get(format!("{}/readyz", node.url())).send().await {
-                    Ok(r) if r.status().is_success() => r.json().await.ok(),
-                    _ => None,
-                };
-            if body.is_some_and(|b| b["members"] == json!(members)) {
-                break;
-            }
-            if Instant::now() >= until {
-                bail!(
-                    "{} did not see {members} cluster members within 60 s",
-                    node.url()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    Ok(())
 }
 
 /// One Tether *cluster* of `nodes` members on a private PostgreSQL holding
 /// `nodes × count` subscriptions: devices register through node i, are allocated to
 /// their set's owner (`sync_url`), and hold their subscribe there.
 async fn tether_cluster(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
-    let pg = tether_node::store::pg_server::PgServer::start()
-        .context("starting a private PostgreSQL (apt-get install postgresql)")?;
-    let store = pg.url("idle").context("creating the benchmark database")?;
-    let shared = tempfile::TempDir::new()?;
-    let key = shared.path().join("k1.key");
-    tether::generate_key(&o.tether_bin, &key).await?;
-    let secret = shared.path().join("cluster.secret");
-    std::fs::write(&secret, format!("{:032x}", rand::random::<u128>()))?;
-    let secret = secret.display().to_string();
-    let mut nodes = Vec::new();
-    let mut seed: Option<String> = None;
-    for i in 0..o.nodes {
-        let grpc = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .to_string();
-        let id = format!("idle-{i}");
-        let mut extra = vec![
-            "--node-id",
-            &id,
-            "--store",
-            &store,
-            "--grpc-listen",
-            &grpc,
-            "--cluster-secret-file",
-            &secret,
-        ];
-        if let Some(s) = &seed {
-            extra.extend(["--join", s.as_str()]);
-        }
-        nodes.push(tether::start_with_key(&o.tether_bin, &key, &extra).await?);
-        seed.get_or_insert(grpc);
-    }
-    let out = match wait_members(&reqwest::Client::new(), &nodes, o.nodes).await {
-        Ok(()) => hold_on(o, &nodes, src_offset, true).await,
-        Err(e) => Err(e),
-    };
-    for n in nodes {
-        n.server.stop().await;
-    }
-    drop(pg);
-    out
+    let cluster = tether::Cluster::start(&o.tether_bin, o.nodes, "idle").await?;
+    hold_on(o, &cluster.nodes(), src_offset, true).await
 }
 
 /// Holds subscriptions on `nodes` from `o.procs` `tether-sim` processes per node and
@@ -221,7 +153,7 @@ async fn tether_cluster(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
 /// nodes hold `nodes × count` between them (each device subscribes at its set's owner).
 async fn hold_on(
     o: &Opts,
-    nodes: &[tether::TetherNode],
+    nodes: &[&tether::TetherNode],
     src_offset: usize,
     cluster: bool,
 ) -> Result<Vec<Held>> {

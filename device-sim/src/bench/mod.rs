@@ -7,6 +7,7 @@
 //! mean with min–max spread. Every loop is bounded in time.
 
 pub mod ceiling;
+pub mod cluster;
 pub mod cold;
 pub mod idle;
 pub mod peers;

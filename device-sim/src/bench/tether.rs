@@ -169,3 +169,133 @@ pub async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64
         .ok()?;
     metric_value(&text, name)
 }
+
+/// Waits until every node in `nodes` answers `/readyz` with `members` members (60 s at
+/// most).
+pub async fn wait_members(
+    http: &reqwest::Client,
+    nodes: &[&TetherNode],
+    members: usize,
+) -> Result<()> {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    for node in nodes {
+        loop {
+            let body: Option<serde_json::Value> =
+                match http.get(format!("{}/readyz", node.url())).send().await {
+                    Ok(r) if r.status().is_success() => r.json().await.ok(),
+                    _ => None,
+                };
+            if body.is_some_and(|b| b["members"] == json!(members)) {
+                break;
+            }
+            if std::time::Instant::now() >= until {
+                bail!(
+                    "{} did not see {members} cluster members within 60 s",
+                    node.url()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Nodes in cluster mode on a private PostgreSQL, sharing one manufacturing key and one
+/// cluster secret; a node can be killed (`kill -9`) and started again under its id.
+#[derive(Debug)]
+pub struct Cluster {
+    bin: PathBuf,
+    store: String,
+    key: PathBuf,
+    secret: String,
+    ids: Vec<String>,
+    grpc: Vec<String>,
+    nodes: Vec<Option<TetherNode>>,
+    // Dropped last: the nodes stop before their store and files go.
+    _shared: TempDir,
+    _pg: tether_node::store::pg_server::PgServer,
+}
+
+impl Cluster {
+    /// Starts PostgreSQL and `n` nodes `<prefix>-<i>`, each joining the first, and waits
+    /// until every node sees all of them.
+    pub async fn start(bin: &Path, n: usize, prefix: &str) -> Result<Self> {
+        let pg = tether_node::store::pg_server::PgServer::start()
+            .context("starting a private PostgreSQL (apt-get install postgresql)")?;
+        let store = pg.url(prefix).context("creating the benchmark database")?;
+        let shared = TempDir::new()?;
+        let key = shared.path().join("k1.key");
+        generate_key(bin, &key).await?;
+        let secret = shared.path().join("cluster.secret");
+        std::fs::write(&secret, format!("{:032x}", rand::random::<u128>()))?;
+        let mut grpc = Vec::new();
+        for _ in 0..n {
+            grpc.push(
+                std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .to_string(),
+            );
+        }
+        let mut cluster = Cluster {
+            bin: bin.to_path_buf(),
+            store,
+            key,
+            secret: secret.display().to_string(),
+            ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
+            grpc,
+            nodes: (0..n).map(|_| None).collect(),
+            _shared: shared,
+            _pg: pg,
+        };
+        for i in 0..n {
+            cluster.start_node(i).await?;
+        }
+        cluster.wait_members(n).await?;
+        Ok(cluster)
+    }
+
+    /// Starts node `i` (again), joining another node.
+    pub async fn start_node(&mut self, i: usize) -> Result<()> {
+        let join = self.grpc[if i == 0 { 1 % self.grpc.len() } else { 0 }].clone();
+        let mut extra = vec![
+            "--node-id",
+            &self.ids[i],
+            "--store",
+            &self.store,
+            "--grpc-listen",
+            &self.grpc[i],
+            "--cluster-secret-file",
+            &self.secret,
+        ];
+        // The first node of a new cluster joins nobody.
+        if i != 0 || self.nodes.iter().any(Option::is_some) {
+            extra.extend(["--join", join.as_str()]);
+        }
+        let node = start_with_key(&self.bin, &self.key, &extra).await?;
+        self.nodes[i] = Some(node);
+        Ok(())
+    }
+
+    /// `kill -9` of node `i`.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.server.stop().await;
+        }
+    }
+
+    /// Waits until every running node sees `members` members.
+    pub async fn wait_members(&self, members: usize) -> Result<()> {
+        let running: Vec<&TetherNode> = self.nodes.iter().flatten().collect();
+        wait_members(&reqwest::Client::new(), &running, members).await
+    }
+
+    /// The running nodes.
+    pub fn nodes(&self) -> Vec<&TetherNode> {
+        self.nodes.iter().flatten().collect()
+    }
+
+    /// Node `i`, when running.
+    pub fn node(&self, i: usize) -> Option<&TetherNode> {
+        self.nodes[i].as_ref()
+    }
+}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tether_sim::bench::{ceiling, cold, idle, peers, synclog, tracing};
+use tether_sim::bench::{ceiling, cluster, cold, idle, peers, synclog, tracing};
 
 /// Tether benchmarks (loopback only).
 #[derive(Debug, Parser)]
@@ -67,6 +67,41 @@ enum Cmd {
         /// Systems to run.
         #[arg(long, value_delimiter = ',', default_value = "tether,etcd,mosquitto")]
         systems: Vec<String>,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// A 3-node cluster on PostgreSQL vs one embedded-store node (durable PUT/s, cold
+    /// registrations/s), and kill -9 failovers (time to serve the killed node's sets
+    /// again, failed requests).
+    Cluster {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// Repetitions of the throughput comparisons.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Measured seconds per PUT load.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Concurrent PUT connections (spread over the cluster's nodes).
+        #[arg(long, default_value_t = 48)]
+        conns: usize,
+        /// Devices written by the PUT load.
+        #[arg(long, default_value_t = 96)]
+        devices: usize,
+        /// New devices per registration measurement.
+        #[arg(long, default_value_t = 1000)]
+        registrations: usize,
+        /// Registrations in flight.
+        #[arg(long, default_value_t = 32)]
+        register_concurrency: usize,
+        /// kill -9 failovers.
+        #[arg(long, default_value_t = 5)]
+        kills: usize,
+        /// Probe devices writing during the failovers.
+        #[arg(long, default_value_t = 12)]
+        probes: usize,
         /// Results directory.
         #[arg(long, default_value = "results")]
         out: PathBuf,
@@ -239,6 +274,32 @@ fn run(args: Args) -> Result<()> {
                     secs,
                     conns,
                     workers,
+                    out,
+                })
+                .await
+            }
+            Cmd::Cluster {
+                tether_bin,
+                runs,
+                secs,
+                conns,
+                devices,
+                registrations,
+                register_concurrency,
+                kills,
+                probes,
+                out,
+            } => {
+                cluster::run(cluster::Opts {
+                    tether_bin,
+                    runs,
+                    secs,
+                    conns,
+                    devices,
+                    registrations,
+                    register_concurrency,
+                    kills,
+                    probes,
                     out,
                 })
                 .await

@@ -1,0 +1,441 @@
+//! The cluster data path (issue 16), each figure against a baseline measured in the same
+//! run:
+//!
+//! - **durable PUT/s**: the closed-loop PUT client of `http-ceiling` against a 3-node
+//!   cluster on a private PostgreSQL (connections spread over the nodes, devices
+//!   registered through each) vs the same client against one node on its embedded store;
+//! - **cold registrations/s**: new devices (default credentials) registered through one
+//!   node of the cluster vs through the embedded-store node, same concurrency;
+//! - **kill -9 failover**: probe devices write through a surviving node every
+//!   [`PROBE_EVERY`] while one node is killed with `kill -9` (then started again and the
+//!   cluster left to settle before the next kill). Per kill: the longest time any probe
+//!   went without a successful write across the kill (the killed node's sets served
+//!   again), and the probe requests that failed (non-2xx or no answer) meanwhile.
+//!
+//! Loopback, one machine: every node, PostgreSQL and the clients share its cores, so the
+//! ratios are what to read. Every loop is bounded in time.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use reqwest::header::AUTHORIZATION;
+use serde::Serialize;
+use serde_json::json;
+use tether_proto::credentials::{basic_header, Credentials};
+
+use super::ceiling::{closed_loop, Load};
+use super::{now_utc, ratio, tether, write_json, Machine, Spread};
+
+/// How often each probe device writes during a failover.
+pub const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// How long the probes run before a kill, and at most after it.
+const BEFORE_KILL: Duration = Duration::from_secs(2);
+const AFTER_KILL: Duration = Duration::from_secs(12);
+/// Nodes of the cluster.
+const NODES: usize = 3;
+
+/// Options of `tether-bench cluster`.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// The `tether` binary.
+    pub tether_bin: PathBuf,
+    /// Repetitions of the PUT and registration comparisons.
+    pub runs: usize,
+    /// Measured seconds per PUT load (after a 1 s warm-up).
+    pub secs: f64,
+    /// Concurrent PUT connections (spread over the cluster's nodes).
+    pub conns: usize,
+    /// Devices written by the PUT load.
+    pub devices: usize,
+    /// New devices registered per registration measurement.
+    pub registrations: usize,
+    /// Registrations in flight.
+    pub register_concurrency: usize,
+    /// kill -9 failovers.
+    pub kills: usize,
+    /// Probe devices during the failovers.
+    pub probes: usize,
+    /// Where results go.
+    pub out: PathBuf,
+}
+
+/// One repetition of the throughput comparisons.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// One node on its embedded store.
+    pub single_put: Load,
+    /// The cluster on PostgreSQL.
+    pub cluster_put: Load,
+    /// cluster / single.
+    pub put_ratio: f64,
+    /// Cold registrations per second, one node on its embedded store.
+    pub single_registrations_per_s: f64,
+    /// Cold registrations per second through one node of the cluster.
+    pub cluster_registrations_per_s: f64,
+    /// cluster / single.
+    pub registration_ratio: f64,
+}
+
+/// One kill -9.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failover {
+    /// The longest time any probe went without a successful write across the kill, ms.
+    pub gap_ms: u64,
+    /// Probe requests that failed between the kill and the end of the probes.
+    pub failed: u64,
+    /// Probe requests answered 2xx in the same time.
+    pub ok: u64,
+    /// Successful writes per 100 ms from [`BEFORE_KILL`] before the kill (timeline).
+    pub ok_per_100ms: Vec<u64>,
+    /// Failed requests per 100 ms, same buckets.
+    pub failed_per_100ms: Vec<u64>,
+}
+
+/// The whole result.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub benchmark: &'static str,
+    pub date: String,
+    pub machine: Machine,
+    pub nodes: usize,
+    pub conns: usize,
+    pub devices: usize,
+    pub registrations: usize,
+    pub runs: Vec<Run>,
+    pub put_ratio: Spread,
+    pub registration_ratio: Spread,
+    pub failovers: Vec<Failover>,
+    pub failover_gap_ms: Spread,
+    pub failover_failed: Spread,
+}
+
+/// `tether-bench cluster`.
+pub async fn run(o: Opts) -> Result<()> {
+    let machine = Machine::probe();
+    let (_, date) = now_utc();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(o.conns.max(o.register_concurrency))
+        .build()?;
+    let mut runs = Vec::new();
+    for r in 0..o.runs {
+        let single = tether::start(&o.tether_bin, &[]).await?;
+        let devices =
+            tether::register_many(&http, single.url(), &single.mfg_key, "CPUT", o.devices, 16)
+                .await?;
+        let single_put = closed_loop(&http, single.url(), &devices, o.conns, o.secs, false).await;
+        let single_reg = registrations(&http, &[single.url()], &single.mfg_key, &o, r).await?;
+        single.server.stop().await;
+
+        let cluster = tether::Cluster::start(&o.tether_bin, NODES, "bench").await?;
+        let nodes = cluster.nodes();
+        let mfg_key = nodes[0].mfg_key.clone();
+        let urls: Vec<&str> = nodes.iter().map(|n| n.url()).collect();
+        // Devices registered through each node; each node's share of the connections
+        // writes them through that node (most sets are owned by another: forwarded).
+        let per = o.devices.div_ceil(urls.len());
+        let mut loads = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let devs = tether::register_many(&http, url, &mfg_key, &format!("CPUT{i}X"), per, 16)
+                .await?;
+            loads.push((url.to_string(), devs));
+        }
+        let conns_per = o.conns.div_ceil(urls.len());
+        let parts = futures::future::join_all(
+            loads
+                .iter()
+                .map(|(url, devs)| closed_loop(&http, url, devs, conns_per, o.secs, false)),
+        )
+        .await;
+        let cluster_put = sum_loads(&parts);
+        let cluster_reg = registrations(&http, &urls[..1], &mfg_key, &o, r).await?;
+        drop(nodes);
+        drop(cluster);
+        let run = Run {
+            put_ratio: ratio(cluster_put.rps, single_put.rps),
+            registration_ratio: ratio(cluster_reg, single_reg),
+            single_put,
+            cluster_put,
+            single_registrations_per_s: single_reg,
+            cluster_registrations_per_s: cluster_reg,
+        };
+        println!(
+            "run {}: durable PUT/s cluster {:.0} / one node {:.0} = {:.2}; cold registrations/s cluster {:.0} / one node {:.0} = {:.2}",
+            r + 1,
+            run.cluster_put.rps,
+            run.single_put.rps,
+            run.put_ratio,
+            run.cluster_registrations_per_s,
+            run.single_registrations_per_s,
+            run.registration_ratio
+        );
+        runs.push(run);
+    }
+
+    let failovers = failovers(&http, &o).await?;
+    let results = Results {
+        benchmark: "cluster",
+        date,
+        machine,
+        nodes: NODES,
+        conns: o.conns,
+        devices: o.devices,
+        registrations: o.registrations,
+        put_ratio: Spread::of(&runs.iter().map(|r| r.put_ratio).collect::<Vec<_>>()),
+        registration_ratio: Spread::of(
+            &runs
+                .iter()
+                .map(|r| r.registration_ratio)
+                .collect::<Vec<_>>(),
+        ),
+        failover_gap_ms: Spread::of(
+            &failovers
+                .iter()
+                .map(|f| f.gap_ms as f64)
+                .collect::<Vec<_>>(),
+        ),
+        failover_failed: Spread::of(
+            &failovers
+                .iter()
+                .map(|f| f.failed as f64)
+                .collect::<Vec<_>>(),
+        ),
+        runs,
+        failovers,
+    };
+    println!(
+        "durable PUT/s, cluster / one node: {}",
+        results.put_ratio.show(2)
+    );
+    println!(
+        "cold registrations/s, cluster / one node: {}",
+        results.registration_ratio.show(2)
+    );
+    let mut gaps: Vec<u64> = results.failovers.iter().map(|f| f.gap_ms).collect();
+    gaps.sort_unstable();
+    println!(
+        "kill -9 failover over {} kills: longest probe gap p50 {} ms (each: {:?} ms); failed probe requests each: {:?}",
+        gaps.len(),
+        gaps.get(gaps.len() / 2).copied().unwrap_or(0),
+        results.failovers.iter().map(|f| f.gap_ms).collect::<Vec<_>>(),
+        results.failovers.iter().map(|f| f.failed).collect::<Vec<_>>(),
+    );
+    let path = write_json(&o.out, "cluster", &results)?;
+    println!("results: {}", path.display());
+    Ok(())
+}
+
+fn sum_loads(parts: &[Load]) -> Load {
+    let mut total = parts[0].clone();
+    for p in &parts[1..] {
+        total.rps += p.rps;
+        total.errors += p.errors;
+    }
+    // Latency: the slowest part's (a conservative summary of the cluster's).
+    if let Some(worst) = parts
+        .iter()
+        .max_by(|a, b| a.latency.p99_ms.total_cmp(&b.latency.p99_ms))
+    {
+        total.latency = worst.latency.clone();
+    }
+    total
+}
+
+/// Registers `o.registrations` new devices round-robin through `urls`; per second.
+async fn registrations(
+    http: &reqwest::Client,
+    urls: &[&str],
+    mfg_key: &[u8],
+    o: &Opts,
+    run: usize,
+) -> Result<f64> {
+    let started = Instant::now();
+    let per = o.registrations.div_ceil(urls.len());
+    for (i, url) in urls.iter().enumerate() {
+        tether::register_many(
+            http,
+            url,
+            mfg_key,
+            &format!("CREG{run}N{i}X"),
+            per,
+            o.register_concurrency,
+        )
+        .await
+        .context("cold registrations")?;
+    }
+    Ok((per * urls.len()) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// What the probes saw: (probe, ms since the probes started, ok).
+type Outcomes = Arc<Mutex<Vec<(usize, u64, bool)>>>;
+
+async fn failovers(http: &reqwest::Client, o: &Opts) -> Result<Vec<Failover>> {
+    let mut cluster = tether::Cluster::start(&o.tether_bin, NODES, "failover").await?;
+    let entry = cluster.node(0).context("node 0")?;
+    let (url, mfg_key) = (entry.url().to_string(), entry.mfg_key.clone());
+    let probes = tether::register_many(http, &url, &mfg_key, "CPROBE", o.probes, 8).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut out = Vec::new();
+    for k in 0..o.kills {
+        // The killed node: never node 0 (the probes' entry), a different one each time.
+        let victim = 1 + k % (NODES - 1);
+        let outcomes: Outcomes = Arc::default();
+        let started = Instant::now();
+        let stop = started + BEFORE_KILL + AFTER_KILL;
+        let tasks: Vec<_> = probes
+            .iter()
+            .enumerate()
+            .map(|(p, dev)| {
+                tokio::spawn(probe(
+                    http.clone(),
+                    url.clone(),
+                    dev.clone(),
+                    (p, format!("k{k}p{p}")),
+                    started,
+                    stop,
+                    outcomes.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(BEFORE_KILL).await;
+        let killed_at = started.elapsed();
+        cluster.kill(victim).await;
+        for t in tasks {
+            let _ = t.await;
+        }
+        let seen = outcomes.lock().map(|v| v.clone()).unwrap_or_default();
+        let f = summarize(&seen, killed_at);
+        println!(
+            "kill {}: node {victim}: longest probe gap {} ms, {} failed / {} ok after the kill",
+            k + 1,
+            f.gap_ms,
+            f.failed,
+            f.ok
+        );
+        out.push(f);
+        cluster.start_node(victim).await?;
+        cluster.wait_members(NODES).await?;
+        // Sets move back to the restarted node: let that settle before the next kill.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    Ok(out)
+}
+
+/// One probe device: a PUT of its `shared` bucket every [`PROBE_EVERY`] through `url`
+/// (each with an op id, so a retried write is never applied twice), until `stop`.
+async fn probe(
+    http: reqwest::Client,
+    url: String,
+    (serial, creds): (String, Credentials),
+    (index, tag): (usize, String),
+    started: Instant,
+    stop: Instant,
+    outcomes: Outcomes,
+) {
+    let mut seq = 0u64;
+    while Instant::now() < stop {
+        seq += 1;
+        let body = json!({"value": {"target_temperature": seq}, "base_version": 0, "op_id": format!("{tag}-{seq}")});
+        let ok = matches!(
+            http.put(format!("{url}/v1/buckets/shared.{serial}"))
+                .header(AUTHORIZATION, basic_header(&creds))
+                .json(&body)
+                .send()
+                .await,
+            Ok(r) if r.status().is_success()
+        );
+        let at = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Ok(mut v) = outcomes.lock() {
+            v.push((index, at, ok));
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// The failover figures of one kill from the probes' outcomes (`(probe, completion ms
+/// since the probes started, ok)`; the kill at `killed_at`).
+fn summarize(seen: &[(usize, u64, bool)], killed_at: Duration) -> Failover {
+    let kill = u64::try_from(killed_at.as_millis()).unwrap_or(u64::MAX);
+    let buckets = ((BEFORE_KILL + AFTER_KILL).as_millis() / 100) as usize + 1;
+    let mut ok_per = vec![0u64; buckets];
+    let mut failed_per = vec![0u64; buckets];
+    for &(_, t, ok) in seen {
+        let b = usize::try_from(t / 100).unwrap_or(usize::MAX);
+        if b < buckets {
+            if ok {
+                ok_per[b] += 1;
+            } else {
+                failed_per[b] += 1;
+            }
+        }
+    }
+    let after = seen.iter().filter(|(_, t, _)| *t >= kill);
+    Failover {
+        gap_ms: longest_gap(seen, kill),
+        failed: after.clone().filter(|(_, _, ok)| !ok).count() as u64,
+        ok: after.filter(|(_, _, ok)| *ok).count() as u64,
+        ok_per_100ms: ok_per,
+        failed_per_100ms: failed_per,
+    }
+}
+
+/// The longest time any probe went between two successful writes (completion to
+/// completion), over the stretches that end after the kill — a probe whose set the kill
+/// moved waits (in the router, or retrying) until the new owner serves it. A probe with
+/// no success after the kill counts until its last outcome.
+fn longest_gap(seen: &[(usize, u64, bool)], kill: u64) -> u64 {
+    let mut by_probe: std::collections::BTreeMap<usize, Vec<(u64, bool)>> = Default::default();
+    for &(p, t, ok) in seen {
+        by_probe.entry(p).or_default().push((t, ok));
+    }
+    let mut worst = 0;
+    for outcomes in by_probe.values_mut() {
+        outcomes.sort_unstable();
+        let mut last_ok: Option<u64> = None;
+        for &(t, ok) in outcomes.iter() {
+            if ok {
+                if let Some(prev) = last_ok {
+                    if t >= kill {
+                        worst = worst.max(t - prev);
+                    }
+                }
+                last_ok = Some(t);
+            }
+        }
+        if let (Some(prev), Some(&(end, _))) = (last_ok, outcomes.last()) {
+            if end >= kill {
+                worst = worst.max(end - prev);
+            }
+        }
+    }
+    worst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gap_is_the_longest_wait_between_successes_across_the_kill() {
+        // Probe 0 is untouched; probe 1 waits from 1,000 (its last success) to 3,500.
+        let seen = [
+            (0, 900, true),
+            (0, 1_000, true),
+            (0, 1_100, true),
+            (1, 1_000, true),
+            (1, 2_000, false),
+            (1, 3_500, true),
+            (1, 3_600, true),
+        ];
+        assert_eq!(longest_gap(&seen, 1_050), 2_500);
+        let f = summarize(&seen, Duration::from_millis(1_050));
+        assert_eq!((f.failed, f.ok), (1, 3));
+        // A probe never served again counts until its last outcome.
+        assert_eq!(longest_gap(&[(0, 500, true), (0, 4_000, false)], 1_000), 3_500);
+        // Nothing after the kill: no gap.
+        assert_eq!(longest_gap(&[(0, 500, true)], 1_000), 0);
+    }
+}
