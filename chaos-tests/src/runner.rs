@@ -307,7 +307,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
                 spec.devices
             )));
         }
-        eprintln!("-- fleet: {} devices set up", spec.devices);
+        eprintln!("-- fleet: {} devices, load phase started", spec.devices);
         Some(handle)
     } else {
         None
