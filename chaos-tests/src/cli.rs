@@ -72,7 +72,7 @@ pub struct RunArgs {
     pub clients: Option<usize>,
     /// `tether-sim` devices run through the load balancer alongside the hot buckets, their
     /// violations part of the verdict; 0 for none [default: the tier's: smoke 20, standard
-    /// 200, soak 500].
+    /// 50, soak 100; more on a bigger machine].
     #[arg(long)]
     pub devices: Option<usize>,
     /// Where each scenario's directory is written.

@@ -17,9 +17,9 @@ use crate::nemesis::{FaultKind, Plan, TargetRule};
 pub enum Tier {
     /// CI: 3 nodes, 20 devices, 45 s of faults per scenario; the six smoke scenarios ≤ 10 min.
     Smoke,
-    /// Before a release: 5 nodes, 200 devices, 5 min of faults per scenario.
+    /// Before a release: 5 nodes, 50 devices, 5 min of faults per scenario.
     Standard,
-    /// Nightly: 5 nodes, 500 devices, 60 min of faults.
+    /// Nightly: 5 nodes, 100 devices, 60 min of faults.
     Soak,
 }
 
@@ -58,7 +58,7 @@ impl Tier {
                 nodes: 5,
                 clients: 16,
                 sets: 8,
-                devices: 200,
+                devices: 50,
                 warmup: Duration::from_secs(10),
                 faults: Duration::from_secs(300),
                 quiet: Duration::from_secs(15),
@@ -67,7 +67,7 @@ impl Tier {
                 nodes: 5,
                 clients: 16,
                 sets: 8,
-                devices: 500,
+                devices: 100,
                 warmup: Duration::from_secs(10),
                 faults: Duration::from_secs(3600),
                 quiet: Duration::from_secs(20),
