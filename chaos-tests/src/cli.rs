@@ -36,7 +36,8 @@ pub enum Command {
     /// one did not, 2 if a scenario could not run).
     Run(RunArgs),
     /// Re-check a recorded history: prints the verdict, exits 0 only if every safety
-    /// property holds (1 if one does not, 2 if the history cannot be read).
+    /// property holds (1 if one does not, 2 if the history cannot be read). A `fleet.json`
+    /// beside the history (a run with `--devices`) is part of the verdict.
     Check {
         /// The run's `history.jsonl`.
         history: PathBuf,
@@ -69,6 +70,11 @@ pub struct RunArgs {
     /// Hot-bucket clients [default: the tier's].
     #[arg(long)]
     pub clients: Option<usize>,
+    /// `tether-sim` devices run through the load balancer alongside the hot buckets, their
+    /// violations part of the verdict; 0 for none [default: the tier's: smoke 20, standard
+    /// 50, soak 100; more on a bigger machine].
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// Where each scenario's directory is written.
     #[arg(long, default_value = "chaos-out")]
     pub out: PathBuf,
@@ -130,6 +136,7 @@ fn run_options(args: &RunArgs) -> Result<RunOptions, ChaosError> {
         duration: args.duration.map(std::time::Duration::from_secs),
         nodes: args.nodes,
         clients: args.clients,
+        devices: args.devices,
         out: args.out.clone(),
         tether_bin: args.tether_bin.clone(),
         node_env,
@@ -156,6 +163,9 @@ fn command_line(scenario: &str, opts: &RunOptions) -> Vec<String> {
     }
     if let Some(n) = opts.clients {
         c.extend(["--clients".into(), n.to_string()]);
+    }
+    if let Some(n) = opts.devices {
+        c.extend(["--devices".into(), n.to_string()]);
     }
     if let Some(b) = &opts.tether_bin {
         c.extend(["--tether-bin".into(), b.display().to_string()]);
@@ -191,7 +201,7 @@ async fn run_scenarios(args: RunArgs) -> Result<u8, ChaosError> {
         };
         let history = info.dir.join("history.jsonl");
         let entries = crate::history::read(&history).map_err(ChaosError::History)?;
-        let verdict = check(&entries, &CheckOptions::default());
+        let verdict = check(&entries, &CheckOptions::default()).with_fleet(info.fleet.clone());
         let mut meta = RunMeta::from_history(&entries);
         meta.command_line = command_line(s.name, &opts);
         meta.tier = format!("{:?}", opts.tier).to_lowercase();
@@ -306,14 +316,16 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// Reads and checks a history, and writes its report into `out` if given.
+/// Reads and checks a history (with the fleet's `fleet.json` beside it, if the run had a
+/// fleet), and writes its report into `out` if given.
 pub fn check_file(
     history: &Path,
     out: Option<&Path>,
     opts: &CheckOptions,
 ) -> Result<Verdict, ChaosError> {
     let entries = crate::history::read(history).map_err(ChaosError::History)?;
-    let verdict = check(&entries, opts);
+    // The fleet's result is not in the history: its summary is `fleet.json` beside it.
+    let verdict = check(&entries, opts).with_fleet(crate::fleet::read(history)?);
     if let Some(dir) = out {
         let meta = RunMeta::from_history(&entries);
         report::write(dir, &entries, &verdict, &meta).map_err(|source| ChaosError::Report {
@@ -346,6 +358,12 @@ pub fn summary(v: &Verdict) -> String {
     let fmt = |x: Option<f64>, unit: &str, scale: f64| {
         x.map_or("n/a".to_string(), |x| format!("{:.2}{unit}", x * scale))
     };
+    if let Some(f) = &v.fleet {
+        let _ = writeln!(s, "{}", f.line());
+        for e in f.examples.iter().take(5) {
+            let _ = writeln!(s, "  e.g. fleet: {e}");
+        }
+    }
     let _ = writeln!(
         s,
         "liveness: {} (availability {}, unaffected sets {}, failover {}, convergence {})",

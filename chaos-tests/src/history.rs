@@ -162,6 +162,8 @@ pub struct SharedRecorder {
     inner: std::sync::Arc<std::sync::Mutex<(Recorder, Option<String>)>>,
     t0: std::time::Instant,
     next_op: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Told of every fault's start and end (the fleet's delivery deadlines).
+    faults: Option<tether_sim::checker::FaultWindows>,
 }
 
 impl SharedRecorder {
@@ -171,7 +173,15 @@ impl SharedRecorder {
             inner: std::sync::Arc::new(std::sync::Mutex::new((recorder, None))),
             t0: std::time::Instant::now(),
             next_op: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            faults: None,
         }
+    }
+
+    /// Also opens and heals `faults` with every recorded fault start and end (the fleet
+    /// suspends its delivery deadlines during faults: `crate::fleet`).
+    pub fn with_fault_windows(mut self, faults: tether_sim::checker::FaultWindows) -> Self {
+        self.faults = Some(faults);
+        self
     }
 
     /// Microseconds since the run started.
@@ -212,6 +222,13 @@ impl SharedRecorder {
 
     /// Records a fault's start or end.
     pub fn fault(&self, kind: &str, target: &str, phase: FaultPhase, detail: String) {
+        if let Some(w) = &self.faults {
+            let now = std::time::Instant::now();
+            match phase {
+                FaultPhase::Start => w.begin(now),
+                FaultPhase::End => w.heal(now),
+            }
+        }
         self.record(&Entry::Fault {
             t_us: self.now_us(),
             kind: kind.to_string(),

@@ -37,6 +37,7 @@ pub mod caps;
 pub mod checker;
 pub mod cli;
 pub mod error;
+pub mod fleet;
 pub mod history;
 pub mod nemesis;
 pub mod proxy;

@@ -4,7 +4,10 @@
 //!   (`pass`/`fail`: every safety property zero), `properties` (every counter),
 //!   `availability`, `availability_unaffected`, `failover_s`, `convergence_s`, `liveness`
 //!   (`pass`/`fail` against the thresholds), `staleness`, `ops`, `faults`, `examples`, and
-//!   the run's `tier`, `nodes`, `devices`, `started`, `command_line`, `notes`.
+//!   the run's `tier`, `nodes`, `devices`, `started`, `command_line`, `notes`; and `fleet`
+//!   (`null` without one): the `tether-sim` fleet's devices, `updates_acked`,
+//!   `deliveries`, `delivery_p50_ms`/`delivery_p99_ms`, `violations` by kind
+//!   ([`crate::fleet::FleetSummary`]).
 //! - `report.md` — for a person: the verdict first, the properties, examples naming op
 //!   numbers, the fault schedule, the liveness figures, the notes (capability fallbacks),
 //!   how to reproduce, the timeline.
@@ -177,6 +180,7 @@ pub fn results_json(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> ser
         "malformed": verdict.malformed,
         "malformed_count": verdict.malformed_count,
         "excused_subscribers": verdict.excused_subscribers,
+        "fleet": verdict.fleet,
         "tier": meta.tier,
         "nodes": meta.nodes,
         "devices": meta.devices,
@@ -184,6 +188,72 @@ pub fn results_json(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> ser
         "command_line": meta.command_line,
         "notes": meta.notes,
     })
+}
+
+/// The fleet's section of `report.md`.
+fn fleet_section(md: &mut String, f: &crate::fleet::FleetSummary) {
+    let _ = writeln!(
+        md,
+        "\n## Fleet (tether-sim)\n\n**{}** — {} devices through the load balancer ({} registered, \
+         {} connected, {} paired with apps; {} sleep cycles, {} connections dropped, {} PUT answers \
+         lost on purpose). A change must reach each awake device {} ms after it was acknowledged; \
+         a fault that began before then suspends that deadline until {} ms after it healed.\n",
+        if f.passed {
+            "no violation"
+        } else {
+            "VIOLATIONS (fail the verdict)"
+        },
+        f.devices,
+        f.registered,
+        f.connected,
+        f.paired,
+        f.sleeps,
+        f.dropped_connections,
+        f.answers_dropped,
+        f.notify_deadline_ms,
+        f.fault_recovery_ms,
+    );
+    let _ = writeln!(md, "| figure | value |\n|---|---:|");
+    let _ = writeln!(
+        md,
+        "| updates acknowledged (devices + companions/apps) | {} ({} + {}) |",
+        f.updates_acked, f.device_updates, f.writer_updates
+    );
+    let _ = writeln!(
+        md,
+        "| deliveries (live, to devices awake throughout) | {} ({}) |",
+        f.deliveries, f.live_deliveries
+    );
+    let _ = writeln!(
+        md,
+        "| delivery latency p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
+        f.delivery_p50_ms, f.delivery_p99_ms, f.delivery_max_ms
+    );
+    let _ = writeln!(
+        md,
+        "| devices audited (final state and histories) | {} of {} ({} acknowledged writes found by op id) |",
+        f.audited.map_or("-".into(), |n| n.to_string()),
+        f.devices,
+        f.ops_checked
+    );
+    for (k, n) in &f.violations {
+        let _ = writeln!(md, "| {k} | {n}{} |", if *n > 0 { " ✗" } else { "" });
+    }
+    if !f.examples.is_empty() {
+        let _ = writeln!(md, "\nFirst violations:\n");
+        for e in &f.examples {
+            let _ = writeln!(md, "- {e}");
+        }
+    }
+    let errors: u64 = f.errors.values().sum();
+    if errors > 0 {
+        let top: Vec<String> = f.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(
+            md,
+            "\nErrors the fleet met ({errors}; expected under faults, never a verdict): {}.",
+            top.join(", ")
+        );
+    }
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -199,13 +269,21 @@ pub fn markdown(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> String 
     let mut md = String::new();
     let word = if verdict.passed { "PASS" } else { "FAIL" };
     let _ = writeln!(md, "# tether-chaos `{}`: {word}\n", meta.scenario);
-    let failing: Vec<String> = verdict
+    let mut failing: Vec<String> = verdict
         .properties
         .iter()
         .iter()
         .filter(|(_, n)| *n > 0)
         .map(|(k, n)| format!("{k} = {n}"))
         .collect();
+    if let Some(f) = &verdict.fleet {
+        failing.extend(
+            f.violations
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| format!("fleet {k} = {n}")),
+        );
+    }
     if verdict.passed {
         let _ = writeln!(md, "**Verdict: PASS** — every safety property holds.");
     } else if failing.is_empty() {
@@ -293,6 +371,9 @@ pub fn markdown(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> String 
             }
             md.push('\n');
         }
+    }
+    if let Some(f) = &verdict.fleet {
+        fleet_section(&mut md, f);
     }
     let _ = writeln!(md, "\n## Fault schedule\n");
     if faults.is_empty() {

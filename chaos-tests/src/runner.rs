@@ -1,9 +1,12 @@
 //! Runs one scenario end to end: probe the machine, start the namespaced cluster (PostgreSQL,
-//! N nodes, HAProxy), register the hot sets, print and save the seeded fault schedule, run
-//! the workload and the ownership poller, warm up, run the nemesis, heal, keep the load on
-//! for a quiet period, record `End`, read every bucket from every live node and through the
-//! load balancer, and tear everything down. Everything lands in `<out>/<scenario>/`:
-//! `history.jsonl`, `schedule.json`, `schedule.txt`, `run.json` and the nodes' logs.
+//! N nodes, HAProxy), register the hot sets, print and save the seeded fault schedule, set
+//! up the `tether-sim` fleet (with `devices` > 0: [`crate::fleet`]), run the workload and
+//! the ownership poller, warm up, run the nemesis, heal, keep the load on for a quiet
+//! period, stop the clients and the fleet's load, record `End`, read every bucket from
+//! every live node and through the load balancer, wait for the fleet's drain and audit,
+//! and tear everything down. Everything lands in `<out>/<scenario>/`: `history.jsonl`,
+//! `fleet.json` and `fleet-report.txt` (with a fleet), `schedule.json`, `schedule.txt`,
+//! `run.json` and the nodes' logs.
 //!
 //! Teardown is by ownership: the [`Cluster`] is dropped on every exit path (return, error,
 //! panic unwinding, or the caller dropping this future on Ctrl-C), which kills every
@@ -17,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::caps::{self, Capabilities, Needs};
 use crate::error::ChaosError;
+use crate::fleet::{self, FleetPlan, FleetSummary};
 use crate::history::{self, Entry, Recorder, SharedRecorder};
 use crate::nemesis::{self, Owners, Schedule};
 use crate::scenario::{Scenario, Tier, TierSpec};
@@ -41,6 +45,8 @@ pub struct RunOptions {
     pub nodes: Option<usize>,
     /// Overrides the tier's hot-bucket client count.
     pub clients: Option<usize>,
+    /// Overrides the tier's `tether-sim` device count (0: no fleet).
+    pub devices: Option<usize>,
     pub out: PathBuf,
     /// The node binary (default: built from this workspace).
     pub tether_bin: Option<PathBuf>,
@@ -65,6 +71,8 @@ pub struct RunInfo {
     pub tether_bin: Option<PathBuf>,
     pub node_env: Vec<(String, String)>,
     pub tally: Tally,
+    /// The fleet's summary (also in `fleet.json`); `None` without a fleet.
+    pub fleet: Option<FleetSummary>,
     /// Wall time of the whole run (start-up to teardown), s.
     pub wall_s: f64,
     /// Where the run's files are.
@@ -101,6 +109,15 @@ pub fn effective_spec(opts: &RunOptions) -> Result<TierSpec, ChaosError> {
             )));
         }
         spec.clients = c;
+    }
+    if let Some(d) = opts.devices {
+        if d > fleet::MAX_DEVICES {
+            return Err(ChaosError::Usage(format!(
+                "--devices: 0 to {}",
+                fleet::MAX_DEVICES
+            )));
+        }
+        spec.devices = d;
     }
     Ok(spec)
 }
@@ -143,13 +160,14 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     );
     let described = schedule.describe();
     eprintln!(
-        "== {} (seed {}, tier {:?}: {} nodes, {} clients, {} sets; warm-up {:?}, faults {:?}, quiet {:?})\n   {}\n-- schedule:\n{described}",
+        "== {} (seed {}, tier {:?}: {} nodes, {} clients, {} sets, {} devices; warm-up {:?}, faults {:?}, quiet {:?})\n   {}\n-- schedule:\n{described}",
         scenario.name,
         opts.seed,
         opts.tier,
         spec.nodes,
         spec.clients,
         spec.sets,
+        spec.devices,
         spec.warmup,
         spec.faults,
         spec.quiet,
@@ -168,6 +186,9 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     copts.config = Some(workload::device_type_config());
     copts.faketime = scenario.needs_faketime();
     copts.link_proxy = opts.link_proxy || scenario.needs_link_proxy();
+    if spec.devices > 0 {
+        copts.users = fleet::APP_USERS.iter().map(|u| (*u).to_string()).collect();
+    }
     store_options(scenario, &mut copts);
     let mut cluster = Cluster::start(copts).await;
     let namespace_prefix = cluster.namespace_prefix().unwrap_or_default();
@@ -220,7 +241,8 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     let wall_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let rec = SharedRecorder::new(recorder);
+    let fault_windows = tether_sim::checker::FaultWindows::default();
+    let rec = SharedRecorder::new(recorder).with_fault_windows(fault_windows.clone());
     rec.record(&Entry::Start {
         scenario: scenario.name.to_string(),
         seed: opts.seed,
@@ -246,6 +268,50 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         )
         .await;
     }
+
+    // The fleet first: its devices register, subscribe and pair before any fault (its
+    // setup phase), then load until the quiet period ends (`stop_load`).
+    let (fleet_stop_tx, fleet_stop_rx) = watch::channel(false);
+    let fleet_run = if spec.devices > 0 {
+        let mut provisioned = Vec::with_capacity(spec.devices);
+        for i in 0..spec.devices {
+            provisioned.push(cluster.register(&fleet::serial(i)).await);
+        }
+        let plan = FleetPlan {
+            devices: spec.devices,
+            lb: cluster.lb_url(),
+            mfg_key: cluster.mfg_key().to_vec(),
+            key_id: crate::KEY_ID.to_string(),
+            provisioned,
+            users: cluster.users().to_vec(),
+            seed: opts.seed,
+            max_load: spec.warmup + spec.faults + spec.quiet + Duration::from_secs(120),
+        };
+        let (phase_tx, mut phases) = tokio::sync::mpsc::unbounded_channel();
+        let cfg = plan.sim_config(fault_windows.clone(), phase_tx, fleet_stop_rx);
+        let setup_bound = cfg.ramp + cfg.setup_timeout + Duration::from_secs(30);
+        let handle = tokio::spawn(tether_sim::fleet::run(cfg));
+        let loaded = tokio::time::timeout(setup_bound, async {
+            while let Some(p) = phases.recv().await {
+                if p >= tether_sim::fleet::Phase::Load {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if loaded != Ok(true) {
+            handle.abort();
+            return Err(ChaosError::Usage(format!(
+                "the fleet of {} devices did not finish its setup within {setup_bound:?}",
+                spec.devices
+            )));
+        }
+        eprintln!("-- fleet: {} devices, load phase started", spec.devices);
+        Some(handle)
+    } else {
+        None
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let owners: Owners = Owners::default();
@@ -293,8 +359,10 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
             NodeState::Running | NodeState::Spare => {}
         }
     }
+    fault_windows.heal_all(std::time::Instant::now());
     tokio::time::sleep(spec.quiet).await;
     let _ = client_stop_tx.send(true);
+    let _ = fleet_stop_tx.send(true);
     let bound = Duration::from_millis(wcfg.subscribe_timeout_ms) + wcfg.request_timeout * 3;
     for c in clients {
         let _ = tokio::time::timeout(bound, c).await;
@@ -321,6 +389,40 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
             .await;
         }
     }
+    // The fleet drains (every change delivered or overdue) and audits its devices' final
+    // state while the cluster still runs.
+    let fleet = match fleet_run {
+        Some(handle) => {
+            let bound = Duration::from_secs(600);
+            let report = match tokio::time::timeout(bound, handle).await {
+                Ok(Ok(Ok(report))) => report,
+                Ok(Ok(Err(e))) => return Err(ChaosError::Usage(format!("the fleet: {e:#}"))),
+                Ok(Err(e)) => return Err(ChaosError::Usage(format!("the fleet's task: {e}"))),
+                Err(_) => {
+                    return Err(ChaosError::Usage(format!(
+                        "the fleet did not end its drain and audit within {bound:?}"
+                    )))
+                }
+            };
+            let summary = FleetSummary::of(&report, fleet::NOTIFY_DEADLINE, fleet::FAULT_RECOVERY);
+            write_file(&dir.join("fleet-report.txt"), &report.human())?;
+            fleet::write(&dir, &summary)?;
+            eprintln!("-- {}", summary.line());
+            // A fleet that never ran checked nothing: the run cannot vouch for it.
+            let n = spec.devices as u64;
+            if report.connected < n || report.paired < n {
+                return Err(ChaosError::Usage(format!(
+                    "the fleet did not come up before the faults: {} of {n} devices connected, \
+                     {} paired (see {})",
+                    report.connected,
+                    report.paired,
+                    dir.join("fleet-report.txt").display()
+                )));
+            }
+            Some(summary)
+        }
+        None => None,
+    };
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), poller).await;
     if let Some(e) = rec.failure() {
@@ -353,6 +455,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         tether_bin: opts.tether_bin.clone(),
         node_env: opts.node_env.clone(),
         tally,
+        fleet,
         wall_s: started.elapsed().as_secs_f64(),
         dir: dir.clone(),
         namespace_prefix,

@@ -15,11 +15,11 @@ use crate::nemesis::{FaultKind, Plan, TargetRule};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
-    /// CI: 3 nodes, 45 s of faults per scenario; the six smoke scenarios ≤ 10 min.
+    /// CI: 3 nodes, 20 devices, 45 s of faults per scenario; the six smoke scenarios ≤ 10 min.
     Smoke,
-    /// Before a release: 5 nodes, 5 min of faults per scenario.
+    /// Before a release: 5 nodes, 50 devices, 5 min of faults per scenario.
     Standard,
-    /// Nightly: 5 nodes, 60 min of faults.
+    /// Nightly: 5 nodes, 100 devices, 60 min of faults.
     Soak,
 }
 
@@ -31,6 +31,8 @@ pub struct TierSpec {
     pub clients: usize,
     /// Hot bucket sets (two buckets each).
     pub sets: usize,
+    /// `tether-sim` devices through the load balancer for the whole run (0: no fleet).
+    pub devices: usize,
     /// Load before the first fault (the steady state).
     pub warmup: Duration,
     /// The fault phase.
@@ -47,6 +49,7 @@ impl Tier {
                 nodes: 3,
                 clients: 8,
                 sets: 4,
+                devices: 20,
                 warmup: Duration::from_secs(3),
                 faults: Duration::from_secs(45),
                 quiet: Duration::from_secs(10),
@@ -55,6 +58,7 @@ impl Tier {
                 nodes: 5,
                 clients: 16,
                 sets: 8,
+                devices: 50,
                 warmup: Duration::from_secs(10),
                 faults: Duration::from_secs(300),
                 quiet: Duration::from_secs(15),
@@ -63,6 +67,7 @@ impl Tier {
                 nodes: 5,
                 clients: 16,
                 sets: 8,
+                devices: 100,
                 warmup: Duration::from_secs(10),
                 faults: Duration::from_secs(3600),
                 quiet: Duration::from_secs(20),

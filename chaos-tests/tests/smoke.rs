@@ -7,7 +7,8 @@
 //! checked and reported (`results.json`, `report.md`, `repro.sh`); the exit code is 0
 //! exactly when every verdict is `pass`, and the test finally requires every smoke
 //! scenario to pass (the zero-tolerance goal: a failing scenario is a defect the
-//! suite found, named with its properties).
+//! suite found, named with its properties). The tier's `tether-sim` fleet (20 devices) runs
+//! in every scenario: each must show it connected, audited, writing and notified.
 //!
 //! Needs root, HAProxy, PostgreSQL, nftables, curl and libfaketime; a missing one fails the
 //! run naming the package (never a skip).
@@ -224,6 +225,17 @@ fn the_smoke_tier_records_complete_histories_and_leaves_nothing_behind() {
         assert_eq!(results["scenario"], scenario);
         assert_eq!(results["seed"], 12);
         assert!(dir.join("report.md").exists() && dir.join("repro.sh").exists());
+        // The tier's fleet (20 devices) ran through the whole scenario and was checked.
+        let fleet = &results["fleet"];
+        let n = |k: &str| fleet[k].as_u64().unwrap_or(0);
+        assert!(
+            n("devices") == 20 && n("connected") == 20 && n("audited") == 20,
+            "{scenario}: fleet {fleet}"
+        );
+        assert!(
+            n("updates_acked") > 0 && n("deliveries") > 0,
+            "{scenario}: fleet {fleet}"
+        );
         let verdict = results["verdict"].as_str().expect("verdict").to_string();
         eprintln!(
             "{scenario}: {verdict}; properties {}; availability {}; failover {}",

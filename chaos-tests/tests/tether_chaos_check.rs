@@ -1,7 +1,9 @@
 //! `tether-chaos check` through the built binary: a recorded history that holds every
 //! property exits 0 and says PASS; one with a lost acknowledged write exits 1, says FAIL
 //! and names the property and the operations; an unreadable history exits 2 naming the
-//! line. The report lands in `--out`.
+//! line. The report lands in `--out`. A fleet summary (`fleet.json`) beside the history is
+//! part of the verdict: a fleet violation fails an otherwise clean history, and
+//! `results.json` and `report.md` name it.
 
 use std::path::Path;
 use std::process::Command;
@@ -177,4 +179,106 @@ fn check_exits_2_naming_the_line_of_a_broken_history() {
     let (code, stdout, stderr) = run(&["check".as_ref(), path.as_os_str()]);
     assert_eq!(code, 2, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stderr.contains("history.jsonl:11:"), "{stderr}");
+}
+
+/// A fleet summary as the runner writes it beside the history, from a simulator report
+/// with `violations`.
+fn fleet_json(dir: &Path, violations: Vec<tether_sim::checker::Violation>) {
+    use tether_chaos_tests::fleet::{self, FleetSummary};
+    let report = tether_sim::report::Report {
+        devices: 20,
+        registered: 20,
+        connected: 20,
+        paired: 20,
+        device_updates: 300,
+        writer_updates: 250,
+        deliveries: 240,
+        audited: Some(20),
+        violations,
+        ..tether_sim::report::Report::default()
+    };
+    let summary = FleetSummary::of(&report, fleet::NOTIFY_DEADLINE, fleet::FAULT_RECOVERY);
+    fleet::write(dir, &summary).expect("write fleet.json");
+}
+
+#[test]
+fn check_fails_a_clean_history_whose_fleet_saw_violations_and_reports_them() {
+    use tether_sim::checker::Violation;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let history_path = dir.path().join("history.jsonl");
+    history(&history_path, false);
+
+    // A clean fleet beside a clean history: still a pass, the fleet in the results.
+    fleet_json(dir.path(), Vec::new());
+    let out = dir.path().join("report-clean");
+    let (code, stdout, stderr) = run(&[
+        "check".as_ref(),
+        history_path.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("fleet: 20 devices"), "{stdout}");
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("json");
+    assert_eq!(results["verdict"], "pass");
+    assert_eq!(results["fleet"]["updates_acked"], 550);
+    assert_eq!(results["fleet"]["violations"]["missed_notification"], 0);
+
+    // The same history, the fleet saw a late change and a lost write: FAIL, exit 1.
+    fleet_json(
+        dir.path(),
+        vec![
+            Violation::MissedNotification {
+                device: "FLEET000003".into(),
+                bucket: "shared.FLEET000003".into(),
+                writer: "mode".into(),
+                seq: 7,
+                waited_ms: 5_200,
+            },
+            Violation::LostWrite {
+                device: "FLEET000004".into(),
+                bucket: "device.FLEET000004".into(),
+                writer: "current_temperature".into(),
+                seq: 12,
+                found: Some(11),
+            },
+        ],
+    );
+    let out = dir.path().join("report-fleet");
+    let (code, stdout, stderr) = run(&[
+        "check".as_ref(),
+        history_path.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.starts_with("verdict: FAIL"), "{stdout}");
+    assert!(
+        stdout.contains("lost_write 1") && stdout.contains("missed_notification 1"),
+        "{stdout}"
+    );
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("json");
+    assert_eq!(results["verdict"], "fail");
+    // The history's own properties all hold: the fleet alone failed the run.
+    assert!(results["properties"]
+        .as_object()
+        .expect("properties")
+        .values()
+        .all(|n| n == 0));
+    let fleet = &results["fleet"];
+    assert_eq!(fleet["devices"], 20);
+    assert_eq!(fleet["violations"]["missed_notification"], 1);
+    assert_eq!(fleet["violations"]["lost_write"], 1);
+    assert_eq!(fleet["violations"]["version_regression"], 0);
+    assert!(fleet["delivery_p99_ms"].is_number(), "{fleet}");
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(md.contains("## Fleet (tether-sim)"), "{md}");
+    assert!(md.contains("fleet missed_notification = 1"), "{md}");
+    assert!(md.contains("LOST WRITE: device FLEET000004"), "{md}");
 }

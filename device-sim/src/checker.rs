@@ -17,7 +17,8 @@
 //!    notifications coalesce). A write the server acknowledged that the device has not
 //!    seen `deadline` after the acknowledgement — counted from when the device last woke
 //!    up, since a sleeping device cannot be notified — is a
-//!    [`Violation::MissedNotification`].
+//!    [`Violation::MissedNotification`]. In a chaos run the deadline is also suspended by
+//!    the nemesis's faults ([`FaultWindows`]).
 //!
 //! 3. **Every acknowledged write is in the final state** (the audit, when asked for).
 //!    After the load, the device's buckets are read once more; for each writer (the
@@ -175,6 +176,94 @@ impl std::fmt::Display for Violation {
             ),
         }
     }
+}
+
+/// One fault of a chaos run as the fleet saw it: when it began, and when it healed
+/// (`None`: still active).
+pub type FaultSpan = (Instant, Option<Instant>);
+
+/// When the faults of a chaos run were active, shared between the nemesis (which opens
+/// and heals them) and the fleet's sweeper (which reads them).
+///
+/// A fault (a node killed or frozen for longer than failure detection, a partition, the
+/// store down) delays notifications by design: the subscriber's node is gone, or the
+/// set's owner cannot commit, until the cluster has moved on. The delivery check must not
+/// count that as a lost notification, and must still catch one lost without a fault. So
+/// the deadline of a change is suspended like a sleeping device's: a change that has not
+/// reached its device `deadline` after its acknowledgement is a violation unless a fault
+/// began before that deadline ran out; then its clock restarts `recovery` after the fault
+/// healed (recovery: failure detection, the ring settling, the device's resubscribe) and
+/// it must arrive within `deadline` of that. Faults that overlap or nest (a stall inside
+/// a latency window, links clogged one by one) count as one span from the first start
+/// to the last heal.
+#[derive(Debug, Clone, Default)]
+pub struct FaultWindows {
+    inner: std::sync::Arc<std::sync::Mutex<(u32, Vec<FaultSpan>)>>,
+}
+
+impl FaultWindows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u32, Vec<FaultSpan>)> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fault began at `now`.
+    pub fn begin(&self, now: Instant) {
+        let mut g = self.lock();
+        if g.0 == 0 {
+            g.1.push((now, None));
+        }
+        g.0 += 1;
+    }
+
+    /// A fault healed at `now` (the span closes when the last active one heals).
+    pub fn heal(&self, now: Instant) {
+        let mut g = self.lock();
+        if g.0 == 0 {
+            return;
+        }
+        g.0 -= 1;
+        if g.0 == 0 {
+            if let Some(last) = g.1.last_mut() {
+                last.1 = Some(now);
+            }
+        }
+    }
+
+    /// Every fault healed at `now` (the run brought back whatever was left down).
+    pub fn heal_all(&self, now: Instant) {
+        let mut g = self.lock();
+        if g.0 > 0 {
+            g.0 = 0;
+            if let Some(last) = g.1.last_mut() {
+                last.1 = Some(now);
+            }
+        }
+    }
+
+    /// The spans so far, oldest first.
+    pub fn spans(&self) -> Vec<FaultSpan> {
+        self.lock().1.clone()
+    }
+}
+
+/// When the deadline clock of a change that started waiting at `from` runs from: `from`,
+/// or `recovery` after the heal of the last fault in `faults` (oldest first) that began
+/// before the deadline ran out; `None` while such a fault is active.
+pub fn deadline_start(
+    from: Instant,
+    deadline: Duration,
+    faults: &[FaultSpan],
+    recovery: Duration,
+) -> Option<Instant> {
+    let mut from = from;
+    for &(start, healed) in faults {
+        if start > from + deadline {
+            break;
+        }
+        let restart = healed? + recovery;
+        from = from.max(restart);
+    }
+    Some(from)
 }
 
 /// One outstanding write of one writer.
@@ -463,6 +552,20 @@ impl DeviceTrack {
     /// Acknowledged writes still not seen `deadline` after acknowledgement (or waking):
     /// reported once each, then forgotten.
     pub fn overdue(&mut self, now: Instant, deadline: Duration) -> Vec<Violation> {
+        self.overdue_between_faults(now, deadline, &[], Duration::ZERO)
+    }
+
+    /// [`Self::overdue`], with the deadline suspended by `faults` (see [`FaultWindows`]):
+    /// a write is overdue only when it was not seen within `deadline` of fault-free time,
+    /// its clock restarting `recovery` after each fault that began before its deadline ran
+    /// out; never while such a fault is still active.
+    pub fn overdue_between_faults(
+        &mut self,
+        now: Instant,
+        deadline: Duration,
+        faults: &[FaultSpan],
+        recovery: Duration,
+    ) -> Vec<Violation> {
         if self.asleep {
             return Vec::new();
         }
@@ -473,7 +576,10 @@ impl DeviceTrack {
                 let Some(acked) = p.acked else {
                     return true;
                 };
-                let from = acked.max(awake_since);
+                let Some(from) = deadline_start(acked.max(awake_since), deadline, faults, recovery)
+                else {
+                    return true;
+                };
                 let waited = now.saturating_duration_since(from);
                 if waited <= deadline {
                     return true;
@@ -570,6 +676,70 @@ mod tests {
         let got = d.observe("shared.D1", &fields(&[("w", 1)]), t1);
         assert_eq!(got.len(), 1);
         assert!(!got[0].live, "a write sent while asleep is a catch-up");
+    }
+
+    #[test]
+    fn a_fault_suspends_the_deadline_until_recovery_after_it_healed() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let deadline = Duration::from_secs(5);
+        let recovery = Duration::from_secs(10);
+        let faults = FaultWindows::default();
+        let mut d = DeviceTrack::new("D1", t0);
+        // Acknowledged at 10 s; a fault from 12 s (before its deadline ran out) to 20 s.
+        d.intend("shared.D1", "w", 1, s(10));
+        d.acked("shared.D1", "w", 1, s(10));
+        faults.begin(s(12));
+        let spans = faults.spans();
+        assert!(d
+            .overdue_between_faults(s(19), deadline, &spans, recovery)
+            .is_empty());
+        faults.heal(s(20));
+        let spans = faults.spans();
+        // Its clock restarts at 30 s (heal + recovery): due by 35 s.
+        assert!(d
+            .overdue_between_faults(s(35), deadline, &spans, recovery)
+            .is_empty());
+        let v = d.overdue_between_faults(s(36), deadline, &spans, recovery);
+        assert!(
+            matches!(&v[..], [Violation::MissedNotification { seq: 1, .. }]),
+            "{v:?}"
+        );
+        // A change acknowledged well after recovery is held to the plain deadline.
+        d.intend("shared.D1", "w", 2, s(40));
+        d.acked("shared.D1", "w", 2, s(40));
+        let v = d.overdue_between_faults(s(46), deadline, &spans, recovery);
+        assert!(
+            matches!(&v[..], [Violation::MissedNotification { seq: 2, .. }]),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_fault_after_the_deadline_ran_out_excuses_nothing_and_nested_faults_are_one_span() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let faults = FaultWindows::default();
+        faults.begin(s(10));
+        faults.begin(s(11));
+        faults.heal(s(12));
+        assert_eq!(faults.spans(), [(s(10), None)]);
+        faults.heal(s(14));
+        assert_eq!(faults.spans(), [(s(10), Some(s(14)))]);
+        let spans = faults.spans();
+        let d = Duration::from_secs(5);
+        let r = Duration::from_secs(10);
+        // Began before the fault, deadline out at 9 s < 10 s: not excused.
+        assert_eq!(deadline_start(s(4), d, &spans, r), Some(s(4)));
+        // Deadline out at 11 s: restarts at 24 s.
+        assert_eq!(deadline_start(s(6), d, &spans, r), Some(s(24)));
+        // During the fault; and after heal + recovery (unaffected).
+        assert_eq!(deadline_start(s(13), d, &spans, r), Some(s(24)));
+        assert_eq!(deadline_start(s(25), d, &spans, r), Some(s(25)));
+        faults.begin(s(30));
+        assert_eq!(deadline_start(s(27), d, &faults.spans(), r), None);
+        faults.heal_all(s(31));
+        assert_eq!(deadline_start(s(27), d, &faults.spans(), r), Some(s(41)));
     }
 
     #[test]

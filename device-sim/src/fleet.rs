@@ -55,7 +55,7 @@ use tether_proto::{Fields, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::checker::{DeviceTrack, OpAudit, Violation};
+use crate::checker::{DeviceTrack, FaultWindows, OpAudit, Violation};
 use crate::report::{latency_histogram, LatencySummary, Report};
 use crate::wire::{self, request_kind, Failure, WireOpts};
 
@@ -73,6 +73,11 @@ pub struct SimConfig {
     pub first_index: usize,
     /// The server's manufacturing key, to compute default credentials.
     pub mfg_key: Vec<u8>,
+    /// Assigned credentials of devices registered before the run (index `i`: device `i`,
+    /// the `first_index + i`th serial), restored at start as after a reboot: where default
+    /// credentials are not accepted (plain HTTP through a load balancer on another
+    /// host), the devices never send them. Devices past its end register themselves.
+    pub provisioned: Vec<Credentials>,
     /// Its key id (`d.<serial>.<key_id>`).
     pub key_id: String,
     /// Sent on registration; the built-in `thermostat` has `device.*` and `shared.*`.
@@ -114,6 +119,12 @@ pub struct SimConfig {
     pub phases: Option<mpsc::UnboundedSender<Phase>>,
     /// An acknowledged write must reach each awake device within this.
     pub notify_deadline: Duration,
+    /// When a chaos run's faults were active (the nemesis opens and heals them): the
+    /// delivery deadline is suspended during a fault and restarts [`Self::fault_recovery`]
+    /// after it healed ([`FaultWindows`]). `None`: no faults, the plain deadline.
+    pub faults: Option<FaultWindows>,
+    /// How long after a fault healed the deadline clock restarts.
+    pub fault_recovery: Duration,
     /// `timeout_ms` of each subscribe.
     pub subscribe_timeout_ms: u64,
     /// Bound on every other request.
@@ -146,6 +157,7 @@ impl SimConfig {
             serial_prefix: "SIM".to_string(),
             first_index: 0,
             mfg_key,
+            provisioned: Vec::new(),
             key_id: key_id.to_string(),
             device_type: "thermostat".to_string(),
             sw_version: "1.0.0".to_string(),
@@ -165,6 +177,8 @@ impl SimConfig {
             audit: false,
             phases: None,
             notify_deadline: Duration::from_secs(5),
+            faults: None,
+            fault_recovery: Duration::ZERO,
             subscribe_timeout_ms: 30_000,
             request_timeout: Duration::from_secs(10),
             protobuf: false,
@@ -509,7 +523,14 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
 
     // Drain: no new changes; wait for every acknowledged write to be seen (or be overdue).
     enter(Phase::Drain);
-    let drain_end = Instant::now() + ctx.cfg.notify_deadline + Duration::from_secs(2);
+    // With faults, a change acknowledged during the last one is due only `fault_recovery`
+    // after it healed.
+    let recovery = if ctx.cfg.faults.is_some() {
+        ctx.cfg.fault_recovery
+    } else {
+        Duration::ZERO
+    };
+    let drain_end = Instant::now() + ctx.cfg.notify_deadline + recovery + Duration::from_secs(2);
     loop {
         tokio::time::sleep(tick).await;
         sweep(&ctx);
@@ -771,8 +792,19 @@ async fn audit_history(
 /// Reports every acknowledged write that is overdue.
 fn sweep(ctx: &Ctx) {
     let now = Instant::now();
+    let faults = ctx
+        .cfg
+        .faults
+        .as_ref()
+        .map(FaultWindows::spans)
+        .unwrap_or_default();
     for d in &ctx.devices {
-        let overdue = lock(&d.track).overdue(now, ctx.cfg.notify_deadline);
+        let overdue = lock(&d.track).overdue_between_faults(
+            now,
+            ctx.cfg.notify_deadline,
+            &faults,
+            ctx.cfg.fault_recovery,
+        );
         for v in overdue {
             ctx.violation(v);
         }
@@ -842,6 +874,12 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
         op_id_nonce: rand::random(),
         max_answer_bytes: cfg.max_answer_bytes,
     });
+    if let Some(c) = cfg.provisioned.get(i) {
+        // Provisioned earlier (a factory step, or registered over TLS): the device comes
+        // back with its assigned set, as after a reboot.
+        client.restore_credentials(c.clone());
+        *lock(&dev.creds) = client.assigned_credentials().cloned();
+    }
     let http = ctx.http_of(i);
     let mut rng = StdRng::seed_from_u64(seed);
     let device_bucket = format!("device.{}", dev.serial);

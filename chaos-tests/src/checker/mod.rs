@@ -81,6 +81,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fleet::FleetSummary;
 use crate::history::{Call, Entry, Outcome};
 
 /// Thresholds and tolerances the checker is run with.
@@ -233,10 +234,28 @@ pub struct Verdict {
     /// as hung (a frozen process can answer nobody).
     #[serde(default)]
     pub excused_subscribers: u64,
-    /// Every safety property is zero and the history is well formed.
+    /// The `tether-sim` fleet's summary when the run had one (`fleet.json`, not part of
+    /// the history); see [`Verdict::with_fleet`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetSummary>,
+    /// Every safety property is zero, the history is well formed, and the fleet (if any)
+    /// saw no violation.
     pub passed: bool,
     /// Every liveness figure that could be measured is within the options' thresholds.
     pub liveness_passed: bool,
+}
+
+impl Verdict {
+    /// Adds the fleet's result: a fleet violation of any kind (version regression, change
+    /// not delivered by its deadline, acknowledged write missing from the final state or
+    /// its history, write applied twice) fails the verdict as a safety property does.
+    pub fn with_fleet(mut self, fleet: Option<FleetSummary>) -> Self {
+        if let Some(f) = &fleet {
+            self.passed &= f.passed && f.violation_count() == 0;
+        }
+        self.fleet = fleet;
+        self
+    }
 }
 
 /// Success in the availability sense: `Ok`, or a semantic refusal (a 4xx other than
@@ -463,6 +482,7 @@ pub fn check(entries: &[Entry], opts: &CheckOptions) -> Verdict {
         failover_s: live.failover_s,
         convergence_s: live.convergence_s,
         ops,
+        fleet: None,
         liveness_passed,
     }
 }
