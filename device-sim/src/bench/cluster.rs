@@ -37,27 +37,37 @@ const AFTER_KILL: Duration = Duration::from_secs(12);
 const NODES: usize = 3;
 
 /// Options of `tether-bench cluster`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Opts {
-    /// The `tether` binary.
+    /// The `tether` binary (a release build).
+    #[arg(long, default_value = "target/release/tether")]
     pub tether_bin: PathBuf,
-    /// Repetitions of the PUT and registration comparisons.
+    /// Repetitions of the throughput comparisons.
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Measured seconds per PUT load (after a 1 s warm-up).
+    #[arg(long, default_value_t = 5.0)]
     pub secs: f64,
     /// Concurrent PUT connections (spread over the cluster's nodes).
+    #[arg(long, default_value_t = 48)]
     pub conns: usize,
     /// Devices written by the PUT load.
+    #[arg(long, default_value_t = 96)]
     pub devices: usize,
     /// New devices registered per registration measurement.
+    #[arg(long, default_value_t = 1000)]
     pub registrations: usize,
     /// Registrations in flight.
+    #[arg(long, default_value_t = 32)]
     pub register_concurrency: usize,
     /// kill -9 failovers.
+    #[arg(long, default_value_t = 5)]
     pub kills: usize,
-    /// Probe devices during the failovers.
+    /// Probe devices writing during the failovers.
+    #[arg(long, default_value_t = 12)]
     pub probes: usize,
-    /// Where results go.
+    /// Results directory.
+    #[arg(long, default_value = "results")]
     pub out: PathBuf,
 }
 

@@ -74,38 +74,7 @@ enum Cmd {
     /// A 3-node cluster on PostgreSQL vs one embedded-store node (durable PUT/s, cold
     /// registrations/s), and kill -9 failovers (time to serve the killed node's sets
     /// again, failed requests).
-    Cluster {
-        /// The `tether` binary (a release build).
-        #[arg(long, default_value = "target/release/tether")]
-        tether_bin: PathBuf,
-        /// Repetitions of the throughput comparisons.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Measured seconds per PUT load.
-        #[arg(long, default_value_t = 5.0)]
-        secs: f64,
-        /// Concurrent PUT connections (spread over the cluster's nodes).
-        #[arg(long, default_value_t = 48)]
-        conns: usize,
-        /// Devices written by the PUT load.
-        #[arg(long, default_value_t = 96)]
-        devices: usize,
-        /// New devices per registration measurement.
-        #[arg(long, default_value_t = 1000)]
-        registrations: usize,
-        /// Registrations in flight.
-        #[arg(long, default_value_t = 32)]
-        register_concurrency: usize,
-        /// kill -9 failovers.
-        #[arg(long, default_value_t = 5)]
-        kills: usize,
-        /// Probe devices writing during the failovers.
-        #[arg(long, default_value_t = 12)]
-        probes: usize,
-        /// Results directory.
-        #[arg(long, default_value = "results")]
-        out: PathBuf,
-    },
+    Cluster(cluster::Opts),
     /// Server RSS per held subscription, Tether and mosquitto, same count.
     IdleSubscriptions {
         /// The `tether` binary (a release build).
@@ -278,32 +247,7 @@ fn run(args: Args) -> Result<()> {
                 })
                 .await
             }
-            Cmd::Cluster {
-                tether_bin,
-                runs,
-                secs,
-                conns,
-                devices,
-                registrations,
-                register_concurrency,
-                kills,
-                probes,
-                out,
-            } => {
-                cluster::run(cluster::Opts {
-                    tether_bin,
-                    runs,
-                    secs,
-                    conns,
-                    devices,
-                    registrations,
-                    register_concurrency,
-                    kills,
-                    probes,
-                    out,
-                })
-                .await
-            }
+            Cmd::Cluster(opts) => cluster::run(opts).await,
             Cmd::TracingOverhead {
                 tether_bin,
                 runs,
