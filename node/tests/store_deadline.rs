@@ -137,8 +137,19 @@ async fn a_stalled_postgres_answers_503_within_the_deadline_and_never_forks_a_ve
         .await;
         (r, t.elapsed())
     };
-    let ((put_r, put_t), (sub_r, sub_t), (user_r, user_t), (get_r, get_t)) =
-        tokio::join!(put, sub, user_sub, get);
+    // The load balancer is told: /readyz names the store (bounded, like every call).
+    let ready = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send_within(STALL, node.anon(reqwest::Method::GET, "/readyz")).await
+    };
+    let ((put_r, put_t), (sub_r, sub_t), (user_r, user_t), (get_r, get_t), ready_r) =
+        tokio::join!(put, sub, user_sub, get, ready);
+    assert_eq!(
+        (ready_r.status, ready_r.json()["status"].clone()),
+        (StatusCode::SERVICE_UNAVAILABLE, json!("store_unreachable")),
+        "/readyz during the stall: {}",
+        ready_r.text()
+    );
     assert!(
         stall_began.elapsed() < STALL,
         "the requests outlived the stall"
@@ -204,6 +215,8 @@ async fn a_stalled_postgres_answers_503_within_the_deadline_and_never_forks_a_ve
     };
     let version = u64_of(&after, "version");
     eprintln!("after the stall: {after}");
+    // Ready again once the store answers.
+    node.wait_ready(1).await;
     let temp = after["value"]["target_temperature"].clone();
     assert!(
         (version == v0 && temp == json!(1)) || (version == v0 + 1 && temp == json!(7)),

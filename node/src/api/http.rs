@@ -1047,6 +1047,11 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
+/// The lease row `/readyz` reads to check that the store answers (never leased).
+const READYZ_PROBE_SET: &str = "_readyz_probe";
+/// How long `/readyz` waits for the store.
+const READYZ_STORE_WAIT: Duration = Duration::from_secs(1);
+
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -1055,15 +1060,28 @@ pub async fn healthz() -> HttpResponse {
     security(()),
     responses(
         (status = 200, description = "Serving", body = crate::api::openapi::Health, example = json!({"status": "ready", "members": 3})),
-        (status = 503, description = "Joining its cluster, draining, cut off from the majority of its cluster's last known members (`minority`: it serves no set), or near its connection capacity (`saturated`)", body = crate::api::openapi::Health, example = json!({"status": "minority", "members": 1, "reachable_members": 1, "last_known_members": 3})),
+        (status = 503, description = "Joining its cluster, draining, cut off from the majority of its cluster's last known members (`minority`: it serves no set), its store not answering within 1 s (`store_unreachable`), or near its connection capacity (`saturated`)", body = crate::api::openapi::Health, example = json!({"status": "minority", "members": 1, "reachable_members": 1, "last_known_members": 3})),
     ),
 )]
 /// `GET /readyz` (and `HEAD`): the node serves requests: store open, cluster joined (its
 /// ring known), reaching a strict majority of its cluster's last known members (else
-/// `minority`, invariant 24), not draining, and not about to run out of connections — it turns 503
+/// `minority`, invariant 24), its store answering a read within 1 s (else
+/// `store_unreachable`), not draining, and not about to run out of connections — it turns 503
 /// `saturated` once `readyz_saturation_percent` of its connection capacity is open, so a
 /// load balancer sends new clients elsewhere while this node can still answer its own.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    // One read of the store (a lease row nobody holds), bounded: a node that cannot reach
+    // its store can neither commit nor confirm a lease, nor check an unknown credential,
+    // so the load balancer should send its clients elsewhere (chaos store-partition-node).
+    let store_reachable = match SetKey::parse(READYZ_PROBE_SET) {
+        Ok(probe) => tokio::time::timeout(
+            READYZ_STORE_WAIT,
+            state.shared.store.lease_epoch(&probe),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok()),
+        Err(_) => true,
+    };
     let members = state.router.members();
     let (open, capacity) = (state.conns.open(), state.conns.capacity());
     let saturated = open.saturating_mul(100)
@@ -1085,6 +1103,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     } else if quorum.is_some_and(|q| !q.holds()) {
         // Cut off from the majority: it takes no lease, so it serves nothing.
         HttpResponse::ServiceUnavailable().json(body("minority"))
+    } else if !store_reachable {
+        HttpResponse::ServiceUnavailable().json(body("store_unreachable"))
     } else if saturated {
         HttpResponse::ServiceUnavailable().json(body("saturated"))
     } else {

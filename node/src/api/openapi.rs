@@ -95,7 +95,7 @@ impl utoipa::ToSchema for ProtobufBody {}
 /// `GET /healthz` and `GET /readyz` answers.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Health {
-    /// `ok`, `ready`, `joining`, `draining`, `minority` or `saturated`.
+    /// `ok`, `ready`, `joining`, `draining`, `minority`, `store_unreachable` or `saturated`.
     pub status: String,
     /// Live cluster members in this node's view (readiness only).
     pub members: Option<u64>,
