@@ -6,6 +6,7 @@ passes through) and per function. Used by scripts/bench/profile; standard librar
 Usage: profile_cpu.py <name>.folded [<name>.folded …]  (markdown on stdout)
 """
 
+import gzip
 import re
 import sys
 from collections import Counter
@@ -16,10 +17,8 @@ from collections import Counter
 CENTRES = [
     ("HTTP/1 dispatcher (everything on the HTTP workers: parse, handlers, respond)", r"actix_http::h1::dispatcher::Dispatcher<.*::poll$"),
     ("  parse request head (Codec::decode)", r"actix_http::h1::codec::Codec as tokio_util::codec::decoder::Decoder|actix_http::h1::decoder::"),
-    ("  write response (poll_response: encode, body, socket write)", r"InnerDispatcher<.*>::poll_response$"),
-    ("  flush to the socket (poll_flush)", r"InnerDispatcher<.*>::poll_flush$"),
+    ("  held answer body stream (poll_next: answer, pack, encode)", r"MessageBodyMapErr<.*>::poll_next$"),
     ("  actix-web routing (route regexes, match_pattern, guards)", r"actix_web::rmap::|actix_web::app_service::AppRouting|actix_web::guard::|actix_router::|regex_lite::"),
-    ("  request body read (api read_body)", r"tether_node::api::http::read_body"),
     ("  auth: AppState::principal (credential check)", r"tether_node::api::http::AppState::principal"),
     ("  router calls (routing/router.rs, HTTP side)", r"tether_node::routing::router::Router::"),
     ("  unsubscribe on answer (drop SubscriptionGuard)", r"drop_in_place<tether_node::routing::router::SubscriptionGuard>"),
@@ -73,7 +72,8 @@ def clean(frame):
 def summarize(path, top=30):
     stacks = []
     total = 0
-    with open(path) as fh:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as fh:
         for line in fh:
             line = line.rstrip("\n")
             if not line:
@@ -106,7 +106,7 @@ def summarize(path, top=30):
         for f in set(frames[1:]):
             funcs[f] += n
         leaf[frames[-1]] += n
-    name = path.rsplit("/", 1)[-1].removesuffix(".folded")
+    name = path.rsplit("/", 1)[-1].removesuffix(".gz").removesuffix(".folded")
     # inferno-collapse-perf weighs each sample by its period (cpu-clock: nanoseconds).
     out = [f"## {name}: {total / 1e9:.2f} s on CPU sampled (perf cpu-clock, on-CPU time only)", ""]
     out.append("Threads: " + ", ".join(f"{t} {100 * c / total:.1f} %" for t, c in threads.most_common(8)))

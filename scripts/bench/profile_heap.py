@@ -14,6 +14,7 @@ Loopback only. Python standard library only.
 """
 
 import argparse
+import gzip
 import json
 import os
 import random
@@ -102,7 +103,7 @@ def hold(a):
     env = dict(os.environ)
     dhat_file = None
     if a.dhat:
-        dhat_file = os.path.abspath(os.path.join(a.out, f"dhat-{a.label}.json"))
+        dhat_file = os.path.abspath(os.path.join(a.out, f"{a.label}.dhat.json"))
         if os.path.exists(dhat_file):
             os.remove(dhat_file)
         env["TETHER_DHAT_FILE"] = dhat_file
@@ -210,71 +211,95 @@ def hold(a):
 # ---------------------------------------------------------------------------------------
 # analyze
 
-# Ordered: the first rule whose pattern appears anywhere in an allocation's stack (frames
-# joined innermost first) names its category. Patterns are function paths.
-CATEGORIES = [
-    ("dhat/backtrace (profiler only)", [r"\bdhat::", r"\bbacktrace::"]),
-    ("tracing / telemetry spans", [r"tracing_subscriber::", r"tether_node::telemetry",
-                                   r"opentelemetry", r"tracing_core::"]),
-    ("bucket-set actor: state (buckets, history, maps)", [r"tether_node::sets::actor",
-                                                          r"tether_node::sets::set",
-                                                          r"tether_node::sets::state",
-                                                          r"tether_node::sets::bucket"]),
-    ("actor registry / spawn (mailbox, context, addr)", [r"tether_node::sets::registry",
-                                                        r"actix::context", r"actix::address",
-                                                        r"actix::mailbox", r"actix::actor::",
-                                                        r"actix::sync", r"actix::arbiter"]),
-    ("store (redb reads on activation)", [r"tether_node::store", r"\bredb::"]),
-    ("registration / credential caches", [r"tether_node::security", r"tether_node::registration",
-                                          r"\blru::", r"governor::"]),
-    ("routing (router, subscribe fan-in)", [r"tether_node::routing"]),
-    ("held request: handler future + subscribe state", [r"tether_node::api"]),
-    ("actix-web request/response (HttpRequest, extensions, app data)", [r"actix_web::"]),
-    ("actix-http h1 dispatcher (read/write BytesMut, codec, payload)", [r"actix_http::"]),
-    ("connection accept / per-connection service (actix-server, conn)", [r"actix_server::",
-                                                                         r"actix_service::",
-                                                                         r"tether_node::server"]),
-    ("tokio / actix-rt tasks, timers, I/O registration", [r"\btokio::", r"actix_rt::"]),
+# An allocation belongs to its *owner*: the innermost frame of its stack that is not
+# allocator, collection or std plumbing (BORING, by source path; dhat's frames are DWARF
+# names with the crate-relative path of their source). The owner frame is matched against
+# OWNERS in order; `full` rules see the frame with its generic arguments (tokio's task cells
+# say whose future they hold only there), the others without them.
+BORING = re.compile(
+    r"\((dhat-|alloc/src/|core/src/|std/src/|src/raw_vec/|src/vec/|collections/|bytes-|"
+    r"src/raw/|hashbrown-|collections/hash/|dashmap-|src/page/|src/boxed|iter/traits/|btree/|serde_json-|smallvec-|indexmap-|proto/src/|"
+    r"future/future/mod\.rs|src/ops/function\.rs|src/sync/oneshot\.rs|src/string\.rs|"
+    r"src/slice\.rs|src/str/|src/fmt/|src/rc\.rs|node/src/main\.rs)|^\?\?\?|^\[root\]")
+
+OWNERS = [
+    ("HTTP connection: actix-http read + write buffers (2 × BytesMut 8 KiB)",
+     r"\(src/h1/dispatcher\.rs:30[78]:", False),
+    ("HTTP connection: tokio task holding the connection future (dispatcher state inline)",
+     r"^new<tokio::runtime::task::core::Cell<actix_server::service|^new<actix_server::service.*\(runtime/task/core\.rs", True),
+    ("HTTP connection: tokio I/O registration (per socket)", r"\(runtime/io/", False),
+    ("HTTP connection: other actix-http (decoder, dispatcher, on-connect data)",
+     r"\((src/h1/|actix-http-|src/requests?/|src/extensions\.rs)", False),
+    ("held response: boxed body stream (the handler's held state)",
+     r"\((src/body/|src/response/|src/responses/|actix-web-)", False),
+    ("held request: router's boxed subscribe future, guard",
+     r"\(src/routing/", False),
+    ("held request: api handler state (held slot per principal)",
+     r"\(src/api/", False),
+    ("bucket-set actor: tokio task holding the actor + context",
+     r"^new<tokio::runtime::task::core::Cell<actix::context_impl::ContextFut|^new<actix::context_impl::ContextFut.*\(runtime/task/core\.rs", True),
+    ("bucket-set actor: committed buckets + recent history (values, changes)",
+     r"^(start_commit|finish_commit|apply\w*|reconcile\w*|load\w*|activate\w*) \(src/sets/actor\.rs", False),
+    ("bucket-set actor: held subscribers map, sizes, other state",
+     r"\(src/sets/actor\.rs", False),
+    ("bucket-set actor: actix runtime (mailbox channel, address, interval timer)",
+     r"\((actix-0\.|src/address/|src/mailbox\.rs|src/utils\.rs|src/context)", False),
+    ("actor registry (set → address map)", r"\(src/sets/", False),
+    ("credential cache + rate-limiter maps (security/)",
+     r"\((src/security/|lru-|governor-|state/keyed)", False),
+    ("store: redb page cache (grows with data written, capped)", r"\((tree_store/|redb-)", False),
+    ("tracing: span slab + span extensions (open spans)", r"sharded-slab|tracing|\(src/registry/", False),
+    ("tokio: other tasks", r"\(runtime/task/", False),
 ]
+OWNERS = [(n, re.compile(p), full) for n, p, full in OWNERS]
 
 
 def frames_of(prof, pp):
-    return [prof["ftbl"][i] for i in pp["fs"]]
+    return [re.sub(r"^0x[0-9a-f]+: ", "", prof["ftbl"][i]) for i in pp["fs"]]
+
+
+def plain(frame):
+    """The frame without generic arguments: `name<…> (path:line:col)`."""
+    name, sep, loc = frame.rpartition(" (")
+    if not sep:
+        name, loc = frame, ""
+    while True:
+        stripped = re.sub(r"<[^<>]*>", "\u2039\u203a", name)
+        if stripped == name:
+            break
+        name = stripped
+    name = name.replace("\u2039\u203a", "<…>")
+    return f"{name} ({loc}" if loc else name
+
+
+def owner(frames):
+    for f in frames:
+        if not BORING.search(f):
+            return f
+    return frames[0] if frames else "?"
 
 
 def category(frames):
-    text = "\n".join(frames)
-    for name, pats in CATEGORIES:
-        for p in pats:
-            if re.search(p, text):
-                return name
+    f = owner(frames)
+    p = plain(f)
+    for name, rx, full in OWNERS:
+        if rx.search(f if full else p):
+            return name
     return "other"
 
 
-def short(frame):
-    # "0x…: path::to::fn (src/x.rs:12:5)" → "path::to::fn (x.rs:12)"
-    f = re.sub(r"^0x[0-9a-f]+: ", "", frame)
-    f = re.sub(r"::h[0-9a-f]{16}", "", f)
-    f = re.sub(r"\((?:[^()]*/)?([^/()]+\.rs):(\d+):\d+\)", r"(\1:\2)", f)
-    return f
-
-
-BORING = re.compile(r"^(alloc::|core::|std::|hashbrown::|bytes::|<alloc::|<core::|<std::|"
-                    r"<hashbrown::|<bytes::|__rust|<T as |serde_json::|serde::|smallvec::|"
-                    r"<smallvec::|indexmap::|<indexmap::|\[root\]|<dhat::|dhat::)")
-
-
 def site(frames, n=3):
-    """The first `n` frames that are not allocator/collection internals."""
+    """The owner frame and the `n - 1` frames that called it, without generics."""
     out = []
-    for fr in frames:
-        s = short(fr)
-        if BORING.match(s):
+    started = False
+    for f in frames:
+        if not started and BORING.search(f):
             continue
-        out.append(s)
+        started = True
+        out.append(re.sub(r":\d+\)$", ")", plain(f)))
         if len(out) == n:
             break
-    return " ← ".join(out) if out else short(frames[0]) if frames else "?"
+    return " ← ".join(out) if out else "?"
 
 
 def load(out, label):
@@ -282,8 +307,14 @@ def load(out, label):
         rec = json.load(f)
     prof = None
     if rec.get("dhat_file"):
-        with open(os.path.join(out, rec["dhat_file"])) as f:
-            prof = json.load(f)
+        path = os.path.join(out, rec["dhat_file"])
+        # scripts/bench/profile keeps the profiles gzipped.
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+            with gzip.open(path + ".gz", "rt") as f:
+                prof = json.load(f)
+        else:
+            with open(path) as f:
+                prof = json.load(f)
     return rec, prof
 
 
@@ -341,8 +372,10 @@ def analyze(a):
       f"{heap_hi:,} B in {blk_hi:,} blocks at {dhat_hi['held']} held")
     p(f"- live heap per held device (slope): {heap_slope:.0f} B requested in {blk_slope:.1f} blocks "
       f"(mean {mean:.0f} B); with glibc chunk rounding ≈ {malloc_slope:.0f} B")
-    p(f"- heap explains {100 * malloc_slope / rss_slope('VmRSS'):.0f} % of the RSS slope "
-      f"(the rest: free chunks malloc keeps in its arenas, page granularity)")
+    p(f"- heap (with malloc chunk overhead) is {100 * malloc_slope / rss_slope('VmRSS'):.0f} % of the "
+      f"RSS slope: above 100 % means allocated pages never written are not resident (the "
+      f"2 × 8 KiB HTTP/1 buffers of an idle connection hold a few hundred bytes); below "
+      f"100 % means free memory malloc keeps")
     p(f"- kernel TCP buffer memory (sockstat 'mem', both ends, not in RSS): "
       f"{sock_mem_slope:.0f} B per device; sockets in use {ss_lo.get('inuse')} → {ss_hi.get('inuse')}")
     sl_lo, sl_hi = plain_lo.get("slab_holding", {}), plain_hi.get("slab_holding", {})
