@@ -9,6 +9,7 @@ pub mod api;
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod heap_profile;
 pub mod metrics;
 #[cfg(any(
     feature = "planted-ack-before-durable",

@@ -3,10 +3,16 @@
 use clap::Parser;
 use tether_node::config::{Cli, Command, Config};
 
+/// `--features dhat-heap` only (issue 17): every allocation recorded by dhat-rs.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
+            tether_node::heap_profile::start();
             let config = match Config::load(*args) {
                 Ok(c) => c,
                 Err(e) => {

@@ -304,6 +304,8 @@ pub async fn run(config: Config) -> Result<()> {
         tokio::spawn(reload_on_sighup(cert));
     }
     wait_for_signal().await;
+    // `--features dhat-heap` only: the heap as it was while serving (issue 17).
+    crate::heap_profile::snapshot();
     tracing::info!(
         drain_timeout_s = config.drain_timeout.as_secs(),
         "shutting down: answering held subscriptions, draining writes"
