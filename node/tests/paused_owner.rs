@@ -401,7 +401,10 @@ async fn a_cpu_starved_node_is_not_declared_dead() {
         STARVE_FOR.as_secs(),
         lost.len()
     );
-    assert!(polls > 0, "no node answered /readyz while node-a was loaded");
+    assert!(
+        polls > 0,
+        "no node answered /readyz while node-a was loaded"
+    );
     assert!(
         lost.is_empty(),
         "a view lost a member while node-a was merely loaded (first: {:?}); node-a's stderr:\n{}",

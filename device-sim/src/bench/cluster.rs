@@ -147,8 +147,8 @@ pub async fn run(o: Opts) -> Result<()> {
         let per = o.devices.div_ceil(urls.len());
         let mut loads = Vec::new();
         for (i, url) in urls.iter().enumerate() {
-            let devs = tether::register_many(&http, url, &mfg_key, &format!("CPUT{i}X"), per, 16)
-                .await?;
+            let devs =
+                tether::register_many(&http, url, &mfg_key, &format!("CPUT{i}X"), per, 16).await?;
             loads.push((url.to_string(), devs));
         }
         let conns_per = o.conns.div_ceil(urls.len());
@@ -444,7 +444,10 @@ mod tests {
         let f = summarize(&seen, Duration::from_millis(1_050));
         assert_eq!((f.failed, f.ok), (1, 3));
         // A probe never served again counts until its last outcome.
-        assert_eq!(longest_gap(&[(0, 500, true), (0, 4_000, false)], 1_000), 3_500);
+        assert_eq!(
+            longest_gap(&[(0, 500, true), (0, 4_000, false)], 1_000),
+            3_500
+        );
         // Nothing after the kill: no gap.
         assert_eq!(longest_gap(&[(0, 500, true)], 1_000), 0);
     }

@@ -1074,12 +1074,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     // its store can neither commit nor confirm a lease, nor check an unknown credential,
     // so the load balancer should send its clients elsewhere (chaos store-partition-node).
     let store_reachable = match SetKey::parse(READYZ_PROBE_SET) {
-        Ok(probe) => tokio::time::timeout(
-            READYZ_STORE_WAIT,
-            state.shared.store.lease_epoch(&probe),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok()),
+        Ok(probe) => {
+            tokio::time::timeout(READYZ_STORE_WAIT, state.shared.store.lease_epoch(&probe))
+                .await
+                .is_ok_and(|r| r.is_ok())
+        }
         Err(_) => true,
     };
     let members = state.router.members();

@@ -550,8 +550,7 @@ impl BucketSetActor {
             // Planted bug (chaos self-test): a fenced commit is written anyway.
             #[cfg(feature = "planted-skip-epoch-check")]
             if crate::planted::active(crate::planted::Bug::SkipEpochCheck) {
-                return crate::planted::commit_fenced_anyway(&*store, &set, epoch, to_commit)
-                    .await;
+                return crate::planted::commit_fenced_anyway(&*store, &set, epoch, to_commit).await;
             }
             store.commit(&set, epoch, to_commit).await
         }
