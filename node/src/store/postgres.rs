@@ -187,6 +187,11 @@ impl std::fmt::Debug for PostgresStore {
 /// Longest wait for a pooled connection (or a new one) before a request fails.
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long PostgreSQL lets one of Tether's sessions sit idle inside a transaction before
+/// ending it (and releasing its locks). Tether's transactions never wait on the client,
+/// so only a session whose client is gone ever reaches it.
+const SERVER_IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Longest time sent data may stay unacknowledged before the kernel drops the connection.
 const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -224,6 +229,22 @@ impl PostgresStore {
             .keepalives_interval(std::time::Duration::from_secs(2))
             .keepalives_retries(3)
             .tcp_user_timeout(TCP_USER_TIMEOUT);
+        // The server's side of the same: a session whose client vanished mid-transaction
+        // (a partition dropping every packet, so no FIN or RST ever arrived) would keep
+        // its row locks — a lease row locked `FOR UPDATE`/`FOR SHARE` — until the server's
+        // default keepalive (2 h) noticed, and every later lease for that set would wait
+        // on it (chaos defect 11, store-partition-node). The server probes too, and ends a
+        // transaction left idle, releasing its locks.
+        let server_side = format!(
+            "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3 \
+             -c idle_in_transaction_session_timeout={}",
+            SERVER_IDLE_IN_TRANSACTION.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {server_side}"),
+            _ => server_side,
+        };
+        config.options(&options);
         let manager = Manager::from_config(
             config,
             NoTls,
