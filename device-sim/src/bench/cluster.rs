@@ -91,6 +91,8 @@ pub struct Run {
 /// One kill -9.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failover {
+    /// When the node was killed, ms since the probes started.
+    pub killed_at_ms: u64,
     /// The longest time any probe went without a successful write across the kill, ms.
     pub gap_ms: u64,
     /// Probe requests that failed between the kill and the end of the probes.
@@ -233,6 +235,29 @@ pub async fn run(o: Opts) -> Result<()> {
     );
     let path = write_json(&o.out, "cluster", &results)?;
     println!("results: {}", path.display());
+    // The timeline of the median failover: probe writes per 100 ms, the kill marked.
+    let mut by_gap: Vec<&Failover> = results.failovers.iter().collect();
+    by_gap.sort_by_key(|f| f.gap_ms);
+    if let Some(f) = by_gap.get(by_gap.len() / 2) {
+        let png = o.out.join("cluster-failover.png");
+        super::plot::timeline(
+            &png,
+            &format!(
+                "kill -9 of one of {NODES} nodes: {} probes writing every {} ms (longest gap {} ms)",
+                o.probes,
+                PROBE_EVERY.as_millis(),
+                f.gap_ms
+            ),
+            "probe writes per 100 ms",
+            100,
+            &[
+                ("acknowledged", &f.ok_per_100ms),
+                ("failed", &f.failed_per_100ms),
+            ],
+            ("kill -9", f.killed_at_ms),
+        )?;
+        println!("timeline: {}", png.display());
+    }
     Ok(())
 }
 
@@ -384,6 +409,7 @@ fn summarize(seen: &[(usize, u64, bool)], killed_at: Duration) -> Failover {
     }
     let after = seen.iter().filter(|(_, t, _)| *t >= kill);
     Failover {
+        killed_at_ms: kill,
         gap_ms: longest_gap(seen, kill),
         failed: after.clone().filter(|(_, _, ok)| !ok).count() as u64,
         ok: after.filter(|(_, _, ok)| *ok).count() as u64,

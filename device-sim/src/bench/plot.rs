@@ -188,3 +188,71 @@ fn draw_panel(
     }
     Ok(())
 }
+
+/// A PNG line chart of per-bucket counts over time (`series`: name, colour index, one
+/// value per `bucket_ms`), with a vertical line at `mark_ms` named `mark`.
+pub fn timeline(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    bucket_ms: u64,
+    series: &[(&str, &[u64])],
+    (mark, mark_ms): (&str, u64),
+) -> Result<()> {
+    let len = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    if len == 0 {
+        bail!("nothing to plot");
+    }
+    ensure_font()?;
+    let secs = |i: usize| (i as u64 * bucket_ms) as f64 / 1000.0;
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64
+        * 1.15;
+    let root = BitMapBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..secs(len), 0f64..top)
+        .map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("s since the probes started")
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    for (i, (name, values)) in series.iter().enumerate() {
+        let colour = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                values.iter().enumerate().map(|(b, v)| (secs(b), *v as f64)),
+                colour.stroke_width(2),
+            ))
+            .map_err(|e| anyhow!("{e}"))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+    }
+    let at = mark_ms as f64 / 1000.0;
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(at, 0.0), (at, top)],
+            BLACK.stroke_width(1),
+        )))
+        .map_err(|e| anyhow!("{e}"))?
+        .label(mark)
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
