@@ -229,6 +229,16 @@ impl RingPlacement {
             .unwrap_or_else(|| self.local.clone())
     }
 
+    /// The live members of the current view (this node included while it serves).
+    pub fn members(&self) -> Vec<Member> {
+        self.current().members.values().cloned().collect()
+    }
+
+    /// This node.
+    pub fn local(&self) -> &Member {
+        &self.local
+    }
+
     /// The live member named `id` in the current view.
     pub fn member(&self, id: &str) -> Option<Member> {
         self.current().members.get(&NodeId::new(id)).cloned()

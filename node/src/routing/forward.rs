@@ -9,16 +9,18 @@
 //! Failures travel as [`NodeError::to_status`] and come back as the same [`NodeError`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tether_cluster::auth::PeerAuthInterceptor;
-use tether_cluster::{ClusterSecret, Member};
+use tether_cluster::{ClusterSecret, Member, RingPlacement};
 use tether_proto::reconcile::Held;
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey, Update};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -26,6 +28,7 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
+use crate::routing::links::{self, Links};
 use crate::routing::router::{BucketUpdate, HeldLeg, Leg, PutAnswer, PutKind, Router, Write};
 use crate::sets::actor::{EnsureBuckets, Get};
 use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
@@ -202,7 +205,17 @@ pub struct Peers {
     runtime: tokio::runtime::Handle,
     connector: Option<Arc<dyn PeerConnector>>,
     clients: Mutex<HashMap<SocketAddr, Client>>,
+    /// The links to peers that are down (calls go through a relay meanwhile).
+    links: Arc<Links>,
+    /// The view: who can relay (set once the router is built).
+    placement: OnceLock<Arc<RingPlacement>>,
 }
+
+/// gRPC metadata key naming the member a relayed call is for (its node id).
+pub const RELAY_TO_KEY: &str = "x-tether-relay-to";
+/// An idempotent call not answered directly within this is also sent through a relay
+/// (first answer wins): a link that silently drops packets is found this fast.
+pub const HEDGE_AFTER: Duration = Duration::from_secs(1);
 
 /// Whether a failed call certainly never reached the peer: the connection could not be
 /// made (a write that failed that way may be routed again without risk of applying twice).
@@ -225,6 +238,27 @@ fn never_sent(status: &Status) -> bool {
         source = e.source();
     }
     false
+}
+
+/// Whether a failed call failed below gRPC (no Tether error came back): the connection
+/// could not be made or broke. Such a failure says the link is bad, not the owner.
+fn link_failure(status: &Status) -> bool {
+    never_sent(status)
+        || (NodeError::from_status(status).is_none()
+            && matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ))
+}
+
+/// `msg` as a request carrying the current request's id and trace context and, when it
+/// goes through a relay, the member it is for.
+fn request<T>(msg: T, relay_to: Option<&MetadataValue<Ascii>>) -> Request<T> {
+    let mut req = traced(msg);
+    if let Some(to) = relay_to {
+        req.metadata_mut().insert(RELAY_TO_KEY, to.clone());
+    }
+    req
 }
 
 /// A failed call's meaning for routing.
@@ -260,7 +294,175 @@ impl Peers {
             runtime,
             connector,
             clients: Mutex::new(HashMap::new()),
+            links: Arc::default(),
+            placement: OnceLock::new(),
         }
+    }
+
+    /// The view relays are chosen from (the router's placement).
+    pub(crate) fn attach(&self, placement: Arc<RingPlacement>) {
+        let _ = self.placement.set(placement);
+    }
+
+    /// Whether the direct link to `peer` is down (its calls go through a relay).
+    pub fn link_down(&self, peer: &Member) -> bool {
+        self.links.is_down(peer.gossip_addr)
+    }
+
+    /// Members that may relay a call to `owner`: live, neither this node nor the owner,
+    /// links up first.
+    fn relays(&self, owner: &Member) -> Vec<Member> {
+        let Some(placement) = self.placement.get() else {
+            return Vec::new();
+        };
+        let local = placement.local().id.clone();
+        let mut relays: Vec<Member> = placement
+            .members()
+            .into_iter()
+            .filter(|m| m.id != local && m.id != owner.id)
+            .collect();
+        relays.sort_by_key(|m| (self.links.is_down(m.gossip_addr), m.id.clone()));
+        relays
+    }
+
+    /// The direct link to `peer` failed: calls go through relays until a probe (a no-op
+    /// call every [`links::PROBE_EVERY`]) gets through again.
+    fn mark_down(&self, peer: &Member, why: &str) {
+        if !self.links.mark_down(peer.gossip_addr) {
+            return;
+        }
+        tracing::warn!(peer = %peer.id, addr = %peer.gossip_addr, %why, "direct link to a peer is down; relaying its calls through other members");
+        self.metrics.forwarded("link", "down");
+        let Ok(mut client) = self.client(peer) else {
+            return;
+        };
+        let (links, peer, metrics) = (self.links.clone(), peer.clone(), self.metrics.clone());
+        let placement = self.placement.get().cloned();
+        self.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(links::PROBE_EVERY).await;
+                if !links.is_down(peer.gossip_addr) {
+                    return;
+                }
+                // A member that left the view is probed no more (nothing is routed to
+                // it; a call that still must reach it tries the direct link first).
+                if placement
+                    .as_ref()
+                    .is_some_and(|p| p.member(peer.id.as_str()).is_none())
+                {
+                    links.mark_up(peer.gossip_addr);
+                    return;
+                }
+                let probe = client.release_held(traced(pb::ReleaseRequest { sets: Vec::new() }));
+                if let Ok(Ok(_)) = tokio::time::timeout(links::PROBE_DEADLINE, probe).await {
+                    if let Some(was) = links.mark_up(peer.gossip_addr) {
+                        tracing::info!(peer = %peer.id, down_for = ?was, "direct link to a peer is up again");
+                        metrics.forwarded("link", "up");
+                    }
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One call to `owner`: direct while the link is up, else through a relay — another
+    /// member that reaches the owner (a cut link between two members whose gossip still
+    /// sees each other through a third). `attempt` makes the call on a client, with the
+    /// relay header when relayed.
+    ///
+    /// - A call that could not be made (nothing sent) is tried through a relay at once.
+    /// - An `idempotent` call is hedged: not answered within [`HEDGE_AFTER`], it is also
+    ///   sent through a relay and the first answer wins (a relay winning marks the link
+    ///   down). Writes are never hedged (they would apply twice); one whose fate is
+    ///   unknown fails as before.
+    ///
+    /// Errors come back mapped as [`from_status`] maps them; a relay's own failure to
+    /// reach the owner arrives as `NotOwner` (routed again).
+    async fn call<T, F, Fut>(
+        &self,
+        owner: &Member,
+        op: &'static str,
+        idempotent: bool,
+        attempt: F,
+    ) -> Result<T>
+    where
+        F: Fn(Client, Option<MetadataValue<Ascii>>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let relay_to: MetadataValue<Ascii> =
+            owner.id.as_str().parse().map_err(|e| {
+                NodeError::Internal(format!("node id {} as metadata: {e}", owner.id))
+            })?;
+        let mut failure = None;
+        if !self.links.is_down(owner.gossip_addr) {
+            let direct = attempt(self.client(owner)?, None);
+            if idempotent {
+                tokio::pin!(direct);
+                match tokio::time::timeout(HEDGE_AFTER, &mut direct).await {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(s)) if link_failure(&s) => {
+                        self.mark_down(owner, s.message());
+                        failure = Some(from_status(owner, &s, true));
+                    }
+                    Ok(Err(s)) => return Err(from_status(owner, &s, true)),
+                    Err(_) => {
+                        let Some(via) = self.relays(owner).into_iter().next() else {
+                            return direct.await.map_err(|s| from_status(owner, &s, true));
+                        };
+                        let relayed = attempt(self.client(&via)?, Some(relay_to.clone()));
+                        tokio::pin!(relayed);
+                        tokio::select! {
+                            r = &mut direct => match r {
+                                Ok(v) => return Ok(v),
+                                Err(s) if link_failure(&s) => {
+                                    self.mark_down(owner, s.message());
+                                    let r = relayed.await.map_err(|s| from_status(&via, &s, true));
+                                    self.metrics.forwarded(op, "relayed");
+                                    return r;
+                                }
+                                Err(s) => return Err(from_status(owner, &s, true)),
+                            },
+                            r = &mut relayed => match r {
+                                Ok(v) => {
+                                    self.mark_down(owner, "a relay answered first");
+                                    self.metrics.forwarded(op, "relayed");
+                                    return Ok(v);
+                                }
+                                Err(_) => return direct.await.map_err(|s| from_status(owner, &s, true)),
+                            },
+                        }
+                    }
+                }
+            } else {
+                match direct.await {
+                    Ok(v) => return Ok(v),
+                    Err(s) if never_sent(&s) => {
+                        self.mark_down(owner, s.message());
+                        failure = Some(from_status(owner, &s, true));
+                    }
+                    Err(s) => return Err(from_status(owner, &s, false)),
+                }
+            }
+        }
+        for via in self.relays(owner) {
+            match attempt(self.client(&via)?, Some(relay_to.clone())).await {
+                Ok(v) => {
+                    self.metrics.forwarded(op, "relayed");
+                    return Ok(v);
+                }
+                Err(s) if never_sent(&s) => {
+                    self.mark_down(&via, s.message());
+                    failure = Some(from_status(&via, &s, true));
+                }
+                Err(s) => return Err(from_status(&via, &s, idempotent)),
+            }
+        }
+        Err(failure.unwrap_or_else(|| {
+            NodeError::NotOwner(format!(
+                "owner {} at {} is unreachable and no member can relay to it",
+                owner.id, owner.gossip_addr
+            ))
+        }))
     }
 
     fn client(&self, owner: &Member) -> Result<Client> {
@@ -308,11 +510,40 @@ impl Peers {
         crate::telemetry::forward_client_span(op, peer.id.as_str(), peer.gossip_addr)
     }
 
+    /// A call another member relays through this node to `to` (its link to `to` is
+    /// down): made directly, never relayed again. Not reaching `to` answers `NotOwner`
+    /// (nothing was sent: the caller routes again); any other failure passes back as is.
+    async fn relay<T, Fut>(
+        &self,
+        to: &Member,
+        op: &'static str,
+        call: impl FnOnce(Client) -> Fut,
+    ) -> std::result::Result<T, Status>
+    where
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        self.metrics.forwarded_served("relay");
+        let client = self.client(to).map_err(|e| e.to_status())?;
+        match call(client).await {
+            Ok(v) => Ok(v),
+            Err(s) if never_sent(&s) => {
+                self.mark_down(to, s.message());
+                Err(NodeError::NotOwner(format!(
+                    "relaying {op}: owner {} at {} unreachable from here either: {}",
+                    to.id,
+                    to.gossip_addr,
+                    s.message()
+                ))
+                .to_status())
+            }
+            Err(s) => Err(s),
+        }
+    }
+
     /// `Get` on the owner.
     pub async fn get(&self, owner: &Member, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
         let started = Instant::now();
         let r = async {
-            let mut client = self.client(owner)?;
             let req = pb::GetRequest {
                 set: set.to_string(),
                 all: read.ids.is_none(),
@@ -325,10 +556,12 @@ impl Peers {
                 without_values: !read.values,
                 max_bytes: read.max_bytes as u64,
             };
-            let reply = client
-                .get(traced(req))
-                .await
-                .map_err(|s| from_status(owner, &s, true))?;
+            let reply = self
+                .call(owner, "get", true, |mut client, relay| {
+                    let req = request(req.clone(), relay.as_ref());
+                    async move { client.get(req).await }
+                })
+                .await?;
             buckets_from_pb(reply.into_inner().buckets)
         }
         .instrument(Self::span("get", owner))
@@ -342,7 +575,6 @@ impl Peers {
     pub async fn put(&self, owner: &Member, id: &BucketId, write: Write) -> Result<PutAnswer> {
         let started = Instant::now();
         let r = async {
-            let mut client = self.client(owner)?;
             let req = pb::PutRequest {
                 id: id.to_string(),
                 value_json: fields_to(&write.update.value),
@@ -352,10 +584,12 @@ impl Peers {
                 op_id: write.op_id,
                 by: write.by,
             };
-            let reply = client
-                .put(traced(req))
-                .await
-                .map_err(|s| from_status(owner, &s, never_sent(&s)))?
+            let reply = self
+                .call(owner, "put", false, |mut client, relay| {
+                    let req = request(req.clone(), relay.as_ref());
+                    async move { client.put(req).await }
+                })
+                .await?
                 .into_inner();
             let kind = match pb::Outcome::try_from(reply.outcome) {
                 Ok(pb::Outcome::Applied) => PutKind::Applied,
@@ -383,7 +617,6 @@ impl Peers {
     pub async fn ensure(&self, owner: &Member, set: &SetKey, msg: EnsureBuckets) -> Result<()> {
         let started = Instant::now();
         let r = async {
-            let mut client = self.client(owner)?;
             let req = pb::EnsureRequest {
                 set: set.to_string(),
                 device_type: msg.device_type,
@@ -396,10 +629,11 @@ impl Peers {
                     })
                     .collect(),
             };
-            client
-                .ensure(traced(req))
-                .await
-                .map_err(|s| from_status(owner, &s, true))?;
+            self.call(owner, "ensure", true, |mut client, relay| {
+                let req = request(req.clone(), relay.as_ref());
+                async move { client.ensure(req).await }
+            })
+            .await?;
             Ok(())
         }
         .instrument(Self::span("ensure", owner))
@@ -421,15 +655,19 @@ impl Peers {
     async fn set_call(&self, to: &Member, set: &SetKey, call: SetCall) -> Result<()> {
         let started = Instant::now();
         let r = async {
-            let mut client = self.client(to)?;
-            let req = traced(pb::ReleaseRequest {
+            let msg = pb::ReleaseRequest {
                 sets: vec![set.to_string()],
-            });
-            match call {
-                SetCall::Relinquish => client.relinquish(req).await,
-                SetCall::ReleaseHeld => client.release_held(req).await,
-            }
-            .map_err(|s| from_status(to, &s, true))?;
+            };
+            self.call(to, call.name(), true, |mut client, relay| {
+                let req = request(msg.clone(), relay.as_ref());
+                async move {
+                    match call {
+                        SetCall::Relinquish => client.relinquish(req).await,
+                        SetCall::ReleaseHeld => client.release_held(req).await,
+                    }
+                }
+            })
+            .await?;
             Ok(())
         }
         .instrument(Self::span(call.name(), to))
@@ -454,7 +692,6 @@ impl Peers {
     ) -> Result<Leg> {
         let started = Instant::now();
         let r = async {
-            let mut client = self.client(owner)?;
             let req = pb::SubscribeRequest {
                 held: held.iter().map(held_to_pb).collect(),
                 session,
@@ -462,15 +699,18 @@ impl Peers {
                 diffs,
                 max_bytes: max_bytes as u64,
             };
-            let mut stream = client
-                .subscribe(traced(req))
-                .await
-                .map_err(|s| from_status(owner, &s, true))?
-                .into_inner();
-            let first = stream
-                .message()
-                .await
-                .map_err(|s| from_status(owner, &s, true))?
+            // The call is made once its first event (the check's answer) is in.
+            let (first, mut stream) = self
+                .call(owner, "subscribe", true, |mut client, relay| {
+                    let req = request(req.clone(), relay.as_ref());
+                    async move {
+                        let mut stream = client.subscribe(req).await?.into_inner();
+                        let first = stream.message().await?;
+                        Ok((first, stream))
+                    }
+                })
+                .await?;
+            let first = first
                 .and_then(|m| m.event)
                 .ok_or_else(|| NodeError::NotOwner(format!("owner {} ended the call", owner.id)))?;
             match first {
@@ -529,6 +769,21 @@ impl SetsService {
         self.router.shared().metrics.forwarded_served(op);
     }
 
+    /// The member a relayed call is for (`None`: the call is for this node).
+    fn relay_target<T>(&self, request: &Request<T>) -> std::result::Result<Option<Member>, Status> {
+        let Some(to) = request.metadata().get(RELAY_TO_KEY) else {
+            return Ok(None);
+        };
+        let to = to.to_str().map_err(|_| {
+            NodeError::BadRequest("relay target is not a node id".into()).to_status()
+        })?;
+        self.router.relay_member(to).map_err(|e| e.to_status())
+    }
+
+    fn peers(&self) -> std::result::Result<&Peers, Status> {
+        self.router.peers().map_err(|e| e.to_status())
+    }
+
     /// A peer's answer budget, never above this node's own.
     fn max_bytes(&self, asked: u64) -> usize {
         let own = self.router.shared().config.max_answer_bytes;
@@ -552,6 +807,13 @@ impl Sets for SetsService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> std::result::Result<Response<pb::BucketsReply>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            return self
+                .peers()?
+                .relay(&to, "get", |mut c| async move { c.get(traced(req)).await })
+                .await;
+        }
         self.served("get");
         let req = request.into_inner();
         let set = parse_set(&req.set)?;
@@ -582,6 +844,13 @@ impl Sets for SetsService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> std::result::Result<Response<pb::PutReply>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            return self
+                .peers()?
+                .relay(&to, "put", |mut c| async move { c.put(traced(req)).await })
+                .await;
+        }
         self.served("put");
         let req = request.into_inner();
         let id = parse_id(&req.id)?;
@@ -620,6 +889,17 @@ impl Sets for SetsService {
         &self,
         request: Request<pb::EnsureRequest>,
     ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            return self
+                .peers()?
+                .relay(
+                    &to,
+                    "ensure",
+                    |mut c| async move { c.ensure(traced(req)).await },
+                )
+                .await;
+        }
         self.served("ensure");
         let req = request.into_inner();
         let set = parse_set(&req.set)?;
@@ -650,6 +930,18 @@ impl Sets for SetsService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> std::result::Result<Response<EventStream>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            // The owner's events pass through as they come (the held answer included).
+            let stream = self
+                .peers()?
+                .relay(&to, "subscribe", |mut c| async move {
+                    c.subscribe(traced(req)).await
+                })
+                .await?
+                .into_inner();
+            return Ok(Response::new(stream.boxed()));
+        }
         self.served("subscribe");
         let req = request.into_inner();
         let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
@@ -704,6 +996,15 @@ impl Sets for SetsService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            return self
+                .peers()?
+                .relay(&to, "relinquish", |mut c| async move {
+                    c.relinquish(traced(req)).await
+                })
+                .await;
+        }
         self.served("relinquish");
         for s in &request.into_inner().sets {
             self.router.shared().relinquish(&parse_set(s)?).await;
@@ -715,6 +1016,15 @@ impl Sets for SetsService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            return self
+                .peers()?
+                .relay(&to, "release_held", |mut c| async move {
+                    c.release_held(traced(req)).await
+                })
+                .await;
+        }
         self.served("release_held");
         for s in &request.into_inner().sets {
             self.router.local_release(&parse_set(s)?);

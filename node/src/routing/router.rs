@@ -312,6 +312,7 @@ impl Router {
         peers: Peers,
     ) -> Arc<Self> {
         shared.set_placement(placement.clone());
+        peers.attach(placement.clone());
         let peers = Arc::new(peers);
         shared.set_takeover(Arc::new(PeerTakeOver {
             placement: placement.clone(),
@@ -353,7 +354,23 @@ impl Router {
         }
     }
 
-    fn peers(&self) -> Result<&Peers> {
+    /// The member a call relayed through this node is for: `None` when it is this node
+    /// (serve it here), else the member as last known (`NotOwner` when unknown: the
+    /// caller routes again).
+    pub(crate) fn relay_member(&self, id: &str) -> Result<Option<Member>> {
+        let Some(c) = &self.cluster else {
+            return Ok(None);
+        };
+        if c.local.id.as_str() == id {
+            return Ok(None);
+        }
+        c.placement
+            .last_known(id)
+            .map(Some)
+            .ok_or_else(|| NodeError::NotOwner(format!("no member {id} known to relay to")))
+    }
+
+    pub(crate) fn peers(&self) -> Result<&Peers> {
         self.cluster
             .as_ref()
             .map(|c| c.peers.as_ref())
