@@ -201,7 +201,7 @@ async fn run_scenarios(args: RunArgs) -> Result<u8, ChaosError> {
         };
         let history = info.dir.join("history.jsonl");
         let entries = crate::history::read(&history).map_err(ChaosError::History)?;
-        let verdict = check(&entries, &CheckOptions::default()).with_fleet(info.fleet.clone());
+        let verdict = check(&entries, &s.check_options()).with_fleet(info.fleet.clone());
         let mut meta = RunMeta::from_history(&entries);
         meta.command_line = command_line(s.name, &opts);
         meta.tier = format!("{:?}", opts.tier).to_lowercase();
@@ -324,6 +324,15 @@ pub fn check_file(
     opts: &CheckOptions,
 ) -> Result<Verdict, ChaosError> {
     let entries = crate::history::read(history).map_err(ChaosError::History)?;
+    // Judged against its scenario's liveness goals when the history names a known one.
+    let scenario = RunMeta::from_history(&entries).scenario;
+    let opts = &match crate::scenario::all().iter().find(|s| s.name == scenario) {
+        Some(s) => CheckOptions {
+            goals: s.goals,
+            ..opts.clone()
+        },
+        None => opts.clone(),
+    };
     // The fleet's result is not in the history: its summary is `fleet.json` beside it.
     let verdict = check(&entries, opts).with_fleet(crate::fleet::read(history)?);
     if let Some(dir) = out {

@@ -167,6 +167,7 @@ pub fn results_json(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> ser
         "failover_s": verdict.failover_s,
         "convergence_s": verdict.convergence_s,
         "liveness": pass_fail(verdict.liveness_passed),
+        "liveness_goals": verdict.goals,
         "staleness": verdict.staleness,
         "ops": verdict.ops,
         "faults": faults.iter().map(|w| serde_json::json!({
@@ -395,26 +396,38 @@ pub fn markdown(verdict: &Verdict, meta: &RunMeta, faults: &[Window]) -> String 
             );
         }
     }
-    let _ = writeln!(md, "\n## Liveness\n\n| figure | value |\n|---|---:|");
+    let g = &verdict.goals;
+    let goal = |v: Option<String>| v.unwrap_or_else(|| "none".into());
     let _ = writeln!(
         md,
-        "| availability (in fault windows; whole run without faults) | {} |",
-        pct(verdict.availability)
+        "\n## Liveness\n\n| figure | value | goal |\n|---|---:|---:|"
     );
     let _ = writeln!(
         md,
-        "| availability, sets the faulted node did not own | {} |",
-        pct(verdict.availability_unaffected)
+        "| availability (in fault windows; whole run without faults) | {} | {} |",
+        pct(verdict.availability),
+        goal(g.min_availability.map(|v| format!("≥ {}", pct(Some(v)))))
     );
     let _ = writeln!(
         md,
-        "| failover (longest write gap on a faulted owner's sets) | {} |",
-        secs(verdict.failover_s)
+        "| availability, sets the faulted node did not own | {} | {} |",
+        pct(verdict.availability_unaffected),
+        goal(
+            g.min_availability_unaffected
+                .map(|v| format!("≥ {}", pct(Some(v))))
+        )
     );
     let _ = writeln!(
         md,
-        "| convergence (after the last fault, until reads are current) | {} |",
-        secs(verdict.convergence_s)
+        "| failover (longest write gap on a faulted owner's sets) | {} | {} |",
+        secs(verdict.failover_s),
+        goal(g.max_failover_s.map(|v| format!("≤ {}", secs(Some(v)))))
+    );
+    let _ = writeln!(
+        md,
+        "| convergence (after the last fault, until reads are current) | {} | {} |",
+        secs(verdict.convergence_s),
+        goal(g.max_convergence_s.map(|v| format!("≤ {}", secs(Some(v)))))
     );
     let o = &verdict.ops;
     let _ = writeln!(

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::checker::Goals;
 use crate::nemesis::{FaultKind, Plan, TargetRule};
 
 /// How big and long a run is.
@@ -88,9 +89,45 @@ pub struct Scenario {
     pub missing: Option<&'static str>,
     /// In the smoke tier.
     pub smoke: bool,
+    /// Its liveness goals (from its hypothesis and the suite's single-node-fault goals).
+    pub goals: Goals,
+}
+
+/// A single-node fault (the issue's goals): ≥ 95 % overall, ≥ 99 % for sets the faulted
+/// node did not own, failover within the 15 s failure-detection bound, convergence ≤ 20 s.
+const SINGLE_NODE: Goals = Goals {
+    min_availability: Some(0.95),
+    min_availability_unaffected: Some(0.99),
+    max_failover_s: Some(15.0),
+    max_convergence_s: Some(20.0),
+};
+
+/// Only convergence is a goal (a store-wide fault or a pure safety scenario: availability
+/// is reported, not judged).
+const CONVERGENCE_ONLY: Goals = Goals {
+    min_availability: None,
+    min_availability_unaffected: None,
+    max_failover_s: None,
+    max_convergence_s: Some(20.0),
+};
+
+/// `availability` overall, convergence ≤ 20 s.
+const fn overall(availability: f64) -> Goals {
+    Goals {
+        min_availability: Some(availability),
+        ..CONVERGENCE_ONLY
+    }
 }
 
 impl Scenario {
+    /// The checker's options for this scenario: its goals as liveness thresholds.
+    pub fn check_options(&self) -> crate::checker::CheckOptions {
+        crate::checker::CheckOptions {
+            goals: self.goals,
+            ..crate::checker::CheckOptions::default()
+        }
+    }
+
     /// Whether nodes must start under libfaketime.
     pub fn needs_faketime(&self) -> bool {
         self.plan.is_some_and(|p| p.kind == FaultKind::ClockBump)
@@ -148,6 +185,7 @@ pub fn all() -> Vec<Scenario> {
             plan: None,
             missing: None,
             smoke: true,
+            goals: overall(0.999),
         },
         Scenario {
             name: "kill-owner",
@@ -164,6 +202,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: true,
+            goals: SINGLE_NODE,
         },
         Scenario {
             name: "kill-restart-same",
@@ -172,6 +211,7 @@ pub fn all() -> Vec<Scenario> {
             plan: plan(K::Kill, T::AnyNode, (6_000, 10_000), (0, 500), (0, 0), 0),
             missing: None,
             smoke: false,
+            goals: SINGLE_NODE,
         },
         Scenario {
             name: "pause-owner",
@@ -188,6 +228,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: true,
+            goals: SINGLE_NODE,
         },
         Scenario {
             name: "isolate-node",
@@ -204,6 +245,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: true,
+            goals: SINGLE_NODE,
         },
         Scenario {
             name: "majorities-ring",
@@ -220,6 +262,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: overall(0.95),
         },
         Scenario {
             name: "store-partition-node",
@@ -235,6 +278,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: Goals { min_availability_unaffected: Some(0.99), ..CONVERGENCE_ONLY },
         },
         Scenario {
             name: "lb-partition-node",
@@ -250,6 +294,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: SINGLE_NODE,
         },
         Scenario {
             name: "slow-peer-links",
@@ -266,6 +311,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: overall(0.99),
         },
         Scenario {
             name: "slow-store",
@@ -282,6 +328,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: CONVERGENCE_ONLY,
         },
         Scenario {
             name: "swizzle-clog",
@@ -299,6 +346,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: CONVERGENCE_ONLY,
         },
         Scenario {
             name: "clock-bump",
@@ -315,6 +363,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: true,
+            goals: SINGLE_NODE,
         },
         Scenario {
             name: "store-crash-restart",
@@ -330,6 +379,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: true,
+            goals: CONVERGENCE_ONLY,
         },
         Scenario {
             name: "store-disk-full",
@@ -347,6 +397,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: CONVERGENCE_ONLY,
         },
         Scenario {
             name: "store-failover",
@@ -365,6 +416,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: CONVERGENCE_ONLY,
         },
         Scenario {
             name: "rolling-drain-and-churn",
@@ -380,6 +432,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: overall(0.99),
         },
         Scenario {
             name: "packet-loss",
@@ -395,6 +448,7 @@ pub fn all() -> Vec<Scenario> {
             ),
             missing: None,
             smoke: false,
+            goals: overall(0.95),
         },
     ]
 }
@@ -428,6 +482,22 @@ mod tests {
             ]
         );
         assert!(smoke().iter().all(|s| s.missing.is_none()));
+    }
+
+    #[test]
+    fn store_wide_faults_judge_no_availability_and_single_node_faults_the_issues_goals() {
+        for s in all() {
+            let store_wide = s.plan.is_some_and(|p| p.target == TargetRule::Store);
+            if store_wide {
+                assert_eq!(s.goals.min_availability, None, "{}", s.name);
+            }
+            assert_eq!(s.goals.max_convergence_s, Some(20.0), "{}", s.name);
+            assert_eq!(s.check_options().goals, s.goals);
+        }
+        for name in ["kill-owner", "pause-owner", "isolate-node"] {
+            let s = all().into_iter().find(|s| s.name == name).expect(name);
+            assert_eq!(s.goals, Goals::default(), "{name}");
+        }
     }
 
     #[test]

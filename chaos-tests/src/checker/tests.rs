@@ -783,6 +783,33 @@ fn liveness_figures_follow_their_definitions() {
     assert_eq!(v.convergence_s, Some(1.1));
     assert!(!v.liveness_passed, "availability 67 % is below 95 %");
     assert_eq!(v.properties.stale_reads, 1);
+
+    // Judged by a scenario's own goals: no availability goal (a store-wide fault) passes
+    // the same figures; a failover goal below 3.15 s does not.
+    let judged = |goals: Goals| {
+        check(
+            &h.entries(),
+            &CheckOptions {
+                goals,
+                ..CheckOptions::default()
+            },
+        )
+    };
+    let no_availability = Goals {
+        min_availability: None,
+        min_availability_unaffected: None,
+        ..Goals::default()
+    };
+    assert!(judged(no_availability).liveness_passed);
+    assert_eq!(judged(no_availability).goals, no_availability);
+    assert!(
+        !judged(Goals {
+            max_failover_s: Some(3.0),
+            ..no_availability
+        })
+        .liveness_passed,
+        "failover 3.15 s is above 3 s"
+    );
 }
 
 #[test]
