@@ -972,6 +972,7 @@ impl Actor for BucketSetActor {
             async move {
                 let taken = Instant::now();
                 let lease = store.acquire_lease(&set, &owner).await?;
+                let acquired = Instant::now();
                 let span = tracing::Span::current();
                 span.record("epoch", lease.epoch.0);
                 let (buckets, device) =
@@ -979,7 +980,7 @@ impl Actor for BucketSetActor {
                 let from_peer = lease.previous_owner.is_some();
                 if let Some(previous) = lease.previous_owner {
                     span.record("previous_owner", previous.as_str());
-                    shared.take_over(&set, previous, taken).await;
+                    shared.take_over(&set, previous, acquired).await;
                 }
                 shared.metrics.lease_taken(started.elapsed(), from_peer);
                 Ok::<_, StoreError>((

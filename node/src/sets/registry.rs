@@ -70,15 +70,19 @@ pub trait TakeOver: Send + Sync + std::fmt::Debug {
 }
 
 /// A new owner serves a set taken from another node only once that node confirmed it
-/// stopped serving it, or this long after the lease was taken (invariant 23).
-const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
+/// stopped serving it, or this long after the store answered its lease request
+/// (invariant 23): [`LEASE_TRUST`] plus a margin for the two nodes' monotonic clocks.
+/// Counted from the answer, not the request: a proof round trip that saw the older epoch
+/// started before the new lease committed, hence before the answer — however slow the
+/// store was.
+const TAKE_OVER_WAIT: Duration = Duration::from_millis(600);
 
 /// How long after a store round trip proved an actor's lease (taking it, a commit, a
 /// confirmation) the actor answers reads from memory without asking the store again
 /// (invariant 23). Well below [`TAKE_OVER_WAIT`]: a new owner serves no earlier than
 /// that after the round trip, whatever happened to this node meanwhile (paused, cut off).
 pub const LEASE_TRUST: Duration = Duration::from_millis(500);
-const _: () = assert!(LEASE_TRUST.as_millis() * 2 <= TAKE_OVER_WAIT.as_millis());
+const _: () = assert!(LEASE_TRUST.as_millis() + 100 <= TAKE_OVER_WAIT.as_millis());
 
 /// The 503 of a node without a quorum: another node serves the set (retry elsewhere).
 fn no_quorum(q: tether_cluster::Quorum) -> NodeError {
@@ -153,16 +157,16 @@ impl Shared {
         }
     }
 
-    /// A set's lease was taken from `previous` at `taken` (before the store was asked):
-    /// resolves once `previous` confirmed it stopped serving the set, or
-    /// [`TAKE_OVER_WAIT`] after `taken` — by then its lease trust ([`LEASE_TRUST`]) has
+    /// A set's lease was taken from `previous`, the store's answer arriving at
+    /// `acquired`: resolves once `previous` confirmed it stopped serving the set, or
+    /// [`TAKE_OVER_WAIT`] after `acquired` — by then its lease trust ([`LEASE_TRUST`]) has
     /// run out, so a paused or cut-off previous owner confirms with the store before it
     /// answers a read again, and finds the lease gone (invariant 23). Its commits are
     /// fenced anyway.
-    #[tracing::instrument(name = "lease.handoff", skip(self, taken), fields(%set, %previous))]
-    pub async fn take_over(&self, set: &SetKey, previous: String, taken: Instant) {
+    #[tracing::instrument(name = "lease.handoff", skip(self, acquired), fields(%set, %previous))]
+    pub async fn take_over(&self, set: &SetKey, previous: String, acquired: Instant) {
         if let Some(t) = self.takeover.get() {
-            let deadline = tokio::time::Instant::from_std(taken + TAKE_OVER_WAIT);
+            let deadline = tokio::time::Instant::from_std(acquired + TAKE_OVER_WAIT);
             let stopped = t.stop_serving(set.clone(), previous.clone());
             match tokio::time::timeout_at(deadline, stopped).await {
                 Ok(true) => {}
