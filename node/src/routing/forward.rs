@@ -213,6 +213,17 @@ pub struct Peers {
 
 /// gRPC metadata key naming the member a relayed call is for (its node id).
 pub const RELAY_TO_KEY: &str = "x-tether-relay-to";
+/// gRPC metadata key on a relay's answer when it could not reach the owner (nothing was
+/// sent; the caller tries another way).
+pub const RELAY_FAILED_KEY: &str = "x-tether-relay-failed";
+
+/// No path to `owner` got through: routed again (nothing was sent).
+fn unreachable(owner: &Member) -> NodeError {
+    NodeError::NotOwner(format!(
+        "owner {} at {} is unreachable, directly and through every relay",
+        owner.id, owner.gossip_addr
+    ))
+}
 /// An idempotent call not answered directly within this is also sent through a relay
 /// (first answer wins): a link that silently drops packets is found this fast.
 pub const HEDGE_AFTER: Duration = Duration::from_secs(1);
@@ -365,19 +376,73 @@ impl Peers {
         });
     }
 
+    /// Pings `peer` on its forwarding channel (an empty `ReleaseHeld`): `Err` with why
+    /// when the link failed or no answer came within [`links::PROBE_DEADLINE`].
+    async fn ping(&self, peer: &Member) -> std::result::Result<(), String> {
+        let mut client = self.client(peer).map_err(|e| e.to_string())?;
+        let ping = client.release_held(traced(pb::ReleaseRequest { sets: Vec::new() }));
+        match tokio::time::timeout(links::PROBE_DEADLINE, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) if link_failure(&s) => Err(s.message().to_string()),
+            // The peer answered (with an error of its own): the link works.
+            Ok(Err(_)) => Ok(()),
+            Err(_) => Err(format!(
+                "no answer to a ping within {:?}",
+                links::PROBE_DEADLINE
+            )),
+        }
+    }
+
+    /// Watches the direct links to every live member: a ping every
+    /// [`links::PROBE_EVERY`] to each whose link is up (a down one has its own probe), so a
+    /// cut link is known within about a second and a half, before a write needs it. Ends
+    /// when the peers are dropped.
+    pub(crate) fn watch_links(self: &Arc<Self>) {
+        let peers = Arc::downgrade(self);
+        self.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(links::PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(peers) = peers.upgrade() else {
+                    return;
+                };
+                let Some(placement) = peers.placement.get() else {
+                    continue;
+                };
+                let local = placement.local().id.clone();
+                let pings = placement
+                    .members()
+                    .into_iter()
+                    .filter(|m| m.id != local && !peers.links.is_down(m.gossip_addr))
+                    .map(|m| {
+                        let peers = peers.clone();
+                        async move {
+                            if let Err(why) = peers.ping(&m).await {
+                                peers.mark_down(&m, &why);
+                            }
+                        }
+                    });
+                futures::future::join_all(pings).await;
+            }
+        });
+    }
+
     /// One call to `owner`: direct while the link is up, else through a relay — another
     /// member that reaches the owner (a cut link between two members whose gossip still
     /// sees each other through a third). `attempt` makes the call on a client, with the
     /// relay header when relayed.
     ///
-    /// - A call that could not be made (nothing sent) is tried through a relay at once.
+    /// - A call that could not be made (nothing sent) is tried through relays at once.
     /// - An `idempotent` call is hedged: not answered within [`HEDGE_AFTER`], it is also
-    ///   sent through a relay and the first answer wins (a relay winning marks the link
+    ///   sent through relays and the first answer wins (a relay winning marks the link
     ///   down). Writes are never hedged (they would apply twice); one whose fate is
     ///   unknown fails as before.
+    /// - A relay whose own link to the owner is down says so at once, and the next one is
+    ///   tried; when none gets through, the direct link is tried after all (it may have
+    ///   been marked down by a false alarm on a loaded machine).
     ///
-    /// Errors come back mapped as [`from_status`] maps them; a relay's own failure to
-    /// reach the owner arrives as `NotOwner` (routed again).
+    /// Errors come back mapped as [`from_status`] maps them.
     async fn call<T, F, Fut>(
         &self,
         owner: &Member,
@@ -393,42 +458,34 @@ impl Peers {
             owner.id.as_str().parse().map_err(|e| {
                 NodeError::Internal(format!("node id {} as metadata: {e}", owner.id))
             })?;
-        let mut failure = None;
-        if !self.links.is_down(owner.gossip_addr) {
+        let direct_first = !self.links.is_down(owner.gossip_addr);
+        if direct_first {
             let direct = attempt(self.client(owner)?, None);
             if idempotent {
                 tokio::pin!(direct);
                 match tokio::time::timeout(HEDGE_AFTER, &mut direct).await {
                     Ok(Ok(v)) => return Ok(v),
-                    Ok(Err(s)) if link_failure(&s) => {
-                        self.mark_down(owner, s.message());
-                        failure = Some(from_status(owner, &s, true));
-                    }
+                    Ok(Err(s)) if link_failure(&s) => self.mark_down(owner, s.message()),
                     Ok(Err(s)) => return Err(from_status(owner, &s, true)),
                     Err(_) => {
-                        let Some(via) = self.relays(owner).into_iter().next() else {
-                            return direct.await.map_err(|s| from_status(owner, &s, true));
-                        };
-                        let relayed = attempt(self.client(&via)?, Some(relay_to.clone()));
+                        let relayed = self.via_relays(owner, op, &relay_to, &attempt, true);
                         tokio::pin!(relayed);
                         tokio::select! {
                             r = &mut direct => match r {
                                 Ok(v) => return Ok(v),
                                 Err(s) if link_failure(&s) => {
                                     self.mark_down(owner, s.message());
-                                    let r = relayed.await.map_err(|s| from_status(&via, &s, true));
-                                    self.metrics.forwarded(op, "relayed");
-                                    return r;
+                                    return relayed.await.map_err(|e| e.unwrap_or_else(|| unreachable(owner)));
                                 }
                                 Err(s) => return Err(from_status(owner, &s, true)),
                             },
                             r = &mut relayed => match r {
                                 Ok(v) => {
                                     self.mark_down(owner, "a relay answered first");
-                                    self.metrics.forwarded(op, "relayed");
                                     return Ok(v);
                                 }
-                                Err(_) => return direct.await.map_err(|s| from_status(owner, &s, true)),
+                                Err(Some(e)) => return Err(e),
+                                Err(None) => return direct.await.map_err(|s| from_status(owner, &s, true)),
                             },
                         }
                     }
@@ -436,33 +493,51 @@ impl Peers {
             } else {
                 match direct.await {
                     Ok(v) => return Ok(v),
-                    Err(s) if never_sent(&s) => {
-                        self.mark_down(owner, s.message());
-                        failure = Some(from_status(owner, &s, true));
-                    }
+                    Err(s) if never_sent(&s) => self.mark_down(owner, s.message()),
                     Err(s) => return Err(from_status(owner, &s, false)),
                 }
             }
         }
+        match self
+            .via_relays(owner, op, &relay_to, &attempt, idempotent)
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err(Some(e)) => Err(e),
+            Err(None) if !direct_first => attempt(self.client(owner)?, None)
+                .await
+                .map_err(|s| from_status(owner, &s, idempotent || never_sent(&s))),
+            Err(None) => Err(unreachable(owner)),
+        }
+    }
+
+    /// `attempt` through each relay in turn until one gets through: its answer (`Err(Some)`
+    /// for the owner's own error), or `Err(None)` when no relay reached the owner.
+    async fn via_relays<T, F, Fut>(
+        &self,
+        owner: &Member,
+        op: &'static str,
+        relay_to: &MetadataValue<Ascii>,
+        attempt: &F,
+        idempotent: bool,
+    ) -> std::result::Result<T, Option<NodeError>>
+    where
+        F: Fn(Client, Option<MetadataValue<Ascii>>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
         for via in self.relays(owner) {
-            match attempt(self.client(&via)?, Some(relay_to.clone())).await {
+            let client = self.client(&via).map_err(Some)?;
+            match attempt(client, Some(relay_to.clone())).await {
                 Ok(v) => {
                     self.metrics.forwarded(op, "relayed");
                     return Ok(v);
                 }
-                Err(s) if never_sent(&s) => {
-                    self.mark_down(&via, s.message());
-                    failure = Some(from_status(&via, &s, true));
-                }
-                Err(s) => return Err(from_status(&via, &s, idempotent)),
+                Err(s) if never_sent(&s) => self.mark_down(&via, s.message()),
+                Err(s) if s.metadata().contains_key(RELAY_FAILED_KEY) => {}
+                Err(s) => return Err(Some(from_status(&via, &s, idempotent))),
             }
         }
-        Err(failure.unwrap_or_else(|| {
-            NodeError::NotOwner(format!(
-                "owner {} at {} is unreachable and no member can relay to it",
-                owner.id, owner.gossip_addr
-            ))
-        }))
+        Err(None)
     }
 
     fn client(&self, owner: &Member) -> Result<Client> {
@@ -523,18 +598,26 @@ impl Peers {
         Fut: Future<Output = std::result::Result<T, Status>>,
     {
         self.metrics.forwarded_served("relay");
+        let path_failed = |why: &str| {
+            let mut status = NodeError::NotOwner(format!(
+                "relaying {op}: owner {} at {} unreachable from here either: {why}",
+                to.id, to.gossip_addr
+            ))
+            .to_status();
+            status
+                .metadata_mut()
+                .insert(RELAY_FAILED_KEY, MetadataValue::from_static("1"));
+            status
+        };
+        if self.links.is_down(to.gossip_addr) {
+            return Err(path_failed("its link is down"));
+        }
         let client = self.client(to).map_err(|e| e.to_status())?;
         match call(client).await {
             Ok(v) => Ok(v),
             Err(s) if never_sent(&s) => {
                 self.mark_down(to, s.message());
-                Err(NodeError::NotOwner(format!(
-                    "relaying {op}: owner {} at {} unreachable from here either: {}",
-                    to.id,
-                    to.gossip_addr,
-                    s.message()
-                ))
-                .to_status())
+                Err(path_failed(s.message()))
             }
             Err(s) => Err(s),
         }
@@ -1025,8 +1108,13 @@ impl Sets for SetsService {
                 })
                 .await;
         }
+        let sets = request.into_inner().sets;
+        if sets.is_empty() {
+            // A peer's link ping.
+            return Ok(Response::new(pb::EnsureReply {}));
+        }
         self.served("release_held");
-        for s in &request.into_inner().sets {
+        for s in &sets {
             self.router.local_release(&parse_set(s)?);
         }
         Ok(Response::new(pb::EnsureReply {}))

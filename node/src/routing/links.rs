@@ -2,8 +2,9 @@
 //!
 //! Gossip's indirect probes keep a member alive in the view when only the link between
 //! two nodes is cut (overlapping majorities, a one-link partition): the view then names
-//! an owner this node cannot reach. A link is marked *down* when a call to the peer
-//! could not be made, broke below gRPC, or a hedged call was answered through a relay
+//! an owner this node cannot reach. A link is marked *down* when a ping (every
+//! [`PROBE_EVERY`] to every live member) or a call to the peer could not be made, broke
+//! below gRPC or got no answer in time, or a hedged call was answered through a relay
 //! first; while it is down, calls to that peer go through a relay (another member that
 //! reaches it, see [`crate::routing::forward`]), and a probe tries the direct link again
 //! every [`PROBE_EVERY`] until a call succeeds.
@@ -16,7 +17,7 @@ use std::time::Duration;
 /// How often a down link is tried again.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How long one probe of a down link may take.
-pub const PROBE_DEADLINE: Duration = Duration::from_secs(1);
+pub const PROBE_DEADLINE: Duration = Duration::from_millis(1_500);
 
 /// The peers whose direct link is down.
 #[derive(Debug, Default)]

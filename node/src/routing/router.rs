@@ -314,6 +314,7 @@ impl Router {
         shared.set_placement(placement.clone());
         peers.attach(placement.clone());
         let peers = Arc::new(peers);
+        peers.watch_links();
         shared.set_takeover(Arc::new(PeerTakeOver {
             placement: placement.clone(),
             peers: peers.clone(),
