@@ -26,7 +26,9 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::routing::router::{BucketUpdate, HeldLeg, Leg, PutAnswer, PutKind, Router, Write};
+use crate::routing::router::{
+    BucketUpdate, HeldLeg, HoldOptions, Leg, PutAnswer, PutKind, Router, Write,
+};
 use crate::sets::actor::{EnsureBuckets, Get};
 use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
 
@@ -447,20 +449,19 @@ impl Peers {
         &self,
         owner: &Member,
         held: Vec<Held>,
-        session: Option<String>,
         timeout: Duration,
-        diffs: bool,
-        max_bytes: usize,
+        opts: HoldOptions,
     ) -> Result<Leg> {
         let started = Instant::now();
         let r = async {
             let mut client = self.client(owner)?;
             let req = pb::SubscribeRequest {
                 held: held.iter().map(held_to_pb).collect(),
-                session,
+                session: opts.session,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                diffs,
-                max_bytes: max_bytes as u64,
+                diffs: opts.diffs,
+                max_bytes: opts.max_bytes as u64,
+                own_writes_known: opts.own_writes_known,
             };
             let mut stream = client
                 .subscribe(traced(req))
@@ -675,9 +676,12 @@ impl Sets for SetsService {
             .router
             .open_local(
                 by_set,
-                req.session,
-                req.diffs,
-                self.max_bytes(req.max_bytes),
+                HoldOptions {
+                    session: req.session,
+                    diffs: req.diffs,
+                    max_bytes: self.max_bytes(req.max_bytes),
+                    own_writes_known: req.own_writes_known,
+                },
             )
             .await
             .map_err(|e| e.to_status())?;
