@@ -65,7 +65,11 @@ enum Cmd {
         #[arg(long, default_value_t = 6.0)]
         secs: f64,
         /// Systems to run.
-        #[arg(long, value_delimiter = ',', default_value = "tether,etcd,mosquitto")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "tether,tether-stream,etcd,mosquitto"
+        )]
         systems: Vec<String>,
         /// Results directory.
         #[arg(long, default_value = "results")]

@@ -591,15 +591,22 @@ pub async fn put(
     tag = "buckets",
     operation_id = "subscribe",
     description = "Long-poll: answers at once with the buckets whose stored version differs from \
-        the one sent, else holds until one changes or `timeout_ms` passes (then `{\"buckets\": []}`).",
+        the one sent, else holds until one changes or `timeout_ms` passes (then `{\"buckets\": []}`). \
+        With `\"stream\": true` (apps and services): 200 `application/x-ndjson`, one such answer per \
+        line (the first at once when something is stale), the held versions advancing with each \
+        line, the stream's own `session` writes never sent, a `{}` line after 30 s of silence; \
+        the body ends at `timeout_ms`, when the principal may no longer read a held bucket \
+        (unpairing, revoked credentials) and when the node drains, and is cut (no last chunk) \
+        when an owner cannot be reached: resubscribe with the versions of the last line.",
     request_body(content(
         (SubscribeRequest = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 42}], "timeout_ms": 1000})),
         (ProtobufBody = "application/x-protobuf"),
     )),
     responses(
-        (status = 200, description = "Changed buckets (full), or none when the hold timed out", content(
+        (status = 200, description = "Changed buckets (full), or none when the hold timed out; with `stream`, one such answer or `{}` per line", content(
             (BucketList = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800999_u64, "version": 43, "value": {"mode": "off"}}]})),
             (ProtobufBody = "application/x-protobuf"),
+            (String = "application/x-ndjson", example = json!("{\"buckets\":[{\"id\":\"device.01AA02AB\",\"timestamp\":1763884800999,\"version\":43,\"value\":{\"mode\":\"off\"}}]}\n{}\n")),
         )),
         (status = 404, description = "A listed bucket does not exist", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
     ),

@@ -236,6 +236,11 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
             return;
         }
         last_line = Instant::now();
+        let delay = state.config.test_stream_rehold_delay;
+        if !delay.is_zero() {
+            // Tests only (`--test-stream-rehold-delay-ms`): no hold while this lasts.
+            tokio::time::sleep(delay).await;
+        }
     }
 }
 
