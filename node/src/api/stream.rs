@@ -11,7 +11,8 @@
 //! hold's check (its versions are those of the last line), so none is missed. Holding again
 //! the stream says it has its own session's writes (`HoldOptions::own_writes_known`), so
 //! an echo the held subscription suppressed is not sent by the next check either.
-//! A `{}` line goes out after `--stream-keepalive-ms` (30 s) of silence.
+//! A `{}` line goes out after `--stream-keepalive-ms` (30 s) of silence. Lines are JSON
+//! whatever the request's `Accept` (a protobuf request body may ask for a stream too).
 //!
 //! How it ends: cleanly (the body's last chunk) on its timeout, when the principal may no
 //! longer read a held bucket or its credentials fail (access change: the owners answer held
