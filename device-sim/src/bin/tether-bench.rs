@@ -41,7 +41,8 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
-    /// The same workload against Tether, etcd and mosquitto.
+    /// The same workload against Tether (long-poll and streaming subscribe), etcd and
+    /// mosquitto.
     Peers {
         /// The `tether` binary (a release build).
         #[arg(long, default_value = "target/release/tether")]
