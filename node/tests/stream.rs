@@ -2,7 +2,7 @@
 //! subscribe"), through the real binary: one line per change by others, in order, with
 //! the held versions advancing; no line for the stream's own session's writes; no change
 //! lost between two holds; `{}` keep-alive lines when idle; the stream ended cleanly on
-//! timeout, unpairing and drain; its held subscription freed when the client hangs up; and
+//! timeout, unpairing, revoked credentials and drain; its held subscription freed when the client hangs up; and
 //! the same through a node that does not own the set (forwarded to the owner).
 
 use std::time::Duration;
@@ -314,6 +314,33 @@ async fn a_stream_ends_when_its_device_is_unpaired() {
     // The device's later writes reach nobody through the ended stream (nothing held).
     d.write(&dev, json!({"round": 9}), 1).await;
     assert_eq!(node.metric("tether_held_subscriptions").await, Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_credentials_are_revoked() {
+    let node = Node::builder().config(&template()).start().await;
+    let d = node.device(A);
+    d.register_thermostat().await;
+    let dev = format!("device.{A}");
+    let d1 = d.bucket(&dev).await;
+    // The stream presents the assigned credentials the device holds now.
+    let old = node
+        .with_credentials(d.credentials())
+        .with_client(http_client());
+    let mut stream = Stream::open(
+        &old,
+        json!({"buckets": [held(&dev, &d1)], "timeout_ms": HOLD_MS}),
+    )
+    .await;
+    node.wait_held(1, REQUEST_DEADLINE).await;
+    // Lost credentials: the device registers again with its factory credentials, which
+    // revokes the assigned set the stream was opened with.
+    node.factory(A)
+        .register("thermostat", "1.0.0")
+        .await
+        .expect(StatusCode::OK);
+    stream.ends(REQUEST_DEADLINE).await;
+    node.wait_held(0, REQUEST_DEADLINE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
