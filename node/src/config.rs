@@ -283,6 +283,14 @@ pub struct ServeArgs {
     /// never answered. Never set it in production.
     #[arg(long, hide = true)]
     pub fault_stall_op_prefix: Option<String>,
+    /// A streaming subscribe writes a `{}` line after this much silence [default: 30000]
+    /// (API.md says 30 s; tests shorten it).
+    #[arg(long, env = "TETHER_STREAM_KEEPALIVE_MS", hide = true)]
+    pub stream_keepalive_ms: Option<u64>,
+    /// Tests only: a streaming subscribe waits this long after each line before it holds
+    /// again, so a test can commit a change between two holds. Never set it in production.
+    #[arg(long, hide = true)]
+    pub test_stream_rehold_delay_ms: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TETHER_LOG_JSON")]
     pub log_json: bool,
@@ -607,6 +615,10 @@ pub struct Config {
     pub op_id_retention: Duration,
     /// Fault injection (tests): answers of op ids with this prefix are never sent.
     pub fault_stall_op_prefix: Option<String>,
+    /// Silence after which a streaming subscribe writes a `{}` keep-alive line.
+    pub stream_keepalive: Duration,
+    /// Tests only: pause of a streaming subscribe between a line and its next hold.
+    pub test_stream_rehold_delay: Duration,
     /// Registration rules.
     pub registration: RegistrationConfig,
     /// Cluster mode (gossip, placement, forwarding); `None`: one node owns every set.
@@ -1003,6 +1015,12 @@ impl Config {
                     .unwrap_or(24 * 3600),
             ),
             fault_stall_op_prefix: args.fault_stall_op_prefix.filter(|p| !p.is_empty()),
+            stream_keepalive: Duration::from_millis(
+                args.stream_keepalive_ms.unwrap_or(30_000).max(1),
+            ),
+            test_stream_rehold_delay: Duration::from_millis(
+                args.test_stream_rehold_delay_ms.unwrap_or(0),
+            ),
             tls_reload_interval: match args
                 .tls_reload_interval_s
                 .or(file.tls_reload_interval_s)

@@ -854,6 +854,7 @@ async fn protobuf_round_trip() {
         timeout_ms: Some(60_000),
         diffs: false,
         max_bytes: None,
+        stream: false,
     };
     let r = send_within(
         NOTIFY_DEADLINE,
@@ -883,6 +884,7 @@ async fn protobuf_round_trip() {
         timeout_ms: Some(60_000),
         diffs: false,
         max_bytes: None,
+        stream: false,
     };
     let a2 = a.clone();
     let held = tokio::spawn(async move {

@@ -285,6 +285,20 @@ async fn the_spec_is_openapi_3_1_with_security_errors_examples_and_links() {
         link("/v1/buckets/{id}", "put", "Subscribe")["operationId"],
         "subscribe"
     );
+    // The streaming subscribe (API.md "Streaming subscribe"): the flag in the request
+    // schema and the line-per-answer media type in the answer.
+    assert_eq!(
+        spec["components"]["schemas"]["SubscribeRequest"]["properties"]["stream"]["type"],
+        "boolean",
+        "{}",
+        spec["components"]["schemas"]["SubscribeRequest"]
+    );
+    assert!(
+        spec["paths"]["/v1/subscribe"]["post"]["responses"]["200"]["content"]
+            ["application/x-ndjson"]
+            .is_object(),
+        "streaming answer undocumented"
+    );
 
     // Swagger UI, offline: its page and assets come from the binary.
     let r = node.send(node.anon(Method::GET, "/docs/")).await;

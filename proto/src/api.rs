@@ -236,6 +236,11 @@ pub struct SubscribeRequest {
     /// named in `pending`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
+    /// Streaming subscribe (apps and services): one answer per line
+    /// (`application/x-ndjson`) for as long as `timeout_ms`, the held versions advancing
+    /// with each line, instead of one answer per request.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
 }
 
 /// One change in `GET /v1/buckets/{id}/history`.
@@ -594,6 +599,7 @@ impl WireMessage for SubscribeRequest {
             timeout_ms: self.timeout_ms,
             diffs: self.diffs,
             max_bytes: self.max_bytes,
+            stream: self.stream,
         }
     }
     fn from_pb(p: pb::SubscribeRequest) -> Result<Self, ProtoError> {
@@ -611,6 +617,7 @@ impl WireMessage for SubscribeRequest {
             timeout_ms: p.timeout_ms,
             diffs: p.diffs,
             max_bytes: p.max_bytes,
+            stream: p.stream,
         })
     }
 }
@@ -828,6 +835,7 @@ mod tests {
             timeout_ms: Some(1000),
             diffs: true,
             max_bytes: Some(1536),
+            stream: true,
         });
         roundtrip(HistoryResponse {
             id: "device.x".into(),
@@ -908,7 +916,7 @@ mod tests {
         let old: SubscribeRequest =
             serde_json::from_str(r#"{"buckets": [{"id": "device.x", "version": 3}]}"#)
                 .expect("old subscribe");
-        assert!(!old.diffs && old.max_bytes.is_none());
+        assert!(!old.diffs && old.max_bytes.is_none() && !old.stream);
         let put: UpdateRequest =
             serde_json::from_str(r#"{"value": {}, "op_id": "a-1"}"#).expect("put with op id");
         assert_eq!(put.op_id.as_deref(), Some("a-1"));

@@ -861,6 +861,7 @@ impl DeviceClient {
                     .then_some(self.cfg.subscribe_timeout_ms),
                 diffs: true,
                 max_bytes: (self.cfg.max_answer_bytes > 0).then_some(self.cfg.max_answer_bytes),
+                stream: false,
             }),
         };
         let token = self.token();

@@ -1,8 +1,9 @@
 //! Peers side by side: the same workload against Tether, etcd and mosquitto.
 //!
 //! Workload: `keys` keys, `subs` subscribers per key (each its own subscription: a held
-//! long-poll for Tether, a watch for etcd, an MQTT subscription on its own connection for
-//! mosquitto). Writers write values carrying their send time; every subscriber records
+//! long-poll for Tether, one streaming subscribe for "tether-stream" (`"stream": true`, one
+//! line per notification on a single response), a watch for etcd, an MQTT subscription on
+//! its own connection for mosquitto). Writers write values carrying their send time; every subscriber records
 //! update → notify latency from that stamp. Two phases per system:
 //! - **fixed rate**: `rate` updates/s in total from 8 writers (each sequential, keys
 //!   round-robin), for the latency comparison;
@@ -55,7 +56,7 @@ pub struct Opts {
     pub writers: usize,
     /// Seconds per phase.
     pub secs: f64,
-    /// Which systems (`tether`, `etcd`, `mosquitto`).
+    /// Which systems (`tether`, `tether-stream`, `etcd`, `mosquitto`).
     pub systems: Vec<String>,
     /// Where results go.
     pub out: PathBuf,
@@ -249,7 +250,93 @@ impl Writer for TetherWriter {
     }
 }
 
-async fn run_tether(o: &Opts) -> Result<SystemResult> {
+/// A subscriber's answer: each bucket newer than the one it held is a notification.
+fn record_answer(rec: &Recorder, list: BucketList, version: &mut Option<u64>) {
+    for doc in list.buckets {
+        if version.is_some() {
+            if let Some(t) = doc
+                .value
+                .as_ref()
+                .and_then(|v| v.get("target_temperature"))
+                .and_then(Value::as_u64)
+            {
+                rec.notified(t);
+            }
+        }
+        *version = doc.version.or(*version);
+    }
+}
+
+/// One long-poll subscriber of bucket `id`: a subscribe per answer, with its version.
+async fn long_poll(
+    http: reqwest::Client,
+    url: String,
+    creds: tether_proto::Credentials,
+    id: String,
+    session: String,
+    rec: Arc<Recorder>,
+) {
+    let mut version: Option<u64> = None;
+    while rec.phase() < 3 {
+        let body = json!({"buckets": [{"id": id, "version": version}],
+                          "session": session, "timeout_ms": 30_000});
+        let r = http
+            .post(format!("{url}/v1/subscribe"))
+            .header(AUTHORIZATION, basic_header(&creds))
+            .json(&body)
+            .send()
+            .await;
+        let Ok(r) = r else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(list) = r.json::<BucketList>().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        record_answer(&rec, list, &mut version);
+    }
+}
+
+/// One streaming subscriber of bucket `id`: one request, a line per answer (opened again
+/// with its version if the stream ends).
+async fn streaming(
+    http: reqwest::Client,
+    url: String,
+    creds: tether_proto::Credentials,
+    id: String,
+    session: String,
+    rec: Arc<Recorder>,
+) {
+    let mut version: Option<u64> = None;
+    while rec.phase() < 3 {
+        let body = json!({"buckets": [{"id": id, "version": version}],
+                          "session": session, "timeout_ms": 600_000, "stream": true});
+        let r = http
+            .post(format!("{url}/v1/subscribe"))
+            .header(AUTHORIZATION, basic_header(&creds))
+            .json(&body)
+            .send()
+            .await;
+        let Ok(mut r) = r else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut buf = Vec::new();
+        while let Ok(Some(chunk)) = r.chunk().await {
+            buf.extend_from_slice(&chunk);
+            while let Some(at) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=at).collect();
+                // `{}` (keep-alive) is no answer.
+                if let Ok(list) = serde_json::from_slice::<BucketList>(&line) {
+                    record_answer(&rec, list, &mut version);
+                }
+            }
+        }
+    }
+}
+
+async fn run_tether(o: &Opts, stream: bool) -> Result<SystemResult> {
     let node = tether::start(&o.tether_bin, &[]).await?;
     let url = node.url().to_string();
     let http = reqwest::Client::builder()
@@ -262,44 +349,14 @@ async fn run_tether(o: &Opts) -> Result<SystemResult> {
     let mut subs = JoinSet::new();
     for k in 0..o.keys {
         for s in 0..o.subs {
-            let (http, url, devices, rec) =
-                (http.clone(), url.clone(), devices.clone(), rec.clone());
-            subs.spawn(async move {
-                let (serial, creds) = &devices[k];
-                let id = format!("shared.{serial}");
-                let mut version: Option<u64> = None;
-                while rec.phase() < 3 {
-                    let body = json!({"buckets": [{"id": id, "version": version}],
-                                      "session": format!("sub-{s}"), "timeout_ms": 30_000});
-                    let r = http
-                        .post(format!("{url}/v1/subscribe"))
-                        .header(AUTHORIZATION, basic_header(creds))
-                        .json(&body)
-                        .send()
-                        .await;
-                    let Ok(r) = r else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    let Ok(list) = r.json::<BucketList>().await else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    for doc in list.buckets {
-                        if version.is_some() {
-                            if let Some(t) = doc
-                                .value
-                                .as_ref()
-                                .and_then(|v| v.get("target_temperature"))
-                                .and_then(Value::as_u64)
-                            {
-                                rec.notified(t);
-                            }
-                        }
-                        version = doc.version.or(version);
-                    }
-                }
-            });
+            let (http, url, rec) = (http.clone(), url.clone(), rec.clone());
+            let (serial, creds) = devices[k].clone();
+            let (id, session) = (format!("shared.{serial}"), format!("sub-{s}"));
+            if stream {
+                subs.spawn(streaming(http, url, creds, id, session, rec));
+            } else {
+                subs.spawn(long_poll(http, url, creds, id, session, rec));
+            }
         }
     }
     // Every subscriber holds (its first subscribe returned the current version).
@@ -324,7 +381,7 @@ async fn run_tether(o: &Opts) -> Result<SystemResult> {
     subs.abort_all();
     node.server.stop().await;
     Ok(SystemResult {
-        system: "tether".into(),
+        system: if stream { "tether-stream" } else { "tether" }.into(),
         fixed: rec.result(0, o.secs),
         saturated: rec.result(1, o.secs),
     })
@@ -515,7 +572,8 @@ pub async fn run(o: Opts) -> Result<()> {
         for i in 0..n {
             let sys = &o.systems[(i + r) % n];
             let res = match sys.as_str() {
-                "tether" => run_tether(&o).await,
+                "tether" => run_tether(&o, false).await,
+                "tether-stream" => run_tether(&o, true).await,
                 "etcd" => run_etcd(&o).await,
                 "mosquitto" => run_mosquitto(&o).await,
                 other => Err(anyhow::anyhow!("unknown system {other}")),

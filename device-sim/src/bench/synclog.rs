@@ -159,6 +159,7 @@ async fn catch_up_bytes(
         timeout_ms: Some(1_000),
         diffs,
         max_bytes: None,
+        stream: false,
     };
     let (body, ct) = if protobuf {
         (req.encode_pb(), "application/x-protobuf")

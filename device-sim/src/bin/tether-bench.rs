@@ -41,7 +41,8 @@ enum Cmd {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
-    /// The same workload against Tether, etcd and mosquitto.
+    /// The same workload against Tether (long-poll and streaming subscribe), etcd and
+    /// mosquitto.
     Peers {
         /// The `tether` binary (a release build).
         #[arg(long, default_value = "target/release/tether")]
@@ -65,7 +66,11 @@ enum Cmd {
         #[arg(long, default_value_t = 6.0)]
         secs: f64,
         /// Systems to run.
-        #[arg(long, value_delimiter = ',', default_value = "tether,etcd,mosquitto")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "tether,tether-stream,etcd,mosquitto"
+        )]
         systems: Vec<String>,
         /// Results directory.
         #[arg(long, default_value = "results")]

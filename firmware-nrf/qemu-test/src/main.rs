@@ -487,6 +487,7 @@ fn subscribe_of(buckets: Vec<HeldBucket>) -> SubscribeRequest {
         timeout_ms: Some(HOLD_MS),
         diffs: true,
         max_bytes: Some(MAX_ANSWER_BYTES),
+        stream: false,
     }
 }
 

@@ -27,11 +27,12 @@ use tracing::Instrument;
 use crate::api::conn::{ConnInfo, Connections};
 use crate::api::held::HeldByPrincipal;
 use crate::api::openapi::{self, ProtobufBody};
+use crate::api::stream::{self, Cursor, StreamRequest};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::registration::STRUCTURE_FIELDS;
 use crate::routing::router::{
-    answer_size, BucketUpdate, Get, PutKind, Router, Subscription, Write,
+    answer_size, BucketUpdate, Get, HoldOptions, PutKind, Router, Subscription, Write,
 };
 use crate::security::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
 use crate::sets::registry::Shared;
@@ -95,7 +96,11 @@ impl AppState {
     }
 
     /// Authenticates a request for an endpoint kind (in an `auth` span).
-    async fn principal(&self, req: &HttpRequest, endpoint: Endpoint) -> Result<Principal> {
+    pub(crate) async fn principal(
+        &self,
+        req: &HttpRequest,
+        endpoint: Endpoint,
+    ) -> Result<Principal> {
         let span = tracing::info_span!(
             "auth",
             principal = tracing::field::Empty,
@@ -243,7 +248,7 @@ fn is_secure(req: &HttpRequest) -> bool {
         || req.peer_addr().is_some_and(|a| a.ip().is_loopback())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -427,7 +432,7 @@ pub async fn list(
 }
 
 /// The least time a subscribe gets to answer, whatever its `timeout_ms`.
-const OPEN_AT_LEAST: Duration = Duration::from_secs(1);
+pub(crate) const OPEN_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// A read bounded by the store's deadline (`--store-timeout-ms`): an owner whose store
 /// does not answer makes it a 503 + `Retry-After`, not a hang.
@@ -586,15 +591,22 @@ pub async fn put(
     tag = "buckets",
     operation_id = "subscribe",
     description = "Long-poll: answers at once with the buckets whose stored version differs from \
-        the one sent, else holds until one changes or `timeout_ms` passes (then `{\"buckets\": []}`).",
+        the one sent, else holds until one changes or `timeout_ms` passes (then `{\"buckets\": []}`). \
+        With `\"stream\": true` (apps and services): 200 `application/x-ndjson`, one such answer per \
+        line (the first at once when something is stale), the held versions advancing with each \
+        line, the stream's own `session` writes never sent, a `{}` line after 30 s of silence; \
+        the body ends at `timeout_ms`, when the principal may no longer read a held bucket \
+        (unpairing, revoked credentials) and when the node drains, and is cut (no last chunk) \
+        when an owner cannot be reached: resubscribe with the versions of the last line.",
     request_body(content(
         (SubscribeRequest = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800123_u64, "version": 42}], "timeout_ms": 1000})),
         (ProtobufBody = "application/x-protobuf"),
     )),
     responses(
-        (status = 200, description = "Changed buckets (full), or none when the hold timed out", content(
+        (status = 200, description = "Changed buckets (full), or none when the hold timed out; with `stream`, one such answer or `{}` per line", content(
             (BucketList = "application/json", example = json!({"buckets": [{"id": "device.01AA02AB", "timestamp": 1763884800999_u64, "version": 43, "value": {"mode": "off"}}]})),
             (ProtobufBody = "application/x-protobuf"),
+            (String = "application/x-ndjson", example = json!("{\"buckets\":[{\"id\":\"device.01AA02AB\",\"timestamp\":1763884800999,\"version\":43,\"value\":{\"mode\":\"off\"}}]}\n{}\n")),
         )),
         (status = 404, description = "A listed bucket does not exist", body = ErrorBody, example = json!({"error": "not_found", "message": "no bucket device.01AA02AB"})),
     ),
@@ -653,6 +665,12 @@ pub async fn subscribe(
         msg.max_bytes
             .map_or(ceiling as u64, |m| m.min(ceiling as u64)),
     );
+    let opts = HoldOptions {
+        session: msg.session,
+        diffs: msg.diffs,
+        max_bytes: ceiling,
+        own_writes_known: false,
+    };
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
     // The whole subscribe, checking credentials and finding the owners included, answers
     // within `timeout` (invariant 6): an owner that cannot be reached (isolated, paused)
@@ -663,7 +681,7 @@ pub async fn subscribe(
         timeout.max(OPEN_AT_LEAST).saturating_sub(started.elapsed()),
         state
             .router
-            .subscribe(by_set, msg.session, timeout, msg.diffs, ceiling),
+            .subscribe(by_set.clone(), timeout, opts.clone()),
     )
     .await
     .map_err(|_| {
@@ -673,6 +691,19 @@ pub async fn subscribe(
                 .into(),
         )
     })??;
+    if msg.stream {
+        // Streaming (apps and services): this check's answer is the first line.
+        let stream = StreamRequest {
+            req: req.clone(),
+            principal: principal.key(),
+            cursor: Cursor::new(by_set),
+            timeout,
+            started,
+            opts,
+            max_bytes,
+        };
+        return Ok(stream::respond(state, stream, opened));
+    }
     let held = match opened {
         Subscription::Now(updates) => {
             return Ok(respond(&req, StatusCode::OK, &answer(updates)));
@@ -724,7 +755,7 @@ pub async fn subscribe(
 }
 
 /// What a subscriber is sent for each bucket: a diff when one was made, else the value.
-fn docs(updates: Vec<BucketUpdate>) -> Vec<BucketDoc> {
+pub(crate) fn docs(updates: Vec<BucketUpdate>) -> Vec<BucketDoc> {
     updates
         .into_iter()
         .map(|u| match u.diff {

@@ -3,9 +3,11 @@
 //! Handlers authenticate (`crate::security`), then hand every set operation to the
 //! `crate::routing::Router`; nothing here touches an actor or the store directly.
 //! `conn` is the connection below HTTP (per-source limits, JSON bodies for the errors the
-//! HTTP layer sends itself); `held` counts each principal's held subscriptions.
+//! HTTP layer sends itself); `held` counts each principal's held subscriptions; `stream`
+//! is the streaming subscribe, a loop around the long-poll path.
 
 pub mod conn;
 pub mod held;
 pub mod http;
 pub mod openapi;
+pub mod stream;

@@ -29,7 +29,9 @@ use tracing::Instrument;
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::routing::links::{self, Links};
-use crate::routing::router::{BucketUpdate, HeldLeg, Leg, PutAnswer, PutKind, Router, Write};
+use crate::routing::router::{
+    BucketUpdate, HeldLeg, HoldOptions, Leg, PutAnswer, PutKind, Router, Write,
+};
 use crate::sets::actor::{EnsureBuckets, Get};
 use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
 
@@ -768,19 +770,18 @@ impl Peers {
         &self,
         owner: &Member,
         held: Vec<Held>,
-        session: Option<String>,
         timeout: Duration,
-        diffs: bool,
-        max_bytes: usize,
+        opts: HoldOptions,
     ) -> Result<Leg> {
         let started = Instant::now();
         let r = async {
             let req = pb::SubscribeRequest {
                 held: held.iter().map(held_to_pb).collect(),
-                session,
+                session: opts.session,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                diffs,
-                max_bytes: max_bytes as u64,
+                diffs: opts.diffs,
+                max_bytes: opts.max_bytes as u64,
+                own_writes_known: opts.own_writes_known,
             };
             // The call is made once its first event (the check's answer) is in.
             let (first, mut stream) = self
@@ -1050,9 +1051,12 @@ impl Sets for SetsService {
             .router
             .open_local(
                 by_set,
-                req.session,
-                req.diffs,
-                self.max_bytes(req.max_bytes),
+                HoldOptions {
+                    session: req.session,
+                    diffs: req.diffs,
+                    max_bytes: self.max_bytes(req.max_bytes),
+                    own_writes_known: req.own_writes_known,
+                },
             )
             .await
             .map_err(|e| e.to_status())?;

@@ -96,6 +96,20 @@ pub struct BucketUpdate {
     pub diff: Option<(u64, Fields)>,
 }
 
+/// What every owner of a subscription needs besides the held versions.
+#[derive(Debug, Clone, Default)]
+pub struct HoldOptions {
+    /// The subscriber's session (echo suppression).
+    pub session: Option<String>,
+    /// The subscriber takes diffs.
+    pub diffs: bool,
+    /// Most bytes of stale buckets in an immediate answer (the first always).
+    pub max_bytes: usize,
+    /// The subscriber already has its own session's writes (a stream holding again):
+    /// a bucket changed since the held version only by them is not stale.
+    pub own_writes_known: bool,
+}
+
 /// Where a set is served.
 #[derive(Debug)]
 enum Route {
@@ -539,17 +553,12 @@ impl Router {
     pub async fn subscribe(
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
-        session: Option<String>,
         timeout: Duration,
-        diffs: bool,
-        max_bytes: usize,
+        opts: HoldOptions,
     ) -> Result<Subscription> {
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
         loop {
-            match self
-                .open_subscription(&by_set, &session, timeout, diffs, max_bytes)
-                .await
-            {
+            match self.open_subscription(&by_set, timeout, &opts).await {
                 Err(NodeError::NotOwner(why))
                     if tokio::time::Instant::now() + ROUTE_RETRY <= deadline =>
                 {
@@ -569,10 +578,8 @@ impl Router {
     async fn open_subscription(
         &self,
         by_set: &BTreeMap<SetKey, Vec<Held>>,
-        session: &Option<String>,
         timeout: Duration,
-        diffs: bool,
-        max_bytes: usize,
+        opts: &HoldOptions,
     ) -> Result<Subscription> {
         let mut local = BTreeMap::new();
         let mut remote: HashMap<_, (Member, Vec<Held>)> = HashMap::new();
@@ -590,22 +597,12 @@ impl Router {
         }
         let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
         if !local.is_empty() {
-            opening.push(
-                self.open_local(local, session.clone(), diffs, max_bytes)
-                    .boxed(),
-            );
+            opening.push(self.open_local(local, opts.clone()).boxed());
         }
         for (_, (owner, held)) in remote {
             let peers = self.peers()?;
-            let session = session.clone();
-            opening.push(
-                async move {
-                    peers
-                        .subscribe(&owner, held, session, timeout, diffs, max_bytes)
-                        .await
-                }
-                .boxed(),
-            );
+            let opts = opts.clone();
+            opening.push(async move { peers.subscribe(&owner, held, timeout, opts).await }.boxed());
         }
         // Every owner checks at once; any error drops (cancels) the legs already held.
         let legs = futures::future::try_join_all(opening).await?;
@@ -689,10 +686,14 @@ impl Router {
     pub(crate) async fn open_local(
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
-        session: Option<String>,
-        diffs: bool,
-        max_bytes: usize,
+        opts: HoldOptions,
     ) -> Result<Leg> {
+        let HoldOptions {
+            session,
+            diffs,
+            max_bytes,
+            own_writes_known,
+        } = opts;
         let mut budget = max_bytes;
         let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let mut guard = SubscriptionGuard {
@@ -713,6 +714,7 @@ impl Router {
                         session: session.clone(),
                         diffs,
                         max_bytes: budget,
+                        own_writes_known,
                     },
                 )
                 .await??;

@@ -124,6 +124,12 @@ pub struct Subscribe {
     pub max_bytes: usize,
     /// The subscriber takes diffs.
     pub diffs: bool,
+    /// The subscriber already has every write of its own session (a stream holding again
+    /// after a line: its client made those writes): a bucket changed since the held
+    /// version only by them is not stale, as a held subscription is not woken by them.
+    /// Proven from the actor's recent changes only; beyond them the bucket is stale (an
+    /// echo may be sent, a change never missed).
+    pub own_writes_known: bool,
 }
 
 /// The subscriber went away (timeout or closed connection): forget it.
@@ -1254,7 +1260,9 @@ impl BucketSetActor {
                 .committed
                 .get(&h.id)
                 .ok_or_else(|| NodeError::NotFound(format!("no bucket {}", h.id)))?;
-            if is_stale(h, stored) && seen.insert(&h.id) {
+            let own_echo =
+                msg.own_writes_known && self.changed_only_by(h, stored, msg.session.as_deref());
+            if is_stale(h, stored) && !own_echo && seen.insert(&h.id) {
                 stale_ids.push((h.id.clone(), h.version));
             }
         }
@@ -1298,6 +1306,30 @@ impl BucketSetActor {
         );
         self.shared.metrics.subscriptions_held(1);
         Ok(SubscribeAnswer::Held(rx))
+    }
+}
+
+impl BucketSetActor {
+    /// Whether every change after the held version of `h` up to `stored` was made under
+    /// `session`, as far as the recent changes in memory show (else false).
+    fn changed_only_by(&self, h: &Held, stored: &Bucket, session: Option<&str>) -> bool {
+        let (Some(session), Some(held)) = (session, h.version) else {
+            return false;
+        };
+        if held >= stored.version {
+            return false;
+        }
+        let Some(log) = self.recent.get(&h.id) else {
+            return false;
+        };
+        let mut next = held + 1;
+        for c in log.iter().filter(|c| c.version > held) {
+            if c.version != next || c.session.as_deref() != Some(session) {
+                return false;
+            }
+            next += 1;
+        }
+        next == stored.version + 1
     }
 }
 

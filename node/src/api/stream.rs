@@ -1,0 +1,328 @@
+//! Streaming subscribe (API.md "Streaming subscribe"): `POST /v1/subscribe` with
+//! `"stream": true` answers 200 `application/x-ndjson`, one long-poll answer
+//! (`{"buckets": […]}`) per line, until its `timeout_ms`, an access change, a drain or the
+//! client leaving.
+//!
+//! The stream is a loop around the long-poll path, so every rule is the long-poll's: it
+//! holds a subscription through the `Router` (local actors or the owners over gRPC) with
+//! the versions of its [`Cursor`]; an answer is written as one line, the cursor advances
+//! to the versions in it, the principal is authenticated and authorized again, and the
+//! next hold starts at once. A change committed between two holds is answered by the next
+//! hold's check (its versions are those of the last line), so none is missed. Holding again
+//! the stream says it has its own session's writes (`HoldOptions::own_writes_known`), so
+//! an echo the held subscription suppressed is not sent by the next check either.
+//! A `{}` line goes out after `--stream-keepalive-ms` (30 s) of silence. Lines are JSON
+//! whatever the request's `Accept` (a protobuf request body may ask for a stream too).
+//!
+//! How it ends: cleanly (the body's last chunk) on its timeout, when the principal may no
+//! longer read a held bucket or its credentials fail (access change: the owners answer held
+//! subscriptions empty when pairings change, and the stream then checks again), on drain,
+//! and when a newer subscription of the principal takes its place (`held.rs`); cut (an
+//! error, as a long-poll is cut) when an owner cannot confirm or be reached. When the client
+//! hangs up, actix drops the body, the loop sees its channel closed and drops the held
+//! subscription (its guards unsubscribe it on every owner).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use tether_proto::api::{BucketDoc, BucketList};
+use tether_proto::reconcile::Held;
+use tether_proto::{BucketId, SetKey};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::api::http::{AppState, OPEN_AT_LEAST};
+use crate::error::NodeError;
+use crate::metrics::HoldTimer;
+use crate::routing::router::{BucketUpdate, HoldOptions, Subscription};
+use crate::security::auth::Endpoint;
+
+/// The media type of a stream's body.
+pub const NDJSON: &str = "application/x-ndjson";
+/// The keep-alive line.
+const KEEPALIVE: &[u8] = b"{}\n";
+/// Pause before holding again after an answer without buckets that was neither a drain
+/// nor the timeout (access change, handoff): bounds the loop if owners keep answering so.
+const REHOLD_PAUSE: Duration = Duration::from_millis(50);
+
+/// The versions a stream holds, by set: the client's at first, then those of each line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cursor {
+    by_set: BTreeMap<SetKey, Vec<Held>>,
+}
+
+impl Cursor {
+    /// The client's held versions.
+    pub fn new(by_set: BTreeMap<SetKey, Vec<Held>>) -> Self {
+        Cursor { by_set }
+    }
+
+    /// What the next hold holds.
+    pub fn held(&self) -> BTreeMap<SetKey, Vec<Held>> {
+        self.by_set.clone()
+    }
+
+    /// Every held bucket id.
+    pub fn ids(&self) -> impl Iterator<Item = &BucketId> {
+        self.by_set.values().flatten().map(|h| &h.id)
+    }
+
+    /// The client now has the buckets of a line: hold their versions from now on. Buckets
+    /// left out of the line (`pending`) keep their versions, so the next hold answers them.
+    pub fn advance(&mut self, sent: &[BucketDoc]) {
+        for doc in sent {
+            let Ok(id) = BucketId::parse(&doc.id) else {
+                continue;
+            };
+            if let Some(h) = self
+                .by_set
+                .get_mut(&id.set_key())
+                .and_then(|held| held.iter_mut().find(|h| h.id == id))
+            {
+                h.version = doc.version;
+                h.timestamp = doc.timestamp;
+            }
+        }
+    }
+}
+
+/// A streaming subscribe, checked and ready to run.
+#[derive(Debug)]
+pub struct StreamRequest {
+    /// The request (its credentials are checked again before every hold after the first).
+    pub req: HttpRequest,
+    /// The principal's key for its share of held subscriptions.
+    pub principal: String,
+    /// What is held.
+    pub cursor: Cursor,
+    /// The whole stream's time (the subscribe's `timeout_ms`, within the server maximum).
+    pub timeout: Duration,
+    /// When the request arrived.
+    pub started: Instant,
+    /// Session, diffs, the owners' answer budget.
+    pub opts: HoldOptions,
+    /// The line budget (`max_bytes` of the request, within the node's).
+    pub max_bytes: Option<u64>,
+}
+
+/// Starts the stream: the status line and headers now, then one line per answer, the
+/// first from `opened` (the subscribe check the handler made, so its errors are the
+/// long-poll's statuses).
+pub fn respond(
+    state: web::Data<AppState>,
+    stream: StreamRequest,
+    opened: Subscription,
+) -> HttpResponse {
+    let (tx, mut rx) = mpsc::channel::<Result<web::Bytes, NodeError>>(2);
+    actix_web::rt::spawn(async move {
+        let out = Out { tx: &tx };
+        tokio::select! {
+            // The client hung up: actix dropped the body, and with it the receiver.
+            () = tx.closed() => {}
+            () = run(&state, stream, opened, out) => {}
+        }
+    });
+    HttpResponse::Ok()
+        .content_type(NDJSON)
+        .streaming(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// Where lines go; a failed send means the client left.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    tx: &'a mpsc::Sender<Result<web::Bytes, NodeError>>,
+}
+
+impl Out<'_> {
+    async fn line(&self, bytes: Vec<u8>) -> bool {
+        self.tx.send(Ok(web::Bytes::from(bytes))).await.is_ok()
+    }
+
+    /// Cuts the body (no last chunk): the client must not take the end as the server's.
+    async fn cut(&self, e: NodeError) {
+        tracing::info!(error = %e, "stream cut");
+        let _ = self.tx.send(Err(e)).await;
+    }
+}
+
+/// How one hold ended.
+enum HoldEnd {
+    /// An answer (empty: an owner let go — access change, handoff — or drain/timeout).
+    Answer(Vec<BucketUpdate>),
+    /// The stream is over (client gone, evicted, owner failed: already handled).
+    Over,
+}
+
+async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: Out<'_>) {
+    let mut slot = state.held.register(s.principal.clone());
+    let deadline = s.started + s.timeout;
+    let draining = state.router.drain_signal();
+    let keepalive = state.config.stream_keepalive;
+    let encoding = tether_proto::synclog::Encoding::Json;
+    let mut last_line = Instant::now();
+    let mut next = Some(opened);
+    loop {
+        let now = Instant::now();
+        if now >= deadline
+            || *draining.borrow()
+            || !state.serving.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        let sub = match next.take() {
+            Some(sub) => sub,
+            None => match hold_again(state, &s, deadline).await {
+                Ok(sub) => sub,
+                Err(e) if e.code_and_status().1.is_client_error() => {
+                    // Access changed since the last hold (pairing, credentials).
+                    tracing::info!(error = %e, "stream ended: access changed");
+                    return;
+                }
+                Err(e) => return out.cut(e).await,
+            },
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let updates = match sub {
+            Subscription::Now(updates) => updates,
+            Subscription::Held(held) => {
+                let hold = HoldTimer::start(state.shared.metrics.clone());
+                let answer = held.answer(remaining, draining.clone());
+                tokio::pin!(answer);
+                let ended = loop {
+                    tokio::select! {
+                        r = &mut answer => break match r {
+                            Ok(updates) => HoldEnd::Answer(updates),
+                            Err(e) => {
+                                out.cut(e).await;
+                                HoldEnd::Over
+                            }
+                        },
+                        () = tokio::time::sleep_until(last_line + keepalive) => {
+                            if !out.line(KEEPALIVE.to_vec()).await {
+                                break HoldEnd::Over;
+                            }
+                            last_line = Instant::now();
+                        }
+                        _ = &mut slot.evicted => break HoldEnd::Over,
+                    }
+                };
+                match ended {
+                    HoldEnd::Over => return,
+                    HoldEnd::Answer(updates) => {
+                        hold.answered(
+                            updates.iter().map(|u| u.bucket.timestamp.millis).max(),
+                            crate::api::http::now_ms(),
+                        );
+                        updates
+                    }
+                }
+            }
+        };
+        // From here on the stream holds with what it sent, and has its own writes.
+        s.opts.own_writes_known = true;
+        if updates.is_empty() {
+            tokio::time::sleep(REHOLD_PAUSE).await;
+            continue;
+        }
+        let list: BucketList =
+            tether_proto::synclog::pack(crate::api::http::docs(updates), s.max_bytes, encoding);
+        let mut bytes = match serde_json::to_vec(&list) {
+            Ok(b) => b,
+            Err(e) => return out.cut(NodeError::Internal(e.to_string())).await,
+        };
+        bytes.push(b'\n');
+        s.cursor.advance(&list.buckets);
+        if !out.line(bytes).await {
+            return;
+        }
+        last_line = Instant::now();
+        let delay = state.config.test_stream_rehold_delay;
+        if !delay.is_zero() {
+            // Tests only (`--test-stream-rehold-delay-ms`): no hold while this lasts.
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// The next hold: the stream's request authenticated again and every held bucket checked
+/// against the principal's scope as it is now (the check a long-poll client's next
+/// subscribe gets), then the subscribe check with the cursor's versions.
+async fn hold_again(
+    state: &AppState,
+    s: &StreamRequest,
+    deadline: Instant,
+) -> crate::error::Result<Subscription> {
+    let principal = tokio::time::timeout(OPEN_AT_LEAST, state.principal(&s.req, Endpoint::Buckets))
+        .await
+        .map_err(|_| {
+            NodeError::Unavailable("the credentials could not be checked in time".into())
+        })??;
+    for id in s.cursor.ids() {
+        principal.authorize(id)?;
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(
+        remaining.max(OPEN_AT_LEAST),
+        state
+            .router
+            .subscribe(s.cursor.held(), remaining, s.opts.clone()),
+    )
+    .await
+    .map_err(|_| {
+        NodeError::Unavailable("no owner of a streamed bucket set could be reached in time".into())
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(id: &str, version: Option<u64>) -> Held {
+        Held {
+            id: BucketId::parse(id).expect("valid id"),
+            timestamp: version.map(|v| v * 10),
+            version,
+        }
+    }
+
+    fn cursor(items: &[Held]) -> Cursor {
+        let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
+        for h in items {
+            by_set.entry(h.id.set_key()).or_default().push(h.clone());
+        }
+        Cursor::new(by_set)
+    }
+
+    fn doc(id: &str, version: u64) -> BucketDoc {
+        BucketDoc {
+            id: id.into(),
+            timestamp: Some(version * 10),
+            version: Some(version),
+            value: None,
+            base_version: None,
+            changes: None,
+        }
+    }
+
+    #[test]
+    fn a_line_advances_only_the_buckets_it_carried() {
+        let mut c = cursor(&[
+            held("device.A", Some(1)),
+            held("shared.A", Some(4)),
+            held("device.B", None),
+        ]);
+        c.advance(&[doc("shared.A", 6), doc("device.B", 2)]);
+        assert_eq!(
+            c,
+            cursor(&[
+                held("device.A", Some(1)),
+                held("shared.A", Some(6)),
+                held("device.B", Some(2)),
+            ])
+        );
+        // A bucket the stream does not hold (never sent by an owner) changes nothing.
+        c.advance(&[doc("device.C", 9)]);
+        assert_eq!(c.ids().count(), 3);
+    }
+}
