@@ -12,8 +12,8 @@ use tether_proto::api::UpdateOutcome;
 use tether_proto::synclog::{Change, ChangeKind, OpRecord};
 
 use super::{
-    AssignedRecord, Commit, DeviceRecord, OpRetention, Pairing, PairingCode, PreviousSet, Store,
-    StoreError, Trim, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, NewDevice, OpRetention, Pairing, PairingCode,
+    PreviousSet, Store, StoreError, Trim, UserRecord,
 };
 
 fn set(k: &str) -> SetKey {
@@ -729,6 +729,131 @@ pub(crate) async fn a_fenced_set_fails_alone_among_concurrent_commits(store: Arc
     assert_eq!(store.history(&id, 0, 10).await.expect("history"), None);
 }
 
+/// A thermostat's first contact as the node builds it (`hash` tells credentials apart).
+pub(crate) fn new_device(serial: &str, hash: u8, at_ms: u64) -> NewDevice {
+    let mut buckets = Vec::new();
+    let mut changes = Vec::new();
+    for (kind, field) in [("device", "humidity"), ("shared", "mode")] {
+        let id = BucketId::parse(&format!("{kind}.{serial}")).expect("valid id");
+        let fields: Fields = [(field.to_string(), serde_json::Value::Null)]
+            .into_iter()
+            .collect();
+        let now = Hlc {
+            millis: at_ms,
+            logical: 0,
+        };
+        let (b, c) = crate::registration::created(&id, &fields, now, "server");
+        buckets.push(b);
+        changes.push((id, c));
+    }
+    NewDevice {
+        record: DeviceRecord {
+            device_id: serial.into(),
+            device_type: "thermostat".into(),
+            sw_version: "1.0.0".into(),
+            first_seen_ms: at_ms,
+            last_seen_ms: at_ms,
+        },
+        assigned: AssignedRecord {
+            current_hash: [hash; 32],
+            issued_ms: at_ms,
+            previous: None,
+        },
+        buckets,
+        changes,
+    }
+}
+
+/// Issue 16: one batch of first contacts. New devices are written whole — credentials,
+/// a lease no actor holds (epoch 1: the first actor takes 2 and loads the buckets),
+/// buckets with their `created` changes, device record; a device with credentials, a set
+/// already leased, or a device named twice is refused and nothing of it is written. A
+/// first contact again later is refused too: it never overwrites the credentials or the
+/// set the first one wrote.
+pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
+    store: Arc<dyn Store>,
+) {
+    let has_creds = AssignedRecord {
+        current_hash: [9; 32],
+        issued_ms: 5,
+        previous: None,
+    };
+    assert!(store
+        .swap_assigned("R2", None, Some(has_creds.clone()))
+        .await
+        .expect("swap"));
+    let leased = set("R3");
+    let e = store.acquire_lease(&leased, "n2").await.expect("lease").epoch;
+    let kept = bucket("device.R3", 4, json!({"humidity": 40}));
+    store
+        .commit(&leased, e, Commit::of(vec![kept.clone()]))
+        .await
+        .expect("commit");
+
+    let batch = vec![
+        new_device("R1", 1, 100),
+        new_device("R2", 2, 100),
+        new_device("R3", 3, 100),
+        new_device("R4", 4, 100),
+        new_device("R1", 5, 101),
+    ];
+    let written = store
+        .register_new("n-reg", batch.clone())
+        .await
+        .expect("register");
+    assert_eq!(written, vec![true, false, false, true, false]);
+
+    for d in [&batch[0], &batch[3]] {
+        let s = d.set().expect("set");
+        let mut loaded = store.load_set(&s).await.expect("load");
+        loaded.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(loaded, d.buckets, "{s}: buckets as created");
+        for (id, change) in &d.changes {
+            let page = store.history(id, 0, 10).await.expect("history");
+            assert_eq!(page.expect("exists").changes, vec![change.clone()], "{id}");
+        }
+        assert_eq!(
+            store.get_assigned(s.as_str()).await.expect("creds"),
+            Some(d.assigned.clone())
+        );
+        assert_eq!(
+            store.get_device(s.as_str()).await.expect("device"),
+            Some(d.record.clone())
+        );
+        assert_eq!(store.lease_epoch(&s).await.expect("epoch"), Some(Epoch(1)));
+    }
+    // The first actor to load a registered set takes the next epoch after it.
+    let lease = store.acquire_lease(&set("R1"), "n2").await.expect("lease");
+    assert_eq!(lease.epoch, Epoch(2));
+    assert_eq!(lease.previous_owner.as_deref(), Some("n-reg"));
+
+    // Refused: nothing of them written, what was there untouched.
+    assert_eq!(store.get_assigned("R2").await.expect("creds"), Some(has_creds));
+    assert!(store.load_set(&set("R2")).await.expect("load").is_empty());
+    assert_eq!(store.lease_epoch(&set("R2")).await.expect("epoch"), None);
+    assert_eq!(store.get_device("R2").await.expect("device"), None);
+    assert_eq!(store.load_set(&leased).await.expect("load"), vec![kept]);
+    assert_eq!(store.get_assigned("R3").await.expect("creds"), None);
+    assert_eq!(store.get_device("R3").await.expect("device"), None);
+    assert_eq!(store.lease_epoch(&leased).await.expect("epoch"), Some(e));
+
+    // Again later (a lost answer, another node): refused, the first one's state stays.
+    let again = store
+        .register_new("n-other", vec![new_device("R4", 7, 200)])
+        .await
+        .expect("register");
+    assert_eq!(again, vec![false]);
+    assert_eq!(
+        store.get_assigned("R4").await.expect("creds"),
+        Some(batch[3].assigned.clone())
+    );
+    assert_eq!(
+        store.get_device("R4").await.expect("device"),
+        Some(batch[3].record.clone())
+    );
+    assert!(store.register_new("n-reg", Vec::new()).await.expect("empty").is_empty());
+}
+
 /// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
 macro_rules! every_case {
     ($m:ident $(, $arg:expr)*) => {
@@ -751,6 +876,7 @@ macro_rules! every_case {
             retention_trims_in_the_same_commit,
             a_new_pairing_code_invalidates_the_devices_previous_one,
             a_fenced_set_fails_alone_among_concurrent_commits,
+            first_contacts_write_new_devices_whole_and_refuse_the_rest,
         );
     };
 }
