@@ -131,11 +131,13 @@ pub async fn run(config: Config) -> Result<()> {
         sources.clone(),
         metrics.clone(),
     );
-    let registrations = crate::store::registrations::Registrations::start(
-        store.clone(),
-        config.node_id.clone(),
-        crate::store::registrations::RegistrationBatching::default(),
-    );
+    let registrations = (!config.bench_unbatched_registration).then(|| {
+        crate::store::registrations::Registrations::start(
+            store.clone(),
+            config.node_id.clone(),
+            crate::store::registrations::RegistrationBatching::default(),
+        )
+    });
     let auth = Auth::new(
         CredentialService::new(store.clone(), credentials),
         router.clone(),

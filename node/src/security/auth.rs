@@ -157,7 +157,8 @@ pub struct Auth {
     pub credentials: CredentialService,
     router: Arc<Router>,
     sources: Sources,
-    registrations: Registrations,
+    /// Batched first contacts (`None`: every registration takes the general path).
+    registrations: Option<Registrations>,
 }
 
 /// What a device's registration creates besides its credentials (nothing when it is
@@ -189,12 +190,13 @@ fn default_not_allowed() -> NodeError {
 
 impl Auth {
     /// An authenticator over the store; `sources` says who a request comes from; first
-    /// contacts go to the store through `registrations`.
+    /// contacts go to the store through `registrations` (if `None`, registrations take
+    /// the general path: issue, then ensure the set through its actor, then the record).
     pub fn new(
         credentials: CredentialService,
         router: Arc<Router>,
         sources: Sources,
-        registrations: Registrations,
+        registrations: Option<Registrations>,
     ) -> Self {
         Auth {
             credentials,
@@ -293,6 +295,9 @@ impl Auth {
         first: FirstContact,
     ) -> Result<bool> {
         let shared = self.router.shared();
+        let Some(registrations) = &self.registrations else {
+            return Ok(false);
+        };
         if shared.may_take_leases().is_err() {
             return Ok(false);
         }
@@ -305,8 +310,7 @@ impl Auth {
             buckets.push(bucket);
             changes.push((id.clone(), change));
         }
-        let written = self
-            .registrations
+        let written = registrations
             .register(NewDevice {
                 record: first.record,
                 assigned: record.clone(),
