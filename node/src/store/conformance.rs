@@ -1252,6 +1252,83 @@ mod postgres {
         assert_eq!(seen, 1, "acknowledged and visible to everyone");
     }
 
+    /// A batch of first contacts is answered only after PostgreSQL's COMMIT returned: while
+    /// COMMIT itself waits (a deferred trigger blocks on a lock the test holds), the
+    /// statements all ran but the caller has no answer yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_contact_batch_is_acknowledged_only_after_commit_returned() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("register_durable").expect("db");
+        let store: Arc<dyn Store> =
+            Arc::new(PostgresStore::connect(&url, 4).await.expect("connect"));
+        let holder = session(&url).await;
+        holder
+            .batch_execute(
+                "CREATE FUNCTION tether_test_hold() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_advisory_xact_lock(7702); RETURN NULL; END $$;
+                 CREATE CONSTRAINT TRIGGER tether_test_hold AFTER INSERT ON tether_leases
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION tether_test_hold();
+                 BEGIN; SELECT pg_advisory_xact_lock(7702);",
+            )
+            .await
+            .expect("a COMMIT that waits for the test");
+        let registering = store.clone();
+        let registered = tokio::spawn(async move {
+            registering
+                .register_new("n1", vec![new_device("W2", 1, 1)])
+                .await
+        });
+        let probe = session(&url).await;
+        until_waiting(&probe, "the lock its COMMIT needs").await;
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(
+                !registered.is_finished(),
+                "answered before PostgreSQL's COMMIT returned"
+            );
+        }
+        holder.batch_execute("COMMIT").await.expect("release");
+        let written = registered.await.expect("task").expect("registers");
+        assert_eq!(written, vec![true]);
+        let seen: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM tether_buckets WHERE set_key = 'W2'",
+                &[],
+            )
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(seen, 2, "acknowledged and visible to everyone");
+    }
+
+    /// Two nodes register the same new devices at once (overlapping batches, other
+    /// orders): each device is written by exactly one of them, whose credentials stay —
+    /// the other's first contact is refused, never overwrites them, and no batch
+    /// deadlocks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_first_contacts_of_one_device_write_it_once() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("register_race").expect("db");
+        let a: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url, 4).await.expect("a"));
+        let b: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url, 4).await.expect("b"));
+        let serials: Vec<String> = (0..40).map(|i| format!("RACE{i:02}")).collect();
+        let batch_a: Vec<NewDevice> = serials.iter().map(|s| new_device(s, 1, 10)).collect();
+        let batch_b: Vec<NewDevice> = serials.iter().rev().map(|s| new_device(s, 2, 20)).collect();
+        let (wa, wb) = futures::join!(
+            a.register_new("node-a", batch_a),
+            b.register_new("node-b", batch_b)
+        );
+        let (wa, wb) = (wa.expect("a registers"), wb.expect("b registers"));
+        for (i, serial) in serials.iter().enumerate() {
+            let (by_a, by_b) = (wa[i], wb[serials.len() - 1 - i]);
+            assert!(by_a ^ by_b, "{serial}: written by a {by_a}, by b {by_b}");
+            let hash = if by_a { [1; 32] } else { [2; 32] };
+            let creds = a.get_assigned(serial).await.expect("read").expect("stored");
+            assert_eq!(creds.current_hash, hash, "{serial}: the writer's credentials");
+            assert_eq!(a.load_set(&set(serial)).await.expect("load").len(), 2);
+        }
+    }
+
     /// Past its bound the writer's queue refuses at once (Overloaded: 503 + Retry-After)
     /// instead of queueing without limit; queued commits still commit, and once the queue
     /// drains new ones are accepted again.
