@@ -98,7 +98,12 @@ async fn a_burst_of_cold_registrations_on_postgres_all_authenticate_and_read_the
     }))
     .buffer_unordered(32)
     .collect::<Vec<()>>();
-    within(Duration::from_secs(300), "every device reads its buckets", checks).await;
+    within(
+        Duration::from_secs(300),
+        "every device reads its buckets",
+        checks,
+    )
+    .await;
 }
 
 /// A device registering again keeps today's behaviour: with its default credentials (the
@@ -120,9 +125,15 @@ async fn registering_again_on_postgres_keeps_the_set_and_replaces_only_lost_cred
     // Assigned credentials: the same set stays, nothing is issued, the set is kept.
     let r = node.assigned(D).register("thermostat", "1.0.0").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    assert!(set_credentials_of(&r).is_none(), "nothing new for a device that holds its set");
+    assert!(
+        set_credentials_of(&r).is_none(),
+        "nothing new for a device that holds its set"
+    );
     let b = dev.bucket(&id).await;
-    assert_eq!((u64_of(&b, "version"), &b["value"]["mode"]), (2, &json!("heat")));
+    assert_eq!(
+        (u64_of(&b, "version"), &b["value"]["mode"]),
+        (2, &json!("heat"))
+    );
 
     // Default credentials again: the lost-credentials case.
     let r = node.factory(D).register("thermostat", "1.0.0").await;
@@ -153,5 +164,9 @@ async fn registering_again_on_postgres_keeps_the_set_and_replaces_only_lost_cred
         .iter()
         .map(|c| &c["outcome"])
         .collect();
-    assert_eq!(outcomes, [&json!("created"), &json!("applied")], "{history}");
+    assert_eq!(
+        outcomes,
+        [&json!("created"), &json!("applied")],
+        "{history}"
+    );
 }

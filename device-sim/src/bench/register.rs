@@ -212,7 +212,11 @@ async fn statements_per_registration(
     o: &Opts,
     general: bool,
 ) -> Result<(f64, f64)> {
-    let db = if general { "count_general" } else { "count_batched" };
+    let db = if general {
+        "count_general"
+    } else {
+        "count_batched"
+    };
     let url = pg.url(db).context("benchmark database")?;
     let node = tether::start(&o.tether_bin, &node_args(&url, general)).await?;
     let prefix = if general { "CNTG" } else { "CNTB" };
@@ -254,7 +258,10 @@ async fn statements_per_registration(
     let read = count_statements(&pg.log_text());
     node.server.stop().await;
     let n = o.counted.max(1) as f64;
-    Ok(((registered - before) as f64 / n, (read - registered) as f64 / n))
+    Ok((
+        (registered - before) as f64 / n,
+        (read - registered) as f64 / n,
+    ))
 }
 
 /// Statements logged so far (simple-query `statement:` and extended-protocol `execute`

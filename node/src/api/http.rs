@@ -325,10 +325,7 @@ pub async fn register(
             buckets: decision.buckets.clone(),
             record: record(now),
         });
-        registered = state
-            .auth
-            .complete_registration(&req, grant, first)
-            .await?;
+        registered = state.auth.complete_registration(&req, grant, first).await?;
     }
     if decision.redirect.is_none() && !registered {
         state

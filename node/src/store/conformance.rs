@@ -783,7 +783,11 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
         .await
         .expect("swap"));
     let leased = set("R3");
-    let e = store.acquire_lease(&leased, "n2").await.expect("lease").epoch;
+    let e = store
+        .acquire_lease(&leased, "n2")
+        .await
+        .expect("lease")
+        .epoch;
     let kept = bucket("device.R3", 4, json!({"humidity": 40}));
     store
         .commit(&leased, e, Commit::of(vec![kept.clone()]))
@@ -828,7 +832,10 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
     assert_eq!(lease.previous_owner.as_deref(), Some("n-reg"));
 
     // Refused: nothing of them written, what was there untouched.
-    assert_eq!(store.get_assigned("R2").await.expect("creds"), Some(has_creds));
+    assert_eq!(
+        store.get_assigned("R2").await.expect("creds"),
+        Some(has_creds)
+    );
     assert!(store.load_set(&set("R2")).await.expect("load").is_empty());
     assert_eq!(store.lease_epoch(&set("R2")).await.expect("epoch"), None);
     assert_eq!(store.get_device("R2").await.expect("device"), None);
@@ -851,7 +858,11 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
         store.get_device("R4").await.expect("device"),
         Some(batch[3].record.clone())
     );
-    assert!(store.register_new("n-reg", Vec::new()).await.expect("empty").is_empty());
+    assert!(store
+        .register_new("n-reg", Vec::new())
+        .await
+        .expect("empty")
+        .is_empty());
 }
 
 /// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
@@ -1324,7 +1335,10 @@ mod postgres {
             assert!(by_a ^ by_b, "{serial}: written by a {by_a}, by b {by_b}");
             let hash = if by_a { [1; 32] } else { [2; 32] };
             let creds = a.get_assigned(serial).await.expect("read").expect("stored");
-            assert_eq!(creds.current_hash, hash, "{serial}: the writer's credentials");
+            assert_eq!(
+                creds.current_hash, hash,
+                "{serial}: the writer's credentials"
+            );
             assert_eq!(a.load_set(&set(serial)).await.expect("load").len(), 2);
         }
     }

@@ -243,11 +243,7 @@ mod tests {
         ) -> Result<bool, StoreError> {
             std::future::pending().await
         }
-        async fn register_new(
-            &self,
-            _: &str,
-            _: Vec<NewDevice>,
-        ) -> Result<Vec<bool>, StoreError> {
+        async fn register_new(&self, _: &str, _: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
             std::future::pending().await
         }
         async fn get_user(&self, _: &str) -> Result<Option<UserRecord>, StoreError> {

@@ -124,22 +124,20 @@ impl PostgresStore {
         }
         let cols = Columns::of(&devices)?;
         let mut client = self.client().await?;
-        let claimed = match tokio::time::timeout(
-            self.deadline,
-            Self::register_on(&mut client, owner, &cols),
-        )
-        .await
-        {
-            Ok(done) => done?,
-            Err(_) => {
-                abandon(client);
-                return Err(StoreError::FateUnknown(format!(
-                    "registration of {} devices: no answer from PostgreSQL within {} ms",
-                    devices.len(),
-                    self.deadline.as_millis()
-                )));
-            }
-        };
+        let claimed =
+            match tokio::time::timeout(self.deadline, Self::register_on(&mut client, owner, &cols))
+                .await
+            {
+                Ok(done) => done?,
+                Err(_) => {
+                    abandon(client);
+                    return Err(StoreError::FateUnknown(format!(
+                        "registration of {} devices: no answer from PostgreSQL within {} ms",
+                        devices.len(),
+                        self.deadline.as_millis()
+                    )));
+                }
+            };
         // A device named twice is written (at most) once, for its first entry.
         let mut answered = HashSet::new();
         devices
@@ -165,21 +163,21 @@ impl PostgresStore {
         type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
         let lock_params: [Param<'_>; 1] = [&cols.keys];
         let params: [Param<'_>; 14] = [
-                &owner,
-                &cols.sets,
-                &cols.creds,
-                &cols.records,
-                &cols.b_sets,
-                &cols.b_ids,
-                &cols.b_values,
-                &cols.b_ms,
-                &cols.b_logical,
-                &cols.b_versions,
-                &cols.c_sets,
-                &cols.c_ids,
-                &cols.c_versions,
-                &cols.c_bodies,
-            ];
+            &owner,
+            &cols.sets,
+            &cols.creds,
+            &cols.records,
+            &cols.b_sets,
+            &cols.b_ids,
+            &cols.b_values,
+            &cols.b_ms,
+            &cols.b_logical,
+            &cols.b_versions,
+            &cols.c_sets,
+            &cols.c_ids,
+            &cols.c_versions,
+            &cols.c_bodies,
+        ];
         let begin = client.batch_execute("BEGIN");
         let locked = client.query_one(&lock, &lock_params);
         let written = client.query(&register, &params);
