@@ -223,7 +223,8 @@ async fn statements_per_registration(
     tether::register_many(http, node.url(), &node.mfg_key, &format!("{prefix}W"), 8, 1)
         .await
         .context("warm-up registrations")?;
-    pg.psql("ALTER SYSTEM SET log_statement = 'all'; SELECT pg_reload_conf()")
+    pg.psql("ALTER SYSTEM SET log_statement = 'all'")
+        .and_then(|_| pg.psql("SELECT pg_reload_conf()"))
         .context("log_statement")?;
     // The reload reaches every backend before it runs its next statement.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -253,7 +254,8 @@ async fn statements_per_registration(
             r.status()
         );
     }
-    pg.psql("ALTER SYSTEM RESET log_statement; SELECT pg_reload_conf()")
+    pg.psql("ALTER SYSTEM RESET log_statement")
+        .and_then(|_| pg.psql("SELECT pg_reload_conf()"))
         .context("log_statement")?;
     let read = count_statements(&pg.log_text());
     node.server.stop().await;
