@@ -403,6 +403,10 @@ pub struct ServeArgs {
     /// Tests only: commits obey control files in this directory (`store/faults.rs`).
     #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
     pub test_store_faults: Option<PathBuf>,
+    /// Benchmarks only: every registration takes the general path (no batched first
+    /// contact, `store/registrations.rs`), to measure both in the same run.
+    #[arg(long, env = "TETHER_BENCH_UNBATCHED_REGISTRATION", hide = true)]
+    pub bench_unbatched_registration: bool,
     /// Limits and mTLS between nodes (SECURITY.md).
     #[command(flatten)]
     pub hardening: HardeningArgs,
@@ -629,6 +633,8 @@ pub struct Config {
     pub store_timeout: Duration,
     /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
     pub test_store_faults: Option<PathBuf>,
+    /// Benchmarks only: no batched first contacts (hidden flag).
+    pub bench_unbatched_registration: bool,
     /// What one client may use of this node.
     pub limits: Limits,
 }
@@ -1084,6 +1090,7 @@ impl Config {
                     Duration::from_millis,
                 ),
             test_store_faults: args.test_store_faults,
+            bench_unbatched_registration: args.bench_unbatched_registration,
         };
         config.check_transport()?;
         Ok(config)

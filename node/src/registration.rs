@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use tether_proto::api::{RegisterRequest, SoftwareUpdate};
-use tether_proto::{BucketId, Fields, SetKey, Value};
+use tether_proto::synclog::{Change, ChangeKind};
+use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey, Value};
 
 use crate::error::{NodeError, Result};
 
@@ -117,6 +118,23 @@ pub fn parse_version(v: &str) -> Option<semver::Version> {
         };
         semver::Version::parse(&padded).ok()
     })
+}
+
+/// A default bucket as first created (version 1, its template's null fields, stamped
+/// `now`) and the `created` change its log starts with — what the set's actor writes for
+/// an ensured bucket, and what a first contact writes without an actor.
+pub fn created(id: &BucketId, fields: &Fields, now: Hlc, by: &str) -> (Bucket, Change) {
+    let bucket = Bucket::created(id.clone(), fields.clone(), now);
+    let change = Change {
+        version: bucket.version,
+        timestamp: bucket.timestamp.millis,
+        outcome: ChangeKind::Created,
+        by: by.to_string(),
+        session: None,
+        op_id: None,
+        fields: fields.clone(),
+    };
+    (bucket, change)
 }
 
 /// What registration decided for one device.

@@ -131,10 +131,18 @@ pub async fn run(config: Config) -> Result<()> {
         sources.clone(),
         metrics.clone(),
     );
+    let registrations = (!config.bench_unbatched_registration).then(|| {
+        crate::store::registrations::Registrations::start(
+            store.clone(),
+            config.node_id.clone(),
+            crate::store::registrations::RegistrationBatching::default(),
+        )
+    });
     let auth = Auth::new(
         CredentialService::new(store.clone(), credentials),
         router.clone(),
         sources,
+        registrations,
     );
     let state = web::Data::new(AppState::new(
         router.clone(),

@@ -13,6 +13,7 @@ pub mod idle;
 pub mod peers;
 pub mod plot;
 pub mod procs;
+pub mod register;
 pub mod synclog;
 pub mod tether;
 pub mod tracing;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tether_sim::bench::{ceiling, cluster, cold, idle, peers, synclog, tracing};
+use tether_sim::bench::{ceiling, cluster, cold, idle, peers, register, synclog, tracing};
 
 /// Tether benchmarks (loopback only).
 #[derive(Debug, Parser)]
@@ -80,6 +80,10 @@ enum Cmd {
     /// registrations/s), and kill -9 failovers (time to serve the killed node's sets
     /// again, failed requests).
     Cluster(cluster::Opts),
+    /// Cold registrations/s through one node on PostgreSQL: batched first contacts vs the
+    /// general path (same binary, same run) and vs one embedded-store node; SQL statements
+    /// per registration.
+    Register(register::Opts),
     /// Server RSS per held subscription, Tether and mosquitto, same count.
     IdleSubscriptions {
         /// The `tether` binary (a release build).
@@ -253,6 +257,7 @@ fn run(args: Args) -> Result<()> {
                 .await
             }
             Cmd::Cluster(opts) => cluster::run(opts).await,
+            Cmd::Register(opts) => register::run(opts).await,
             Cmd::TracingOverhead {
                 tether_bin,
                 runs,

@@ -34,7 +34,7 @@ use crate::registration::STRUCTURE_FIELDS;
 use crate::routing::router::{
     answer_size, BucketUpdate, Get, HoldOptions, PutKind, Router, Subscription, Write,
 };
-use crate::security::auth::{Auth, Endpoint, Principal, STRUCTURE_KIND};
+use crate::security::auth::{Auth, Endpoint, FirstContact, Principal, STRUCTURE_KIND};
 use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
 
@@ -309,37 +309,41 @@ pub async fn register(
         ));
     }
     let decision = state.config.registration.decide(&set, &msg)?;
-    if let Some(grant) = pending {
-        state.auth.complete_registration(&req, grant).await?;
-    }
     let buckets: Vec<String> = decision
         .buckets
         .iter()
         .map(|(id, _)| id.to_string())
         .collect();
-    if decision.redirect.is_none() {
+    let now = now_ms();
+    let record = |first_seen_ms| DeviceRecord {
+        device_id: msg.device_id.clone(),
+        device_type: msg.device_type.clone(),
+        sw_version: msg.sw_version.clone(),
+        first_seen_ms,
+        last_seen_ms: now,
+    };
+    // First contact: credentials, bucket set and device record in one batched store
+    // transaction (issue 16); anything else takes the general path below.
+    let mut registered = false;
+    if let Some(grant) = pending {
+        let first = decision.redirect.is_none().then(|| FirstContact {
+            buckets: decision.buckets.clone(),
+            record: record(now),
+        });
+        registered = state.auth.complete_registration(&req, grant, first).await?;
+    }
+    if decision.redirect.is_none() && !registered {
         state
             .router
             .ensure(&set, decision.buckets, Some(msg.device_type.clone()))
             .await?;
-        let now = now_ms();
         let first_seen_ms = state
             .shared
             .store
             .get_device(&msg.device_id)
             .await?
             .map_or(now, |r| r.first_seen_ms);
-        state
-            .shared
-            .store
-            .put_device(DeviceRecord {
-                device_id: msg.device_id.clone(),
-                device_type: msg.device_type.clone(),
-                sw_version: msg.sw_version.clone(),
-                first_seen_ms,
-                last_seen_ms: now,
-            })
-            .await?;
+        state.shared.store.put_device(record(first_seen_ms)).await?;
     }
     tracing::info!(set = %set, tier = %decision.tier, redirected = decision.redirect.is_some(), "registered");
     let resp = RegisterResponse {

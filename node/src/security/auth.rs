@@ -13,12 +13,15 @@ use std::sync::Arc;
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::{HttpMessage, HttpRequest};
 use tether_proto::credentials::{parse_basic, CredentialId, CredentialKind, Credentials};
-use tether_proto::{BucketId, SetKey};
+use tether_proto::{BucketId, Fields, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::routing::router::Router;
 use crate::security::credentials::CredentialService;
 use crate::security::limits::Sources;
+use crate::sets::actor::BY_SERVER;
+use crate::store::registrations::Registrations;
+use crate::store::{DeviceRecord, NewDevice};
 
 /// The bucket kind of structures (`structure.<id>`); every other kind belongs to a device.
 pub use crate::registration::STRUCTURE_KIND;
@@ -154,6 +157,19 @@ pub struct Auth {
     pub credentials: CredentialService,
     router: Arc<Router>,
     sources: Sources,
+    /// Batched first contacts (`None`: every registration takes the general path).
+    registrations: Option<Registrations>,
+}
+
+/// What a device's registration creates besides its credentials (nothing when it is
+/// redirected to another tier): on first contact all of it is written with the
+/// credentials in one store transaction, shared with other first contacts (issue 16).
+#[derive(Debug)]
+pub struct FirstContact {
+    /// The device type's buckets with their initial fields.
+    pub buckets: Vec<(BucketId, Fields)>,
+    /// The device's registration record.
+    pub record: DeviceRecord,
 }
 
 /// Verified default credentials on `POST /v1/register`: the registration they allow, not
@@ -173,12 +189,20 @@ fn default_not_allowed() -> NodeError {
 }
 
 impl Auth {
-    /// An authenticator over the store; `sources` says who a request comes from.
-    pub fn new(credentials: CredentialService, router: Arc<Router>, sources: Sources) -> Self {
+    /// An authenticator over the store; `sources` says who a request comes from; first
+    /// contacts go to the store through `registrations` (if `None`, registrations take
+    /// the general path: issue, then ensure the set through its actor, then the record).
+    pub fn new(
+        credentials: CredentialService,
+        router: Arc<Router>,
+        sources: Sources,
+        registrations: Option<Registrations>,
+    ) -> Self {
         Auth {
             credentials,
             router,
             sources,
+            registrations,
         }
     }
 
@@ -220,17 +244,26 @@ impl Auth {
     /// FIG 28C 1840–1852, after the whole request was validated: charges the device's
     /// registration quota (429 once spent), issues assigned credentials (replacing any
     /// earlier set: the lost-credentials case unpairs the device) and attaches them to the
-    /// response.
+    /// response. With `first`, a device that has no credentials and no bucket set yet is
+    /// registered whole — credentials, set and device record in one batched store
+    /// transaction — and this returns `true`; otherwise (`false`) only the credentials
+    /// are handled here and the caller creates the buckets and the record as before.
     pub async fn complete_registration(
         &self,
         req: &HttpRequest,
         grant: DefaultRegistration,
-    ) -> Result<()> {
+        first: Option<FirstContact>,
+    ) -> Result<bool> {
         let serial = grant.serial;
         let metrics = &self.router.shared().metrics;
         self.credentials
             .charge_registration(serial.as_str())
             .inspect_err(|_| metrics.limited("register_quota"))?;
+        if let Some(first) = first {
+            if self.first_contact(req, &serial, first).await? {
+                return Ok(true);
+            }
+        }
         let (assigned, lost) = self.credentials.issue_assigned(serial.as_str()).await?;
         req.extensions_mut().insert(SetCredentials(assigned));
         if lost {
@@ -249,7 +282,48 @@ impl Auth {
         } else {
             tracing::info!(device = %serial, "first contact: assigned credentials issued");
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// A first contact in one store transaction (shared with concurrent ones): `false`
+    /// when the store refused it (the device has credentials or its set exists; nothing
+    /// written) or this node may not take leases now.
+    async fn first_contact(
+        &self,
+        req: &HttpRequest,
+        serial: &SetKey,
+        first: FirstContact,
+    ) -> Result<bool> {
+        let shared = self.router.shared();
+        let Some(registrations) = &self.registrations else {
+            return Ok(false);
+        };
+        if shared.may_take_leases().is_err() {
+            return Ok(false);
+        }
+        let (assigned, record) = self.credentials.fresh_assigned(serial.as_str());
+        let mut buckets = Vec::with_capacity(first.buckets.len());
+        let mut changes = Vec::with_capacity(first.buckets.len());
+        for (id, fields) in &first.buckets {
+            let (bucket, change) =
+                crate::registration::created(id, fields, shared.tick(), BY_SERVER);
+            buckets.push(bucket);
+            changes.push((id.clone(), change));
+        }
+        let written = registrations
+            .register(NewDevice {
+                record: first.record,
+                assigned: record.clone(),
+                buckets,
+                changes,
+            })
+            .await?;
+        if written {
+            self.credentials.issued(&assigned, record);
+            req.extensions_mut().insert(SetCredentials(assigned));
+            tracing::info!(device = %serial, "first contact: device, bucket set and assigned credentials created");
+        }
+        Ok(written)
     }
 
     /// Credential checks, in the order that keeps a guesser from costing the rightful

@@ -382,6 +382,26 @@ impl CredentialService {
         }
     }
 
+    /// FIG 28C 1844 for a device believed new: a fresh assigned set and its record, not yet
+    /// stored. The caller stores it with the device's first contact
+    /// ([`crate::store::Store::register_new`]) and, once written, calls
+    /// [`CredentialService::issued`].
+    pub fn fresh_assigned(&self, serial: &str) -> (Credentials, AssignedRecord) {
+        let creds = new_assigned(serial);
+        let record = AssignedRecord {
+            current_hash: secret_hash(&creds.secret),
+            issued_ms: now_ms(),
+            previous: None,
+        };
+        (creds, record)
+    }
+
+    /// `record` was stored for `creds`: verifications of them are served from the cache
+    /// (no store read) for [`CredentialConfig::cache_ttl`].
+    pub fn issued(&self, creds: &Credentials, record: AssignedRecord) {
+        self.remember(&creds.id, Record::Assigned(record));
+    }
+
     /// FIG 28D/28F, 29C: what `record` says about the presented secret.
     fn judge(
         &self,

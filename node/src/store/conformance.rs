@@ -12,8 +12,8 @@ use tether_proto::api::UpdateOutcome;
 use tether_proto::synclog::{Change, ChangeKind, OpRecord};
 
 use super::{
-    AssignedRecord, Commit, DeviceRecord, OpRetention, Pairing, PairingCode, PreviousSet, Store,
-    StoreError, Trim, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, NewDevice, OpRetention, Pairing, PairingCode,
+    PreviousSet, Store, StoreError, Trim, UserRecord,
 };
 
 fn set(k: &str) -> SetKey {
@@ -729,6 +729,142 @@ pub(crate) async fn a_fenced_set_fails_alone_among_concurrent_commits(store: Arc
     assert_eq!(store.history(&id, 0, 10).await.expect("history"), None);
 }
 
+/// A thermostat's first contact as the node builds it (`hash` tells credentials apart).
+pub(crate) fn new_device(serial: &str, hash: u8, at_ms: u64) -> NewDevice {
+    let mut buckets = Vec::new();
+    let mut changes = Vec::new();
+    for (kind, field) in [("device", "humidity"), ("shared", "mode")] {
+        let id = BucketId::parse(&format!("{kind}.{serial}")).expect("valid id");
+        let fields: Fields = [(field.to_string(), serde_json::Value::Null)]
+            .into_iter()
+            .collect();
+        let now = Hlc {
+            millis: at_ms,
+            logical: 0,
+        };
+        let (b, c) = crate::registration::created(&id, &fields, now, "server");
+        buckets.push(b);
+        changes.push((id, c));
+    }
+    NewDevice {
+        record: DeviceRecord {
+            device_id: serial.into(),
+            device_type: "thermostat".into(),
+            sw_version: "1.0.0".into(),
+            first_seen_ms: at_ms,
+            last_seen_ms: at_ms,
+        },
+        assigned: AssignedRecord {
+            current_hash: [hash; 32],
+            issued_ms: at_ms,
+            previous: None,
+        },
+        buckets,
+        changes,
+    }
+}
+
+/// Issue 16: one batch of first contacts. New devices are written whole — credentials,
+/// a lease no actor holds (epoch 1: the first actor takes 2 and loads the buckets),
+/// buckets with their `created` changes, device record; a device with credentials, a set
+/// already leased, or a device named twice is refused and nothing of it is written. A
+/// first contact again later is refused too: it never overwrites the credentials or the
+/// set the first one wrote.
+pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
+    store: Arc<dyn Store>,
+) {
+    let has_creds = AssignedRecord {
+        current_hash: [9; 32],
+        issued_ms: 5,
+        previous: None,
+    };
+    assert!(store
+        .swap_assigned("R2", None, Some(has_creds.clone()))
+        .await
+        .expect("swap"));
+    let leased = set("R3");
+    let e = store
+        .acquire_lease(&leased, "n2")
+        .await
+        .expect("lease")
+        .epoch;
+    let kept = bucket("device.R3", 4, json!({"humidity": 40}));
+    store
+        .commit(&leased, e, Commit::of(vec![kept.clone()]))
+        .await
+        .expect("commit");
+
+    let batch = vec![
+        new_device("R1", 1, 100),
+        new_device("R2", 2, 100),
+        new_device("R3", 3, 100),
+        new_device("R4", 4, 100),
+        new_device("R1", 5, 101),
+    ];
+    let written = store
+        .register_new("n-reg", batch.clone())
+        .await
+        .expect("register");
+    assert_eq!(written, vec![true, false, false, true, false]);
+
+    for d in [&batch[0], &batch[3]] {
+        let s = d.set().expect("set");
+        let mut loaded = store.load_set(&s).await.expect("load");
+        loaded.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(loaded, d.buckets, "{s}: buckets as created");
+        for (id, change) in &d.changes {
+            let page = store.history(id, 0, 10).await.expect("history");
+            assert_eq!(page.expect("exists").changes, vec![change.clone()], "{id}");
+        }
+        assert_eq!(
+            store.get_assigned(s.as_str()).await.expect("creds"),
+            Some(d.assigned.clone())
+        );
+        assert_eq!(
+            store.get_device(s.as_str()).await.expect("device"),
+            Some(d.record.clone())
+        );
+        assert_eq!(store.lease_epoch(&s).await.expect("epoch"), Some(Epoch(1)));
+    }
+    // The first actor to load a registered set takes the next epoch after it.
+    let lease = store.acquire_lease(&set("R1"), "n2").await.expect("lease");
+    assert_eq!(lease.epoch, Epoch(2));
+    assert_eq!(lease.previous_owner.as_deref(), Some("n-reg"));
+
+    // Refused: nothing of them written, what was there untouched.
+    assert_eq!(
+        store.get_assigned("R2").await.expect("creds"),
+        Some(has_creds)
+    );
+    assert!(store.load_set(&set("R2")).await.expect("load").is_empty());
+    assert_eq!(store.lease_epoch(&set("R2")).await.expect("epoch"), None);
+    assert_eq!(store.get_device("R2").await.expect("device"), None);
+    assert_eq!(store.load_set(&leased).await.expect("load"), vec![kept]);
+    assert_eq!(store.get_assigned("R3").await.expect("creds"), None);
+    assert_eq!(store.get_device("R3").await.expect("device"), None);
+    assert_eq!(store.lease_epoch(&leased).await.expect("epoch"), Some(e));
+
+    // Again later (a lost answer, another node): refused, the first one's state stays.
+    let again = store
+        .register_new("n-other", vec![new_device("R4", 7, 200)])
+        .await
+        .expect("register");
+    assert_eq!(again, vec![false]);
+    assert_eq!(
+        store.get_assigned("R4").await.expect("creds"),
+        Some(batch[3].assigned.clone())
+    );
+    assert_eq!(
+        store.get_device("R4").await.expect("device"),
+        Some(batch[3].record.clone())
+    );
+    assert!(store
+        .register_new("n-reg", Vec::new())
+        .await
+        .expect("empty")
+        .is_empty());
+}
+
 /// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
 macro_rules! every_case {
     ($m:ident $(, $arg:expr)*) => {
@@ -751,6 +887,7 @@ macro_rules! every_case {
             retention_trims_in_the_same_commit,
             a_new_pairing_code_invalidates_the_devices_previous_one,
             a_fenced_set_fails_alone_among_concurrent_commits,
+            first_contacts_write_new_devices_whole_and_refuse_the_rest,
         );
     };
 }
@@ -1124,6 +1261,86 @@ mod postgres {
             .expect("read")
             .get(0);
         assert_eq!(seen, 1, "acknowledged and visible to everyone");
+    }
+
+    /// A batch of first contacts is answered only after PostgreSQL's COMMIT returned: while
+    /// COMMIT itself waits (a deferred trigger blocks on a lock the test holds), the
+    /// statements all ran but the caller has no answer yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_contact_batch_is_acknowledged_only_after_commit_returned() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("register_durable").expect("db");
+        let store: Arc<dyn Store> =
+            Arc::new(PostgresStore::connect(&url, 4).await.expect("connect"));
+        let holder = session(&url).await;
+        holder
+            .batch_execute(
+                "CREATE FUNCTION tether_test_hold() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_advisory_xact_lock(7702); RETURN NULL; END $$;
+                 CREATE CONSTRAINT TRIGGER tether_test_hold AFTER INSERT ON tether_leases
+                   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION tether_test_hold();
+                 BEGIN; SELECT pg_advisory_xact_lock(7702);",
+            )
+            .await
+            .expect("a COMMIT that waits for the test");
+        let registering = store.clone();
+        let registered = tokio::spawn(async move {
+            registering
+                .register_new("n1", vec![new_device("W2", 1, 1)])
+                .await
+        });
+        let probe = session(&url).await;
+        until_waiting(&probe, "the lock its COMMIT needs").await;
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(
+                !registered.is_finished(),
+                "answered before PostgreSQL's COMMIT returned"
+            );
+        }
+        holder.batch_execute("COMMIT").await.expect("release");
+        let written = registered.await.expect("task").expect("registers");
+        assert_eq!(written, vec![true]);
+        let seen: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM tether_buckets WHERE set_key = 'W2'",
+                &[],
+            )
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(seen, 2, "acknowledged and visible to everyone");
+    }
+
+    /// Two nodes register the same new devices at once (overlapping batches, other
+    /// orders): each device is written by exactly one of them, whose credentials stay —
+    /// the other's first contact is refused, never overwrites them, and no batch
+    /// deadlocks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_first_contacts_of_one_device_write_it_once() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("register_race").expect("db");
+        let a: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url, 4).await.expect("a"));
+        let b: Arc<dyn Store> = Arc::new(PostgresStore::connect(&url, 4).await.expect("b"));
+        let serials: Vec<String> = (0..40).map(|i| format!("RACE{i:02}")).collect();
+        let batch_a: Vec<NewDevice> = serials.iter().map(|s| new_device(s, 1, 10)).collect();
+        let batch_b: Vec<NewDevice> = serials.iter().rev().map(|s| new_device(s, 2, 20)).collect();
+        let (wa, wb) = futures::join!(
+            a.register_new("node-a", batch_a),
+            b.register_new("node-b", batch_b)
+        );
+        let (wa, wb) = (wa.expect("a registers"), wb.expect("b registers"));
+        for (i, serial) in serials.iter().enumerate() {
+            let (by_a, by_b) = (wa[i], wb[serials.len() - 1 - i]);
+            assert!(by_a ^ by_b, "{serial}: written by a {by_a}, by b {by_b}");
+            let hash = if by_a { [1; 32] } else { [2; 32] };
+            let creds = a.get_assigned(serial).await.expect("read").expect("stored");
+            assert_eq!(
+                creds.current_hash, hash,
+                "{serial}: the writer's credentials"
+            );
+            assert_eq!(a.load_set(&set(serial)).await.expect("load").len(), 2);
+        }
     }
 
     /// Past its bound the writer's queue refuses at once (Overloaded: 503 + Retry-After)

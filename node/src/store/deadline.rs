@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use tether_proto::{Bucket, BucketId, SetKey};
 
 use super::{
-    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, Pairing, PairingCode, Store,
-    StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, NewDevice, Pairing,
+    PairingCode, Store, StoreError, UserRecord,
 };
 
 /// The deadline of a store call unless configured (`--store-timeout-ms`).
@@ -129,6 +129,15 @@ impl Store for DeadlineStore {
         .await
     }
 
+    async fn register_new(
+        &self,
+        owner: &str,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.write("registration", self.inner.register_new(owner, devices))
+            .await
+    }
+
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
         self.read("user", self.inner.get_user(user_id)).await
     }
@@ -232,6 +241,9 @@ mod tests {
             _: Option<[u8; 32]>,
             _: Option<AssignedRecord>,
         ) -> Result<bool, StoreError> {
+            std::future::pending().await
+        }
+        async fn register_new(&self, _: &str, _: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
             std::future::pending().await
         }
         async fn get_user(&self, _: &str) -> Result<Option<UserRecord>, StoreError> {

@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use tether_proto::{Bucket, BucketId, SetKey};
 
 use super::{
-    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, Pairing, PairingCode, Store,
-    StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, NewDevice, Pairing,
+    PairingCode, Store, StoreError, UserRecord,
 };
 
 /// How often a held commit looks at its control file.
@@ -102,6 +102,18 @@ impl Store for FaultyStore {
         new: Option<AssignedRecord>,
     ) -> Result<bool, StoreError> {
         self.inner.swap_assigned(serial, expected, new).await
+    }
+    async fn register_new(
+        &self,
+        owner: &str,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<bool>, StoreError> {
+        if self.dir.join("fail-commit").exists() {
+            return Err(StoreError::Backend(
+                "injected store failure (--test-store-faults)".into(),
+            ));
+        }
+        self.inner.register_new(owner, devices).await
     }
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
         self.inner.get_user(user_id).await

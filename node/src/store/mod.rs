@@ -11,6 +11,7 @@ pub mod fdb;
 pub mod pg_server;
 pub mod postgres;
 pub mod redb;
+pub mod registrations;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,27 @@ pub struct PreviousSet {
     pub grace_until_ms: u64,
     /// The current secret, sealed with a key derived from the previous secret.
     pub sealed_current: Vec<u8>,
+}
+
+/// Everything a device's first registration writes (seed 000 FIG 28C first contact), as
+/// one unit: [`Store::register_new`] writes all of it in one transaction or none of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDevice {
+    /// Its registration record (`device_id` is also its bucket set key).
+    pub record: DeviceRecord,
+    /// The assigned credentials issued to it.
+    pub assigned: AssignedRecord,
+    /// Its device type's buckets as created (version 1).
+    pub buckets: Vec<Bucket>,
+    /// The `created` change of each bucket, for its log.
+    pub changes: Vec<(BucketId, Change)>,
+}
+
+impl NewDevice {
+    /// The device's bucket set.
+    pub fn set(&self) -> Result<SetKey, StoreError> {
+        SetKey::parse(&self.record.device_id).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
 }
 
 /// A user account (apps act as users).
@@ -377,6 +399,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         expected: Option<[u8; 32]>,
         new: Option<AssignedRecord>,
     ) -> Result<bool, StoreError>;
+    /// First contact of a batch of devices. For each device that has no assigned
+    /// credentials and whose set was never leased, in one transaction with the others:
+    /// the set's lease row is created (epoch 1, `owner`; no actor holds it, the first one
+    /// to load the set takes epoch 2 and finds the buckets), and its credentials, buckets,
+    /// their changes and its device record are written. Any other device — credentials
+    /// already assigned, a set already leased, or named again later in the batch — is
+    /// refused: nothing of it is written (the caller takes the general path). Returns, per
+    /// device, whether it was written; when it returns `Ok` the writes are durable.
+    async fn register_new(
+        &self,
+        owner: &str,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<bool>, StoreError>;
     /// A user account.
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError>;
     /// Creates a user; `false` if the id is taken.

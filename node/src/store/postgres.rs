@@ -21,12 +21,13 @@ use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 use tokio_postgres::NoTls;
 
 mod batch;
+mod register;
 
 pub use batch::BatchConfig;
 
 use super::{
-    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, OpRetention, Pairing,
-    PairingCode, Store, StoreError, UserRecord,
+    AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, NewDevice, OpRetention,
+    Pairing, PairingCode, Store, StoreError, UserRecord,
 };
 
 /// Schema, applied idempotently at start-up.
@@ -659,6 +660,14 @@ impl Store for PostgresStore {
         put_record(&txn, &key, new.as_ref().map(to_json).transpose()?.as_ref()).await?;
         txn.commit().await.map_err(backend)?;
         Ok(true)
+    }
+
+    async fn register_new(
+        &self,
+        owner: &str,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.register_batch(owner, devices).await
     }
 
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {

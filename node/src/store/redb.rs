@@ -19,7 +19,8 @@ use tokio::sync::oneshot;
 
 use super::{
     decode_bucket, decode_json, encode_bucket, encode_json, AssignedRecord, Commit, DeviceRecord,
-    Epoch, HistoryPage, Lease, OpRetention, Pairing, PairingCode, Store, StoreError, UserRecord,
+    Epoch, HistoryPage, Lease, NewDevice, OpRetention, Pairing, PairingCode, Store, StoreError,
+    UserRecord,
 };
 use crate::metrics::Metrics;
 
@@ -96,6 +97,12 @@ enum WriteOp {
     Device {
         record: DeviceRecord,
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// First contacts ([`Store::register_new`]).
+    Register {
+        owner: String,
+        devices: Vec<NewDevice>,
+        reply: oneshot::Sender<Result<Vec<bool>, StoreError>>,
     },
     Close {
         reply: oneshot::Sender<Result<(), StoreError>>,
@@ -234,6 +241,10 @@ enum Reply {
         oneshot::Sender<Result<Option<Vec<u8>>, StoreError>>,
         Result<Option<Vec<u8>>, StoreError>,
     ),
+    Flags(
+        oneshot::Sender<Result<Vec<bool>, StoreError>>,
+        Result<Vec<bool>, StoreError>,
+    ),
 }
 
 impl Reply {
@@ -244,6 +255,7 @@ impl Reply {
             Reply::Lease(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Bool(tx, _) => drop(tx.send(Err(e.clone()))),
             Reply::Bytes(tx, _) => drop(tx.send(Err(e.clone()))),
+            Reply::Flags(tx, _) => drop(tx.send(Err(e.clone()))),
         }
     }
     fn send(self) {
@@ -252,6 +264,7 @@ impl Reply {
             Reply::Lease(tx, r) => drop(tx.send(r)),
             Reply::Bool(tx, r) => drop(tx.send(r)),
             Reply::Bytes(tx, r) => drop(tx.send(r)),
+            Reply::Flags(tx, r) => drop(tx.send(r)),
         }
     }
 }
@@ -321,6 +334,14 @@ fn apply(
                 .insert(record.device_id.as_str(), bytes.as_slice())
                 .map_err(backend)?;
             replies.push(Reply::Unit(reply, Ok(())));
+        }
+        WriteOp::Register {
+            owner,
+            devices,
+            reply,
+        } => {
+            let written = register_new(txn, &owner, &devices)?;
+            replies.push(Reply::Flags(reply, Ok(written)));
         }
         WriteOp::Records {
             guard,
@@ -410,6 +431,59 @@ fn apply(
         WriteOp::Close { reply } => replies.push(Reply::Unit(reply, Ok(()))),
     }
     Ok(())
+}
+
+/// First contacts in the caller's transaction: a device with no assigned credentials
+/// whose set has no lease gets its lease (epoch 1), credentials, buckets, changes and
+/// device record; any other writes nothing.
+fn register_new(
+    txn: &redb::WriteTransaction,
+    owner: &str,
+    devices: &[NewDevice],
+) -> Result<Vec<bool>, StoreError> {
+    let mut records = txn.open_table(RECORDS).map_err(backend)?;
+    let mut leases = txn.open_table(LEASES).map_err(backend)?;
+    let mut owners = txn.open_table(LEASE_OWNERS).map_err(backend)?;
+    let mut device_table = txn.open_table(DEVICES).map_err(backend)?;
+    let mut buckets = txn.open_table(BUCKETS).map_err(backend)?;
+    let mut changes = txn.open_table(CHANGES).map_err(backend)?;
+    let mut written = Vec::with_capacity(devices.len());
+    for d in devices {
+        let set = d.set()?;
+        let s = set.as_str();
+        let key = format!("assigned/{s}");
+        if records.get(key.as_str()).map_err(backend)?.is_some()
+            || leases.get(s).map_err(backend)?.is_some()
+        {
+            written.push(false);
+            continue;
+        }
+        leases.insert(s, 1).map_err(backend)?;
+        owners.insert(s, owner).map_err(backend)?;
+        records
+            .insert(key.as_str(), to_json(&d.assigned)?.as_slice())
+            .map_err(backend)?;
+        let mut record = d.record.clone();
+        if let Some(old) = device_table.get(s).map_err(backend)? {
+            let old: DeviceRecord = from_json(s, old.value())?;
+            record.first_seen_ms = old.first_seen_ms;
+        }
+        device_table
+            .insert(s, to_json(&record)?.as_slice())
+            .map_err(backend)?;
+        for b in &d.buckets {
+            buckets
+                .insert((s, b.id.as_str()), encode_bucket(b)?.as_slice())
+                .map_err(backend)?;
+        }
+        for (id, c) in &d.changes {
+            changes
+                .insert((s, id.as_str(), c.version), encode_json(c)?.as_slice())
+                .map_err(backend)?;
+        }
+        written.push(true);
+    }
+    Ok(written)
 }
 
 /// The records of the op ids in `ops` that the set already remembers.
@@ -670,6 +744,20 @@ impl Store for RedbStore {
 
     async fn put_device(&self, record: DeviceRecord) -> Result<(), StoreError> {
         self.write(|reply| WriteOp::Device { record, reply }).await
+    }
+
+    async fn register_new(
+        &self,
+        owner: &str,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let owner = owner.to_string();
+        self.write(|reply| WriteOp::Register {
+            owner,
+            devices,
+            reply,
+        })
+        .await
     }
 
     async fn get_assigned(&self, serial: &str) -> Result<Option<AssignedRecord>, StoreError> {

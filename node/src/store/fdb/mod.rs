@@ -76,7 +76,7 @@ use tether_proto::{Bucket, BucketId, SetKey};
 use self::kv::{KvDatabase, KvError, KvTransaction, MAX_VALUE_BYTES};
 use super::{
     decode_bucket, encode_bucket, AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease,
-    OpRetention, Pairing, PairingCode, Store, StoreError, UserRecord,
+    NewDevice, OpRetention, Pairing, PairingCode, Store, StoreError, UserRecord,
 };
 
 /// Upper bound of what a stored bucket adds to its value's JSON (`{"value":…,"ts_ms":…,
@@ -230,6 +230,17 @@ struct Encoded {
     trims: Vec<(Vec<u8>, Vec<u8>)>,
     count: Vec<u8>,
     retention: Option<OpRetention>,
+}
+
+/// One first contact's keys and values, encoded before the transaction runs.
+struct EncodedNewDevice {
+    set: String,
+    lease: Vec<u8>,
+    owner: Vec<u8>,
+    assigned: (Vec<u8>, Vec<u8>),
+    device_key: Vec<u8>,
+    record: DeviceRecord,
+    writes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The FoundationDB store's logic over any [`KvDatabase`]: [`native::FdbStore`] in
@@ -752,6 +763,70 @@ impl<D: KvDatabase> Store for KvStore<D> {
                 None => trx.clear(key),
             }
             Ok(true)
+        })
+        .await
+    }
+
+    async fn register_new(
+        &self,
+        owner: &str,
+        devices: Vec<NewDevice>,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut encoded = Vec::with_capacity(devices.len());
+        for d in &devices {
+            let set = d.set()?;
+            let s = set.as_str();
+            let mut writes = Vec::new();
+            for b in &d.buckets {
+                writes.push((
+                    self.root.pack(&("bucket", s, b.id.as_str())),
+                    encode_bucket(b)?,
+                ));
+            }
+            for (id, c) in &d.changes {
+                writes.push((
+                    self.root.pack(&("change", s, id.as_str(), c.version)),
+                    super::encode_json(c)?,
+                ));
+            }
+            encoded.push(EncodedNewDevice {
+                set: s.to_string(),
+                lease: self.root.pack(&("lease", s)),
+                owner: self.root.pack(&("lease_owner", s)),
+                assigned: (self.rec("assigned", s), super::encode_json(&d.assigned)?),
+                device_key: self.root.pack(&("device", s)),
+                record: d.record.clone(),
+                writes,
+            });
+        }
+        let encoded = &encoded;
+        // Marked: a retry after an unknown result would find its own leases and refuse
+        // every device it wrote.
+        self.run_once("register_new", |trx, _| async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut written = Vec::with_capacity(encoded.len());
+            for e in encoded {
+                if !seen.insert(e.set.as_str())
+                    || trx.get(&e.assigned.0).await?.is_some()
+                    || trx.get(&e.lease).await?.is_some()
+                {
+                    written.push(false);
+                    continue;
+                }
+                trx.set(&e.lease, &1u64.to_be_bytes());
+                trx.set(&e.owner, owner.as_bytes());
+                trx.set(&e.assigned.0, &e.assigned.1);
+                let mut record = e.record.clone();
+                if let Some(old) = trx.get(&e.device_key).await? {
+                    record.first_seen_ms = from_json::<DeviceRecord>(&old)?.first_seen_ms;
+                }
+                trx.set(&e.device_key, &to_json(&record)?);
+                for (k, v) in &e.writes {
+                    trx.set(k, v);
+                }
+                written.push(true);
+            }
+            Ok(written)
         })
         .await
     }
