@@ -1099,6 +1099,12 @@ impl Cluster {
         std::fs::read_to_string(&self.slots[i].stderr_path).unwrap_or_default()
     }
 
+    /// Runs `nft -f -` with `rules` inside node `i`'s network namespace (a namespaced
+    /// cluster; packages iproute2 and nftables).
+    pub async fn nft(&self, i: usize, rules: &str) -> Result<(), String> {
+        nemesis::nft(self, i, rules).await
+    }
+
     /// The node among `nodes` that owns bucket set `set_key` once their views agree on
     /// exactly those members: the nodes' own ring (`tether_cluster::Ring` over the node
     /// ids with the node's virtual-node count).

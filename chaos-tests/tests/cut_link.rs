@@ -35,24 +35,9 @@ const CUT_FOR: Duration = Duration::from_secs(12);
 
 /// `nft -f -` in node `i`'s namespace.
 async fn nft(cluster: &Cluster, i: usize, rules: &str) {
-    use tokio::io::AsyncWriteExt;
-    let ns = cluster.namespace(i).expect("a namespaced cluster");
-    let mut child = tokio::process::Command::new("ip")
-        .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("ip netns exec nft (packages iproute2 and nftables)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(rules.as_bytes()).await.expect("nft stdin");
-    drop(stdin);
-    let out = child.wait_with_output().await.expect("nft");
-    assert!(
-        out.status.success(),
-        "nft in {}: {}\n{rules}",
-        ns.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = cluster.nft(i, rules).await {
+        panic!("{e}");
+    }
 }
 
 /// The sum of `tether_forwarded_requests_total` series of node `i` with `result`.
