@@ -102,7 +102,35 @@ fn list() {
             None if s.smoke => "smoke, standard".to_string(),
             None => "standard".to_string(),
         };
-        let _ = writeln!(out, "{:<24} [{status}]\n    {}", s.name, s.hypothesis);
+        let _ = writeln!(
+            out,
+            "{:<24} [{status}]\n    {}\n    liveness goals: {}",
+            s.name,
+            s.hypothesis,
+            goals_text(&s.goals)
+        );
+    }
+}
+
+/// A scenario's liveness goals in a line (`none` when it has none but convergence).
+pub fn goals_text(g: &crate::checker::Goals) -> String {
+    let mut parts = Vec::new();
+    if let Some(a) = g.min_availability {
+        parts.push(format!("availability ≥ {:.1} %", a * 100.0));
+    }
+    if let Some(a) = g.min_availability_unaffected {
+        parts.push(format!("unaffected sets ≥ {:.1} %", a * 100.0));
+    }
+    if let Some(f) = g.max_failover_s {
+        parts.push(format!("failover ≤ {f} s"));
+    }
+    if let Some(c) = g.max_convergence_s {
+        parts.push(format!("convergence ≤ {c} s"));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -387,4 +415,25 @@ pub fn summary(v: &Verdict) -> String {
         fmt(v.convergence_s, " s", 1.0),
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checker::Goals;
+
+    #[test]
+    fn goals_read_as_a_line_and_a_scenario_without_them_says_so() {
+        assert_eq!(
+            goals_text(&Goals::default()),
+            "availability ≥ 95.0 %, unaffected sets ≥ 99.0 %, failover ≤ 15 s, convergence ≤ 20 s"
+        );
+        let none = Goals {
+            min_availability: None,
+            min_availability_unaffected: None,
+            max_failover_s: None,
+            max_convergence_s: None,
+        };
+        assert_eq!(goals_text(&none), "none");
+    }
 }
