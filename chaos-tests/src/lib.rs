@@ -359,11 +359,12 @@ defaults
     timeout server 120s
     timeout http-request 10s
     timeout queue 5s
-    # Retry (on another node) only when no connection could be made: the request never
-    # reached a node, so even a PUT is safe to send again. Never on empty responses or
-    # timeouts: a PUT is not idempotent.
+    # Retry on another node when no connection could be made (the request never reached a
+    # node) and, for requests that are safe to send twice, when the node closed the
+    # connection without an answer (it was killed while holding or serving it). The
+    # backend says which requests are safe. Never on timeouts.
     retries 3
-    retry-on conn-failure
+    retry-on conn-failure empty-response
     option redispatch 1
 
 frontend api
@@ -372,7 +373,7 @@ frontend api
 
 backend {BACKEND}
     balance roundrobin
-    option httpchk
+{HAPROXY_RETRY_SAFE}    option httpchk
     http-check send meth GET uri /readyz
     http-check expect status 200
     default-server inter 500ms fall 2 rise 1
@@ -380,6 +381,24 @@ backend {BACKEND}
         socket = socket.display(),
     )
 }
+
+/// The HAProxy backend lines that keep L7 retries (a request resent to another node after
+/// its node closed the connection without answering) to the requests that are safe to
+/// send twice: reads (`GET`, `HEAD`), `POST /v1/subscribe` (a subscribe changes nothing),
+/// and a `PUT` whose JSON body carries an `op_id` (the set answers a repeated op id from
+/// its record and applies nothing again, API.md). A `PUT` without one, a registration (a
+/// repeated first contact is a lost-credentials registration: it revokes and unpairs),
+/// pairing and unpairing are never resent. README "Running a cluster" shows the same.
+pub const HAPROXY_RETRY_SAFE: &str =
+    "    # L7 retries only for requests that are safe to send twice (README: Running a cluster).
+    option http-buffer-request
+    acl read method GET HEAD
+    acl subscribe path /v1/subscribe
+    acl put method PUT
+    acl op_id req.body,json_query('$.op_id') -m found
+    http-request disable-l7-retry if !read !subscribe !put
+    http-request disable-l7-retry if put !op_id
+";
 
 /// Sends one command to HAProxy's admin socket and returns the answer.
 async fn haproxy_command(socket: &Path, cmd: &str) -> String {

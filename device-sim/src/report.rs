@@ -88,6 +88,11 @@ pub struct Report {
     pub retried_writes: u64,
     /// Answers the server gave from its memory of an earlier attempt (`replayed`).
     pub replayed_answers: u64,
+    /// Answers that arrived older than the device's copy but not older than what their
+    /// request held (its own PUT's answer, or another answer, came first on another
+    /// connection): reordered connections, answered requests the device rightly ignores —
+    /// not errors, not violations.
+    pub late_answers: u64,
     /// The op-id audit of the histories (with `audit`): how many writes it vouched for.
     pub op_audit: Option<OpAudit>,
     /// Writes applied more than once (op ids in more than one change): must be 0.
@@ -138,8 +143,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "retries: {} writes resent with their op id, {} answered as replays",
-            self.retried_writes, self.replayed_answers
+            "retries: {} writes resent with their op id, {} answered as replays; answers overtaken on another connection (ignored): {}",
+            self.retried_writes, self.replayed_answers, self.late_answers
         );
         if self.errors.is_empty() {
             let _ = writeln!(s, "errors: none");

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,9 @@ use crate::registration::STRUCTURE_FIELDS;
 use crate::routing::router::{
     answer_size, BucketUpdate, Get, HoldOptions, PutKind, Router, Subscription, Write,
 };
-use crate::security::auth::{Auth, Endpoint, FirstContact, Principal, STRUCTURE_KIND};
+use crate::security::auth::{
+    Auth, Endpoint, FirstContact, Principal, SetCredentials, STRUCTURE_KIND,
+};
 use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
 
@@ -716,19 +718,13 @@ pub async fn subscribe(
     };
     // One more held subscription of this principal; past its cap, its oldest is answered.
     let slot = state.held.register(principal.key());
-    // Held: the status line and headers go out now (API.md: headers such as new
-    // credentials reach the device "even on a held subscribe, before the body"); the body
-    // follows when a bucket changes, the hold times out, the node drains or a newer
-    // subscription of the principal takes this one's place. Streaming the body also makes
-    // actix drop this future, and with it the held subscription (on every owner), when the
-    // client hangs up, so a closed connection cancels it.
     let draining = state.router.drain_signal();
     let hold = crate::metrics::HoldTimer::start(state.shared.metrics.clone());
     let body = async move {
         let mut slot = slot;
         // An owner that could not confirm "nothing changed" (its forwarded call broke or
-        // its answer is late) fails the body: the response is cut and the client
-        // resubscribes, never told "no change" by a node that does not know.
+        // its answer is late) fails the answer: never "no change" from a node that does
+        // not know.
         let updates = tokio::select! {
             updates = held.answer(timeout.saturating_sub(started.elapsed()), draining) => {
                 updates.inspect_err(|e| tracing::info!(error = %e, "held subscribe cut"))?
@@ -753,9 +749,21 @@ pub async fn subscribe(
         Format::Json => "application/json",
         Format::Protobuf => PROTOBUF,
     };
-    Ok(HttpResponse::Ok()
-        .content_type(content_type)
-        .streaming(futures::stream::once(body)))
+    if req.extensions().contains::<SetCredentials>() {
+        // New credentials to deliver: the status line and headers go out now (API.md: the
+        // device stores them "even on a held subscribe, before the body"); the body
+        // follows when the hold ends, and a failed answer cuts the response (the client
+        // resubscribes).
+        return Ok(HttpResponse::Ok()
+            .content_type(content_type)
+            .streaming(futures::stream::once(body)));
+    }
+    // Otherwise nothing goes out before the answer, so a held request whose node dies
+    // got no byte of a response and a load balancer may send it to another node (README
+    // "Running a cluster"); a failed answer is a 503. A client that hangs up drops this
+    // future, and with it the held subscription on every owner.
+    let bytes = body.await?;
+    Ok(HttpResponse::Ok().content_type(content_type).body(bytes))
 }
 
 /// What a subscriber is sent for each bucket: a diff when one was made, else the value.

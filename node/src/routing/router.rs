@@ -551,7 +551,7 @@ impl Router {
     /// An immediate answer carries at most about `max_bytes` of buckets per owner (the
     /// first stale bucket always); the rest stay stale for the next subscribe.
     pub async fn subscribe(
-        &self,
+        self: &Arc<Self>,
         by_set: BTreeMap<SetKey, Vec<Held>>,
         timeout: Duration,
         opts: HoldOptions,
@@ -576,11 +576,12 @@ impl Router {
     }
 
     async fn open_subscription(
-        &self,
+        self: &Arc<Self>,
         by_set: &BTreeMap<SetKey, Vec<Held>>,
         timeout: Duration,
         opts: &HoldOptions,
     ) -> Result<Subscription> {
+        let hold_until = tokio::time::Instant::now() + timeout;
         let mut local = BTreeMap::new();
         let mut remote: HashMap<_, (Member, Vec<Held>)> = HashMap::new();
         for (set, held) in by_set {
@@ -602,7 +603,21 @@ impl Router {
         for (_, (owner, held)) in remote {
             let peers = self.peers()?;
             let opts = opts.clone();
-            opening.push(async move { peers.subscribe(&owner, held, timeout, opts).await }.boxed());
+            let router = self.clone();
+            opening.push(
+                async move {
+                    let leg = peers
+                        .subscribe(&owner, held.clone(), timeout, opts.clone())
+                        .await?;
+                    Ok(match leg {
+                        Leg::Held(leg) => {
+                            Leg::Held(router.held_again_if_broken(leg, held, hold_until, opts))
+                        }
+                        now => now,
+                    })
+                }
+                .boxed(),
+            );
         }
         // Every owner checks at once; any error drops (cancels) the legs already held.
         let legs = futures::future::try_join_all(opening).await?;
@@ -618,6 +633,50 @@ impl Router {
             Subscription::Held(HeldSubscription { legs: held })
         } else {
             Subscription::Now(now)
+        })
+    }
+
+    /// A forwarded held leg that, when its call breaks (the owner was killed, or drained
+    /// without answering), subscribes its sets again wherever they are served now, for
+    /// what is left of the hold: the new owner answers at once if anything is newer than
+    /// the versions held — a change the old owner committed and whose notification was
+    /// lost included — and holds otherwise. So a subscriber whose owner died waits and is
+    /// answered instead of being cut. Past `hold_until` the break is the leg's error, as
+    /// before (a "no change" only an owner gives, chaos defect 7).
+    fn held_again_if_broken(
+        self: Arc<Self>,
+        leg: HeldLeg,
+        held: Vec<Held>,
+        hold_until: tokio::time::Instant,
+        opts: HoldOptions,
+    ) -> HeldLeg {
+        HeldLeg::forwarded(async move {
+            let broke = match leg.answer.await {
+                Ok(buckets) => return Ok(buckets),
+                Err(e) => e,
+            };
+            let left = hold_until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(broke);
+            }
+            tracing::debug!(error = %broke, left_ms = left.as_millis() as u64, "held subscription's owner call broke: subscribing again where its sets are served now");
+            let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
+            for h in held {
+                by_set.entry(h.id.set_key()).or_default().push(h);
+            }
+            let draining = self.drain_signal();
+            match self.subscribe(by_set, left, opts).boxed().await? {
+                Subscription::Now(buckets) => Ok(buckets),
+                Subscription::Held(again) => {
+                    again
+                        .answer(
+                            hold_until.saturating_duration_since(tokio::time::Instant::now()),
+                            draining,
+                        )
+                        .boxed()
+                        .await
+                }
+            }
         })
     }
 
