@@ -400,6 +400,12 @@ pub struct ServeArgs {
     /// then unknown; retry it with its op id).
     #[arg(long, env = "TETHER_STORE_TIMEOUT_MS")]
     pub store_timeout_ms: Option<u64>,
+    /// How far this node's wall clock may be from the shared store's (PostgreSQL's) before
+    /// the node stamps writes by the store's clock instead of its own, in milliseconds
+    /// [default: 500]. Keeps a node whose clock was stepped hours off from writing
+    /// timestamps that far off (the hybrid clocks of later owners would carry them on).
+    #[arg(long, env = "TETHER_MAX_CLOCK_OFFSET_MS")]
+    pub max_clock_offset_ms: Option<u64>,
     /// Tests only: commits obey control files in this directory (`store/faults.rs`).
     #[arg(long, env = "TETHER_TEST_STORE_FAULTS", hide = true)]
     pub test_store_faults: Option<PathBuf>,
@@ -530,6 +536,7 @@ pub struct FileConfig {
     op_ids_per_set: Option<u64>,
     op_id_retention_s: Option<u64>,
     store_timeout_ms: Option<u64>,
+    max_clock_offset_ms: Option<u64>,
     grpc_listen: Option<SocketAddr>,
     grpc_advertise: Option<String>,
     join: Option<String>,
@@ -571,6 +578,9 @@ pub struct FileConfig {
     #[serde(default)]
     software_updates: Vec<crate::registration::SoftwareOffer>,
 }
+
+/// Default of `--max-clock-offset-ms`.
+pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
 
 /// The node's effective settings.
 #[derive(Debug, Clone)]
@@ -631,6 +641,8 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// Deadline of every store call (`store::deadline`).
     pub store_timeout: Duration,
+    /// How far the node's clock may be from the store's (`--max-clock-offset-ms`).
+    pub max_clock_offset: Duration,
     /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
     pub test_store_faults: Option<PathBuf>,
     /// Benchmarks only: no batched first contacts (hidden flag).
@@ -1089,6 +1101,11 @@ impl Config {
                     crate::store::deadline::DEFAULT_DEADLINE,
                     Duration::from_millis,
                 ),
+            max_clock_offset: Duration::from_millis(
+                args.max_clock_offset_ms
+                    .or(file.max_clock_offset_ms)
+                    .unwrap_or(DEFAULT_MAX_CLOCK_OFFSET_MS),
+            ),
             test_store_faults: args.test_store_faults,
             bench_unbatched_registration: args.bench_unbatched_registration,
         };

@@ -79,6 +79,8 @@ struct Inner {
     forwarded_served: Family<Labels, Counter>,
     handoffs: Counter,
     cluster_members: Gauge,
+    member_changes: Family<Labels, Counter>,
+    clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
     request_duration: Family<Labels, ExemplarHistogram, fn() -> ExemplarHistogram>,
     auth_failures: Family<Labels, Counter>,
     rate_limited: Family<Labels, Counter>,
@@ -207,6 +209,18 @@ impl Metrics {
             "Live members in this node's view, itself included",
             cluster_members.clone(),
         );
+        let clock_offset = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "clock_offset_seconds",
+            "This node's wall clock minus the shared store's, as last read (0 on a store without a clock); beyond --max-clock-offset-ms the node stamps writes by the store's clock",
+            clock_offset.clone(),
+        );
+        let member_changes = Family::<Labels, Counter>::default();
+        registry.register(
+            "cluster_member_changes",
+            "Changes of other members in this node's view, by change (up: joined, restarted or refuted a suspicion; down: no longer live, whether it drained, its port refused a connection or a suspicion of it ran out; left: gone for good, drained or refused). In a run without kills, partitions or freezes, down minus left counts false suspicions",
+            member_changes.clone(),
+        );
         let request_duration =
             Family::<Labels, ExemplarHistogram, fn() -> ExemplarHistogram>::new_with_constructor(
                 request_histogram,
@@ -331,6 +345,8 @@ impl Metrics {
             forwarded_served,
             handoffs,
             cluster_members,
+            member_changes,
+            clock_offset,
             leases_acquired,
             leases_lost,
             registry,
@@ -586,6 +602,17 @@ impl Metrics {
     }
     pub(crate) fn cluster_members(&self, n: usize) {
         self.0.cluster_members.set(n as i64);
+    }
+    /// This node's clock minus the store's, ms.
+    pub(crate) fn clock_offset(&self, ms: i64) {
+        self.0.clock_offset.set(ms as f64 / 1000.0);
+    }
+    /// One change of another member in this node's view: `up`, `down` or `left`.
+    pub(crate) fn member_change(&self, change: &'static str) {
+        self.0
+            .member_changes
+            .get_or_create(&vec![("change", change.to_string())])
+            .inc();
     }
     pub(crate) fn lease_lost(&self) {
         self.0.leases_lost.inc();

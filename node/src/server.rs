@@ -77,6 +77,8 @@ pub async fn run(config: Config) -> Result<()> {
         config.actor_threads,
     );
 
+    tokio::spawn(shared.clone().follow_store_clock(config.max_clock_offset));
+
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| NodeError::Config(format!("binding {}: {e}", config.listen)))?;
     let bound = listener

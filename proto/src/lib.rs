@@ -23,7 +23,7 @@ pub mod synclog;
 
 pub use credentials::{CredentialError, CredentialId, CredentialKind, Credentials};
 pub use error::ProtoError;
-pub use hlc::{Hlc, HlcClock};
+pub use hlc::{ClockBound, Hlc, HlcClock, ReferenceReading};
 pub use model::{Bucket, BucketId, Fields, SetKey, Value};
 pub use reconcile::{reconcile, stale_buckets, Outcome, RefuseReason, Update};
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use futures::future::BoxFuture;
 use tether_cluster::RingPlacement;
-use tether_proto::{Hlc, HlcClock, SetKey};
+use tether_proto::{ClockBound, Hlc, HlcClock, ReferenceReading, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
@@ -52,7 +52,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Actor tuning.
     pub config: ActorConfig,
-    clock: Mutex<HlcClock>,
+    clock: Mutex<Clocks>,
+    /// The origin of the monotonic milliseconds the clock bound reads.
+    started: Instant,
     actors: Mutex<HashMap<SetKey, Addr<BucketSetActor>>>,
     arbiters: Vec<ArbiterHandle>,
     hasher: RandomState,
@@ -93,6 +95,16 @@ fn no_quorum(q: tether_cluster::Quorum) -> NodeError {
     ))
 }
 
+/// The node's hybrid clock and the bound that keeps it near the store's clock.
+#[derive(Debug)]
+struct Clocks {
+    hlc: HlcClock,
+    bound: ClockBound,
+}
+
+/// How often a node sharing a store with a clock reads it (`Shared::follow_store_clock`).
+const STORE_CLOCK_EVERY: Duration = Duration::from_secs(1);
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -116,7 +128,11 @@ impl Shared {
             store,
             metrics,
             config,
-            clock: Mutex::new(HlcClock::new()),
+            clock: Mutex::new(Clocks {
+                hlc: HlcClock::new(),
+                bound: ClockBound::new(crate::config::DEFAULT_MAX_CLOCK_OFFSET_MS),
+            }),
+            started: Instant::now(),
             actors: Mutex::new(HashMap::new()),
             arbiters,
             hasher: RandomState::new(),
@@ -127,12 +143,13 @@ impl Shared {
     }
 
     /// A fresh hybrid logical timestamp (the only place the node reads the wall clock for
-    /// bucket timestamps).
+    /// bucket timestamps), on the node's wall clock while it is within the bound of the
+    /// store's, else on the store's (`follow_store_clock`).
     pub fn tick(&self) -> Hlc {
-        self.clock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .tick(wall_ms())
+        let mono = self.mono_ms();
+        let mut c = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+        let wall = c.bound.wall(wall_ms(), mono);
+        c.hlc.tick(wall)
     }
 
     /// Makes later timestamps newer than `seen` (a loaded bucket's).
@@ -140,7 +157,62 @@ impl Shared {
         self.clock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .hlc
             .observe(seen);
+    }
+
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads the store's clock every [`STORE_CLOCK_EVERY`] and keeps this node's
+    /// timestamps within `max_offset` of it (ARCHITECTURE.md invariant 29): a node whose
+    /// wall clock is further off stamps by the store's clock, and says so (a warning when
+    /// it starts and when it ends, `tether_clock_offset_seconds`). Returns at once for a
+    /// store without a clock (the node's own clock is the reference). Runs until the node
+    /// stops.
+    pub async fn follow_store_clock(self: Arc<Self>, max_offset: Duration) {
+        let max_ms = u64::try_from(max_offset.as_millis()).unwrap_or(u64::MAX);
+        self.clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bound = ClockBound::new(max_ms);
+        let mut every = tokio::time::interval(STORE_CLOCK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_within = true;
+        loop {
+            every.tick().await;
+            let asked = self.mono_ms();
+            let reference = match self.store.clock_ms().await {
+                Ok(Some(ms)) => ms,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the store's clock");
+                    continue;
+                }
+            };
+            let answered = self.mono_ms();
+            let (offset, within) = {
+                let mut c = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+                c.bound.read(ReferenceReading {
+                    asked,
+                    answered,
+                    reference,
+                });
+                let (wall, mono) = (wall_ms(), self.mono_ms());
+                (c.bound.offset(wall, mono), c.bound.within(wall, mono))
+            };
+            let offset_ms = offset.unwrap_or(0);
+            self.metrics.clock_offset(offset_ms);
+            if within != was_within {
+                if within {
+                    tracing::warn!(offset_ms, max_offset_ms = max_ms, "this node's clock is back within the bound of the store's: stamping writes by its own clock again");
+                } else {
+                    tracing::warn!(offset_ms, max_offset_ms = max_ms, "this node's clock is off the store's by more than --max-clock-offset-ms: stamping writes by the store's clock (fix the node's time source)");
+                }
+                was_within = within;
+            }
+        }
     }
 
     /// Cluster mode: from now on this node serves only the sets `placement` gives it.

@@ -86,6 +86,11 @@ impl Store for DeadlineStore {
             .await
     }
 
+    async fn clock_ms(&self) -> Result<Option<u64>, StoreError> {
+        self.read("reading the store's clock", self.inner.clock_ms())
+            .await
+    }
+
     async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
         self.write("commit", self.inner.commit(set, epoch, commit))
             .await

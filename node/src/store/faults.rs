@@ -66,6 +66,9 @@ impl Store for FaultyStore {
     async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
         self.inner.lease_epoch(set).await
     }
+    async fn clock_ms(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.clock_ms().await
+    }
     async fn commit(&self, set: &SetKey, epoch: Epoch, writes: Commit) -> Result<(), StoreError> {
         self.hold_while("hold-commit", "commit-held").await;
         if self.dir.join("fail-commit").exists() {

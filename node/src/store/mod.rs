@@ -440,6 +440,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn take_pairing_code(&self, code: &str) -> Result<Option<PairingCode>, StoreError>;
     /// Waits until everything acknowledged is on disk and stops accepting writes.
     async fn close(&self) -> Result<(), StoreError>;
+    /// The store's own wall clock (ms since the Unix epoch), the reference that keeps the
+    /// nodes sharing it within a bounded offset of each other (`--max-clock-offset-ms`);
+    /// `None` for a store without one (the embedded store: the node's clock is the
+    /// reference; FoundationDB keeps no wall clock). One round trip, writes nothing.
+    async fn clock_ms(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

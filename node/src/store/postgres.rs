@@ -807,6 +807,19 @@ impl Store for PostgresStore {
         row.map(|r| as_u64(r.get(0)).map(Epoch)).transpose()
     }
 
+    async fn clock_ms(&self) -> Result<Option<u64>, StoreError> {
+        let client = self.client().await?;
+        // clock_timestamp(): the time now, not the transaction's start.
+        let row = client
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        as_u64(row.get(0)).map(Some)
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         // Every acknowledged write was committed by PostgreSQL before its answer; queued
         // commits are written (or failed) before the pool closes.
