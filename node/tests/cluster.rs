@@ -657,6 +657,10 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let c_version = acked[&c_set].last().expect("acked").1;
     let sub = hold(&members, held_via, c_id, c_version).await;
     let mut c = members.pop().expect("node-c");
+    let mut changes_before = BTreeMap::new();
+    for m in &members {
+        changes_before.insert(m.id.clone(), member_changes(&m.node).await);
+    }
     c.node.sigterm().await;
     // While it drains, node-c tells load balancers it is not ready, and hands its sets off.
     {
@@ -702,6 +706,15 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             m.node.metric("tether_cluster_members").await,
             Some(2.0),
             "{}",
+            m.id
+        );
+        // Each saw node-c go down and leave (its farewell), once.
+        let before = changes_before[&m.id];
+        let now = member_changes(&m.node).await;
+        assert_eq!(
+            (now.0 - before.0, now.1 - before.1),
+            (1.0, 1.0),
+            "{}: tether_cluster_member_changes_total down and left across node-c's drain",
             m.id
         );
     }
@@ -844,6 +857,19 @@ async fn changes_of(p: &Principal, id: &str) -> Vec<Value> {
             None => return out,
         }
     }
+}
+
+/// `tether_cluster_member_changes_total` of `down` and `left` on `node`.
+async fn member_changes(node: &Node) -> (f64, f64) {
+    let m = node.metrics().await;
+    let of = |change: &str| {
+        metric_value(
+            &m,
+            &format!("tether_cluster_member_changes_total{{change=\"{change}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    (of("down"), of("left"))
 }
 
 /// A write through a non-owner whose owner is killed with `kill -9` after committing it

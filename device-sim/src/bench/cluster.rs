@@ -12,6 +12,12 @@
 //!   went without a successful write across the kill (the killed node's sets served
 //!   again), and the probe requests that failed (non-2xx or no answer) meanwhile.
 //!
+//! - **false suspicion** (`--watch-secs N`, off by default): a fresh cluster left idle for
+//!   N s, then saturated by the PUT load on every node for N s; every node's
+//!   `tether_cluster_member_changes_total{change="down"}` and
+//!   `tether_lease_takeovers_total` must not move (nobody was killed: any down is a live
+//!   node declared dead, any take-over a set moved off a live owner).
+//!
 //! Loopback, one machine: every node, PostgreSQL and the clients share its cores, so the
 //! ratios are what to read. Every loop is bounded in time.
 
@@ -66,9 +72,28 @@ pub struct Opts {
     /// Probe devices writing during the failovers.
     #[arg(long, default_value_t = 12)]
     pub probes: usize,
+    /// Seconds of the false-suspicion watch, idle and then saturated (0: skipped).
+    #[arg(long, default_value_t = 0)]
+    pub watch_secs: u64,
     /// Results directory.
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
+}
+
+/// The false-suspicion watch: nobody is killed, so nothing may be declared down.
+#[derive(Debug, Clone, Serialize)]
+pub struct SuspicionWatch {
+    /// Seconds idle, then seconds saturated.
+    pub idle_secs: u64,
+    pub saturated_secs: u64,
+    /// The PUT load of the saturated part (all nodes together).
+    pub saturated_put: Load,
+    /// Members declared down, summed over the nodes, while idle and while saturated.
+    pub downs_idle: u64,
+    pub downs_saturated: u64,
+    /// Set take-overs (a set moved without a handoff), same parts.
+    pub takeovers_idle: u64,
+    pub takeovers_saturated: u64,
 }
 
 /// One repetition of the throughput comparisons.
@@ -121,6 +146,7 @@ pub struct Results {
     pub failovers: Vec<Failover>,
     pub failover_gap_ms: Spread,
     pub failover_failed: Spread,
+    pub suspicion: Option<SuspicionWatch>,
 }
 
 /// `tether-bench cluster`.
@@ -185,6 +211,11 @@ pub async fn run(o: Opts) -> Result<()> {
         runs.push(run);
     }
 
+    let suspicion = if o.watch_secs > 0 {
+        Some(suspicion_watch(&http, &o).await?)
+    } else {
+        None
+    };
     let failovers = failovers(&http, &o).await?;
     let results = Results {
         benchmark: "cluster",
@@ -215,6 +246,7 @@ pub async fn run(o: Opts) -> Result<()> {
         ),
         runs,
         failovers,
+        suspicion,
     };
     println!(
         "durable PUT/s, cluster / one node: {}",
@@ -300,6 +332,78 @@ async fn registrations(
         .context("cold registrations")?;
     }
     Ok((per * urls.len()) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Members declared down and set take-overs, summed over `nodes`.
+async fn downs_and_takeovers(http: &reqwest::Client, nodes: &[&tether::TetherNode]) -> (u64, u64) {
+    let (mut downs, mut takeovers) = (0.0, 0.0);
+    for n in nodes {
+        downs += tether::metric(
+            http,
+            n.url(),
+            "tether_cluster_member_changes_total{change=\"down\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+        takeovers += tether::metric(http, n.url(), "tether_lease_takeovers_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    (downs as u64, takeovers as u64)
+}
+
+/// The false-suspicion watch (`--watch-secs`): a fresh cluster idle, then saturated.
+async fn suspicion_watch(http: &reqwest::Client, o: &Opts) -> Result<SuspicionWatch> {
+    let cluster = tether::Cluster::start(&o.tether_bin, NODES, "watch").await?;
+    let nodes = cluster.nodes();
+    let mfg_key = nodes[0].mfg_key.clone();
+    let per = o.devices.div_ceil(nodes.len());
+    let mut loads = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let devs =
+            tether::register_many(http, n.url(), &mfg_key, &format!("CWAT{i}X"), per, 16).await?;
+        loads.push((n.url().to_string(), devs));
+    }
+    let start = downs_and_takeovers(http, &nodes).await;
+    println!(
+        "false-suspicion watch: {} nodes idle for {} s",
+        nodes.len(),
+        o.watch_secs
+    );
+    tokio::time::sleep(Duration::from_secs(o.watch_secs)).await;
+    let idle = downs_and_takeovers(http, &nodes).await;
+    println!(
+        "false-suspicion watch: saturated (PUT, {} connections over the nodes) for {} s",
+        o.conns, o.watch_secs
+    );
+    let conns_per = o.conns.div_ceil(loads.len());
+    // closed_loop warms up for 1 s before its measured seconds.
+    let secs = o.watch_secs.saturating_sub(1).max(1) as f64;
+    let parts = futures::future::join_all(
+        loads
+            .iter()
+            .map(|(url, devs)| closed_loop(http, url, devs, conns_per, secs, false)),
+    )
+    .await;
+    let saturated = downs_and_takeovers(http, &nodes).await;
+    let watch = SuspicionWatch {
+        idle_secs: o.watch_secs,
+        saturated_secs: o.watch_secs,
+        saturated_put: sum_loads(&parts),
+        downs_idle: idle.0.saturating_sub(start.0),
+        downs_saturated: saturated.0.saturating_sub(idle.0),
+        takeovers_idle: idle.1.saturating_sub(start.1),
+        takeovers_saturated: saturated.1.saturating_sub(idle.1),
+    };
+    println!(
+        "false-suspicion watch: members declared down {} idle, {} saturated ({:.0} PUT/s); set take-overs {} idle, {} saturated",
+        watch.downs_idle,
+        watch.downs_saturated,
+        watch.saturated_put.rps,
+        watch.takeovers_idle,
+        watch.takeovers_saturated
+    );
+    Ok(watch)
 }
 
 /// What the probes saw: (probe, ms since the probes started, ok).

@@ -103,6 +103,29 @@ async fn watch_for_pauses(shared: Arc<Shared>) {
 /// Concurrent calls one peer may have open on this node (held subscriptions included).
 const MAX_STREAMS_PER_PEER: u32 = 1 << 20;
 
+/// Counts the membership's events in `tether_cluster_member_changes_total`.
+async fn count_member_changes(
+    mut events: tokio::sync::broadcast::Receiver<tether_cluster::MembershipEvent>,
+    shared: Arc<Shared>,
+) {
+    use tether_cluster::MembershipEvent as E;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(E::MemberUp(_)) => shared.metrics.member_change("up"),
+            Ok(E::MemberDown(_)) => shared.metrics.member_change("down"),
+            Ok(E::MemberLeft(_)) => shared.metrics.member_change("left"),
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "member change counter fell behind the membership"
+                )
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// A running cluster member.
 #[derive(Debug)]
 pub struct ClusterNode {
@@ -223,6 +246,7 @@ impl ClusterNode {
             Some(placement.clone()),
         );
         runtime.spawn(watch_for_pauses(shared.clone()));
+        runtime.spawn(count_member_changes(handle.events(), shared.clone()));
         let ready = Arc::new(AtomicBool::new(!has_seeds));
         let mut view = handle.view();
         let (watch_shared, watch_ready) = (shared, ready.clone());
