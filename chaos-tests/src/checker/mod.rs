@@ -93,6 +93,11 @@ pub struct CheckOptions {
     /// answered "nothing changed" (the notification's way from the commit to the client).
     #[serde(default = "default_notify_grace_ms")]
     pub notify_grace_ms: u64,
+    /// How far a bucket's timestamp may be ahead of the wall-clock time (the recorder's)
+    /// at which the state was seen (`timestamps_ahead`): the nodes' clock bound
+    /// (`--max-clock-offset-ms`, 500 ms) with room for the recorder's own clock.
+    #[serde(default = "default_max_timestamp_ahead_ms")]
+    pub max_timestamp_ahead_ms: u64,
     /// Liveness goals (`liveness_passed`); they never change `passed`. Each scenario
     /// has its own ([`crate::scenario::Scenario::check_options`]).
     #[serde(default)]
@@ -106,6 +111,7 @@ impl Default for CheckOptions {
         CheckOptions {
             subscribe_grace_ms: 5_000,
             notify_grace_ms: default_notify_grace_ms(),
+            max_timestamp_ahead_ms: default_max_timestamp_ahead_ms(),
             goals: Goals::default(),
             max_examples: 10,
         }
@@ -144,6 +150,10 @@ fn default_notify_grace_ms() -> u64 {
     1_000
 }
 
+fn default_max_timestamp_ahead_ms() -> u64 {
+    5_000
+}
+
 /// Counts per safety property; every one must be zero for a run to pass.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Properties {
@@ -158,11 +168,15 @@ pub struct Properties {
     pub underivable_states: u64,
     pub realtime_violations: u64,
     pub occ_lost_updates: u64,
+    /// States stamped further ahead of the time they were seen than the nodes' clock
+    /// bound allows (a node stamping by a clock stepped ahead; invariant 29).
+    #[serde(default)]
+    pub timestamps_ahead: u64,
 }
 
 impl Properties {
     /// `(name, count)` for every property, in report order.
-    pub fn iter(&self) -> [(&'static str, u64); 10] {
+    pub fn iter(&self) -> [(&'static str, u64); 11] {
         [
             ("lost_writes", self.lost_writes),
             ("forked_versions", self.forked_versions),
@@ -174,6 +188,7 @@ impl Properties {
             ("stale_reads", self.stale_reads),
             ("hung_subscribers", self.hung_subscribers),
             ("missed_notifications", self.missed_notifications),
+            ("timestamps_ahead", self.timestamps_ahead),
         ]
     }
 
@@ -194,6 +209,7 @@ impl Properties {
             "stale_reads" => &mut self.stale_reads,
             "hung_subscribers" => &mut self.hung_subscribers,
             "missed_notifications" => &mut self.missed_notifications,
+            "timestamps_ahead" => &mut self.timestamps_ahead,
             other => unreachable!("unknown property {other}"),
         };
         *c += 1;
@@ -349,6 +365,8 @@ struct Hist<'a> {
     /// What is wrong with the history itself (first few).
     malformed: Vec<String>,
     malformed_count: u64,
+    /// Wall-clock time of `t_us = 0`, ms since the Unix epoch (`None`: unknown, 0).
+    wall_ms: Option<u64>,
 }
 
 impl<'a> Hist<'a> {
@@ -358,6 +376,7 @@ impl<'a> Hist<'a> {
         let mut last = 0;
         let mut malformed = Vec::new();
         let mut malformed_count = 0u64;
+        let mut start_wall = None;
         let mut bad = |what: String| {
             malformed_count += 1;
             if malformed.len() < 10 {
@@ -411,7 +430,7 @@ impl<'a> Hist<'a> {
                     last = last.max(*t_us);
                     end = Some(*t_us);
                 }
-                Entry::Start { .. } => {}
+                Entry::Start { wall_ms, .. } => start_wall = Some(*wall_ms).filter(|w| *w > 0),
             }
         }
         Hist {
@@ -420,6 +439,7 @@ impl<'a> Hist<'a> {
             entries,
             malformed,
             malformed_count,
+            wall_ms: start_wall,
         }
     }
 }

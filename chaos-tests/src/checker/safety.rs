@@ -95,6 +95,41 @@ fn ops_text(ops: &[u64]) -> String {
         .join("/")
 }
 
+/// `timestamps_ahead`: every state seen (read, subscribe answer, acknowledgement) must be
+/// stamped no later than the wall-clock time it was seen plus `max_timestamp_ahead_ms`
+/// (a server stamps before it answers). Needs the run's start on the wall clock; each
+/// bucket version counts once.
+fn timestamps_ahead(hist: &Hist<'_>, obs: &[Obs<'_>], opts: &CheckOptions, f: &mut Findings) {
+    let Some(wall) = hist.wall_ms else {
+        return;
+    };
+    // Each bucket version at its first sighting (the strictest), with its op.
+    let mut first: BTreeMap<(&str, u64), (u64, u64, u64)> = BTreeMap::new();
+    for o in obs.iter().filter(|o| o.complete != u64::MAX) {
+        let e = first
+            .entry((o.bucket, o.version))
+            .or_insert((o.complete, o.ts, o.op));
+        if o.complete < e.0 {
+            *e = (o.complete, o.ts, o.op);
+        }
+    }
+    for ((bucket, version), (complete, ts, op)) in first {
+        let at = wall + complete / 1_000;
+        if ts > at + opts.max_timestamp_ahead_ms {
+            f.add(
+                "timestamps_ahead",
+                bucket,
+                Some(version),
+                vec![op],
+                format!(
+                    "{bucket} v{version} stamped {ts} ms, {:.1} s after it was seen (at {at} ms)",
+                    (ts - at) as f64 / 1000.0
+                ),
+            );
+        }
+    }
+}
+
 pub(super) fn check(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) -> Staleness {
     let mut obs: Vec<Obs<'_>> = Vec::new();
     let mut writes: Vec<Write<'_>> = Vec::new();
@@ -206,6 +241,7 @@ pub(super) fn check(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) -> S
         }
     }
 
+    timestamps_ahead(hist, &obs, opts, f);
     let forked = forks(&obs, &writes, &chain, &acked, f);
     let garbage = garbage(&obs, &writes, f);
     occ(&writes, f);

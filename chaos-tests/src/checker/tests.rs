@@ -39,6 +39,8 @@ pub(super) struct Builder {
     ops: Vec<TOp>,
     other: Vec<(u64, Entry)>,
     end: u64,
+    /// The run's start on the wall clock (0: unknown, as most fixtures leave it).
+    wall_ms: u64,
 }
 
 fn obj(v: serde_json::Value) -> Fields {
@@ -153,7 +155,7 @@ impl Builder {
             Entry::Start {
                 scenario: "unit".into(),
                 seed: 1,
-                wall_ms: 0,
+                wall_ms: self.wall_ms,
             },
         )];
         for o in &self.ops {
@@ -381,6 +383,33 @@ fn final_reads_behind_an_acknowledged_version_count_as_lost() {
     let v = b.h.check();
     assert_eq!(v.properties.lost_writes, 1, "{:#?}", v.examples);
     assert_eq!(v.properties.stale_reads, 1);
+}
+
+#[test]
+fn a_state_stamped_minutes_after_it_was_seen_is_ahead() {
+    let mut b = base();
+    // The run started at wall time 1,000 ms: every state is stamped before it was seen.
+    b.h.wall_ms = 1000;
+    let v = b.h.check();
+    assert!(v.passed, "{:#?}", v.examples);
+    // A node whose clock ran 10 minutes ahead stamped hot.s2's v2 (acknowledged at
+    // 140 ms into the run, read again at the end).
+    let ahead = 1135 + 600_000;
+    let w =
+        b.h.ops
+            .iter()
+            .position(|o| matches!(&o.call, Call::Write { bucket, .. } if bucket == S2))
+            .expect("the write to hot.s2") as u64
+            + 1;
+    b.h.op(w).res = Res::Ack(2, ahead);
+    b.h.op(b.final_s2).res = Res::Shown(vec![state(S2, 2, ahead, json!({"x": 1}))]);
+    let v = b.h.check();
+    assert_only(&v, "timestamps_ahead", 1);
+    assert_eq!(v.examples[0].version, Some(2));
+    assert!(v.examples[0].ops.contains(&w), "{:#?}", v.examples);
+    // Without the run's wall-clock start nothing can be said.
+    b.h.wall_ms = 0;
+    assert!(b.h.check().passed);
 }
 
 #[test]
