@@ -352,6 +352,32 @@ async fn downs_and_takeovers(http: &reqwest::Client, nodes: &[&tether::TetherNod
     (downs as u64, takeovers as u64)
 }
 
+/// One PUT to each device's `shared` bucket through `url` (16 at a time).
+async fn touch(http: &reqwest::Client, url: &str, devs: &[(String, Credentials)]) -> Result<()> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    stream::iter(devs)
+        .map(|(serial, creds)| async move {
+            let r = http
+                .put(format!("{url}/v1/buckets/shared.{serial}"))
+                .header(AUTHORIZATION, basic_header(creds))
+                .timeout(Duration::from_secs(10))
+                .json(&json!({"value": {"target_temperature": 0}, "base_version": 0}))
+                .send()
+                .await
+                .with_context(|| format!("first write of {serial}"))?;
+            anyhow::ensure!(
+                r.status().is_success(),
+                "first write of {serial}: {}",
+                r.status()
+            );
+            Ok(())
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
+}
+
 /// The false-suspicion watch (`--watch-secs`): a fresh cluster idle, then saturated.
 async fn suspicion_watch(http: &reqwest::Client, o: &Opts) -> Result<SuspicionWatch> {
     let cluster = tether::Cluster::start(&o.tether_bin, NODES, "watch").await?;
@@ -363,6 +389,12 @@ async fn suspicion_watch(http: &reqwest::Client, o: &Opts) -> Result<SuspicionWa
         let devs =
             tether::register_many(http, n.url(), &mfg_key, &format!("CWAT{i}X"), per, 16).await?;
         loads.push((n.url().to_string(), devs));
+    }
+    // One write to every device first: a set registered through a node other than its
+    // owner is taken over from that node at its first activation, which is no false
+    // suspicion; after this every set is active on its owner.
+    for (url, devs) in &loads {
+        touch(http, url, devs).await?;
     }
     let start = downs_and_takeovers(http, &nodes).await;
     println!(
@@ -396,10 +428,11 @@ async fn suspicion_watch(http: &reqwest::Client, o: &Opts) -> Result<SuspicionWa
         takeovers_saturated: saturated.1.saturating_sub(idle.1),
     };
     println!(
-        "false-suspicion watch: members declared down {} idle, {} saturated ({:.0} PUT/s); set take-overs {} idle, {} saturated",
+        "false-suspicion watch: members declared down {} idle, {} saturated ({:.0} PUT/s, {} failed); set take-overs {} idle, {} saturated",
         watch.downs_idle,
         watch.downs_saturated,
         watch.saturated_put.rps,
+        watch.saturated_put.errors,
         watch.takeovers_idle,
         watch.takeovers_saturated
     );
