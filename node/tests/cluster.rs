@@ -751,6 +751,41 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         &members[0].node.device(&b_set).bucket(&unknown_id).await,
         "version",
     );
+    // A device holds a subscribe of the same bucket through node-a: forwarded to node-b and
+    // held there. node-b commits the write below and dies before notifying anyone; node-a
+    // holds the subscription again on the set's new owner, which answers at once with the
+    // committed version (before, the held response was cut when node-b died).
+    let held_through_a = {
+        let before = b
+            .node
+            .metric("tether_held_subscriptions")
+            .await
+            .unwrap_or(0.0);
+        let p = members[0].node.device(&b_set).with_client(http_client());
+        let id = unknown_id.clone();
+        let sub = tokio::spawn(async move {
+            p.subscribe(
+                &json!({"buckets": [{"id": id, "version": base}], "timeout_ms": 60_000}),
+                Duration::from_secs(65),
+            )
+            .await
+        });
+        let start = Instant::now();
+        while b
+            .node
+            .metric("tether_held_subscriptions")
+            .await
+            .unwrap_or(0.0)
+            < before + 1.0
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the subscribe through node-a was never held on node-b"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sub
+    };
     std::fs::write(b.faults.path().join("hold-after-commit"), b"").expect("hold");
     let unknown = {
         let p = members[0].node.device(&b_set).with_client(http_client());
@@ -783,6 +818,21 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     .expect("writer task");
     r.expect_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     assert_retry_after(&r);
+    let answered = within(
+        Duration::from_secs(30),
+        "the subscribe held on the killed owner answered",
+        held_through_a,
+    )
+    .await
+    .expect("subscriber task")
+    .expect_json(StatusCode::OK);
+    assert!(
+        buckets_of(&answered)
+            .iter()
+            .any(|b| b["id"] == json!(unknown_id) && u64_of(b, "version") == base + 1),
+        "the subscriber held through node-a on node-b's set is answered with the version \
+         node-b committed before it died: {answered}"
+    );
     let a = &members[0];
     let p = a.node.device(&b_set);
     let (v, _) = write_retrying(
