@@ -361,10 +361,11 @@ defaults
     timeout queue 5s
     # Retry on another node when no connection could be made (the request never reached a
     # node) and, for requests that are safe to send twice, when the node closed the
-    # connection without an answer (it was killed while holding or serving it). The
-    # backend says which requests are safe. Never on timeouts.
+    # connection without an answer (it was killed while holding or serving it) or answered
+    # 503 (not served there: moving, minority, store unreachable). The backend says which
+    # requests are safe. Never on timeouts.
     retries 3
-    retry-on conn-failure empty-response
+    retry-on conn-failure empty-response 503
     option redispatch 1
 
 frontend api
