@@ -125,28 +125,29 @@ async fn write_retrying(
     }
 }
 
-/// Live subscriptions held by the given members' actors.
-async fn held(members: &[Member]) -> f64 {
+/// The members' nodes.
+fn nodes(members: &[Member]) -> Vec<&Node> {
+    members.iter().map(|m| &m.node).collect()
+}
+
+/// Live subscriptions held by the given nodes' actors.
+async fn held(nodes: &[&Node]) -> f64 {
     let mut sum = 0.0;
-    for m in members {
-        sum += m
-            .node
-            .metric("tether_held_subscriptions")
-            .await
-            .unwrap_or(0.0);
+    for n in nodes {
+        sum += n.metric("tether_held_subscriptions").await.unwrap_or(0.0);
     }
     sum
 }
 
 /// Holds a subscribe of `id` at `version` through `p` on a task (60 s hold), and returns
-/// once one more subscription is held somewhere in `members`.
+/// once one more subscription is held somewhere in `nodes`.
 async fn hold(
-    members: &[Member],
+    nodes: &[&Node],
     p: Principal,
     id: String,
     version: u64,
 ) -> tokio::task::JoinHandle<Resp> {
-    let before = held(members).await;
+    let before = held(nodes).await;
     let sub = tokio::spawn(async move {
         p.subscribe(
             &json!({"buckets": [{"id": id, "version": version}], "timeout_ms": 60_000}),
@@ -155,7 +156,7 @@ async fn hold(
         .await
     });
     let start = Instant::now();
-    while held(members).await < before + 1.0 {
+    while held(nodes).await < before + 1.0 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "subscribe never held"
@@ -336,7 +337,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let version = acked[serial][0].1;
     let held_via = members[1].node.device(serial);
     let writer = members[2].node.device(serial);
-    let sub = hold(&members, held_via, id, version).await;
+    let sub = hold(&nodes(&members), held_via, id, version).await;
     let (v1, _) = write_retrying(
         &writer,
         &format!("shared.{serial}"),
@@ -407,9 +408,9 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             .expect("non-owner");
         let id = format!("shared.{serial}");
         let version = acked[serial][0].1;
-        let before = held(&members).await;
+        let before = held(&nodes(&members)).await;
         let sub = hold(
-            &members,
+            &nodes(&members),
             via.node.device(serial).with_client(http_client()),
             id,
             version,
@@ -417,7 +418,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         .await;
         sub.abort();
         let start = Instant::now();
-        while held(&members).await > before {
+        while held(&nodes(&members)).await > before {
             assert!(
                 start.elapsed() < Duration::from_secs(15),
                 "the owner still holds a subscription whose subscriber left"
@@ -519,7 +520,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let device = members[2].node.device(&paired);
     let paired_id = format!("shared.{paired}");
     let paired_version = acked[&paired][0].1;
-    let sub = hold(&members, device, paired_id, paired_version).await;
+    let sub = hold(&nodes(&members), device, paired_id, paired_version).await;
     members[0]
         .node
         .with_credentials(alice)
@@ -655,7 +656,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let held_via = members[0].node.device(&c_set);
     let c_id = format!("shared.{c_set}");
     let c_version = acked[&c_set].last().expect("acked").1;
-    let sub = hold(&members, held_via, c_id, c_version).await;
+    let sub = hold(&nodes(&members), held_via, c_id, c_version).await;
     let mut c = members.pop().expect("node-c");
     let mut changes_before = BTreeMap::new();
     for m in &members {
@@ -755,37 +756,13 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     // held there. node-b commits the write below and dies before notifying anyone; node-a
     // holds the subscription again on the set's new owner, which answers at once with the
     // committed version (before, the held response was cut when node-b died).
-    let held_through_a = {
-        let before = b
-            .node
-            .metric("tether_held_subscriptions")
-            .await
-            .unwrap_or(0.0);
-        let p = members[0].node.device(&b_set).with_client(http_client());
-        let id = unknown_id.clone();
-        let sub = tokio::spawn(async move {
-            p.subscribe(
-                &json!({"buckets": [{"id": id, "version": base}], "timeout_ms": 60_000}),
-                Duration::from_secs(65),
-            )
-            .await
-        });
-        let start = Instant::now();
-        while b
-            .node
-            .metric("tether_held_subscriptions")
-            .await
-            .unwrap_or(0.0)
-            < before + 1.0
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the subscribe through node-a was never held on node-b"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        sub
-    };
+    let held_through_a = hold(
+        &[&b.node],
+        members[0].node.device(&b_set).with_client(http_client()),
+        unknown_id.clone(),
+        base,
+    )
+    .await;
     std::fs::write(b.faults.path().join("hold-after-commit"), b"").expect("hold");
     let unknown = {
         let p = members[0].node.device(&b_set).with_client(http_client());
