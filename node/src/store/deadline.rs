@@ -7,9 +7,15 @@
 //! the store's state in memory reloads it after such an answer before writing again
 //! (the set actor stops, and the next request activates one that takes a new lease and
 //! loads; the new lease fences the write if it lands late — ARCHITECTURE.md invariant 25).
+//!
+//! Once a call passed its deadline, the store is taken for unreachable (a circuit
+//! breaker): one call at a time goes to it as a probe, every other call fails at once
+//! with [`StoreError::Unreachable`] (nothing sent, so nothing of unknown fate), until any
+//! answer comes back. Without it, every request behind a store cut from the node waits
+//! out the whole deadline, and a load balancer that resends 503s multiplies that wait.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,17 +29,119 @@ use super::{
 /// The deadline of a store call unless configured (`--store-timeout-ms`).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(3000);
 
-/// A store whose every call answers within `deadline`.
+/// A store whose every call answers within `deadline`, and at once while the store is
+/// unreachable.
 #[derive(Debug)]
 pub struct DeadlineStore {
     inner: Arc<dyn Store>,
     deadline: Duration,
+    breaker: Breaker,
+}
+
+/// Whether the last call passed its deadline, and whether a probe is out.
+#[derive(Debug, Default)]
+struct Breaker {
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct BreakerState {
+    open: bool,
+    probing: bool,
+}
+
+/// A call let through: a probe clears the probing mark however it ends (also when the
+/// caller gives up on it).
+struct Admitted<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.with(|s| s.probing = false);
+        }
+    }
+}
+
+impl Breaker {
+    fn with<T>(&self, f: impl FnOnce(&mut BreakerState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Lets a call through (as the probe while open), or `None`: fail at once.
+    fn admit(&self) -> Option<Admitted<'_>> {
+        let probe = self.with(|s| match (s.open, s.probing) {
+            (false, _) => Some(false),
+            (true, false) => {
+                s.probing = true;
+                Some(true)
+            }
+            (true, true) => None,
+        })?;
+        Some(Admitted {
+            breaker: self,
+            probe,
+        })
+    }
+
+    /// The store answered (success or an error of its own): it is reachable.
+    fn answered(&self) {
+        if self.with(|s| std::mem::replace(&mut s.open, false)) {
+            tracing::info!("the store answers again: store calls go through");
+        }
+    }
+
+    /// A call passed its deadline.
+    fn silent(&self, deadline: Duration) {
+        if !self.with(|s| std::mem::replace(&mut s.open, true)) {
+            tracing::warn!(
+                deadline_ms = deadline.as_millis() as u64,
+                "a store call passed its deadline: failing store calls at once, one probe at \
+                 a time, until the store answers"
+            );
+        }
+    }
 }
 
 impl DeadlineStore {
     /// Bounds every call of `inner` by `deadline`.
     pub fn new(inner: Arc<dyn Store>, deadline: Duration) -> Self {
-        DeadlineStore { inner, deadline }
+        DeadlineStore {
+            inner,
+            deadline,
+            breaker: Breaker::default(),
+        }
+    }
+
+    /// A call within the deadline; past it, `late` names the failure.
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+        late: fn(String) -> StoreError,
+    ) -> Result<T, StoreError> {
+        let Some(_admitted) = self.breaker.admit() else {
+            return Err(StoreError::Unreachable(format!(
+                "{what}: not sent, the store has not answered since a call passed its \
+                 {} ms deadline",
+                self.deadline.as_millis()
+            )));
+        };
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(answer) => {
+                self.breaker.answered();
+                answer
+            }
+            Err(_) => {
+                self.breaker.silent(self.deadline);
+                Err(late(format!(
+                    "{what}: no answer from the store within {} ms",
+                    self.deadline.as_millis()
+                )))
+            }
+        }
     }
 
     /// A call that writes nothing.
@@ -42,14 +150,7 @@ impl DeadlineStore {
         what: &str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.deadline, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::TimedOut(format!(
-                    "{what}: no answer from the store within {} ms",
-                    self.deadline.as_millis()
-                )))
-            })
+        self.call(what, call, StoreError::TimedOut).await
     }
 
     /// A call that may write: past the deadline its fate is unknown.
@@ -58,15 +159,10 @@ impl DeadlineStore {
         what: &str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.deadline, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::FateUnknown(format!(
-                    "{what}: no answer from the store within {} ms; it may or may not \
-                     have been written",
-                    self.deadline.as_millis()
-                )))
-            })
+        self.call(what, call, |m| {
+            StoreError::FateUnknown(format!("{m}; it may or may not have been written"))
+        })
+        .await
     }
 }
 
@@ -205,20 +301,33 @@ impl Store for DeadlineStore {
 mod tests {
     use super::*;
 
-    /// A store call that never answers.
-    #[derive(Debug)]
-    struct Silent;
+    /// A store whose calls never answer; once `answers` is set, `load_set` and
+    /// `lease_epoch` called from then on do.
+    #[derive(Debug, Default)]
+    struct Silent {
+        answers: std::sync::atomic::AtomicBool,
+    }
+
+    impl Silent {
+        async fn answer<T>(&self, value: T) -> Result<T, StoreError> {
+            if self.answers.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(value)
+            } else {
+                std::future::pending().await
+            }
+        }
+    }
 
     #[async_trait]
     impl Store for Silent {
         async fn load_set(&self, _: &SetKey) -> Result<Vec<Bucket>, StoreError> {
-            std::future::pending().await
+            self.answer(Vec::new()).await
         }
         async fn acquire_lease(&self, _: &SetKey, _: &str) -> Result<Lease, StoreError> {
             std::future::pending().await
         }
         async fn lease_epoch(&self, _: &SetKey) -> Result<Option<Epoch>, StoreError> {
-            std::future::pending().await
+            self.answer(Some(Epoch(1))).await
         }
         async fn commit(&self, _: &SetKey, _: Epoch, _: Commit) -> Result<(), StoreError> {
             std::future::pending().await
@@ -292,7 +401,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_store_times_reads_out_and_leaves_writes_of_unknown_fate() {
-        let store = DeadlineStore::new(Arc::new(Silent), Duration::from_millis(50));
+        let store = DeadlineStore::new(Arc::new(Silent::default()), Duration::from_millis(50));
         let set = SetKey::parse("01AA02AB").expect("set key");
         assert!(matches!(
             store.load_set(&set).await,
@@ -307,5 +416,62 @@ mod tests {
             matches!(&committed, Err(e @ StoreError::FateUnknown(_)) if e.may_have_written()),
             "{committed:?}"
         );
+    }
+
+    /// The circuit breaker: after a call passed its deadline, a call made while another
+    /// one probes the store fails at once without being sent (not of unknown fate);
+    /// the first answer lets every call through again.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_deadline_passes_calls_fail_at_once_while_one_probes_until_the_store_answers() {
+        let silent = Arc::new(Silent::default());
+        let store = Arc::new(DeadlineStore::new(silent.clone(), Duration::from_secs(3)));
+        let set = SetKey::parse("01AA02AB").expect("set key");
+        assert!(matches!(
+            store.load_set(&set).await,
+            Err(StoreError::TimedOut(_))
+        ));
+
+        // The next call probes (and waits out its deadline); the ones behind it fail at
+        // once — a `Silent` call sent to the store would wait, never answer Unreachable.
+        let probe = tokio::spawn({
+            let (store, set) = (store.clone(), set.clone());
+            async move { store.lease_epoch(&set).await }
+        });
+        tokio::task::yield_now().await;
+        let read = store.load_set(&set).await;
+        assert!(matches!(read, Err(StoreError::Unreachable(_))), "{read:?}");
+        let commit = store.commit(&set, Epoch(1), Commit::default()).await;
+        assert!(
+            matches!(&commit, Err(e @ StoreError::Unreachable(_)) if !e.may_have_written()),
+            "a commit refused unsent is not of unknown fate: {commit:?}"
+        );
+        let probed = probe.await.expect("probe task");
+        assert!(matches!(probed, Err(StoreError::TimedOut(_))), "{probed:?}");
+
+        // The store answers again: the next call is the probe that gets through, and
+        // calls behind it are sent as before.
+        silent
+            .answers
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(store.lease_epoch(&set).await.ok(), Some(Some(Epoch(1))));
+        let (a, b) = tokio::join!(store.load_set(&set), store.lease_epoch(&set));
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    }
+
+    /// A probe whose caller gave up (its request was cancelled) leaves the next call to
+    /// probe: the breaker never stays shut for want of a probe.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_lets_the_next_call_probe() {
+        let silent = Arc::new(Silent::default());
+        let store = DeadlineStore::new(silent.clone(), Duration::from_secs(3));
+        let set = SetKey::parse("01AA02AB").expect("set key");
+        assert!(store.load_set(&set).await.is_err());
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(10), store.lease_epoch(&set)).await;
+        assert!(cancelled.is_err(), "the probe was still waiting");
+        silent
+            .answers
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(store.lease_epoch(&set).await.ok(), Some(Some(Epoch(1))));
     }
 }

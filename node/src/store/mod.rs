@@ -310,6 +310,10 @@ pub enum StoreError {
     /// reloads before it commits again (ARCHITECTURE.md invariant 25).
     #[error("fate unknown: {0}")]
     FateUnknown(String),
+    /// Refused without being sent: the store has not answered since a call passed its
+    /// deadline, and another call is probing it (503 + `Retry-After`; nothing written).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl StoreError {
@@ -317,6 +321,20 @@ impl StoreError {
     /// whoever keeps the store's state in memory must reload it before writing again.
     pub fn may_have_written(&self) -> bool {
         matches!(self, StoreError::FateUnknown(_) | StoreError::Backend(_))
+    }
+
+    /// Whether the store failed to answer (no answer in time, unreachable, a lost
+    /// connection, overloaded) rather than answering something: a read may then fall back
+    /// on what was read before.
+    pub fn is_unanswered(&self) -> bool {
+        matches!(
+            self,
+            StoreError::TimedOut(_)
+                | StoreError::Unreachable(_)
+                | StoreError::FateUnknown(_)
+                | StoreError::Backend(_)
+                | StoreError::Overloaded(_)
+        )
     }
 }
 
