@@ -92,6 +92,7 @@ struct Inner {
     forward_duration: HistFamily,
     lease_acquire: Histogram,
     lease_takeovers: Counter,
+    auth_stale: Family<Labels, Counter>,
     store_backend: OnceLock<&'static str>,
     runtimes: Mutex<Vec<(&'static str, tokio::runtime::Handle)>>,
     connections_open: Gauge,
@@ -290,6 +291,16 @@ impl Metrics {
             "Leases taken over from another node (failover or rebalancing)",
             lease_takeovers.clone(),
         );
+        let auth_stale = Family::<Labels, Counter>::default();
+        registry.register(
+            "auth_stale_answers",
+            "Requests authenticated (what=credentials) or scoped (what=scope) from a cached \
+             record past its freshness because the store did not answer",
+            auth_stale.clone(),
+        );
+        for what in ["credentials", "scope"] {
+            let _ = auth_stale.get_or_create(&vec![("what", what.to_string())]);
+        }
         // Series of bounded, known label values start at zero, so a first increase is a
         // rate (and a dashboard shows 0, not "no data").
         for outcome in ["applied", "merged", "refused"] {
@@ -335,6 +346,7 @@ impl Metrics {
             forward_duration,
             lease_acquire,
             lease_takeovers,
+            auth_stale,
             store_backend: OnceLock::new(),
             runtimes: Mutex::new(Vec::new()),
             auth_tracked_ids,
@@ -602,6 +614,14 @@ impl Metrics {
     }
     pub(crate) fn cluster_members(&self, n: usize) {
         self.0.cluster_members.set(n as i64);
+    }
+    /// A request let through on a cached record because the store did not answer:
+    /// `credentials` or `scope`.
+    pub(crate) fn auth_stale(&self, what: &'static str) {
+        self.0
+            .auth_stale
+            .get_or_create(&vec![("what", what.to_string())])
+            .inc();
     }
     /// This node's clock minus the store's, ms.
     pub(crate) fn clock_offset(&self, ms: i64) {

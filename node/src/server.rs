@@ -141,7 +141,7 @@ pub async fn run(config: Config) -> Result<()> {
         )
     });
     let auth = Auth::new(
-        CredentialService::new(store.clone(), credentials),
+        CredentialService::new(store.clone(), credentials, metrics.clone()),
         router.clone(),
         sources,
         registrations,

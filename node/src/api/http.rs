@@ -129,6 +129,21 @@ impl AppState {
         };
         r
     }
+
+    /// 403 unless `principal` may touch every one of `ids`. Its scope may be a second
+    /// old (`security::scope`), so a refusal is decided on the scope read again, once per
+    /// request: a device paired a moment ago through another node is in scope at once.
+    pub(crate) async fn authorize_all<'a>(
+        &self,
+        principal: &mut Principal,
+        ids: impl IntoIterator<Item = &'a BucketId> + Clone,
+    ) -> Result<()> {
+        if ids.clone().into_iter().all(|id| principal.may_access(id)) {
+            return Ok(());
+        }
+        *principal = self.auth.rescoped(principal).await?;
+        ids.into_iter().try_for_each(|id| principal.authorize(id))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -393,13 +408,14 @@ pub async fn list(
     query: web::Query<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let mut principal = state.principal(&req, Endpoint::Buckets).await?;
     let limits = &state.config.limits;
     let mut by_set: BTreeMap<SetKey, Option<Vec<BucketId>>> = BTreeMap::new();
     match &query.ids {
         Some(ids) => {
-            for id in requests::id_list(ids, limits.max_ids_per_request)? {
-                principal.authorize(&id)?;
+            let ids = requests::id_list(ids, limits.max_ids_per_request)?;
+            state.authorize_all(&mut principal, &ids).await?;
+            for id in ids {
                 by_set
                     .entry(id.set_key())
                     .or_insert_with(|| Some(Vec::new()))
@@ -407,7 +423,12 @@ pub async fn list(
                     .push(id);
             }
         }
-        None => by_set.extend(principal.sets().into_iter().map(|s| (s, None))),
+        None => {
+            // Everything in scope: the scope read now, so a device paired a moment ago
+            // through another node is listed.
+            principal = state.auth.rescoped(&principal).await?;
+            by_set.extend(principal.sets().into_iter().map(|s| (s, None)));
+        }
     }
     let values = query.view == View::Full;
     let mut budget = limits.max_answer_bytes;
@@ -483,9 +504,11 @@ pub async fn get_one(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let mut principal = state.principal(&req, Endpoint::Buckets).await?;
     let id = parse_path_id(&path)?;
-    principal.authorize(&id)?;
+    state
+        .authorize_all(&mut principal, std::iter::once(&id))
+        .await?;
     let read = Get {
         ids: Some(vec![id.clone()]),
         values: true,
@@ -539,9 +562,11 @@ pub async fn put(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let mut principal = state.principal(&req, Endpoint::Buckets).await?;
     let id = parse_path_id(&path)?;
-    principal.authorize(&id)?;
+    state
+        .authorize_all(&mut principal, std::iter::once(&id))
+        .await?;
     let body = read_body(
         &req,
         payload,
@@ -630,11 +655,12 @@ pub async fn subscribe(
     // checking the credentials (a store lookup on a cache miss) gets at most
     // OPEN_AT_LEAST of it, so a store that does not answer cannot hold the subscriber.
     let started = tokio::time::Instant::now();
-    let principal = tokio::time::timeout(OPEN_AT_LEAST, state.principal(&req, Endpoint::Buckets))
-        .await
-        .map_err(|_| {
-            NodeError::Unavailable("the credentials could not be checked in time; retry".into())
-        })??;
+    let mut principal =
+        tokio::time::timeout(OPEN_AT_LEAST, state.principal(&req, Endpoint::Buckets))
+            .await
+            .map_err(|_| {
+                NodeError::Unavailable("the credentials could not be checked in time; retry".into())
+            })??;
     let limits = &state.config.limits;
     let body_limit = limits
         .max_ids_per_request
@@ -647,9 +673,11 @@ pub async fn subscribe(
     if held_set.is_empty() {
         return Err(NodeError::BadRequest("subscribe lists no buckets".into()));
     }
+    state
+        .authorize_all(&mut principal, held_set.iter().map(|h| &h.id))
+        .await?;
     let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
     for h in held_set {
-        principal.authorize(&h.id)?;
         by_set.entry(h.id.set_key()).or_default().push(h);
     }
     let timeout = msg
@@ -816,9 +844,11 @@ pub async fn history(
     query: web::Query<HistoryQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
-    let principal = state.principal(&req, Endpoint::Buckets).await?;
+    let mut principal = state.principal(&req, Endpoint::Buckets).await?;
     let id = parse_path_id(&path)?;
-    principal.authorize(&id)?;
+    state
+        .authorize_all(&mut principal, std::iter::once(&id))
+        .await?;
     let limit = match query.limit {
         Some(0) => return Err(NodeError::BadRequest("limit must be at least 1".into())),
         Some(n) => n.min(MAX_HISTORY_LIMIT),
@@ -1017,6 +1047,7 @@ pub async fn pair(
             }),
         )
         .await?;
+    state.auth.pairing_changed();
     let old_structure = old.and_then(|p| p.structure);
     state
         .router
@@ -1057,6 +1088,7 @@ pub async fn unpair(
     match store.get_pairing(device.as_str()).await? {
         Some(p) if &p.user_id == user_id => {
             store.set_pairing(device.as_str(), None).await?;
+            state.auth.pairing_changed();
             state
                 .router
                 .release_held(std::iter::once(device.as_str()).chain(p.structure.as_deref()));

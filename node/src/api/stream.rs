@@ -64,7 +64,7 @@ impl Cursor {
     }
 
     /// Every held bucket id.
-    pub fn ids(&self) -> impl Iterator<Item = &BucketId> {
+    pub fn ids(&self) -> impl Iterator<Item = &BucketId> + Clone {
         self.by_set.values().flatten().map(|h| &h.id)
     }
 
@@ -253,14 +253,13 @@ async fn hold_again(
     s: &StreamRequest,
     deadline: Instant,
 ) -> crate::error::Result<Subscription> {
-    let principal = tokio::time::timeout(OPEN_AT_LEAST, state.principal(&s.req, Endpoint::Buckets))
-        .await
-        .map_err(|_| {
-            NodeError::Unavailable("the credentials could not be checked in time".into())
-        })??;
-    for id in s.cursor.ids() {
-        principal.authorize(id)?;
-    }
+    let mut principal =
+        tokio::time::timeout(OPEN_AT_LEAST, state.principal(&s.req, Endpoint::Buckets))
+            .await
+            .map_err(|_| {
+                NodeError::Unavailable("the credentials could not be checked in time".into())
+            })??;
+    state.authorize_all(&mut principal, s.cursor.ids()).await?;
     let remaining = deadline.saturating_duration_since(Instant::now());
     tokio::time::timeout(
         remaining.max(OPEN_AT_LEAST),

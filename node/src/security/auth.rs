@@ -19,6 +19,7 @@ use crate::error::{NodeError, Result};
 use crate::routing::router::Router;
 use crate::security::credentials::CredentialService;
 use crate::security::limits::Sources;
+use crate::security::scope::{ScopeCache, UserScope};
 use crate::sets::actor::BY_SERVER;
 use crate::store::registrations::Registrations;
 use crate::store::{DeviceRecord, NewDevice};
@@ -157,6 +158,8 @@ pub struct Auth {
     pub credentials: CredentialService,
     router: Arc<Router>,
     sources: Sources,
+    /// Principals' scopes (pairings), briefly cached.
+    scopes: ScopeCache,
     /// Batched first contacts (`None`: every registration takes the general path).
     registrations: Option<Registrations>,
 }
@@ -198,10 +201,12 @@ impl Auth {
         sources: Sources,
         registrations: Option<Registrations>,
     ) -> Self {
+        let scopes = ScopeCache::new(credentials.config(), router.shared().metrics.clone());
         Auth {
             credentials,
             router,
             sources,
+            scopes,
             registrations,
         }
     }
@@ -275,6 +280,7 @@ impl Auth {
                 .store
                 .set_pairing(serial.as_str(), None)
                 .await?;
+            self.scopes.pairing_changed();
             let structure = old.and_then(|p| p.structure);
             self.router
                 .release_held(std::iter::once(serial.as_str()).chain(structure.as_deref()));
@@ -402,7 +408,6 @@ impl Auth {
         id: &CredentialId,
         creds: &Credentials,
     ) -> Result<(Principal, Option<Credentials>, Option<DefaultRegistration>)> {
-        let store = &self.router.shared().store;
         match (id, id.kind()) {
             (CredentialId::Default { serial, .. }, CredentialKind::Default) => {
                 let serial = SetKey::parse(serial)?;
@@ -422,21 +427,15 @@ impl Auth {
                     .credentials
                     .verify_assigned(creds, serial.as_str())
                     .await?;
-                let structure = store
-                    .get_pairing(serial.as_str())
-                    .await?
-                    .and_then(|p| p.structure);
+                let structure = self.device_structure(serial.as_str(), false).await?;
                 Ok((Principal::Device { serial, structure }, set, None))
             }
             (CredentialId::User { user_id }, _) => {
                 self.credentials.verify_user(creds, user_id).await?;
-                let devices = store
-                    .user_pairings(user_id)
-                    .await?
-                    .into_iter()
-                    .map(|p| p.device_id)
-                    .collect();
-                let structures = store.user_structures(user_id).await?.into_iter().collect();
+                let UserScope {
+                    devices,
+                    structures,
+                } = self.user_scope(user_id, false).await?;
                 Ok((
                     Principal::User {
                         user_id: user_id.clone(),
@@ -449,6 +448,55 @@ impl Auth {
             }
             _ => Err(NodeError::Unauthorized("unknown credential kind".into())),
         }
+    }
+
+    /// The structure device `serial` is paired into (cached: `security::scope`).
+    async fn device_structure(&self, serial: &str, bypass: bool) -> Result<Option<String>> {
+        let store = &self.router.shared().store;
+        let read = || async { Ok(store.get_pairing(serial).await?.and_then(|p| p.structure)) };
+        Ok(self.scopes.device(serial, bypass, read).await?)
+    }
+
+    /// User `user_id`'s paired devices and structures (cached: `security::scope`).
+    async fn user_scope(&self, user_id: &str, bypass: bool) -> Result<UserScope> {
+        let store = &self.router.shared().store;
+        let read = || async {
+            let devices = store.user_pairings(user_id).await?;
+            let structures = store.user_structures(user_id).await?;
+            Ok(UserScope {
+                devices: devices.into_iter().map(|p| p.device_id).collect(),
+                structures: structures.into_iter().collect(),
+            })
+        };
+        Ok(self.scopes.user(user_id, bypass, read).await?)
+    }
+
+    /// `principal` with its scope read from the store now: a request its cached scope
+    /// would refuse is decided on this (a device paired a moment ago through another node
+    /// is in scope at once).
+    pub async fn rescoped(&self, principal: &Principal) -> Result<Principal> {
+        Ok(match principal {
+            Principal::Device { serial, .. } => Principal::Device {
+                serial: serial.clone(),
+                structure: self.device_structure(serial.as_str(), true).await?,
+            },
+            Principal::User { user_id, .. } => {
+                let UserScope {
+                    devices,
+                    structures,
+                } = self.user_scope(user_id, true).await?;
+                Principal::User {
+                    user_id: user_id.clone(),
+                    devices,
+                    structures,
+                }
+            }
+        })
+    }
+
+    /// A pairing changed through this node: cached scopes are read again.
+    pub fn pairing_changed(&self) {
+        self.scopes.pairing_changed();
     }
 }
 

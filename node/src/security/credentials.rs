@@ -24,8 +24,9 @@ use tether_proto::credentials::{
 };
 
 use crate::error::{NodeError, Result};
+use crate::metrics::Metrics;
 use crate::security::limits::{rate_limited, BoundedMap, WindowCounters};
-use crate::store::{AssignedRecord, PreviousSet, Store};
+use crate::store::{AssignedRecord, PreviousSet, Store, StoreError};
 
 /// Credential settings.
 #[derive(Debug, Clone)]
@@ -42,6 +43,13 @@ pub struct CredentialConfig {
     pub requests_per_second: u32,
     /// How long a credential record read from the store is trusted before it is read again.
     pub cache_ttl: Duration,
+    /// How long a principal's scope (its pairings) read from the store is used before it
+    /// is read again (`security::scope`); a refusal is always checked against the store.
+    pub scope_ttl: Duration,
+    /// How long past their freshness cached credential records and scopes still answer
+    /// when the store does not (a node cut from its store keeps forwarding its clients'
+    /// requests to owners that reach it).
+    pub stale_if_error: Duration,
     /// Failed checks one source may make per window before its unverified attempts get 429.
     pub failures_per_source: u32,
     /// Failed checks of one id per window after which its record is re-read at most once
@@ -64,6 +72,8 @@ impl Default for CredentialConfig {
             register_per_hour: 10,
             requests_per_second: 50,
             cache_ttl: Duration::from_secs(30),
+            scope_ttl: Duration::from_secs(1),
+            stale_if_error: Duration::from_secs(120),
             failures_per_source: 30,
             failures_per_id: 20,
             failure_window: Duration::from_secs(60),
@@ -107,6 +117,7 @@ pub const REFRESH_HOT: Duration = Duration::from_secs(1);
 /// Verifies and issues credentials.
 pub struct CredentialService {
     store: Arc<dyn Store>,
+    metrics: Metrics,
     config: CredentialConfig,
     records: BoundedMap<String, Cached>,
     id_failures: WindowCounters<String>,
@@ -192,7 +203,7 @@ enum Verdict {
 
 impl CredentialService {
     /// A service over `store`.
-    pub fn new(store: Arc<dyn Store>, config: CredentialConfig) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: CredentialConfig, metrics: Metrics) -> Self {
         let rps = NonZeroU32::new(config.requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.requests_per_second.max(1).saturating_mul(2))
             .unwrap_or(NonZeroU32::MIN);
@@ -201,6 +212,7 @@ impl CredentialService {
             register_limiter: RateLimiter::keyed(quota_per_hour(config.register_per_hour)),
             request_limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
             store,
+            metrics,
             records: BoundedMap::new(cap),
             id_failures: WindowCounters::new(config.failures_per_id, config.failure_window, cap),
             source_failures: WindowCounters::new(
@@ -236,6 +248,44 @@ impl CredentialService {
         self.records
             .get(&id.to_string())
             .filter(|c| c.read_at.elapsed() < self.config.cache_ttl)
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &CredentialConfig {
+        &self.config
+    }
+
+    /// The record of `id` read within [`CredentialConfig::stale_if_error`], for when the
+    /// store does not answer: it vouches for the secrets it knows (without rotating them);
+    /// anything else gets the store's failure (503), never a 401 that would send a device
+    /// back to its default credentials.
+    fn stale(
+        &self,
+        c: &Credentials,
+        presented: &[u8; 32],
+        unanswered: StoreError,
+    ) -> Result<Verdict> {
+        let Some(cached) = self
+            .records
+            .get(&c.id)
+            .filter(|c| c.read_at.elapsed() < self.config.stale_if_error)
+        else {
+            return Err(unanswered.into());
+        };
+        let verdict = match &cached.record {
+            Record::Assigned(r) => match self.judge(r, c, presented, now_ms())? {
+                // Valid, but rotating it needs the store: accepted as it is.
+                Verdict::Expired => Verdict::Current,
+                v => v,
+            },
+            Record::User(hash) if ct_eq(presented, hash) => Verdict::Current,
+            _ => Verdict::Unknown,
+        };
+        if matches!(verdict, Verdict::Unknown) {
+            return Err(unanswered.into());
+        }
+        self.metrics.auth_stale("credentials");
+        Ok(verdict)
     }
 
     /// Whether a secret the cached record does not know may be checked against the store:
@@ -457,7 +507,16 @@ impl CredentialService {
             }
         }
         loop {
-            let Some(record) = self.store.get_assigned(serial).await? else {
+            let read = match self.store.get_assigned(serial).await {
+                Err(e) if e.is_unanswered() => {
+                    return match self.stale(c, &presented, e)? {
+                        Verdict::Previous(current) => Ok(Some(current)),
+                        _ => Ok(None),
+                    }
+                }
+                other => other?,
+            };
+            let Some(record) = read else {
                 self.remember(&c.id, Record::Absent);
                 return Err(rejected());
             };
@@ -506,7 +565,11 @@ impl CredentialService {
                 _ => {}
             }
         }
-        let Some(user) = self.store.get_user(user_id).await? else {
+        let read = match self.store.get_user(user_id).await {
+            Err(e) if e.is_unanswered() => return self.stale(c, &presented, e).map(|_| ()),
+            other => other?,
+        };
+        let Some(user) = read else {
             self.remember(&c.id, Record::Absent);
             return Err(rejected());
         };
