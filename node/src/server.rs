@@ -136,7 +136,6 @@ pub async fn run(config: Config) -> Result<()> {
     let registrations = (!config.bench_unbatched_registration).then(|| {
         crate::store::registrations::Registrations::start(
             store.clone(),
-            config.node_id.clone(),
             crate::store::registrations::RegistrationBatching::default(),
         )
     });

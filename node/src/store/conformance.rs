@@ -801,10 +801,7 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
         new_device("R4", 4, 100),
         new_device("R1", 5, 101),
     ];
-    let written = store
-        .register_new("n-reg", batch.clone())
-        .await
-        .expect("register");
+    let written = store.register_new(batch.clone()).await.expect("register");
     assert_eq!(written, vec![true, false, false, true, false]);
 
     for d in [&batch[0], &batch[3]] {
@@ -826,10 +823,16 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
         );
         assert_eq!(store.lease_epoch(&s).await.expect("epoch"), Some(Epoch(1)));
     }
-    // The first actor to load a registered set takes the next epoch after it.
+    // The first actor to load a registered set takes the next epoch after it, from no
+    // previous owner: no node served the set, so there is no handover (and no take-over
+    // counted in `tether_lease_takeovers_total`).
     let lease = store.acquire_lease(&set("R1"), "n2").await.expect("lease");
     assert_eq!(lease.epoch, Epoch(2));
-    assert_eq!(lease.previous_owner.as_deref(), Some("n-reg"));
+    assert_eq!(lease.previous_owner, None);
+    // The next one takes it over from that first owner.
+    let lease = store.acquire_lease(&set("R1"), "n3").await.expect("lease");
+    assert_eq!(lease.epoch, Epoch(3));
+    assert_eq!(lease.previous_owner.as_deref(), Some("n2"));
 
     // Refused: nothing of them written, what was there untouched.
     assert_eq!(
@@ -846,7 +849,7 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
 
     // Again later (a lost answer, another node): refused, the first one's state stays.
     let again = store
-        .register_new("n-other", vec![new_device("R4", 7, 200)])
+        .register_new(vec![new_device("R4", 7, 200)])
         .await
         .expect("register");
     assert_eq!(again, vec![false]);
@@ -859,7 +862,7 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
         Some(batch[3].record.clone())
     );
     assert!(store
-        .register_new("n-reg", Vec::new())
+        .register_new(Vec::new())
         .await
         .expect("empty")
         .is_empty());
@@ -1284,11 +1287,10 @@ mod postgres {
             .await
             .expect("a COMMIT that waits for the test");
         let registering = store.clone();
-        let registered = tokio::spawn(async move {
-            registering
-                .register_new("n1", vec![new_device("W2", 1, 1)])
-                .await
-        });
+        let registered =
+            tokio::spawn(
+                async move { registering.register_new(vec![new_device("W2", 1, 1)]).await },
+            );
         let probe = session(&url).await;
         until_waiting(&probe, "the lock its COMMIT needs").await;
         for _ in 0..3 {
@@ -1325,10 +1327,7 @@ mod postgres {
         let serials: Vec<String> = (0..40).map(|i| format!("RACE{i:02}")).collect();
         let batch_a: Vec<NewDevice> = serials.iter().map(|s| new_device(s, 1, 10)).collect();
         let batch_b: Vec<NewDevice> = serials.iter().rev().map(|s| new_device(s, 2, 20)).collect();
-        let (wa, wb) = futures::join!(
-            a.register_new("node-a", batch_a),
-            b.register_new("node-b", batch_b)
-        );
+        let (wa, wb) = futures::join!(a.register_new(batch_a), b.register_new(batch_b));
         let (wa, wb) = (wa.expect("a registers"), wb.expect("b registers"));
         for (i, serial) in serials.iter().enumerate() {
             let (by_a, by_b) = (wa[i], wb[serials.len() - 1 - i]);

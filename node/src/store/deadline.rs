@@ -230,12 +230,8 @@ impl Store for DeadlineStore {
         .await
     }
 
-    async fn register_new(
-        &self,
-        owner: &str,
-        devices: Vec<NewDevice>,
-    ) -> Result<Vec<bool>, StoreError> {
-        self.write("registration", self.inner.register_new(owner, devices))
+    async fn register_new(&self, devices: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
+        self.write("registration", self.inner.register_new(devices))
             .await
     }
 
@@ -357,7 +353,7 @@ mod tests {
         ) -> Result<bool, StoreError> {
             std::future::pending().await
         }
-        async fn register_new(&self, _: &str, _: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
+        async fn register_new(&self, _: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
             std::future::pending().await
         }
         async fn get_user(&self, _: &str) -> Result<Option<UserRecord>, StoreError> {

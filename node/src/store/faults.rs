@@ -106,17 +106,13 @@ impl Store for FaultyStore {
     ) -> Result<bool, StoreError> {
         self.inner.swap_assigned(serial, expected, new).await
     }
-    async fn register_new(
-        &self,
-        owner: &str,
-        devices: Vec<NewDevice>,
-    ) -> Result<Vec<bool>, StoreError> {
+    async fn register_new(&self, devices: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
         if self.dir.join("fail-commit").exists() {
             return Err(StoreError::Backend(
                 "injected store failure (--test-store-faults)".into(),
             ));
         }
-        self.inner.register_new(owner, devices).await
+        self.inner.register_new(devices).await
     }
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
         self.inner.get_user(user_id).await

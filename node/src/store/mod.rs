@@ -419,17 +419,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<bool, StoreError>;
     /// First contact of a batch of devices. For each device that has no assigned
     /// credentials and whose set was never leased, in one transaction with the others:
-    /// the set's lease row is created (epoch 1, `owner`; no actor holds it, the first one
-    /// to load the set takes epoch 2 and finds the buckets), and its credentials, buckets,
+    /// the set's lease row is created (epoch 1, held by no node: no actor serves it, so the
+    /// first one to load the set takes epoch 2 with no previous owner to hand over from,
+    /// and finds the buckets), and its credentials, buckets,
     /// their changes and its device record are written. Any other device — credentials
     /// already assigned, a set already leased, or named again later in the batch — is
     /// refused: nothing of it is written (the caller takes the general path). Returns, per
     /// device, whether it was written; when it returns `Ok` the writes are durable.
-    async fn register_new(
-        &self,
-        owner: &str,
-        devices: Vec<NewDevice>,
-    ) -> Result<Vec<bool>, StoreError>;
+    async fn register_new(&self, devices: Vec<NewDevice>) -> Result<Vec<bool>, StoreError>;
     /// A user account.
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError>;
     /// Creates a user; `false` if the id is taken.

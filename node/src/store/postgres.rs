@@ -566,7 +566,8 @@ impl Store for PostgresStore {
         txn.commit().await.map_err(backend)?;
         Ok(Lease {
             epoch,
-            previous_owner: previous.filter(|p| p != owner),
+            // '' is no node: a registration's lease row (`register_new`).
+            previous_owner: previous.filter(|p| p != owner && !p.is_empty()),
         })
     }
 
@@ -662,12 +663,8 @@ impl Store for PostgresStore {
         Ok(true)
     }
 
-    async fn register_new(
-        &self,
-        owner: &str,
-        devices: Vec<NewDevice>,
-    ) -> Result<Vec<bool>, StoreError> {
-        self.register_batch(owner, devices).await
+    async fn register_new(&self, devices: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
+        self.register_batch(devices).await
     }
 
     async fn get_user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {

@@ -100,7 +100,6 @@ enum WriteOp {
     },
     /// First contacts ([`Store::register_new`]).
     Register {
-        owner: String,
         devices: Vec<NewDevice>,
         reply: oneshot::Sender<Result<Vec<bool>, StoreError>>,
     },
@@ -335,12 +334,8 @@ fn apply(
                 .map_err(backend)?;
             replies.push(Reply::Unit(reply, Ok(())));
         }
-        WriteOp::Register {
-            owner,
-            devices,
-            reply,
-        } => {
-            let written = register_new(txn, &owner, &devices)?;
+        WriteOp::Register { devices, reply } => {
+            let written = register_new(txn, &devices)?;
             replies.push(Reply::Flags(reply, Ok(written)));
         }
         WriteOp::Records {
@@ -438,12 +433,10 @@ fn apply(
 /// device record; any other writes nothing.
 fn register_new(
     txn: &redb::WriteTransaction,
-    owner: &str,
     devices: &[NewDevice],
 ) -> Result<Vec<bool>, StoreError> {
     let mut records = txn.open_table(RECORDS).map_err(backend)?;
     let mut leases = txn.open_table(LEASES).map_err(backend)?;
-    let mut owners = txn.open_table(LEASE_OWNERS).map_err(backend)?;
     let mut device_table = txn.open_table(DEVICES).map_err(backend)?;
     let mut buckets = txn.open_table(BUCKETS).map_err(backend)?;
     let mut changes = txn.open_table(CHANGES).map_err(backend)?;
@@ -458,8 +451,8 @@ fn register_new(
             written.push(false);
             continue;
         }
+        // Held by no node (no owner row): the first activation takes it over from nobody.
         leases.insert(s, 1).map_err(backend)?;
-        owners.insert(s, owner).map_err(backend)?;
         records
             .insert(key.as_str(), to_json(&d.assigned)?.as_slice())
             .map_err(backend)?;
@@ -746,18 +739,9 @@ impl Store for RedbStore {
         self.write(|reply| WriteOp::Device { record, reply }).await
     }
 
-    async fn register_new(
-        &self,
-        owner: &str,
-        devices: Vec<NewDevice>,
-    ) -> Result<Vec<bool>, StoreError> {
-        let owner = owner.to_string();
-        self.write(|reply| WriteOp::Register {
-            owner,
-            devices,
-            reply,
-        })
-        .await
+    async fn register_new(&self, devices: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
+        self.write(|reply| WriteOp::Register { devices, reply })
+            .await
     }
 
     async fn get_assigned(&self, serial: &str) -> Result<Option<AssignedRecord>, StoreError> {

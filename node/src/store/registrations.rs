@@ -58,13 +58,12 @@ impl std::fmt::Debug for Registrations {
 }
 
 impl Registrations {
-    /// Starts the writer tasks on the current runtime; leases are created for `owner`.
-    pub fn start(store: Arc<dyn Store>, owner: String, config: RegistrationBatching) -> Self {
+    /// Starts the writer tasks on the current runtime.
+    pub fn start(store: Arc<dyn Store>, config: RegistrationBatching) -> Self {
         let (tx, rx) = mpsc::unbounded_channel::<Pending>();
         let rx = Arc::new(Mutex::new(rx));
-        let owner: Arc<str> = owner.into();
         for _ in 0..config.writers.max(1) {
-            let (rx, store, owner) = (rx.clone(), store.clone(), owner.clone());
+            let (rx, store) = (rx.clone(), store.clone());
             let max_batch = config.max_batch.max(1);
             tokio::spawn(async move {
                 loop {
@@ -87,7 +86,7 @@ impl Registrations {
                         continue;
                     }
                     let devices = batch.iter().map(|p| p.device.clone()).collect();
-                    match store.register_new(&owner, devices).await {
+                    match store.register_new(devices).await {
                         Ok(written) if written.len() == batch.len() => {
                             for (p, w) in batch.into_iter().zip(written) {
                                 let _ = p.reply.send(Ok(w));

@@ -236,7 +236,6 @@ struct Encoded {
 struct EncodedNewDevice {
     set: String,
     lease: Vec<u8>,
-    owner: Vec<u8>,
     assigned: (Vec<u8>, Vec<u8>),
     device_key: Vec<u8>,
     record: DeviceRecord,
@@ -767,11 +766,7 @@ impl<D: KvDatabase> Store for KvStore<D> {
         .await
     }
 
-    async fn register_new(
-        &self,
-        owner: &str,
-        devices: Vec<NewDevice>,
-    ) -> Result<Vec<bool>, StoreError> {
+    async fn register_new(&self, devices: Vec<NewDevice>) -> Result<Vec<bool>, StoreError> {
         let mut encoded = Vec::with_capacity(devices.len());
         for d in &devices {
             let set = d.set()?;
@@ -792,7 +787,6 @@ impl<D: KvDatabase> Store for KvStore<D> {
             encoded.push(EncodedNewDevice {
                 set: s.to_string(),
                 lease: self.root.pack(&("lease", s)),
-                owner: self.root.pack(&("lease_owner", s)),
                 assigned: (self.rec("assigned", s), super::encode_json(&d.assigned)?),
                 device_key: self.root.pack(&("device", s)),
                 record: d.record.clone(),
@@ -814,7 +808,8 @@ impl<D: KvDatabase> Store for KvStore<D> {
                     continue;
                 }
                 trx.set(&e.lease, &1u64.to_be_bytes());
-                trx.set(&e.owner, owner.as_bytes());
+                // No `lease_owner`: held by no node, so the first activation takes it
+                // over from nobody.
                 trx.set(&e.assigned.0, &e.assigned.1);
                 let mut record = e.record.clone();
                 if let Some(old) = trx.get(&e.device_key).await? {

@@ -29,13 +29,13 @@ const LOCK_CREDENTIALS: &str =
 
 const REGISTER_NEW: &str = "
 WITH input AS (
-    SELECT * FROM unnest($2::text[], $3::jsonb[], $4::jsonb[]) AS i(set_key, cred, device)
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::jsonb[]) AS i(set_key, cred, device)
 ), fresh AS (
     SELECT i.* FROM input i
     WHERE NOT EXISTS (SELECT 1 FROM tether_records r WHERE r.key = 'assigned/' || i.set_key)
 ), claimed AS (
     INSERT INTO tether_leases (set_key, epoch, owner)
-    SELECT set_key, 1, $1::text FROM fresh
+    SELECT set_key, 1, '' FROM fresh
     ON CONFLICT (set_key) DO NOTHING RETURNING set_key
 ), creds AS (
     INSERT INTO tether_records (key, body)
@@ -48,13 +48,13 @@ WITH input AS (
 ), buckets AS (
     INSERT INTO tether_buckets (set_key, id, value, ts_ms, ts_logical, version)
     SELECT b.set_key, b.id, b.value, b.ts_ms, b.ts_logical, b.version
-    FROM unnest($5::text[], $6::text[], $7::jsonb[], $8::bigint[], $9::bigint[], $10::bigint[])
+    FROM unnest($4::text[], $5::text[], $6::jsonb[], $7::bigint[], $8::bigint[], $9::bigint[])
         AS b(set_key, id, value, ts_ms, ts_logical, version)
     JOIN claimed c USING (set_key)
 ), changes AS (
     INSERT INTO tether_changes (set_key, id, version, body)
     SELECT ch.set_key, ch.id, ch.version, ch.body
-    FROM unnest($11::text[], $12::text[], $13::bigint[], $14::jsonb[])
+    FROM unnest($10::text[], $11::text[], $12::bigint[], $13::jsonb[])
         AS ch(set_key, id, version, body)
     JOIN claimed c USING (set_key)
 )
@@ -116,7 +116,6 @@ impl PostgresStore {
     /// [`crate::store::Store::register_new`] on PostgreSQL.
     pub(super) async fn register_batch(
         &self,
-        owner: &str,
         devices: Vec<NewDevice>,
     ) -> Result<Vec<bool>, StoreError> {
         if devices.is_empty() {
@@ -124,20 +123,22 @@ impl PostgresStore {
         }
         let cols = Columns::of(&devices)?;
         let mut client = self.client().await?;
-        let claimed =
-            match tokio::time::timeout(self.deadline, Self::register_on(&mut client, owner, &cols))
-                .await
-            {
-                Ok(done) => done?,
-                Err(_) => {
-                    abandon(client);
-                    return Err(StoreError::FateUnknown(format!(
-                        "registration of {} devices: no answer from PostgreSQL within {} ms",
-                        devices.len(),
-                        self.deadline.as_millis()
-                    )));
-                }
-            };
+        let claimed = match tokio::time::timeout(
+            self.deadline,
+            Self::register_on(&mut client, &cols),
+        )
+        .await
+        {
+            Ok(done) => done?,
+            Err(_) => {
+                abandon(client);
+                return Err(StoreError::FateUnknown(format!(
+                    "registration of {} devices: no answer from PostgreSQL within {} ms",
+                    devices.len(),
+                    self.deadline.as_millis()
+                )));
+            }
+        };
         // A device named twice is written (at most) once, for its first entry.
         let mut answered = HashSet::new();
         devices
@@ -151,7 +152,6 @@ impl PostgresStore {
 
     async fn register_on(
         client: &mut deadpool_postgres::Object,
-        owner: &str,
         cols: &Columns,
     ) -> Result<HashSet<String>, StoreError> {
         let lock = client
@@ -162,8 +162,7 @@ impl PostgresStore {
         // Pipelined: sent in this order in one round trip, run in this order.
         type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
         let lock_params: [Param<'_>; 1] = [&cols.keys];
-        let params: [Param<'_>; 14] = [
-            &owner,
+        let params: [Param<'_>; 13] = [
             &cols.sets,
             &cols.creds,
             &cols.records,
