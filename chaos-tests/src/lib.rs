@@ -108,7 +108,8 @@ pub struct ClusterOptions {
     pub users: Vec<String>,
     /// Every node (and PostgreSQL) in a network namespace of its own (root only).
     pub namespaces: bool,
-    /// The `tether` binary to run (default: built from this workspace).
+    /// The `tether` binary to run (default: [`tether_binary`], `$TETHER_BIN` or built
+    /// from this workspace).
     pub tether_bin: Option<PathBuf>,
     /// Extra environment of every node (e.g. a planted bug's switch).
     pub node_env: Vec<(String, String)>,
@@ -274,6 +275,54 @@ pub async fn within<T>(
     }
 }
 
+/// One request's status and JSON body, with a timeout or a broken connection kept as an
+/// answer too (408 / 502), for tests that send many requests through a fault and judge
+/// the answers afterwards.
+pub async fn answer(req: reqwest::RequestBuilder) -> (StatusCode, serde_json::Value) {
+    match req.timeout(Duration::from_secs(8)).send().await {
+        Ok(r) => {
+            let status = r.status();
+            (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        }
+        Err(e) if e.is_timeout() => (
+            StatusCode::REQUEST_TIMEOUT,
+            serde_json::json!(e.to_string()),
+        ),
+        Err(e) => (StatusCode::BAD_GATEWAY, serde_json::json!(e.to_string())),
+    }
+}
+
+/// `GET {base}/v1/buckets/shared.{serial}` as `creds` ([`answer`]).
+pub async fn get_shared(
+    http: &reqwest::Client,
+    base: &str,
+    serial: &str,
+    creds: &Credentials,
+) -> (StatusCode, serde_json::Value) {
+    answer(
+        http.get(format!("{base}/v1/buckets/shared.{serial}"))
+            .header(AUTHORIZATION, basic_header(creds)),
+    )
+    .await
+}
+
+/// `PUT {base}/v1/buckets/shared.{serial}` of `target_temperature = value` on base
+/// version 0 (merged onto whatever is there) as `creds` ([`answer`]).
+pub async fn put_shared(
+    http: &reqwest::Client,
+    base: &str,
+    serial: &str,
+    creds: &Credentials,
+    value: i64,
+) -> (StatusCode, serde_json::Value) {
+    answer(
+        http.put(format!("{base}/v1/buckets/shared.{serial}"))
+            .header(AUTHORIZATION, basic_header(creds))
+            .json(&serde_json::json!({"value": {"target_temperature": value}, "base_version": 0})),
+    )
+    .await
+}
+
 /// The last few KB of a log file.
 pub fn tail(path: &Path) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
@@ -307,15 +356,11 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port after 100 tries");
 }
 
-/// Builds the `tether` binary (a no-op when it is up to date) with the cargo running the
-/// tests and returns its path; once per process. A failed build fails the test.
+/// The `tether` binary the tests run: `$TETHER_BIN` when set (e.g. an older build, to
+/// watch a test fail on it), else built (a no-op when it is up to date) with the cargo
+/// running the tests; once per process. A failed build fails the test.
 pub fn tether_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        tether_test_support::bin::cargo_binary("tether-node", "tether")
-            .unwrap_or_else(|e| panic!("building the tether binary: {e:#}"))
-    })
-    .clone()
+    tether_test_support::bin::tether().to_path_buf()
 }
 
 fn require_haproxy() {

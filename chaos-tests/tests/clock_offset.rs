@@ -95,9 +95,6 @@ async fn wait_offset(
 async fn a_node_whose_clock_was_stepped_an_hour_stamps_writes_by_the_stores_clock() {
     let mut opts = ClusterOptions::new(3, 3);
     opts.faketime = true;
-    // `$TETHER_BIN` as in the node's black-box tests (e.g. an older build, to watch this
-    // test fail on it).
-    opts.tether_bin = std::env::var_os("TETHER_BIN").map(std::path::PathBuf::from);
     let cluster = Cluster::start(opts).await;
     let http = cluster.http().clone();
     let all = [0, 1, 2];

@@ -23,7 +23,9 @@ use std::time::Duration;
 use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tether_chaos_tests::{within, Cluster, ClusterOptions, REQUEST_DEADLINE};
+use tether_chaos_tests::{
+    answer, get_shared, put_shared, within, Cluster, ClusterOptions, REQUEST_DEADLINE,
+};
 use tether_proto::credentials::{basic_header, Credentials};
 use tokio::time::Instant;
 
@@ -52,53 +54,10 @@ async fn forwarded(cluster: &Cluster, i: usize, result: &str) -> f64 {
         .sum()
 }
 
-/// One request's status and body (a timeout or a broken connection as 408 / 502).
-async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    match req.timeout(Duration::from_secs(8)).send().await {
-        Ok(r) => {
-            let status = r.status();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(e) if e.is_timeout() => (StatusCode::REQUEST_TIMEOUT, json!(e.to_string())),
-        Err(e) => (StatusCode::BAD_GATEWAY, json!(e.to_string())),
-    }
-}
-
-async fn get(
-    http: &reqwest::Client,
-    base: &str,
-    serial: &str,
-    creds: &Credentials,
-) -> (StatusCode, Value) {
-    send(
-        http.get(format!("{base}/v1/buckets/shared.{serial}"))
-            .header(AUTHORIZATION, basic_header(creds)),
-    )
-    .await
-}
-
-async fn put(
-    http: &reqwest::Client,
-    base: &str,
-    serial: &str,
-    creds: &Credentials,
-    value: i64,
-) -> (StatusCode, Value) {
-    send(
-        http.put(format!("{base}/v1/buckets/shared.{serial}"))
-            .header(AUTHORIZATION, basic_header(creds))
-            .json(&json!({"value": {"target_temperature": value}, "base_version": 0})),
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_between_two_members_is_routed_around() {
     let mut opts = ClusterOptions::new(3, 3);
     opts.namespaces = true;
-    // `$TETHER_BIN` as in the node's black-box tests (e.g. an older build, to watch this
-    // test fail); else built from this workspace.
-    opts.tether_bin = std::env::var_os("TETHER_BIN").map(std::path::PathBuf::from);
     let cluster = Cluster::start(opts).await;
     let http = cluster.http().clone();
 
@@ -116,7 +75,8 @@ async fn a_cut_link_between_two_members_is_routed_around() {
             continue;
         }
         let creds = cluster.register(&serial).await;
-        let (status, body) = put(&http, &cluster.node_url(owner, ""), &serial, &creds, 1).await;
+        let (status, body) =
+            put_shared(&http, &cluster.node_url(owner, ""), &serial, &creds, 1).await;
         assert_eq!(status, StatusCode::OK, "first write of {serial}: {body}");
         owned.entry(owner).or_default().push((serial, creds));
     }
@@ -124,7 +84,7 @@ async fn a_cut_link_between_two_members_is_routed_around() {
     // hang on, the hard case): a forwarded read both ways.
     for (from, to) in [(0, 1), (1, 0)] {
         let (serial, creds) = &owned[&to][0];
-        let (status, body) = get(&http, &cluster.node_url(from, ""), serial, creds).await;
+        let (status, body) = get_shared(&http, &cluster.node_url(from, ""), serial, creds).await;
         assert_eq!(
             status,
             StatusCode::OK,
@@ -150,7 +110,8 @@ async fn a_cut_link_between_two_members_is_routed_around() {
 
     // A subscription held through node 0 on a set of node 1, answered by a write on node 1.
     let (sub_serial, sub_creds) = owned[&1][0].clone();
-    let (status, bucket) = get(&http, &cluster.node_url(1, ""), &sub_serial, &sub_creds).await;
+    let (status, bucket) =
+        get_shared(&http, &cluster.node_url(1, ""), &sub_serial, &sub_creds).await;
     assert_eq!(status, StatusCode::OK, "{bucket}");
     let held = {
         let http = http.clone();
@@ -160,7 +121,7 @@ async fn a_cut_link_between_two_members_is_routed_around() {
             "timeout_ms": 30_000});
         let creds = sub_creds.clone();
         tokio::spawn(async move {
-            send(
+            answer(
                 http.post(url)
                     .header(AUTHORIZATION, basic_header(&creds))
                     .json(&body)
@@ -180,12 +141,12 @@ async fn a_cut_link_between_two_members_is_routed_around() {
             let base = cluster.node_url(from, "");
             for (serial, creds) in &owned[&to] {
                 let sent = cut.elapsed();
-                let (status, body) = get(&http, &base, serial, creds).await;
+                let (status, body) = get_shared(&http, &base, serial, creds).await;
                 answers.push((sent, "GET", serial.clone(), status, body));
             }
             for (serial, creds) in &owned[&to] {
                 let sent = cut.elapsed();
-                let (status, body) = put(&http, &base, serial, creds, round).await;
+                let (status, body) = put_shared(&http, &base, serial, creds, round).await;
                 answers.push((sent, "PUT", serial.clone(), status, body));
             }
         }
@@ -211,7 +172,8 @@ async fn a_cut_link_between_two_members_is_routed_around() {
     // Every write is on its owner: the last round's value.
     for (owner, devices) in &owned {
         for (serial, creds) in devices {
-            let (status, body) = get(&http, &cluster.node_url(*owner, ""), serial, creds).await;
+            let (status, body) =
+                get_shared(&http, &cluster.node_url(*owner, ""), serial, creds).await;
             assert_eq!(status, StatusCode::OK, "{body}");
             assert_eq!(
                 body["value"]["target_temperature"],
@@ -266,7 +228,7 @@ async fn a_cut_link_between_two_members_is_routed_around() {
     };
     let before = forwarded(&cluster, 0, "relayed").await;
     for (serial, creds) in &owned[&1] {
-        let (status, body) = get(&http, &cluster.node_url(0, ""), serial, creds).await;
+        let (status, body) = get_shared(&http, &cluster.node_url(0, ""), serial, creds).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     assert_eq!(

@@ -200,9 +200,6 @@ async fn through_haproxy_a_join_and_a_kill9_fail_no_request_and_lose_no_write() 
     let _one = ONE_CLUSTER.lock().await;
     let mut opts = ClusterOptions::new(3, 4);
     opts.users = vec!["alice".into(), "bob".into()];
-    // `$TETHER_BIN` as in the node's black-box tests (e.g. an older build, to watch this
-    // test fail on it).
-    opts.tether_bin = std::env::var_os("TETHER_BIN").map(std::path::PathBuf::from);
     let mut cluster = Cluster::start(opts).await;
     let lb = cluster.lb_url();
 

@@ -100,9 +100,6 @@ async fn write(http: &reqwest::Client, base: &str, serial: &str, creds: &Credent
 async fn an_isolated_node_turns_unready_and_takes_no_lease_until_healed() {
     let mut opts = ClusterOptions::new(3, 3);
     opts.namespaces = true;
-    // `$TETHER_BIN` as in the node's black-box tests (e.g. an older build, to watch this
-    // test fail); else built from this workspace.
-    opts.tether_bin = std::env::var_os("TETHER_BIN").map(std::path::PathBuf::from);
     let cluster = Cluster::start(opts).await;
     let name = cluster.name(ISOLATED).to_string();
     let http = cluster.http().clone();

@@ -15,8 +15,8 @@
 //!   own are all answered 200 (credentials and scopes read before the cut still serve,
 //!   counted in `tether_auth_stale_answers_total`), and the writes are on the owner;
 //! - writes sent to node 0 for its own sets are refused 503 and never acknowledged, and
-//!   once a store call has passed its deadline they are refused unsent, without waiting
-//!   out the deadline again;
+//!   once a store call has passed its deadline, those sent while another call probes the
+//!   store are refused unsent, without waiting out the deadline again;
 //!
 //! and after the heal, that node 0 writes its own sets again.
 
@@ -25,7 +25,7 @@ use std::time::Duration;
 use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tether_chaos_tests::{Cluster, ClusterOptions};
+use tether_chaos_tests::{answer, get_shared, put_shared, Cluster, ClusterOptions};
 use tether_proto::credentials::{basic_header, Credentials};
 use tokio::time::Instant;
 
@@ -38,58 +38,18 @@ const OWN: usize = 2;
 /// How long the prober keeps asking while the store is cut.
 const CUT_FOR: Duration = Duration::from_secs(12);
 
-/// One request's status and body (a timeout or a broken connection as 408 / 502).
-async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    match req.timeout(Duration::from_secs(8)).send().await {
-        Ok(r) => {
-            let status = r.status();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(e) if e.is_timeout() => (StatusCode::REQUEST_TIMEOUT, json!(e.to_string())),
-        Err(e) => (StatusCode::BAD_GATEWAY, json!(e.to_string())),
-    }
-}
-
-async fn get(
-    http: &reqwest::Client,
-    base: &str,
-    id: &str,
-    creds: &Credentials,
-) -> (StatusCode, Value) {
-    send(
-        http.get(format!("{base}/v1/buckets/{id}"))
-            .header(AUTHORIZATION, basic_header(creds)),
-    )
-    .await
-}
-
-async fn put(
-    http: &reqwest::Client,
-    base: &str,
-    id: &str,
-    creds: &Credentials,
-    value: i64,
-) -> (StatusCode, Value) {
-    send(
-        http.put(format!("{base}/v1/buckets/{id}"))
-            .header(AUTHORIZATION, basic_header(creds))
-            .json(&json!({"value": {"target_temperature": value}, "base_version": 0})),
-    )
-    .await
-}
-
 /// Pairs device `serial` to `user` (a pairing code from the device, redeemed by the user).
 async fn pair(cluster: &Cluster, serial: &str, device: &Credentials, user: &Credentials) {
     let http = cluster.http();
     let base = cluster.node_url(1, "");
-    let (status, body) = send(
+    let (status, body) = answer(
         http.post(format!("{base}/v1/pairing-code"))
             .header(AUTHORIZATION, basic_header(device)),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "pairing code for {serial}: {body}");
     let code = body["code"].as_str().expect("pairing code").to_string();
-    let (status, body) = send(
+    let (status, body) = answer(
         http.post(format!("{base}/v1/pair"))
             .header(AUTHORIZATION, basic_header(user))
             .json(&json!({ "code": code })),
@@ -103,9 +63,6 @@ async fn a_node_cut_from_the_store_still_serves_its_clients_sets_owned_elsewhere
     let mut opts = ClusterOptions::new(3, 3);
     opts.namespaces = true;
     opts.users = vec!["storecut".into()];
-    // `$TETHER_BIN` as in the node's black-box tests (e.g. an older build, to watch this
-    // test fail); else built from this workspace.
-    opts.tether_bin = std::env::var_os("TETHER_BIN").map(std::path::PathBuf::from);
     let cluster = Cluster::start(opts).await;
     let http = cluster.http().clone();
     let via = cluster.node_url(CUT, "");
@@ -131,19 +88,19 @@ async fn a_node_cut_from_the_store_still_serves_its_clients_sets_owned_elsewhere
     }
     // The app's user is paired with the first of the others' devices.
     pair(&cluster, &elsewhere[0].0, &elsewhere[0].1, &user).await;
-    let app_bucket = format!("shared.{}", elsewhere[0].0);
+    let app_serial = elsewhere[0].0.as_str();
 
     // Every client has used node 0 before the cut (the common case: a device keeps its
     // connection, an app keeps polling).
     for (serial, creds) in elsewhere.iter().chain(&own) {
-        let (status, body) = put(&http, &via, &format!("shared.{serial}"), creds, 1).await;
+        let (status, body) = put_shared(&http, &via, serial, creds, 1).await;
         assert_eq!(
             status,
             StatusCode::OK,
             "write of {serial} before the cut: {body}"
         );
     }
-    let (status, body) = get(&http, &via, &app_bucket, &user).await;
+    let (status, body) = get_shared(&http, &via, app_serial, &user).await;
     assert_eq!(status, StatusCode::OK, "app read before the cut: {body}");
 
     // Cut node 0 from PostgreSQL (both ways), nothing else.
@@ -173,17 +130,29 @@ async fn a_node_cut_from_the_store_still_serves_its_clients_sets_owned_elsewhere
         n += 1;
         for (serial, creds) in &elsewhere {
             let id = format!("shared.{serial}");
-            let (s, b) = get(&http, &via, &id, creds).await;
+            let (s, b) = get_shared(&http, &via, serial, creds).await;
             answers.push((cut.elapsed(), format!("device GET {id}"), s, b));
-            let (s, b) = put(&http, &via, &id, creds, n).await;
+            let (s, b) = put_shared(&http, &via, serial, creds, n).await;
             answers.push((cut.elapsed(), format!("device PUT {id} = {n}"), s, b));
         }
-        let (s, b) = get(&http, &via, &app_bucket, &user).await;
-        answers.push((cut.elapsed(), format!("app GET {app_bucket}"), s, b));
-        let (s, b) = put(&http, &via, &app_bucket, &user, n).await;
-        answers.push((cut.elapsed(), format!("app PUT {app_bucket} = {n}"), s, b));
-        for (serial, creds) in &own {
-            let (s, b) = put(&http, &via, &format!("shared.{serial}"), creds, -n).await;
+        let (s, b) = get_shared(&http, &via, app_serial, &user).await;
+        answers.push((cut.elapsed(), format!("app GET shared.{app_serial}"), s, b));
+        let (s, b) = put_shared(&http, &via, app_serial, &user, n).await;
+        answers.push((
+            cut.elapsed(),
+            format!("app PUT shared.{app_serial} = {n}"),
+            s,
+            b,
+        ));
+        // Node 0's own sets, written at once: while one call probes the silent store,
+        // the other is refused unsent.
+        let mut writes = tokio::task::JoinSet::new();
+        for (serial, creds) in own.clone() {
+            let (http, via) = (http.clone(), via.clone());
+            writes.spawn(async move { put_shared(&http, &via, &serial, &creds, -n).await });
+        }
+        while let Some(written) = writes.join_next().await {
+            let (s, b) = written.expect("write task");
             own_refusals.push((cut.elapsed(), s, b));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -205,13 +174,7 @@ async fn a_node_cut_from_the_store_still_serves_its_clients_sets_owned_elsewhere
     // The writes are on their owners (read there directly, not through node 0).
     for (serial, creds) in &elsewhere[1..] {
         let owner = cluster.ring_owner(serial, &[0, 1, 2]);
-        let (status, body) = get(
-            &http,
-            &cluster.node_url(owner, ""),
-            &format!("shared.{serial}"),
-            creds,
-        )
-        .await;
+        let (status, body) = get_shared(&http, &cluster.node_url(owner, ""), serial, creds).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(
             body["value"]["target_temperature"],
@@ -271,7 +234,7 @@ async fn a_node_cut_from_the_store_still_serves_its_clients_sets_owned_elsewhere
     for (serial, creds) in &own {
         let id = format!("shared.{serial}");
         loop {
-            let (s, b) = put(&http, &via, &id, creds, 100).await;
+            let (s, b) = put_shared(&http, &via, serial, creds, 100).await;
             if s == StatusCode::OK {
                 break;
             }

@@ -1009,10 +1009,12 @@ impl Actor for BucketSetActor {
                     act.epoch = Some(epoch);
                     act.leased = true;
                     act.shared.metrics.lease_acquired();
+                    act.shared.loaded(&act.set);
                     tracing::debug!(set = %act.set, epoch = epoch.0, buckets = act.committed.len(), "bucket set loaded");
                 }
                 Err(e) => {
                     tracing::error!(set = %act.set, error = %e, "loading bucket set failed");
+                    act.shared.load_failed(&act.set, &e);
                     ctx.stop();
                 }
             }),

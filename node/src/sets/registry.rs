@@ -13,6 +13,7 @@ use tether_proto::{ClockBound, Hlc, HlcClock, ReferenceReading, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
+use crate::security::limits::BoundedMap;
 use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown};
 use crate::sets::traced::{Op, Traced};
 use crate::store::Store;
@@ -61,7 +62,13 @@ pub struct Shared {
     closing: AtomicBool,
     placement: OnceLock<Arc<RingPlacement>>,
     takeover: OnceLock<Arc<dyn TakeOver>>,
+    /// Why a set's last activation failed, for the answer to the requests that waited on
+    /// it (until one succeeds; bounded).
+    load_failures: BoundedMap<SetKey, String>,
 }
+
+/// Load failures remembered for their waiting requests' answers.
+const LOAD_FAILURES: usize = 4096;
 
 /// Tells the node that held a set's lease before this one to stop serving it (cluster
 /// mode), so it answers no read from its now stale memory.
@@ -139,6 +146,7 @@ impl Shared {
             closing: AtomicBool::new(false),
             placement: OnceLock::new(),
             takeover: OnceLock::new(),
+            load_failures: BoundedMap::new(LOAD_FAILURES),
         })
     }
 
@@ -320,7 +328,9 @@ impl Shared {
     }
 
     /// Sends `msg` to the set's actor; if that actor stopped (passivated) before handling
-    /// it, the message was never handled, so it is safe to start a new one and resend.
+    /// it, the message was never handled, so it is safe to start a new one and resend —
+    /// unless it stopped because its activation failed: then the answer says why, after
+    /// one store deadline at most.
     pub async fn call<M>(self: &Arc<Self>, set: &SetKey, msg: M) -> Result<M::Result>
     where
         M: Message + Op + Send + Clone + 'static,
@@ -333,13 +343,29 @@ impl Shared {
             }
             match self.actor(set)?.send(Traced::new(msg.clone())).await {
                 Ok(r) => return Ok(r),
+                // Its activation failed (the store): another one now would fail alike,
+                // after another store deadline.
+                Err(MailboxError::Closed) if self.load_failures.get(set).is_some() => break,
                 Err(MailboxError::Closed) => continue,
                 Err(MailboxError::Timeout) => break,
             }
         }
-        Err(NodeError::Unavailable(format!(
-            "bucket set {set} could not be loaded"
-        )))
+        let why = self.load_failures.get(set);
+        Err(NodeError::Unavailable(match why {
+            Some(why) => format!("bucket set {set} could not be loaded: {why}"),
+            None => format!("bucket set {set} could not be loaded"),
+        }))
+    }
+
+    /// An activation of `set` failed with `error`: the requests that waited on it are
+    /// told why.
+    pub(crate) fn load_failed(&self, set: &SetKey, error: &impl std::fmt::Display) {
+        self.load_failures.put(set.clone(), error.to_string());
+    }
+
+    /// An activation of `set` succeeded: no earlier failure is reported again.
+    pub(crate) fn loaded(&self, set: &SetKey) {
+        self.load_failures.remove(set);
     }
 
     /// The set's actor if one is running; never starts one.
@@ -491,6 +517,62 @@ mod tests {
             serde_json::Value::Object(m) => m,
             _ => Fields::new(),
         }
+    }
+
+    /// A set whose activation failed (its lease could not be taken) is not activated
+    /// again for the same request — each try would wait out another store deadline — and
+    /// the answer says why; once the store serves again, so does the set.
+    #[test]
+    fn a_failed_activation_is_answered_with_its_cause_and_not_retried() {
+        actix_rt::System::new().block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let kv: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let store: Arc<dyn Store> =
+                Arc::new(crate::store::faults::FaultyStore::new(kv, dir.path()));
+            let n1 = node("n1", store);
+            let router = Router::single(n1.clone());
+            let set = SetKey::parse("FAIL0001").expect("set");
+            let id = BucketId::parse("shared.FAIL0001").expect("id");
+            router
+                .ensure(&set, vec![(id.clone(), fields(json!({"x": null})))], None)
+                .await
+                .expect("create");
+            // Stopped (as after passivation): the next request activates the set again.
+            n1.relinquish(&set).await;
+
+            std::fs::write(dir.path().join("fail-lease"), b"").expect("control file");
+            let failed = router
+                .get(
+                    &set,
+                    crate::sets::actor::Get {
+                        ids: None,
+                        values: true,
+                        max_bytes: 1 << 20,
+                    },
+                )
+                .await;
+            let message = failed.expect_err("no lease, no answer").to_string();
+            assert!(
+                message.contains("could not be loaded") && message.contains("injected lease"),
+                "{message}"
+            );
+            let tries = std::fs::read_to_string(dir.path().join("lease-refused"))
+                .expect("refusals counted");
+            assert_eq!(tries.lines().count(), 1, "activations tried: {tries:?}");
+
+            std::fs::remove_file(dir.path().join("fail-lease")).expect("control file");
+            let found = router
+                .get(
+                    &set,
+                    crate::sets::actor::Get {
+                        ids: None,
+                        values: true,
+                        max_bytes: 1 << 20,
+                    },
+                )
+                .await;
+            assert_eq!(found.expect("served again").len(), 1);
+        });
     }
 
     #[test]

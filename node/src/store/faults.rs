@@ -10,6 +10,8 @@
 //!   before answering (its fate is unknown to the caller meanwhile); the store creates
 //!   `commit-done-held` while one waits.
 //! - `fail-commit`: a commit fails (a backend error, nothing written).
+//! - `fail-lease`: taking a lease fails as a store cut from the node does (unreachable,
+//!   nothing written); each refusal adds a line to `lease-refused`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,6 +63,20 @@ impl Store for FaultyStore {
         self.inner.load_set(set).await
     }
     async fn acquire_lease(&self, set: &SetKey, owner: &str) -> Result<Lease, StoreError> {
+        if self.dir.join("fail-lease").exists() {
+            use std::io::Write;
+            let counted = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("lease-refused"))
+                .and_then(|mut f| f.write_all(b"refused\n"));
+            if let Err(e) = counted {
+                tracing::warn!(error = %e, "counting an injected lease failure");
+            }
+            return Err(StoreError::Unreachable(
+                "injected lease failure (--test-store-faults)".into(),
+            ));
+        }
         self.inner.acquire_lease(set, owner).await
     }
     async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
