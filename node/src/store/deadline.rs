@@ -9,10 +9,13 @@
 //! loads; the new lease fences the write if it lands late — ARCHITECTURE.md invariant 25).
 //!
 //! Once a call passed its deadline, the store is taken for unreachable (a circuit
-//! breaker): one call at a time goes to it as a probe, every other call fails at once
-//! with [`StoreError::Unreachable`] (nothing sent, so nothing of unknown fate), until any
+//! breaker): one call at a time goes to it as a probe, no sooner than [`PROBE_PAUSE`]
+//! after the last probe ended, and every other call fails at once with
+//! [`StoreError::Unreachable`] (nothing sent, so nothing of unknown fate), until any
 //! answer comes back. Without it, every request behind a store cut from the node waits
-//! out the whole deadline, and a load balancer that resends 503s multiplies that wait.
+//! out the whole deadline, and a load balancer that resends 503s multiplies that wait;
+//! without the pause, requests sent one after another would each become the next probe
+//! (a subscribe cancelled at its 2 s timeout, resent, cancelled again…).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +31,10 @@ use super::{
 
 /// The deadline of a store call unless configured (`--store-timeout-ms`).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(3000);
+
+/// While the store is taken for unreachable, the least time between the end of one probe
+/// and the start of the next (the node reads PostgreSQL's clock every second besides).
+pub const PROBE_PAUSE: Duration = Duration::from_millis(1000);
 
 /// A store whose every call answers within `deadline`, and at once while the store is
 /// unreachable.
@@ -48,6 +55,8 @@ struct Breaker {
 struct BreakerState {
     open: bool,
     probing: bool,
+    /// No probe starts before this (while open).
+    next_probe: Option<tokio::time::Instant>,
 }
 
 /// A call let through: a probe clears the probing mark however it ends (also when the
@@ -60,7 +69,10 @@ struct Admitted<'a> {
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if self.probe {
-            self.breaker.with(|s| s.probing = false);
+            self.breaker.with(|s| {
+                s.probing = false;
+                s.next_probe = Some(tokio::time::Instant::now() + PROBE_PAUSE);
+            });
         }
     }
 }
@@ -72,13 +84,18 @@ impl Breaker {
 
     /// Lets a call through (as the probe while open), or `None`: fail at once.
     fn admit(&self) -> Option<Admitted<'_>> {
-        let probe = self.with(|s| match (s.open, s.probing) {
-            (false, _) => Some(false),
-            (true, false) => {
-                s.probing = true;
-                Some(true)
+        let probe = self.with(|s| {
+            if !s.open {
+                return Some(false);
             }
-            (true, true) => None,
+            let paused = s
+                .next_probe
+                .is_some_and(|at| tokio::time::Instant::now() < at);
+            if s.probing || paused {
+                return None;
+            }
+            s.probing = true;
+            Some(true)
         })?;
         Some(Admitted {
             breaker: self,
@@ -95,11 +112,16 @@ impl Breaker {
 
     /// A call passed its deadline.
     fn silent(&self, deadline: Duration) {
-        if !self.with(|s| std::mem::replace(&mut s.open, true)) {
+        let was_open = self.with(|s| {
+            s.next_probe = Some(tokio::time::Instant::now() + PROBE_PAUSE);
+            std::mem::replace(&mut s.open, true)
+        });
+        if !was_open {
             tracing::warn!(
                 deadline_ms = deadline.as_millis() as u64,
+                pause_ms = PROBE_PAUSE.as_millis() as u64,
                 "a store call passed its deadline: failing store calls at once, one probe at \
-                 a time, until the store answers"
+                 a time (a pause between probes), until the store answers"
             );
         }
     }
@@ -397,17 +419,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_store_times_reads_out_and_leaves_writes_of_unknown_fate() {
-        let store = DeadlineStore::new(Arc::new(Silent::default()), Duration::from_millis(50));
+        // A store each: after one call passed its deadline, the next would be refused
+        // unsent (the breaker, tested below) instead of sent and timed out.
+        let store = || DeadlineStore::new(Arc::new(Silent::default()), Duration::from_millis(50));
         let set = SetKey::parse("01AA02AB").expect("set key");
         assert!(matches!(
-            store.load_set(&set).await,
+            store().load_set(&set).await,
             Err(StoreError::TimedOut(_))
         ));
         assert!(matches!(
-            store.get_assigned("01AA02AB").await,
+            store().get_assigned("01AA02AB").await,
             Err(StoreError::TimedOut(_))
         ));
-        let committed = store.commit(&set, Epoch(1), Commit::default()).await;
+        let committed = store().commit(&set, Epoch(1), Commit::default()).await;
         assert!(
             matches!(&committed, Err(e @ StoreError::FateUnknown(_)) if e.may_have_written()),
             "{committed:?}"
@@ -426,6 +450,13 @@ mod tests {
             store.load_set(&set).await,
             Err(StoreError::TimedOut(_))
         ));
+        // Right after, no probe yet: refused unsent.
+        let paused = store.lease_epoch(&set).await;
+        assert!(
+            matches!(paused, Err(StoreError::Unreachable(_))),
+            "{paused:?}"
+        );
+        tokio::time::sleep(PROBE_PAUSE).await;
 
         // The next call probes (and waits out its deadline); the ones behind it fail at
         // once — a `Silent` call sent to the store would wait, never answer Unreachable.
@@ -444,27 +475,36 @@ mod tests {
         let probed = probe.await.expect("probe task");
         assert!(matches!(probed, Err(StoreError::TimedOut(_))), "{probed:?}");
 
-        // The store answers again: the next call is the probe that gets through, and
-        // calls behind it are sent as before.
+        // The store answers again: calls within the pause after that probe are still
+        // refused (a request resent at once is not the next probe), the next probe gets
+        // through, and calls behind it are sent as before.
         silent
             .answers
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let resent = store.lease_epoch(&set).await;
+        assert!(
+            matches!(resent, Err(StoreError::Unreachable(_))),
+            "{resent:?}"
+        );
+        tokio::time::sleep(PROBE_PAUSE).await;
         assert_eq!(store.lease_epoch(&set).await.ok(), Some(Some(Epoch(1))));
         let (a, b) = tokio::join!(store.load_set(&set), store.lease_epoch(&set));
         assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     }
 
-    /// A probe whose caller gave up (its request was cancelled) leaves the next call to
-    /// probe: the breaker never stays shut for want of a probe.
+    /// A probe whose caller gave up (its request was cancelled) leaves the next call after
+    /// the pause to probe: the breaker never stays shut for want of a probe.
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_probe_lets_the_next_call_probe() {
         let silent = Arc::new(Silent::default());
         let store = DeadlineStore::new(silent.clone(), Duration::from_secs(3));
         let set = SetKey::parse("01AA02AB").expect("set key");
         assert!(store.load_set(&set).await.is_err());
+        tokio::time::sleep(PROBE_PAUSE).await;
         let cancelled =
             tokio::time::timeout(Duration::from_millis(10), store.lease_epoch(&set)).await;
         assert!(cancelled.is_err(), "the probe was still waiting");
+        tokio::time::sleep(PROBE_PAUSE).await;
         silent
             .answers
             .store(true, std::sync::atomic::Ordering::SeqCst);
