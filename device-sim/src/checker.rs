@@ -605,6 +605,14 @@ impl DeviceTrack {
             .sum()
     }
 
+    /// When the latest acknowledged write still unseen was acknowledged.
+    pub fn latest_outstanding_ack(&self) -> Option<Instant> {
+        self.writes
+            .values()
+            .flat_map(|t| t.pending.values().filter_map(|p| p.acked))
+            .max()
+    }
+
     /// Every acknowledged write still unseen, as violations (the run is over).
     pub fn finish(&mut self, now: Instant) -> Vec<Violation> {
         self.overdue(now, Duration::ZERO)

@@ -532,17 +532,23 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
     } else {
         Duration::ZERO
     };
-    let drain_end = Instant::now() + ctx.cfg.notify_deadline + recovery + Duration::from_secs(2);
+    // Until every acknowledged write is seen or overdue: a write still in flight when the
+    // load ended may be acknowledged up to `request_timeout` later, and is due a deadline
+    // after that (a loaded machine answers late; such a write is neither delivered nor
+    // missed before then).
+    let drained = Instant::now();
+    let due = ctx.cfg.notify_deadline + recovery + Duration::from_secs(2);
+    let drain_cap = drained + due + ctx.cfg.request_timeout;
     loop {
         tokio::time::sleep(tick).await;
         sweep(&ctx);
-        let outstanding: usize = ctx
-            .devices
-            .iter()
-            .map(|d| lock(&d.track).outstanding())
-            .sum();
+        let (outstanding, latest) = ctx.devices.iter().fold((0, None), |(n, latest), d| {
+            let t = lock(&d.track);
+            (n + t.outstanding(), latest.max(t.latest_outstanding_ack()))
+        });
         progress(&ctx, &format!("draining: {outstanding} writes unconfirmed"));
-        if outstanding == 0 || Instant::now() >= drain_end {
+        let drain_end = latest.map_or(drained, |acked: Instant| acked.max(drained)) + due;
+        if outstanding == 0 || Instant::now() >= drain_end.min(drain_cap) {
             break;
         }
     }
