@@ -540,17 +540,13 @@ mod tests {
             // Stopped (as after passivation): the next request activates the set again.
             n1.relinquish(&set).await;
 
+            let every_bucket = || crate::sets::actor::Get {
+                ids: None,
+                values: true,
+                max_bytes: 1 << 20,
+            };
             std::fs::write(dir.path().join("fail-lease"), b"").expect("control file");
-            let failed = router
-                .get(
-                    &set,
-                    crate::sets::actor::Get {
-                        ids: None,
-                        values: true,
-                        max_bytes: 1 << 20,
-                    },
-                )
-                .await;
+            let failed = router.get(&set, every_bucket()).await;
             let message = failed.expect_err("no lease, no answer").to_string();
             assert!(
                 message.contains("could not be loaded") && message.contains("injected lease"),
@@ -561,16 +557,7 @@ mod tests {
             assert_eq!(tries.lines().count(), 1, "activations tried: {tries:?}");
 
             std::fs::remove_file(dir.path().join("fail-lease")).expect("control file");
-            let found = router
-                .get(
-                    &set,
-                    crate::sets::actor::Get {
-                        ids: None,
-                        values: true,
-                        max_bytes: 1 << 20,
-                    },
-                )
-                .await;
+            let found = router.get(&set, every_bucket()).await;
             assert_eq!(found.expect("served again").len(), 1);
         });
     }
