@@ -167,13 +167,17 @@ pub(super) fn measure(hist: &Hist<'_>) -> Live {
         all += 1;
         let success = o.succeeded();
         ok += u64::from(success);
-        let affected = o.buckets().iter().any(|b| {
-            let owner = owners.at(set_of(b), o.invoke);
-            active.iter().any(|w| {
-                let nodes = nodes_of(w);
-                nodes.is_empty() || owner.is_none_or(|n| nodes.iter().any(|x| x == n))
-            })
-        });
+        let sent_to_faulted = active
+            .iter()
+            .any(|w| nodes_of(w).iter().any(|n| n == o.via()));
+        let affected = sent_to_faulted
+            || o.buckets().iter().any(|b| {
+                let owner = owners.at(set_of(b), o.invoke);
+                active.iter().any(|w| {
+                    let nodes = nodes_of(w);
+                    nodes.is_empty() || owner.is_none_or(|n| nodes.iter().any(|x| x == n))
+                })
+            });
         if !wins.is_empty() && !affected {
             un_all += 1;
             un_ok += u64::from(success);
@@ -182,43 +186,38 @@ pub(super) fn measure(hist: &Hist<'_>) -> Live {
     live.availability = ratio(ok, all);
     live.availability_unaffected = ratio(un_ok, un_all);
 
-    // Failover: successful write acknowledgements per bucket.
-    let mut acks: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    // Failover: every set's write attempts, (completion, invocation, success).
+    let mut attempts: BTreeMap<&str, Vec<(u64, u64, bool)>> = BTreeMap::new();
     for o in &hist.ops {
-        if let (Kind::Write, Some(Outcome::Ok { .. }), Some(t)) = (o.kind(), o.result, o.complete) {
-            for b in o.buckets() {
-                acks.entry(b).or_default().push(t);
-            }
+        if o.kind() != Kind::Write {
+            continue;
+        }
+        let done = o.complete.unwrap_or(hist.end).max(o.invoke);
+        for b in o.buckets() {
+            attempts
+                .entry(set_of(b))
+                .or_default()
+                .push((done, o.invoke, o.succeeded()));
         }
     }
-    for v in acks.values_mut() {
+    for v in attempts.values_mut() {
         v.sort_unstable();
     }
     let mut failover: Option<u64> = None;
     for w in &wins {
         let nodes = nodes_of(w);
-        for (b, times) in &acks {
-            let Some(owner) = owners.at(set_of(b), w.start) else {
+        if nodes.is_empty() {
+            continue;
+        }
+        for (set, tries) in &attempts {
+            let Some(owner) = owners.at(set, w.start) else {
                 continue;
             };
             if !nodes.iter().any(|n| n == owner) {
                 continue;
             }
-            // Consecutive acks, from the last one before the fault (or its start); up to
-            // End when no write came back after the fault started.
-            let before = times.iter().rev().find(|t| **t <= w.start).copied();
-            let mut points: Vec<u64> = vec![before.unwrap_or(w.start)];
-            points.extend(times.iter().filter(|t| **t > w.start).copied());
-            if points.len() == 1 {
-                points.push(hist.end.max(w.start));
-            }
-            let gap = points
-                .windows(2)
-                .filter(|p| p[0] <= w.end)
-                .map(|p| p[1].saturating_sub(p[0]))
-                .max()
-                .unwrap_or(0);
-            failover = Some(failover.map_or(gap, |f| f.max(gap)));
+            let longest = outages(tries, w, hist.end).max().unwrap_or(0);
+            failover = Some(failover.map_or(longest, |f| f.max(longest)));
         }
     }
     live.failover_s = failover.map(|us| us as f64 / 1e6);
@@ -264,4 +263,38 @@ pub(super) fn measure(hist: &Hist<'_>) -> Live {
         live.convergence_s = Some(worst as f64 / 1e6);
     }
     live
+}
+
+/// The outages of one set's write attempts `(completion, invocation, success)` (sorted by
+/// completion) that a fault window `w` explains, in µs: from the later of the fault start
+/// and the last success before a run of failures, to the first success after it (`end`
+/// when none came).
+fn outages<'a>(
+    tries: &'a [(u64, u64, bool)],
+    w: &'a Window,
+    end: u64,
+) -> impl Iterator<Item = u64> + 'a {
+    let mut runs = Vec::new();
+    let mut last_ok: Option<u64> = None;
+    // While failures run: whether one of them was invoked inside the window.
+    let mut run: Option<bool> = None;
+    for &(done, invoked, ok) in tries {
+        if ok {
+            if run == Some(true) {
+                runs.push((last_ok, Some(done)));
+            }
+            run = None;
+            last_ok = Some(done);
+        } else {
+            let inside = w.start <= invoked && invoked <= w.end;
+            run = Some(run.unwrap_or(false) || inside);
+        }
+    }
+    if run == Some(true) {
+        runs.push((last_ok, None));
+    }
+    runs.into_iter().map(move |(before, after)| {
+        let from = before.map_or(w.start, |b| b.max(w.start));
+        after.unwrap_or(end).saturating_sub(from)
+    })
 }

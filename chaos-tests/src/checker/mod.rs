@@ -56,17 +56,21 @@
 //!   and target (an unclosed one lasts until `End`).
 //! - `availability`: successes / operations invoked inside any fault window; for a run
 //!   without faults, over the whole run.
-//! - `availability_unaffected`: the same over operations none of whose buckets' sets
-//!   (bucket id `kind.set`) was owned — by the last `Owner` entry before the invocation —
-//!   by a node named in the target of a fault active at the invocation. A part of the
-//!   target (split at `<->` and `,`) counts as a node when some `Owner` entry names it; a
-//!   fault naming no such node (the store) touches every set, so the figure is `None`
-//!   when no unaffected operation exists.
-//! - `failover_s`: for every fault naming a node, every bucket whose set that node owned at
-//!   the fault's start: the longest interval between consecutive successful write
-//!   acknowledgements on that bucket that overlaps the fault window (from the fault start
-//!   when there was no write before, up to `End` when none came after). The maximum over
-//!   faults and buckets; `None` when no fault names an owner.
+//! - `availability_unaffected`: the same over operations that were neither sent to a node
+//!   named in the target of a fault active at the invocation (`via`), nor addressed a
+//!   bucket whose set (bucket id `kind.set`) was owned — by the last `Owner` entry before
+//!   the invocation — by such a node. A part of the target (split at `<->` and `,`) counts
+//!   as a node when some `Owner` entry names it; a fault naming no such node (the store)
+//!   touches every set, so the figure is `None` when no unaffected operation exists.
+//! - `failover_s`: for every fault naming a node, every set that node owned at the fault's
+//!   start, the set's write attempts (on any of its buckets) ordered by completion. An
+//!   *outage* is a maximal run of failed attempts with no success completing between
+//!   them, at least one of them invoked inside the fault window; it lasts from the later
+//!   of the fault start and the last success completed before the run, to the first
+//!   success completed after the run (`End` when none did). The maximum over faults, sets
+//!   and outages; 0 for a set whose writes never failed in the window; `None` when no
+//!   fault names an owner. Sparse writes cannot stretch it back into time before the fault
+//!   or across a quiet stretch that saw no failure.
 //! - `convergence_s`: after the last fault's end `h`, for each client and bucket, the last
 //!   read/subscribe that was not current (showed a version below the highest acknowledged
 //!   before it was invoked); the maximum of (its completion − `h`), 0 when every read after
@@ -345,6 +349,13 @@ impl Op<'_> {
     /// Success in the availability sense.
     fn succeeded(&self) -> bool {
         succeeded(self.result)
+    }
+
+    /// Where the operation was sent: `lb` or a node's name.
+    fn via(&self) -> &str {
+        match self.call {
+            Call::Write { via, .. } | Call::Read { via, .. } | Call::Subscribe { via, .. } => via,
+        }
     }
 
     /// The buckets the operation addressed.

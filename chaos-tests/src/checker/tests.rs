@@ -41,6 +41,8 @@ pub(super) struct Builder {
     end: u64,
     /// The run's start on the wall clock (0: unknown, as most fixtures leave it).
     wall_ms: u64,
+    /// Where the next operations are sent (`None`: the load balancer, `lb`).
+    via: Option<&'static str>,
 }
 
 fn obj(v: serde_json::Value) -> Fields {
@@ -90,7 +92,7 @@ impl Builder {
             base_version: base,
             occ,
             op_id: None,
-            via: "lb".into(),
+            via: self.via.unwrap_or("lb").into(),
         };
         self.push(client, invoke, complete, call, res)
     }
@@ -806,8 +808,9 @@ fn liveness_figures_follow_their_definitions() {
     // Not on node-1's sets at invocation: the three s2 writes (all succeed); the s1 write
     // at 4050 ms is on node-2 by then.
     assert_eq!(v.availability_unaffected, Some(4.0 / 4.0));
-    // s1's acks: 950 ms, then 4100 ms: 3.15 s.
-    assert_eq!(v.failover_s, Some(3.15));
+    // s1's writes fail from the fault start (1000 ms; its last ack, 950 ms, came before)
+    // until the ack at 4100 ms: 3.1 s.
+    assert_eq!(v.failover_s, Some(3.1));
     // The last non-current read after the heal (5000 ms) completed at 6100 ms.
     assert_eq!(v.convergence_s, Some(1.1));
     assert!(!v.liveness_passed, "availability 67 % is below 95 %");
@@ -837,7 +840,7 @@ fn liveness_figures_follow_their_definitions() {
             ..no_availability
         })
         .liveness_passed,
-        "failover 3.15 s is above 3 s"
+        "failover 3.1 s is above 3 s"
     );
 }
 
@@ -915,6 +918,89 @@ fn a_store_fault_touches_every_set_and_a_write_gap_runs_to_end() {
     // The store fault names no node that owns a set, the pause names s1's owner: no
     // operation in a window was on a set outside the fault.
     assert_eq!(v.availability_unaffected, None);
-    // s1's last acknowledgement at 200 ms, none after the pause began: gap to End.
-    assert_eq!(v.failover_s, Some(7.8));
+    // The store fault names no owner. The pause does: s1's write fails from its start
+    // (5 s) and none succeeds before End (8 s).
+    assert_eq!(v.failover_s, Some(3.0));
+}
+
+#[test]
+fn failover_is_measured_from_the_fault_and_direct_clients_of_a_faulted_node_are_affected() {
+    let mut h = Builder {
+        end: 30_000,
+        ..Builder::default()
+    };
+    h.owner(0, "s1", "node-1");
+    h.owner(0, "s2", "node-2");
+    h.read(0, (0, 10), state(S1, 1, 1000, json!({})));
+    h.read(0, (0, 10), state(S2, 1, 1000, json!({})));
+    // Sparse writes on s1: one ack at 500 ms, none until long after node-1's kill at
+    // 10 s; the first write after the kill fails, the next one (at 14 s) succeeds.
+    h.write(
+        1,
+        (400, 500),
+        S1,
+        json!({"a": 1}),
+        1,
+        false,
+        Res::Ack(2, 1500),
+    );
+    h.fault(10_000, "kill", "node-1", FaultPhase::Start);
+    h.write(
+        1,
+        (11_000, 12_000),
+        S1,
+        json!({"a": 2}),
+        2,
+        false,
+        Res::Unknown,
+    );
+    h.write(
+        1,
+        (13_900, 14_000),
+        S1,
+        json!({"a": 3}),
+        2,
+        false,
+        Res::Ack(3, 15_000),
+    );
+    // s2 is written rarely and never fails: no outage, however long its quiet stretch.
+    h.write(
+        2,
+        (600, 700),
+        S2,
+        json!({"b": 1}),
+        1,
+        false,
+        Res::Ack(2, 1700),
+    );
+    h.write(
+        2,
+        (19_000, 19_100),
+        S2,
+        json!({"b": 2}),
+        2,
+        false,
+        Res::Ack(3, 20_100),
+    );
+    // A client sent straight to the killed node fails on s2, which node-2 owns.
+    h.via = Some("node-1");
+    h.write(
+        3,
+        (16_000, 16_500),
+        S2,
+        json!({"c": 1}),
+        2,
+        false,
+        Res::Unknown,
+    );
+    h.via = None;
+    h.fault(20_000, "kill", "node-1", FaultPhase::End);
+    let v = h.check();
+    assert!(v.passed, "{:#?}", v.examples);
+    // From the kill (10 s), not from the last ack before it (0.5 s), to the ack at 14 s.
+    assert_eq!(v.failover_s, Some(4.0));
+    // In the window: s1's two writes and the direct write are affected; s2's write through
+    // the load balancer is the only unaffected operation, and it succeeded.
+    assert_eq!(v.availability_unaffected, Some(1.0));
+    assert_eq!(v.availability, Some(2.0 / 4.0));
 }
