@@ -11,6 +11,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod api;
+pub mod blob;
 pub mod client;
 pub mod credentials;
 pub mod error;

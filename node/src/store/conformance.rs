@@ -869,6 +869,240 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
 }
 
 /// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
+fn blobs_of(store: &Arc<dyn Store>) -> super::blobs::Blobs {
+    let kv = store.blob_kv().expect("every backend has a blob keyspace");
+    super::blobs::Blobs::new(kv, std::time::Duration::from_secs(10))
+}
+
+pub(crate) async fn blob_uploads_take_chunks_in_order_and_complete_once(store: Arc<dyn Store>) {
+    use super::blobs::{Appended, Begun, CHUNK};
+    use tether_proto::blob::BlobHash;
+    let blobs = blobs_of(&store);
+    let bytes: Vec<u8> = (0..CHUNK + 100).map(|i| (i % 251) as u8).collect();
+    let h = BlobHash::of(&bytes);
+    let size = bytes.len() as u64;
+    let began = blobs
+        .begin(&h, size, "application/octet-stream", "device:A1", 10)
+        .await
+        .expect("begin");
+    assert!(
+        matches!(began, Begun::Upload(ref m) if m.received == 0 && !m.complete),
+        "{began:?}"
+    );
+    // Another principal's upload of the same bytes is busy; the uploader resumes its own.
+    assert!(matches!(
+        blobs
+            .begin(&h, size, "x", "device:B2", 11)
+            .await
+            .expect("begin"),
+        Begun::Busy(_)
+    ));
+    // Out of order, short of a whole chunk, or someone else's: nothing stored.
+    let tail = bytes[CHUNK..].to_vec();
+    assert_eq!(
+        blobs
+            .append(&h, "device:A1", 1, tail.clone())
+            .await
+            .expect("append"),
+        Appended::Received(0)
+    );
+    assert_eq!(
+        blobs
+            .append(&h, "device:A1", 0, bytes[..100].to_vec())
+            .await
+            .expect("append"),
+        Appended::Received(0)
+    );
+    assert_eq!(
+        blobs
+            .append(&h, "device:B2", 0, bytes[..CHUNK].to_vec())
+            .await
+            .expect("append"),
+        Appended::Received(0)
+    );
+    assert!(
+        !blobs.complete(&h, "device:A1", 12).await.expect("complete"),
+        "not all bytes are stored"
+    );
+    assert_eq!(
+        blobs
+            .append(&h, "device:A1", 0, bytes[..CHUNK].to_vec())
+            .await
+            .expect("append"),
+        Appended::Received(CHUNK as u64)
+    );
+    // The same chunk again (a resent range) changes nothing.
+    assert_eq!(
+        blobs
+            .append(&h, "device:A1", 0, bytes[..CHUNK].to_vec())
+            .await
+            .expect("append"),
+        Appended::Received(CHUNK as u64)
+    );
+    assert_eq!(
+        blobs
+            .append(&h, "device:A1", 1, tail.clone())
+            .await
+            .expect("append"),
+        Appended::Received(size)
+    );
+    assert_eq!(
+        blobs.chunk(&h, 0).await.expect("chunk").as_deref(),
+        Some(&bytes[..CHUNK])
+    );
+    assert_eq!(blobs.chunk(&h, 1).await.expect("chunk"), Some(tail));
+    assert_eq!(blobs.chunk(&h, 2).await.expect("chunk"), None);
+    assert!(blobs.complete(&h, "device:A1", 13).await.expect("complete"));
+    assert!(
+        !blobs.complete(&h, "device:A1", 14).await.expect("complete"),
+        "completes once"
+    );
+    let m = blobs.manifest(&h).await.expect("manifest").expect("stored");
+    assert!(m.complete && m.received == size && m.refs == 0);
+    assert_eq!(m.unreferenced_since_ms, Some(13));
+    assert!(matches!(
+        blobs
+            .begin(&h, size, "x", "device:B2", 15)
+            .await
+            .expect("begin"),
+        Begun::Present(_)
+    ));
+    assert_eq!(
+        blobs
+            .append(&h, "device:A1", 1, vec![1])
+            .await
+            .expect("append"),
+        Appended::Complete
+    );
+    let uploader = super::blobs::Holder::Principal("device:A1".into());
+    assert_eq!(
+        blobs.held_by(&h, &uploader).await.expect("holder"),
+        Some(13)
+    );
+    let other = BlobHash::of(b"never started");
+    assert_eq!(
+        blobs
+            .append(&other, "device:A1", 0, vec![1])
+            .await
+            .expect("append"),
+        Appended::NoUpload
+    );
+}
+
+pub(crate) async fn blob_holders_keep_a_blob_until_released_and_past_its_grace(
+    store: Arc<dyn Store>,
+) {
+    use super::blobs::Holder;
+    use tether_proto::blob::BlobHash;
+    let blobs = blobs_of(&store);
+    let bytes = b"calibration table".to_vec();
+    let h = BlobHash::of(&bytes);
+    let b1 = Holder::Bucket(BucketId::parse("device.A1").expect("id"));
+    let b2 = Holder::Bucket(BucketId::parse("shared.A1").expect("id"));
+    blobs
+        .begin(&h, bytes.len() as u64, "text/plain", "user:u1", 100)
+        .await
+        .expect("begin");
+    assert!(
+        !blobs.hold(&h, b1.clone(), 101).await.expect("hold"),
+        "an incomplete blob cannot be held"
+    );
+    blobs.append(&h, "user:u1", 0, bytes).await.expect("append");
+    assert!(blobs.complete(&h, "user:u1", 102).await.expect("complete"));
+    assert!(blobs.hold(&h, b1.clone(), 103).await.expect("hold"));
+    assert!(blobs
+        .hold(&h, b1.clone(), 104)
+        .await
+        .expect("hold again refreshes"));
+    assert!(blobs.hold(&h, b2.clone(), 105).await.expect("hold"));
+    let m = blobs.manifest(&h).await.expect("manifest").expect("stored");
+    assert_eq!((m.refs, m.unreferenced_since_ms), (2, None));
+    let holders = blobs.bucket_holders(&h, None, 10).await.expect("holders");
+    let ids: Vec<String> = holders.iter().map(|(id, _)| id.to_string()).collect();
+    assert_eq!(ids, ["device.A1", "shared.A1"]);
+    assert_eq!(holders[0].1, 104, "the refreshed time");
+    let page = blobs
+        .bucket_holders(&h, Some(&holders[0].0), 10)
+        .await
+        .expect("holders");
+    assert_eq!(page.len(), 1, "paged after the first");
+    assert!(
+        !blobs.collect(&h, u64::MAX).await.expect("collect"),
+        "held blobs stay"
+    );
+    assert!(
+        !blobs
+            .release(&h, b1.clone(), 103, 200)
+            .await
+            .expect("release"),
+        "refreshed since"
+    );
+    assert!(blobs
+        .release(&h, b1.clone(), 104, 200)
+        .await
+        .expect("release"));
+    assert!(blobs
+        .release(&h, b2.clone(), 105, 210)
+        .await
+        .expect("release"));
+    let m = blobs.manifest(&h).await.expect("manifest").expect("stored");
+    assert_eq!((m.refs, m.unreferenced_since_ms), (0, Some(210)));
+    assert!(
+        !blobs.collect(&h, 209).await.expect("collect"),
+        "within its grace"
+    );
+    assert!(blobs.collect(&h, 210).await.expect("collect"));
+    assert_eq!(blobs.manifest(&h).await.expect("manifest"), None);
+    assert_eq!(blobs.chunk(&h, 0).await.expect("chunk"), None);
+    let uploader = Holder::Principal("user:u1".into());
+    assert_eq!(blobs.held_by(&h, &uploader).await.expect("holder"), None);
+}
+
+pub(crate) async fn blob_uploads_are_discarded_or_collected_and_listed_in_pages(
+    store: Arc<dyn Store>,
+) {
+    use tether_proto::blob::BlobHash;
+    let blobs = blobs_of(&store);
+    let mut hashes: Vec<BlobHash> = (0..5u8).map(|i| BlobHash::of(&[i])).collect();
+    for (i, h) in hashes.iter().enumerate() {
+        blobs
+            .begin(h, 1, "x", "device:A1", 1000 + i as u64)
+            .await
+            .expect("begin");
+    }
+    hashes.sort();
+    let first = blobs.list(None, 3).await.expect("list");
+    let rest = blobs
+        .list(first.last().map(|(h, _)| h), 3)
+        .await
+        .expect("list");
+    let listed: Vec<BlobHash> = first.iter().chain(&rest).map(|(h, _)| *h).collect();
+    assert_eq!(listed, hashes, "every blob once, in hash order");
+    assert!(blobs.discard(&hashes[0]).await.expect("discard"));
+    assert!(!blobs.discard(&hashes[0]).await.expect("discard"), "gone");
+    // Uploads never finished are collected by their start time.
+    let started = |h: &BlobHash| {
+        first
+            .iter()
+            .chain(&rest)
+            .find(|(x, _)| x == h)
+            .map(|(_, m)| m.created_ms)
+            .expect("listed")
+    };
+    let due: Vec<BlobHash> = hashes[1..]
+        .iter()
+        .copied()
+        .filter(|h| started(h) <= 1002)
+        .collect();
+    for h in &hashes[1..] {
+        let gone = blobs.collect(h, 1002).await.expect("collect");
+        assert_eq!(gone, due.contains(h), "started at {}", started(h));
+    }
+    let left = blobs.list(None, 10).await.expect("list");
+    assert_eq!(left.len(), 4 - due.len());
+    assert!(left.iter().all(|(_, m)| m.created_ms > 1002));
+}
+
 macro_rules! every_case {
     ($m:ident $(, $arg:expr)*) => {
         $m!(
@@ -891,6 +1125,9 @@ macro_rules! every_case {
             a_new_pairing_code_invalidates_the_devices_previous_one,
             a_fenced_set_fails_alone_among_concurrent_commits,
             first_contacts_write_new_devices_whole_and_refuse_the_rest,
+            blob_uploads_take_chunks_in_order_and_complete_once,
+            blob_holders_keep_a_blob_until_released_and_past_its_grace,
+            blob_uploads_are_discarded_or_collected_and_listed_in_pages,
         );
     };
 }

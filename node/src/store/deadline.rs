@@ -190,6 +190,11 @@ impl DeadlineStore {
 
 #[async_trait]
 impl Store for DeadlineStore {
+    /// Blob calls carry their own deadline (`blobs::Blobs`).
+    fn blob_kv(&self) -> Option<Arc<dyn super::blobs::BlobKv>> {
+        self.inner.blob_kv()
+    }
+
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
         self.read("loading a set", self.inner.load_set(set)).await
     }
@@ -338,6 +343,9 @@ mod tests {
 
     #[async_trait]
     impl Store for Silent {
+        fn blob_kv(&self) -> Option<Arc<dyn crate::store::blobs::BlobKv>> {
+            None
+        }
         async fn load_set(&self, _: &SetKey) -> Result<Vec<Bucket>, StoreError> {
             self.answer(Vec::new()).await
         }

@@ -59,6 +59,9 @@ impl FaultyStore {
 
 #[async_trait]
 impl Store for FaultyStore {
+    fn blob_kv(&self) -> Option<std::sync::Arc<dyn super::blobs::BlobKv>> {
+        self.inner.blob_kv()
+    }
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
         self.inner.load_set(set).await
     }

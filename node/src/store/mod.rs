@@ -5,6 +5,7 @@
 //! adapter to `libfdb_c` with the `fdb` feature). Every backend passes the same
 //! conformance tests (`store::conformance`).
 
+pub mod blobs;
 pub mod deadline;
 pub mod faults;
 pub mod fdb;
@@ -380,6 +381,9 @@ pub async fn open(
 /// Durable state of a node.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// The backend's blob keyspace (`blobs::Blobs` builds on it); `None` for a store
+    /// without one (a test double).
+    fn blob_kv(&self) -> Option<std::sync::Arc<dyn blobs::BlobKv>>;
     /// Every bucket of a set, as last committed.
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError>;
     /// Takes the set's lease for `owner`, with a new epoch greater than any before, and

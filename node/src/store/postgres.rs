@@ -21,6 +21,7 @@ use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey};
 use tokio_postgres::NoTls;
 
 mod batch;
+mod blobs;
 mod register;
 
 pub use batch::BatchConfig;
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS tether_ops (
     set_key TEXT NOT NULL, op_id TEXT NOT NULL, at_ms BIGINT NOT NULL, body JSONB NOT NULL,
     PRIMARY KEY (set_key, op_id));
 CREATE INDEX IF NOT EXISTS tether_ops_by_age ON tether_ops (set_key, at_ms);
+CREATE TABLE IF NOT EXISTS tether_blobs (key TEXT COLLATE \"C\" PRIMARY KEY, value BYTEA NOT NULL);
 ";
 
 /// The advisory lock key under which the schema is created (any constant of our own).
@@ -513,6 +515,10 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn blob_kv(&self) -> Option<std::sync::Arc<dyn super::blobs::BlobKv>> {
+        Some(std::sync::Arc::new(self.clone()))
+    }
+
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
         let rows = self
             .client()

@@ -44,6 +44,9 @@ const OP_COUNT: TableDefinition<&str, u64> = TableDefinition::new("op_count");
 /// Credentials, users, pairings, structures, pairing codes: `<namespace>/<key>` → JSON.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 
+/// Blobs (`store::blobs`): their keyspace, key → bytes.
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -134,6 +137,7 @@ impl RedbStore {
             txn.open_table(OPS).map_err(backend)?;
             txn.open_table(OP_AGE).map_err(backend)?;
             txn.open_table(OP_COUNT).map_err(backend)?;
+            txn.open_table(BLOBS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -621,8 +625,99 @@ fn writer_loop(db: Arc<Database>, rx: &mpsc::Receiver<WriteOp>, metrics: &Metric
     }
 }
 
+/// Blob transactions run on the blocking pool in write transactions of their own; redb
+/// serializes them with the writer thread's.
+#[async_trait]
+impl super::blobs::BlobKv for RedbStore {
+    async fn transact(
+        &self,
+        keys: Vec<String>,
+        plan: super::blobs::Plan<Vec<u8>>,
+    ) -> Result<Vec<u8>, StoreError> {
+        use super::blobs::KvWrite;
+        self.read(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let answer = {
+                let mut table = txn.open_table(BLOBS).map_err(backend)?;
+                let mut values = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    values.push(
+                        table
+                            .get(k.as_str())
+                            .map_err(backend)?
+                            .map(|g| g.value().to_vec()),
+                    );
+                }
+                let (answer, writes) = plan(values)?;
+                for w in writes {
+                    match w {
+                        KvWrite::Put(k, v) => {
+                            table.insert(k.as_str(), v.as_slice()).map_err(backend)?;
+                        }
+                        KvWrite::Delete(k) => {
+                            table.remove(k.as_str()).map_err(backend)?;
+                        }
+                        KvWrite::DeletePrefix(prefix) => {
+                            // Keys are ASCII below DEL: this range is exactly the prefix's.
+                            let end = format!("{prefix}\u{7f}");
+                            table
+                                .retain_in(prefix.as_str()..end.as_str(), |_, _| false)
+                                .map_err(backend)?;
+                        }
+                    }
+                }
+                answer
+            };
+            txn.commit().map_err(backend)?;
+            Ok(answer)
+        })
+        .await
+    }
+
+    async fn get(&self, key: String) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(BLOBS).map_err(backend)?;
+            let value = table.get(key.as_str()).map_err(backend)?;
+            Ok(value.map(|g| g.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(BLOBS).map_err(backend)?;
+            let from = after.as_deref().unwrap_or(prefix.as_str());
+            let mut out = Vec::new();
+            for entry in table.range(from..).map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let key = k.value();
+                if Some(key) == after.as_deref() {
+                    continue;
+                }
+                if !key.starts_with(prefix.as_str()) || out.len() >= limit {
+                    break;
+                }
+                out.push((key.to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl Store for RedbStore {
+    fn blob_kv(&self) -> Option<Arc<dyn super::blobs::BlobKv>> {
+        Some(Arc::new(self.clone()))
+    }
+
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
         let set = set.clone();
         self.read(move |db| {

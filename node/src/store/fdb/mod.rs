@@ -55,6 +55,7 @@
 //! transactions stay far below FDB's 10 MB; there are no watches at all — notifications
 //! come from the owning actor, never one FDB watch per device.
 
+mod blobs;
 pub mod kv;
 pub mod memory;
 #[cfg(feature = "fdb")]
@@ -611,6 +612,10 @@ impl<D: KvDatabase> KvStore<D> {
 
 #[async_trait]
 impl<D: KvDatabase> Store for KvStore<D> {
+    fn blob_kv(&self) -> Option<Arc<dyn super::blobs::BlobKv>> {
+        Some(blobs::shared(self))
+    }
+
     async fn load_set(&self, set: &SetKey) -> Result<Vec<Bucket>, StoreError> {
         let space = self.root.subspace(&("bucket", set.as_str()));
         let (range, page) = (&space.range(), self.limits.range_page);
