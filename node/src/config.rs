@@ -210,6 +210,13 @@ pub struct ServeArgs {
     /// Largest bucket, and largest request body beyond a small envelope [default: 65536].
     #[arg(long, env = "TETHER_MAX_BUCKET_BYTES")]
     pub max_bucket_bytes: Option<usize>,
+    /// Largest blob (API.md "Blobs") [default: 16777216 = 16 MiB].
+    #[arg(long, env = "TETHER_MAX_BLOB_BYTES")]
+    pub max_blob_bytes: Option<u64>,
+    /// How long a blob no bucket references (or an upload never finished) is kept before
+    /// it is deleted [default: 86400 = 24 h].
+    #[arg(long, env = "TETHER_BLOB_GRACE_SECS")]
+    pub blob_grace_secs: Option<u64>,
     /// Subscribe hold time when the client names none [default: 900000 = 15 min].
     #[arg(long, env = "TETHER_SUBSCRIBE_DEFAULT_TIMEOUT_MS")]
     pub subscribe_default_timeout_ms: Option<u64>,
@@ -514,6 +521,8 @@ pub struct FileConfig {
     public_url: Option<String>,
     node_id: Option<String>,
     max_bucket_bytes: Option<usize>,
+    max_blob_bytes: Option<u64>,
+    blob_grace_secs: Option<u64>,
     subscribe_default_timeout_ms: Option<u64>,
     subscribe_max_timeout_ms: Option<u64>,
     passivate_after_ms: Option<u64>,
@@ -597,6 +606,10 @@ pub struct Config {
     pub node_id: String,
     /// Bucket size limit in bytes (JSON encoding of its value).
     pub max_bucket_bytes: usize,
+    /// Blob size limit in bytes.
+    pub max_blob_bytes: u64,
+    /// How long an unreferenced blob or an unfinished upload is kept.
+    pub blob_grace: Duration,
     /// Default subscribe hold.
     pub subscribe_default_timeout: Duration,
     /// Maximum subscribe hold.
@@ -992,6 +1005,15 @@ impl Config {
                 .max_bucket_bytes
                 .or(file.max_bucket_bytes)
                 .unwrap_or(64 * 1024),
+            max_blob_bytes: args
+                .max_blob_bytes
+                .or(file.max_blob_bytes)
+                .unwrap_or(16 * 1024 * 1024),
+            blob_grace: Duration::from_secs(
+                args.blob_grace_secs
+                    .or(file.blob_grace_secs)
+                    .unwrap_or(24 * 3600),
+            ),
             subscribe_default_timeout: Duration::from_millis(
                 args.subscribe_default_timeout_ms
                     .or(file.subscribe_default_timeout_ms)
@@ -1136,6 +1158,9 @@ impl Config {
             return Err(NodeError::Config(
                 "history_per_bucket must be at least 1 (diffs and retries need the log)".into(),
             ));
+        }
+        if self.max_blob_bytes == 0 {
+            return Err(NodeError::Config("max_blob_bytes must be positive".into()));
         }
         if self.max_bucket_bytes == 0 {
             return Err(NodeError::Config(

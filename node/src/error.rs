@@ -46,6 +46,20 @@ pub enum NodeError {
     /// A write names fields outside its bucket's template (the device type's).
     #[error("{0}")]
     UnknownField(String),
+    /// An upload's bytes do not hash to the blob's address; nothing was kept.
+    #[error("{0}")]
+    HashMismatch(String),
+    /// A bucket field references a blob that is not stored complete (or that the writer
+    /// may not read).
+    #[error("{0}")]
+    UnknownBlob(String),
+    /// Another principal's upload of the same blob is under way.
+    #[error("{0}")]
+    UploadInProgress(String),
+    /// A download range that starts past the blob's end, or an upload range that does not
+    /// continue what was received.
+    #[error("{0}")]
+    RangeNotSatisfiable(String),
     /// The request (headers or body) did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
@@ -95,6 +109,12 @@ impl NodeError {
             }
             NodeError::OpIdReused(_) => ("op_id_reused", StatusCode::UNPROCESSABLE_ENTITY),
             NodeError::UnknownField(_) => ("unknown_field", StatusCode::UNPROCESSABLE_ENTITY),
+            NodeError::HashMismatch(_) => ("hash_mismatch", StatusCode::UNPROCESSABLE_ENTITY),
+            NodeError::UnknownBlob(_) => ("unknown_blob", StatusCode::UNPROCESSABLE_ENTITY),
+            NodeError::UploadInProgress(_) => ("upload_in_progress", StatusCode::CONFLICT),
+            NodeError::RangeNotSatisfiable(_) => {
+                ("range_not_satisfiable", StatusCode::RANGE_NOT_SATISFIABLE)
+            }
             NodeError::RequestTimeout(_) => ("request_timeout", StatusCode::REQUEST_TIMEOUT),
             NodeError::HeadersTooLarge(_) => (
                 "headers_too_large",
@@ -140,6 +160,9 @@ impl ResponseError for NodeError {
         if let NodeError::RateLimited { retry_after_s } = self {
             resp.insert_header(("Retry-After", retry_after_s.to_string()));
         }
+        if matches!(self, NodeError::UploadInProgress(_)) {
+            resp.insert_header(("Retry-After", "5"));
+        }
         if matches!(
             self,
             NodeError::Unavailable(_)
@@ -176,7 +199,11 @@ impl NodeError {
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::UnsupportedMediaType(_)
             | NodeError::UnknownField(_)
+            | NodeError::HashMismatch(_)
+            | NodeError::UnknownBlob(_)
             | NodeError::HeadersTooLarge(_) => Code::InvalidArgument,
+            NodeError::UploadInProgress(_) => Code::Aborted,
+            NodeError::RangeNotSatisfiable(_) => Code::OutOfRange,
             NodeError::OpIdReused(_) => Code::AlreadyExists,
             NodeError::RequestTimeout(_) => Code::DeadlineExceeded,
             NodeError::NotOwner(_) => Code::FailedPrecondition,
@@ -224,6 +251,10 @@ impl NodeError {
             "unsupported_media_type" => NodeError::UnsupportedMediaType(msg),
             "op_id_reused" => NodeError::OpIdReused(msg),
             "unknown_field" => NodeError::UnknownField(msg),
+            "hash_mismatch" => NodeError::HashMismatch(msg),
+            "unknown_blob" => NodeError::UnknownBlob(msg),
+            "upload_in_progress" => NodeError::UploadInProgress(msg),
+            "range_not_satisfiable" => NodeError::RangeNotSatisfiable(msg),
             "request_timeout" => NodeError::RequestTimeout(msg),
             "headers_too_large" => NodeError::HeadersTooLarge(msg),
             NOT_OWNER => NodeError::NotOwner(msg),

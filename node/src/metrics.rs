@@ -93,6 +93,7 @@ struct Inner {
     lease_acquire: Histogram,
     lease_takeovers: Counter,
     auth_stale: Family<Labels, Counter>,
+    blobs: Family<Labels, Counter>,
     store_backend: OnceLock<&'static str>,
     runtimes: Mutex<Vec<(&'static str, tokio::runtime::Handle)>>,
     connections_open: Gauge,
@@ -301,6 +302,16 @@ impl Metrics {
         for what in ["credentials", "scope"] {
             let _ = auth_stale.get_or_create(&vec![("what", what.to_string())]);
         }
+        let blobs = Family::<Labels, Counter>::default();
+        registry.register(
+            "blob_events",
+            "Blob uploads completed, refused for a hash mismatch, downloads served, and \
+             blobs deleted (unreferenced past their grace, or uploads never finished)",
+            blobs.clone(),
+        );
+        for event in ["completed", "hash_mismatch", "downloaded", "deleted"] {
+            let _ = blobs.get_or_create(&vec![("event", event.to_string())]);
+        }
         // Series of bounded, known label values start at zero, so a first increase is a
         // rate (and a dashboard shows 0, not "no data").
         for outcome in ["applied", "merged", "refused"] {
@@ -347,6 +358,7 @@ impl Metrics {
             lease_acquire,
             lease_takeovers,
             auth_stale,
+            blobs,
             store_backend: OnceLock::new(),
             runtimes: Mutex::new(Vec::new()),
             auth_tracked_ids,
@@ -622,6 +634,20 @@ impl Metrics {
             .auth_stale
             .get_or_create(&vec![("what", what.to_string())])
             .inc();
+    }
+    /// A blob event (`completed`, `hash_mismatch`, `downloaded`, `deleted`).
+    pub(crate) fn blob(&self, event: &'static str) {
+        self.0
+            .blobs
+            .get_or_create(&vec![("event", event.to_string())])
+            .inc();
+    }
+    /// A blob event counted `n` times.
+    pub(crate) fn blobs(&self, event: &'static str, n: u64) {
+        self.0
+            .blobs
+            .get_or_create(&vec![("event", event.to_string())])
+            .inc_by(n);
     }
     /// This node's clock minus the store's, ms.
     pub(crate) fn clock_offset(&self, ms: i64) {

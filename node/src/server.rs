@@ -153,6 +153,14 @@ pub async fn run(config: Config) -> Result<()> {
         joined,
         conns.clone(),
     ));
+    if let Some(blobs) = state.blobs.clone() {
+        tokio::spawn(collect_blobs(
+            blobs,
+            store.clone(),
+            metrics.clone(),
+            config.blob_grace,
+        ));
+    }
     let tls = match &config.tls {
         Some((cert, key)) => Some(ReloadableCert::load(cert.clone(), key.clone())?),
         None => None,
@@ -439,5 +447,46 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Deletes blobs no bucket references once their grace is over, and uploads never
+/// finished (`store::blobs::sweep`), every quarter of the grace (1 s to 1 min). Every
+/// node runs it; each step is conditional, so passes on several nodes are safe.
+async fn collect_blobs(
+    blobs: crate::store::blobs::Blobs,
+    store: Arc<dyn crate::store::Store>,
+    metrics: crate::metrics::Metrics,
+    grace: Duration,
+) {
+    // A holder younger than this may belong to a bucket write still committing.
+    const SETTLE: Duration = Duration::from_secs(600);
+    let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let settle = SETTLE.min(grace);
+    loop {
+        tokio::time::sleep(every).await;
+        let now = crate::api::http::now_ms();
+        let pass = crate::store::blobs::sweep(
+            &blobs,
+            store.as_ref(),
+            now,
+            grace.as_millis() as u64,
+            settle.as_millis() as u64,
+        )
+        .await;
+        match pass {
+            Ok(swept) => {
+                metrics.blobs("deleted", swept.deleted);
+                if swept.deleted > 0 || swept.released > 0 {
+                    tracing::info!(
+                        blobs = swept.blobs,
+                        released = swept.released,
+                        deleted = swept.deleted,
+                        "blob collection"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "blob collection failed; retrying next pass"),
+        }
     }
 }

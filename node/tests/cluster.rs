@@ -25,7 +25,7 @@ const DEVICES: usize = 12;
 const TEMPLATE: &str = r#"
 [device_types.thermostat.buckets]
 device = ["current_temperature", "humidity", "hvac_state", "sw_version", "big1", "big2"]
-shared = ["target_temperature", "mode", "name", "w0", "w1", "w2", "w3", "fate"]
+shared = ["target_temperature", "mode", "name", "w0", "w1", "w2", "w3", "fate", "photo"]
 "#;
 
 fn free_port() -> u16 {
@@ -312,6 +312,60 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         forwarded > 0.0,
         "requests landing on non-owners must have been forwarded"
     );
+    // Blobs live in the shared store: announced and sent in part through one node, the
+    // rest through a second, referenced from a bucket through the third and read back
+    // through each (whole and by range); another device may read it through none.
+    let photo: Vec<u8> = (0..150_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let sha = sha256_hex(&photo);
+    let via = |m: usize, serial: &str| members[m].node.device(serial);
+    let began = via(0, &serials[DEVICES - 1])
+        .announce_blob(&photo, "image/png")
+        .await
+        .expect_json(StatusCode::CREATED);
+    assert_eq!(began["received"], 0, "{began}");
+    let part = via(0, &serials[DEVICES - 1])
+        .blob_range(&photo, 0, 99_999)
+        .await
+        .expect_json(StatusCode::ACCEPTED);
+    let from = part["received"].as_u64().expect("received") as usize;
+    via(1, &serials[DEVICES - 1])
+        .blob_range(&photo, from, photo.len() - 1)
+        .await
+        .expect(StatusCode::CREATED);
+    let id = format!("shared.{}", serials[DEVICES - 1]);
+    let (photo_version, _) = write_retrying(
+        &via(2, &serials[DEVICES - 1]),
+        &id,
+        json!({"photo": {"$blob": sha, "size": photo.len()}}),
+        Duration::ZERO,
+    )
+    .await;
+    acked
+        .entry(serials[DEVICES - 1].clone())
+        .or_default()
+        .push(("photo".into(), photo_version));
+    for m in &members {
+        let (owner_dev, other_dev) = (
+            m.node.device(&serials[DEVICES - 1]),
+            m.node.device(&serials[DEVICES - 2]),
+        );
+        let got = owner_dev.blob(&sha).await.expect(StatusCode::OK);
+        assert_eq!(got.body, photo, "through {}", m.id);
+        other_dev
+            .blob(&sha)
+            .await
+            .expect_error(StatusCode::NOT_FOUND, "not_found");
+    }
+    let ranged = via(2, &serials[DEVICES - 1])
+        .send(
+            via(2, &serials[DEVICES - 1])
+                .req(reqwest::Method::GET, &format!("/v1/blobs/{sha}"))
+                .header("range", "bytes=65530-65545"),
+        )
+        .await
+        .expect(StatusCode::PARTIAL_CONTENT);
+    assert_eq!(ranged.body, photo[65_530..=65_545]);
+
     for serial in &serials {
         let expect = owner(&id_refs, serial);
         let owner_node = members

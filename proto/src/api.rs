@@ -314,6 +314,72 @@ pub struct PairingCodeResponse {
     pub expires_in_s: u64,
 }
 
+/// `POST /v1/blobs` body: announce a blob by its SHA-256 (API.md "Blobs").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BlobAnnounce {
+    /// SHA-256 of the bytes, 64 hex digits.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Media type (default `application/octet-stream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+/// Answers of `POST /v1/blobs` and `PUT /v1/blobs/{sha256}`: a complete blob
+/// (`sha256`, `size`, `present: true`), where to send the bytes (`upload_url`,
+/// `received`), or the bytes received so far (`received`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BlobStatus {
+    /// The blob's hash (a complete blob).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Its size in bytes (a complete blob).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Stored and readable: nothing (more) to send.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub present: bool,
+    /// `PUT` the bytes here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_url: Option<String>,
+    /// Bytes received so far: send from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<u64>,
+}
+
+impl BlobStatus {
+    /// A complete blob.
+    pub fn present(sha256: String, size: u64) -> Self {
+        BlobStatus {
+            sha256: Some(sha256),
+            size: Some(size),
+            present: true,
+            ..BlobStatus::default()
+        }
+    }
+
+    /// Where to send the bytes, from `received` on.
+    pub fn upload(upload_url: String, received: u64) -> Self {
+        BlobStatus {
+            upload_url: Some(upload_url),
+            received: Some(received),
+            ..BlobStatus::default()
+        }
+    }
+
+    /// Bytes received so far of an incomplete upload.
+    pub fn received(received: u64) -> Self {
+        BlobStatus {
+            received: Some(received),
+            ..BlobStatus::default()
+        }
+    }
+}
+
 /// `POST /v1/pair` body (user credentials): redeem a device's pairing code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -715,6 +781,46 @@ impl WireMessage for PairingCodeResponse {
     }
 }
 
+impl WireMessage for BlobAnnounce {
+    type Pb = pb::BlobAnnounce;
+    fn to_pb(&self) -> pb::BlobAnnounce {
+        pb::BlobAnnounce {
+            sha256: self.sha256.clone(),
+            size: self.size,
+            content_type: self.content_type.clone(),
+        }
+    }
+    fn from_pb(p: pb::BlobAnnounce) -> Result<Self, ProtoError> {
+        Ok(BlobAnnounce {
+            sha256: p.sha256,
+            size: p.size,
+            content_type: p.content_type,
+        })
+    }
+}
+
+impl WireMessage for BlobStatus {
+    type Pb = pb::BlobStatus;
+    fn to_pb(&self) -> pb::BlobStatus {
+        pb::BlobStatus {
+            sha256: self.sha256.clone(),
+            size: self.size,
+            present: self.present,
+            upload_url: self.upload_url.clone(),
+            received: self.received,
+        }
+    }
+    fn from_pb(p: pb::BlobStatus) -> Result<Self, ProtoError> {
+        Ok(BlobStatus {
+            sha256: p.sha256,
+            size: p.size,
+            present: p.present,
+            upload_url: p.upload_url,
+            received: p.received,
+        })
+    }
+}
+
 impl WireMessage for PairRequest {
     type Pb = pb::PairRequest;
     fn to_pb(&self) -> pb::PairRequest {
@@ -872,6 +978,13 @@ mod tests {
             }),
             sync_url: "http://127.0.0.1:8080".into(),
             buckets: vec!["device.x".into()],
+        });
+        roundtrip(BlobStatus::present("ab".into(), 3));
+        roundtrip(BlobStatus::upload("/v1/blobs/ab".into(), 65536));
+        roundtrip(BlobAnnounce {
+            sha256: "ab".into(),
+            size: 3,
+            content_type: Some("text/plain".into()),
         });
         roundtrip(PairingCodeResponse {
             code: "7Q4K-92XD".into(),

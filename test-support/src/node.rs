@@ -1234,4 +1234,36 @@ impl Principal {
         self.send(self.req(Method::DELETE, &format!("/v1/devices/{device_id}/pairing")))
             .await
     }
+
+    /// `POST /v1/blobs` announcing `bytes` (API.md "Blobs").
+    pub async fn announce_blob(&self, bytes: &[u8], content_type: &str) -> Resp {
+        let body = serde_json::json!({
+            "sha256": sha256_hex(bytes),
+            "size": bytes.len(),
+            "content_type": content_type,
+        });
+        self.send(self.req(Method::POST, "/v1/blobs").json(&body))
+            .await
+    }
+
+    /// `PUT /v1/blobs/{sha256}` of `bytes[first..=last]` with its `Content-Range`.
+    pub async fn blob_range(&self, bytes: &[u8], first: usize, last: usize) -> Resp {
+        let range = format!("bytes {first}-{last}/{}", bytes.len());
+        self.send(
+            self.req(Method::PUT, &format!("/v1/blobs/{}", sha256_hex(bytes)))
+                .header(reqwest::header::CONTENT_RANGE, range)
+                .body(bytes[first..=last].to_vec()),
+        )
+        .await
+    }
+
+    /// `GET /v1/blobs/{sha256}`.
+    pub async fn blob(&self, sha256: &str) -> Resp {
+        self.get(&format!("/v1/blobs/{sha256}")).await
+    }
+}
+
+/// A blob's address: the SHA-256 of `bytes` in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    tether_proto::blob::BlobHash::of(bytes).to_string()
 }

@@ -71,6 +71,8 @@ pub struct AppState {
     pub held: Arc<HeldByPrincipal>,
     /// Open device connections (for `/readyz`).
     pub conns: Arc<Connections>,
+    /// Blobs in the store (`None` for a store without a blob keyspace).
+    pub blobs: Option<crate::store::blobs::Blobs>,
 }
 
 impl AppState {
@@ -84,7 +86,13 @@ impl AppState {
         conns: Arc<Connections>,
     ) -> Self {
         let metrics = router.shared().metrics.clone();
+        let blobs = router
+            .shared()
+            .store
+            .blob_kv()
+            .map(|kv| crate::store::blobs::Blobs::new(kv, config.store_timeout));
         AppState {
+            blobs,
             shared: router.shared().clone(),
             held: HeldByPrincipal::new(config.limits.max_held_per_principal, metrics),
             router,
@@ -147,12 +155,12 @@ impl AppState {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     Json,
     Protobuf,
 }
 
-fn request_format(req: &HttpRequest) -> Result<Format> {
+pub(crate) fn request_format(req: &HttpRequest) -> Result<Format> {
     match req
         .headers()
         .get(CONTENT_TYPE)
@@ -190,7 +198,7 @@ fn response_format(req: &HttpRequest) -> Format {
     }
 }
 
-fn decode<T: DeserializeOwned + WireMessage>(format: Format, body: &[u8]) -> Result<T> {
+pub(crate) fn decode<T: DeserializeOwned + WireMessage>(format: Format, body: &[u8]) -> Result<T> {
     match format {
         Format::Json => serde_json::from_slice(body)
             .map_err(|e| NodeError::BadRequest(format!("invalid JSON body: {e}"))),
@@ -198,7 +206,7 @@ fn decode<T: DeserializeOwned + WireMessage>(format: Format, body: &[u8]) -> Res
     }
 }
 
-fn respond<T: Serialize + WireMessage>(
+pub(crate) fn respond<T: Serialize + WireMessage>(
     req: &HttpRequest,
     status: StatusCode,
     msg: &T,
@@ -214,7 +222,7 @@ fn respond<T: Serialize + WireMessage>(
 /// Reads a body of at most `limit` bytes within the body read timeout; larger ones are
 /// refused without being read whole, slower ones with 408 (finding 5: a client trickling
 /// a body holds a connection and a worker's attention for at most that long).
-async fn read_body(
+pub(crate) async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     limit: usize,
@@ -463,7 +471,7 @@ pub(crate) const OPEN_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// A read bounded by the store's deadline (`--store-timeout-ms`): an owner whose store
 /// does not answer makes it a 503 + `Retry-After`, not a hang.
-async fn within_store_deadline<T>(
+pub(crate) async fn within_store_deadline<T>(
     state: &AppState,
     read: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
@@ -576,6 +584,7 @@ pub async fn put(
     .await?;
     let msg: UpdateRequest = decode(request_format(&req)?, &body)?;
     check_session(&msg.session)?;
+    crate::api::blobs::check_references(&state, &mut principal, &id, &msg.value).await?;
     if let Some(op) = msg.op_id.as_deref().filter(|op| !valid_op_id(op)) {
         return Err(NodeError::BadRequest(format!(
             "op_id {op:?}: expected 1–64 characters of [A-Za-z0-9_-]"
@@ -1268,6 +1277,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/subscribe", web::post().to(subscribe))
         .route("/v1/pairing-code", web::post().to(pairing_code_handler))
         .route("/v1/pair", web::post().to(pair))
+        .route("/v1/blobs", web::post().to(crate::api::blobs::announce))
+        .route(
+            "/v1/blobs/{sha256}",
+            web::put().to(crate::api::blobs::upload),
+        )
+        .route(
+            "/v1/blobs/{sha256}",
+            web::get().to(crate::api::blobs::download),
+        )
         .route("/v1/devices/{device_id}/pairing", web::delete().to(unpair))
         .route("/healthz", web::get().to(healthz))
         .route("/healthz", web::head().to(healthz_head))

@@ -6,6 +6,7 @@
 //! HTTP layer sends itself); `held` counts each principal's held subscriptions; `stream`
 //! is the streaming subscribe, a loop around the long-poll path.
 
+pub mod blobs;
 pub mod conn;
 pub mod held;
 pub mod http;

@@ -14,15 +14,16 @@ use std::sync::OnceLock;
 use actix_web::HttpResponse;
 use serde_json::{json, Value};
 use tether_proto::api::{
-    BucketDoc, BucketList, ChangeDoc, ErrorBody, HeldBucket, HistoryResponse, PairRequest,
-    PairResponse, PairingCodeResponse, RegisterRequest, RegisterResponse, SoftwareUpdate,
-    SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse, View,
+    BlobAnnounce, BlobStatus, BucketDoc, BucketList, ChangeDoc, ErrorBody, HeldBucket,
+    HistoryResponse, PairRequest, PairResponse, PairingCodeResponse, RegisterRequest,
+    RegisterResponse, SoftwareUpdate, SubscribeRequest, UpdateOutcome, UpdateRequest,
+    UpdateResponse, View,
 };
 use tether_proto::synclog::ChangeKind;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::api::http;
+use crate::api::{blobs, http};
 
 /// The spec: every operation of the device API, its messages and its errors.
 #[derive(Debug, OpenApi)]
@@ -48,6 +49,9 @@ use crate::api::http;
         http::pairing_code_handler,
         http::pair,
         http::unpair,
+        blobs::announce,
+        blobs::upload,
+        blobs::download,
         http::healthz,
         http::healthz_head,
         http::readyz,
@@ -59,12 +63,13 @@ use crate::api::http;
         RegisterRequest, RegisterResponse, SoftwareUpdate, BucketDoc, BucketList, View,
         UpdateRequest, UpdateResponse, UpdateOutcome, HeldBucket, SubscribeRequest, ErrorBody,
         PairingCodeResponse, PairRequest, PairResponse, Health, ProtobufBody, ChangeDoc,
-        HistoryResponse, ChangeKind,
+        HistoryResponse, ChangeKind, BlobAnnounce, BlobStatus,
     )),
     modifiers(&CommonErrors),
     tags(
         (name = "devices", description = "Registration and pairing codes (device credentials)"),
         (name = "buckets", description = "Reading, writing and subscribing to buckets (devices and users)"),
+        (name = "blobs", description = "Large values out of band: content-addressed, resumable uploads, ranged downloads (devices and users)"),
         (name = "pairing", description = "Linking devices to a user's account (user credentials)"),
         (name = "operations", description = "Health, readiness, metrics and this document (no credentials)"),
     ),

@@ -488,3 +488,84 @@ impl Blobs {
         .await
     }
 }
+
+/// What one [`sweep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Blobs looked at.
+    pub blobs: u64,
+    /// Bucket holders released (their bucket no longer references the blob).
+    pub released: u64,
+    /// Blobs deleted (unreferenced past their grace, or uploads never finished).
+    pub deleted: u64,
+}
+
+/// One pass of blob collection: releases bucket holders older than `settle_ms` whose
+/// bucket, as committed, no longer references the blob (a holder is written before its
+/// bucket's commit, so one younger than the longest commit may still be on its way), then
+/// deletes every blob no bucket holds whose grace (`grace_ms`, from when the last holder
+/// went or the upload started) is over. Safe beside other nodes' passes: every step is
+/// conditional on what it read.
+pub async fn sweep(
+    blobs: &Blobs,
+    store: &dyn super::Store,
+    now_ms: u64,
+    grace_ms: u64,
+    settle_ms: u64,
+) -> Result<Swept, StoreError> {
+    const PAGE: usize = 256;
+    let mut swept = Swept::default();
+    let mut after: Option<BlobHash> = None;
+    loop {
+        let page = blobs.list(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(swept);
+        };
+        after = Some(*last);
+        for (h, m) in page {
+            swept.blobs += 1;
+            if m.complete && m.refs > 0 {
+                swept.released += release_unreferenced(blobs, store, &h, now_ms, settle_ms).await?;
+            }
+            if blobs.collect(&h, now_ms.saturating_sub(grace_ms)).await? {
+                swept.deleted += 1;
+            }
+        }
+    }
+}
+
+async fn release_unreferenced(
+    blobs: &Blobs,
+    store: &dyn super::Store,
+    h: &BlobHash,
+    now_ms: u64,
+    settle_ms: u64,
+) -> Result<u64, StoreError> {
+    const PAGE: usize = 256;
+    let mut released = 0;
+    let mut after: Option<BucketId> = None;
+    loop {
+        let page = blobs.bucket_holders(h, after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(released);
+        };
+        after = Some(last.clone());
+        for (id, added_ms) in page {
+            if added_ms.saturating_add(settle_ms) > now_ms {
+                continue;
+            }
+            let set = store.load_set(&id.set_key()).await?;
+            let referenced = set
+                .iter()
+                .find(|b| b.id == id)
+                .is_some_and(|b| tether_proto::blob::references(&b.value, h));
+            if !referenced
+                && blobs
+                    .release(h, Holder::Bucket(id), added_ms, now_ms)
+                    .await?
+            {
+                released += 1;
+            }
+        }
+    }
+}
