@@ -415,6 +415,9 @@ defaults
 
 frontend api
     bind 127.0.0.1:{lb_port}
+    # When the balancer first took the request (a resent subscribe holds only for what is
+    # left of its timeout; README: Running a cluster).
+    http-request set-header X-Request-Start t=%Ts%ms
     default_backend {BACKEND}
 
 backend {BACKEND}

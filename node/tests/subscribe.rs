@@ -165,6 +165,48 @@ async fn subscribe_times_out_with_an_empty_list() {
     node.wait_held(0, REQUEST_DEADLINE).await;
 }
 
+/// A subscribe the load balancer sends again after another node answered 503 holds only
+/// for what is left of its timeout since the balancer first received it
+/// (`X-Request-Start`, invariant 31): one received 59.5 s ago with `timeout_ms` 60 s is
+/// answered "nothing changed" well before its full minute, and a change still reaches
+/// a subscribe whose balancer wait left time to hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_resent_by_the_load_balancer_holds_only_for_what_is_left() {
+    let node = sub_node().start().await;
+    let a = node.device(A);
+    a.register_thermostat().await;
+    let dev = format!("device.{A}");
+    let d1 = a.bucket(&dev).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let body = json!({"buckets": [held(&dev, &d1)], "timeout_ms": HOLD_MS});
+    let resent = |waited_ms: u64| {
+        a.req(Method::POST, "/v1/subscribe")
+            .header("X-Request-Start", format!("t={}", now_ms - waited_ms))
+            .json(&body)
+    };
+    // Without the header this would hold a minute (the request deadline is 10 s).
+    let r = a
+        .send_within(Duration::from_secs(10), resent(HOLD_MS - 500))
+        .await
+        .expect_json(StatusCode::OK);
+    assert_eq!(r, json!({"buckets": []}));
+    node.wait_held(0, REQUEST_DEADLINE).await;
+    // Time left: held, and answered by a write.
+    let held_sub = {
+        let (a, rb) = (a.clone(), resent(1000));
+        tokio::spawn(async move { a.send_within(Duration::from_secs(30), rb).await })
+    };
+    node.wait_held(1, REQUEST_DEADLINE).await;
+    let b = node.device(A);
+    b.write(&dev, json!({"round": 1}), u64_of(&d1, "version"))
+        .await;
+    let answered = held_sub.await.expect("task").expect_json(StatusCode::OK);
+    assert_eq!(buckets_of(&answered).len(), 1, "{answered}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_session_writes_do_not_wake_the_subscription() {
     let node = sub_node().start().await;

@@ -132,8 +132,50 @@ pub fn structure_key(user_id: &str, name: &str) -> Result<SetKey, ProtoError> {
     SetKey::parse(&key)
 }
 
+/// How long ago a load balancer first received a request, from its
+/// `X-Request-Start: t=<ms or µs since the epoch>` header (HAProxy
+/// `http-request set-header X-Request-Start t=%Ts%ms`; the `t=` is optional), at wall time
+/// `now_ms`. `0` for a missing or unreadable value or one in the future; at most
+/// `cap_ms` (a clock far off says nothing useful).
+pub fn balancer_wait_ms(header: Option<&str>, now_ms: u64, cap_ms: u64) -> u64 {
+    let Some(text) = header else { return 0 };
+    let digits = text.trim().trim_start_matches("t=");
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return 0;
+    }
+    let Ok(t) = digits.parse::<u64>() else {
+        return 0;
+    };
+    // Microseconds when it could not be milliseconds (after the year 5000).
+    let t_ms = if t >= 100_000_000_000_000 {
+        t / 1000
+    } else {
+        t
+    };
+    now_ms.saturating_sub(t_ms).min(cap_ms)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_balancers_request_start_gives_the_time_already_waited() {
+        let now = 1_763_884_800_000;
+        let table = [
+            (Some("t=1763884797000"), 3000),
+            (Some("1763884797000"), 3000),
+            (Some("t=1763884797500123"), 2500),
+            (Some("t=1763884900000"), 0),
+            (Some("t=1000"), 10_000),
+            (Some("t="), 0),
+            (Some("t=12x"), 0),
+            (Some("t=99999999999999999999999"), 0),
+            (None, 0),
+        ];
+        for (header, want) in table {
+            assert_eq!(balancer_wait_ms(header, now, 10_000), want, "{header:?}");
+        }
+    }
+
     use super::*;
     use alloc::format;
     use alloc::string::ToString;

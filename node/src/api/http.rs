@@ -696,6 +696,18 @@ pub async fn subscribe(
             Duration::from_millis,
         )
         .min(state.config.subscribe_max_timeout);
+    // A subscribe the load balancer sends again (HAProxy `retry-on 503`: the node it tried
+    // could not reach an owner) holds only for what is left of its timeout since the
+    // balancer first received it (`X-Request-Start`, README "Running a cluster"), so its
+    // tries cannot add up to several timeouts (ARCHITECTURE.md invariant 31).
+    let waited = requests::balancer_wait_ms(
+        req.headers()
+            .get("x-request-start")
+            .and_then(|v| v.to_str().ok()),
+        now_ms(),
+        timeout.as_millis() as u64,
+    );
+    let timeout = timeout.saturating_sub(Duration::from_millis(waited));
     let format = response_format(&req);
     let encoding = match format {
         Format::Json => Encoding::Json,
