@@ -11,7 +11,7 @@ use tether_proto::api::{ChangeDoc, HistoryResponse};
 use tether_proto::credentials::{default_secret, secret_hash, user_secret, CredentialId};
 use tether_proto::{BucketId, SetKey};
 
-use crate::config::{read_mfg_key, AdminCommand, MfgKeyCommand, UserCommand};
+use crate::config::{read_mfg_key, AdminCommand, BlobCommand, MfgKeyCommand, UserCommand};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::store::{Store, UserRecord};
@@ -111,6 +111,29 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
             } else {
                 print!("{}", history_table(&history));
             }
+        }
+        AdminCommand::Blob(BlobCommand::Put {
+            file,
+            content_type,
+            data_dir,
+            store,
+        }) => {
+            let store = match store {
+                Some(url) => crate::config::StoreUrl::parse(&url)?,
+                None => crate::config::StoreUrl::Redb(data_dir.clone()),
+            };
+            let bytes = std::fs::read(&file)
+                .map_err(|e| NodeError::Config(format!("reading {}: {e}", file.display())))?;
+            let size = bytes.len();
+            let h = with_store(&store, |store| {
+                Box::pin(async move { put_blob(store.as_ref(), bytes, &content_type).await })
+            })?;
+            println!("{h} {size}");
+            eprintln!(
+                "stored and pinned blob {h} ({size} bytes); offer it with\n  \
+                 [[software_updates]]\n  device_type = \"…\"\n  version = \"…\"\n  \
+                 sha256 = \"{h}\"\n  size = {size}"
+            );
         }
         AdminCommand::ClusterCa { cert, key } => {
             crate::security::cluster_tls::write_ca(&cert, &key)?;
@@ -268,6 +291,63 @@ fn utc(ms: u64) -> String {
         rem / 1_000 % 60,
         rem % 1_000
     )
+}
+
+/// Stores `bytes` as a blob pinned for the operator (chunk by chunk, each in its own
+/// transaction, the manifest completed last) and returns its hash.
+async fn put_blob(
+    store: &dyn Store,
+    bytes: Vec<u8>,
+    content_type: &str,
+) -> Result<tether_proto::blob::BlobHash> {
+    use crate::store::blobs::{Appended, Begun, Blobs, Holder, CHUNK};
+    const OPERATOR: &str = "operator";
+    let kv = store
+        .blob_kv()
+        .ok_or_else(|| NodeError::Config("this store keeps no blobs".into()))?;
+    let blobs = Blobs::new(kv, crate::store::deadline::DEFAULT_DEADLINE);
+    let h = tether_proto::blob::BlobHash::of(&bytes);
+    if bytes.is_empty() {
+        return Err(NodeError::Config("a blob has at least one byte".into()));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let received = match blobs
+        .begin(&h, bytes.len() as u64, content_type, OPERATOR, now)
+        .await?
+    {
+        Begun::Present(_) => None,
+        Begun::Upload(m) => Some(m.received),
+        Begun::Busy(_) => {
+            return Err(NodeError::Config(format!(
+                "blob {h} is being uploaded by a device or user; try again later"
+            )))
+        }
+    };
+    if let Some(from) = received {
+        for (i, chunk) in bytes
+            .chunks(CHUNK)
+            .enumerate()
+            .skip((from as usize) / CHUNK)
+        {
+            match blobs.append(&h, OPERATOR, i as u64, chunk.to_vec()).await? {
+                Appended::Received(_) | Appended::Complete => {}
+                Appended::NoUpload => {
+                    return Err(NodeError::Config(format!(
+                        "the upload of {h} vanished; retry"
+                    )))
+                }
+            }
+        }
+        blobs.complete(&h, OPERATOR, now).await?;
+    }
+    if !blobs.hold(&h, Holder::Pinned(OPERATOR.into()), now).await? {
+        return Err(NodeError::Config(format!(
+            "blob {h} is not complete; retry"
+        )));
+    }
+    Ok(h)
 }
 
 #[cfg(test)]

@@ -74,6 +74,9 @@ pub enum AdminCommand {
     /// User accounts.
     #[command(subcommand)]
     User(UserCommand),
+    /// Blobs kept by the operator (a firmware image for a software update offer).
+    #[command(subcommand)]
+    Blob(BlobCommand),
     /// Print a bucket's history (its sync log): who changed which fields, when, with
     /// which op id — the audit trail.
     History {
@@ -149,6 +152,27 @@ pub enum MfgKeyCommand {
     Generate {
         /// Where to write it; refuses to overwrite.
         path: PathBuf,
+    },
+}
+
+/// `tether admin blob …`.
+#[derive(Debug, Subcommand)]
+pub enum BlobCommand {
+    /// Store a file as a blob, pinned (never collected), and print `<sha256> <size>` for
+    /// a `[[software_updates]]` offer (`sha256 = …`, `size = …`).
+    Put {
+        /// The file.
+        file: PathBuf,
+        /// Its media type.
+        #[arg(long, default_value = "application/octet-stream")]
+        content_type: String,
+        /// The node's data directory (the node must be stopped: redb is single-process).
+        #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
+        data_dir: PathBuf,
+        /// The store, as for `tether serve --store` (a cluster's shared PostgreSQL, which
+        /// the nodes may keep using) [default: redb:<data-dir>].
+        #[arg(long, env = "TETHER_STORE")]
+        store: Option<String>,
     },
 }
 

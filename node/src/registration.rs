@@ -42,8 +42,25 @@ pub struct SoftwareOffer {
     pub device_type: String,
     /// The version devices should run.
     pub version: semver::Version,
-    /// Where to fetch it.
+    /// Where to fetch it (default for a blob: `/v1/blobs/<sha256>`).
+    #[serde(default)]
     pub url: String,
+    /// The image as a blob (`tether admin blob put` prints it): its SHA-256; devices of
+    /// this type may then read that blob.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The blob's size in bytes (with `sha256`).
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+impl SoftwareOffer {
+    /// The blob this offer names, if it names one.
+    pub fn blob(&self) -> Option<tether_proto::blob::BlobHash> {
+        self.sha256
+            .as_deref()
+            .and_then(|h| tether_proto::blob::BlobHash::parse(h).ok())
+    }
 }
 
 /// Registration configuration (the `[device_types.*]`, `[[tier_rules]]` and
@@ -181,6 +198,29 @@ impl RegistrationConfig {
                 })?;
             }
         }
+        for o in &self.software_updates {
+            match (&o.sha256, o.blob(), o.size) {
+                (None, _, _) if o.url.is_empty() => {
+                    return Err(NodeError::Config(format!(
+                        "software update {} for {}: needs a url or a blob (sha256 and size)",
+                        o.version, o.device_type
+                    )))
+                }
+                (Some(h), None, _) => {
+                    return Err(NodeError::Config(format!(
+                        "software update {}: sha256 {h:?} is not 64 hex digits",
+                        o.version
+                    )))
+                }
+                (Some(_), Some(_), None) => {
+                    return Err(NodeError::Config(format!(
+                        "software update {}: a blob offer needs its size",
+                        o.version
+                    )))
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
@@ -233,7 +273,12 @@ impl RegistrationConfig {
             .max_by(|a, b| a.version.cmp(&b.version))
             .map(|o| SoftwareUpdate {
                 version: o.version.to_string(),
-                url: o.url.clone(),
+                url: match (&o.blob(), o.url.is_empty()) {
+                    (Some(h), true) => format!("/v1/blobs/{h}"),
+                    _ => o.url.clone(),
+                },
+                sha256: o.blob().map(|h| h.to_string()),
+                size: o.blob().and(o.size),
             });
         let buckets = if redirect.is_some() {
             Vec::new()

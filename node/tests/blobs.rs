@@ -391,3 +391,70 @@ async fn unreferenced_blobs_and_abandoned_uploads_are_deleted_after_their_grace(
         .expect("tether_blob_events_total{event=\"deleted\"}");
     assert!(deleted >= 3.0, "two blobs and an upload: {deleted}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_blob_is_offered_as_a_software_update_to_its_device_type_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let image = content(2 * CHUNK + 77, 31);
+    let file = dir.path().join("fw-1.3.0.bin");
+    std::fs::write(&file, &image).expect("write image");
+    let put = |args: Vec<String>| admin(args);
+    let args = |f: &std::path::Path| {
+        vec![
+            "blob".to_string(),
+            "put".into(),
+            f.display().to_string(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ]
+    };
+    let out = put(args(&file)).await.ok();
+    let h = hex(&image);
+    assert_eq!(out.trim(), format!("{h} {}", image.len()));
+    // Again: already there, pinned once more, same answer.
+    assert_eq!(put(args(&file)).await.ok().trim(), out.trim());
+    let config = format!(
+        "{}\n[[software_updates]]\ndevice_type = \"thermostat\"\nversion = \"1.3.0\"\nsha256 = \"{h}\"\nsize = {}\n",
+        thermostat_template(&["photo", "logs"]),
+        image.len()
+    );
+    let node = Node::builder()
+        .config(&config)
+        .user("alice")
+        .data_dir(&data)
+        .arg("--blob-grace-secs")
+        .arg("1")
+        .start()
+        .await;
+    let dev = node.device("BLOB31");
+    let offered = dev
+        .register("thermostat", "1.2.0")
+        .await
+        .expect_json(StatusCode::OK);
+    let update = &offered["software_update"];
+    assert_eq!(update["version"], "1.3.0");
+    assert_eq!(update["url"], format!("/v1/blobs/{h}"));
+    assert_eq!(update["sha256"], h);
+    assert_eq!(update["size"], image.len());
+    // The device downloads it by ranges, as firmware would into its second bank.
+    let mut got = Vec::new();
+    while got.len() < image.len() {
+        let last = (got.len() + 50_000).min(image.len()) - 1;
+        let r = dev
+            .send(
+                dev.req(Method::GET, &format!("/v1/blobs/{h}"))
+                    .header(RANGE, format!("bytes={}-{last}", got.len())),
+            )
+            .await
+            .expect(StatusCode::PARTIAL_CONTENT);
+        got.extend_from_slice(&r.body);
+    }
+    assert_eq!(got, image);
+    // Not offered to users; and pinned, it outlives any grace.
+    download(&node.user("alice"), &h)
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    download(&dev, &h).await.expect(StatusCode::OK);
+}

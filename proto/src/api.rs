@@ -34,6 +34,12 @@ pub struct SoftwareUpdate {
     pub version: String,
     /// Where to fetch it.
     pub url: String,
+    /// The image's SHA-256 when it is a blob (`url` is then `/v1/blobs/<sha256>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The image's size in bytes when it is a blob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// `POST /v1/register` answer.
@@ -511,6 +517,8 @@ impl WireMessage for RegisterResponse {
             software_update: self.software_update.as_ref().map(|u| pb::SoftwareUpdate {
                 version: u.version.clone(),
                 url: u.url.clone(),
+                sha256: u.sha256.clone(),
+                size: u.size,
             }),
             sync_url: self.sync_url.clone(),
             buckets: self.buckets.clone(),
@@ -523,6 +531,8 @@ impl WireMessage for RegisterResponse {
             software_update: p.software_update.map(|u| SoftwareUpdate {
                 version: u.version,
                 url: u.url,
+                sha256: u.sha256,
+                size: u.size,
             }),
             sync_url: p.sync_url,
             buckets: p.buckets,
@@ -975,6 +985,10 @@ mod tests {
             software_update: Some(SoftwareUpdate {
                 version: "1.3.0".into(),
                 url: "https://u".into(),
+                sha256: Some(
+                    "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                ),
+                size: Some(4),
             }),
             sync_url: "http://127.0.0.1:8080".into(),
             buckets: vec!["device.x".into()],

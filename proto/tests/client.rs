@@ -261,6 +261,8 @@ fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
     let offer = SoftwareUpdate {
         version: "1.3.0".into(),
         url: "https://fw.test/1.3.0".into(),
+        sha256: None,
+        size: None,
     };
     register_ok(&mut c, 0, reg.token, Some(offer));
     assert_eq!(

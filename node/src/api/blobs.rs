@@ -5,8 +5,9 @@
 //! complete blobs as `{"$blob": "<sha256>", "size": n}` ([`check_references`], called by
 //! the bucket PUT before it writes).
 //!
-//! Who may read a blob: a principal that uploaded its bytes, or one that may read a
-//! bucket referencing it. Announcing a blob someone else uploaded answers `present` only
+//! Who may read a blob: a principal that uploaded its bytes, one that may read a
+//! bucket referencing it, or a device whose type a software update offers it to
+//! (`[[software_updates]] sha256`, uploaded with `tether admin blob put`). Announcing a blob someone else uploaded answers `present` only
 //! to such a principal; anyone else is asked for the bytes (an upload that proves it has
 //! them, hashed as it streams, nothing stored twice). So knowing a hash gives nothing.
 //!
@@ -65,6 +66,9 @@ pub(crate) async fn may_read(
     if blobs.held_by(h, &me).await?.is_some() {
         return Ok(true);
     }
+    if offered_to(state, principal, h).await? {
+        return Ok(true);
+    }
     let mut rescoped = false;
     let mut after: Option<BucketId> = None;
     let mut checked = 0;
@@ -94,6 +98,24 @@ pub(crate) async fn may_read(
         }
     }
     Ok(false)
+}
+
+/// Whether `h` is a software update image offered to the device type of `principal` (a
+/// device): the devices an offer names may download it.
+async fn offered_to(state: &AppState, principal: &Principal, h: &BlobHash) -> Result<bool> {
+    let offers = &state.config.registration.software_updates;
+    let Some(serial) = principal.device() else {
+        return Ok(false);
+    };
+    if !offers.iter().any(|o| o.blob().as_ref() == Some(h)) {
+        return Ok(false);
+    }
+    let Some(device) = state.shared.store.get_device(serial.as_str()).await? else {
+        return Ok(false);
+    };
+    Ok(offers
+        .iter()
+        .any(|o| o.blob().as_ref() == Some(h) && o.device_type == device.device_type))
 }
 
 /// Before a bucket PUT writes `value` to `id`: every blob it references must be complete,

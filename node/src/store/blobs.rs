@@ -14,8 +14,9 @@
 //! - `h/<h>/b:<bucket id>` and `h/<h>/p:<principal>`: its *holders*, each with the time it
 //!   was added. A bucket holder says the bucket may reference the blob (written before the
 //!   bucket's commit, so a committed reference always has one); a principal holder says
-//!   the principal uploaded the bytes. Only bucket holders keep a blob alive
-//!   ([`Manifest::refs`] counts them).
+//!   the principal uploaded the bytes; `h/<h>/k:<name>` pins it for an operator. Bucket
+//!   holders and pins keep a blob alive ([`Manifest::refs`] counts them); collection
+//!   releases only bucket holders whose bucket no longer references the blob.
 //!
 //! Every operation on a blob reads its manifest key first, in the same transaction, so
 //! the backends serialize them per blob (PostgreSQL locks that key).
@@ -88,7 +89,7 @@ pub struct Manifest {
     pub received: u64,
     /// Every byte stored and their SHA-256 checked: readable and referenceable.
     pub complete: bool,
-    /// Bucket holders (buckets that may reference it).
+    /// Bucket holders (buckets that may reference it) and pins.
     pub refs: u64,
     /// Since when no bucket holds it (ms since the epoch; set at completion).
     pub unreferenced_since_ms: Option<u64>,
@@ -101,6 +102,9 @@ pub enum Holder {
     Bucket(BucketId),
     /// A principal that uploaded its bytes (`Principal::key`).
     Principal(String),
+    /// Kept by an operator (`tether admin blob put`, e.g. a firmware image a software
+    /// update offers): keeps the blob alive like a bucket, never released by collection.
+    Pinned(String),
 }
 
 impl Holder {
@@ -108,12 +112,15 @@ impl Holder {
         match self {
             Holder::Bucket(id) => format!("b:{id}"),
             Holder::Principal(p) => format!("p:{p}"),
+            Holder::Pinned(name) => format!("k:{name}"),
         }
     }
 
     fn parse(part: &str) -> Option<Holder> {
         if let Some(id) = part.strip_prefix("b:") {
             BucketId::parse(id).ok().map(Holder::Bucket)
+        } else if let Some(name) = part.strip_prefix("k:") {
+            Some(Holder::Pinned(name.to_string()))
         } else {
             part.strip_prefix("p:")
                 .map(|p| Holder::Principal(p.to_string()))
@@ -360,7 +367,7 @@ impl Blobs {
         now_ms: u64,
     ) -> Result<bool, StoreError> {
         let (mk, hk) = (manifest_key(h), holder_key(h, &holder));
-        let counts = matches!(holder, Holder::Bucket(_));
+        let counts = matches!(holder, Holder::Bucket(_) | Holder::Pinned(_));
         self.on_manifest("hold", h, vec![hk.clone()], move |m, rest| {
             let Some(mut m) = m.filter(|m| m.complete) else {
                 return Ok((false, vec![]));
@@ -418,7 +425,7 @@ impl Blobs {
         now_ms: u64,
     ) -> Result<bool, StoreError> {
         let (mk, hk) = (manifest_key(h), holder_key(h, &holder));
-        let counts = matches!(holder, Holder::Bucket(_));
+        let counts = matches!(holder, Holder::Bucket(_) | Holder::Pinned(_));
         self.on_manifest("release", h, vec![hk.clone()], move |m, rest| {
             let current: Option<u64> = rest
                 .first()
