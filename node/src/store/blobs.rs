@@ -508,7 +508,8 @@ pub struct Swept {
 }
 
 /// One pass of blob collection: releases bucket holders older than `settle_ms` whose
-/// bucket, as committed, no longer references the blob (a holder is written before its
+/// bucket, as committed, no longer references the blob (one found still referenced is
+/// refreshed, so each holder's bucket is read at most once per `settle_ms`) (a holder is written before its
 /// bucket's commit, so one younger than the longest commit may still be on its way), then
 /// deletes every blob no bucket holds whose grace (`grace_ms`, from when the last holder
 /// went or the upload started) is over. Safe beside other nodes' passes: every step is
@@ -534,7 +535,16 @@ pub async fn sweep(
             if m.complete && m.refs > 0 {
                 swept.released += release_unreferenced(blobs, store, &h, now_ms, settle_ms).await?;
             }
-            if blobs.collect(&h, now_ms.saturating_sub(grace_ms)).await? {
+            // Only a blob that looked due when listed is tried (the store decides again); one
+            // whose last holder this pass released starts its grace now.
+            let cutoff = now_ms.saturating_sub(grace_ms);
+            let looked_due = m.refs == 0
+                && if m.complete {
+                    m.unreferenced_since_ms.is_some_and(|t| t <= cutoff)
+                } else {
+                    m.created_ms <= cutoff
+                };
+            if looked_due && blobs.collect(&h, cutoff).await? {
                 swept.deleted += 1;
             }
         }
@@ -566,10 +576,12 @@ async fn release_unreferenced(
                 .iter()
                 .find(|b| b.id == id)
                 .is_some_and(|b| tether_proto::blob::references(&b.value, h));
-            if !referenced
-                && blobs
-                    .release(h, Holder::Bucket(id), added_ms, now_ms)
-                    .await?
+            if referenced {
+                // Still referenced: read again one settle period from now, not every pass.
+                blobs.hold(h, Holder::Bucket(id), now_ms).await?;
+            } else if blobs
+                .release(h, Holder::Bucket(id), added_ms, now_ms)
+                .await?
             {
                 released += 1;
             }
