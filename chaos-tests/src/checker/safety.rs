@@ -848,12 +848,18 @@ fn hung(hist: &Hist<'_>, opts: &CheckOptions, f: &mut Findings) {
         };
         let allowed_us = timeout_ms.saturating_add(opts.subscribe_grace_ms) * 1000;
         let deadline = o.invoke.saturating_add(allowed_us);
-        let frozen = pauses.iter().find(|w| {
-            (via == "lb" || *via == w.target)
-                && w.start <= deadline
-                && deadline <= w.end
-                && o.complete.unwrap_or(hist.end) <= w.end.saturating_add(allowed_us)
-        });
+        // The time the node it was sent to (any node, through the load balancer) spent
+        // frozen while the subscribe was open: a stopped process answers nobody, so the
+        // subscribe is late only by what exceeds it.
+        let done = o.complete.unwrap_or(hist.end);
+        let frozen_us: u64 = pauses
+            .iter()
+            .filter(|w| via == "lb" || *via == w.target)
+            .map(|w| done.min(w.end).saturating_sub(o.invoke.max(w.start)))
+            .sum();
+        let frozen = (frozen_us > 0
+            && done.saturating_sub(o.invoke) <= allowed_us.saturating_add(frozen_us))
+        .then_some(());
         let cut = cuts.iter().find(|w| {
             (via == "lb" || *via == w.target) && w.start <= deadline && o.invoke <= w.end
         });

@@ -116,7 +116,7 @@ impl Builder {
         let call = Call::Subscribe {
             held: [(held.0.to_string(), held.1)].into_iter().collect(),
             timeout_ms,
-            via: "lb".into(),
+            via: self.via.unwrap_or("lb").into(),
         };
         self.push(client, invoke, complete, call, res)
     }
@@ -510,6 +510,26 @@ fn a_subscribe_late_only_because_its_node_was_frozen_is_excused() {
     let v = b.h.check();
     assert!(v.passed, "{:?}", v.examples);
     assert_eq!(v.excused_subscribers, 1);
+
+    // Sent 8.3 s into a 15 s pause of its node, answered 0.3 s after the node woke, past
+    // its deadline (2 s + 5 s grace) by 0.07 s: 6.7 s of its 7.07 s were spent frozen.
+    let mut b = base();
+    b.h.end = 40_000;
+    b.h.fault(1000, "pause", "n1", FaultPhase::Start);
+    b.h.fault(16_000, "pause", "n1", FaultPhase::End);
+    b.h.via = Some("n1");
+    b.h.subscribe(4, (9300, 16_370), (S2, 2), 2000, Res::Shown(vec![]));
+    // The same on a node that was not paused is hung.
+    b.h.via = Some("n2");
+    b.h.subscribe(5, (9300, 16_370), (S2, 2), 2000, Res::Shown(vec![]));
+    b.h.via = None;
+    let v = b.h.check();
+    assert_only(&v, "hung_subscribers", 1);
+    assert!(
+        v.examples.iter().any(|e| e.detail.contains("client 5")),
+        "the one on the node that was not paused: {:?}",
+        v.examples
+    );
 }
 
 /// A subscribe sent while the clients were cut from its node (`lb-partition`): its answer
@@ -552,12 +572,14 @@ fn a_woken_node_that_still_does_not_answer_hangs_its_subscriber() {
 }
 
 #[test]
-fn a_pause_that_ended_before_the_deadline_excuses_nothing() {
+fn a_pause_excuses_no_more_lateness_than_its_own_length() {
     let mut b = base();
     b.h.end = 20_000;
+    // Frozen 2.85 s of the subscribe's time: it may take 1 s + 5 s grace + 2.85 s; it took
+    // 8.9 s.
     b.h.fault(150, "pause", "n1", FaultPhase::Start);
     b.h.fault(3000, "pause", "n1", FaultPhase::End);
-    b.h.subscribe(4, (160, 6300), (S2, 2), 1000, Res::Shown(vec![]));
+    b.h.subscribe(4, (160, 9060), (S2, 2), 1000, Res::Shown(vec![]));
     let v = b.h.check();
     assert_only(&v, "hung_subscribers", 1);
 }
