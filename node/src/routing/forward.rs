@@ -70,14 +70,22 @@ fn traced<T>(msg: T) -> Request<T> {
 }
 
 /// The span a forwarded call is served in: the device request's id, its trace (child of
-/// the forwarding node's client span) and the operation. Gossip calls get none.
+/// the forwarding node's client span) and the operation. Gossip calls get none, and
+/// neither do the node's own calls that serve no request (link pings every 500 ms,
+/// releases): they carry neither a request id nor a trace, and would otherwise start a
+/// trace of their own on every sampled-in draw.
 pub fn served_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     let id = req
         .headers()
         .get(REQUEST_ID_KEY)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    crate::telemetry::grpc_server_span(req, id)
+        .and_then(|v| v.to_str().ok());
+    let traced = req
+        .headers()
+        .contains_key(crate::telemetry::propagation::TRACEPARENT);
+    match id {
+        None if !traced => tracing::Span::none(),
+        id => crate::telemetry::grpc_server_span(req, id.unwrap_or("-")),
+    }
 }
 
 /// Largest forwarded message: a bucket set's worth of buckets.
