@@ -95,6 +95,19 @@ pub struct Manifest {
     pub unreferenced_since_ms: Option<u64>,
 }
 
+impl Manifest {
+    /// Whether collection may delete it at `cutoff_ms`: no bucket holds it or pins it, and
+    /// it went unheld (complete) or was started (an upload never finished) by then.
+    pub fn due(&self, cutoff_ms: u64) -> bool {
+        self.refs == 0
+            && if self.complete {
+                self.unreferenced_since_ms.is_some_and(|t| t <= cutoff_ms)
+            } else {
+                self.created_ms <= cutoff_ms
+            }
+    }
+}
+
 /// Who holds a blob.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Holder {
@@ -472,14 +485,7 @@ impl Blobs {
     pub async fn collect(&self, h: &BlobHash, cutoff_ms: u64) -> Result<bool, StoreError> {
         let (mk, chunks, holders) = (manifest_key(h), format!("c/{h}/"), format!("h/{h}/"));
         self.on_manifest("collect", h, vec![], move |m, _| {
-            let due = m.is_some_and(|m| {
-                m.refs == 0
-                    && if m.complete {
-                        m.unreferenced_since_ms.is_some_and(|t| t <= cutoff_ms)
-                    } else {
-                        m.created_ms <= cutoff_ms
-                    }
-            });
+            let due = m.is_some_and(|m| m.due(cutoff_ms));
             if !due {
                 return Ok((false, vec![]));
             }
@@ -538,12 +544,7 @@ pub async fn sweep(
             // Only a blob that looked due when listed is tried (the store decides again); one
             // whose last holder this pass released starts its grace now.
             let cutoff = now_ms.saturating_sub(grace_ms);
-            let looked_due = m.refs == 0
-                && if m.complete {
-                    m.unreferenced_since_ms.is_some_and(|t| t <= cutoff)
-                } else {
-                    m.created_ms <= cutoff
-                };
+            let looked_due = m.due(cutoff);
             if looked_due && blobs.collect(&h, cutoff).await? {
                 swept.deleted += 1;
             }
