@@ -4,7 +4,9 @@
 //! recording a `Fault` entry at every start and end.
 //!
 //! - `kill`: `kill -9` the node, restart it (same data directory) after the duration.
-//! - `pause`: SIGSTOP, SIGCONT after the duration.
+//! - `pause`: SIGSTOP, SIGCONT after the duration; at every other pause (the 1st, 3rd,
+//!   …) the stragglers ([`crate::workload::Stragglers`]) are sent to the paused node:
+//!   writes at once, reads 250 ms before the wake.
 //! - `isolate`: nftables in the node's namespace drop everything to and from the other
 //!   nodes (gossip and forwarding); PostgreSQL and the load balancer stay reachable.
 //! - `store-partition` / `lb-partition`: the same, against PostgreSQL's address / the
@@ -52,6 +54,7 @@ use tokio::process::Command;
 
 use crate::error::ChaosError;
 use crate::history::{FaultPhase, SharedRecorder};
+use crate::workload::{Straggle, Stragglers};
 use crate::{Cluster, NodeState};
 
 /// The kinds of fault.
@@ -331,6 +334,9 @@ pub(crate) async fn nft_in(ns: &str, rules: &str) -> Result<(), String> {
     }
 }
 
+/// How long before a paused node wakes the stragglers are sent to it.
+const STRAGGLER_LEAD: Duration = Duration::from_millis(250);
+
 /// The nftables table the nemesis adds to a node's namespace.
 const TABLE: &str = "t12chaos";
 
@@ -393,6 +399,7 @@ pub async fn apply(
     owners: &Owners,
     set_keys: &[String],
     rec: &SharedRecorder,
+    stragglers: Option<&Stragglers>,
 ) -> Result<(), ChaosError> {
     let kind = fault.kind;
     let duration = Duration::from_millis(fault.duration_ms);
@@ -455,7 +462,23 @@ pub async fn apply(
         FaultKind::Pause => {
             rec.fault(kind.name(), &name, FaultPhase::Start, detail);
             cluster.pause(i).await;
-            tokio::time::sleep(duration).await;
+            let url = cluster.node_url(i, "");
+            // The stragglers' writes go out at once (queued through the whole pause), their
+            // reads just before the wake (sent after the writes the other nodes
+            // acknowledged meanwhile, they must see them).
+            // Every other pause only (the 1st, 3rd, …): the others show what a woken node
+            // does when nothing is queued for it (a straggler's read makes it confirm its
+            // leases at once).
+            let lead = STRAGGLER_LEAD.min(duration / 2);
+            let stragglers = stragglers.filter(|s| s.take_turn());
+            if let Some(s) = stragglers {
+                s.send(Straggle::Write, (&name, &url), duration);
+            }
+            tokio::time::sleep(duration - lead).await;
+            if let Some(s) = stragglers {
+                s.send(Straggle::Read, (&name, &url), lead);
+            }
+            tokio::time::sleep(lead).await;
             cluster.resume(i).await;
             rec.fault(kind.name(), &name, FaultPhase::End, String::new());
         }
@@ -756,11 +779,12 @@ pub async fn run(
     owners: &Owners,
     set_keys: &[String],
     rec: &SharedRecorder,
+    stragglers: Option<&Stragglers>,
 ) -> Result<(), ChaosError> {
     let phase_start = tokio::time::Instant::now();
     for fault in &schedule.faults {
         tokio::time::sleep_until(phase_start + Duration::from_millis(fault.start_ms)).await;
-        apply(cluster, fault, nodes, owners, set_keys, rec).await?;
+        apply(cluster, fault, nodes, owners, set_keys, rec, stragglers).await?;
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::history::{self, Entry, Recorder, SharedRecorder};
 use crate::nemesis::{self, Owners, Schedule};
 use crate::scenario::{Scenario, Tier, TierSpec};
 use crate::store_faults;
-use crate::workload::{self, Endpoints, HotSet, Tally, WorkloadConfig};
+use crate::workload::{self, Endpoints, HotSet, Stragglers, Tally, WorkloadConfig};
 use crate::{Cluster, ClusterOptions, NodeState};
 
 /// The client id of the final reads (after `End`).
@@ -338,6 +338,12 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         })
         .collect();
 
+    let stragglers = Stragglers::new(
+        http.clone(),
+        rec.clone(),
+        sets.clone(),
+        wcfg.request_timeout,
+    );
     tokio::time::sleep(spec.warmup).await;
     let phase_start = tokio::time::Instant::now();
     let nemesis_result = nemesis::run(
@@ -347,6 +353,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
         &owners,
         &set_keys,
         &rec,
+        Some(&stragglers),
     )
     .await;
     tokio::time::sleep_until(phase_start + spec.faults).await;
@@ -367,6 +374,7 @@ pub async fn run_one(scenario: &Scenario, opts: &RunOptions) -> Result<RunInfo, 
     for c in clients {
         let _ = tokio::time::timeout(bound, c).await;
     }
+    stragglers.join(bound).await;
     rec.record(&Entry::End { t_us: rec.now_us() });
 
     // Final reads: every set from every live node, and through the load balancer.

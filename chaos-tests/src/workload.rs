@@ -47,10 +47,16 @@ pub const MAX_CLIENTS: usize = 16;
 /// Upper bound of one client's operations in one run.
 const MAX_OPS_PER_CLIENT: u64 = 200_000;
 
+/// The client id of the stragglers ([`Stragglers`]), who write field `w998`.
+pub const STRAGGLER: u32 = 998;
+
 /// The nodes' config file text: the `chaos` device type with its two buckets, each with
-/// one field per possible writer.
+/// one field per possible writer (the clients' and the stragglers').
 pub fn device_type_config() -> String {
-    let fields: Vec<String> = (0..MAX_CLIENTS).map(|c| format!("\"w{c}\"")).collect();
+    let fields: Vec<String> = (0..MAX_CLIENTS as u32)
+        .chain([STRAGGLER])
+        .map(|c| format!("\"w{c}\""))
+        .collect();
     let fields = fields.join(", ");
     let mut s = format!("[device_types.{DEVICE_TYPE}.buckets]\n");
     for k in KINDS {
@@ -218,6 +224,32 @@ struct Put<'a> {
     op_id: &'a str,
 }
 
+/// One write through `via`, recorded as client `client`'s.
+async fn recorded_write(
+    http: &reqwest::Client,
+    rec: &SharedRecorder,
+    client: u32,
+    via: (&str, &str),
+    set: &HotSet,
+    put: Put<'_>,
+    timeout: Duration,
+) -> Outcome {
+    let op = rec.invoke(
+        client,
+        Call::Write {
+            bucket: put.bucket.to_string(),
+            fields: put.fields.clone(),
+            base_version: put.base_version,
+            occ: put.occ,
+            op_id: Some(put.op_id.to_string()),
+            via: via.0.to_string(),
+        },
+    );
+    let out = write(http, via.1, set, put, timeout).await;
+    rec.complete(op, out.clone());
+    out
+}
+
 /// One write; its outcome.
 async fn write(
     http: &reqwest::Client,
@@ -351,17 +383,6 @@ pub async fn client(
             let mut fields = Fields::new();
             fields.insert(field.clone(), json!(seq));
             let op_id = format!("c{id}-{seq}");
-            let op = rec.invoke(
-                id,
-                Call::Write {
-                    bucket: bucket.clone(),
-                    fields: fields.clone(),
-                    base_version,
-                    occ,
-                    op_id: Some(op_id.clone()),
-                    via: via_name.clone(),
-                },
-            );
             let put = Put {
                 bucket,
                 fields: &fields,
@@ -369,9 +390,8 @@ pub async fn client(
                 occ,
                 op_id: &op_id,
             };
-            let out = write(&http, &base, set, put, cfg.request_timeout).await;
-            rec.complete(op, out.clone());
-            out
+            let via = (via_name.as_str(), base.as_str());
+            recorded_write(&http, &rec, id, via, set, put, cfg.request_timeout).await
         } else if rng.random_range(0..100u32) < cfg.subscribe_percent {
             let held: BTreeMap<String, u64> = set
                 .buckets
@@ -425,6 +445,107 @@ pub async fn client(
         tokio::select! {
             _ = tokio::time::sleep(cfg.think) => {}
             _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+/// Requests sent straight to a paused node: they wait in its sockets and are among the
+/// first things it serves when it wakes, with whatever it held in memory before the pause.
+/// A workload client does not wait that long (it gives up after
+/// [`WorkloadConfig::request_timeout`] and moves to the next node), so without them whether
+/// the woken node serves anything before it learns it was deposed is luck. For every hot
+/// set, as client [`STRAGGLER`]: one write (field `w998`, a plain merge) sent as the pause
+/// begins, and one read sent shortly before the wake — after every write the other nodes
+/// acknowledged meanwhile, so it must see them. A woken deposed owner must route them to
+/// the new owner (invariants 10 and 23): one that commits from its stale memory forks
+/// versions and loses acknowledged writes, one that reads from it serves a stale read.
+#[derive(Debug, Clone)]
+pub struct Stragglers {
+    http: reqwest::Client,
+    rec: SharedRecorder,
+    sets: Vec<HotSet>,
+    request_timeout: Duration,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+    pauses: Arc<std::sync::atomic::AtomicU64>,
+    pending: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// What a straggler does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Straggle {
+    Write,
+    Read,
+}
+
+impl Stragglers {
+    pub fn new(
+        http: reqwest::Client,
+        rec: SharedRecorder,
+        sets: Vec<HotSet>,
+        request_timeout: Duration,
+    ) -> Self {
+        Stragglers {
+            http,
+            rec,
+            sets,
+            request_timeout,
+            seq: Arc::default(),
+            pauses: Arc::default(),
+            pending: Arc::default(),
+        }
+    }
+
+    /// Whether this pause (counted from 1) gets stragglers: the odd ones.
+    pub fn take_turn(&self) -> bool {
+        self.pauses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 2
+            == 0
+    }
+
+    /// Sends one straggler of kind `what` per hot set to node `via` (name, base URL),
+    /// which wakes in `wake`.
+    pub fn send(&self, what: Straggle, via: (&str, &str), wake: Duration) {
+        let timeout = wake + 2 * self.request_timeout;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for set in &self.sets {
+            let Some(bucket) = set.buckets.first().cloned() else {
+                continue;
+            };
+            let seq = 1 + self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (name, base) = (via.0.to_string(), via.1.to_string());
+            let (http, rec, set) = (self.http.clone(), self.rec.clone(), set.clone());
+            pending.push(tokio::spawn(async move {
+                let via = (name.as_str(), base.as_str());
+                if what == Straggle::Read {
+                    read_set(&http, &rec, STRAGGLER, via, &set, timeout).await;
+                    return;
+                }
+                let mut fields = Fields::new();
+                fields.insert(format!("w{STRAGGLER}"), json!(seq));
+                let op_id = format!("c{STRAGGLER}-{seq}");
+                let put = Put {
+                    bucket: &bucket,
+                    fields: &fields,
+                    base_version: 0,
+                    occ: false,
+                    op_id: &op_id,
+                };
+                recorded_write(&http, &rec, STRAGGLER, via, &set, put, timeout).await;
+            }));
+        }
+    }
+
+    /// Waits (at most `bound`) for every straggler sent so far to be answered or to time
+    /// out; one still out after that is aborted (its op stays invoked, never completed).
+    pub async fn join(&self, bound: Duration) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = tokio::time::Instant::now() + bound;
+        for h in pending {
+            let abort = h.abort_handle();
+            if tokio::time::timeout_at(deadline, h).await.is_err() {
+                abort.abort();
+            }
         }
     }
 }
