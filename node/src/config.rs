@@ -241,6 +241,28 @@ pub struct ServeArgs {
     /// it is deleted [default: 86400 = 24 h].
     #[arg(long, env = "TETHER_BLOB_GRACE_SECS")]
     pub blob_grace_secs: Option<u64>,
+    /// Push gateway: a change to a bucket of an offline device posts a signed,
+    /// payload-free wake-up here (API.md "Presence and wake-ups") [default: none].
+    #[arg(long, env = "TETHER_PUSH_WEBHOOK")]
+    pub push_webhook: Option<String>,
+    /// File holding the secret wake-ups are signed with (HMAC-SHA256, `X-Tether-Signature`);
+    /// required with --push-webhook.
+    #[arg(long, env = "TETHER_PUSH_SECRET_FILE")]
+    pub push_secret_file: Option<PathBuf>,
+    /// Most wake-ups per second this node sends, all devices together [default: 100].
+    #[arg(long, env = "TETHER_PUSH_RATE")]
+    pub push_rate: Option<u32>,
+    /// Least time between two wake-ups to one device, ms [default: 10000].
+    #[arg(long, env = "TETHER_PUSH_MIN_GAP_MS")]
+    pub push_min_gap_ms: Option<u64>,
+    /// First retry delay of a wake-up the gateway refused, ms; doubles per attempt up to
+    /// 30 s, 8 attempts [default: 500].
+    #[arg(long, env = "TETHER_PUSH_RETRY_MS")]
+    pub push_retry_ms: Option<u64>,
+    /// PEM bundle of the CAs an `https` push gateway's certificate is checked against
+    /// [default: /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long, env = "TETHER_PUSH_CA_FILE")]
+    pub push_ca_file: Option<PathBuf>,
     /// Subscribe hold time when the client names none [default: 900000 = 15 min].
     #[arg(long, env = "TETHER_SUBSCRIBE_DEFAULT_TIMEOUT_MS")]
     pub subscribe_default_timeout_ms: Option<u64>,
@@ -547,6 +569,12 @@ pub struct FileConfig {
     max_bucket_bytes: Option<usize>,
     max_blob_bytes: Option<u64>,
     blob_grace_secs: Option<u64>,
+    push_webhook: Option<String>,
+    push_secret_file: Option<PathBuf>,
+    push_rate: Option<u32>,
+    push_min_gap_ms: Option<u64>,
+    push_retry_ms: Option<u64>,
+    push_ca_file: Option<PathBuf>,
     subscribe_default_timeout_ms: Option<u64>,
     subscribe_max_timeout_ms: Option<u64>,
     passivate_after_ms: Option<u64>,
@@ -634,6 +662,8 @@ pub struct Config {
     pub max_blob_bytes: u64,
     /// How long an unreferenced blob or an unfinished upload is kept.
     pub blob_grace: Duration,
+    /// Push wake-ups, when a gateway is configured.
+    pub push: Option<crate::push::PushConfig>,
     /// Default subscribe hold.
     pub subscribe_default_timeout: Duration,
     /// Maximum subscribe hold.
@@ -1038,6 +1068,14 @@ impl Config {
                     .or(file.blob_grace_secs)
                     .unwrap_or(24 * 3600),
             ),
+            push: crate::push::PushConfig::from_parts(
+                args.push_webhook.or(file.push_webhook),
+                args.push_secret_file.or(file.push_secret_file),
+                args.push_rate.or(file.push_rate),
+                args.push_min_gap_ms.or(file.push_min_gap_ms),
+                args.push_retry_ms.or(file.push_retry_ms),
+                args.push_ca_file.or(file.push_ca_file),
+            )?,
             subscribe_default_timeout: Duration::from_millis(
                 args.subscribe_default_timeout_ms
                     .or(file.subscribe_default_timeout_ms)

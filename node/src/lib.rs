@@ -18,6 +18,7 @@ pub mod metrics;
     feature = "planted-drop-notification"
 ))]
 pub mod planted;
+pub mod push;
 pub mod registration;
 pub mod routing;
 pub mod security;

@@ -94,6 +94,7 @@ struct Inner {
     lease_takeovers: Counter,
     auth_stale: Family<Labels, Counter>,
     blobs: Family<Labels, Counter>,
+    wakeups: Family<Labels, Counter>,
     store_backend: OnceLock<&'static str>,
     runtimes: Mutex<Vec<(&'static str, tokio::runtime::Handle)>>,
     connections_open: Gauge,
@@ -312,6 +313,18 @@ impl Metrics {
         for event in ["completed", "hash_mismatch", "downloaded", "deleted"] {
             let _ = blobs.get_or_create(&vec![("event", event.to_string())]);
         }
+        let wakeups = Family::<Labels, Counter>::default();
+        registry.register(
+            "push_wakeups",
+            "Push wake-ups of offline devices (--push-webhook): sent (the gateway took it), \
+             collapsed (a change riding on one outstanding for its device), retried (an \
+             attempt the gateway refused or did not answer), failed (given up after every \
+             attempt)",
+            wakeups.clone(),
+        );
+        for result in ["sent", "collapsed", "retried", "failed"] {
+            let _ = wakeups.get_or_create(&vec![("result", result.to_string())]);
+        }
         // Series of bounded, known label values start at zero, so a first increase is a
         // rate (and a dashboard shows 0, not "no data").
         for outcome in ["applied", "merged", "refused"] {
@@ -359,6 +372,7 @@ impl Metrics {
             lease_takeovers,
             auth_stale,
             blobs,
+            wakeups,
             store_backend: OnceLock::new(),
             runtimes: Mutex::new(Vec::new()),
             auth_tracked_ids,
@@ -642,6 +656,14 @@ impl Metrics {
             .get_or_create(&vec![("event", event.to_string())])
             .inc();
     }
+    /// One push wake-up event (`sent`, `collapsed`, `retried`, `failed`).
+    pub(crate) fn wakeup(&self, result: &'static str) {
+        self.0
+            .wakeups
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
     /// A blob event counted `n` times.
     pub(crate) fn blobs(&self, event: &'static str, n: u64) {
         self.0

@@ -76,6 +76,10 @@ pub async fn run(config: Config) -> Result<()> {
         },
         config.actor_threads,
     );
+    if let Some(push) = &config.push {
+        tracing::info!(webhook = %push.webhook, rate = push.rate.get(), "push wake-ups on");
+        shared.set_pusher(crate::push::Pusher::new(push.clone(), metrics.clone())?);
+    }
 
     tokio::spawn(shared.clone().follow_store_clock(config.max_clock_offset));
 

@@ -722,6 +722,7 @@ async fn protobuf_round_trip() {
 
     // register as protobuf
     let req = RegisterRequest {
+        next_sync_ms: None,
         device_id: A.into(),
         device_type: "thermostat".into(),
         sw_version: "1.0.0".into(),
@@ -845,6 +846,7 @@ async fn protobuf_round_trip() {
 
     // Subscribe as protobuf: stale → answered at once with the full bucket.
     let sub = SubscribeRequest {
+        next_sync_ms: None,
         buckets: vec![HeldBucket {
             id: id.clone(),
             timestamp: None,
@@ -875,6 +877,7 @@ async fn protobuf_round_trip() {
 
     // Subscribe as protobuf: held, then woken by a JSON PUT from another session.
     let sub = SubscribeRequest {
+        next_sync_ms: None,
         buckets: vec![HeldBucket {
             id: id.clone(),
             timestamp: list.buckets[0].timestamp,

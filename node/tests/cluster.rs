@@ -366,6 +366,90 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         .expect(StatusCode::PARTIAL_CONTENT);
     assert_eq!(ranged.body, photo[65_530..=65_545]);
 
+    // Presence is the owner's knowledge, asked through any node: a device listening
+    // through one node is online through all three, and a paired user's write through
+    // another is answered with `delivery` once the device stopped listening.
+    let carol = admin(["user", "add", "carol", "--store", url.as_str()])
+        .await
+        .ok();
+    let carol = credentials_line(&carol);
+    let sleeper = &serials[DEVICES - 3];
+    let code = members[0].node.device(sleeper).pairing_code().await;
+    members[1]
+        .node
+        .with_credentials(carol.clone())
+        .pair(&code, None)
+        .await
+        .expect(StatusCode::OK);
+    let shared_id = format!("shared.{sleeper}");
+    let version = u64_of(
+        &members[2].node.device(sleeper).bucket(&shared_id).await,
+        "version",
+    );
+    let presence_via = |m: usize| {
+        let user = members[m].node.with_credentials(carol.clone());
+        let path = format!("/v1/devices/{sleeper}/presence");
+        async move {
+            user.send(user.req(reqwest::Method::GET, &path))
+                .await
+                .expect_json(StatusCode::OK)
+        }
+    };
+    let listener = members[2].node.device(sleeper);
+    let body = json!({"buckets": [{"id": shared_id, "version": version}], "timeout_ms": 60_000});
+    let listening =
+        tokio::spawn(async move { listener.subscribe(&body, Duration::from_secs(65)).await });
+    within(
+        Duration::from_secs(10),
+        "the device's subscribe held",
+        async {
+            while presence_via(0).await["online"] != true {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    for (m, member) in members.iter().enumerate() {
+        let p = presence_via(m).await;
+        assert_eq!(p["online"], true, "through {}: {p}", member.id);
+    }
+    let user_put = |m: usize, n: u64| {
+        let user = members[m].node.with_credentials(carol.clone());
+        let id = shared_id.clone();
+        async move {
+            user.put(&id, &json!({"value": {"name": format!("n{n}")}}))
+                .await
+                .expect_json(StatusCode::OK)
+        }
+    };
+    let answer = user_put(0, 1).await;
+    assert!(answer.get("delivery").is_none(), "listening: {answer}");
+    listening
+        .await
+        .expect("subscribe task")
+        .expect(StatusCode::OK);
+    let version = u64_of(
+        &members[1].node.device(sleeper).bucket(&shared_id).await,
+        "version",
+    );
+    members[1]
+        .node
+        .device(sleeper)
+        .subscribe(
+            &json!({"buckets": [{"id": shared_id, "version": version}], "timeout_ms": 300, "next_sync_ms": 60_000}),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect(StatusCode::OK);
+    let answer = user_put(2, 2).await;
+    assert_eq!(answer["delivery"]["online"], false, "asleep: {answer}");
+    let by = u64_of(&answer["delivery"], "next_sync_by");
+    for (m, member) in members.iter().enumerate() {
+        let p = presence_via(m).await;
+        assert_eq!(p["online"], false, "through {}: {p}", member.id);
+        assert_eq!(u64_of(&p, "next_sync_by"), by, "through {}: {p}", member.id);
+    }
+
     for serial in &serials {
         let expect = owner(&id_refs, serial);
         let owner_node = members

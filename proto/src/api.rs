@@ -24,6 +24,10 @@ pub struct RegisterRequest {
     pub device_type: String,
     /// Running firmware version; drives tier redirection and update offers.
     pub sw_version: String,
+    /// When the device will sync next, in ms from now (a sleeping device; API.md
+    /// "Presence and wake-ups").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sync_ms: Option<u64>,
 }
 
 /// A firmware offer in a registration answer.
@@ -202,6 +206,32 @@ pub struct UpdateResponse {
     /// version may be later than the write's own.
     #[serde(default, skip_serializing_if = "is_false")]
     pub replayed: bool,
+    /// A change to the bucket of a device that holds no subscribe (API.md "Presence and
+    /// wake-ups"): it gets the change when it next syncs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// How a change reaches a device that is not listening now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Delivery {
+    /// Always `false`: the device holds no subscribe (else there is no `delivery`).
+    pub online: bool,
+    /// When the device said it will sync next (ms), or null.
+    pub next_sync_by: Option<u64>,
+}
+
+/// `GET /v1/devices/{device_id}/presence` answer: what the owner of the device's set knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PresenceResponse {
+    /// The device holds a subscribe now.
+    pub online: bool,
+    /// When it last subscribed, wrote or registered (ms), or null.
+    pub last_seen: Option<u64>,
+    /// When it said it will sync next (ms), or null.
+    pub next_sync_by: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -247,6 +277,10 @@ pub struct SubscribeRequest {
     /// with each line, instead of one answer per request.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stream: bool,
+    /// When the device will sync next, in ms from now (a sleeping device; API.md "Presence
+    /// and wake-ups"): answered in presence and in writers' `delivery`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sync_ms: Option<u64>,
 }
 
 /// One change in `GET /v1/buckets/{id}/history`.
@@ -497,6 +531,7 @@ impl WireMessage for RegisterRequest {
             device_id: self.device_id.clone(),
             device_type: self.device_type.clone(),
             sw_version: self.sw_version.clone(),
+            next_sync_ms: self.next_sync_ms,
         }
     }
     fn from_pb(p: pb::RegisterRequest) -> Result<Self, ProtoError> {
@@ -504,6 +539,7 @@ impl WireMessage for RegisterRequest {
             device_id: p.device_id,
             device_type: p.device_type,
             sw_version: p.sw_version,
+            next_sync_ms: p.next_sync_ms,
         })
     }
 }
@@ -637,6 +673,9 @@ impl WireMessage for UpdateResponse {
                 .to_pb(),
             ),
             replayed: self.replayed,
+            delivery: self.delivery.map(|d| pb::Delivery {
+                next_sync_by: d.next_sync_by,
+            }),
         }
     }
     fn from_pb(p: pb::UpdateResponse) -> Result<Self, ProtoError> {
@@ -654,6 +693,10 @@ impl WireMessage for UpdateResponse {
             version: b.version.ok_or(ProtoError::MissingField("version"))?,
             value: b.value,
             replayed: p.replayed,
+            delivery: p.delivery.map(|d| Delivery {
+                online: false,
+                next_sync_by: d.next_sync_by,
+            }),
         })
     }
 }
@@ -676,6 +719,7 @@ impl WireMessage for SubscribeRequest {
             diffs: self.diffs,
             max_bytes: self.max_bytes,
             stream: self.stream,
+            next_sync_ms: self.next_sync_ms,
         }
     }
     fn from_pb(p: pb::SubscribeRequest) -> Result<Self, ProtoError> {
@@ -694,6 +738,7 @@ impl WireMessage for SubscribeRequest {
             diffs: p.diffs,
             max_bytes: p.max_bytes,
             stream: p.stream,
+            next_sync_ms: p.next_sync_ms,
         })
     }
 }
@@ -831,6 +876,24 @@ impl WireMessage for BlobStatus {
     }
 }
 
+impl WireMessage for PresenceResponse {
+    type Pb = pb::PresenceResponse;
+    fn to_pb(&self) -> pb::PresenceResponse {
+        pb::PresenceResponse {
+            online: self.online,
+            last_seen: self.last_seen,
+            next_sync_by: self.next_sync_by,
+        }
+    }
+    fn from_pb(p: pb::PresenceResponse) -> Result<Self, ProtoError> {
+        Ok(PresenceResponse {
+            online: p.online,
+            last_seen: p.last_seen,
+            next_sync_by: p.next_sync_by,
+        })
+    }
+}
+
 impl WireMessage for PairRequest {
     type Pb = pb::PairRequest;
     fn to_pb(&self) -> pb::PairRequest {
@@ -934,6 +997,7 @@ mod tests {
             op_id: Some("op-1".into()),
         });
         roundtrip(UpdateResponse {
+            delivery: None,
             outcome: UpdateOutcome::Merged,
             id: "device.x".into(),
             timestamp: 1,
@@ -942,6 +1006,7 @@ mod tests {
             replayed: true,
         });
         roundtrip(SubscribeRequest {
+            next_sync_ms: None,
             buckets: vec![HeldBucket {
                 id: "device.x".into(),
                 timestamp: Some(1),
@@ -1048,6 +1113,7 @@ mod tests {
             serde_json::from_str(r#"{"value": {}, "op_id": "a-1"}"#).expect("put with op id");
         assert_eq!(put.op_id.as_deref(), Some("a-1"));
         let resp = UpdateResponse {
+            delivery: None,
             outcome: UpdateOutcome::Applied,
             id: "device.x".into(),
             timestamp: 1,

@@ -847,6 +847,7 @@ impl DeviceClient {
         let auth = self.credentials_for(self.phase)?;
         let request = match self.phase {
             Phase::Register => Request::Register(RegisterRequest {
+                next_sync_ms: None,
                 device_id: self.cfg.device_id.clone(),
                 device_type: self.cfg.device_type.clone(),
                 sw_version: self.cfg.sw_version.clone(),
@@ -855,6 +856,7 @@ impl DeviceClient {
                 ids: self.ids.clone(),
             },
             Phase::Subscribe => Request::Subscribe(SubscribeRequest {
+                next_sync_ms: None,
                 buckets: self.ids.iter().map(|id| self.held_version(id)).collect(),
                 session: self.session(),
                 timeout_ms: (self.cfg.subscribe_timeout_ms > 0)

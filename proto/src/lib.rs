@@ -18,6 +18,7 @@ pub mod error;
 pub mod hlc;
 pub mod model;
 pub mod pb;
+pub mod presence;
 pub mod reconcile;
 pub mod requests;
 pub mod synclog;

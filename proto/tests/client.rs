@@ -116,6 +116,7 @@ fn updated(status: u16, outcome: UpdateOutcome, version: u64, value: Option<Fiel
     Response::Updated {
         status,
         body: UpdateResponse {
+            delivery: None,
             outcome,
             id: DEV.into(),
             timestamp: 1_000 + version,

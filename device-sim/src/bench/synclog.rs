@@ -150,6 +150,7 @@ async fn catch_up_bytes(
     protobuf: bool,
 ) -> Result<(Bytes, bool)> {
     let req = SubscribeRequest {
+        next_sync_ms: None,
         buckets: vec![HeldBucket {
             id: id.to_string(),
             timestamp: None,

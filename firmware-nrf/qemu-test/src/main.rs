@@ -482,6 +482,7 @@ fn held(id: &str, timestamp: u64, version: u64) -> HeldBucket {
 
 fn subscribe_of(buckets: Vec<HeldBucket>) -> SubscribeRequest {
     SubscribeRequest {
+        next_sync_ms: None,
         buckets,
         session: Some(SESSION.into()),
         timeout_ms: Some(HOLD_MS),
@@ -555,6 +556,7 @@ fn scenario(c: &mut Checks) {
             device_id: SERIAL.into(),
             device_type: "thermostat".into(),
             sw_version: "1.2.0".into(),
+            next_sync_ms: None,
         }),
         "  register body: device_id, device_type thermostat, sw_version 1.2.0 ({} bytes)",
         body.len()
@@ -643,6 +645,7 @@ fn scenario(c: &mut Checks) {
         "  PUT {{sw_version: 1.2.0}} on base_version 1, session, no OCC"
     );
     let applied = UpdateResponse {
+        delivery: None,
         outcome: UpdateOutcome::Applied,
         id: DEV.into(),
         timestamp: T0 + 412,
@@ -772,6 +775,7 @@ fn scenario(c: &mut Checks) {
         "  PUT {{current_temperature: 19.0, hvac_state: heating}} on base 2 (0.25 C steps)"
     );
     let applied = UpdateResponse {
+        delivery: None,
         outcome: UpdateOutcome::Applied,
         id: DEV.into(),
         timestamp: T0 + 50_007,
@@ -835,6 +839,7 @@ fn scenario(c: &mut Checks) {
         "  PUT {{mode: off}} on base 2"
     );
     let refused = UpdateResponse {
+        delivery: None,
         outcome: UpdateOutcome::Refused,
         id: SHARED.into(),
         timestamp: T0 + 61_500,
@@ -945,6 +950,7 @@ fn scenario(c: &mut Checks) {
         "  the same write is resent, with the same op id (applied at most once)"
     );
     let applied = UpdateResponse {
+        delivery: None,
         outcome: UpdateOutcome::Applied,
         id: DEV.into(),
         timestamp: T0 + 63_000,
@@ -987,6 +993,7 @@ fn scenario(c: &mut Checks) {
         "  PUT {{target_temperature: 22.0}} on base 3"
     );
     let merged = UpdateResponse {
+        delivery: None,
         outcome: UpdateOutcome::Merged,
         id: SHARED.into(),
         timestamp: T0 + 70_010,

@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{
     BucketDoc, BucketList, ChangeDoc, ErrorBody, HistoryResponse, PairRequest, PairResponse,
-    PairingCodeResponse, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateOutcome,
-    UpdateRequest, UpdateResponse, View, WireMessage,
+    PairingCodeResponse, PresenceResponse, RegisterRequest, RegisterResponse, SubscribeRequest,
+    UpdateOutcome, UpdateRequest, UpdateResponse, View, WireMessage,
 };
 use tether_proto::reconcile::Held;
 use tether_proto::requests;
@@ -37,6 +37,7 @@ use crate::routing::router::{
 use crate::security::auth::{
     Auth, Endpoint, FirstContact, Principal, SetCredentials, STRUCTURE_KIND,
 };
+use crate::sets::actor::DeviceContact;
 use crate::sets::registry::Shared;
 use crate::store::{DeviceRecord, Pairing, PairingCode};
 
@@ -357,10 +358,18 @@ pub async fn register(
         });
         registered = state.auth.complete_registration(&req, grant, first).await?;
     }
+    let contact = DeviceContact {
+        next_sync_ms: msg.next_sync_ms,
+    };
     if decision.redirect.is_none() && !registered {
         state
             .router
-            .ensure(&set, decision.buckets, Some(msg.device_type.clone()))
+            .ensure(
+                &set,
+                decision.buckets,
+                Some(msg.device_type.clone()),
+                Some(contact),
+            )
             .await?;
         let first_seen_ms = state
             .shared
@@ -369,6 +378,14 @@ pub async fn register(
             .await?
             .map_or(now, |r| r.first_seen_ms);
         state.shared.store.put_device(record(first_seen_ms)).await?;
+    } else if registered && contact.next_sync_ms.is_some() {
+        // A first contact went to the store in one transaction, past the set's owner: the
+        // owner learns the device's declared next sync now (its registration it reads
+        // from the device record).
+        state
+            .router
+            .ensure(&set, Vec::new(), None, Some(contact))
+            .await?;
     }
     tracing::info!(set = %set, tier = %decision.tier, redirected = decision.redirect.is_some(), "registered");
     let resp = RegisterResponse {
@@ -621,6 +638,7 @@ pub async fn put(
         version: b.version,
         value,
         replayed: written.replayed,
+        delivery: written.delivery,
     };
     Ok(respond(&req, status, &resp))
 }
@@ -725,6 +743,8 @@ pub async fn subscribe(
         diffs: msg.diffs,
         max_bytes: ceiling,
         own_writes_known: false,
+        device: principal.device().cloned(),
+        next_sync_ms: msg.next_sync_ms,
     };
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
     // The whole subscribe, checking credentials and finding the owners included, answers
@@ -1053,7 +1073,7 @@ pub async fn pair(
         if let Some(name) = name {
             state
                 .router
-                .ensure(key, structure_template(key, name)?, None)
+                .ensure(key, structure_template(key, name)?, None, None)
                 .await?;
         }
     }
@@ -1129,6 +1149,60 @@ pub async fn unpair(
         ))),
     }
 }
+
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{device_id}/presence",
+    tag = "buckets",
+    operation_id = "getPresence",
+    description = "What the owner of the device's bucket set knows of it: `online` while the \
+        device holds a subscribe (or was answered one a moment ago), when it was last seen \
+        (subscribed, wrote or registered), and when it said it will sync next (its last \
+        `next_sync_ms`). For the device itself and users it is paired with. Kept in the \
+        owner's memory: after a failover, nothing is known until the device is seen again.",
+    params(("device_id" = String, Path, description = "The device's serial", example = "01AA02AB")),
+    responses(
+        (status = 200, description = "The device's presence", content(
+            (PresenceResponse = "application/json", example = json!({"online": false, "last_seen": 1763884800123_u64, "next_sync_by": 1763888400123_u64})),
+            (ProtobufBody = "application/x-protobuf"),
+        )),
+        (status = 403, description = "Not this device, nor a user it is paired with", body = ErrorBody, example = json!({"error": "forbidden", "message": "no access to device 01AA02AB"})),
+    ),
+)]
+/// `GET /v1/devices/{device_id}/presence` (API.md "Presence and wake-ups").
+pub async fn presence(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse> {
+    let mut principal = state.principal(&req, Endpoint::Buckets).await?;
+    let device = SetKey::parse(&path)?;
+    // Access to a device is access to its set's (non-structure) buckets.
+    let probe = BucketId::new(PRESENCE_KIND, &device)?;
+    state
+        .authorize_all(&mut principal, std::iter::once(&probe))
+        .await
+        .map_err(|e| match e {
+            NodeError::Forbidden(_) => {
+                NodeError::Forbidden(format!("no access to device {device}"))
+            }
+            other => other,
+        })?;
+    let view = state.router.presence(&device).await?;
+    Ok(respond(
+        &req,
+        StatusCode::OK,
+        &PresenceResponse {
+            online: view.online,
+            last_seen: view.last_seen,
+            next_sync_by: view.next_sync_by,
+        },
+    ))
+}
+
+/// The bucket kind presence authorizes with: any kind but `structure` names the device's
+/// own set.
+const PRESENCE_KIND: &str = "device";
 
 #[utoipa::path(
     get,
@@ -1289,6 +1363,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/subscribe", web::post().to(subscribe))
         .route("/v1/pairing-code", web::post().to(pairing_code_handler))
         .route("/v1/pair", web::post().to(pair))
+        .route("/v1/devices/{device_id}/presence", web::get().to(presence))
         .route("/v1/blobs", web::post().to(crate::api::blobs::announce))
         .route(
             "/v1/blobs/{sha256}",

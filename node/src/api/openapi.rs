@@ -14,10 +14,10 @@ use std::sync::OnceLock;
 use actix_web::HttpResponse;
 use serde_json::{json, Value};
 use tether_proto::api::{
-    BlobAnnounce, BlobStatus, BucketDoc, BucketList, ChangeDoc, ErrorBody, HeldBucket,
-    HistoryResponse, PairRequest, PairResponse, PairingCodeResponse, RegisterRequest,
-    RegisterResponse, SoftwareUpdate, SubscribeRequest, UpdateOutcome, UpdateRequest,
-    UpdateResponse, View,
+    BlobAnnounce, BlobStatus, BucketDoc, BucketList, ChangeDoc, Delivery, ErrorBody, HeldBucket,
+    HistoryResponse, PairRequest, PairResponse, PairingCodeResponse, PresenceResponse,
+    RegisterRequest, RegisterResponse, SoftwareUpdate, SubscribeRequest, UpdateOutcome,
+    UpdateRequest, UpdateResponse, View,
 };
 use tether_proto::synclog::ChangeKind;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -49,6 +49,7 @@ use crate::api::{blobs, http};
         http::pairing_code_handler,
         http::pair,
         http::unpair,
+        http::presence,
         blobs::announce,
         blobs::upload,
         blobs::download,
@@ -63,7 +64,7 @@ use crate::api::{blobs, http};
         RegisterRequest, RegisterResponse, SoftwareUpdate, BucketDoc, BucketList, View,
         UpdateRequest, UpdateResponse, UpdateOutcome, HeldBucket, SubscribeRequest, ErrorBody,
         PairingCodeResponse, PairRequest, PairResponse, Health, ProtobufBody, ChangeDoc,
-        HistoryResponse, ChangeKind, BlobAnnounce, BlobStatus,
+        HistoryResponse, ChangeKind, BlobAnnounce, BlobStatus, Delivery, PresenceResponse,
     )),
     modifiers(&CommonErrors),
     tags(

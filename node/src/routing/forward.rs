@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use tether_cluster::auth::PeerAuthInterceptor;
 use tether_cluster::{ClusterSecret, Member, RingPlacement};
+use tether_proto::api::Delivery;
+use tether_proto::presence::PresenceView;
 use tether_proto::reconcile::Held;
 use tether_proto::{Bucket, BucketId, Fields, Hlc, SetKey, Update};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -32,7 +34,7 @@ use crate::routing::links::{self, Links};
 use crate::routing::router::{
     BucketUpdate, HeldLeg, HoldOptions, Leg, PutAnswer, PutKind, Router, Write,
 };
-use crate::sets::actor::{EnsureBuckets, Get};
+use crate::sets::actor::{DeviceContact, EnsureBuckets, Get};
 use tether_cluster::transport::grpc::{lazy_channel, PeerConnector};
 
 /// Generated from `proto/forward.proto` by `build.rs`.
@@ -698,6 +700,10 @@ impl Peers {
                 kind,
                 bucket,
                 replayed: reply.replayed,
+                delivery: reply.delivery.map(|d| Delivery {
+                    online: false,
+                    next_sync_by: d.next_sync_by_ms,
+                }),
             })
         }
         .instrument(Self::span("put", owner))
@@ -713,6 +719,8 @@ impl Peers {
             let req = pb::EnsureRequest {
                 set: set.to_string(),
                 device_type: msg.device_type,
+                device_contact: msg.contact.is_some(),
+                next_sync_ms: msg.contact.and_then(|c| c.next_sync_ms),
                 buckets: msg
                     .buckets
                     .iter()
@@ -732,6 +740,32 @@ impl Peers {
         .instrument(Self::span("ensure", owner))
         .await;
         self.count("ensure", owner, started, &r);
+        r
+    }
+
+    /// `Presence` on the owner.
+    pub async fn presence(&self, owner: &Member, set: &SetKey) -> Result<PresenceView> {
+        let started = Instant::now();
+        let r = async {
+            let req = pb::PresenceRequest {
+                set: set.to_string(),
+            };
+            let reply = self
+                .call(owner, "presence", true, |mut client, relay| {
+                    let req = request(req.clone(), relay.as_ref());
+                    async move { client.presence(req).await }
+                })
+                .await?
+                .into_inner();
+            Ok(PresenceView {
+                online: reply.online,
+                last_seen: reply.last_seen_ms,
+                next_sync_by: reply.next_sync_by_ms,
+            })
+        }
+        .instrument(Self::span("presence", owner))
+        .await;
+        self.count("presence", owner, started, &r);
         r
     }
 
@@ -790,6 +824,8 @@ impl Peers {
                 diffs: opts.diffs,
                 max_bytes: opts.max_bytes as u64,
                 own_writes_known: opts.own_writes_known,
+                device: opts.device.as_ref().map(ToString::to_string),
+                next_sync_ms: opts.next_sync_ms,
             };
             // The call is made once its first event (the check's answer) is in.
             let (first, mut stream) = self
@@ -974,6 +1010,9 @@ impl Sets for SetsService {
             outcome: outcome.into(),
             bucket: Some(bucket_to_pb(&answer.bucket)),
             replayed: answer.replayed,
+            delivery: answer.delivery.map(|d| pb::Delivery {
+                next_sync_by_ms: d.next_sync_by,
+            }),
         }))
     }
 
@@ -1008,6 +1047,9 @@ impl Sets for SetsService {
         let msg = EnsureBuckets {
             buckets,
             device_type: req.device_type,
+            contact: req.device_contact.then_some(DeviceContact {
+                next_sync_ms: req.next_sync_ms,
+            }),
         };
         self.router
             .local_ensure(&set, msg)
@@ -1064,6 +1106,8 @@ impl Sets for SetsService {
                     diffs: req.diffs,
                     max_bytes: self.max_bytes(req.max_bytes),
                     own_writes_known: req.own_writes_known,
+                    device: req.device.as_deref().map(parse_set).transpose()?,
+                    next_sync_ms: req.next_sync_ms,
                 },
             )
             .await
@@ -1105,6 +1149,33 @@ impl Sets for SetsService {
             self.router.shared().relinquish(&parse_set(s)?).await;
         }
         Ok(Response::new(pb::EnsureReply {}))
+    }
+
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> std::result::Result<Response<pb::PresenceReply>, Status> {
+        if let Some(to) = self.relay_target(&request)? {
+            let req = request.into_inner();
+            return self
+                .peers()?
+                .relay(&to, "presence", |mut c| async move {
+                    c.presence(traced(req)).await
+                })
+                .await;
+        }
+        self.served("presence");
+        let set = parse_set(&request.into_inner().set)?;
+        let view = self
+            .router
+            .local_presence(&set)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::PresenceReply {
+            online: view.online,
+            last_seen_ms: view.last_seen,
+            next_sync_by_ms: view.next_sync_by,
+        }))
     }
 
     async fn release_held(

@@ -21,7 +21,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tether_cluster::{Member, RingPlacement};
-use tether_proto::api::UpdateOutcome;
+use tether_proto::api::{Delivery, UpdateOutcome};
+use tether_proto::presence::PresenceView;
 use tether_proto::reconcile::Held;
 use tether_proto::synclog::diff_since;
 use tether_proto::{Bucket, BucketId, Fields, SetKey, Update};
@@ -32,7 +33,8 @@ use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
 pub use crate::sets::actor::Get;
 use crate::sets::actor::{
-    EnsureBuckets, Put, ReleaseHeld, Stale, Subscribe, SubscribeAnswer, Unsubscribe,
+    DeviceContact, EnsureBuckets, GetPresence, Put, ReleaseHeld, Stale, Subscribe, SubscribeAnswer,
+    Unsubscribe,
 };
 use crate::sets::registry::Shared;
 use crate::store::HistoryPage;
@@ -71,6 +73,8 @@ pub struct PutAnswer {
     pub bucket: Bucket,
     /// The owner answered from the memory of an earlier attempt with this op id.
     pub replayed: bool,
+    /// The set's device holds no subscribe: it gets the change at its next sync.
+    pub delivery: Option<Delivery>,
 }
 
 /// A write as routed: the update and everything that travels with it to the owner.
@@ -108,6 +112,10 @@ pub struct HoldOptions {
     /// The subscriber already has its own session's writes (a stream holding again):
     /// a bucket changed since the held version only by them is not stale.
     pub own_writes_known: bool,
+    /// The subscribing device (its own set's subscribe marks it online there).
+    pub device: Option<SetKey>,
+    /// The device's declared next sync, ms from now.
+    pub next_sync_ms: Option<u64>,
 }
 
 /// Where a set is served.
@@ -487,6 +495,21 @@ impl Router {
         .await
     }
 
+    /// What the owner of `set` (a device's) knows of the device's presence.
+    pub async fn presence(&self, set: &SetKey) -> Result<PresenceView> {
+        self.routed(set, |route| async move {
+            match route {
+                Route::Local => self.local_presence(set).await,
+                Route::Peer(owner) => self.peers()?.presence(&owner, set).await,
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn local_presence(&self, set: &SetKey) -> Result<PresenceView> {
+        self.shared.call(set, GetPresence).await?
+    }
+
     /// A page of bucket `id`'s history, straight from the store every owner commits to
     /// (only committed changes are there); `None` when the bucket does not exist.
     pub async fn history(
@@ -505,10 +528,12 @@ impl Router {
         set: &SetKey,
         buckets: Vec<(BucketId, Fields)>,
         device_type: Option<String>,
+        contact: Option<DeviceContact>,
     ) -> Result<()> {
         let msg = EnsureBuckets {
             buckets,
             device_type,
+            contact,
         };
         self.routed(set, |route| {
             let msg = msg.clone();
@@ -723,6 +748,7 @@ impl Router {
             kind,
             bucket: written.bucket,
             replayed: written.replayed,
+            delivery: written.delivery,
         })
     }
 
@@ -752,6 +778,8 @@ impl Router {
             diffs,
             max_bytes,
             own_writes_known,
+            device,
+            next_sync_ms,
         } = opts;
         let mut budget = max_bytes;
         let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
@@ -774,6 +802,8 @@ impl Router {
                         diffs,
                         max_bytes: budget,
                         own_writes_known,
+                        device: device.as_ref() == Some(&set),
+                        next_sync_ms,
                     },
                 )
                 .await??;

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tether_proto::api::UpdateOutcome;
+use tether_proto::api::{Delivery, UpdateOutcome};
+use tether_proto::presence::{Presence, PresenceView};
 use tether_proto::reconcile::{is_stale, should_notify, Held};
 use tether_proto::synclog::{
     check_op, diff_since, op_digest, Change, ChangeKind, OpCheck, OpRecord,
@@ -42,6 +43,8 @@ pub struct WriteResult {
     pub bucket: Bucket,
     /// Answered from the memory of an earlier attempt with the same op id.
     pub replayed: bool,
+    /// A change for the set's device while it holds no subscribe: when it syncs next.
+    pub delivery: Option<Delivery>,
 }
 
 /// The log's name for a writer that is not a device or a user.
@@ -72,6 +75,15 @@ pub struct EnsureBuckets {
     /// The registering device's type, whose template the set's buckets follow from now on
     /// (`None`: keep what the set knows, e.g. for a structure).
     pub device_type: Option<String>,
+    /// The set's device registered (its presence), declaring its next sync or not.
+    pub contact: Option<DeviceContact>,
+}
+
+/// A registration of the set's device, as its presence sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceContact {
+    /// Its declared next sync, ms from now.
+    pub next_sync_ms: Option<u64>,
 }
 
 /// Read the committed buckets (all of the set, or the listed ones that exist).
@@ -130,7 +142,16 @@ pub struct Subscribe {
     /// Proven from the actor's recent changes only; beyond them the bucket is stale (an
     /// echo may be sent, a change never missed).
     pub own_writes_known: bool,
+    /// The subscriber is the set's device (its presence: online while this is held).
+    pub device: bool,
+    /// The device's declared next sync, ms from now (with `device`).
+    pub next_sync_ms: Option<u64>,
 }
+
+/// What the set's owner knows of its device's presence (seed 003).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<PresenceView>")]
+pub struct GetPresence;
 
 /// The subscriber went away (timeout or closed connection): forget it.
 #[derive(Debug, Clone, Message)]
@@ -214,6 +235,8 @@ struct HeldSub {
     held: HashMap<BucketId, Option<u64>>,
     session: Option<String>,
     diffs: bool,
+    /// Held by the set's device itself.
+    device: bool,
     reply: oneshot::Sender<Vec<Stale>>,
     /// The subscribing request's span, for the notify span's links.
     trace: Option<opentelemetry::trace::SpanContext>,
@@ -285,6 +308,9 @@ pub struct BucketSetActor {
     device_type: Option<String>,
     /// Encoded sizes of committed buckets, computed when first needed.
     sizes: HashMap<BucketId, usize>,
+    /// What this owner knows of the set's device (memory only: a new owner starts
+    /// knowing nothing).
+    presence: Presence,
 }
 
 impl std::fmt::Debug for BucketSetActor {
@@ -322,6 +348,7 @@ fn replay(rec: &OpRecord, now: &Bucket) -> WriteResult {
         outcome: rec.outcome,
         bucket,
         replayed: true,
+        delivery: None,
     }
 }
 
@@ -356,6 +383,7 @@ impl BucketSetActor {
             planted_tail: None,
             activation: tracing::Span::none(),
             device_type: None,
+            presence: Presence::default(),
             sizes: HashMap::new(),
         }
     }
@@ -657,6 +685,7 @@ impl BucketSetActor {
                         outcome: api,
                         bucket: new.clone(),
                         replayed: false,
+                        delivery: None,
                     },
                     api,
                 )
@@ -666,6 +695,7 @@ impl BucketSetActor {
                     outcome: UpdateOutcome::Refused,
                     bucket: stored.clone(),
                     replayed: false,
+                    delivery: None,
                 },
                 UpdateOutcome::Refused,
             ),
@@ -822,11 +852,16 @@ impl BucketSetActor {
         for id in changed.keys() {
             self.sizes.remove(id);
         }
+        let mut wake = false;
         for ((job, _), answer) in pending.into_iter().zip(replies) {
             match job {
-                Job::Put { reply, .. } => {
-                    let answer = answer
+                Job::Put { reply, by, .. } => {
+                    let mut answer = answer
                         .unwrap_or_else(|| Err(NodeError::Internal("put without outcome".into())));
+                    if let Ok(w) = &mut answer {
+                        w.delivery = self.delivery(&by, w);
+                        wake |= w.delivery.is_some();
+                    }
                     if let Ok(w) = &answer {
                         if !w.replayed {
                             self.shared.metrics.put_outcome(match w.outcome {
@@ -841,7 +876,39 @@ impl BucketSetActor {
                 Job::Ensure { reply, .. } => drop(reply.send(Ok(()))),
             }
         }
+        if wake {
+            if let Some(p) = self.shared.pusher() {
+                p.wake(&self.set);
+            }
+        }
         self.notify(&changed);
+    }
+
+    /// Presence bookkeeping for one answered write by `by`; the `delivery` to answer it
+    /// with: a change by anyone else for the set's device while it holds no subscribe.
+    fn delivery(&mut self, by: &str, w: &WriteResult) -> Option<Delivery> {
+        self.device_type.as_ref()?;
+        let now = self.shared.now_ms();
+        if by.strip_prefix("device:") == Some(self.set.as_str()) {
+            self.presence.seen(now);
+            if let Some(p) = self.shared.pusher() {
+                p.seen(&self.set);
+            }
+            return None;
+        }
+        if w.replayed || w.outcome == UpdateOutcome::Refused {
+            return None;
+        }
+        let view = self.presence.view(self.device_listening(), now);
+        (!view.online).then_some(Delivery {
+            online: false,
+            next_sync_by: view.next_sync_by,
+        })
+    }
+
+    /// Whether the set's device holds a subscribe here.
+    fn device_listening(&self) -> bool {
+        self.subs.values().any(|s| s.device)
     }
 
     /// The answer to a retry that arrived in the same batch as its first attempt.
@@ -858,6 +925,7 @@ impl BucketSetActor {
             outcome: first.outcome,
             bucket,
             replayed: true,
+            delivery: None,
         }
     }
 
@@ -929,6 +997,9 @@ impl BucketSetActor {
         let _fan_out = tracing::info_span!("notify", subscribers = n).entered();
         for (sub_id, owed) in woken {
             if let Some(sub) = self.subs.remove(&sub_id) {
+                if sub.device {
+                    self.presence.answered(self.shared.now_ms());
+                }
                 if let Some(cx) = &sub.trace {
                     crate::telemetry::link(&tracing::Span::current(), cx);
                 }
@@ -993,15 +1064,19 @@ impl Actor for BucketSetActor {
                     lease.epoch,
                     taken,
                     buckets,
-                    device.map(|d| d.device_type),
+                    device.map(|d| (d.device_type, d.last_seen_ms)),
                 ))
             }
             .instrument(lease_span)
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok((epoch, taken, buckets, device_type)) => {
+                Ok((epoch, taken, buckets, device)) => {
                     act.confirmed = Some(taken);
-                    act.device_type = device_type;
+                    if let Some((device_type, registered_ms)) = device {
+                        act.device_type = Some(device_type);
+                        // Its last registration is the last contact the store knows of.
+                        act.presence.seen(registered_ms);
+                    }
                     for b in buckets {
                         act.shared.observe(b.timestamp);
                         act.committed.insert(b.id.clone(), b);
@@ -1087,6 +1162,13 @@ impl Handler<EnsureBuckets> for BucketSetActor {
         self.touch();
         if msg.device_type.is_some() {
             self.device_type = msg.device_type;
+        }
+        if let Some(contact) = msg.contact {
+            self.presence
+                .declared(self.shared.now_ms(), contact.next_sync_ms);
+            if let Some(p) = self.shared.pusher() {
+                p.seen(&self.set);
+            }
         }
         let (tx, rx) = oneshot::channel();
         if msg
@@ -1255,6 +1337,13 @@ impl BucketSetActor {
     fn subscribe(&mut self, msg: Subscribe) -> Result<SubscribeAnswer> {
         self.ready()?;
         self.touch();
+        if msg.device {
+            self.presence
+                .declared(self.shared.now_ms(), msg.next_sync_ms);
+            if let Some(p) = self.shared.pusher() {
+                p.seen(&self.set);
+            }
+        }
         let mut stale_ids = Vec::new();
         let mut seen = HashSet::new();
         for h in &msg.held {
@@ -1302,6 +1391,7 @@ impl BucketSetActor {
                 held,
                 session: msg.session,
                 diffs: msg.diffs,
+                device: msg.device,
                 reply: tx,
                 trace: crate::telemetry::span_context(&tracing::Span::current()),
             },
@@ -1332,6 +1422,19 @@ impl BucketSetActor {
             next += 1;
         }
         next == stored.version + 1
+    }
+}
+
+impl Handler<GetPresence> for BucketSetActor {
+    type Result = Result<PresenceView>;
+    fn handle(&mut self, _: GetPresence, _ctx: &mut Context<Self>) -> Self::Result {
+        self.ready()?;
+        if self.device_type.is_none() {
+            return Err(NodeError::NotFound(format!("no device {}", self.set)));
+        }
+        Ok(self
+            .presence
+            .view(self.device_listening(), self.shared.now_ms()))
     }
 }
 

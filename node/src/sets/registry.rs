@@ -62,6 +62,8 @@ pub struct Shared {
     closing: AtomicBool,
     placement: OnceLock<Arc<RingPlacement>>,
     takeover: OnceLock<Arc<dyn TakeOver>>,
+    /// Push wake-ups of offline devices, when a gateway is configured.
+    pusher: OnceLock<Arc<crate::push::Pusher>>,
     /// Why a set's last activation failed, for the answer to the requests that waited on
     /// it (until one succeeds; bounded).
     load_failures: BoundedMap<SetKey, String>,
@@ -146,6 +148,7 @@ impl Shared {
             closing: AtomicBool::new(false),
             placement: OnceLock::new(),
             takeover: OnceLock::new(),
+            pusher: OnceLock::new(),
             load_failures: BoundedMap::new(LOAD_FAILURES),
         })
     }
@@ -228,6 +231,26 @@ impl Shared {
         if self.placement.set(placement).is_err() {
             tracing::warn!("placement set twice; keeping the first");
         }
+    }
+
+    /// Sends wake-ups to offline devices through `pusher` (`--push-webhook`).
+    pub fn set_pusher(&self, pusher: Arc<crate::push::Pusher>) {
+        if self.pusher.set(pusher).is_err() {
+            tracing::warn!("pusher set twice; keeping the first");
+        }
+    }
+
+    /// The pusher, when wake-ups are configured.
+    pub fn pusher(&self) -> Option<&Arc<crate::push::Pusher>> {
+        self.pusher.get()
+    }
+
+    /// This node's wall clock as bucket timestamps read it (within the bound of the
+    /// store's), ms; no hybrid tick.
+    pub fn now_ms(&self) -> u64 {
+        let mono = self.mono_ms();
+        let c = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+        c.bound.wall(wall_ms(), mono)
     }
 
     /// Cluster mode: how a new owner reaches the previous one.
@@ -534,7 +557,12 @@ mod tests {
             let set = SetKey::parse("FAIL0001").expect("set");
             let id = BucketId::parse("shared.FAIL0001").expect("id");
             router
-                .ensure(&set, vec![(id.clone(), fields(json!({"x": null})))], None)
+                .ensure(
+                    &set,
+                    vec![(id.clone(), fields(json!({"x": null})))],
+                    None,
+                    None,
+                )
                 .await
                 .expect("create");
             // Stopped (as after passivation): the next request activates the set again.
@@ -587,9 +615,14 @@ mod tests {
             };
 
             // No device type: the bucket's own fields are its template.
-            r1.ensure(&set, vec![(id.clone(), fields(json!({"x": null})))], None)
-                .await
-                .expect("create on n1");
+            r1.ensure(
+                &set,
+                vec![(id.clone(), fields(json!({"x": null})))],
+                None,
+                None,
+            )
+            .await
+            .expect("create on n1");
             r1.put(&id, put(json!({"x": 1}))).await.expect("n1 writes");
             assert!(n1.existing_actor(&set).is_some(), "n1 serves the set");
 

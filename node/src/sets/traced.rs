@@ -11,7 +11,8 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use crate::sets::actor::{
-    BucketSetActor, EnsureBuckets, Get, Put, ReleaseHeld, Shutdown, Subscribe, Unsubscribe,
+    BucketSetActor, EnsureBuckets, Get, GetPresence, Put, ReleaseHeld, Shutdown, Subscribe,
+    Unsubscribe,
 };
 
 /// A message kind's name in spans and metric labels.
@@ -39,6 +40,7 @@ ops! {
     Unsubscribe => "unsubscribe",
     ReleaseHeld => "release_held",
     Shutdown => "shutdown",
+    GetPresence => "presence",
 }
 
 /// A message with its sender's span and the moment it was sent.
@@ -106,5 +108,6 @@ traced_handlers!(
     Subscribe,
     Unsubscribe,
     ReleaseHeld,
-    Shutdown
+    Shutdown,
+    GetPresence
 );
