@@ -94,8 +94,12 @@ pub struct SimConfig {
     pub app_rate: f64,
     /// Mean time a device stays awake between sleeps; `None`: never sleeps.
     pub sleep_every: Option<Duration>,
-    /// How long a sleep lasts.
+    /// How long a sleep lasts (the device's own schedule; with `push`, it says so:
+    /// `next_sync_ms`).
     pub sleep_for: Duration,
+    /// A push gateway the node posts wake-ups to (`--push-webhook` at its URL): a sleeping
+    /// device woken by one ends its sleep at once.
+    pub push: Option<tether_test_support::push::Gateway>,
     /// Connection drops per device per minute (flaky link); 0 disables.
     pub flaky_per_min: f64,
     /// Fraction of PUT answers lost after the server acted (received, then dropped); the
@@ -167,6 +171,7 @@ impl SimConfig {
             app_rate: 0.2,
             sleep_every: None,
             sleep_for: Duration::from_secs(2),
+            push: None,
             flaky_per_min: 0.0,
             drop_answers: 0.0,
             max_answer_bytes: 0,
@@ -216,6 +221,9 @@ struct Stats {
     deliveries: AtomicU64,
     catch_up: AtomicU64,
     sleeps: AtomicU64,
+    push_wakes: AtomicU64,
+    push_while_awake: AtomicU64,
+    catch_up_latency: Mutex<Histogram<u64>>,
     drops: AtomicU64,
     answers_dropped: AtomicU64,
     late_answers: AtomicU64,
@@ -234,6 +242,8 @@ struct DeviceShared {
     /// Where the device syncs (from its registration).
     sync_url: Mutex<String>,
     connected: AtomicBool,
+    /// Counts the push wake-ups the gateway accepted for this device.
+    pushed: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -337,6 +347,8 @@ impl Ctx {
                 h.saturating_record(us.max(1));
             } else {
                 self.stats.catch_up.fetch_add(1, Ordering::Relaxed);
+                let us = u64::try_from(d.latency.as_micros()).unwrap_or(u64::MAX);
+                lock(&self.stats.catch_up_latency).saturating_record(us.max(1));
             }
         }
     }
@@ -398,6 +410,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
                 creds: Mutex::new(None),
                 sync_url: Mutex::new(String::new()),
                 connected: AtomicBool::new(false),
+                pushed: watch::channel(0).0,
             })
         })
         .collect();
@@ -441,6 +454,9 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
             deliveries: AtomicU64::new(0),
             catch_up: AtomicU64::new(0),
             sleeps: AtomicU64::new(0),
+            push_wakes: AtomicU64::new(0),
+            push_while_awake: AtomicU64::new(0),
+            catch_up_latency: Mutex::new(latency_histogram()),
             drops: AtomicU64::new(0),
             answers_dropped: AtomicU64::new(0),
             late_answers: AtomicU64::new(0),
@@ -457,6 +473,29 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
     });
 
     let mut tasks = JoinSet::new();
+    if let Some(gw) = &ctx.cfg.push {
+        // Each wake-up the gateway accepted, to its device.
+        let mut wakes = gw.wakes();
+        let by_serial: HashMap<String, Arc<DeviceShared>> = ctx
+            .devices
+            .iter()
+            .map(|d| (d.serial.clone(), d.clone()))
+            .collect();
+        let mut phase = ctx.phase.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    w = wakes.recv() => {
+                        let Some(serial) = w else { return };
+                        if let Some(d) = by_serial.get(&serial) {
+                            d.pushed.send_modify(|n| *n += 1);
+                        }
+                    }
+                    _ = phase.wait_for(|p| *p == Phase::Stop) => return,
+                }
+            }
+        });
+    }
     for i in 0..ctx.cfg.devices {
         tasks.spawn(run_device(ctx.clone(), i));
         if ctx.cfg.companion_rate > 0.0 {
@@ -613,7 +652,11 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
         deliveries: s.deliveries.load(Ordering::Relaxed),
         notify_latency: LatencySummary::of(&lock(&s.latency)),
         catch_up_deliveries: s.catch_up.load(Ordering::Relaxed),
+        catch_up_latency: LatencySummary::of(&lock(&s.catch_up_latency)),
         sleeps: s.sleeps.load(Ordering::Relaxed),
+        push_wakes: s.push_wakes.load(Ordering::Relaxed),
+        push_while_awake: s.push_while_awake.load(Ordering::Relaxed),
+        push_unsigned: ctx.cfg.push.as_ref().map_or(0, |g| g.counts().1),
         dropped_connections: s.drops.load(Ordering::Relaxed),
         answers_dropped: s.answers_dropped.load(Ordering::Relaxed),
         late_answers: s.late_answers.load(Ordering::Relaxed),
@@ -866,7 +909,14 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
         }
     };
     let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64);
+    // A sleeping device woken by push says when it syncs next: the end of its sleep.
+    let next_sync_ms = match (&cfg.push, cfg.sleep_every) {
+        (Some(_), Some(_)) => u64::try_from(cfg.sleep_for.as_millis()).unwrap_or(u64::MAX),
+        _ => 0,
+    };
+    let mut pushed = dev.pushed.subscribe();
     let mut client = DeviceClient::new(ClientConfig {
+        next_sync_ms,
         device_id: dev.serial.clone(),
         device_type: cfg.device_type.clone(),
         sw_version: cfg.sw_version.clone(),
@@ -1095,6 +1145,21 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                     client.handle_response(ctx.now_ms(), token, resp);
                 }
             }
+            changed = pushed.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                if asleep {
+                    // Woken by push: sync now, then keep the usual awake time.
+                    let now = Instant::now();
+                    asleep = false;
+                    lock(&dev.track).wake(now);
+                    ctx.stats.push_wakes.fetch_add(1, Ordering::Relaxed);
+                    next_toggle = cfg.sleep_every.map(|m| now + exp_sample(&mut rng, m));
+                } else {
+                    ctx.stats.push_while_awake.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             _ = tokio::time::sleep_until(wake_at.into()) => {
                 let now = Instant::now();
                 if next_update.is_some_and(|t| t <= now) {
@@ -1109,6 +1174,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                         next_toggle = cfg.sleep_every.map(|m| now + exp_sample(&mut rng, m));
                     } else {
                         asleep = true;
+                        pushed.mark_unchanged();
                         requests.abort_all();
                         in_flight.clear();
                         kinds.clear();

@@ -77,8 +77,18 @@ pub struct Report {
     pub notify_latency: LatencySummary,
     /// Deliveries to devices that slept in between (catch-up, not counted above).
     pub catch_up_deliveries: u64,
+    /// From sending a write to the device holding it, for those catch-ups: how long a
+    /// sleeping device waited for a change (its next wake, by push or its own schedule).
+    pub catch_up_latency: LatencySummary,
     /// Sleep cycles (disconnect, offline changes, reconnect with versions).
     pub sleeps: u64,
+    /// Sleeps ended early by a push wake-up (the node's `--push-webhook` reached the
+    /// simulator's gateway, `--push-listen`).
+    pub push_wakes: u64,
+    /// Wake-ups the gateway received for a device that was awake already (it had synced).
+    pub push_while_awake: u64,
+    /// Requests to the gateway whose signature was not the body's under the push secret.
+    pub push_unsigned: u64,
     /// Connections dropped on purpose (flaky links).
     pub dropped_connections: u64,
     /// PUT answers received and then dropped on purpose (the server had acted; the
@@ -141,6 +151,21 @@ impl Report {
             "sleep cycles: {}, connections dropped on purpose: {}, PUT answers dropped after the server acted: {}",
             self.sleeps, self.dropped_connections, self.answers_dropped
         );
+        if self.catch_up_deliveries > 0 {
+            let c = &self.catch_up_latency;
+            let _ = writeln!(
+                s,
+                "changes waiting for a sleeping device ({}): reached it after p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                c.count, c.p50_ms, c.p99_ms, c.max_ms
+            );
+        }
+        if self.push_wakes + self.push_while_awake + self.push_unsigned > 0 {
+            let _ = writeln!(
+                s,
+                "push wake-ups: {} sleeps ended by one, {} for a device already awake, {} not validly signed",
+                self.push_wakes, self.push_while_awake, self.push_unsigned
+            );
+        }
         let _ = writeln!(
             s,
             "retries: {} writes resent with their op id, {} answered as replays; answers overtaken on another connection (ignored): {}",

@@ -32,8 +32,16 @@ fn run_ok(bin: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_fleet_against_a_real_node_passes_every_check() {
+/// A real node with a manufacturing key and one user (alice), serving on a free port.
+struct RealNode {
+    child: tokio::process::Child,
+    url: String,
+    key: String,
+    users: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+async fn start_node(extra: &[&str]) -> RealNode {
     let tether = tether_test_support::bin::cargo_binary("tether-node", "tether")
         .expect("building the tether binary");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -50,19 +58,20 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
     );
     std::fs::write(&users, alice).expect("write users file");
 
-    let mut node = Command::new(&tether)
+    let mut child = Command::new(&tether)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data_s])
         .arg("--mfg-key-file")
         .arg(format!("k1={key_s}"))
         .args(["--requests-per-second", "100000"])
         .args(["--max-connections-per-source", "100000"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn tether serve");
-    let mut lines = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
         .await
         .expect("tether printed its listening line within 20 s")
@@ -72,6 +81,25 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
+    RealNode {
+        child,
+        url,
+        key: key_s.to_string(),
+        users,
+        dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_fleet_against_a_real_node_passes_every_check() {
+    let RealNode {
+        child: mut node,
+        url,
+        key,
+        users,
+        dir: _dir,
+    } = start_node(&[]).await;
+    let key_s = key.as_str();
 
     let out = tokio::time::timeout(
         Duration::from_secs(90),
@@ -148,5 +176,98 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
         checked > 0,
         "retried writes vouched for by the histories: {report:#}"
     );
+    node.kill().await.expect("stop tether");
+}
+
+/// Sleeping devices that a push wakes (API.md "Presence and wake-ups"): each sleeps far
+/// longer than the run (60 s, its declared `next_sync_ms`) between short awake spells,
+/// while an app changes its buckets. The node posts a signed wake-up to the simulator's
+/// gateway for a device that is not listening, the device syncs at once, and every change
+/// reaches its device at its next wake (the checker restarts a sleeping device's
+/// deadline when it wakes). The run's drain wakes everything at the end anyway, so the
+/// push shows in the wake-ups counted, not in the final state alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleeping_devices_woken_by_push_get_every_change_at_their_next_wake() {
+    let push_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("addr")
+    };
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("push.secret");
+    std::fs::write(&secret, "sim-push-secret\n").expect("secret");
+    let secret_s = secret.to_str().expect("utf-8 path");
+    let webhook = format!("http://{push_addr}/wake");
+    let RealNode {
+        child: mut node,
+        url,
+        key,
+        users,
+        dir: _dir,
+    } = start_node(&[
+        "--push-webhook",
+        &webhook,
+        "--push-secret-file",
+        secret_s,
+        "--push-min-gap-ms",
+        "500",
+    ])
+    .await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_tether-sim"))
+            .args(["--url", &url, "--mfg-key-file", &key])
+            .arg("--users-file")
+            .arg(&users)
+            .args(["--push-listen", &push_addr.to_string()])
+            .args(["--push-secret-file", secret_s])
+            .args([
+                "--devices",
+                "12",
+                "--duration-s",
+                "8",
+                "--ramp-s",
+                "0.5",
+                "--update-rate",
+                "0.5",
+                "--companion-rate",
+                "0",
+                "--app-rate",
+                "1",
+                "--sleep-every-s",
+                "0.5",
+                "--sleep-for-s",
+                "60",
+                "--notify-deadline-ms",
+                "15000",
+                "--audit",
+                "--json",
+            ])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("tether-sim finished within 120 s")
+    .expect("run tether-sim");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("--json summary ({e}); stderr: {stderr}"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "tether-sim must pass against the real node: {report:#}\nstderr: {stderr}"
+    );
+    let n = |k: &str| report[k].as_u64().unwrap_or(0);
+    assert_eq!(report["violations"], Value::Array(vec![]), "{report:#}");
+    assert_eq!(n("audited"), 12, "{report:#}");
+    assert!(n("sleeps") > 0, "{report:#}");
+    assert!(
+        n("push_wakes") > 0,
+        "sleeps ended by a push wake-up: {report:#}"
+    );
+    assert!(
+        n("catch_up_deliveries") > 0,
+        "changes made while a device slept reached it: {report:#}"
+    );
+    assert_eq!(n("push_unsigned"), 0, "{report:#}");
     node.kill().await.expect("stop tether");
 }

@@ -3,16 +3,13 @@
 //! offline device answers, and the signed wake-ups a push gateway receives — one for a
 //! burst of changes, none for a device that is listening, a retry after the gateway failed.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tether_proto::presence::wakeup_signature_valid;
 use tether_test_support::node::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tether_test_support::push::Gateway;
 
 const SECRET: &str = "push-secret-for-tests";
 
@@ -187,119 +184,9 @@ async fn presence_and_delivery_follow_the_device() {
     }
 }
 
-/// One request the gateway received.
-#[derive(Debug, Clone)]
-struct Received {
-    signature: Option<String>,
-    body: Vec<u8>,
-}
-
-impl Received {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("a JSON wake-up")
-    }
-}
-
-/// A push gateway on loopback: records every POST, answers each with the next status of
-/// `script` (200 once it runs out).
-#[derive(Clone)]
-struct Gateway {
-    url: String,
-    got: Arc<Mutex<Vec<Received>>>,
-    script: Arc<Mutex<VecDeque<u16>>>,
-}
-
-impl Gateway {
-    async fn start() -> Gateway {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/wake", listener.local_addr().expect("addr"));
-        let gw = Gateway {
-            url,
-            got: Arc::default(),
-            script: Arc::default(),
-        };
-        let g = gw.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let g = g.clone();
-                tokio::spawn(async move {
-                    // One request per connection is enough for reqwest to be answered; a
-                    // kept-alive connection sends the next one here too.
-                    let mut buf = Vec::new();
-                    loop {
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        let header = |name: &str| {
-                            head.lines().find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.trim()
-                                    .eq_ignore_ascii_case(name)
-                                    .then(|| v.trim().to_string())
-                            })
-                        };
-                        let len: usize = header("content-length")
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        while buf.len() < end + 4 + len {
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let body = buf[end + 4..end + 4 + len].to_vec();
-                        buf.drain(..end + 4 + len);
-                        g.got.lock().expect("lock").push(Received {
-                            signature: header("x-tether-signature"),
-                            body,
-                        });
-                        let status = g.script.lock().expect("lock").pop_front().unwrap_or(200);
-                        let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
-                        if s.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        gw
-    }
-
-    fn for_device(&self, serial: &str) -> Vec<Received> {
-        self.got
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|r| r.json()["device_id"] == serial)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until `n` wake-ups for `serial` arrived (at most 20 s).
-    async fn wait_for(&self, serial: &str, n: usize) -> Vec<Received> {
-        within(Duration::from_secs(20), "wake-ups", async {
-            loop {
-                let got = self.for_device(serial);
-                if got.len() >= n {
-                    return got;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_gets_one_signed_wake_up_for_a_burst_and_a_retry_after_a_500() {
-    let gw = Gateway::start().await;
+    let gw = Gateway::start(SECRET.as_bytes()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("push.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
@@ -307,7 +194,7 @@ async fn an_offline_device_gets_one_signed_wake_up_for_a_burst_and_a_retry_after
         .config(&thermostat_template(&[]))
         .user("alice")
         .arg("--push-webhook")
-        .arg(&gw.url)
+        .arg(gw.url())
         .arg("--push-secret-file")
         .arg(secret.display().to_string())
         .arg("--push-retry-ms")
@@ -331,7 +218,7 @@ async fn an_offline_device_gets_one_signed_wake_up_for_a_burst_and_a_retry_after
     assert!(answer.get("delivery").is_none(), "{answer}");
     held.await.expect("subscribe task").expect(StatusCode::OK);
 
-    let got = gw.wait_for("WAKE01", 1).await;
+    let got = gw.wait_for("WAKE01", 1, Duration::from_secs(20)).await;
     let wake = &got[0];
     assert_eq!(
         wake.json(),
@@ -346,9 +233,10 @@ async fn an_offline_device_gets_one_signed_wake_up_for_a_burst_and_a_retry_after
     assert!(!wakeup_signature_valid(b"another secret", &wake.body, sig));
 
     // The gateway fails WAKE03's first delivery: it is retried.
-    gw.script.lock().expect("lock").push_back(500);
+    gw.fail_next(500);
     change(&alice, "WAKE03", 0).await;
-    let tries = gw.wait_for("WAKE03", 2).await;
+    let tries = gw.wait_for("WAKE03", 2, Duration::from_secs(20)).await;
+    assert_eq!((tries[0].status, tries[1].status), (500, 200));
     assert_eq!(tries[0].body, tries[1].body, "the same wake-up, again");
     node.wait_metric(
         "tether_push_wakeups_total{result=\"retried\"}",
@@ -367,6 +255,7 @@ async fn an_offline_device_gets_one_signed_wake_up_for_a_burst_and_a_retry_after
         "none for a listening device"
     );
     assert_eq!(gw.for_device("WAKE03").len(), 2);
+    assert_eq!(gw.counts().1, 0, "every wake-up validly signed");
     assert_eq!(
         node.metric("tether_push_wakeups_total{result=\"collapsed\"}")
             .await,

@@ -122,6 +122,10 @@ pub struct ClientConfig {
     /// The largest subscribe answer body the device can take (its receive buffer less
     /// the headers); sent as `max_bytes`. 0: no limit.
     pub max_answer_bytes: u64,
+    /// A sleeping device: when it syncs next, in ms from each register and subscribe
+    /// (`next_sync_ms`: the server answers writers `delivery` and may push a wake-up);
+    /// 0 for a device that stays connected.
+    pub next_sync_ms: u64,
 }
 
 /// A request the driver must send to [`DeviceClient::base_url`].
@@ -847,7 +851,7 @@ impl DeviceClient {
         let auth = self.credentials_for(self.phase)?;
         let request = match self.phase {
             Phase::Register => Request::Register(RegisterRequest {
-                next_sync_ms: None,
+                next_sync_ms: (self.cfg.next_sync_ms > 0).then_some(self.cfg.next_sync_ms),
                 device_id: self.cfg.device_id.clone(),
                 device_type: self.cfg.device_type.clone(),
                 sw_version: self.cfg.sw_version.clone(),
@@ -856,7 +860,7 @@ impl DeviceClient {
                 ids: self.ids.clone(),
             },
             Phase::Subscribe => Request::Subscribe(SubscribeRequest {
-                next_sync_ms: None,
+                next_sync_ms: (self.cfg.next_sync_ms > 0).then_some(self.cfg.next_sync_ms),
                 buckets: self.ids.iter().map(|id| self.held_version(id)).collect(),
                 session: self.session(),
                 timeout_ms: (self.cfg.subscribe_timeout_ms > 0)

@@ -49,6 +49,7 @@ fn assigned() -> Credentials {
 
 fn cfg(seed: u64) -> ClientConfig {
     ClientConfig {
+        next_sync_ms: 0,
         device_id: "01AA02AB".into(),
         device_type: "thermostat".into(),
         sw_version: "1.2.0".into(),
@@ -1740,4 +1741,37 @@ fn a_late_answer_overtaken_by_the_devices_own_write_is_not_a_regression() {
             received: 2
         }]
     );
+}
+
+#[test]
+fn a_sleeping_device_declares_its_next_sync_on_register_and_every_subscribe() {
+    let mut c = DeviceClient::new(ClientConfig {
+        next_sync_ms: 3_600_000,
+        ..cfg(1)
+    });
+    let reg = poll(&mut c, 0);
+    let Request::Register(r) = &reg.request else {
+        panic!("expected a register, got {:?}", reg.request)
+    };
+    assert_eq!(r.next_sync_ms, Some(3_600_000));
+    register_ok(&mut c, 0, reg.token, None);
+    let fetch = poll(&mut c, 0);
+    c.handle_response(
+        0,
+        fetch.token,
+        list(vec![doc(DEV, 100, 1, json!({})), doc(SHARED, 100, 1, json!({}))]),
+    );
+    let sub = poll(&mut c, 0);
+    let Request::Subscribe(s) = &sub.request else {
+        panic!("expected a subscribe, got {:?}", sub.request)
+    };
+    assert_eq!(s.next_sync_ms, Some(3_600_000));
+    // A device that stays connected promises nothing.
+    let (mut awake, token) = synced_client(2);
+    awake.handle_response(0, token, list(vec![]));
+    let again = poll(&mut awake, 0);
+    let Request::Subscribe(s) = &again.request else {
+        panic!("expected a subscribe, got {:?}", again.request)
+    };
+    assert_eq!(s.next_sync_ms, None);
 }

@@ -9,7 +9,9 @@
 //!   address and resolver), and [`dns`]: a DNS server (dnsmasq) for them;
 //! - [`otlp`]: an in-process OTLP trace receiver (gRPC and HTTP/protobuf) the trace tests
 //!   and the tracing-overhead benchmark export to;
-//! - [`pki`]: a cluster CA and node certificates for mTLS between test nodes.
+//! - [`pki`]: a cluster CA and node certificates for mTLS between test nodes;
+//! - [`push`]: a push gateway receiving a node's signed wake-ups (the presence tests and
+//!   the simulator's sleeping devices).
 
 pub mod bin;
 pub mod dns;
@@ -17,3 +19,4 @@ pub mod netns;
 pub mod node;
 pub mod otlp;
 pub mod pki;
+pub mod push;

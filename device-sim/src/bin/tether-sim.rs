@@ -67,6 +67,15 @@ struct Args {
     /// Seconds a sleep lasts (link down, changes queued offline, back with versions).
     #[arg(long, default_value_t = 2.0)]
     sleep_for_s: f64,
+    /// Push wake-ups: a gateway listens here for the node's wake-ups (give the node
+    /// `--push-webhook http://<this address>/wake`); a sleeping device woken by one syncs at
+    /// once, and every sleeping device tells the node when it syncs next (`next_sync_ms`:
+    /// the end of its sleep).
+    #[arg(long, requires = "push_secret_file")]
+    push_listen: Option<std::net::SocketAddr>,
+    /// The secret the node signs wake-ups with (its `--push-secret-file`).
+    #[arg(long, requires = "push_listen")]
+    push_secret_file: Option<PathBuf>,
     /// Connection drops per device per minute (flaky link); 0 disables.
     #[arg(long, default_value_t = 0.0)]
     flaky_per_min: f64,
@@ -124,7 +133,18 @@ struct Args {
     seed: u64,
 }
 
-fn config(a: Args) -> Result<SimConfig> {
+async fn config(a: Args) -> Result<SimConfig> {
+    let push = match (&a.push_listen, &a.push_secret_file) {
+        (Some(addr), Some(file)) => {
+            let secret = std::fs::read_to_string(file)
+                .with_context(|| format!("--push-secret-file {}", file.display()))?;
+            let gw = tether_test_support::push::Gateway::bind(*addr, secret.trim().as_bytes())
+                .await
+                .with_context(|| format!("--push-listen {addr}"))?;
+            Some(gw)
+        }
+        _ => None,
+    };
     let mfg_key = keys::read_mfg_key(&a.mfg_key_file)?;
     let mut users = a
         .users
@@ -155,6 +175,7 @@ fn config(a: Args) -> Result<SimConfig> {
         app_rate: a.app_rate,
         sleep_every: (a.sleep_every_s > 0.0).then(|| secs(a.sleep_every_s)),
         sleep_for: secs(a.sleep_for_s),
+        push,
         flaky_per_min: a.flaky_per_min,
         drop_answers: a.drop_answers.clamp(0.0, 1.0),
         max_answer_bytes: a.max_answer_bytes,
@@ -183,7 +204,7 @@ fn config(a: Args) -> Result<SimConfig> {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let json = args.json;
-    let cfg = match config(args) {
+    let cfg = match config(args).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tether-sim: {e:#}");

@@ -110,6 +110,8 @@ impl App {
             auth_backoff_max_ms: cfg.auth_backoff_max_ms,
             op_id_nonce: cfg.op_id_nonce,
             max_answer_bytes: MAX_ANSWER_BYTES,
+            // A mains-powered thermostat stays connected: it promises no next sync.
+            next_sync_ms: 0,
         });
         App {
             client,
