@@ -1759,7 +1759,10 @@ fn a_sleeping_device_declares_its_next_sync_on_register_and_every_subscribe() {
     c.handle_response(
         0,
         fetch.token,
-        list(vec![doc(DEV, 100, 1, json!({})), doc(SHARED, 100, 1, json!({}))]),
+        list(vec![
+            doc(DEV, 100, 1, json!({})),
+            doc(SHARED, 100, 1, json!({})),
+        ]),
     );
     let sub = poll(&mut c, 0);
     let Request::Subscribe(s) = &sub.request else {

@@ -6,6 +6,7 @@
 //! repeated (`--runs`, at least 3 for the numbers in BENCHMARKS.md) and summarized as
 //! mean with min–max spread. Every loop is bounded in time.
 
+pub mod blobs;
 pub mod ceiling;
 pub mod cluster;
 pub mod cold;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tether_sim::bench::{ceiling, cluster, cold, idle, peers, register, synclog, tracing};
+use tether_sim::bench::{blobs, ceiling, cluster, cold, idle, peers, register, synclog, tracing};
 
 /// Tether benchmarks (loopback only).
 #[derive(Debug, Parser)]
@@ -118,6 +118,25 @@ enum Cmd {
         /// Only Tether.
         #[arg(long)]
         skip_mosquitto: bool,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// A blob uploaded and downloaded whole through one node vs a file copy of the same
+    /// bytes (same run), and the node's memory per upload held open.
+    Blobs {
+        /// The `tether` binary (a release build).
+        #[arg(long, default_value = "target/release/tether")]
+        tether_bin: PathBuf,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Size of the blob, MiB.
+        #[arg(long, default_value_t = 16)]
+        mib: usize,
+        /// Uploads held open at once for the memory figure.
+        #[arg(long, default_value_t = 50)]
+        concurrent: usize,
         /// Results directory.
         #[arg(long, default_value = "results")]
         out: PathBuf,
@@ -328,6 +347,22 @@ fn run(args: Args) -> Result<()> {
                     nodes,
                     connect_limit_s,
                     skip_mosquitto,
+                    out,
+                })
+                .await
+            }
+            Cmd::Blobs {
+                tether_bin,
+                runs,
+                mib,
+                concurrent,
+                out,
+            } => {
+                blobs::run(blobs::Opts {
+                    tether_bin,
+                    runs,
+                    mib,
+                    concurrent,
                     out,
                 })
                 .await
