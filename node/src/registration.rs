@@ -308,10 +308,10 @@ mod tests {
 
     fn req(id: &str, sw: &str) -> RegisterRequest {
         RegisterRequest {
-            next_sync_ms: None,
             device_id: id.into(),
             device_type: "thermostat".into(),
             sw_version: sw.into(),
+            next_sync_ms: None,
         }
     }
 

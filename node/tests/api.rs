@@ -722,10 +722,10 @@ async fn protobuf_round_trip() {
 
     // register as protobuf
     let req = RegisterRequest {
-        next_sync_ms: None,
         device_id: A.into(),
         device_type: "thermostat".into(),
         sw_version: "1.0.0".into(),
+        next_sync_ms: None,
     };
     let r = a
         .send(
@@ -846,7 +846,6 @@ async fn protobuf_round_trip() {
 
     // Subscribe as protobuf: stale → answered at once with the full bucket.
     let sub = SubscribeRequest {
-        next_sync_ms: None,
         buckets: vec![HeldBucket {
             id: id.clone(),
             timestamp: None,
@@ -857,6 +856,7 @@ async fn protobuf_round_trip() {
         diffs: false,
         max_bytes: None,
         stream: false,
+        next_sync_ms: None,
     };
     let r = send_within(
         NOTIFY_DEADLINE,
@@ -877,7 +877,6 @@ async fn protobuf_round_trip() {
 
     // Subscribe as protobuf: held, then woken by a JSON PUT from another session.
     let sub = SubscribeRequest {
-        next_sync_ms: None,
         buckets: vec![HeldBucket {
             id: id.clone(),
             timestamp: list.buckets[0].timestamp,
@@ -888,6 +887,7 @@ async fn protobuf_round_trip() {
         diffs: false,
         max_bytes: None,
         stream: false,
+        next_sync_ms: None,
     };
     let a2 = a.clone();
     let held = tokio::spawn(async move {

@@ -997,16 +997,29 @@ mod tests {
             op_id: Some("op-1".into()),
         });
         roundtrip(UpdateResponse {
-            delivery: None,
             outcome: UpdateOutcome::Merged,
             id: "device.x".into(),
             timestamp: 1,
             version: 2,
             value: Some(value.clone()),
             replayed: true,
+            delivery: Some(Delivery {
+                online: false,
+                next_sync_by: Some(1_763_888_400_123),
+            }),
+        });
+        roundtrip(RegisterRequest {
+            device_id: "01AA02AB".into(),
+            device_type: "thermostat".into(),
+            sw_version: "1.2.0".into(),
+            next_sync_ms: Some(3_600_000),
+        });
+        roundtrip(PresenceResponse {
+            online: false,
+            last_seen: Some(1_763_884_800_123),
+            next_sync_by: None,
         });
         roundtrip(SubscribeRequest {
-            next_sync_ms: None,
             buckets: vec![HeldBucket {
                 id: "device.x".into(),
                 timestamp: Some(1),
@@ -1017,6 +1030,7 @@ mod tests {
             diffs: true,
             max_bytes: Some(1536),
             stream: true,
+            next_sync_ms: Some(600_000),
         });
         roundtrip(HistoryResponse {
             id: "device.x".into(),
@@ -1113,13 +1127,13 @@ mod tests {
             serde_json::from_str(r#"{"value": {}, "op_id": "a-1"}"#).expect("put with op id");
         assert_eq!(put.op_id.as_deref(), Some("a-1"));
         let resp = UpdateResponse {
-            delivery: None,
             outcome: UpdateOutcome::Applied,
             id: "device.x".into(),
             timestamp: 1,
             version: 2,
             value: None,
             replayed: false,
+            delivery: None,
         };
         assert_eq!(
             serde_json::to_string(&resp).expect("json"),

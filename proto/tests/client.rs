@@ -49,7 +49,6 @@ fn assigned() -> Credentials {
 
 fn cfg(seed: u64) -> ClientConfig {
     ClientConfig {
-        next_sync_ms: 0,
         device_id: "01AA02AB".into(),
         device_type: "thermostat".into(),
         sw_version: "1.2.0".into(),
@@ -63,6 +62,7 @@ fn cfg(seed: u64) -> ClientConfig {
         auth_backoff_max_ms: AUTH_MAX,
         op_id_nonce: NONCE,
         max_answer_bytes: 0,
+        next_sync_ms: 0,
     }
 }
 
@@ -117,13 +117,13 @@ fn updated(status: u16, outcome: UpdateOutcome, version: u64, value: Option<Fiel
     Response::Updated {
         status,
         body: UpdateResponse {
-            delivery: None,
             outcome,
             id: DEV.into(),
             timestamp: 1_000 + version,
             version,
             value,
             replayed: false,
+            delivery: None,
         },
     }
 }

@@ -37,7 +37,6 @@ fn doc(id: &str, timestamp: u64, version: u64, value: serde_json::Value) -> Buck
 /// A thermostat as the firmware configures it (`firmware-nrf/device/src/app.rs`).
 fn thermostat() -> DeviceClient {
     DeviceClient::new(ClientConfig {
-        next_sync_ms: 0,
         device_id: SERIAL.into(),
         device_type: "thermostat".into(),
         sw_version: "0.1.0".into(),
@@ -54,6 +53,7 @@ fn thermostat() -> DeviceClient {
         // firmware-nrf/device/src/app.rs: MAX_ANSWER_BYTES (the 2 KiB receive buffer less
         // room for the response headers).
         max_answer_bytes: 1_536,
+        next_sync_ms: 0,
     })
 }
 

@@ -150,7 +150,6 @@ async fn catch_up_bytes(
     protobuf: bool,
 ) -> Result<(Bytes, bool)> {
     let req = SubscribeRequest {
-        next_sync_ms: None,
         buckets: vec![HeldBucket {
             id: id.to_string(),
             timestamp: None,
@@ -161,6 +160,7 @@ async fn catch_up_bytes(
         diffs,
         max_bytes: None,
         stream: false,
+        next_sync_ms: None,
     };
     let (body, ct) = if protobuf {
         (req.encode_pb(), "application/x-protobuf")

@@ -482,13 +482,13 @@ fn held(id: &str, timestamp: u64, version: u64) -> HeldBucket {
 
 fn subscribe_of(buckets: Vec<HeldBucket>) -> SubscribeRequest {
     SubscribeRequest {
-        next_sync_ms: None,
         buckets,
         session: Some(SESSION.into()),
         timeout_ms: Some(HOLD_MS),
         diffs: true,
         max_bytes: Some(MAX_ANSWER_BYTES),
         stream: false,
+        next_sync_ms: None,
     }
 }
 
@@ -645,13 +645,13 @@ fn scenario(c: &mut Checks) {
         "  PUT {{sw_version: 1.2.0}} on base_version 1, session, no OCC"
     );
     let applied = UpdateResponse {
-        delivery: None,
         outcome: UpdateOutcome::Applied,
         id: DEV.into(),
         timestamp: T0 + 412,
         version: 2,
         value: None,
         replayed: false,
+        delivery: None,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
     check_eq!(
@@ -775,13 +775,13 @@ fn scenario(c: &mut Checks) {
         "  PUT {{current_temperature: 19.0, hvac_state: heating}} on base 2 (0.25 C steps)"
     );
     let applied = UpdateResponse {
-        delivery: None,
         outcome: UpdateOutcome::Applied,
         id: DEV.into(),
         timestamp: T0 + 50_007,
         version: 3,
         value: None,
         replayed: false,
+        delivery: None,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
     check_eq!(
@@ -839,7 +839,6 @@ fn scenario(c: &mut Checks) {
         "  PUT {{mode: off}} on base 2"
     );
     let refused = UpdateResponse {
-        delivery: None,
         outcome: UpdateOutcome::Refused,
         id: SHARED.into(),
         timestamp: T0 + 61_500,
@@ -848,6 +847,7 @@ fn scenario(c: &mut Checks) {
             json!({"target_temperature": 21.5, "mode": "cool", "name": "Hallway"}),
         )),
         replayed: false,
+        delivery: None,
     };
     let ev = d.answer(c, &call, &Recorded::pb(409, refused.encode_pb()));
     check_eq!(
@@ -950,13 +950,13 @@ fn scenario(c: &mut Checks) {
         "  the same write is resent, with the same op id (applied at most once)"
     );
     let applied = UpdateResponse {
-        delivery: None,
         outcome: UpdateOutcome::Applied,
         id: DEV.into(),
         timestamp: T0 + 63_000,
         version: 4,
         value: None,
         replayed: false,
+        delivery: None,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
     check_eq!(
@@ -993,7 +993,6 @@ fn scenario(c: &mut Checks) {
         "  PUT {{target_temperature: 22.0}} on base 3"
     );
     let merged = UpdateResponse {
-        delivery: None,
         outcome: UpdateOutcome::Merged,
         id: SHARED.into(),
         timestamp: T0 + 70_010,
@@ -1002,6 +1001,7 @@ fn scenario(c: &mut Checks) {
             json!({"target_temperature": 22.0, "mode": "cool", "name": "Living room"}),
         )),
         replayed: false,
+        delivery: None,
     };
     let ev = d.answer(c, &call, &Recorded::pb(200, merged.encode_pb()));
     check_eq!(
