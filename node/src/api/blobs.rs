@@ -11,9 +11,10 @@
 //! to such a principal; anyone else is asked for the bytes (an upload that proves it has
 //! them, hashed as it streams, nothing stored twice). So knowing a hash gives nothing.
 //!
-//! Bytes are stored in whole chunks of [`CHUNK`] bytes as they arrive: a range broken
-//! off keeps its whole chunks, and `received` says where to resume. At most one chunk of
-//! an upload is in memory.
+//! Bytes are stored in whole chunks of [`CHUNK`] bytes as they arrive, up to
+//! [`CHUNKS_PER_COMMIT`] in one store transaction: a range broken off keeps its whole
+//! chunks, and `received` says where to resume. At most that many chunks of an upload
+//! (512 KiB) are in memory.
 
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
@@ -32,7 +33,7 @@ use crate::api::openapi::ProtobufBody;
 use crate::error::{NodeError, Result};
 use crate::routing::router::Get;
 use crate::security::auth::{Endpoint, Principal};
-use crate::store::blobs::{Appended, Begun, Blobs, Holder, Manifest, CHUNK};
+use crate::store::blobs::{Appended, Begun, Blobs, Holder, Manifest, CHUNK, CHUNKS_PER_COMMIT};
 
 /// Bucket holders looked at when deciding whether a principal may read a blob.
 const MAX_HOLDERS_CHECKED: usize = 4096;
@@ -357,9 +358,25 @@ pub async fn upload(
     }
     let mut received = m.received;
     let mut pos = range.first;
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK.min(m.size as usize));
+    // Whole chunks are stored CHUNKS_PER_COMMIT at a time (one transaction each), and
+    // whatever whole chunks arrived before the body broke off are stored too: the upload
+    // resumes from them.
+    let batch = CHUNK * CHUNKS_PER_COMMIT;
+    let mut buf: Vec<u8> = Vec::with_capacity(batch.min(m.size as usize));
     let mut seen = 0u64;
-    while let Some(piece) = next_piece(&state, &mut payload).await? {
+    loop {
+        let piece = match next_piece(&state, &mut payload).await {
+            Ok(Some(piece)) => piece,
+            Ok(None) => break,
+            Err(e) => {
+                let whole = buf.len() - buf.len() % CHUNK;
+                if whole > 0 {
+                    buf.truncate(whole);
+                    append(blobs, &h, &me, received, buf).await?;
+                }
+                return Err(e);
+            }
+        };
         seen += piece.len() as u64;
         if seen > range.len() {
             return Err(NodeError::BadRequest(format!(
@@ -371,10 +388,10 @@ pub async fn upload(
         let skip = received.saturating_sub(pos).min(piece.len() as u64) as usize;
         pos += piece.len() as u64;
         buf.extend_from_slice(&piece[skip..]);
-        while buf.len() >= CHUNK {
-            let rest = buf.split_off(CHUNK);
-            let chunk = std::mem::replace(&mut buf, rest);
-            received = append(blobs, &h, &me, received, chunk).await?;
+        while buf.len() >= batch {
+            let rest = buf.split_off(batch);
+            let chunks = std::mem::replace(&mut buf, rest);
+            received = append(blobs, &h, &me, received, chunks).await?;
         }
     }
     if seen != range.len() {
@@ -383,7 +400,14 @@ pub async fn upload(
             range.len()
         )));
     }
-    if !buf.is_empty() && received + buf.len() as u64 == m.size {
+    // The end of the body: its whole chunks, and the blob's last one if this completes it.
+    let keep = if received + buf.len() as u64 == m.size {
+        buf.len()
+    } else {
+        buf.len() - buf.len() % CHUNK
+    };
+    if keep > 0 {
+        buf.truncate(keep);
         received = append(blobs, &h, &me, received, buf).await?;
     }
     if received < m.size {
@@ -406,8 +430,9 @@ pub async fn upload(
     Ok(present(&req, StatusCode::CREATED, &h, m.size))
 }
 
-/// Stores the next chunk of an upload at `received`; anything else moving the upload
-/// meanwhile (it was collected, or completed) ends this request.
+/// Stores the next chunks of an upload at `received` (whole chunks, or the blob's end);
+/// anything else moving the upload meanwhile (it was collected, or completed) ends this
+/// request.
 async fn append(
     blobs: &Blobs,
     h: &BlobHash,

@@ -33,6 +33,10 @@ use super::{decode_json, encode_json, StoreError};
 
 /// Bytes per stored chunk (the last one of a blob may be shorter).
 pub const CHUNK: usize = 64 * 1024;
+/// Most chunks one [`Blobs::append`] commits in one transaction: 512 KiB, well under
+/// FoundationDB's 10 MB transaction limit, and what an upload holds in memory at most
+/// before it is stored.
+pub const CHUNKS_PER_COMMIT: usize = 8;
 
 /// One write of a blob transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,8 +294,9 @@ impl Blobs {
         .await
     }
 
-    /// Stores chunk `index` of `h` if it is the next one (`index × CHUNK` = bytes
-    /// received), a whole chunk or the blob's last, and the upload is `uploader`'s.
+    /// Stores `bytes` as chunks `index`, `index + 1`, … of `h` in one transaction if
+    /// `index` is the next one (`index × CHUNK` = bytes received), `bytes` is whole chunks
+    /// (at most [`CHUNKS_PER_COMMIT`]) or ends the blob, and the upload is `uploader`'s.
     pub async fn append(
         &self,
         h: &BlobHash,
@@ -299,7 +304,7 @@ impl Blobs {
         index: u64,
         bytes: Vec<u8>,
     ) -> Result<Appended, StoreError> {
-        let (mk, ck) = (manifest_key(h), chunk_key(h, index));
+        let (mk, h2) = (manifest_key(h), *h);
         let uploader = uploader.to_string();
         self.on_manifest("append", h, vec![], move |m, _| {
             let Some(mut m) = m else {
@@ -310,15 +315,19 @@ impl Blobs {
             }
             let len = bytes.len() as u64;
             let next = m.received == index.saturating_mul(CHUNK as u64);
-            let shape = len == CHUNK as u64 || (len > 0 && m.received + len == m.size);
+            let whole = len > 0 && len % CHUNK as u64 == 0;
+            let shape = (whole || (len > 0 && m.received + len == m.size))
+                && bytes.len() <= CHUNK * CHUNKS_PER_COMMIT;
             if m.uploader != uploader || !next || !shape || m.received + len > m.size {
                 return Ok((Appended::Received(m.received), vec![]));
             }
             m.received += len;
-            let writes = vec![
-                KvWrite::Put(ck.clone(), bytes.clone()),
-                KvWrite::Put(mk.clone(), encode(&m)?),
-            ];
+            let mut writes: Vec<KvWrite> = bytes
+                .chunks(CHUNK)
+                .enumerate()
+                .map(|(i, c)| KvWrite::Put(chunk_key(&h2, index + i as u64), c.to_vec()))
+                .collect();
+            writes.push(KvWrite::Put(mk.clone(), encode(&m)?));
             Ok((Appended::Received(m.received), writes))
         })
         .await

@@ -868,14 +868,14 @@ pub(crate) async fn first_contacts_write_new_devices_whole_and_refuse_the_rest(
         .is_empty());
 }
 
-/// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
+/// The blob store over `store`'s blob keyspace.
 fn blobs_of(store: &Arc<dyn Store>) -> super::blobs::Blobs {
     let kv = store.blob_kv().expect("every backend has a blob keyspace");
     super::blobs::Blobs::new(kv, std::time::Duration::from_secs(10))
 }
 
 pub(crate) async fn blob_uploads_take_chunks_in_order_and_complete_once(store: Arc<dyn Store>) {
-    use super::blobs::{Appended, Begun, CHUNK};
+    use super::blobs::{Appended, Begun, CHUNK, CHUNKS_PER_COMMIT};
     use tether_proto::blob::BlobHash;
     let blobs = blobs_of(&store);
     let bytes: Vec<u8> = (0..CHUNK + 100).map(|i| (i % 251) as u8).collect();
@@ -957,6 +957,45 @@ pub(crate) async fn blob_uploads_take_chunks_in_order_and_complete_once(store: A
         !blobs.complete(&h, "device:A1", 14).await.expect("complete"),
         "completes once"
     );
+    // Several whole chunks in one transaction (at most CHUNKS_PER_COMMIT), then the rest
+    // with the tail; each chunk stored under its own index.
+    let big: Vec<u8> = (0..3 * CHUNK + 7).map(|i| (i % 241) as u8).collect();
+    let hb = BlobHash::of(&big);
+    blobs
+        .begin(&hb, big.len() as u64, "x", "device:A1", 20)
+        .await
+        .expect("begin");
+    let too_many = vec![0u8; (CHUNKS_PER_COMMIT + 1) * CHUNK];
+    assert_eq!(
+        blobs
+            .append(&hb, "device:A1", 0, too_many)
+            .await
+            .expect("append"),
+        Appended::Received(0),
+        "more than one transaction's worth is refused"
+    );
+    assert_eq!(
+        blobs
+            .append(&hb, "device:A1", 0, big[..2 * CHUNK].to_vec())
+            .await
+            .expect("append"),
+        Appended::Received(2 * CHUNK as u64)
+    );
+    assert_eq!(
+        blobs
+            .append(&hb, "device:A1", 2, big[2 * CHUNK..].to_vec())
+            .await
+            .expect("append"),
+        Appended::Received(big.len() as u64)
+    );
+    for i in 0..4usize {
+        let want = &big[i * CHUNK..((i + 1) * CHUNK).min(big.len())];
+        assert_eq!(
+            blobs.chunk(&hb, i as u64).await.expect("chunk").as_deref(),
+            Some(want),
+            "chunk {i}"
+        );
+    }
     let m = blobs.manifest(&h).await.expect("manifest").expect("stored");
     assert!(m.complete && m.received == size && m.refs == 0);
     assert_eq!(m.unreferenced_since_ms, Some(13));
@@ -1103,6 +1142,7 @@ pub(crate) async fn blob_uploads_are_discarded_or_collected_and_listed_in_pages(
     assert!(left.iter().all(|(_, m)| m.created_ms > 1002));
 }
 
+/// Invokes `$m!(args…, every case…)`: the one list of conformance cases every backend runs.
 macro_rules! every_case {
     ($m:ident $(, $arg:expr)*) => {
         $m!(
