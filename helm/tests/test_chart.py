@@ -172,6 +172,13 @@ NEGATIVE = [
         ["autoscaling.minReplicas (5) exceeds autoscaling.maxReplicas (3)"],
     ),
     ("same ports", {"ports": {"grpc": 8443}}, ["ports.http and ports.grpc must differ"]),
+    ("push without its secret", {"push": {"webhook": "http://gw/wake"}}, ["push.webhook needs push.existingSecret", "X-Tether-Signature"]),
+    (
+        "https push without CAs",
+        {"push": {"webhook": "https://gw/wake", "existingSecret": "tether-push"}},
+        ["push.caConfigMap is empty", "no CA bundle"],
+    ),
+    ("push webhook not a URL", {"push": {"webhook": "gw:80"}}, ["/push/webhook"]),
     (
         "both monitors",
         {"metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}},

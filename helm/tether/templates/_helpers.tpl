@@ -181,6 +181,12 @@ Cross-field rules the schema cannot express; each fails the render with what to 
 {{- if and $v.autoscaling.enabled (not $v.autoscaling.targetCPUUtilizationPercentage) (not $v.autoscaling.targetMemoryUtilizationPercentage) -}}
 {{- fail "autoscaling.enabled needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage." -}}
 {{- end -}}
+{{- if and $v.push.webhook (not $v.push.existingSecret) -}}
+{{- fail "push.webhook needs push.existingSecret: wake-ups are signed with a key from a Secret (`kubectl create secret generic tether-push --from-literal=push-secret=$(head -c 32 /dev/urandom | base64)`), and the gateway checks X-Tether-Signature with the same key." -}}
+{{- end -}}
+{{- if and (hasPrefix "https://" $v.push.webhook) (not $v.push.caConfigMap) -}}
+{{- fail "push.webhook is https but push.caConfigMap is empty: the image carries no CA bundle, so name a ConfigMap with the CAs (PEM) the gateway's certificate chains to." -}}
+{{- end -}}
 {{- if eq $v.ports.http $v.ports.grpc -}}
 {{- fail "ports.http and ports.grpc must differ." -}}
 {{- end -}}
