@@ -38,7 +38,8 @@ struct RealNode {
     url: String,
     key: String,
     users: std::path::PathBuf,
-    dir: tempfile::TempDir,
+    /// Kept for the node's lifetime (its key, data and users file).
+    _dir: tempfile::TempDir,
 }
 
 async fn start_node(extra: &[&str]) -> RealNode {
@@ -86,60 +87,26 @@ async fn start_node(extra: &[&str]) -> RealNode {
         url,
         key: key_s.to_string(),
         users,
-        dir,
+        _dir: dir,
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_fleet_against_a_real_node_passes_every_check() {
-    let RealNode {
-        child: mut node,
-        url,
-        key,
-        users,
-        dir: _dir,
-    } = start_node(&[]).await;
-    let key_s = key.as_str();
-
+/// Runs `tether-sim` against `node` (its URL, key and users file) with `args` and
+/// `--json`, within `limit`; asserts it passed (exit 0) and returns its summary.
+async fn run_sim(node: &RealNode, args: &[&str], limit: Duration) -> Value {
     let out = tokio::time::timeout(
-        Duration::from_secs(90),
+        limit,
         Command::new(env!("CARGO_BIN_EXE_tether-sim"))
-            .args(["--url", &url, "--mfg-key-file", key_s])
+            .args(["--url", &node.url, "--mfg-key-file", &node.key])
             .arg("--users-file")
-            .arg(&users)
-            .args([
-                "--devices",
-                "8",
-                "--duration-s",
-                "4",
-                "--ramp-s",
-                "0.5",
-                "--update-rate",
-                "2",
-                "--companion-rate",
-                "2",
-                "--app-rate",
-                "1",
-                "--sleep-every-s",
-                "2",
-                "--sleep-for-s",
-                "0.5",
-                "--flaky-per-min",
-                "20",
-                "--drop-answers",
-                "0.3",
-                "--max-answer-bytes",
-                "1536",
-                "--notify-deadline-ms",
-                "15000",
-                "--audit",
-                "--json",
-            ])
+            .arg(&node.users)
+            .args(args)
+            .arg("--json")
             .stdin(Stdio::null())
             .output(),
     )
     .await
-    .expect("tether-sim finished within 90 s")
+    .unwrap_or_else(|_| panic!("tether-sim finished within {limit:?}"))
     .expect("run tether-sim");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let report: Value = serde_json::from_slice(&out.stdout)
@@ -149,6 +116,44 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
         Some(0),
         "tether-sim must pass against the real node: {report:#}\nstderr: {stderr}"
     );
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_fleet_against_a_real_node_passes_every_check() {
+    let mut node = start_node(&[]).await;
+    let report = run_sim(
+        &node,
+        &[
+            "--devices",
+            "8",
+            "--duration-s",
+            "4",
+            "--ramp-s",
+            "0.5",
+            "--update-rate",
+            "2",
+            "--companion-rate",
+            "2",
+            "--app-rate",
+            "1",
+            "--sleep-every-s",
+            "2",
+            "--sleep-for-s",
+            "0.5",
+            "--flaky-per-min",
+            "20",
+            "--drop-answers",
+            "0.3",
+            "--max-answer-bytes",
+            "1536",
+            "--notify-deadline-ms",
+            "15000",
+            "--audit",
+        ],
+        Duration::from_secs(90),
+    )
+    .await;
     assert_eq!(report["connected"], 8, "{report:#}");
     assert_eq!(
         report["paired"], 8,
@@ -176,7 +181,7 @@ async fn a_short_fleet_against_a_real_node_passes_every_check() {
         checked > 0,
         "retried writes vouched for by the histories: {report:#}"
     );
-    node.kill().await.expect("stop tether");
+    node.child.kill().await.expect("stop tether");
 }
 
 /// Sleeping devices that a push wakes (API.md "Presence and wake-ups"): each sleeps far
@@ -197,13 +202,7 @@ async fn sleeping_devices_woken_by_push_get_every_change_at_their_next_wake() {
     std::fs::write(&secret, "sim-push-secret\n").expect("secret");
     let secret_s = secret.to_str().expect("utf-8 path");
     let webhook = format!("http://{push_addr}/wake");
-    let RealNode {
-        child: mut node,
-        url,
-        key,
-        users,
-        dir: _dir,
-    } = start_node(&[
+    let mut node = start_node(&[
         "--push-webhook",
         &webhook,
         "--push-secret-file",
@@ -212,50 +211,35 @@ async fn sleeping_devices_woken_by_push_get_every_change_at_their_next_wake() {
         "500",
     ])
     .await;
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        Command::new(env!("CARGO_BIN_EXE_tether-sim"))
-            .args(["--url", &url, "--mfg-key-file", &key])
-            .arg("--users-file")
-            .arg(&users)
-            .args(["--push-listen", &push_addr.to_string()])
-            .args(["--push-secret-file", secret_s])
-            .args([
-                "--devices",
-                "12",
-                "--duration-s",
-                "8",
-                "--ramp-s",
-                "0.5",
-                "--update-rate",
-                "0.5",
-                "--companion-rate",
-                "0",
-                "--app-rate",
-                "1",
-                "--sleep-every-s",
-                "0.5",
-                "--sleep-for-s",
-                "60",
-                "--notify-deadline-ms",
-                "15000",
-                "--audit",
-                "--json",
-            ])
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("tether-sim finished within 120 s")
-    .expect("run tether-sim");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("--json summary ({e}); stderr: {stderr}"));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "tether-sim must pass against the real node: {report:#}\nstderr: {stderr}"
-    );
+    let push_listen = push_addr.to_string();
+    let mut args = vec![
+        "--push-listen",
+        &push_listen,
+        "--push-secret-file",
+        secret_s,
+    ];
+    args.extend([
+        "--devices",
+        "12",
+        "--duration-s",
+        "8",
+        "--ramp-s",
+        "0.5",
+        "--update-rate",
+        "0.5",
+        "--companion-rate",
+        "0",
+        "--app-rate",
+        "1",
+        "--sleep-every-s",
+        "0.5",
+        "--sleep-for-s",
+        "60",
+        "--notify-deadline-ms",
+        "15000",
+        "--audit",
+    ]);
+    let report = run_sim(&node, &args, Duration::from_secs(120)).await;
     let n = |k: &str| report[k].as_u64().unwrap_or(0);
     assert_eq!(report["violations"], Value::Array(vec![]), "{report:#}");
     assert_eq!(n("audited"), 12, "{report:#}");
@@ -269,5 +253,5 @@ async fn sleeping_devices_woken_by_push_get_every_change_at_their_next_wake() {
         "changes made while a device slept reached it: {report:#}"
     );
     assert_eq!(n("push_unsigned"), 0, "{report:#}");
-    node.kill().await.expect("stop tether");
+    node.child.kill().await.expect("stop tether");
 }
