@@ -319,10 +319,10 @@ impl Metrics {
             "Push wake-ups of offline devices (--push-webhook): sent (the gateway took it), \
              collapsed (a change riding on one outstanding for its device), retried (an \
              attempt the gateway refused or did not answer), failed (given up after every \
-             attempt)",
+             attempt), dropped (too many waiting on this node)",
             wakeups.clone(),
         );
-        for result in ["sent", "collapsed", "retried", "failed"] {
+        for result in ["sent", "collapsed", "retried", "failed", "dropped"] {
             let _ = wakeups.get_or_create(&vec![("result", result.to_string())]);
         }
         // Series of bounded, known label values start at zero, so a first increase is a
@@ -656,7 +656,7 @@ impl Metrics {
             .get_or_create(&vec![("event", event.to_string())])
             .inc();
     }
-    /// One push wake-up event (`sent`, `collapsed`, `retried`, `failed`).
+    /// One push wake-up event (`sent`, `collapsed`, `retried`, `failed`, `dropped`).
     pub(crate) fn wakeup(&self, result: &'static str) {
         self.0
             .wakeups

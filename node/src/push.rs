@@ -7,7 +7,8 @@
 //! the device is seen (later changes collapse into it) and spaces wake-ups by the minimum
 //! gap; all devices together are held to `--push-rate` per second; a delivery the gateway
 //! refuses or does not answer is retried with capped exponential backoff
-//! ([`retry_delay`]). Nothing of a bucket leaves in a wake-up. The state is per node (the
+//! ([`retry_delay`]); at most 10,000 wait at once (more are dropped, counted). Nothing
+//! of a bucket leaves in a wake-up. The state is per node (the
 //! owner of a device's set decides): after a failover the new owner may wake a device once
 //! more. Counted in `tether_push_wakeups_total{result}`.
 
@@ -28,6 +29,10 @@ use crate::security::limits::BoundedMap;
 
 /// Devices whose wake-up state one node remembers (least recently used forgotten first).
 const DEVICES: usize = 100_000;
+/// Most wake-ups one node keeps waiting (for their device's gap, the rate limit or a
+/// retry): past it a wake-up is dropped (counted), so a burst of changes to many sleeping
+/// devices cannot grow the node's memory without bound.
+const MAX_PENDING: usize = 10_000;
 /// Longest the gateway may take to answer one wake-up.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The CA bundle an `https` gateway is checked against when no `--push-ca-file` is given.
@@ -146,6 +151,10 @@ pub struct Pusher {
     metrics: Metrics,
     started: Instant,
     runtime: tokio::runtime::Handle,
+    /// Wake-ups decided and not yet delivered or given up.
+    pending: std::sync::atomic::AtomicUsize,
+    /// At most this many pending ([`MAX_PENDING`]).
+    max_pending: usize,
 }
 
 impl std::fmt::Debug for Pusher {
@@ -178,6 +187,8 @@ impl Pusher {
             metrics,
             started: Instant::now(),
             runtime: tokio::runtime::Handle::current(),
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            max_pending: MAX_PENDING,
         }))
     }
 
@@ -201,6 +212,14 @@ impl Pusher {
             WakeDecision::Send => now,
             WakeDecision::SendAt(at) => at,
         };
+        use std::sync::atomic::Ordering;
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.wakeup("dropped");
+            self.states
+                .with(device.clone(), WakeState::default, WakeState::on_given_up);
+            return;
+        }
         let me = self.clone();
         let device = device.clone();
         self.runtime.spawn(async move {
@@ -209,6 +228,7 @@ impl Pusher {
                 tokio::time::sleep(wait).await;
             }
             me.deliver(device).await;
+            me.pending.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
@@ -261,5 +281,96 @@ impl Pusher {
             tracing::info!(%device, attempt, %why, retry_in_ms = delay, "wake-up not delivered; retrying");
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(webhook: &str) -> PushConfig {
+        PushConfig {
+            webhook: webhook.to_string(),
+            secret: b"k".to_vec(),
+            rate: NonZeroU32::MIN,
+            policy: WakePolicy {
+                retry_base_ms: 60_000,
+                ..WakePolicy::default()
+            },
+            cas: None,
+        }
+    }
+
+    fn count(metrics: &Metrics, result: &str) -> f64 {
+        crate::metrics::sample_sum(
+            &metrics.render(),
+            &format!("tether_push_wakeups_total{{result=\"{result}\"}}"),
+        )
+        .unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn wake_ups_past_the_pending_bound_are_dropped_and_counted() {
+        // A gateway that refuses connections: each wake-up waits for its retry.
+        let metrics = Metrics::new();
+        let p = Pusher::new(config("http://127.0.0.1:9/wake"), metrics.clone()).expect("pusher");
+        let p = Arc::new(Pusher {
+            max_pending: 2,
+            ..Arc::into_inner(p).expect("one reference")
+        });
+        for d in ["D1", "D2", "D3", "D3"] {
+            p.wake(&SetKey::parse(d).expect("key"));
+        }
+        // D3 is one too many, twice: a dropped wake-up is not outstanding, so the next
+        // change for it tries again (and is dropped again while the two wait).
+        assert_eq!(count(&metrics, "dropped"), 2.0);
+        assert_eq!(count(&metrics, "collapsed"), 0.0);
+        assert_eq!(p.pending.load(std::sync::atomic::Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn a_webhook_needs_its_secret_and_https_needs_cas() {
+        let dir = tempfile::tempdir().expect("dir");
+        let secret = dir.path().join("s");
+        std::fs::write(&secret, "key\n").expect("write");
+        assert!(PushConfig::from_parts(None, None, None, None, None, None)
+            .expect("off")
+            .is_none());
+        let no_secret =
+            PushConfig::from_parts(Some("http://gw/wake".into()), None, None, None, None, None);
+        assert!(matches!(no_secret, Err(NodeError::Config(m)) if m.contains("--push-secret-file")));
+        let ftp = PushConfig::from_parts(
+            Some("ftp://gw/wake".into()),
+            Some(secret.clone()),
+            None,
+            None,
+            None,
+            None,
+        );
+        assert!(matches!(ftp, Err(NodeError::Config(m)) if m.contains("not an http(s) URL")));
+        let no_cas = PushConfig::from_parts(
+            Some("https://gw/wake".into()),
+            Some(secret.clone()),
+            None,
+            None,
+            None,
+            Some(dir.path().join("missing.pem")),
+        );
+        assert!(matches!(no_cas, Err(NodeError::Config(m)) if m.contains("--push-ca-file")));
+        let c = PushConfig::from_parts(
+            Some("http://gw/wake".into()),
+            Some(secret),
+            Some(5),
+            Some(0),
+            None,
+            None,
+        )
+        .expect("valid")
+        .expect("on");
+        assert_eq!(
+            c.secret, b"key",
+            "the file's trailing newline is not part of the key"
+        );
+        assert_eq!((c.rate.get(), c.policy.min_gap_ms), (5, 0));
     }
 }
