@@ -308,8 +308,8 @@ pub struct BucketSetActor {
     device_type: Option<String>,
     /// Encoded sizes of committed buckets, computed when first needed.
     sizes: HashMap<BucketId, usize>,
-    /// What this owner knows of the set's device (memory only: a new owner starts
-    /// knowing nothing).
+    /// What this owner knows of the set's device (memory only: a new owner starts from
+    /// the device's last registration, read with the set).
     presence: Presence,
 }
 
