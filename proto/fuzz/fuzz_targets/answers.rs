@@ -48,6 +48,7 @@ fn synced() -> (DeviceClient, u64, Vec<(String, u64)>) {
         auth_backoff_max_ms: 100,
         op_id_nonce: 1,
         max_answer_bytes: 1536,
+        next_sync_ms: 0,
     });
     let reg = c.poll_request(0).expect("register");
     c.accept_credentials(Credentials {
@@ -94,7 +95,10 @@ fn synced() -> (DeviceClient, u64, Vec<(String, u64)>) {
 
 fn versions_never_decrease(c: &DeviceClient, held: &[(String, u64)]) {
     for (id, v) in held {
-        assert!(c.bucket(id).map_or(0, |b| b.version) >= *v, "{id} went back");
+        assert!(
+            c.bucket(id).map_or(0, |b| b.version) >= *v,
+            "{id} went back"
+        );
     }
 }
 

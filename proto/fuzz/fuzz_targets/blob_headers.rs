@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
         1 => {
             let size = u64::from(selector) * 1000 + 1;
             if let Ok(Some((first, last))) = byte_range(text, size) {
-                assert!(first <= last && last < size, "{text}: {first}-{last}/{size}");
+                assert!(
+                    first <= last && last < size,
+                    "{text}: {first}-{last}/{size}"
+                );
             }
         }
         _ => {

@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
             .enumerate()
             .all(|(i, b)| i == 4 || CODE_ALPHABET.contains(&b)));
         assert_eq!(pairing_code(&code).as_deref(), Ok(code.as_str()));
-        assert_eq!(pairing_code(&code.to_lowercase()).as_deref(), Ok(code.as_str()));
+        assert_eq!(
+            pairing_code(&code.to_lowercase()).as_deref(),
+            Ok(code.as_str())
+        );
     }
     if let Some(name) = &req.structure {
         match structure_key("alice", name) {
