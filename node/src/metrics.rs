@@ -600,6 +600,10 @@ impl Metrics {
     pub(crate) fn subscriptions_held(&self, delta: i64) {
         self.0.held_subscriptions.inc_by(delta);
     }
+    /// Subscriptions held on this node now (`tether_held_subscriptions`).
+    pub fn held_subscriptions(&self) -> i64 {
+        self.0.held_subscriptions.get()
+    }
     pub(crate) fn set_activated(&self) {
         self.0.activations.inc();
         self.0.active_sets.inc();

@@ -791,6 +791,10 @@ impl Router {
         let mut now = Vec::new();
         let mut waiting = Vec::new();
         for (set, held) in by_set {
+            // Guarded before the call: if this future is dropped after the actor held the
+            // subscription but before its answer came back (the client or the forwarding
+            // peer left just then), the guard still cancels it there.
+            guard.sets.push(set.clone());
             let answer = self
                 .shared
                 .call(
@@ -809,13 +813,14 @@ impl Router {
                 .await??;
             match answer {
                 SubscribeAnswer::Now(buckets) => {
+                    // Nothing held there.
+                    guard.sets.pop();
                     for s in &buckets {
                         budget = budget.saturating_sub(answer_size(&s.bucket));
                     }
                     now.extend(buckets);
                 }
                 SubscribeAnswer::Held(rx) => {
-                    guard.sets.push(set);
                     waiting.push(rx);
                 }
             }

@@ -1383,6 +1383,7 @@ impl BucketSetActor {
         if !stale.is_empty() {
             return Ok(SubscribeAnswer::Now(stale));
         }
+        self.forget_abandoned();
         let (tx, rx) = oneshot::channel();
         let held = msg.held.into_iter().map(|h| (h.id, h.version)).collect();
         self.subs.insert(
@@ -1448,6 +1449,18 @@ impl Handler<Unsubscribe> for BucketSetActor {
 }
 
 impl BucketSetActor {
+    /// Drops the held subscriptions no one waits for any more (their answer's receiver is
+    /// gone, the `Unsubscribe` never came): a subscriber that vanished without cancelling
+    /// holds no memory, nor counts as listening, past the next subscribe to the set.
+    fn forget_abandoned(&mut self) {
+        let before = self.subs.len();
+        self.subs.retain(|_, sub| !sub.reply.is_closed());
+        let gone = before - self.subs.len();
+        if gone > 0 {
+            self.shared.metrics.subscriptions_held(-(gone as i64));
+        }
+    }
+
     fn release_held(&mut self) {
         let held = self.subs.len() as i64;
         for (_, sub) in self.subs.drain() {

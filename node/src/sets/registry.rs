@@ -498,6 +498,7 @@ mod tests {
     use crate::store::fdb::memory::MemoryKv;
     use crate::store::fdb::KvStore;
     use serde_json::json;
+    use std::collections::BTreeMap;
     use tether_proto::{BucketId, Fields, Update};
 
     #[derive(Debug)]
@@ -656,6 +657,117 @@ mod tests {
             );
             n1.shutdown(Duration::from_secs(5)).await;
             n2.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    fn held(id: &BucketId, version: u64) -> tether_proto::reconcile::Held {
+        tether_proto::reconcile::Held {
+            id: id.clone(),
+            timestamp: None,
+            version: Some(version),
+        }
+    }
+
+    /// A set with one bucket at version 1, served by a single node.
+    async fn one_set(name: &str) -> (Arc<Shared>, Arc<Router>, SetKey, BucketId) {
+        let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+        let n1 = node("n1", store);
+        let router = Router::single(n1.clone());
+        let set = SetKey::parse(name).expect("set");
+        let id = BucketId::parse(&format!("shared.{name}")).expect("id");
+        router
+            .ensure(
+                &set,
+                vec![(id.clone(), fields(json!({"x": null})))],
+                None,
+                None,
+            )
+            .await
+            .expect("create");
+        (n1, router, set, id)
+    }
+
+    /// Yields to the actors until `held` subscriptions are held (at most `tries` times).
+    async fn until_held(shared: &Shared, held: i64, tries: usize) -> i64 {
+        for _ in 0..tries {
+            if shared.metrics.held_subscriptions() == held {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        shared.metrics.held_subscriptions()
+    }
+
+    /// A subscribe check dropped after the actor held it but before its answer came back
+    /// (the client, or the forwarding peer, left just then) is cancelled on the actor: it
+    /// does not stay held until its set next changes.
+    #[test]
+    fn a_subscribe_dropped_while_its_answer_is_on_the_way_is_not_left_held() {
+        actix_rt::System::new().block_on(async {
+            let (n1, router, set, id) = one_set("HOLD0001").await;
+            let by_set = BTreeMap::from([(set.clone(), vec![held(&id, 1)])]);
+            let mut opening = Box::pin(router.open_local(by_set, Default::default()));
+            // Polled until the actor holds it, and no further: its answer is not taken.
+            for _ in 0..10_000 {
+                if n1.metrics.held_subscriptions() == 1 {
+                    break;
+                }
+                assert!(
+                    futures::poll!(&mut opening).is_pending(),
+                    "nothing is stale: the check holds"
+                );
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(n1.metrics.held_subscriptions(), 1, "the actor holds it");
+            drop(opening);
+            assert_eq!(
+                until_held(&n1, 0, 10_000).await,
+                0,
+                "left held on the actor"
+            );
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// A held subscription whose waiter is gone without an `Unsubscribe` is forgotten at
+    /// the set's next subscribe.
+    #[test]
+    fn an_abandoned_held_subscription_is_forgotten_at_the_next_subscribe() {
+        actix_rt::System::new().block_on(async {
+            let (n1, _router, set, id) = one_set("HOLD0002").await;
+            let subscribe = |sub_id| crate::sets::actor::Subscribe {
+                sub_id,
+                held: vec![held(&id, 1)],
+                session: None,
+                diffs: false,
+                max_bytes: 1 << 20,
+                own_writes_known: false,
+                device: false,
+                next_sync_ms: None,
+            };
+            let first = n1
+                .call(&set, subscribe(1))
+                .await
+                .expect("sent")
+                .expect("held");
+            assert!(matches!(
+                first,
+                crate::sets::actor::SubscribeAnswer::Held(_)
+            ));
+            assert_eq!(n1.metrics.held_subscriptions(), 1);
+            drop(first);
+            let second = n1
+                .call(&set, subscribe(2))
+                .await
+                .expect("sent")
+                .expect("held");
+            assert_eq!(
+                n1.metrics.held_subscriptions(),
+                1,
+                "the abandoned subscription is still held"
+            );
+            drop(second);
+            n1.shutdown(Duration::from_secs(5)).await;
         });
     }
 }
