@@ -1115,7 +1115,7 @@ async fn run_device(ctx: Arc<Ctx>, i: usize) {
                     let _ = app.send((i, code));
                 }
                 Event::PairingFailed { status } => ctx.error(format!("pairing-code {status}")),
-                Event::Redirected { .. } | Event::SoftwareUpdate { .. } => {}
+                Event::Redirected { .. } | Event::SoftwareUpdate(_) => {}
             }
         }
 

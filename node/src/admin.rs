@@ -11,7 +11,9 @@ use tether_proto::api::{ChangeDoc, HistoryResponse};
 use tether_proto::credentials::{default_secret, secret_hash, user_secret, CredentialId};
 use tether_proto::{BucketId, SetKey};
 
-use crate::config::{read_mfg_key, AdminCommand, BlobCommand, MfgKeyCommand, UserCommand};
+use crate::config::{
+    read_mfg_key, AdminCommand, BlobCommand, FirmwareKeyCommand, MfgKeyCommand, UserCommand,
+};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::store::{Store, UserRecord};
@@ -135,6 +137,32 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
                  sha256 = \"{h}\"\n  size = {size}"
             );
         }
+        AdminCommand::FirmwareKey(FirmwareKeyCommand::Generate { path }) => {
+            let mut seed = [0u8; 32];
+            rand::rng().fill_bytes(&mut seed);
+            write_private(&path, format!("{}\n", hex(&seed)).as_bytes())?;
+            eprintln!(
+                "wrote a firmware key to {}; build the firmware with TETHER_FIRMWARE_KEY=<the public key below>",
+                path.display()
+            );
+            println!("{}", hex(&firmware_public_key(&seed)));
+        }
+        AdminCommand::FirmwareKey(FirmwareKeyCommand::Public { path }) => {
+            println!("{}", hex(&firmware_public_key(&read_firmware_key(&path)?)));
+        }
+        AdminCommand::SignFirmware { file, key_file } => {
+            let seed = read_firmware_key(&key_file)?;
+            let image = std::fs::read(&file)
+                .map_err(|e| NodeError::Config(format!("reading {}: {e}", file.display())))?;
+            let signature = sign_firmware(&seed, &image);
+            println!("{}", hex(&signature));
+            eprintln!(
+                "signed {} ({} bytes); add to its [[software_updates]] offer:\n  signature = \"{}\"",
+                file.display(),
+                image.len(),
+                hex(&signature)
+            );
+        }
         AdminCommand::ClusterCa { cert, key } => {
             crate::security::cluster_tls::write_ca(&cert, &key)?;
             println!("wrote {} and {}", cert.display(), key.display());
@@ -158,6 +186,52 @@ pub fn run(cmd: AdminCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads a firmware key file: a 32-byte Ed25519 seed as 64 hex digits.
+pub fn read_firmware_key(path: &Path) -> Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::Config(format!("reading {}: {e}", path.display())))?;
+    let text = text.trim();
+    let bad = || {
+        NodeError::Config(format!(
+            "{}: a firmware key is 64 hex digits (`tether admin firmware-key generate`)",
+            path.display()
+        ))
+    };
+    if text.len() != 64 {
+        return Err(bad());
+    }
+    let mut seed = [0u8; 32];
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = text
+            .get(2 * i..2 * i + 2)
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(bad)?;
+    }
+    Ok(seed)
+}
+
+/// The public key of a firmware key (what the firmware is built with).
+pub fn firmware_public_key(seed: &[u8; 32]) -> [u8; 32] {
+    ed25519_dalek::SigningKey::from_bytes(seed)
+        .verifying_key()
+        .to_bytes()
+}
+
+/// An image's signature: Ed25519 over its SHA-512 (embassy-boot's
+/// `verify_and_mark_updated` hashes the update partition with SHA-512 and checks this).
+pub fn sign_firmware(seed: &[u8; 32], image: &[u8]) -> [u8; 64] {
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+    let digest = sha2::Sha512::digest(image);
+    ed25519_dalek::SigningKey::from_bytes(seed)
+        .sign(&digest)
+        .to_bytes()
 }
 
 /// Opens the store `url` names on a runtime of its own, runs `f` with it, closes it.
@@ -352,7 +426,66 @@ async fn put_blob(
 
 #[cfg(test)]
 mod tests {
-    use super::utc;
+    use super::*;
+
+    /// What the device does (embassy-boot with its `ed25519-salty` verifier): SHA-512 of
+    /// the update partition's bytes, checked against the signature with the built-in key.
+    fn device_accepts(public: &[u8; 32], signature: &[u8; 64], image: &[u8]) -> bool {
+        use sha2::Digest;
+        let digest = sha2::Sha512::digest(image);
+        let Ok(key) = salty::PublicKey::try_from(public) else {
+            return false;
+        };
+        key.verify(&digest, &salty::Signature::from(signature))
+            .is_ok()
+    }
+
+    #[test]
+    fn a_signed_image_verifies_on_the_device_and_nothing_else_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fw.key");
+        run(AdminCommand::FirmwareKey(FirmwareKeyCommand::Generate {
+            path: path.clone(),
+        }))
+        .expect("generate");
+        let seed = read_firmware_key(&path).expect("read back");
+        let public = firmware_public_key(&seed);
+        let image: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let signature = sign_firmware(&seed, &image);
+        assert!(device_accepts(&public, &signature, &image));
+
+        let mut corrupted = image.clone();
+        corrupted[5_000] ^= 1;
+        assert!(
+            !device_accepts(&public, &signature, &corrupted),
+            "a corrupted image"
+        );
+        let other = firmware_public_key(&[9; 32]);
+        assert!(
+            !device_accepts(&other, &signature, &image),
+            "another vendor's key"
+        );
+        assert_eq!(
+            tether_proto::dfu::parse_signature(&hex(&signature)),
+            Some(signature),
+            "the offer's hex form"
+        );
+        // The key file is never overwritten.
+        assert!(run(AdminCommand::FirmwareKey(FirmwareKeyCommand::Generate {
+            path
+        }))
+        .is_err());
+    }
+
+    #[test]
+    fn a_malformed_firmware_key_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fw.key");
+        std::fs::write(&path, "zz".repeat(32)).expect("write");
+        assert!(read_firmware_key(&path).is_err());
+        std::fs::write(&path, "ab".repeat(31)).expect("write");
+        assert!(read_firmware_key(&path).is_err());
+    }
 
     #[test]
     fn timestamps_print_as_utc() {

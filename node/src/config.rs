@@ -77,6 +77,19 @@ pub enum AdminCommand {
     /// Blobs kept by the operator (a firmware image for a software update offer).
     #[command(subcommand)]
     Blob(BlobCommand),
+    /// The firmware signing key (Ed25519): its public half is built into the firmware
+    /// (`TETHER_FIRMWARE_KEY`), which takes only images it signed.
+    #[command(subcommand, name = "firmware-key")]
+    FirmwareKey(FirmwareKeyCommand),
+    /// Sign a firmware image: print the `signature` of its `[[software_updates]]` offer
+    /// (Ed25519 over the image's SHA-512, as embassy-boot verifies it on the device).
+    SignFirmware {
+        /// The image (the application binary for the device's active partition).
+        file: PathBuf,
+        /// The firmware key file (`tether admin firmware-key generate`).
+        #[arg(long)]
+        key_file: PathBuf,
+    },
     /// Print a bucket's history (its sync log): who changed which fields, when, with
     /// which op id — the audit trail.
     History {
@@ -151,6 +164,22 @@ pub enum MfgKeyCommand {
     /// Create a new manufacturing key file (hex, mode 0600).
     Generate {
         /// Where to write it; refuses to overwrite.
+        path: PathBuf,
+    },
+}
+
+/// `tether admin firmware-key …`.
+#[derive(Debug, Subcommand)]
+pub enum FirmwareKeyCommand {
+    /// Create a firmware key file (a 32-byte Ed25519 seed as hex, mode 0600) and print its
+    /// public key (64 hex digits, the firmware's `TETHER_FIRMWARE_KEY`).
+    Generate {
+        /// Where to write it; refuses to overwrite.
+        path: PathBuf,
+    },
+    /// Print a firmware key file's public key.
+    Public {
+        /// The key file.
         path: PathBuf,
     },
 }

@@ -52,6 +52,10 @@ pub struct SoftwareOffer {
     /// The blob's size in bytes (with `sha256`).
     #[serde(default)]
     pub size: Option<u64>,
+    /// Ed25519 over the image's SHA-512 by the firmware key, 128 hex digits
+    /// (`tether admin sign-firmware` prints it); devices take only signed blob offers.
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 impl SoftwareOffer {
@@ -220,6 +224,21 @@ impl RegistrationConfig {
                 }
                 _ => {}
             }
+            if let Some(sig) = &o.signature {
+                if o.blob().is_none() {
+                    return Err(NodeError::Config(format!(
+                        "software update {}: a signature goes with a blob (sha256, size)",
+                        o.version
+                    )));
+                }
+                if tether_proto::dfu::parse_signature(sig).is_none() {
+                    return Err(NodeError::Config(format!(
+                        "software update {}: signature is not 128 hex digits \
+                         (`tether admin sign-firmware` prints it)",
+                        o.version
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -279,6 +298,7 @@ impl RegistrationConfig {
                 },
                 sha256: o.blob().map(|h| h.to_string()),
                 size: o.blob().and(o.size),
+                signature: o.blob().and(o.signature.clone()),
             });
         let buckets = if redirect.is_some() {
             Vec::new()
@@ -371,6 +391,28 @@ mod tests {
             .decide(&set, &req("01AA", "2.0.0"))
             .expect("decides");
         assert_eq!(current.software_update, None);
+    }
+
+    #[test]
+    fn a_firmware_signature_must_be_hex_and_go_with_a_blob() {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let offer = |extra: &str| {
+            toml::from_str::<RegistrationConfig>(&format!(
+                "[[software_updates]]\ndevice_type = \"thermostat\"\nversion = \"2.0.0\"\n{extra}"
+            ))
+            .expect("parses")
+            .with_builtins()
+            .validate()
+        };
+        let sig = "ab".repeat(64);
+        let blob = format!("sha256 = \"{hash}\"\nsize = 4\n");
+        assert!(offer(&format!("{blob}signature = \"{sig}\"\n")).is_ok());
+        assert!(offer(&format!("{blob}signature = \"{}\"\n", &sig[1..])).is_err());
+        assert!(offer(&format!("{blob}signature = \"{}zz\"\n", &sig[2..])).is_err());
+        assert!(
+            offer(&format!("url = \"https://fw/x\"\nsignature = \"{sig}\"\n")).is_err(),
+            "a signature without a blob"
+        );
     }
 
     #[test]

@@ -415,8 +415,23 @@ async fn an_operators_blob_is_offered_as_a_software_update_to_its_device_type_on
     assert_eq!(out.trim(), format!("{h} {}", image.len()));
     // Again: already there, pinned once more, same answer.
     assert_eq!(put(args(&file)).await.ok().trim(), out.trim());
+    // Signed with the vendor's firmware key, whose public half the firmware is built with.
+    let key = dir.path().join("firmware.key");
+    let public = admin(["firmware-key", "generate", &key.display().to_string()])
+        .await
+        .ok();
+    let public = public.trim().to_string();
+    let signature = admin([
+        "sign-firmware".to_string(),
+        file.display().to_string(),
+        "--key-file".into(),
+        key.display().to_string(),
+    ])
+    .await
+    .ok();
+    let signature = signature.trim().to_string();
     let config = format!(
-        "{}\n[[software_updates]]\ndevice_type = \"thermostat\"\nversion = \"1.3.0\"\nsha256 = \"{h}\"\nsize = {}\n",
+        "{}\n[[software_updates]]\ndevice_type = \"thermostat\"\nversion = \"1.3.0\"\nsha256 = \"{h}\"\nsize = {}\nsignature = \"{signature}\"\n",
         thermostat_template(&["photo", "logs"]),
         image.len()
     );
@@ -438,20 +453,39 @@ async fn an_operators_blob_is_offered_as_a_software_update_to_its_device_type_on
     assert_eq!(update["url"], format!("/v1/blobs/{h}"));
     assert_eq!(update["sha256"], h);
     assert_eq!(update["size"], image.len());
-    // The device downloads it by ranges, as firmware would into its second bank.
+    assert_eq!(update["signature"], signature.as_str());
+    // The device downloads it by ranges with the firmware's own `Download`, as it would
+    // into its second bank, and checks it as the firmware does.
+    let offer: tether_proto::api::SoftwareUpdate =
+        serde_json::from_value(update.clone()).expect("an offer");
+    let img = tether_proto::dfu::Image::from_offer(&offer).expect("a signed blob offer");
+    let mut dfu = tether_proto::dfu::Download::new(img, 1 << 20, 50_000).expect("fits");
     let mut got = Vec::new();
-    while got.len() < image.len() {
-        let last = (got.len() + 50_000).min(image.len()) - 1;
+    while let Some(range) = dfu.range_header(0) {
         let r = dev
-            .send(
-                dev.req(Method::GET, &format!("/v1/blobs/{h}"))
-                    .header(RANGE, format!("bytes={}-{last}", got.len())),
-            )
+            .send(dev.req(Method::GET, &offer.url).header(RANGE, range))
             .await
             .expect(StatusCode::PARTIAL_CONTENT);
-        got.extend_from_slice(&r.body);
+        let content_range = r.headers.get(CONTENT_RANGE).and_then(|v| v.to_str().ok());
+        let chunk = dfu
+            .check(206, content_range, &r.body)
+            .expect("the range asked for");
+        assert_eq!(chunk.offset as usize, got.len());
+        got.extend_from_slice(chunk.bytes);
+        dfu.stored(&chunk);
     }
     assert_eq!(got, image);
+    assert_eq!(tether_proto::blob::BlobHash::of(&got), dfu.image().sha256);
+    let public: [u8; 32] = (0..32)
+        .map(|i| u8::from_str_radix(&public[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect::<Vec<u8>>()
+        .try_into()
+        .expect("32 bytes");
+    let digest = <sha2::Sha512 as sha2::Digest>::digest(&got);
+    salty::PublicKey::try_from(&public)
+        .expect("a public key")
+        .verify(&digest, &salty::Signature::from(&dfu.image().signature))
+        .expect("the firmware key's signature verifies");
     // Not offered to users; and pinned, it outlives any grace.
     download(&node.user("alice"), &h)
         .await

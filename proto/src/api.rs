@@ -44,6 +44,10 @@ pub struct SoftwareUpdate {
     /// The image's size in bytes when it is a blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Ed25519 over the image's SHA-512 by the vendor's firmware key, 128 hex digits
+    /// (`tether admin sign-firmware`); devices take only signed images (`dfu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// `POST /v1/register` answer.
@@ -555,6 +559,7 @@ impl WireMessage for RegisterResponse {
                 url: u.url.clone(),
                 sha256: u.sha256.clone(),
                 size: u.size,
+                signature: u.signature.clone(),
             }),
             sync_url: self.sync_url.clone(),
             buckets: self.buckets.clone(),
@@ -569,6 +574,7 @@ impl WireMessage for RegisterResponse {
                 url: u.url,
                 sha256: u.sha256,
                 size: u.size,
+                signature: u.signature,
             }),
             sync_url: p.sync_url,
             buckets: p.buckets,
@@ -1068,6 +1074,7 @@ mod tests {
                     "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
                 ),
                 size: Some(4),
+                signature: Some("ab".repeat(64)),
             }),
             sync_url: "http://127.0.0.1:8080".into(),
             buckets: vec!["device.x".into()],

@@ -75,7 +75,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{
     BucketDoc, BucketList, ErrorBody, HeldBucket, RegisterRequest, RegisterResponse,
-    SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse,
+    SoftwareUpdate, SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse,
 };
 use crate::credentials::{check_secret_shape, CredentialId, CredentialKind, Credentials};
 use crate::synclog::apply_diff;
@@ -231,13 +231,9 @@ pub enum Event {
         /// The other tier's registration server.
         url: String,
     },
-    /// Newer firmware is offered for this device type.
-    SoftwareUpdate {
-        /// The version offered.
-        version: String,
-        /// Where to fetch it.
-        url: String,
-    },
+    /// Newer firmware is offered for this device type (`dfu::Image::from_offer` says
+    /// whether the device can take it).
+    SoftwareUpdate(SoftwareUpdate),
     /// A held bucket took a newer version (from the server or a PUT answer).
     BucketChanged {
         /// The bucket.
@@ -934,10 +930,7 @@ impl DeviceClient {
         self.ids = r.buckets;
         self.events.push_back(Event::Registered);
         if let Some(u) = r.software_update {
-            self.events.push_back(Event::SoftwareUpdate {
-                version: u.version,
-                url: u.url,
-            });
+            self.events.push_back(Event::SoftwareUpdate(u));
         }
         // A device restored from flash with a version of every bucket subscribes at once:
         // the server answers immediately with whatever differs.

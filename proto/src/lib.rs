@@ -14,6 +14,7 @@ pub mod api;
 pub mod blob;
 pub mod client;
 pub mod credentials;
+pub mod dfu;
 pub mod error;
 pub mod hlc;
 pub mod model;

@@ -265,8 +265,9 @@ fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
         url: "https://fw.test/1.3.0".into(),
         sha256: None,
         size: None,
+        signature: None,
     };
-    register_ok(&mut c, 0, reg.token, Some(offer));
+    register_ok(&mut c, 0, reg.token, Some(offer.clone()));
     assert_eq!(
         events(&mut c),
         [
@@ -274,10 +275,7 @@ fn fig15b_to_22b_register_redirect_fetch_subscribe_notify_and_put_applied() {
                 id: "a.01AA02AB".into()
             },
             Event::Registered,
-            Event::SoftwareUpdate {
-                version: "1.3.0".into(),
-                url: "https://fw.test/1.3.0".into()
-            }
+            Event::SoftwareUpdate(offer)
         ]
     );
     assert_eq!(c.base_url(), SYNC_URL);
