@@ -42,6 +42,24 @@ pub const AUTH_BACKOFF_MAX_MS: u64 = 3_600_000;
 /// How often the TEMP peripheral is read.
 pub const MEASURE_INTERVAL_S: u64 = 10;
 
+/// The firmware key's public half (`TETHER_FIRMWARE_KEY=<64 hex digits>` at build time,
+/// what `tether admin firmware-key generate` prints): only images it signed are installed.
+/// None: this build takes no updates.
+pub const FIRMWARE_KEY: Option<[u8; 32]> = {
+    const BYTES: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/firmware_key.bin"));
+    if BYTES.len() == 32 {
+        let mut key = [0u8; 32];
+        let mut i = 0;
+        while i < 32 {
+            key[i] = BYTES[i];
+            i += 1;
+        }
+        Some(key)
+    } else {
+        None
+    }
+};
+
 /// The CA certificate (DER) that signs the server's certificate, from
 /// `TETHER_CA_DER=<path>` at build time; empty when none was given.
 #[cfg_attr(not(feature = "tls"), allow(dead_code))]

@@ -6,7 +6,9 @@
 //! embedded-tls with the `tls` feature) with protobuf bodies, sequential-storage keeps the
 //! held buckets and assigned credentials in the NVMC's last four pages, the TEMP
 //! peripheral is the thermometer, LED1 is the heating/cooling output, and button 1 asks
-//! for a pairing code (held 10 s: factory reset).
+//! for a pairing code (held 10 s: factory reset). A signed firmware update offered at
+//! registration is downloaded into embassy-boot's DFU partition, checked (SHA-256, the
+//! Ed25519 signature against the key built in) and swapped in by the bootloader.
 //!
 //! Every decision is in `tether-device`, which the QEMU test (`qemu-test/`) exercises; this
 //! file only moves bytes, reads the clock and touches peripherals.
@@ -23,7 +25,9 @@ use core::pin::pin;
 
 use defmt::{error, info, warn};
 use defmt_rtt as _;
+use embassy_boot::{FirmwareUpdater, FirmwareUpdaterConfig, State as BootState};
 use embassy_embedded_hal::adapter::BlockingAsync;
+use embassy_embedded_hal::flash::partition::Partition;
 use embassy_executor::Spawner;
 use embassy_futures::select::{select, select4, Either, Either4};
 use embassy_net::dns::DnsQueryType;
@@ -36,7 +40,8 @@ use embassy_nrf::temp::Temp;
 use embassy_nrf::usb::vbus_detect::HardwareVbusDetect;
 use embassy_nrf::usb::Driver;
 use embassy_nrf::{bind_interrupts, pac, peripherals, rng, temp, usb};
-use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
+use embassy_sync::blocking_mutex::raw::{CriticalSectionRawMutex, NoopRawMutex};
+use embassy_sync::mutex::Mutex;
 use embassy_sync::signal::Signal;
 use embassy_time::{with_timeout, Duration, Instant, Timer};
 use embassy_usb::class::cdc_ncm::embassy_net::{Device, Runner, State as NetState};
@@ -51,6 +56,7 @@ use reqwless::request::{Method as HttpMethod, Request, RequestBuilder};
 use static_cell::StaticCell;
 
 use tether_device::app::{App, Config, Reply};
+use tether_device::dfu;
 use tether_device::http::{split_url, HttpCall, Method, PROTOBUF};
 use tether_device::store::{Store, KEY_BUCKETS, KEY_CREDENTIALS};
 use tether_device::thermostat::Hvac;
@@ -79,8 +85,14 @@ const MTU: usize = 1514;
 const NCM_RX: usize = 2;
 const NCM_TX: usize = 1;
 
-/// The last four 4 KB pages of the nRF52840's flash (kept out of `memory.x`'s FLASH).
+/// The last four 4 KB pages of the nRF52840's flash (kept out of `memory/nrf52840.x`'s partitions).
 const STORAGE_RANGE: core::ops::Range<u32> = 0x000F_C000..0x0010_0000;
+/// The active partition's size (`memory/nrf52840.x` FLASH): the largest image an update may be.
+const ACTIVE_SIZE: u32 = 288 * 1024;
+
+/// The NVMC, shared by the records' storage and the firmware updater's partitions.
+type Flash = Mutex<NoopRawMutex, BlockingAsync<Nvmc<'static>>>;
+type FlashPart = Partition<'static, NoopRawMutex, BlockingAsync<Nvmc<'static>>>;
 
 /// TCP buffers of the one connection (the device sends and receives a few hundred bytes
 /// per exchange; a small window only slows the TLS handshake's certificate flight).
@@ -132,6 +144,7 @@ struct Answer {
     content_type: Option<String>,
     set_credentials: Option<String>,
     retry_after: Option<String>,
+    content_range: Option<String>,
     body: Vec<u8>,
 }
 
@@ -353,7 +366,21 @@ async fn main(spawner: Spawner) {
     // LED1 of the nRF52840-DK, active low: lit while heating or cooling.
     let mut led = Output::new(p.P0_13, Level::High, OutputDrive::Standard);
 
-    let mut store = Store::new(BlockingAsync::new(Nvmc::new(p.NVMC)), STORAGE_RANGE);
+    static FLASH: StaticCell<Flash> = StaticCell::new();
+    let flash: &'static Flash = FLASH.init(Mutex::new(BlockingAsync::new(Nvmc::new(p.NVMC))));
+    let storage = Partition::new(
+        flash,
+        STORAGE_RANGE.start,
+        STORAGE_RANGE.end - STORAGE_RANGE.start,
+    );
+    let mut store = Store::new(storage, 0..STORAGE_RANGE.end - STORAGE_RANGE.start);
+    // embassy-boot's partitions, from memory/nrf52840.x; the state needs a write-size buffer.
+    static ALIGNED: StaticCell<[u8; 4]> = StaticCell::new();
+    let mut updater = FirmwareUpdater::new(
+        FirmwareUpdaterConfig::from_linkerfile(flash, flash),
+        ALIGNED.init([0; 4]),
+    );
+    let mut booted_marked = false;
     let mut app = App::new(&Config {
         serial: config::SERIAL.into(),
         key_id: config::KEY_ID.into(),
@@ -366,6 +393,13 @@ async fn main(spawner: Spawner) {
         auth_backoff_max_ms: config::AUTH_BACKOFF_MAX_MS,
         jitter_seed,
         op_id_nonce,
+        firmware_key: config::FIRMWARE_KEY.unwrap_or([0; 32]),
+        // Without a firmware key built in, no image could be checked: no updates.
+        update_capacity: if config::FIRMWARE_KEY.is_some() {
+            ACTIVE_SIZE
+        } else {
+            0
+        },
     });
     restore(&mut app, &mut store).await;
 
@@ -396,7 +430,35 @@ async fn main(spawner: Spawner) {
         was_up = true;
 
         take_signals(&mut app);
-        log_events(app.poll(now()));
+        let events = app.poll(now());
+        if !booted_marked && events.contains(&Event::Registered) {
+            // This image reached the server: keep it (after a swap, the bootloader would
+            // otherwise roll back at the next reset).
+            booted_marked = true;
+            match updater.get_state().await {
+                Ok(BootState::Boot) => {}
+                Ok(_) => match updater.mark_booted().await {
+                    Ok(()) => info!("firmware {=str} confirmed", config::SW_VERSION),
+                    Err(e) => error!("marking the firmware booted: {}", e),
+                },
+                Err(e) => error!("reading the bootloader state: {}", e),
+            }
+        }
+        log_events(events);
+        if let Some(news) = app.take_offer_news() {
+            match news {
+                tether_device::app::Offer::Downloading { version, size } => {
+                    info!(
+                        "firmware {=str}: downloading {} bytes",
+                        version.as_str(),
+                        size
+                    )
+                }
+                tether_device::app::Offer::Declined(why) => {
+                    warn!("firmware offer declined: {=str}", why)
+                }
+            }
+        }
         persist(&mut app, &mut store).await;
         led.set_level(match app.thermostat.hvac() {
             Hvac::Heating | Hvac::Cooling => Level::Low,
@@ -440,9 +502,12 @@ async fn main(spawner: Spawner) {
                     content_type: answer.content_type.as_deref(),
                     set_credentials: answer.set_credentials.as_deref(),
                     retry_after: answer.retry_after.as_deref(),
+                    content_range: answer.content_range.as_deref(),
                     body: &answer.body,
                 };
-                if let Err(bad) = app.answer(now(), &call, reply) {
+                if call.kind == tether_device::http::Kind::Firmware {
+                    update_firmware(&mut app, &mut updater, reply).await;
+                } else if let Err(bad) = app.answer(now(), &call, reply) {
                     warn!(
                         "  {} answer {} not accepted: {=str}",
                         bad.kind.name(),
@@ -464,6 +529,41 @@ async fn main(spawner: Spawner) {
                 app.hung_up(now(), &call);
             }
         }
+    }
+}
+
+/// Stores a firmware range's bytes; after the last one, checks the image, marks it for the
+/// swap and resets into the bootloader.
+async fn update_firmware(
+    app: &mut App,
+    updater: &mut FirmwareUpdater<'static, FlashPart, FlashPart>,
+    reply: Reply<'_>,
+) {
+    let Some(chunk) = app.firmware_answer(now(), reply) else {
+        return;
+    };
+    let stored = dfu::store(updater, &chunk).await;
+    if let Err(e) = &stored {
+        error!("writing the update partition: {}", e);
+    }
+    let Some(image) = app.firmware_stored(now(), &chunk, stored.is_ok()) else {
+        return;
+    };
+    let checked = dfu::check_and_mark(updater, &image, app.firmware_key()).await;
+    app.firmware_checked(checked);
+    match checked {
+        Ok(()) => {
+            info!(
+                "firmware {=str} checked and marked: resetting into the bootloader",
+                image.version.as_str()
+            );
+            cortex_m::peripheral::SCB::sys_reset();
+        }
+        Err(why) => error!(
+            "firmware {=str} refused: {=str}",
+            image.version.as_str(),
+            why.name()
+        ),
     }
 }
 
@@ -564,12 +664,20 @@ async fn exchange(
         Method::Post => HttpMethod::POST,
         Method::Put => HttpMethod::PUT,
     };
-    let headers = [("Content-Type", PROTOBUF), ("Accept", PROTOBUF)];
+    let api = [("Content-Type", PROTOBUF), ("Accept", PROTOBUF)];
+    let ranged;
+    let headers: &[(&str, &str)] = match &call.range {
+        Some(range) => {
+            ranged = [("Range", range.as_str())];
+            &ranged
+        }
+        None => &api,
+    };
     let body: &[u8] = call.body.as_deref().unwrap_or(&[]);
     let request = Request::new(method, target.path)
         .host(target.authority)
         .basic_auth(&call.auth.id, &call.auth.secret)
-        .headers(&headers)
+        .headers(headers)
         .body(body)
         .build();
     let mut http = HttpConnection::Plain(conn);
@@ -579,10 +687,13 @@ async fn exchange(
         .map_err(Failure::Http)?;
     let status = response.status.0;
     let (mut content_type, mut set_credentials, mut retry_after) = (None, None, None);
+    let mut content_range = None;
     for (name, value) in response.headers() {
         let value = core::str::from_utf8(value).ok().map(String::from);
         if name.eq_ignore_ascii_case("content-type") {
             content_type = value;
+        } else if name.eq_ignore_ascii_case("content-range") {
+            content_range = value;
         } else if name.eq_ignore_ascii_case(SET_CREDENTIALS_HEADER) {
             set_credentials = value;
         } else if name.eq_ignore_ascii_case("retry-after") {
@@ -604,6 +715,7 @@ async fn exchange(
         content_type,
         set_credentials,
         retry_after,
+        content_range,
         body,
     })
 }
@@ -639,11 +751,11 @@ fn log_events(events: Vec<Event>) {
         match ev {
             Event::Registered => info!("registered"),
             Event::Redirected { url } => info!("redirected to {=str}", url.as_str()),
-            Event::SoftwareUpdate { version, url } => {
+            Event::SoftwareUpdate(offer) => {
                 info!(
                     "firmware {=str} offered at {=str}",
-                    version.as_str(),
-                    url.as_str()
+                    offer.version.as_str(),
+                    offer.url.as_str()
                 )
             }
             Event::BucketChanged { id, version } => info!("{=str} now v{}", id.as_str(), version),
@@ -699,7 +811,7 @@ fn outcome_name(o: tether_proto::api::UpdateOutcome) -> &'static str {
 }
 
 /// Loads the flash records into the app at boot.
-async fn restore(app: &mut App, store: &mut Store<BlockingAsync<Nvmc<'static>>>) {
+async fn restore(app: &mut App, store: &mut Store<FlashPart>) {
     let mut buckets = Vec::new();
     let mut creds = Vec::new();
     let has_buckets = store.load(KEY_BUCKETS, &mut buckets).await;
@@ -718,7 +830,7 @@ async fn restore(app: &mut App, store: &mut Store<BlockingAsync<Nvmc<'static>>>)
 }
 
 /// Writes the records the app says changed.
-async fn persist(app: &mut App, store: &mut Store<BlockingAsync<Nvmc<'static>>>) {
+async fn persist(app: &mut App, store: &mut Store<FlashPart>) {
     if let Some(r) = app.take_credentials_record() {
         if let Err(e) = store.save(KEY_CREDENTIALS, &r).await {
             error!("saving credentials: {}", e as u8);

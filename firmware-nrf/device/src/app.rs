@@ -3,12 +3,23 @@
 //! HTTP calls [`App::next_call`] hands it, reads the sensor, drives the LED and writes the
 //! flash records [`App::take_buckets_record`]/[`App::take_credentials_record`] return; the
 //! QEMU test drives the same `App` with recorded answers.
+//!
+//! A firmware update offered at registration (a signed blob that fits the active
+//! partition, another version than this one) is downloaded by ranges
+//! (`tether_proto::dfu::Download`): the driver fetches each [`Kind::Firmware`] call, hands
+//! the answer to [`App::firmware_answer`], writes the chunk ([`crate::dfu::store`]) and
+//! says so with [`App::firmware_stored`]; once complete it checks and marks the image
+//! ([`crate::dfu::check_and_mark`], [`App::firmware_checked`]) and resets into the
+//! bootloader. A failed range is asked for again after a back-off, from where it stopped.
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use tether_proto::api::SoftwareUpdate;
+use tether_proto::blob::BlobHash;
 use tether_proto::client::{ClientConfig, DeviceClient, Event, Response};
 use tether_proto::credentials::parse_set_credentials;
+use tether_proto::dfu::{Chunk, Download, Image, Refusal};
 use tether_proto::{Credentials, Millis, Value};
 
 use crate::http::{decode_response, BadBody, HttpCall, Kind};
@@ -53,6 +64,27 @@ pub struct Config {
     pub jitter_seed: u64,
     /// Makes this boot's op ids unique (from the hardware RNG, fresh at every boot).
     pub op_id_nonce: u64,
+    /// The firmware key's public half: only images it signed are installed.
+    pub firmware_key: [u8; 32],
+    /// The active partition's size (the largest image that can run); 0: no updates.
+    pub update_capacity: u32,
+}
+
+/// The token of firmware range calls (never one of the client's).
+const FIRMWARE_TOKEN: u64 = u64::MAX;
+
+/// What became of a firmware update offer, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// The download starts (or goes on: the same image was offered again).
+    Downloading {
+        /// The version.
+        version: String,
+        /// Its size.
+        size: u32,
+    },
+    /// Not taken, and why.
+    Declined(&'static str),
 }
 
 /// An HTTP answer as the driver received it.
@@ -66,6 +98,8 @@ pub struct Reply<'a> {
     pub set_credentials: Option<&'a str>,
     /// The `Retry-After` header, if any.
     pub retry_after: Option<&'a str>,
+    /// The `Content-Range` header (a firmware range's answer), if any.
+    pub content_range: Option<&'a str>,
     /// The body.
     pub body: &'a [u8],
 }
@@ -87,6 +121,17 @@ pub struct App {
     subscribe_polled_at: u64,
     /// Events seen while re-polling in [`Self::next_call`], returned by the next poll.
     deferred: Vec<Event>,
+    sw_version: String,
+    firmware_key: [u8; 32],
+    update_capacity: u32,
+    /// The firmware download under way.
+    download: Option<Download>,
+    /// Its range call is queued or in flight.
+    download_busy: bool,
+    /// An image refused this boot (bad hash or signature): not downloaded again.
+    refused: Option<BlobHash>,
+    /// What became of the last offer, until the driver logs it.
+    offer: Option<Offer>,
 }
 
 impl App {
@@ -123,6 +168,13 @@ impl App {
             answers: 0,
             subscribe_polled_at: 0,
             deferred: Vec::new(),
+            sw_version: cfg.sw_version.clone(),
+            firmware_key: cfg.firmware_key,
+            update_capacity: cfg.update_capacity,
+            download: None,
+            download_busy: false,
+            refused: None,
+            offer: None,
         }
     }
 
@@ -173,6 +225,7 @@ impl App {
                     Event::CredentialsStored { .. } | Event::CredentialsDropped { .. } => {
                         self.credentials_dirty = true;
                     }
+                    Event::SoftwareUpdate(offer) => self.offered(offer),
                     _ => {}
                 }
                 events.push(ev);
@@ -192,9 +245,150 @@ impl App {
                 }
             }
             if !progressed {
+                self.queue_firmware_range(now);
                 return events;
             }
         }
+    }
+
+    /// A firmware offer from registration: downloaded when the device can take it.
+    fn offered(&mut self, offer: &SoftwareUpdate) {
+        self.offer = Some(match self.accept_offer(offer) {
+            Ok(()) => match &self.download {
+                Some(d) => Offer::Downloading {
+                    version: d.image().version.clone(),
+                    size: d.image().size,
+                },
+                None => Offer::Declined("no download"),
+            },
+            Err(why) => Offer::Declined(why),
+        });
+    }
+
+    fn accept_offer(&mut self, offer: &SoftwareUpdate) -> Result<(), &'static str> {
+        if self.update_capacity == 0 {
+            return Err("this build takes no updates");
+        }
+        if offer.version == self.sw_version {
+            return Err("this version runs already");
+        }
+        let image = Image::from_offer(offer).map_err(|e| match e {
+            tether_proto::dfu::DfuError::NotABlob => "not a blob",
+            tether_proto::dfu::DfuError::Unsigned => "unsigned",
+            tether_proto::dfu::DfuError::TooLarge { .. } => "larger than the partition",
+        })?;
+        if self.refused == Some(image.sha256) {
+            return Err("this image was refused");
+        }
+        if self
+            .download
+            .as_ref()
+            .is_some_and(|d| d.image().sha256 == image.sha256)
+        {
+            return Ok(()); // offered again at a re-registration: go on where it is
+        }
+        self.download = Some(
+            Download::new(image, self.update_capacity, crate::dfu::CHUNK)
+                .map_err(|_| "larger than the partition")?,
+        );
+        self.download_busy = false;
+        Ok(())
+    }
+
+    /// Queues the download's next range when none is queued or in flight and its
+    /// back-off is over; only with assigned credentials (blobs are read as the device).
+    fn queue_firmware_range(&mut self, now: Millis) {
+        if self.download_busy || self.lane.has_firmware() {
+            return;
+        }
+        let Some(d) = &self.download else { return };
+        let Some(range) = d.range_header(now) else {
+            return;
+        };
+        let Some(auth) = self.client.assigned_credentials().cloned() else {
+            return;
+        };
+        let path = d.image().url.as_str();
+        let url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            alloc::format!("{}{}", self.client.base_url().trim_end_matches('/'), path)
+        };
+        self.lane.push(HttpCall {
+            token: FIRMWARE_TOKEN,
+            kind: Kind::Firmware,
+            method: crate::http::Method::Get,
+            url,
+            body: None,
+            auth,
+            range: Some(range),
+        });
+        self.download_busy = true;
+    }
+
+    /// The answer to a firmware range: the bytes to store (then [`Self::firmware_stored`]),
+    /// or nothing (the range is asked for again after a back-off, or the download is
+    /// dropped when the image cannot be had).
+    pub fn firmware_answer<'a>(&mut self, now: Millis, reply: Reply<'a>) -> Option<Chunk<'a>> {
+        self.download_busy = false;
+        if let Some(h) = reply.set_credentials {
+            self.offered_credentials(h);
+        }
+        let d = self.download.as_mut()?;
+        match d.check(reply.status, reply.content_range, reply.body) {
+            Ok(chunk) => {
+                self.download_busy = true; // until it is stored
+                Some(chunk)
+            }
+            Err(Refusal::Retry) => {
+                d.failed(now);
+                None
+            }
+            Err(Refusal::Abandon) => {
+                self.download = None;
+                None
+            }
+        }
+    }
+
+    /// The chunk [`Self::firmware_answer`] returned was written (`ok`) or not. Returns the
+    /// image to check when that was its last byte.
+    pub fn firmware_stored(&mut self, now: Millis, chunk: &Chunk<'_>, ok: bool) -> Option<Image> {
+        self.download_busy = false;
+        let d = self.download.as_mut()?;
+        if ok {
+            d.stored(chunk);
+        } else {
+            d.failed(now);
+        }
+        d.is_complete().then(|| d.image().clone())
+    }
+
+    /// The complete image was checked: marked for the swap (the driver resets into the
+    /// bootloader) or refused (not downloaded again this boot).
+    pub fn firmware_checked(&mut self, result: Result<(), crate::dfu::Refused>) {
+        if let Some(d) = self.download.take() {
+            if result.is_err() {
+                self.refused = Some(d.image().sha256);
+            }
+        }
+    }
+
+    /// The firmware key images must be signed with.
+    pub fn firmware_key(&self) -> &[u8; 32] {
+        &self.firmware_key
+    }
+
+    /// The download under way: bytes stored and the image's size.
+    pub fn firmware_progress(&self) -> Option<(u32, u32)> {
+        self.download
+            .as_ref()
+            .map(|d| (d.received(), d.image().size))
+    }
+
+    /// What became of the last firmware offer, once.
+    pub fn take_offer_news(&mut self) -> Option<Offer> {
+        self.offer.take()
     }
 
     /// The next call to perform on the connection at `now`.
@@ -228,7 +422,9 @@ impl App {
     pub fn call_timeout_ms(&self, kind: Kind) -> u64 {
         match kind {
             Kind::Subscribe => self.subscribe_timeout_ms + SUBSCRIBE_MARGIN_MS,
-            Kind::Register | Kind::Fetch | Kind::Put | Kind::PairingCode => REQUEST_TIMEOUT_MS,
+            Kind::Register | Kind::Fetch | Kind::Put | Kind::PairingCode | Kind::Firmware => {
+                REQUEST_TIMEOUT_MS
+            }
         }
     }
 
@@ -248,6 +444,14 @@ impl App {
         call: &HttpCall,
         reply: Reply<'_>,
     ) -> Result<(), BadBody> {
+        if call.kind == Kind::Firmware {
+            // Not the client's: the driver gives it to `firmware_answer`.
+            return Err(BadBody {
+                kind: call.kind,
+                status: reply.status,
+                reason: "a firmware range goes to firmware_answer",
+            });
+        }
         self.answers += 1;
         if let Some(h) = reply.set_credentials {
             self.offered_credentials(h);
@@ -269,6 +473,13 @@ impl App {
 
     /// The call failed without an HTTP answer (connect, TLS, reset, timeout).
     pub fn transport_failed(&mut self, now: Millis, call: &HttpCall) {
+        if call.kind == Kind::Firmware {
+            self.download_busy = false;
+            if let Some(d) = self.download.as_mut() {
+                d.failed(now);
+            }
+            return;
+        }
         self.answers += 1;
         self.client
             .handle_response(now, call.token, Response::Transport);
@@ -286,6 +497,11 @@ impl App {
     pub fn link_down(&mut self, now: Millis) {
         self.client.link_down(now);
         self.lane.clear();
+        if core::mem::take(&mut self.download_busy) {
+            if let Some(d) = self.download.as_mut() {
+                d.failed(now);
+            }
+        }
     }
 
     /// A temperature reading (°C) from the sensor.
@@ -318,7 +534,15 @@ impl App {
 
     /// When the client wants to be polled again even if nothing else happens.
     pub fn wake_at(&self) -> Option<Millis> {
-        self.client.poll_timeout()
+        let download = self
+            .download
+            .as_ref()
+            .filter(|_| !self.download_busy)
+            .and_then(Download::wake_at);
+        match (self.client.poll_timeout(), download) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The client, for inspection.

@@ -31,6 +31,9 @@ pub enum Kind {
     Put,
     /// `POST /v1/pairing-code`.
     PairingCode,
+    /// `GET /v1/blobs/{sha256}` with a `Range`: part of a firmware image (not the
+    /// client's: [`App`](crate::app::App) answers it through its download).
+    Firmware,
 }
 
 impl Kind {
@@ -42,6 +45,7 @@ impl Kind {
             Kind::Subscribe => "subscribe",
             Kind::Put => "put",
             Kind::PairingCode => "pairing-code",
+            Kind::Firmware => "firmware",
         }
     }
 }
@@ -84,6 +88,8 @@ pub struct HttpCall {
     pub body: Option<Vec<u8>>,
     /// The credentials the client chose for it, sent as HTTP Basic auth.
     pub auth: Credentials,
+    /// The `Range` header (a firmware download's part), if any.
+    pub range: Option<String>,
 }
 
 impl HttpCall {
@@ -112,6 +118,7 @@ impl HttpCall {
             url,
             body,
             auth,
+            range: None,
         }
     }
 }
@@ -197,8 +204,10 @@ pub fn decode_response(
                         expires_in_s: p.expires_in_s,
                     })
                     .map_err(|_| bad("PairingCodeResponse does not decode")),
+                Kind::Firmware => Err(bad("a firmware range is not the client's to decode")),
             }
         }
+        (Kind::Firmware, _) => Err(bad("a firmware range is not the client's to decode")),
         _ => {
             let error = if pb {
                 ErrorBody::decode_pb(body).ok()

@@ -22,6 +22,7 @@ pub struct Lane {
     sync: Option<HttpCall>,
     put: Option<HttpCall>,
     pairing: Option<HttpCall>,
+    firmware: Option<HttpCall>,
 }
 
 impl Lane {
@@ -31,6 +32,7 @@ impl Lane {
             sync: None,
             put: None,
             pairing: None,
+            firmware: None,
         }
     }
 
@@ -41,6 +43,7 @@ impl Lane {
             Kind::Put => &mut self.put,
             Kind::Register | Kind::Fetch | Kind::Subscribe => &mut self.sync,
             Kind::PairingCode => &mut self.pairing,
+            Kind::Firmware => &mut self.firmware,
         };
         debug_assert!(
             slot.is_none(),
@@ -50,18 +53,28 @@ impl Lane {
     }
 
     /// The call to send next: a PUT, then a pairing-code request (a user is waiting for
-    /// both), then the sync slot.
+    /// both), then a firmware range, then the sync slot. While a firmware image downloads
+    /// its ranges go one after another and the device holds no subscribe; it subscribes
+    /// with its versions when the download ends, so no change is missed, only delayed.
     pub fn take_next(&mut self) -> Option<HttpCall> {
         self.put
             .take()
             .or_else(|| self.pairing.take())
+            .or_else(|| self.firmware.take())
             .or_else(|| self.sync.take())
     }
 
     /// Whether the exchange in flight, of kind `in_flight`, should be hung up now: only a
-    /// held subscribe is, and only for a waiting PUT or pairing-code request.
+    /// held subscribe is, and only for a waiting PUT, pairing-code request or firmware
+    /// range.
     pub fn preempts(&self, in_flight: Kind) -> bool {
-        in_flight == Kind::Subscribe && (self.put.is_some() || self.pairing.is_some())
+        in_flight == Kind::Subscribe
+            && (self.put.is_some() || self.pairing.is_some() || self.firmware.is_some())
+    }
+
+    /// Whether a firmware range is queued.
+    pub fn has_firmware(&self) -> bool {
+        self.firmware.is_some()
     }
 
     /// Drops everything queued: after `DeviceClient::link_down` none of it is in flight
@@ -70,11 +83,15 @@ impl Lane {
         self.sync = None;
         self.put = None;
         self.pairing = None;
+        self.firmware = None;
     }
 
     /// Nothing queued.
     pub fn is_empty(&self) -> bool {
-        self.sync.is_none() && self.put.is_none() && self.pairing.is_none()
+        self.sync.is_none()
+            && self.put.is_none()
+            && self.pairing.is_none()
+            && self.firmware.is_none()
     }
 }
 

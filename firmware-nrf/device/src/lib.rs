@@ -12,12 +12,15 @@
 //!   assigned credentials;
 //! - [`store`]: those records in sequential-storage on NOR flash;
 //! - [`thermostat`]: what the device does with its buckets;
+//! - [`dfu`]: a firmware update's ranges stored in the update partition, the image checked
+//!   (SHA-256, Ed25519) and marked for the swap, through embassy-boot;
 //! - [`app`]: all of the above around `DeviceClient`, as one sans-IO loop.
 #![no_std]
 
 extern crate alloc;
 
 pub mod app;
+pub mod dfu;
 pub mod http;
 pub mod lane;
 pub mod record;

@@ -35,16 +35,20 @@ use embedded_storage_async::nor_flash::{
 };
 use serde_json::json;
 
-use tether_device::app::{
-    App, Config, Reply, MAX_ANSWER_BYTES, REQUEST_TIMEOUT_MS, SUBSCRIBE_MARGIN_MS,
+use embassy_boot::{
+    BootLoader, BootLoaderConfig, FirmwareUpdater, FirmwareUpdaterConfig, State as BootState,
 };
+use tether_device::app::{
+    App, Config, Offer, Reply, MAX_ANSWER_BYTES, REQUEST_TIMEOUT_MS, SUBSCRIBE_MARGIN_MS,
+};
+use tether_device::dfu::{self, Refused, CHUNK};
 use tether_device::http::{split_url, HttpCall, Kind, Method, Target, PROTOBUF};
 use tether_device::record;
 use tether_device::store::{Store, KEY_BUCKETS, KEY_CREDENTIALS};
 use tether_device::thermostat::Hvac;
 use tether_proto::api::{
     BucketDoc, BucketList, HeldBucket, PairingCodeResponse, RegisterRequest, RegisterResponse,
-    SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse, WireMessage,
+    SoftwareUpdate, SubscribeRequest, UpdateOutcome, UpdateRequest, UpdateResponse, WireMessage,
 };
 use tether_proto::client::Event;
 use tether_proto::{Fields, Millis, Value};
@@ -132,22 +136,69 @@ impl NorFlashError for FlashError {
     }
 }
 
-/// NOR semantics: erase sets a page to 0xFF, a write can only clear bits.
+/// The firmware update's partitions (bootloader state, active image, update), emulated
+/// in RAM outside the 64 KB the test runs in (`memory.x` NVM); on the device, flash.
+const STATE_LEN: usize = PAGE;
+const ACTIVE_LEN: usize = 3 * PAGE;
+/// An image and one page for the swap, as embassy-boot requires.
+const DFU_LEN: usize = ACTIVE_LEN + PAGE;
+#[link_section = ".nvm"]
+static mut NVM_STATE: [u8; STATE_LEN] = [0; STATE_LEN];
+#[link_section = ".nvm"]
+static mut NVM_ACTIVE: [u8; ACTIVE_LEN] = [0; ACTIVE_LEN];
+#[link_section = ".nvm"]
+static mut NVM_DFU: [u8; DFU_LEN] = [0; DFU_LEN];
+
+/// Which emulated flash a [`RamFlash`] is.
+#[derive(Clone, Copy)]
+enum Part {
+    /// The records' pages (sequential-storage).
+    Records,
+    BootState,
+    Active,
+    Dfu,
+}
+
+/// NOR semantics: erase sets a page to 0xFF, a write can only clear bits. Reads of any
+/// size, writes of 4 bytes, erases of 4 KB pages: the nRF NVMC's geometry.
 struct RamFlash {
-    mem: &'static mut [u8; PAGE * PAGES],
+    mem: &'static mut [u8],
     writes: u32,
     erases: u32,
 }
 
 impl RamFlash {
     fn take() -> Self {
-        // The single owner of FLASH at a time: the test drops one before taking the next.
-        let mem = unsafe { &mut *core::ptr::addr_of_mut!(FLASH) };
+        Self::of(Part::Records)
+    }
+
+    fn of(part: Part) -> Self {
+        // One owner of each region at a time: the test drops one before taking the next.
+        let mem: &'static mut [u8] = unsafe {
+            match part {
+                Part::Records => &mut *core::ptr::addr_of_mut!(FLASH),
+                Part::BootState => &mut *core::ptr::addr_of_mut!(NVM_STATE),
+                Part::Active => &mut *core::ptr::addr_of_mut!(NVM_ACTIVE),
+                Part::Dfu => &mut *core::ptr::addr_of_mut!(NVM_DFU),
+            }
+        };
         RamFlash {
             mem,
             writes: 0,
             erases: 0,
         }
+    }
+
+    /// Every page erased (a factory-fresh part).
+    fn erased(part: Part) -> Self {
+        let f = Self::of(part);
+        f.mem.fill(0xFF);
+        f
+    }
+
+    /// Erases a part no one holds now.
+    fn erase(part: Part) {
+        Self::of(part).mem.fill(0xFF);
     }
 
     fn range(
@@ -173,9 +224,9 @@ impl ErrorType for RamFlash {
 }
 
 impl ReadNorFlash for RamFlash {
-    const READ_SIZE: usize = 4;
+    const READ_SIZE: usize = 1;
     async fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), FlashError> {
-        let r = self.range(offset, bytes.len(), Self::READ_SIZE)?;
+        let r = self.range(offset, bytes.len(), 1)?;
         bytes.copy_from_slice(&self.mem[r]);
         Ok(())
     }
@@ -194,7 +245,7 @@ impl NorFlash for RamFlash {
         Ok(())
     }
     async fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), FlashError> {
-        let r = self.range(offset, bytes.len(), Self::WRITE_SIZE)?;
+        let r = self.range(offset, bytes.len(), 4)?;
         for (m, b) in self.mem[r].iter_mut().zip(bytes) {
             *m &= *b;
         }
@@ -204,6 +255,28 @@ impl NorFlash for RamFlash {
 }
 
 impl MultiwriteNorFlash for RamFlash {}
+
+/// The same flash for embassy-boot's bootloader, which is blocking.
+impl embedded_storage::nor_flash::ReadNorFlash for RamFlash {
+    const READ_SIZE: usize = 1;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), FlashError> {
+        block_on(ReadNorFlash::read(self, offset, bytes))
+    }
+    fn capacity(&self) -> usize {
+        self.mem.len()
+    }
+}
+
+impl embedded_storage::nor_flash::NorFlash for RamFlash {
+    const WRITE_SIZE: usize = 4;
+    const ERASE_SIZE: usize = PAGE;
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), FlashError> {
+        block_on(NorFlash::erase(self, from, to))
+    }
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), FlashError> {
+        block_on(NorFlash::write(self, offset, bytes))
+    }
+}
 
 /// Runs a future that never waits (the RAM flash completes every operation at once).
 fn block_on<F: Future>(f: F) -> F::Output {
@@ -295,6 +368,7 @@ impl Recorded {
             content_type: Some(self.content_type),
             set_credentials: self.set_credentials.as_deref(),
             retry_after: self.retry_after,
+            content_range: None,
             body: &self.body,
         }
     }
@@ -335,6 +409,8 @@ fn config(op_id_nonce: u64) -> Config {
         auth_backoff_max_ms: 3_600_000,
         jitter_seed: 7,
         op_id_nonce,
+        firmware_key: *VENDOR_KEY,
+        update_capacity: ACTIVE_LEN as u32,
     }
 }
 
@@ -524,6 +600,396 @@ fn acked(id: &str, outcome: UpdateOutcome, version: u64, n: u64) -> Event {
         version,
         replayed: false,
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// the firmware update (build.rs makes the images)
+
+static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/image.bin"));
+static IMAGE_SHA256: &[u8; 32] = include_bytes!(concat!(env!("OUT_DIR"), "/image.sha256"));
+static IMAGE_SIG: &[u8; 64] = include_bytes!(concat!(env!("OUT_DIR"), "/image.sig"));
+static IMAGE_FORGED: &[u8; 64] = include_bytes!(concat!(env!("OUT_DIR"), "/image.forged"));
+static VENDOR_KEY: &[u8; 32] = include_bytes!(concat!(env!("OUT_DIR"), "/vendor.pub"));
+const NEW_VERSION: &str = "1.3.0";
+
+type Updater = FirmwareUpdater<'static, RamFlash, RamFlash>;
+
+/// The app's updater over the emulated state and update partitions.
+fn new_updater() -> Updater {
+    static mut ALIGNED: [u8; 4] = [0; 4];
+    FirmwareUpdater::new(
+        FirmwareUpdaterConfig {
+            dfu: RamFlash::of(Part::Dfu),
+            state: RamFlash::of(Part::BootState),
+        },
+        // One updater at a time (dropped before the next is made).
+        unsafe { &mut *core::ptr::addr_of_mut!(ALIGNED) },
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| alloc::format!("{b:02x}")).collect()
+}
+
+/// What the server offers at registration: the image as a blob, signed with `signature`.
+fn offer(signature: &[u8; 64]) -> SoftwareUpdate {
+    let h = hex(IMAGE_SHA256);
+    SoftwareUpdate {
+        version: NEW_VERSION.into(),
+        url: alloc::format!("/v1/blobs/{h}"),
+        sha256: Some(h),
+        size: Some(IMAGE.len() as u64),
+        signature: Some(hex(signature)),
+    }
+}
+
+/// A fresh device (erased flash, the bootloader state says "booted") registers and is
+/// offered `offer`.
+fn register_offered(c: &mut Checks, offer: SoftwareUpdate) -> Device {
+    RamFlash::erase(Part::Records);
+    RamFlash::erase(Part::BootState);
+    RamFlash::erase(Part::Dfu);
+    let active = RamFlash::erased(Part::Active);
+    active.mem[..7].copy_from_slice(b"fw1.2.0");
+    let mut d = Device::boot(c, 0, NONCE_1);
+    d.poll();
+    let call = d.expect_call(
+        c,
+        Kind::Register,
+        Method::Post,
+        "/v1/register",
+        "d.01AA02AB.k1",
+    );
+    let mut answer = register_answer();
+    answer.software_update = Some(offer.clone());
+    let mut rec = Recorded::pb(200, answer.encode_pb());
+    rec.set_credentials = Some(alloc::format!("{ASSIGNED_ID} {ASSIGNED_SECRET}"));
+    let ev = d.answer(c, &call, &rec);
+    check!(
+        c,
+        ev.contains(&Event::SoftwareUpdate(offer)),
+        "  the registration answer offers firmware {}",
+        NEW_VERSION
+    );
+    d
+}
+
+/// The next call is the image's range `first..=last`, with the assigned credentials.
+fn expect_range(c: &mut Checks, d: &mut Device, first: usize, last: usize) -> HttpCall {
+    let path = alloc::format!("/v1/blobs/{}", hex(IMAGE_SHA256));
+    let call = d.expect_call(c, Kind::Firmware, Method::Get, &path, ASSIGNED_ID);
+    check_eq!(
+        c,
+        call.range.clone(),
+        Some(alloc::format!("bytes={first}-{last}")),
+        "  Range bytes={}-{}",
+        first,
+        last
+    );
+    call
+}
+
+/// The server's 206 for `first..=last` of `image`.
+fn partial(image: &[u8], first: usize, last: usize) -> (String, Vec<u8>) {
+    (
+        alloc::format!("bytes {first}-{last}/{}", image.len()),
+        image[first..=last].to_vec(),
+    )
+}
+
+/// Does what the firmware's driver does with a range's answer: the app checks it, the
+/// chunk goes to the update partition, and after the last one the image is checked and
+/// marked. Returns that check's result once the image is complete.
+fn deliver(
+    d: &mut Device,
+    updater: &mut Updater,
+    range: &str,
+    body: &[u8],
+) -> Option<Result<(), Refused>> {
+    let reply = Reply {
+        status: 206,
+        content_type: Some("application/octet-stream"),
+        set_credentials: None,
+        retry_after: None,
+        content_range: Some(range),
+        body,
+    };
+    let chunk = d.app.firmware_answer(d.now, reply)?;
+    let stored = block_on(dfu::store(updater, &chunk));
+    let image = d.app.firmware_stored(d.now, &chunk, stored.is_ok())?;
+    let checked = block_on(dfu::check_and_mark(updater, &image, d.app.firmware_key()));
+    d.app.firmware_checked(checked);
+    Some(checked)
+}
+
+/// Serves the rest of the download from `served` (the image, or a corruption of it),
+/// range after range; returns the check's result.
+fn download_rest(
+    c: &mut Checks,
+    d: &mut Device,
+    updater: &mut Updater,
+    served: &[u8],
+) -> Result<(), Refused> {
+    loop {
+        let Some((first, size)) = d.app.firmware_progress() else {
+            panic!("no download under way");
+        };
+        let (first, size) = (first as usize, size as usize);
+        let last = (first + CHUNK as usize).min(size) - 1;
+        let call = expect_range(c, d, first, last);
+        let (range, body) = partial(served, first, last);
+        if let Some(result) = deliver(d, updater, &range, &body) {
+            return result;
+        }
+        d.poll();
+        let _ = call;
+    }
+}
+
+fn boot_state(updater: &mut Updater) -> Option<BootState> {
+    block_on(updater.get_state()).ok()
+}
+
+// The drops end each borrow of an emulated flash region before the next one is made.
+#[allow(clippy::drop_non_drop)]
+fn firmware_update(c: &mut Checks) {
+    hprintln!("# firmware update: offered at registration, downloaded by ranges");
+    let mut d = register_offered(c, offer(IMAGE_SIG));
+    check_eq!(
+        c,
+        d.app.take_offer_news(),
+        Some(Offer::Downloading {
+            version: NEW_VERSION.into(),
+            size: IMAGE.len() as u32
+        }),
+        "  the signed image of {} bytes fits the active partition: download starts",
+        IMAGE.len()
+    );
+    let mut updater = new_updater();
+    check_eq!(
+        c,
+        boot_state(&mut updater),
+        Some(BootState::Boot),
+        "  bootloader state: booted"
+    );
+    hprintln!("# three ranges of 1 KiB (before the fetch: the download goes first)");
+    for i in 0..3 {
+        let (first, last) = (i * 1024, i * 1024 + 1023);
+        let _call = expect_range(c, &mut d, first, last);
+        let (range, body) = partial(IMAGE, first, last);
+        check!(
+            c,
+            deliver(&mut d, &mut updater, &range, &body).is_none(),
+            "  stored bytes {}-{} in the update partition",
+            first,
+            last
+        );
+        d.poll();
+    }
+    hprintln!("# the link drops during the fourth range");
+    let call = expect_range(c, &mut d, 3072, 4095);
+    d.app.transport_failed(d.now, &call);
+    d.poll();
+    check_eq!(
+        c,
+        d.app.firmware_progress(),
+        Some((3072, IMAGE.len() as u32)),
+        "  3072 bytes kept: nothing is downloaded twice"
+    );
+    hprintln!("# meanwhile the device syncs: fetch, sw_version PUT, subscribe");
+    let call = d.expect_call(
+        c,
+        Kind::Fetch,
+        Method::Get,
+        "/v1/buckets?view=full&ids=device.01AA02AB,shared.01AA02AB",
+        ASSIGNED_ID,
+    );
+    let fetched = list(vec![
+        doc(DEV, T0, 1, json!({"sw_version": null})),
+        doc(SHARED, T0, 1, json!({"target_temperature": null})),
+    ]);
+    d.answer(c, &call, &Recorded::pb(200, fetched.encode_pb()));
+    let call = d.expect_call(
+        c,
+        Kind::Put,
+        Method::Put,
+        "/v1/buckets/device.01AA02AB",
+        ASSIGNED_ID,
+    );
+    let applied = UpdateResponse {
+        outcome: UpdateOutcome::Applied,
+        id: DEV.into(),
+        timestamp: T0 + 5,
+        version: 2,
+        value: None,
+        replayed: false,
+        delivery: None,
+    };
+    d.answer(c, &call, &Recorded::pb(200, applied.encode_pb()));
+    let sub = d.expect_call(
+        c,
+        Kind::Subscribe,
+        Method::Post,
+        "/v1/subscribe",
+        ASSIGNED_ID,
+    );
+    check!(
+        c,
+        !d.app.preempts(Kind::Subscribe),
+        "  the subscribe is held while the download backs off"
+    );
+    check_eq!(
+        c,
+        d.app.wake_at(),
+        Some(tether_proto::dfu::RETRY_INITIAL_MS),
+        "  the device wakes when the back-off ends"
+    );
+    hprintln!("# the back-off ends: the held subscribe is hung up for the range");
+    d.now = tether_proto::dfu::RETRY_INITIAL_MS;
+    d.poll();
+    check!(
+        c,
+        d.app.preempts(Kind::Subscribe),
+        "  a waiting firmware range hangs up the held subscribe"
+    );
+    d.app.hung_up(d.now, &sub);
+    d.poll();
+    hprintln!("# the download resumes at byte 3072, not from the start");
+    let _call = expect_range(c, &mut d, 3072, 4095);
+    let (range, body) = partial(IMAGE, 3072, 4095);
+    check!(
+        c,
+        deliver(&mut d, &mut updater, &range, &body).is_none(),
+        "  stored bytes 3072-4095"
+    );
+    d.poll();
+    let checked = download_rest(c, &mut d, &mut updater, IMAGE);
+    check_eq!(
+        c,
+        checked,
+        Ok(()),
+        "  complete: SHA-256 and the vendor's signature check out, marked for the swap"
+    );
+    check_eq!(
+        c,
+        boot_state(&mut updater),
+        Some(BootState::Swap),
+        "  bootloader state: swap at the next boot"
+    );
+    check_eq!(c, d.app.firmware_progress(), None, "  the download is over");
+    let sub = d.expect_call(
+        c,
+        Kind::Subscribe,
+        Method::Post,
+        "/v1/subscribe",
+        ASSIGNED_ID,
+    );
+    check!(c, sub.body.is_some(), "  and the device subscribes again");
+    drop(updater);
+
+    hprintln!("# reset: embassy-boot's bootloader swaps the image in");
+    let mut boot = BootLoader::new(BootLoaderConfig {
+        active: RamFlash::of(Part::Active),
+        dfu: RamFlash::of(Part::Dfu),
+        state: RamFlash::of(Part::BootState),
+    });
+    let mut page = [0u8; 256];
+    let state = boot.prepare_boot(&mut page);
+    check!(
+        c,
+        matches!(state, Ok(BootState::Swap)),
+        "  the bootloader swaps ({:?})",
+        state.map_err(|_| "boot error")
+    );
+    drop(boot);
+    let active = RamFlash::of(Part::Active);
+    check!(
+        c,
+        &active.mem[..IMAGE.len()] == IMAGE,
+        "  the active partition now holds the new image, byte for byte"
+    );
+    drop(active);
+    let mut updater = new_updater();
+    check!(
+        c,
+        block_on(updater.mark_booted()).is_ok(),
+        "  the new firmware confirms itself (mark_booted) once it reaches the server"
+    );
+    check_eq!(
+        c,
+        boot_state(&mut updater),
+        Some(BootState::Boot),
+        "  bootloader state: booted, no roll-back"
+    );
+}
+
+// The drops end each borrow of an emulated flash region before the next one is made.
+#[allow(clippy::drop_non_drop)]
+fn firmware_refused(c: &mut Checks) {
+    hprintln!("# a corrupted image (one byte changed on the way) is refused");
+    let mut d = register_offered(c, offer(IMAGE_SIG));
+    let mut updater = new_updater();
+    let mut corrupted = IMAGE.to_vec();
+    corrupted[5_000] ^= 0x01;
+    check_eq!(
+        c,
+        download_rest(c, &mut d, &mut updater, &corrupted),
+        Err(Refused::HashMismatch),
+        "  its SHA-256 is not the offer's: refused"
+    );
+    check_eq!(
+        c,
+        boot_state(&mut updater),
+        Some(BootState::Boot),
+        "  not marked: the bootloader keeps the running image"
+    );
+    check_eq!(
+        c,
+        d.app.firmware_progress(),
+        None,
+        "  the download is dropped"
+    );
+    drop(updater);
+
+    hprintln!("# an image signed with another key is refused");
+    let mut d = register_offered(c, offer(IMAGE_FORGED));
+    let mut updater = new_updater();
+    check_eq!(
+        c,
+        download_rest(c, &mut d, &mut updater, IMAGE),
+        Err(Refused::BadSignature),
+        "  right bytes, wrong key: refused"
+    );
+    check_eq!(
+        c,
+        boot_state(&mut updater),
+        Some(BootState::Boot),
+        "  not marked"
+    );
+    drop(updater);
+    let active = RamFlash::of(Part::Active);
+    check!(
+        c,
+        active.mem.starts_with(b"fw1.2.0"),
+        "  the active partition still holds the running firmware"
+    );
+
+    hprintln!("# offers the device cannot take");
+    let mut unsigned = offer(IMAGE_SIG);
+    unsigned.signature = None;
+    let mut d = register_offered(c, unsigned);
+    check_eq!(
+        c,
+        d.app.take_offer_news(),
+        Some(Offer::Declined("unsigned")),
+        "  an unsigned offer is declined"
+    );
+    let call = d.app.next_call(d.now);
+    check!(
+        c,
+        call.as_ref().is_some_and(|c| c.kind == Kind::Fetch),
+        "  and nothing is downloaded: the device fetches its buckets"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1113,6 +1579,7 @@ fn scenario(c: &mut Checks) {
             content_type: Some("text/html"),
             set_credentials: None,
             retry_after: None,
+            content_range: None,
             body: b"<html>captive portal</html>",
         },
     );
@@ -1344,6 +1811,8 @@ fn main() -> ! {
     };
     scenario(&mut c);
     urls(&mut c);
+    firmware_update(&mut c);
+    firmware_refused(&mut c);
     hprintln!("qemu-test: {} passed, {} failed", c.passed, c.failed);
     debug::exit(if c.failed == 0 {
         debug::EXIT_SUCCESS
