@@ -23,11 +23,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::pin::pin;
 
+use core::cell::RefCell;
 use defmt::{error, info, warn};
 use defmt_rtt as _;
-use embassy_boot::{FirmwareUpdater, FirmwareUpdaterConfig, State as BootState};
+
+use embassy_boot::{BlockingFirmwareUpdater, FirmwareUpdaterConfig};
 use embassy_embedded_hal::adapter::BlockingAsync;
-use embassy_embedded_hal::flash::partition::Partition;
+use embassy_embedded_hal::flash::partition::BlockingPartition;
 use embassy_executor::Spawner;
 use embassy_futures::select::{select, select4, Either, Either4};
 use embassy_net::dns::DnsQueryType;
@@ -41,7 +43,7 @@ use embassy_nrf::usb::vbus_detect::HardwareVbusDetect;
 use embassy_nrf::usb::Driver;
 use embassy_nrf::{bind_interrupts, pac, peripherals, rng, temp, usb};
 use embassy_sync::blocking_mutex::raw::{CriticalSectionRawMutex, NoopRawMutex};
-use embassy_sync::mutex::Mutex;
+use embassy_sync::blocking_mutex::Mutex;
 use embassy_sync::signal::Signal;
 use embassy_time::{with_timeout, Duration, Instant, Timer};
 use embassy_usb::class::cdc_ncm::embassy_net::{Device, Runner, State as NetState};
@@ -90,9 +92,10 @@ const STORAGE_RANGE: core::ops::Range<u32> = 0x000F_C000..0x0010_0000;
 /// The active partition's size (`memory/nrf52840.x` FLASH): the largest image an update may be.
 const ACTIVE_SIZE: u32 = 288 * 1024;
 
-/// The NVMC, shared by the records' storage and the firmware updater's partitions.
-type Flash = Mutex<NoopRawMutex, BlockingAsync<Nvmc<'static>>>;
-type FlashPart = Partition<'static, NoopRawMutex, BlockingAsync<Nvmc<'static>>>;
+/// The NVMC (blocking), shared by the records' storage and the firmware updater's
+/// partitions.
+type Flash = Mutex<NoopRawMutex, RefCell<Nvmc<'static>>>;
+type FlashPart = BlockingPartition<'static, NoopRawMutex, Nvmc<'static>>;
 
 /// TCP buffers of the one connection (the device sends and receives a few hundred bytes
 /// per exchange; a small window only slows the TLS handshake's certificate flight).
@@ -367,17 +370,20 @@ async fn main(spawner: Spawner) {
     let mut led = Output::new(p.P0_13, Level::High, OutputDrive::Standard);
 
     static FLASH: StaticCell<Flash> = StaticCell::new();
-    let flash: &'static Flash = FLASH.init(Mutex::new(BlockingAsync::new(Nvmc::new(p.NVMC))));
-    let storage = Partition::new(
+    let flash: &'static Flash = FLASH.init(Mutex::new(RefCell::new(Nvmc::new(p.NVMC))));
+    let storage = BlockingPartition::new(
         flash,
         STORAGE_RANGE.start,
         STORAGE_RANGE.end - STORAGE_RANGE.start,
     );
-    let mut store = Store::new(storage, 0..STORAGE_RANGE.end - STORAGE_RANGE.start);
+    let mut store = Store::new(
+        BlockingAsync::new(storage),
+        0..STORAGE_RANGE.end - STORAGE_RANGE.start,
+    );
     // embassy-boot's partitions, from memory/nrf52840.x; the state needs a write-size buffer.
     static ALIGNED: StaticCell<[u8; 4]> = StaticCell::new();
-    let mut updater = FirmwareUpdater::new(
-        FirmwareUpdaterConfig::from_linkerfile(flash, flash),
+    let mut updater = BlockingFirmwareUpdater::new(
+        FirmwareUpdaterConfig::from_linkerfile_blocking(flash, flash),
         ALIGNED.init([0; 4]),
     );
     let mut booted_marked = false;
@@ -435,13 +441,9 @@ async fn main(spawner: Spawner) {
             // This image reached the server: keep it (after a swap, the bootloader would
             // otherwise roll back at the next reset).
             booted_marked = true;
-            match updater.get_state().await {
-                Ok(BootState::Boot) => {}
-                Ok(_) => match updater.mark_booted().await {
-                    Ok(()) => info!("firmware {=str} confirmed", config::SW_VERSION),
-                    Err(e) => error!("marking the firmware booted: {}", e),
-                },
-                Err(e) => error!("reading the bootloader state: {}", e),
+            // (Writes nothing when the state says so already.)
+            if let Err(e) = updater.mark_booted() {
+                error!("marking the firmware booted: {}", e);
             }
         }
         log_events(events);
@@ -506,7 +508,7 @@ async fn main(spawner: Spawner) {
                     body: &answer.body,
                 };
                 if call.kind == tether_device::http::Kind::Firmware {
-                    update_firmware(&mut app, &mut updater, reply).await;
+                    update_firmware(&mut app, &mut updater, reply);
                 } else if let Err(bad) = app.answer(now(), &call, reply) {
                     warn!(
                         "  {} answer {} not accepted: {=str}",
@@ -534,22 +536,22 @@ async fn main(spawner: Spawner) {
 
 /// Stores a firmware range's bytes; after the last one, checks the image, marks it for the
 /// swap and resets into the bootloader.
-async fn update_firmware(
+fn update_firmware(
     app: &mut App,
-    updater: &mut FirmwareUpdater<'static, FlashPart, FlashPart>,
+    updater: &mut BlockingFirmwareUpdater<'static, FlashPart, FlashPart>,
     reply: Reply<'_>,
 ) {
     let Some(chunk) = app.firmware_answer(now(), reply) else {
         return;
     };
-    let stored = dfu::store(updater, &chunk).await;
+    let stored = dfu::store(updater, &chunk);
     if let Err(e) = &stored {
         error!("writing the update partition: {}", e);
     }
     let Some(image) = app.firmware_stored(now(), &chunk, stored.is_ok()) else {
         return;
     };
-    let checked = dfu::check_and_mark(updater, &image, app.firmware_key()).await;
+    let checked = dfu::check_and_mark(updater, &image, app.firmware_key());
     app.firmware_checked(checked);
     match checked {
         Ok(()) => {
@@ -811,7 +813,7 @@ fn outcome_name(o: tether_proto::api::UpdateOutcome) -> &'static str {
 }
 
 /// Loads the flash records into the app at boot.
-async fn restore(app: &mut App, store: &mut Store<FlashPart>) {
+async fn restore(app: &mut App, store: &mut Store<BlockingAsync<FlashPart>>) {
     let mut buckets = Vec::new();
     let mut creds = Vec::new();
     let has_buckets = store.load(KEY_BUCKETS, &mut buckets).await;
@@ -830,7 +832,7 @@ async fn restore(app: &mut App, store: &mut Store<FlashPart>) {
 }
 
 /// Writes the records the app says changed.
-async fn persist(app: &mut App, store: &mut Store<FlashPart>) {
+async fn persist(app: &mut App, store: &mut Store<BlockingAsync<FlashPart>>) {
     if let Some(r) = app.take_credentials_record() {
         if let Err(e) = store.save(KEY_CREDENTIALS, &r).await {
             error!("saving credentials: {}", e as u8);

@@ -36,7 +36,8 @@ use embedded_storage_async::nor_flash::{
 use serde_json::json;
 
 use embassy_boot::{
-    BootLoader, BootLoaderConfig, FirmwareUpdater, FirmwareUpdaterConfig, State as BootState,
+    BlockingFirmwareUpdater, BootLoader, BootLoaderConfig, FirmwareUpdaterConfig,
+    State as BootState,
 };
 use tether_device::app::{
     App, Config, Offer, Reply, MAX_ANSWER_BYTES, REQUEST_TIMEOUT_MS, SUBSCRIBE_MARGIN_MS,
@@ -612,12 +613,12 @@ static IMAGE_FORGED: &[u8; 64] = include_bytes!(concat!(env!("OUT_DIR"), "/image
 static VENDOR_KEY: &[u8; 32] = include_bytes!(concat!(env!("OUT_DIR"), "/vendor.pub"));
 const NEW_VERSION: &str = "1.3.0";
 
-type Updater = FirmwareUpdater<'static, RamFlash, RamFlash>;
+type Updater = BlockingFirmwareUpdater<'static, RamFlash, RamFlash>;
 
 /// The app's updater over the emulated state and update partitions.
 fn new_updater() -> Updater {
     static mut ALIGNED: [u8; 4] = [0; 4];
-    FirmwareUpdater::new(
+    BlockingFirmwareUpdater::new(
         FirmwareUpdaterConfig {
             dfu: RamFlash::of(Part::Dfu),
             state: RamFlash::of(Part::BootState),
@@ -715,9 +716,9 @@ fn deliver(
         body,
     };
     let chunk = d.app.firmware_answer(d.now, reply)?;
-    let stored = block_on(dfu::store(updater, &chunk));
+    let stored = dfu::store(updater, &chunk);
     let image = d.app.firmware_stored(d.now, &chunk, stored.is_ok())?;
-    let checked = block_on(dfu::check_and_mark(updater, &image, d.app.firmware_key()));
+    let checked = dfu::check_and_mark(updater, &image, d.app.firmware_key());
     d.app.firmware_checked(checked);
     Some(checked)
 }
@@ -747,7 +748,7 @@ fn download_rest(
 }
 
 fn boot_state(updater: &mut Updater) -> Option<BootState> {
-    block_on(updater.get_state()).ok()
+    updater.get_state().ok()
 }
 
 // The drops end each borrow of an emulated flash region before the next one is made.
@@ -912,7 +913,7 @@ fn firmware_update(c: &mut Checks) {
     let mut updater = new_updater();
     check!(
         c,
-        block_on(updater.mark_booted()).is_ok(),
+        updater.mark_booted().is_ok(),
         "  the new firmware confirms itself (mark_booted) once it reaches the server"
     );
     check_eq!(
