@@ -553,19 +553,7 @@ mod tests {
             let kv: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
             let store: Arc<dyn Store> =
                 Arc::new(crate::store::faults::FaultyStore::new(kv, dir.path()));
-            let n1 = node("n1", store);
-            let router = Router::single(n1.clone());
-            let set = SetKey::parse("FAIL0001").expect("set");
-            let id = BucketId::parse("shared.FAIL0001").expect("id");
-            router
-                .ensure(
-                    &set,
-                    vec![(id.clone(), fields(json!({"x": null})))],
-                    None,
-                    None,
-                )
-                .await
-                .expect("create");
+            let (n1, router, set, _) = one_set_on(store, "FAIL0001").await;
             // Stopped (as after passivation): the next request activates the set again.
             n1.relinquish(&set).await;
 
@@ -670,7 +658,14 @@ mod tests {
 
     /// A set with one bucket at version 1, served by a single node.
     async fn one_set(name: &str) -> (Arc<Shared>, Arc<Router>, SetKey, BucketId) {
-        let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+        one_set_on(Arc::new(KvStore::new(MemoryKv::new(), "tether")), name).await
+    }
+
+    /// [`one_set`] on `store`.
+    async fn one_set_on(
+        store: Arc<dyn Store>,
+        name: &str,
+    ) -> (Arc<Shared>, Arc<Router>, SetKey, BucketId) {
         let n1 = node("n1", store);
         let router = Router::single(n1.clone());
         let set = SetKey::parse(name).expect("set");
