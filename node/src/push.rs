@@ -234,10 +234,7 @@ impl Pusher {
 
     /// `device` was seen (it subscribed or wrote): the next change needs a new wake-up.
     pub fn seen(&self, device: &SetKey) {
-        if self.states.get(device).is_some() {
-            self.states
-                .with(device.clone(), WakeState::default, WakeState::on_seen);
-        }
+        self.states.update(device, WakeState::on_seen);
     }
 
     /// Posts one wake-up, retrying until the gateway takes it or the attempts run out.

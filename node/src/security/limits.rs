@@ -65,6 +65,11 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
         f(entry)
     }
 
+    /// Applies `f` to the entry of `key` if there is one (one lock, one lookup).
+    pub fn update<R>(&self, key: &K, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+        self.shard(key).get_mut(key).map(f)
+    }
+
     /// A copy of the entry of `key`, if present (marks it recently used).
     pub fn get(&self, key: &K) -> Option<V>
     where
@@ -327,6 +332,26 @@ impl LogBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn update_changes_only_an_entry_that_is_there() {
+        let map: BoundedMap<u32, u32> = BoundedMap::new(64);
+        assert_eq!(
+            map.update(&1, |v| *v += 1),
+            None,
+            "absent: nothing inserted"
+        );
+        assert!(map.is_empty());
+        map.put(1, 10);
+        assert_eq!(
+            map.update(&1, |v| {
+                *v += 1;
+                *v
+            }),
+            Some(11)
+        );
+        assert_eq!(map.get(&1), Some(11));
+    }
 
     #[test]
     fn a_flood_of_distinct_keys_never_grows_the_table_past_its_capacity() {
