@@ -49,8 +49,8 @@ pub struct PushConfig {
     pub rate: NonZeroU32,
     /// Per-device spacing and retries.
     pub policy: WakePolicy,
-    /// PEM of the CAs an `https` gateway is checked against.
-    pub cas: Option<Vec<u8>>,
+    /// The CAs an `https` gateway is checked against (parsed once, from PEM).
+    pub cas: Option<Vec<reqwest::Certificate>>,
 }
 
 impl std::fmt::Debug for PushConfig {
@@ -112,10 +112,9 @@ impl PushConfig {
                         path.display()
                     ))
                 })?;
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Some(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                     NodeError::Config(format!("--push-ca-file {}: {e}", path.display()))
-                })?;
-                Some(pem)
+                })?)
             }
             (_, Some(_)) => {
                 return Err(NodeError::Config(
@@ -169,12 +168,8 @@ impl Pusher {
     /// A pusher sending from the current tokio runtime.
     pub fn new(config: PushConfig, metrics: Metrics) -> Result<Arc<Self>> {
         let mut http = reqwest::Client::builder().timeout(GATEWAY_TIMEOUT);
-        if let Some(pem) = &config.cas {
-            let cas = reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| NodeError::Config(format!("push CAs: {e}")))?;
-            for ca in cas {
-                http = http.add_root_certificate(ca);
-            }
+        for ca in config.cas.iter().flatten() {
+            http = http.add_root_certificate(ca.clone());
         }
         let http = http
             .build()
