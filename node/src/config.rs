@@ -1097,14 +1097,14 @@ impl Config {
                     .or(file.blob_grace_secs)
                     .unwrap_or(24 * 3600),
             ),
-            push: crate::push::PushConfig::from_parts(
-                args.push_webhook.or(file.push_webhook),
-                args.push_secret_file.or(file.push_secret_file),
-                args.push_rate.or(file.push_rate),
-                args.push_min_gap_ms.or(file.push_min_gap_ms),
-                args.push_retry_ms.or(file.push_retry_ms),
-                args.push_ca_file.or(file.push_ca_file),
-            )?,
+            push: crate::push::PushConfig::from_flags(crate::push::PushFlags {
+                webhook: args.push_webhook.or(file.push_webhook),
+                secret_file: args.push_secret_file.or(file.push_secret_file),
+                rate: args.push_rate.or(file.push_rate),
+                min_gap_ms: args.push_min_gap_ms.or(file.push_min_gap_ms),
+                retry_ms: args.push_retry_ms.or(file.push_retry_ms),
+                ca_file: args.push_ca_file.or(file.push_ca_file),
+            })?,
             subscribe_default_timeout: Duration::from_millis(
                 args.subscribe_default_timeout_ms
                     .or(file.subscribe_default_timeout_ms)

@@ -63,17 +63,35 @@ impl std::fmt::Debug for PushConfig {
     }
 }
 
+/// The `--push-*` flags (or their config-file keys) as given.
+#[derive(Debug, Clone, Default)]
+pub struct PushFlags {
+    /// `--push-webhook`.
+    pub webhook: Option<String>,
+    /// `--push-secret-file`.
+    pub secret_file: Option<PathBuf>,
+    /// `--push-rate`.
+    pub rate: Option<u32>,
+    /// `--push-min-gap-ms`.
+    pub min_gap_ms: Option<u64>,
+    /// `--push-retry-ms`.
+    pub retry_ms: Option<u64>,
+    /// `--push-ca-file`.
+    pub ca_file: Option<PathBuf>,
+}
+
 impl PushConfig {
     /// From the flags: `None` without a webhook; a webhook needs a readable, non-empty
     /// secret file and an `http(s)` URL.
-    pub fn from_parts(
-        webhook: Option<String>,
-        secret_file: Option<PathBuf>,
-        rate: Option<u32>,
-        min_gap_ms: Option<u64>,
-        retry_ms: Option<u64>,
-        ca_file: Option<PathBuf>,
-    ) -> Result<Option<Self>> {
+    pub fn from_flags(flags: PushFlags) -> Result<Option<Self>> {
+        let PushFlags {
+            webhook,
+            secret_file,
+            rate,
+            min_gap_ms,
+            retry_ms,
+            ca_file,
+        } = flags;
         let Some(webhook) = webhook else {
             if secret_file.is_some() {
                 return Err(NodeError::Config(
@@ -325,38 +343,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let secret = dir.path().join("s");
         std::fs::write(&secret, "key\n").expect("write");
-        assert!(PushConfig::from_parts(None, None, None, None, None, None)
+        assert!(PushConfig::from_flags(PushFlags::default())
             .expect("off")
             .is_none());
-        let no_secret =
-            PushConfig::from_parts(Some("http://gw/wake".into()), None, None, None, None, None);
+        let no_secret = PushConfig::from_flags(PushFlags {
+            webhook: Some("http://gw/wake".into()),
+            ..PushFlags::default()
+        });
         assert!(matches!(no_secret, Err(NodeError::Config(m)) if m.contains("--push-secret-file")));
-        let ftp = PushConfig::from_parts(
-            Some("ftp://gw/wake".into()),
-            Some(secret.clone()),
-            None,
-            None,
-            None,
-            None,
-        );
+        let ftp = PushConfig::from_flags(PushFlags {
+            webhook: Some("ftp://gw/wake".into()),
+            secret_file: Some(secret.clone()),
+            ..PushFlags::default()
+        });
         assert!(matches!(ftp, Err(NodeError::Config(m)) if m.contains("not an http(s) URL")));
-        let no_cas = PushConfig::from_parts(
-            Some("https://gw/wake".into()),
-            Some(secret.clone()),
-            None,
-            None,
-            None,
-            Some(dir.path().join("missing.pem")),
-        );
+        let no_cas = PushConfig::from_flags(PushFlags {
+            webhook: Some("https://gw/wake".into()),
+            secret_file: Some(secret.clone()),
+            ca_file: Some(dir.path().join("missing.pem")),
+            ..PushFlags::default()
+        });
         assert!(matches!(no_cas, Err(NodeError::Config(m)) if m.contains("--push-ca-file")));
-        let c = PushConfig::from_parts(
-            Some("http://gw/wake".into()),
-            Some(secret),
-            Some(5),
-            Some(0),
-            None,
-            None,
-        )
+        let c = PushConfig::from_flags(PushFlags {
+            webhook: Some("http://gw/wake".into()),
+            secret_file: Some(secret),
+            rate: Some(5),
+            min_gap_ms: Some(0),
+            ..PushFlags::default()
+        })
         .expect("valid")
         .expect("on");
         assert_eq!(
