@@ -98,6 +98,10 @@ pub enum Bug {
     WaitFromRequest,
     /// A new holder serves at once, without `Relinquish` or `TAKE_OVER_WAIT`.
     ServeAtOnce,
+    /// A store round trip proves the lease as of when its answer arrived, not when it
+    /// was sent (`Instant::now()` after the `await` instead of `taken`, `started`,
+    /// `sent` before it): taking the lease, a commit, a confirmation.
+    ProofFromAnswer,
 }
 
 /// Faults besides the network's (which always loses, delays and reorders).

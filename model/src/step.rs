@@ -455,7 +455,7 @@ impl Ownership {
         // Committed under its epoch: memory moves on, the lease is proven as of when the
         // commit was sent (`confirmed.max(started)`), the write is acknowledged.
         a.memory.push(commit.write);
-        a.confirmed = a.confirmed.min(commit.started);
+        a.confirmed = a.confirmed.min(self.proof(commit.started));
         let stopping = a.phase == Phase::Stopping;
         if let Some(client) = commit.client {
             ack(s, client, set, commit.write);
@@ -494,7 +494,7 @@ impl Ownership {
             self.drop_actor(s, node, set);
             return;
         }
-        a.confirmed = a.confirmed.min(read.sent);
+        a.confirmed = a.confirmed.min(self.proof(read.sent));
         if a.confirmed < self.lease_trust {
             let seen = writes_in(&a.memory);
             observe(s, client, set, read.floor, seen);
@@ -621,9 +621,19 @@ impl Ownership {
             return;
         };
         a.phase = Phase::Serving;
-        a.confirmed = taken;
+        a.confirmed = self.proof(taken);
         if self.rules == Rules::HandOverByEpoch {
             s.served[slot] = a.epoch;
+        }
+    }
+
+    /// How long ago a store round trip sent `sent` ago proved the lease: when it was sent
+    /// (the answer only shows the lease was current at some point after that).
+    fn proof(&self, sent: Age) -> Age {
+        if self.planted(Bug::ProofFromAnswer) {
+            0
+        } else {
+            sent
         }
     }
 

@@ -19,6 +19,18 @@ fn one_request_each() -> Ownership {
     }
 }
 
+/// Two requests per client with `LEASE_TRUST` and `TAKE_OVER_WAIT` of one tick (a tick is
+/// then "as long as the read lease"): the same rules in fewer states per step, so the
+/// checker reaches the interleavings of three requests (a read whose confirmation
+/// straddles a take-over, then another read) within its depth.
+fn one_tick_leases() -> Ownership {
+    Ownership {
+        lease_trust: 1,
+        take_over_wait: 1,
+        ..Ownership::new()
+    }
+}
+
 /// The checker's BFS over `model`, to `depth` (stateright's `target_max_depth`: states
 /// that far are generated, those nearer checked) or, with `None`, over every reachable
 /// state; stops early once `stop` properties have a discovery.
@@ -121,11 +133,11 @@ fn the_real_rules_hold_in_every_reachable_state() {
 }
 
 #[test]
-fn the_real_rules_hold_in_every_state_within_15_steps() {
+fn the_real_rules_hold_in_every_state_within_16_steps() {
     let checker = bfs(
-        "real rules, 2 clients x 2 requests, every state within 15 steps",
-        Ownership::new(),
-        Some(17),
+        "real rules, 2 clients x 2 requests, one-tick leases, every state within 16 steps",
+        one_tick_leases(),
+        Some(18),
         HasDiscoveries::All,
     );
     assert_holds(&checker);
@@ -159,6 +171,12 @@ fn planted_wait_from_request_is_caught_as_a_stale_read() {
 fn planted_serve_at_once_is_caught_as_a_stale_read() {
     let model = Ownership::new().with_rules(Rules::Planted(Bug::ServeAtOnce));
     assert_caught("serve-at-once", model, NO_STALE_READ);
+}
+
+#[test]
+fn planted_proof_from_answer_is_caught_as_a_stale_read() {
+    let model = Ownership::new().with_rules(Rules::Planted(Bug::ProofFromAnswer));
+    assert_caught("proof-from-answer", model, NO_STALE_READ);
 }
 
 const WITH_FAILED_ACTIVATIONS: Faults = Faults {
