@@ -420,7 +420,8 @@ impl Ownership {
                 served,
                 ..
             } => {
-                // `take_over`: `stop_serving` resolved `true`.
+                // `take_over`: `stop_serving` resolved `true` (under `HandOverByEpoch`,
+                // a holder that did not serve the epoch makes the new one wait it out).
                 let slot = self.slot(to, set);
                 let Some(a) = s.actors[slot].as_ref().filter(|a| a.tag == tag) else {
                     return;
