@@ -1052,13 +1052,25 @@ impl Actor for BucketSetActor {
                 let acquired = Instant::now();
                 let span = tracing::Span::current();
                 span.record("epoch", lease.epoch.0);
-                let (buckets, device) =
-                    futures::try_join!(store.load_set(&set), store.get_device(set.as_str()))?;
                 let from_peer = lease.previous_owner.is_some();
-                if let Some(previous) = lease.previous_owner {
-                    span.record("previous_owner", previous.as_str());
-                    shared.take_over(&set, previous, acquired).await;
-                }
+                // The previous holder is told to stop (or waited out) whatever the load's
+                // outcome: once this node holds the lease, a failed load must not leave it
+                // serving reads from memory while the next activation — here, where the
+                // store names no previous owner, or on a third node that this one then
+                // answers at once — serves writes (the ownership model's finding, chaos
+                // REPORT.md defect 16). It runs beside the load.
+                let take_over = async {
+                    if let Some(previous) = lease.previous_owner {
+                        span.record("previous_owner", previous.as_str());
+                        shared.take_over(&set, previous, acquired).await;
+                    }
+                };
+                let load = futures::future::try_join(
+                    store.load_set(&set),
+                    store.get_device(set.as_str()),
+                );
+                let (loaded, ()) = futures::join!(load, take_over);
+                let (buckets, device) = loaded?;
                 shared.metrics.lease_taken(started.elapsed(), from_peer);
                 Ok::<_, StoreError>((
                     lease.epoch,

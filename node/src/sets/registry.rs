@@ -579,6 +579,51 @@ mod tests {
         });
     }
 
+    /// A take-over whose load fails still tells the previous holder to stop (chaos
+    /// REPORT.md defect 16, found by the ownership model): the failed node now holds the
+    /// lease, and its next activation (or a third node's) serves without asking anyone.
+    #[test]
+    fn a_take_over_whose_load_fails_still_stops_the_previous_holder() {
+        actix_rt::System::new().block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let kv: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let faulty: Arc<dyn Store> = Arc::new(crate::store::faults::FaultyStore::new(
+                kv.clone(),
+                dir.path(),
+            ));
+            let (n1, _r1, set, _) = one_set_on(kv, "LOAD0001").await;
+            let n2 = node("n2", faulty);
+            let log = Arc::new(Mutex::new(Vec::new()));
+            n2.set_takeover(Arc::new(Direct {
+                previous: n1.clone(),
+                log: log.clone(),
+            }));
+            let r2 = Router::single(n2.clone());
+            assert!(n1.existing_actor(&set).is_some(), "n1 serves the set");
+            std::fs::write(dir.path().join("fail-load"), b"").expect("control file");
+            let all = crate::routing::router::Get {
+                ids: None,
+                values: true,
+                max_bytes: 4 << 20,
+            };
+            let failed = r2.get(&set, all).await;
+            assert!(failed.is_err(), "n2 could not load the set");
+            assert_eq!(
+                log.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_slice(),
+                ["n1 stopped serving LOAD0001"],
+                "n2 took the lease and failed to load without telling n1"
+            );
+            assert!(
+                n1.existing_actor(&set).is_none(),
+                "n1 still serves the set from memory"
+            );
+            n1.shutdown(Duration::from_secs(5)).await;
+            n2.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
     #[test]
     fn relinquish_stops_the_previous_holder_before_the_new_owner_serves() {
         actix_rt::System::new().block_on(async {

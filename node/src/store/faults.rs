@@ -12,6 +12,8 @@
 //! - `fail-commit`: a commit fails (a backend error, nothing written).
 //! - `fail-lease`: taking a lease fails as a store cut from the node does (unreachable,
 //!   nothing written); each refusal adds a line to `lease-refused`.
+//! - `fail-load`: loading a set fails (unreachable) — after its lease was taken, when an
+//!   activation loads.
 //!
 //! Or seeded ([`FaultyStore::seeded`], for simulation and property tests, issue 20): every
 //! store call draws from one generator seeded by a [`FaultPlan`] — a latency, a commit or
@@ -213,6 +215,11 @@ impl Store for FaultyStore {
         self.latency().await;
         if let Some(s) = &self.seeded {
             s.delay(s.plan.slow_load).await;
+        }
+        if self.control("fail-load") {
+            return Err(StoreError::Unreachable(
+                "injected load failure (--test-store-faults)".into(),
+            ));
         }
         self.inner.load_set(set).await
     }
