@@ -1145,8 +1145,19 @@ impl Sets for SetsService {
                 .await;
         }
         self.served("relinquish");
+        let mut confirmed = true;
         for s in &request.into_inner().sets {
-            self.router.shared().relinquish(&parse_set(s)?).await;
+            confirmed &= self.router.shared().relinquish(&parse_set(s)?).await;
+        }
+        if !confirmed {
+            // The new owner waits out the lease trust of the holder this node may have
+            // displaced without telling it (REPORT.md defect 16).
+            return Err(NodeError::Unavailable(
+                "a lease request of this node for the set has an unknown fate: the holder \
+                 before it may still be serving"
+                    .into(),
+            )
+            .to_status());
         }
         Ok(Response::new(pb::EnsureReply {}))
     }

@@ -1048,11 +1048,29 @@ impl Actor for BucketSetActor {
         ctx.wait(
             async move {
                 let taken = Instant::now();
-                let lease = store.acquire_lease(&set, &owner).await?;
+                let lease = match store.acquire_lease(&set, &owner).await {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        if e.is_unanswered() {
+                            // It may have landed: the holder before it was not told.
+                            shared.lease_fate_unknown(&set);
+                        }
+                        return Err(e);
+                    }
+                };
                 let acquired = Instant::now();
                 let span = tracing::Span::current();
                 span.record("epoch", lease.epoch.0);
-                let from_peer = lease.previous_owner.is_some();
+                // An earlier lease request of this node got no answer and may have landed
+                // (the store then names no previous owner: it was this node): whoever held
+                // the set before was never told to stop, so its trust is waited out.
+                let uncertain = lease
+                    .previous_owner
+                    .is_none()
+                    .then(|| shared.uncertain_until(&set))
+                    .flatten()
+                    .filter(|_| shared.lease_trust().is_some());
+                let from_peer = lease.previous_owner.is_some() || uncertain.is_some();
                 // The previous holder is told to stop (or waited out) whatever the load's
                 // outcome: once this node holds the lease, a failed load must not leave it
                 // serving reads from memory while the next activation — here, where the
@@ -1063,6 +1081,9 @@ impl Actor for BucketSetActor {
                     if let Some(previous) = lease.previous_owner {
                         span.record("previous_owner", previous.as_str());
                         shared.take_over(&set, previous, acquired).await;
+                    } else if let Some(until) = uncertain {
+                        span.record("previous_owner", "unknown");
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                     }
                 };
                 let load = futures::future::try_join(

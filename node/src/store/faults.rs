@@ -14,6 +14,8 @@
 //!   nothing written); each refusal adds a line to `lease-refused`.
 //! - `fail-load`: loading a set fails (unreachable) — after its lease was taken, when an
 //!   activation loads.
+//! - `lose-lease-answer`: a lease is taken, then its answer is lost (`FateUnknown`).
+//! - `lose-lease-answer`: a lease is taken, then its answer is lost (`FateUnknown`).
 //!
 //! Or seeded ([`FaultyStore::seeded`], for simulation and property tests, issue 20): every
 //! store call draws from one generator seeded by a [`FaultPlan`] — a latency, a commit or
@@ -247,7 +249,13 @@ impl Store for FaultyStore {
                 ));
             }
         }
-        self.inner.acquire_lease(set, owner).await
+        let lease = self.inner.acquire_lease(set, owner).await?;
+        if self.control("lose-lease-answer") {
+            return Err(StoreError::FateUnknown(
+                "injected lost answer after the lease was taken (--test-store-faults)".into(),
+            ));
+        }
+        Ok(lease)
     }
     async fn lease_epoch(&self, set: &SetKey) -> Result<Option<Epoch>, StoreError> {
         self.inner.lease_epoch(set).await
