@@ -603,26 +603,56 @@ mod tests {
         });
     }
 
+    /// Set `name` served by n1 on a plain store; n2, on the same store through the
+    /// control files of `dir`, takes sets over from n1 directly (as `Relinquish` does).
+    struct Handover {
+        dir: tempfile::TempDir,
+        n1: Arc<Shared>,
+        n2: Arc<Shared>,
+        r2: Arc<Router>,
+        set: SetKey,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn handover(name: &str) -> Handover {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+        let faulty: Arc<dyn Store> = Arc::new(crate::store::faults::FaultyStore::new(
+            kv.clone(),
+            dir.path(),
+        ));
+        let (n1, _r1, set, _) = one_set_on(kv, name).await;
+        let n2 = node("n2", faulty);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        n2.set_takeover(Arc::new(Direct {
+            previous: n1.clone(),
+            log: log.clone(),
+        }));
+        let r2 = Router::single(n2.clone());
+        Handover {
+            dir,
+            n1,
+            n2,
+            r2,
+            set,
+            log,
+        }
+    }
+
     /// A take-over whose load fails still tells the previous holder to stop (chaos
     /// REPORT.md defect 16, found by the ownership model): the failed node now holds the
     /// lease, and its next activation (or a third node's) serves without asking anyone.
     #[test]
     fn a_take_over_whose_load_fails_still_stops_the_previous_holder() {
         actix_rt::System::new().block_on(async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let kv: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
-            let faulty: Arc<dyn Store> = Arc::new(crate::store::faults::FaultyStore::new(
-                kv.clone(),
-                dir.path(),
-            ));
-            let (n1, _r1, set, _) = one_set_on(kv, "LOAD0001").await;
-            let n2 = node("n2", faulty);
-            let log = Arc::new(Mutex::new(Vec::new()));
-            n2.set_takeover(Arc::new(Direct {
-                previous: n1.clone(),
-                log: log.clone(),
-            }));
-            let r2 = Router::single(n2.clone());
+            let Handover {
+                dir,
+                n1,
+                n2,
+                r2,
+                set,
+                log,
+            } = handover("LOAD0001").await;
             assert!(n1.existing_actor(&set).is_some(), "n1 serves the set");
             std::fs::write(dir.path().join("fail-load"), b"").expect("control file");
             let all = crate::routing::router::Get {
@@ -655,20 +685,14 @@ mod tests {
     #[test]
     fn a_lease_taken_without_an_answer_is_waited_out_and_never_confirmed() {
         actix_rt::System::new().block_on(async {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let kv: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
-            let faulty: Arc<dyn Store> = Arc::new(crate::store::faults::FaultyStore::new(
-                kv.clone(),
-                dir.path(),
-            ));
-            let (n1, _r1, set, _) = one_set_on(kv, "LOST0001").await;
-            let n2 = node("n2", faulty);
-            let log = Arc::new(Mutex::new(Vec::new()));
-            n2.set_takeover(Arc::new(Direct {
-                previous: n1.clone(),
-                log: log.clone(),
-            }));
-            let r2 = Router::single(n2.clone());
+            let Handover {
+                dir,
+                n1,
+                n2,
+                r2,
+                set,
+                log,
+            } = handover("LOST0001").await;
             let all = || crate::routing::router::Get {
                 ids: None,
                 values: true,
