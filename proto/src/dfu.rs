@@ -62,6 +62,17 @@ pub enum DfuError {
     },
 }
 
+impl DfuError {
+    /// Short reason, for a device's log (no allocation).
+    pub fn name(self) -> &'static str {
+        match self {
+            DfuError::NotABlob => "not a blob",
+            DfuError::Unsigned => "unsigned",
+            DfuError::TooLarge { .. } => "larger than the partition",
+        }
+    }
+}
+
 impl core::fmt::Display for DfuError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {

@@ -19,7 +19,7 @@ use tether_proto::api::SoftwareUpdate;
 use tether_proto::blob::BlobHash;
 use tether_proto::client::{ClientConfig, DeviceClient, Event, Response};
 use tether_proto::credentials::parse_set_credentials;
-use tether_proto::dfu::{Chunk, Download, Image, Refusal};
+use tether_proto::dfu::{Chunk, DfuError, Download, Image, Refusal};
 use tether_proto::{Credentials, Millis, Value};
 
 use crate::http::{decode_response, BadBody, HttpCall, Kind};
@@ -272,11 +272,7 @@ impl App {
         if offer.version == self.sw_version {
             return Err("this version runs already");
         }
-        let image = Image::from_offer(offer).map_err(|e| match e {
-            tether_proto::dfu::DfuError::NotABlob => "not a blob",
-            tether_proto::dfu::DfuError::Unsigned => "unsigned",
-            tether_proto::dfu::DfuError::TooLarge { .. } => "larger than the partition",
-        })?;
+        let image = Image::from_offer(offer).map_err(DfuError::name)?;
         if self.refused == Some(image.sha256) {
             return Err("this image was refused");
         }
@@ -289,7 +285,7 @@ impl App {
         }
         self.download = Some(
             Download::new(image, self.update_capacity, crate::dfu::CHUNK)
-                .map_err(|_| "larger than the partition")?,
+                .map_err(DfuError::name)?,
         );
         self.download_busy = false;
         Ok(())
