@@ -67,6 +67,7 @@ struct Inner {
     put_outcomes: Family<Labels, Counter>,
     held_subscriptions: Gauge,
     active_sets: Gauge,
+    parked_sets: Gauge,
     activations: Counter,
     passivations: Counter,
     notifications: Counter,
@@ -139,6 +140,12 @@ impl Metrics {
             "active_bucket_sets",
             "Bucket set actors currently in memory",
             active_sets.clone(),
+        );
+        let parked_sets = Gauge::default();
+        registry.register(
+            "parked_bucket_sets",
+            "Bucket sets whose actor stopped while subscriptions wait on them (kept as compact waiter records)",
+            parked_sets.clone(),
         );
         let activations = Counter::default();
         registry.register(
@@ -392,6 +399,7 @@ impl Metrics {
             put_outcomes,
             held_subscriptions,
             active_sets,
+            parked_sets,
             activations,
             passivations,
             notifications,
@@ -603,6 +611,13 @@ impl Metrics {
     /// Subscriptions held on this node now (`tether_held_subscriptions`).
     pub fn held_subscriptions(&self) -> i64 {
         self.0.held_subscriptions.get()
+    }
+    pub(crate) fn parked_sets(&self, delta: i64) {
+        self.0.parked_sets.inc_by(delta);
+    }
+    /// Bucket sets parked now (`tether_parked_bucket_sets`).
+    pub fn parked(&self) -> i64 {
+        self.0.parked_sets.get()
     }
     pub(crate) fn set_activated(&self) {
         self.0.activations.inc();

@@ -1203,3 +1203,106 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
         "{changes:?}"
     );
 }
+
+/// Invariant 35 across nodes: a subscription forwarded to the owner of its set is kept
+/// there as a waiter record when the owner's actor passivates (parked), is answered by
+/// the next write through the other node, and is cancelled on the owner when its client
+/// leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_subscription_survives_its_sets_passivation_on_the_owner() {
+    let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
+    let url = pg.url("parked").expect("database");
+    let start = |id: &'static str, join: Option<u16>, keys: Option<Arc<Keyring>>| {
+        let url = url.clone();
+        async move {
+            let grpc = free_port();
+            let faults = tempfile::tempdir().expect("faults dir");
+            let mut b = Node::builder()
+                .config(TEMPLATE)
+                .arg("--node-id")
+                .arg(id)
+                .arg("--store")
+                .arg(url)
+                .arg("--grpc-listen")
+                .arg(format!("127.0.0.1:{grpc}"))
+                .arg("--passivate-after-ms")
+                .arg("300")
+                .env("TETHER_CLUSTER_SECRET", SECRET);
+            if let Some(seed) = join {
+                b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
+            }
+            if let Some(k) = keys {
+                b = b.keyring(k);
+            }
+            Member {
+                node: b.start().await,
+                id: id.to_string(),
+                grpc,
+                faults,
+            }
+        }
+    };
+    let a = start("park-a", None, None).await;
+    let b = start("park-b", Some(a.grpc), Some(a.node.keyring())).await;
+    for m in [&a, &b] {
+        m.node.wait_ready(2).await;
+    }
+    let serial = (0..)
+        .map(|i| format!("PRK{i:03}"))
+        .find(|s| owner(&["park-a", "park-b"], s) == "park-b")
+        .expect("some serial lands on park-b");
+    let via = a.node.device(&serial);
+    via.register_thermostat().await;
+    let id = format!("shared.{serial}");
+    let version = u64_of(&via.bucket(&id).await, "version");
+    let both = [&a.node, &b.node];
+
+    let sub = hold(&both, a.node.device(&serial), id.clone(), version).await;
+    let parked = |what: &'static str| {
+        b.node.wait_metric(
+            "tether_parked_bucket_sets",
+            Duration::from_secs(30),
+            what,
+            |n| n == 1.0,
+        )
+    };
+    parked("the owner parked the forwarded subscription").await;
+    b.node
+        .wait_metric(
+            "tether_active_bucket_sets",
+            Duration::from_secs(30),
+            "no set in memory on the owner",
+            |n| n == 0.0,
+        )
+        .await;
+    assert!(!sub.is_finished(), "passivation answered the subscriber");
+    let (written, _) =
+        write_retrying(&via, &id, json!({"mode": "eco"}), Duration::from_secs(10)).await;
+    let answer = within(
+        Duration::from_secs(10),
+        "the parked subscriber answered",
+        sub,
+    )
+    .await
+    .expect("task")
+    .expect_json(StatusCode::OK);
+    assert_eq!(
+        u64_of(&bucket_in(&answer, &id), "version"),
+        written,
+        "{answer}"
+    );
+
+    // Parked again, then its client leaves: nothing stays held or parked on the owner.
+    let sub = hold(&both, a.node.device(&serial), id.clone(), written).await;
+    parked("parked again").await;
+    sub.abort();
+    b.node.wait_held(0, Duration::from_secs(10)).await;
+    b.node
+        .wait_metric(
+            "tether_parked_bucket_sets",
+            Duration::from_secs(10),
+            "the cancelled subscriber left parked",
+            |n| n == 0.0,
+        )
+        .await;
+}

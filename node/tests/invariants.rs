@@ -144,8 +144,9 @@ async fn a_failed_commit_answers_503_with_retry_after_and_changes_nothing() {
 }
 
 /// Passivation and reload: an idle set's actor stops and is loaded again on the next
-/// request with every bucket; a set with a held subscriber is not idle, and its
-/// subscriber is answered by the next write.
+/// request with every bucket; a set whose only activity is a held subscriber stops too,
+/// its subscriber kept as a waiter record (parked, invariant 35), and the next write
+/// loads the set again and answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passivation_and_reload_keep_every_bucket_and_subscriber() {
     const B: &str = "INV00002";
@@ -168,21 +169,22 @@ async fn passivation_and_reload_keep_every_bucket_and_subscriber() {
     let sub = tokio::spawn(async move { watcher.subscribe(&body, Duration::from_secs(65)).await });
     node.wait_held(1, REQUEST_DEADLINE).await;
 
-    // A's set passivates (nothing held), B's stays in memory (its subscriber is held).
+    // Both sets passivate: A's idle one, and B's, whose subscriber is parked.
     node.wait_metric(
-        "tether_bucket_set_passivations_total",
+        "tether_parked_bucket_sets",
         Duration::from_secs(30),
-        "A's idle set passivated",
-        |n| n >= 1.0,
+        "B's set parked with its subscriber",
+        |n| n == 1.0,
     )
     .await;
     node.wait_metric(
         "tether_active_bucket_sets",
         Duration::from_secs(30),
-        "only the set with a subscriber in memory",
-        |n| n == 1.0,
+        "no set in memory",
+        |n| n == 0.0,
     )
     .await;
+    node.wait_held(1, REQUEST_DEADLINE).await;
     assert!(!sub.is_finished(), "passivation answered a held subscriber");
 
     // Reloaded with every bucket as committed.
@@ -209,6 +211,14 @@ async fn passivation_and_reload_keep_every_bucket_and_subscriber() {
     .expect("subscribe task")
     .expect_json(StatusCode::OK);
     assert_eq!(u64_of(&bucket_in(&r, &b_id), "version"), vb, "{r}");
+    node.wait_held(0, REQUEST_DEADLINE).await;
+    node.wait_metric(
+        "tether_parked_bucket_sets",
+        Duration::from_secs(5),
+        "the activation took the waiters",
+        |n| n == 0.0,
+    )
+    .await;
 }
 
 /// README: "The node refuses cluster mode on the embedded redb store."

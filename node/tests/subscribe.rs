@@ -1,6 +1,6 @@
 //! Black-box tests of long-poll subscriptions: immediate answers, held answers, timeouts,
-//! echo suppression, 1,000 concurrent holds, cancellation by closing the connection,
-//! and graceful shutdown on SIGTERM.
+//! echo suppression, 1,000 concurrent holds, 2,000 held devices whose sets passivate,
+//! cancellation by closing the connection, and graceful shutdown on SIGTERM.
 
 use std::time::Duration;
 
@@ -19,6 +19,23 @@ const HOLD_MS: u64 = 60_000;
 fn spawn_subscribe(p: &Principal, body: Value, limit: Duration) -> tokio::task::JoinHandle<Resp> {
     let p = p.clone();
     tokio::spawn(async move { p.subscribe(&body, limit).await })
+}
+
+/// Subscribes in the background as a device does: a 503 (the node busy, e.g. 2,000
+/// credentials checked at once on a loaded machine) is retried after its `Retry-After`.
+fn spawn_subscribe_retrying(p: &Principal, body: Value) -> tokio::task::JoinHandle<Resp> {
+    let p = p.clone();
+    tokio::spawn(async move {
+        let mut tries = 0;
+        loop {
+            let r = p.subscribe(&body, Duration::from_secs(610)).await;
+            tries += 1;
+            if r.status != StatusCode::SERVICE_UNAVAILABLE || tries == 30 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
 
 fn held(id: &str, bucket: &Value) -> Value {
@@ -538,6 +555,141 @@ async fn a_thousand_held_subscriptions_are_all_answered() {
         &failures[..failures.len().min(5)]
     );
     node.wait_held(0, REQUEST_DEADLINE).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 5b. 2,000 held devices whose sets passivate (parked waiters, invariant 35)
+
+/// 2,000 devices each hold a subscribe on their own set; the sets, with nothing to do but
+/// wait, passivate and keep the subscriptions as waiter records (no set stays in memory);
+/// a write to each bucket answers every one with its new version. Held again and parked
+/// again, the clients then leave: nothing stays held or parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_parked_devices_are_all_answered_and_none_kept_after_close() {
+    const DEVICES: usize = 2_000;
+    let started = sub_node()
+        .arg("--passivate-after-ms")
+        .arg("300")
+        .start()
+        .await;
+    let node = &started;
+    let serials: Vec<String> = (0..DEVICES).map(|i| format!("PARK{i:04}")).collect();
+    let states: Vec<(String, Value)> = stream::iter(serials)
+        .map(|s| {
+            let dev = node.device(&s);
+            async move {
+                dev.register_thermostat().await;
+                let b = dev.bucket(&format!("device.{s}")).await;
+                (s, b)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+
+    let hold_all = |states: Vec<(String, Value)>| {
+        let client = http_client();
+        states
+            .into_iter()
+            .map(|(serial, b)| {
+                let dev = node.device_with(&serial, client.clone());
+                let id = format!("device.{serial}");
+                // Held far longer than the test may take on a loaded machine: a
+                // subscription ends only by the write or the client leaving.
+                let body = json!({"buckets": [held(&id, &b)], "session": "watcher", "timeout_ms": 600_000});
+                (serial, spawn_subscribe_retrying(&dev, body))
+            })
+            .collect::<Vec<_>>()
+    };
+    let all_parked = |what: &'static str| async move {
+        node.wait_held(DEVICES as u64, Duration::from_secs(120))
+            .await;
+        node.wait_metric(
+            "tether_parked_bucket_sets",
+            Duration::from_secs(60),
+            what,
+            |n| n == DEVICES as f64,
+        )
+        .await;
+        node.wait_metric(
+            "tether_active_bucket_sets",
+            Duration::from_secs(30),
+            "no set in memory",
+            |n| n == 0.0,
+        )
+        .await;
+    };
+    let subs = hold_all(states.clone());
+    all_parked("every device's set parked with its subscription").await;
+    assert!(
+        subs.iter().all(|(_, h)| !h.is_finished()),
+        "a parked subscription was answered although nothing changed"
+    );
+
+    let writer = http_client();
+    let written: Vec<(String, Value)> = stream::iter(states)
+        .map(|(serial, _)| {
+            let dev = node.device_with(&serial, writer.clone());
+            async move {
+                let id = format!("device.{serial}");
+                let (_, v) = dev.write(&id, json!({"target_temperature": 21}), 1).await;
+                assert_eq!(v, 2, "write to {id}");
+                let b = dev.bucket(&id).await;
+                (serial, b)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let answered = within(
+        Duration::from_secs(60),
+        "all 2,000 parked subscriptions answered",
+        futures::future::join_all(
+            subs.into_iter()
+                .map(|(serial, h)| async move { (serial, h.await) }),
+        ),
+    )
+    .await;
+    let mut failures = Vec::new();
+    for (serial, res) in answered {
+        let r = res.expect("subscribe task");
+        let id = format!("device.{serial}");
+        let ok = r.status == StatusCode::OK
+            && buckets_of(&r.json()).iter().any(|b| {
+                b["id"] == id.as_str()
+                    && b["version"] == 2
+                    && b["value"]["target_temperature"] == 21
+            });
+        if !ok {
+            failures.push(format!("{serial}: {} {}", r.status, r.text()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {DEVICES} parked subscriptions not answered with version 2, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    // Held and parked again; then every client leaves.
+    let subs = hold_all(written);
+    all_parked("parked again").await;
+    for (_, h) in &subs {
+        h.abort();
+    }
+    node.wait_held(0, Duration::from_secs(30)).await;
+    node.wait_metric(
+        "tether_parked_bucket_sets",
+        Duration::from_secs(30),
+        "nothing parked after every client left",
+        |n| n == 0.0,
+    )
+    .await;
+    assert_eq!(
+        node.metric("tether_active_bucket_sets").await,
+        Some(0.0),
+        "leaving activated sets"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -33,8 +33,7 @@ use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
 pub use crate::sets::actor::Get;
 use crate::sets::actor::{
-    DeviceContact, EnsureBuckets, GetPresence, Put, ReleaseHeld, Stale, Subscribe, SubscribeAnswer,
-    Unsubscribe,
+    DeviceContact, EnsureBuckets, GetPresence, Put, Stale, Subscribe, SubscribeAnswer,
 };
 use crate::sets::registry::Shared;
 use crate::store::HistoryPage;
@@ -760,9 +759,7 @@ impl Router {
     }
 
     pub(crate) fn local_release(&self, set: &SetKey) {
-        if let Some(addr) = self.shared.existing_actor(set) {
-            addr.do_send(ReleaseHeld);
-        }
+        self.shared.release_held(set);
     }
 
     /// The subscribe check on this node's own sets (every listed set must be local).
@@ -911,9 +908,7 @@ struct SubscriptionGuard {
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         for set in &self.sets {
-            if let Some(addr) = self.shared.existing_actor(set) {
-                addr.do_send(Unsubscribe(self.sub_id));
-            }
+            self.shared.unsubscribe(set, self.sub_id);
         }
     }
 }

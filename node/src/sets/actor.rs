@@ -4,7 +4,9 @@
 //! The actor keeps the set's committed (durable) buckets in memory and answers reads and
 //! subscribe checks from them; a write is reconciled, committed to the store in a batch
 //! with the other writes that queued meanwhile, and only then acknowledged and notified.
-//! Idle actors stop (passivation) and are reloaded from the store on the next request.
+//! Idle actors stop (passivation) and are reloaded from the store on the next request; an
+//! actor whose only activity is held subscriptions stops alike and leaves them as waiter
+//! records (`sets::parked`), which its set's next activation takes back.
 //!
 //! The sync log rides on the same commits: every accepted write appends its [`Change`] to
 //! its bucket's log, and a write carrying an op id commits its [`OpRecord`], in the batch's
@@ -28,6 +30,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
+use crate::sets::parked::Parked;
 use crate::sets::registry::Shared;
 use crate::store::{Commit, Epoch, OpRetention, StoreError};
 
@@ -230,14 +233,16 @@ impl Job {
     }
 }
 
-struct HeldSub {
+/// A held subscription: what it holds and where its answer goes.
+#[derive(Debug)]
+pub(crate) struct HeldSub {
     /// The held buckets and the version the subscriber holds of each.
     held: HashMap<BucketId, Option<u64>>,
     session: Option<String>,
     diffs: bool,
     /// Held by the set's device itself.
     device: bool,
-    reply: oneshot::Sender<Vec<Stale>>,
+    pub(crate) reply: oneshot::Sender<Vec<Stale>>,
     /// The subscribing request's span, for the notify span's links.
     trace: Option<opentelemetry::trace::SpanContext>,
 }
@@ -391,6 +396,17 @@ impl BucketSetActor {
     /// The same actor, its activation traced under `request`.
     pub fn activated_by(mut self, request: tracing::Span) -> Self {
         self.activation = request;
+        self
+    }
+
+    /// The same actor, holding the waiters its set's previous actor parked: they are held
+    /// from now on (answered empty if this activation fails) and checked against the set
+    /// once it is loaded.
+    pub(crate) fn with_parked(mut self, parked: Option<Parked>) -> Self {
+        if let Some(p) = parked {
+            self.presence = p.presence;
+            self.subs.extend(p.subs);
+        }
         self
     }
 
@@ -1016,6 +1032,66 @@ impl BucketSetActor {
     fn idle(&self) -> bool {
         self.subs.is_empty() && self.queue.is_empty() && !self.committing
     }
+
+    /// Nothing to do but wait with held subscriptions, under a lease this actor holds.
+    fn only_held(&self) -> bool {
+        self.queue.is_empty() && !self.committing && self.leased && self.epoch.is_some()
+    }
+
+    /// Called once the set is loaded: the waiters taken from the parked set whose held
+    /// version is no longer the stored one (the set was written elsewhere meanwhile — a
+    /// write on this node activates the set first, so it finds them held) are answered
+    /// now, each within the answer budget; the others stay held.
+    fn answer_stale_parked(&mut self) {
+        if self.subs.is_empty() {
+            return;
+        }
+        let max_bytes = self.shared.config.max_answer_bytes;
+        let mut woken = Vec::new();
+        for (sub_id, sub) in &self.subs {
+            let mut budget = max_bytes;
+            let mut owed = Vec::new();
+            for (id, held) in &sub.held {
+                let Some(stored) = self.committed.get(id) else {
+                    continue;
+                };
+                let h = Held {
+                    id: id.clone(),
+                    timestamp: None,
+                    version: *held,
+                };
+                if !is_stale(&h, stored) {
+                    continue;
+                }
+                let size = encoded_len(&stored.value).saturating_add(BUCKET_OVERHEAD);
+                if !owed.is_empty() && size > budget {
+                    continue;
+                }
+                budget = budget.saturating_sub(size);
+                owed.push(Stale {
+                    bucket: stored.clone(),
+                    held: *held,
+                    diff: None,
+                });
+            }
+            if !owed.is_empty() {
+                woken.push((*sub_id, owed));
+            }
+        }
+        let n = woken.len();
+        for (sub_id, owed) in woken {
+            if let Some(sub) = self.subs.remove(&sub_id) {
+                if sub.device {
+                    self.presence.answered(self.shared.now_ms());
+                }
+                drop(sub.reply.send(owed));
+            }
+        }
+        if n > 0 {
+            self.shared.metrics.notified(n as u64);
+            self.shared.metrics.subscriptions_held(-(n as i64));
+        }
+    }
 }
 
 impl Actor for BucketSetActor {
@@ -1118,6 +1194,7 @@ impl Actor for BucketSetActor {
                     act.leased = true;
                     act.shared.metrics.lease_acquired();
                     act.shared.loaded(&act.set);
+                    act.answer_stale_parked();
                     tracing::debug!(set = %act.set, epoch = epoch.0, buckets = act.committed.len(), "bucket set loaded");
                 }
                 Err(e) => {
@@ -1130,7 +1207,26 @@ impl Actor for BucketSetActor {
         let idle_after = self.shared.config.passivate_after;
         let period = (idle_after / 4).max(Duration::from_millis(50));
         ctx.run_interval(period, move |act, ctx| {
-            if act.idle() && act.last_active.elapsed() >= idle_after {
+            if act.last_active.elapsed() < idle_after || act.shutting_down {
+                return;
+            }
+            if act.idle() {
+                act.passivated = true;
+                ctx.stop();
+            } else if act.only_held() {
+                // Only held subscriptions: they wait as records, the actor stops.
+                act.forget_abandoned();
+                let subs: Vec<(u64, HeldSub)> = act.subs.drain().collect();
+                if let (false, Some(epoch)) = (subs.is_empty(), act.epoch) {
+                    act.shared.park(
+                        act.set.clone(),
+                        Parked {
+                            subs,
+                            presence: act.presence,
+                            epoch,
+                        },
+                    );
+                }
                 act.passivated = true;
                 ctx.stop();
             }

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use tether_cluster::RingPlacement;
 use tether_proto::{ClockBound, Hlc, HlcClock, ReferenceReading, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::security::limits::BoundedMap;
-use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown};
+use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown, Unsubscribe};
+use crate::sets::parked::{Parked, ParkedSets};
 use crate::sets::traced::{Op, Traced};
 use crate::store::Store;
 
@@ -57,6 +59,8 @@ pub struct Shared {
     /// The origin of the monotonic milliseconds the clock bound reads.
     started: Instant,
     actors: Mutex<HashMap<SetKey, Addr<BucketSetActor>>>,
+    /// Held subscriptions of sets whose actor stopped (`sets::parked`).
+    parked: Arc<ParkedSets>,
     arbiters: Vec<ArbiterHandle>,
     hasher: RandomState,
     closing: AtomicBool,
@@ -72,6 +76,9 @@ pub struct Shared {
     /// matters for [`TAKE_OVER_WAIT`] only).
     uncertain_leases: BoundedMap<SetKey, Instant>,
 }
+
+/// Parked sets whose lease is read at once when the node may have been away.
+const REVALIDATE_PARKED_AT_ONCE: usize = 32;
 
 /// Load failures remembered for their waiting requests' answers.
 const LOAD_FAILURES: usize = 4096;
@@ -136,6 +143,7 @@ impl Shared {
         let arbiters = (0..shards.max(1))
             .map(|_| Arbiter::new().handle())
             .collect();
+        let parked = Arc::new(ParkedSets::new(metrics.clone()));
         Arc::new(Shared {
             node_id,
             store,
@@ -147,6 +155,7 @@ impl Shared {
             }),
             started: Instant::now(),
             actors: Mutex::new(HashMap::new()),
+            parked,
             arbiters,
             hasher: RandomState::new(),
             closing: AtomicBool::new(false),
@@ -324,6 +333,9 @@ impl Shared {
             self.metrics.handoff();
             let _ = addr.send(Shutdown).await;
         }
+        // Waiters of a parked set are answered too (they subscribe again at the new
+        // owner); an activation that took them meanwhile is the actor just stopped.
+        self.parked.release(set);
         self.uncertain_until(set).is_none()
     }
 
@@ -367,8 +379,13 @@ impl Shared {
         let shared = self.clone();
         let key = set.clone();
         let request = tracing::Span::current();
+        // The waiters its previous actor parked are this one's from now on (under the
+        // actors' lock: the parking actor parked before the registry forgot it).
+        let parked = self.parked.take(set);
         let addr = BucketSetActor::start_in_arbiter(&self.arbiters[shard], move |_| {
-            BucketSetActor::new(key, shared).activated_by(request)
+            BucketSetActor::new(key, shared)
+                .activated_by(request)
+                .with_parked(parked)
         });
         actors.insert(set.clone(), addr.clone());
         Ok(addr)
@@ -415,6 +432,37 @@ impl Shared {
         self.load_failures.remove(set);
     }
 
+    /// Keeps the held subscriptions of `set`, whose actor is stopping, until its next
+    /// activation (`sets::parked`).
+    pub(crate) fn park(&self, set: SetKey, parked: Parked) {
+        self.parked.park(set, parked);
+    }
+
+    /// Cancels held subscription `sub_id` on `set`, parked or held by its actor; never
+    /// starts an actor.
+    pub fn unsubscribe(&self, set: &SetKey, sub_id: u64) {
+        if self.parked.unsubscribe(set, sub_id) {
+            return;
+        }
+        if let Some(addr) = self.existing_actor(set) {
+            addr.do_send(Unsubscribe(sub_id));
+        }
+    }
+
+    /// Answers every held subscription of `set` empty (its access changed: the clients
+    /// subscribe again and are authorized again); never starts an actor.
+    pub fn release_held(&self, set: &SetKey) {
+        self.parked.release(set);
+        if let Some(addr) = self.existing_actor(set) {
+            addr.do_send(crate::sets::actor::ReleaseHeld);
+        }
+    }
+
+    /// Sets parked now (their actor stopped, subscriptions wait on them).
+    pub fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
     /// The set's actor if one is running; never starts one.
     pub fn existing_actor(&self, set: &SetKey) -> Option<Addr<BucketSetActor>> {
         self.actors
@@ -437,15 +485,17 @@ impl Shared {
             .filter(|(set, _)| !self.owns(set))
             .map(|(_, a)| a.clone())
             .collect();
+        // Parked sets have no actor to hand off: their waiters subscribe again.
+        let released = self.parked.release_where(|set| !self.owns(set));
         if lost.is_empty() {
-            return 0;
+            return released;
         }
         let _handoff = tracing::info_span!("lease.handoff", moved = lost.len()).entered();
         for a in &lost {
             a.do_send(Shutdown);
             self.metrics.handoff();
         }
-        lost.len()
+        lost.len() + released
     }
 
     /// This node may have been away (a pause, a view change): every actor holding
@@ -461,7 +511,37 @@ impl Shared {
         for a in &addrs {
             a.do_send(Revalidate);
         }
-        addrs.len()
+        // Parked sets: each lease read as an actor confirms its own; the waiters of a set
+        // another node took meanwhile subscribe again and reach it (a node alone: nobody
+        // else takes its sets).
+        let parked = if self.lease_trust().is_some() {
+            self.parked.epochs()
+        } else {
+            Vec::new()
+        };
+        let n = parked.len();
+        if n > 0 {
+            let (store, sets) = (self.store.clone(), self.parked.clone());
+            tokio::spawn(async move {
+                futures::stream::iter(parked)
+                    .for_each_concurrent(REVALIDATE_PARKED_AT_ONCE, |(set, epoch)| {
+                        let (store, sets) = (store.clone(), sets.clone());
+                        async move {
+                            match store.lease_epoch(&set).await {
+                                Ok(current) if current == Some(epoch) => {}
+                                Ok(_) => {
+                                    sets.release_if_epoch(&set, epoch);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%set, error = %e, "confirming a parked set's lease failed; its waiters stay");
+                                }
+                            }
+                        }
+                    })
+                    .await;
+            });
+        }
+        addrs.len() + n
     }
 
     /// Called by a stopping actor: forget it unless a newer actor replaced it already.
@@ -492,6 +572,7 @@ impl Shared {
     /// answered), waiting at most `deadline`.
     pub async fn shutdown(&self, deadline: Duration) {
         self.closing.store(true, Ordering::Release);
+        self.parked.release_where(|_| true);
         let addrs: Vec<_> = self
             .actors
             .lock()
@@ -518,7 +599,7 @@ mod tests {
     //! logic on its in-memory database), with the take-over wired straight to the previous
     //! node's `relinquish` as the gRPC `Relinquish` call does.
     use super::*;
-    use crate::routing::router::{Router, Write};
+    use crate::routing::router::{HeldLeg, Leg, Router, Write};
     use crate::store::fdb::memory::MemoryKv;
     use crate::store::fdb::KvStore;
     use serde_json::json;
@@ -546,8 +627,12 @@ mod tests {
     }
 
     fn node(id: &str, store: Arc<dyn Store>) -> Arc<Shared> {
+        node_passivating(id, store, Duration::from_secs(600))
+    }
+
+    fn node_passivating(id: &str, store: Arc<dyn Store>, after: Duration) -> Arc<Shared> {
         let config = ActorConfig {
-            passivate_after: Duration::from_secs(600),
+            passivate_after: after,
             max_bucket_bytes: 65_536,
             history_per_bucket: 100,
             op_ids_per_set: 1_000,
@@ -844,6 +929,245 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         shared.metrics.held_subscriptions()
+    }
+
+    /// A router and node on `store` whose sets passivate after 100 ms, with set `name`
+    /// (one bucket at version 1) and a subscription held on it at that version.
+    async fn parked_on(
+        store: Arc<dyn Store>,
+        name: &str,
+    ) -> (Arc<Shared>, Arc<Router>, SetKey, BucketId, HeldLeg) {
+        let n1 = node_passivating("n1", store, Duration::from_millis(100));
+        let router = Router::single(n1.clone());
+        let (set, id, leg) = hold_parked(&n1, &router, name).await;
+        (n1, router, set, id, leg)
+    }
+
+    /// Creates set `name` (one bucket at version 1) through `router`, holds a subscription
+    /// on it at that version and waits until the set parked.
+    async fn hold_parked(
+        n1: &Arc<Shared>,
+        router: &Router,
+        name: &str,
+    ) -> (SetKey, BucketId, HeldLeg) {
+        let set = SetKey::parse(name).expect("set");
+        let id = BucketId::parse(&format!("shared.{name}")).expect("id");
+        router
+            .ensure(
+                &set,
+                vec![(id.clone(), fields(json!({"x": null})))],
+                None,
+                None,
+            )
+            .await
+            .expect("create");
+        let parked_before = n1.parked();
+        let held_before = n1.metrics.held_subscriptions();
+        let by_set = BTreeMap::from([(set.clone(), vec![held(&id, 1)])]);
+        let leg = match router.open_local(by_set, Default::default()).await {
+            Ok(Leg::Held(leg)) => leg,
+            _ => panic!("nothing is stale: the check holds"),
+        };
+        assert!(
+            until(
+                || n1.parked() == parked_before + 1 && n1.existing_actor(&set).is_none(),
+                10_000
+            )
+            .await,
+            "the set with only a held subscription did not park"
+        );
+        assert_eq!(
+            n1.metrics.held_subscriptions(),
+            held_before + 1,
+            "still held, parked"
+        );
+        assert_eq!(n1.metrics.parked(), n1.parked() as i64);
+        (set, id, leg)
+    }
+
+    /// Waits until `cond` holds, a millisecond at a time (at most `tries` times).
+    async fn until(cond: impl Fn() -> bool, tries: usize) -> bool {
+        for _ in 0..tries {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        cond()
+    }
+
+    fn write(x: u64) -> Write {
+        Write {
+            update: Update {
+                value: fields(json!({"x": x})),
+                base_version: 0,
+                occ: false,
+            },
+            session: None,
+            by: "test".into(),
+            op_id: None,
+        }
+    }
+
+    /// Invariant 35: a set whose only activity is a held subscription stops its actor and
+    /// keeps the subscription as a waiter record; the next write activates the set, which
+    /// takes the waiter back, and answers it.
+    #[test]
+    fn a_parked_subscription_is_answered_by_the_next_write() {
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let (n1, router, _set, id, leg) = parked_on(store, "PARK0001").await;
+            let put = router.put(&id, write(7)).await.expect("written");
+            assert_eq!(put.bucket.version, 2);
+            let answer = leg
+                .answer_within(Duration::from_secs(10), router.drain_signal())
+                .await
+                .expect("answered");
+            let versions: Vec<_> = answer
+                .iter()
+                .map(|u| (u.bucket.id.clone(), u.bucket.version))
+                .collect();
+            assert_eq!(
+                versions,
+                vec![(id, 2)],
+                "the parked subscriber missed the write"
+            );
+            assert!(until(|| n1.metrics.held_subscriptions() == 0, 5_000).await);
+            assert_eq!(n1.parked(), 0);
+            assert_eq!(n1.metrics.parked(), 0);
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// A parked subscription whose client leaves is cancelled without activating the set.
+    #[test]
+    fn a_parked_subscription_is_cancelled_when_its_client_leaves() {
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let (n1, _router, _set, _id, leg) = parked_on(store, "PARK0002").await;
+            drop(leg);
+            assert_eq!(n1.metrics.held_subscriptions(), 0, "left held");
+            assert_eq!((n1.parked(), n1.metrics.parked()), (0, 0), "left parked");
+            assert_eq!(n1.active(), 0, "the cancellation activated the set");
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// A parked set taken by another node (its `Relinquish`), or whose access changed, or
+    /// on a draining node: its waiters are answered empty, so they subscribe again where
+    /// the set is served.
+    #[test]
+    fn parked_subscriptions_are_released_on_relinquish_access_change_and_drain() {
+        actix_rt::System::new().block_on(async {
+            let release = |n: Arc<Shared>, set: SetKey, how: u8| async move {
+                match how {
+                    0 => {
+                        n.relinquish(&set).await;
+                    }
+                    1 => n.release_held(&set),
+                    _ => n.shutdown(Duration::from_secs(5)).await,
+                }
+            };
+            for (how, name) in [(0u8, "PARK0003"), (1, "PARK0004"), (2, "PARK0005")] {
+                let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+                let (n1, router, set, _id, leg) = parked_on(store, name).await;
+                release(n1.clone(), set, how).await;
+                let answer = leg
+                    .answer_within(Duration::from_secs(10), router.drain_signal())
+                    .await
+                    .expect("answered");
+                assert!(answer.is_empty(), "{name}: {answer:?}");
+                assert_eq!(n1.metrics.held_subscriptions(), 0, "{name}");
+                assert_eq!(n1.parked(), 0, "{name}");
+                n1.shutdown(Duration::from_secs(5)).await;
+            }
+        });
+    }
+
+    /// A set written elsewhere while its subscribers were parked here (another node held
+    /// it meanwhile): the activation that takes the waiters back answers them at once.
+    #[test]
+    fn a_parked_subscription_behind_a_write_elsewhere_is_answered_on_activation() {
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let (n1, router, set, id, leg) = parked_on(store.clone(), "PARK0006").await;
+            let n2 = node("n2", store);
+            let r2 = Router::single(n2.clone());
+            assert_eq!(
+                r2.put(&id, write(9)).await.expect("written").bucket.version,
+                2
+            );
+            n2.shutdown(Duration::from_secs(5)).await;
+            // Anything that activates the set on n1: here a read.
+            let all = crate::routing::router::Get {
+                ids: None,
+                values: true,
+                max_bytes: 4 << 20,
+            };
+            let read = router.get(&set, all).await.expect("read");
+            assert_eq!(read[0].version, 2);
+            let answer = leg
+                .answer_within(Duration::from_secs(10), router.drain_signal())
+                .await
+                .expect("answered");
+            let versions: Vec<_> = answer.iter().map(|u| u.bucket.version).collect();
+            assert_eq!(
+                versions,
+                vec![2],
+                "the activation did not check its waiters"
+            );
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// The node may have been away (a pause, a peer reappearing): a parked set whose lease
+    /// another node took meanwhile has its waiters answered empty (they subscribe again
+    /// and reach the new owner); a parked set still under this node's lease stays parked.
+    #[test]
+    fn revalidation_releases_parked_sets_taken_meanwhile_and_keeps_the_others() {
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let n1 = node_passivating("n1", store.clone(), Duration::from_millis(100));
+            // In cluster mode (it could take sets over from n0): leases are confirmed.
+            n1.set_takeover(Arc::new(Direct {
+                previous: node("n0", store.clone()),
+                log: Arc::new(Mutex::new(Vec::new())),
+            }));
+            let r1 = Router::single(n1.clone());
+            let (_taken, taken_id, taken_leg) = hold_parked(&n1, &r1, "PARK0007").await;
+            let (kept, _, kept_leg) = hold_parked(&n1, &r1, "PARK0008").await;
+            // n2 takes PARK0007 (n1, away, is not told) and writes it.
+            let n2 = node("n2", store);
+            let r2 = Router::single(n2.clone());
+            r2.put(&taken_id, write(3)).await.expect("written");
+            n2.shutdown(Duration::from_secs(5)).await;
+
+            assert_eq!(n1.revalidate_held(), 2, "both parked sets asked");
+            let answer = taken_leg
+                .answer_within(Duration::from_secs(10), r1.drain_signal())
+                .await
+                .expect("answered");
+            assert!(answer.is_empty(), "{answer:?}");
+            assert!(
+                until(|| n1.parked() == 1, 5_000).await,
+                "the taken set is still parked"
+            );
+            assert!(n1.existing_actor(&kept).is_none());
+            assert_eq!(
+                n1.metrics.held_subscriptions(),
+                1,
+                "the kept waiter is still held"
+            );
+            // The kept one is still answered by the next write.
+            let kept_id = BucketId::parse("shared.PARK0008").expect("id");
+            r1.put(&kept_id, write(4)).await.expect("written");
+            let answer = kept_leg
+                .answer_within(Duration::from_secs(10), r1.drain_signal())
+                .await
+                .expect("answered");
+            assert_eq!(answer.len(), 1, "{answer:?}");
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
     }
 
     /// A subscribe check dropped after the actor held it but before its answer came back
