@@ -60,7 +60,7 @@ mod conformance {
 mod conformance_under_faults {
     //! Every case again while the first commit reports `commit_unknown_result` after
     //! applying its writes and one commit in three fails at random — `commit_unknown_result`
-    //! with or without its writes applied, or a conflict — and reads fail now and then,
+    //! with or without its writes applied, or a conflict — and transactions fail a read now and then,
     //! with range reads one pair per page: each operation must answer exactly as without
     //! faults, or a retried transaction was applied twice.
     use super::*;
