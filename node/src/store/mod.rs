@@ -5,6 +5,7 @@
 //! adapter to `libfdb_c` with the `fdb` feature). Every backend passes the same
 //! conformance tests (`store::conformance`).
 
+pub mod batch;
 pub mod blobs;
 pub mod deadline;
 pub mod faults;
@@ -355,9 +356,9 @@ pub async fn open(
                 url,
                 pool,
                 metrics,
-                postgres::BatchConfig {
+                batch::BatchConfig {
                     deadline,
-                    ..postgres::BatchConfig::default()
+                    ..batch::BatchConfig::default()
                 },
             )
             .await?,
