@@ -20,7 +20,7 @@
 //! | `("tether","lease_owner",set)`        | node id holding the lease, UTF-8       |
 //! | `("tether","device",device_id)`       | JSON `DeviceRecord`                    |
 //! | `("tether","rec",ns,k1[,k2])`         | JSON (credentials, users, pairings, structures, codes) |
-//! | `("tether","txn",ms,uuid)`            | JSON result of a committed non-idempotent operation |
+//! | `("tether","txn",ms,uuid,part)`       | JSON result of a committed non-idempotent operation, in parts of at most 90 KB |
 //! | `("tether","change",set,id,version)`  | JSON `Change` (the bucket's sync log)  |
 //! | `("tether","op",set,op_id)`           | JSON `OpRecord` (a remembered op id)   |
 //! | `("tether","op_age",set,at_ms,op_id)` | empty: the set's op ids by age         |
@@ -40,7 +40,7 @@
 //! [`StoreError::Backend`] — a 503 with `Retry-After`, never a hang. An attempt whose
 //! commit reported `commit_unknown_result` may have committed; operations whose second
 //! application would answer differently (lease take-over, user creation, pairing-code
-//! consumption, pairing, credential swap) write a transaction marker `("txn",ms,uuid)`
+//! consumption, pairing, credential swap) write a transaction marker `("txn",ms,uuid,…)`
 //! holding their result in the same transaction, and every retry first reads it: when it
 //! is there the first attempt committed and its result is returned (FDB developer guide,
 //! "Transactions with unknown results"). Markers older than [`MARKER_TTL_MS`] are cleared
@@ -88,6 +88,9 @@ pub const MAX_BUCKET_BYTES: usize = MAX_VALUE_BYTES - STORED_BUCKET_ENVELOPE;
 /// How long a transaction marker is kept: far beyond any retry loop ([`Limits::timeout`]),
 /// and beyond any sane clock skew between the nodes that clear old markers.
 pub const MARKER_TTL_MS: u64 = 10 * 60 * 1000;
+/// The most bytes of a transaction marker's result in one value (well below FDB's
+/// [`MAX_VALUE_BYTES`]); a longer result is stored in parts `("txn",ms,uuid,0..)`.
+const MARKER_PART_BYTES: usize = 90_000;
 
 /// Refuses a bucket size limit FoundationDB could not store: without this, a bucket near
 /// the limit fails every commit of its set with `value_too_large` (a 503 forever).
@@ -402,7 +405,8 @@ impl<D: KvDatabase> KvStore<D> {
 
     /// [`run`](Self::run) for an operation whose second application would answer
     /// differently: the first attempt that commits also writes its result under a fresh
-    /// marker key, and every later attempt returns the marker's result when it finds one.
+    /// marker key (in parts of [`MARKER_PART_BYTES`]), and every later attempt returns the
+    /// marker's result when it finds one.
     /// Later attempts always look, not only after `commit_unknown_result`: a commit whose
     /// result was unknown may land after the next attempt's read version, which then fails
     /// with a conflict, and only the attempt after that sees the marker.
@@ -415,21 +419,27 @@ impl<D: KvDatabase> KvStore<D> {
         let now = now_ms();
         let marker = self
             .root
-            .pack(&("txn", now, uuid::Uuid::new_v4().to_string()));
+            .subspace(&("txn", now, uuid::Uuid::new_v4().to_string()));
         let expired = (
             self.root.subspace(&("txn",)).range().0,
             self.root.pack(&("txn", now.saturating_sub(MARKER_TTL_MS))),
         );
-        let (marker, expired, body) = (&marker, &expired, &body);
+        let (marker, expired, body, page) = (&marker, &expired, &body, self.limits.range_page);
         self.run(what, |trx, attempt| async move {
             if attempt.number > 1 {
-                if let Some(done) = trx.get(marker).await? {
+                let parts = read_all(&*trx, marker.range(), page).await?;
+                if !parts.is_empty() {
                     tracing::debug!(what, "an earlier attempt committed; returning its result");
+                    let done: Vec<u8> = parts.into_iter().flat_map(|(_, v)| v).collect();
                     return from_json(&done);
                 }
             }
             let result = body(trx.clone(), attempt).await?;
-            trx.set(marker, &to_json(&result)?);
+            // In parts: a result may pass FDB's value limit (a batch commit's decisions
+            // carry the op records of its replays).
+            for (i, part) in to_json(&result)?.chunks(MARKER_PART_BYTES).enumerate() {
+                trx.set(&marker.pack(&(i as u64)), part);
+            }
             trx.clear_range(&expired.0, &expired.1);
             Ok(result)
         })
