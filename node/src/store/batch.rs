@@ -1,6 +1,6 @@
 //! The queue in front of a shared store's batching writer (group commit across bucket
-//! sets), independent of the backend: a backend (PostgreSQL: `postgres/batch.rs`) writes
-//! a batch its own way, in ONE transaction.
+//! sets), independent of the backend: PostgreSQL (`postgres/batch.rs`) and FoundationDB
+//! (`fdb/batch.rs`) each write a batch their own way, in ONE transaction.
 //!
 //! Every actor of a node hands its commit to one queue. [`BatchConfig::writers`] writer
 //! tasks each take whatever is queued (up to [`BatchConfig::max_batch`]) and give it to the
@@ -31,6 +31,12 @@ pub struct BatchConfig {
     pub writers: usize,
     /// Most commits folded into one transaction.
     pub max_batch: usize,
+    /// FoundationDB: the most bytes (keys and values written, as encoded) one batch
+    /// transaction may carry; a batch past it is split into several transactions, one
+    /// after the other. Well below FDB's 10 MB transaction limit, which also counts the
+    /// retention clears and the transaction marker. PostgreSQL has no such limit and
+    /// ignores it.
+    pub max_batch_bytes: usize,
     /// How long a batch's transaction may take (`--store-timeout-ms`). Past it the batch
     /// is abandoned and every commit in it told its fate is unknown
     /// ([`StoreError::FateUnknown`]), never that it failed.
@@ -43,6 +49,7 @@ impl Default for BatchConfig {
             queue: 8192,
             writers: 4,
             max_batch: 512,
+            max_batch_bytes: 4_000_000,
             deadline: super::deadline::DEFAULT_DEADLINE,
         }
     }

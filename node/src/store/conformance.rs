@@ -20,7 +20,7 @@ fn set(k: &str) -> SetKey {
     SetKey::parse(k).expect("valid set key")
 }
 
-fn bucket(id: &str, version: u64, v: serde_json::Value) -> Bucket {
+pub(crate) fn bucket(id: &str, version: u64, v: serde_json::Value) -> Bucket {
     let value: Fields = match v {
         serde_json::Value::Object(m) => m,
         _ => Fields::new(),

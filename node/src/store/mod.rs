@@ -365,7 +365,13 @@ pub async fn open(
         ),
         #[cfg(feature = "fdb")]
         StoreUrl::Fdb(cluster_file) => {
-            std::sync::Arc::new(fdb::FdbStore::open(cluster_file).await?)
+            std::sync::Arc::new(fdb::FdbStore::open(cluster_file).await?.with_batching(
+                batch::BatchConfig {
+                    deadline,
+                    ..batch::BatchConfig::default()
+                },
+                Some(metrics),
+            ))
         }
         #[cfg(not(feature = "fdb"))]
         StoreUrl::Fdb(_) => {
