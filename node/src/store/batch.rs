@@ -98,15 +98,21 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    /// Starts `config.writers` writer tasks on the current runtime, each handing the
-    /// batches it takes to `write`.
-    pub(crate) fn start(config: BatchConfig, backend: &'static str, write: WriteBatch) -> Self {
+    /// Starts `config.writers` writer tasks on `runtime`, each handing the batches it
+    /// takes to `write`. They live as long as that runtime (or until the queue is
+    /// dropped): the node's main runtime, not an actor's, which may stop before the store.
+    pub(crate) fn start(
+        config: BatchConfig,
+        backend: &'static str,
+        write: WriteBatch,
+        runtime: &tokio::runtime::Handle,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel::<Request>();
         let rx = Arc::new(Mutex::new(rx));
         let max_batch = config.max_batch.max(1);
         for _ in 0..config.writers.max(1) {
             let (rx, write) = (rx.clone(), write.clone());
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 loop {
                     let mut batch = Vec::new();
                     {

@@ -55,11 +55,13 @@ use super::{abort, decode_epoch, from_json, read_limited, Encoded, KvStore, TxEr
 use crate::store::batch::{BatchConfig, Queue, Request};
 use crate::store::{Epoch, OpRetention, StoreError};
 
-/// Starts the batching writer of `store` (a handle without a queue of its own).
+/// Starts the batching writer of `store` (a handle without a queue of its own) on
+/// `runtime`.
 pub(super) fn start<D: KvDatabase>(
     store: KvStore<D>,
     config: BatchConfig,
     metrics: Option<crate::metrics::Metrics>,
+    runtime: &tokio::runtime::Handle,
 ) -> Queue {
     Queue::start(
         config,
@@ -68,6 +70,7 @@ pub(super) fn start<D: KvDatabase>(
             let (store, metrics) = (store.clone(), metrics.clone());
             Box::pin(async move { write_batch(&store, config, metrics.as_ref(), batch).await })
         }),
+        runtime,
     )
 }
 

@@ -275,11 +275,15 @@ pub struct KvStore<D: KvDatabase> {
     batching: Option<Arc<Batching>>,
 }
 
-/// A store's batching writer, started by its first commit (on that commit's runtime).
+/// A store's batching writer, started by its first commit.
 #[derive(Debug)]
 struct Batching {
     config: BatchConfig,
     metrics: Option<crate::metrics::Metrics>,
+    /// Where its writer tasks run: the runtime the store was configured on (the node's
+    /// main runtime: an actor's may stop while the store lives on), else the first
+    /// commit's.
+    runtime: Option<tokio::runtime::Handle>,
     queue: OnceLock<crate::store::batch::Queue>,
 }
 
@@ -323,8 +327,9 @@ impl<D: KvDatabase> KvStore<D> {
     }
 
     /// This store with commits batched under `config` (its handles share one batching
-    /// writer, started by the first commit); each batch transaction is counted in
-    /// `metrics` (`tether_store_commits_total`, `tether_store_batch`).
+    /// writer, started by the first commit on the runtime this is called on, if any);
+    /// each batch transaction is counted in `metrics` (`tether_store_commits_total`,
+    /// `tether_store_batch`).
     pub fn with_batching(
         self,
         config: BatchConfig,
@@ -334,23 +339,39 @@ impl<D: KvDatabase> KvStore<D> {
             batching: Some(Arc::new(Batching {
                 config,
                 metrics,
+                runtime: tokio::runtime::Handle::try_current().ok(),
                 queue: OnceLock::new(),
             })),
             ..self
         }
     }
 
-    /// The batching writer's queue, started on first use (on the caller's runtime); its
-    /// writer tasks hold a handle without one, so they never queue behind themselves and
-    /// end once every handle with the queue is gone.
-    fn queue<'a>(&self, batching: &'a Batching) -> &'a crate::store::batch::Queue {
-        batching.queue.get_or_init(|| {
+    /// The batching writer's queue, started on first use; its writer tasks hold a handle
+    /// without one, so they never queue behind themselves and end once every handle with
+    /// the queue is gone.
+    fn queue<'a>(
+        &self,
+        batching: &'a Batching,
+    ) -> Result<&'a crate::store::batch::Queue, StoreError> {
+        if let Some(queue) = batching.queue.get() {
+            return Ok(queue);
+        }
+        let runtime = match &batching.runtime {
+            Some(r) => r.clone(),
+            None => tokio::runtime::Handle::try_current().map_err(|_| {
+                StoreError::Backend(
+                    "FoundationDB: a commit outside a Tokio runtime cannot start the batch writer"
+                        .into(),
+                )
+            })?,
+        };
+        Ok(batching.queue.get_or_init(|| {
             let writer = KvStore {
                 batching: None,
                 ..self.clone()
             };
-            batch::start(writer, batching.config, batching.metrics.clone())
-        })
+            batch::start(writer, batching.config, batching.metrics.clone(), &runtime)
+        }))
     }
 
     /// The database underneath.
@@ -673,7 +694,7 @@ impl<D: KvDatabase> Store for KvStore<D> {
 
     async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
         if let Some(batching) = &self.batching {
-            return self.queue(batching).commit(set, epoch, commit).await;
+            return self.queue(batching)?.commit(set, epoch, commit).await;
         }
         // The writer tasks' handle: a batch of one, written at once.
         let encoded = self.encode_commit(set, &commit)?;

@@ -35,7 +35,8 @@ use super::{as_i64, backend, from_json, to_json, PostgresStore};
 use crate::store::batch::{BatchConfig, Queue, Request};
 use crate::store::{OpRetention, StoreError};
 
-/// Starts the batching writer of `store` (which writes through its pool).
+/// Starts the batching writer of `store` (which writes through its pool) on the current
+/// runtime.
 pub(super) fn start(store: PostgresStore, config: BatchConfig) -> Queue {
     Queue::start(
         config,
@@ -44,6 +45,7 @@ pub(super) fn start(store: PostgresStore, config: BatchConfig) -> Queue {
             let store = store.clone();
             Box::pin(async move { write_batch(&store, batch).await })
         }),
+        &tokio::runtime::Handle::current(),
     )
 }
 
