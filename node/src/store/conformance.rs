@@ -20,7 +20,7 @@ fn set(k: &str) -> SetKey {
     SetKey::parse(k).expect("valid set key")
 }
 
-fn bucket(id: &str, version: u64, v: serde_json::Value) -> Bucket {
+pub(crate) fn bucket(id: &str, version: u64, v: serde_json::Value) -> Bucket {
     let value: Fields = match v {
         serde_json::Value::Object(m) => m,
         _ => Fields::new(),
@@ -729,6 +729,72 @@ pub(crate) async fn a_fenced_set_fails_alone_among_concurrent_commits(store: Arc
     assert_eq!(store.history(&id, 0, 10).await.expect("history"), None);
 }
 
+/// Commits of several sets in flight at once (a batching writer puts them in one
+/// transaction), one naming an op id its set remembers and two of another set naming the
+/// same new op id: the replay is answered with the remembered record and writes nothing,
+/// exactly one of the two carriers of the new op id commits and the other is answered with
+/// its record, and the commits beside them commit, their op ids remembered once.
+pub(crate) async fn a_known_op_id_fails_alone_among_concurrent_commits(store: Arc<dyn Store>) {
+    let (k1, k2, k3) = (set("N1"), set("N2"), set("N3"));
+    let mut epochs = Vec::new();
+    for s in [&k1, &k2, &k3] {
+        epochs.push(store.acquire_lease(s, "n1").await.expect("lease").epoch);
+    }
+    let (e1, e2, e3) = (epochs[0], epochs[1], epochs[2]);
+    store
+        .commit(&k1, e1, logged("device.N1", 1, Some("op-k"), 1))
+        .await
+        .expect("first attempt");
+    let (replay, beside, first, second) = futures::join!(
+        store.commit(&k1, e1, logged("device.N1", 2, Some("op-k"), 2)),
+        store.commit(&k2, e2, logged("device.N2", 1, Some("op-2"), 2)),
+        store.commit(&k3, e3, logged("device.N3", 1, Some("op-dup"), 2)),
+        store.commit(&k3, e3, logged("device.N3", 1, Some("op-dup"), 3)),
+    );
+    match replay {
+        Err(StoreError::OpsKnown(known)) => {
+            assert_eq!(known, vec![op("op-k", "device.N1", 1, 1)]);
+        }
+        other => panic!("expected OpsKnown for the replay, got {other:?}"),
+    }
+    beside.expect("N2 commits beside a replay");
+    let winner = match (first, second) {
+        (Ok(()), Err(StoreError::OpsKnown(known))) => {
+            assert_eq!(known, vec![op("op-dup", "device.N3", 1, 2)]);
+            2
+        }
+        (Err(StoreError::OpsKnown(known)), Ok(())) => {
+            assert_eq!(known, vec![op("op-dup", "device.N3", 1, 3)]);
+            3
+        }
+        other => panic!("op-dup: expected one commit and one OpsKnown, got {other:?}"),
+    };
+    let n1 = store.load_set(&k1).await.expect("load");
+    assert_eq!(
+        n1,
+        vec![bucket("device.N1", 1, json!({ "v": 1 }))],
+        "replay wrote nothing"
+    );
+    assert_eq!(store.load_set(&k2).await.expect("load").len(), 1);
+    for (id, n) in [("device.N1", 1), ("device.N2", 1), ("device.N3", 1)] {
+        let page = store
+            .history(&BucketId::parse(id).expect("id"), 0, 10)
+            .await
+            .expect("history")
+            .expect("exists");
+        assert_eq!(page.changes.len(), n, "{id}: one change");
+    }
+    // Remembered once, as the winner's.
+    let err = store
+        .commit(&k3, e3, logged("device.N3", 2, Some("op-dup"), 9))
+        .await
+        .expect_err("op-dup is known");
+    assert!(
+        matches!(&err, StoreError::OpsKnown(k) if k == &vec![op("op-dup", "device.N3", 1, winner)]),
+        "{err:?}"
+    );
+}
+
 /// A thermostat's first contact as the node builds it (`hash` tells credentials apart).
 pub(crate) fn new_device(serial: &str, hash: u8, at_ms: u64) -> NewDevice {
     let mut buckets = Vec::new();
@@ -1164,6 +1230,7 @@ macro_rules! every_case {
             retention_trims_in_the_same_commit,
             a_new_pairing_code_invalidates_the_devices_previous_one,
             a_fenced_set_fails_alone_among_concurrent_commits,
+            a_known_op_id_fails_alone_among_concurrent_commits,
             first_contacts_write_new_devices_whole_and_refuse_the_rest,
             blob_uploads_take_chunks_in_order_and_complete_once,
             blob_holders_keep_a_blob_until_released_and_past_its_grace,

@@ -5,6 +5,7 @@
 //! adapter to `libfdb_c` with the `fdb` feature). Every backend passes the same
 //! conformance tests (`store::conformance`).
 
+pub mod batch;
 pub mod blobs;
 pub mod deadline;
 pub mod faults;
@@ -355,16 +356,22 @@ pub async fn open(
                 url,
                 pool,
                 metrics,
-                postgres::BatchConfig {
+                batch::BatchConfig {
                     deadline,
-                    ..postgres::BatchConfig::default()
+                    ..batch::BatchConfig::default()
                 },
             )
             .await?,
         ),
         #[cfg(feature = "fdb")]
         StoreUrl::Fdb(cluster_file) => {
-            std::sync::Arc::new(fdb::FdbStore::open(cluster_file).await?)
+            std::sync::Arc::new(fdb::FdbStore::open(cluster_file).await?.with_batching(
+                batch::BatchConfig {
+                    deadline,
+                    ..batch::BatchConfig::default()
+                },
+                Some(metrics),
+            ))
         }
         #[cfg(not(feature = "fdb"))]
         StoreUrl::Fdb(_) => {

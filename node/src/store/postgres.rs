@@ -24,7 +24,7 @@ mod batch;
 mod blobs;
 mod register;
 
-pub use batch::BatchConfig;
+pub use crate::store::batch::BatchConfig;
 
 use super::{
     AssignedRecord, Commit, DeviceRecord, Epoch, HistoryPage, Lease, NewDevice, OpRetention,
@@ -173,7 +173,7 @@ pub struct PostgresStore {
     metrics: crate::metrics::Metrics,
     /// The batching writer commits go through; `None` in the writer tasks' own handle
     /// (they write with [`PostgresStore::commit_one`]).
-    batcher: Option<std::sync::Arc<batch::Batcher>>,
+    batcher: Option<std::sync::Arc<crate::store::batch::Queue>>,
     /// How long a commit's transaction may take; past it the commit's fate is unknown and
     /// its connection is dropped, never reused ([`BatchConfig::deadline`]).
     deadline: std::time::Duration,
@@ -285,7 +285,7 @@ impl PostgresStore {
             writers: batching.writers.clamp(1, pool_size.max(1)),
             ..batching
         };
-        let batcher = batch::Batcher::start(store.clone(), batching);
+        let batcher = batch::start(store.clone(), batching);
         store.batcher = Some(std::sync::Arc::new(batcher));
         Ok(store)
     }

@@ -49,7 +49,7 @@ pub struct Stats {
 #[derive(Debug)]
 struct Chaos {
     rng: StdRng,
-    /// One commit in `one_in` and one read in `2 * one_in` fails.
+    /// One commit in `one_in` fails, and one transaction in `2 * one_in` fails a read.
     one_in: u32,
 }
 
@@ -107,16 +107,21 @@ impl State {
     }
 
     fn next_read_fault(&mut self) -> Option<KvError> {
-        if let Some(e) = self.read_faults.pop_front() {
-            self.stats.injected += 1;
-            return Some(e);
-        }
+        let e = self.read_faults.pop_front()?;
+        self.stats.injected += 1;
+        Some(e)
+    }
+
+    /// Whether a new transaction fails one of its reads (random faults): drawn once per
+    /// transaction, as FDB's `transaction_too_old` and `future_version` come from a
+    /// transaction's read version, not from single reads (so a transaction of many reads
+    /// is not failed more often than one of a few).
+    fn transaction_read_fault(&mut self) -> Option<KvError> {
         let chaos = self.chaos.as_mut()?;
         if chaos
             .rng
             .random_ratio(1, chaos.one_in.saturating_mul(2).max(1))
         {
-            self.stats.injected += 1;
             let code = if chaos.rng.random_bool(0.5) {
                 code::TRANSACTION_TOO_OLD
             } else {
@@ -179,7 +184,7 @@ impl MemoryKv {
     }
 
     /// From now on, one commit in `one_in` fails at random (`commit_unknown_result` with or
-    /// without its writes, or a conflict) and one read in `2 * one_in` fails with a
+    /// without its writes, or a conflict) and one transaction in `2 * one_in` fails a read with a
     /// retryable error; `seed` makes the sequence repeatable.
     pub fn chaos(&self, seed: u64, one_in: u32) {
         lock(&self.state).chaos = Some(Chaos {
@@ -241,10 +246,12 @@ impl KvDatabase for MemoryKv {
     fn begin(&self) -> Result<MemoryTrx, KvError> {
         let mut st = lock(&self.state);
         st.stats.begun += 1;
+        let read_fault = st.transaction_read_fault();
         Ok(MemoryTrx {
             kv: self.clone(),
             read_version: st.version,
             local: Mutex::new(Local::default()),
+            read_fault: Mutex::new(read_fault),
         })
     }
 }
@@ -309,6 +316,8 @@ pub struct MemoryTrx {
     kv: MemoryKv,
     read_version: u64,
     local: Mutex<Local>,
+    /// The random fault its next read fails with (drawn at `begin`).
+    read_fault: Mutex<Option<KvError>>,
 }
 
 impl MemoryTrx {
@@ -322,8 +331,20 @@ impl MemoryTrx {
 
     async fn before_read(&self) -> Result<(), KvError> {
         self.kv.wait_if_unreachable().await;
-        match lock(&self.kv.state).next_read_fault() {
-            Some(e) => Err(e),
+        let mut st = lock(&self.kv.state);
+        if let Some(e) = st.next_read_fault() {
+            return Err(e);
+        }
+        match self
+            .read_fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(e) => {
+                st.stats.injected += 1;
+                Err(e)
+            }
             None => Ok(()),
         }
     }

@@ -20,19 +20,26 @@
 //! | `("tether","lease_owner",set)`        | node id holding the lease, UTF-8       |
 //! | `("tether","device",device_id)`       | JSON `DeviceRecord`                    |
 //! | `("tether","rec",ns,k1[,k2])`         | JSON (credentials, users, pairings, structures, codes) |
-//! | `("tether","txn",ms,uuid)`            | JSON result of a committed non-idempotent operation |
+//! | `("tether","txn",ms,uuid,part)`       | JSON result of a committed non-idempotent operation, in parts of at most 90 KB |
 //! | `("tether","change",set,id,version)`  | JSON `Change` (the bucket's sync log)  |
 //! | `("tether","op",set,op_id)`           | JSON `OpRecord` (a remembered op id)   |
 //! | `("tether","op_age",set,at_ms,op_id)` | empty: the set's op ids by age         |
 //! | `("tether","op_count",set)`           | how many op ids the set remembers, u64 big-endian |
 //!
-//! A commit writes the buckets, their changes, its op records and the retention trims in
-//! one transaction, after checking the lease and that none of its op ids is remembered
-//! ([`StoreError::OpsKnown`] otherwise, nothing written).
+//! Commits are batched (`batch.rs`, [`BatchConfig`]): every actor of a node queues its
+//! commit, and a writer task writes what is queued in ONE transaction — per commit the
+//! buckets, their changes, its op records and the retention trims, after checking its
+//! set's lease and that none of its op ids is remembered ([`StoreError::OpsKnown`]
+//! otherwise, nothing of that commit written); each commit is decided alone, so a fenced
+//! set or a replayed op id refuses only its own commits. Past [`BatchConfig::queue`]
+//! queued commits a commit fails at once ([`StoreError::Overloaded`]); a batch not
+//! answered within [`BatchConfig::deadline`] answers each of its commits
+//! [`StoreError::FateUnknown`]; every answer waits for FDB's commit.
 //!
-//! Fencing: `commit` reads the set's lease key in the same transaction as its writes, so a
-//! concurrent `acquire_lease` conflicts with it (serializable isolation): one of them
-//! retries and the commit then sees the new epoch and is refused.
+//! Fencing: a batch reads the lease key of every set it writes in the same transaction as
+//! its writes, so a concurrent `acquire_lease` conflicts with it (serializable isolation):
+//! one of them retries, and the batch then sees the new epoch and refuses that set's
+//! commits (the others commit).
 //!
 //! Retries: every operation runs in a loop that retries FDB's retryable errors with
 //! exponential backoff, at most [`Limits::max_attempts`] times and for at most
@@ -40,21 +47,30 @@
 //! [`StoreError::Backend`] — a 503 with `Retry-After`, never a hang. An attempt whose
 //! commit reported `commit_unknown_result` may have committed; operations whose second
 //! application would answer differently (lease take-over, user creation, pairing-code
-//! consumption, pairing, credential swap) write a transaction marker `("txn",ms,uuid)`
+//! consumption, pairing, credential swap) write a transaction marker `("txn",ms,uuid,…)`
 //! holding their result in the same transaction, and every retry first reads it: when it
 //! is there the first attempt committed and its result is returned (FDB developer guide,
 //! "Transactions with unknown results"). Markers older than [`MARKER_TTL_MS`] are cleared
-//! by later marked transactions. A commit that remembers op ids (or trims them) is marked
-//! too: its second application would find its own op ids and answer `OpsKnown`, and bump
-//! the op count twice. Other commits (buckets, changes, change trims), device records,
-//! pairing codes and structure claims are idempotent as they are.
+//! by later marked transactions. A batch with a commit that remembers op ids (or trims
+//! them) is marked too, its marker holding every commit's decision: its second application
+//! would find its own op ids and answer `OpsKnown`, and bump the op count twice; with the
+//! marker each commit is answered what the attempt that committed decided. Other batches
+//! (buckets, changes, change trims), device records, pairing codes and structure claims
+//! are idempotent as they are.
 //!
 //! Limits: a bucket is one value, and FDB values are at most 100,000 bytes, so the node
 //! refuses a `max_bucket_bytes` above [`MAX_BUCKET_BYTES`] on this store
-//! ([`check_bucket_limit`]). A commit writes one bucket set (a handful of values), so
-//! transactions stay far below FDB's 10 MB; there are no watches at all — notifications
-//! come from the owning actor, never one FDB watch per device.
+//! ([`check_bucket_limit`]). A batch holds many sets' commits, so it is cut where its
+//! encoded keys and values would pass [`BatchConfig::max_batch_bytes`] (4 MB by default,
+//! well below FDB's 10 MB per transaction, which also counts retention clears and the
+//! marker), at most [`BatchConfig::max_batch`] commits each; the parts are written one
+//! after the other. A single commit over the bound, or with a key or value FDB refuses, is
+//! a part of its own and fails alone. FDB's 5 s per transaction is kept by the batch
+//! deadline (`--store-timeout-ms`, 3 s by default) and [`Limits::timeout`]. There are no
+//! watches at all — notifications come from the owning actor, never one FDB watch per
+//! device.
 
+mod batch;
 mod blobs;
 pub mod kv;
 pub mod memory;
@@ -63,15 +79,17 @@ pub mod native;
 #[cfg(feature = "fdb")]
 pub use native::{FdbStore, Network};
 
+pub use crate::store::batch::BatchConfig;
+
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use foundationdb_tuple::Subspace;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tether_proto::synclog::{Change, OpRecord};
+use tether_proto::synclog::Change;
 use tether_proto::{Bucket, BucketId, SetKey};
 
 use self::kv::{KvDatabase, KvError, KvTransaction, MAX_VALUE_BYTES};
@@ -88,6 +106,9 @@ pub const MAX_BUCKET_BYTES: usize = MAX_VALUE_BYTES - STORED_BUCKET_ENVELOPE;
 /// How long a transaction marker is kept: far beyond any retry loop ([`Limits::timeout`]),
 /// and beyond any sane clock skew between the nodes that clear old markers.
 pub const MARKER_TTL_MS: u64 = 10 * 60 * 1000;
+/// The most bytes of a transaction marker's result in one value (well below FDB's
+/// [`MAX_VALUE_BYTES`]); a longer result is stored in parts `("txn",ms,uuid,0..)`.
+const MARKER_PART_BYTES: usize = 90_000;
 
 /// Refuses a bucket size limit FoundationDB could not store: without this, a bucket near
 /// the limit fails every commit of its set with `value_too_large` (a 503 forever).
@@ -249,6 +270,21 @@ pub struct KvStore<D: KvDatabase> {
     db: Arc<D>,
     root: Subspace,
     limits: Limits,
+    /// The batching writer `commit` goes through (`batch.rs`); `None` in the writer
+    /// tasks' own handle, which commits a batch of one itself.
+    batching: Option<Arc<Batching>>,
+}
+
+/// A store's batching writer, started by its first commit.
+#[derive(Debug)]
+struct Batching {
+    config: BatchConfig,
+    metrics: Option<crate::metrics::Metrics>,
+    /// Where its writer tasks run: the runtime the store was configured on (the node's
+    /// main runtime: an actor's may stop while the store lives on), else the first
+    /// commit's.
+    runtime: Option<tokio::runtime::Handle>,
+    queue: OnceLock<crate::store::batch::Queue>,
 }
 
 impl<D: KvDatabase> Clone for KvStore<D> {
@@ -257,6 +293,7 @@ impl<D: KvDatabase> Clone for KvStore<D> {
             db: self.db.clone(),
             root: self.root.clone(),
             limits: self.limits,
+            batching: self.batching.clone(),
         }
     }
 }
@@ -277,13 +314,64 @@ impl<D: KvDatabase> KvStore<D> {
         Self::with_limits(db, prefix, Limits::default())
     }
 
-    /// Like [`new`](Self::new) with other limits (tests shorten the timeout).
+    /// Like [`new`](Self::new) with other limits (tests shorten the timeout), and the
+    /// default [`BatchConfig`].
     pub fn with_limits(db: D, prefix: &str, limits: Limits) -> Self {
         KvStore {
             db: Arc::new(db),
             root: Subspace::all().subspace(&prefix),
             limits,
+            batching: None,
         }
+        .with_batching(BatchConfig::default(), None)
+    }
+
+    /// This store with commits batched under `config` (its handles share one batching
+    /// writer, started by the first commit on the runtime this is called on, if any);
+    /// each batch transaction is counted in `metrics` (`tether_store_commits_total`,
+    /// `tether_store_batch`).
+    pub fn with_batching(
+        self,
+        config: BatchConfig,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Self {
+        KvStore {
+            batching: Some(Arc::new(Batching {
+                config,
+                metrics,
+                runtime: tokio::runtime::Handle::try_current().ok(),
+                queue: OnceLock::new(),
+            })),
+            ..self
+        }
+    }
+
+    /// The batching writer's queue, started on first use; its writer tasks hold a handle
+    /// without one, so they never queue behind themselves and end once every handle with
+    /// the queue is gone.
+    fn queue<'a>(
+        &self,
+        batching: &'a Batching,
+    ) -> Result<&'a crate::store::batch::Queue, StoreError> {
+        if let Some(queue) = batching.queue.get() {
+            return Ok(queue);
+        }
+        let runtime = match &batching.runtime {
+            Some(r) => r.clone(),
+            None => tokio::runtime::Handle::try_current().map_err(|_| {
+                StoreError::Backend(
+                    "FoundationDB: a commit outside a Tokio runtime cannot start the batch writer"
+                        .into(),
+                )
+            })?,
+        };
+        Ok(batching.queue.get_or_init(|| {
+            let writer = KvStore {
+                batching: None,
+                ..self.clone()
+            };
+            batch::start(writer, batching.config, batching.metrics.clone(), &runtime)
+        }))
     }
 
     /// The database underneath.
@@ -402,7 +490,8 @@ impl<D: KvDatabase> KvStore<D> {
 
     /// [`run`](Self::run) for an operation whose second application would answer
     /// differently: the first attempt that commits also writes its result under a fresh
-    /// marker key, and every later attempt returns the marker's result when it finds one.
+    /// marker key (in parts of [`MARKER_PART_BYTES`]), and every later attempt returns the
+    /// marker's result when it finds one.
     /// Later attempts always look, not only after `commit_unknown_result`: a commit whose
     /// result was unknown may land after the next attempt's read version, which then fails
     /// with a conflict, and only the attempt after that sees the marker.
@@ -415,21 +504,27 @@ impl<D: KvDatabase> KvStore<D> {
         let now = now_ms();
         let marker = self
             .root
-            .pack(&("txn", now, uuid::Uuid::new_v4().to_string()));
+            .subspace(&("txn", now, uuid::Uuid::new_v4().to_string()));
         let expired = (
             self.root.subspace(&("txn",)).range().0,
             self.root.pack(&("txn", now.saturating_sub(MARKER_TTL_MS))),
         );
-        let (marker, expired, body) = (&marker, &expired, &body);
+        let (marker, expired, body, page) = (&marker, &expired, &body, self.limits.range_page);
         self.run(what, |trx, attempt| async move {
             if attempt.number > 1 {
-                if let Some(done) = trx.get(marker).await? {
+                let parts = read_all(&*trx, marker.range(), page).await?;
+                if !parts.is_empty() {
                     tracing::debug!(what, "an earlier attempt committed; returning its result");
+                    let done: Vec<u8> = parts.into_iter().flat_map(|(_, v)| v).collect();
                     return from_json(&done);
                 }
             }
             let result = body(trx.clone(), attempt).await?;
-            trx.set(marker, &to_json(&result)?);
+            // In parts: a result may pass FDB's value limit (a batch commit's decisions
+            // carry the op records of its replays).
+            for (i, part) in to_json(&result)?.chunks(MARKER_PART_BYTES).enumerate() {
+                trx.set(&marker.pack(&(i as u64)), part);
+            }
             trx.clear_range(&expired.0, &expired.1);
             Ok(result)
         })
@@ -483,81 +578,6 @@ impl<D: KvDatabase> KvStore<D> {
             count: self.root.pack(&("op_count", s)),
             retention: commit.trim.ops,
         })
-    }
-
-    /// One attempt of a commit: the lease and the op ids checked, then everything written.
-    async fn commit_in(
-        &self,
-        trx: &D::Trx,
-        set: &SetKey,
-        epoch: Epoch,
-        e: &Encoded,
-    ) -> Result<(), TxError> {
-        let current = trx
-            .get(&e.lease)
-            .await?
-            .map(|v| decode_epoch(&v))
-            .transpose()?;
-        if current != Some(epoch.0) {
-            return Err(abort(StoreError::Fenced {
-                set: set.to_string(),
-                epoch: epoch.0,
-            }));
-        }
-        // Checked before anything is written: a known op id writes nothing.
-        let mut known = Vec::new();
-        for (key, _, _) in &e.ops {
-            if let Some(v) = trx.get(key).await? {
-                known.push(from_json::<OpRecord>(&v)?);
-            }
-        }
-        if !known.is_empty() {
-            return Err(abort(StoreError::OpsKnown(known)));
-        }
-        for (k, v) in &e.writes {
-            trx.set(k, v);
-        }
-        for (begin, end) in &e.trims {
-            trx.clear_range(begin, end);
-        }
-        if e.ops.is_empty() && e.retention.is_none() {
-            return Ok(());
-        }
-        let mut n = match trx.get(&e.count).await? {
-            Some(v) => decode_epoch(&v)?,
-            None => 0,
-        };
-        for (key, body, age) in &e.ops {
-            trx.set(key, body);
-            trx.set(age, &[]);
-            n += 1;
-        }
-        if let Some(OpRetention {
-            keep_last,
-            keep_since_ms,
-        }) = e.retention
-        {
-            // The oldest first, while more than `keep_last` remain and they are older
-            // than `keep_since_ms`.
-            let excess = usize::try_from(n.saturating_sub(keep_last)).unwrap_or(usize::MAX);
-            let s = set.as_str();
-            let range = (
-                self.root.pack(&("op_age", s, 0u64)),
-                self.root.pack(&("op_age", s, keep_since_ms)),
-            );
-            let old = read_limited(trx, range, excess).await?;
-            let age_space = self.root.subspace(&("op_age", s));
-            for (k, _) in &old {
-                let (_, op_id): (u64, String) = age_space
-                    .unpack(k)
-                    .map_err(|e| abort(StoreError::Corrupt(e.to_string())))?;
-                trx.clear(k);
-                trx.clear(&self.root.pack(&("op", s, op_id.as_str())));
-            }
-            n -= old.len() as u64;
-        }
-        trx.set(&e.count, &n.to_be_bytes());
-        Ok(())
     }
 
     fn rec2(&self, ns: &str, k1: &str, k2: &str) -> Vec<u8> {
@@ -673,21 +693,24 @@ impl<D: KvDatabase> Store for KvStore<D> {
     }
 
     async fn commit(&self, set: &SetKey, epoch: Epoch, commit: Commit) -> Result<(), StoreError> {
-        let encoded = &self.encode_commit(set, &commit)?;
-        if encoded.ops.is_empty() && encoded.retention.is_none() {
-            // Idempotent: a retry rewrites the same values under the same epoch check.
-            return self
-                .run("commit", |trx, _| async move {
-                    self.commit_in(&trx, set, epoch, encoded).await
-                })
-                .await;
+        if let Some(batching) = &self.batching {
+            return self.queue(batching)?.commit(set, epoch, commit).await;
         }
-        // A retry after an unknown result must not find its own op ids (nor count them
-        // twice): marked, so it returns the first attempt's success.
-        self.run_once("commit", |trx, _| async move {
-            self.commit_in(&trx, set, epoch, encoded).await
-        })
-        .await
+        // The writer tasks' handle: a batch of one, written at once.
+        let encoded = self.encode_commit(set, &commit)?;
+        let item = batch::Item {
+            set,
+            epoch,
+            encoded: &encoded,
+            ops: &commit.ops,
+        };
+        let decided = self.commit_batch(std::slice::from_ref(&item)).await?;
+        match decided.into_iter().next() {
+            Some(decision) => decision.answer(set, epoch),
+            None => Err(StoreError::Backend(
+                "FoundationDB: a batch of one commit answered nothing".into(),
+            )),
+        }
     }
 
     async fn history(
@@ -953,7 +976,11 @@ impl<D: KvDatabase> Store for KvStore<D> {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        // Every acknowledged write was committed by FDB before its answer.
+        // Every acknowledged write was committed by FDB before its answer; queued commits
+        // are written (or failed) before the close returns.
+        if let Some(queue) = self.batching.as_ref().and_then(|b| b.queue.get()) {
+            queue.close().await;
+        }
         Ok(())
     }
 }

@@ -22,146 +22,31 @@
 //! and each of its commits is answered [`StoreError::FateUnknown`]. A commit whose
 //! requester stopped waiting before its batch began is not written at all.
 //!
-//! Admission: at most [`BatchConfig::queue`] commits wait or are being written; past that
-//! a commit fails at once with [`StoreError::Overloaded`] (503 + `Retry-After`), never an
-//! unbounded wait.
+//! Admission, the queue and the writer tasks are the backend-independent part
+//! ([`crate::store::batch`]): past [`BatchConfig::queue`] a commit fails at once with
+//! [`StoreError::Overloaded`] (503 + `Retry-After`), never an unbounded wait.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tether_proto::synclog::OpRecord;
-use tether_proto::SetKey;
-use tokio::sync::{mpsc, oneshot, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::{as_i64, backend, from_json, to_json, PostgresStore};
-use crate::store::{Commit, Epoch, OpRetention, StoreError};
+use crate::store::batch::{BatchConfig, Queue, Request};
+use crate::store::{OpRetention, StoreError};
 
-/// Limits of the batching writer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchConfig {
-    /// Most commits queued or being written at once; more are refused (overloaded).
-    pub queue: usize,
-    /// Batch transactions in flight at once (each holds one pooled connection).
-    pub writers: usize,
-    /// Most commits folded into one transaction.
-    pub max_batch: usize,
-    /// How long a batch's transaction may take (`--store-timeout-ms`). Past it the batch
-    /// is abandoned: its connection dropped, never reused, and every commit in it told
-    /// its fate is unknown ([`StoreError::FateUnknown`]), never that it failed.
-    pub deadline: std::time::Duration,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            queue: 8192,
-            writers: 4,
-            max_batch: 512,
-            deadline: crate::store::deadline::DEFAULT_DEADLINE,
-        }
-    }
-}
-
-/// A commit waiting for its batch.
-struct Request {
-    set: SetKey,
-    epoch: Epoch,
-    commit: Commit,
-    reply: oneshot::Sender<Result<(), StoreError>>,
-    /// Its place in the admission bound, given back when it is answered.
-    _permit: OwnedSemaphorePermit,
-}
-
-/// The queue in front of the writer tasks.
-#[derive(Debug)]
-pub(super) struct Batcher {
-    tx: mpsc::UnboundedSender<Request>,
-    admission: Arc<Semaphore>,
-    bound: usize,
-}
-
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request").field("set", &self.set).finish()
-    }
-}
-
-impl Batcher {
-    /// Starts `config.writers` writer tasks on the current runtime, writing through
-    /// `store`'s pool.
-    pub(super) fn start(store: PostgresStore, config: BatchConfig) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..config.writers.max(1) {
-            let (rx, store) = (rx.clone(), store.clone());
-            let max_batch = config.max_batch.max(1);
-            tokio::spawn(async move {
-                loop {
-                    let mut batch = Vec::new();
-                    {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else { return };
-                        batch.push(first);
-                        while batch.len() < max_batch {
-                            match rx.try_recv() {
-                                Ok(r) => batch.push(r),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    write_batch(&store, batch).await;
-                }
-            });
-        }
-        Batcher {
-            tx,
-            admission: Arc::new(Semaphore::new(config.queue.max(1))),
-            bound: config.queue.max(1),
-        }
-    }
-
-    /// Queues a commit and waits until its batch committed (or it failed).
-    pub(super) async fn commit(
-        &self,
-        set: &SetKey,
-        epoch: Epoch,
-        commit: Commit,
-    ) -> Result<(), StoreError> {
-        let permit = match self.admission.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(StoreError::Closed),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                return Err(StoreError::Overloaded(format!(
-                    "{} commits already queued for PostgreSQL",
-                    self.bound
-                )))
-            }
-        };
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Request {
-                set: set.clone(),
-                epoch,
-                commit,
-                reply,
-                _permit: permit,
-            })
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Refuses new commits and waits (bounded) until every admitted one was answered.
-    pub(super) async fn close(&self) {
-        let all = u32::try_from(self.bound).unwrap_or(u32::MAX);
-        // Every permit back means nothing is queued or being written.
-        let drained = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            self.admission.acquire_many(all),
-        )
-        .await;
-        drop(drained);
-        self.admission.close();
-    }
+/// Starts the batching writer of `store` (which writes through its pool) on the current
+/// runtime.
+pub(super) fn start(store: PostgresStore, config: BatchConfig) -> Queue {
+    Queue::start(
+        config,
+        "PostgreSQL",
+        Arc::new(move |batch| {
+            let store = store.clone();
+            Box::pin(async move { write_batch(&store, batch).await })
+        }),
+        &tokio::runtime::Handle::current(),
+    )
 }
 
 const LEASES_FOR_SHARE: &str = "
@@ -296,10 +181,7 @@ enum Verdict {
 
 /// Writes one batch and answers every request in it.
 async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
-    // A requester that stopped waiting (its deadline passed while queued) was told the
-    // fate is unknown: writing nothing for it is one of the fates it allowed, and the
-    // safest one.
-    let batch: Vec<Request> = batch.into_iter().filter(|r| !r.reply.is_closed()).collect();
+    // Requesters that stopped waiting were dropped by the queue (`store::batch`).
     if batch.is_empty() {
         return;
     }
@@ -326,7 +208,7 @@ async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
         Ok(answers) => {
             for (r, answer) in batch.into_iter().zip(answers) {
                 // A dropped receiver: the requester gave up; nothing to tell it.
-                let _ = r.reply.send(answer);
+                r.answer(answer);
             }
         }
         Err(Fallback::Each(verdicts)) => {
@@ -337,12 +219,12 @@ async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
                     Verdict::Refused(e) => Err(e),
                     Verdict::Accepted => store.commit_one(&r.set, r.epoch, r.commit.clone()).await,
                 };
-                let _ = r.reply.send(answer);
+                r.answer(answer);
             }
         }
         Err(Fallback::All(e)) => {
             for r in batch {
-                let _ = r.reply.send(Err(e.clone()));
+                r.answer(Err(e.clone()));
             }
         }
     }
