@@ -298,7 +298,8 @@ pub struct ServeArgs {
     /// Longest subscribe hold time [default: 5400000 = 90 min].
     #[arg(long, env = "TETHER_SUBSCRIBE_MAX_TIMEOUT_MS")]
     pub subscribe_max_timeout_ms: Option<u64>,
-    /// Idle bucket set actors stop after this [default: 60000].
+    /// Bucket set actors with nothing to do stop after this; held subscriptions of a set
+    /// stay, as compact waiter records, until its next write [default: 60000].
     #[arg(long, env = "TETHER_PASSIVATE_AFTER_MS")]
     pub passivate_after_ms: Option<u64>,
     /// HTTP worker threads [default: number of CPUs].

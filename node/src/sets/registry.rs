@@ -23,7 +23,8 @@ use crate::store::Store;
 /// Actor tuning.
 #[derive(Debug, Clone)]
 pub struct ActorConfig {
-    /// An actor with no activity and nothing held for this long stops.
+    /// An actor with no activity for this long stops; its held subscriptions, if any,
+    /// are parked (`sets::parked`).
     pub passivate_after: Duration,
     /// Largest bucket value (JSON bytes) a write may produce.
     pub max_bucket_bytes: usize,
