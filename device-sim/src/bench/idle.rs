@@ -62,6 +62,10 @@ pub struct Opts {
     pub connect_limit_s: u64,
     /// Skip mosquitto.
     pub skip_mosquitto: bool,
+    /// Also measure Tether with the held devices' sets parked (`--passivate-after-ms`
+    /// [`PARKED_AFTER_MS`]: their actors stopped, each subscription a waiter record), in the
+    /// same run; not with `cluster`.
+    pub parked: bool,
     /// Where results go.
     pub out: PathBuf,
 }
@@ -81,11 +85,16 @@ pub struct Held {
     pub setup_s: f64,
 }
 
+/// The parked measurement's `--passivate-after-ms`.
+pub const PARKED_AFTER_MS: u64 = 2_000;
+
 /// One run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
     /// Each Tether node.
     pub tether: Vec<Held>,
+    /// Each Tether node with its held sets parked, if measured.
+    pub tether_parked: Option<Vec<Held>>,
     /// mosquitto, if measured.
     pub mosquitto: Option<Held>,
 }
@@ -128,12 +137,25 @@ fn kill_all(children: &mut [Child]) {
     }
 }
 
-async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
+async fn tether_nodes(o: &Opts, src_offset: usize, parked: bool) -> Result<Vec<Held>> {
+    let after = PARKED_AFTER_MS.to_string();
+    let extra: &[&str] = if parked {
+        &["--passivate-after-ms", &after]
+    } else {
+        &[]
+    };
     let mut nodes = Vec::new();
     for _ in 0..o.nodes {
-        nodes.push(tether::start(&o.tether_bin, &[]).await?);
+        nodes.push(tether::start(&o.tether_bin, extra).await?);
     }
-    let out = hold_on(o, &nodes.iter().collect::<Vec<_>>(), src_offset, false).await;
+    let out = hold_on(
+        o,
+        &nodes.iter().collect::<Vec<_>>(),
+        src_offset,
+        false,
+        parked,
+    )
+    .await;
     for n in nodes {
         n.server.stop().await;
     }
@@ -145,17 +167,20 @@ async fn tether_nodes(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
 /// their set's owner (`sync_url`), and hold their subscribe there.
 async fn tether_cluster(o: &Opts, src_offset: usize) -> Result<Vec<Held>> {
     let cluster = tether::Cluster::start(&o.tether_bin, o.nodes, "idle").await?;
-    hold_on(o, &cluster.nodes(), src_offset, true).await
+    hold_on(o, &cluster.nodes(), src_offset, true, false).await
 }
 
 /// Holds subscriptions on `nodes` from `o.procs` `tether-sim` processes per node and
 /// measures every node's RSS. Independent nodes must each hold `o.count`; a cluster's
 /// nodes hold `nodes × count` between them (each device subscribes at its set's owner).
+/// With `parked`, the measurement waits until the nodes keep at most 1 % of their held
+/// sets in memory (the others parked).
 async fn hold_on(
     o: &Opts,
     nodes: &[&tether::TetherNode],
     src_offset: usize,
     cluster: bool,
+    parked: bool,
 ) -> Result<Vec<Held>> {
     let http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -232,6 +257,26 @@ async fn hold_on(
         return Err(e.context("tether"));
     }
     let setup_s = started.elapsed().as_secs_f64();
+    if parked {
+        for node in nodes {
+            let url = node.url().to_string();
+            let until = Instant::now() + Duration::from_secs(o.connect_limit_s);
+            loop {
+                let active = tether::metric(&http, &url, "tether_active_bucket_sets").await;
+                if active.is_some_and(|a| a <= o.count as f64 / 100.0) {
+                    break;
+                }
+                if Instant::now() >= until {
+                    kill_all(&mut sims);
+                    bail!(
+                        "{url}: {active:?} bucket sets still active, not parked, after {:?}",
+                        o.connect_limit_s
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
     // Let allocations settle, then measure every node.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut out = Vec::new();
@@ -321,20 +366,40 @@ async fn mosquitto_held(o: &Opts, src_offset: usize) -> Result<Held> {
 pub async fn run(o: Opts) -> Result<()> {
     let machine = Machine::probe();
     let (_, date) = now_utc();
+    if o.parked && o.cluster {
+        bail!("--parked measures independent nodes only (not with --cluster)");
+    }
     let mut runs = Vec::new();
     for r in 0..o.runs {
         // Fresh source addresses per run and server: no TIME_WAIT left from the last one.
-        let offset = r * (o.procs * (o.nodes + 1));
+        let offset = r * (o.procs * (2 * o.nodes + 1));
         let t = if o.cluster {
             tether_cluster(&o, offset).await?
         } else {
-            tether_nodes(&o, offset).await?
+            tether_nodes(&o, offset, false).await?
+        };
+        let tp = if o.parked {
+            Some(tether_nodes(&o, offset + o.procs * o.nodes, true).await?)
+        } else {
+            None
         };
         let m = if o.skip_mosquitto {
             None
         } else {
-            Some(mosquitto_held(&o, offset + o.procs * o.nodes).await?)
+            Some(mosquitto_held(&o, offset + 2 * o.procs * o.nodes).await?)
         };
+        for (i, h) in tp.iter().flatten().enumerate() {
+            eprintln!(
+                "run {} tether node {} parked: {} held, RSS {} → {} KiB = {:.2} KiB/subscription (setup {:.0} s)",
+                r + 1,
+                i + 1,
+                h.held,
+                h.rss_base_kib,
+                h.rss_held_kib,
+                h.kib_per_subscription,
+                h.setup_s
+            );
+        }
         for (i, h) in t.iter().enumerate() {
             eprintln!(
                 "run {} tether node {}: {} held, RSS {} → {} KiB = {:.2} KiB/subscription (setup {:.0} s)",
@@ -360,6 +425,7 @@ pub async fn run(o: Opts) -> Result<()> {
         }
         runs.push(Run {
             tether: t,
+            tether_parked: tp,
             mosquitto: m,
         });
     }
@@ -385,6 +451,32 @@ pub async fn run(o: Opts) -> Result<()> {
             })
             .collect::<Vec<_>>(),
     );
+    let parked_kib = Spread::of(
+        &runs
+            .iter()
+            .flat_map(|r| {
+                r.tether_parked
+                    .iter()
+                    .flatten()
+                    .map(|h| h.kib_per_subscription)
+            })
+            .collect::<Vec<_>>(),
+    );
+    let parked_ratio = |of: &dyn Fn(&Run) -> Option<f64>| {
+        Spread::of(
+            &runs
+                .iter()
+                .filter_map(|r| {
+                    let p = r.tether_parked.as_ref()?.first()?;
+                    Some(ratio(p.kib_per_subscription, of(r)?))
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let parked_over_actors =
+        parked_ratio(&|r: &Run| r.tether.first().map(|h| h.kib_per_subscription));
+    let parked_over_mosquitto =
+        parked_ratio(&|r: &Run| r.mosquitto.as_ref().map(|h| h.kib_per_subscription));
     let total_held = Spread::of(
         &runs
             .iter()
@@ -400,6 +492,14 @@ pub async fn run(o: Opts) -> Result<()> {
             ratio_s.show(2)
         )
     };
+    if o.parked {
+        println!(
+            "idle-subscriptions, parked (--passivate-after-ms {PARKED_AFTER_MS}): tether {} KiB/subscription, ratio parked/actors kept {}, parked/mosquitto {}",
+            parked_kib.show(2),
+            parked_over_actors.show(2),
+            parked_over_mosquitto.show(2)
+        );
+    }
     println!(
         "idle-subscriptions ({} runs, {} per process, {} tether node(s)): tether {} KiB/subscription, {mosquitto_part}; held by tether nodes on this machine: {}",
         o.runs,
@@ -411,11 +511,15 @@ pub async fn run(o: Opts) -> Result<()> {
     let result = json!({
         "benchmark": "idle-subscriptions", "date": date, "machine": machine,
         "params": {"runs": o.runs, "count_per_server": o.count, "client_processes": o.procs,
-                   "tether_nodes": o.nodes, "cluster": o.cluster},
+                   "tether_nodes": o.nodes, "cluster": o.cluster, "parked": o.parked,
+                   "parked_after_ms": PARKED_AFTER_MS},
         "runs": runs,
         "summary": {"tether_kib_per_subscription": tether_kib,
                     "mosquitto_kib_per_subscription": mosq_kib,
                     "ratio_tether_over_mosquitto": ratio_s,
+                    "tether_parked_kib_per_subscription": parked_kib,
+                    "ratio_parked_over_actors_kept": parked_over_actors,
+                    "ratio_parked_over_mosquitto": parked_over_mosquitto,
                     "tether_total_held": total_held},
     });
     let path = write_json(&o.out, "idle-subscriptions", &result)?;

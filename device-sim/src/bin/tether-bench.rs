@@ -118,6 +118,10 @@ enum Cmd {
         /// Only Tether.
         #[arg(long)]
         skip_mosquitto: bool,
+        /// Also measure Tether with the held devices' sets parked (their actors stopped,
+        /// `--passivate-after-ms 2000`), same run.
+        #[arg(long)]
+        parked: bool,
         /// Results directory.
         #[arg(long, default_value = "results")]
         out: PathBuf,
@@ -334,9 +338,11 @@ fn run(args: Args) -> Result<()> {
                 ramp_per_s,
                 connect_limit_s,
                 skip_mosquitto,
+                parked,
                 out,
             } => {
                 idle::run(idle::Opts {
+                    parked,
                     cluster,
                     ramp_per_s,
                     tether_bin,
