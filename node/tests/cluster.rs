@@ -82,6 +82,48 @@ async fn start_member(
     }
 }
 
+/// A member on the PostgreSQL at `url` authenticated by the cluster secret alone (no
+/// mTLS), joining through `join`, sharing `keys`, with `config` and `extra` flags.
+async fn start_plain_member(
+    id: &str,
+    url: &str,
+    join: Option<u16>,
+    keys: Option<Arc<Keyring>>,
+    config: Option<&str>,
+    extra: &[&str],
+) -> Member {
+    let grpc = free_port();
+    let faults = tempfile::tempdir().expect("faults dir");
+    let mut b = Node::builder()
+        .arg("--test-store-faults")
+        .arg(faults.path().display().to_string())
+        .arg("--node-id")
+        .arg(id)
+        .arg("--store")
+        .arg(url)
+        .arg("--grpc-listen")
+        .arg(format!("127.0.0.1:{grpc}"))
+        .env("TETHER_CLUSTER_SECRET", SECRET);
+    if let Some(c) = config {
+        b = b.config(c);
+    }
+    for a in extra {
+        b = b.arg(*a);
+    }
+    if let Some(seed) = join {
+        b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
+    }
+    if let Some(k) = keys {
+        b = b.keyring(k);
+    }
+    Member {
+        node: b.start().await,
+        id: id.to_string(),
+        grpc,
+        faults,
+    }
+}
+
 /// Asserts a 503 says when to retry (README: `Retry-After: 1` on cluster 503s).
 fn assert_retry_after(r: &Resp) {
     assert_eq!(
@@ -1060,35 +1102,14 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("opretry").expect("database");
     let start = |id: &'static str, join: Option<u16>, keys: Option<Arc<Keyring>>| {
-        let url = url.clone();
-        async move {
-            let grpc = free_port();
-            let faults = tempfile::tempdir().expect("faults dir");
-            let mut b = Node::builder()
-                .arg("--test-store-faults")
-                .arg(faults.path().display().to_string())
-                .arg("--node-id")
-                .arg(id)
-                .arg("--store")
-                .arg(url)
-                .arg("--grpc-listen")
-                .arg(format!("127.0.0.1:{grpc}"))
-                .arg("--fault-stall-op-prefix")
-                .arg("stall-")
-                .env("TETHER_CLUSTER_SECRET", SECRET);
-            if let Some(seed) = join {
-                b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
-            }
-            if let Some(k) = keys {
-                b = b.keyring(k);
-            }
-            Member {
-                node: b.start().await,
-                id: id.to_string(),
-                grpc,
-                faults,
-            }
-        }
+        start_plain_member(
+            id,
+            &url,
+            join,
+            keys,
+            None,
+            &["--fault-stall-op-prefix", "stall-"],
+        )
     };
     let a = start("op-a", None, None).await;
     let keys = a.node.keyring();
@@ -1213,34 +1234,14 @@ async fn a_forwarded_subscription_survives_its_sets_passivation_on_the_owner() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("parked").expect("database");
     let start = |id: &'static str, join: Option<u16>, keys: Option<Arc<Keyring>>| {
-        let url = url.clone();
-        async move {
-            let grpc = free_port();
-            let faults = tempfile::tempdir().expect("faults dir");
-            let mut b = Node::builder()
-                .config(TEMPLATE)
-                .arg("--node-id")
-                .arg(id)
-                .arg("--store")
-                .arg(url)
-                .arg("--grpc-listen")
-                .arg(format!("127.0.0.1:{grpc}"))
-                .arg("--passivate-after-ms")
-                .arg("300")
-                .env("TETHER_CLUSTER_SECRET", SECRET);
-            if let Some(seed) = join {
-                b = b.arg("--join").arg(format!("127.0.0.1:{seed}"));
-            }
-            if let Some(k) = keys {
-                b = b.keyring(k);
-            }
-            Member {
-                node: b.start().await,
-                id: id.to_string(),
-                grpc,
-                faults,
-            }
-        }
+        start_plain_member(
+            id,
+            &url,
+            join,
+            keys,
+            Some(TEMPLATE),
+            &["--passivate-after-ms", "300"],
+        )
     };
     let a = start("park-a", None, None).await;
     let b = start("park-b", Some(a.grpc), Some(a.node.keyring())).await;

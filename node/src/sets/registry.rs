@@ -906,6 +906,12 @@ mod tests {
     ) -> (Arc<Shared>, Arc<Router>, SetKey, BucketId) {
         let n1 = node("n1", store);
         let router = Router::single(n1.clone());
+        let (set, id) = create_set(&router, name).await;
+        (n1, router, set, id)
+    }
+
+    /// Creates set `name` with one bucket, `shared.<name>`, at version 1.
+    async fn create_set(router: &Router, name: &str) -> (SetKey, BucketId) {
         let set = SetKey::parse(name).expect("set");
         let id = BucketId::parse(&format!("shared.{name}")).expect("id");
         router
@@ -917,7 +923,7 @@ mod tests {
             )
             .await
             .expect("create");
-        (n1, router, set, id)
+        (set, id)
     }
 
     /// Waits for the actors (on their own arbiter) until `held` subscriptions are held,
@@ -951,17 +957,7 @@ mod tests {
         router: &Router,
         name: &str,
     ) -> (SetKey, BucketId, HeldLeg) {
-        let set = SetKey::parse(name).expect("set");
-        let id = BucketId::parse(&format!("shared.{name}")).expect("id");
-        router
-            .ensure(
-                &set,
-                vec![(id.clone(), fields(json!({"x": null})))],
-                None,
-                None,
-            )
-            .await
-            .expect("create");
+        let (set, id) = create_set(router, name).await;
         let parked_before = n1.parked();
         let held_before = n1.metrics.held_subscriptions();
         let by_set = BTreeMap::from([(set.clone(), vec![held(&id, 1)])]);
