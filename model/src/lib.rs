@@ -16,7 +16,7 @@
 //! - a pause is a node taking no step while time passes, so every pause is among the
 //!   interleavings checked; a woken owner still believes it holds its lease;
 //! - [`Faults`]: commits whose fate is unknown, activations that fail after their lease
-//!   request was sent.
+//!   request was sent (and whether such a request may land long after the failure).
 //!
 //! The `always` properties ([`ALWAYS`]): **at most one committing owner per epoch**
 //! (every commit that landed was sent under the set's current epoch by the node holding
@@ -26,8 +26,9 @@
 //! take-overs, writes acknowledged by a new owner, reads after writes, deposed owners
 //! asked to read and fenced commits.
 //!
-//! [`Rules`] selects the node's real rules, one planted [`Bug`], or the change the model
-//! proposes; the tests show the checker catches each bug, so every property can fail.
+//! [`Rules`] selects the node's real rules, one planted [`Bug`], the rules before the fix
+//! of the model's finding, or the change the model proposed; the tests show the checker
+//! catches each bug, so every property can fail.
 //!
 //! Code map: `state.rs` (what the model remembers), `step.rs` (the transitions, each
 //! naming the node code it mirrors), `properties.rs` (the checks). No I/O and no
@@ -70,15 +71,27 @@ pub struct Ownership {
 /// The rules the nodes follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rules {
-    /// `node/src/sets/` as it is.
+    /// `node/src/sets/` as it is, with the fix of chaos REPORT.md defect 16 (commits
+    /// bf59f7a, 2c12920): the take-over completes whatever the load's outcome, and a lease
+    /// request without an answer marks the set on that node for `TAKE_OVER_WAIT`
+    /// (`Shared::lease_fate_unknown`), during which the node answers `Relinquish`
+    /// "unconfirmed" and its own next activation, shown no previous owner, waits until the
+    /// mark expires before serving.
     Real,
     /// The real rules with one bug planted.
     Planted(Bug),
+    /// The rules before the fix of defect 16: a failed activation (its lease's answer
+    /// lost, or `load_set` failing after it) stops before the take-over and leaves no
+    /// mark. With [`Faults::failed_activations`] they fail "no stale read" (the model's
+    /// finding, kept as its record).
+    BeforeDefect16,
     /// A change the model proposes (not in the node): a previous holder confirms a
     /// take-over only for the epoch it held *and served* (its own take-over done), and
     /// the store names the previous holder even when it is the node taking the lease;
-    /// without that confirmation the new holder waits out `TAKE_OVER_WAIT`. It closes
-    /// the hole that [`Faults::failed_activations`] opens in the real rules.
+    /// without that confirmation the new holder waits out `TAKE_OVER_WAIT`. On top of
+    /// [`Rules::BeforeDefect16`], it closes the same hole through the store, and holds
+    /// even when a lease request lands long after its activation failed
+    /// ([`Faults::late_lease_landing`]).
     HandOverByEpoch,
 }
 
@@ -102,6 +115,14 @@ pub enum Bug {
     /// was sent (`Instant::now()` after the `await` instead of `taken`, `started`,
     /// `sent` before it): taking the lease, a commit, a confirmation.
     ProofFromAnswer,
+    /// A load that fails ends the activation before its take-over, as before bf59f7a: the
+    /// lease landed and was answered, and the holder before it is never told to stop.
+    /// Takes away half (a) of the fix of defect 16.
+    LoadBeforeTakeOver,
+    /// A lease request without an answer leaves no mark, as before 2c12920: the node
+    /// confirms a take-over of the set at once, and its next activation, which the store
+    /// shows no previous owner, serves at once. Takes away half (b) of the fix.
+    ForgetUnansweredLease,
 }
 
 /// Faults besides the network's (which always loses, delays and reorders).
@@ -110,10 +131,22 @@ pub struct Faults {
     /// A commit's store call may pass its deadline with its fate unknown (it may land
     /// later): the actor answers 503 and stops (invariant 25).
     pub commit_fate_unknown: bool,
-    /// An activation may fail after its lease request was sent, landed or not (the
-    /// answer lost, or `load_set` failing after it): the actor stops without a
-    /// take-over.
+    /// An activation may fail after its lease request was sent, landed or not. Under
+    /// [`Rules::Real`] that is the lease's answer lost (`StoreError::is_unanswered`): the
+    /// node marks the set and the actor stops. A `load_set` failing after the answer
+    /// comes only once the take-over is done, so it is the actor stopping as soon as it
+    /// would serve: the `Stop` step, enabled on every serving actor, covers it. Under
+    /// [`Rules::BeforeDefect16`] and [`Rules::HandOverByEpoch`] either failure stops the
+    /// actor before its take-over.
     pub failed_activations: bool,
+    /// A lease request whose activation failed may still land at the store any time
+    /// later. Without it, such a request lands before the failure is reported or never
+    /// (its message is taken out of flight when the activation fails): the assumption
+    /// under which the node's mark, `TAKE_OVER_WAIT` from the failure, outlasts the trust
+    /// of the holder before (whose last proof was sent before the lease landed). With
+    /// clock drift the node allows the lease to land up to `TAKE_OVER_WAIT - LEASE_TRUST`
+    /// (100 ms) after the failure; the model has no drift, so it allows no delay.
+    pub late_lease_landing: bool,
 }
 
 impl Ownership {
@@ -121,8 +154,8 @@ impl Ownership {
     /// acquisitions, `LEASE_TRUST` and `TAKE_OVER_WAIT` of two ticks (the real 500 ms and
     /// 600 ms without the margin for clock drift, which the model does not have: the
     /// tightest setting), the real rules, commits of unknown fate. Failed activations
-    /// are off: with them the real rules fail "no stale read" (ARCHITECTURE.md "The
-    /// ownership model", finding).
+    /// are off (the tests turn them on: with them the rules before the fix of the
+    /// model's finding fail "no stale read", ARCHITECTURE.md "The ownership model").
     pub fn new() -> Self {
         Ownership {
             nodes: 3,
@@ -136,6 +169,7 @@ impl Ownership {
             faults: Faults {
                 commit_fate_unknown: true,
                 failed_activations: false,
+                late_lease_landing: false,
             },
         }
     }
@@ -153,6 +187,12 @@ impl Ownership {
     /// Whether `bug` is planted.
     pub fn planted(&self, bug: Bug) -> bool {
         self.rules == Rules::Planted(bug)
+    }
+
+    /// Whether the nodes follow the real rules (the fix of defect 16 included), with a
+    /// bug planted or not.
+    pub fn fixed(&self) -> bool {
+        matches!(self.rules, Rules::Real | Rules::Planted(_))
     }
 
     /// The longest duration any rule compares an age with; older is the same.

@@ -44,6 +44,11 @@ pub struct State {
     /// none). Kept only under [`crate::Rules::HandOverByEpoch`], the change the model
     /// proposes; the node has no such memory.
     pub served: Vec<u8>,
+    /// Per node and set: how long ago a lease request of the node for the set failed
+    /// without an answer (`Shared::uncertain_leases`), while that is less than
+    /// `TAKE_OVER_WAIT` (`uncertain_until`); `None` otherwise. Kept only under
+    /// [`crate::Rules::Real`] and its planted bugs.
+    pub uncertain: Vec<Option<Age>>,
     /// Messages in flight, node to node and node to store, sorted (a multiset): any may
     /// be delivered next, late, or never.
     pub net: Vec<Msg>,
@@ -113,7 +118,10 @@ pub enum Phase {
     Acquiring { taken: Age },
     /// `Shared::take_over`: the lease was taken from `previous`, the store's answer
     /// arrived `acquired` ago; waiting for `previous` to confirm `Relinquish` or for
-    /// `TAKE_OVER_WAIT`. Still no message handled.
+    /// `TAKE_OVER_WAIT`. Still no message handled. `previous` is the node itself when the
+    /// store named no other: under [`crate::Rules::Real`] it waits until the node's mark
+    /// of an unanswered lease request expires (`uncertain_until`), under
+    /// [`crate::Rules::HandOverByEpoch`] for `TAKE_OVER_WAIT`.
     TakingOver {
         taken: Age,
         acquired: Age,
@@ -200,14 +208,17 @@ pub enum Msg {
         tag: Tag,
         epoch: u8,
     },
-    /// Its answer: `from` no longer serves the set; `served`: it served that epoch
-    /// (always `true` in the real rules, which do not ask).
+    /// Its answer: `from` no longer serves the set; `confirmed`: it vouches that nothing
+    /// serves the set on its account, so the new holder serves at once (`relinquish`
+    /// returning `true`). Under [`crate::Rules::Real`] not while the set's lease fate is
+    /// unknown on `from`; under [`crate::Rules::HandOverByEpoch`] only if `from` served
+    /// `epoch`; always under [`crate::Rules::BeforeDefect16`].
     Relinquished {
         set: SetId,
         from: NodeId,
         to: NodeId,
         tag: Tag,
-        served: bool,
+        confirmed: bool,
     },
 }
 
@@ -299,6 +310,10 @@ pub enum Action {
     /// write is answered 503 and the actor stops; the commit may still land.
     CommitFateUnknown { node: NodeId, set: SetId },
     /// Fault: an activation fails while its lease request may have landed or landed
-    /// (its answer lost, or the `load_set` after it failing): the actor stops.
+    /// (its answer lost, or, before the fix of defect 16, the `load_set` after it
+    /// failing): the actor stops.
     ActivationFails { node: NodeId, set: SetId },
+    /// Fault, only with [`crate::Bug::LoadBeforeTakeOver`]: the lease was answered and
+    /// the load after it fails before the take-over starts; the actor stops.
+    LoadFails { node: NodeId, set: SetId },
 }

@@ -29,6 +29,7 @@ impl Ownership {
             sets: vec![row; usize::from(self.sets)],
             actors: vec![None; usize::from(self.nodes) * usize::from(self.sets)],
             served: vec![0; usize::from(self.nodes) * usize::from(self.sets)],
+            uncertain: vec![None; usize::from(self.nodes) * usize::from(self.sets)],
             net: Vec::new(),
             clients: vec![client; usize::from(self.clients)],
         }
@@ -66,10 +67,13 @@ impl Ownership {
                     Phase::Acquiring { .. } => {
                         if self.faults.failed_activations {
                             out.push(Action::ActivationFails { node, set });
+                            if self.planted(Bug::LoadBeforeTakeOver) && answered(s, node, set, a) {
+                                out.push(Action::LoadFails { node, set });
+                            }
                         }
                     }
                     Phase::TakingOver { .. } => {
-                        if self.take_over_waited(a) {
+                        if self.take_over_waited(s, node, set, a) {
                             out.push(Action::TakeOverWaitEnds { node, set });
                         }
                     }
@@ -129,13 +133,13 @@ impl Ownership {
     /// Whether `node` appears nowhere in `s`: no actor, never a lease holder, in no
     /// message.
     fn fresh(&self, s: &State, node: NodeId) -> bool {
-        (0..self.sets).all(|set| self.actor(s, node, set).is_none())
-            && s.sets.iter().all(|row| {
-                row.holder != Some(node)
-                    && !row.holders.contains(&node)
-                    && row.commits.iter().all(|c| c.node != node)
-            })
-            && s.net.iter().all(|m| !m.mentions(node))
+        (0..self.sets).all(|set| {
+            self.actor(s, node, set).is_none() && s.uncertain[self.slot(node, set)].is_none()
+        }) && s.sets.iter().all(|row| {
+            row.holder != Some(node)
+                && !row.holders.contains(&node)
+                && row.commits.iter().all(|c| c.node != node)
+        }) && s.net.iter().all(|m| !m.mentions(node))
     }
 
     /// Whether `m` can be handled now. A `Relinquish` waits while its recipient's actor
@@ -150,14 +154,21 @@ impl Ownership {
         }
     }
 
-    /// Whether a taking-over actor has waited `TAKE_OVER_WAIT`.
-    fn take_over_waited(&self, a: &Actor) -> bool {
+    /// Whether a taking-over actor has waited `TAKE_OVER_WAIT` (under the real rules, when
+    /// it took the lease from its own node: until the node's mark of an unanswered lease
+    /// request expired).
+    fn take_over_waited(&self, s: &State, node: NodeId, set: SetId, a: &Actor) -> bool {
         let Phase::TakingOver {
-            taken, acquired, ..
+            taken,
+            acquired,
+            previous,
         } = a.phase
         else {
             return false;
         };
+        if previous == node && self.fixed() {
+            return s.uncertain[self.slot(node, set)].is_none();
+        }
         let since = if self.planted(Bug::WaitFromRequest) {
             taken
         } else {
@@ -185,11 +196,11 @@ impl Ownership {
             }
             Action::TakeOverWaitEnds { node, set } => {
                 let slot = self.slot(node, set);
-                let a = s.actors[slot].as_mut()?;
+                let a = s.actors[slot].as_ref()?;
                 let Phase::TakingOver { taken, .. } = a.phase else {
                     return None;
                 };
-                if !self.take_over_waited(a) {
+                if !self.take_over_waited(&s, node, set, a) {
                     return None;
                 }
                 self.serve(&mut s, node, set, taken);
@@ -211,8 +222,24 @@ impl Ownership {
                 self.drop_actor(&mut s, node, set);
             }
             Action::ActivationFails { node, set } => {
-                // `started`: an error after `acquire_lease` (its answer lost, `load_set`
-                // failing) returns before `take_over`; the actor stops.
+                // `started`: `acquire_lease` errs without an answer (before the fix of
+                // defect 16 also: `load_set` errs after it) and returns before
+                // `take_over`; the actor stops. The real rules mark the set
+                // (`lease_fate_unknown`) from now on.
+                let slot = self.slot(node, set);
+                let tag = s.actors[slot].as_ref()?.tag;
+                if self.fixed() && !self.planted(Bug::ForgetUnansweredLease) {
+                    s.uncertain[slot] = Some(0);
+                }
+                if !self.faults.late_lease_landing {
+                    // It landed already, or it never will.
+                    take(&mut s.net, &Msg::Acquire { set, node, tag });
+                }
+                self.drop_actor(&mut s, node, set);
+            }
+            Action::LoadFails { node, set } => {
+                // `Bug::LoadBeforeTakeOver`: `load_set` errs after the lease's answer and
+                // `started` returns before `take_over`; no mark (the lease was answered).
                 self.drop_actor(&mut s, node, set);
             }
         }
@@ -229,6 +256,15 @@ impl Ownership {
                 aged = true;
             }
         };
+        for mark in &mut s.uncertain {
+            if let Some(m) = mark {
+                age(m);
+                if *m >= self.take_over_wait {
+                    // `uncertain_until` is past: as if never marked.
+                    *mark = None;
+                }
+            }
+        }
         for a in s.actors.iter_mut().flatten() {
             age(&mut a.confirmed);
             match &mut a.phase {
@@ -312,6 +348,11 @@ impl Ownership {
                 };
                 a.epoch = epoch;
                 a.memory = value;
+                // The real rules: the store names no previous owner, but a lease request
+                // of this node had no answer lately (`uncertain_until`): whoever held the
+                // set before that request was never told to stop, so it is waited out.
+                let uncertain = self.fixed() && s.uncertain[slot].is_some();
+                let previous = previous.or(uncertain.then_some(node));
                 let Some(p) = previous.filter(|_| !self.planted(Bug::ServeAtOnce)) else {
                     self.serve(s, node, set, taken);
                     return;
@@ -331,7 +372,7 @@ impl Ownership {
                         epoch: epoch - 1,
                     };
                     send(&mut s.net, ask);
-                } else if s.served[slot] == epoch - 1 {
+                } else if self.rules == Rules::HandOverByEpoch && s.served[slot] == epoch - 1 {
                     // `HandOverByEpoch`: this node served the epoch before, so its own
                     // take-over of the one before that is done.
                     self.serve(s, node, set, taken);
@@ -400,16 +441,18 @@ impl Ownership {
                 if self.actor(s, to, set).map(|a| a.phase) == Some(Phase::Serving) {
                     self.stop(s, to, set);
                 }
-                let served = match self.rules {
+                let confirmed = match self.rules {
+                    // `relinquish` returns `uncertain_until(set).is_none()`.
+                    Rules::Real | Rules::Planted(_) => s.uncertain[self.slot(to, set)].is_none(),
+                    Rules::BeforeDefect16 => true,
                     Rules::HandOverByEpoch => s.served[self.slot(to, set)] == epoch,
-                    Rules::Real | Rules::Planted(_) => true,
                 };
                 let reply = Msg::Relinquished {
                     set,
                     from: to,
                     to: from,
                     tag,
-                    served,
+                    confirmed,
                 };
                 self.answer(s, reply);
             }
@@ -417,17 +460,18 @@ impl Ownership {
                 set,
                 to,
                 tag,
-                served,
+                confirmed,
                 ..
             } => {
-                // `take_over`: `stop_serving` resolved `true` (under `HandOverByEpoch`,
-                // a holder that did not serve the epoch makes the new one wait it out).
+                // `take_over`: `stop_serving` resolved `true`; on `false` (a lease fate
+                // unknown on the previous holder, or under `HandOverByEpoch` an epoch it
+                // did not serve) the new holder waits out `TAKE_OVER_WAIT`.
                 let slot = self.slot(to, set);
                 let Some(a) = s.actors[slot].as_ref().filter(|a| a.tag == tag) else {
                     return;
                 };
                 if let Phase::TakingOver { taken, .. } = a.phase {
-                    if served {
+                    if confirmed {
                         self.serve(s, to, set, taken);
                     }
                 }
@@ -647,6 +691,13 @@ impl Ownership {
             send(&mut s.net, m);
         }
     }
+}
+
+/// Whether the store's answer to `a`'s lease request is on its way to it.
+fn answered(s: &State, node: NodeId, set: SetId, a: &Actor) -> bool {
+    s.net
+        .iter()
+        .any(|m| matches!(m, Msg::Acquired { .. }) && m.addressee() == Some((node, set, a.tag)))
 }
 
 /// `client`'s write is acknowledged.

@@ -1,6 +1,7 @@
 //! The ownership model, checked: the real rules hold in every state the checker reaches,
-//! every planted bug is caught by the property it breaks, and named interleavings play
-//! out as the node's code would.
+//! with failed activations too, every planted bug is caught by the property it breaks,
+//! the rules before the fix of the model's finding (chaos REPORT.md defect 16) still show
+//! its counterexample, and named interleavings play out as the node's code would.
 //!
 //! Each check prints its state count, depth and time; `--nocapture` shows them.
 
@@ -179,18 +180,108 @@ fn planted_proof_from_answer_is_caught_as_a_stale_read() {
     assert_caught("proof-from-answer", model, NO_STALE_READ);
 }
 
-const WITH_FAILED_ACTIVATIONS: Faults = Faults {
+/// Activations that fail after their lease request was sent; such a request lands before
+/// the failure is reported or never (the assumption of the node's fix of defect 16).
+const FAILED_ACTIVATIONS: Faults = Faults {
     commit_fate_unknown: true,
     failed_activations: true,
+    late_lease_landing: false,
 };
 
+/// The same, and a failed activation's lease request may land any time later (the model
+/// as it found defect 16).
+const WITH_FAILED_ACTIVATIONS: Faults = Faults {
+    late_lease_landing: true,
+    ..FAILED_ACTIVATIONS
+};
+
+#[test]
+fn the_real_rules_hold_with_failed_activations_in_every_reachable_state() {
+    let checker = bfs(
+        "real rules, failed activations, 2 clients x 1 request, every reachable state",
+        one_request_each().with_faults(FAILED_ACTIVATIONS),
+        None,
+        HasDiscoveries::All,
+    );
+    assert_holds(&checker);
+    assert!(checker.is_done());
+}
+
+#[test]
+fn the_real_rules_hold_with_failed_activations_in_every_state_within_16_steps() {
+    let checker = bfs(
+        "real rules, failed activations, 2 clients x 2 requests, one-tick leases, \
+         every state within 16 steps",
+        one_tick_leases().with_faults(FAILED_ACTIVATIONS),
+        Some(18),
+        HasDiscoveries::All,
+    );
+    assert_holds(&checker);
+}
+
+/// Half (a) of the fix is needed: a load that fails before the take-over leaves the
+/// holder before it serving reads.
+#[test]
+fn planted_load_before_take_over_is_caught_as_a_stale_read() {
+    let model = one_request_each()
+        .with_rules(Rules::Planted(Bug::LoadBeforeTakeOver))
+        .with_faults(FAILED_ACTIVATIONS);
+    assert_caught("load-before-take-over", model, NO_STALE_READ);
+}
+
+/// Half (b) of the fix is needed: without the mark, a lease whose answer was lost leaves
+/// the holder before it serving reads.
+#[test]
+fn planted_forget_unanswered_lease_is_caught_as_a_stale_read() {
+    let model = one_request_each()
+        .with_rules(Rules::Planted(Bug::ForgetUnansweredLease))
+        .with_faults(FAILED_ACTIVATIONS);
+    assert_caught("forget-unanswered-lease", model, NO_STALE_READ);
+}
+
+/// The planted bugs that need no failed activation are caught with them too (the
+/// counterexamples are the same; this shows the new steps hide none).
+#[test]
+fn planted_bugs_are_caught_with_failed_activations() {
+    for (what, bug, expected) in [
+        ("skip-epoch-check", Bug::SkipEpochCheck, ONE_OWNER),
+        ("ack-before-durable", Bug::AckBeforeDurable, NO_LOST_WRITE),
+        (
+            "read-without-confirm",
+            Bug::ReadWithoutConfirm,
+            NO_STALE_READ,
+        ),
+        ("wait-from-request", Bug::WaitFromRequest, NO_STALE_READ),
+        ("serve-at-once", Bug::ServeAtOnce, NO_STALE_READ),
+        ("proof-from-answer", Bug::ProofFromAnswer, NO_STALE_READ),
+    ] {
+        let model = Ownership::new()
+            .with_rules(Rules::Planted(bug))
+            .with_faults(FAILED_ACTIVATIONS);
+        assert_caught(&format!("{what}, failed activations"), model, expected);
+    }
+}
+
+/// What the fix assumes: the node's mark lasts `TAKE_OVER_WAIT` from the failure, which
+/// outlasts the old holder's trust only if the unanswered lease landed before the failure
+/// was reported (in the node, no later than `TAKE_OVER_WAIT - LEASE_TRUST` after it). A
+/// lease request that lands later reopens the hole.
+#[test]
+fn the_real_rules_fail_when_a_failed_activation_lease_lands_late() {
+    let model = one_request_each().with_faults(WITH_FAILED_ACTIVATIONS);
+    assert_caught("real rules, late lease landing", model, NO_STALE_READ);
+}
+
 /// A finding of the model, not a planted bug: with activations that fail after their
-/// lease request landed, the real rules let a previous holder answer reads from memory
-/// after a newer holder acknowledged a write (ARCHITECTURE.md "The ownership model").
+/// lease request landed, the rules before the fix let a previous holder answer reads
+/// from memory after a newer holder acknowledged a write (ARCHITECTURE.md "The ownership
+/// model"; chaos REPORT.md defect 16).
 #[test]
 fn finding_a_failed_activation_breaks_the_take_over_chain() {
-    let model = Ownership::new().with_faults(WITH_FAILED_ACTIVATIONS);
-    assert_caught("real rules, failed activations", model, NO_STALE_READ);
+    let model = Ownership::new()
+        .with_rules(Rules::BeforeDefect16)
+        .with_faults(WITH_FAILED_ACTIVATIONS);
+    assert_caught("before defect 16, failed activations", model, NO_STALE_READ);
 }
 
 #[test]
@@ -364,7 +455,9 @@ fn failed_activation_then_again() -> Vec<Action> {
 
 #[test]
 fn a_node_that_failed_its_activation_takes_the_set_again_without_a_take_over() {
-    let model = Ownership::new().with_faults(WITH_FAILED_ACTIVATIONS);
+    let model = Ownership::new()
+        .with_rules(Rules::BeforeDefect16)
+        .with_faults(WITH_FAILED_ACTIVATIONS);
     let mut steps = failed_activation_then_again();
     steps.push(acquired(1, 2, 3, None));
     steps.extend(write_committed(1, 2, 3));
@@ -389,7 +482,9 @@ fn under_hand_over_by_epoch_a_node_that_never_served_its_own_epoch_waits() {
 
 #[test]
 fn a_take_over_confirmed_by_a_holder_that_never_served_leaves_the_one_before_serving() {
-    let model = Ownership::new().with_faults(WITH_FAILED_ACTIVATIONS);
+    let model = Ownership::new()
+        .with_rules(Rules::BeforeDefect16)
+        .with_faults(WITH_FAILED_ACTIVATIONS);
     let mut steps = chain_broken_by_a_failed_activation();
     steps.extend([
         Action::Deliver(Msg::Relinquish {
@@ -404,7 +499,7 @@ fn a_take_over_confirmed_by_a_holder_that_never_served_leaves_the_one_before_ser
             from: 1,
             to: 2,
             tag: 2,
-            served: true,
+            confirmed: true,
         }),
     ]);
     steps.extend(write_committed(2, 2, 3));
@@ -433,9 +528,70 @@ fn under_hand_over_by_epoch_a_holder_that_never_served_does_not_vouch() {
             from: 1,
             to: 2,
             tag: 2,
-            served: false,
+            confirmed: false,
         }),
     ]);
+    let end = replay(&model, &steps).expect("every step enabled");
+    let a = model.actor(&end, 2, SET).expect("node 2's actor");
+    assert!(
+        matches!(a.phase, Phase::TakingOver { .. }),
+        "node 2 waits out TAKE_OVER_WAIT: {:?}",
+        a.phase
+    );
+}
+
+/// The real rules on the first interleaving: node 1's lease request had no answer, so its
+/// next activation, which the store shows no previous owner, waits until the mark
+/// expires (`TAKE_OVER_WAIT` after the failure) and asks nobody.
+#[test]
+fn under_the_real_rules_a_node_whose_lease_had_no_answer_waits_its_mark_out() {
+    let model = Ownership::new().with_faults(FAILED_ACTIVATIONS);
+    let mut steps = failed_activation_then_again();
+    steps.push(acquired(1, 2, 3, None));
+    let end = replay(&model, &steps).expect("every step enabled");
+    let a = model.actor(&end, 1, SET).expect("node 1's actor");
+    assert!(matches!(a.phase, Phase::TakingOver { .. }), "{:?}", a.phase);
+    assert!(!end.net.iter().any(|m| matches!(m, Msg::Relinquish { .. })));
+    assert!(
+        replay(&model, &[steps.clone(), vec![Action::Tick]].concat())
+            .and_then(|s| model.actor(&s, 1, SET).map(|a| a.phase))
+            .is_some_and(|p| matches!(p, Phase::TakingOver { .. }))
+    );
+    steps.extend([
+        Action::Tick,
+        Action::Tick,
+        Action::TakeOverWaitEnds { node: 1, set: SET },
+    ]);
+    let end = replay(&model, &steps).expect("the wait ends with the mark");
+    assert_eq!(
+        model.actor(&end, 1, SET).map(|a| a.phase),
+        Some(Phase::Serving)
+    );
+}
+
+/// The real rules on the second interleaving: node 1, whose lease request had no answer,
+/// stops nothing it knows of but does not confirm, so node 2 waits out `TAKE_OVER_WAIT`.
+#[test]
+fn under_the_real_rules_a_node_whose_lease_had_no_answer_does_not_confirm() {
+    let model = Ownership::new().with_faults(FAILED_ACTIVATIONS);
+    let mut steps = chain_broken_by_a_failed_activation();
+    steps.push(Action::Deliver(Msg::Relinquish {
+        set: SET,
+        from: 2,
+        to: 1,
+        tag: 2,
+        epoch: 2,
+    }));
+    let end = replay(&model, &steps).expect("every step enabled");
+    let answer = Msg::Relinquished {
+        set: SET,
+        from: 1,
+        to: 2,
+        tag: 2,
+        confirmed: false,
+    };
+    assert!(end.net.contains(&answer), "{:?}", end.net);
+    steps.push(Action::Deliver(answer));
     let end = replay(&model, &steps).expect("every step enabled");
     let a = model.actor(&end, 2, SET).expect("node 2's actor");
     assert!(
