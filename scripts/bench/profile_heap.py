@@ -113,7 +113,7 @@ def hold(a):
         [a.tether, "serve", "--listen", "127.0.0.1:0", "--data-dir",
          os.path.join(tmp.name, "data"), "--mfg-key-file", f"k1={key}",
          "--requests-per-second", "1000000", "--max-connections-per-source", "1000000",
-         "--register-per-hour", "1000000"],
+         "--register-per-hour", "1000000", *a.node_arg],
         stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     sims = []
     rec = {"label": a.label, "count": a.count, "dhat": bool(a.dhat)}
@@ -330,10 +330,11 @@ def by(prof, key):
 
 def analyze(a):
     lo, hi = a.counts
-    plain_lo, _ = load(a.out, f"plain-{lo}")
-    plain_hi, _ = load(a.out, f"plain-{hi}")
-    dhat_lo, prof_lo = load(a.out, f"dhat-{lo}")
-    dhat_hi, prof_hi = load(a.out, f"dhat-{hi}")
+    x = a.prefix
+    plain_lo, _ = load(a.out, f"{x}plain-{lo}")
+    plain_hi, _ = load(a.out, f"{x}plain-{hi}")
+    dhat_lo, prof_lo = load(a.out, f"{x}dhat-{lo}")
+    dhat_hi, prof_hi = load(a.out, f"{x}dhat-{hi}")
     dn_plain = plain_hi["held"] - plain_lo["held"]
     dn_dhat = dhat_hi["held"] - dhat_lo["held"]
     lines = []
@@ -415,7 +416,7 @@ def analyze(a):
             break
         p(f"| {b:.0f} | {n:.2f} | {c} | {s.replace('|', '/')} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, "heap-summary.md"), "w") as f:
+    with open(os.path.join(a.out, f"{a.prefix}heap-summary.md"), "w") as f:
         f.write(text)
     sys.stdout.write(text)
 
@@ -432,6 +433,8 @@ def main():
     h.add_argument("--label", required=True)
     h.add_argument("--out", default="results/profile")
     h.add_argument("--dhat", action="store_true")
+    h.add_argument("--node-arg", action="append", default=[],
+                   help="an extra flag for tether serve (repeat), e.g. --node-arg=--passivate-after-ms=2000")
     h.add_argument("--ramp-per-s", type=float, default=200.0)
     h.add_argument("--limit-s", type=int, default=400)
     h.add_argument("--settle-s", type=float, default=3.0)
@@ -440,6 +443,8 @@ def main():
     z = sub.add_parser("analyze")
     z.add_argument("--out", default="results/profile")
     z.add_argument("--counts", type=int, nargs=2, default=[2000, 8000])
+    z.add_argument("--prefix", default="",
+                   help="labels <prefix>plain-N and <prefix>dhat-N; writes <prefix>heap-summary.md")
     z.add_argument("--depth", type=int, default=3)
     z.add_argument("--min-bytes", type=float, default=40.0)
     a = ap.parse_args()
