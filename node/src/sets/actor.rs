@@ -1009,8 +1009,13 @@ impl BucketSetActor {
                 woken.push((*sub_id, owed));
             }
         }
+        let _fan_out = tracing::info_span!("notify", subscribers = woken.len()).entered();
+        self.wake(woken);
+    }
+
+    /// Answers each listed held subscription with what it is owed, and forgets it.
+    fn wake(&mut self, woken: Vec<(u64, Vec<Stale>)>) {
         let n = woken.len();
-        let _fan_out = tracing::info_span!("notify", subscribers = n).entered();
         for (sub_id, owed) in woken {
             if let Some(sub) = self.subs.remove(&sub_id) {
                 if sub.device {
@@ -1078,19 +1083,7 @@ impl BucketSetActor {
                 woken.push((*sub_id, owed));
             }
         }
-        let n = woken.len();
-        for (sub_id, owed) in woken {
-            if let Some(sub) = self.subs.remove(&sub_id) {
-                if sub.device {
-                    self.presence.answered(self.shared.now_ms());
-                }
-                drop(sub.reply.send(owed));
-            }
-        }
-        if n > 0 {
-            self.shared.metrics.notified(n as u64);
-            self.shared.metrics.subscriptions_held(-(n as i64));
-        }
+        self.wake(woken);
     }
 }
 
