@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tether_cluster::driver::{self, ClusterHandle, DriverOptions};
 use tether_cluster::transport::grpc::{GrpcOptions, GrpcTransport};
 use tether_cluster::{Member, Membership, NodeId, RingPlacement};
+use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::config::ClusterConfig;
@@ -84,11 +85,11 @@ const PAUSE_GAP: Duration = Duration::from_millis(1000);
 async fn watch_for_pauses(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(PAUSE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = std::time::Instant::now();
+    let mut last = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         let gap = last.elapsed();
-        last = std::time::Instant::now();
+        last = tokio::time::Instant::now();
         if gap >= PAUSE_GAP {
             let asked = shared.revalidate_held();
             tracing::warn!(
@@ -134,7 +135,44 @@ pub struct ClusterNode {
     membership: Option<ClusterHandle>,
     ready: Arc<AtomicBool>,
     stop_grpc: Option<oneshot::Sender<()>>,
+    /// Where its tasks run.
+    handle: tokio::runtime::Handle,
+    /// The runtime it made for itself ([`ClusterNode::start`]), shut down with it.
     runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Serves the internal gRPC services until the future given resolves.
+pub type Serve = Box<
+    dyn FnOnce(
+            tonic::transport::server::Router,
+            BoxFuture<'static, ()>,
+        ) -> BoxFuture<'static, std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>>
+        + Send,
+>;
+
+/// What a cluster member takes from outside ([`ClusterNode::start_with`]): a real node
+/// makes its own ([`ClusterNode::start`]); the cluster simulator gives each simulated node
+/// its host's runtime and network and a seed.
+pub struct ClusterIo {
+    /// The runtime its tasks (gossip, forwarding connections, watchers) run on.
+    pub runtime: tokio::runtime::Handle,
+    /// Serves the internal gRPC port.
+    pub serve: Serve,
+    /// How it connects to peers (`None`: plain TCP).
+    pub connector: Option<Arc<dyn tether_cluster::transport::grpc::PeerConnector>>,
+    /// The membership's randomness (probe order, gossip targets).
+    pub seed: u64,
+    /// This life of the node: larger than any earlier one's.
+    pub incarnation: u64,
+}
+
+impl std::fmt::Debug for ClusterIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterIo")
+            .field("seed", &self.seed)
+            .field("incarnation", &self.incarnation)
+            .finish_non_exhaustive()
+    }
 }
 
 fn now_ms() -> u64 {
@@ -158,13 +196,6 @@ impl ClusterNode {
             .enable_all()
             .build()
             .map_err(|e| NodeError::Config(format!("cluster runtime: {e}")))?;
-        let local = Member {
-            id: NodeId::new(node_id),
-            gossip_addr: advertise,
-            public_url,
-            // A restarted node is a newer life of the same id and wins at once.
-            incarnation: now_ms(),
-        };
         let listener = std::net::TcpListener::bind(config.grpc_listen)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
@@ -173,7 +204,6 @@ impl ClusterNode {
         shared
             .metrics
             .watch_runtime("cluster", runtime.handle().clone());
-        let placement = Arc::new(RingPlacement::new(local.clone(), VNODES));
         // mTLS both ways when configured: peers dial with this node's certificate and the
         // internal server accepts only certificates of the cluster CA. Its files are
         // watched on this runtime.
@@ -182,10 +212,68 @@ impl ClusterNode {
             config.tls.as_ref().map(ClusterTls::start).transpose()?
         };
         let connector = tls.clone().map(TlsConnector::connector);
+        let serve: Serve = Box::new(move |server, stopped| {
+            Box::pin(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                match tls {
+                    Some(tls) => {
+                        server
+                            .serve_with_incoming_shutdown(
+                                cluster_tls::incoming(listener, tls),
+                                stopped,
+                            )
+                            .await?
+                    }
+                    None => {
+                        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true));
+                        server.serve_with_incoming_shutdown(incoming, stopped).await?
+                    }
+                }
+                Ok(())
+            })
+        });
+        let io = ClusterIo {
+            runtime: runtime.handle().clone(),
+            serve,
+            connector,
+            seed: rand::random::<u64>(),
+            // A restarted node is a newer life of the same id and wins at once.
+            incarnation: now_ms(),
+        };
+        let mut node = Self::start_with(config, advertise, node_id, public_url, shared, io)?;
+        node.runtime = Some(runtime);
+        Ok(node)
+    }
+
+    /// Joins with what `io` gives (the simulator's runtime, network and seed): the same
+    /// cluster member as [`start`](Self::start), whose tasks run on `io.runtime`.
+    pub fn start_with(
+        config: &ClusterConfig,
+        advertise: std::net::SocketAddr,
+        node_id: &str,
+        public_url: String,
+        shared: Arc<Shared>,
+        io: ClusterIo,
+    ) -> Result<ClusterNode> {
+        let ClusterIo {
+            runtime,
+            serve,
+            connector,
+            seed,
+            incarnation,
+        } = io;
+        let local = Member {
+            id: NodeId::new(node_id),
+            gossip_addr: advertise,
+            public_url,
+            incarnation,
+        };
+        let placement = Arc::new(RingPlacement::new(local.clone(), VNODES));
         let peers = Peers::new(
             config.secret.clone(),
             shared.metrics.clone(),
-            runtime.handle().clone(),
+            runtime.clone(),
             connector.clone(),
         );
         let router = Router::clustered(shared.clone(), placement.clone(), local.clone(), peers);
@@ -200,8 +288,6 @@ impl ClusterNode {
         let sets = SetsService::server(router.clone(), config.secret.clone());
 
         let _on = runtime.enter();
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|e| NodeError::Config(format!("--grpc-listen: {e}")))?;
         let (stop_grpc, stopped) = oneshot::channel::<()>();
         let grpc_addr = config.grpc_listen;
         runtime.spawn(async move {
@@ -212,27 +298,14 @@ impl ClusterNode {
                 .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                 .add_service(gossip)
                 .add_service(sets);
-            let stopped = async {
+            let stopped = Box::pin(async {
                 let _ = stopped.await;
-            };
-            let served = match tls {
-                Some(tls) => {
-                    server
-                        .serve_with_incoming_shutdown(cluster_tls::incoming(listener, tls), stopped)
-                        .await
-                }
-                None => {
-                    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                        .with_nodelay(Some(true));
-                    server.serve_with_incoming_shutdown(incoming, stopped).await
-                }
-            };
-            if let Err(e) = served {
+            });
+            if let Err(e) = serve(server, stopped).await {
                 tracing::error!(error = %e, %grpc_addr, "internal gRPC server stopped");
             }
         });
 
-        let seed = rand::random::<u64>();
         let membership = Membership::new(local.clone(), config.failure.clone(), seed)
             .map_err(|e| NodeError::Config(format!("membership: {e}")))?;
         let has_seeds = !config.seeds.is_empty();
@@ -302,7 +375,8 @@ impl ClusterNode {
             membership: Some(handle),
             ready,
             stop_grpc: Some(stop_grpc),
-            runtime: Some(runtime),
+            handle: runtime,
+            runtime: None,
         })
     }
 
@@ -326,14 +400,12 @@ impl ClusterNode {
     /// writes committed, held subscriptions answered so their clients resubscribe).
     pub async fn leave(&mut self) {
         if let Some(handle) = self.membership.take() {
-            let left = self.runtime.as_ref().map(|rt| rt.spawn(handle.leave()));
-            if let Some(left) = left {
-                if tokio::time::timeout(Duration::from_secs(5), left)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("leaving the cluster took too long; peers will detect it");
-                }
+            let left = self.handle.spawn(handle.leave());
+            if tokio::time::timeout(Duration::from_secs(5), left)
+                .await
+                .is_err()
+            {
+                tracing::warn!("leaving the cluster took too long; peers will detect it");
             }
         }
         self.placement.retire();

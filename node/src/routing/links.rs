@@ -22,7 +22,7 @@ pub const PROBE_DEADLINE: Duration = Duration::from_millis(1_500);
 /// The peers whose direct link is down.
 #[derive(Debug, Default)]
 pub struct Links {
-    down: Mutex<HashMap<SocketAddr, std::time::Instant>>,
+    down: Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
 }
 
 impl Links {
@@ -40,7 +40,7 @@ impl Links {
         if down.contains_key(&peer) {
             return false;
         }
-        down.insert(peer, std::time::Instant::now());
+        down.insert(peer, tokio::time::Instant::now());
         true
     }
 

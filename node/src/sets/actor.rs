@@ -16,7 +16,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use actix::prelude::*;
 use tether_proto::api::{Delivery, UpdateOutcome};
@@ -1152,7 +1153,7 @@ impl Actor for BucketSetActor {
                         shared.take_over(&set, previous, acquired).await;
                     } else if let Some(until) = uncertain {
                         span.record("previous_owner", "unknown");
-                        tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                        tokio::time::sleep_until(until).await;
                     }
                 };
                 let load = futures::future::try_join(

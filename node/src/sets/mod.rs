@@ -3,6 +3,7 @@
 //! whose actor stopped while subscriptions wait on them (`parked`).
 
 pub mod actor;
+pub mod env;
 pub(crate) mod parked;
 pub mod registry;
 pub mod traced;

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use actix::prelude::*;
 use futures::future::BoxFuture;
@@ -15,6 +16,7 @@ use tether_proto::{ClockBound, Hlc, HlcClock, ReferenceReading, SetKey};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::security::limits::BoundedMap;
+use crate::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
 use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown, Unsubscribe};
 use crate::sets::parked::{Parked, ParkedSets};
 use crate::sets::traced::{Op, Traced};
@@ -62,7 +64,9 @@ pub struct Shared {
     actors: Mutex<HashMap<SetKey, Addr<BucketSetActor>>>,
     /// Held subscriptions of sets whose actor stopped (`sets::parked`).
     parked: Arc<ParkedSets>,
-    arbiters: Vec<ArbiterHandle>,
+    /// The wall clock of its timestamps.
+    wall: Arc<dyn WallClock>,
+    homes: ActorHomes,
     hasher: RandomState,
     closing: AtomicBool,
     placement: OnceLock<Arc<RingPlacement>>,
@@ -126,10 +130,11 @@ struct Clocks {
 /// How often a node sharing a store with a clock reads it (`Shared::follow_store_clock`).
 const STORE_CLOCK_EVERY: Duration = Duration::from_secs(1);
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Where the actors run (`sets::env::ActorThreads`, started).
+#[derive(Debug)]
+enum ActorHomes {
+    Arbiters(Vec<ArbiterHandle>),
+    Local(LocalActors),
 }
 
 impl Shared {
@@ -141,9 +146,25 @@ impl Shared {
         config: ActorConfig,
         shards: usize,
     ) -> Arc<Self> {
-        let arbiters = (0..shards.max(1))
-            .map(|_| Arbiter::new().handle())
-            .collect();
+        Self::with_env(node_id, store, metrics, config, NodeEnv::system(shards))
+    }
+
+    /// Shared state in the environment `env` (the simulator's clock and thread).
+    pub fn with_env(
+        node_id: String,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        config: ActorConfig,
+        env: NodeEnv,
+    ) -> Arc<Self> {
+        let homes = match env.actors {
+            ActorThreads::Arbiters(shards) => ActorHomes::Arbiters(
+                (0..shards.max(1))
+                    .map(|_| Arbiter::new().handle())
+                    .collect(),
+            ),
+            ActorThreads::Local(local) => ActorHomes::Local(local),
+        };
         let parked = Arc::new(ParkedSets::new(metrics.clone()));
         Arc::new(Shared {
             node_id,
@@ -157,7 +178,8 @@ impl Shared {
             started: Instant::now(),
             actors: Mutex::new(HashMap::new()),
             parked,
-            arbiters,
+            wall: env.clock,
+            homes,
             hasher: RandomState::new(),
             closing: AtomicBool::new(false),
             placement: OnceLock::new(),
@@ -174,7 +196,7 @@ impl Shared {
     pub fn tick(&self) -> Hlc {
         let mono = self.mono_ms();
         let mut c = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
-        let wall = c.bound.wall(wall_ms(), mono);
+        let wall = c.bound.wall(self.wall.now_ms(), mono);
         c.hlc.tick(wall)
     }
 
@@ -225,7 +247,7 @@ impl Shared {
                     answered,
                     reference,
                 });
-                let (wall, mono) = (wall_ms(), self.mono_ms());
+                let (wall, mono) = (self.wall.now_ms(), self.mono_ms());
                 (c.bound.offset(wall, mono), c.bound.within(wall, mono))
             };
             let offset_ms = offset.unwrap_or(0);
@@ -265,7 +287,7 @@ impl Shared {
     pub fn now_ms(&self) -> u64 {
         let mono = self.mono_ms();
         let c = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
-        c.bound.wall(wall_ms(), mono)
+        c.bound.wall(self.wall.now_ms(), mono)
     }
 
     /// Cluster mode: how a new owner reaches the previous one.
@@ -284,7 +306,7 @@ impl Shared {
     #[tracing::instrument(name = "lease.handoff", skip(self, acquired), fields(%set, %previous))]
     pub async fn take_over(&self, set: &SetKey, previous: String, acquired: Instant) {
         if let Some(t) = self.takeover.get() {
-            let deadline = tokio::time::Instant::from_std(acquired + TAKE_OVER_WAIT);
+            let deadline = acquired + TAKE_OVER_WAIT;
             let stopped = t.stop_serving(set.clone(), previous.clone());
             match tokio::time::timeout_at(deadline, stopped).await {
                 Ok(true) => {}
@@ -376,18 +398,24 @@ impl Shared {
         if let Some(a) = actors.get(set).filter(|a| a.connected()) {
             return Ok(a.clone());
         }
-        let shard = (self.hasher.hash_one(set) as usize) % self.arbiters.len();
         let shared = self.clone();
         let key = set.clone();
         let request = tracing::Span::current();
         // The waiters its previous actor parked are this one's from now on (under the
         // actors' lock: the parking actor parked before the registry forgot it).
         let parked = self.parked.take(set);
-        let addr = BucketSetActor::start_in_arbiter(&self.arbiters[shard], move |_| {
+        let make = move |_: &mut Context<BucketSetActor>| {
             BucketSetActor::new(key, shared)
                 .activated_by(request)
                 .with_parked(parked)
-        });
+        };
+        let addr = match &self.homes {
+            ActorHomes::Arbiters(arbiters) => {
+                let shard = (self.hasher.hash_one(set) as usize) % arbiters.len();
+                BucketSetActor::start_in_arbiter(&arbiters[shard], make)
+            }
+            ActorHomes::Local(local) => local.start_actor(make),
+        };
         actors.insert(set.clone(), addr.clone());
         Ok(addr)
     }
@@ -588,8 +616,10 @@ impl Shared {
         while self.active() > 0 && start.elapsed() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for a in &self.arbiters {
-            a.stop();
+        if let ActorHomes::Arbiters(arbiters) = &self.homes {
+            for a in arbiters {
+                a.stop();
+            }
         }
     }
 }
