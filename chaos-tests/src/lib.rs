@@ -44,6 +44,7 @@ pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod sim;
 pub mod store_faults;
 pub mod workload;
 

@@ -11,7 +11,7 @@
 //! cluster), and whether a peer refused its frames (`Unauthenticated`: the cluster
 //! secrets differ — such a node must not start a cluster of its own).
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,7 +141,7 @@ pub fn spawn(
         view: view_tx,
         events: events_tx.clone(),
         start: Instant::now(),
-        known_seeds: HashSet::new(),
+        known_seeds: BTreeSet::new(),
         other_seeds: None,
         refused_by: None,
         refusals_tx,
@@ -166,7 +166,7 @@ struct Driver {
     view: watch::Sender<View>,
     events: broadcast::Sender<MembershipEvent>,
     start: Instant,
-    known_seeds: HashSet<SocketAddr>,
+    known_seeds: BTreeSet<SocketAddr>,
     other_seeds: Option<usize>,
     refused_by: Option<SocketAddr>,
     /// Send tasks report peers that answered `Unauthenticated` here.

@@ -6,7 +6,7 @@
 //! are hashed, and `hashring`'s hasher is SipHash with fixed keys). A join or a leave
 //! moves about 1/N of the keys — only those whose nearest virtual node changed.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -104,7 +104,7 @@ impl std::fmt::Debug for Ring {
 #[derive(Debug)]
 struct RingView {
     ring: Ring,
-    members: HashMap<NodeId, Member>,
+    members: BTreeMap<NodeId, Member>,
     /// Whether this view reaches a majority of the last known members: without one, this
     /// node places sets on itself only for lack of anyone else, and must not serve them.
     quorum: Quorum,

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use tether_cluster::driver::{self, ClusterHandle, DriverOptions};
 use tether_cluster::transport::grpc::{GrpcOptions, GrpcTransport};
 use tether_cluster::{Member, Membership, NodeId, RingPlacement};
-use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::config::ClusterConfig;
@@ -146,8 +146,10 @@ pub type Serve = Box<
     dyn FnOnce(
             tonic::transport::server::Router,
             BoxFuture<'static, ()>,
-        ) -> BoxFuture<'static, std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>>
-        + Send,
+        ) -> BoxFuture<
+            'static,
+            std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
+        > + Send,
 >;
 
 /// What a cluster member takes from outside ([`ClusterNode::start_with`]): a real node
@@ -227,7 +229,9 @@ impl ClusterNode {
                     None => {
                         let incoming = tonic::transport::server::TcpIncoming::from(listener)
                             .with_nodelay(Some(true));
-                        server.serve_with_incoming_shutdown(incoming, stopped).await?
+                        server
+                            .serve_with_incoming_shutdown(incoming, stopped)
+                            .await?
                     }
                 }
                 Ok(())

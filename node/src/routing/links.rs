@@ -9,7 +9,7 @@
 //! reaches it, see [`crate::routing::forward`]), and a probe tries the direct link again
 //! every [`PROBE_EVERY`] until a call succeeds.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub const PROBE_DEADLINE: Duration = Duration::from_millis(1_500);
 /// The peers whose direct link is down.
 #[derive(Debug, Default)]
 pub struct Links {
-    down: Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
+    down: Mutex<BTreeMap<SocketAddr, tokio::time::Instant>>,
 }
 
 impl Links {

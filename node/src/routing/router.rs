@@ -12,7 +12,7 @@
 //! so such a write keeps being routed, for at most [`FATE_UNKNOWN_DEADLINE`], until one
 //! owner answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -580,9 +580,21 @@ impl Router {
         timeout: Duration,
         opts: HoldOptions,
     ) -> Result<Subscription> {
+        // A hard deadline: an owner that neither answers nor refuses (a silent host, a
+        // partition TCP keeps retrying across) must not hold the subscriber past it —
+        // found by the cluster simulator (chaos REPORT.md defect 17).
         let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
         loop {
-            match self.open_subscription(&by_set, timeout, &opts).await {
+            let opened =
+                tokio::time::timeout_at(deadline, self.open_subscription(&by_set, timeout, &opts))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(NodeError::Unavailable(format!(
+                            "no owner of the subscribed bucket sets answered within \
+                             {ROUTE_DEADLINE:?}; retry"
+                        )))
+                    });
+            match opened {
                 Err(NodeError::NotOwner(why))
                     if tokio::time::Instant::now() + ROUTE_RETRY <= deadline =>
                 {
@@ -607,7 +619,7 @@ impl Router {
     ) -> Result<Subscription> {
         let hold_until = tokio::time::Instant::now() + timeout;
         let mut local = BTreeMap::new();
-        let mut remote: HashMap<_, (Member, Vec<Held>)> = HashMap::new();
+        let mut remote: BTreeMap<_, (Member, Vec<Held>)> = BTreeMap::new();
         for (set, held) in by_set {
             match self.route(set) {
                 Route::Local => {

@@ -14,7 +14,7 @@
 //! remembers (in memory, or found by the store's conditional commit) is answered from that
 //! record and changes nothing (DESIGN.md §7 invariant 7).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -238,7 +238,7 @@ impl Job {
 #[derive(Debug)]
 pub(crate) struct HeldSub {
     /// The held buckets and the version the subscriber holds of each.
-    held: HashMap<BucketId, Option<u64>>,
+    held: BTreeMap<BucketId, Option<u64>>,
     session: Option<String>,
     diffs: bool,
     /// Held by the set's device itself.
@@ -261,7 +261,7 @@ const TRIM_OPS_EVERY: u64 = 64;
 /// Op records this actor committed or learned, newest last, at most [`KNOWN_OPS`].
 #[derive(Debug, Default)]
 struct KnownOps {
-    by_id: HashMap<String, OpRecord>,
+    by_id: BTreeMap<String, OpRecord>,
     order: VecDeque<String>,
 }
 
@@ -289,13 +289,13 @@ pub struct BucketSetActor {
     epoch: Option<Epoch>,
     committed: BTreeMap<BucketId, Bucket>,
     /// The last changes committed per bucket by this actor, oldest first.
-    recent: HashMap<BucketId, VecDeque<Change>>,
+    recent: BTreeMap<BucketId, VecDeque<Change>>,
     known_ops: KnownOps,
     /// New op ids committed since the last op-id trim.
     ops_since_trim: u64,
     queue: Vec<Job>,
     committing: bool,
-    subs: HashMap<u64, HeldSub>,
+    subs: BTreeMap<u64, HeldSub>,
     last_active: Instant,
     shutting_down: bool,
     passivated: bool,
@@ -313,7 +313,7 @@ pub struct BucketSetActor {
     /// The device type whose template the set's buckets follow (from its registration).
     device_type: Option<String>,
     /// Encoded sizes of committed buckets, computed when first needed.
-    sizes: HashMap<BucketId, usize>,
+    sizes: BTreeMap<BucketId, usize>,
     /// What this owner knows of the set's device (memory only: a new owner starts from
     /// the device's last registration, read with the set).
     presence: Presence,
@@ -374,12 +374,12 @@ impl BucketSetActor {
             shared,
             epoch: None,
             committed: BTreeMap::new(),
-            recent: HashMap::new(),
+            recent: BTreeMap::new(),
             known_ops: KnownOps::default(),
             ops_since_trim: 0,
             queue: Vec::new(),
             committing: false,
-            subs: HashMap::new(),
+            subs: BTreeMap::new(),
             last_active: Instant::now(),
             shutting_down: false,
             passivated: false,
@@ -390,7 +390,7 @@ impl BucketSetActor {
             activation: tracing::Span::none(),
             device_type: None,
             presence: Presence::default(),
-            sizes: HashMap::new(),
+            sizes: BTreeMap::new(),
         }
     }
 
@@ -520,9 +520,9 @@ impl BucketSetActor {
         let mut changed = Changes::new();
         let mut commit = Commit::default();
         // Op ids of this batch: the job that carries each first, who sent it and its digest.
-        let mut batch_ops: HashMap<String, (usize, String, String)> = HashMap::new();
+        let mut batch_ops: BTreeMap<String, (usize, String, String)> = BTreeMap::new();
         let mut results: Vec<(Job, Answer)> = Vec::with_capacity(jobs.len());
-        let versions_before: HashMap<BucketId, u64> = self
+        let versions_before: BTreeMap<BucketId, u64> = self
             .committed
             .iter()
             .map(|(id, b)| (id.clone(), b.version))
@@ -644,7 +644,7 @@ impl BucketSetActor {
         working: &mut BTreeMap<BucketId, Bucket>,
         changed: &mut Changes,
         commit: &mut Commit,
-        batch_ops: &mut HashMap<String, (usize, String, String)>,
+        batch_ops: &mut BTreeMap<String, (usize, String, String)>,
     ) -> Answer {
         let Some(stored) = working.get(id) else {
             return Answer::Done(Err(NodeError::NotFound(format!("no bucket {id}"))));
@@ -736,7 +736,7 @@ impl BucketSetActor {
     /// Adds the retention trims due with this commit: a bucket's log each time its version
     /// crosses a multiple of [`TRIM_CHANGES_EVERY`], the set's op ids every
     /// [`TRIM_OPS_EVERY`] new ones.
-    fn plan_trims(&self, commit: &mut Commit, before: &HashMap<BucketId, u64>) {
+    fn plan_trims(&self, commit: &mut Commit, before: &BTreeMap<BucketId, u64>) {
         let keep = self.shared.config.history_per_bucket.max(1);
         for b in &commit.buckets {
             let old = before.get(&b.id).copied().unwrap_or(0);
@@ -967,7 +967,7 @@ impl BucketSetActor {
             return;
         }
         let max_bytes = self.shared.config.max_answer_bytes;
-        let sizes: HashMap<BucketId, usize> = changed
+        let sizes: BTreeMap<BucketId, usize> = changed
             .keys()
             .map(|id| (id.clone(), self.size_of(id)))
             .collect();
@@ -1210,7 +1210,7 @@ impl Actor for BucketSetActor {
             } else if act.only_held() {
                 // Only held subscriptions: they wait as records, the actor stops.
                 act.forget_abandoned();
-                let subs: Vec<(u64, HeldSub)> = act.subs.drain().collect();
+                let subs: Vec<(u64, HeldSub)> = std::mem::take(&mut act.subs).into_iter().collect();
                 if let (false, Some(epoch)) = (subs.is_empty(), act.epoch) {
                     act.shared.park(
                         act.set.clone(),
@@ -1238,7 +1238,7 @@ impl Actor for BucketSetActor {
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
         let held = self.subs.len() as i64;
-        for (_, sub) in self.subs.drain() {
+        for (_, sub) in std::mem::take(&mut self.subs) {
             drop(sub.reply.send(Vec::new()));
         }
         for job in self.queue.drain(..) {
@@ -1468,7 +1468,7 @@ impl BucketSetActor {
             }
         }
         let mut stale_ids = Vec::new();
-        let mut seen = HashSet::new();
+        let mut seen = BTreeSet::new();
         for h in &msg.held {
             let stored = self
                 .committed
@@ -1586,7 +1586,7 @@ impl BucketSetActor {
 
     fn release_held(&mut self) {
         let held = self.subs.len() as i64;
-        for (_, sub) in self.subs.drain() {
+        for (_, sub) in std::mem::take(&mut self.subs) {
             drop(sub.reply.send(Vec::new()));
         }
         self.shared.metrics.subscriptions_held(-held);

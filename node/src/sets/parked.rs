@@ -25,7 +25,7 @@
 //! anyone (it was queued in the mailbox of the actor that parked) is dropped by the next
 //! sweep, at most [`SWEEP_EVERY`] after the next parking.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -52,7 +52,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The node's parked sets.
 #[derive(Debug)]
 pub(crate) struct ParkedSets {
-    sets: Mutex<HashMap<SetKey, Parked>>,
+    sets: Mutex<BTreeMap<SetKey, Parked>>,
     swept: Mutex<Instant>,
     metrics: Metrics,
 }
@@ -60,13 +60,13 @@ pub(crate) struct ParkedSets {
 impl ParkedSets {
     pub fn new(metrics: Metrics) -> Self {
         ParkedSets {
-            sets: Mutex::new(HashMap::new()),
+            sets: Mutex::new(BTreeMap::new()),
             swept: Mutex::new(Instant::now()),
             metrics,
         }
     }
 
-    fn sets(&self) -> std::sync::MutexGuard<'_, HashMap<SetKey, Parked>> {
+    fn sets(&self) -> std::sync::MutexGuard<'_, BTreeMap<SetKey, Parked>> {
         self.sets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -183,7 +183,7 @@ impl ParkedSets {
     }
 
     /// Drops the waiters nobody waits for any more (their answer's receiver is gone).
-    fn sweep(&self, sets: &mut HashMap<SetKey, Parked>) {
+    fn sweep(&self, sets: &mut BTreeMap<SetKey, Parked>) {
         let mut gone = 0usize;
         let mut emptied = 0i64;
         sets.retain(|_, parked| {

@@ -1,6 +1,6 @@
 //! Finds or starts the actor of a bucket set, and the state actors share.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -16,8 +16,8 @@ use tether_proto::{ClockBound, Hlc, HlcClock, ReferenceReading, SetKey};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::security::limits::BoundedMap;
-use crate::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
 use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown, Unsubscribe};
+use crate::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
 use crate::sets::parked::{Parked, ParkedSets};
 use crate::sets::traced::{Op, Traced};
 use crate::store::Store;
@@ -61,7 +61,7 @@ pub struct Shared {
     clock: Mutex<Clocks>,
     /// The origin of the monotonic milliseconds the clock bound reads.
     started: Instant,
-    actors: Mutex<HashMap<SetKey, Addr<BucketSetActor>>>,
+    actors: Mutex<BTreeMap<SetKey, Addr<BucketSetActor>>>,
     /// Held subscriptions of sets whose actor stopped (`sets::parked`).
     parked: Arc<ParkedSets>,
     /// The wall clock of its timestamps.
@@ -176,7 +176,7 @@ impl Shared {
                 bound: ClockBound::new(crate::config::DEFAULT_MAX_CLOCK_OFFSET_MS),
             }),
             started: Instant::now(),
-            actors: Mutex::new(HashMap::new()),
+            actors: Mutex::new(BTreeMap::new()),
             parked,
             wall: env.clock,
             homes,

@@ -273,6 +273,9 @@ pub struct KvStore<D: KvDatabase> {
     /// The batching writer `commit` goes through (`batch.rs`); `None` in the writer
     /// tasks' own handle, which commits a batch of one itself.
     batching: Option<Arc<Batching>>,
+    /// Draws the retry backoff's jitter when set (`with_jitter_seed`), else the thread's
+    /// generator does.
+    jitter: Option<Arc<std::sync::Mutex<rand::rngs::StdRng>>>,
 }
 
 /// A store's batching writer, started by its first commit.
@@ -294,6 +297,7 @@ impl<D: KvDatabase> Clone for KvStore<D> {
             root: self.root.clone(),
             limits: self.limits,
             batching: self.batching.clone(),
+            jitter: self.jitter.clone(),
         }
     }
 }
@@ -322,6 +326,7 @@ impl<D: KvDatabase> KvStore<D> {
             root: Subspace::all().subspace(&prefix),
             limits,
             batching: None,
+            jitter: None,
         }
         .with_batching(BatchConfig::default(), None)
     }
@@ -342,6 +347,44 @@ impl<D: KvDatabase> KvStore<D> {
                 runtime: tokio::runtime::Handle::try_current().ok(),
                 queue: OnceLock::new(),
             })),
+            ..self
+        }
+    }
+
+    /// This store with its retry backoff's jitter drawn from `seed` (the cluster
+    /// simulator: a run is a function of its seed).
+    pub fn with_jitter_seed(self, seed: u64) -> Self {
+        use rand::SeedableRng;
+        KvStore {
+            jitter: Some(Arc::new(std::sync::Mutex::new(
+                rand::rngs::StdRng::seed_from_u64(seed),
+            ))),
+            ..self
+        }
+    }
+
+    /// A fresh transaction marker's id: random, drawn from the jitter's generator when the
+    /// store has one (the simulator's runs are functions of their seeds).
+    fn marker_id(&self) -> String {
+        match &self.jitter {
+            Some(rng) => {
+                use rand::Rng;
+                let bits: u128 = rng
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .random();
+                uuid::Uuid::from_u128(bits).to_string()
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// This store with every commit in its own transaction, run by the committing task
+    /// (the cluster simulator: a writer task would outlive the simulated host it was
+    /// started on, and a batch would mix hosts).
+    pub fn without_batching(self) -> Self {
+        KvStore {
+            batching: None,
             ..self
         }
     }
@@ -465,7 +508,13 @@ impl<D: KvDatabase> KvStore<D> {
             attempt.maybe_committed |= error.maybe_committed;
             let jitter = {
                 use rand::Rng;
-                rand::rng().random_range(0.5..1.0)
+                match &self.jitter {
+                    Some(rng) => rng
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .random_range(0.5..1.0),
+                    None => rand::rng().random_range(0.5..1.0),
+                }
             };
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -502,9 +551,7 @@ impl<D: KvDatabase> KvStore<D> {
         Fut: Future<Output = Result<T, TxError>> + Send,
     {
         let now = now_ms();
-        let marker = self
-            .root
-            .subspace(&("txn", now, uuid::Uuid::new_v4().to_string()));
+        let marker = self.root.subspace(&("txn", now, self.marker_id()));
         let expired = (
             self.root.subspace(&("txn",)).range().0,
             self.root.pack(&("txn", now.saturating_sub(MARKER_TTL_MS))),

@@ -1,0 +1,231 @@
+//! A simulated Tether node: one turmoil host running the node's real registry, actors,
+//! router and cluster member (gossip and forwarding over simulated TCP), with a clock of
+//! its own. Each start of the host is a new life (a crash loses its memory; the shared
+//! store keeps what was committed).
+
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use tether_cluster::seeds::SeedSpec;
+use tether_cluster::{ClusterSecret, MembershipConfig};
+use tether_node::config::{Advertise, ClusterConfig};
+use tether_node::metrics::Metrics;
+use tether_node::routing::cluster::{ClusterIo, ClusterNode};
+use tether_node::routing::router::Router;
+use tether_node::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
+use tether_node::sets::registry::{ActorConfig, Shared};
+use tether_node::store::faults::FaultyStore;
+use tether_node::store::Store;
+
+use super::{net, EPOCH_MS, GRPC_PORT};
+
+/// A node's wall clock: the simulation's plus the node's offset.
+#[derive(Debug)]
+struct SimClock {
+    offset_ms: i64,
+}
+
+impl WallClock for SimClock {
+    fn now_ms(&self) -> u64 {
+        let now = turmoil::since_epoch().map_or(EPOCH_MS, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+        });
+        now.saturating_add_signed(self.offset_ms)
+    }
+}
+
+/// A running node, as clients reach it.
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    pub name: String,
+    pub router: Arc<Router>,
+    /// The node's host runtime: a client's request runs there, so it dies with the node.
+    pub rt: tokio::runtime::Handle,
+    ready: Arc<AtomicBool>,
+}
+
+impl NodeHandle {
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    names: Vec<String>,
+    store: Arc<FaultyStore>,
+    /// Per node: seed of its membership randomness.
+    seeds: Vec<u64>,
+    offsets: RefCell<Vec<i64>>,
+    lives: RefCell<Vec<u64>>,
+    live: RefCell<Vec<Option<NodeHandle>>>,
+    forwards: Cell<u64>,
+}
+
+/// The simulated cluster: its nodes' names, lives and handles.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    inner: Rc<Inner>,
+}
+
+/// How a simulated node's actors behave: short passivation, so sets park and wake often.
+fn actor_config() -> ActorConfig {
+    ActorConfig {
+        passivate_after: Duration::from_secs(3),
+        max_bucket_bytes: 65_536,
+        history_per_bucket: 100,
+        op_ids_per_set: 10_000,
+        op_id_retention: Duration::from_secs(86_400),
+        fault_stall_op_prefix: None,
+        templates: Arc::new(tether_node::registration::RegistrationConfig::default()),
+        max_ids: 1024,
+        max_answer_bytes: 4 << 20,
+    }
+}
+
+impl Cluster {
+    pub fn new(n: usize, store: Arc<FaultyStore>, rng: &mut StdRng) -> Cluster {
+        Cluster {
+            inner: Rc::new(Inner {
+                names: (0..n).map(|i| format!("n{i}")).collect(),
+                store,
+                seeds: (0..n).map(|_| rng.random()).collect(),
+                offsets: RefCell::new(vec![0; n]),
+                lives: RefCell::new(vec![0; n]),
+                live: RefCell::new(vec![None; n]),
+                forwards: Cell::new(0),
+            }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.names.is_empty()
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.inner.names[i]
+    }
+
+    /// Registers node `i` as a host of `sim` (started at once, and again on every bounce).
+    pub fn add_host(&self, sim: &mut turmoil::Sim<'_>, i: usize) {
+        let cluster = self.clone();
+        sim.host(self.inner.names[i].as_str(), move || {
+            let cluster = cluster.clone();
+            async move { cluster.life(i).await }
+        });
+    }
+
+    /// The clock offset node `i` starts its next life with.
+    pub fn set_offset(&self, i: usize, offset_ms: i64) {
+        self.inner.offsets.borrow_mut()[i] = offset_ms;
+    }
+
+    /// Forgets node `i`'s handle (it is about to crash).
+    pub fn forget(&self, i: usize) {
+        self.inner.live.borrow_mut()[i] = None;
+    }
+
+    /// The nodes that are up and serve (joined, or alone by design).
+    pub fn ready_nodes(&self) -> Vec<NodeHandle> {
+        self.inner
+            .live
+            .borrow()
+            .iter()
+            .flatten()
+            .filter(|n| n.ready())
+            .cloned()
+            .collect()
+    }
+
+    /// A request a node passed to another, or routed again because ownership moved.
+    pub fn count_forward(&self) {
+        self.inner.forwards.set(self.inner.forwards.get() + 1);
+    }
+
+    pub fn forwards(&self) -> u64 {
+        self.inner.forwards.get()
+    }
+
+    async fn life(&self, i: usize) -> turmoil::Result {
+        let name = self.inner.names[i].clone();
+        let life = {
+            let mut lives = self.inner.lives.borrow_mut();
+            lives[i] += 1;
+            lives[i]
+        };
+        let offset_ms = self.inner.offsets.borrow()[i];
+        let ip = turmoil::lookup(name.as_str());
+        let advertise = SocketAddr::new(ip, GRPC_PORT);
+        let env = NodeEnv {
+            clock: Arc::new(SimClock { offset_ms }),
+            actors: ActorThreads::Local(LocalActors::start()),
+        };
+        let store: Arc<dyn Store> = self.inner.store.clone();
+        let shared = Shared::with_env(name.clone(), store, Metrics::new(), actor_config(), env);
+        let listener =
+            turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), GRPC_PORT)).await?;
+        let seeds = self
+            .inner
+            .names
+            .iter()
+            .filter(|n| **n != name)
+            .map(|n| SeedSpec {
+                host: turmoil::lookup(n.as_str()).to_string(),
+                port: GRPC_PORT,
+            })
+            .collect();
+        let config = ClusterConfig {
+            grpc_listen: advertise,
+            advertise: Advertise::Addr(advertise),
+            seeds,
+            secret: ClusterSecret::new(b"tether simulated cluster secret, 32+ bytes".to_vec())?,
+            tls: None,
+            failure: MembershipConfig::lan(),
+        };
+        let incarnation = turmoil::since_epoch().map_or(EPOCH_MS, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+        });
+        let io = ClusterIo {
+            runtime: tokio::runtime::Handle::current(),
+            serve: Box::new(move |server, stopped| {
+                Box::pin(async move {
+                    server
+                        .serve_with_incoming_shutdown(net::incoming(listener), stopped)
+                        .await?;
+                    Ok(())
+                })
+            }),
+            connector: Some(Arc::new(net::TurmoilConnector)),
+            seed: self.inner.seeds[i] ^ life.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            incarnation,
+        };
+        let node = ClusterNode::start_with(
+            &config,
+            advertise,
+            &name,
+            format!("http://{name}.sim"),
+            shared,
+            io,
+        )?;
+        self.inner.live.borrow_mut()[i] = Some(NodeHandle {
+            name,
+            router: node.router(),
+            rt: tokio::runtime::Handle::current(),
+            ready: node.ready_flag(),
+        });
+        // Runs until the simulation crashes the host (which drops it, node and all).
+        let _node = node;
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
