@@ -265,28 +265,40 @@ pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
     }
     let sets = client::create_sets(cfg.sets);
     let phases = Rc::new(client::Phases::default());
-    for c in 0..cfg.clients {
-        let client = client::Client::new(
-            c,
-            rng.random(),
-            sets.clone(),
-            cluster.clone(),
-            history.clone(),
-            phases.clone(),
-        );
-        sim.client(format!("c{c}"), client.run());
-    }
-    sim.client(
-        "ctl",
-        client::controller(
-            sets,
-            cfg.clients,
-            cluster.clone(),
-            history.clone(),
-            phases.clone(),
-            total,
-        ),
+    // Every client and the controller on one host: fewer hosts to step each tick.
+    let clients: Vec<client::Client> = (0..cfg.clients)
+        .map(|c| {
+            client::Client::new(
+                c,
+                rng.random(),
+                sets.clone(),
+                cluster.clone(),
+                history.clone(),
+                phases.clone(),
+            )
+        })
+        .collect();
+    let controller = client::controller(
+        sets,
+        cfg.clients,
+        cluster.clone(),
+        history.clone(),
+        phases.clone(),
+        total,
     );
+    sim.client("clients", async move {
+        let running: Vec<_> = clients
+            .into_iter()
+            .map(|c| tokio::task::spawn_local(c.run()))
+            .collect();
+        controller.await?;
+        for r in running {
+            r.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    });
     let mut nemesis =
         nemesis::Nemesis::new(rng.random(), cfg, cluster.clone(), history.clone(), phases);
     let mut sim_error = None;

@@ -17,6 +17,10 @@ use tether_cluster::transport::grpc::{BoxedIo, PeerConnector};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// A pending `accept()` of a simulated listener.
+type Accepting =
+    Pin<Box<dyn Future<Output = io::Result<(turmoil::net::TcpStream, SocketAddr)>> + Send>>;
+
 /// The connections `listener` accepts, for `serve_with_incoming`.
 pub fn incoming(listener: turmoil::net::TcpListener) -> SimIncoming {
     SimIncoming::new(listener)
@@ -113,7 +117,7 @@ impl AsyncWrite for SimConn {
 /// turmoil's listener has no `poll_accept`, so the pending `accept()` future is kept
 /// boxed (it borrows the listener, which is kept in an `Arc`).
 pub struct SimIncoming {
-    accept: Pin<Box<dyn Future<Output = io::Result<(turmoil::net::TcpStream, SocketAddr)>> + Send>>,
+    accept: Accepting,
     listener: Arc<turmoil::net::TcpListener>,
 }
 
@@ -135,10 +139,7 @@ impl SimIncoming {
         self.listener.local_addr()
     }
 
-    fn accept_fut(
-        listener: Arc<turmoil::net::TcpListener>,
-    ) -> Pin<Box<dyn Future<Output = io::Result<(turmoil::net::TcpStream, SocketAddr)>> + Send>>
-    {
+    fn accept_fut(listener: Arc<turmoil::net::TcpListener>) -> Accepting {
         Box::pin(async move { listener.accept().await })
     }
 }
