@@ -1,6 +1,8 @@
 //! The simulated nemesis: between two steps of the simulation it starts or ends one fault
 //! at a time, drawn from the seed — a node crashed (and restarted later, with a new clock
-//! offset), a node cut off from every other node, the link between two nodes cut. Store
+//! offset), a node leaving the cluster gracefully (and joining again later as a new life),
+//! a node cut off from every other node, the link between two nodes cut or slowed (every
+//! segment 20–400 ms). Store
 //! faults come from the seeded store itself (`super::shared_store`). Every fault is
 //! recorded in the history.
 //!
@@ -29,8 +31,10 @@ pub const QUIET: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 enum Fault {
     Crash(usize),
+    Leave(usize),
     Isolate(usize),
     Cut(usize, usize),
+    Slow(usize, usize, Duration),
 }
 
 /// The fault schedule of one run.
@@ -78,6 +82,8 @@ impl Nemesis {
         let name = |i: usize| self.cluster.name(i).to_string();
         let (kind, target) = match fault {
             Fault::Crash(i) => ("kill", name(*i)),
+            Fault::Leave(i) => ("leave", name(*i)),
+            Fault::Slow(a, b, _) => ("slow-link", format!("{}<->{}", name(*a), name(*b))),
             Fault::Isolate(i) => ("isolate", name(*i)),
             Fault::Cut(a, b) => ("cut-link", format!("{}<->{}", name(*a), name(*b))),
         };
@@ -102,9 +108,11 @@ impl Nemesis {
         let i = self.rng.random_range(0..n);
         let j = (i + 1 + self.rng.random_range(0..n - 1)) % n;
         let fault = match self.rng.random_range(0..100u32) {
-            0..40 => Fault::Crash(i),
-            40..70 => Fault::Isolate(i),
-            _ => Fault::Cut(i, j),
+            0..30 => Fault::Crash(i),
+            30..45 => Fault::Leave(i),
+            45..65 => Fault::Isolate(i),
+            65..85 => Fault::Cut(i, j),
+            _ => Fault::Slow(i, j, Duration::from_millis(self.rng.random_range(20..400))),
         };
         let name = self.cluster.name(i).to_string();
         match &fault {
@@ -122,6 +130,16 @@ impl Nemesis {
             Fault::Cut(a, b) => {
                 sim.hold(self.cluster.name(*a), self.cluster.name(*b));
                 self.coverage.cut_links += 1;
+            }
+            Fault::Leave(i) => {
+                self.cluster.leave(*i);
+                self.coverage.leaves += 1;
+            }
+            Fault::Slow(a, b, latency) => {
+                // Every segment of the link takes `latency` (the nodes have talked since
+                // the start, so the link exists).
+                sim.set_link_latency(self.cluster.name(*a), self.cluster.name(*b), *latency);
+                self.coverage.slow_links += 1;
             }
         }
         let lasts = Duration::from_millis(self.rng.random_range(500..12_000));
@@ -145,6 +163,18 @@ impl Nemesis {
                 }
             }
             Fault::Cut(a, b) => sim.release(self.cluster.name(*a), self.cluster.name(*b)),
+            Fault::Leave(i) => {
+                // Joins again as a new life.
+                self.cluster
+                    .set_offset(*i, self.rng.random_range(-250..=250));
+                sim.bounce(self.cluster.name(*i));
+                self.coverage.rejoins += 1;
+            }
+            Fault::Slow(a, b, _) => {
+                let (a, b) = (self.cluster.name(*a), self.cluster.name(*b));
+                sim.set_link_latency(a, b, super::MIN_LATENCY);
+                sim.set_link_max_message_latency(a, b, super::MAX_LATENCY);
+            }
         }
         self.record(now, &fault, FaultPhase::End);
     }

@@ -3,7 +3,7 @@
 //! its own. Each start of the host is a new life (a crash loses its memory; the shared
 //! store keeps what was committed).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +65,8 @@ struct Inner {
     offsets: RefCell<Vec<i64>>,
     lives: RefCell<Vec<u64>>,
     live: RefCell<Vec<Option<NodeHandle>>>,
-    forwards: Cell<u64>,
+    /// Tells a node's life to leave the cluster.
+    leave: Vec<tokio::sync::Notify>,
 }
 
 /// The simulated cluster: its nodes' names, lives and handles.
@@ -99,7 +100,7 @@ impl Cluster {
                 offsets: RefCell::new(vec![0; n]),
                 lives: RefCell::new(vec![0; n]),
                 live: RefCell::new(vec![None; n]),
-                forwards: Cell::new(0),
+                leave: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
             }),
         }
     }
@@ -130,6 +131,11 @@ impl Cluster {
         self.inner.offsets.borrow_mut()[i] = offset_ms;
     }
 
+    /// Has node `i` leave the cluster gracefully (drain); its host stays up, idle.
+    pub fn leave(&self, i: usize) {
+        self.inner.leave[i].notify_one();
+    }
+
     /// Forgets node `i`'s handle (it is about to crash).
     pub fn forget(&self, i: usize) {
         self.inner.live.borrow_mut()[i] = None;
@@ -145,15 +151,6 @@ impl Cluster {
             .filter(|n| n.ready())
             .cloned()
             .collect()
-    }
-
-    /// A request a node passed to another, or routed again because ownership moved.
-    pub fn count_forward(&self) {
-        self.inner.forwards.set(self.inner.forwards.get() + 1);
-    }
-
-    pub fn forwards(&self) -> u64 {
-        self.inner.forwards.get()
     }
 
     async fn life(&self, i: usize) -> turmoil::Result {
@@ -223,8 +220,13 @@ impl Cluster {
             rt: tokio::runtime::Handle::current(),
             ready: node.ready_flag(),
         });
-        // Runs until the simulation crashes the host (which drops it, node and all).
-        let _node = node;
+        // Runs until the simulation crashes the host (which drops it, node and all), or
+        // until the nemesis has it leave the cluster gracefully (SIGTERM's path): then the
+        // host stays up without a node until it is bounced (a new life joins again).
+        let mut node = node;
+        self.inner.leave[i].notified().await;
+        self.forget(i);
+        node.leave().await;
         std::future::pending::<()>().await;
         Ok(())
     }
