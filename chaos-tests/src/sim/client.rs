@@ -367,7 +367,7 @@ pub async fn controller(
 ) -> turmoil::Result {
     // Every node up and joined (or the first seconds gone), then the sets.
     for _ in 0..600 {
-        if cluster.ready_nodes().len() == cluster.len() {
+        if cluster.ready_nodes().len() == cluster.members().len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

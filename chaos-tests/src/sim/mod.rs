@@ -62,6 +62,8 @@ pub struct SimConfig {
     pub sim_secs: u64,
     /// Cluster members at the start.
     pub nodes: usize,
+    /// Nodes new to the cluster that join during the faults (one each, at a random time).
+    pub spares: usize,
     /// Workload clients.
     pub clients: u32,
     /// Bucket sets (two buckets each).
@@ -76,6 +78,7 @@ impl SimConfig {
             seed,
             sim_secs,
             nodes: 3,
+            spares: 1,
             clients: 6,
             sets: 6,
             faults: true,
@@ -89,6 +92,7 @@ impl SimConfig {
 pub struct Coverage {
     pub crashes: u32,
     pub restarts: u32,
+    pub joins: u32,
     pub leaves: u32,
     pub rejoins: u32,
     pub isolations: u32,
@@ -108,6 +112,7 @@ impl Coverage {
     pub fn add(&mut self, other: &Coverage) {
         self.crashes += other.crashes;
         self.restarts += other.restarts;
+        self.joins += other.joins;
         self.leaves += other.leaves;
         self.rejoins += other.rejoins;
         self.isolations += other.isolations;
@@ -265,8 +270,9 @@ pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
         wall_ms: EPOCH_MS,
     });
 
-    let cluster = node::Cluster::new(cfg.nodes, store.clone(), &mut rng);
-    for i in 0..cfg.nodes {
+    let spares = if cfg.faults { cfg.spares } else { 0 };
+    let cluster = node::Cluster::new(cfg.nodes, spares, store.clone(), &mut rng);
+    for i in 0..cluster.len() {
         cluster.add_host(&mut sim, i);
     }
     let sets = client::create_sets(cfg.sets);

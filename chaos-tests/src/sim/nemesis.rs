@@ -31,6 +31,7 @@ pub const QUIET: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 enum Fault {
     Crash(usize),
+    Join(usize),
     Leave(usize),
     Isolate(usize),
     Cut(usize, usize),
@@ -83,6 +84,7 @@ impl Nemesis {
         let (kind, target) = match fault {
             Fault::Crash(i) => ("kill", name(*i)),
             Fault::Leave(i) => ("leave", name(*i)),
+            Fault::Join(i) => ("join", name(*i)),
             Fault::Slow(a, b, _) => ("slow-link", format!("{}<->{}", name(*a), name(*b))),
             Fault::Isolate(i) => ("isolate", name(*i)),
             Fault::Cut(a, b) => ("cut-link", format!("{}<->{}", name(*a), name(*b))),
@@ -97,17 +99,26 @@ impl Nemesis {
     }
 
     fn others(&self, i: usize) -> Vec<String> {
-        (0..self.cluster.len())
+        self.cluster
+            .members()
+            .into_iter()
             .filter(|j| *j != i)
             .map(|j| self.cluster.name(j).to_string())
             .collect()
     }
 
     fn start(&mut self, sim: &mut turmoil::Sim<'_>, now: Duration) {
-        let n = self.cluster.len();
-        let i = self.rng.random_range(0..n);
-        let j = (i + 1 + self.rng.random_range(0..n - 1)) % n;
+        let members = self.cluster.members();
+        let n = members.len();
+        let k = self.rng.random_range(0..n);
+        let (i, j) = (
+            members[k],
+            members[(k + 1 + self.rng.random_range(0..n - 1)) % n],
+        );
+        let spare = self.cluster.spares().first().copied();
         let fault = match self.rng.random_range(0..100u32) {
+            // A spare joins, once (it stays a member, exposed to the faults after it).
+            0..10 if spare.is_some() => Fault::Join(spare.unwrap_or(i)),
             0..30 => Fault::Crash(i),
             30..45 => Fault::Leave(i),
             45..65 => Fault::Isolate(i),
@@ -134,6 +145,10 @@ impl Nemesis {
             Fault::Leave(i) => {
                 self.cluster.leave(*i);
                 self.coverage.leaves += 1;
+            }
+            Fault::Join(i) => {
+                self.cluster.join(*i);
+                self.coverage.joins += 1;
             }
             Fault::Slow(a, b, latency) => {
                 // Every segment of the link takes `latency` (the nodes have talked since
@@ -170,6 +185,8 @@ impl Nemesis {
                 sim.bounce(self.cluster.name(*i));
                 self.coverage.rejoins += 1;
             }
+            // A join is not undone.
+            Fault::Join(_) => {}
             Fault::Slow(a, b, _) => {
                 let (a, b) = (self.cluster.name(*a), self.cluster.name(*b));
                 sim.set_link_latency(a, b, super::MIN_LATENCY);

@@ -67,6 +67,10 @@ struct Inner {
     live: RefCell<Vec<Option<NodeHandle>>>,
     /// Tells a node's life to leave the cluster.
     leave: Vec<tokio::sync::Notify>,
+    /// Which nodes are members (started at once, or joined since); a spare's host waits
+    /// for its join before its first life.
+    joined: RefCell<Vec<bool>>,
+    join: Vec<tokio::sync::Notify>,
 }
 
 /// The simulated cluster: its nodes' names, lives and handles.
@@ -91,7 +95,10 @@ fn actor_config() -> ActorConfig {
 }
 
 impl Cluster {
-    pub fn new(n: usize, store: Arc<FaultyStore>, rng: &mut StdRng) -> Cluster {
+    /// `n` nodes that start at once and `spares` that join when told to ([`Cluster::join`]).
+    pub fn new(n: usize, spares: usize, store: Arc<FaultyStore>, rng: &mut StdRng) -> Cluster {
+        let initial = n;
+        let n = n + spares;
         Cluster {
             inner: Rc::new(Inner {
                 names: (0..n).map(|i| format!("n{i}")).collect(),
@@ -101,6 +108,8 @@ impl Cluster {
                 lives: RefCell::new(vec![0; n]),
                 live: RefCell::new(vec![None; n]),
                 leave: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
+                joined: RefCell::new((0..n).map(|i| i < initial).collect()),
+                join: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
             }),
         }
     }
@@ -131,6 +140,26 @@ impl Cluster {
         self.inner.offsets.borrow_mut()[i] = offset_ms;
     }
 
+    /// The nodes that are members now (started at once, or joined).
+    pub fn members(&self) -> Vec<usize> {
+        (0..self.len())
+            .filter(|i| self.inner.joined.borrow()[*i])
+            .collect()
+    }
+
+    /// The spares that have not joined yet.
+    pub fn spares(&self) -> Vec<usize> {
+        (0..self.len())
+            .filter(|i| !self.inner.joined.borrow()[*i])
+            .collect()
+    }
+
+    /// Starts spare `i`: a node new to the cluster joins it.
+    pub fn join(&self, i: usize) {
+        self.inner.joined.borrow_mut()[i] = true;
+        self.inner.join[i].notify_one();
+    }
+
     /// Has node `i` leave the cluster gracefully (drain); its host stays up, idle.
     pub fn leave(&self, i: usize) {
         self.inner.leave[i].notify_one();
@@ -154,6 +183,9 @@ impl Cluster {
     }
 
     async fn life(&self, i: usize) -> turmoil::Result {
+        if !self.inner.joined.borrow()[i] {
+            self.inner.join[i].notified().await;
+        }
         let name = self.inner.names[i].clone();
         let life = {
             let mut lives = self.inner.lives.borrow_mut();
