@@ -28,8 +28,7 @@ pub mod node;
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
@@ -352,45 +351,4 @@ pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
         coverage,
         sim_error,
     })
-}
-
-/// Seeds run by several threads at once; results in the order given (a seed stopped
-/// early by `stop` is left out). With `stop_on_failure`, the first failing seed stops the
-/// others from starting.
-pub fn run_seeds(
-    cfgs: Vec<SimConfig>,
-    threads: usize,
-    stop: &AtomicBool,
-    stop_on_failure: bool,
-    on_done: impl Fn(&SeedRun) + Sync,
-) -> Vec<Result<SeedRun, ChaosError>> {
-    let mut cfgs: Vec<_> = cfgs.into_iter().enumerate().collect();
-    cfgs.reverse();
-    let queue = Mutex::new(cfgs);
-    let results = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
-                if stop.load(Ordering::Acquire) {
-                    return;
-                }
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let Some((i, cfg)) = next else { return };
-                let run = run_seed(&cfg);
-                if let Ok(r) = &run {
-                    on_done(r);
-                    if stop_on_failure && !r.passed() {
-                        stop.store(true, Ordering::Release);
-                    }
-                }
-                results
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((i, run));
-            });
-        }
-    });
-    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
 }
