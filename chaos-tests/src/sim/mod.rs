@@ -96,6 +96,8 @@ pub struct Coverage {
     pub rejoins: u32,
     pub isolations: u32,
     pub cut_links: u32,
+    pub oneway_cuts: u32,
+    pub lossy_links: u32,
     pub slow_links: u32,
     pub store_failures_before: u32,
     pub store_lost_replies: u32,
@@ -116,6 +118,8 @@ impl Coverage {
         self.rejoins += other.rejoins;
         self.isolations += other.isolations;
         self.cut_links += other.cut_links;
+        self.oneway_cuts += other.oneway_cuts;
+        self.lossy_links += other.lossy_links;
         self.slow_links += other.slow_links;
         self.store_failures_before += other.store_failures_before;
         self.store_lost_replies += other.store_lost_replies;

@@ -1,8 +1,9 @@
 //! The simulated nemesis: between two steps of the simulation it starts or ends one fault
 //! at a time, drawn from the seed — a node crashed (and restarted later, with a new clock
 //! offset), a node leaving the cluster gracefully (and joining again later as a new life),
-//! a node cut off from every other node, the link between two nodes cut or slowed (every
-//! segment 20–400 ms). Store
+//! a node cut off from every other node, the link between two nodes cut (both ways or one
+//! way), slowed (every segment 20–400 ms) or lossy (5–30 % of writes lost once or more and
+//! sent again after TCP's retransmission timeout, `net::LinkFaults`). Store
 //! faults come from the seeded store itself (`super::shared_store`). Every fault is
 //! recorded in the history.
 //!
@@ -35,6 +36,8 @@ enum Fault {
     Leave(usize),
     Isolate(usize),
     Cut(usize, usize),
+    CutOneWay { from: usize, to: usize },
+    Lossy(usize, usize, f64),
     Slow(usize, usize, Duration),
 }
 
@@ -88,6 +91,10 @@ impl Nemesis {
             Fault::Slow(a, b, _) => ("slow-link", format!("{}<->{}", name(*a), name(*b))),
             Fault::Isolate(i) => ("isolate", name(*i)),
             Fault::Cut(a, b) => ("cut-link", format!("{}<->{}", name(*a), name(*b))),
+            Fault::CutOneWay { from, to } => {
+                ("cut-oneway", format!("{}->{}", name(*from), name(*to)))
+            }
+            Fault::Lossy(a, b, _) => ("lossy-link", format!("{}<->{}", name(*a), name(*b))),
         };
         self.history.push(Entry::Fault {
             t_us: u64::try_from(now.as_micros()).unwrap_or(u64::MAX),
@@ -121,8 +128,10 @@ impl Nemesis {
             0..10 if spare.is_some() => Fault::Join(spare.unwrap_or(i)),
             0..30 => Fault::Crash(i),
             30..45 => Fault::Leave(i),
-            45..65 => Fault::Isolate(i),
-            65..85 => Fault::Cut(i, j),
+            45..60 => Fault::Isolate(i),
+            60..72 => Fault::Cut(i, j),
+            72..82 => Fault::CutOneWay { from: i, to: j },
+            82..91 => Fault::Lossy(i, j, self.rng.random_range(0.05..0.3)),
             _ => Fault::Slow(i, j, Duration::from_millis(self.rng.random_range(20..400))),
         };
         let name = self.cluster.name(i).to_string();
@@ -149,6 +158,22 @@ impl Nemesis {
             Fault::Join(i) => {
                 self.cluster.join(*i);
                 self.coverage.joins += 1;
+            }
+            Fault::CutOneWay { from, to } => {
+                let (from, to) = (
+                    sim.lookup(self.cluster.name(*from)),
+                    sim.lookup(self.cluster.name(*to)),
+                );
+                self.cluster.links().cut_oneway(from, to);
+                self.coverage.oneway_cuts += 1;
+            }
+            Fault::Lossy(a, b, p) => {
+                let (a, b) = (
+                    sim.lookup(self.cluster.name(*a)),
+                    sim.lookup(self.cluster.name(*b)),
+                );
+                self.cluster.links().lossy(a, b, *p);
+                self.coverage.lossy_links += 1;
             }
             Fault::Slow(a, b, latency) => {
                 // Every segment of the link takes `latency` (the nodes have talked since
@@ -187,6 +212,7 @@ impl Nemesis {
             }
             // A join is not undone.
             Fault::Join(_) => {}
+            Fault::CutOneWay { .. } | Fault::Lossy(..) => self.cluster.links().heal(),
             Fault::Slow(a, b, _) => {
                 let (a, b) = (self.cluster.name(*a), self.cluster.name(*b));
                 sim.set_link_latency(a, b, super::MIN_LATENCY);

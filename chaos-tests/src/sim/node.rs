@@ -71,6 +71,8 @@ struct Inner {
     /// for its join before its first life.
     joined: RefCell<Vec<bool>>,
     join: Vec<tokio::sync::Notify>,
+    /// One-way cuts and lossy links on every node's connections.
+    links: Arc<net::LinkFaults>,
 }
 
 /// The simulated cluster: its nodes' names, lives and handles.
@@ -97,6 +99,7 @@ fn actor_config() -> ActorConfig {
 impl Cluster {
     /// `n` nodes that start at once and `spares` that join when told to ([`Cluster::join`]).
     pub fn new(n: usize, spares: usize, store: Arc<FaultyStore>, rng: &mut StdRng) -> Cluster {
+        let links = net::LinkFaults::new(rng.random());
         let initial = n;
         let n = n + spares;
         Cluster {
@@ -110,6 +113,7 @@ impl Cluster {
                 leave: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
                 joined: RefCell::new((0..n).map(|i| i < initial).collect()),
                 join: (0..n).map(|_| tokio::sync::Notify::new()).collect(),
+                links,
             }),
         }
     }
@@ -138,6 +142,11 @@ impl Cluster {
     /// The clock offset node `i` starts its next life with.
     pub fn set_offset(&self, i: usize, offset_ms: i64) {
         self.inner.offsets.borrow_mut()[i] = offset_ms;
+    }
+
+    /// The link faults of the nodes' connections.
+    pub fn links(&self) -> &net::LinkFaults {
+        &self.inner.links
     }
 
     /// The nodes that are members now (started at once, or joined).
@@ -224,17 +233,20 @@ impl Cluster {
         let incarnation = turmoil::since_epoch().map_or(EPOCH_MS, |d| {
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
         });
+        let links = self.inner.links.clone();
         let io = ClusterIo {
             runtime: tokio::runtime::Handle::current(),
             serve: Box::new(move |server, stopped| {
                 Box::pin(async move {
                     server
-                        .serve_with_incoming_shutdown(net::incoming(listener), stopped)
+                        .serve_with_incoming_shutdown(net::incoming(listener, links), stopped)
                         .await?;
                     Ok(())
                 })
             }),
-            connector: Some(Arc::new(net::TurmoilConnector)),
+            connector: Some(Arc::new(net::TurmoilConnector {
+                faults: self.inner.links.clone(),
+            })),
             seed: self.inner.seeds[i] ^ life.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             incarnation,
         };
