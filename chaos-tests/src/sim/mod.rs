@@ -102,6 +102,7 @@ pub struct Coverage {
     pub store_failures_before: u32,
     pub store_lost_replies: u32,
     pub lease_failures: u32,
+    pub store_hangs: u32,
     pub writes_ok: u64,
     pub writes_unknown: u64,
     pub reads: u64,
@@ -124,6 +125,7 @@ impl Coverage {
         self.store_failures_before += other.store_failures_before;
         self.store_lost_replies += other.store_lost_replies;
         self.lease_failures += other.lease_failures;
+        self.store_hangs += other.store_hangs;
         self.writes_ok += other.writes_ok;
         self.writes_unknown += other.writes_unknown;
         self.reads += other.reads;
@@ -237,6 +239,8 @@ fn shared_store(seed: u64, faults: bool) -> Arc<FaultyStore> {
             lease_failure: 0.02,
             max_latency: Duration::from_millis(8),
             slow_load: Duration::from_millis(40),
+            hang: 0.0005,
+            hang_for: Duration::from_secs(5),
         }
     } else {
         FaultPlan {
@@ -246,9 +250,20 @@ fn shared_store(seed: u64, faults: bool) -> Arc<FaultyStore> {
             lease_failure: 0.0,
             max_latency: Duration::from_millis(2),
             slow_load: Duration::ZERO,
+            hang: 0.0,
+            hang_for: Duration::ZERO,
         }
     };
     Arc::new(FaultyStore::seeded(kv, plan))
+}
+
+/// The store as each node sees it: behind the node's store deadline (`--store-timeout-ms`,
+/// 3 s, its circuit breaker included), as `store::open` puts every real node's.
+pub(crate) fn node_store(shared: Arc<FaultyStore>) -> Arc<dyn Store> {
+    Arc::new(tether_node::store::deadline::DeadlineStore::new(
+        shared,
+        Duration::from_secs(3),
+    ))
 }
 
 /// Runs one seed to its end and checks its history.
@@ -335,6 +350,7 @@ pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
             Injected::FailBefore => coverage.store_failures_before += 1,
             Injected::LostReply => coverage.store_lost_replies += 1,
             Injected::LeaseFailure => coverage.lease_failures += 1,
+            Injected::Hang => coverage.store_hangs += 1,
             Injected::Delay(_) => {}
         }
     }

@@ -21,7 +21,6 @@ use tether_node::routing::router::Router;
 use tether_node::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
 use tether_node::sets::registry::{ActorConfig, Shared};
 use tether_node::store::faults::FaultyStore;
-use tether_node::store::Store;
 
 use super::{net, EPOCH_MS, GRPC_PORT};
 
@@ -208,7 +207,7 @@ impl Cluster {
             clock: Arc::new(SimClock { offset_ms }),
             actors: ActorThreads::Local(LocalActors::start()),
         };
-        let store: Arc<dyn Store> = self.inner.store.clone();
+        let store = super::node_store(self.inner.store.clone());
         let shared = Shared::with_env(name.clone(), store, Metrics::new(), actor_config(), env);
         let listener =
             turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), GRPC_PORT)).await?;

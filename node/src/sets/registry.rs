@@ -1300,6 +1300,8 @@ mod tests {
                 lease_failure: 0.1,
                 max_latency: Duration::from_millis(2),
                 slow_load: Duration::from_millis(5),
+                hang: 0.0,
+                hang_for: Duration::ZERO,
             },
         ));
         let n1 = node("n1", faulty.clone());

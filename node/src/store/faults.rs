@@ -58,6 +58,11 @@ pub struct FaultPlan {
     pub max_latency: Duration,
     /// Loading a set waits up to this long more.
     pub slow_load: Duration,
+    /// A call stalls (the store hangs) …
+    pub hang: f64,
+    /// … for this long before it goes on (past the node's store deadline, the node has
+    /// given up on it by then; what it does still happens).
+    pub hang_for: Duration,
 }
 
 /// A fault a seeded plan injected, in call order.
@@ -71,6 +76,8 @@ pub enum Injected {
     LostReply,
     /// A lease was refused.
     LeaseFailure,
+    /// A call stalled for the plan's `hang_for`.
+    Hang,
 }
 
 /// A change a commit wrote to the store: its bucket, version and op id.
@@ -180,6 +187,10 @@ impl FaultyStore {
     async fn latency(&self) {
         if let Some(s) = &self.seeded {
             s.delay(s.plan.max_latency).await;
+            if s.chance(s.plan.hang) {
+                s.record(Injected::Hang);
+                tokio::time::sleep(s.plan.hang_for).await;
+            }
         }
     }
 
