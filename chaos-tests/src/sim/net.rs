@@ -210,46 +210,16 @@ impl PeerConnector for TurmoilConnector {
     }
 }
 
-/// An accepted simulated TCP connection, for `serve_with_incoming`.
-#[derive(Debug)]
-pub struct SimConn(FaultyStream);
-
-/// `ConnectInfo` is tonic's own `TcpConnectInfo`, so server code that calls
-/// `request.remote_addr()` (which only looks for `TcpConnectInfo` / TLS info) works
-/// unchanged in the simulation.
-impl Connected for SimConn {
+/// An accepted connection is a [`FaultyStream`] too; `ConnectInfo` is tonic's own
+/// `TcpConnectInfo`, so server code that calls `request.remote_addr()` (which only looks
+/// for `TcpConnectInfo` / TLS info) works unchanged in the simulation.
+impl Connected for FaultyStream {
     type ConnectInfo = TcpConnectInfo;
     fn connect_info(&self) -> TcpConnectInfo {
         TcpConnectInfo {
-            local_addr: self.0.inner.local_addr().ok(),
-            remote_addr: Some(self.0.remote),
+            local_addr: self.inner.local_addr().ok(),
+            remote_addr: Some(self.remote),
         }
-    }
-}
-
-impl AsyncRead for SimConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SimConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -285,7 +255,7 @@ impl fmt::Debug for SimIncoming {
 }
 
 impl Stream for SimIncoming {
-    type Item = io::Result<SimConn>;
+    type Item = io::Result<FaultyStream>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let res = std::task::ready!(self.accept.as_mut().poll(cx));
@@ -293,7 +263,7 @@ impl Stream for SimIncoming {
         self.accept = next;
         let faults = self.faults.clone();
         Poll::Ready(Some(
-            res.map(|(s, remote)| SimConn(FaultyStream::new(s, remote, faults))),
+            res.map(|(s, remote)| FaultyStream::new(s, remote, faults)),
         ))
     }
 }
