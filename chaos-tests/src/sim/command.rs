@@ -39,6 +39,11 @@ pub struct SimulateArgs {
     /// Run every Nth seed twice and require the same history hash (0: never).
     #[arg(long, default_value_t = 8)]
     pub check_determinism_every: u64,
+    /// Report seeds whose two runs differed without failing on them (the exit code then
+    /// reflects the safety properties only). For CI while a rare nondeterminism is open:
+    /// see ARCHITECTURE.md "The cluster simulator", Determinism.
+    #[arg(long)]
+    pub nondeterminism_warns: bool,
     /// Stop at the first failing seed (finding a planted bug).
     #[arg(long)]
     pub stop_on_failure: bool,
@@ -408,7 +413,12 @@ pub fn simulate(args: &SimulateArgs) -> u8 {
     }
     for s in &nondeterministic {
         println!(
-            "NONDETERMINISTIC seed {s}: two runs gave different histories ({})\n  replay: {}",
+            "{} seed {s}: two runs gave different histories ({})\n  replay: {}",
+            if args.nondeterminism_warns {
+                "WARNING: NONDETERMINISTIC"
+            } else {
+                "NONDETERMINISTIC"
+            },
             args.out.join(format!("seed-{s}")).display(),
             args.replay(*s)
         );
@@ -425,7 +435,7 @@ pub fn simulate(args: &SimulateArgs) -> u8 {
     }
     if !errors.is_empty() {
         EXIT_ERROR
-    } else if !failed.is_empty() || !nondeterministic.is_empty() {
+    } else if !failed.is_empty() || (!nondeterministic.is_empty() && !args.nondeterminism_warns) {
         EXIT_FAIL
     } else {
         EXIT_PASS
