@@ -52,7 +52,6 @@ pub struct Nemesis {
     phases: Rc<Phases>,
     active: Option<(Fault, Duration)>,
     next_at: Option<Duration>,
-    healed: bool,
     coverage: Coverage,
 }
 
@@ -73,7 +72,6 @@ impl Nemesis {
             phases,
             active: None,
             next_at: None,
-            healed: false,
             coverage: Coverage::default(),
         }
     }
@@ -242,7 +240,6 @@ impl Nemesis {
             return;
         }
         if now >= faults_end {
-            self.healed = true;
             return;
         }
         match self.next_at {

@@ -214,9 +214,13 @@ impl ClusterNode {
             config.tls.as_ref().map(ClusterTls::start).transpose()?
         };
         let connector = tls.clone().map(TlsConnector::connector);
+        let listener = {
+            let _on = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| NodeError::Config(format!("--grpc-listen: {e}")))?
+        };
         let serve: Serve = Box::new(move |server, stopped| {
             Box::pin(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
                 match tls {
                     Some(tls) => {
                         server
