@@ -4,7 +4,7 @@
 //! [`GrpcTransport::new`] hands back the [`GossipServer`] to mount on the node's own
 //! gRPC server (next to forwarding); [`GrpcTransport::bind`] serves it alone.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -152,7 +152,9 @@ pub struct GrpcTransport {
     local: SocketAddr,
     secret: ClusterSecret,
     options: GrpcOptions,
-    clients: Mutex<HashMap<SocketAddr, GossipClient<Channel>>>,
+    /// Ordered, not hashed: the channels close in map order when the transport is dropped,
+    /// and in the simulator that order reaches the network (a `HashMap`'s differs per process).
+    clients: Mutex<BTreeMap<SocketAddr, GossipClient<Channel>>>,
     rx: Mutex<mpsc::Receiver<Frame>>,
     _server: Option<ServerGuard>,
 }
@@ -178,7 +180,7 @@ impl GrpcTransport {
             local,
             secret,
             options,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(BTreeMap::new()),
             rx: Mutex::new(rx),
             _server: None,
         };
