@@ -8,7 +8,7 @@
 //! prove themselves with the cluster secret ([`PeerAuthInterceptor`] on both sides).
 //! Failures travel as [`NodeError::to_status`] and come back as the same [`NodeError`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -217,7 +217,9 @@ pub struct Peers {
     metrics: Metrics,
     runtime: tokio::runtime::Handle,
     connector: Option<Arc<dyn PeerConnector>>,
-    clients: Mutex<HashMap<SocketAddr, Client>>,
+    /// Ordered, not hashed: when the node stops, the channels close in map order, and in
+    /// the simulator that order reaches the network (a `HashMap`'s would differ per process).
+    clients: Mutex<BTreeMap<SocketAddr, Client>>,
     /// The links to peers that are down (calls go through a relay meanwhile).
     links: Arc<Links>,
     /// The view: who can relay (set once the router is built).
@@ -317,7 +319,7 @@ impl Peers {
             metrics,
             runtime,
             connector,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(BTreeMap::new()),
             links: Arc::default(),
             placement: OnceLock::new(),
         }
@@ -846,7 +848,7 @@ impl Peers {
                 Event::Now(list) => Ok(Leg::Now(updates_from_pb(list.buckets)?)),
                 Event::Held(_) => {
                     let owner_id = owner.id.clone();
-                    Ok(Leg::Held(HeldLeg::forwarded(async move {
+                    Ok(Leg::Held(HeldLeg::new(async move {
                         match stream.message().await {
                             Ok(Some(pb::SubscribeEvent {
                                 event: Some(Event::Changed(list)),
@@ -1110,6 +1112,7 @@ impl Sets for SetsService {
                     device: req.device.as_deref().map(parse_set).transpose()?,
                     next_sync_ms: req.next_sync_ms,
                 },
+                hold,
             )
             .await
             .map_err(|e| e.to_status())?;
@@ -1120,8 +1123,11 @@ impl Sets for SetsService {
             }
             Leg::Held(wait) => {
                 let drain = self.router.drain_signal();
+                // Its "nothing changed" only under a confirmed lease: a set that moved
+                // (or a lease that cannot be read) ends the call with an error, and the
+                // forwarding node looks again where the set is served now.
                 let answer = async move {
-                    let buckets = wait.answer_within(hold, drain).await.unwrap_or_default();
+                    let buckets = wait.answer_within(drain).await.map_err(|e| e.to_status())?;
                     event(Event::Changed(updates_to_pb(&buckets)))
                 };
                 futures::stream::once(async { event(Event::Held(pb::Held {})) })

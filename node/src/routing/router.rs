@@ -158,12 +158,12 @@ impl HeldSubscription {
     /// The buckets of the first owner to answer before `timeout` (the others are
     /// cancelled), or nothing ("no change": the client resubscribes with its versions and
     /// loses nothing) when the node starts draining or `timeout` passes — but a
-    /// "no change" is given only when every owner confirmed it: after `timeout` the local
-    /// owners have nothing newer, and each forwarded owner answers by its own timer
-    /// (within [`FORWARDED_ANSWER_GRACE`]). A forwarded owner whose call broke, or whose
-    /// answer does not come within the grace, may have sent a notification that was
-    /// lost on the way: that is an error (the held response is cut, the client retries),
-    /// never a "no change" the owner did not give (chaos defect 7).
+    /// "no change" is given only when every owner confirmed it: each owner answers by its
+    /// own timer (within [`FORWARDED_ANSWER_GRACE`]), a local one after confirming its
+    /// lease (`Shared::confirm_held`, chaos defect 18). An owner whose call broke, or
+    /// whose answer does not come within the grace, may have sent a notification that
+    /// was lost on the way: that is an error (the held response is cut, the client
+    /// retries), never a "no change" the owner did not give (chaos defect 7).
     pub async fn answer(
         self,
         timeout: Duration,
@@ -173,16 +173,12 @@ impl HeldSubscription {
         if self.legs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut unconfirmed = self.legs.iter().filter(|l| l.forwarded).count();
-        let mut legs: FuturesUnordered<_> = self
-            .legs
-            .into_iter()
-            .map(|l| l.answer.map(move |a| (l.forwarded, a)))
-            .collect();
+        let mut unconfirmed = self.legs.len();
+        let mut legs: FuturesUnordered<_> = self.legs.into_iter().map(|l| l.answer).collect();
         let drained = drained(draining);
         tokio::pin!(drained);
         tokio::select! {
-            Some((_, answer)) = legs.next() => return answer,
+            Some(answer) = legs.next() => return answer,
             () = tokio::time::sleep(timeout) => {}
             () = &mut drained => return Ok(Vec::new()),
         }
@@ -191,10 +187,9 @@ impl HeldSubscription {
         while unconfirmed > 0 {
             tokio::select! {
                 next = legs.next() => match next {
-                    Some((_, Ok(buckets))) if !buckets.is_empty() => return Ok(buckets),
-                    Some((true, Ok(_))) => unconfirmed -= 1,
-                    Some((false, Ok(_))) => {}
-                    Some((_, Err(e))) => return Err(e),
+                    Some(Ok(buckets)) if !buckets.is_empty() => return Ok(buckets),
+                    Some(Ok(_)) => unconfirmed -= 1,
+                    Some(Err(e)) => return Err(e),
                     None => break,
                 },
                 () = &mut grace => {
@@ -210,45 +205,32 @@ impl HeldSubscription {
     }
 }
 
-/// One owner's held part of a subscription: its answer (empty: "nothing changed" from
-/// that owner, or its set moved), or an error when a forwarded call broke first.
+/// One owner's held part of a subscription, answered by that owner's own timer: its
+/// buckets, or empty ("nothing changed", confirmed by the owner when its hold passed),
+/// or an error when the call broke or the set moved first.
 pub(crate) struct HeldLeg {
     answer: BoxFuture<'static, Result<Vec<BucketUpdate>>>,
-    /// Held on a peer: its "nothing changed" comes over the network (see
-    /// [`HeldSubscription::answer`]).
-    forwarded: bool,
 }
 
 impl HeldLeg {
-    /// A leg held by this node's actors.
-    pub(crate) fn local(answer: impl Future<Output = Vec<BucketUpdate>> + Send + 'static) -> Self {
-        Self {
-            answer: answer.map(Ok).boxed(),
-            forwarded: false,
-        }
-    }
-
-    /// A leg held on a peer (the forwarded call's answer).
-    pub(crate) fn forwarded(
+    /// A leg held by this node's actors, or on a peer (the forwarded call's answer).
+    pub(crate) fn new(
         answer: impl Future<Output = Result<Vec<BucketUpdate>>> + Send + 'static,
     ) -> Self {
         Self {
             answer: answer.boxed(),
-            forwarded: true,
         }
     }
 
-    /// A leg held by this node's actors, answered here: its buckets, or nothing when
-    /// `hold` passes or the node drains.
+    /// A leg held by this node's actors, answered here (a forwarded subscription's
+    /// owner): its answer, or nothing when the node drains.
     pub(crate) async fn answer_within(
         self,
-        hold: Duration,
         draining: watch::Receiver<bool>,
     ) -> Result<Vec<BucketUpdate>> {
         let drained = drained(draining);
         tokio::select! {
             buckets = self.answer => buckets,
-            () = tokio::time::sleep(hold) => Ok(Vec::new()),
             () = drained => Ok(Vec::new()),
         }
     }
@@ -634,7 +616,22 @@ impl Router {
         }
         let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
         if !local.is_empty() {
-            opening.push(self.open_local(local, opts.clone()).boxed());
+            let held: Vec<Held> = local.values().flatten().cloned().collect();
+            let router = self.clone();
+            let opts = opts.clone();
+            opening.push(
+                async move {
+                    Ok(match self.open_local(local, opts.clone(), timeout).await? {
+                        // A set that moved while held (its lease found taken): looked for
+                        // again where it is served now, as a broken forwarded call.
+                        Leg::Held(leg) => {
+                            Leg::Held(router.held_again_if_broken(leg, held, hold_until, opts))
+                        }
+                        now => now,
+                    })
+                }
+                .boxed(),
+            );
         }
         for (_, (owner, held)) in remote {
             let peers = self.peers()?;
@@ -672,8 +669,8 @@ impl Router {
         })
     }
 
-    /// A forwarded held leg that, when its call breaks (the owner was killed, or drained
-    /// without answering), subscribes its sets again wherever they are served now, for
+    /// A held leg that, when its call breaks (the owner was killed, or drained without
+    /// answering; a local set's lease was found taken), subscribes its sets again wherever they are served now, for
     /// what is left of the hold: the new owner answers at once if anything is newer than
     /// the versions held — a change the old owner committed and whose notification was
     /// lost included — and holds otherwise. So a subscriber whose owner died waits and is
@@ -686,7 +683,7 @@ impl Router {
         hold_until: tokio::time::Instant,
         opts: HoldOptions,
     ) -> HeldLeg {
-        HeldLeg::forwarded(async move {
+        HeldLeg::new(async move {
             let broke = match leg.answer.await {
                 Ok(buckets) => return Ok(buckets),
                 Err(e) => e,
@@ -774,13 +771,17 @@ impl Router {
         self.shared.release_held(set);
     }
 
-    /// The subscribe check on this node's own sets (every listed set must be local).
-    /// With `diffs`, a stale bucket whose diff the actor could not make from memory gets
-    /// one from the store's log when that still reaches back to the held version.
+    /// The subscribe check on this node's own sets (every listed set must be local),
+    /// held for `hold`. With `diffs`, a stale bucket whose diff the actor could not make
+    /// from memory gets one from the store's log when that still reaches back to the held
+    /// version. When `hold` passes the leg answers "nothing changed" only if every set's
+    /// lease is still this node's (`Shared::confirm_held`; chaos defect 18): an error
+    /// otherwise, as when a set moves while held (its lease found taken).
     pub(crate) async fn open_local(
         &self,
         by_set: BTreeMap<SetKey, Vec<Held>>,
         opts: HoldOptions,
+        hold: Duration,
     ) -> Result<Leg> {
         let HoldOptions {
             session,
@@ -838,12 +839,26 @@ impl Router {
             return Ok(Leg::Now(complete_diffs(&self.shared, now, diffs).await));
         }
         let shared = self.shared.clone();
-        Ok(Leg::Held(HeldLeg::local(async move {
-            let (answer, _, _) = futures::future::select_all(waiting).await;
+        Ok(Leg::Held(HeldLeg::new(async move {
+            let answer = tokio::time::timeout(hold, futures::future::select_all(waiting)).await;
+            let stale = match answer {
+                Ok((Ok(stale), _, _)) => stale,
+                // Dropped unanswered: the set's lease was found taken while held. Its new
+                // owner may have written since: no "nothing changed" from here.
+                Ok((Err(_), _, _)) => {
+                    return Err(NodeError::NotOwner(
+                        "a subscribed bucket set moved to another node while held".into(),
+                    ))
+                }
+                Err(_) => {
+                    let sets = guard.sets.clone();
+                    futures::future::try_join_all(sets.iter().map(|s| shared.confirm_held(s)))
+                        .await?;
+                    Vec::new()
+                }
+            };
             drop(guard);
-            // A dropped sender means the actor stopped (handoff, shutdown, lease
-            // lost): an empty answer makes the client resubscribe with its versions.
-            complete_diffs(&shared, answer.unwrap_or_default(), diffs).await
+            Ok(complete_diffs(&shared, stale, diffs).await)
         })))
     }
 

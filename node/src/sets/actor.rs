@@ -177,6 +177,16 @@ pub struct ReleaseHeld;
 #[rtype(result = "()")]
 pub struct Revalidate;
 
+/// A held subscription's timeout passed: may it be answered "nothing changed"? Only
+/// under a lease proven less than [`Shared::lease_trust`] ago, as a read (invariant 23):
+/// an owner that was cut off or paused while another node took the set and wrote to it
+/// must not tell its subscribers that nothing changed (chaos defect 18). `Ok` when the
+/// lease is trusted or one store round trip confirms it; `NotOwner` when the set moved
+/// (the actor drops it, as any lease confirmation that finds it taken).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<()>")]
+pub struct ConfirmHeld;
+
 /// Graceful stop: finish queued writes, answer held subscriptions (empty), stop.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -299,6 +309,11 @@ pub struct BucketSetActor {
     last_active: Instant,
     shutting_down: bool,
     passivated: bool,
+    /// Another node took the set's lease while this actor held it (found by a lease
+    /// confirmation or a fenced commit): held subscriptions are not answered "nothing
+    /// changed" — the new owner may have newer versions — but dropped, so their
+    /// subscribers subscribe again where the set is served now (chaos defect 18).
+    lease_lost: bool,
     leased: bool,
     /// When the newest store round trip that proved this actor's lease (taking it, a
     /// commit, a confirmation) was sent: reads are answered from memory only within
@@ -383,6 +398,7 @@ impl BucketSetActor {
             last_active: Instant::now(),
             shutting_down: false,
             passivated: false,
+            lease_lost: false,
             leased: false,
             confirmed: None,
             #[cfg(feature = "planted-ack-before-durable")]
@@ -797,6 +813,7 @@ impl BucketSetActor {
                 self.shared.metrics.lease_lost();
                 // Another owner holds the lease: this actor must never commit again.
                 self.epoch = None;
+                self.lease_lost = true;
                 ctx.stop();
             } else if e.may_have_written() {
                 // The batch may still land at the store (its deadline passed, or the
@@ -1239,7 +1256,11 @@ impl Actor for BucketSetActor {
     fn stopped(&mut self, ctx: &mut Context<Self>) {
         let held = self.subs.len() as i64;
         for (_, sub) in std::mem::take(&mut self.subs) {
-            drop(sub.reply.send(Vec::new()));
+            // "Nothing changed" while this node still held the lease (handoff, shutdown);
+            // a lost lease drops the reply: the subscriber looks again at the new owner.
+            if !self.lease_lost {
+                drop(sub.reply.send(Vec::new()));
+            }
         }
         for job in self.queue.drain(..) {
             let e = || NodeError::Unavailable(format!("bucket set {} stopped", self.set));
@@ -1380,7 +1401,7 @@ impl BucketSetActor {
                 act.shared.metrics.lease_lost();
                 act.epoch = None;
                 act.shutting_down = true;
-                act.release_held();
+                act.lease_lost = true;
                 ctx.stop();
                 return Err(NodeError::NotOwner(format!(
                     "bucket set {} moved to another node",
@@ -1607,6 +1628,13 @@ impl Handler<Revalidate> for BucketSetActor {
             return;
         }
         ctx.spawn(self.confirm_lease().map(|_, _, _| ()));
+    }
+}
+
+impl Handler<ConfirmHeld> for BucketSetActor {
+    type Result = ResponseActFuture<Self, Result<()>>;
+    fn handle(&mut self, _msg: ConfirmHeld, ctx: &mut Context<Self>) -> Self::Result {
+        self.under_lease(ctx, |_, _| Ok(()))
     }
 }
 

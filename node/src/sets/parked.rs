@@ -16,11 +16,12 @@
 //!
 //! Without an actor, what would have been the actor's business is done here: a waiter is
 //! cancelled ([`ParkedSets::unsubscribe`]: timeout, closed connection); the set's access
-//! changed, it was taken by another node, the node drains or may have been away: its
+//! changed, it was handed off or the node drains: its
 //! waiters are answered empty ([`ParkedSets::release`]) and their clients subscribe again,
 //! reaching the set's owner. When the node may have been away (paused, cut off), each
 //! parked set's lease is read as an active actor confirms its own: the waiters of a set
-//! whose epoch moved are released, the others stay parked ([`ParkedSets::epochs`],
+//! whose epoch moved are dropped (their subscribers look again at the new owner, which
+//! may have written meanwhile), the others stay parked ([`ParkedSets::epochs`],
 //! [`ParkedSets::release_if_epoch`]). A waiter whose client left without its cancellation reaching
 //! anyone (it was queued in the mailbox of the actor that parked) is dropped by the next
 //! sweep, at most [`SWEEP_EVERY`] after the next parking.
@@ -151,8 +152,15 @@ impl ParkedSets {
             .collect()
     }
 
-    /// Answers the waiters of `set` empty if it is still parked under `epoch` (a lease
-    /// another node took since); how many.
+    /// The epoch `set` is parked under, if it is parked.
+    pub fn epoch_of(&self, set: &SetKey) -> Option<Epoch> {
+        self.sets().get(set).map(|p| p.epoch)
+    }
+
+    /// Drops the waiters of `set` if it is still parked under `epoch` (a lease another
+    /// node took since); how many. Not answered "nothing changed": the new owner may
+    /// have written since; each waiter's subscriber looks again where the set is served
+    /// now (chaos defect 18).
     pub fn release_if_epoch(&self, set: &SetKey, epoch: Epoch) -> usize {
         let taken = {
             let mut sets = self.sets();
@@ -164,7 +172,9 @@ impl ParkedSets {
         };
         taken.map_or(0, |p| {
             self.metrics.parked_sets(-1);
-            self.answer_empty(p)
+            let n = p.subs.len();
+            self.metrics.subscriptions_held(-(n as i64));
+            n
         })
     }
 

@@ -16,7 +16,7 @@ use tether_proto::{ClockBound, Hlc, HlcClock, ReferenceReading, SetKey};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::security::limits::BoundedMap;
-use crate::sets::actor::{BucketSetActor, Revalidate, Shutdown, Unsubscribe};
+use crate::sets::actor::{BucketSetActor, ConfirmHeld, Revalidate, Shutdown, Unsubscribe};
 use crate::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
 use crate::sets::parked::{Parked, ParkedSets};
 use crate::sets::traced::{Op, Traced};
@@ -499,6 +499,36 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .get(set)
             .cloned()
+    }
+
+    /// Whether a subscription held on `set` here may be answered "nothing changed" now
+    /// that its timeout passed: the lease under which it is held is still this node's,
+    /// trusted or confirmed by one store round trip (always, for a node alone). Asks the
+    /// set's actor ([`ConfirmHeld`]), or reads the lease of a parked set; never starts an
+    /// actor. `NotOwner` when the set moved (its waiters are dropped: their subscribers
+    /// look again at the new owner), a store error when the lease cannot be read.
+    pub async fn confirm_held(&self, set: &SetKey) -> Result<()> {
+        if self.lease_trust().is_none() {
+            return Ok(());
+        }
+        let moved = || NodeError::NotOwner(format!("bucket set {set} moved to another node"));
+        if let Some(addr) = self.existing_actor(set) {
+            if let Ok(confirmed) = addr.send(ConfirmHeld).await {
+                return confirmed;
+            }
+            // Stopped meanwhile: it parked its waiters, or answered them.
+        }
+        let Some(epoch) = self.parked.epoch_of(set) else {
+            return Err(moved());
+        };
+        match self.store.lease_epoch(set).await {
+            Ok(Some(current)) if current == epoch => Ok(()),
+            Ok(_) => {
+                self.parked.release_if_epoch(set, epoch);
+                Err(moved())
+            }
+            Err(e) => Err(NodeError::Store(e)),
+        }
     }
 
     /// Hands off every set this node no longer owns (the view changed, or this node lost
@@ -991,7 +1021,10 @@ mod tests {
         let parked_before = n1.parked();
         let held_before = n1.metrics.held_subscriptions();
         let by_set = BTreeMap::from([(set.clone(), vec![held(&id, 1)])]);
-        let leg = match router.open_local(by_set, Default::default()).await {
+        let leg = match router
+            .open_local(by_set, Default::default(), Duration::from_secs(10))
+            .await
+        {
             Ok(Leg::Held(leg)) => leg,
             _ => panic!("nothing is stale: the check holds"),
         };
@@ -1047,7 +1080,7 @@ mod tests {
             let put = router.put(&id, write(7)).await.expect("written");
             assert_eq!(put.bucket.version, 2);
             let answer = leg
-                .answer_within(Duration::from_secs(10), router.drain_signal())
+                .answer_within(router.drain_signal())
                 .await
                 .expect("answered");
             let versions: Vec<_> = answer
@@ -1100,7 +1133,7 @@ mod tests {
                 let (n1, router, set, _id, leg) = parked_on(store, name).await;
                 release(n1.clone(), set, how).await;
                 let answer = leg
-                    .answer_within(Duration::from_secs(10), router.drain_signal())
+                    .answer_within(router.drain_signal())
                     .await
                     .expect("answered");
                 assert!(answer.is_empty(), "{name}: {answer:?}");
@@ -1134,7 +1167,7 @@ mod tests {
             let read = router.get(&set, all).await.expect("read");
             assert_eq!(read[0].version, 2);
             let answer = leg
-                .answer_within(Duration::from_secs(10), router.drain_signal())
+                .answer_within(router.drain_signal())
                 .await
                 .expect("answered");
             let versions: Vec<_> = answer.iter().map(|u| u.bucket.version).collect();
@@ -1148,8 +1181,9 @@ mod tests {
     }
 
     /// The node may have been away (a pause, a peer reappearing): a parked set whose lease
-    /// another node took meanwhile has its waiters answered empty (they subscribe again
-    /// and reach the new owner); a parked set still under this node's lease stays parked.
+    /// another node took meanwhile has its waiters dropped, not answered "nothing changed"
+    /// (the new owner wrote meanwhile; the router subscribes them again there, chaos
+    /// defect 18); a parked set still under this node's lease stays parked.
     #[test]
     fn revalidation_releases_parked_sets_taken_meanwhile_and_keeps_the_others() {
         actix_rt::System::new().block_on(async {
@@ -1170,11 +1204,11 @@ mod tests {
             n2.shutdown(Duration::from_secs(5)).await;
 
             assert_eq!(n1.revalidate_held(), 2, "both parked sets asked");
-            let answer = taken_leg
-                .answer_within(Duration::from_secs(10), r1.drain_signal())
-                .await
-                .expect("answered");
-            assert!(answer.is_empty(), "{answer:?}");
+            let answer = taken_leg.answer_within(r1.drain_signal()).await;
+            assert!(
+                matches!(answer, Err(NodeError::NotOwner(_))),
+                "a waiter of a set written elsewhere was answered {answer:?}"
+            );
             assert!(
                 until(|| n1.parked() == 1, 5_000).await,
                 "the taken set is still parked"
@@ -1189,11 +1223,74 @@ mod tests {
             let kept_id = BucketId::parse("shared.PARK0008").expect("id");
             r1.put(&kept_id, write(4)).await.expect("written");
             let answer = kept_leg
-                .answer_within(Duration::from_secs(10), r1.drain_signal())
+                .answer_within(r1.drain_signal())
                 .await
                 .expect("answered");
             assert_eq!(answer.len(), 1, "{answer:?}");
             n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// Chaos defect 18 (seed 262 of the cluster simulator): an owner cut off while another
+    /// node took its set and wrote to it answered a subscription held there "nothing
+    /// changed" at its timeout, 1.2 s after the newer version was acknowledged. A timeout
+    /// answer is now given only under a confirmed lease: the set moved, so the leg ends
+    /// with `NotOwner` (the router subscribes again where the set is served now) — with
+    /// the set's actor running and with the set parked. The same hold on a set nobody
+    /// took still ends "nothing changed".
+    #[test]
+    fn a_timed_out_subscription_on_a_set_taken_meanwhile_is_not_answered_nothing_changed() {
+        actix_rt::System::new().block_on(async {
+            // Longer than the lease trust: the timeout finds it expired.
+            let hold = LEASE_TRUST * 3;
+            for (taken, kept, parking) in [("TAKE0001", "KEEP0001", false), ("TAKE0002", "KEEP0002", true)] {
+                let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+                let after = if parking {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_secs(600)
+                };
+                let n1 = node_passivating("n1", store.clone(), after);
+                n1.set_takeover(Arc::new(Direct {
+                    previous: node("n0", store.clone()),
+                    log: Arc::new(Mutex::new(Vec::new())),
+                }));
+                let r1 = Router::single(n1.clone());
+                let mut legs = Vec::new();
+                for name in [taken, kept] {
+                    let (set, id) = create_set(&r1, name).await;
+                    let by_set = BTreeMap::from([(set, vec![held(&id, 1)])]);
+                    match r1.open_local(by_set, Default::default(), hold).await {
+                        Ok(Leg::Held(leg)) => legs.push((id, leg)),
+                        _ => panic!("nothing is stale: the check holds"),
+                    }
+                }
+                if parking {
+                    assert!(until(|| n1.parked() == 2, 10_000).await, "not parked");
+                }
+                // n2 takes the first set (n1, cut off, is not told) and writes it.
+                let n2 = node("n2", store);
+                let r2 = Router::single(n2.clone());
+                let written = r2.put(&legs[0].0, write(3)).await.expect("written");
+                assert_eq!(written.bucket.version, 2);
+                n2.shutdown(Duration::from_secs(5)).await;
+
+                let mut answers = Vec::new();
+                for (_, leg) in legs {
+                    answers.push(leg.answer_within(r1.drain_signal()).await);
+                }
+                assert!(
+                    matches!(answers[0], Err(NodeError::NotOwner(_))),
+                    "parked {parking}: the subscription on a set written elsewhere was answered {:?}",
+                    answers[0]
+                );
+                assert!(
+                    matches!(&answers[1], Ok(b) if b.is_empty()),
+                    "parked {parking}: the subscription on a set nobody took was answered {:?}",
+                    answers[1]
+                );
+                n1.shutdown(Duration::from_secs(5)).await;
+            }
         });
     }
 
@@ -1205,7 +1302,13 @@ mod tests {
         actix_rt::System::new().block_on(async {
             let (n1, router, set, id) = one_set("HOLD0001").await;
             let by_set = BTreeMap::from([(set.clone(), vec![held(&id, 1)])]);
-            let open = || Box::pin(router.open_local(by_set.clone(), Default::default()));
+            let open = || {
+                Box::pin(router.open_local(
+                    by_set.clone(),
+                    Default::default(),
+                    Duration::from_secs(10),
+                ))
+            };
             let mut opening = open();
             // Polled until the actor holds it, and no further: its answer is not taken. The
             // actor runs on its own arbiter, so its answer may come back before this sees
