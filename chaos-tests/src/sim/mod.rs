@@ -21,6 +21,7 @@
 //! history, bit for bit ([`SeedRun::hash`]), which `--check-determinism` verifies.
 
 pub mod client;
+pub mod clock;
 pub mod command;
 pub mod nemesis;
 pub mod net;
@@ -269,6 +270,9 @@ pub(crate) fn node_store(shared: Arc<FaultyStore>) -> Arc<dyn Store> {
 /// Runs one seed to its end and checks its history.
 pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
     let started = Instant::now();
+    // Every clock of the process on virtual time until the simulation is gone (the wall
+    // time is measured on the machine's clock, before and after).
+    let clocks = clock::VirtualClocks::start(Duration::from_millis(EPOCH_MS));
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let total = Duration::from_secs(cfg.sim_secs);
     let mut sim = turmoil::Builder::new()
@@ -333,6 +337,7 @@ pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
         nemesis::Nemesis::new(rng.random(), cfg, cluster.clone(), history.clone(), phases);
     let mut sim_error = None;
     loop {
+        clocks.set(sim.elapsed());
         nemesis.before_step(&mut sim);
         match sim.step() {
             Ok(true) => break,
@@ -355,6 +360,7 @@ pub fn run_seed(cfg: &SimConfig) -> Result<SeedRun, ChaosError> {
         }
     }
     drop(sim);
+    drop(clocks);
     let entries = history.take();
     let verdict = check(&entries, &check_options());
     coverage.writes_ok = verdict.ops.writes_ok;
