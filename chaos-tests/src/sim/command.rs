@@ -40,8 +40,8 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 8)]
     pub check_determinism_every: u64,
     /// Report seeds whose two runs differed without failing on them (the exit code then
-    /// reflects the safety properties only). For CI while a rare nondeterminism is open:
-    /// see ARCHITECTURE.md "The cluster simulator", Determinism.
+    /// reflects the safety properties only): for hunting a new leak across many seeds
+    /// (ARCHITECTURE.md "The cluster simulator", Determinism); CI does not use it.
     #[arg(long)]
     pub nondeterminism_warns: bool,
     /// Stop at the first failing seed (finding a planted bug).
