@@ -330,10 +330,25 @@ fn forks<'a>(
     forked
 }
 
-/// Observed states holding a value no applied-or-unknown write produced.
+/// What wrote one (bucket, field, value).
+#[derive(Default)]
+struct Producers {
+    /// Some applied-or-unknown write produced it.
+    any: bool,
+    /// One of those was acknowledged with a version (a state shown before it was sent is
+    /// then `realtime_violations`' business, by version).
+    acked: bool,
+    /// The earliest first invocation of such a write, and its ops.
+    first: Option<(u64, Vec<u64>)>,
+    /// The refused writes' ops.
+    refused: Vec<u64>,
+}
+
+/// Observed states holding a value no applied-or-unknown write produced, or only writes
+/// sent after the observation completed (a value from the future: found by the
+/// differential test, a read shown a state whose field came from a write sent later).
 fn garbage<'a>(obs: &[Obs<'a>], writes: &[Write<'a>], f: &mut Findings) -> HashSet<(&'a str, u64)> {
-    // (bucket, field, value) → produced by an Ok/Unknown write; refused writes' ops.
-    let mut produced: HashMap<(&str, &str, String), (bool, Vec<u64>)> = HashMap::new();
+    let mut produced: HashMap<(&str, &str, String), Producers> = HashMap::new();
     let mut first_write: HashMap<&str, u64> = HashMap::new();
     for w in writes {
         let e = first_write.entry(w.bucket).or_insert(w.invoke);
@@ -343,9 +358,13 @@ fn garbage<'a>(obs: &[Obs<'a>], writes: &[Write<'a>], f: &mut Findings) -> HashS
                 .entry((w.bucket, k.as_str(), value_key(v)))
                 .or_default();
             if w.fate == Fate::Refused {
-                p.1.extend(&w.ops);
-            } else {
-                p.0 = true;
+                p.refused.extend(&w.ops);
+                continue;
+            }
+            p.any = true;
+            p.acked |= w.ack.is_some();
+            if p.first.as_ref().is_none_or(|(t, _)| w.invoke < *t) {
+                p.first = Some((w.invoke, w.ops.clone()));
             }
         }
     }
@@ -370,8 +389,21 @@ fn garbage<'a>(obs: &[Obs<'a>], writes: &[Write<'a>], f: &mut Findings) -> HashS
                 continue;
             }
             match produced.get(&key) {
-                Some((true, _)) => {}
-                Some((false, refused)) => {
+                // "Before" is strict: sent at the very microsecond the read completed is
+                // concurrent with it.
+                Some(Producers {
+                    acked: false,
+                    first: Some((sent, by)),
+                    ..
+                }) if *sent > o.complete => {
+                    why.push(format!(
+                        "{k}={v} written only by {} of unknown fate, sent after it completed",
+                        ops_text(by)
+                    ));
+                    ops.extend(by);
+                }
+                Some(Producers { any: true, .. }) => {}
+                Some(Producers { refused, .. }) => {
                     why.push(format!(
                         "{k}={v} written only by refused {}",
                         ops_text(refused)

@@ -1026,3 +1026,23 @@ fn failover_is_measured_from_the_fault_and_direct_clients_of_a_faulted_node_are_
     assert_eq!(v.availability_unaffected, Some(1.0));
     assert_eq!(v.availability, Some(2.0 / 4.0));
 }
+
+/// A value shown before the only write that made it was sent (of unknown fate, so no
+/// version names it): a value from the future (found by `tests/checker_differential.rs`:
+/// the checker passed a read shown `k=5` 5 ms before the write of `k=5` was sent).
+#[test]
+fn a_value_shown_before_its_only_write_was_sent_is_a_garbage_read() {
+    let mut b = base();
+    b.h.read(
+        5,
+        (80, 85),
+        state(S1, 5, 1095, json!({"w1": 2, "w2": 1, "w3": 1})),
+    );
+    let v = b.h.check();
+    assert_only(&v, "garbage_reads", 1);
+    assert!(
+        v.examples[0].ops.contains(&b.w3_unknown),
+        "{:?}",
+        v.examples[0]
+    );
+}
