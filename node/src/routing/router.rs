@@ -565,17 +565,24 @@ impl Router {
         // A hard deadline: an owner that neither answers nor refuses (a silent host, a
         // partition TCP keeps retrying across) must not hold the subscriber past it —
         // found by the cluster simulator (chaos REPORT.md defect 17).
-        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        let now = tokio::time::Instant::now();
+        let deadline = now + ROUTE_DEADLINE;
+        // One hold for all the routing attempts: every owner ends its part when the
+        // subscriber's timeout ends, however long the routing took (a retry given the whole
+        // timeout again answered after the subscriber's grace: a 503, not "nothing changed").
+        let hold_until = now + timeout;
         loop {
-            let opened =
-                tokio::time::timeout_at(deadline, self.open_subscription(&by_set, timeout, &opts))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(NodeError::Unavailable(format!(
-                            "no owner of the subscribed bucket sets answered within \
+            let opened = tokio::time::timeout_at(
+                deadline,
+                self.open_subscription(&by_set, hold_until, &opts),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(NodeError::Unavailable(format!(
+                    "no owner of the subscribed bucket sets answered within \
                              {ROUTE_DEADLINE:?}; retry"
-                        )))
-                    });
+                )))
+            });
             match opened {
                 Err(NodeError::NotOwner(why))
                     if tokio::time::Instant::now() + ROUTE_RETRY <= deadline =>
@@ -596,10 +603,10 @@ impl Router {
     async fn open_subscription(
         self: &Arc<Self>,
         by_set: &BTreeMap<SetKey, Vec<Held>>,
-        timeout: Duration,
+        hold_until: tokio::time::Instant,
         opts: &HoldOptions,
     ) -> Result<Subscription> {
-        let hold_until = tokio::time::Instant::now() + timeout;
+        let timeout = hold_until.saturating_duration_since(tokio::time::Instant::now());
         let mut local = BTreeMap::new();
         let mut remote: BTreeMap<_, (Member, Vec<Held>)> = BTreeMap::new();
         for (set, held) in by_set {
@@ -670,12 +677,12 @@ impl Router {
     }
 
     /// A held leg that, when its call breaks (the owner was killed, or drained without
-    /// answering; a local set's lease was found taken), subscribes its sets again wherever they are served now, for
-    /// what is left of the hold: the new owner answers at once if anything is newer than
-    /// the versions held — a change the old owner committed and whose notification was
-    /// lost included — and holds otherwise. So a subscriber whose owner died waits and is
-    /// answered instead of being cut. Past `hold_until` the break is the leg's error, as
-    /// before (a "no change" only an owner gives, chaos defect 7).
+    /// answering; a local set's lease was found taken), subscribes its sets again wherever
+    /// they are served now, for what is left of the hold: the new owner answers at once if
+    /// anything is newer than the versions held — a change the old owner committed and
+    /// whose notification was lost included — and holds otherwise. So a subscriber whose
+    /// owner died waits and is answered instead of being cut. Past `hold_until` the break
+    /// is the leg's error, as before (a "no change" only an owner gives, chaos defect 7).
     fn held_again_if_broken(
         self: Arc<Self>,
         leg: HeldLeg,
@@ -851,9 +858,8 @@ impl Router {
                     ))
                 }
                 Err(_) => {
-                    let sets = guard.sets.clone();
-                    futures::future::try_join_all(sets.iter().map(|s| shared.confirm_held(s)))
-                        .await?;
+                    let confirmed = guard.sets.iter().map(|s| shared.confirm_held(s));
+                    futures::future::try_join_all(confirmed).await?;
                     Vec::new()
                 }
             };

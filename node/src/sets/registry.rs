@@ -1294,6 +1294,61 @@ mod tests {
         });
     }
 
+    /// A subscription whose routing was retried for longer than the router's grace (its
+    /// set had no owner here for a while: a view change) is still answered "nothing
+    /// changed" when the subscriber's timeout ends — not a 503 because the owner, given
+    /// the whole timeout again at the last retry, answered after the grace.
+    #[test]
+    fn a_subscription_routed_again_for_a_while_still_ends_nothing_changed_at_its_timeout() {
+        use crate::routing::router::{Subscription, FORWARDED_ANSWER_GRACE};
+        use tether_cluster::{Member, NodeId, RingPlacement};
+        actix_rt::System::new().block_on(async {
+            let member = |id: &str, port: u16| Member {
+                id: NodeId::new(id),
+                gossip_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                public_url: format!("http://127.0.0.1:{port}"),
+                incarnation: 1,
+            };
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let n1 = node("n1", store);
+            let r1 = Router::single(n1.clone());
+            let placement = Arc::new(RingPlacement::new(member("n1", 1), 64));
+            placement.update(&[member("n9", 9)]);
+            let name = (0..1000)
+                .map(|i| format!("ROUT{i:04}"))
+                .find(|n| !placement.is_local(n))
+                .expect("a set n9 owns");
+            let (set, id) = create_set(&r1, &name).await;
+            // From now on the set is n9's: this node refuses it (NotOwner) and the
+            // router routes again every ROUTE_RETRY, until the view gives it back.
+            n1.set_placement(placement.clone());
+            let routing = FORWARDED_ANSWER_GRACE + Duration::from_millis(500);
+            let back = placement.clone();
+            actix_rt::spawn(async move {
+                tokio::time::sleep(routing).await;
+                back.update(&[]);
+            });
+            let timeout = routing + Duration::from_secs(1);
+            let started = tokio::time::Instant::now();
+            let by_set = BTreeMap::from([(set, vec![held(&id, 1)])]);
+            let Subscription::Held(held) = r1
+                .subscribe(by_set, timeout, Default::default())
+                .await
+                .expect("opened once the set is served here again")
+            else {
+                panic!("nothing changed: the subscription is held");
+            };
+            let answer = held
+                .answer(timeout.saturating_sub(started.elapsed()), r1.drain_signal())
+                .await;
+            assert!(
+                matches!(&answer, Ok(b) if b.is_empty()),
+                "a hold whose routing took {routing:?} ended {answer:?}, not \"nothing changed\""
+            );
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
     /// A subscribe check dropped after the actor held it but before its answer came back
     /// (the client, or the forwarding peer, left just then) is cancelled on the actor: it
     /// does not stay held until its set next changes.
