@@ -532,17 +532,14 @@ impl BucketSetActor {
                 crate::telemetry::link(&commit_span, &cx);
             }
         }
-        let mut working = self.committed.clone();
+        // The buckets this batch changes, as it changes them (the rest are read from
+        // `committed`, which stays as the store has it until the commit is durable).
+        let mut working: BTreeMap<BucketId, Bucket> = BTreeMap::new();
         let mut changed = Changes::new();
         let mut commit = Commit::default();
         // Op ids of this batch: the job that carries each first, who sent it and its digest.
         let mut batch_ops: BTreeMap<String, (usize, String, String)> = BTreeMap::new();
         let mut results: Vec<(Job, Answer)> = Vec::with_capacity(jobs.len());
-        let versions_before: BTreeMap<BucketId, u64> = self
-            .committed
-            .iter()
-            .map(|(id, b)| (id.clone(), b.version))
-            .collect();
         for (index, mut job) in jobs.into_iter().enumerate() {
             let reconciling = tracing::info_span!(parent: &job.trace().span, "reconcile").entered();
             let answer = match &job {
@@ -563,7 +560,7 @@ impl BucketSetActor {
                 ),
                 Job::Ensure { buckets, .. } => {
                     for (id, fields) in buckets {
-                        if !working.contains_key(id) {
+                        if !working.contains_key(id) && !self.committed.contains_key(id) {
                             let b = Bucket::created(id.clone(), fields.clone(), self.shared.tick());
                             commit.changes.push((
                                 id.clone(),
@@ -591,7 +588,7 @@ impl BucketSetActor {
             .keys()
             .filter_map(|id| working.get(id).cloned())
             .collect();
-        self.plan_trims(&mut commit, &versions_before);
+        self.plan_trims(&mut commit);
         self.committing = true;
         let store = self.shared.store.clone();
         let set = self.set.clone();
@@ -645,7 +642,8 @@ impl BucketSetActor {
         }));
     }
 
-    /// Reconciles one put of a batch against `working`; what to answer it with.
+    /// Reconciles one put of a batch against the batch so far (`working` over
+    /// `committed`); what to answer it with.
     #[allow(clippy::type_complexity)]
     fn reconcile_put(
         &mut self,
@@ -662,7 +660,7 @@ impl BucketSetActor {
         commit: &mut Commit,
         batch_ops: &mut BTreeMap<String, (usize, String, String)>,
     ) -> Answer {
-        let Some(stored) = working.get(id) else {
+        let Some(stored) = working.get(id).or_else(|| self.committed.get(id)) else {
             return Answer::Done(Err(NodeError::NotFound(format!("no bucket {id}"))));
         };
         let digest = op_id
@@ -752,10 +750,10 @@ impl BucketSetActor {
     /// Adds the retention trims due with this commit: a bucket's log each time its version
     /// crosses a multiple of [`TRIM_CHANGES_EVERY`], the set's op ids every
     /// [`TRIM_OPS_EVERY`] new ones.
-    fn plan_trims(&self, commit: &mut Commit, before: &BTreeMap<BucketId, u64>) {
+    fn plan_trims(&self, commit: &mut Commit) {
         let keep = self.shared.config.history_per_bucket.max(1);
         for b in &commit.buckets {
-            let old = before.get(&b.id).copied().unwrap_or(0);
+            let old = self.committed.get(&b.id).map_or(0, |c| c.version);
             if b.version / TRIM_CHANGES_EVERY > old / TRIM_CHANGES_EVERY && b.version > keep {
                 commit
                     .trim
@@ -827,7 +825,7 @@ impl BucketSetActor {
             }
             return;
         }
-        self.committed = working;
+        self.committed.extend(working);
         self.ops_since_trim = if commit.trim.ops.is_some() {
             0
         } else {
