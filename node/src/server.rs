@@ -185,9 +185,13 @@ pub async fn run(config: Config) -> Result<()> {
         let rejections = rejections.clone();
         App::new()
             .app_data(app_state.clone())
-            .wrap_fn(move |req, srv| {
+            .wrap_fn(move |mut req, srv| {
                 let request_id = uuid::Uuid::new_v4();
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                if route == "/v1/subscribe" {
+                    // Kept for the whole hold: no room for headers it does not have.
+                    crate::api::held::compact_headers(req.head_mut());
+                }
                 let method = crate::telemetry::known_method(req.method().as_str());
                 // One span per request: child of the caller's `traceparent`, exported when
                 // tracing is on; its request id and trace id name every log line under it.

@@ -100,6 +100,19 @@ impl Drop for HeldSlot {
     }
 }
 
+/// Shrinks a held request's header map to the headers it has. actix-web keeps the request
+/// until its handler answers, that is for the whole hold, and actix-http sizes every
+/// request head's map for 16 headers (32 slots of ≈ 200 B: 6.7 KB of each held device's
+/// heap, BENCHMARKS.md "Parked subscriptions"); a device's subscribe carries about six.
+/// Every header is kept, repeated ones in their order.
+pub fn compact_headers(head: &mut actix_web::dev::RequestHead) {
+    let mut compact = actix_web::http::header::HeaderMap::with_capacity(head.headers.len_keys());
+    for (name, value) in head.headers.iter() {
+        compact.append(name.clone(), value.clone());
+    }
+    head.headers = compact;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +133,35 @@ mod tests {
         assert!(a3.evicted.try_recv().is_err(), "a3 holds on");
         drop((a1, a3, b1));
         assert_eq!(held.held_by("a") + held.held_by("b"), 0);
+    }
+
+    /// Every header survives, a repeated one with all its values in order.
+    #[test]
+    fn compacted_headers_keep_every_value() {
+        let mut req = actix_web::test::TestRequest::post()
+            .uri("/v1/subscribe")
+            .insert_header(("authorization", "Basic ZGV2OnNlY3JldA=="))
+            .insert_header(("content-type", "application/json"))
+            .append_header(("x-tether-test", "one"))
+            .append_header(("x-tether-test", "two"))
+            .to_srv_request();
+        let before: Vec<(String, Vec<u8>)> = pairs(req.headers());
+        compact_headers(req.head_mut());
+        assert_eq!(pairs(req.headers()), before);
+        let repeated: Vec<&str> = req
+            .headers()
+            .get_all("x-tether-test")
+            .map(|v| v.to_str().expect("ascii"))
+            .collect();
+        assert_eq!(repeated, ["one", "two"]);
+    }
+
+    fn pairs(h: &actix_web::http::header::HeaderMap) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        v.sort();
+        v
     }
 }
