@@ -114,17 +114,10 @@ impl Queue {
             let (rx, write) = (rx.clone(), write.clone());
             runtime.spawn(async move {
                 loop {
+                    // The first queued, and whatever queued meanwhile, up to `max_batch`.
                     let mut batch = Vec::new();
-                    {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else { return };
-                        batch.push(first);
-                        while batch.len() < max_batch {
-                            match rx.try_recv() {
-                                Ok(r) => batch.push(r),
-                                Err(_) => break,
-                            }
-                        }
+                    if rx.lock().await.recv_many(&mut batch, max_batch).await == 0 {
+                        return;
                     }
                     batch.retain(|r| !r.abandoned());
                     if !batch.is_empty() {

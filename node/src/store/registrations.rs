@@ -67,17 +67,10 @@ impl Registrations {
             let max_batch = config.max_batch.max(1);
             tokio::spawn(async move {
                 loop {
+                    // The first queued, and whatever queued meanwhile, up to `max_batch`.
                     let mut batch = Vec::new();
-                    {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else { return };
-                        batch.push(first);
-                        while batch.len() < max_batch {
-                            match rx.try_recv() {
-                                Ok(p) => batch.push(p),
-                                Err(_) => break,
-                            }
-                        }
+                    if rx.lock().await.recv_many(&mut batch, max_batch).await == 0 {
+                        return;
                     }
                     // A requester that stopped waiting is not written for: writing nothing
                     // is one of the fates it was told were possible.
