@@ -47,6 +47,14 @@ pub struct Load {
     pub errors: u64,
     /// Request latency.
     pub latency: LatencySummary,
+    /// Requests answered, the warm-up second's included.
+    pub answered: u64,
+    /// The server process's CPU time (user + system, all threads) per answered request
+    /// while the load ran, warm-up included — steadier on a shared machine than a rate:
+    /// other tenants slow the server down but do not add to its CPU time. `None` when not
+    /// measured (a cluster's load, or no `/proc`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_request: Option<f64>,
 }
 
 /// One run.
@@ -60,6 +68,11 @@ pub struct Run {
     pub ratio: f64,
     /// Store transactions (fsyncs) per second during the Tether load.
     pub tether_commits_per_s: f64,
+    /// The trivial server's CPU per request / Tether's per durable PUT: the share of the
+    /// HTTP stack's cost per request a durable PUT adds up to (1 = no more than the
+    /// trivial handler; the CPU counterpart of `ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ratio: Option<f64>,
 }
 
 /// `tether-bench trivial-server`: PUT /v1/buckets/{id} reads the body and answers a
@@ -110,6 +123,7 @@ pub async fn closed_loop(
         tasks.spawn(async move {
             let mut h: Histogram<u64> = latency_histogram();
             let mut n = 0u64;
+            let mut all = 0u64;
             let mut version = 0u64;
             let id = match &dev {
                 Some((serial, _)) => format!("shared.{serial}"),
@@ -140,6 +154,7 @@ pub async fn closed_loop(
                     },
                     _ => false,
                 };
+                all += u64::from(ok);
                 if t0 < warm_until {
                     continue;
                 }
@@ -151,14 +166,16 @@ pub async fn closed_loop(
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            (n, h)
+            (n, all, h)
         });
     }
     let mut total = 0u64;
+    let mut answered = 0u64;
     let mut hist = latency_histogram();
     while let Some(r) = tasks.join_next().await {
-        if let Ok((n, h)) = r {
+        if let Ok((n, all, h)) = r {
             total += n;
+            answered += all;
             let _ = hist.add(&h);
         }
     }
@@ -166,7 +183,26 @@ pub async fn closed_loop(
         rps: total as f64 / secs,
         errors: errors.load(Ordering::Relaxed),
         latency: LatencySummary::of(&hist),
+        answered,
+        server_cpu_us_per_request: None,
     }
+}
+
+/// [`closed_loop`] against the server process `pid`, with its CPU time per request.
+async fn measured_loop(
+    pid: u32,
+    http: &reqwest::Client,
+    url: &str,
+    devices: &[(String, Credentials)],
+    o: &Opts,
+) -> Load {
+    let before = procs::cpu_secs(pid);
+    let mut load = closed_loop(http, url, devices, o.conns, o.secs, false).await;
+    if let (Some(b), Some(a)) = (before, procs::cpu_secs(pid)) {
+        load.server_cpu_us_per_request =
+            (load.answered > 0).then(|| (a - b) * 1e6 / load.answered as f64);
+    }
+    load
 }
 
 /// `tether-bench http-ceiling`.
@@ -186,31 +222,43 @@ pub async fn run(o: Opts) -> Result<()> {
         let trivial_srv = procs::start_trivial(o.workers).await?;
         // Alternate the order so neither target always runs on a warmer machine.
         let (trivial, tether, commits) = if r % 2 == 0 {
-            let t = closed_loop(&http, &trivial_srv.url, &[], o.conns, o.secs, false).await;
-            let (x, c) = tether_load(&http, node.url(), &devices, &o).await;
+            let t = measured_loop(trivial_srv.pid(), &http, &trivial_srv.url, &[], &o).await;
+            let (x, c) = tether_load(&http, &node.server, &devices, &o).await;
             (t, x, c)
         } else {
-            let (x, c) = tether_load(&http, node.url(), &devices, &o).await;
-            let t = closed_loop(&http, &trivial_srv.url, &[], o.conns, o.secs, false).await;
+            let (x, c) = tether_load(&http, &node.server, &devices, &o).await;
+            let t = measured_loop(trivial_srv.pid(), &http, &trivial_srv.url, &[], &o).await;
             (t, x, c)
         };
         trivial_srv.stop().await;
         node.server.stop().await;
+        let cpu_ratio = match (
+            trivial.server_cpu_us_per_request,
+            tether.server_cpu_us_per_request,
+        ) {
+            (Some(t), Some(x)) if x > 0.0 => Some(t / x),
+            _ => None,
+        };
         let run = Run {
             ratio: ratio(tether.rps, trivial.rps),
             trivial,
             tether,
             tether_commits_per_s: commits,
+            cpu_ratio,
         };
+        let us = |l: &Load| l.server_cpu_us_per_request.unwrap_or(f64::NAN);
         eprintln!(
-            "run {}: trivial {:.0} req/s (p99 {:.1} ms), tether durable PUT {:.0} req/s (p99 {:.1} ms, {:.0} commits/s) → ratio {:.3}",
+            "run {}: trivial {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each), tether durable PUT {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each, {:.0} commits/s) → ratio {:.3}, CPU ratio {:.3}",
             r + 1,
             run.trivial.rps,
             run.trivial.latency.p99_ms,
+            us(&run.trivial),
             run.tether.rps,
             run.tether.latency.p99_ms,
+            us(&run.tether),
             run.tether_commits_per_s,
-            run.ratio
+            run.ratio,
+            run.cpu_ratio.unwrap_or(f64::NAN)
         );
         runs.push(run);
     }
@@ -218,20 +266,25 @@ pub async fn run(o: Opts) -> Result<()> {
     let ratio_s = spread(&|r| r.ratio);
     let trivial_s = spread(&|r| r.trivial.rps);
     let tether_s = spread(&|r| r.tether.rps);
+    let cpu_s = spread(&|r| r.cpu_ratio.unwrap_or(f64::NAN));
+    let tether_us_s = spread(&|r| r.tether.server_cpu_us_per_request.unwrap_or(f64::NAN));
     println!(
-        "http-ceiling ({} runs, {} connections, {} s each): trivial {} req/s, tether {} req/s, ratio tether/trivial {}",
+        "http-ceiling ({} runs, {} connections, {} s each): trivial {} req/s, tether {} req/s, ratio tether/trivial {}; server CPU per request: tether {} µs, CPU ratio trivial/tether {}",
         o.runs,
         o.conns,
         o.secs,
         trivial_s.show(0),
         tether_s.show(0),
-        ratio_s.show(3)
+        ratio_s.show(3),
+        tether_us_s.show(1),
+        cpu_s.show(3)
     );
     let result = json!({
         "benchmark": "http-ceiling", "date": date, "machine": machine,
         "params": {"runs": o.runs, "secs": o.secs, "connections": o.conns, "http_workers": o.workers},
         "runs": runs,
-        "summary": {"trivial_rps": trivial_s, "tether_rps": tether_s, "ratio_tether_over_trivial": ratio_s},
+        "summary": {"trivial_rps": trivial_s, "tether_rps": tether_s, "ratio_tether_over_trivial": ratio_s,
+                    "tether_cpu_us_per_put": tether_us_s, "cpu_ratio_trivial_over_tether": cpu_s},
     });
     let json_path = write_json(&o.out, "http-ceiling", &result)?;
     plot_it(
@@ -247,12 +300,13 @@ pub async fn run(o: Opts) -> Result<()> {
 
 async fn tether_load(
     http: &reqwest::Client,
-    url: &str,
+    node: &procs::Server,
     devices: &[(String, Credentials)],
     o: &Opts,
 ) -> (Load, f64) {
+    let url = node.url.as_str();
     let before = tether::metric(http, url, "tether_store_commits_total").await;
-    let load = closed_loop(http, url, devices, o.conns, o.secs, false).await;
+    let load = measured_loop(node.pid(), http, url, devices, o).await;
     let after = tether::metric(http, url, "tether_store_commits_total").await;
     let commits = match (before, after) {
         (Some(b), Some(a)) => (a - b) / (o.secs + 1.0),

@@ -53,6 +53,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system, every thread) a process has used, in seconds: `/proc/<pid>/stat`
+/// fields 14 and 15, in the kernel's fixed `USER_HZ` of 100 ticks per second.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from the ')' that ends it.
+    let mut after = s.get(s.rfind(')')? + 1..)?.split_whitespace();
+    let utime: u64 = after.nth(11)?.parse().ok()?;
+    let stime: u64 = after.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
