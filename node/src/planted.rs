@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `ack-before-durable` | acknowledged ⇒ durable: a batch is answered at once and committed ~200 ms later in the background, so a kill -9 or a store crash loses acknowledged writes | `BucketSetActor::start_commit` |
 //! | `skip-epoch-check` | one committer per set: a commit fenced for a stale epoch is written anyway (under the current epoch read from the store, the lease left with its holder, and the change log's per-version check skipped), so two owners commit the same version | `BucketSetActor::start_commit` |
-//! | `stale-reads` | reads only under a confirmed lease (invariant 23): reads are served from memory without confirming the lease, and a take-over (`Relinquish`) is ignored | `BucketSetActor::lease_trusted`, `Shared::relinquish` |
+//! | `stale-reads` | reads only under a confirmed lease (invariant 23): reads are served from memory without confirming the lease, a woken node does not confirm the leases of its sets with held subscriptions (`Revalidate` trusts memory too), and a take-over (`Relinquish`) is ignored | `BucketSetActor::lease_trusted`, `Shared::relinquish` |
 //! | `drop-notification` | every change reaches its held subscribers: every 3rd notification is dropped (the subscriber stays held) | `BucketSetActor::notify` |
 
 use std::sync::OnceLock;
