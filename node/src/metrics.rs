@@ -168,13 +168,13 @@ impl Metrics {
         let store_commits = Counter::default();
         registry.register(
             "store_commits",
-            "Embedded store (redb) write transactions, one fsync each",
+            "Store write transactions (batches of commits; redb: one fsync each)",
             store_commits.clone(),
         );
         let store_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         registry.register(
             "store_commit_batch_size",
-            "Commits folded into one embedded store (redb) transaction (group commit)",
+            "Commits folded into one store write transaction (group commit)",
             store_batch.clone(),
         );
         let leases_acquired = Counter::default();

@@ -32,7 +32,7 @@ use serde_json::json;
 use tether_proto::credentials::{basic_header, Credentials};
 
 use super::ceiling::{closed_loop, Load};
-use super::{now_utc, ratio, tether, write_json, Machine, Spread};
+use super::{now_utc, procs, ratio, tether, write_json, Machine, Spread};
 
 /// How often each probe device writes during a failover.
 pub const PROBE_EVERY: Duration = Duration::from_millis(50);
@@ -111,6 +111,101 @@ pub struct Run {
     pub cluster_registrations_per_s: f64,
     /// cluster / single.
     pub registration_ratio: f64,
+    /// Where one node's PUT load spent its CPU, per answered PUT.
+    pub single_cpu: Option<CpuPerPut>,
+    /// Where the cluster's PUT load spent its CPU, per answered PUT.
+    pub cluster_cpu: Option<CpuPerPut>,
+    /// single_cpu.total_us / cluster_cpu.total_us: the throughput ratio the cluster would
+    /// reach if CPU alone bounded both (steadier than the rates on a shared machine).
+    pub cpu_ratio: Option<f64>,
+}
+
+/// CPU time (user + system) a PUT load cost per answered PUT, in µs, by process: the
+/// node(s), the store's server (PostgreSQL's postmaster and backends; 0 for the embedded
+/// store) and this load generator. Warm-up included.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuPerPut {
+    pub nodes_us: f64,
+    pub store_us: f64,
+    pub client_us: f64,
+    pub total_us: f64,
+    /// Answered PUTs per store write transaction (`tether_store_commits_total`, every
+    /// node's): how much the group commit folds.
+    pub puts_per_store_txn: Option<f64>,
+}
+
+/// Reads the CPU time of the processes a PUT load runs on.
+struct CpuMeter<'a> {
+    http: &'a reqwest::Client,
+    /// Each node's process id and base URL.
+    nodes: Vec<(u32, &'a str)>,
+    store: Option<u32>,
+}
+
+impl CpuMeter<'_> {
+    /// Seconds so far: nodes, store, client.
+    fn read(&self) -> Option<[f64; 3]> {
+        let mut nodes = 0.0;
+        for &(pid, _) in &self.nodes {
+            nodes += procs::cpu_secs(pid)?;
+        }
+        let store = match self.store {
+            Some(pid) => procs::tree_cpu_secs(pid)?,
+            None => 0.0,
+        };
+        Some([nodes, store, procs::cpu_secs(std::process::id())?])
+    }
+
+    /// Runs `load` and splits its CPU per answered PUT.
+    async fn measure(
+        &self,
+        load: impl std::future::Future<Output = Load>,
+    ) -> (Load, Option<CpuPerPut>) {
+        let txns_before = self.store_txns().await;
+        let before = self.read();
+        let load = load.await;
+        let after = self.read();
+        let txns = match (txns_before, self.store_txns().await) {
+            (Some(b), Some(a)) if a > b => Some(a - b),
+            _ => None,
+        };
+        let split = match (before, after) {
+            (Some(b), Some(a)) if load.answered > 0 => {
+                let us = |i: usize| (a[i] - b[i]) * 1e6 / load.answered as f64;
+                Some(CpuPerPut {
+                    nodes_us: us(0),
+                    store_us: us(1),
+                    client_us: us(2),
+                    total_us: us(0) + us(1) + us(2),
+                    puts_per_store_txn: txns.map(|t| load.answered as f64 / t),
+                })
+            }
+            _ => None,
+        };
+        (load, split)
+    }
+
+    /// Every node's store write transactions so far.
+    async fn store_txns(&self) -> Option<f64> {
+        let mut sum = 0.0;
+        for &(_, url) in &self.nodes {
+            sum += tether::metric(self.http, url, "tether_store_commits_total").await?;
+        }
+        Some(sum)
+    }
+}
+
+impl CpuPerPut {
+    fn show(&self) -> String {
+        format!(
+            "{:.0} µs CPU (nodes {:.0}, store {:.0}, client {:.0}), {:.1} PUTs per store transaction",
+            self.total_us,
+            self.nodes_us,
+            self.store_us,
+            self.client_us,
+            self.puts_per_store_txn.unwrap_or(f64::NAN)
+        )
+    }
 }
 
 /// One kill -9.
@@ -142,6 +237,8 @@ pub struct Results {
     pub registrations: usize,
     pub runs: Vec<Run>,
     pub put_ratio: Spread,
+    /// Each run's `cpu_ratio`.
+    pub cpu_ratio: Spread,
     pub registration_ratio: Spread,
     pub failovers: Vec<Failover>,
     pub failover_gap_ms: Spread,
@@ -162,7 +259,21 @@ pub async fn run(o: Opts) -> Result<()> {
         let devices =
             tether::register_many(&http, single.url(), &single.mfg_key, "CPUT", o.devices, 16)
                 .await?;
-        let single_put = closed_loop(&http, single.url(), &devices, o.conns, o.secs, false).await;
+        let meter = CpuMeter {
+            http: &http,
+            nodes: vec![(single.server.pid(), single.url())],
+            store: None,
+        };
+        let (single_put, single_cpu) = meter
+            .measure(closed_loop(
+                &http,
+                single.url(),
+                &devices,
+                o.conns,
+                o.secs,
+                false,
+            ))
+            .await;
         let single_reg = registrations(&http, &[single.url()], &single.mfg_key, &o, r).await?;
         single.server.stop().await;
 
@@ -180,17 +291,32 @@ pub async fn run(o: Opts) -> Result<()> {
             loads.push((url.to_string(), devs));
         }
         let conns_per = o.conns.div_ceil(urls.len());
-        let parts = futures::future::join_all(
-            loads
-                .iter()
-                .map(|(url, devs)| closed_loop(&http, url, devs, conns_per, o.secs, false)),
-        )
-        .await;
-        let cluster_put = sum_loads(&parts);
+        let meter = CpuMeter {
+            http: &http,
+            nodes: nodes.iter().map(|n| (n.server.pid(), n.url())).collect(),
+            store: cluster.store_pid(),
+        };
+        let (cluster_put, cluster_cpu) = meter
+            .measure(async {
+                let parts =
+                    futures::future::join_all(loads.iter().map(|(url, devs)| {
+                        closed_loop(&http, url, devs, conns_per, o.secs, false)
+                    }))
+                    .await;
+                sum_loads(&parts)
+            })
+            .await;
         let cluster_reg = registrations(&http, &urls[..1], &mfg_key, &o, r).await?;
         drop(nodes);
         drop(cluster);
+        let cpu_ratio = match (single_cpu, cluster_cpu) {
+            (Some(s), Some(c)) if c.total_us > 0.0 => Some(s.total_us / c.total_us),
+            _ => None,
+        };
         let run = Run {
+            single_cpu,
+            cluster_cpu,
+            cpu_ratio,
             put_ratio: ratio(cluster_put.rps, single_put.rps),
             registration_ratio: ratio(cluster_reg, single_reg),
             single_put,
@@ -208,6 +334,15 @@ pub async fn run(o: Opts) -> Result<()> {
             run.single_registrations_per_s,
             run.registration_ratio
         );
+        if let (Some(s), Some(c), Some(x)) = (run.single_cpu, run.cluster_cpu, run.cpu_ratio) {
+            println!(
+                "run {}: per durable PUT, one node {}; cluster {}; CPU ratio {:.2}",
+                r + 1,
+                s.show(),
+                c.show(),
+                x
+            );
+        }
         runs.push(run);
     }
 
@@ -226,6 +361,7 @@ pub async fn run(o: Opts) -> Result<()> {
         devices: o.devices,
         registrations: o.registrations,
         put_ratio: Spread::of(&runs.iter().map(|r| r.put_ratio).collect::<Vec<_>>()),
+        cpu_ratio: Spread::of(&runs.iter().filter_map(|r| r.cpu_ratio).collect::<Vec<_>>()),
         registration_ratio: Spread::of(
             &runs
                 .iter()
@@ -251,6 +387,10 @@ pub async fn run(o: Opts) -> Result<()> {
     println!(
         "durable PUT/s, cluster / one node: {}",
         results.put_ratio.show(2)
+    );
+    println!(
+        "CPU per durable PUT, one node / cluster: {}",
+        results.cpu_ratio.show(2)
     );
     println!(
         "cold registrations/s, cluster / one node: {}",
@@ -298,6 +438,7 @@ fn sum_loads(parts: &[Load]) -> Load {
     for p in &parts[1..] {
         total.rps += p.rps;
         total.errors += p.errors;
+        total.answered += p.answered;
     }
     // Latency: the slowest part's (a conservative summary of the cluster's).
     if let Some(worst) = parts

@@ -64,6 +64,35 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// CPU time (user + system) of process `pid` and of its children, in seconds: the live
+/// ones (`/proc/<pid>/task/*/children`) and the ones it has reaped (its `cutime` and
+/// `cstime`, fields 16 and 17). Enough for a server that forks a process per connection
+/// (PostgreSQL's postmaster and its backends).
+pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after: Vec<&str> = s.get(s.rfind(')')? + 1..)?.split_whitespace().collect();
+    let ticks = |i: usize| {
+        after
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let own = (ticks(11) + ticks(12) + ticks(13) + ticks(14)) as f64 / 100.0;
+    let mut children = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children += list
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .filter_map(cpu_secs)
+            .sum::<f64>();
+    }
+    Some(own + children)
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;

@@ -213,7 +213,7 @@ pub struct Cluster {
     nodes: Vec<Option<TetherNode>>,
     // Dropped last: the nodes stop before their store and files go.
     _shared: TempDir,
-    _pg: tether_node::store::pg_server::PgServer,
+    pg: tether_node::store::pg_server::PgServer,
 }
 
 impl Cluster {
@@ -245,7 +245,7 @@ impl Cluster {
             grpc,
             nodes: (0..n).map(|_| None).collect(),
             _shared: shared,
-            _pg: pg,
+            pg,
         };
         for i in 0..n {
             cluster.start_node(i).await?;
@@ -297,5 +297,10 @@ impl Cluster {
     /// Node `i`, when running.
     pub fn node(&self, i: usize) -> Option<&TetherNode> {
         self.nodes[i].as_ref()
+    }
+
+    /// The store's (PostgreSQL's postmaster's) process id.
+    pub fn store_pid(&self) -> Option<u32> {
+        self.pg.postmaster_pid()
     }
 }

@@ -382,6 +382,13 @@ impl PgServer {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// The postmaster's process id (the first line of `postmaster.pid`), while it runs;
+    /// every backend is its child.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let pidfile = std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).ok()?;
+        pidfile.lines().next()?.trim().parse().ok()
+    }
 }
 
 fn rand_suffix() -> u64 {
