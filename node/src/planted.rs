@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `ack-before-durable` | acknowledged ⇒ durable: a batch is answered at once and committed ~200 ms later in the background, so a kill -9 or a store crash loses acknowledged writes | `BucketSetActor::start_commit` |
 //! | `skip-epoch-check` | one committer per set: a commit fenced for a stale epoch is written anyway (under the current epoch read from the store, the lease left with its holder, and the change log's per-version check skipped), so two owners commit the same version | `BucketSetActor::start_commit` |
-//! | `stale-reads` | reads only under a confirmed lease (invariant 23): reads are served from memory without confirming the lease, a woken node does not confirm the leases of its sets with held subscriptions (`Revalidate` trusts memory too), and a take-over (`Relinquish`) is ignored | `BucketSetActor::lease_trusted`, `Shared::relinquish` |
+//! | `stale-reads` | reads only under a confirmed lease (invariant 23): reads are served from memory without confirming the lease, a woken node does not confirm the leases of its sets with held subscriptions (`Revalidate` trusts memory too), and a take-over (`Relinquish`) is ignored | `BucketSetActor::lease_trusted`, `Handler<Revalidate>`, `Shared::relinquish` |
 //! | `drop-notification` | every change reaches its held subscribers: every 3rd notification is dropped (the subscriber stays held) | `BucketSetActor::notify` |
 
 use std::sync::OnceLock;
@@ -150,23 +150,32 @@ pub fn commit_later(
 /// current owner wrote already): the effect of a store whose commit does not check the
 /// epoch. The stale owner's memory overwrites the current owner's buckets, and the
 /// current owner, its lease untouched, overwrites them back at its next commit.
+///
+/// It runs as a task of its own: a store without the check would have taken the write
+/// with the first attempt, so the actor stopping meanwhile (a lease confirmation finding
+/// the set taken, which cancels its pending futures) does not stop it.
 #[cfg(feature = "planted-skip-epoch-check")]
 pub async fn commit_fenced_anyway(
-    store: &dyn crate::store::Store,
-    set: &tether_proto::SetKey,
+    store: std::sync::Arc<dyn crate::store::Store>,
+    set: tether_proto::SetKey,
     epoch: crate::store::Epoch,
     commit: crate::store::Commit,
 ) -> Result<(), crate::store::StoreError> {
-    match store.commit(set, epoch, commit.clone()).await {
-        Err(crate::store::StoreError::Fenced { .. }) => {
-            tracing::error!(%set, epoch = epoch.0, "planted-skip-epoch-check: committing under a stale epoch anyway");
-            let current = store.lease_epoch(set).await?.unwrap_or(epoch);
-            let mut commit = commit;
-            commit.changes.clear();
-            store.commit(set, current, commit).await
+    let write = actix_rt::spawn(async move {
+        match store.commit(&set, epoch, commit.clone()).await {
+            Err(crate::store::StoreError::Fenced { .. }) => {
+                tracing::error!(%set, epoch = epoch.0, "planted-skip-epoch-check: committing under a stale epoch anyway");
+                let current = store.lease_epoch(&set).await?.unwrap_or(epoch);
+                let mut commit = commit;
+                commit.changes.clear();
+                store.commit(&set, current, commit).await
+            }
+            other => other,
         }
-        other => other,
-    }
+    });
+    write
+        .await
+        .map_err(|e| crate::store::StoreError::Backend(format!("planted commit task: {e}")))?
 }
 
 /// `drop-notification`: whether to drop this notification (every 3rd one).

@@ -170,9 +170,8 @@ pub struct Unsubscribe(pub u64);
 pub struct ReleaseHeld;
 
 /// This node may have been away (paused, cut off, its view changed): an actor holding
-/// subscriptions confirms its lease now (unless it is still trusted, proven less than
-/// [`crate::sets::registry::LEASE_TRUST`] ago), so subscribers of a set another node took
-/// are answered (empty: they resubscribe at the new owner) instead of waiting out their
+/// subscriptions confirms its lease now, so subscribers of a set another node took are
+/// answered (empty: they resubscribe at the new owner) instead of waiting out their
 /// timeout for changes that will never reach this node.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -615,7 +614,7 @@ impl BucketSetActor {
             // Planted bug (chaos self-test): a fenced commit is written anyway.
             #[cfg(feature = "planted-skip-epoch-check")]
             if crate::planted::active(crate::planted::Bug::SkipEpochCheck) {
-                return crate::planted::commit_fenced_anyway(&*store, &set, epoch, to_commit).await;
+                return crate::planted::commit_fenced_anyway(store, set, epoch, to_commit).await;
             }
             store.commit(&set, epoch, to_commit).await
         }
@@ -1623,9 +1622,13 @@ impl Handler<ReleaseHeld> for BucketSetActor {
 impl Handler<Revalidate> for BucketSetActor {
     type Result = ();
     fn handle(&mut self, _msg: Revalidate, ctx: &mut Context<Self>) {
-        // A lease proven less than the trust interval ago is still this actor's, for the
-        // reason reads answer from memory under it (invariant 23): no store round trip.
-        if self.subs.is_empty() || self.ready().is_err() || self.lease_trusted() {
+        // Planted bug (chaos self-test): memory is trusted here too, so a woken owner
+        // does not drop a set that was taken while it slept.
+        #[cfg(feature = "planted-stale-reads")]
+        if crate::planted::active(crate::planted::Bug::StaleReads) {
+            return;
+        }
+        if self.subs.is_empty() || self.ready().is_err() || self.shared.lease_trust().is_none() {
             return;
         }
         ctx.spawn(self.confirm_lease().map(|_, _, _| ()));
