@@ -6,14 +6,16 @@
 //! tasks each take whatever is queued (up to [`BatchConfig::max_batch`]) and give it to the
 //! backend's writer, which answers every request only after its transaction committed
 //! (or failed). While a batch is being written, the next one gathers until it ends (or
-//! until it has been out [`BatchConfig::overlap_after`]): idle
-//! writers grabbing a commit or two each would split the load into many small
-//! transactions, each costing the store its fixed price (on PostgreSQL, 4 writers made
-//! batches of 2.7 commits against 6.7 for one, and the store spent twice the CPU per
-//! commit). The other writers overlap a batch that is slow (a lock wait, a stalled
-//! store), so one slow transaction does not hold up every commit of the node. A request whose requester stopped waiting before its batch began (its
-//! deadline passed while queued, so it was told its fate is unknown) is dropped unwritten:
-//! writing nothing is one of the fates it allowed, and the safest one.
+//! until it has been out [`BatchConfig::overlap_after`]): idle writers grabbing a commit
+//! or two each would split the load into many small transactions, each costing the store
+//! its fixed price (on PostgreSQL, 4 writers made batches of 2.7 commits against 6.7 for
+//! one, and the store spent twice the CPU per commit). The other writers overlap a batch
+//! that is slow (a lock wait, a stalled store), so one slow transaction does not hold up
+//! every commit of the node.
+//!
+//! A request whose requester stopped waiting before its batch began (its deadline passed
+//! while queued, so it was told its fate is unknown) is dropped unwritten: writing nothing
+//! is one of the fates it allowed, and the safest one.
 //!
 //! Admission: at most [`BatchConfig::queue`] commits wait or are being written; past that
 //! a commit fails at once with [`StoreError::Overloaded`] (503 + `Retry-After`), never an
@@ -107,20 +109,18 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn started(&self) {
-        self.lock().push(tokio::time::Instant::now());
+    /// A batch starts now; returns its start, to give to [`Self::ended`].
+    fn started(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        self.lock().push(now);
+        now
     }
 
-    fn ended(&self) {
+    /// The batch that started at `start` ended.
+    fn ended(&self, start: tokio::time::Instant) {
         let mut started = self.lock();
-        // Which one ended does not matter: only the oldest start is read.
-        if let Some(oldest) = started
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, t)| **t)
-            .map(|(i, _)| i)
-        {
-            started.swap_remove(oldest);
+        if let Some(i) = started.iter().position(|t| *t == start) {
+            started.swap_remove(i);
         }
         drop(started);
         self.ended.notify_waiters();
@@ -192,7 +192,7 @@ impl Queue {
             runtime.spawn(async move {
                 loop {
                     let mut batch = Vec::new();
-                    {
+                    let start = {
                         let mut rx = rx.lock().await;
                         if rx.recv_many(&mut batch, max_batch).await == 0 {
                             return;
@@ -201,13 +201,13 @@ impl Queue {
                             .gather(&mut rx, &mut batch, max_batch, config.overlap_after)
                             .await;
                         // Counted before the next writer may look.
-                        in_flight.started();
-                    }
+                        in_flight.started()
+                    };
                     batch.retain(|r| !r.abandoned());
                     if !batch.is_empty() {
                         write(batch).await;
                     }
-                    in_flight.ended();
+                    in_flight.ended(start);
                 }
             });
         }
