@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .bytes(".")
+        // Small starting buffers instead of tonic's 8 KiB (src/routing/codec.rs).
+        .codec_path("crate::routing::codec::SmallBufferCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

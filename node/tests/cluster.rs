@@ -580,6 +580,16 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         o.put(&shared_id, &json!({"value": {"big1": half}}))
             .await
             .expect(StatusCode::OK);
+        // Messages far larger than the forwarding codec's starting buffers (1 KiB) cross
+        // both ways: a 40 KB read forwarded, and a 40 KB write forwarded and read back.
+        let read = e.bucket(&shared_id).await;
+        assert_eq!(read["value"]["big1"], json!(half), "40 KB GET forwarded");
+        let other = "y".repeat(40_000);
+        e.put(&shared_id, &json!({"value": {"big1": other}}))
+            .await
+            .expect(StatusCode::OK);
+        let read = o.bucket(&shared_id).await;
+        assert_eq!(read["value"]["big1"], json!(other), "40 KB PUT forwarded");
         let too_big = json!({"value": {"big2": half}});
         let local = o.put(&shared_id, &too_big).await;
         local.expect_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
