@@ -124,6 +124,29 @@ async fn start_plain_member(
     }
 }
 
+/// Plain members named `ids` on the PostgreSQL at `url` (see [`start_plain_member`]), the
+/// others joined through the first and sharing its keyring; returned once every one
+/// sees them all.
+async fn start_plain_cluster(
+    ids: &[&str],
+    url: &str,
+    config: Option<&str>,
+    extra: &[&str],
+) -> Vec<Member> {
+    let first = start_plain_member(ids[0], url, None, None, config, extra).await;
+    let keys = first.node.keyring();
+    let seed = first.grpc;
+    let mut members = vec![first];
+    for id in &ids[1..] {
+        members
+            .push(start_plain_member(id, url, Some(seed), Some(keys.clone()), config, extra).await);
+    }
+    for m in &members {
+        m.node.wait_ready(ids.len() as u64).await;
+    }
+    members
+}
+
 /// Asserts a 503 says when to retry (README: `Retry-After: 1` on cluster 503s).
 fn assert_retry_after(r: &Resp) {
     assert_eq!(
@@ -1111,25 +1134,9 @@ async fn member_changes(node: &Node) -> (f64, f64) {
 async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_once() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("opretry").expect("database");
-    let start = |id: &'static str, join: Option<u16>, keys: Option<Arc<Keyring>>| {
-        start_plain_member(
-            id,
-            &url,
-            join,
-            keys,
-            None,
-            &["--fault-stall-op-prefix", "stall-"],
-        )
-    };
-    let a = start("op-a", None, None).await;
-    let keys = a.node.keyring();
-    let b = start("op-b", Some(a.grpc), Some(keys.clone())).await;
-    let c = start("op-c", Some(a.grpc), Some(keys)).await;
-    for m in [&a, &b, &c] {
-        m.node.wait_ready(3).await;
-    }
-    let members = vec![a, b, c];
     let ids = ["op-a", "op-b", "op-c"];
+    let members =
+        start_plain_cluster(&ids, &url, None, &["--fault-stall-op-prefix", "stall-"]).await;
     // A device whose set the third member owns; requests go through the first.
     let serial = (0..)
         .map(|i| format!("OPR{i:03}"))
@@ -1243,21 +1250,15 @@ async fn a_write_whose_owner_dies_mid_request_is_retried_by_op_id_and_applied_on
 async fn a_forwarded_subscription_survives_its_sets_passivation_on_the_owner() {
     let pg = PgServer::start().expect("a private PostgreSQL server (installed by scripts/test)");
     let url = pg.url("parked").expect("database");
-    let start = |id: &'static str, join: Option<u16>, keys: Option<Arc<Keyring>>| {
-        start_plain_member(
-            id,
-            &url,
-            join,
-            keys,
-            Some(TEMPLATE),
-            &["--passivate-after-ms", "300"],
-        )
-    };
-    let a = start("park-a", None, None).await;
-    let b = start("park-b", Some(a.grpc), Some(a.node.keyring())).await;
-    for m in [&a, &b] {
-        m.node.wait_ready(2).await;
-    }
+    let [a, b]: [Member; 2] = start_plain_cluster(
+        &["park-a", "park-b"],
+        &url,
+        Some(TEMPLATE),
+        &["--passivate-after-ms", "300"],
+    )
+    .await
+    .try_into()
+    .unwrap_or_else(|_| unreachable!("two members started"));
     let serial = (0..)
         .map(|i| format!("PRK{i:03}"))
         .find(|s| owner(&["park-a", "park-b"], s) == "park-b")
