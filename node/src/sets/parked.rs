@@ -126,7 +126,7 @@ impl ParkedSets {
     /// Answers the waiters of `set` empty (their clients subscribe again); how many.
     pub fn release(&self, set: &SetKey) -> usize {
         let taken = self.take(set);
-        taken.map_or(0, |p| self.answer_empty(p))
+        taken.map_or(0, |p| self.retire(p, true))
     }
 
     /// Answers empty the waiters of every parked set `pred` names; how many sets.
@@ -139,7 +139,7 @@ impl ParkedSets {
         self.metrics.parked_sets(-(taken.len() as i64));
         let n = taken.len();
         for p in taken {
-            self.answer_empty(p);
+            self.retire(p, true);
         }
         n
     }
@@ -172,9 +172,7 @@ impl ParkedSets {
         };
         taken.map_or(0, |p| {
             self.metrics.parked_sets(-1);
-            let n = p.subs.len();
-            self.metrics.subscriptions_held(-(n as i64));
-            n
+            self.retire(p, false)
         })
     }
 
@@ -183,10 +181,14 @@ impl ParkedSets {
         self.sets().len()
     }
 
-    fn answer_empty(&self, parked: Parked) -> usize {
+    /// Ends the waiters of a set taken out of the index: answered "nothing changed" when
+    /// `answer`, else dropped (each leg ends `NotOwner`); how many.
+    fn retire(&self, parked: Parked, answer: bool) -> usize {
         let n = parked.subs.len();
-        for (_, sub) in parked.subs {
-            drop(sub.reply.send(Vec::new()));
+        if answer {
+            for (_, sub) in parked.subs {
+                drop(sub.reply.send(Vec::new()));
+            }
         }
         self.metrics.subscriptions_held(-(n as i64));
         n
