@@ -53,15 +53,24 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// CPU time (user + system, every thread) a process has used, in seconds: `/proc/<pid>/stat`
-/// fields 14 and 15, in the kernel's fixed `USER_HZ` of 100 ticks per second.
-pub fn cpu_secs(pid: u32) -> Option<f64> {
+/// The sum of the numeric `/proc/<pid>/stat` fields `fields` (numbered as in proc(5)), in
+/// seconds at the kernel's fixed `USER_HZ` of 100 ticks per second.
+fn stat_secs(pid: u32, fields: &[usize]) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces: count from the ')' that ends it.
-    let mut after = s.get(s.rfind(')')? + 1..)?.split_whitespace();
-    let utime: u64 = after.nth(11)?.parse().ok()?;
-    let stime: u64 = after.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    // The command name (field 2) may hold spaces: count from the ')' that ends it, which
+    // field 3 follows.
+    let after: Vec<&str> = s.get(s.rfind(')')? + 1..)?.split_whitespace().collect();
+    let mut ticks = 0u64;
+    for &f in fields {
+        ticks += after.get(f.checked_sub(3)?)?.parse::<u64>().ok()?;
+    }
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU time (user + system, every thread) a process has used, in seconds: `/proc/<pid>/stat`
+/// fields 14 and 15.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    stat_secs(pid, &[14, 15])
 }
 
 /// CPU time (user + system) of process `pid` and of its children, in seconds: the live
@@ -69,15 +78,7 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
 /// `cstime`, fields 16 and 17). Enough for a server that forks a process per connection
 /// (PostgreSQL's postmaster and its backends).
 pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after: Vec<&str> = s.get(s.rfind(')')? + 1..)?.split_whitespace().collect();
-    let ticks = |i: usize| {
-        after
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let own = (ticks(11) + ticks(12) + ticks(13) + ticks(14)) as f64 / 100.0;
+    let own = stat_secs(pid, &[14, 15, 16, 17])?;
     let mut children = 0.0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
@@ -254,4 +255,27 @@ pub async fn start_mosquitto() -> Result<Server> {
         child,
         dir,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child's CPU counts in its parent's tree once reaped, and not in the parent's own.
+    #[test]
+    fn a_reaped_childs_cpu_counts_in_the_tree_only() {
+        let me = std::process::id();
+        let (own, tree) = (cpu_secs(me).expect("own"), tree_cpu_secs(me).expect("tree"));
+        assert!(tree >= own, "tree {tree} < own {own}");
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh");
+        assert!(status.success());
+        let child = (tree_cpu_secs(me).expect("tree") - tree) - (cpu_secs(me).expect("own") - own);
+        assert!(
+            child >= 0.01,
+            "a busy child's CPU is missing from the tree: {child} s"
+        );
+    }
 }
