@@ -18,6 +18,11 @@
 //!   `tether_lease_takeovers_total` must not move (nobody was killed: any down is a live
 //!   node declared dead, any take-over a set moved off a live owner).
 //!
+//! `--nodes 1` runs the throughput comparisons against a one-node "cluster" on the same
+//! PostgreSQL (what the shared store costs, with no forwarding); `--node-threads 1` starts
+//! each cluster node with one HTTP worker and one actor thread (three nodes sized to their
+//! share of two cores).
+//!
 //! Loopback, one machine: every node, PostgreSQL and the clients share its cores, so the
 //! ratios are what to read. Every loop is bounded in time.
 
@@ -57,6 +62,20 @@ pub struct Opts {
     /// Concurrent PUT connections (spread over the cluster's nodes).
     #[arg(long, default_value_t = 48)]
     pub conns: usize,
+    /// Nodes of the cluster in the throughput comparisons (1: the shared store's cost
+    /// without any forwarding; the failovers and the watch always run 3).
+    #[arg(long, default_value_t = NODES)]
+    pub nodes: usize,
+    /// HTTP workers and actor threads of each cluster node in the throughput comparisons
+    /// (0: the node's default, one each per CPU; 1: three nodes sized to their share of
+    /// two cores). The one-node baseline keeps its default.
+    #[arg(long, default_value_t = 0)]
+    pub node_threads: usize,
+    /// Send each device's PUTs to its set's owner (read from the store's lease table once
+    /// every written set is active), as an owner-aware load balancer would: the cluster
+    /// without forwarding.
+    #[arg(long)]
+    pub to_owner: bool,
     /// Devices written by the PUT load.
     #[arg(long, default_value_t = 96)]
     pub devices: usize,
@@ -132,6 +151,11 @@ pub struct CpuPerPut {
     /// Answered PUTs per store write transaction (`tether_store_commits_total`, every
     /// node's): how much the group commit folds.
     pub puts_per_store_txn: Option<f64>,
+    /// Context switches of the nodes' threads per answered PUT (a thread woken, or put
+    /// aside, on its way), and of the store server's (PostgreSQL's postmaster and live
+    /// backends; none for the embedded store).
+    pub node_switches: Option<f64>,
+    pub store_switches: Option<f64>,
 }
 
 /// Reads the CPU time of the processes a PUT load runs on.
@@ -162,11 +186,19 @@ impl CpuMeter<'_> {
         load: impl std::future::Future<Output = Load>,
     ) -> (Load, Option<CpuPerPut>) {
         let txns_before = self.store_txns().await;
+        let switches_before = self.switches();
         let before = self.read();
         let load = load.await;
         let after = self.read();
+        let switches = self.switches();
         let txns = match (txns_before, self.store_txns().await) {
             (Some(b), Some(a)) if a > b => Some(a - b),
+            _ => None,
+        };
+        let per_put = |b: Option<u64>, a: Option<u64>| match (b, a) {
+            (Some(b), Some(a)) if a >= b && load.answered > 0 => {
+                Some((a - b) as f64 / load.answered as f64)
+            }
             _ => None,
         };
         let split = match (before, after) {
@@ -178,11 +210,31 @@ impl CpuMeter<'_> {
                     client_us: us(2),
                     total_us: us(0) + us(1) + us(2),
                     puts_per_store_txn: txns.map(|t| load.answered as f64 / t),
+                    node_switches: per_put(switches_before.0, switches.0),
+                    store_switches: per_put(switches_before.1, switches.1),
                 })
             }
             _ => None,
         };
         (load, split)
+    }
+
+    /// Context switches so far: the nodes' threads, the store server's processes
+    /// (postmaster and its live backends).
+    fn switches(&self) -> (Option<u64>, Option<u64>) {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|&(pid, _)| procs::context_switches(pid))
+            .sum::<Option<u64>>();
+        let store = self.store.and_then(|pid| {
+            let children = procs::children(pid)?;
+            std::iter::once(pid)
+                .chain(children)
+                .map(procs::context_switches)
+                .sum::<Option<u64>>()
+        });
+        (nodes, store)
     }
 
     /// Every node's store write transactions so far.
@@ -198,12 +250,16 @@ impl CpuMeter<'_> {
 impl CpuPerPut {
     fn show(&self) -> String {
         format!(
-            "{:.0} µs CPU (nodes {:.0}, store {:.0}, client {:.0}), {:.1} PUTs per store transaction",
+            "{:.0} µs CPU (nodes {:.0}, store {:.0}, client {:.0}), {:.1} PUTs per store transaction, \
+             {:.1} context switches (nodes {:.1}, store {:.1})",
             self.total_us,
             self.nodes_us,
             self.store_us,
             self.client_us,
-            self.puts_per_store_txn.unwrap_or(f64::NAN)
+            self.puts_per_store_txn.unwrap_or(f64::NAN),
+            self.node_switches.unwrap_or(f64::NAN) + self.store_switches.unwrap_or(0.0),
+            self.node_switches.unwrap_or(f64::NAN),
+            self.store_switches.unwrap_or(0.0),
         )
     }
 }
@@ -232,6 +288,10 @@ pub struct Results {
     pub date: String,
     pub machine: Machine,
     pub nodes: usize,
+    /// `--node-threads` (0: the nodes' default).
+    pub node_threads: usize,
+    /// `--to-owner`: every PUT sent to its set's owner.
+    pub to_owner: bool,
     pub conns: usize,
     pub devices: usize,
     pub registrations: usize,
@@ -247,6 +307,44 @@ pub struct Results {
 }
 
 /// `tether-bench cluster`.
+/// The devices each load writes (its first `conns` devices, one per connection), written
+/// once through their node so their sets are active, then grouped by owner: per owner
+/// node, its URL, one connection per device and the devices.
+async fn to_owners(
+    http: &reqwest::Client,
+    cluster: &tether::Cluster,
+    urls: &[&str],
+    loads: Vec<(String, Vec<(String, Credentials)>)>,
+    conns: usize,
+) -> Result<Vec<(String, usize, Vec<(String, Credentials)>)>> {
+    let written: Vec<(String, Vec<(String, Credentials)>)> = loads
+        .into_iter()
+        .map(|(url, devs)| (url, devs.into_iter().take(conns).collect()))
+        .collect();
+    for (url, devs) in &written {
+        touch(http, url, devs).await?;
+    }
+    let owners: std::collections::HashMap<String, String> = cluster.owners()?.into_iter().collect();
+    let mut by_node: Vec<Vec<(String, Credentials)>> = vec![Vec::new(); urls.len()];
+    for (serial, creds) in written.into_iter().flat_map(|(_, devs)| devs) {
+        let owner = owners
+            .get(&serial)
+            .with_context(|| format!("set {serial} has no owner in the lease table"))?;
+        let i = cluster
+            .ids()
+            .iter()
+            .position(|id| id == owner)
+            .with_context(|| format!("set {serial}: owner {owner} is not a node"))?;
+        by_node[i].push((serial, creds));
+    }
+    Ok(urls
+        .iter()
+        .zip(by_node)
+        .filter(|(_, devs)| !devs.is_empty())
+        .map(|(url, devs)| (url.to_string(), devs.len(), devs))
+        .collect())
+}
+
 pub async fn run(o: Opts) -> Result<()> {
     let machine = Machine::probe();
     let (_, date) = now_utc();
@@ -277,7 +375,15 @@ pub async fn run(o: Opts) -> Result<()> {
         let single_reg = registrations(&http, &[single.url()], &single.mfg_key, &o, r).await?;
         single.server.stop().await;
 
-        let cluster = tether::Cluster::start(&o.tether_bin, NODES, "bench").await?;
+        let sizing: Vec<String> = match o.node_threads {
+            0 => Vec::new(),
+            n => ["--http-workers", "--actor-threads"]
+                .iter()
+                .flat_map(|flag| [flag.to_string(), n.to_string()])
+                .collect(),
+        };
+        let cluster =
+            tether::Cluster::start_with(&o.tether_bin, o.nodes.max(1), "bench", &sizing).await?;
         let nodes = cluster.nodes();
         let mfg_key = nodes[0].mfg_key.clone();
         let urls: Vec<&str> = nodes.iter().map(|n| n.url()).collect();
@@ -291,6 +397,16 @@ pub async fn run(o: Opts) -> Result<()> {
             loads.push((url.to_string(), devs));
         }
         let conns_per = o.conns.div_ceil(urls.len());
+        // With `--to-owner`: the devices the load writes (one per connection), each sent
+        // to its set's owner, as an owner-aware load balancer would (nothing forwarded).
+        let loads = if o.to_owner {
+            to_owners(&http, &cluster, &urls, loads, conns_per).await?
+        } else {
+            loads
+                .into_iter()
+                .map(|(url, devs)| (url, conns_per, devs))
+                .collect()
+        };
         let meter = CpuMeter {
             http: &http,
             nodes: nodes.iter().map(|n| (n.server.pid(), n.url())).collect(),
@@ -298,11 +414,10 @@ pub async fn run(o: Opts) -> Result<()> {
         };
         let (cluster_put, cluster_cpu) = meter
             .measure(async {
-                let parts =
-                    futures::future::join_all(loads.iter().map(|(url, devs)| {
-                        closed_loop(&http, url, devs, conns_per, o.secs, false)
-                    }))
-                    .await;
+                let parts = futures::future::join_all(loads.iter().map(|(url, conns, devs)| {
+                    closed_loop(&http, url, devs, *conns, o.secs, false)
+                }))
+                .await;
                 sum_loads(&parts)
             })
             .await;
@@ -356,7 +471,9 @@ pub async fn run(o: Opts) -> Result<()> {
         benchmark: "cluster",
         date,
         machine,
-        nodes: NODES,
+        nodes: o.nodes.max(1),
+        node_threads: o.node_threads,
+        to_owner: o.to_owner,
         conns: o.conns,
         devices: o.devices,
         registrations: o.registrations,

@@ -79,19 +79,43 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
 /// (PostgreSQL's postmaster and its backends).
 pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
     let own = stat_secs(pid, &[14, 15, 16, 17])?;
-    let mut children = 0.0;
+    let children: f64 = children(pid)?.into_iter().filter_map(cpu_secs).sum();
+    Some(own + children)
+}
+
+/// The live children of process `pid` (`/proc/<pid>/task/*/children`).
+pub fn children(pid: u32) -> Option<Vec<u32>> {
+    let mut all = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
     {
         let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        children += list
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .filter_map(cpu_secs)
-            .sum::<f64>();
+        all.extend(
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
     }
-    Some(own + children)
+    Some(all)
+}
+
+/// Context switches (voluntary and involuntary) of every live thread of process `pid` so
+/// far: the `ctxt_switches` lines of `/proc/<pid>/task/*/status`. A thread that has
+/// exited no longer counts.
+pub fn context_switches(pid: u32) -> Option<u64> {
+    let mut sum = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        sum += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(sum)
 }
 
 /// A port that was free a moment ago.
@@ -276,6 +300,34 @@ mod tests {
         assert!(
             child >= 0.01,
             "a busy child's CPU is missing from the tree: {child} s"
+        );
+    }
+
+    /// Every sleep of a thread is a switch away from it, counted while the thread lives.
+    #[test]
+    fn a_sleeping_threads_switches_are_counted() {
+        let me = std::process::id();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (slept, done) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            wait.recv().expect("go");
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            slept.send(()).expect("slept");
+            // Stays alive (blocked) until the count is read.
+            let _ = wait.recv();
+        });
+        let before = context_switches(me).expect("before");
+        go.send(()).expect("start");
+        done.recv().expect("done");
+        let after = context_switches(me).expect("after");
+        drop(go);
+        sleeper.join().expect("sleeper");
+        assert!(
+            after >= before + 50,
+            "50 sleeps, {} switches counted",
+            after.saturating_sub(before)
         );
     }
 }

@@ -206,10 +206,14 @@ pub async fn wait_members(
 pub struct Cluster {
     bin: PathBuf,
     store: String,
+    /// The store's database (named after the cluster's prefix).
+    database: String,
     key: PathBuf,
     secret: String,
     ids: Vec<String>,
     grpc: Vec<String>,
+    /// More arguments for every node (`--http-workers 1`, …).
+    node_args: Vec<String>,
     nodes: Vec<Option<TetherNode>>,
     // Dropped last: the nodes stop before their store and files go.
     _shared: TempDir,
@@ -220,6 +224,16 @@ impl Cluster {
     /// Starts PostgreSQL and `n` nodes `<prefix>-<i>`, each joining the first, and waits
     /// until every node sees all of them.
     pub async fn start(bin: &Path, n: usize, prefix: &str) -> Result<Self> {
+        Self::start_with(bin, n, prefix, &[]).await
+    }
+
+    /// [`Self::start`], every node started with `node_args` too.
+    pub async fn start_with(
+        bin: &Path,
+        n: usize,
+        prefix: &str,
+        node_args: &[String],
+    ) -> Result<Self> {
         let pg = tether_node::store::pg_server::PgServer::start()
             .context("starting a private PostgreSQL (apt-get install postgresql)")?;
         let store = pg.url(prefix).context("creating the benchmark database")?;
@@ -239,10 +253,12 @@ impl Cluster {
         let mut cluster = Cluster {
             bin: bin.to_path_buf(),
             store,
+            database: prefix.to_string(),
             key,
             secret: secret.display().to_string(),
             ids: (0..n).map(|i| format!("{prefix}-{i}")).collect(),
             grpc,
+            node_args: node_args.to_vec(),
             nodes: (0..n).map(|_| None).collect(),
             _shared: shared,
             pg,
@@ -271,6 +287,7 @@ impl Cluster {
         if i != 0 || self.nodes.iter().any(Option::is_some) {
             extra.extend(["--join", join.as_str()]);
         }
+        extra.extend(self.node_args.iter().map(String::as_str));
         let node = start_with_key(&self.bin, &self.key, &extra).await?;
         self.nodes[i] = Some(node);
         Ok(())
@@ -297,6 +314,28 @@ impl Cluster {
     /// Node `i`, when running.
     pub fn node(&self, i: usize) -> Option<&TetherNode> {
         self.nodes[i].as_ref()
+    }
+
+    /// Each set's owner as the store's lease table has it: (set key, node id), sets
+    /// taken by a node only (a registered set nobody has activated yet has no owner).
+    pub fn owners(&self) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .pg
+            .psql_in(
+                &self.database,
+                "SELECT set_key || ' ' || owner FROM tether_leases WHERE owner <> ''",
+            )
+            .context("reading the lease table")?;
+        Ok(rows
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(set, owner)| (set.to_string(), owner.to_string()))
+            .collect())
+    }
+
+    /// The node ids, by index.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
     }
 
     /// The store's (PostgreSQL's postmaster's) process id.

@@ -249,6 +249,11 @@ impl PgServer {
 
     /// Runs `sql` as the superuser through the local socket; its output (`psql -XAt`).
     pub fn psql(&self, sql: &str) -> Result<String, StoreError> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// [`Self::psql`] in database `database`.
+    pub fn psql_in(&self, database: &str, sql: &str) -> Result<String, StoreError> {
         let out = Command::new(self.bin.join("psql"))
             .args(["-h", &self.dir.display().to_string()])
             .args(["-p", &self.port.to_string()])
@@ -256,7 +261,7 @@ impl PgServer {
                 "-U",
                 "tether",
                 "-d",
-                "postgres",
+                database,
                 "-XAt",
                 "-v",
                 "ON_ERROR_STOP=1",
