@@ -306,7 +306,6 @@ pub struct Results {
     pub suspicion: Option<SuspicionWatch>,
 }
 
-/// `tether-bench cluster`.
 /// The devices each load writes (its first `conns` devices, one per connection), written
 /// once through their node so their sets are active, then grouped by owner: per owner
 /// node, its URL, one connection per device and the devices.
@@ -345,6 +344,7 @@ async fn to_owners(
         .collect())
 }
 
+/// `tether-bench cluster`.
 pub async fn run(o: Opts) -> Result<()> {
     let machine = Machine::probe();
     let (_, date) = now_utc();
