@@ -85,37 +85,39 @@ pub fn tree_cpu_secs(pid: u32) -> Option<f64> {
 
 /// The live children of process `pid` (`/proc/<pid>/task/*/children`).
 pub fn children(pid: u32) -> Option<Vec<u32>> {
-    let mut all = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        all.extend(
-            list.split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok()),
-        );
-    }
-    Some(all)
+    Some(
+        per_task(pid, "children")?
+            .iter()
+            .flat_map(|list| list.split_whitespace())
+            .filter_map(|c| c.parse::<u32>().ok())
+            .collect(),
+    )
 }
 
 /// Context switches (voluntary and involuntary) of every live thread of process `pid` so
 /// far: the `ctxt_switches` lines of `/proc/<pid>/task/*/status`. A thread that has
 /// exited no longer counts.
 pub fn context_switches(pid: u32) -> Option<u64> {
-    let mut sum = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        sum += status
-            .lines()
+    Some(
+        per_task(pid, "status")?
+            .iter()
+            .flat_map(|status| status.lines())
             .filter(|l| l.contains("ctxt_switches:"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    Some(sum)
+            .sum(),
+    )
+}
+
+/// The file `name` of every live thread of process `pid` (`/proc/<pid>/task/*/<name>`;
+/// empty for a thread that ended while being read).
+fn per_task(pid: u32, name: &str) -> Option<Vec<String>> {
+    Some(
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+            .map(|task| std::fs::read_to_string(task.path().join(name)).unwrap_or_default())
+            .collect(),
+    )
 }
 
 /// A port that was free a moment ago.
