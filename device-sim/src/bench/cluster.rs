@@ -76,6 +76,10 @@ pub struct Opts {
     /// without forwarding.
     #[arg(long)]
     pub to_owner: bool,
+    /// A PostgreSQL server setting for the cluster's store, `name=value` (repeatable),
+    /// e.g. `commit_delay=200`.
+    #[arg(long = "pg-set", value_name = "NAME=VALUE", value_parser = pg_setting)]
+    pub pg_set: Vec<(String, String)>,
     /// Devices written by the PUT load.
     #[arg(long, default_value_t = 96)]
     pub devices: usize,
@@ -97,6 +101,16 @@ pub struct Opts {
     /// Results directory.
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
+}
+
+/// `name=value` of `--pg-set`.
+fn pg_setting(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() && !value.is_empty() => {
+            Ok((name.to_string(), value.to_string()))
+        }
+        _ => Err(format!("{s:?}: expected name=value")),
+    }
 }
 
 /// The false-suspicion watch: nobody is killed, so nothing may be declared down.
@@ -383,7 +397,8 @@ pub async fn run(o: Opts) -> Result<()> {
                 .collect(),
         };
         let cluster =
-            tether::Cluster::start_with(&o.tether_bin, o.nodes.max(1), "bench", &sizing).await?;
+            tether::Cluster::start_with(&o.tether_bin, o.nodes.max(1), "bench", &sizing, &o.pg_set)
+                .await?;
         let nodes = cluster.nodes();
         let mfg_key = nodes[0].mfg_key.clone();
         let urls: Vec<&str> = nodes.iter().map(|n| n.url()).collect();

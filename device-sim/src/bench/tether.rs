@@ -224,18 +224,25 @@ impl Cluster {
     /// Starts PostgreSQL and `n` nodes `<prefix>-<i>`, each joining the first, and waits
     /// until every node sees all of them.
     pub async fn start(bin: &Path, n: usize, prefix: &str) -> Result<Self> {
-        Self::start_with(bin, n, prefix, &[]).await
+        Self::start_with(bin, n, prefix, &[], &[]).await
     }
 
-    /// [`Self::start`], every node started with `node_args` too.
+    /// [`Self::start`], every node started with `node_args` too, PostgreSQL with
+    /// `pg_settings` (`-c name=value`).
     pub async fn start_with(
         bin: &Path,
         n: usize,
         prefix: &str,
         node_args: &[String],
+        pg_settings: &[(String, String)],
     ) -> Result<Self> {
-        let pg = tether_node::store::pg_server::PgServer::start()
-            .context("starting a private PostgreSQL (apt-get install postgresql)")?;
+        let pg = tether_node::store::pg_server::PgServer::start_with(
+            tether_node::store::pg_server::PgOptions {
+                settings: pg_settings.to_vec(),
+                ..Default::default()
+            },
+        )
+        .context("starting a private PostgreSQL (apt-get install postgresql)")?;
         let store = pg.url(prefix).context("creating the benchmark database")?;
         let shared = TempDir::new()?;
         let key = shared.path().join("k1.key");
