@@ -252,6 +252,7 @@ fn with_store<T>(
             Metrics::new(),
             1,
             crate::store::deadline::DEFAULT_DEADLINE,
+            crate::store::redb::DEFAULT_CACHE_BYTES,
         )
             .await
             .map_err(|e| {

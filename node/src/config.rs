@@ -483,6 +483,12 @@ pub struct ServeArgs {
     /// then unknown; retry it with its op id).
     #[arg(long, env = "TETHER_STORE_TIMEOUT_MS")]
     pub store_timeout_ms: Option<u64>,
+    /// Page cache of the embedded store (redb), in MiB [default: 8]. Pages read or written
+    /// stay in it until it is full, so it bounds how much of the node's memory the store's
+    /// data takes; the operating system caches the rest of the file. Ignored by the shared
+    /// stores.
+    #[arg(long, env = "TETHER_STORE_CACHE_MIB")]
+    pub store_cache_mib: Option<u64>,
     /// How far this node's wall clock may be from the shared store's (PostgreSQL's) before
     /// the node stamps writes by the store's clock instead of its own, in milliseconds
     /// [default: 500]. Keeps a node whose clock was stepped hours off from writing
@@ -627,6 +633,7 @@ pub struct FileConfig {
     op_ids_per_set: Option<u64>,
     op_id_retention_s: Option<u64>,
     store_timeout_ms: Option<u64>,
+    store_cache_mib: Option<u64>,
     max_clock_offset_ms: Option<u64>,
     grpc_listen: Option<SocketAddr>,
     grpc_advertise: Option<String>,
@@ -738,6 +745,8 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// Deadline of every store call (`store::deadline`).
     pub store_timeout: Duration,
+    /// The embedded store's page cache, in bytes (`--store-cache-mib`).
+    pub store_cache: usize,
     /// How far the node's clock may be from the store's (`--max-clock-offset-ms`).
     pub max_clock_offset: Duration,
     /// Tests only: the fault-injection directory of `store::faults` (hidden flag).
@@ -1215,6 +1224,12 @@ impl Config {
                     crate::store::deadline::DEFAULT_DEADLINE,
                     Duration::from_millis,
                 ),
+            store_cache: args
+                .store_cache_mib
+                .or(file.store_cache_mib)
+                .map_or(crate::store::redb::DEFAULT_CACHE_BYTES, |mib| {
+                    usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+                }),
             max_clock_offset: Duration::from_millis(
                 args.max_clock_offset_ms
                     .or(file.max_clock_offset_ms)
@@ -1682,6 +1697,29 @@ mod tests {
         assert_eq!(c.max_bucket_bytes, 100);
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert!(c.registration.device_types.contains_key("thermostat"));
+    }
+
+    #[test]
+    fn the_store_cache_is_8_mib_unless_the_file_or_a_flag_says() {
+        let c = Config::load(ServeArgs::default()).expect("loads");
+        assert_eq!(c.store_cache, 8 << 20);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "store_cache_mib = 64\n").expect("write");
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(from_file).expect("loads").store_cache,
+            64 << 20
+        );
+        let flag = ServeArgs {
+            config: Some(path),
+            store_cache_mib: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(Config::load(flag).expect("loads").store_cache, 2 << 20);
     }
 
     #[test]

@@ -51,8 +51,14 @@ pub async fn run(config: Config) -> Result<()> {
     #[cfg(feature = "fdb")]
     let _fdb_network = matches!(config.store, crate::config::StoreUrl::Fdb(_))
         .then(crate::store::fdb::Network::boot);
-    let mut store =
-        crate::store::open(&config.store, metrics.clone(), 32, config.store_timeout).await?;
+    let mut store = crate::store::open(
+        &config.store,
+        metrics.clone(),
+        32,
+        config.store_timeout,
+        config.store_cache,
+    )
+    .await?;
     if let Some(dir) = &config.test_store_faults {
         tracing::warn!(dir = %dir.display(), "test fault injection on the store (--test-store-faults)");
         store = Arc::new(crate::store::faults::FaultyStore::new(store, dir));

@@ -1305,6 +1305,53 @@ mod redb {
         assert!(e.0 >= 2);
     }
 
+    /// Writes 2,000 sets of 2 KB each (≈ 4 MB, more than the caches below) and reads them
+    /// all back; returns the page cache's fill at the end.
+    async fn fill(store: &RedbStore) -> usize {
+        let payload = "x".repeat(2_000);
+        let store_dyn: &dyn Store = store;
+        for i in 0..2_000u32 {
+            let s = set(&format!("C{i:05}"));
+            let e = store_dyn
+                .acquire_lease(&s, "n1")
+                .await
+                .expect("lease")
+                .epoch;
+            let b = bucket(&format!("device.C{i:05}"), 1, json!({"p": payload, "i": i}));
+            store_dyn
+                .commit(&s, e, Commit::of(vec![b]))
+                .await
+                .expect("commit");
+        }
+        for i in 0..2_000u32 {
+            let loaded = store_dyn
+                .load_set(&set(&format!("C{i:05}")))
+                .await
+                .expect("load");
+            assert_eq!(loaded.len(), 1, "set C{i:05}: every write is read back");
+            assert_eq!(loaded[0].value["i"], json!(i));
+        }
+        store.cache_used_bytes()
+    }
+
+    #[tokio::test]
+    async fn the_page_cache_stays_within_its_bound() {
+        const BOUND: usize = 1 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bounded = RedbStore::open_with_cache(dir.path(), Metrics::new(), BOUND).expect("open");
+        let used = fill(&bounded).await;
+        assert!(
+            used <= BOUND,
+            "{used} bytes cached with a {BOUND}-byte cache"
+        );
+        // The same data with a larger cache fills more than the bound: the bound is what
+        // kept the first store's cache small.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let large = RedbStore::open_with_cache(dir.path(), Metrics::new(), 64 << 20).expect("open");
+        let used = fill(&large).await;
+        assert!(used > BOUND, "only {used} bytes cached with a 64 MiB cache");
+    }
+
     #[tokio::test]
     async fn concurrent_commits_share_transactions() {
         let dir = tempfile::tempdir().expect("tempdir");

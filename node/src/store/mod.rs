@@ -340,17 +340,21 @@ impl StoreError {
     }
 }
 
-/// Opens the store `url` names (`pool`: connections, for the shared backends). The
-/// FoundationDB network must be booted first (`fdb::Network::boot`).
+/// Opens the store `url` names (`pool`: connections, for the shared backends;
+/// `redb_cache`: the embedded store's page cache in bytes). The FoundationDB network must
+/// be booted first (`fdb::Network::boot`).
 pub async fn open(
     url: &crate::config::StoreUrl,
     metrics: crate::metrics::Metrics,
     pool: usize,
     deadline: std::time::Duration,
+    redb_cache: usize,
 ) -> Result<std::sync::Arc<dyn Store>, crate::error::NodeError> {
     use crate::config::StoreUrl;
     let store: std::sync::Arc<dyn Store> = match url {
-        StoreUrl::Redb(dir) => std::sync::Arc::new(redb::RedbStore::open(dir, metrics)?),
+        StoreUrl::Redb(dir) => {
+            std::sync::Arc::new(redb::RedbStore::open_with_cache(dir, metrics, redb_cache)?)
+        }
         StoreUrl::Postgres(url) => std::sync::Arc::new(
             postgres::PostgresStore::connect_with(
                 url,
