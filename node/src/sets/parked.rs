@@ -41,7 +41,7 @@ use crate::store::Epoch;
 /// The waiters of one parked set, and what its owner knew of its device.
 #[derive(Debug)]
 pub(crate) struct Parked {
-    pub subs: Vec<(u64, HeldSub)>,
+    pub subs: Vec<(u64, Box<HeldSub>)>,
     pub presence: Presence,
     /// The lease epoch the parking actor held.
     pub epoch: Epoch,
