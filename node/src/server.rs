@@ -293,7 +293,11 @@ pub async fn run(config: Config) -> Result<()> {
             let handshake = limits.tls_handshake_timeout;
             fn_service(move |tcp: tokio::net::TcpStream| {
                 let (conns, acceptor) = (conns.clone(), acceptor.clone());
-                async move {
+                // Boxed: the connection's task holds this future, then the HTTP
+                // dispatcher's, in one cell as large as the larger; inline, the TLS
+                // handshake's state (≈ 1.3 KB) would size the cell of every connection
+                // for as long as it lives.
+                Box::pin(async move {
                     let refused = |why: String| DispatchError::Io(std::io::Error::other(why));
                     let peer = tcp.peer_addr().ok();
                     let permit = conns
@@ -311,7 +315,7 @@ pub async fn run(config: Config) -> Result<()> {
                         }
                     };
                     Ok((Conn::new(stream, permit), Protocol::Http1, peer))
-                }
+                })
             })
             .and_then(http)
         })
