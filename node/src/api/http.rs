@@ -25,14 +25,15 @@ use tether_proto::{Bucket, BucketId, SetKey, Update};
 use tracing::Instrument;
 
 use crate::api::conn::{ConnInfo, Connections};
-use crate::api::held::HeldByPrincipal;
+use crate::api::held::{HeldByPrincipal, HeldSlot};
 use crate::api::openapi::{self, ProtobufBody};
 use crate::api::stream::{self, Cursor, StreamRequest};
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::registration::STRUCTURE_FIELDS;
 use crate::routing::router::{
-    answer_size, BucketUpdate, Get, HoldOptions, PutKind, Router, Subscription, Write,
+    answer_size, BucketUpdate, Get, HeldSubscription, HoldOptions, PutKind, Router, Subscription,
+    Write,
 };
 use crate::security::auth::{
     Auth, Endpoint, FirstContact, Principal, SetCredentials, STRUCTURE_KIND,
@@ -159,6 +160,16 @@ impl AppState {
 pub(crate) enum Format {
     Json,
     Protobuf,
+}
+
+impl Format {
+    /// How an answer in this format is sized when it is cut to `max_bytes`.
+    fn encoding(self) -> Encoding {
+        match self {
+            Format::Json => Encoding::Json,
+            Format::Protobuf => Encoding::Protobuf,
+        }
+    }
 }
 
 pub(crate) fn request_format(req: &HttpRequest) -> Result<Format> {
@@ -678,12 +689,89 @@ pub async fn subscribe(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse> {
+    // Everything before the hold (credentials, body, decoding, routing) runs in a boxed
+    // future of its own, freed when it ends: a held device keeps only what answering
+    // needs, not the parsed request, its body and every step's locals (BENCHMARKS.md
+    // "Where a held device's bytes go").
+    let (content_type, answer) = match Box::pin(open_subscribe(&req, payload, &state)).await? {
+        Opened::Answered(response) => return Ok(response),
+        Opened::Held(held) => (held.content_type(), Box::pin(held.answer())),
+    };
+    let bytes = answer.await?;
+    Ok(HttpResponse::Ok().content_type(content_type).body(bytes))
+}
+
+/// A subscribe once checked: answered (at once, a stream, or headers first), or held.
+enum Opened {
+    Answered(HttpResponse),
+    Held(Box<HeldAnswer>),
+}
+
+/// What a held subscribe keeps until it is answered.
+struct HeldAnswer {
+    held: HeldSubscription,
+    slot: HeldSlot,
+    draining: tokio::sync::watch::Receiver<bool>,
+    hold: crate::metrics::HoldTimer,
+    /// The subscriber's deadline: its timeout from when the request arrived.
+    deadline: tokio::time::Instant,
+    max_bytes: Option<u64>,
+    format: Format,
+}
+
+impl HeldAnswer {
+    fn content_type(&self) -> &'static str {
+        match self.format {
+            Format::Json => "application/json",
+            Format::Protobuf => PROTOBUF,
+        }
+    }
+
+    /// The answer's body: the changed buckets (cut to `max_bytes`), or none when the hold
+    /// passed, the node drains or a newer subscribe of the principal took this one's
+    /// place. An owner that could not confirm "nothing changed" (its forwarded call broke
+    /// or its answer is late) fails the answer: never "no change" from a node that does
+    /// not know.
+    async fn answer(self: Box<Self>) -> Result<web::Bytes> {
+        // Boxed: a future keeps its argument and, to move or mutate it, a second copy.
+        let mut this = self;
+        let left = this
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let updates = tokio::select! {
+            updates = this.held.answer(left, this.draining) => {
+                updates.inspect_err(|e| tracing::info!(error = %e, "held subscribe cut"))?
+            }
+            _ = &mut this.slot.evicted => Vec::new(),
+        };
+        drop(this.slot);
+        this.hold.answered(
+            updates.iter().map(|u| u.bucket.timestamp.millis).max(),
+            now_ms(),
+        );
+        let list = pack(docs(updates), this.max_bytes, this.format.encoding());
+        let bytes = match this.format {
+            Format::Json => {
+                serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
+            }
+            Format::Protobuf => list.encode_pb(),
+        };
+        Ok(web::Bytes::from(bytes))
+    }
+}
+
+/// The subscribe up to its hold: checks, routing, and the answer when one is due now.
+async fn open_subscribe(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &web::Data<AppState>,
+) -> Result<Opened> {
     // The whole subscribe answers within `timeout.max(OPEN_AT_LEAST)` (invariant 6):
     // checking the credentials (a store lookup on a cache miss) gets at most
     // OPEN_AT_LEAST of it, so a store that does not answer cannot hold the subscriber.
     let started = tokio::time::Instant::now();
     let mut principal =
-        tokio::time::timeout(OPEN_AT_LEAST, state.principal(&req, Endpoint::Buckets))
+        tokio::time::timeout(OPEN_AT_LEAST, state.principal(req, Endpoint::Buckets))
             .await
             .map_err(|_| {
                 NodeError::Unavailable("the credentials could not be checked in time; retry".into())
@@ -693,8 +781,8 @@ pub async fn subscribe(
         .max_ids_per_request
         .saturating_mul(HELD_ENTRY_BYTES)
         .saturating_add(ENVELOPE_BYTES);
-    let body = read_body(&req, payload, body_limit, &state).await?;
-    let msg: SubscribeRequest = decode(request_format(&req)?, &body)?;
+    let body = read_body(req, payload, body_limit, state).await?;
+    let msg: SubscribeRequest = decode(request_format(req)?, &body)?;
     check_session(&msg.session)?;
     let held_set = requests::held_set(&msg.buckets, limits.max_ids_per_request)?;
     if held_set.is_empty() {
@@ -726,11 +814,8 @@ pub async fn subscribe(
         timeout.as_millis() as u64,
     );
     let timeout = timeout.saturating_sub(Duration::from_millis(waited));
-    let format = response_format(&req);
-    let encoding = match format {
-        Format::Json => Encoding::Json,
-        Format::Protobuf => Encoding::Protobuf,
-    };
+    let format = response_format(req);
+    let encoding = format.encoding();
     // The node's budget is the ceiling (each owner answers within it); a device's
     // `max_bytes` asks for less. What does not fit is listed in `pending`.
     let ceiling = limits.max_answer_bytes;
@@ -747,6 +832,8 @@ pub async fn subscribe(
         next_sync_ms: msg.next_sync_ms,
     };
     let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
+    // A stream's cursor starts from the versions held; a long-poll needs them no more.
+    let cursor = msg.stream.then(|| Cursor::new(by_set.clone()));
     // The whole subscribe, checking credentials and finding the owners included, answers
     // within `timeout` (invariant 6): an owner that cannot be reached (isolated, paused)
     // or a store that does not answer makes it a 503 at the subscriber's deadline, not a
@@ -754,9 +841,7 @@ pub async fn subscribe(
     // what is newer now (`timeout_ms` 0) still gets its answer.
     let opened = tokio::time::timeout(
         timeout.max(OPEN_AT_LEAST).saturating_sub(started.elapsed()),
-        state
-            .router
-            .subscribe(by_set.clone(), timeout, opts.clone()),
+        state.router.subscribe(by_set, timeout, opts.clone()),
     )
     .await
     .map_err(|_| {
@@ -766,73 +851,60 @@ pub async fn subscribe(
                 .into(),
         )
     })??;
-    if msg.stream {
+    if let Some(cursor) = cursor {
         // Streaming (apps and services): this check's answer is the first line.
         let stream = StreamRequest {
             req: req.clone(),
             principal: principal.key(),
-            cursor: Cursor::new(by_set),
+            cursor,
             timeout,
             started,
             opts,
             max_bytes,
         };
-        return Ok(stream::respond(state, stream, opened));
+        return Ok(Opened::Answered(stream::respond(
+            state.clone(),
+            stream,
+            opened,
+        )));
     }
     let held = match opened {
         Subscription::Now(updates) => {
-            return Ok(respond(&req, StatusCode::OK, &answer(updates)));
+            return Ok(Opened::Answered(respond(
+                req,
+                StatusCode::OK,
+                &answer(updates),
+            )));
         }
         Subscription::Held(held) => held,
     };
-    // One more held subscription of this principal; past its cap, its oldest is answered.
-    let slot = state.held.register(principal.key());
-    let draining = state.router.drain_signal();
-    let hold = crate::metrics::HoldTimer::start(state.shared.metrics.clone());
-    let body = async move {
-        let mut slot = slot;
-        // An owner that could not confirm "nothing changed" (its forwarded call broke or
-        // its answer is late) fails the answer: never "no change" from a node that does
-        // not know.
-        let updates = tokio::select! {
-            updates = held.answer(timeout.saturating_sub(started.elapsed()), draining) => {
-                updates.inspect_err(|e| tracing::info!(error = %e, "held subscribe cut"))?
-            }
-            _ = &mut slot.evicted => Vec::new(),
-        };
-        drop(slot);
-        hold.answered(
-            updates.iter().map(|u| u.bucket.timestamp.millis).max(),
-            now_ms(),
-        );
-        let list = answer(updates);
-        let bytes = match format {
-            Format::Json => {
-                serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
-            }
-            Format::Protobuf => list.encode_pb(),
-        };
-        Ok::<_, NodeError>(web::Bytes::from(bytes))
-    };
-    let content_type = match format {
-        Format::Json => "application/json",
-        Format::Protobuf => PROTOBUF,
-    };
+    let held = Box::new(HeldAnswer {
+        held,
+        // One more held subscription of this principal; past its cap, its oldest is
+        // answered.
+        slot: state.held.register(principal.key()),
+        draining: state.router.drain_signal(),
+        hold: crate::metrics::HoldTimer::start(state.shared.metrics.clone()),
+        deadline: started + timeout,
+        max_bytes,
+        format,
+    });
     if req.extensions().contains::<SetCredentials>() {
         // New credentials to deliver: the status line and headers go out now (API.md: the
         // device stores them "even on a held subscribe, before the body"); the body
         // follows when the hold ends, and a failed answer cuts the response (the client
         // resubscribes).
-        return Ok(HttpResponse::Ok()
-            .content_type(content_type)
-            .streaming(futures::stream::once(body)));
+        return Ok(Opened::Answered(
+            HttpResponse::Ok()
+                .content_type(held.content_type())
+                .streaming(futures::stream::once(held.answer())),
+        ));
     }
     // Otherwise nothing goes out before the answer, so a held request whose node dies
     // got no byte of a response and a load balancer may send it to another node (README
-    // "Running a cluster"); a failed answer is a 503. A client that hangs up drops this
-    // future, and with it the held subscription on every owner.
-    let bytes = body.await?;
-    Ok(HttpResponse::Ok().content_type(content_type).body(bytes))
+    // "Running a cluster"); a failed answer is a 503. A client that hangs up drops the
+    // handler's future, and with it the held subscription on every owner.
+    Ok(Opened::Held(held))
 }
 
 /// What a subscriber is sent for each bucket: a diff when one was made, else the value.

@@ -859,12 +859,14 @@ impl Router {
                 }
                 Err(_) => {
                     let confirmed = guard.sets.iter().map(|s| shared.confirm_held(s));
-                    futures::future::try_join_all(confirmed).await?;
+                    futures::future::try_join_all(confirmed).boxed().await?;
                     Vec::new()
                 }
             };
             drop(guard);
-            Ok(complete_diffs(&shared, stale, diffs).await)
+            // Boxed, as the confirmation above: this future is kept for the whole hold,
+            // sized by its largest state, and these two run only once it ends.
+            Ok(complete_diffs(&shared, stale, diffs).boxed().await)
         })))
     }
 
