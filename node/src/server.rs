@@ -291,33 +291,40 @@ pub async fn run(config: Config) -> Result<()> {
                 .finish(map_config(app, |_| AppConfig::default()));
             let (conns, acceptor) = (conns.clone(), acceptor.clone());
             let handshake = limits.tls_handshake_timeout;
-            fn_service(move |tcp: tokio::net::TcpStream| {
-                let (conns, acceptor) = (conns.clone(), acceptor.clone());
-                // Boxed: the connection's task holds this future, then the HTTP
-                // dispatcher's, in one cell as large as the larger; inline, the TLS
-                // handshake's state (≈ 1.3 KB) would size the cell of every connection
-                // for as long as it lives.
-                Box::pin(async move {
-                    let refused = |why: String| DispatchError::Io(std::io::Error::other(why));
-                    let peer = tcp.peer_addr().ok();
-                    let permit = conns
-                        .admit(peer)
-                        .map_err(|r| refused(format!("connection refused: {r:?}")))?;
-                    let _ = tcp.set_nodelay(true);
-                    let stream = match acceptor {
-                        None => Stream::Plain(tcp),
-                        Some(acceptor) => {
-                            match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
-                                Ok(Err(e)) => return Err(refused(format!("TLS: {e}"))),
-                                Err(_) => return Err(refused("TLS handshake timed out".into())),
+            // Boxed as a whole too: actix-server's task keeps the connection's future twice
+            // (as the task's argument and as the future it awaits), so inline it would be
+            // two copies of the HTTP/1 dispatcher in every connection's task cell.
+            actix_service::boxed::factory(
+                fn_service(move |tcp: tokio::net::TcpStream| {
+                    let (conns, acceptor) = (conns.clone(), acceptor.clone());
+                    // Boxed: the connection's task holds this future, then the HTTP
+                    // dispatcher's, in one cell as large as the larger; inline, the TLS
+                    // handshake's state (≈ 1.3 KB) would size the cell of every connection
+                    // for as long as it lives.
+                    Box::pin(async move {
+                        let refused = |why: String| DispatchError::Io(std::io::Error::other(why));
+                        let peer = tcp.peer_addr().ok();
+                        let permit = conns
+                            .admit(peer)
+                            .map_err(|r| refused(format!("connection refused: {r:?}")))?;
+                        let _ = tcp.set_nodelay(true);
+                        let stream = match acceptor {
+                            None => Stream::Plain(tcp),
+                            Some(acceptor) => {
+                                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                                    Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                                    Ok(Err(e)) => return Err(refused(format!("TLS: {e}"))),
+                                    Err(_) => {
+                                        return Err(refused("TLS handshake timed out".into()))
+                                    }
+                                }
                             }
-                        }
-                    };
-                    Ok((Conn::new(stream, permit), Protocol::Http1, peer))
+                        };
+                        Ok((Conn::new(stream, permit), Protocol::Http1, peer))
+                    })
                 })
-            })
-            .and_then(http)
+                .and_then(http),
+            )
         })
         .map_err(|e| NodeError::Config(format!("listening on {bound}: {e}")))?
         .run();

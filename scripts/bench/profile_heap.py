@@ -225,8 +225,12 @@ BORING = re.compile(
 OWNERS = [
     ("HTTP connection: actix-http read + write buffers (2 × BytesMut 8 KiB)",
      r"\(src/h1/dispatcher\.rs:30[78]:", False),
-    ("HTTP connection: tokio task holding the connection future (dispatcher state inline)",
+    ("HTTP connection: the connection's tokio task (its future inline before 2026-12-04)",
      r"^new<tokio::runtime::task::core::Cell<actix_server::service|^new<actix_server::service.*\(runtime/task/core\.rs", True),
+    ("HTTP connection: the connection's future, boxed (the HTTP/1 dispatcher's state)",
+     r"^call<actix_service::and_then::AndThenService<.*HttpServiceHandler.*\(actix-service-[\d.]+/src/boxed\.rs", True),
+    ("held request: the handler's future, boxed by actix-web",
+     r"^call<actix_service::fn_service::FnService<actix_web::handler::handler_service.*\(actix-service-[\d.]+/src/boxed\.rs", True),
     ("HTTP connection: tokio I/O registration (per socket)", r"\(runtime/io/", False),
     ("HTTP connection: other actix-http (decoder, dispatcher, on-connect data)",
      r"\((src/h1/|actix-http-|src/requests?/|src/extensions\.rs)", False),
