@@ -297,10 +297,10 @@ pub async fn run(config: Config) -> Result<()> {
             actix_service::boxed::factory(
                 fn_service(move |tcp: tokio::net::TcpStream| {
                     let (conns, acceptor) = (conns.clone(), acceptor.clone());
-                    // Boxed: the connection's task holds this future, then the HTTP
-                    // dispatcher's, in one cell as large as the larger; inline, the TLS
-                    // handshake's state (≈ 1.3 KB) would size the cell of every connection
-                    // for as long as it lives.
+                    // Boxed: the connection's future holds this one, then the HTTP
+                    // dispatcher's, in one allocation as large as the larger; inline, the
+                    // TLS handshake's state (≈ 1.3 KB) would size that allocation for every
+                    // connection for as long as it lives.
                     Box::pin(async move {
                         let refused = |why: String| DispatchError::Io(std::io::Error::other(why));
                         let peer = tcp.peer_addr().ok();
