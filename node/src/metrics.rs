@@ -73,6 +73,8 @@ struct Inner {
     notifications: Counter,
     store_commits: Counter,
     store_batch: Histogram,
+    store_checkpoints: Counter,
+    store_wal_bytes: Gauge,
     leases_acquired: Counter,
     leases_lost: Counter,
     owned_sets: Gauge,
@@ -168,8 +170,20 @@ impl Metrics {
         let store_commits = Counter::default();
         registry.register(
             "store_commits",
-            "Store write transactions (batches of commits; redb: one fsync each)",
+            "Store write transactions (batches of commits; redb: one fsync each, of its write-ahead log between checkpoints)",
             store_commits.clone(),
+        );
+        let store_checkpoints = Counter::default();
+        registry.register(
+            "store_checkpoints",
+            "redb: durable commits of its B-tree, after which its write-ahead log starts over",
+            store_checkpoints.clone(),
+        );
+        let store_wal_bytes = Gauge::default();
+        registry.register(
+            "store_wal_bytes",
+            "redb: bytes of batches in its write-ahead log that only the log holds durably (0 after a checkpoint)",
+            store_wal_bytes.clone(),
         );
         let store_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         registry.register(
@@ -405,6 +419,8 @@ impl Metrics {
             notifications,
             store_commits,
             store_batch,
+            store_checkpoints,
+            store_wal_bytes,
         }))
     }
 
@@ -707,6 +723,15 @@ impl Metrics {
     pub(crate) fn store_commit(&self, batch: usize) {
         self.0.store_commits.inc();
         self.0.store_batch.observe(batch as f64);
+    }
+    pub(crate) fn store_checkpoint(&self) {
+        self.0.store_checkpoints.inc();
+        self.0.store_wal_bytes.set(0);
+    }
+    pub(crate) fn store_wal_bytes(&self, bytes: u64) {
+        self.0
+            .store_wal_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
     pub(crate) fn connections_open(&self, delta: i64) {
         self.0.connections_open.inc_by(delta);

@@ -39,7 +39,7 @@ pub struct Lease {
 /// write appends to its bucket's log, the op ids of the writes (with their outcomes), and
 /// what falls out of retention. All of it commits together or none of it does, only under
 /// the lease epoch, and only if none of `ops`' op ids is already remembered.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Commit {
     /// New states of the buckets written.
     pub buckets: Vec<Bucket>,
@@ -72,7 +72,7 @@ impl Commit {
 }
 
 /// What a commit drops because it fell out of retention.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Trim {
     /// Per bucket: drop its changes up to and including this version.
     pub changes_through: Vec<(BucketId, u64)>,
@@ -82,7 +82,7 @@ pub struct Trim {
 
 /// Op ids are kept while they are among the set's newest `keep_last`, or younger than
 /// `keep_since_ms` (API.md: at least the last 1,000 writes and all of the last 24 h).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpRetention {
     /// How many of the newest op ids are always kept.
     pub keep_last: u64,

@@ -1,17 +1,22 @@
-//! Embedded store on redb, with group commit.
+//! Embedded store on redb, with group commit and a write-ahead log.
 //!
 //! All writes go through one writer thread. It takes every request waiting in its queue,
-//! applies them in one write transaction and commits once (one fsync), then answers each
-//! request. Under load many PUTs share an fsync; idle, a PUT costs exactly one. Reads use
-//! redb's MVCC read transactions on the blocking pool and never wait for the writer.
+//! applies them in one write transaction and makes it durable once (one fsync), then
+//! answers each request. Under load many PUTs share an fsync; idle, a PUT costs exactly
+//! one. A batch of bucket commits is made durable by the write-ahead log ([`wal`]) and
+//! committed to redb without a sync; every other write, and a checkpoint at least every
+//! [`CHECKPOINT_EVERY`], commits redb durably. Reads use redb's MVCC read transactions on
+//! the blocking pool and never wait for the writer; they see a batch only once it is
+//! durable.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use tether_proto::synclog::{Change, OpRecord};
 use tether_proto::{Bucket, BucketId, SetKey};
@@ -23,6 +28,8 @@ use super::{
     UserRecord,
 };
 use crate::metrics::Metrics;
+
+mod wal;
 
 /// (set key, bucket id) → encoded bucket.
 const BUCKETS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("buckets");
@@ -46,6 +53,16 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 
 /// Blobs (`store::blobs`): their keyspace, key → bytes.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+
+/// The store's own bookkeeping: [`WAL_SEQ`] → the last batch given to the write-ahead log.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Key in [`META`]: the write-ahead log's batches up to this one are in redb.
+const WAL_SEQ: &str = "wal_seq";
+
+/// Longest time batches stay only in the write-ahead log before redb is committed durably.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Size of the write-ahead log that brings the checkpoint sooner.
+const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 1024;
@@ -152,7 +169,11 @@ impl RedbStore {
             .set_cache_size(cache_bytes)
             .create(&path)
             .map_err(|e| backend(format!("opening {}: {e}", path.display())))?;
+        let wal_path = dir.join("tether.wal");
+        let (mut wal, logged) = wal::Wal::open(&wal_path)
+            .map_err(|e| backend(format!("opening {}: {e}", wal_path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
+        let (seq, replayed) = replay(&txn, logged)?;
         {
             txn.open_table(BUCKETS).map_err(backend)?;
             txn.open_table(LEASES).map_err(backend)?;
@@ -166,12 +187,28 @@ impl RedbStore {
             txn.open_table(BLOBS).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
+        wal.reset();
+        if replayed > 0 {
+            tracing::info!(
+                batches = replayed,
+                through = seq,
+                "applied the write-ahead log's batches that were not yet in the store"
+            );
+        }
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
-        let writer_db = db.clone();
+        let writer = Writer {
+            db: db.clone(),
+            wal,
+            next_seq: seq + 1,
+            stored_seq: seq,
+            last_checkpoint: Instant::now(),
+            must_checkpoint: false,
+            metrics: metrics.clone(),
+        };
         thread::Builder::new()
             .name("tether-redb-writer".into())
-            .spawn(move || writer_loop(writer_db, &rx, &metrics))
+            .spawn(move || writer_loop(writer, &rx, &metrics))
             .map_err(backend)?;
         Ok(RedbStore { db, writer: tx })
     }
@@ -609,10 +646,175 @@ fn write_commit(
     Ok(())
 }
 
-fn writer_loop(db: Arc<Database>, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
+/// A logged batch: the commits of one write transaction, in order.
+type LoggedBatch = Vec<(SetKey, Epoch, Commit)>;
+
+/// Applies, in `txn`, the write-ahead log's batches that redb does not hold durably yet
+/// (after a crash: they were acknowledged once their log record was synced). Each batch
+/// meets the state it met the first time (the batches before it, nothing else: any other
+/// write commits redb durably), so each commit is answered as it was then. Returns the
+/// last batch's sequence number now in redb, and how many were applied.
+fn replay(
+    txn: &redb::WriteTransaction,
+    logged: Vec<wal::Record>,
+) -> Result<(u64, usize), StoreError> {
+    let mut meta = txn.open_table(META).map_err(backend)?;
+    let applied = meta.get(WAL_SEQ).map_err(backend)?.map_or(0, |g| g.value());
+    let records = wal::to_replay(logged, applied).map_err(StoreError::Corrupt)?;
+    let Some(last) = records.last().map(|r| r.seq) else {
+        return Ok((applied, 0));
+    };
+    let mut replies = Vec::new();
+    for record in &records {
+        let batch: LoggedBatch = serde_json::from_slice(&record.payload).map_err(|e| {
+            StoreError::Corrupt(format!("write-ahead log batch {}: {e}", record.seq))
+        })?;
+        for (set, epoch, commit) in batch {
+            let (reply, _) = oneshot::channel();
+            apply(
+                txn,
+                WriteOp::Commit {
+                    set,
+                    epoch,
+                    commit,
+                    reply,
+                },
+                &mut replies,
+            )?;
+        }
+        replies.clear();
+    }
+    meta.insert(WAL_SEQ, last).map_err(backend)?;
+    Ok((last, records.len()))
+}
+
+/// The log record of a batch of commits alone; `None` for any other batch (it is committed
+/// to redb durably instead).
+fn log_record(batch: &[WriteOp]) -> Option<Vec<u8>> {
+    let mut commits = Vec::with_capacity(batch.len());
+    for op in batch {
+        let WriteOp::Commit {
+            set, epoch, commit, ..
+        } = op
+        else {
+            return None;
+        };
+        commits.push((set, epoch, commit));
+    }
+    serde_json::to_vec(&commits).ok()
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    wal: wal::Wal,
+    /// The sequence number of the next logged batch.
+    next_seq: u64,
+    /// The last one written to [`META`] by a committed transaction.
+    stored_seq: u64,
+    last_checkpoint: Instant,
+    /// Set after a failed logged batch: the next commit is a checkpoint, so the record it
+    /// may have left in the log is never applied.
+    must_checkpoint: bool,
+    metrics: Metrics,
+}
+
+impl Writer {
+    fn checkpoint_due(&self) -> bool {
+        self.must_checkpoint
+            || self.wal.len() >= CHECKPOINT_BYTES
+            || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+    }
+
+    /// Applies `batch` in one transaction and makes it durable: through the log (a batch of
+    /// commits, between checkpoints) or by a durable redb commit (a checkpoint: everything
+    /// before it becomes durable in redb too, and the log is emptied).
+    fn commit(
+        &mut self,
+        batch: Vec<WriteOp>,
+        replies: &mut Vec<Reply>,
+        close_replies: &mut Vec<oneshot::Sender<Result<(), StoreError>>>,
+    ) -> Result<(), StoreError> {
+        let record = if self.checkpoint_due() {
+            None
+        } else {
+            log_record(&batch)
+        };
+        let seq = match record {
+            Some(_) => self.next_seq,
+            None => self.next_seq - 1,
+        };
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        if record.is_some() {
+            txn.set_durability(Durability::None).map_err(backend)?;
+        }
+        for op in batch {
+            match op {
+                WriteOp::Close { reply } => close_replies.push(reply),
+                op => apply(&txn, op, replies)?,
+            }
+        }
+        if seq != self.stored_seq {
+            txn.open_table(META)
+                .map_err(backend)?
+                .insert(WAL_SEQ, seq)
+                .map_err(backend)?;
+        }
+        let Some(record) = record else {
+            txn.commit().map_err(backend)?;
+            self.stored_seq = seq;
+            self.last_checkpoint = Instant::now();
+            self.must_checkpoint = false;
+            self.wal.reset();
+            self.metrics.store_checkpoint();
+            return Ok(());
+        };
+        // From here the batch's number is spent: if it fails, its record may be in the log,
+        // and only a checkpoint (which stores a number past it) keeps it from a replay.
+        self.next_seq += 1;
+        self.must_checkpoint = true;
+        self.wal
+            .append(seq, &record)
+            .map_err(|e| backend(format!("write-ahead log: {e}")))?;
+        self.metrics.store_wal_bytes(self.wal.len());
+        txn.commit().map_err(backend)?;
+        self.stored_seq = seq;
+        self.must_checkpoint = false;
+        Ok(())
+    }
+
+    /// A durable commit of nothing: what the log holds becomes durable in redb.
+    fn checkpoint(&mut self) {
+        if let Err(e) = self.commit(Vec::new(), &mut Vec::new(), &mut Vec::new()) {
+            tracing::error!(error = %e, "store checkpoint failed; trying again in a while");
+            // Not at once: the writer would spin on a store that keeps failing.
+            self.last_checkpoint = Instant::now();
+        }
+    }
+}
+
+fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
     let mut close_replies = Vec::new();
     while close_replies.is_empty() {
-        let Ok(first) = rx.recv() else { return };
+        // Idle with batches only in the log: checkpoint when they are due.
+        let first = if writer.wal.is_empty() && !writer.must_checkpoint {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(writer.last_checkpoint.elapsed()))
+        };
+        let first = match first {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) => {
+                writer.checkpoint();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                if !writer.wal.is_empty() || writer.must_checkpoint {
+                    writer.checkpoint();
+                }
+                return;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -622,16 +824,7 @@ fn writer_loop(db: Arc<Database>, rx: &mpsc::Receiver<WriteOp>, metrics: &Metric
         }
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
-        let result = (|| {
-            let txn = db.begin_write().map_err(backend)?;
-            for op in batch.drain(..) {
-                match op {
-                    WriteOp::Close { reply } => close_replies.push(reply),
-                    op => apply(&txn, op, &mut replies)?,
-                }
-            }
-            txn.commit().map_err(backend)
-        })();
+        let result = writer.commit(batch, &mut replies, &mut close_replies);
         metrics.store_commit(size);
         match result {
             Ok(()) => replies.into_iter().for_each(Reply::send),
@@ -645,7 +838,7 @@ fn writer_loop(db: Arc<Database>, rx: &mpsc::Receiver<WriteOp>, metrics: &Metric
     }
     // Release this thread's handle on the file before confirming the close, so a caller
     // that drops its store after `close()` can reopen the same directory at once.
-    drop(db);
+    drop(writer);
     for reply in close_replies {
         drop(reply.send(Ok(())));
     }
@@ -989,5 +1182,172 @@ impl Store for RedbStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         self.write(|reply| WriteOp::Close { reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{bucket, logged};
+    use serde_json::json;
+
+    fn set(k: &str) -> SetKey {
+        SetKey::parse(k).expect("valid set key")
+    }
+
+    /// Sets `META.wal_seq` as a checkpoint would have, with the store closed.
+    fn store_seq(dir: &Path, seq: u64) {
+        let db = Database::create(dir.join("tether.redb")).expect("open redb");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META)
+            .expect("meta")
+            .insert(WAL_SEQ, seq)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+
+    /// Logs batches as the writer does after a checkpoint, with the store closed.
+    fn log(dir: &Path, batches: &[(u64, LoggedBatch)]) {
+        let (mut wal, _) = wal::Wal::open(&dir.join("tether.wal")).expect("open log");
+        wal.reset();
+        for (seq, batch) in batches {
+            let payload = serde_json::to_vec(batch).expect("encode");
+            wal.append(*seq, &payload).expect("append");
+        }
+    }
+
+    /// A store with set `s` leased (epoch returned), then closed.
+    async fn leased(dir: &Path, s: &SetKey) -> Epoch {
+        let store = RedbStore::open(dir, Metrics::new()).expect("open");
+        let e = store.acquire_lease(s, "n1").await.expect("lease").epoch;
+        store.close().await.expect("close");
+        e
+    }
+
+    #[tokio::test]
+    async fn batches_in_the_log_but_not_in_redb_are_applied_at_open() {
+        // What a kill -9 leaves: batches acknowledged once their record was synced, their
+        // redb commits lost with the process.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = set("W1");
+        let e = leased(dir.path(), &s).await;
+        let first = logged("device.W1", 2, Some("op-2"), 20);
+        let second = logged("device.W1", 3, Some("op-3"), 30);
+        log(
+            dir.path(),
+            &[
+                (1, vec![(s.clone(), e, first)]),
+                (2, vec![(s.clone(), e, second.clone())]),
+            ],
+        );
+        let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
+        assert_eq!(store.load_set(&s).await.expect("load"), second.buckets);
+        let id = BucketId::parse("device.W1").expect("id");
+        let page = store.history(&id, 0, 10).await.expect("history");
+        assert_eq!(
+            page.expect("bucket").changes.len(),
+            2,
+            "both changes logged"
+        );
+        // Their op ids are remembered: a retry is answered, not applied again.
+        assert!(matches!(
+            store
+                .commit(&s, e, logged("device.W1", 4, Some("op-3"), 40))
+                .await,
+            Err(StoreError::OpsKnown(_))
+        ));
+        store.close().await.expect("close");
+        drop(store);
+        // Opened again: nothing is applied twice.
+        let store = RedbStore::open(dir.path(), Metrics::new()).expect("reopen");
+        assert_eq!(store.load_set(&s).await.expect("load"), second.buckets);
+        store.close().await.expect("close");
+        drop(store);
+        // redb itself holds them now: the log is no longer needed.
+        std::fs::remove_file(dir.path().join("tether.wal")).expect("remove log");
+        let store = RedbStore::open(dir.path(), Metrics::new()).expect("reopen");
+        assert_eq!(store.load_set(&s).await.expect("load"), second.buckets);
+    }
+
+    #[tokio::test]
+    async fn batches_redb_already_holds_are_not_applied_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = set("W2");
+        let t = set("W3");
+        let e = leased(dir.path(), &s).await;
+        let f = leased(dir.path(), &t).await;
+        let newer = Commit::of(vec![bucket("device.W2", 5, json!({"v": "newer"}))]);
+        {
+            let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
+            store.commit(&s, e, newer.clone()).await.expect("commit");
+            store.close().await.expect("close");
+        }
+        // The log still holds batch 4, which the checkpoint covered (its number is stored),
+        // and batch 5, which came after it.
+        store_seq(dir.path(), 4);
+        let older = Commit::of(vec![bucket("device.W2", 4, json!({"v": "older"}))]);
+        let other = Commit::of(vec![bucket("device.W3", 2, json!({"v": "after"}))]);
+        log(
+            dir.path(),
+            &[
+                (4, vec![(s.clone(), e, older)]),
+                (5, vec![(t.clone(), f, other.clone())]),
+            ],
+        );
+        let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
+        assert_eq!(store.load_set(&s).await.expect("load"), newer.buckets);
+        assert_eq!(store.load_set(&t).await.expect("load"), other.buckets);
+    }
+
+    #[tokio::test]
+    async fn a_log_with_batches_missing_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = set("W4");
+        let e = leased(dir.path(), &s).await;
+        store_seq(dir.path(), 1);
+        let c = Commit::of(vec![bucket("device.W4", 2, json!({}))]);
+        log(dir.path(), &[(3, vec![(s, e, c)])]);
+        let err = RedbStore::open(dir.path(), Metrics::new()).expect_err("batch 2 is gone");
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("batch 3")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_checkpoints_and_empties_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = set("W5");
+        let metrics = Metrics::new();
+        let sample = |name| crate::metrics::sample_sum(&metrics.render(), name);
+        let store = RedbStore::open(dir.path(), metrics.clone()).expect("open");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        for v in 2..=20u64 {
+            let c = Commit::of(vec![bucket("device.W5", v, json!({"v": v}))]);
+            store.commit(&s, e, c).await.expect("commit");
+        }
+        // Bounded wait (not a timing assertion): the writer checkpoints within
+        // CHECKPOINT_EVERY of going idle.
+        let checkpoints = sample("tether_store_checkpoints_total").unwrap_or(0.0);
+        assert!(
+            sample("tether_store_commits_total") > Some(checkpoints),
+            "commits went to the log"
+        );
+        let deadline = Instant::now() + CHECKPOINT_EVERY * 20;
+        while sample("tether_store_wal_bytes") != Some(0.0)
+            || sample("tether_store_checkpoints_total") <= Some(checkpoints)
+        {
+            assert!(Instant::now() < deadline, "the log was never emptied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let db = store.db.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().expect("read");
+            let meta = txn.open_table(META).expect("meta");
+            meta.get(WAL_SEQ).expect("get").map(|g| g.value())
+        })
+        .await
+        .expect("task");
+        assert!(stored.is_some_and(|seq| seq >= 1), "{stored:?}");
     }
 }
