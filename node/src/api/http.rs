@@ -749,7 +749,7 @@ impl HeldAnswer {
             updates.iter().map(|u| u.bucket.timestamp.millis).max(),
             now_ms(),
         );
-        let list = pack(docs(updates), this.max_bytes, this.format.encoding());
+        let list = answer_list(updates, this.max_bytes, this.format.encoding());
         let bytes = match this.format {
             Format::Json => {
                 serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
@@ -831,7 +831,7 @@ async fn open_subscribe(
         device: principal.device().cloned(),
         next_sync_ms: msg.next_sync_ms,
     };
-    let answer = move |updates: Vec<BucketUpdate>| pack(docs(updates), max_bytes, encoding);
+    let answer = move |updates: Vec<BucketUpdate>| answer_list(updates, max_bytes, encoding);
     // A stream's cursor starts from the versions held; a long-poll needs them no more.
     let cursor = msg.stream.then(|| Cursor::new(by_set.clone()));
     // The whole subscribe, checking credentials and finding the owners included, answers
@@ -907,15 +907,21 @@ async fn open_subscribe(
     Ok(Opened::Held(held))
 }
 
-/// What a subscriber is sent for each bucket: a diff when one was made, else the value.
-pub(crate) fn docs(updates: Vec<BucketUpdate>) -> Vec<BucketDoc> {
-    updates
+/// What a subscriber is sent: for each bucket a diff when one was made, else the value,
+/// packed within `max_bytes` (what does not fit is listed as pending).
+pub(crate) fn answer_list(
+    updates: Vec<BucketUpdate>,
+    max_bytes: Option<u64>,
+    encoding: Encoding,
+) -> BucketList {
+    let docs = updates
         .into_iter()
         .map(|u| match u.diff {
             Some((base, changes)) => BucketDoc::diff(&u.bucket, base, changes),
             None => BucketDoc::from_bucket(&u.bucket, View::Full),
         })
-        .collect()
+        .collect();
+    pack(docs, max_bytes, encoding)
 }
 
 /// Most changes one history page may hold.

@@ -225,8 +225,7 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
             tokio::time::sleep(REHOLD_PAUSE).await;
             continue;
         }
-        let list: BucketList =
-            tether_proto::synclog::pack(crate::api::http::docs(updates), s.max_bytes, encoding);
+        let list: BucketList = crate::api::http::answer_list(updates, s.max_bytes, encoding);
         let mut bytes = match serde_json::to_vec(&list) {
             Ok(b) => b,
             Err(e) => return out.cut(NodeError::Internal(e.to_string())).await,
