@@ -3,9 +3,10 @@
 //! side, same count, same run.
 //!
 //! A process here may open at most 20,000 files, so the clients are spread over
-//! `procs` client processes, each connecting from its own loopback source address
-//! (127.0.0.2, 127.0.0.3, …) so ephemeral ports (and TIME_WAIT from earlier runs) never
-//! run out. Tether's clients are `tether-sim` processes (real devices: register, fetch,
+//! `procs` client processes, each connecting from its own loopback source address so
+//! ephemeral ports never run out. Each invocation takes its addresses from a block of
+//! 127/8 of its own (chosen by the clock, [`source`]): the ports an earlier invocation
+//! left in TIME_WAIT (60 s) are on other addresses, so back-to-back runs ramp alike. Tether's clients are `tether-sim` processes (real devices: register, fetch,
 //! hold a subscribe; no updates); mosquitto's are `tether-bench mqtt-hold` processes (a
 //! minimal MQTT 3.1.1 client: CONNECT with keep-alive off, SUBSCRIBE QoS 1 to its own
 //! topic, then silence — rumqttc cannot choose a source address).
@@ -99,13 +100,34 @@ pub struct Run {
     pub mosquitto: Option<Held>,
 }
 
+/// The `i`th client source address of this invocation: 127.a.b.c with c in 2..=251, from
+/// a run of [`PER_RUN`] blocks of 250 chosen once per process by the clock. An invocation
+/// started a second or more after another (and within the hour) uses other addresses for
+/// its first 4,000 sources.
 fn source(i: usize) -> IpAddr {
-    // 127.0.0.2 … 127.0.0.254
+    static FIRST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let first = *FIRST.get_or_init(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        usize::try_from(secs % (BLOCKS / PER_RUN) as u64).unwrap_or(0) * PER_RUN
+    });
+    source_in(first, i)
+}
+
+/// Blocks of 250 addresses in 127/8: 127.a.b.* with a in 1..=254 and b in 0..=255.
+const BLOCKS: usize = 254 * 256;
+/// Blocks one invocation starts with.
+const PER_RUN: usize = 16;
+
+fn source_in(block: usize, i: usize) -> IpAddr {
+    let n = (block + i / 250) % BLOCKS;
+    let octet = |x: usize| u8::try_from(x).unwrap_or(0);
     IpAddr::V4(Ipv4Addr::new(
         127,
-        0,
-        0,
-        2 + u8::try_from(i % 250).unwrap_or(0),
+        octet(1 + n / 256),
+        octet(n % 256),
+        octet(2 + i % 250),
     ))
 }
 
@@ -664,4 +686,30 @@ pub async fn mqtt_hold(
     tokio::time::sleep(Duration::from_secs(secs)).await;
     drop(held);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn invocations_a_second_apart_use_other_source_addresses() {
+        let run = |second: usize| -> HashSet<IpAddr> {
+            (0..PER_RUN * 250)
+                .map(|i| source_in(second * PER_RUN, i))
+                .collect()
+        };
+        let first = run(7);
+        assert_eq!(first.len(), PER_RUN * 250, "distinct within a run");
+        assert!(first.is_disjoint(&run(8)));
+        assert!(first.iter().all(|a| match a {
+            IpAddr::V4(v4) => v4.is_loopback() && !matches!(v4.octets()[3], 0 | 1 | 255),
+            IpAddr::V6(_) => false,
+        }));
+        // The last run before the clock wraps stays in 127/8 and wraps to the first.
+        let last = run(BLOCKS / PER_RUN - 1);
+        assert_eq!(last.len(), PER_RUN * 250);
+        assert!(last.is_disjoint(&run(0)));
+    }
 }
