@@ -16,6 +16,8 @@ const SEQUENTIAL: u64 = 200;
 const CONCURRENT_PER_BUCKET: u64 = 25;
 /// Acknowledgements to collect in the last phase before pulling the plug mid-load.
 const ACKS_BEFORE_KILL: usize = 40;
+/// Times the node is killed under load and restarted.
+const KILLS: usize = 2;
 
 /// What the client was told about one bucket.
 #[derive(Debug, Clone, Default)]
@@ -105,153 +107,169 @@ async fn acknowledged_writes_survive_kill_9() {
         known.entry(id).or_default().acked = Some((s, v, ts));
     }
 
-    // Phase 3: writers keep going; the node is killed -9 under load.
-    let acks = Arc::new(AtomicUsize::new(0));
-    let enough = Arc::new(Notify::new());
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = buckets
-        .iter()
-        .enumerate()
-        .map(|(k, (serial, id))| {
-            let p = node.device_with(serial, http_client());
-            let id = id.clone();
-            let mut base = version[&id];
-            let (acks, enough, stop) = (acks.clone(), enough.clone(), stop.clone());
-            let first_seq = 1_000_000 * (k as u64 + 1);
-            tokio::spawn(async move {
-                let mut k = Known::default();
-                for j in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let s = first_seq + j;
-                    let body = json!({"value": fields(&id, s), "base_version": base});
-                    let res = tokio::time::timeout(
-                        REQUEST_DEADLINE,
-                        p.req(reqwest::Method::PUT, &format!("/v1/buckets/{id}"))
-                            .json(&body)
-                            .send(),
-                    )
-                    .await;
-                    let r = match res {
-                        Ok(Ok(r)) => r,
-                        _ => {
-                            k.in_flight = Some(s);
+    for round in 0..KILLS {
+        // Phase 3: writers keep going; the node is killed -9 under load, restarted on the
+        // same data and checked, twice: the second kill finds the embedded store's log
+        // reused since the restart (records from before it left behind the new ones).
+        let acks = Arc::new(AtomicUsize::new(0));
+        let enough = Arc::new(Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = buckets
+            .iter()
+            .enumerate()
+            .map(|(k, (serial, id))| {
+                let p = node.device_with(serial, http_client());
+                let id = id.clone();
+                let mut base = version[&id];
+                let (acks, enough, stop) = (acks.clone(), enough.clone(), stop.clone());
+                let first_seq = 1_000_000 * (k as u64 + 1) + 100_000 * round as u64;
+                tokio::spawn(async move {
+                    let mut k = Known::default();
+                    for j in 0.. {
+                        if stop.load(Ordering::SeqCst) {
                             break;
                         }
-                    };
-                    let Ok(r) = tokio::time::timeout(REQUEST_DEADLINE, Resp::read_checked(r)).await
-                    else {
-                        k.in_flight = Some(s);
-                        break;
-                    };
-                    let Some(r) = r else {
-                        k.in_flight = Some(s);
-                        break;
-                    };
-                    assert_eq!(r.status, StatusCode::OK, "{id}: {}", r.text());
-                    let v = r.json();
-                    assert_eq!(v["outcome"], "applied", "{id}: {v}");
-                    let ver = u64_of(&v, "version");
-                    assert_eq!(ver, base + 1, "{id}: versions step by one");
-                    base = ver;
-                    k.acked = Some((s, ver, u64_of(&v, "timestamp")));
-                    if acks.fetch_add(1, Ordering::SeqCst) + 1 == ACKS_BEFORE_KILL {
-                        enough.notify_one();
+                        let s = first_seq + j;
+                        let body = json!({"value": fields(&id, s), "base_version": base});
+                        let res = tokio::time::timeout(
+                            REQUEST_DEADLINE,
+                            p.req(reqwest::Method::PUT, &format!("/v1/buckets/{id}"))
+                                .json(&body)
+                                .send(),
+                        )
+                        .await;
+                        let r = match res {
+                            Ok(Ok(r)) => r,
+                            _ => {
+                                k.in_flight = Some(s);
+                                break;
+                            }
+                        };
+                        let Ok(r) =
+                            tokio::time::timeout(REQUEST_DEADLINE, Resp::read_checked(r)).await
+                        else {
+                            k.in_flight = Some(s);
+                            break;
+                        };
+                        let Some(r) = r else {
+                            k.in_flight = Some(s);
+                            break;
+                        };
+                        assert_eq!(r.status, StatusCode::OK, "{id}: {}", r.text());
+                        let v = r.json();
+                        assert_eq!(v["outcome"], "applied", "{id}: {v}");
+                        let ver = u64_of(&v, "version");
+                        assert_eq!(ver, base + 1, "{id}: versions step by one");
+                        base = ver;
+                        k.acked = Some((s, ver, u64_of(&v, "timestamp")));
+                        if acks.fetch_add(1, Ordering::SeqCst) + 1 == ACKS_BEFORE_KILL {
+                            enough.notify_one();
+                        }
                     }
-                }
-                (id, k)
+                    (id, k)
+                })
             })
-        })
-        .collect();
-    within(
-        Duration::from_secs(30),
-        "phase 3 acknowledgements",
-        enough.notified(),
-    )
-    .await;
-    node.kill9().await;
-    stop.store(true, Ordering::SeqCst);
-    let mut interrupted = 0;
-    for t in tasks {
-        let (id, k) = within(Duration::from_secs(30), "phase 3 writers stop", t)
-            .await
-            .expect("writer task");
-        interrupted += usize::from(k.in_flight.is_some());
-        let entry = known.entry(id.clone()).or_default();
-        if let Some((s, v, ts)) = k.acked {
-            assert!(ts >= last_ts[&id], "{id}: timestamp went backwards");
-            entry.acked = Some((s, v, ts));
-        }
-        entry.in_flight = k.in_flight;
-    }
-    assert!(
-        interrupted > 0,
-        "the kill should have interrupted at least one write in flight"
-    );
-    let keyring = node.keyring();
-    drop(node);
-
-    // Restart on the same data directory (same manufacturing key, devices keep their
-    // assigned credentials): every acknowledged write is there.
-    let node = Node::builder()
-        .config(&thermostat_template(&["seq", "note", "after_restart"]))
-        .data_dir(data.path())
-        .keyring(keyring)
-        .start()
+            .collect();
+        within(
+            Duration::from_secs(30),
+            "phase 3 acknowledgements",
+            enough.notified(),
+        )
         .await;
-    let mut problems = Vec::new();
-    for (serial, id) in &buckets {
-        let p = node.device(serial);
-        let b = p.bucket(id).await;
-        let k = &known[id];
-        let (s, v, ts) = k.acked.expect("every bucket has acknowledged writes");
-        let got_v = u64_of(&b, "version");
-        let got_ts = u64_of(&b, "timestamp");
-        let got_seq = b["value"]["seq"].as_u64();
-        if got_v < v {
-            problems.push(format!(
-                "{id}: version {got_v} < last acknowledged {v} ({b})"
-            ));
-        }
-        if got_ts < ts {
-            problems.push(format!(
-                "{id}: timestamp {got_ts} < last acknowledged {ts} ({b})"
-            ));
-        }
-        // The stored fields are those of the last acknowledged write, or — only if the
-        // version moved past it — those of the single write in flight at the kill.
-        let allowed: Vec<u64> = if got_v > v {
-            [Some(s), k.in_flight].into_iter().flatten().collect()
-        } else {
-            vec![s]
-        };
-        match got_seq {
-            Some(g) if allowed.contains(&g) => {
-                assert_eq!(b["value"], merged_expectation(&b, id, g), "{id}");
+        node.kill9().await;
+        stop.store(true, Ordering::SeqCst);
+        let mut interrupted = 0;
+        for t in tasks {
+            let (id, k) = within(Duration::from_secs(30), "phase 3 writers stop", t)
+                .await
+                .expect("writer task");
+            interrupted += usize::from(k.in_flight.is_some());
+            let entry = known.entry(id.clone()).or_default();
+            if let Some((s, v, ts)) = k.acked {
+                assert!(ts >= last_ts[&id], "{id}: timestamp went backwards");
+                entry.acked = Some((s, v, ts));
             }
-            _ => problems.push(format!(
-                "{id}: seq {got_seq:?}, expected one of {allowed:?} (acked version {v}): {b}"
-            )),
+            entry.in_flight = k.in_flight;
         }
-    }
-    assert!(
-        problems.is_empty(),
-        "acknowledged writes lost after kill -9:\n{}",
-        problems.join("\n")
-    );
+        assert!(
+            interrupted > 0,
+            "the kill should have interrupted at least one write in flight"
+        );
+        let keyring = node.keyring();
+        drop(node);
 
-    // Versions keep increasing after the restart.
-    for (serial, id) in &buckets {
-        let p = node.device(serial);
-        let b = p.bucket(id).await;
-        let (v0, ts0) = (u64_of(&b, "version"), u64_of(&b, "timestamp"));
-        let (ts1, v1) = p.write(id, json!({"after_restart": true}), v0).await;
-        assert_eq!(v1, v0 + 1, "{id}: version after restart");
-        assert!(ts1 >= ts0, "{id}: timestamp after restart went backwards");
-        let b = p.bucket(id).await;
-        assert_eq!(u64_of(&b, "version"), v1);
-        assert_eq!(b["value"]["after_restart"], true);
+        // Restart on the same data directory (same manufacturing key, devices keep their
+        // assigned credentials): every acknowledged write is there.
+        node = Node::builder()
+            .config(&thermostat_template(&["seq", "note", "after_restart"]))
+            .data_dir(data.path())
+            .keyring(keyring)
+            .start()
+            .await;
+        let mut problems = Vec::new();
+        for (serial, id) in &buckets {
+            let p = node.device(serial);
+            let b = p.bucket(id).await;
+            let k = &known[id];
+            let (s, v, ts) = k.acked.expect("every bucket has acknowledged writes");
+            let got_v = u64_of(&b, "version");
+            let got_ts = u64_of(&b, "timestamp");
+            let got_seq = b["value"]["seq"].as_u64();
+            if got_v < v {
+                problems.push(format!(
+                    "{id}: version {got_v} < last acknowledged {v} ({b})"
+                ));
+            }
+            if got_ts < ts {
+                problems.push(format!(
+                    "{id}: timestamp {got_ts} < last acknowledged {ts} ({b})"
+                ));
+            }
+            // The stored fields are those of the last acknowledged write, or — only if the
+            // version moved past it — those of the single write in flight at the kill.
+            let allowed: Vec<u64> = if got_v > v {
+                [Some(s), k.in_flight].into_iter().flatten().collect()
+            } else {
+                vec![s]
+            };
+            match got_seq {
+                Some(g) if allowed.contains(&g) => {
+                    assert_eq!(b["value"], merged_expectation(&b, id, g), "{id}");
+                }
+                _ => problems.push(format!(
+                    "{id}: seq {got_seq:?}, expected one of {allowed:?} (acked version {v}): {b}"
+                )),
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "acknowledged writes lost after kill -9 number {}:\n{}",
+            round + 1,
+            problems.join("\n")
+        );
+
+        // Versions keep increasing after the restart.
+        for (serial, id) in &buckets {
+            let p = node.device(serial);
+            let b = p.bucket(id).await;
+            let (v0, ts0) = (u64_of(&b, "version"), u64_of(&b, "timestamp"));
+            let (ts1, v1) = p.write(id, json!({"after_restart": true}), v0).await;
+            assert_eq!(v1, v0 + 1, "{id}: version after restart");
+            assert!(ts1 >= ts0, "{id}: timestamp after restart went backwards");
+            let b = p.bucket(id).await;
+            assert_eq!(u64_of(&b, "version"), v1);
+            assert_eq!(b["value"]["after_restart"], true);
+            let seq = b["value"]["seq"].as_u64().expect("seq");
+            version.insert(id.clone(), v1);
+            last_ts.insert(id.clone(), ts1);
+            known.insert(
+                id.clone(),
+                Known {
+                    acked: Some((seq, v1, ts1)),
+                    in_flight: None,
+                },
+            );
+        }
     }
 }
 
