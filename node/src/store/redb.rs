@@ -204,11 +204,11 @@ impl RedbStore {
             stored_seq: seq,
             last_checkpoint: Instant::now(),
             must_checkpoint: false,
-            metrics: metrics.clone(),
+            metrics,
         };
         thread::Builder::new()
             .name("tether-redb-writer".into())
-            .spawn(move || writer_loop(writer, &rx, &metrics))
+            .spawn(move || writer_loop(writer, &rx))
             .map_err(backend)?;
         Ok(RedbStore { db, writer: tx })
     }
@@ -720,6 +720,12 @@ struct Writer {
 }
 
 impl Writer {
+    /// Whether redb does not yet hold durably all it has committed: batches only the log
+    /// holds, or a failed logged batch whose record may be in the log.
+    fn awaits_checkpoint(&self) -> bool {
+        !self.wal.is_empty() || self.must_checkpoint
+    }
+
     fn checkpoint_due(&self) -> bool {
         self.must_checkpoint
             || self.wal.len() >= CHECKPOINT_BYTES
@@ -793,11 +799,11 @@ impl Writer {
     }
 }
 
-fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>, metrics: &Metrics) {
+fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
     let mut close_replies = Vec::new();
     while close_replies.is_empty() {
         // Idle with batches only in the log: checkpoint when they are due.
-        let first = if writer.wal.is_empty() && !writer.must_checkpoint {
+        let first = if !writer.awaits_checkpoint() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
             rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(writer.last_checkpoint.elapsed()))
@@ -809,7 +815,7 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>, metrics: &Metri
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                if !writer.wal.is_empty() || writer.must_checkpoint {
+                if writer.awaits_checkpoint() {
                     writer.checkpoint();
                 }
                 return;
@@ -825,7 +831,7 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>, metrics: &Metri
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
         let result = writer.commit(batch, &mut replies, &mut close_replies);
-        metrics.store_commit(size);
+        writer.metrics.store_commit(size);
         match result {
             Ok(()) => replies.into_iter().for_each(Reply::send),
             Err(e) => {
