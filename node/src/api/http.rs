@@ -1170,7 +1170,8 @@ pub async fn pair(
     let old_structure = old.and_then(|p| p.structure);
     state
         .router
-        .release_held(std::iter::once(code.device_id.as_str()).chain(old_structure.as_deref()));
+        .release_held(std::iter::once(code.device_id.as_str()).chain(old_structure.as_deref()))
+        .await;
     tracing::info!(device = %code.device_id, user = %user_id, "device paired");
     let resp = PairResponse {
         device_id: code.device_id,
@@ -1210,7 +1211,8 @@ pub async fn unpair(
             state.auth.pairing_changed();
             state
                 .router
-                .release_held(std::iter::once(device.as_str()).chain(p.structure.as_deref()));
+                .release_held(std::iter::once(device.as_str()).chain(p.structure.as_deref()))
+                .await;
             tracing::info!(device = %device, user = %user_id, "device unpaired");
             Ok(respond(
                 &req,

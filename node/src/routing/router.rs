@@ -49,6 +49,9 @@ pub const FATE_UNKNOWN_DEADLINE: Duration = Duration::from_secs(12);
 /// A diff spans at most this many versions; further behind, the whole value goes.
 const MAX_DIFF_SPAN: u64 = 1_000;
 /// Pause before routing again, so a view that is converging gets the time to.
+/// How long a change of access waits for an owner to release its held subscriptions.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 const ROUTE_RETRY: Duration = Duration::from_millis(50);
 
 /// What a write did, as the client is told.
@@ -529,26 +532,32 @@ impl Router {
     }
 
     /// Access to these sets changed: their held subscriptions are answered, wherever
-    /// they are held, so their clients authenticate again. Fire and forget.
-    pub fn release_held<'a>(self: &Arc<Self>, sets: impl IntoIterator<Item = &'a str>) {
+    /// they are held, so their clients authenticate again. Returns once every owner has
+    /// released them (or was not reached within [`RELEASE_WAIT`]; logged): a subscription
+    /// made after the change was answered is never cut by it.
+    pub async fn release_held<'a>(self: &Arc<Self>, sets: impl IntoIterator<Item = &'a str>) {
+        let mut remote = Vec::new();
         for key in sets {
             let Ok(set) = SetKey::parse(key) else {
                 continue;
             };
             match self.route(&set) {
                 Route::Local => self.local_release(&set),
-                Route::Peer(owner) => {
-                    let router = self.clone();
-                    tokio::spawn(async move {
-                        if let Ok(peers) = router.peers() {
-                            if let Err(e) = peers.release_held(&owner, &set).await {
-                                tracing::warn!(%set, owner = %owner.id, error = %e, "releasing held subscriptions on the owner failed");
-                            }
-                        }
-                    });
-                }
+                Route::Peer(owner) => remote.push((owner, set)),
             }
         }
+        let on_owners = remote.into_iter().map(|(owner, set)| async move {
+            let released = match self.peers() {
+                Ok(peers) => tokio::time::timeout(RELEASE_WAIT, peers.release_held(&owner, &set))
+                    .await
+                    .unwrap_or_else(|_| Err(NodeError::Unavailable("no answer in time".into()))),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = released {
+                tracing::warn!(%set, owner = %owner.id, error = %e, "releasing held subscriptions on the owner failed");
+            }
+        });
+        futures::future::join_all(on_owners).await;
     }
 
     /// Checks held versions on every owner of the sets listed and holds where nothing is

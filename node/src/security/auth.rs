@@ -283,7 +283,8 @@ impl Auth {
             self.scopes.pairing_changed();
             let structure = old.and_then(|p| p.structure);
             self.router
-                .release_held(std::iter::once(serial.as_str()).chain(structure.as_deref()));
+                .release_held(std::iter::once(serial.as_str()).chain(structure.as_deref()))
+                .await;
             tracing::warn!(device = %serial, "default credentials presented again: assigned set replaced, device unpaired");
         } else {
             tracing::info!(device = %serial, "first contact: assigned credentials issued");
