@@ -1,5 +1,5 @@
-//! Crash safety: every acknowledged write survives `kill -9`, and versions/timestamps
-//! never go backwards across the restart.
+//! Crash safety: every acknowledged write survives `kill -9` and a graceful shutdown
+//! (SIGTERM) under load, and versions/timestamps never go backwards across the restart.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,8 +16,17 @@ const SEQUENTIAL: u64 = 200;
 const CONCURRENT_PER_BUCKET: u64 = 25;
 /// Acknowledgements to collect in the last phase before pulling the plug mid-load.
 const ACKS_BEFORE_KILL: usize = 40;
-/// Times the node is killed under load and restarted.
-const KILLS: usize = 2;
+/// How the node is stopped under load, round by round, before it is restarted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    Kill9,
+    /// The drain: queued writes committed and answered, later ones refused, exit 0.
+    Sigterm,
+}
+
+/// Two kills (the second finds the embedded store's log reused since the restart), then a
+/// drain: the actors, which run on the HTTP workers, are shut down before those stop.
+const STOPS: [Stop; 3] = [Stop::Kill9, Stop::Kill9, Stop::Sigterm];
 
 /// What the client was told about one bucket.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +49,7 @@ async fn acked_write(p: &Principal, id: &str, seq: u64, base: u64) -> (u64, u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_kill_9() {
+async fn acknowledged_writes_survive_kill_9_and_a_drain() {
     let data = tempfile::tempdir().expect("data dir");
     let mut node = Node::builder()
         .config(&thermostat_template(&["seq", "note", "after_restart"]))
@@ -107,10 +116,9 @@ async fn acknowledged_writes_survive_kill_9() {
         known.entry(id).or_default().acked = Some((s, v, ts));
     }
 
-    for round in 0..KILLS {
-        // Phase 3: writers keep going; the node is killed -9 under load, restarted on the
-        // same data and checked, twice: the second kill finds the embedded store's log
-        // reused since the restart (records from before it left behind the new ones).
+    for (round, how) in STOPS.into_iter().enumerate() {
+        // Phase 3: writers keep going; the node is stopped under load (`STOPS`), restarted
+        // on the same data and checked.
         let acks = Arc::new(AtomicUsize::new(0));
         let enough = Arc::new(Notify::new());
         let stop = Arc::new(AtomicBool::new(false));
@@ -155,6 +163,11 @@ async fn acknowledged_writes_survive_kill_9() {
                             k.in_flight = Some(s);
                             break;
                         };
+                        // A draining node refuses what it will not commit any more.
+                        if how == Stop::Sigterm && r.status == StatusCode::SERVICE_UNAVAILABLE {
+                            k.in_flight = Some(s);
+                            break;
+                        }
                         assert_eq!(r.status, StatusCode::OK, "{id}: {}", r.text());
                         let v = r.json();
                         assert_eq!(v["outcome"], "applied", "{id}: {v}");
@@ -176,7 +189,17 @@ async fn acknowledged_writes_survive_kill_9() {
             enough.notified(),
         )
         .await;
-        node.kill9().await;
+        match how {
+            Stop::Kill9 => node.kill9().await,
+            Stop::Sigterm => {
+                node.sigterm().await;
+                let status = node.wait_exit(Duration::from_secs(20)).await;
+                assert!(
+                    status.success(),
+                    "exit after SIGTERM under load: {status:?}"
+                );
+            }
+        }
         stop.store(true, Ordering::SeqCst);
         let mut interrupted = 0;
         for t in tasks {
@@ -192,7 +215,7 @@ async fn acknowledged_writes_survive_kill_9() {
             entry.in_flight = k.in_flight;
         }
         assert!(
-            interrupted > 0,
+            interrupted > 0 || how == Stop::Sigterm,
             "the kill should have interrupted at least one write in flight"
         );
         let keyring = node.keyring();
@@ -243,7 +266,7 @@ async fn acknowledged_writes_survive_kill_9() {
         }
         assert!(
             problems.is_empty(),
-            "acknowledged writes lost after kill -9 number {}:\n{}",
+            "acknowledged writes lost after stop {} ({how:?}):\n{}",
             round + 1,
             problems.join("\n")
         );
