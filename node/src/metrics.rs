@@ -75,6 +75,7 @@ struct Inner {
     store_batch: Histogram,
     store_checkpoints: Counter,
     store_wal_bytes: Gauge,
+    store_writer_busy: Counter<f64, std::sync::atomic::AtomicU64>,
     leases_acquired: Counter,
     leases_lost: Counter,
     owned_sets: Gauge,
@@ -184,6 +185,12 @@ impl Metrics {
             "store_wal_bytes",
             "redb: bytes of batches in its write-ahead log that only the log holds durably (0 after a checkpoint)",
             store_wal_bytes.clone(),
+        );
+        let store_writer_busy = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "store_writer_busy_seconds",
+            "redb: time its one writer thread spent in write transactions (applying, syncing the log, committing); its rate is the writer's utilization, and near 1 the writer bounds the node's write rate",
+            store_writer_busy.clone(),
         );
         let store_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
         registry.register(
@@ -421,6 +428,7 @@ impl Metrics {
             store_batch,
             store_checkpoints,
             store_wal_bytes,
+            store_writer_busy,
         }))
     }
 
@@ -723,6 +731,10 @@ impl Metrics {
     pub(crate) fn store_commit(&self, batch: usize) {
         self.0.store_commits.inc();
         self.0.store_batch.observe(batch as f64);
+    }
+    /// The redb writer spent `took` on one write transaction.
+    pub(crate) fn store_writer_busy(&self, took: Duration) {
+        self.0.store_writer_busy.inc_by(took.as_secs_f64());
     }
     pub(crate) fn store_checkpoint(&self) {
         self.0.store_checkpoints.inc();

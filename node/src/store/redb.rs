@@ -804,7 +804,10 @@ impl Writer {
 
     /// A durable commit of nothing: what the log holds becomes durable in redb.
     fn checkpoint(&mut self) {
-        if let Err(e) = self.commit(Vec::new(), &mut Vec::new(), &mut Vec::new()) {
+        let started = Instant::now();
+        let result = self.commit(Vec::new(), &mut Vec::new(), &mut Vec::new());
+        self.metrics.store_writer_busy(started.elapsed());
+        if let Err(e) = result {
             tracing::error!(error = %e, "store checkpoint failed; trying again in a while");
             // Not at once: the writer would spin on a store that keeps failing.
             self.last_checkpoint = Instant::now();
@@ -844,7 +847,9 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
         }
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
+        let started = Instant::now();
         let result = writer.commit(batch, &mut replies, &mut close_replies);
+        writer.metrics.store_writer_busy(started.elapsed());
         writer.metrics.store_commit(size);
         match result {
             Ok(()) => replies.into_iter().for_each(Reply::send),
@@ -1390,6 +1395,10 @@ mod tests {
         assert!(
             sample("tether_store_commits_total") > Some(checkpoints),
             "commits went to the log"
+        );
+        assert!(
+            sample("tether_store_writer_busy_seconds_total").is_some_and(|s| s > 0.0),
+            "the writer's time in transactions is counted"
         );
         let deadline = Instant::now() + CHECKPOINT_EVERY * 20;
         while sample("tether_store_wal_bytes") != Some(0.0)
