@@ -68,6 +68,10 @@ pub struct Run {
     pub ratio: f64,
     /// Store transactions (fsyncs) per second during the Tether load.
     pub tether_commits_per_s: f64,
+    /// The share of the Tether load's time its store writer thread spent in transactions
+    /// (`tether_store_writer_busy_seconds_total`; near 1, the writer bounds the PUT rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tether_writer_busy: Option<f64>,
     /// The trivial server's CPU per request / Tether's per durable PUT: the share of the
     /// HTTP stack's cost per request a durable PUT adds up to (1 = no more than the
     /// trivial handler; the CPU counterpart of `ratio`).
@@ -221,14 +225,13 @@ pub async fn run(o: Opts) -> Result<()> {
             tether::register_many(&http, node.url(), &node.mfg_key, "CEIL", o.conns, 16).await?;
         let trivial_srv = procs::start_trivial(o.workers).await?;
         // Alternate the order so neither target always runs on a warmer machine.
-        let (trivial, tether, commits) = if r % 2 == 0 {
+        let (trivial, (tether, commits, busy)) = if r % 2 == 0 {
             let t = measured_loop(trivial_srv.pid(), &http, &trivial_srv.url, &[], &o).await;
-            let (x, c) = tether_load(&http, &node.server, &devices, &o).await;
-            (t, x, c)
+            (t, tether_load(&http, &node.server, &devices, &o).await)
         } else {
-            let (x, c) = tether_load(&http, &node.server, &devices, &o).await;
+            let x = tether_load(&http, &node.server, &devices, &o).await;
             let t = measured_loop(trivial_srv.pid(), &http, &trivial_srv.url, &[], &o).await;
-            (t, x, c)
+            (t, x)
         };
         trivial_srv.stop().await;
         node.server.stop().await;
@@ -244,11 +247,12 @@ pub async fn run(o: Opts) -> Result<()> {
             trivial,
             tether,
             tether_commits_per_s: commits,
+            tether_writer_busy: busy,
             cpu_ratio,
         };
         let us = |l: &Load| l.server_cpu_us_per_request.unwrap_or(f64::NAN);
         eprintln!(
-            "run {}: trivial {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each), tether durable PUT {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each, {:.0} commits/s) → ratio {:.3}, CPU ratio {:.3}",
+            "run {}: trivial {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each), tether durable PUT {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each, {:.0} commits/s, writer busy {:.0} %) → ratio {:.3}, CPU ratio {:.3}",
             r + 1,
             run.trivial.rps,
             run.trivial.latency.p99_ms,
@@ -257,6 +261,7 @@ pub async fn run(o: Opts) -> Result<()> {
             run.tether.latency.p99_ms,
             us(&run.tether),
             run.tether_commits_per_s,
+            run.tether_writer_busy.map_or(f64::NAN, |b| b * 100.0),
             run.ratio,
             run.cpu_ratio.unwrap_or(f64::NAN)
         );
@@ -298,21 +303,24 @@ pub async fn run(o: Opts) -> Result<()> {
     Ok(())
 }
 
+/// The durable PUT load: its figures, store transactions per second, and the share of the
+/// time the store's writer thread was busy.
 async fn tether_load(
     http: &reqwest::Client,
     node: &procs::Server,
     devices: &[(String, Credentials)],
     o: &Opts,
-) -> (Load, f64) {
+) -> (Load, f64, Option<f64>) {
     let url = node.url.as_str();
+    const BUSY: &str = "tether_store_writer_busy_seconds_total";
     let before = tether::metric(http, url, "tether_store_commits_total").await;
+    let busy_before = tether::metric(http, url, BUSY).await;
     let load = measured_loop(node.pid(), http, url, devices, o).await;
     let after = tether::metric(http, url, "tether_store_commits_total").await;
-    let commits = match (before, after) {
-        (Some(b), Some(a)) => (a - b) / (o.secs + 1.0),
-        _ => 0.0,
-    };
-    (load, commits)
+    let busy_after = tether::metric(http, url, BUSY).await;
+    let per_s = |b: Option<f64>, a: Option<f64>| Some((a? - b?) / (o.secs + 1.0));
+    let commits = per_s(before, after).unwrap_or(0.0);
+    (load, commits, per_s(busy_before, busy_after))
 }
 
 fn plot_it(
