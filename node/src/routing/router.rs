@@ -49,10 +49,9 @@ pub const FATE_UNKNOWN_DEADLINE: Duration = Duration::from_secs(12);
 /// A diff spans at most this many versions; further behind, the whole value goes.
 const MAX_DIFF_SPAN: u64 = 1_000;
 /// Pause before routing again, so a view that is converging gets the time to.
+const ROUTE_RETRY: Duration = Duration::from_millis(50);
 /// How long a change of access waits for an owner to release its held subscriptions.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
-
-const ROUTE_RETRY: Duration = Duration::from_millis(50);
 
 /// What a write did, as the client is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

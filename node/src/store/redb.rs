@@ -747,8 +747,21 @@ impl Writer {
 
     /// Applies `batch` in one transaction and makes it durable: through the log (a batch of
     /// commits, between checkpoints) or by a durable redb commit (a checkpoint: everything
-    /// before it becomes durable in redb too, and the log is emptied).
+    /// before it becomes durable in redb too, and the log is emptied). Its time is counted
+    /// as the writer's busy time.
     fn commit(
+        &mut self,
+        batch: Vec<WriteOp>,
+        replies: &mut Vec<Reply>,
+        close_replies: &mut Vec<oneshot::Sender<Result<(), StoreError>>>,
+    ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.transact(batch, replies, close_replies);
+        self.metrics.store_writer_busy(started.elapsed());
+        result
+    }
+
+    fn transact(
         &mut self,
         batch: Vec<WriteOp>,
         replies: &mut Vec<Reply>,
@@ -804,10 +817,7 @@ impl Writer {
 
     /// A durable commit of nothing: what the log holds becomes durable in redb.
     fn checkpoint(&mut self) {
-        let started = Instant::now();
-        let result = self.commit(Vec::new(), &mut Vec::new(), &mut Vec::new());
-        self.metrics.store_writer_busy(started.elapsed());
-        if let Err(e) = result {
+        if let Err(e) = self.commit(Vec::new(), &mut Vec::new(), &mut Vec::new()) {
             tracing::error!(error = %e, "store checkpoint failed; trying again in a while");
             // Not at once: the writer would spin on a store that keeps failing.
             self.last_checkpoint = Instant::now();
@@ -847,9 +857,7 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
         }
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
-        let started = Instant::now();
         let result = writer.commit(batch, &mut replies, &mut close_replies);
-        writer.metrics.store_writer_busy(started.elapsed());
         writer.metrics.store_commit(size);
         match result {
             Ok(()) => replies.into_iter().for_each(Reply::send),
