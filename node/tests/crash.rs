@@ -25,7 +25,7 @@ enum Stop {
 }
 
 /// Two kills (the second finds the embedded store's log reused since the restart), then a
-/// drain: the actors, which run on the HTTP workers, are shut down before those stop.
+/// drain under load (queued writes committed before the store closes).
 const STOPS: [Stop; 3] = [Stop::Kill9, Stop::Kill9, Stop::Sigterm];
 
 /// What the client was told about one bucket.
