@@ -74,6 +74,7 @@ struct Inner {
     store_commits: Counter,
     store_batch: Histogram,
     store_checkpoints: Counter,
+    store_wal_syncs: Counter,
     store_wal_bytes: Gauge,
     store_writer_busy: Counter<f64, std::sync::atomic::AtomicU64>,
     leases_acquired: Counter,
@@ -171,7 +172,7 @@ impl Metrics {
         let store_commits = Counter::default();
         registry.register(
             "store_commits",
-            "Store write transactions (batches of commits; redb: one fsync each, of its write-ahead log between checkpoints)",
+            "Store write transactions (batches of commits; redb: between checkpoints they share the fsyncs of its write-ahead log)",
             store_commits.clone(),
         );
         let store_checkpoints = Counter::default();
@@ -179,6 +180,12 @@ impl Metrics {
             "store_checkpoints",
             "redb: durable commits of its B-tree, after which its write-ahead log starts over",
             store_checkpoints.clone(),
+        );
+        let store_wal_syncs = Counter::default();
+        registry.register(
+            "store_wal_syncs",
+            "redb: fsyncs of its write-ahead log, each making durable every batch written to it since the last",
+            store_wal_syncs.clone(),
         );
         let store_wal_bytes = Gauge::default();
         registry.register(
@@ -189,7 +196,7 @@ impl Metrics {
         let store_writer_busy = Counter::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "store_writer_busy_seconds",
-            "redb: time its one writer thread spent in write transactions (applying, syncing the log, committing); its rate is the writer's utilization, and near 1 the writer bounds the node's write rate",
+            "redb: time its one writer thread spent in write transactions (applying, writing the log, committing; a checkpoint's fsync too, not the log's); its rate is the writer's utilization, and near 1 the writer bounds the node's write rate",
             store_writer_busy.clone(),
         );
         let store_batch = Histogram::new(exponential_buckets(1.0, 2.0, 11));
@@ -427,6 +434,7 @@ impl Metrics {
             store_commits,
             store_batch,
             store_checkpoints,
+            store_wal_syncs,
             store_wal_bytes,
             store_writer_busy,
         }))
@@ -739,6 +747,9 @@ impl Metrics {
     pub(crate) fn store_checkpoint(&self) {
         self.0.store_checkpoints.inc();
         self.0.store_wal_bytes.set(0);
+    }
+    pub(crate) fn store_wal_sync(&self) {
+        self.0.store_wal_syncs.inc();
     }
     pub(crate) fn store_wal_bytes(&self, bytes: u64) {
         self.0

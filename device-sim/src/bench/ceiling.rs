@@ -66,8 +66,12 @@ pub struct Run {
     pub tether: Load,
     /// tether.rps / trivial.rps.
     pub ratio: f64,
-    /// Store transactions (fsyncs) per second during the Tether load.
+    /// Store transactions per second during the Tether load.
     pub tether_commits_per_s: f64,
+    /// fsyncs of the store's write-ahead log per second (`tether_store_wal_syncs_total`;
+    /// each covers every transaction written since the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tether_wal_syncs_per_s: Option<f64>,
     /// The share of the Tether load's time its store writer thread spent in transactions
     /// (`tether_store_writer_busy_seconds_total`; near 1, the writer bounds the PUT rate).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -225,7 +229,7 @@ pub async fn run(o: Opts) -> Result<()> {
             tether::register_many(&http, node.url(), &node.mfg_key, "CEIL", o.conns, 16).await?;
         let trivial_srv = procs::start_trivial(o.workers).await?;
         // Alternate the order so neither target always runs on a warmer machine.
-        let (trivial, (tether, commits, busy)) = if r % 2 == 0 {
+        let (trivial, (tether, store)) = if r % 2 == 0 {
             let t = measured_loop(trivial_srv.pid(), &http, &trivial_srv.url, &[], &o).await;
             (t, tether_load(&http, &node.server, &devices, &o).await)
         } else {
@@ -246,13 +250,14 @@ pub async fn run(o: Opts) -> Result<()> {
             ratio: ratio(tether.rps, trivial.rps),
             trivial,
             tether,
-            tether_commits_per_s: commits,
-            tether_writer_busy: busy,
+            tether_commits_per_s: store.commits,
+            tether_wal_syncs_per_s: store.syncs,
+            tether_writer_busy: store.busy,
             cpu_ratio,
         };
         let us = |l: &Load| l.server_cpu_us_per_request.unwrap_or(f64::NAN);
         eprintln!(
-            "run {}: trivial {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each), tether durable PUT {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each, {:.0} commits/s, writer busy {:.0} %) → ratio {:.3}, CPU ratio {:.3}",
+            "run {}: trivial {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each), tether durable PUT {:.0} req/s (p99 {:.1} ms, {:.1} µs CPU each, {:.0} commits/s, {:.0} log syncs/s, writer busy {:.0} %) → ratio {:.3}, CPU ratio {:.3}",
             r + 1,
             run.trivial.rps,
             run.trivial.latency.p99_ms,
@@ -261,6 +266,7 @@ pub async fn run(o: Opts) -> Result<()> {
             run.tether.latency.p99_ms,
             us(&run.tether),
             run.tether_commits_per_s,
+            run.tether_wal_syncs_per_s.unwrap_or(f64::NAN),
             run.tether_writer_busy.map_or(f64::NAN, |b| b * 100.0),
             run.ratio,
             run.cpu_ratio.unwrap_or(f64::NAN)
@@ -303,24 +309,45 @@ pub async fn run(o: Opts) -> Result<()> {
     Ok(())
 }
 
-/// The durable PUT load: its figures, store transactions per second, and the share of the
-/// time the store's writer thread was busy.
+/// What the store did during the durable PUT load, per second.
+struct StoreRates {
+    /// Write transactions.
+    commits: f64,
+    /// fsyncs of the write-ahead log.
+    syncs: Option<f64>,
+    /// The writer thread's busy share.
+    busy: Option<f64>,
+}
+
+/// The durable PUT load: its figures and the store's.
 async fn tether_load(
     http: &reqwest::Client,
     node: &procs::Server,
     devices: &[(String, Credentials)],
     o: &Opts,
-) -> (Load, f64, Option<f64>) {
+) -> (Load, StoreRates) {
     let url = node.url.as_str();
-    const BUSY: &str = "tether_store_writer_busy_seconds_total";
-    let before = tether::metric(http, url, "tether_store_commits_total").await;
-    let busy_before = tether::metric(http, url, BUSY).await;
+    const NAMES: [&str; 3] = [
+        "tether_store_commits_total",
+        "tether_store_wal_syncs_total",
+        "tether_store_writer_busy_seconds_total",
+    ];
+    let mut before = Vec::new();
+    for name in NAMES {
+        before.push(tether::metric(http, url, name).await);
+    }
     let load = measured_loop(node.pid(), http, url, devices, o).await;
-    let after = tether::metric(http, url, "tether_store_commits_total").await;
-    let busy_after = tether::metric(http, url, BUSY).await;
-    let per_s = |b: Option<f64>, a: Option<f64>| Some((a? - b?) / (o.secs + 1.0));
-    let commits = per_s(before, after).unwrap_or(0.0);
-    (load, commits, per_s(busy_before, busy_after))
+    let mut rates = Vec::new();
+    for (name, b) in NAMES.into_iter().zip(before) {
+        let a = tether::metric(http, url, name).await;
+        rates.push(a.zip(b).map(|(a, b)| (a - b) / (o.secs + 1.0)));
+    }
+    let store = StoreRates {
+        commits: rates[0].unwrap_or(0.0),
+        syncs: rates[1],
+        busy: rates[2],
+    };
+    (load, store)
 }
 
 fn plot_it(

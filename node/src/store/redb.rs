@@ -1,17 +1,21 @@
 //! Embedded store on redb, with group commit and a write-ahead log.
 //!
-//! All writes go through one writer thread. It takes every request waiting in its queue,
-//! applies them in one write transaction and makes it durable once (one fsync), then
-//! answers each request. Under load many PUTs share an fsync; idle, a PUT costs exactly
-//! one. A batch of bucket commits is made durable by the write-ahead log ([`wal`]) and
-//! committed to redb without a sync; every other write, and a checkpoint at least every
-//! [`CHECKPOINT_EVERY`], commits redb durably. Reads use redb's MVCC read transactions on
-//! the blocking pool and never wait for the writer; they see a batch only once it is
-//! durable.
+//! All writes go through one writer thread. It takes every request waiting in its queue
+//! and applies them in one write transaction. A batch of bucket commits is written to the
+//! write-ahead log ([`wal`]) and committed to redb without a sync; a syncer thread then
+//! syncs the log, once for every batch written since its last sync, and answers their
+//! requests, while the writer goes on with the next batch. Every other write, and a
+//! checkpoint at least every [`CHECKPOINT_EVERY`], commits redb durably. Under load many
+//! PUTs share an fsync; idle, a PUT costs exactly one. Requests are answered in the order
+//! the writer took them, each once it is durable. Reads use redb's MVCC read transactions
+//! on the blocking pool; a read that saw a batch not yet synced waits for the sync
+//! ([`Horizon`]), so nothing a crash could take back is ever returned.
 
+use std::fs::File;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -66,6 +70,64 @@ const CHECKPOINT_BYTES: u64 = 16 << 20;
 
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 1024;
+
+/// Longest a read waits for the sync of a batch it saw (one fsync, unless the disk fails).
+const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// How far the writer's logged transactions are durable. The writer counts each one just
+/// before it commits it to redb, so a read that sees it also sees the count; the syncer
+/// (or a checkpoint) moves the durable count past it. A read waits until everything
+/// counted when it finished is durable.
+#[derive(Debug, Default)]
+struct Horizon {
+    /// Logged transactions committed (or about to be) to redb.
+    committed: AtomicU64,
+    /// How many of them are durable.
+    durable: AtomicU64,
+    lock: Mutex<()>,
+    moved: Condvar,
+}
+
+impl Horizon {
+    /// Counts a logged transaction about to commit; its number.
+    fn count(&self) -> u64 {
+        self.committed.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The first `n` logged transactions are durable.
+    fn durable_through(&self, n: u64) {
+        self.durable.fetch_max(n, Ordering::SeqCst);
+        let _held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.moved.notify_all();
+    }
+
+    /// After a durable redb commit: every logged transaction before it is durable.
+    fn all_durable(&self) {
+        self.durable_through(self.committed.load(Ordering::SeqCst));
+    }
+
+    /// Waits until whatever a read that has finished could have seen is durable, at most
+    /// `limit`.
+    fn wait(&self, limit: Duration) -> Result<(), StoreError> {
+        let seen = self.committed.load(Ordering::SeqCst);
+        let durable = || self.durable.load(Ordering::SeqCst) >= seen;
+        if durable() {
+            return Ok(());
+        }
+        let held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _held = self
+            .moved
+            .wait_timeout_while(held, limit, |()| !durable())
+            .unwrap_or_else(PoisonError::into_inner);
+        if durable() {
+            Ok(())
+        } else {
+            Err(backend(format!(
+                "a write this read saw is not durable after {limit:?}"
+            )))
+        }
+    }
+}
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -133,6 +195,7 @@ enum WriteOp {
 pub struct RedbStore {
     db: Arc<Database>,
     writer: mpsc::Sender<WriteOp>,
+    horizon: Arc<Horizon>,
 }
 
 /// The page cache of the embedded store unless configured (`--store-cache-mib`): redb's
@@ -207,10 +270,26 @@ impl RedbStore {
             );
         }
         let db = Arc::new(db);
+        let horizon = Arc::new(Horizon::default());
+        let log = wal
+            .sync_handle()
+            .map_err(|e| backend(format!("opening {}: {e}", wal_path.display())))?;
+        let (to_syncer, pending) = mpsc::channel();
+        let syncer = Syncer {
+            log,
+            horizon: horizon.clone(),
+            metrics: metrics.clone(),
+        };
+        let syncer = thread::Builder::new()
+            .name("tether-redb-syncer".into())
+            .spawn(move || syncer.run(&pending))
+            .map_err(backend)?;
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             wal,
+            horizon: horizon.clone(),
+            syncer: Some((to_syncer, syncer)),
             next_seq: seq + 1,
             stored_seq: seq,
             last_checkpoint: Instant::now(),
@@ -222,7 +301,11 @@ impl RedbStore {
             .name("tether-redb-writer".into())
             .spawn(move || writer_loop(writer, &rx))
             .map_err(backend)?;
-        Ok(RedbStore { db, writer: tx })
+        Ok(RedbStore {
+            db,
+            writer: tx,
+            horizon,
+        })
     }
 
     async fn read<T: Send + 'static>(
@@ -230,9 +313,14 @@ impl RedbStore {
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(backend)?
+        let horizon = self.horizon.clone();
+        tokio::task::spawn_blocking(move || {
+            let read = f(&db)?;
+            horizon.wait(READ_WAIT)?;
+            Ok(read)
+        })
+        .await
+        .map_err(backend)?
     }
 
     async fn write<T>(
@@ -720,6 +808,9 @@ fn log_record(batch: &[WriteOp]) -> Option<Vec<u8>> {
 struct Writer {
     db: Arc<Database>,
     wal: wal::Wal,
+    horizon: Arc<Horizon>,
+    /// Where the answers of each batch go, in order, and the thread that sends them.
+    syncer: Option<(mpsc::Sender<Pending>, thread::JoinHandle<()>)>,
     /// The sequence number of the next logged batch.
     next_seq: u64,
     /// The last one written to [`META`] by a committed transaction.
@@ -745,16 +836,16 @@ impl Writer {
             || self.last_checkpoint.elapsed() >= self.checkpoint_every
     }
 
-    /// Applies `batch` in one transaction and makes it durable: through the log (a batch of
-    /// commits, between checkpoints) or by a durable redb commit (a checkpoint: everything
-    /// before it becomes durable in redb too, and the log is emptied). Its time is counted
-    /// as the writer's busy time.
+    /// Applies `batch` in one transaction and commits it: durably (a checkpoint: everything
+    /// before it becomes durable in redb too, and the log is emptied), or, for a batch of
+    /// commits between checkpoints, by writing it to the log for the syncer to make
+    /// durable. Its time is counted as the writer's busy time.
     fn commit(
         &mut self,
         batch: Vec<WriteOp>,
         replies: &mut Vec<Reply>,
         close_replies: &mut Vec<oneshot::Sender<Result<(), StoreError>>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Made, StoreError> {
         let started = Instant::now();
         let result = self.transact(batch, replies, close_replies);
         self.metrics.store_writer_busy(started.elapsed());
@@ -766,7 +857,7 @@ impl Writer {
         batch: Vec<WriteOp>,
         replies: &mut Vec<Reply>,
         close_replies: &mut Vec<oneshot::Sender<Result<(), StoreError>>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Made, StoreError> {
         let record = if self.checkpoint_due() {
             None
         } else {
@@ -794,25 +885,53 @@ impl Writer {
         }
         let Some(record) = record else {
             txn.commit().map_err(backend)?;
+            self.horizon.all_durable();
             self.stored_seq = seq;
             self.last_checkpoint = Instant::now();
             self.must_checkpoint = false;
             self.wal.reset();
             self.metrics.store_checkpoint();
-            return Ok(());
+            return Ok(Made::Durable);
         };
         // From here the batch's number is spent: if it fails, its record may be in the log,
         // and only a checkpoint (which stores a number past it) keeps it from a replay.
         self.next_seq += 1;
         self.must_checkpoint = true;
         self.wal
-            .append(seq, &record)
+            .write(seq, &record)
             .map_err(|e| backend(format!("write-ahead log: {e}")))?;
         self.metrics.store_wal_bytes(self.wal.len());
-        txn.commit().map_err(backend)?;
+        let n = self.horizon.count();
+        if let Err(e) = txn.commit() {
+            // Nothing of it is visible, but reads finishing now wait for its number: the
+            // syncer passes it with the next sync.
+            self.pass(Pending {
+                logged: Some(n),
+                replies: Vec::new(),
+            });
+            return Err(backend(e));
+        }
         self.stored_seq = seq;
         self.must_checkpoint = false;
-        Ok(())
+        Ok(Made::Logged(n))
+    }
+
+    /// Hands a batch's answers to the syncer. Without a syncer (it only stops when the
+    /// writer does) they are dropped, and their requesters see the store closed.
+    fn pass(&self, pending: Pending) {
+        if let Some((to_syncer, _)) = &self.syncer {
+            drop(to_syncer.send(pending));
+        }
+    }
+
+    /// Lets the syncer send what it holds, and waits for it to stop.
+    fn stop_syncer(&mut self) {
+        if let Some((to_syncer, thread)) = self.syncer.take() {
+            drop(to_syncer);
+            if thread.join().is_err() {
+                tracing::error!("the store's syncer thread panicked");
+            }
+        }
     }
 
     /// A durable commit of nothing: what the log holds becomes durable in redb.
@@ -821,6 +940,52 @@ impl Writer {
             tracing::error!(error = %e, "store checkpoint failed; trying again in a while");
             // Not at once: the writer would spin on a store that keeps failing.
             self.last_checkpoint = Instant::now();
+        }
+    }
+}
+
+/// How a committed batch is durable.
+enum Made {
+    /// Now: a durable redb commit.
+    Durable,
+    /// At the log's next sync: the `n`th logged transaction.
+    Logged(u64),
+}
+
+/// A committed batch's answers, for the syncer.
+struct Pending {
+    /// Its number if it is durable only once the log is synced.
+    logged: Option<u64>,
+    replies: Vec<Reply>,
+}
+
+/// The thread that syncs the write-ahead log and answers the writer's batches in order.
+struct Syncer {
+    log: File,
+    horizon: Arc<Horizon>,
+    metrics: Metrics,
+}
+
+impl Syncer {
+    fn run(self, pending: &mpsc::Receiver<Pending>) {
+        while let Ok(first) = pending.recv() {
+            let mut batches = vec![first];
+            batches.extend(pending.try_iter());
+            if let Some(through) = batches.iter().filter_map(|b| b.logged).max() {
+                if let Err(e) = self.log.sync_data() {
+                    // The batches are committed in redb, later ones on top of them, and
+                    // after a failed fsync the kernel may have dropped their pages: no
+                    // answer is safe to give, and a restart replays what the log holds.
+                    tracing::error!(error = %e, "syncing the write-ahead log failed; stopping the node");
+                    eprintln!("tether: syncing the store's write-ahead log failed: {e}");
+                    std::process::abort();
+                }
+                self.metrics.store_wal_sync();
+                self.horizon.durable_through(through);
+            }
+            for batch in batches {
+                batch.replies.into_iter().for_each(Reply::send);
+            }
         }
     }
 }
@@ -845,7 +1010,7 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
                 if writer.awaits_checkpoint() {
                     writer.checkpoint();
                 }
-                return;
+                break;
             }
         };
         let mut batch = vec![first];
@@ -860,7 +1025,13 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
         let result = writer.commit(batch, &mut replies, &mut close_replies);
         writer.metrics.store_commit(size);
         match result {
-            Ok(()) => replies.into_iter().for_each(Reply::send),
+            Ok(made) => writer.pass(Pending {
+                logged: match made {
+                    Made::Durable => None,
+                    Made::Logged(n) => Some(n),
+                },
+                replies,
+            }),
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "store commit failed; nothing in the batch was acknowledged");
                 replies.into_iter().for_each(|r| r.fail(&e));
@@ -869,8 +1040,10 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
             }
         }
     }
-    // Release this thread's handle on the file before confirming the close, so a caller
-    // that drops its store after `close()` can reopen the same directory at once.
+    // Every answer sent, and this thread's handle on the file released, before confirming
+    // the close, so a caller that drops its store after `close()` can reopen the same
+    // directory at once.
+    writer.stop_syncer();
     drop(writer);
     for reply in close_replies {
         drop(reply.send(Ok(())));
@@ -1424,5 +1597,90 @@ mod tests {
         .await
         .expect("task");
         assert!(stored.is_some_and(|seq| seq >= 1), "{stored:?}");
+    }
+
+    #[test]
+    fn a_read_that_saw_a_logged_batch_waits_for_its_sync() {
+        let h = Horizon::default();
+        assert!(h.wait(Duration::ZERO).is_ok(), "nothing to wait for");
+        let first = h.count();
+        let second = h.count();
+        assert!(
+            h.wait(Duration::ZERO).is_err(),
+            "two batches committed, none synced"
+        );
+        h.durable_through(first);
+        assert!(h.wait(Duration::ZERO).is_err(), "the second is not synced");
+        h.durable_through(second);
+        assert!(h.wait(Duration::ZERO).is_ok());
+        h.count();
+        h.all_durable();
+        assert!(h.wait(Duration::ZERO).is_ok(), "a checkpoint covers it");
+        // A sync from another thread wakes a waiting read (the limit is only a backstop).
+        let h = Arc::new(h);
+        let third = h.count();
+        let waiter = {
+            let h = h.clone();
+            thread::spawn(move || h.wait(Duration::from_secs(60)))
+        };
+        h.durable_through(third);
+        assert!(waiter.join().expect("waiter").is_ok());
+    }
+
+    #[tokio::test]
+    async fn concurrent_commits_share_syncs_and_all_survive_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new();
+        let never = Duration::from_secs(3600);
+        let store = Arc::new(
+            RedbStore::open_with(dir.path(), metrics.clone(), 1 << 20, never).expect("open"),
+        );
+        let sets: Vec<(SetKey, Epoch)> = {
+            let mut out = Vec::new();
+            for i in 0..16 {
+                let s = set(&format!("C{i}"));
+                let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+                out.push((s, e));
+            }
+            out
+        };
+        let mut writes = tokio::task::JoinSet::new();
+        for (s, e) in sets.clone() {
+            let store = store.clone();
+            writes.spawn(async move {
+                for v in 1..=20u64 {
+                    let id = format!("device.{}", s.as_str());
+                    let c = Commit::of(vec![bucket(&id, v, json!({"v": v}))]);
+                    store.commit(&s, e, c).await.expect("commit");
+                    // What a reader sees once the write is acknowledged.
+                    let page = store
+                        .history(&BucketId::parse(&id).expect("id"), v - 1, 10)
+                        .await
+                        .expect("history");
+                    assert_eq!(page.map(|p| p.version), Some(v), "{id}");
+                }
+            });
+        }
+        while let Some(done) = writes.join_next().await {
+            done.expect("writer task");
+        }
+        let sample = |name| crate::metrics::sample_sum(&metrics.render(), name).unwrap_or(0.0);
+        let syncs = sample("tether_store_wal_syncs_total");
+        assert!(syncs >= 1.0, "the log was synced");
+        assert!(
+            syncs <= sample("tether_store_commits_total"),
+            "at most one sync per batch"
+        );
+        // Every acknowledged write is in a copy of the files as a kill -9 leaves them.
+        let crashed = crash_copy(dir.path());
+        let after = RedbStore::open(crashed.path(), Metrics::new()).expect("open after crash");
+        for (s, _) in &sets {
+            let buckets = after.load_set(s).await.expect("load");
+            assert_eq!(
+                buckets.iter().map(|b| b.version).collect::<Vec<_>>(),
+                vec![20],
+                "{s}"
+            );
+        }
     }
 }

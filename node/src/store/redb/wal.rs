@@ -1,8 +1,9 @@
 //! The embedded store's write-ahead log: how a batch of commits becomes durable without
 //! redb writing its B-tree pages to disk every time.
 //!
-//! The writer appends a batch of commits here and syncs this small file (a few hundred
-//! bytes per PUT), then commits redb *without* a sync (`Durability::None`): redb keeps
+//! The writer appends a batch of commits here and commits redb *without* a sync
+//! (`Durability::None`); a syncer thread then syncs this small file (a few hundred bytes
+//! per PUT, one sync for every record written since the last) and answers. redb keeps
 //! those pages in its write buffer, so a leaf written by many commits reaches the file
 //! once per checkpoint instead of once per commit. A checkpoint is a durable redb commit;
 //! after it the log is emptied. At open, the records newer than what redb holds durably
@@ -11,7 +12,9 @@
 //! A record is `len: u32 LE | crc32: u32 LE | seq: u64 LE | payload (len bytes)`, the
 //! CRC over `seq` and the payload. The log ends at the first record that is short, fails
 //! its CRC or does not follow its predecessor's `seq`: a torn append was never
-//! acknowledged (the acknowledgement follows the sync).
+//! acknowledged (the acknowledgement follows the sync). Records written since the last
+//! sync may reach the disk in any order; if a crash keeps a later one and loses an earlier
+//! one, the log ends at the lost one, and neither was acknowledged.
 //!
 //! The file never shrinks: it grows in [`GROW`] steps of written zeros, and records are
 //! overwritten in place after a checkpoint. So an append's `fdatasync` flushes only the
@@ -88,7 +91,23 @@ impl Wal {
 
     /// Appends a record and syncs it to disk. On failure the log still ends where it did,
     /// but the caller must not count on the record being absent from the file.
+    #[cfg(test)]
     pub fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
+        self.write(seq, payload)?;
+        self.file.sync_data()
+    }
+
+    /// A handle on the log's file for [`sync_data`](File::sync_data) from another thread:
+    /// one sync makes durable every record written before it.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Appends a record without syncing it: it is durable after the next sync of the file
+    /// ([`Wal::sync_handle`]), and until then a crash may leave it whole, torn or absent.
+    /// On failure the log still ends where it did, but the caller must not count on the
+    /// record being absent from the file.
+    pub fn write(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
         let len = u32::try_from(payload.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "batch over 4 GiB"))?;
         let mut buf = Vec::with_capacity(HEADER + payload.len());
@@ -101,7 +120,6 @@ impl Wal {
             self.grow(end)?;
         }
         self.file.write_all_at(&buf, self.len)?;
-        self.file.sync_data()?;
         self.len = end;
         Ok(())
     }
