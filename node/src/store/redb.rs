@@ -196,6 +196,9 @@ pub struct RedbStore {
     db: Arc<Database>,
     writer: mpsc::Sender<WriteOp>,
     horizon: Arc<Horizon>,
+    /// Held by a test to keep the syncer from syncing the log.
+    #[cfg(test)]
+    syncer_hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The page cache of the embedded store unless configured (`--store-cache-mib`): redb's
@@ -275,10 +278,14 @@ impl RedbStore {
             .sync_handle()
             .map_err(|e| backend(format!("opening {}: {e}", wal_path.display())))?;
         let (to_syncer, pending) = mpsc::channel();
+        #[cfg(test)]
+        let syncer_hold = Arc::new(tokio::sync::Mutex::new(()));
         let syncer = Syncer {
             log,
             horizon: horizon.clone(),
             metrics: metrics.clone(),
+            #[cfg(test)]
+            hold: syncer_hold.clone(),
         };
         let syncer = thread::Builder::new()
             .name("tether-redb-syncer".into())
@@ -305,6 +312,8 @@ impl RedbStore {
             db,
             writer: tx,
             horizon,
+            #[cfg(test)]
+            syncer_hold,
         })
     }
 
@@ -964,6 +973,9 @@ struct Syncer {
     log: File,
     horizon: Arc<Horizon>,
     metrics: Metrics,
+    /// Held by a test to keep the log from being synced.
+    #[cfg(test)]
+    hold: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Syncer {
@@ -972,6 +984,8 @@ impl Syncer {
             let mut batches = vec![first];
             batches.extend(pending.try_iter());
             if let Some(through) = batches.iter().filter_map(|b| b.logged).max() {
+                #[cfg(test)]
+                let _held = self.hold.blocking_lock();
                 if let Err(e) = self.log.sync_data() {
                     // The batches are committed in redb, later ones on top of them, and
                     // after a failed fsync the kernel may have dropped their pages: no
@@ -1625,6 +1639,50 @@ mod tests {
         };
         h.durable_through(third);
         assert!(waiter.join().expect("waiter").is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_answered_or_read_before_its_log_record_is_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let never = Duration::from_secs(3600);
+        let store = Arc::new(
+            RedbStore::open_with(dir.path(), Metrics::new(), 1 << 20, never).expect("open"),
+        );
+        let s = set("H1");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        let held = store.syncer_hold.clone().lock_owned().await;
+        let written = Commit::of(vec![bucket("device.H1", 2, json!({"v": 2}))]);
+        let commit = {
+            let (store, s, c) = (store.clone(), s.clone(), written.clone());
+            tokio::spawn(async move { store.commit(&s, e, c).await })
+        };
+        // Bounded wait: the writer has committed the batch to redb (the syncer holds it).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.horizon.committed.load(Ordering::SeqCst) < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the writer never committed the batch"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let read = {
+            let (store, s) = (store.clone(), s.clone());
+            tokio::spawn(async move { store.load_set(&s).await })
+        };
+        // Not a timing assertion: while the sync is held, neither may finish at all; this
+        // only gives a broken store the time to show it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !commit.is_finished(),
+            "the write was acknowledged before its log record was synced"
+        );
+        assert!(
+            !read.is_finished(),
+            "a read returned a write not yet durable"
+        );
+        drop(held);
+        commit.await.expect("task").expect("commit");
+        assert_eq!(read.await.expect("task").expect("load"), written.buckets);
     }
 
     #[tokio::test]
