@@ -230,6 +230,25 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LogFields {
     }
 }
 
+/// Writes a field's value into the log line as it is formatted (no copy of it first),
+/// showing an escape character as `\x1b`: a value may carry text from a request, and its
+/// escape sequences are shown, not obeyed.
+struct Escaped<'a, 'w>(&'a mut tracing_subscriber::fmt::format::Writer<'w>);
+
+impl std::fmt::Write for Escaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut parts = s.split('\u{1b}');
+        if let Some(first) = parts.next() {
+            self.0.write_str(first)?;
+        }
+        for part in parts {
+            self.0.write_str("\\x1b")?;
+            self.0.write_str(part)?;
+        }
+        Ok(())
+    }
+}
+
 struct LogFieldVisitor<'w> {
     writer: tracing_subscriber::fmt::format::Writer<'w>,
     first: bool,
@@ -243,13 +262,14 @@ impl tracing::field::Visit for LogFieldVisitor<'_> {
         }
         let sep = if self.first { "" } else { " " };
         self.first = false;
-        // A value may carry text from a request: escape sequences are shown, not obeyed.
-        let text = format!("{value:?}").replace('\u{1b}', "\\x1b");
-        self.result = if field.name() == "message" {
-            write!(self.writer, "{sep}{text}")
+        let named = if field.name() == "message" {
+            write!(self.writer, "{sep}")
         } else {
-            write!(self.writer, "{sep}{}={text}", field.name())
+            write!(self.writer, "{sep}{}=", field.name())
         };
+        self.result = named.and_then(|()| {
+            std::fmt::Write::write_fmt(&mut Escaped(&mut self.writer), format_args!("{value:?}"))
+        });
     }
 
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
@@ -592,5 +612,51 @@ pub fn link(span: &tracing::Span, to: &opentelemetry::trace::SpanContext) {
 pub fn attribute(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
     if exported(span) {
         span.set_attribute(key, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Log lines written by `LogFields` while `log` runs.
+    fn logged(log: impl FnOnce()) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .fmt_fields(LogFields)
+            .with_writer(move || SinkWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let bytes = out.lock().expect("sink").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    struct SinkWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SinkWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_fields_show_escape_characters_and_leave_out_otel_fields() {
+        let sent = "red\u{1b}[31m text\u{1b}";
+        let line = logged(|| {
+            tracing::info!(error = %sent, bucket = "b 1", otel.name = "hidden", count = 3, "put {}", "\u{1b}x");
+        });
+        assert!(!line.contains('\u{1b}'), "a raw escape character: {line:?}");
+        assert!(
+            line.contains(r#"put \x1bx error=red\x1b[31m text\x1b bucket="b 1" count=3"#),
+            "{line:?}"
+        );
+        assert!(!line.contains("hidden"), "{line:?}");
     }
 }
