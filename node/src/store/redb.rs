@@ -7,7 +7,8 @@
 //! requests, while the writer goes on with the next batch. Every other write, and a
 //! checkpoint at least every [`CHECKPOINT_EVERY`], commits redb durably. Under load many
 //! PUTs share an fsync; idle, a PUT costs exactly one. Requests are answered in the order
-//! the writer took them, each once it is durable. Reads use redb's MVCC read transactions
+//! the writer took them, each once it is durable (those of a failed batch at once, with
+//! the error). Reads use redb's MVCC read transactions
 //! on the blocking pool; a read that saw a batch not yet synced waits for the sync
 //! ([`Horizon`]), so nothing a crash could take back is ever returned.
 
