@@ -8,9 +8,9 @@
 //! checkpoint at least every [`CHECKPOINT_EVERY`], commits redb durably. Under load many
 //! PUTs share an fsync; idle, a PUT costs exactly one. Requests are answered in the order
 //! the writer took them, each once it is durable (those of a failed batch at once, with
-//! the error). Reads use redb's MVCC read transactions
-//! on the blocking pool; a read that saw a batch not yet synced waits for the sync
-//! ([`Horizon`]), so nothing a crash could take back is ever returned.
+//! the error). Reads use redb's MVCC read transactions on the blocking pool; a read that
+//! saw a batch not yet synced waits for the sync ([`Horizon`]), so nothing a crash could
+//! take back is ever returned.
 
 use std::fs::File;
 use std::path::Path;
