@@ -225,6 +225,29 @@ async fn a_change_committed_between_two_holds_is_the_next_line() {
     let b = bucket_in(&line, &dev);
     assert_eq!(u64_of(&b, "version"), v3, "{line}");
     assert_eq!(b["value"]["round"], 2, "{b}");
+
+    // The next hold, on one set this node serves, is kept by the set's actor across
+    // answers (invariant 37): still held while the stream pauses after the line.
+    node.wait_held(1, REQUEST_DEADLINE).await;
+    let (_, v4) = d.write(&dev, json!({"round": 3}), v3).await;
+    let line = stream.answer().await;
+    assert_eq!(u64_of(&bucket_in(&line, &dev), "version"), v4, "{line}");
+    assert_eq!(
+        node.metric("tether_held_subscriptions").await,
+        Some(1.0),
+        "the stream's hold is kept after its answer"
+    );
+    // Two changes during the pause: the first waits in the kept hold, the second finds it
+    // untaken and ends the hold; the stream holds again from the first one's versions,
+    // so the second is its next line. Nothing is missed, nothing sent twice.
+    let (_, v5) = d.write(&dev, json!({"round": 4}), v4).await;
+    let (_, v6) = d.write(&dev, json!({"round": 5}), v5).await;
+    let line = stream.answer().await;
+    assert_eq!(u64_of(&bucket_in(&line, &dev), "version"), v5, "{line}");
+    let line = stream.answer().await;
+    let b = bucket_in(&line, &dev);
+    assert_eq!(u64_of(&b, "version"), v6, "{line}");
+    assert_eq!(b["value"]["round"], 5, "{b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,6 +163,47 @@ async fn subscribe_is_held_until_another_client_writes() {
     node.wait_held(0, REQUEST_DEADLINE).await;
 }
 
+/// A user's subscription spanning two devices is held by both devices' bucket sets; when
+/// one answers, the other lets go of it too (nothing stays held for a request that is
+/// over), and a later change there answers nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_from_one_set_lets_go_of_the_others() {
+    let node = sub_node().user("alice").start().await;
+    let alice = node.user("alice");
+    let (a, b) = (node.device(A), node.device(B));
+    for d in [&a, &b] {
+        d.register_thermostat().await;
+        let code = d.pairing_code().await;
+        alice.pair(&code, None).await.expect(StatusCode::OK);
+    }
+    let (dev_a, dev_b) = (format!("device.{A}"), format!("device.{B}"));
+    let (da, db) = (alice.bucket(&dev_a).await, alice.bucket(&dev_b).await);
+
+    let sub = spawn_subscribe(
+        &alice,
+        json!({"buckets": [held(&dev_a, &da), held(&dev_b, &db)], "timeout_ms": HOLD_MS}),
+        Duration::from_secs(30),
+    );
+    // One held subscription in each device's set.
+    node.wait_held(2, REQUEST_DEADLINE).await;
+
+    let r = a
+        .put(
+            &dev_a,
+            &json!({"value": {"mode": "heat"}, "base_version": 1}),
+        )
+        .await
+        .expect_json(StatusCode::OK);
+    assert_eq!(r["outcome"], "applied", "{r}");
+    let r = within(NOTIFY_DEADLINE, "the two-set subscription answered", sub)
+        .await
+        .expect("subscribe task")
+        .expect_json(StatusCode::OK);
+    assert_eq!(ids_of(&r), vec![dev_a.clone()], "{r}");
+    // Device B's set no longer holds it, without anything else touching that set.
+    node.wait_held(0, REQUEST_DEADLINE).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_times_out_with_an_empty_list() {
     let node = sub_node().start().await;

@@ -11,6 +11,13 @@
 //! hold's check (its versions are those of the last line), so none is missed. Holding again
 //! the stream says it has its own session's writes (`HoldOptions::own_writes_known`), so
 //! an echo the held subscription suppressed is not sent by the next check either.
+//!
+//! When all the stream holds is in one set this node serves, the hold is kept by the
+//! set's actor across answers (`Router::open_stream`, ARCHITECTURE.md invariant 37): each
+//! change is answered on the same hold, whose versions the actor advances as the cursor
+//! does, and the access is checked again after every line. Whenever the actor lets go of
+//! it (an answer not yet taken when the next is due, a short answer, access change,
+//! hand-off, lost lease) the stream holds again from its cursor as above.
 //! A `{}` line goes out after `--stream-keepalive-ms` (30 s) of silence. Lines are JSON
 //! whatever the request's `Accept` (a protobuf request body may ask for a stream too).
 //!
@@ -35,7 +42,7 @@ use tokio::time::Instant;
 use crate::api::http::{AppState, OPEN_AT_LEAST};
 use crate::error::NodeError;
 use crate::metrics::HoldTimer;
-use crate::routing::router::{BucketUpdate, HoldOptions, Subscription};
+use crate::routing::router::{BucketUpdate, HoldOptions, StreamHold, StreamOpen, Subscription};
 use crate::security::auth::Endpoint;
 
 /// The media type of a stream's body.
@@ -152,6 +159,18 @@ enum HoldEnd {
     Answer(Vec<BucketUpdate>),
     /// The stream is over (client gone, evicted, owner failed: already handled).
     Over,
+    /// The stream's time is up.
+    TimedOut,
+    /// A kept hold ended without an answer: hold again from the cursor.
+    Again,
+}
+
+/// The stream's next hold.
+enum Next {
+    /// Held through the router (several sets, a set served elsewhere), answered once.
+    Once(Subscription),
+    /// Held by the set's actor, answered at each change.
+    Kept(StreamOpen),
 }
 
 async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: Out<'_>) {
@@ -161,7 +180,9 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
     let keepalive = state.config.stream_keepalive;
     let encoding = tether_proto::synclog::Encoding::Json;
     let mut last_line = Instant::now();
-    let mut next = Some(opened);
+    let mut next = Some(Next::Once(opened));
+    // A hold the set's actor keeps across answers (`Router::open_stream`).
+    let mut kept: Option<StreamHold> = None;
     loop {
         let now = Instant::now();
         if now >= deadline
@@ -170,33 +191,20 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
         {
             return;
         }
-        let sub = match next.take() {
-            Some(sub) => sub,
-            None => match hold_again(state, &s, deadline).await {
-                Ok(sub) => sub,
-                Err(e) if e.code_and_status().1.is_client_error() => {
-                    // Access changed since the last hold (pairing, credentials).
-                    tracing::info!(error = %e, "stream ended: access changed");
-                    return;
-                }
-                Err(e) => return out.cut(e).await,
-            },
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let updates = match sub {
-            Subscription::Now(updates) => updates,
-            Subscription::Held(held) => {
-                let hold = HoldTimer::start(state.shared.metrics.clone());
-                let answer = held.answer(remaining, draining.clone());
+        let mut hold = None;
+        let ended = if let Some(held) = kept.as_mut() {
+            hold = Some(HoldTimer::start(state.shared.metrics.clone()));
+            let ended = {
+                // Pinned outside the loop: a keep-alive line never drops an answer half made.
+                let answer = held.next();
                 tokio::pin!(answer);
-                let ended = loop {
+                loop {
                     tokio::select! {
                         r = &mut answer => break match r {
-                            Ok(updates) => HoldEnd::Answer(updates),
-                            Err(e) => {
-                                out.cut(e).await;
-                                HoldEnd::Over
-                            }
+                            Some(updates) => HoldEnd::Answer(updates),
+                            // The actor let go without a word (an answer not taken in
+                            // time, one left short, a lost lease): hold again at once.
+                            None => HoldEnd::Again,
                         },
                         () = tokio::time::sleep_until(last_line + keepalive) => {
                             if !out.line(KEEPALIVE.to_vec()).await {
@@ -204,24 +212,88 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                             }
                             last_line = Instant::now();
                         }
+                        () = tokio::time::sleep_until(deadline) => break HoldEnd::TimedOut,
+                        () = drained(draining.clone()) => break HoldEnd::Over,
                         _ = &mut slot.evicted => break HoldEnd::Over,
                     }
-                };
-                match ended {
-                    HoldEnd::Over => return,
-                    HoldEnd::Answer(updates) => {
-                        hold.answered(
-                            updates.iter().map(|u| u.bucket.timestamp.millis).max(),
-                            crate::api::http::now_ms(),
-                        );
-                        updates
+                }
+            };
+            if let HoldEnd::TimedOut = ended {
+                // The end says "nothing changed since the last line": only once the owner
+                // confirmed its lease, as a long-poll's timeout.
+                if let Err(e) = held.confirm().await {
+                    out.cut(e).await;
+                }
+                return;
+            }
+            ended
+        } else {
+            let sub = match next.take() {
+                Some(Next::Once(sub)) => sub,
+                Some(Next::Kept(StreamOpen::Now(updates))) => Subscription::Now(updates),
+                Some(Next::Kept(StreamOpen::Held(held))) => {
+                    kept = Some(held);
+                    continue;
+                }
+                None => match hold_again(state, &s, deadline).await {
+                    Ok(sub) => {
+                        next = Some(sub);
+                        continue;
+                    }
+                    Err(e) if e.code_and_status().1.is_client_error() => {
+                        // Access changed since the last hold (pairing, credentials).
+                        tracing::info!(error = %e, "stream ended: access changed");
+                        return;
+                    }
+                    Err(e) => return out.cut(e).await,
+                },
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match sub {
+                Subscription::Now(updates) => HoldEnd::Answer(updates),
+                Subscription::Held(held) => {
+                    hold = Some(HoldTimer::start(state.shared.metrics.clone()));
+                    let answer = held.answer(remaining, draining.clone());
+                    tokio::pin!(answer);
+                    loop {
+                        tokio::select! {
+                            r = &mut answer => break match r {
+                                Ok(updates) => HoldEnd::Answer(updates),
+                                Err(e) => {
+                                    out.cut(e).await;
+                                    HoldEnd::Over
+                                }
+                            },
+                            () = tokio::time::sleep_until(last_line + keepalive) => {
+                                if !out.line(KEEPALIVE.to_vec()).await {
+                                    break HoldEnd::Over;
+                                }
+                                last_line = Instant::now();
+                            }
+                            _ = &mut slot.evicted => break HoldEnd::Over,
+                        }
                     }
                 }
             }
         };
+        let updates = match ended {
+            HoldEnd::Over | HoldEnd::TimedOut => return,
+            HoldEnd::Again => {
+                kept = None;
+                continue;
+            }
+            HoldEnd::Answer(updates) => updates,
+        };
+        if let Some(hold) = hold {
+            hold.answered(
+                updates.iter().map(|u| u.bucket.timestamp.millis).max(),
+                crate::api::http::now_ms(),
+            );
+        }
         // From here on the stream holds with what it sent, and has its own writes.
         s.opts.own_writes_known = true;
         if updates.is_empty() {
+            kept = None;
             tokio::time::sleep(REHOLD_PAUSE).await;
             continue;
         }
@@ -232,6 +304,11 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
         };
         bytes.push(b'\n');
         s.cursor.advance(&list.buckets);
+        if !list.pending.is_empty() {
+            // Not all of the answer went: the actor's hold has versions the client does
+            // not; hold again from the cursor.
+            kept = None;
+        }
         if !out.line(bytes).await {
             return;
         }
@@ -241,33 +318,61 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
             // Tests only (`--test-stream-rehold-delay-ms`): no hold while this lasts.
             tokio::time::sleep(delay).await;
         }
+        if kept.is_some() {
+            // The next answer comes from the same hold: the access a new hold would check.
+            match check_access(state, &s).await {
+                Ok(()) => {}
+                Err(e) if e.code_and_status().1.is_client_error() => {
+                    tracing::info!(error = %e, "stream ended: access changed");
+                    return;
+                }
+                Err(e) => return out.cut(e).await,
+            }
+        }
     }
 }
 
-/// The next hold: the stream's request authenticated again and every held bucket checked
-/// against the principal's scope as it is now (the check a long-poll client's next
-/// subscribe gets), then the subscribe check with the cursor's versions.
-async fn hold_again(
-    state: &AppState,
-    s: &StreamRequest,
-    deadline: Instant,
-) -> crate::error::Result<Subscription> {
+/// Completes when the node starts draining (never when the router is gone).
+async fn drained(mut draining: tokio::sync::watch::Receiver<bool>) {
+    if draining.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The stream's request authenticated again and every held bucket checked against the
+/// principal's scope as it is now (the check a long-poll client's next subscribe gets).
+async fn check_access(state: &AppState, s: &StreamRequest) -> crate::error::Result<()> {
     let mut principal =
         tokio::time::timeout(OPEN_AT_LEAST, state.principal(&s.req, Endpoint::Buckets))
             .await
             .map_err(|_| {
                 NodeError::Unavailable("the credentials could not be checked in time".into())
             })??;
-    state.authorize_all(&mut principal, s.cursor.ids()).await?;
+    state.authorize_all(&mut principal, s.cursor.ids()).await
+}
+
+/// The next hold: the access checked again, then the subscribe check with the cursor's
+/// versions — kept by the set's actor when the stream holds one local set.
+async fn hold_again(
+    state: &AppState,
+    s: &StreamRequest,
+    deadline: Instant,
+) -> crate::error::Result<Next> {
+    check_access(state, s).await?;
     let remaining = deadline.saturating_duration_since(Instant::now());
-    tokio::time::timeout(
-        remaining.max(OPEN_AT_LEAST),
+    let held = s.cursor.held();
+    let opened = tokio::time::timeout(remaining.max(OPEN_AT_LEAST), async {
+        if let Some(open) = state.router.open_stream(&held, &s.opts).await? {
+            return Ok(Next::Kept(open));
+        }
         state
             .router
-            .subscribe(s.cursor.held(), remaining, s.opts.clone()),
-    )
-    .await
-    .map_err(|_| {
+            .subscribe(held.clone(), remaining, s.opts.clone())
+            .await
+            .map(Next::Once)
+    })
+    .await;
+    opened.map_err(|_| {
         NodeError::Unavailable("no owner of a streamed bucket set could be reached in time".into())
     })?
 }

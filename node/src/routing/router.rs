@@ -833,6 +833,7 @@ impl Router {
                         own_writes_known,
                         device: device.as_ref() == Some(&set),
                         next_sync_ms,
+                        stream: false,
                     },
                 )
                 .await??;
@@ -848,6 +849,11 @@ impl Router {
                 SubscribeAnswer::Held(rx) => {
                     waiting.push(rx);
                 }
+                SubscribeAnswer::Stream(_) => {
+                    return Err(NodeError::Internal(
+                        "a one-answer subscribe was held as a stream".into(),
+                    ))
+                }
             }
         }
         if !now.is_empty() || waiting.is_empty() {
@@ -857,7 +863,15 @@ impl Router {
         Ok(Leg::Held(HeldLeg::new(async move {
             let answer = tokio::time::timeout(hold, futures::future::select_all(waiting)).await;
             let stale = match answer {
-                Ok((Ok(stale), _, _)) => stale,
+                Ok((Ok(stale), answered, _)) => {
+                    // The set that answered forgot the subscription as it answered (every
+                    // reply is sent by whoever removed it): only the others are told.
+                    // `guard.sets` and `waiting` list the held sets in the same order.
+                    if answered < guard.sets.len() {
+                        guard.sets.remove(answered);
+                    }
+                    stale
+                }
                 // Dropped unanswered: the set's lease was found taken while held. Its new
                 // owner may have written since: no "nothing changed" from here.
                 Ok((Err(_), _, _)) => {
@@ -878,6 +892,70 @@ impl Router {
         })))
     }
 
+    /// A stream's next hold (`api/stream.rs`) when all it holds is in one set this node
+    /// serves: held by the set's actor across changes ([`StreamHold`]), not subscribed
+    /// again after each. `None` when the held buckets span several sets or the set is
+    /// served elsewhere or is moving: the stream holds through [`Router::subscribe`].
+    pub async fn open_stream(
+        &self,
+        by_set: &BTreeMap<SetKey, Vec<Held>>,
+        opts: &HoldOptions,
+    ) -> Result<Option<StreamOpen>> {
+        let mut sets = by_set.iter();
+        let (Some((set, held)), None) = (sets.next(), sets.next()) else {
+            return Ok(None);
+        };
+        if !matches!(self.route(set), Route::Local) {
+            return Ok(None);
+        }
+        let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        // Guarded before the call, as `open_local`'s: a stream gone while the actor held it
+        // still cancels it there.
+        let guard = SubscriptionGuard {
+            shared: self.shared.clone(),
+            sub_id,
+            sets: vec![set.clone()],
+        };
+        let answer = self
+            .shared
+            .call(
+                set,
+                Subscribe {
+                    sub_id,
+                    held: held.clone(),
+                    session: opts.session.clone(),
+                    diffs: opts.diffs,
+                    max_bytes: opts.max_bytes,
+                    own_writes_known: opts.own_writes_known,
+                    device: opts.device.as_ref() == Some(set),
+                    next_sync_ms: opts.next_sync_ms,
+                    stream: true,
+                },
+            )
+            .await;
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Err(NodeError::NotOwner(_)) | Ok(Err(NodeError::NotOwner(_))) => return Ok(None),
+            Ok(Err(e)) | Err(e) => return Err(e),
+        };
+        Ok(Some(match answer {
+            SubscribeAnswer::Now(stale) => {
+                drop(guard);
+                StreamOpen::Now(complete_diffs(&self.shared, stale, opts.diffs).await)
+            }
+            SubscribeAnswer::Stream(rx) => StreamOpen::Held(StreamHold {
+                rx,
+                guard,
+                diffs: opts.diffs,
+            }),
+            SubscribeAnswer::Held(_) => {
+                return Err(NodeError::Internal(
+                    "a stream's subscribe was held for one answer".into(),
+                ))
+            }
+        }))
+    }
+
     /// This node's live members view size (1 outside a cluster).
     pub fn members(&self) -> usize {
         self.cluster
@@ -894,6 +972,50 @@ impl Router {
     /// A receiver that turns true when the node starts draining.
     pub fn drain_signal(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+}
+
+/// What a stream's hold on a local set found: stale buckets at once, or held.
+#[derive(Debug)]
+pub enum StreamOpen {
+    /// Some held versions were stale: these buckets (nothing is held).
+    Now(Vec<BucketUpdate>),
+    /// Held by the set's actor until the stream drops this.
+    Held(StreamHold),
+}
+
+/// A stream's hold on one local set, answered at each change. Dropping it cancels it.
+pub struct StreamHold {
+    rx: tokio::sync::mpsc::Receiver<Vec<Stale>>,
+    guard: SubscriptionGuard,
+    diffs: bool,
+}
+
+impl std::fmt::Debug for StreamHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHold")
+            .field("sets", &self.guard.sets)
+            .finish()
+    }
+}
+
+impl StreamHold {
+    /// The next answer; `None` once the hold ended without one (the actor let go: a
+    /// handoff, an access change, a lost lease, an answer the stream had not taken yet,
+    /// or one the budget left short) — the stream holds again from its cursor. An empty
+    /// answer also ends it (the same reasons, told).
+    pub async fn next(&mut self) -> Option<Vec<BucketUpdate>> {
+        let stale = self.rx.recv().await?;
+        Some(complete_diffs(&self.guard.shared, stale, self.diffs).await)
+    }
+
+    /// Whether the set's owner still holds its lease: the stream's silence until now
+    /// was "nothing changed" (a long-poll's timeout confirms it the same way).
+    pub async fn confirm(&self) -> Result<()> {
+        match self.guard.sets.first() {
+            Some(set) => self.guard.shared.confirm_held(set).await,
+            None => Ok(()),
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use tether_proto::synclog::{
     check_op, diff_since, op_digest, Change, ChangeKind, OpCheck, OpRecord,
 };
 use tether_proto::{reconcile, Bucket, BucketId, Fields, Outcome, SetKey, Update};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
@@ -123,6 +123,9 @@ pub enum SubscribeAnswer {
     Now(Vec<Stale>),
     /// Nothing stale: the subscription is registered and will be answered on this channel.
     Held(oneshot::Receiver<Vec<Stale>>),
+    /// Nothing stale, for a stream ([`Subscribe::stream`]): the subscription is registered
+    /// and answered on this channel at each change, until the receiver goes.
+    Stream(mpsc::Receiver<Vec<Stale>>),
 }
 
 /// Check held versions and, if none is stale, hold the subscription (FIG 21C/21D).
@@ -150,6 +153,9 @@ pub struct Subscribe {
     pub device: bool,
     /// The device's declared next sync, ms from now (with `device`).
     pub next_sync_ms: Option<u64>,
+    /// A stream's hold: kept after each answer, its versions advanced to what it was sent
+    /// ([`Reply::Stream`]), instead of being forgotten and subscribed again.
+    pub stream: bool,
 }
 
 /// What the set's owner knows of its device's presence (seed 003).
@@ -253,9 +259,54 @@ pub(crate) struct HeldSub {
     diffs: bool,
     /// Held by the set's device itself.
     device: bool,
-    pub(crate) reply: oneshot::Sender<Vec<Stale>>,
+    pub(crate) reply: Reply,
     /// The subscribing request's span, for the notify span's links.
     trace: Option<opentelemetry::trace::SpanContext>,
+}
+
+/// Where a held subscription's answer goes.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// A long-poll (or a forwarded call): one answer, then the subscription is forgotten.
+    Once(oneshot::Sender<Vec<Stale>>),
+    /// A stream's hold: answered at each change and kept, with the versions it was sent,
+    /// while its receiver has taken the previous answer. One answer not taken yet when the
+    /// next is due (a slow client), an answer left short by the budget, an empty answer
+    /// (handoff, access change, drain) or a dropped sender (lease lost) ends it: the
+    /// stream then subscribes again with the versions it wrote, as after a long-poll
+    /// answer, so nothing is missed (invariant 37).
+    Stream(mpsc::Sender<Vec<Stale>>),
+}
+
+impl Reply {
+    /// Sends the answer (`complete`: every change owed to it, none left out by the
+    /// budget); the reply back when the subscription stays held (a stream took it).
+    pub(crate) fn answer(self, owed: Vec<Stale>, complete: bool) -> Option<Reply> {
+        match self {
+            // The subscriber may have gone; then there is nobody to tell.
+            Reply::Once(tx) => {
+                drop(tx.send(owed));
+                None
+            }
+            Reply::Stream(tx) => {
+                let keep = complete && !owed.is_empty();
+                (tx.try_send(owed).is_ok() && keep).then_some(Reply::Stream(tx))
+            }
+        }
+    }
+
+    /// Sends the last answer: the subscription is forgotten.
+    pub(crate) fn finish(self, owed: Vec<Stale>) {
+        drop(self.answer(owed, false));
+    }
+
+    /// The subscriber is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Reply::Once(tx) => tx.is_closed(),
+            Reply::Stream(tx) => tx.is_closed(),
+        }
+    }
 }
 
 /// The buckets a subscriber holds and the version it holds of each, sorted by id, in one
@@ -284,6 +335,13 @@ impl HeldVersions {
 
     fn contains_key(&self, id: &BucketId) -> bool {
         self.get(id).is_some()
+    }
+
+    /// The subscriber was sent `version` of `id` (a stream's hold going on).
+    fn advance(&mut self, id: &BucketId, version: u64) {
+        if let Ok(i) = self.0.binary_search_by(|(held, _)| held.cmp(id)) {
+            self.0[i].1 = Some(version);
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = (&BucketId, &Option<u64>)> {
@@ -1026,6 +1084,7 @@ impl BucketSetActor {
             // Within the answer budget; a change left out stays stale for the client's
             // held version, so its next subscribe gets it at once.
             let mut budget = max_bytes;
+            let mut due = 0usize;
             let owed: Vec<Stale> = changed
                 .iter()
                 .filter(|(id, writers)| {
@@ -1034,6 +1093,7 @@ impl BucketSetActor {
                             .iter()
                             .any(|w| should_notify(sub.session.as_deref(), w.as_deref()))
                 })
+                .inspect(|_| due += 1)
                 .filter(|(id, _)| {
                     let size = sizes.get(*id).copied().unwrap_or(0);
                     let fits = budget == max_bytes || size <= budget;
@@ -1057,31 +1117,49 @@ impl BucketSetActor {
                 continue;
             }
             if !owed.is_empty() {
-                woken.push((*sub_id, owed));
+                let complete = owed.len() == due;
+                woken.push((*sub_id, owed, complete));
             }
         }
         let _fan_out = tracing::info_span!("notify", subscribers = woken.len()).entered();
         self.wake(woken);
     }
 
-    /// Answers each listed held subscription with what it is owed, and forgets it.
-    fn wake(&mut self, woken: Vec<(u64, Vec<Stale>)>) {
+    /// Answers each listed held subscription with what it is owed (`complete`: all it was
+    /// owed), and forgets it — but a stream's hold that took a complete answer stays,
+    /// holding the versions it was sent.
+    fn wake(&mut self, woken: Vec<(u64, Vec<Stale>, bool)>) {
         let n = woken.len();
-        for (sub_id, owed) in woken {
-            if let Some(sub) = self.subs.remove(&sub_id) {
-                if sub.device {
-                    self.presence.answered(self.shared.now_ms());
+        let mut kept = 0usize;
+        for (sub_id, owed, complete) in woken {
+            let Some(mut sub) = self.subs.remove(&sub_id) else {
+                continue;
+            };
+            if sub.device {
+                self.presence.answered(self.shared.now_ms());
+            }
+            if let Some(cx) = &sub.trace {
+                crate::telemetry::link(&tracing::Span::current(), cx);
+            }
+            let sent: Vec<(BucketId, u64)> = match sub.reply {
+                Reply::Stream(_) => owed
+                    .iter()
+                    .map(|s| (s.bucket.id.clone(), s.bucket.version))
+                    .collect(),
+                Reply::Once(_) => Vec::new(),
+            };
+            if let Some(reply) = sub.reply.answer(owed, complete) {
+                for (id, version) in &sent {
+                    sub.held.advance(id, *version);
                 }
-                if let Some(cx) = &sub.trace {
-                    crate::telemetry::link(&tracing::Span::current(), cx);
-                }
-                // The subscriber may have gone; then there is nobody to tell.
-                drop(sub.reply.send(owed));
+                sub.reply = reply;
+                self.subs.insert(sub_id, sub);
+                kept += 1;
             }
         }
         if n > 0 {
             self.shared.metrics.notified(n as u64);
-            self.shared.metrics.subscriptions_held(-(n as i64));
+            self.shared.metrics.subscriptions_held(-((n - kept) as i64));
         }
     }
 
@@ -1107,6 +1185,7 @@ impl BucketSetActor {
         for (sub_id, sub) in &self.subs {
             let mut budget = max_bytes;
             let mut owed = Vec::new();
+            let mut due = 0usize;
             for (id, held) in sub.held.iter() {
                 let Some(stored) = self.committed.get(id) else {
                     continue;
@@ -1119,6 +1198,7 @@ impl BucketSetActor {
                 if !is_stale(&h, stored) {
                     continue;
                 }
+                due += 1;
                 let size = encoded_len(&stored.value).saturating_add(BUCKET_OVERHEAD);
                 if !owed.is_empty() && size > budget {
                     continue;
@@ -1131,7 +1211,8 @@ impl BucketSetActor {
                 });
             }
             if !owed.is_empty() {
-                woken.push((*sub_id, owed));
+                let complete = owed.len() == due;
+                woken.push((*sub_id, owed, complete));
             }
         }
         self.wake(woken);
@@ -1293,7 +1374,7 @@ impl Actor for BucketSetActor {
             // "Nothing changed" while this node still held the lease (handoff, shutdown);
             // a lost lease drops the reply: the subscriber looks again at the new owner.
             if !self.lease_lost {
-                drop(sub.reply.send(Vec::new()));
+                sub.reply.finish(Vec::new());
             }
         }
         for job in self.queue.drain(..) {
@@ -1562,7 +1643,15 @@ impl BucketSetActor {
             return Ok(SubscribeAnswer::Now(stale));
         }
         self.forget_abandoned();
-        let (tx, rx) = oneshot::channel();
+        let (reply, answer) = if msg.stream {
+            // One answer in flight: the next change finds it not yet taken only if the
+            // stream is slow, and then ends the hold (`Reply::answer`).
+            let (tx, rx) = mpsc::channel(1);
+            (Reply::Stream(tx), SubscribeAnswer::Stream(rx))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Reply::Once(tx), SubscribeAnswer::Held(rx))
+        };
         let held = HeldVersions::new(msg.held);
         self.subs.insert(
             msg.sub_id,
@@ -1571,12 +1660,12 @@ impl BucketSetActor {
                 session: msg.session,
                 diffs: msg.diffs,
                 device: msg.device,
-                reply: tx,
+                reply,
                 trace: crate::telemetry::span_context(&tracing::Span::current()),
             }),
         );
         self.shared.metrics.subscriptions_held(1);
-        Ok(SubscribeAnswer::Held(rx))
+        Ok(answer)
     }
 }
 
@@ -1642,7 +1731,7 @@ impl BucketSetActor {
     fn release_held(&mut self) {
         let held = self.subs.len() as i64;
         for (_, sub) in std::mem::take(&mut self.subs) {
-            drop(sub.reply.send(Vec::new()));
+            sub.reply.finish(Vec::new());
         }
         self.shared.metrics.subscriptions_held(-held);
     }

@@ -187,7 +187,7 @@ impl ParkedSets {
         let n = parked.subs.len();
         if answer {
             for (_, sub) in parked.subs {
-                drop(sub.reply.send(Vec::new()));
+                sub.reply.finish(Vec::new());
             }
         }
         self.metrics.subscriptions_held(-(n as i64));

@@ -1405,6 +1405,7 @@ mod tests {
                 own_writes_known: false,
                 device: false,
                 next_sync_ms: None,
+                stream: false,
             };
             let first = n1
                 .call(&set, subscribe(1))
@@ -1428,6 +1429,89 @@ mod tests {
                 "the abandoned subscription is still held"
             );
             drop(second);
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    fn stream_subscribe(
+        sub_id: u64,
+        held: tether_proto::reconcile::Held,
+    ) -> crate::sets::actor::Subscribe {
+        crate::sets::actor::Subscribe {
+            sub_id,
+            held: vec![held],
+            session: None,
+            diffs: false,
+            max_bytes: 1 << 20,
+            own_writes_known: false,
+            device: false,
+            next_sync_ms: None,
+            stream: true,
+        }
+    }
+
+    async fn stream_hold(
+        n1: &Arc<Shared>,
+        set: &SetKey,
+        held: tether_proto::reconcile::Held,
+    ) -> tokio::sync::mpsc::Receiver<Vec<crate::sets::actor::Stale>> {
+        match n1
+            .call(set, stream_subscribe(1, held))
+            .await
+            .expect("sent")
+            .expect("held")
+        {
+            crate::sets::actor::SubscribeAnswer::Stream(rx) => rx,
+            _ => panic!("a stream's subscribe was not kept"),
+        }
+    }
+
+    /// Invariant 37: a stream's hold is answered at each change and stays held, with the
+    /// versions it was sent; it is forgotten once its stream is gone.
+    #[test]
+    fn a_streams_hold_is_answered_at_each_change_with_the_versions_it_was_sent() {
+        actix_rt::System::new().block_on(async {
+            let (n1, router, set, id) = one_set("KEPT0001").await;
+            let mut rx = stream_hold(&n1, &set, held(&id, 1)).await;
+            for (x, version) in [(7, 2), (8, 3), (9, 4)] {
+                router.put(&id, write(x)).await.expect("written");
+                let stale = rx.recv().await.expect("answered, still held");
+                assert_eq!(stale.len(), 1);
+                assert_eq!(stale[0].bucket.version, version);
+                assert_eq!(
+                    stale[0].held,
+                    Some(version - 1),
+                    "the hold holds the version it was sent last"
+                );
+                assert_eq!(n1.metrics.held_subscriptions(), 1, "still held");
+            }
+            drop(rx);
+            router.put(&id, write(10)).await.expect("written");
+            assert!(until(|| n1.metrics.held_subscriptions() == 0, 5_000).await);
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// A stream that has not taken an answer when the next change comes loses its hold
+    /// after that answer (it then holds again from what it wrote: nothing is missed); an
+    /// access change answers the hold empty and ends it.
+    #[test]
+    fn a_streams_hold_ends_when_an_answer_waits_untaken_or_access_changes() {
+        actix_rt::System::new().block_on(async {
+            let (n1, router, set, id) = one_set("KEPT0002").await;
+            let mut rx = stream_hold(&n1, &set, held(&id, 1)).await;
+            router.put(&id, write(7)).await.expect("written");
+            router.put(&id, write(8)).await.expect("written");
+            let first = rx.recv().await.expect("the first answer");
+            assert_eq!(first[0].bucket.version, 2);
+            assert!(rx.recv().await.is_none(), "the hold ended after it");
+            assert_eq!(n1.metrics.held_subscriptions(), 0);
+
+            let mut rx = stream_hold(&n1, &set, held(&id, 3)).await;
+            n1.release_held(&set);
+            assert!(rx.recv().await.expect("told").is_empty(), "an empty answer");
+            assert!(rx.recv().await.is_none(), "and let go");
+            assert!(until(|| n1.metrics.held_subscriptions() == 0, 5_000).await);
             n1.shutdown(Duration::from_secs(5)).await;
         });
     }
