@@ -1516,6 +1516,36 @@ mod tests {
         });
     }
 
+    /// Invariants 35 and 37 together: a stream's kept hold parks with its set, is answered
+    /// by the write that activates the set, and is still kept for the next change.
+    #[test]
+    fn a_streams_kept_hold_parks_and_is_answered_and_kept_after_activation() {
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let n1 = node_passivating("n1", store, Duration::from_millis(100));
+            let router = Router::single(n1.clone());
+            let (set, id) = create_set(&router, "KEPT0003").await;
+            let mut rx = stream_hold(&n1, &set, held(&id, 1)).await;
+            assert!(
+                until(
+                    || n1.parked() == 1 && n1.existing_actor(&set).is_none(),
+                    10_000
+                )
+                .await,
+                "the set with only a kept hold did not park"
+            );
+            assert_eq!(n1.metrics.held_subscriptions(), 1, "still held, parked");
+            for (x, version) in [(7, 2), (8, 3)] {
+                router.put(&id, write(x)).await.expect("written");
+                let stale = rx.recv().await.expect("answered, still held");
+                assert_eq!(stale[0].bucket.version, version);
+                assert_eq!(n1.metrics.held_subscriptions(), 1, "still held");
+            }
+            drop(rx);
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
     /// What a run of writes under a seeded fault plan leaves: the faults injected, the
     /// writes acknowledged (op id, version), and the bucket's log as the store has it.
     async fn writes_under_faults(
