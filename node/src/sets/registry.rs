@@ -1396,17 +1396,7 @@ mod tests {
     fn an_abandoned_held_subscription_is_forgotten_at_the_next_subscribe() {
         actix_rt::System::new().block_on(async {
             let (n1, _router, set, id) = one_set("HOLD0002").await;
-            let subscribe = |sub_id| crate::sets::actor::Subscribe {
-                sub_id,
-                held: vec![held(&id, 1)],
-                session: None,
-                diffs: false,
-                max_bytes: 1 << 20,
-                own_writes_known: false,
-                device: false,
-                next_sync_ms: None,
-                stream: false,
-            };
+            let subscribe = |sub_id| subscribe_message(sub_id, held(&id, 1), false);
             let first = n1
                 .call(&set, subscribe(1))
                 .await
@@ -1433,9 +1423,11 @@ mod tests {
         });
     }
 
-    fn stream_subscribe(
+    /// A subscribe check of one bucket at `held`, for a stream's kept hold or not.
+    fn subscribe_message(
         sub_id: u64,
         held: tether_proto::reconcile::Held,
+        stream: bool,
     ) -> crate::sets::actor::Subscribe {
         crate::sets::actor::Subscribe {
             sub_id,
@@ -1446,7 +1438,7 @@ mod tests {
             own_writes_known: false,
             device: false,
             next_sync_ms: None,
-            stream: true,
+            stream,
         }
     }
 
@@ -1456,7 +1448,7 @@ mod tests {
         held: tether_proto::reconcile::Held,
     ) -> tokio::sync::mpsc::Receiver<Vec<crate::sets::actor::Stale>> {
         match n1
-            .call(set, stream_subscribe(1, held))
+            .call(set, subscribe_message(1, held, true))
             .await
             .expect("sent")
             .expect("held")
