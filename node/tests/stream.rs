@@ -14,6 +14,7 @@ use tether_node::store::pg_server::PgServer;
 use tether_test_support::node::*;
 
 const A: &str = "01AA02AB";
+const B: &str = "01AA02AC";
 
 /// Long enough that a stream only ends because of the event under test.
 const HOLD_MS: u64 = 60_000;
@@ -193,6 +194,52 @@ async fn a_stream_carries_each_change_by_others_in_order_and_never_its_own_write
     );
     assert_eq!(b["value"]["mine"], 1, "{b}");
     assert_eq!(b["value"]["theirs"], 2, "{b}");
+}
+
+/// An app streaming two paired devices: the hold is kept on both devices' sets across
+/// lines (invariant 37), so while the stream pauses after a line (test seam) both are
+/// still held, and each device's next change is a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_two_devices_keeps_its_hold_on_both() {
+    let node = Node::builder()
+        .config(&template())
+        .user("alice")
+        .arg("--test-stream-rehold-delay-ms")
+        .arg("1500")
+        .start()
+        .await;
+    let (a, alice) = paired(&node, A).await;
+    let (b, _) = paired(&node, B).await;
+    let (dev_a, dev_b) = (format!("device.{A}"), format!("device.{B}"));
+    let (da, db) = (alice.bucket(&dev_a).await, alice.bucket(&dev_b).await);
+    let mut stream = Stream::open(
+        &alice.with_client(http_client()),
+        json!({"buckets": [held(&dev_a, &da), held(&dev_b, &db)], "session": "app", "timeout_ms": HOLD_MS}),
+    )
+    .await;
+    // The first hold is the request's own; after its line the stream holds again, kept.
+    node.wait_held(2, REQUEST_DEADLINE).await;
+    let (_, va) = a
+        .write(&dev_a, json!({"round": 1}), u64_of(&da, "version"))
+        .await;
+    let line = stream.answer().await;
+    assert_eq!(u64_of(&bucket_in(&line, &dev_a), "version"), va, "{line}");
+    node.wait_held(2, REQUEST_DEADLINE).await;
+    let (_, vb) = b
+        .write(&dev_b, json!({"round": 2}), u64_of(&db, "version"))
+        .await;
+    let line = stream.answer().await;
+    assert_eq!(ids_of(&line), vec![dev_b.clone()], "{line}");
+    assert_eq!(u64_of(&bucket_in(&line, &dev_b), "version"), vb, "{line}");
+    assert_eq!(
+        node.metric("tether_held_subscriptions").await,
+        Some(2.0),
+        "kept on both sets while the stream pauses after its line"
+    );
+    let (_, va2) = a.write(&dev_a, json!({"round": 3}), va).await;
+    let line = stream.answer().await;
+    assert_eq!(ids_of(&line), vec![dev_a.clone()], "{line}");
+    assert_eq!(u64_of(&bucket_in(&line, &dev_a), "version"), va2, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

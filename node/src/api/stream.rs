@@ -12,10 +12,10 @@
 //! the stream says it has its own session's writes (`HoldOptions::own_writes_known`), so
 //! an echo the held subscription suppressed is not sent by the next check either.
 //!
-//! When all the stream holds is in one set this node serves, the hold is kept by the
-//! set's actor across answers (`Router::open_stream`, ARCHITECTURE.md invariant 37): each
+//! When every set the stream holds is served by this node, the hold is kept by the sets'
+//! actors across answers (`Router::open_stream`, ARCHITECTURE.md invariant 37): each
 //! change is answered on the same hold, whose versions the actor advances as the cursor
-//! does, and the access is checked again after every line. Whenever the actor lets go of
+//! does, and the access is checked again after every line. Whenever an actor lets go of
 //! it (an answer not yet taken when the next is due, a short answer, access change,
 //! hand-off, lost lease) the stream holds again from its cursor as above.
 //! A `{}` line goes out after `--stream-keepalive-ms` (30 s) of silence. Lines are JSON
@@ -352,7 +352,7 @@ async fn check_access(state: &AppState, s: &StreamRequest) -> crate::error::Resu
 }
 
 /// The next hold: the access checked again, then the subscribe check with the cursor's
-/// versions — kept by the set's actor when the stream holds one local set.
+/// versions — kept by the sets' actors when this node serves every set the stream holds.
 async fn hold_again(
     state: &AppState,
     s: &StreamRequest,

@@ -892,68 +892,82 @@ impl Router {
         })))
     }
 
-    /// A stream's next hold (`api/stream.rs`) when all it holds is in one set this node
-    /// serves: held by the set's actor across changes ([`StreamHold`]), not subscribed
-    /// again after each. `None` when the held buckets span several sets or the set is
-    /// served elsewhere or is moving: the stream holds through [`Router::subscribe`].
+    /// A stream's next hold (`api/stream.rs`) when every set it holds is served by this
+    /// node: held by the sets' actors across changes ([`StreamHold`]), not subscribed
+    /// again after each. `None` when a set is served elsewhere or is moving: the stream
+    /// holds through [`Router::subscribe`].
     pub async fn open_stream(
         &self,
         by_set: &BTreeMap<SetKey, Vec<Held>>,
         opts: &HoldOptions,
     ) -> Result<Option<StreamOpen>> {
-        let mut sets = by_set.iter();
-        let (Some((set, held)), None) = (sets.next(), sets.next()) else {
-            return Ok(None);
-        };
-        if !matches!(self.route(set), Route::Local) {
+        if by_set.is_empty() || !by_set.keys().all(|s| matches!(self.route(s), Route::Local)) {
             return Ok(None);
         }
         let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        // Guarded before the call, as `open_local`'s: a stream gone while the actor held it
-        // still cancels it there.
-        let guard = SubscriptionGuard {
+        // Each set guarded before its call, as in `open_local`: a stream gone while an
+        // actor held it still cancels it there.
+        let mut guard = SubscriptionGuard {
             shared: self.shared.clone(),
             sub_id,
-            sets: vec![set.clone()],
+            sets: Vec::with_capacity(by_set.len()),
         };
-        let answer = self
-            .shared
-            .call(
-                set,
-                Subscribe {
-                    sub_id,
-                    held: held.clone(),
-                    session: opts.session.clone(),
-                    diffs: opts.diffs,
-                    max_bytes: opts.max_bytes,
-                    own_writes_known: opts.own_writes_known,
-                    device: opts.device.as_ref() == Some(set),
-                    next_sync_ms: opts.next_sync_ms,
-                    stream: true,
-                },
-            )
-            .await;
-        let answer = match answer {
-            Ok(Ok(answer)) => answer,
-            Err(NodeError::NotOwner(_)) | Ok(Err(NodeError::NotOwner(_))) => return Ok(None),
-            Ok(Err(e)) | Err(e) => return Err(e),
-        };
-        Ok(Some(match answer {
-            SubscribeAnswer::Now(stale) => {
-                drop(guard);
-                StreamOpen::Now(complete_diffs(&self.shared, stale, opts.diffs).await)
+        let mut budget = opts.max_bytes;
+        let mut now = Vec::new();
+        let mut held_by = Vec::with_capacity(by_set.len());
+        for (set, held) in by_set {
+            guard.sets.push(set.clone());
+            let answer = self
+                .shared
+                .call(
+                    set,
+                    Subscribe {
+                        sub_id,
+                        held: held.clone(),
+                        session: opts.session.clone(),
+                        diffs: opts.diffs,
+                        max_bytes: budget,
+                        own_writes_known: opts.own_writes_known,
+                        device: opts.device.as_ref() == Some(set),
+                        next_sync_ms: opts.next_sync_ms,
+                        stream: true,
+                    },
+                )
+                .await;
+            let answer = match answer {
+                Ok(Ok(answer)) => answer,
+                Err(NodeError::NotOwner(_)) | Ok(Err(NodeError::NotOwner(_))) => return Ok(None),
+                Ok(Err(e)) | Err(e) => return Err(e),
+            };
+            match answer {
+                SubscribeAnswer::Now(stale) => {
+                    // Nothing held there.
+                    guard.sets.pop();
+                    for s in &stale {
+                        budget = budget.saturating_sub(answer_size(&s.bucket));
+                    }
+                    now.extend(stale);
+                }
+                SubscribeAnswer::Stream(rx) => held_by.push(rx),
+                SubscribeAnswer::Held(_) => {
+                    return Err(NodeError::Internal(
+                        "a stream's subscribe was held for one answer".into(),
+                    ))
+                }
             }
-            SubscribeAnswer::Stream(rx) => StreamOpen::Held(StreamHold {
-                rx,
-                guard,
-                diffs: opts.diffs,
-            }),
-            SubscribeAnswer::Held(_) => {
-                return Err(NodeError::Internal(
-                    "a stream's subscribe was held for one answer".into(),
-                ))
-            }
-        }))
+        }
+        if !now.is_empty() || held_by.is_empty() {
+            // Stale somewhere: answered now, and the holds made meanwhile let go (guard).
+            drop(guard);
+            return Ok(Some(StreamOpen::Now(
+                complete_diffs(&self.shared, now, opts.diffs).await,
+            )));
+        }
+        Ok(Some(StreamOpen::Held(StreamHold {
+            held_by,
+            guard,
+            diffs: opts.diffs,
+        })))
     }
 
     /// This node's live members view size (1 outside a cluster).
@@ -984,9 +998,11 @@ pub enum StreamOpen {
     Held(StreamHold),
 }
 
-/// A stream's hold on one local set, answered at each change. Dropping it cancels it.
+/// A stream's hold on the local sets it spans, answered at each change by whichever set
+/// changed. Dropping it cancels it on every set.
 pub struct StreamHold {
-    rx: tokio::sync::mpsc::Receiver<Vec<Stale>>,
+    /// One channel per set, in the order of `guard.sets`.
+    held_by: Vec<tokio::sync::mpsc::Receiver<Vec<Stale>>>,
     guard: SubscriptionGuard,
     diffs: bool,
 }
@@ -1000,22 +1016,34 @@ impl std::fmt::Debug for StreamHold {
 }
 
 impl StreamHold {
-    /// The next answer; `None` once the hold ended without one (the actor let go: a
-    /// handoff, an access change, a lost lease, an answer the stream had not taken yet,
-    /// or one the budget left short) — the stream holds again from its cursor. An empty
-    /// answer also ends it (the same reasons, told).
+    /// The next answer of any of its sets; `None` once a set ended its hold without one
+    /// (the actor let go: a lost lease, an answer the stream had not taken yet, or one
+    /// the budget left short) — the stream then holds again from its cursor. An empty
+    /// answer also ends it (handoff, access change, drain: the same, told).
     pub async fn next(&mut self) -> Option<Vec<BucketUpdate>> {
-        let stale = self.rx.recv().await?;
+        use std::task::Poll;
+        let stale = std::future::poll_fn(|cx| {
+            for rx in &mut self.held_by {
+                if let Poll::Ready(answer) = rx.poll_recv(cx) {
+                    return Poll::Ready(answer);
+                }
+            }
+            Poll::Pending
+        })
+        .await?;
         Some(complete_diffs(&self.guard.shared, stale, self.diffs).await)
     }
 
-    /// Whether the set's owner still holds its lease: the stream's silence until now
+    /// Whether the sets' owner still holds their leases: the stream's silence until now
     /// was "nothing changed" (a long-poll's timeout confirms it the same way).
     pub async fn confirm(&self) -> Result<()> {
-        match self.guard.sets.first() {
-            Some(set) => self.guard.shared.confirm_held(set).await,
-            None => Ok(()),
-        }
+        let confirmed = self
+            .guard
+            .sets
+            .iter()
+            .map(|s| self.guard.shared.confirm_held(s));
+        futures::future::try_join_all(confirmed).await?;
+        Ok(())
     }
 }
 

@@ -660,7 +660,7 @@ mod tests {
     //! logic on its in-memory database), with the take-over wired straight to the previous
     //! node's `relinquish` as the gRPC `Relinquish` call does.
     use super::*;
-    use crate::routing::router::{HeldLeg, Leg, Router, Write};
+    use crate::routing::router::{HeldLeg, HoldOptions, Leg, Router, StreamOpen, Write};
     use crate::store::fdb::memory::MemoryKv;
     use crate::store::fdb::KvStore;
     use serde_json::json;
@@ -1534,6 +1534,55 @@ mod tests {
                 assert_eq!(n1.metrics.held_subscriptions(), 1, "still held");
             }
             drop(rx);
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// A stream over two local sets: each set's actor keeps its part of the hold, the
+    /// next change of either is the next answer, and a stale set answers at once and
+    /// lets the other set's part go.
+    #[test]
+    fn a_streams_hold_over_two_sets_is_answered_by_either_and_kept_on_both() {
+        actix_rt::System::new().block_on(async {
+            let (n1, router, set_a, a) = one_set("KEPT0004").await;
+            let (set_b, b) = create_set(&router, "KEPT0005").await;
+            let by_set = |va: u64, vb: u64| {
+                BTreeMap::from([
+                    (set_a.clone(), vec![held(&a, va)]),
+                    (set_b.clone(), vec![held(&b, vb)]),
+                ])
+            };
+            let opts = HoldOptions::default();
+            let mut hold = match router.open_stream(&by_set(1, 1), &opts).await {
+                Ok(Some(StreamOpen::Held(hold))) => hold,
+                other => panic!("nothing is stale, both sets are local: {other:?}"),
+            };
+            assert_eq!(n1.metrics.held_subscriptions(), 2);
+            for (id, x, version) in [(&a, 7, 2), (&b, 8, 2), (&a, 9, 3)] {
+                router.put(id, write(x)).await.expect("written");
+                let answer = tokio::time::timeout(Duration::from_secs(10), hold.next())
+                    .await
+                    .expect("answered in time")
+                    .expect("answered, still held");
+                let got: Vec<_> = answer
+                    .iter()
+                    .map(|u| (u.bucket.id.clone(), u.bucket.version))
+                    .collect();
+                assert_eq!(got, vec![(id.clone(), version)]);
+                assert_eq!(n1.metrics.held_subscriptions(), 2, "kept on both sets");
+            }
+            drop(hold);
+            assert!(until(|| n1.metrics.held_subscriptions() == 0, 5_000).await);
+
+            // B is stale at the held version: answered at once, A's part let go.
+            match router.open_stream(&by_set(3, 1), &opts).await {
+                Ok(Some(StreamOpen::Now(answer))) => {
+                    assert_eq!(answer.len(), 1);
+                    assert_eq!((&answer[0].bucket.id, answer[0].bucket.version), (&b, 2));
+                }
+                other => panic!("B is stale: {other:?}"),
+            }
+            assert!(until(|| n1.metrics.held_subscriptions() == 0, 5_000).await);
             n1.shutdown(Duration::from_secs(5)).await;
         });
     }
