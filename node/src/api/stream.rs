@@ -42,7 +42,9 @@ use tokio::time::Instant;
 use crate::api::http::{AppState, OPEN_AT_LEAST};
 use crate::error::NodeError;
 use crate::metrics::HoldTimer;
-use crate::routing::router::{BucketUpdate, HoldOptions, StreamHold, StreamOpen, Subscription};
+use crate::routing::router::{
+    drained, BucketUpdate, HoldOptions, StreamHold, StreamOpen, Subscription,
+};
 use crate::security::auth::Endpoint;
 
 /// The media type of a stream's body.
@@ -329,13 +331,6 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                 Err(e) => return out.cut(e).await,
             }
         }
-    }
-}
-
-/// Completes when the node starts draining (never when the router is gone).
-async fn drained(mut draining: tokio::sync::watch::Receiver<bool>) {
-    if draining.wait_for(|d| *d).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

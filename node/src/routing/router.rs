@@ -239,7 +239,7 @@ impl HeldLeg {
 }
 
 /// Completes when the node starts draining (never when the router is gone).
-async fn drained(mut draining: watch::Receiver<bool>) {
+pub(crate) async fn drained(mut draining: watch::Receiver<bool>) {
     if draining.wait_for(|d| *d).await.is_err() {
         // The router is gone: nothing will ever signal a drain.
         std::future::pending::<()>().await;
