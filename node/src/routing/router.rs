@@ -989,12 +989,12 @@ impl Router {
     }
 }
 
-/// What a stream's hold on a local set found: stale buckets at once, or held.
+/// What a stream's hold on its local sets found: stale buckets at once, or held.
 #[derive(Debug)]
 pub enum StreamOpen {
     /// Some held versions were stale: these buckets (nothing is held).
     Now(Vec<BucketUpdate>),
-    /// Held by the set's actor until the stream drops this.
+    /// Held by the sets' actors until the stream drops this.
     Held(StreamHold),
 }
 
