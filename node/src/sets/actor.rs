@@ -1369,7 +1369,10 @@ impl Actor for BucketSetActor {
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
-        let held = self.subs.len() as i64;
+        // Counted gone before a waiter can see its end (as `ParkedSets::retire`).
+        self.shared
+            .metrics
+            .subscriptions_held(-(self.subs.len() as i64));
         for (_, sub) in std::mem::take(&mut self.subs) {
             // "Nothing changed" while this node still held the lease (handoff, shutdown);
             // a lost lease drops the reply: the subscriber looks again at the new owner.
@@ -1384,7 +1387,6 @@ impl Actor for BucketSetActor {
                 Job::Ensure { reply, .. } => drop(reply.send(Err(e()))),
             }
         }
-        self.shared.metrics.subscriptions_held(-held);
         self.shared.metrics.set_stopped(self.passivated);
         if self.leased {
             self.shared.metrics.lease_released();
@@ -1729,11 +1731,13 @@ impl BucketSetActor {
     }
 
     fn release_held(&mut self) {
-        let held = self.subs.len() as i64;
+        // Counted gone before a waiter can see its end (as `ParkedSets::retire`).
+        self.shared
+            .metrics
+            .subscriptions_held(-(self.subs.len() as i64));
         for (_, sub) in std::mem::take(&mut self.subs) {
             sub.reply.finish(Vec::new());
         }
-        self.shared.metrics.subscriptions_held(-held);
     }
 }
 

@@ -185,12 +185,13 @@ impl ParkedSets {
     /// `answer`, else dropped (each leg ends `NotOwner`); how many.
     fn retire(&self, parked: Parked, answer: bool) -> usize {
         let n = parked.subs.len();
+        // Counted gone before a waiter can see its end.
+        self.metrics.subscriptions_held(-(n as i64));
         if answer {
             for (_, sub) in parked.subs {
                 sub.reply.finish(Vec::new());
             }
         }
-        self.metrics.subscriptions_held(-(n as i64));
         n
     }
 
