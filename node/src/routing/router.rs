@@ -786,6 +786,62 @@ impl Router {
         self.shared.release_held(set);
     }
 
+    /// The subscribe check on each of `by_set` (all served here) under one subscription
+    /// id: the stale buckets of the sets that answered at once (each later set's answer
+    /// budget less what came before), and the holds of the others, one answer channel
+    /// each (`stream`: kept across answers, [`Subscribe::stream`]).
+    async fn hold_local(
+        &self,
+        by_set: impl IntoIterator<Item = (SetKey, Vec<Held>)>,
+        opts: &HoldOptions,
+        stream: bool,
+    ) -> Result<LocalHolds> {
+        let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let mut guard = SubscriptionGuard {
+            shared: self.shared.clone(),
+            sub_id,
+            sets: Vec::new(),
+        };
+        let mut budget = opts.max_bytes;
+        let mut now = Vec::new();
+        let mut held = Vec::new();
+        for (set, versions) in by_set {
+            // Guarded before the call: if this future is dropped after the actor held the
+            // subscription but before its answer came back (the client or the forwarding
+            // peer left just then), the guard still cancels it there.
+            guard.sets.push(set.clone());
+            let answer = self
+                .shared
+                .call(
+                    &set,
+                    Subscribe {
+                        sub_id,
+                        held: versions,
+                        session: opts.session.clone(),
+                        diffs: opts.diffs,
+                        max_bytes: budget,
+                        own_writes_known: opts.own_writes_known,
+                        device: opts.device.as_ref() == Some(&set),
+                        next_sync_ms: opts.next_sync_ms,
+                        stream,
+                    },
+                )
+                .await??;
+            match answer {
+                SubscribeAnswer::Now(stale) => {
+                    // Nothing held there.
+                    guard.sets.pop();
+                    for s in &stale {
+                        budget = budget.saturating_sub(answer_size(&s.bucket));
+                    }
+                    now.extend(stale);
+                }
+                answer => held.push(answer),
+            }
+        }
+        Ok(LocalHolds { guard, now, held })
+    }
+
     /// The subscribe check on this node's own sets (every listed set must be local),
     /// held for `hold`. With `diffs`, a stale bucket whose diff the actor could not make
     /// from memory gets one from the store's log when that still reaches back to the held
@@ -798,64 +854,14 @@ impl Router {
         opts: HoldOptions,
         hold: Duration,
     ) -> Result<Leg> {
-        let HoldOptions {
-            session,
-            diffs,
-            max_bytes,
-            own_writes_known,
-            device,
-            next_sync_ms,
-        } = opts;
-        let mut budget = max_bytes;
-        let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        let mut guard = SubscriptionGuard {
-            shared: self.shared.clone(),
-            sub_id,
-            sets: Vec::new(),
-        };
-        let mut now = Vec::new();
-        let mut waiting = Vec::new();
-        for (set, held) in by_set {
-            // Guarded before the call: if this future is dropped after the actor held the
-            // subscription but before its answer came back (the client or the forwarding
-            // peer left just then), the guard still cancels it there.
-            guard.sets.push(set.clone());
-            let answer = self
-                .shared
-                .call(
-                    &set,
-                    Subscribe {
-                        sub_id,
-                        held,
-                        session: session.clone(),
-                        diffs,
-                        max_bytes: budget,
-                        own_writes_known,
-                        device: device.as_ref() == Some(&set),
-                        next_sync_ms,
-                        stream: false,
-                    },
-                )
-                .await??;
-            match answer {
-                SubscribeAnswer::Now(buckets) => {
-                    // Nothing held there.
-                    guard.sets.pop();
-                    for s in &buckets {
-                        budget = budget.saturating_sub(answer_size(&s.bucket));
-                    }
-                    now.extend(buckets);
-                }
-                SubscribeAnswer::Held(rx) => {
-                    waiting.push(rx);
-                }
-                SubscribeAnswer::Stream(_) => {
-                    return Err(NodeError::Internal(
-                        "a one-answer subscribe was held as a stream".into(),
-                    ))
-                }
-            }
-        }
+        let diffs = opts.diffs;
+        let (mut guard, now, waiting) =
+            self.hold_local(by_set, &opts, false)
+                .await?
+                .split(|answer| match answer {
+                    SubscribeAnswer::Held(rx) => Some(rx),
+                    _ => None,
+                })?;
         if !now.is_empty() || waiting.is_empty() {
             return Ok(Leg::Now(complete_diffs(&self.shared, now, diffs).await));
         }
@@ -904,58 +910,14 @@ impl Router {
         if by_set.is_empty() || !by_set.keys().all(|s| matches!(self.route(s), Route::Local)) {
             return Ok(None);
         }
-        let sub_id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        // Each set guarded before its call, as in `open_local`: a stream gone while an
-        // actor held it still cancels it there.
-        let mut guard = SubscriptionGuard {
-            shared: self.shared.clone(),
-            sub_id,
-            sets: Vec::with_capacity(by_set.len()),
+        let owned = by_set.iter().map(|(set, held)| (set.clone(), held.clone()));
+        let (guard, now, held_by) = match self.hold_local(owned, opts, true).await {
+            Err(NodeError::NotOwner(_)) => return Ok(None),
+            r => r?.split(|answer| match answer {
+                SubscribeAnswer::Stream(rx) => Some(rx),
+                _ => None,
+            })?,
         };
-        let mut budget = opts.max_bytes;
-        let mut now = Vec::new();
-        let mut held_by = Vec::with_capacity(by_set.len());
-        for (set, held) in by_set {
-            guard.sets.push(set.clone());
-            let answer = self
-                .shared
-                .call(
-                    set,
-                    Subscribe {
-                        sub_id,
-                        held: held.clone(),
-                        session: opts.session.clone(),
-                        diffs: opts.diffs,
-                        max_bytes: budget,
-                        own_writes_known: opts.own_writes_known,
-                        device: opts.device.as_ref() == Some(set),
-                        next_sync_ms: opts.next_sync_ms,
-                        stream: true,
-                    },
-                )
-                .await;
-            let answer = match answer {
-                Ok(Ok(answer)) => answer,
-                Err(NodeError::NotOwner(_)) | Ok(Err(NodeError::NotOwner(_))) => return Ok(None),
-                Ok(Err(e)) | Err(e) => return Err(e),
-            };
-            match answer {
-                SubscribeAnswer::Now(stale) => {
-                    // Nothing held there.
-                    guard.sets.pop();
-                    for s in &stale {
-                        budget = budget.saturating_sub(answer_size(&s.bucket));
-                    }
-                    now.extend(stale);
-                }
-                SubscribeAnswer::Stream(rx) => held_by.push(rx),
-                SubscribeAnswer::Held(_) => {
-                    return Err(NodeError::Internal(
-                        "a stream's subscribe was held for one answer".into(),
-                    ))
-                }
-            }
-        }
         if !now.is_empty() || held_by.is_empty() {
             // Stale somewhere: answered now, and the holds made meanwhile let go (guard).
             drop(guard);
@@ -1088,6 +1050,36 @@ async fn diff_from_log(shared: &Shared, bucket: &Bucket, held: u64) -> Option<Fi
 /// About what bucket `b` adds to an answer, in bytes (its value as JSON and an envelope).
 pub fn answer_size(b: &Bucket) -> usize {
     serde_json::to_vec(&b.value).map_or(usize::MAX, |v| v.len().saturating_add(160))
+}
+
+/// What [`Router::hold_local`] found: answered at once, held, or both.
+struct LocalHolds {
+    /// Cancels the holds on every set still listed when dropped.
+    guard: SubscriptionGuard,
+    /// Stale buckets of the sets that answered at once (they hold nothing).
+    now: Vec<Stale>,
+    /// The other sets' holds, in the order of `guard.sets`.
+    held: Vec<SubscribeAnswer>,
+}
+
+impl LocalHolds {
+    /// The guard, the stale buckets, and each hold's channel as `channel` takes it out of
+    /// its answer (`None`: a hold of the other kind, which the actor never makes).
+    fn split<T>(
+        self,
+        channel: impl Fn(SubscribeAnswer) -> Option<T>,
+    ) -> Result<(SubscriptionGuard, Vec<Stale>, Vec<T>)> {
+        let held = self
+            .held
+            .into_iter()
+            .map(|answer| {
+                channel(answer).ok_or_else(|| {
+                    NodeError::Internal("a set held a subscription of the other kind".into())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((self.guard, self.now, held))
+    }
 }
 
 /// Cancels a held subscription on every local set it spans when dropped: on answer, on
