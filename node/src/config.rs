@@ -374,6 +374,10 @@ pub struct ServeArgs {
     /// again, so a test can commit a change between two holds. Never set it in production.
     #[arg(long, hide = true)]
     pub test_stream_rehold_delay_ms: Option<u64>,
+    /// Tests only: how long a principal's scope read from the store is used [default:
+    /// 1000]; 0 checks every access against the store (and every stream line again).
+    #[arg(long, hide = true)]
+    pub test_scope_ttl_ms: Option<u64>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TETHER_LOG_JSON")]
     pub log_json: bool,
@@ -1212,6 +1216,9 @@ impl Config {
                         .or(file.requests_per_second)
                         .unwrap_or(defaults.requests_per_second),
                     cache_ttl: defaults.cache_ttl,
+                    scope_ttl: args
+                        .test_scope_ttl_ms
+                        .map_or(defaults.scope_ttl, Duration::from_millis),
                     ..hard.auth
                 }
             },

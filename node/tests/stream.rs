@@ -242,6 +242,95 @@ async fn a_stream_over_two_devices_keeps_its_hold_on_both() {
     assert_eq!(u64_of(&bucket_in(&line, &dev_a), "version"), va2, "{line}");
 }
 
+/// A write by a device that keeps to its request rate: refused with 429 while its budget
+/// is spent, sent again after the `Retry-After` the node gave.
+async fn write_paced(d: &Principal, id: &str, fields: Value, base_version: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + NOTIFY_DEADLINE;
+    loop {
+        let r = d
+            .put(id, &json!({"value": fields, "base_version": base_version}))
+            .await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the writer's rate never let it write"
+            );
+            let wait_s = r
+                .headers
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(Duration::from_millis(wait_s.max(1) * 200)).await;
+            continue;
+        }
+        let v = r.expect_json(StatusCode::OK);
+        return u64_of(&v, "version");
+    }
+}
+
+/// Each principal may make 2 requests a second (a burst of 4). An app streams two devices
+/// that each write at that rate, so its stream's lines come twice as fast as its own
+/// budget refills: the lines are one request's answers, so the stream is neither ended by
+/// a 429 of its own access re-checks nor leaves the app without budget for its requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_stream_is_not_charged_to_its_principals_request_rate() {
+    busy_stream_within_the_rate(&[]).await;
+}
+
+/// The same with every line's access checked again (no scope cache, so no re-check is
+/// spared by the last one's freshness): none of those checks is charged either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_streams_every_access_recheck_is_uncharged() {
+    busy_stream_within_the_rate(&["--test-scope-ttl-ms", "0"]).await;
+}
+
+async fn busy_stream_within_the_rate(args: &[&str]) {
+    let mut builder = Node::builder()
+        .config(&template())
+        .user("alice")
+        .arg("--requests-per-second")
+        .arg("2");
+    for a in args {
+        builder = builder.arg(*a);
+    }
+    let node = builder.start().await;
+    let (a, alice) = paired(&node, A).await;
+    let (b, _) = paired(&node, B).await;
+    let (dev_a, dev_b) = (format!("device.{A}"), format!("device.{B}"));
+    let (da, db) = (a.bucket(&dev_a).await, b.bucket(&dev_b).await);
+    let mut stream = Stream::open(
+        &alice.with_client(http_client()),
+        json!({"buckets": [held(&dev_a, &da), held(&dev_b, &db)], "session": "app", "timeout_ms": HOLD_MS}),
+    )
+    .await;
+    node.wait_held(2, REQUEST_DEADLINE).await;
+    let (mut va, mut vb) = (u64_of(&da, "version"), u64_of(&db, "version"));
+    for round in 1..=8 {
+        let (writer, id, version) = if round % 2 == 1 {
+            (&a, &dev_a, &mut va)
+        } else {
+            (&b, &dev_b, &mut vb)
+        };
+        *version = write_paced(writer, id, json!({"round": round}), *version).await;
+        let line = stream.answer().await;
+        assert_eq!(ids_of(&line), vec![id.clone()], "round {round}: {line}");
+        assert_eq!(
+            u64_of(&bucket_in(&line, id), "version"),
+            *version,
+            "round {round}: {line}"
+        );
+    }
+    // Its own requests still go through: the lines took nothing from its budget.
+    let r = alice.get(&format!("/v1/buckets/{dev_a}")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the app's own request after its stream's lines: {}",
+        r.text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_committed_between_two_holds_is_the_next_line() {
     // The stream pauses 3 s after each line before holding again (test seam); a write

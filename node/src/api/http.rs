@@ -113,6 +113,25 @@ impl AppState {
         req: &HttpRequest,
         endpoint: Endpoint,
     ) -> Result<Principal> {
+        self.checked_principal(req, endpoint, true).await
+    }
+
+    /// [`principal`](Self::principal) again for a request already admitted (a stream
+    /// between lines): nothing charged to the principal's request rate.
+    pub(crate) async fn principal_again(
+        &self,
+        req: &HttpRequest,
+        endpoint: Endpoint,
+    ) -> Result<Principal> {
+        self.checked_principal(req, endpoint, false).await
+    }
+
+    async fn checked_principal(
+        &self,
+        req: &HttpRequest,
+        endpoint: Endpoint,
+        charge: bool,
+    ) -> Result<Principal> {
         let span = tracing::info_span!(
             "auth",
             principal = tracing::field::Empty,
@@ -120,7 +139,7 @@ impl AppState {
         );
         let r = self
             .auth
-            .authenticate(req, endpoint, is_secure(req))
+            .authenticate(req, endpoint, is_secure(req), charge)
             .instrument(span.clone())
             .await;
         match &r {

@@ -185,6 +185,9 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
     let mut next = Some(Next::Once(opened));
     // A hold the set's actor keeps across answers (`Router::open_stream`).
     let mut kept: Option<StreamHold> = None;
+    // The last check of the access (the handler's own is not counted: the first line
+    // after it checks again).
+    let mut checked = Checked::default();
     loop {
         let now = Instant::now();
         if now >= deadline
@@ -237,7 +240,7 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                     kept = Some(held);
                     continue;
                 }
-                None => match hold_again(state, &s, deadline).await {
+                None => match hold_again(state, &s, deadline, &mut checked).await {
                     Ok(sub) => {
                         next = Some(sub);
                         continue;
@@ -320,9 +323,9 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
             // Tests only (`--test-stream-rehold-delay-ms`): no hold while this lasts.
             tokio::time::sleep(delay).await;
         }
-        if kept.is_some() {
+        if kept.is_some() && !checked.holds(state) {
             // The next answer comes from the same hold: the access a new hold would check.
-            match check_access(state, &s).await {
+            match check_access(state, &s, &mut checked).await {
                 Ok(()) => {}
                 Err(e) if e.code_and_status().1.is_client_error() => {
                     tracing::info!(error = %e, "stream ended: access changed");
@@ -334,16 +337,46 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
     }
 }
 
+/// When the stream's access last passed its check, and the node's pairing generation then.
+#[derive(Debug, Default, Clone, Copy)]
+struct Checked {
+    passed: Option<(Instant, u64)>,
+}
+
+impl Checked {
+    /// Whether the last check still stands after a kept line: made within the scope
+    /// cache's freshness (`scope_ttl`: what that check read may be as old anyway) and no
+    /// pairing changed through this node since. A hold that ends is always checked again
+    /// (`hold_again`): access changes made elsewhere end the holds they touch.
+    fn holds(&self, state: &AppState) -> bool {
+        self.passed.is_some_and(|(at, generation)| {
+            at.elapsed() < state.auth.credentials.config().scope_ttl
+                && generation == state.auth.access_generation()
+        })
+    }
+}
+
 /// The stream's request authenticated again and every held bucket checked against the
-/// principal's scope as it is now (the check a long-poll client's next subscribe gets).
-async fn check_access(state: &AppState, s: &StreamRequest) -> crate::error::Result<()> {
-    let mut principal =
-        tokio::time::timeout(OPEN_AT_LEAST, state.principal(&s.req, Endpoint::Buckets))
-            .await
-            .map_err(|_| {
-                NodeError::Unavailable("the credentials could not be checked in time".into())
-            })??;
-    state.authorize_all(&mut principal, s.cursor.ids()).await
+/// principal's scope as it is now (the check a long-poll client's next subscribe gets),
+/// without charging the principal's request rate again: the stream's lines are one
+/// request's answers, and a busy stream must neither end itself with a 429 nor leave its
+/// principal none of its budget.
+async fn check_access(
+    state: &AppState,
+    s: &StreamRequest,
+    checked: &mut Checked,
+) -> crate::error::Result<()> {
+    let generation = state.auth.access_generation();
+    let at = Instant::now();
+    let mut principal = tokio::time::timeout(
+        OPEN_AT_LEAST,
+        state.principal_again(&s.req, Endpoint::Buckets),
+    )
+    .await
+    .map_err(|_| NodeError::Unavailable("the credentials could not be checked in time".into()))??;
+    state.authorize_all(&mut principal, s.cursor.ids()).await?;
+    checked.passed = Some((at, generation));
+    Ok(())
 }
 
 /// The next hold: the access checked again, then the subscribe check with the cursor's
@@ -352,8 +385,9 @@ async fn hold_again(
     state: &AppState,
     s: &StreamRequest,
     deadline: Instant,
+    checked: &mut Checked,
 ) -> crate::error::Result<Next> {
-    check_access(state, s).await?;
+    check_access(state, s, checked).await?;
     let remaining = deadline.saturating_duration_since(Instant::now());
     let held = s.cursor.held();
     let opened = tokio::time::timeout(remaining.max(OPEN_AT_LEAST), async {

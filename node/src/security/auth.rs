@@ -223,13 +223,17 @@ impl Auth {
     /// Verifies the request's credentials for `endpoint` and resolves the principal.
     /// `secure` says whether the connection is TLS or loopback development mode. Default
     /// credentials are refused here: only [`Auth::authenticate_register`] takes them.
+    /// With `charge` the request counts against the principal's request rate; without,
+    /// it is a request already admitted checked again (a stream between lines), which
+    /// paid once.
     pub async fn authenticate(
         &self,
         req: &HttpRequest,
         endpoint: Endpoint,
         secure: bool,
+        charge: bool,
     ) -> Result<Principal> {
-        let (principal, pending) = self.verify(req, endpoint, secure).await?;
+        let (principal, pending) = self.verify(req, endpoint, secure, charge).await?;
         if pending.is_some() {
             return Err(default_not_allowed());
         }
@@ -243,7 +247,7 @@ impl Auth {
         req: &HttpRequest,
         secure: bool,
     ) -> Result<(Principal, Option<DefaultRegistration>)> {
-        self.verify(req, Endpoint::Register, secure).await
+        self.verify(req, Endpoint::Register, secure, true).await
     }
 
     /// FIG 28C 1840–1852, after the whole request was validated: charges the device's
@@ -337,12 +341,14 @@ impl Auth {
     /// holder anything (finding 2): a source that failed too often is refused before any
     /// check (unless its credentials are already known good); otherwise the secret is
     /// verified, and only a failure is counted, against the source and the id. A correct
-    /// secret is never refused for failures others caused.
+    /// secret is never refused for failures others caused. With `charge`, the request
+    /// counts against the principal's request rate.
     async fn verify(
         &self,
         req: &HttpRequest,
         endpoint: Endpoint,
         secure: bool,
+        charge: bool,
     ) -> Result<(Principal, Option<DefaultRegistration>)> {
         let source = self.source_of(req);
         let header = req
@@ -389,9 +395,11 @@ impl Auth {
         if let Some(c) = set {
             req.extensions_mut().insert(SetCredentials(c));
         }
-        self.credentials
-            .check_rate(&creds.id)
-            .inspect_err(|_| metrics.limited("request_rate"))?;
+        if charge {
+            self.credentials
+                .check_rate(&creds.id)
+                .inspect_err(|_| metrics.limited("request_rate"))?;
+        }
         match (endpoint, &principal) {
             (Endpoint::Register | Endpoint::PairingCode, Principal::User { .. }) => {
                 Err(NodeError::Forbidden("this endpoint is for devices".into()))
@@ -498,6 +506,11 @@ impl Auth {
     /// A pairing changed through this node: cached scopes are read again.
     pub fn pairing_changed(&self) {
         self.scopes.pairing_changed();
+    }
+
+    /// [`ScopeCache::generation`]: moves whenever a pairing changes through this node.
+    pub fn access_generation(&self) -> u64 {
+        self.scopes.generation()
     }
 }
 

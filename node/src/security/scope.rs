@@ -72,6 +72,12 @@ impl ScopeCache {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// How many pairing changes this node has seen: a principal checked at one value
+    /// may have lost access once it moved.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// The structure device `serial` was paired into; `bypass` reads the store even if
     /// a fresh entry is cached.
     pub async fn device<F>(
