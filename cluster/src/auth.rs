@@ -47,7 +47,12 @@ const TAG_LEN: usize = 32;
 
 /// The secret(s) every node of one cluster shares; proves a caller is a peer.
 #[derive(Clone)]
-pub struct ClusterSecret(Arc<[Vec<u8>]>);
+pub struct ClusterSecret {
+    keys: Arc<[Vec<u8>]>,
+    /// The peer token's tag under each key, derived once: every forwarded call sends or
+    /// checks them.
+    tokens: Arc<[[u8; TAG_LEN]]>,
+}
 
 impl ClusterSecret {
     /// Shortest secret accepted (128 bits).
@@ -83,24 +88,28 @@ impl ClusterSecret {
                 ));
             }
         }
-        Ok(Self(keys.into()))
+        let tokens = keys.iter().map(|k| Self::token_tag(k)).collect();
+        Ok(Self {
+            keys: keys.into(),
+            tokens,
+        })
     }
 
     /// How many secrets this node holds.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.keys.len()
     }
 
     /// Never true: a node holds at least one secret.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.keys.is_empty()
     }
 
     /// Short public identifiers of the secrets (16 hex digits of a hash derived from each),
     /// for logs and metrics: operators check that every node holds the same ones during a
     /// rotation without seeing a secret.
     pub fn key_ids(&self) -> Vec<String> {
-        self.0
+        self.keys
             .iter()
             .map(|k| {
                 let mut h = Sha256::new();
@@ -154,7 +163,7 @@ impl ClusterSecret {
 
     /// The MAC a sender attaches to the frame `(from, payload)`: one tag per secret.
     pub fn sign_frame(&self, from: &str, payload: &[u8]) -> Vec<u8> {
-        self.0
+        self.keys
             .iter()
             .flat_map(|k| Self::frame_tag(k, from, payload))
             .collect()
@@ -169,7 +178,7 @@ impl ClusterSecret {
         tags: &[u8],
     ) -> Result<(), ClusterError> {
         let expected: Vec<_> = self
-            .0
+            .keys
             .iter()
             .map(|k| Self::frame_tag(k, from, payload))
             .collect();
@@ -182,7 +191,7 @@ impl ClusterSecret {
 
     /// The token a peer presents on non-gossip calls: a key derived from each secret.
     pub fn peer_token(&self) -> Vec<u8> {
-        self.0.iter().flat_map(|k| Self::token_tag(k)).collect()
+        self.tokens.concat()
     }
 
     /// Checks the peer token in `metadata` in constant time.
@@ -192,8 +201,7 @@ impl ClusterSecret {
             .ok_or(ClusterError::Unauthenticated("missing peer token"))?
             .to_bytes()
             .map_err(|_| ClusterError::Unauthenticated("undecodable peer token"))?;
-        let expected: Vec<_> = self.0.iter().map(|k| Self::token_tag(k)).collect();
-        if Self::any_matches(&expected, &token) {
+        if Self::any_matches(&self.tokens, &token) {
             Ok(())
         } else {
             Err(ClusterError::Unauthenticated("bad peer token"))
@@ -211,44 +219,53 @@ impl std::fmt::Debug for ClusterSecret {
 /// ones (server side), so a forwarding service needs no auth code of its own.
 #[derive(Debug, Clone)]
 pub struct PeerAuthInterceptor {
-    secret: ClusterSecret,
     side: Side,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 enum Side {
-    Client,
-    Server,
+    /// The token every call carries, encoded once.
+    Client(MetadataValue<tonic::metadata::Binary>),
+    Server(ClusterSecret),
+}
+
+impl std::fmt::Debug for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token proves a peer: never in a log.
+        f.write_str(match self {
+            Side::Client(_) => "Client(<redacted token>)",
+            Side::Server(_) => "Server(ClusterSecret(<redacted>))",
+        })
+    }
 }
 
 impl PeerAuthInterceptor {
     /// For clients: adds the token to every request.
     pub fn client(secret: ClusterSecret) -> Self {
         Self {
-            secret,
-            side: Side::Client,
+            side: Side::Client(MetadataValue::from_bytes(&secret.peer_token())),
         }
     }
 
     /// For servers: rejects every request without a valid token (`Unauthenticated`).
     pub fn server(secret: ClusterSecret) -> Self {
         Self {
-            secret,
-            side: Side::Server,
+            side: Side::Server(secret),
         }
     }
 }
 
 impl tonic::service::Interceptor for PeerAuthInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        match self.side {
-            Side::Client => {
-                let token = MetadataValue::from_bytes(&self.secret.peer_token());
-                request.metadata_mut().insert_bin(PEER_TOKEN_KEY, token);
+        match &self.side {
+            Side::Client(token) => {
+                request
+                    .metadata_mut()
+                    .insert_bin(PEER_TOKEN_KEY, token.clone());
                 Ok(request)
             }
-            Side::Server => {
-                self.secret.verify_peer_token(request.metadata())?;
+            Side::Server(secret) => {
+                secret.verify_peer_token(request.metadata())?;
                 Ok(request)
             }
         }
@@ -376,6 +393,27 @@ mod tests {
     fn secret_is_redacted_in_debug() {
         let s = secret("0123456789abcdef-cluster");
         assert!(!format!("{s:?}").contains("0123"));
+        // Nor the token derived from it, in either interceptor.
+        let token = s.peer_token();
+        let forms = [
+            token[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            format!("{:?}", &token[..4])
+                .trim_matches(['[', ']'])
+                .to_string(),
+            format!("{:?}", MetadataValue::from_bytes(&token)),
+        ];
+        for text in [
+            format!("{:?}", PeerAuthInterceptor::client(s.clone())),
+            format!("{:?}", PeerAuthInterceptor::server(s.clone())),
+        ] {
+            assert!(!text.contains("0123"), "{text}");
+            for form in &forms {
+                assert!(!text.contains(form.as_str()), "{text} shows {form}");
+            }
+        }
     }
 
     #[test]
