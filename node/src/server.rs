@@ -238,6 +238,22 @@ pub async fn run(config: Config) -> Result<()> {
                                         "request rejected"
                                     );
                                 }
+                            } else if let Some(w) = r
+                                .request()
+                                .extensions()
+                                .get::<crate::api::http::WriteDone>()
+                            {
+                                // A PUT: its write log and its access log in one line.
+                                tracing::info!(
+                                    status,
+                                    elapsed_ms,
+                                    bucket = %w.bucket,
+                                    outcome = ?w.outcome,
+                                    version = w.version,
+                                    op_id = w.op_id.as_deref().unwrap_or("-"),
+                                    replayed = w.replayed,
+                                    "request done"
+                                );
                             } else {
                                 tracing::info!(status, elapsed_ms, "request done");
                             }

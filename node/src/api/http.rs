@@ -637,7 +637,6 @@ pub async fn put(
             "op_id {op:?}: expected 1–64 characters of [A-Za-z0-9_-]"
         )));
     }
-    let set = id.set_key();
     let write = Write {
         update: Update {
             value: msg.value,
@@ -660,7 +659,6 @@ pub async fn put(
             Some(b.value.clone()),
         ),
     };
-    tracing::info!(set = %set, bucket = %id, outcome = ?outcome, version = b.version, op_id = op_id.as_deref().unwrap_or("-"), replayed = written.replayed, "put");
     let resp = UpdateResponse {
         outcome,
         id: id.to_string(),
@@ -670,7 +668,31 @@ pub async fn put(
         replayed: written.replayed,
         delivery: written.delivery,
     };
+    // The write log is the request's own line ("request done"), not a line of its own.
+    req.extensions_mut().insert(WriteDone {
+        bucket: id,
+        outcome,
+        version: b.version,
+        op_id,
+        replayed: written.replayed,
+    });
     Ok(respond(&req, status, &resp))
+}
+
+/// What a PUT wrote, for its request's log line (`server`'s "request done"): one line
+/// per write, with its bucket, outcome, version and op id.
+#[derive(Debug, Clone)]
+pub struct WriteDone {
+    /// The bucket written.
+    pub bucket: BucketId,
+    /// Applied, merged or refused.
+    pub outcome: UpdateOutcome,
+    /// The bucket's version after the write (the stored one when refused).
+    pub version: u64,
+    /// The client's op id, if it sent one.
+    pub op_id: Option<String>,
+    /// Whether the op id was already applied and its first answer replayed.
+    pub replayed: bool,
 }
 
 #[utoipa::path(
