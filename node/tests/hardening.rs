@@ -232,9 +232,23 @@ fn cpu_ticks(node: &Node) -> u64 {
 /// `attackers` clients of A, each sending `rounds` GETs of `path` one after the other;
 /// each is answered with exactly one bucket.
 async fn attack(a: &Principal, path: &str, attackers: usize, rounds: usize) {
-    let tasks: Vec<_> = (0..attackers)
+    finish(spawn_attackers(a, path, attackers, rounds)).await;
+}
+
+/// [`attack`] started: `attackers` tasks, each sending `rounds` GETs of `path`.
+fn spawn_attackers(
+    a: &Principal,
+    path: &str,
+    attackers: usize,
+    rounds: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..attackers)
         .map(|_| tokio::spawn(attacker(a, path, rounds)))
-        .collect();
+        .collect()
+}
+
+/// Waits (bounded) for every attacker task; fails if one failed.
+async fn finish(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
         within(Duration::from_secs(120), "attacker", t)
             .await
@@ -334,9 +348,7 @@ async fn reads_under_load(
     attackers: usize,
     rounds: usize,
 ) -> Vec<Duration> {
-    let tasks: Vec<_> = (0..attackers)
-        .map(|_| tokio::spawn(attacker(a, path, rounds)))
-        .collect();
+    let tasks = spawn_attackers(a, path, attackers, rounds);
     let mut latencies = Vec::new();
     while latencies.len() < 10 || tasks.iter().any(|t| !t.is_finished()) {
         let t = Instant::now();
@@ -344,11 +356,7 @@ async fn reads_under_load(
         latencies.push(t.elapsed());
         assert!(latencies.len() < 100_000, "bounded loop");
     }
-    for t in tasks {
-        within(Duration::from_secs(120), "attacker", t)
-            .await
-            .expect("attacker");
-    }
+    finish(tasks).await;
     latencies
 }
 

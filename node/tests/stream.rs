@@ -243,7 +243,8 @@ async fn a_stream_over_two_devices_keeps_its_hold_on_both() {
 }
 
 /// A write by a device that keeps to its request rate: refused with 429 while its budget
-/// is spent, sent again after the `Retry-After` the node gave.
+/// is spent, tried again after a fifth of the `Retry-After` the node gave, until
+/// `NOTIFY_DEADLINE`.
 async fn write_paced(d: &Principal, id: &str, fields: Value, base_version: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + NOTIFY_DEADLINE;
     loop {
