@@ -409,14 +409,22 @@ impl Router {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let route = self.route(set);
-            let span = tracing::info_span!(
-                "route",
-                %set,
-                owner = match &route {
-                    Route::Local => "local",
-                    Route::Peer(m) => m.id.as_str(),
-                }
-            );
+            // A forward's `route` span is always made (its log lines name the owner); a
+            // local one only when it is seen (`telemetry::inner_span`).
+            let span = if matches!(route, Route::Peer(_))
+                || crate::telemetry::seen(&tracing::Span::current())
+            {
+                tracing::info_span!(
+                    "route",
+                    %set,
+                    owner = match &route {
+                        Route::Local => "local",
+                        Route::Peer(m) => m.id.as_str(),
+                    }
+                )
+            } else {
+                tracing::Span::none()
+            };
             match attempt(route).instrument(span).await {
                 Err(NodeError::FateUnknown(why)) if retry_unknown => {
                     if tokio::time::Instant::now() + ROUTE_RETRY > deadline {

@@ -235,9 +235,10 @@ struct JobTrace {
 impl JobTrace {
     /// Called in the job's handler, whose span is current.
     fn here() -> Self {
+        let span = tracing::Span::current();
         JobTrace {
-            span: tracing::Span::current(),
-            queued: Some(tracing::info_span!("actor.queue")),
+            queued: crate::telemetry::seen(&span).then(|| tracing::info_span!("actor.queue")),
+            span,
         }
     }
 }
@@ -610,14 +611,19 @@ impl BucketSetActor {
             .iter_mut()
             .position(|j| crate::telemetry::exported(&j.trace().span))
             .unwrap_or(0);
-        let commit_span = tracing::info_span!(
-            parent: jobs.get_mut(parent).and_then(|j| j.trace().span.id()),
-            "store.commit",
-            set = %self.set,
-            requests = jobs.len(),
-            backend = self.shared.metrics.store_backend(),
-            otel.status_code = tracing::field::Empty,
-        );
+        let first = jobs
+            .get_mut(parent)
+            .map_or_else(tracing::Span::none, |j| j.trace().span.clone());
+        let commit_span = crate::telemetry::inner_span(&first, || {
+            tracing::info_span!(
+                parent: first.id(),
+                "store.commit",
+                set = %self.set,
+                requests = jobs.len(),
+                backend = self.shared.metrics.store_backend(),
+                otel.status_code = tracing::field::Empty,
+            )
+        });
         for job in &mut jobs {
             let trace = job.trace();
             trace.queued = None;
@@ -634,7 +640,12 @@ impl BucketSetActor {
         let mut batch_ops: BTreeMap<String, (usize, String, String)> = BTreeMap::new();
         let mut results: Vec<(Job, Answer)> = Vec::with_capacity(jobs.len());
         for (index, mut job) in jobs.into_iter().enumerate() {
-            let reconciling = tracing::info_span!(parent: &job.trace().span, "reconcile").entered();
+            let job_span = &job.trace().span;
+            let reconciling = crate::telemetry::inner_span(
+                job_span,
+                || tracing::info_span!(parent: job_span, "reconcile"),
+            )
+            .entered();
             let answer = match &job {
                 Job::Put {
                     id,
@@ -724,7 +735,11 @@ impl BucketSetActor {
                         .metrics
                         .batch_committed(requests, started.elapsed());
                 }
-                Err(_) => drop(commit_span.record("otel.status_code", "ERROR")),
+                // Only on the commit's own span: without one, `commit_span` is a request's.
+                Err(_) if crate::telemetry::exported(&commit_span) => {
+                    commit_span.record("otel.status_code", "ERROR");
+                }
+                Err(_) => {}
             }
             let _in = commit_span.enter();
             act.finish_commit(res, working, changed, commit, results, ctx);
@@ -1121,7 +1136,8 @@ impl BucketSetActor {
                 woken.push((*sub_id, owed, complete));
             }
         }
-        let _fan_out = tracing::info_span!("notify", subscribers = woken.len()).entered();
+        let _fan_out = crate::telemetry::seen(&tracing::Span::current())
+            .then(|| tracing::info_span!("notify", subscribers = woken.len()).entered());
         self.wake(woken);
     }
 

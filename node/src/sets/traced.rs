@@ -4,7 +4,9 @@
 //! [`Traced`]; its handler records the mailbox wait (span `actor.mailbox` and
 //! `tether_actor_mailbox_wait_seconds`) and runs the message's own handler inside an
 //! `actor.{op}` span, child of the request's span, so the actor's work, its log lines and
-//! the batch commit's links all belong to the request's trace.
+//! the batch commit's links all belong to the request's trace. Both spans exist only when
+//! they are seen (`telemetry::inner_span`); otherwise the handler runs in the request's
+//! span.
 
 use std::time::Instant;
 
@@ -56,7 +58,10 @@ impl<M: Op> Traced<M> {
     /// Wraps `msg`, sent now from the current span.
     pub fn new(msg: M) -> Self {
         let parent = tracing::Span::current();
-        let mailbox = tracing::info_span!(parent: &parent, "actor.mailbox", op = M::NAME);
+        let mailbox = crate::telemetry::inner_span(
+            &parent,
+            || tracing::info_span!(parent: &parent, "actor.mailbox", op = M::NAME),
+        );
         Traced {
             msg,
             parent,
@@ -82,7 +87,10 @@ impl<M: Message + Op> Traced<M> {
         actor.shared().metrics.mailbox_wait(M::NAME, sent.elapsed());
         // The wait ends here.
         drop(mailbox);
-        let span = tracing::info_span!(parent: &parent, "actor", op = M::NAME, otel.name = M::SPAN);
+        let span = crate::telemetry::inner_span(
+            &parent,
+            || tracing::info_span!(parent: &parent, "actor", op = M::NAME, otel.name = M::SPAN),
+        );
         (msg, span)
     }
 }

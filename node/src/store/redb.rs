@@ -887,6 +887,9 @@ impl Writer {
                 op => apply(&txn, op, replies)?,
             }
         }
+        // A logged batch stores its number too, though only a durable commit outlives a
+        // crash: a blob transaction commits durably beside this thread, taking every batch
+        // committed before it into redb's durable state, and their number must go with them.
         if seq != self.stored_seq {
             txn.open_table(META)
                 .map_err(backend)?

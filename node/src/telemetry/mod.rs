@@ -11,6 +11,12 @@
 //! `actor.mailbox` (queue wait), `actor.{op}`, `reconcile`, `store.commit` (one per batch,
 //! linked to every request in it), `notify`, `lease.acquire`, `lease.handoff`. Gossip is
 //! not traced.
+//!
+//! The spans inside a request's handling (`route` to a local set, `actor.*`, `reconcile`,
+//! `store.commit`, `notify`) exist only where someone sees them: in an exported trace, or
+//! with debug logs on ([`inner_span`]). Otherwise the request's own span stands in for
+//! them, so a log line written inside still carries the request's ids, and a request
+//! pays for one span, not seven.
 
 pub mod http_client;
 pub mod propagation;
@@ -524,6 +530,24 @@ pub fn exported(span: &tracing::Span) -> bool {
     enabled() && sampling::is_sampled(span)
 }
 
+/// A span inside the handling of `parent`'s request (`make` creates it as a child of
+/// `parent`): made when it is seen — `parent`'s trace is exported, or logs are at debug —
+/// else `parent` itself, which costs a reference count where a span costs its registry
+/// slot and its formatted fields.
+pub fn inner_span(parent: &tracing::Span, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if seen(parent) {
+        make()
+    } else {
+        parent.clone()
+    }
+}
+
+/// Whether a span inside the handling of `parent`'s request is seen: `parent`'s trace is
+/// exported, or logs are at debug.
+pub fn seen(parent: &tracing::Span) -> bool {
+    exported(parent) || tracing::enabled!(tracing::Level::DEBUG)
+}
+
 /// The trace id of an exported request, for its latency's exemplar.
 pub fn exemplar(trace: &propagation::LogTrace) -> Option<TraceId> {
     (enabled() && trace.sampled).then_some(trace.trace_id)
@@ -622,9 +646,15 @@ mod tests {
 
     /// Log lines written by `LogFields` while `log` runs.
     fn logged(log: impl FnOnce()) -> String {
+        logged_at(tracing::Level::INFO, log)
+    }
+
+    /// Log lines written by `LogFields` at `level` and above while `log` runs.
+    fn logged_at(level: tracing::Level, log: impl FnOnce()) -> String {
         let out = Arc::new(Mutex::new(Vec::<u8>::new()));
         let sink = out.clone();
         let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
             .with_ansi(false)
             .fmt_fields(LogFields)
             .with_writer(move || SinkWriter(sink.clone()))
@@ -658,5 +688,32 @@ mod tests {
             "{line:?}"
         );
         assert!(!line.contains("hidden"), "{line:?}");
+    }
+
+    /// A warning inside the actor's handling of a request, as `traced.rs` makes it.
+    fn warn_inside_a_request() {
+        let request = tracing::info_span!("request", request_id = "r-1");
+        let actor = inner_span(
+            &request,
+            || tracing::info_span!(parent: &request, "actor", op = "put"),
+        );
+        actor.in_scope(|| tracing::warn!("commit failed"));
+    }
+
+    #[test]
+    fn inner_spans_are_made_only_when_seen_and_log_lines_keep_the_request() {
+        // Export off, info logs: no actor span; the request's own stands in.
+        let line = logged(warn_inside_a_request);
+        assert!(
+            line.contains(r#"WARN request{request_id="r-1"}: "#) && line.contains("commit failed"),
+            "{line:?}"
+        );
+        assert!(!line.contains("actor{"), "{line:?}");
+        // Debug logs: the actor span is made and shown.
+        let line = logged_at(tracing::Level::DEBUG, warn_inside_a_request);
+        assert!(
+            line.contains(r#"WARN request{request_id="r-1"}:actor{op="put"}: "#),
+            "{line:?}"
+        );
     }
 }
