@@ -302,10 +302,11 @@ pub struct ServeArgs {
     /// stay, as compact waiter records, until its next write [default: 60000].
     #[arg(long, env = "TETHER_PASSIVATE_AFTER_MS")]
     pub passivate_after_ms: Option<u64>,
-    /// HTTP worker threads [default: number of CPUs].
+    /// HTTP worker threads [default: half the CPUs, rounded up]. With the actor threads
+    /// that makes one busy thread per CPU: more only adds context switches.
     #[arg(long, env = "TETHER_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
-    /// Threads hosting bucket set actors [default: number of CPUs].
+    /// Threads hosting bucket set actors [default: half the CPUs, rounded up].
     #[arg(long, env = "TETHER_ACTOR_THREADS")]
     pub actor_threads: Option<usize>,
     /// TLS certificate chain (PEM); with --tls-key serves HTTPS and allows non-loopback
@@ -1134,15 +1135,18 @@ impl Config {
                     .or(file.passivate_after_ms)
                     .unwrap_or(60_000),
             ),
+            // Half the CPUs each (BENCHMARKS.md, "Threads: half the CPUs each"): a thread
+            // per CPU for each pool gave two busy threads per CPU, and on 2 CPUs the
+            // saturated notify path spent 15 % more CPU per update switching between them.
             http_workers: args
                 .http_workers
                 .or(file.http_workers)
-                .unwrap_or(cpus)
+                .unwrap_or(cpus.div_ceil(2))
                 .max(1),
             actor_threads: args
                 .actor_threads
                 .or(file.actor_threads)
-                .unwrap_or(cpus)
+                .unwrap_or(cpus.div_ceil(2))
                 .max(1),
             log_json: args.log_json,
             pairing_code_ttl_s: args
