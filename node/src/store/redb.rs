@@ -2,9 +2,10 @@
 //!
 //! All writes go through one writer thread. It takes every request waiting in its queue
 //! and applies them in one write transaction. A batch of bucket commits is written to the
-//! write-ahead log ([`wal`]) and committed to redb without a sync; a syncer thread then
-//! syncs the log, once for every batch written since its last sync, and answers their
-//! requests, while the writer goes on with the next batch. Every other write, and a
+//! write-ahead log ([`wal`]) and then committed to redb without a sync; a syncer thread
+//! syncs the log meanwhile, once for every batch written since its last sync, and answers
+//! each batch's requests once both its sync and its commit are done, while the writer goes
+//! on with the next batch. Every other write, and a
 //! checkpoint at least every [`CHECKPOINT_EVERY`], commits redb durably. Under load many
 //! PUTs share an fsync; idle, a PUT costs exactly one. Requests are answered in the order
 //! the writer took them, each once it is durable (those of a failed batch at once, with
@@ -820,7 +821,7 @@ struct Writer {
     wal: wal::Wal,
     horizon: Arc<Horizon>,
     /// Where the answers of each batch go, in order, and the thread that sends them.
-    syncer: Option<(mpsc::Sender<Pending>, thread::JoinHandle<()>)>,
+    syncer: Option<(mpsc::Sender<ToSyncer>, thread::JoinHandle<()>)>,
     /// The sequence number of the next logged batch.
     next_seq: u64,
     /// The last one written to [`META`] by a committed transaction.
@@ -877,8 +878,30 @@ impl Writer {
             Some(_) => self.next_seq,
             None => self.next_seq - 1,
         };
+        // A logged batch's record goes first, and the syncer syncs it while redb applies and
+        // commits the batch: the record alone decides the batch (a replay applies it to the
+        // state it met, fencing included), and its answers wait for both.
+        let logged = match record {
+            Some(record) => {
+                // From here the batch's number is spent: if it fails, its record may be in
+                // the log, and only a checkpoint (which stores a number past it) keeps it
+                // from a replay.
+                self.next_seq += 1;
+                self.must_checkpoint = true;
+                self.wal
+                    .write(seq, &record)
+                    .map_err(|e| backend(format!("write-ahead log: {e}")))?;
+                self.metrics.store_wal_bytes(self.wal.len());
+                // Counted before redb commits it, so a read that sees it also sees the
+                // count; the sync asked for now moves the durable count past it.
+                let n = self.horizon.count();
+                self.send(ToSyncer::Sync(n));
+                Some(n)
+            }
+            None => None,
+        };
         let mut txn = self.db.begin_write().map_err(backend)?;
-        if record.is_some() {
+        if logged.is_some() {
             txn.set_durability(Durability::None).map_err(backend)?;
         }
         for op in batch {
@@ -896,7 +919,7 @@ impl Writer {
                 .insert(WAL_SEQ, seq)
                 .map_err(backend)?;
         }
-        let Some(record) = record else {
+        let Some(n) = logged else {
             txn.commit().map_err(backend)?;
             self.horizon.all_durable();
             self.stored_seq = seq;
@@ -906,34 +929,18 @@ impl Writer {
             self.metrics.store_checkpoint();
             return Ok(Made::Durable);
         };
-        // From here the batch's number is spent: if it fails, its record may be in the log,
-        // and only a checkpoint (which stores a number past it) keeps it from a replay.
-        self.next_seq += 1;
-        self.must_checkpoint = true;
-        self.wal
-            .write(seq, &record)
-            .map_err(|e| backend(format!("write-ahead log: {e}")))?;
-        self.metrics.store_wal_bytes(self.wal.len());
-        let n = self.horizon.count();
-        if let Err(e) = txn.commit() {
-            // Nothing of it is visible, but reads finishing now wait for its number: the
-            // syncer passes it with the next sync.
-            self.pass(Pending {
-                logged: Some(n),
-                replies: Vec::new(),
-            });
-            return Err(backend(e));
-        }
+        txn.commit().map_err(backend)?;
         self.stored_seq = seq;
         self.must_checkpoint = false;
         Ok(Made::Logged(n))
     }
 
-    /// Hands a batch's answers to the syncer. Without a syncer (it only stops when the
-    /// writer does) they are dropped, and their requesters see the store closed.
-    fn pass(&self, pending: Pending) {
+    /// Hands the syncer a sync to make or a batch's answers. Without a syncer (it only
+    /// stops when the writer does) answers are dropped, and their requesters see the store
+    /// closed.
+    fn send(&self, message: ToSyncer) {
         if let Some((to_syncer, _)) = &self.syncer {
-            drop(to_syncer.send(pending));
+            drop(to_syncer.send(message));
         }
     }
 
@@ -965,6 +972,15 @@ enum Made {
     Logged(u64),
 }
 
+/// What the writer hands the syncer, in order.
+enum ToSyncer {
+    /// Sync the log through the `n`th logged transaction (its record is written; redb is
+    /// committing it meanwhile).
+    Sync(u64),
+    /// A batch's answers, once redb has committed it (or failed to).
+    Answer(Pending),
+}
+
 /// A committed batch's answers, for the syncer.
 struct Pending {
     /// Its number if it is durable only once the log is synced.
@@ -983,11 +999,24 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn run(self, pending: &mpsc::Receiver<Pending>) {
-        while let Ok(first) = pending.recv() {
-            let mut batches = vec![first];
-            batches.extend(pending.try_iter());
-            if let Some(through) = batches.iter().filter_map(|b| b.logged).max() {
+    fn run(self, from_writer: &mpsc::Receiver<ToSyncer>) {
+        // The log is synced through this logged transaction.
+        let mut synced = 0;
+        let mut waiting: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+        while let Ok(first) = from_writer.recv() {
+            let mut wanted = synced;
+            for message in std::iter::once(first).chain(from_writer.try_iter()) {
+                match message {
+                    ToSyncer::Sync(n) => wanted = wanted.max(n),
+                    ToSyncer::Answer(batch) => {
+                        wanted = wanted.max(batch.logged.unwrap_or(0));
+                        waiting.push_back(batch);
+                    }
+                }
+            }
+            // What the last sync covers is answered before the next one starts.
+            self.answer(&mut waiting, synced);
+            if wanted > synced {
                 #[cfg(test)]
                 let _held = self.hold.blocking_lock();
                 if let Err(e) = self.log.sync_data() {
@@ -999,9 +1028,20 @@ impl Syncer {
                     std::process::abort();
                 }
                 self.metrics.store_wal_sync();
-                self.horizon.durable_through(through);
+                self.horizon.durable_through(wanted);
+                synced = wanted;
             }
-            for batch in batches {
+            self.answer(&mut waiting, synced);
+        }
+    }
+
+    /// Sends, in order, the answers of the batches at the front that are durable.
+    fn answer(&self, waiting: &mut std::collections::VecDeque<Pending>, synced: u64) {
+        while waiting
+            .front()
+            .is_some_and(|b| b.logged.is_none_or(|n| n <= synced))
+        {
+            if let Some(batch) = waiting.pop_front() {
                 batch.replies.into_iter().for_each(Reply::send);
             }
         }
@@ -1043,13 +1083,13 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
         let result = writer.commit(batch, &mut replies, &mut close_replies);
         writer.metrics.store_commit(size);
         match result {
-            Ok(made) => writer.pass(Pending {
+            Ok(made) => writer.send(ToSyncer::Answer(Pending {
                 logged: match made {
                     Made::Durable => None,
                     Made::Logged(n) => Some(n),
                 },
                 replies,
-            }),
+            })),
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "store commit failed; nothing in the batch was acknowledged");
                 replies.into_iter().for_each(|r| r.fail(&e));
