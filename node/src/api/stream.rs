@@ -188,6 +188,12 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
     // The last check of the access (the handler's own is not counted: the first line
     // after it checks again).
     let mut checked = Checked::default();
+    // Made once for the stream: a keep-alive timer that fires at most once a `keepalive`
+    // (a line since it was set moves it on when it fires), the deadline and the drain.
+    let keepalive_due = tokio::time::sleep_until(last_line + keepalive);
+    let timed_out = tokio::time::sleep_until(deadline);
+    let drain = drained(draining.clone());
+    tokio::pin!(keepalive_due, timed_out, drain);
     loop {
         let now = Instant::now();
         if now >= deadline
@@ -211,14 +217,13 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                             // time, one left short, a lost lease): hold again at once.
                             None => HoldEnd::Again,
                         },
-                        () = tokio::time::sleep_until(last_line + keepalive) => {
-                            if !out.line(KEEPALIVE.to_vec()).await {
+                        () = &mut keepalive_due => {
+                            if !keep_alive(&out, &mut last_line, keepalive, keepalive_due.as_mut()).await {
                                 break HoldEnd::Over;
                             }
-                            last_line = Instant::now();
                         }
-                        () = tokio::time::sleep_until(deadline) => break HoldEnd::TimedOut,
-                        () = drained(draining.clone()) => break HoldEnd::Over,
+                        () = &mut timed_out => break HoldEnd::TimedOut,
+                        () = &mut drain => break HoldEnd::Over,
                         _ = &mut slot.evicted => break HoldEnd::Over,
                     }
                 }
@@ -269,11 +274,10 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                                     HoldEnd::Over
                                 }
                             },
-                            () = tokio::time::sleep_until(last_line + keepalive) => {
-                                if !out.line(KEEPALIVE.to_vec()).await {
+                            () = &mut keepalive_due => {
+                                if !keep_alive(&out, &mut last_line, keepalive, keepalive_due.as_mut()).await {
                                     break HoldEnd::Over;
                                 }
-                                last_line = Instant::now();
                             }
                             _ = &mut slot.evicted => break HoldEnd::Over,
                         }
@@ -335,6 +339,24 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
             }
         }
     }
+}
+
+/// The keep-alive timer fired: a keep-alive line if none went for `keepalive`, and the
+/// timer set for `keepalive` after the last line. False if the client is gone.
+async fn keep_alive(
+    out: &Out<'_>,
+    last_line: &mut Instant,
+    keepalive: Duration,
+    due: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> bool {
+    if last_line.elapsed() >= keepalive {
+        if !out.line(KEEPALIVE.to_vec()).await {
+            return false;
+        }
+        *last_line = Instant::now();
+    }
+    due.reset(*last_line + keepalive);
+    true
 }
 
 /// When the stream's access last passed its check, and the node's pairing generation then.
