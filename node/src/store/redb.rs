@@ -3,9 +3,10 @@
 //! All writes go through one writer thread. It takes every request waiting in its queue
 //! and applies them in one write transaction. A batch of bucket commits is written to the
 //! write-ahead log ([`wal`]) and then committed to redb without a sync; a syncer thread
-//! syncs the log meanwhile, once for every batch written since its last sync, and answers
-//! each batch's requests once both its sync and its commit are done, while the writer goes
-//! on with the next batch. Every other write, and a
+//! syncs the log meanwhile, once for every batch written since its last sync. A batch's
+//! requests are answered once both its sync and its commit are done: by the syncer, or by
+//! the writer when the sync finished first and no earlier answers wait; the writer goes on
+//! with the next batch. Every other write, and a
 //! checkpoint at least every [`CHECKPOINT_EVERY`], commits redb durably. Under load many
 //! PUTs share an fsync; idle, a PUT costs exactly one. Requests are answered in the order
 //! the writer took them, each once it is durable (those of a failed batch at once, with
@@ -101,6 +102,11 @@ impl Horizon {
         self.durable.fetch_max(n, Ordering::SeqCst);
         let _held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         self.moved.notify_all();
+    }
+
+    /// Whether the first `n` logged transactions are durable.
+    fn is_durable(&self, n: u64) -> bool {
+        self.durable.load(Ordering::SeqCst) >= n
     }
 
     /// After a durable redb commit: every logged transaction before it is durable.
@@ -282,9 +288,11 @@ impl RedbStore {
         let (to_syncer, pending) = mpsc::channel();
         #[cfg(test)]
         let syncer_hold = Arc::new(tokio::sync::Mutex::new(()));
+        let with_syncer = Arc::new(AtomicU64::new(0));
         let syncer = Syncer {
             log,
             horizon: horizon.clone(),
+            with_syncer: with_syncer.clone(),
             metrics: metrics.clone(),
             #[cfg(test)]
             hold: syncer_hold.clone(),
@@ -299,6 +307,7 @@ impl RedbStore {
             wal,
             horizon: horizon.clone(),
             syncer: Some((to_syncer, syncer)),
+            with_syncer,
             next_seq: seq + 1,
             stored_seq: seq,
             last_checkpoint: Instant::now(),
@@ -820,8 +829,11 @@ struct Writer {
     db: Arc<Database>,
     wal: wal::Wal,
     horizon: Arc<Horizon>,
-    /// Where the answers of each batch go, in order, and the thread that sends them.
+    /// Where the syncs to make and the answers of each batch go, in order, and the thread
+    /// that makes and sends them.
     syncer: Option<(mpsc::Sender<ToSyncer>, thread::JoinHandle<()>)>,
+    /// Batches whose answers the syncer holds (not yet sent).
+    with_syncer: Arc<AtomicU64>,
     /// The sequence number of the next logged batch.
     next_seq: u64,
     /// The last one written to [`META`] by a committed transaction.
@@ -944,6 +956,19 @@ impl Writer {
         }
     }
 
+    /// Answers a committed batch: at once if it is durable (its sync done while redb
+    /// committed it) and the syncer holds no earlier answers, else through the syncer,
+    /// which answers in order after the sync.
+    fn answer(&self, batch: Pending) {
+        let durable = batch.logged.is_none_or(|n| self.horizon.is_durable(n));
+        if durable && self.with_syncer.load(Ordering::SeqCst) == 0 {
+            batch.replies.into_iter().for_each(Reply::send);
+            return;
+        }
+        self.with_syncer.fetch_add(1, Ordering::SeqCst);
+        self.send(ToSyncer::Answer(batch));
+    }
+
     /// Lets the syncer send what it holds, and waits for it to stop.
     fn stop_syncer(&mut self) {
         if let Some((to_syncer, thread)) = self.syncer.take() {
@@ -992,6 +1017,8 @@ struct Pending {
 struct Syncer {
     log: File,
     horizon: Arc<Horizon>,
+    /// Batches whose answers it holds, counted up by the writer.
+    with_syncer: Arc<AtomicU64>,
     metrics: Metrics,
     /// Held by a test to keep the log from being synced.
     #[cfg(test)]
@@ -1043,6 +1070,7 @@ impl Syncer {
         {
             if let Some(batch) = waiting.pop_front() {
                 batch.replies.into_iter().for_each(Reply::send);
+                self.with_syncer.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -1083,13 +1111,13 @@ fn writer_loop(mut writer: Writer, rx: &mpsc::Receiver<WriteOp>) {
         let result = writer.commit(batch, &mut replies, &mut close_replies);
         writer.metrics.store_commit(size);
         match result {
-            Ok(made) => writer.send(ToSyncer::Answer(Pending {
+            Ok(made) => writer.answer(Pending {
                 logged: match made {
                     Made::Durable => None,
                     Made::Logged(n) => Some(n),
                 },
                 replies,
-            })),
+            }),
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "store commit failed; nothing in the batch was acknowledged");
                 replies.into_iter().for_each(|r| r.fail(&e));
