@@ -696,7 +696,14 @@ impl BucketSetActor {
         self.committing = true;
         let store = self.shared.store.clone();
         let set = self.set.clone();
-        let to_commit = commit.clone();
+        // The store takes the buckets' new states (this actor keeps them in `working`) and
+        // a copy of the rest, which this actor keeps for its change log and known op ids.
+        let to_commit = Commit {
+            buckets: std::mem::take(&mut commit.buckets),
+            changes: commit.changes.clone(),
+            ops: commit.ops.clone(),
+            trim: commit.trim.clone(),
+        };
         // Planted bug (chaos self-test): the batch is committed later, in the background,
         // and answered now.
         #[cfg(feature = "planted-ack-before-durable")]
