@@ -6,13 +6,12 @@
 //! syncs the log meanwhile, once for every batch written since its last sync. A batch's
 //! requests are answered once both its sync and its commit are done: by the syncer, or by
 //! the writer when the sync finished first and no earlier answers wait; the writer goes on
-//! with the next batch. Every other write, and a
-//! checkpoint at least every [`CHECKPOINT_EVERY`], commits redb durably. Under load many
-//! PUTs share an fsync; idle, a PUT costs exactly one. Requests are answered in the order
-//! the writer took them, each once it is durable (those of a failed batch at once, with
-//! the error). Reads use redb's MVCC read transactions on the blocking pool; a read that
-//! saw a batch not yet synced waits for the sync ([`Horizon`]), so nothing a crash could
-//! take back is ever returned.
+//! with the next batch. Every other write, and a checkpoint at least every
+//! [`CHECKPOINT_EVERY`], commits redb durably. Under load many PUTs share an fsync; idle, a
+//! PUT costs exactly one. Requests are answered in the order the writer took them, each
+//! once it is durable (those of a failed batch at once, with the error). Reads use redb's
+//! MVCC read transactions on the blocking pool; a read that saw a batch not yet synced
+//! waits for the sync ([`Horizon`]), so nothing a crash could take back is ever returned.
 
 use std::fs::File;
 use std::path::Path;
