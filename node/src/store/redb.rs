@@ -13,6 +13,7 @@
 //! MVCC read transactions on the blocking pool; a read that saw a batch not yet synced
 //! waits for the sync ([`Horizon`]), so nothing a crash could take back is ever returned.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -930,19 +931,17 @@ impl Writer {
                 .insert(WAL_SEQ, seq)
                 .map_err(backend)?;
         }
+        txn.commit().map_err(backend)?;
+        self.stored_seq = seq;
+        self.must_checkpoint = false;
         let Some(n) = logged else {
-            txn.commit().map_err(backend)?;
+            // A checkpoint: everything logged before it is durable in redb now.
             self.horizon.all_durable();
-            self.stored_seq = seq;
             self.last_checkpoint = Instant::now();
-            self.must_checkpoint = false;
             self.wal.reset();
             self.metrics.store_checkpoint();
             return Ok(Made::Durable);
         };
-        txn.commit().map_err(backend)?;
-        self.stored_seq = seq;
-        self.must_checkpoint = false;
         Ok(Made::Logged(n))
     }
 
@@ -1028,7 +1027,7 @@ impl Syncer {
     fn run(self, from_writer: &mpsc::Receiver<ToSyncer>) {
         // The log is synced through this logged transaction.
         let mut synced = 0;
-        let mut waiting: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+        let mut waiting = VecDeque::new();
         while let Ok(first) = from_writer.recv() {
             let mut wanted = synced;
             for message in std::iter::once(first).chain(from_writer.try_iter()) {
@@ -1062,7 +1061,7 @@ impl Syncer {
     }
 
     /// Sends, in order, the answers of the batches at the front that are durable.
-    fn answer(&self, waiting: &mut std::collections::VecDeque<Pending>, synced: u64) {
+    fn answer(&self, waiting: &mut VecDeque<Pending>, synced: u64) {
         while waiting
             .front()
             .is_some_and(|b| b.logged.is_none_or(|n| n <= synced))
