@@ -457,7 +457,7 @@ impl Router {
             async move {
                 match route {
                     Route::Local => self.local_get(set, read).await,
-                    Route::Peer(owner) => self.peers()?.get(&owner, set, read).await,
+                    Route::Peer(owner) => Box::pin(self.peers()?.get(&owner, set, read)).await,
                 }
             }
         })
@@ -479,7 +479,10 @@ impl Router {
             async move {
                 match route {
                     Route::Local => self.local_put(id, write).await,
-                    Route::Peer(owner) => self.peers()?.put(&owner, id, write).await,
+                    // Boxed, here and in the other routes: a forward's future (its gRPC
+                    // call) is ten times a local one's, and every local request's future
+                    // would otherwise be as large and be moved and zeroed at that size.
+                    Route::Peer(owner) => Box::pin(self.peers()?.put(&owner, id, write)).await,
                 }
             }
         })
@@ -491,7 +494,7 @@ impl Router {
         self.routed(set, |route| async move {
             match route {
                 Route::Local => self.local_presence(set).await,
-                Route::Peer(owner) => self.peers()?.presence(&owner, set).await,
+                Route::Peer(owner) => Box::pin(self.peers()?.presence(&owner, set)).await,
             }
         })
         .await
@@ -531,7 +534,7 @@ impl Router {
             async move {
                 match route {
                     Route::Local => self.local_ensure(set, msg).await,
-                    Route::Peer(owner) => self.peers()?.ensure(&owner, set, msg).await,
+                    Route::Peer(owner) => Box::pin(self.peers()?.ensure(&owner, set, msg)).await,
                 }
             }
         })
