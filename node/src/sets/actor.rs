@@ -801,17 +801,18 @@ impl BucketSetActor {
         let now = self.shared.tick();
         let outcome = reconcile(stored, update, now);
         let max = self.shared.config.max_bucket_bytes;
-        let (result, kind) = match &outcome {
-            Outcome::Applied(new) | Outcome::Merged(new) => {
+        let accepted = match outcome {
+            Outcome::Applied(new) => Some((new, UpdateOutcome::Applied, ChangeKind::Applied)),
+            Outcome::Merged(new) => Some((new, UpdateOutcome::Merged, ChangeKind::Merged)),
+            Outcome::Refused(_) => None,
+        };
+        let (result, kind) = match accepted {
+            Some((new, api, kind)) => {
                 if encoded_len(&new.value) > max {
                     return Answer::Done(Err(NodeError::TooLarge(format!(
                         "bucket {id} would be larger than {max} bytes"
                     ))));
                 }
-                let (api, kind) = match outcome {
-                    Outcome::Applied(_) => (UpdateOutcome::Applied, ChangeKind::Applied),
-                    _ => (UpdateOutcome::Merged, ChangeKind::Merged),
-                };
                 commit.changes.push((
                     id.clone(),
                     Change {
@@ -824,19 +825,17 @@ impl BucketSetActor {
                         fields: update.value.clone(),
                     },
                 ));
-                working.insert(id.clone(), new.clone());
                 changed.entry(id.clone()).or_default().push(session.clone());
-                (
-                    WriteResult {
-                        outcome: api,
-                        bucket: new.clone(),
-                        replayed: false,
-                        delivery: None,
-                    },
-                    api,
-                )
+                let result = WriteResult {
+                    outcome: api,
+                    bucket: new.clone(),
+                    replayed: false,
+                    delivery: None,
+                };
+                working.insert(id.clone(), new);
+                (result, api)
             }
-            Outcome::Refused(_) => (
+            None => (
                 WriteResult {
                     outcome: UpdateOutcome::Refused,
                     bucket: stored.clone(),
