@@ -251,6 +251,7 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LogFields {
     }
 }
 
+/// `fields` as one log line's text (see [`LogFieldVisitor`]), written into `writer`.
 fn format_fields_into<R: tracing_subscriber::field::RecordFields>(
     writer: tracing_subscriber::fmt::format::Writer<'_>,
     fields: R,
