@@ -305,6 +305,7 @@ impl RedbStore {
         let writer = Writer {
             db: db.clone(),
             wal,
+            record: Vec::new(),
             horizon: horizon.clone(),
             syncer: Some((to_syncer, syncer)),
             with_syncer,
@@ -845,26 +846,33 @@ fn replay(
     Ok((last, records.len()))
 }
 
-/// The log record of a batch of commits alone; `None` for any other batch (it is committed
-/// to redb durably instead).
-fn log_record(batch: &[WriteOp]) -> Option<Vec<u8>> {
+/// Builds in `record` the log record of a batch of commits alone ([`wal::begin`], then its
+/// encoding); `false` for any other batch (it is committed to redb durably instead).
+fn log_record(batch: &[WriteOp], record: &mut Vec<u8>) -> bool {
     let mut commits = Vec::with_capacity(batch.len());
     for op in batch {
         let WriteOp::Commit {
             set, epoch, commit, ..
         } = op
         else {
-            return None;
+            return false;
         };
         commits.push((set, epoch, commit));
     }
-    serde_json::to_vec(&commits).ok()
+    wal::begin(record);
+    serde_json::to_writer(&mut *record, &commits).is_ok()
 }
+
+/// The largest record buffer the writer keeps between batches; a larger one (after a
+/// batch of large values) is freed.
+const RECORD_KEPT: usize = 1 << 20;
 
 /// The writer thread's state.
 struct Writer {
     db: Arc<Database>,
     wal: wal::Wal,
+    /// The buffer each logged batch's record is encoded into, kept between batches.
+    record: Vec<u8>,
     horizon: Arc<Horizon>,
     /// Where the syncs to make and the answers of each batch go, in order, and the thread
     /// that makes and sends them.
@@ -918,36 +926,34 @@ impl Writer {
         replies: &mut Vec<Reply>,
         close_replies: &mut Vec<oneshot::Sender<Result<(), StoreError>>>,
     ) -> Result<Made, StoreError> {
-        let record = if self.checkpoint_due() {
-            None
+        let logging = !self.checkpoint_due() && log_record(&batch, &mut self.record);
+        let seq = if logging {
+            self.next_seq
         } else {
-            log_record(&batch)
-        };
-        let seq = match record {
-            Some(_) => self.next_seq,
-            None => self.next_seq - 1,
+            self.next_seq - 1
         };
         // A logged batch's record goes first, and the syncer syncs it while redb applies and
         // commits the batch: the record alone decides the batch (a replay applies it to the
         // state it met, fencing included), and its answers wait for both.
-        let logged = match record {
-            Some(record) => {
-                // From here the batch's number is spent: if it fails, its record may be in
-                // the log, and only a checkpoint (which stores a number past it) keeps it
-                // from a replay.
-                self.next_seq += 1;
-                self.must_checkpoint = true;
-                self.wal
-                    .write(seq, &record)
-                    .map_err(|e| backend(format!("write-ahead log: {e}")))?;
-                self.metrics.store_wal_bytes(self.wal.len());
-                // Counted before redb commits it, so a read that sees it also sees the
-                // count; the sync asked for now moves the durable count past it.
-                let n = self.horizon.count();
-                self.send(ToSyncer::Sync(n));
-                Some(n)
+        let logged = if logging {
+            // From here the batch's number is spent: if it fails, its record may be in
+            // the log, and only a checkpoint (which stores a number past it) keeps it
+            // from a replay.
+            self.next_seq += 1;
+            self.must_checkpoint = true;
+            let written = self.wal.write_record(seq, &mut self.record);
+            if self.record.capacity() > RECORD_KEPT {
+                self.record = Vec::new();
             }
-            None => None,
+            written.map_err(|e| backend(format!("write-ahead log: {e}")))?;
+            self.metrics.store_wal_bytes(self.wal.len());
+            // Counted before redb commits it, so a read that sees it also sees the
+            // count; the sync asked for now moves the durable count past it.
+            let n = self.horizon.count();
+            self.send(ToSyncer::Sync(n));
+            Some(n)
+        } else {
+            None
         };
         let mut txn = self.db.begin_write().map_err(backend)?;
         if logged.is_some() {

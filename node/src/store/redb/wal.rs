@@ -53,6 +53,13 @@ pub(super) struct Wal {
     capacity: u64,
 }
 
+/// Empties `record` and leaves room for a header: the record's payload is appended to it
+/// next, and [`Wal::write_record`] writes it.
+pub(super) fn begin(record: &mut Vec<u8>) {
+    record.clear();
+    record.resize(HEADER, 0);
+}
+
 impl Wal {
     /// Opens (or creates) the log and reads its records; a torn tail is cut off.
     pub fn open(path: &Path) -> io::Result<(Wal, Vec<Record>)> {
@@ -107,19 +114,31 @@ impl Wal {
     /// ([`Wal::sync_handle`]), and until then a crash may leave it whole, torn or absent.
     /// On failure the log still ends where it did, but the caller must not count on the
     /// record being absent from the file.
+    #[cfg(test)]
     pub fn write(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
+        let mut record = Vec::with_capacity(HEADER + payload.len());
+        begin(&mut record);
+        record.extend_from_slice(payload);
+        self.write_record(seq, &mut record)
+    }
+
+    /// [`Wal::write`] of a record built in place: `record` was [`begin`]-ed, then its
+    /// payload appended. Its header is filled in here, so a batch is encoded once, into
+    /// the buffer the file is written from.
+    pub fn write_record(&mut self, seq: u64, record: &mut [u8]) -> io::Result<()> {
+        let (header, payload) = record
+            .split_at_mut_checked(HEADER)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "record not begun"))?;
         let len = u32::try_from(payload.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "batch over 4 GiB"))?;
-        let mut buf = Vec::with_capacity(HEADER + payload.len());
-        buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&checksum(seq, payload).to_le_bytes());
-        buf.extend_from_slice(&seq.to_le_bytes());
-        buf.extend_from_slice(payload);
-        let end = self.len + buf.len() as u64;
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4..8].copy_from_slice(&checksum(seq, payload).to_le_bytes());
+        header[8..].copy_from_slice(&seq.to_le_bytes());
+        let end = self.len + record.len() as u64;
         if end > self.capacity {
             self.grow(end)?;
         }
-        self.file.write_all_at(&buf, self.len)?;
+        self.file.write_all_at(record, self.len)?;
         self.len = end;
         Ok(())
     }
@@ -221,6 +240,34 @@ mod tests {
         assert_eq!(seqs(&records), vec![7, 8, 9]);
         assert_eq!(records[2].payload, b"ccc");
         assert_eq!(wal.len(), (3 * HEADER + 4) as u64);
+    }
+
+    #[test]
+    fn one_buffer_builds_record_after_record() {
+        let (_dir, path) = log_with(&[]);
+        let (mut wal, _) = Wal::open(&path).expect("open");
+        let mut record = Vec::new();
+        for (seq, payload) in [(1, &b"a long first payload"[..]), (2, b"short"), (3, b"")] {
+            begin(&mut record);
+            record.extend_from_slice(payload);
+            wal.write_record(seq, &mut record).expect("write");
+        }
+        drop(wal);
+        let (_, records) = Wal::open(&path).expect("reopen");
+        let got: Vec<_> = records.iter().map(|r| (r.seq, &r.payload[..])).collect();
+        assert_eq!(
+            got,
+            [(1, &b"a long first payload"[..]), (2, b"short"), (3, b"")]
+        );
+    }
+
+    #[test]
+    fn a_record_without_room_for_its_header_is_refused() {
+        let (_dir, path) = log_with(&[]);
+        let (mut wal, _) = Wal::open(&path).expect("open");
+        let err = wal.write_record(1, &mut [0u8; 3]).expect_err("no header");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(wal.is_empty());
     }
 
     #[test]
