@@ -192,7 +192,9 @@ pub async fn run(config: Config) -> Result<()> {
         App::new()
             .app_data(app_state.clone())
             .wrap_fn(move |mut req, srv| {
-                let request_id = uuid::Uuid::new_v4();
+                // A version-4 id from the thread's CSPRNG (`rand::rng`): `Uuid::new_v4`
+                // asks the kernel (`getrandom`) for every request.
+                let request_id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
                 let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
                 if route == "/v1/subscribe" {
                     // Kept for the whole hold: no room for headers it does not have.
