@@ -469,7 +469,19 @@ fn replay(rec: &OpRecord, now: &Bucket) -> WriteResult {
 
 /// Size of a bucket's value as JSON, the unit of the bucket size limit.
 fn encoded_len(value: &Fields) -> usize {
-    serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
+    /// Counts what is written to it: the length without building the text.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(usize::MAX, |()| count.0)
 }
 
 /// What a bucket adds to an answer beside its value (id, timestamp, version, JSON).
@@ -1811,6 +1823,20 @@ mod tests {
             id: BucketId::parse(id).expect("valid id"),
             timestamp: None,
             version,
+        }
+    }
+
+    #[test]
+    fn a_value_is_measured_as_long_as_its_json() {
+        for text in [
+            r#"{}"#,
+            r#"{"t":21.5}"#,
+            r#"{"name":"caf\u00e9 \"quoted\" \\ tab\t","n":[1,2,{"x":null}],"ok":true}"#,
+            r#"{"emoji":"🌡️","big":18446744073709551615,"neg":-1e300}"#,
+        ] {
+            let value: Fields = serde_json::from_str(text).expect("a JSON object");
+            let json = serde_json::to_vec(&value).expect("encodes");
+            assert_eq!(encoded_len(&value), json.len(), "{text}");
         }
     }
 
