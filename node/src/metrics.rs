@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
@@ -20,6 +21,22 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 type ExemplarHistogram = HistogramWithExemplars<Labels>;
+
+/// `tether_http_requests_total`'s labels. Typed (the status a number, the method a
+/// static name) so that counting a request builds one string, not a vector of them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: u16,
+}
+
+/// `tether_http_request_duration_seconds`' labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodRouteStatus {
+    method: &'static str,
+    route: String,
+    status: u16,
+}
 
 /// Request latencies: 1 ms … 90 min (held subscriptions last up to the maximum hold).
 const REQUEST_BUCKETS: &[f64] = &[
@@ -63,7 +80,7 @@ type RuntimeGauge = fn(&tokio::runtime::RuntimeMetrics) -> usize;
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
-    http_requests: Family<Labels, Counter>,
+    http_requests: Family<RouteStatus, Counter>,
     put_outcomes: Family<Labels, Counter>,
     held_subscriptions: Gauge,
     active_sets: Gauge,
@@ -86,7 +103,7 @@ struct Inner {
     cluster_members: Gauge,
     member_changes: Family<Labels, Counter>,
     clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
-    request_duration: Family<Labels, ExemplarHistogram, fn() -> ExemplarHistogram>,
+    request_duration: Family<MethodRouteStatus, ExemplarHistogram, fn() -> ExemplarHistogram>,
     auth_failures: Family<Labels, Counter>,
     rate_limited: Family<Labels, Counter>,
     subscribe_hold: HistFamily,
@@ -121,7 +138,7 @@ impl Metrics {
     /// Registers every metric the node reports.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tether");
-        let http_requests = Family::<Labels, Counter>::default();
+        let http_requests = Family::<RouteStatus, Counter>::default();
         registry.register(
             "http_requests",
             "HTTP requests by route and status",
@@ -259,10 +276,11 @@ impl Metrics {
             "Changes of other members in this node's view, by change (up: joined, restarted or refuted a suspicion; down: no longer live, whether it drained, its port refused a connection or a suspicion of it ran out; left: gone for good, drained or refused). In a run without kills, partitions or freezes, down minus left counts false suspicions",
             member_changes.clone(),
         );
-        let request_duration =
-            Family::<Labels, ExemplarHistogram, fn() -> ExemplarHistogram>::new_with_constructor(
-                request_histogram,
-            );
+        let request_duration = Family::<
+            MethodRouteStatus,
+            ExemplarHistogram,
+            fn() -> ExemplarHistogram,
+        >::new_with_constructor(request_histogram);
         registry.register(
             "http_request_duration_seconds",
             "Device API request latency, by method, route pattern and status (exemplars: trace ids)",
@@ -530,25 +548,23 @@ impl Metrics {
         elapsed: Duration,
         trace_id: Option<opentelemetry::trace::TraceId>,
     ) {
+        let mut labels = MethodRouteStatus {
+            method,
+            route: route.to_string(),
+            status,
+        };
+        self.0.request_duration.get_or_create(&labels).observe(
+            elapsed.as_secs_f64(),
+            trace_id.map(|t| vec![("trace_id", t.to_string())]),
+            None,
+        );
         self.0
             .http_requests
-            .get_or_create(&vec![
-                ("route", route.to_string()),
-                ("status", status.to_string()),
-            ])
+            .get_or_create(&RouteStatus {
+                route: std::mem::take(&mut labels.route),
+                status,
+            })
             .inc();
-        self.0
-            .request_duration
-            .get_or_create(&vec![
-                ("method", method.to_string()),
-                ("route", route.to_string()),
-                ("status", status.to_string()),
-            ])
-            .observe(
-                elapsed.as_secs_f64(),
-                trace_id.map(|t| vec![("trace_id", t.to_string())]),
-                None,
-            );
     }
 
     /// A request refused with API error `code` on `route`: counted as an authentication
