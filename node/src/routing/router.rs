@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
-pub use crate::sets::actor::Get;
+pub use crate::sets::actor::{answer_size, Get};
 use crate::sets::actor::{
     DeviceContact, EnsureBuckets, GetPresence, Put, Stale, Subscribe, SubscribeAnswer,
 };
@@ -1056,11 +1056,6 @@ async fn diff_from_log(shared: &Shared, bucket: &Bucket, held: u64) -> Option<Fi
             None
         }
     }
-}
-
-/// About what bucket `b` adds to an answer, in bytes (its value as JSON and an envelope).
-pub fn answer_size(b: &Bucket) -> usize {
-    serde_json::to_vec(&b.value).map_or(usize::MAX, |v| v.len().saturating_add(160))
 }
 
 /// What [`Router::hold_local`] found: answered at once, held, or both.

@@ -487,6 +487,12 @@ fn encoded_len(value: &Fields) -> usize {
 /// What a bucket adds to an answer beside its value (id, timestamp, version, JSON).
 const BUCKET_OVERHEAD: usize = 160;
 
+/// About what bucket `b` adds to an answer, in bytes (its value as JSON and an envelope):
+/// the unit of the answer budgets of reads and subscriptions.
+pub fn answer_size(b: &Bucket) -> usize {
+    encoded_len(&b.value).saturating_add(BUCKET_OVERHEAD)
+}
+
 impl BucketSetActor {
     /// An actor for `set`; it loads its state when started.
     pub fn new(set: SetKey, shared: Arc<Shared>) -> Self {
@@ -543,10 +549,7 @@ impl BucketSetActor {
         if let Some(n) = self.sizes.get(id) {
             return *n;
         }
-        let n = self
-            .committed
-            .get(id)
-            .map_or(0, |b| encoded_len(&b.value).saturating_add(BUCKET_OVERHEAD));
+        let n = self.committed.get(id).map_or(0, answer_size);
         self.sizes.insert(id.clone(), n);
         n
     }
@@ -1233,7 +1236,7 @@ impl BucketSetActor {
                     continue;
                 }
                 due += 1;
-                let size = encoded_len(&stored.value).saturating_add(BUCKET_OVERHEAD);
+                let size = answer_size(stored);
                 if !owed.is_empty() && size > budget {
                     continue;
                 }
