@@ -7,6 +7,7 @@
 //! cluster's node ids. Never a device, bucket or user id: a test registers 1,000 devices
 //! and checks that no series appears per device.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ type ExemplarHistogram = HistogramWithExemplars<Labels>;
 /// static name) so that counting a request builds one string, not a vector of them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteStatus {
-    route: String,
+    route: Cow<'static, str>,
     status: u16,
 }
 
@@ -34,7 +35,7 @@ struct RouteStatus {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodRouteStatus {
     method: &'static str,
-    route: String,
+    route: Cow<'static, str>,
     status: u16,
 }
 
@@ -542,7 +543,7 @@ impl Metrics {
     /// exemplar of its latency bucket.
     pub(crate) fn http_request(
         &self,
-        route: &str,
+        route: Cow<'static, str>,
         method: &'static str,
         status: u16,
         elapsed: Duration,
@@ -550,7 +551,7 @@ impl Metrics {
     ) {
         let mut labels = MethodRouteStatus {
             method,
-            route: route.to_string(),
+            route,
             status,
         };
         self.0.request_duration.get_or_create(&labels).observe(

@@ -1,5 +1,6 @@
 //! Wires a node together and runs it until SIGTERM/Ctrl-C.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -195,7 +196,12 @@ pub async fn run(config: Config) -> Result<()> {
                 // A version-4 id from the thread's CSPRNG (`rand::rng`): `Uuid::new_v4`
                 // asks the kernel (`getrandom`) for every request.
                 let request_id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-                let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                let route: Cow<'static, str> = match http::frequent_route(req.path()) {
+                    Some(route) => Cow::Borrowed(route),
+                    None => req
+                        .match_pattern()
+                        .map_or(Cow::Borrowed("unmatched"), Cow::Owned),
+                };
                 if route == "/v1/subscribe" {
                     // Kept for the whole hold: no room for headers it does not have.
                     crate::api::held::compact_headers(req.head_mut());
@@ -221,7 +227,7 @@ pub async fn run(config: Config) -> Result<()> {
                                 .and_then(|e| e.as_error::<NodeError>())
                                 .map(|e| e.code_and_status().0);
                             let elapsed = started.elapsed();
-                            metrics.http_request(&route, method, status, elapsed, exemplar);
+                            metrics.http_request(route.clone(), method, status, elapsed, exemplar);
                             if let Some(code) = code {
                                 metrics.request_refused(&route, code);
                             }
@@ -263,7 +269,9 @@ pub async fn run(config: Config) -> Result<()> {
                         res.map(|mut r| {
                             let set = r.request().extensions().get::<SetCredentials>().cloned();
                             let headers = r.headers_mut();
-                            if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+                            let mut id = uuid::Uuid::encode_buffer();
+                            let id = request_id.hyphenated().encode_lower(&mut id);
+                            if let Ok(v) = HeaderValue::from_str(id) {
                                 headers.insert(HeaderName::from_static("x-request-id"), v);
                             }
                             // New credentials ride on every authenticated response, errors

@@ -1,6 +1,7 @@
 //! The OpenAPI document against the routes the node really serves (issue 14).
 //!
-//! Routes are registered with actix-web's `.route(path, web::<method>()…)`, which no
+//! Routes are registered with actix-web's `.route(path, web::<method>()…)` (or
+//! `web::resource(path).route(web::<method>()…)`), which no
 //! OpenAPI generator can see. This test reads the node's source with `syn`, collects
 //! every such registration, and fails if a route exists that `GET /v1/openapi.json` does
 //! not describe, or the spec describes an operation no route serves. It also calls every
@@ -24,6 +25,28 @@ const NOT_API: &[&str] = &["/docs"];
 struct Routes {
     found: BTreeSet<(String, String)>,
     unsupported: Vec<String>,
+    /// Every `web::resource(…)` call, and the paths of those whose routes were read.
+    resources: Vec<String>,
+    routed_resources: BTreeSet<String>,
+}
+
+/// The literal path of the `web::resource("/path")` a method chain starts from.
+fn resource_path(mut expr: &syn::Expr) -> Option<String> {
+    loop {
+        match expr {
+            syn::Expr::MethodCall(m) => expr = &m.receiver,
+            syn::Expr::Call(c) if quote_free(&c.func).ends_with("web :: resource") => {
+                return match c.args.first() {
+                    Some(syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(path),
+                        ..
+                    })) => Some(path.value()),
+                    _ => None,
+                };
+            }
+            _ => return None,
+        }
+    }
 }
 
 fn method_of(expr: &syn::Expr) -> Option<String> {
@@ -61,6 +84,15 @@ impl<'ast> Visit<'ast> for Routes {
                         quote_free(handler)
                     )),
                 },
+                // `web::resource("/path")….route(web::<method>().to(handler))`.
+                (Some(handler), None)
+                    if resource_path(&call.receiver).is_some() && method_of(handler).is_some() =>
+                {
+                    let path = resource_path(&call.receiver).unwrap_or_default();
+                    self.found
+                        .insert((method_of(handler).unwrap_or_default(), path.clone()));
+                    self.routed_resources.insert(path);
+                }
                 _ => {
                     // Other `.route(…)` methods (the router's own) are not actix routes
                     // unless they name `web::`.
@@ -81,7 +113,11 @@ impl<'ast> Visit<'ast> for Routes {
 
     fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
         let f = quote_free(&call.func);
-        if f.ends_with("web :: resource") || f.ends_with("web :: scope") {
+        if f.ends_with("web :: resource") {
+            // Read through its `.route(…)` calls; one with none is not understood.
+            self.resources
+                .push(quote_free(&syn::Expr::Call(call.clone())));
+        } else if f.ends_with("web :: scope") {
             self.unsupported.push(format!("{f}(…)"));
         }
         syn::visit::visit_expr_call(self, call);
@@ -129,6 +165,15 @@ fn registered_routes() -> BTreeSet<(String, String)> {
         let text = std::fs::read_to_string(f).expect("read source");
         let file = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         routes.visit_file(&file);
+    }
+    for resource in std::mem::take(&mut routes.resources) {
+        if !routes
+            .routed_resources
+            .iter()
+            .any(|p| resource.contains(&format!("{p:?}")))
+        {
+            routes.unsupported.push(resource);
+        }
     }
     assert!(
         routes.unsupported.is_empty(),

@@ -1465,6 +1465,23 @@ pub async fn readyz_head(state: web::Data<AppState>) -> HttpResponse {
     readyz(state).await
 }
 
+/// The route pattern of `path` (as actix-web's `match_pattern` names it) for the device
+/// API's most frequent routes, by comparing segments; `None` for every other path, whose
+/// pattern the resource map finds by trying each route's regex in turn. Every request's
+/// span and metrics carry its pattern, and a PUT's routing already runs those regexes once.
+pub fn frequent_route(path: &str) -> Option<&'static str> {
+    let mut parts = path.strip_prefix("/v1/")?.split('/');
+    let route = match (parts.next()?, parts.next(), parts.next()) {
+        ("buckets", None, _) => "/v1/buckets",
+        ("buckets", Some(id), None) if !id.is_empty() => "/v1/buckets/{id}",
+        ("buckets", Some(id), Some("history")) if !id.is_empty() => "/v1/buckets/{id}/history",
+        ("subscribe", None, _) => "/v1/subscribe",
+        ("register", None, _) => "/v1/register",
+        _ => return None,
+    };
+    parts.next().is_none().then_some(route)
+}
+
 /// Anything else: a JSON 404.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
     Err(NodeError::NotFound(format!(
@@ -1478,8 +1495,14 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/register", web::post().to(register))
         .route("/v1/buckets", web::get().to(list))
-        .route("/v1/buckets/{id}", web::get().to(get_one))
-        .route("/v1/buckets/{id}", web::put().to(put))
+        // One resource for both methods: a PUT matches one pattern, not the GET's first.
+        // Other methods get the JSON 404 like any unknown route.
+        .service(
+            web::resource("/v1/buckets/{id}")
+                .route(web::get().to(get_one))
+                .route(web::put().to(put))
+                .default_service(web::to(not_found)),
+        )
         .route("/v1/buckets/{id}/history", web::get().to(history))
         .route("/v1/subscribe", web::post().to(subscribe))
         .route("/v1/pairing-code", web::post().to(pairing_code_handler))
@@ -1512,4 +1535,80 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .error_handler(|e, _| NodeError::BadRequest(e.to_string()).into()),
         )
         .default_service(web::to(not_found));
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::{Method, StatusCode};
+    use actix_web::{body::MessageBody, test, App, HttpResponse};
+
+    use super::{frequent_route, routes};
+
+    /// Every path of up to five segments from a vocabulary of the API's words, edge cases
+    /// (empty segments, an encoded slash) and a stranger.
+    fn paths() -> Vec<String> {
+        const WORDS: &[&str] = &[
+            "",
+            "v1",
+            "buckets",
+            "history",
+            "subscribe",
+            "register",
+            "x",
+            "a%2Fb",
+        ];
+        let mut paths = vec![String::new()];
+        let mut level = vec![String::new()];
+        for _ in 0..5 {
+            level = level
+                .iter()
+                .flat_map(|p| WORDS.iter().map(move |w| format!("{p}/{w}")))
+                .collect();
+            paths.extend(level.iter().cloned());
+        }
+        paths
+    }
+
+    /// `frequent_route` names a path's pattern exactly as actix-web's resource map does
+    /// for the node's real routes, or leaves the path to it.
+    #[actix_web::test]
+    async fn frequent_routes_are_named_as_the_resource_map_names_them() {
+        let app = test::init_service(App::new().configure(routes).wrap_fn(|req, _| {
+            let pattern = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+            let res = HttpResponse::Ok().body(pattern);
+            futures::future::ready(Ok(req.into_response(res)))
+        }))
+        .await;
+        let (mut named, mut checked) = (0, 0);
+        for path in paths() {
+            let uri = if path.is_empty() { "/" } else { &path };
+            let res = test::call_service(&app, test::TestRequest::with_uri(uri).to_request()).await;
+            let body = res.into_body().try_into_bytes().expect("a full body");
+            let pattern = std::str::from_utf8(&body).expect("utf-8");
+            checked += 1;
+            if let Some(route) = frequent_route(uri) {
+                named += 1;
+                assert_eq!(route, pattern, "{uri}");
+            }
+        }
+        // The five patterns, each {id} spelled seven ways (every word but the empty one).
+        assert_eq!((named, checked), (1 + 7 + 7 + 1 + 1, 37_449));
+    }
+
+    /// A method a bucket does not serve gets the JSON 404 of any unknown route, not an
+    /// empty 405 (the bucket's GET and PUT share one resource).
+    #[actix_web::test]
+    async fn other_methods_on_a_bucket_are_a_json_404() {
+        let app = test::init_service(App::new().configure(routes)).await;
+        for method in [Method::DELETE, Method::POST, Method::PATCH] {
+            let req = test::TestRequest::default()
+                .method(method.clone())
+                .uri("/v1/buckets/device.D1")
+                .to_request();
+            let res = test::call_service(&app, req).await;
+            assert_eq!(res.status(), StatusCode::NOT_FOUND, "{method}");
+            let body: serde_json::Value = test::read_body_json(res).await;
+            assert_eq!(body["error"], "not_found", "{method}: {body}");
+        }
+    }
 }
