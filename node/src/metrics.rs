@@ -23,8 +23,9 @@ use prometheus_client::registry::Registry;
 type Labels = Vec<(&'static str, String)>;
 type ExemplarHistogram = HistogramWithExemplars<Labels>;
 
-/// `tether_http_requests_total`'s labels. Typed (the status a number, the method a
-/// static name) so that counting a request builds one string, not a vector of them.
+/// `tether_http_requests_total`'s labels. Typed (the status a number, the method and the
+/// frequent routes static names) so that counting a request builds no string (one for a
+/// route `api::http::frequent_route` does not name), not a vector of them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteStatus {
     route: Cow<'static, str>,
