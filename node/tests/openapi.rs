@@ -67,13 +67,19 @@ impl<'ast> Visit<'ast> for Routes {
     fn visit_expr_method_call(&mut self, call: &'ast syn::ExprMethodCall) {
         if call.method == "route" {
             let args: Vec<&syn::Expr> = call.args.iter().collect();
-            match (args.first(), args.get(1)) {
+            // `web::resource("/path")….route(web::<method>().to(handler))`.
+            let on_resource = match args.as_slice() {
+                [handler] => resource_path(&call.receiver).zip(method_of(handler)),
+                _ => None,
+            };
+            match (args.first(), args.get(1), on_resource) {
                 (
                     Some(syn::Expr::Lit(syn::ExprLit {
                         lit: syn::Lit::Str(path),
                         ..
                     })),
                     Some(handler),
+                    _,
                 ) => match method_of(handler) {
                     Some(m) => {
                         self.found.insert((m, path.value()));
@@ -84,13 +90,8 @@ impl<'ast> Visit<'ast> for Routes {
                         quote_free(handler)
                     )),
                 },
-                // `web::resource("/path")….route(web::<method>().to(handler))`.
-                (Some(handler), None)
-                    if resource_path(&call.receiver).is_some() && method_of(handler).is_some() =>
-                {
-                    let path = resource_path(&call.receiver).unwrap_or_default();
-                    self.found
-                        .insert((method_of(handler).unwrap_or_default(), path.clone()));
+                (_, _, Some((path, method))) => {
+                    self.found.insert((method, path.clone()));
                     self.routed_resources.insert(path);
                 }
                 _ => {
