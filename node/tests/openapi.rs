@@ -25,7 +25,7 @@ const NOT_API: &[&str] = &["/docs"];
 struct Routes {
     found: BTreeSet<(String, String)>,
     unsupported: Vec<String>,
-    /// Every `web::resource(…)` call, and the paths of those whose routes were read.
+    /// The path of every `web::resource("/path")` call, and of those whose routes were read.
     resources: Vec<String>,
     routed_resources: BTreeSet<String>,
 }
@@ -115,9 +115,12 @@ impl<'ast> Visit<'ast> for Routes {
     fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
         let f = quote_free(&call.func);
         if f.ends_with("web :: resource") {
-            // Read through its `.route(…)` calls; one with none is not understood.
-            self.resources
-                .push(quote_free(&syn::Expr::Call(call.clone())));
+            // Read through its `.route(…)` calls; one with none, or without a literal
+            // path, is not understood.
+            match resource_path(&syn::Expr::Call(call.clone())) {
+                Some(path) => self.resources.push(path),
+                None => self.unsupported.push(format!("{f}(…)")),
+            }
         } else if f.ends_with("web :: scope") {
             self.unsupported.push(format!("{f}(…)"));
         }
@@ -167,13 +170,11 @@ fn registered_routes() -> BTreeSet<(String, String)> {
         let file = syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         routes.visit_file(&file);
     }
-    for resource in std::mem::take(&mut routes.resources) {
-        if !routes
-            .routed_resources
-            .iter()
-            .any(|p| resource.contains(&format!("{p:?}")))
-        {
-            routes.unsupported.push(resource);
+    for path in std::mem::take(&mut routes.resources) {
+        if !routes.routed_resources.contains(&path) {
+            routes
+                .unsupported
+                .push(format!("web::resource({path:?}) without routes"));
         }
     }
     assert!(
