@@ -38,10 +38,9 @@ use crate::{
 
 const LW_BUFFER_SIZE: usize = 1024;
 const HW_BUFFER_SIZE: usize = 1024 * 8;
+/// Tether: the least free space an empty read buffer is read into before it is replaced.
+const MIN_READ_SPACE: usize = 256;
 const MAX_PIPELINED_MESSAGES: usize = 16;
-
-/// Write buffer capacity at which we reallocate it after flushing.
-const WRITE_BUFFER_RETENTION_LIMIT: usize = 1024 * 128;
 
 bitflags! {
     #[derive(Debug, Clone, Copy)]
@@ -189,9 +188,6 @@ pin_project! {
         // Number of bytes to busy-buffer before flushing.
         h1_write_buffer_size: usize,
 
-        // True if backing allocation of `write_buf` needs to be released.
-        write_buf_needs_reset: bool,
-
         codec: Codec,
     }
 }
@@ -304,10 +300,11 @@ where
                     graceful_shutdown: config.graceful_shutdown(),
 
                     io: Some(io),
-                    read_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
-                    write_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
+                    // Tether: no buffer until there is something to read or write; an idle
+                    // connection (or one holding a long-poll) should not keep 16 KiB.
+                    read_buf: BytesMut::new(),
+                    write_buf: BytesMut::new(),
                     h1_write_buffer_size: config.h1_write_buffer_size(),
-                    write_buf_needs_reset: false,
                     codec: Codec::new(config),
                 },
             },
@@ -359,24 +356,8 @@ where
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        let InnerDispatcherProj {
-            io,
-            write_buf,
-            h1_write_buffer_size,
-            write_buf_needs_reset,
-            ..
-        } = self.project();
+        let InnerDispatcherProj { io, write_buf, .. } = self.project();
         let mut io = Pin::new(io.as_mut().unwrap());
-
-        // Allow normal buffer growth, but do not retain allocations caused by large response
-        // chunks on idle connections.
-        let retention_limit = (*h1_write_buffer_size).max(WRITE_BUFFER_RETENTION_LIMIT);
-
-        if write_buf.capacity() > retention_limit {
-            // Needs stored flag because `write_buf.advance(n)` reduces reported capacity without
-            // releasing the backing allocation.
-            *write_buf_needs_reset = true;
-        }
 
         let len = write_buf.len();
         let mut written = 0;
@@ -397,13 +378,10 @@ where
             }
         }
 
-        // All bytes have been accepted by the I/O stream, so the buffer can be reused or released.
-        if *write_buf_needs_reset {
-            *write_buf = BytesMut::with_capacity(HW_BUFFER_SIZE);
-            *write_buf_needs_reset = false;
-        } else {
-            write_buf.clear();
-        }
+        // All bytes have been accepted by the I/O stream. Tether: release the buffer rather
+        // than keep it for the next response, which may not come for minutes (a held
+        // long-poll); the next response's encoder allocates what it needs.
+        *write_buf = BytesMut::new();
 
         // flush the I/O and check if get blocked
         io.poll_flush(cx)
@@ -1234,10 +1212,18 @@ where
                 return Ok(false);
             }
 
-            // grow buffer if necessary.
+            // Tether: start every message in a small buffer and grow only when one fills up.
+            // An empty buffer that is nearly used up or grew large (a big body) is replaced,
+            // not reserved: its old allocation may still back the last request's head, and
+            // reserving on it would copy that allocation's full size.
             let remaining = this.read_buf.capacity() - this.read_buf.len();
-            if remaining < LW_BUFFER_SIZE {
-                this.read_buf.reserve(HW_BUFFER_SIZE - remaining);
+            if this.read_buf.is_empty() {
+                if remaining < MIN_READ_SPACE || remaining > LW_BUFFER_SIZE {
+                    *this.read_buf = BytesMut::with_capacity(LW_BUFFER_SIZE);
+                }
+            } else if remaining == 0 {
+                let grow = this.read_buf.capacity().clamp(LW_BUFFER_SIZE, HW_BUFFER_SIZE);
+                this.read_buf.reserve(grow);
             }
 
             match tokio_util::io::poll_read_buf(io.as_mut(), cx, this.read_buf) {
@@ -1540,6 +1526,3 @@ fn trace_timer_states(
 #[path = "dispatcher_tests.rs"]
 mod dispatcher_tests;
 
-#[cfg(test)]
-#[path = "dispatcher_buffer_tests.rs"]
-mod buffer_tests;
