@@ -37,18 +37,6 @@ fn client_from(ip: [u8; 4]) -> reqwest::Client {
         .expect("client")
 }
 
-/// The node's resident memory, in bytes.
-fn rss(node: &Node) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -154,7 +142,7 @@ async fn repeated_ids_cost_one_copy_and_leave_other_devices_fast() {
         vec![big.as_str(); 2500].join(",")
     );
     attack(&a, &once, 1, 2).await; // warm: connections, the set's actor
-    let rss_before = rss(&node);
+    let rss_before = node.rss();
     let cpu_once = node_cpu_during(&node, attack(&a, &once, ATTACKERS, ROUNDS)).await;
     let cpu_repeated = node_cpu_during(&node, attack(&a, &repeated, ATTACKERS, ROUNDS)).await;
     // And B's reads while A names its bucket 2,500 times per request: each answered.
@@ -181,7 +169,7 @@ async fn repeated_ids_cost_one_copy_and_leave_other_devices_fast() {
         .await
         .expect_error(StatusCode::BAD_REQUEST, "bad_request");
 
-    let grown = rss(&node).saturating_sub(rss_before);
+    let grown = node.rss().saturating_sub(rss_before);
     let ratio = cpu_repeated as f64 / cpu_once.max(1) as f64;
     eprintln!(
         "repeated ids: RSS grew {} KiB; node CPU for {} requests {} ticks naming the bucket \

@@ -84,6 +84,13 @@ impl Conn {
         self.buf.drain(..n).collect()
     }
 
+    /// The next response, which must be a write's `applied` answer.
+    async fn applied(&mut self) {
+        let r = self.answer().await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["outcome"], "applied");
+    }
+
     /// The next response on the connection, within 30 s.
     async fn answer(&mut self) -> Answer {
         within(
@@ -150,6 +157,11 @@ fn request(auth: &str, method: &str, path: &str, extra: &str, body: Option<&[u8]
     bytes
 }
 
+/// A GET of bucket `id`'s bytes.
+fn get(auth: &str, id: &str) -> Vec<u8> {
+    request(auth, "GET", &format!("/v1/buckets/{id}"), "", None)
+}
+
 fn put_body(fields: Value, base_version: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({"value": fields, "base_version": base_version})).expect("json")
 }
@@ -178,13 +190,7 @@ async fn requests_pipelined_in_one_write_are_answered_in_order() {
     // the rest wait in the read buffer while the first are answered.
     let mut burst = Vec::new();
     for i in 0..30 {
-        burst.extend(request(
-            &auth,
-            "GET",
-            &format!("/v1/buckets/{}", ids[i % 3]),
-            "",
-            None,
-        ));
+        burst.extend(get(&auth, &ids[i % 3]));
     }
     let mut c = Conn::open(&node).await;
     c.send(&burst).await;
@@ -229,18 +235,9 @@ async fn a_request_sent_a_few_bytes_at_a_time_is_answered() {
         c.send(piece).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let r = c.answer().await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["outcome"], "applied");
+    c.applied().await;
     // The same connection goes on serving.
-    c.send(&request(
-        &auth,
-        "GET",
-        &format!("/v1/buckets/{shared}"),
-        "",
-        None,
-    ))
-    .await;
+    c.send(&get(&auth, &shared)).await;
     let g = c.answer().await;
     assert_eq!(g.status, 200);
     assert_eq!(g.json()["value"]["name"], "dribbled");
@@ -266,9 +263,7 @@ async fn heads_and_bodies_larger_than_the_starting_buffers_are_read_whole() {
         Some(&put_body(json!({"name": name}), base)),
     ))
     .await;
-    let r = c.answer().await;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["outcome"], "applied");
+    c.applied().await;
 
     c.send(&request(
         &auth,
@@ -287,14 +282,8 @@ async fn heads_and_bodies_larger_than_the_starting_buffers_are_read_whole() {
     );
 
     // Small requests after the large ones, two in one write.
-    let mut two = request(&auth, "GET", &format!("/v1/buckets/device.{A}"), "", None);
-    two.extend(request(
-        &auth,
-        "GET",
-        &format!("/v1/buckets/{shared}"),
-        "",
-        None,
-    ));
+    let mut two = get(&auth, &format!("device.{A}"));
+    two.extend(get(&auth, &shared));
     c.send(&two).await;
     assert_eq!(
         c.answer().await.json()["id"],
@@ -312,14 +301,7 @@ async fn a_long_poll_held_after_a_large_response_is_answered() {
     a.write(&shared, json!({"name": big}), base).await;
 
     let mut c = Conn::open(&node).await;
-    c.send(&request(
-        &auth,
-        "GET",
-        &format!("/v1/buckets/{shared}"),
-        "",
-        None,
-    ))
-    .await;
+    c.send(&get(&auth, &shared)).await;
     let held = c.answer().await.json();
     assert_eq!(held["value"]["name"], big.as_str());
 
@@ -343,14 +325,7 @@ async fn a_long_poll_held_after_a_large_response_is_answered() {
     assert_eq!(bucket_in(&answered, &shared)["value"]["mode"], "cool");
 
     // The connection serves again after its held answer.
-    c.send(&request(
-        &auth,
-        "GET",
-        &format!("/v1/buckets/device.{A}"),
-        "",
-        None,
-    ))
-    .await;
+    c.send(&get(&auth, &format!("device.{A}"))).await;
     assert_eq!(c.answer().await.status, 200);
     assert_eq!(
         a.bucket(&shared).await["value"]["mode"],
@@ -359,21 +334,9 @@ async fn a_long_poll_held_after_a_large_response_is_answered() {
     );
 }
 
-/// The node's resident memory, in bytes.
-fn rss(node: &Node) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
 /// Opens `n` connections, 100 at a time, each answered one GET; returns them open.
 async fn idle_connections(node: &Node, auth: &str, n: usize) -> Vec<Conn> {
-    let get = request(auth, "GET", &format!("/v1/buckets/device.{A}"), "", None);
+    let get = get(auth, &format!("device.{A}"));
     let mut open = Vec::with_capacity(n);
     while open.len() < n {
         let batch = (n - open.len()).min(100);
@@ -405,11 +368,11 @@ async fn an_idle_keep_alive_connection_costs_a_few_kib() {
     // Warm up: the node's first connections grow its pools and the allocator's arenas.
     let warm = idle_connections(&node, &auth, 200).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss(&node);
+    let before = node.rss();
     const N: usize = 2_000;
     let conns = idle_connections(&node, &auth, N).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_conn = rss(&node).saturating_sub(before) / N as u64;
+    let per_conn = node.rss().saturating_sub(before) / N as u64;
     eprintln!("RSS per idle keep-alive connection: {per_conn} B");
     // Upstream actix-http keeps an 8 KiB read and an 8 KiB write buffer per connection for
     // its whole life: measured 11,290 B per connection with them, 2,902 B without.

@@ -775,6 +775,19 @@ impl Node {
         self.child.id().expect("child still running")
     }
 
+    /// The node's resident memory (`VmRSS`), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// The manufacturing key and credentials of this node's devices and users.
     pub fn keyring(&self) -> Arc<Keyring> {
         self.keyring.clone()
