@@ -15,7 +15,7 @@ use bytes::{Buf, BytesMut};
 use futures_core::ready;
 use pin_project_lite::pin_project;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     time::sleep_until,
 };
 use tokio_util::codec::{Decoder as _, Encoder as _};
@@ -36,10 +36,11 @@ use crate::{
     ConnectionType, Error, Extensions, HttpMessage, OnConnectData, Request, Response, StatusCode,
 };
 
-const LW_BUFFER_SIZE: usize = 1024;
-const HW_BUFFER_SIZE: usize = 1024 * 8;
-/// Tether: the least free space an empty read buffer is read into before it is replaced.
+/// Tether: the least spare room a read buffer is read into directly; below it, a read goes
+/// through the stack and what arrives is appended.
 const MIN_READ_SPACE: usize = 256;
+/// Tether: the stack buffer a read goes through when the read buffer has no room.
+const STACK_READ_SIZE: usize = 2048;
 const MAX_PIPELINED_MESSAGES: usize = 16;
 
 bitflags! {
@@ -1212,21 +1213,32 @@ where
                 return Ok(false);
             }
 
-            // Tether: start every message in a small buffer and grow only when one fills up.
-            // An empty buffer that is nearly used up or grew large (a big body) is replaced,
-            // not reserved: its old allocation may still back the last request's head, and
-            // reserving on it would copy that allocation's full size.
-            let remaining = this.read_buf.capacity() - this.read_buf.len();
+            // Tether: a connection keeps no read buffer while nothing of a message is
+            // pending. An empty buffer lets go of its allocation (which may still back the
+            // last request's head: its header values share it). Bytes are read into the
+            // buffer's own spare room when it has some, else into the stack and appended,
+            // so a read that finds nothing (an idle or held connection) allocates nothing
+            // and a message's buffer grows only by what arrives.
             if this.read_buf.is_empty() {
-                if remaining < MIN_READ_SPACE || remaining > LW_BUFFER_SIZE {
-                    *this.read_buf = BytesMut::with_capacity(LW_BUFFER_SIZE);
-                }
-            } else if remaining == 0 {
-                let grow = this.read_buf.capacity().clamp(LW_BUFFER_SIZE, HW_BUFFER_SIZE);
-                this.read_buf.reserve(grow);
+                *this.read_buf = BytesMut::new();
             }
+            let spare = this.read_buf.capacity() - this.read_buf.len();
+            let polled = if spare >= MIN_READ_SPACE {
+                tokio_util::io::poll_read_buf(io.as_mut(), cx, this.read_buf)
+            } else {
+                let mut stack = [mem::MaybeUninit::<u8>::uninit(); STACK_READ_SIZE];
+                let mut into = ReadBuf::uninit(&mut stack);
+                match io.as_mut().poll_read(cx, &mut into) {
+                    Poll::Ready(Ok(())) => {
+                        this.read_buf.extend_from_slice(into.filled());
+                        Poll::Ready(Ok(into.filled().len()))
+                    }
+                    Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+                    Poll::Pending => Poll::Pending,
+                }
+            };
 
-            match tokio_util::io::poll_read_buf(io.as_mut(), cx, this.read_buf) {
+            match polled {
                 Poll::Ready(Ok(n)) => {
                     // When draining a dropped request payload, keep FINISHED set so the
                     // disconnect/keep-alive decision can be made once the payload is fully drained.
