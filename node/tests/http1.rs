@@ -167,10 +167,14 @@ fn put_body(fields: Value, base_version: u64) -> Vec<u8> {
     serde_json::to_vec(&json!({"value": fields, "base_version": base_version})).expect("json")
 }
 
-/// A started node with device `serial` registered; its `Authorization` value.
-async fn node_with_device(serial: &str) -> (Node, Principal, String) {
-    let node = Node::builder()
-        .config(&thermostat_template(&[]))
+/// A started node (with `args` on its command line) with device `serial` registered; its
+/// `Authorization` value.
+async fn node_with_device(serial: &str, args: &[&str]) -> (Node, Principal, String) {
+    let node = args
+        .iter()
+        .fold(Node::builder().config(&thermostat_template(&[])), |b, a| {
+            b.arg(*a)
+        })
         .start()
         .await;
     let p = node.device(serial);
@@ -181,7 +185,7 @@ async fn node_with_device(serial: &str) -> (Node, Principal, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_pipelined_in_one_write_are_answered_in_order() {
-    let (node, _a, auth) = node_with_device(A).await;
+    let (node, _a, auth) = node_with_device(A, &[]).await;
     let ids = [
         format!("device.{A}"),
         format!("shared.{A}"),
@@ -221,7 +225,7 @@ async fn requests_pipelined_in_one_write_are_answered_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_a_few_bytes_at_a_time_is_answered() {
-    let (node, a, auth) = node_with_device(A).await;
+    let (node, a, auth) = node_with_device(A, &[]).await;
     let shared = format!("shared.{A}");
     let base = u64_of(&a.bucket(&shared).await, "version");
     let put = request(
@@ -246,7 +250,7 @@ async fn a_request_sent_a_few_bytes_at_a_time_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_and_bodies_larger_than_the_starting_buffers_are_read_whole() {
-    let (node, a, auth) = node_with_device(A).await;
+    let (node, a, auth) = node_with_device(A, &[]).await;
     let shared = format!("shared.{A}");
     let base = u64_of(&a.bucket(&shared).await, "version");
     // A 6 KB header and a 40 KB body: the read buffer grows several times within one
@@ -295,7 +299,7 @@ async fn heads_and_bodies_larger_than_the_starting_buffers_are_read_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_held_after_a_large_response_is_answered() {
-    let (node, a, auth) = node_with_device(A).await;
+    let (node, a, auth) = node_with_device(A, &[]).await;
     let shared = format!("shared.{A}");
     let base = u64_of(&a.bucket(&shared).await, "version");
     let big: String = "n".repeat(30_000);
@@ -356,15 +360,7 @@ async fn idle_connections(node: &Node, auth: &str, n: usize) -> Vec<Conn> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_costs_a_few_kib() {
-    let node = Node::builder()
-        .config(&thermostat_template(&[]))
-        .arg("--max-connections-per-source")
-        .arg("5000")
-        .start()
-        .await;
-    let p = node.device(A);
-    p.register_thermostat().await;
-    let auth = basic_header(&p.assigned_credentials().expect("assigned credentials"));
+    let (node, _p, auth) = node_with_device(A, &["--max-connections-per-source", "5000"]).await;
 
     // Warm up: the node's first connections grow its pools and the allocator's arenas.
     let warm = idle_connections(&node, &auth, 200).await;
