@@ -21,7 +21,7 @@ type Queue = VecDeque<(u64, oneshot::Sender<()>)>;
 pub struct HeldByPrincipal {
     cap: usize,
     next: AtomicU64,
-    by_principal: Mutex<HashMap<String, Queue>>,
+    by_principal: Mutex<HashMap<Arc<str>, Queue>>,
     metrics: Metrics,
 }
 
@@ -30,7 +30,8 @@ pub struct HeldByPrincipal {
 #[derive(Debug)]
 pub struct HeldSlot {
     owner: Arc<HeldByPrincipal>,
-    principal: String,
+    /// The map's own key: one allocation of the name, however many slots share it.
+    principal: Arc<str>,
     id: u64,
     /// Resolves when a newer subscription of the same principal took this one's place.
     pub evicted: oneshot::Receiver<()>,
@@ -56,7 +57,14 @@ impl HeldByPrincipal {
             .by_principal
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let queue = map.entry(principal.clone()).or_default();
+        let principal = match map.get_key_value(principal.as_str()) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(principal),
+        };
+        // Most principals hold one subscription: room for one, not a `VecDeque`'s four.
+        let queue = map
+            .entry(principal.clone())
+            .or_insert_with(|| VecDeque::with_capacity(1));
         while queue.len() >= self.cap {
             if let Some((_, oldest)) = queue.pop_front() {
                 // Its holder may be gone already; then there is nobody to tell.
@@ -102,13 +110,34 @@ impl Drop for HeldSlot {
 
 /// Shrinks a held request's header map to the headers it has. actix-web keeps the request
 /// until its handler answers, that is for the whole hold, and actix-http sizes every
-/// request head's map for 16 headers (32 slots of ≈ 200 B: 6.7 KB of each held device's
-/// heap, BENCHMARKS.md "Parked subscriptions"); a device's subscribe carries about six.
+/// request head's map for 16 headers (32 slots: 6.7 KB of each held device's heap at
+/// upstream's ≈ 200 B a slot, BENCHMARKS.md "Parked subscriptions"; ≈ 2.6 KB at the
+/// vendored copy's ≈ 80 B, `vendor/actix-http/TETHER.md`); a device's subscribe carries
+/// about six. The values are copied into one allocation of their own size: as parsed they
+/// share the buffer the whole request head was read into (≈ 0.4 KB kept for the hold).
 /// Every header is kept, repeated ones in their order.
 pub fn compact_headers(head: &mut actix_web::dev::RequestHead) {
-    let mut compact = actix_web::http::header::HeaderMap::with_capacity(head.headers.len_keys());
+    use actix_web::http::header::{HeaderMap, HeaderValue};
+    let len = head.headers.iter().map(|(_, v)| v.len()).sum();
+    let mut values = bytes::BytesMut::with_capacity(len);
+    for (_, value) in head.headers.iter() {
+        values.extend_from_slice(value.as_bytes());
+    }
+    let values = values.freeze();
+    let mut at = 0;
+    let mut compact = HeaderMap::with_capacity(head.headers.len_keys());
     for (name, value) in head.headers.iter() {
-        compact.append(name.clone(), value.clone());
+        let copied = values.slice(at..at + value.len());
+        at += value.len();
+        // The same bytes, so valid as before; kept as they were should that ever fail.
+        let copy = match HeaderValue::from_maybe_shared(copied) {
+            Ok(mut copy) => {
+                copy.set_sensitive(value.is_sensitive());
+                copy
+            }
+            Err(_) => value.clone(),
+        };
+        compact.append(name.clone(), copy);
     }
     head.headers = compact;
 }

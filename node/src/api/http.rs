@@ -736,7 +736,13 @@ pub async fn subscribe(
     // "Where a held device's bytes go").
     let (content_type, answer) = match Box::pin(open_subscribe(&req, payload, &state)).await? {
         Opened::Answered(response) => return Ok(response),
-        Opened::Held(held) => (held.content_type(), Box::pin(held.answer())),
+        Opened::Held(held) => {
+            // Nothing in the request's extensions is read past this point (a held answer
+            // delivers no new credentials and logs no write): they go now, not at the end
+            // of the hold (actix-web's method guards leave their list of methods there).
+            drop(std::mem::take(&mut *req.extensions_mut()));
+            (held.content_type(), Box::pin(held.answer()))
+        }
     };
     let bytes = answer.await?;
     Ok(HttpResponse::Ok().content_type(content_type).body(bytes))
