@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_http::h1::DeferredResponse;
 use actix_http::{HttpService, KeepAlive, Protocol};
 use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
 use actix_web::dev::{AppConfig, Extensions, Service};
@@ -210,81 +211,50 @@ pub async fn run(config: Config) -> Result<()> {
                 // One span per request: child of the caller's `traceparent`, exported when
                 // tracing is on; its request id and trace id name every log line under it.
                 let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
-                let exemplar = crate::telemetry::exemplar(&trace);
-                let metrics = metrics.clone();
-                let rejections = rejections.clone();
-                let started = Instant::now();
+                let done = RequestDone {
+                    exemplar: crate::telemetry::exemplar(&trace),
+                    metrics: metrics.clone(),
+                    rejections: rejections.clone(),
+                    started: Instant::now(),
+                    route,
+                    method,
+                    request_id,
+                };
                 // The request id and trace context ride along when the request is forwarded.
                 let call = crate::telemetry::propagation::LOG_TRACE.scope(trace, srv.call(req));
                 crate::routing::forward::REQUEST_ID
                     .scope(request_id, call)
                     .map(move |res| {
-                        if let Ok(r) = &res {
-                            let status = r.status().as_u16();
-                            let code = r
-                                .response()
+                        res.map(|mut r| {
+                            let held = r
+                                .response_mut()
+                                .extensions_mut()
+                                .remove::<http::HeldResponse>();
+                            if let Some(held) = held {
+                                // A held subscribe: its request is let go now, its response
+                                // is counted, logged and sent when the hold ends.
+                                r.response_mut()
+                                    .extensions_mut()
+                                    .insert(done.deferred(held, tracing::Span::current()));
+                                return r;
+                            }
+                            let (req, mut response) = r.into_parts();
+                            let code = response
                                 .error()
                                 .and_then(|e| e.as_error::<NodeError>())
                                 .map(|e| e.code_and_status().0);
-                            let elapsed = started.elapsed();
-                            metrics.http_request(route.clone(), method, status, elapsed, exemplar);
-                            if let Some(code) = code {
-                                metrics.request_refused(&route, code);
-                            }
-                            crate::telemetry::record_http_status(
-                                &tracing::Span::current(),
-                                status,
-                                code,
-                            );
-                            let elapsed_ms = elapsed.as_millis() as u64;
-                            if matches!(status, 401 | 403 | 429) {
-                                if let Some(suppressed) = rejections.admit(Instant::now()) {
-                                    tracing::info!(
-                                        status,
-                                        elapsed_ms,
-                                        suppressed,
-                                        "request rejected"
-                                    );
-                                }
-                            } else if let Some(w) = r
-                                .request()
-                                .extensions()
-                                .get::<crate::api::http::WriteDone>()
+                            let status = response.status();
                             {
-                                // A PUT: its write log and its access log in one line.
-                                tracing::info!(
+                                let ext = req.extensions();
+                                done.finish(
                                     status,
-                                    elapsed_ms,
-                                    bucket = %w.bucket,
-                                    outcome = ?w.outcome,
-                                    version = w.version,
-                                    op_id = w.op_id.as_deref().unwrap_or("-"),
-                                    replayed = w.replayed,
-                                    "request done"
+                                    code,
+                                    ext.get::<http::WriteDone>(),
+                                    ext.get::<SetCredentials>(),
+                                    response.headers_mut(),
                                 );
-                            } else {
-                                tracing::info!(status, elapsed_ms, "request done");
                             }
-                        }
-                        res.map(|mut r| {
-                            let set = r.request().extensions().get::<SetCredentials>().cloned();
-                            let headers = r.headers_mut();
-                            let mut id = uuid::Uuid::encode_buffer();
-                            let id = request_id.hyphenated().encode_lower(&mut id);
-                            if let Ok(v) = HeaderValue::from_str(id) {
-                                headers.insert(HeaderName::from_static("x-request-id"), v);
-                            }
-                            // New credentials ride on every authenticated response, errors
-                            // and held subscribes included (API.md "Credentials").
-                            if let Some(SetCredentials(c)) = set {
-                                if let Ok(v) = HeaderValue::from_str(&format_set_credentials(&c)) {
-                                    headers.insert(
-                                        HeaderName::from_static("x-tether-set-credentials"),
-                                        v,
-                                    );
-                                }
-                            }
-                            r
+                            actix_web::dev::ServiceResponse::new(req, response)
                         })
                     })
                     .instrument(span)
@@ -539,5 +509,93 @@ async fn collect_blobs(
             }
             Err(e) => tracing::warn!(error = %e, "blob collection failed; retrying next pass"),
         }
+    }
+}
+
+/// What every request's response gets when it is ready: its metrics, its access log line
+/// (a PUT's with its write), its request id header and the credentials it delivers.
+struct RequestDone {
+    route: Cow<'static, str>,
+    method: &'static str,
+    exemplar: Option<opentelemetry::trace::TraceId>,
+    metrics: Metrics,
+    rejections: Arc<LogBudget>,
+    started: Instant,
+    request_id: uuid::Uuid,
+}
+
+impl RequestDone {
+    /// Counts and logs a response of `status` (`code`: the error it carries) in the
+    /// current span and sets its headers.
+    fn finish(
+        &self,
+        status: actix_web::http::StatusCode,
+        code: Option<&'static str>,
+        write: Option<&http::WriteDone>,
+        set: Option<&SetCredentials>,
+        headers: &mut actix_web::http::header::HeaderMap,
+    ) {
+        let status = status.as_u16();
+        let elapsed = self.started.elapsed();
+        self.metrics.http_request(
+            self.route.clone(),
+            self.method,
+            status,
+            elapsed,
+            self.exemplar,
+        );
+        if let Some(code) = code {
+            self.metrics.request_refused(&self.route, code);
+        }
+        crate::telemetry::record_http_status(&tracing::Span::current(), status, code);
+        let elapsed_ms = elapsed.as_millis() as u64;
+        if matches!(status, 401 | 403 | 429) {
+            if let Some(suppressed) = self.rejections.admit(Instant::now()) {
+                tracing::info!(status, elapsed_ms, suppressed, "request rejected");
+            }
+        } else if let Some(w) = write {
+            // A PUT: its write log and its access log in one line.
+            tracing::info!(
+                status,
+                elapsed_ms,
+                bucket = %w.bucket,
+                outcome = ?w.outcome,
+                version = w.version,
+                op_id = w.op_id.as_deref().unwrap_or("-"),
+                replayed = w.replayed,
+                "request done"
+            );
+        } else {
+            tracing::info!(status, elapsed_ms, "request done");
+        }
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = self.request_id.hyphenated().encode_lower(&mut id);
+        if let Ok(v) = HeaderValue::from_str(id) {
+            headers.insert(HeaderName::from_static("x-request-id"), v);
+        }
+        // New credentials ride on every authenticated response, errors and held
+        // subscribes included (API.md "Credentials").
+        if let Some(SetCredentials(c)) = set {
+            if let Ok(v) = HeaderValue::from_str(&format_set_credentials(c)) {
+                headers.insert(HeaderName::from_static("x-tether-set-credentials"), v);
+            }
+        }
+    }
+
+    /// A held response's future for actix-http's dispatcher, finished as above when it is
+    /// ready, in the request's `span`.
+    fn deferred(self, held: http::HeldResponse, span: tracing::Span) -> DeferredResponse {
+        DeferredResponse(Box::pin(
+            async move {
+                let mut res = held.0.await;
+                let code = res
+                    .error()
+                    .and_then(|e| e.as_error::<NodeError>())
+                    .map(|e| e.code_and_status().0);
+                self.finish(res.status(), code, None, None, res.headers_mut());
+                res.into()
+            }
+            .instrument(span),
+        ))
     }
 }

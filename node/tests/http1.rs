@@ -5,9 +5,10 @@
 //!
 //! The node's HTTP/1 server (actix-http with `vendor/actix-http/TETHER.md`'s changes)
 //! keeps no read buffer between messages (a read that finds nothing goes through the
-//! stack), grows a message's buffer by what arrives, and gives the write buffer back once
-//! a response is sent. Each test holds it to answering every such request whole and in
-//! order; the last measures what an idle connection costs.
+//! stack), grows a message's buffer by what arrives, gives the write buffer back once a
+//! response is sent, and writes a held subscribe's response only when its hold ends. Each
+//! test holds it to answering every such request whole and in order; the last measures
+//! what an idle connection costs.
 
 use std::time::Duration;
 
@@ -337,6 +338,69 @@ async fn a_long_poll_held_after_a_large_response_is_answered() {
         "cool",
         "the write is visible to a fresh request too"
     );
+}
+
+/// `tether_http_requests_total` for answered subscribes, from `/metrics`' text.
+fn subscribes_counted(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tether_http_requests_total{") && l.contains("/v1/subscribe"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A held subscribe's response is written whole when its hold ends, and not a byte of it
+/// before: while nothing was sent, a load balancer may still send the request to another
+/// node should this one die. Then its status line, its request id and a sized body; it is
+/// counted when answered, not when held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_subscribe_writes_nothing_until_it_is_answered() {
+    let (node, a, auth) = node_with_device(A, &[]).await;
+    let shared = format!("shared.{A}");
+    let held = a.bucket(&shared).await;
+    let sub = serde_json::to_vec(&json!({
+        "buckets": [{"id": shared, "timestamp": held["timestamp"], "version": held["version"]}],
+        "timeout_ms": 60_000,
+    }))
+    .expect("json");
+    let mut c = Conn::open(&node).await;
+    c.send(&request(&auth, "POST", "/v1/subscribe", "", Some(&sub)))
+        .await;
+    node.wait_held(1, Duration::from_secs(30)).await;
+
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), c.s.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the node wrote to a held subscribe before its answer: {early:?} {:?}",
+        String::from_utf8_lossy(&byte)
+    );
+    assert_eq!(
+        subscribes_counted(&node.metrics().await),
+        0.0,
+        "a held subscribe is counted when answered"
+    );
+
+    a.write(&shared, json!({"mode": "cool"}), u64_of(&held, "version"))
+        .await;
+    let r = c.answer().await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.head.contains("content-length:"),
+        "a sized body: {}",
+        r.head
+    );
+    assert!(
+        r.head.contains("x-request-id:"),
+        "its request id: {}",
+        r.head
+    );
+    assert_eq!(bucket_in(&r.json(), &shared)["value"]["mode"], "cool");
+    assert_eq!(subscribes_counted(&node.metrics().await), 1.0);
+
+    // The connection serves again after its held answer.
+    c.send(&get(&auth, &format!("device.{A}"))).await;
+    assert_eq!(c.answer().await.status, 200);
 }
 
 /// Opens `n` connections, 100 at a time, each answered one GET; returns them open.

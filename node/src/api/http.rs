@@ -734,18 +734,47 @@ pub async fn subscribe(
     // future of its own, freed when it ends: a held device keeps only what answering
     // needs, not the parsed request, its body and every step's locals (BENCHMARKS.md
     // "Where a held device's bytes go").
-    let (content_type, answer) = match Box::pin(open_subscribe(&req, payload, &state)).await? {
+    let held = match Box::pin(open_subscribe(&req, payload, &state)).await? {
         Opened::Answered(response) => return Ok(response),
-        Opened::Held(held) => {
-            // Nothing in the request's extensions is read past this point (a held answer
-            // delivers no new credentials and logs no write): they go now, not at the end
-            // of the hold (actix-web's method guards leave their list of methods there).
-            drop(std::mem::take(&mut *req.extensions_mut()));
-            (held.content_type(), Box::pin(held.answer()))
-        }
+        Opened::Held(held) => held,
     };
-    let bytes = answer.await?;
-    Ok(HttpResponse::Ok().content_type(content_type).body(bytes))
+    // The hold: the handler answers at once with a response that stands for the held one.
+    // actix-web then lets the request go (its head and header map, its extensions, this
+    // future and the middleware's), and the server's middleware turns it into a response
+    // actix-http writes when the hold ends: the status line too, so that until the answer
+    // no byte of it leaves (a 503 is still possible then, and a load balancer may send a
+    // held request whose node died to another node).
+    let content_type = held.content_type();
+    Ok(HeldResponse::placeholder(Box::pin(async move {
+        match held.answer().await {
+            Ok(bytes) => HttpResponse::Ok().content_type(content_type).body(bytes),
+            Err(e) => HttpResponse::from_error(e),
+        }
+    })))
+}
+
+/// A held subscribe's response, ready when its hold ends. The handler answers with a
+/// placeholder carrying it; the server's middleware hands it to actix-http's dispatcher
+/// (`actix_http::h1::DeferredResponse`), which writes nothing until it is ready.
+pub struct HeldResponse(pub std::pin::Pin<Box<dyn std::future::Future<Output = HttpResponse>>>);
+
+impl std::fmt::Debug for HeldResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldResponse").finish_non_exhaustive()
+    }
+}
+
+impl HeldResponse {
+    /// The placeholder: a 500 should it ever reach a client (the middleware replaces it).
+    fn placeholder(
+        answer: std::pin::Pin<Box<dyn std::future::Future<Output = HttpResponse>>>,
+    ) -> HttpResponse {
+        let mut placeholder = HttpResponse::from_error(NodeError::Internal(
+            "a held response was not taken over by the server".into(),
+        ));
+        placeholder.extensions_mut().insert(HeldResponse(answer));
+        placeholder
+    }
 }
 
 /// A subscribe once checked: answered (at once, a stream, or headers first), or held.

@@ -199,6 +199,22 @@ enum DispatcherMessage {
     Error(Response<()>),
 }
 
+/// Tether: a response whose status line and headers are written only when it is ready.
+///
+/// A service answers with any response carrying this in its extensions; the dispatcher
+/// drops that response and its body, keeps only the future, and writes the response the
+/// future gives when it resolves, as if the service had answered it then. Until then no
+/// byte of a response is written, and what the service kept to produce its answer (the
+/// request, its head, the service's own future) is let go. For a long-poll held for
+/// minutes: the held state is the future alone. HTTP/1 only.
+pub struct DeferredResponse(pub Pin<Box<dyn Future<Output = Response<BoxBody>>>>);
+
+impl fmt::Debug for DeferredResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeferredResponse").finish_non_exhaustive()
+    }
+}
+
 pin_project! {
     #[project = StateProj]
     pub(super) enum State<S, B, X>
@@ -212,6 +228,8 @@ pin_project! {
         ServiceCall { #[pin] fut: S::Future },
         SendPayload { #[pin] body: B },
         SendErrorPayload { #[pin] body: BoxBody },
+        // Tether: a service's answer that is not ready yet (`DeferredResponse`).
+        Deferred { fut: Pin<Box<dyn Future<Output = Response<BoxBody>>>> },
     }
 }
 
@@ -245,6 +263,7 @@ where
             Self::SendErrorPayload { .. } => f
                 .debug_struct("State::SendErrorPayload")
                 .finish_non_exhaustive(),
+            Self::Deferred { .. } => f.debug_struct("State::Deferred").finish_non_exhaustive(),
         }
     }
 }
@@ -518,6 +537,24 @@ where
         Ok(())
     }
 
+    /// Tether: the service's response, sent, or kept as its future when it is a
+    /// [`DeferredResponse`].
+    fn send_service_response(
+        self: Pin<&mut Self>,
+        res: Response<B>,
+    ) -> Result<(), DispatchError> {
+        let (mut res, body) = res.replace_body(());
+        let deferred = res.extensions_mut().remove::<DeferredResponse>();
+        match deferred {
+            Some(DeferredResponse(fut)) => {
+                drop((res, body));
+                self.project().state.set(State::Deferred { fut });
+                Ok(())
+            }
+            None => self.send_response(res, body),
+        }
+    }
+
     fn send_error_response(
         mut self: Pin<&mut Self>,
         mut res: Response<()>,
@@ -635,8 +672,7 @@ where
                     match fut.poll(cx) {
                         // service call resolved. send response.
                         Poll::Ready(Ok(res)) => {
-                            let (res, body) = res.into().replace_body(());
-                            self.as_mut().send_response(res, body)?;
+                            self.as_mut().send_service_response(res.into())?;
                         }
 
                         // send service call error as response
@@ -774,6 +810,14 @@ where
                     return Ok(PollResponse::DrainWriteBuf);
                 }
 
+                StateProj::Deferred { fut } => match fut.as_mut().poll(cx) {
+                    Poll::Ready(res) => {
+                        let (res, body) = res.replace_body(());
+                        self.as_mut().send_error_response(res, body)?;
+                    }
+                    Poll::Pending => return Ok(PollResponse::DoNothing),
+                },
+
                 StateProj::ExpectCall { fut } => {
                     trace!("  calling expect service");
 
@@ -860,10 +904,7 @@ where
                         // Future is resolved. Send response and return a result. On success
                         // to notify the dispatcher a new state is set and the outer loop
                         // should be continue.
-                        Poll::Ready(Ok(res)) => {
-                            let (res, body) = res.into().replace_body(());
-                            self.as_mut().send_response(res, body)
-                        }
+                        Poll::Ready(Ok(res)) => self.as_mut().send_service_response(res.into()),
 
                         // see the comment on ExpectCall state branch's Pending
                         Poll::Pending => Ok(()),
