@@ -765,13 +765,12 @@ impl std::fmt::Debug for HeldResponse {
 }
 
 impl HeldResponse {
-    /// The placeholder: a 500 should it ever reach a client (the middleware replaces it).
+    /// The placeholder: an empty 500 should it ever reach a client (the middleware
+    /// replaces it).
     fn placeholder(
         answer: std::pin::Pin<Box<dyn std::future::Future<Output = HttpResponse>>>,
     ) -> HttpResponse {
-        let mut placeholder = HttpResponse::from_error(NodeError::Internal(
-            "a held response was not taken over by the server".into(),
-        ));
+        let mut placeholder = HttpResponse::InternalServerError().finish();
         placeholder.extensions_mut().insert(HeldResponse(answer));
         placeholder
     }
