@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use actix_http::h1::DeferredResponse;
 use actix_http::{HttpService, KeepAlive, Protocol};
 use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
-use actix_web::dev::{AppConfig, Extensions, Service};
+use actix_web::dev::{AppConfig, Service};
 use actix_web::error::DispatchError;
 use actix_web::{web, App};
 use futures::FutureExt;
@@ -281,9 +281,6 @@ pub async fn run(config: Config) -> Result<()> {
                 .client_disconnect_timeout(Duration::from_secs(1))
                 .h1_allow_half_closed(false)
                 .local_addr(bound)
-                .on_connect_ext(|io: &Conn, ext: &mut Extensions| {
-                    ext.insert(io.info());
-                })
                 .finish(map_config(app, |_| AppConfig::default()));
             let (conns, acceptor) = (conns.clone(), acceptor.clone());
             let handshake = limits.tls_handshake_timeout;

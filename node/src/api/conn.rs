@@ -165,13 +165,6 @@ pub enum Stream {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// What the handlers can know about their connection (`HttpRequest::conn_data`).
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    /// Whether it is TLS.
-    pub tls: bool,
-}
-
 /// An admitted connection as actix-http sees it: the stream, its permit, and the JSON
 /// bodies of dispatcher-level errors.
 #[derive(Debug)]
@@ -192,13 +185,6 @@ impl Conn {
             _permit: permit,
             pending: Vec::new(),
             written: 0,
-        }
-    }
-
-    /// What handlers may ask about this connection.
-    pub fn info(&self) -> ConnInfo {
-        ConnInfo {
-            tls: matches!(self.stream, Stream::Tls(_)),
         }
     }
 

@@ -24,7 +24,7 @@ use tether_proto::synclog::{pack, valid_op_id, Encoding};
 use tether_proto::{Bucket, BucketId, SetKey, Update};
 use tracing::Instrument;
 
-use crate::api::conn::{ConnInfo, Connections};
+use crate::api::conn::Connections;
 use crate::api::held::{HeldByPrincipal, HeldSlot};
 use crate::api::openapi::{self, ProtobufBody};
 use crate::api::stream::{self, Cursor, StreamRequest};
@@ -139,7 +139,7 @@ impl AppState {
         );
         let r = self
             .auth
-            .authenticate(req, endpoint, is_secure(req), charge)
+            .authenticate(req, endpoint, is_secure(&self.config, req), charge)
             .instrument(span.clone())
             .await;
         match &r {
@@ -298,10 +298,11 @@ async fn read_body_unbounded(
     Ok(body.freeze())
 }
 
-/// TLS, or loopback development mode (plain HTTP is only ever served on loopback).
-fn is_secure(req: &HttpRequest) -> bool {
-    req.conn_data::<ConnInfo>().is_some_and(|c| c.tls)
-        || req.peer_addr().is_some_and(|a| a.ip().is_loopback())
+/// TLS, or loopback development mode (plain HTTP is only ever served on loopback). A node
+/// with a certificate serves TLS on every connection of its device port, so that is the
+/// node's setting, not something to keep per connection.
+fn is_secure(config: &Config, req: &HttpRequest) -> bool {
+    config.tls.is_some() || req.peer_addr().is_some_and(|a| a.ip().is_loopback())
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -354,7 +355,7 @@ pub async fn register(
 ) -> Result<HttpResponse> {
     let (principal, pending) = state
         .auth
-        .authenticate_register(&req, is_secure(&req))
+        .authenticate_register(&req, is_secure(&state.config, &req))
         .await?;
     let body = read_body(&req, payload, ENVELOPE_BYTES, &state).await?;
     let msg: RegisterRequest = decode(request_format(&req)?, &body)?;
