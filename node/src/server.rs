@@ -239,16 +239,12 @@ pub async fn run(config: Config) -> Result<()> {
                                 return r;
                             }
                             let (req, mut response) = r.into_parts();
-                            let code = response
-                                .error()
-                                .and_then(|e| e.as_error::<NodeError>())
-                                .map(|e| e.code_and_status().0);
                             let status = response.status();
                             {
                                 let ext = req.extensions();
                                 done.finish(
                                     status,
-                                    code,
+                                    error_code(&response),
                                     ext.get::<http::WriteDone>(),
                                     ext.get::<SetCredentials>(),
                                     response.headers_mut(),
@@ -585,14 +581,18 @@ impl RequestDone {
         DeferredResponse(Box::pin(
             async move {
                 let mut res = held.0.await;
-                let code = res
-                    .error()
-                    .and_then(|e| e.as_error::<NodeError>())
-                    .map(|e| e.code_and_status().0);
+                let code = error_code(&res);
                 self.finish(res.status(), code, None, None, res.headers_mut());
                 res.into()
             }
             .instrument(span),
         ))
     }
+}
+
+/// The error code of the node's error a response carries, if it carries one.
+fn error_code(res: &actix_web::HttpResponse) -> Option<&'static str> {
+    res.error()
+        .and_then(|e| e.as_error::<NodeError>())
+        .map(|e| e.code_and_status().0)
 }

@@ -108,13 +108,14 @@ impl Drop for HeldSlot {
     }
 }
 
-/// Shrinks a held request's header map to the headers it has. actix-web keeps the request
-/// until its handler answers, that is for the whole hold, and actix-http sizes every
-/// request head's map for 16 headers (32 slots: 6.7 KB of each held device's heap at
-/// upstream's ≈ 200 B a slot, BENCHMARKS.md "Parked subscriptions"; ≈ 2.6 KB at the
-/// vendored copy's ≈ 80 B, `vendor/actix-http/TETHER.md`); a device's subscribe carries
+/// Shrinks a subscribe's header map to the headers it has. actix-web keeps a request until
+/// its handler answers: a held long-poll's only until the hold (`api::http::HeldResponse`),
+/// but a stream's, and a held subscribe's that delivers new credentials, for as long as
+/// they last; and actix-http sizes every request head's map for 16 headers (32 slots:
+/// 6.7 KB at upstream's ≈ 200 B a slot, BENCHMARKS.md "Parked subscriptions"; ≈ 2.6 KB at
+/// the vendored copy's ≈ 80 B, `vendor/actix-http/TETHER.md`), where a subscribe carries
 /// about six. The values are copied into one allocation of their own size: as parsed they
-/// share the buffer the whole request head was read into (≈ 0.4 KB kept for the hold).
+/// share the buffer the whole request head was read into (≈ 0.4 KB).
 /// Every header is kept, repeated ones in their order.
 pub fn compact_headers(head: &mut actix_web::dev::RequestHead) {
     use actix_web::http::header::{HeaderMap, HeaderValue};
