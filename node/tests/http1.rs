@@ -342,11 +342,12 @@ async fn a_long_poll_held_after_a_large_response_is_answered() {
 
 /// `tether_http_requests_total` for answered subscribes, from `/metrics`' text.
 fn subscribes_counted(metrics: &str) -> f64 {
-    metrics
+    let subscribes: String = metrics
         .lines()
-        .filter(|l| l.starts_with("tether_http_requests_total{") && l.contains("/v1/subscribe"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .filter(|l| l.contains("route=\"/v1/subscribe\""))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    tether_node::metrics::sample_sum(&subscribes, "tether_http_requests_total").unwrap_or(0.0)
 }
 
 /// A held subscribe's response is written whole when its hold ends, and not a byte of it
