@@ -345,7 +345,6 @@ pub async fn run(config: Config) -> Result<()> {
         config.drain_timeout,
         state,
         cluster,
-        router,
         shared,
         handle,
         serve,
@@ -369,7 +368,6 @@ async fn drain(
     drain_timeout: Duration,
     state: web::Data<AppState>,
     mut cluster: Option<ClusterNode>,
-    router: Arc<Router>,
     shared: Arc<Shared>,
     handle: actix_web::dev::ServerHandle,
     serve: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -383,7 +381,7 @@ async fn drain(
         cluster.leave().await;
         shared.wait_idle(deadline).await;
     }
-    router.start_draining();
+    state.start_draining();
     if cluster.is_some() {
         // Requests still arriving (the load balancer notices /readyz within its check
         // interval) are forwarded to the new owners meanwhile.

@@ -883,6 +883,23 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     let c_id = format!("shared.{c_set}");
     let c_version = acked[&c_set].last().expect("acked").1;
     let sub = hold(&nodes(&members), held_via, c_id, c_version).await;
+    // And one held *through* node-c on a set another node owns: node-c answers it as it
+    // starts draining (its client resubscribes through another node), not when the
+    // owner's hold ends a minute later.
+    let other_set = serials
+        .iter()
+        .find(|s| owner(&id_refs, s) != "node-c")
+        .expect("the others own some of the sets")
+        .clone();
+    let through_c = members[2].node.device(&other_set);
+    let other_version = acked[&other_set].last().expect("acked").1;
+    let sub_through_c = hold(
+        &nodes(&members),
+        through_c,
+        format!("shared.{other_set}"),
+        other_version,
+    )
+    .await;
     let mut c = members.pop().expect("node-c");
     let mut changes_before = BTreeMap::new();
     for m in &members {
@@ -924,6 +941,18 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
     assert!(
         buckets_of(&answered).is_empty(),
         "drain answers 'no change': {answered}"
+    );
+    let answered = within(
+        Duration::from_secs(15),
+        "subscribe held through the draining node answered on drain",
+        sub_through_c,
+    )
+    .await
+    .expect("subscribe task")
+    .expect_json(StatusCode::OK);
+    assert!(
+        buckets_of(&answered).is_empty(),
+        "drain answers 'no change' through the draining node too: {answered}"
     );
     let status = c.node.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "drained node exits cleanly: {status:?}");

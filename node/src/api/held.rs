@@ -6,7 +6,7 @@
 //! the node's connections and file descriptors (issue 13 finding 5).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
@@ -22,6 +22,9 @@ pub struct HeldByPrincipal {
     cap: usize,
     next: AtomicU64,
     by_principal: Mutex<HashMap<Arc<str>, Queue>>,
+    /// The node drains: every held subscription is answered, new ones at once (changed
+    /// only under the map's lock).
+    draining: AtomicBool,
     metrics: Metrics,
 }
 
@@ -33,7 +36,8 @@ pub struct HeldSlot {
     /// The map's own key: one allocation of the name, however many slots share it.
     principal: Arc<str>,
     id: u64,
-    /// Resolves when a newer subscription of the same principal took this one's place.
+    /// Resolves when a newer subscription of the same principal took this one's place,
+    /// or when the node starts draining.
     pub evicted: oneshot::Receiver<()>,
 }
 
@@ -44,6 +48,7 @@ impl HeldByPrincipal {
             cap: cap.max(1),
             next: AtomicU64::new(1),
             by_principal: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
             metrics,
         })
     }
@@ -61,6 +66,16 @@ impl HeldByPrincipal {
             Some((key, _)) => key.clone(),
             None => Arc::from(principal),
         };
+        if self.draining.load(Ordering::Relaxed) {
+            // Answered at once: nothing is held on a draining node.
+            let _ = tx.send(());
+            return HeldSlot {
+                owner: self.clone(),
+                principal,
+                id,
+                evicted: rx,
+            };
+        }
         // Most principals hold one subscription: room for one, not a `VecDeque`'s four.
         let queue = map
             .entry(principal.clone())
@@ -78,6 +93,22 @@ impl HeldByPrincipal {
             principal,
             id,
             evicted: rx,
+        }
+    }
+
+    /// The node drains: every held subscription is answered now ("no change": its client
+    /// subscribes again, on another node), and every later one as soon as it is held.
+    pub fn drain(&self) {
+        let mut map = self
+            .by_principal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.draining.store(true, Ordering::Relaxed);
+        for (_, queue) in map.drain() {
+            for (_, held) in queue {
+                // Its holder may be gone already; then there is nobody to tell.
+                let _ = held.send(());
+            }
         }
     }
 
@@ -162,6 +193,22 @@ mod tests {
         assert_eq!(held.held_by("a"), 1);
         assert!(a3.evicted.try_recv().is_err(), "a3 holds on");
         drop((a1, a3, b1));
+        assert_eq!(held.held_by("a") + held.held_by("b"), 0);
+    }
+
+    #[test]
+    fn draining_answers_every_held_subscription_and_each_later_one_at_once() {
+        let held = HeldByPrincipal::new(2, Metrics::new());
+        let mut a = held.register("a".into());
+        let mut b = held.register("b".into());
+        assert!(a.evicted.try_recv().is_err(), "held until the drain");
+        held.drain();
+        assert_eq!(a.evicted.try_recv(), Ok(()));
+        assert_eq!(b.evicted.try_recv(), Ok(()));
+        let mut later = held.register("a".into());
+        assert_eq!(later.evicted.try_recv(), Ok(()), "answered as it is held");
+        assert_eq!(held.held_by("a"), 0);
+        drop((a, b, later));
         assert_eq!(held.held_by("a") + held.held_by("b"), 0);
     }
 

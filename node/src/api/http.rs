@@ -107,6 +107,13 @@ impl AppState {
         }
     }
 
+    /// The node drains: every held subscription answers (empty) from now on, those the
+    /// router holds and the HTTP long-polls, which learn it through their slots.
+    pub fn start_draining(&self) {
+        self.router.start_draining();
+        self.held.drain();
+    }
+
     /// Authenticates a request for an endpoint kind (in an `auth` span).
     pub(crate) async fn principal(
         &self,
@@ -786,8 +793,9 @@ enum Opened {
 /// What a held subscribe keeps until it is answered.
 struct HeldAnswer {
     held: HeldSubscription,
+    /// Answered "no change" when a newer subscribe of the principal takes its place, and
+    /// when the node drains (`HeldByPrincipal::drain`).
     slot: HeldSlot,
-    draining: tokio::sync::watch::Receiver<bool>,
     hold: crate::metrics::HoldTimer,
     /// The subscriber's deadline: its timeout from when the request arrived.
     deadline: tokio::time::Instant,
@@ -815,7 +823,8 @@ impl HeldAnswer {
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
         let updates = tokio::select! {
-            updates = this.held.answer(left, this.draining) => {
+            // The drain comes through the slot: no watch of the drain per held device.
+            updates = this.held.answer_until(left, std::future::pending()) => {
                 updates.inspect_err(|e| tracing::info!(error = %e, "held subscribe cut"))?
             }
             _ = &mut this.slot.evicted => Vec::new(),
@@ -959,7 +968,6 @@ async fn open_subscribe(
         // One more held subscription of this principal; past its cap, its oldest is
         // answered.
         slot: state.held.register(principal.key()),
-        draining: state.router.drain_signal(),
         hold: crate::metrics::HoldTimer::start(state.shared.metrics.clone()),
         deadline: started + timeout,
         max_bytes,

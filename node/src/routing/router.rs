@@ -26,7 +26,7 @@ use tether_proto::presence::PresenceView;
 use tether_proto::reconcile::Held;
 use tether_proto::synclog::diff_since;
 use tether_proto::{Bucket, BucketId, Fields, SetKey, Update};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use crate::error::{NodeError, Result};
@@ -166,17 +166,45 @@ impl HeldSubscription {
     /// whose answer does not come within the grace, may have sent a notification that
     /// was lost on the way: that is an error (the held response is cut, the client
     /// retries), never a "no change" the owner did not give (chaos defect 7).
-    pub async fn answer(
+    pub fn answer(
         self,
         timeout: Duration,
         draining: watch::Receiver<bool>,
+    ) -> impl Future<Output = Result<Vec<BucketUpdate>>> {
+        self.answer_until(timeout, drained(draining))
+    }
+
+    /// [`HeldSubscription::answer`], with the drain as `drained` completing: a caller
+    /// that learns of the drain otherwise passes `std::future::pending()` and keeps no
+    /// watch of its own (`api::http`'s held slots).
+    pub fn answer_until(
+        mut self,
+        timeout: Duration,
+        drained: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<Vec<BucketUpdate>>> + Send {
+        use futures::future::Either;
+        match self.legs.pop() {
+            Some(HeldLeg::Local(leg)) if self.legs.is_empty() => {
+                Either::Left(leg.answer(timeout, drained))
+            }
+            last => {
+                self.legs.extend(last);
+                Either::Right(self.answer_legs(timeout, drained))
+            }
+        }
+    }
+
+    /// [`HeldSubscription::answer`] for several legs, or one that is not local.
+    async fn answer_legs(
+        self,
+        timeout: Duration,
+        drained: impl Future<Output = ()>,
     ) -> Result<Vec<BucketUpdate>> {
         if self.legs.is_empty() {
             return Ok(Vec::new());
         }
         let mut unconfirmed = self.legs.len();
         let mut legs = Legs::new(self.legs);
-        let drained = drained(draining);
         tokio::pin!(drained);
         tokio::select! {
             Some(answer) = legs.next() => return answer,
@@ -193,17 +221,19 @@ impl HeldSubscription {
                     Some(Err(e)) => return Err(e),
                     None => break,
                 },
-                () = &mut grace => {
-                    return Err(NodeError::Unavailable(format!(
-                        "{unconfirmed} owner(s) of the subscribed bucket sets did not answer \
-                         in time; resubscribe"
-                    )))
-                }
+                () = &mut grace => return Err(unconfirmed_in_time(unconfirmed)),
                 () = &mut drained => return Ok(Vec::new()),
             }
         }
         Ok(Vec::new())
     }
+}
+
+/// The error of a held subscription some of whose owners did not answer in time.
+fn unconfirmed_in_time(owners: usize) -> NodeError {
+    NodeError::Unavailable(format!(
+        "{owners} owner(s) of the subscribed bucket sets did not answer in time; resubscribe"
+    ))
 }
 
 /// The answers still awaited of a held subscription's legs, in the order they come. Most
@@ -218,9 +248,9 @@ enum Legs {
 impl Legs {
     fn new(mut legs: Vec<HeldLeg>) -> Self {
         if legs.len() == 1 {
-            Legs::One(legs.pop().map(|l| l.answer))
+            Legs::One(legs.pop().map(HeldLeg::into_future))
         } else {
-            Legs::Many(legs.into_iter().map(|l| l.answer).collect())
+            Legs::Many(legs.into_iter().map(HeldLeg::into_future).collect())
         }
     }
 
@@ -242,17 +272,28 @@ impl Legs {
 /// One owner's held part of a subscription, answered by that owner's own timer: its
 /// buckets, or empty ("nothing changed", confirmed by the owner when its hold passed),
 /// or an error when the call broke or the set moved first.
-pub(crate) struct HeldLeg {
-    answer: BoxFuture<'static, Result<Vec<BucketUpdate>>>,
+pub(crate) enum HeldLeg {
+    /// Held by this node's actors: a record of the hold, not a future (a held device's
+    /// subscription on its own node is the commonest thing a node keeps; BENCHMARKS.md
+    /// "Where a held device's bytes go").
+    Local(LocalLeg),
+    /// Held on a peer: the forwarded call's answer.
+    Future(BoxFuture<'static, Result<Vec<BucketUpdate>>>),
 }
 
 impl HeldLeg {
-    /// A leg held by this node's actors, or on a peer (the forwarded call's answer).
+    /// A leg answered by `answer` (a forwarded call's).
     pub(crate) fn new(
         answer: impl Future<Output = Result<Vec<BucketUpdate>>> + Send + 'static,
     ) -> Self {
-        Self {
-            answer: answer.boxed(),
+        HeldLeg::Future(answer.boxed())
+    }
+
+    /// The leg's answer as a future of its own: a local one's by the leg's own timer.
+    fn into_future(self) -> BoxFuture<'static, Result<Vec<BucketUpdate>>> {
+        match self {
+            HeldLeg::Local(leg) => leg.answer_by_its_hold().boxed(),
+            HeldLeg::Future(answer) => answer,
         }
     }
 
@@ -264,8 +305,164 @@ impl HeldLeg {
     ) -> Result<Vec<BucketUpdate>> {
         let drained = drained(draining);
         tokio::select! {
-            buckets = self.answer => buckets,
+            buckets = self.into_future() => buckets,
             () = drained => Ok(Vec::new()),
+        }
+    }
+}
+
+/// A subscription held by this node's actors: their answer channels, the guard that
+/// cancels the holds, and what answering and holding again need. Until an answer, the
+/// timeout or a break, this is all a locally held subscription keeps in the router.
+pub(crate) struct LocalLeg {
+    /// One channel per held set, in the order of `guard.sets`.
+    waiting: Vec<oneshot::Receiver<Vec<Stale>>>,
+    guard: SubscriptionGuard,
+    diffs: bool,
+    /// When the hold ends for the sets' actors.
+    hold_until: tokio::time::Instant,
+    /// Where to look for the sets again should one move while held (a subscription this
+    /// node routed itself); `None`: the move is the leg's error (a forwarded subscription's
+    /// owner: the forwarding node looks again).
+    again: Option<Again>,
+}
+
+/// What subscribing again needs ([`Router::held_again_if_broken`]).
+struct Again {
+    router: Arc<Router>,
+    held: Vec<Held>,
+    opts: HoldOptions,
+}
+
+impl LocalLeg {
+    /// The first set's answer: its stale buckets (that set forgot the subscription as it
+    /// answered: every reply is sent by whoever removed it, so only the others are told
+    /// when the guard goes), or `Err` when a set dropped the subscription unanswered (its
+    /// lease was found taken while held: its new owner may have written since, so no
+    /// "nothing changed" from here). Cancel-safe.
+    async fn next_answer(&mut self) -> std::result::Result<Vec<Stale>, NodeError> {
+        let (answered, answer) = std::future::poll_fn(|cx| {
+            for (i, rx) in self.waiting.iter_mut().enumerate() {
+                if let std::task::Poll::Ready(answer) = std::pin::Pin::new(rx).poll(cx) {
+                    return std::task::Poll::Ready((i, answer));
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await;
+        match answer {
+            Ok(stale) => {
+                self.waiting.remove(answered);
+                if answered < self.guard.sets.len() {
+                    self.guard.sets.remove(answered);
+                }
+                Ok(stale)
+            }
+            Err(_) => Err(NodeError::NotOwner(
+                "a subscribed bucket set moved to another node while held".into(),
+            )),
+        }
+    }
+
+    /// Whether "nothing changed" may be answered now the hold passed: every held set's
+    /// lease is still this node's (chaos defect 18).
+    fn confirm(&self) -> BoxFuture<'static, Result<()>> {
+        let shared = self.guard.shared.clone();
+        let sets = self.guard.sets.clone();
+        async move {
+            let confirmed = sets.iter().map(|s| shared.confirm_held(s));
+            futures::future::try_join_all(confirmed).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    /// The answer to send for `stale`, the holds on the other sets let go first.
+    async fn finish(self, stale: Vec<Stale>) -> Vec<BucketUpdate> {
+        let LocalLeg { guard, diffs, .. } = self;
+        let shared = guard.shared.clone();
+        drop(guard);
+        complete_diffs(&shared, stale, diffs).await
+    }
+
+    /// The leg's answer when it broke: held again wherever its sets are served now for
+    /// what is left of the hold, or the break itself.
+    async fn broke(self, broke: NodeError) -> Result<Vec<BucketUpdate>> {
+        let LocalLeg {
+            guard,
+            hold_until,
+            again,
+            ..
+        } = self;
+        drop(guard);
+        match again {
+            Some(again) => {
+                again
+                    .router
+                    .subscribe_again(broke, again.held, hold_until, again.opts)
+                    .await
+            }
+            None => Err(broke),
+        }
+    }
+
+    /// The answer by the leg's own timer (`hold_until`): for a leg awaited beside others,
+    /// and a forwarded subscription's owner.
+    async fn answer_by_its_hold(mut self) -> Result<Vec<BucketUpdate>> {
+        let hold_until = self.hold_until;
+        let broke = match tokio::time::timeout_at(hold_until, self.next_answer()).await {
+            Ok(Ok(stale)) => return Ok(self.finish(stale).boxed().await),
+            Ok(Err(moved)) => moved,
+            Err(_) => match self.confirm().await {
+                Ok(()) => return Ok(Vec::new()),
+                Err(e) => e,
+            },
+        };
+        self.broke(broke).boxed().await
+    }
+
+    /// The answer of a subscription held only here: as [`HeldSubscription::answer`] for
+    /// one owner, with one timer for the subscriber's `timeout` and the grace after it.
+    /// (An `async` block, not an `async fn`: the record stays where it was captured
+    /// instead of being copied into the future's locals as well.)
+    fn answer(
+        self,
+        timeout: Duration,
+        drained: impl Future<Output = ()>,
+    ) -> impl Future<Output = Result<Vec<BucketUpdate>>> {
+        let mut this = self;
+        async move {
+            tokio::pin!(drained);
+            let timer = tokio::time::sleep(timeout);
+            tokio::pin!(timer);
+            // Once the hold passed: every set's lease being confirmed, within the grace.
+            let mut confirming: Option<BoxFuture<'static, Result<()>>> = None;
+            let answered = loop {
+                tokio::select! {
+                    answered = this.next_answer() => break answered,
+                    () = &mut timer => {
+                        if confirming.is_some() {
+                            return Err(unconfirmed_in_time(1));
+                        }
+                        // "Nothing changed" once every set confirmed its lease, unless an
+                        // answer comes first.
+                        timer.as_mut().reset(tokio::time::Instant::now() + FORWARDED_ANSWER_GRACE);
+                        confirming = Some(this.confirm());
+                    }
+                    confirmed = async { confirming.as_mut()?.await.into() }, if confirming.is_some() => {
+                        match confirmed {
+                            Some(Ok(())) => return Ok(Vec::new()),
+                            Some(Err(e)) => break Err(e),
+                            None => {}
+                        }
+                    }
+                    () = &mut drained => return Ok(Vec::new()),
+                }
+            };
+            match answered {
+                Ok(stale) => Ok(this.finish(stale).boxed().await),
+                Err(broke) => this.broke(broke).boxed().await,
+            }
         }
     }
 }
@@ -743,34 +940,60 @@ impl Router {
         hold_until: tokio::time::Instant,
         opts: HoldOptions,
     ) -> HeldLeg {
-        HeldLeg::new(async move {
-            let broke = match leg.answer.await {
-                Ok(buckets) => return Ok(buckets),
-                Err(e) => e,
-            };
-            let left = hold_until.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return Err(broke);
+        match leg {
+            HeldLeg::Local(mut leg) => {
+                leg.again = Some(Again {
+                    router: self,
+                    held,
+                    opts,
+                });
+                HeldLeg::Local(leg)
             }
-            tracing::debug!(error = %broke, left_ms = left.as_millis() as u64, "held subscription's owner call broke: subscribing again where its sets are served now");
-            let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
-            for h in held {
-                by_set.entry(h.id.set_key()).or_default().push(h);
-            }
-            let draining = self.drain_signal();
-            match self.subscribe(by_set, left, opts).boxed().await? {
-                Subscription::Now(buckets) => Ok(buckets),
-                Subscription::Held(again) => {
-                    again
-                        .answer(
-                            hold_until.saturating_duration_since(tokio::time::Instant::now()),
-                            draining,
-                        )
-                        .boxed()
-                        .await
+            HeldLeg::Future(answer) => HeldLeg::new(async move {
+                match answer.await {
+                    Ok(buckets) => Ok(buckets),
+                    Err(broke) => self.subscribe_again(broke, held, hold_until, opts).await,
                 }
+            }),
+        }
+    }
+
+    /// After a held leg broke with `broke`: its `held` buckets subscribed again where their
+    /// sets are served now, for what is left until `hold_until` (see
+    /// [`Router::held_again_if_broken`]); past it, the break.
+    /// (A named, boxed future: it is awaited inside the answers it may end up giving.)
+    fn subscribe_again(
+        self: Arc<Self>,
+        broke: NodeError,
+        held: Vec<Held>,
+        hold_until: tokio::time::Instant,
+        opts: HoldOptions,
+    ) -> BoxFuture<'static, Result<Vec<BucketUpdate>>> {
+        async move {
+        let left = hold_until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(broke);
+        }
+        tracing::debug!(error = %broke, left_ms = left.as_millis() as u64, "held subscription's owner call broke: subscribing again where its sets are served now");
+        let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
+        for h in held {
+            by_set.entry(h.id.set_key()).or_default().push(h);
+        }
+        let draining = self.drain_signal();
+        match self.subscribe(by_set, left, opts).boxed().await? {
+            Subscription::Now(buckets) => Ok(buckets),
+            Subscription::Held(again) => {
+                again
+                    .answer(
+                        hold_until.saturating_duration_since(tokio::time::Instant::now()),
+                        draining,
+                    )
+                    .boxed()
+                    .await
             }
-        })
+        }
+        }
+        .boxed()
     }
 
     pub(crate) async fn local_get(&self, set: &SetKey, read: Get) -> Result<Vec<Bucket>> {
@@ -903,7 +1126,7 @@ impl Router {
         hold: Duration,
     ) -> Result<Leg> {
         let diffs = opts.diffs;
-        let (mut guard, now, waiting) =
+        let (guard, now, waiting) =
             self.hold_local(by_set, &opts, false)
                 .await?
                 .split(|answer| match answer {
@@ -913,36 +1136,12 @@ impl Router {
         if !now.is_empty() || waiting.is_empty() {
             return Ok(Leg::Now(complete_diffs(&self.shared, now, diffs).await));
         }
-        let shared = self.shared.clone();
-        Ok(Leg::Held(HeldLeg::new(async move {
-            let answer = tokio::time::timeout(hold, futures::future::select_all(waiting)).await;
-            let stale = match answer {
-                Ok((Ok(stale), answered, _)) => {
-                    // The set that answered forgot the subscription as it answered (every
-                    // reply is sent by whoever removed it): only the others are told.
-                    // `guard.sets` and `waiting` list the held sets in the same order.
-                    if answered < guard.sets.len() {
-                        guard.sets.remove(answered);
-                    }
-                    stale
-                }
-                // Dropped unanswered: the set's lease was found taken while held. Its new
-                // owner may have written since: no "nothing changed" from here.
-                Ok((Err(_), _, _)) => {
-                    return Err(NodeError::NotOwner(
-                        "a subscribed bucket set moved to another node while held".into(),
-                    ))
-                }
-                Err(_) => {
-                    let confirmed = guard.sets.iter().map(|s| shared.confirm_held(s));
-                    futures::future::try_join_all(confirmed).boxed().await?;
-                    Vec::new()
-                }
-            };
-            drop(guard);
-            // Boxed, as the confirmation above: this future is kept for the whole hold,
-            // sized by its largest state, and these two run only once it ends.
-            Ok(complete_diffs(&shared, stale, diffs).boxed().await)
+        Ok(Leg::Held(HeldLeg::Local(LocalLeg {
+            waiting,
+            guard,
+            diffs,
+            hold_until: tokio::time::Instant::now() + hold,
+            again: None,
         })))
     }
 
@@ -1139,4 +1338,8 @@ impl Drop for SubscriptionGuard {
             self.shared.unsubscribe(set, self.sub_id);
         }
     }
+}
+
+pub fn leg_size() -> usize {
+    std::mem::size_of::<HeldLeg>()
 }
