@@ -213,6 +213,7 @@ pub async fn run(config: Config) -> Result<()> {
                 let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
                 let done = RequestDone {
                     exemplar: crate::telemetry::exemplar(&trace),
+                    trace_id: trace.trace_id,
                     metrics: metrics.clone(),
                     rejections: rejections.clone(),
                     started: Instant::now(),
@@ -509,6 +510,7 @@ struct RequestDone {
     route: Cow<'static, str>,
     method: &'static str,
     exemplar: Option<opentelemetry::trace::TraceId>,
+    trace_id: opentelemetry::trace::TraceId,
     metrics: Metrics,
     rejections: Arc<LogBudget>,
     started: Instant,
@@ -574,17 +576,35 @@ impl RequestDone {
     }
 
     /// A held response's future for actix-http's dispatcher, finished as above when it is
-    /// ready, in the request's `span`.
+    /// ready, in the request's `span`. A span that is not exported is let go at the hold
+    /// (≈ 0.5 KB of the subscriber's registry slot and formatted fields, for as long as
+    /// the hold lasts): each poll of the held answer, and its log line, runs in a span
+    /// made anew with the same fields, so every line logged for the request still names
+    /// its request and trace ids.
     fn deferred(self, held: http::HeldResponse, span: tracing::Span) -> DeferredResponse {
-        DeferredResponse(Box::pin(
-            async move {
-                let mut res = held.0.await;
-                let code = error_code(&res);
-                self.finish(res.status(), code, None, None, res.headers_mut());
-                res.into()
-            }
-            .instrument(span),
-        ))
+        let exported = self.exemplar.is_some();
+        let (request_id, trace_id, method) = (self.request_id, self.trace_id, self.method);
+        let route = self.route.clone();
+        let answer = async move {
+            let mut res = held.0.await;
+            let code = error_code(&res);
+            self.finish(res.status(), code, None, None, res.headers_mut());
+            res.into()
+        };
+        if exported {
+            return DeferredResponse(Box::pin(answer.instrument(span)));
+        }
+        drop(span);
+        DeferredResponse(Box::pin(async move {
+            let mut answer = std::pin::pin!(answer);
+            std::future::poll_fn(|cx| {
+                let span =
+                    crate::telemetry::request_span(false, request_id, trace_id, method, &route);
+                let _in = span.enter();
+                std::future::Future::poll(answer.as_mut(), cx)
+            })
+            .await
+        }))
     }
 }
 

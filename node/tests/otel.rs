@@ -462,7 +462,52 @@ async fn log_lines_carry_request_and_trace_ids_and_no_colour_codes() {
         .and_then(|v| v.to_str().ok())
         .expect("x-request-id")
         .to_string();
+    let answer: serde_json::Value = serde_json::from_slice(&r.body).expect("a JSON answer");
+    // A held subscribe's line comes when it is answered, after its request was let go at
+    // the hold (and with it, export off, the request's span): it names both ids too.
+    let held_trace_id = random_hex(16);
+    let held = device
+        .send(
+            device
+                .req(Method::POST, "/v1/subscribe")
+                .header(
+                    "traceparent",
+                    format!("00-{held_trace_id}-{}-01", random_hex(8)),
+                )
+                .json(&json!({
+                    "buckets": [{"id": "device.LOG00001", "version": answer["version"]}],
+                    "timeout_ms": 300,
+                })),
+        )
+        .await;
+    assert_eq!(held.status, StatusCode::OK, "{}", held.text());
+    let held_request_id = held
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-request-id")
+        .to_string();
     let logs = node.stderr_all();
+    let held_done: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(&held_request_id) && l.contains("request done"))
+        .collect();
+    assert_eq!(
+        held_done.len(),
+        1,
+        "one line ends the held subscribe:\n{logs}"
+    );
+    for field in [
+        format!("trace_id={held_trace_id}"),
+        "route=\"/v1/subscribe\"".to_string(),
+        "status=200".to_string(),
+    ] {
+        assert!(
+            held_done[0].contains(&field),
+            "no {field} in {}",
+            held_done[0]
+        );
+    }
     assert!(
         !logs.contains('\u{1b}'),
         "ANSI escape codes in a log file:\n{logs}"
@@ -471,7 +516,6 @@ async fn log_lines_carry_request_and_trace_ids_and_no_colour_codes() {
     // One line ends the PUT and says what it wrote (the write and access logs in one).
     let done: Vec<&&str> = ours.iter().filter(|l| l.contains("request done")).collect();
     assert_eq!(done.len(), 1, "one line ends the PUT:\n{logs}");
-    let answer: serde_json::Value = serde_json::from_slice(&r.body).expect("a JSON answer");
     let outcome = match answer["outcome"].as_str() {
         Some("applied") => "Applied",
         Some("merged") => "Merged",

@@ -493,18 +493,7 @@ pub fn http_server_span(
         "request",
     );
     let exported = enabled() && trace.sampled;
-    let span = sampling::decided(exported, || {
-        tracing::info_span!(
-            "request",
-            %request_id,
-            trace_id = %trace.trace_id,
-            method,
-            route,
-            otel.name = Empty,
-            otel.kind = "server",
-            otel.status_code = Empty,
-        )
-    });
+    let span = request_span(exported, request_id, trace.trace_id, method, route);
     if exported {
         span.record("otel.name", format!("{method} {route}").as_str());
         start_server_span(&span, trace, remote);
@@ -540,6 +529,29 @@ pub fn http_server_span(
         }
     }
     (span, trace)
+}
+
+/// A request's span: exported when `exported` (then [`http_server_span`] starts it), else
+/// only the fields every log line under it carries.
+pub fn request_span(
+    exported: bool,
+    request_id: uuid::Uuid,
+    trace_id: TraceId,
+    method: &str,
+    route: &str,
+) -> tracing::Span {
+    sampling::decided(exported, || {
+        tracing::info_span!(
+            "request",
+            %request_id,
+            %trace_id,
+            method,
+            route,
+            otel.name = Empty,
+            otel.kind = "server",
+            otel.status_code = Empty,
+        )
+    })
 }
 
 /// Records the answer on a request span: the status, and an error status for 5xx.
