@@ -231,6 +231,19 @@ async fn hold(
     sub
 }
 
+/// Waits (up to 15 s) for a held subscribe to be answered 200 "no change" (a drain's
+/// answer: its client resubscribes).
+async fn answered_no_change(sub: tokio::task::JoinHandle<Resp>, what: &str) {
+    let answered = within(Duration::from_secs(15), what, sub)
+        .await
+        .expect("subscribe task")
+        .expect_json(StatusCode::OK);
+    assert!(
+        buckets_of(&answered).is_empty(),
+        "{what}: 'no change' expected: {answered}"
+    );
+}
+
 /// A `Sets.Get` from a caller that is not a node: plain text (`None`) or mTLS with `cert`,
 /// never the cluster secret. The status it gets.
 async fn stranger_get(
@@ -930,30 +943,12 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             "node-c handed off its sets: tether_handoffs_total {handoffs}"
         );
     }
-    let answered = within(
-        Duration::from_secs(15),
-        "held subscribe answered on drain",
-        sub,
-    )
-    .await
-    .expect("subscribe task")
-    .expect_json(StatusCode::OK);
-    assert!(
-        buckets_of(&answered).is_empty(),
-        "drain answers 'no change': {answered}"
-    );
-    let answered = within(
-        Duration::from_secs(15),
-        "subscribe held through the draining node answered on drain",
+    answered_no_change(sub, "held subscribe answered on drain").await;
+    answered_no_change(
         sub_through_c,
+        "subscribe held through the draining node answered on drain",
     )
-    .await
-    .expect("subscribe task")
-    .expect_json(StatusCode::OK);
-    assert!(
-        buckets_of(&answered).is_empty(),
-        "drain answers 'no change' through the draining node too: {answered}"
-    );
+    .await;
     let status = c.node.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "drained node exits cleanly: {status:?}");
     for m in &members {

@@ -327,12 +327,7 @@ async fn one_trace_across_two_nodes(protocol: Protocol) {
         );
     }
     // The answer names its request, and node-a's log lines of it carry both ids.
-    let request_id = r
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .expect("x-request-id")
-        .to_string();
+    let request_id = r.request_id();
     let logs = a.node.stderr_all();
     assert!(
         logs.lines()
@@ -456,12 +451,7 @@ async fn log_lines_carry_request_and_trace_ids_and_no_colour_codes() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let request_id = r
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .expect("x-request-id")
-        .to_string();
+    let request_id = r.request_id();
     let answer: serde_json::Value = serde_json::from_slice(&r.body).expect("a JSON answer");
     // A held subscribe's line comes when it is answered, after its request was let go at
     // the hold (and with it, export off, the request's span): it names both ids too.
@@ -481,12 +471,7 @@ async fn log_lines_carry_request_and_trace_ids_and_no_colour_codes() {
         )
         .await;
     assert_eq!(held.status, StatusCode::OK, "{}", held.text());
-    let held_request_id = held
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .expect("x-request-id")
-        .to_string();
+    let held_request_id = held.request_id();
     let logs = node.stderr_all();
     let held_done: Vec<&str> = logs
         .lines()

@@ -204,6 +204,15 @@ impl Resp {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The `x-request-id` the node gave the response (panics when there is none).
+    pub fn request_id(&self) -> String {
+        self.headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("x-request-id")
+            .to_string()
+    }
+
     /// The body as JSON (panics with the raw body otherwise).
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
