@@ -408,17 +408,11 @@ impl LocalLeg {
 
     /// The answer by the leg's own timer (`hold_until`): for a leg awaited beside others,
     /// and a forwarded subscription's owner.
-    async fn answer_by_its_hold(mut self) -> Result<Vec<BucketUpdate>> {
-        let hold_until = self.hold_until;
-        let broke = match tokio::time::timeout_at(hold_until, self.next_answer()).await {
-            Ok(Ok(stale)) => return Ok(self.finish(stale).boxed().await),
-            Ok(Err(moved)) => moved,
-            Err(_) => match self.confirm().await {
-                Ok(()) => return Ok(Vec::new()),
-                Err(e) => e,
-            },
-        };
-        self.broke(broke).boxed().await
+    fn answer_by_its_hold(self) -> impl Future<Output = Result<Vec<BucketUpdate>>> {
+        let left = self
+            .hold_until
+            .saturating_duration_since(tokio::time::Instant::now());
+        self.answer(left, std::future::pending())
     }
 
     /// The answer of a subscription held only here: as [`HeldSubscription::answer`] for
@@ -970,28 +964,33 @@ impl Router {
         opts: HoldOptions,
     ) -> BoxFuture<'static, Result<Vec<BucketUpdate>>> {
         async move {
-        let left = hold_until.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return Err(broke);
-        }
-        tracing::debug!(error = %broke, left_ms = left.as_millis() as u64, "held subscription's owner call broke: subscribing again where its sets are served now");
-        let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
-        for h in held {
-            by_set.entry(h.id.set_key()).or_default().push(h);
-        }
-        let draining = self.drain_signal();
-        match self.subscribe(by_set, left, opts).boxed().await? {
-            Subscription::Now(buckets) => Ok(buckets),
-            Subscription::Held(again) => {
-                again
-                    .answer(
-                        hold_until.saturating_duration_since(tokio::time::Instant::now()),
-                        draining,
-                    )
-                    .boxed()
-                    .await
+            let left = hold_until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(broke);
             }
-        }
+            tracing::debug!(
+                error = %broke,
+                left_ms = left.as_millis() as u64,
+                "held subscription's owner call broke: subscribing again where its sets are \
+                 served now"
+            );
+            let mut by_set: BTreeMap<SetKey, Vec<Held>> = BTreeMap::new();
+            for h in held {
+                by_set.entry(h.id.set_key()).or_default().push(h);
+            }
+            let draining = self.drain_signal();
+            match self.subscribe(by_set, left, opts).boxed().await? {
+                Subscription::Now(buckets) => Ok(buckets),
+                Subscription::Held(again) => {
+                    again
+                        .answer(
+                            hold_until.saturating_duration_since(tokio::time::Instant::now()),
+                            draining,
+                        )
+                        .boxed()
+                        .await
+                }
+            }
         }
         .boxed()
     }
