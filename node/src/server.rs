@@ -212,7 +212,7 @@ pub async fn run(config: Config) -> Result<()> {
                 // tracing is on; its request id and trace id name every log line under it.
                 let (span, trace) = crate::telemetry::http_server_span(&req, request_id, &route);
                 let done = RequestDone {
-                    exemplar: crate::telemetry::exemplar(&trace),
+                    exported: crate::telemetry::exemplar(&trace).is_some(),
                     trace_id: trace.trace_id,
                     metrics: metrics.clone(),
                     rejections: rejections.clone(),
@@ -509,7 +509,8 @@ async fn collect_blobs(
 struct RequestDone {
     route: Cow<'static, str>,
     method: &'static str,
-    exemplar: Option<opentelemetry::trace::TraceId>,
+    /// The request's trace is exported (its id is then the metrics' exemplar).
+    exported: bool,
     trace_id: opentelemetry::trace::TraceId,
     metrics: Metrics,
     rejections: Arc<LogBudget>,
@@ -535,7 +536,7 @@ impl RequestDone {
             self.method,
             status,
             elapsed,
-            self.exemplar,
+            self.exported.then_some(self.trace_id),
         );
         if let Some(code) = code {
             self.metrics.request_refused(&self.route, code);
@@ -578,7 +579,7 @@ impl RequestDone {
     /// A held response's future for actix-http's dispatcher, finished as above when it is
     /// ready, in the request's `span` ([`HeldDone`]).
     fn deferred(self, held: http::HeldResponse, span: tracing::Span) -> DeferredResponse {
-        let span = self.exemplar.is_some().then_some(span);
+        let span = self.exported.then_some(span);
         DeferredResponse(Box::pin(HeldDone {
             done: self,
             held,
