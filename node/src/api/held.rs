@@ -6,7 +6,7 @@
 //! the node's connections and file descriptors (issue 13 finding 5).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
@@ -21,11 +21,16 @@ type Queue = VecDeque<(u64, oneshot::Sender<()>)>;
 pub struct HeldByPrincipal {
     cap: usize,
     next: AtomicU64,
-    by_principal: Mutex<HashMap<Arc<str>, Queue>>,
-    /// The node drains: every held subscription is answered, new ones at once (changed
-    /// only under the map's lock).
-    draining: AtomicBool,
+    slots: Mutex<Slots>,
     metrics: Metrics,
+}
+
+/// The held subscriptions, and whether the node drains.
+#[derive(Debug, Default)]
+struct Slots {
+    by_principal: HashMap<Arc<str>, Queue>,
+    /// The node drains: every held subscription was answered, new ones are at once.
+    draining: bool,
 }
 
 /// One held subscription's place in its principal's share; dropping it (the subscription
@@ -47,8 +52,7 @@ impl HeldByPrincipal {
         Arc::new(HeldByPrincipal {
             cap: cap.max(1),
             next: AtomicU64::new(1),
-            by_principal: Mutex::new(HashMap::new()),
-            draining: AtomicBool::new(false),
+            slots: Mutex::new(Slots::default()),
             metrics,
         })
     }
@@ -58,15 +62,12 @@ impl HeldByPrincipal {
     pub fn register(self: &Arc<Self>, principal: String) -> HeldSlot {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let mut map = self
-            .by_principal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let principal = match map.get_key_value(principal.as_str()) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let principal = match slots.by_principal.get_key_value(principal.as_str()) {
             Some((key, _)) => key.clone(),
             None => Arc::from(principal),
         };
-        if self.draining.load(Ordering::Relaxed) {
+        if slots.draining {
             // Answered at once: nothing is held on a draining node.
             let _ = tx.send(());
             return HeldSlot {
@@ -77,7 +78,8 @@ impl HeldByPrincipal {
             };
         }
         // Most principals hold one subscription: room for one, not a `VecDeque`'s four.
-        let queue = map
+        let queue = slots
+            .by_principal
             .entry(principal.clone())
             .or_insert_with(|| VecDeque::with_capacity(1));
         while queue.len() >= self.cap {
@@ -99,12 +101,9 @@ impl HeldByPrincipal {
     /// The node drains: every held subscription is answered now ("no change": its client
     /// subscribes again, on another node), and every later one as soon as it is held.
     pub fn drain(&self) {
-        let mut map = self
-            .by_principal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.draining.store(true, Ordering::Relaxed);
-        for (_, queue) in map.drain() {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.draining = true;
+        for (_, queue) in slots.by_principal.drain() {
             for (_, held) in queue {
                 // Its holder may be gone already; then there is nobody to tell.
                 let _ = held.send(());
@@ -114,9 +113,10 @@ impl HeldByPrincipal {
 
     /// Held subscriptions of `principal` on this node.
     pub fn held_by(&self, principal: &str) -> usize {
-        self.by_principal
+        self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .by_principal
             .get(principal)
             .map_or(0, VecDeque::len)
     }
@@ -124,16 +124,16 @@ impl HeldByPrincipal {
 
 impl Drop for HeldSlot {
     fn drop(&mut self) {
-        let mut map = self
+        let mut slots = self
             .owner
-            .by_principal
+            .slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(queue) = map.get_mut(&self.principal) {
+        if let Some(queue) = slots.by_principal.get_mut(&self.principal) {
             // At most `cap` entries: a short scan.
             queue.retain(|(id, _)| *id != self.id);
             if queue.is_empty() {
-                map.remove(&self.principal);
+                slots.by_principal.remove(&self.principal);
             }
         }
     }

@@ -183,15 +183,12 @@ impl HeldSubscription {
         drained: impl Future<Output = ()> + Send,
     ) -> impl Future<Output = Result<Vec<BucketUpdate>>> + Send {
         use futures::future::Either;
-        match self.legs.pop() {
-            Some(HeldLeg::Local(leg)) if self.legs.is_empty() => {
-                Either::Left(leg.answer(timeout, drained))
-            }
-            last => {
-                self.legs.extend(last);
-                Either::Right(self.answer_legs(timeout, drained))
+        if let [HeldLeg::Local(_)] = self.legs.as_slice() {
+            if let Some(HeldLeg::Local(leg)) = self.legs.pop() {
+                return Either::Left(leg.answer(timeout, drained));
             }
         }
+        Either::Right(self.answer_legs(timeout, drained))
     }
 
     /// [`HeldSubscription::answer`] for several legs, or one that is not local.
@@ -292,7 +289,7 @@ impl HeldLeg {
     /// The leg's answer as a future of its own: a local one's by the leg's own timer.
     fn into_future(self) -> BoxFuture<'static, Result<Vec<BucketUpdate>>> {
         match self {
-            HeldLeg::Local(leg) => leg.answer_by_its_hold().boxed(),
+            HeldLeg::Local(leg) => leg.answer_by_its_hold(std::future::pending()).boxed(),
             HeldLeg::Future(answer) => answer,
         }
     }
@@ -304,9 +301,12 @@ impl HeldLeg {
         draining: watch::Receiver<bool>,
     ) -> Result<Vec<BucketUpdate>> {
         let drained = drained(draining);
-        tokio::select! {
-            buckets = self.into_future() => buckets,
-            () = drained => Ok(Vec::new()),
+        match self {
+            HeldLeg::Local(leg) => leg.answer_by_its_hold(drained).await,
+            HeldLeg::Future(answer) => tokio::select! {
+                buckets = answer => buckets,
+                () = drained => Ok(Vec::new()),
+            },
         }
     }
 }
@@ -352,7 +352,8 @@ impl LocalLeg {
         .await;
         match answer {
             Ok(stale) => {
-                self.waiting.remove(answered);
+                // The guard tells only the others; the leg is consumed after this answer,
+                // so `waiting` is left as it is.
                 if answered < self.guard.sets.len() {
                     self.guard.sets.remove(answered);
                 }
@@ -406,13 +407,16 @@ impl LocalLeg {
         }
     }
 
-    /// The answer by the leg's own timer (`hold_until`): for a leg awaited beside others,
-    /// and a forwarded subscription's owner.
-    fn answer_by_its_hold(self) -> impl Future<Output = Result<Vec<BucketUpdate>>> {
+    /// The answer by the leg's own timer (`hold_until`), or nothing once `drained`
+    /// completes: for a leg awaited beside others, and a forwarded subscription's owner.
+    fn answer_by_its_hold(
+        self,
+        drained: impl Future<Output = ()>,
+    ) -> impl Future<Output = Result<Vec<BucketUpdate>>> {
         let left = self
             .hold_until
             .saturating_duration_since(tokio::time::Instant::now());
-        self.answer(left, std::future::pending())
+        self.answer(left, drained)
     }
 
     /// The answer of a subscription held only here: as [`HeldSubscription::answer`] for
