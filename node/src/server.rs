@@ -165,6 +165,7 @@ pub async fn run(config: Config) -> Result<()> {
         joined,
         conns.clone(),
     ));
+    tokio::spawn(forget_idle_principals(state.clone().into_inner()));
     if let Some(blobs) = state.blobs.clone() {
         tokio::spawn(collect_blobs(
             blobs,
@@ -460,6 +461,21 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Every [`FORGET_IDLE_EVERY`](crate::security::credentials::FORGET_IDLE_EVERY), lets go
+/// of what the node keeps per principal and no request needs any more (cached records and
+/// scopes, ended failure windows, rate-limiter keys back to a full budget): a node's
+/// memory follows the principals active now, not every device it ever served.
+async fn forget_idle_principals(state: Arc<AppState>) {
+    let mut every = tokio::time::interval(crate::security::credentials::FORGET_IDLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let forgotten = state.auth.forget_idle(std::time::Instant::now());
+        tracing::debug!(?forgotten, "idle principals forgotten");
     }
 }
 

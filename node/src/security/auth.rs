@@ -17,7 +17,7 @@ use tether_proto::{BucketId, Fields, SetKey};
 
 use crate::error::{NodeError, Result};
 use crate::routing::router::Router;
-use crate::security::credentials::CredentialService;
+use crate::security::credentials::{CredentialService, Forgotten};
 use crate::security::limits::Sources;
 use crate::security::scope::{ScopeCache, UserScope};
 use crate::sets::actor::BY_SERVER;
@@ -209,6 +209,14 @@ impl Auth {
             scopes,
             registrations,
         }
+    }
+
+    /// Lets go of idle principals' cached records, scopes, counters and rate-limiter
+    /// keys ([`CredentialService::forget_idle`], [`ScopeCache::forget_idle`]).
+    pub fn forget_idle(&self, now: std::time::Instant) -> Forgotten {
+        let mut forgotten = self.credentials.forget_idle(now);
+        forgotten.scopes = self.scopes.forget_idle(now);
+        forgotten
     }
 
     /// The client address of `req` (for per-source limits).

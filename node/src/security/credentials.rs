@@ -110,6 +110,10 @@ struct Cached {
     read_at: Instant,
 }
 
+/// How often the server lets go of idle principals' records, counters and rate-limiter
+/// keys ([`CredentialService::forget_idle`]).
+pub const FORGET_IDLE_EVERY: Duration = Duration::from_secs(30);
+
 /// An id whose failures passed its limit is read from the store at most this often; a
 /// secret the cached record does not know is refused in between.
 pub const REFRESH_HOT: Duration = Duration::from_secs(1);
@@ -123,8 +127,25 @@ pub struct CredentialService {
     id_failures: WindowCounters<String>,
     source_failures: WindowCounters<IpAddr>,
     pair_failures: WindowCounters<String>,
-    register_limiter: DefaultKeyedRateLimiter<String>,
-    request_limiter: DefaultKeyedRateLimiter<String>,
+    /// Keyed by [`Self::limit_key`]: a hash, not a copy of the name, per tracked key.
+    register_limiter: DefaultKeyedRateLimiter<u64>,
+    request_limiter: DefaultKeyedRateLimiter<u64>,
+    /// Keys the rate limiters' hashes (random per process, so no client can pick names
+    /// that share another's budget).
+    limit_keys: std::hash::RandomState,
+}
+
+/// What [`CredentialService::forget_idle`] let go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Cached credential records past every use.
+    pub records: usize,
+    /// Cached scopes (pairings) past every use ([`crate::security::auth::Auth`]'s).
+    pub scopes: usize,
+    /// Failure counters whose window ended.
+    pub failures: usize,
+    /// Rate-limiter keys back to a full budget.
+    pub limited: usize,
 }
 
 impl std::fmt::Debug for CredentialService {
@@ -211,6 +232,7 @@ impl CredentialService {
         CredentialService {
             register_limiter: RateLimiter::keyed(quota_per_hour(config.register_per_hour)),
             request_limiter: RateLimiter::keyed(Quota::per_second(rps).allow_burst(burst)),
+            limit_keys: std::hash::RandomState::new(),
             store,
             metrics,
             records: BoundedMap::new(cap),
@@ -300,10 +322,51 @@ impl CredentialService {
                 .is_none()
     }
 
+    /// A rate limiter's key for `name`. Two names sharing a hash would share a budget
+    /// (at 64 bits, keyed per process, not a thing a client can arrange); nothing else
+    /// rests on it.
+    fn limit_key(&self, name: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.limit_keys.hash_one(name)
+    }
+
+    /// Lets go of what no request needs any more, so that memory follows the principals
+    /// active now, not every one ever seen: cached records older than any use
+    /// (`cache_ttl`, `stale_if_error`), failure windows that ended, and rate-limiter keys
+    /// whose budget is full again (a limited key is kept: forgetting never resets a
+    /// limit). Called every [`FORGET_IDLE_EVERY`] by the server.
+    pub fn forget_idle(&self, now: Instant) -> Forgotten {
+        let kept_for = self.config.cache_ttl.max(self.config.stale_if_error);
+        let records = self
+            .records
+            .forget_idle(|c| now.saturating_duration_since(c.read_at) >= kept_for);
+        let failures = self.id_failures.forget_idle(now)
+            + self.source_failures.forget_idle(now)
+            + self.pair_failures.forget_idle(now);
+        let before = self.request_limiter.len() + self.register_limiter.len();
+        for limiter in [&self.request_limiter, &self.register_limiter] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        let limited =
+            before.saturating_sub(self.request_limiter.len() + self.register_limiter.len());
+        Forgotten {
+            records,
+            scopes: 0,
+            failures,
+            limited,
+        }
+    }
+
+    /// Keys the rate limiters track now (requests, registrations).
+    pub fn limited_keys(&self) -> (usize, usize) {
+        (self.request_limiter.len(), self.register_limiter.len())
+    }
+
     /// Per-principal request limit: 429 with a retry hint once exceeded.
     pub fn check_rate(&self, principal_key: &str) -> Result<()> {
         self.request_limiter
-            .check_key(&principal_key.to_string())
+            .check_key(&self.limit_key(principal_key))
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
@@ -318,7 +381,7 @@ impl CredentialService {
     /// by others never use up a device's registrations).
     pub fn charge_registration(&self, serial: &str) -> Result<()> {
         self.register_limiter
-            .check_key(&serial.to_string())
+            .check_key(&self.limit_key(serial))
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
@@ -585,6 +648,76 @@ impl CredentialService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(config: CredentialConfig) -> (CredentialService, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::redb::RedbStore::open(dir.path(), Metrics::new()).expect("open");
+        (
+            CredentialService::new(Arc::new(store), config, Metrics::new()),
+            dir,
+        )
+    }
+
+    #[test]
+    fn idle_principals_are_forgotten_and_a_limited_one_stays_limited() {
+        let (svc, _dir) = service(CredentialConfig {
+            register_per_hour: 2,
+            requests_per_second: 1000,
+            ..CredentialConfig::default()
+        });
+        for i in 0..50 {
+            svc.check_rate(&format!("a.IDLE{i}"))
+                .expect("within its rate");
+            svc.charge_registration(&format!("IDLE{i}"))
+                .expect("within its quota");
+        }
+        svc.charge_registration("HOT").expect("first");
+        svc.charge_registration("HOT").expect("second");
+        assert!(matches!(
+            svc.charge_registration("HOT"),
+            Err(NodeError::RateLimited { .. })
+        ));
+        assert_eq!(svc.limited_keys(), (50, 51));
+        // One request at 1000/s is a full budget again 1 ms later.
+        std::thread::sleep(Duration::from_millis(20));
+        let forgotten = svc.forget_idle(Instant::now());
+        assert_eq!(forgotten.limited, 50, "the request budgets are full again");
+        assert_eq!(
+            svc.limited_keys(),
+            (0, 51),
+            "registration quotas refill over the hour: kept"
+        );
+        assert!(
+            matches!(
+                svc.charge_registration("HOT"),
+                Err(NodeError::RateLimited { .. })
+            ),
+            "forgetting never resets a limit"
+        );
+        svc.check_rate("a.IDLE0")
+            .expect("a forgotten key starts afresh");
+    }
+
+    #[test]
+    fn a_cached_record_is_forgotten_once_past_every_use() {
+        let (svc, _dir) = service(CredentialConfig::default());
+        let t0 = Instant::now();
+        svc.remember("a.SERIAL1", Record::Absent);
+        svc.id_failures.record("a.SERIAL1".to_string(), t0);
+        let config = svc.config().clone();
+        let kept_for = config.cache_ttl.max(config.stale_if_error);
+        let early = svc.forget_idle(t0 + config.cache_ttl);
+        assert_eq!(
+            (early.records, early.failures),
+            (0, 0),
+            "still usable when the store does not answer"
+        );
+        assert!(svc.records.get(&"a.SERIAL1".to_string()).is_some());
+        let late = svc.forget_idle(t0 + kept_for + config.failure_window);
+        assert_eq!((late.records, late.failures), (1, 1));
+        assert!(svc.records.get(&"a.SERIAL1".to_string()).is_none());
+        assert!(svc.id_failures.is_empty());
+    }
 
     #[test]
     fn sealed_secret_opens_only_with_the_previous_secret() {

@@ -88,6 +88,22 @@ impl<K: Hash + Eq, V> BoundedMap<K, V> {
         self.shard(key).pop(key);
     }
 
+    /// Drops entries from the least recently used end of every shard while `idle` says
+    /// they are of no more use; returns how many went. An entry used more recently than
+    /// one it cannot drop stays until a later call (recency and age mostly agree: every
+    /// table here stamps an entry when it writes it).
+    pub fn forget_idle(&self, idle: impl Fn(&V) -> bool) -> usize {
+        let mut forgotten = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            while shard.peek_lru().is_some_and(|(_, v)| idle(v)) {
+                shard.pop_lru();
+                forgotten += 1;
+            }
+        }
+        forgotten
+    }
+
     /// Entries held now.
     pub fn len(&self) -> usize {
         self.shards
@@ -176,6 +192,14 @@ impl<K: Hash + Eq> WindowCounters<K> {
         let w = self.map.get(key)?;
         let elapsed = now.saturating_duration_since(w.start);
         (w.count >= self.limit && elapsed < self.window).then(|| self.window - elapsed)
+    }
+
+    /// Forgets the keys whose window ended by `now` (a key counted again starts from
+    /// zero either way); returns how many.
+    pub fn forget_idle(&self, now: Instant) -> usize {
+        let window = self.window;
+        self.map
+            .forget_idle(|w| now.saturating_duration_since(w.start) >= window)
     }
 
     /// Keys counted now.
@@ -389,6 +413,28 @@ mod tests {
             1,
             "a new window"
         );
+    }
+
+    #[test]
+    fn forgetting_idle_windows_drops_only_ended_ones_and_never_resets_a_limit() {
+        let c = WindowCounters::new(2, Duration::from_secs(10), 1000);
+        let t0 = Instant::now();
+        for key in 0..100u32 {
+            c.record(key, t0);
+        }
+        // Key 500 reaches its limit later; it must stay counted.
+        c.record(500, t0 + Duration::from_secs(8));
+        c.record(500, t0 + Duration::from_secs(8));
+        assert_eq!(c.forget_idle(t0 + Duration::from_secs(5)), 0, "none ended");
+        assert_eq!(c.len(), 101);
+        assert_eq!(c.forget_idle(t0 + Duration::from_secs(10)), 100);
+        assert_eq!(c.len(), 1);
+        assert!(
+            c.exhausted(&500, t0 + Duration::from_secs(10)).is_some(),
+            "a key within its window stays at its limit"
+        );
+        assert_eq!(c.forget_idle(t0 + Duration::from_secs(18)), 1);
+        assert!(c.is_empty());
     }
 
     #[test]

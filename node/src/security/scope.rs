@@ -67,6 +67,23 @@ impl ScopeCache {
         }
     }
 
+    /// Lets go of the scopes no lookup would use any more (older than `fresh` and
+    /// `stale_if_error`, or read before a pairing change); returns how many.
+    pub fn forget_idle(&self, now: Instant) -> usize {
+        let kept_for = self.fresh.max(self.stale_if_error);
+        let generation = self.generation();
+        let idle = |read_at: Instant, read_in: u64| {
+            read_in != generation || now.saturating_duration_since(read_at) >= kept_for
+        };
+        self.devices.forget_idle(|e| idle(e.read_at, e.generation))
+            + self.users.forget_idle(|e| idle(e.read_at, e.generation))
+    }
+
+    /// Scopes cached now (devices, users).
+    pub fn len(&self) -> (usize, usize) {
+        (self.devices.len(), self.users.len())
+    }
+
     /// A pairing changed through this node: forget every cached scope.
     pub fn pairing_changed(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -210,5 +227,32 @@ mod tests {
         // Forgotten: neither fresh nor kept for a store outage.
         let after = c.user("u1", false, || async { Err(unreachable()) });
         assert!(matches!(after.await, Err(StoreError::Unreachable(_))));
+    }
+
+    #[tokio::test]
+    async fn scopes_no_lookup_would_use_are_forgotten() {
+        let c = cache(Duration::from_secs(1));
+        let t0 = Instant::now();
+        for serial in ["01AA", "01AB"] {
+            let read = c.device(serial, false, || async { Ok(Some("home".into())) });
+            assert!(read.await.is_ok());
+        }
+        let user = c.user("u1", false, || async { Ok(UserScope::default()) });
+        assert!(user.await.is_ok());
+        assert_eq!(c.forget_idle(t0), 0);
+        // Past freshness, but within `stale_if_error`: kept for a store outage.
+        assert_eq!(c.forget_idle(t0 + Duration::from_secs(2)), 0);
+        let stale = c.device("01AA", false, || async { Err(unreachable()) });
+        assert_eq!(stale.await.ok(), Some(Some("home".to_string())));
+        assert_eq!(
+            c.forget_idle(t0 + c.stale_if_error + Duration::from_secs(1)),
+            3
+        );
+        assert_eq!(c.len(), (0, 0));
+        // Read before a pairing change: of no use at any age.
+        let read = c.device("01AC", false, || async { Ok(None) });
+        assert!(read.await.is_ok());
+        c.pairing_changed();
+        assert_eq!(c.forget_idle(Instant::now()), 1);
     }
 }
