@@ -339,18 +339,21 @@ impl LocalLeg {
     /// answered: every reply is sent by whoever removed it, so only the others are told
     /// when the guard goes), or `Err` when a set dropped the subscription unanswered (its
     /// lease was found taken while held: its new owner may have written since, so no
-    /// "nothing changed" from here). Cancel-safe.
-    async fn next_answer(&mut self) -> std::result::Result<Vec<Stale>, NodeError> {
-        let (answered, answer) = std::future::poll_fn(|cx| {
-            for (i, rx) in self.waiting.iter_mut().enumerate() {
-                if let std::task::Poll::Ready(answer) = std::pin::Pin::new(rx).poll(cx) {
-                    return std::task::Poll::Ready((i, answer));
-                }
+    /// "nothing changed" from here).
+    fn poll_answer(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<Vec<Stale>, NodeError>> {
+        use std::task::Poll;
+        let Some((answered, answer)) = self.waiting.iter_mut().enumerate().find_map(|(i, rx)| {
+            match std::pin::Pin::new(rx).poll(cx) {
+                Poll::Ready(answer) => Some((i, answer)),
+                Poll::Pending => None,
             }
-            std::task::Poll::Pending
-        })
-        .await;
-        match answer {
+        }) else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match answer {
             Ok(stale) => {
                 // The guard tells only the others; the leg is consumed after this answer,
                 // so `waiting` is left as it is.
@@ -362,7 +365,7 @@ impl LocalLeg {
             Err(_) => Err(NodeError::NotOwner(
                 "a subscribed bucket set moved to another node while held".into(),
             )),
-        }
+        })
     }
 
     /// Whether "nothing changed" may be answered now the hold passed: every held set's
@@ -421,46 +424,98 @@ impl LocalLeg {
 
     /// The answer of a subscription held only here: as [`HeldSubscription::answer`] for
     /// one owner, with one timer for the subscriber's `timeout` and the grace after it.
-    /// (An `async` block, not an `async fn`: the record stays where it was captured
-    /// instead of being copied into the future's locals as well.)
-    fn answer(
-        self,
-        timeout: Duration,
-        drained: impl Future<Output = ()>,
-    ) -> impl Future<Output = Result<Vec<BucketUpdate>>> {
-        let mut this = self;
-        async move {
-            tokio::pin!(drained);
-            let timer = tokio::time::sleep(timeout);
-            tokio::pin!(timer);
-            // Once the hold passed: every set's lease being confirmed, within the grace.
-            let mut confirming: Option<BoxFuture<'static, Result<()>>> = None;
-            let answered = loop {
-                tokio::select! {
-                    answered = this.next_answer() => break answered,
-                    () = &mut timer => {
-                        if confirming.is_some() {
-                            return Err(unconfirmed_in_time(1));
-                        }
-                        // "Nothing changed" once every set confirmed its lease, unless an
-                        // answer comes first.
-                        timer.as_mut().reset(tokio::time::Instant::now() + FORWARDED_ANSWER_GRACE);
-                        confirming = Some(this.confirm());
-                    }
-                    confirmed = async { confirming.as_mut()?.await.into() }, if confirming.is_some() => {
-                        match confirmed {
-                            Some(Ok(())) => return Ok(Vec::new()),
-                            Some(Err(e)) => break Err(e),
-                            None => {}
-                        }
-                    }
-                    () = &mut drained => return Ok(Vec::new()),
-                }
-            };
-            match answered {
-                Ok(stale) => Ok(this.finish(stale).boxed().await),
-                Err(broke) => this.broke(broke).boxed().await,
+    fn answer<D: Future<Output = ()>>(self, timeout: Duration, drained: D) -> LocalAnswer<D> {
+        LocalAnswer {
+            leg: Some(self),
+            timer: tokio::time::sleep(timeout),
+            drained,
+            phase: Phase::Holding,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`LocalLeg::answer`]: a future written out rather than an `async` block with a
+    /// `select!`, whose every branch's state would be kept beside the record for the
+    /// whole hold (a held device's commonest record; BENCHMARKS.md "Where a held device's
+    /// bytes go").
+    struct LocalAnswer<D> {
+        // `None` once finishing.
+        leg: Option<LocalLeg>,
+        #[pin]
+        timer: tokio::time::Sleep,
+        #[pin]
+        drained: D,
+        phase: Phase,
+    }
+}
+
+/// Where a [`LocalAnswer`] is.
+enum Phase {
+    /// Waiting for an answer, the timer or the drain.
+    Holding,
+    /// The hold passed: "nothing changed" once every set confirmed its lease (chaos defect
+    /// 18) within the grace, unless an answer comes first.
+    Confirming(BoxFuture<'static, Result<()>>),
+    /// Answered or broken: the answer being made (diffs completed, or held again).
+    Finishing(BoxFuture<'static, Result<Vec<BucketUpdate>>>),
+}
+
+impl<D: Future<Output = ()>> Future for LocalAnswer<D> {
+    type Output = Result<Vec<BucketUpdate>>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let mut this = self.project();
+        loop {
+            if let Phase::Finishing(answer) = this.phase {
+                return answer.as_mut().poll(cx);
             }
+            let Some(leg) = this.leg.as_mut() else {
+                // Polled again after it completed.
+                return Poll::Pending;
+            };
+            // An answer first, then the confirmation, the timer and the drain.
+            let ended = match leg.poll_answer(cx) {
+                Poll::Ready(answered) => Some(answered),
+                Poll::Pending => match this.phase {
+                    Phase::Confirming(confirmed) => match confirmed.as_mut().poll(cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Ok(Vec::new())),
+                        Poll::Ready(Err(e)) => Some(Err(e)),
+                        Poll::Pending => None,
+                    },
+                    _ => None,
+                },
+            };
+            if let Some(answered) = ended {
+                let Some(leg) = this.leg.take() else {
+                    return Poll::Pending;
+                };
+                *this.phase = Phase::Finishing(match answered {
+                    Ok(stale) => leg.finish(stale).map(Ok).boxed(),
+                    Err(broke) => leg.broke(broke).boxed(),
+                });
+                continue;
+            }
+            if this.timer.as_mut().poll(cx).is_ready() {
+                if matches!(this.phase, Phase::Confirming(_)) {
+                    return Poll::Ready(Err(unconfirmed_in_time(1)));
+                }
+                this.timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + FORWARDED_ANSWER_GRACE);
+                if let Some(leg) = this.leg.as_ref() {
+                    *this.phase = Phase::Confirming(leg.confirm());
+                }
+                continue;
+            }
+            if this.drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Vec::new()));
+            }
+            return Poll::Pending;
         }
     }
 }
