@@ -3,6 +3,7 @@
 //! `Content-Type` or `Accept` says `application/x-protobuf`.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix_web::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tether_proto::api::{
@@ -753,12 +754,12 @@ pub async fn subscribe(
     // no byte of it leaves (a 503 is still possible then, and a load balancer may send a
     // held request whose node died to another node).
     let content_type = held.content_type();
-    Ok(HeldResponse::placeholder(Box::pin(async move {
-        match held.answer().await {
+    Ok(HeldResponse::placeholder(Box::pin((*held).answer().map(
+        move |answer| match answer {
             Ok(bytes) => HttpResponse::Ok().content_type(content_type).body(bytes),
             Err(e) => HttpResponse::from_error(e),
-        }
-    })))
+        },
+    ))))
 }
 
 /// A held subscribe's response, ready when its hold ends. The handler answers with a
@@ -816,32 +817,81 @@ impl HeldAnswer {
     /// place. An owner that could not confirm "nothing changed" (its forwarded call broke
     /// or its answer is late) fails the answer: never "no change" from a node that does
     /// not know.
-    async fn answer(self: Box<Self>) -> Result<web::Bytes> {
-        // Boxed: a future keeps its argument and, to move or mutate it, a second copy.
-        let mut this = self;
-        let left = this
-            .deadline
-            .saturating_duration_since(tokio::time::Instant::now());
-        let updates = tokio::select! {
+    fn answer(self) -> HeldReply<impl Future<Output = Result<Vec<BucketUpdate>>>> {
+        let HeldAnswer {
+            held,
+            slot,
+            hold,
+            deadline,
+            max_bytes,
+            format,
+        } = self;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        HeldReply {
             // The drain comes through the slot: no watch of the drain per held device.
-            updates = this.held.answer_until(left, std::future::pending()) => {
-                updates.inspect_err(|e| tracing::info!(error = %e, "held subscribe cut"))?
-            }
-            _ = &mut this.slot.evicted => Vec::new(),
+            answer: held.answer_until(left, std::future::pending()),
+            open: Some((slot, hold)),
+            max_bytes,
+            format,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`HeldAnswer::answer`]: the held subscription's answer and what making the body
+    /// needs, in the one allocation the handler makes for the hold (a future written out,
+    /// so that nothing is kept twice; BENCHMARKS.md "Where a held device's bytes go").
+    struct HeldReply<F> {
+        #[pin]
+        answer: F,
+        // The principal's slot and the hold's timer; `None` once answered.
+        open: Option<(HeldSlot, crate::metrics::HoldTimer)>,
+        max_bytes: Option<u64>,
+        format: Format,
+    }
+}
+
+impl<F: Future<Output = Result<Vec<BucketUpdate>>>> Future for HeldReply<F> {
+    type Output = Result<web::Bytes>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.project();
+        let Some((slot, _)) = this.open.as_mut() else {
+            // Polled again after it completed.
+            return Poll::Pending;
         };
-        drop(this.slot);
-        this.hold.answered(
+        let updates = match this.answer.poll(cx) {
+            Poll::Ready(Ok(updates)) => updates,
+            Poll::Ready(Err(e)) => {
+                tracing::info!(error = %e, "held subscribe cut");
+                // The timer counts it cancelled.
+                *this.open = None;
+                return Poll::Ready(Err(e));
+            }
+            Poll::Pending => match std::pin::Pin::new(&mut slot.evicted).poll(cx) {
+                Poll::Ready(_) => Vec::new(),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let Some((slot, hold)) = this.open.take() else {
+            return Poll::Pending;
+        };
+        drop(slot);
+        hold.answered(
             updates.iter().map(|u| u.bucket.timestamp.millis).max(),
             now_ms(),
         );
-        let list = answer_list(updates, this.max_bytes, this.format.encoding());
-        let bytes = match this.format {
-            Format::Json => {
-                serde_json::to_vec(&list).map_err(|e| NodeError::Internal(e.to_string()))?
-            }
-            Format::Protobuf => list.encode_pb(),
-        };
-        Ok(web::Bytes::from(bytes))
+        let list = answer_list(updates, *this.max_bytes, this.format.encoding());
+        Poll::Ready(match this.format {
+            Format::Json => serde_json::to_vec(&list)
+                .map(web::Bytes::from)
+                .map_err(|e| NodeError::Internal(e.to_string())),
+            Format::Protobuf => Ok(web::Bytes::from(list.encode_pb())),
+        })
     }
 }
 
@@ -981,7 +1031,7 @@ async fn open_subscribe(
         return Ok(Opened::Answered(
             HttpResponse::Ok()
                 .content_type(held.content_type())
-                .streaming(futures::stream::once(held.answer())),
+                .streaming(futures::stream::once((*held).answer())),
         ));
     }
     // Otherwise nothing goes out before the answer, so a held request whose node dies
