@@ -261,8 +261,9 @@ pub(crate) struct HeldSub {
     /// Held by the set's device itself.
     device: bool,
     pub(crate) reply: Reply,
-    /// The subscribing request's span, for the notify span's links.
-    trace: Option<opentelemetry::trace::SpanContext>,
+    /// The subscribing request's span, for the notify span's links (boxed: only
+    /// exported requests have one, and every held subscription keeps the field).
+    trace: Option<Box<opentelemetry::trace::SpanContext>>,
 }
 
 /// Where a held subscription's answer goes.
@@ -1700,7 +1701,7 @@ impl BucketSetActor {
                 diffs: msg.diffs,
                 device: msg.device,
                 reply,
-                trace: crate::telemetry::span_context(&tracing::Span::current()),
+                trace: crate::telemetry::span_context(&tracing::Span::current()).map(Box::new),
             }),
         );
         self.shared.metrics.subscriptions_held(1);
