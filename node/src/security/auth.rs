@@ -151,6 +151,15 @@ impl Principal {
     }
 }
 
+/// What [`Auth::forget_idle`] let go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdleForgotten {
+    /// Cached records, failure windows and rate-limiter keys.
+    pub credentials: Forgotten,
+    /// Cached scopes (pairings) past every use.
+    pub scopes: usize,
+}
+
 /// The authenticator: credential checks plus the pairing data that scopes a principal.
 #[derive(Debug)]
 pub struct Auth {
@@ -213,10 +222,11 @@ impl Auth {
 
     /// Lets go of idle principals' cached records, scopes, counters and rate-limiter
     /// keys ([`CredentialService::forget_idle`], [`ScopeCache::forget_idle`]).
-    pub fn forget_idle(&self, now: std::time::Instant) -> Forgotten {
-        let mut forgotten = self.credentials.forget_idle(now);
-        forgotten.scopes = self.scopes.forget_idle(now);
-        forgotten
+    pub fn forget_idle(&self, now: std::time::Instant) -> IdleForgotten {
+        IdleForgotten {
+            credentials: self.credentials.forget_idle(now),
+            scopes: self.scopes.forget_idle(now),
+        }
     }
 
     /// The client address of `req` (for per-source limits).

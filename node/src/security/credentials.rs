@@ -140,8 +140,6 @@ pub struct CredentialService {
 pub struct Forgotten {
     /// Cached credential records past every use.
     pub records: usize,
-    /// Cached scopes (pairings) past every use ([`crate::security::auth::Auth`]'s).
-    pub scopes: usize,
     /// Failure counters whose window ended.
     pub failures: usize,
     /// Rate-limiter keys back to a full budget.
@@ -343,16 +341,20 @@ impl CredentialService {
         let failures = self.id_failures.forget_idle(now)
             + self.source_failures.forget_idle(now)
             + self.pair_failures.forget_idle(now);
-        let before = self.request_limiter.len() + self.register_limiter.len();
+        let mut limited = 0;
         for limiter in [&self.request_limiter, &self.register_limiter] {
+            let before = limiter.len();
             limiter.retain_recent();
-            limiter.shrink_to_fit();
+            let left = limiter.len();
+            limited += before - left;
+            // Tables given back only when most of their keys went: a steady population
+            // would otherwise have its tables freed and regrown on every pass.
+            if left < before / 2 {
+                limiter.shrink_to_fit();
+            }
         }
-        let limited =
-            before.saturating_sub(self.request_limiter.len() + self.register_limiter.len());
         Forgotten {
             records,
-            scopes: 0,
             failures,
             limited,
         }
@@ -365,14 +367,7 @@ impl CredentialService {
 
     /// Per-principal request limit: 429 with a retry hint once exceeded.
     pub fn check_rate(&self, principal_key: &str) -> Result<()> {
-        self.request_limiter
-            .check_key(&self.limit_key(principal_key))
-            .map_err(|not_until| {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                    &governor::clock::DefaultClock::default(),
-                ));
-                rate_limited(wait)
-            })
+        self.charge(&self.request_limiter, principal_key)
     }
 
     /// FIG 28C 1840: charges one default-credential registration of a device, answering 429
@@ -380,8 +375,13 @@ impl CredentialService {
     /// valid request, right before the registration takes effect (finding 3: wrong guesses
     /// by others never use up a device's registrations).
     pub fn charge_registration(&self, serial: &str) -> Result<()> {
-        self.register_limiter
-            .check_key(&self.limit_key(serial))
+        self.charge(&self.register_limiter, serial)
+    }
+
+    /// One cell of `name`'s budget in `limiter`, or 429 with the wait until the next.
+    fn charge(&self, limiter: &DefaultKeyedRateLimiter<u64>, name: &str) -> Result<()> {
+        limiter
+            .check_key(&self.limit_key(name))
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
