@@ -860,7 +860,7 @@ impl<F: Future<Output = Result<Vec<BucketUpdate>>>> Future for HeldReply<F> {
     ) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
         let this = self.project();
-        let Some((slot, _)) = this.open.as_mut() else {
+        let Some((mut slot, hold)) = this.open.take() else {
             // Polled again after it completed.
             return Poll::Pending;
         };
@@ -868,17 +868,16 @@ impl<F: Future<Output = Result<Vec<BucketUpdate>>>> Future for HeldReply<F> {
             Poll::Ready(Ok(updates)) => updates,
             Poll::Ready(Err(e)) => {
                 tracing::info!(error = %e, "held subscribe cut");
-                // The timer counts it cancelled.
-                *this.open = None;
+                // The timer, dropped unanswered, counts it cancelled.
                 return Poll::Ready(Err(e));
             }
             Poll::Pending => match std::pin::Pin::new(&mut slot.evicted).poll(cx) {
                 Poll::Ready(_) => Vec::new(),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    *this.open = Some((slot, hold));
+                    return Poll::Pending;
+                }
             },
-        };
-        let Some((slot, hold)) = this.open.take() else {
-            return Poll::Pending;
         };
         drop(slot);
         hold.answered(

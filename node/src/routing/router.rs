@@ -426,10 +426,12 @@ impl LocalLeg {
     /// one owner, with one timer for the subscriber's `timeout` and the grace after it.
     fn answer<D: Future<Output = ()>>(self, timeout: Duration, drained: D) -> LocalAnswer<D> {
         LocalAnswer {
-            leg: Some(self),
             timer: tokio::time::sleep(timeout),
             drained,
-            phase: Phase::Holding,
+            phase: Phase::Holding {
+                leg: self,
+                confirming: None,
+            },
         }
     }
 }
@@ -440,8 +442,6 @@ pin_project_lite::pin_project! {
     /// whole hold (a held device's commonest record; BENCHMARKS.md "Where a held device's
     /// bytes go").
     struct LocalAnswer<D> {
-        // `None` once finishing.
-        leg: Option<LocalLeg>,
         #[pin]
         timer: tokio::time::Sleep,
         #[pin]
@@ -452,13 +452,17 @@ pin_project_lite::pin_project! {
 
 /// Where a [`LocalAnswer`] is.
 enum Phase {
-    /// Waiting for an answer, the timer or the drain.
-    Holding,
-    /// The hold passed: "nothing changed" once every set confirmed its lease (chaos defect
-    /// 18) within the grace, unless an answer comes first.
-    Confirming(BoxFuture<'static, Result<()>>),
+    /// Waiting for an answer, the timer or the drain; once the hold passed, `confirming`
+    /// that every set's lease is still this node's (chaos defect 18) before "nothing
+    /// changed" may be answered within the grace, unless an answer comes first.
+    Holding {
+        leg: LocalLeg,
+        confirming: Option<BoxFuture<'static, Result<()>>>,
+    },
     /// Answered or broken: the answer being made (diffs completed, or held again).
     Finishing(BoxFuture<'static, Result<Vec<BucketUpdate>>>),
+    /// Completed.
+    Done,
 }
 
 impl<D: Future<Output = ()>> Future for LocalAnswer<D> {
@@ -471,29 +475,28 @@ impl<D: Future<Output = ()>> Future for LocalAnswer<D> {
         use std::task::Poll;
         let mut this = self.project();
         loop {
-            if let Phase::Finishing(answer) = this.phase {
-                return answer.as_mut().poll(cx);
-            }
-            let Some(leg) = this.leg.as_mut() else {
+            let (mut leg, mut confirming) = match std::mem::replace(this.phase, Phase::Done) {
+                Phase::Holding { leg, confirming } => (leg, confirming),
+                Phase::Finishing(mut answer) => {
+                    let polled = answer.as_mut().poll(cx);
+                    if polled.is_pending() {
+                        *this.phase = Phase::Finishing(answer);
+                    }
+                    return polled;
+                }
                 // Polled again after it completed.
-                return Poll::Pending;
+                Phase::Done => return Poll::Pending,
             };
             // An answer first, then the confirmation, the timer and the drain.
             let ended = match leg.poll_answer(cx) {
                 Poll::Ready(answered) => Some(answered),
-                Poll::Pending => match this.phase {
-                    Phase::Confirming(confirmed) => match confirmed.as_mut().poll(cx) {
-                        Poll::Ready(Ok(())) => return Poll::Ready(Ok(Vec::new())),
-                        Poll::Ready(Err(e)) => Some(Err(e)),
-                        Poll::Pending => None,
-                    },
-                    _ => None,
+                Poll::Pending => match confirming.as_mut().map(|c| c.as_mut().poll(cx)) {
+                    Some(Poll::Ready(Ok(()))) => return Poll::Ready(Ok(Vec::new())),
+                    Some(Poll::Ready(Err(e))) => Some(Err(e)),
+                    Some(Poll::Pending) | None => None,
                 },
             };
             if let Some(answered) = ended {
-                let Some(leg) = this.leg.take() else {
-                    return Poll::Pending;
-                };
                 *this.phase = Phase::Finishing(match answered {
                     Ok(stale) => leg.finish(stale).map(Ok).boxed(),
                     Err(broke) => leg.broke(broke).boxed(),
@@ -501,18 +504,19 @@ impl<D: Future<Output = ()>> Future for LocalAnswer<D> {
                 continue;
             }
             if this.timer.as_mut().poll(cx).is_ready() {
-                if matches!(this.phase, Phase::Confirming(_)) {
+                if confirming.is_some() {
                     return Poll::Ready(Err(unconfirmed_in_time(1)));
                 }
                 this.timer
                     .as_mut()
                     .reset(tokio::time::Instant::now() + FORWARDED_ANSWER_GRACE);
-                if let Some(leg) = this.leg.as_ref() {
-                    *this.phase = Phase::Confirming(leg.confirm());
-                }
+                confirming = Some(leg.confirm());
+                *this.phase = Phase::Holding { leg, confirming };
                 continue;
             }
+            *this.phase = Phase::Holding { leg, confirming };
             if this.drained.as_mut().poll(cx).is_ready() {
+                *this.phase = Phase::Done;
                 return Poll::Ready(Ok(Vec::new()));
             }
             return Poll::Pending;
