@@ -3,9 +3,9 @@
 //! credential id, the client's source address behind trusted proxies, and a log that
 //! summarizes rather than repeats.
 //!
-//! Every table here has a fixed capacity and O(1) operations: [`WindowCounters`] is a set
-//! of LRU shards, each behind its own lock, so neither a flood of distinct keys nor a
-//! full table ever makes a lookup scan (issue 13 finding 6: a failure table that was
+//! Every table here has a fixed capacity (its memory grows with use up to it) and O(1)
+//! operations: [`WindowCounters`] is a set of LRU shards, each behind its own lock, so
+//! neither a flood of distinct keys nor a full table ever makes a lookup scan (issue 13 finding 6: a failure table that was
 //! scanned under a lock every login took, once ~100k ids had failed). Time is passed in.
 
 use std::hash::{BuildHasher, Hash};
@@ -38,14 +38,22 @@ impl<K: Hash + Eq, V> std::fmt::Debug for BoundedMap<K, V> {
 }
 
 impl<K: Hash + Eq, V> BoundedMap<K, V> {
-    /// A map holding at most about `capacity` entries (rounded up to whole shards).
+    /// A map holding at most about `capacity` entries (rounded up to whole shards). Its
+    /// shards' tables grow with what they hold, up to the capacity: allocated for the
+    /// capacity at once (`LruCache::new`), the six 100,000-entry tables of a node's
+    /// credentials and scopes were 13 MB, and the two a device's every request writes
+    /// (its record, its scope) became resident in full within a few thousand devices, a
+    /// hashed entry touching a page of its own (BENCHMARKS.md "Tables that grow").
     pub fn new(capacity: usize) -> Self {
         let per_shard =
             NonZeroUsize::new(capacity.div_ceil(SHARDS).max(1)).unwrap_or(NonZeroUsize::MIN);
+        let shard = || {
+            let mut lru = LruCache::unbounded();
+            lru.resize(per_shard);
+            Mutex::new(lru)
+        };
         BoundedMap {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
-                .collect(),
+            shards: (0..SHARDS).map(|_| shard()).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
