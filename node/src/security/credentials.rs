@@ -346,7 +346,8 @@ impl CredentialService {
             let before = limiter.len();
             limiter.retain_recent();
             let left = limiter.len();
-            limited += before - left;
+            // Requests may add keys meanwhile: never an underflow.
+            limited += before.saturating_sub(left);
             // Tables given back only when most of their keys went: a steady population
             // would otherwise have its tables freed and regrown on every pass.
             if left < before / 2 {

@@ -5,8 +5,9 @@
 //!
 //! Every table here has a fixed capacity (its memory grows with use up to it) and O(1)
 //! operations: [`WindowCounters`] is a set of LRU shards, each behind its own lock, so
-//! neither a flood of distinct keys nor a full table ever makes a lookup scan (issue 13 finding 6: a failure table that was
-//! scanned under a lock every login took, once ~100k ids had failed). Time is passed in.
+//! neither a flood of distinct keys nor a full table ever makes a lookup scan (issue 13
+//! finding 6: a failure table that was scanned under a lock every login took, once ~100k
+//! ids had failed). Time is passed in.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::{IpAddr, SocketAddr};
