@@ -1157,7 +1157,9 @@ impl Router {
                         device: opts.device.as_ref() == Some(&set),
                         next_sync_ms: opts.next_sync_ms,
                         stream,
-                    },
+                        waiter: Default::default(),
+                    }
+                    .waiter(),
                 )
                 .await??;
             match answer {

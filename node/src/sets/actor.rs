@@ -156,6 +156,65 @@ pub struct Subscribe {
     /// A stream's hold: kept after each answer, its versions advanced to what it was sent
     /// ([`Reply::Stream`]), instead of being forgotten and subscribed again.
     pub stream: bool,
+    /// The record the actor keeps should it hold the subscription, made by the caller
+    /// ([`Subscribe::waiter`]).
+    pub waiter: Waiter,
+}
+
+impl Subscribe {
+    /// The record of the subscription described by `msg`'s other fields, to be kept
+    /// should it be held, and its answer's receiving end. Made on the subscriber's thread
+    /// before the call rather than by the set's actor: what a held subscription keeps
+    /// outlives the actor when the set passivates, and records the actor's thread made
+    /// would each pin a page of its memory that the actor's own, freed state once filled
+    /// (glibc keeps an arena per thread; with 18,000 devices held after a fast ramp, that
+    /// thread's arena held 6.5 MB of records in 22.7 MB of pages, BENCHMARKS.md "Where a
+    /// held device's bytes go").
+    pub fn waiter(mut self) -> Self {
+        let (reply, answer) = if self.stream {
+            // One answer in flight: the next change finds it not yet taken only if the
+            // stream is slow, and then ends the hold (`Reply::answer`).
+            let (tx, rx) = mpsc::channel(1);
+            (Reply::Stream(tx), SubscribeAnswer::Stream(rx))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Reply::Once(tx), SubscribeAnswer::Held(rx))
+        };
+        let sub = Box::new(HeldSub {
+            held: HeldVersions::new(self.held.clone()),
+            session: self.session.clone(),
+            diffs: self.diffs,
+            device: self.device,
+            reply,
+            trace: crate::telemetry::span_context(&tracing::Span::current()).map(Box::new),
+        });
+        self.waiter = Waiter(Arc::new(std::sync::Mutex::new(Some((sub, answer)))));
+        self
+    }
+}
+
+/// A subscription's record and its answer's receiving end ([`Subscribe::waiter`]); the
+/// actor takes them when it holds the subscription. Shared by the message's copies (a
+/// message resent after its actor stopped unread).
+#[derive(Clone, Default)]
+pub struct Waiter(Arc<std::sync::Mutex<Option<Prepared>>>);
+
+/// What [`Waiter`] carries.
+type Prepared = (Box<HeldSub>, SubscribeAnswer);
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter").finish_non_exhaustive()
+    }
+}
+
+impl Waiter {
+    fn take(&self) -> Option<Prepared> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// What the set's owner knows of its device's presence (seed 003).
@@ -1379,11 +1438,15 @@ impl Actor for BucketSetActor {
             } else if act.only_held() {
                 // Only held subscriptions: they wait as records, the actor stops.
                 act.forget_abandoned();
-                let subs: Vec<(u64, Box<HeldSub>)> =
+                let subs: crate::sets::parked::Waiters =
                     std::mem::take(&mut act.subs).into_iter().collect();
                 if let (false, Some(epoch)) = (subs.is_empty(), act.epoch) {
+                    // The parked map keeps the key made where the actor was started; the
+                    // actor's copy for the rest of its life is made here and goes with
+                    // it (`Subscribe::waiter` says why).
+                    let key = act.set.clone();
                     act.shared.park(
-                        act.set.clone(),
+                        std::mem::replace(&mut act.set, key),
                         Parked {
                             subs,
                             presence: act.presence,
@@ -1683,27 +1746,12 @@ impl BucketSetActor {
             return Ok(SubscribeAnswer::Now(stale));
         }
         self.forget_abandoned();
-        let (reply, answer) = if msg.stream {
-            // One answer in flight: the next change finds it not yet taken only if the
-            // stream is slow, and then ends the hold (`Reply::answer`).
-            let (tx, rx) = mpsc::channel(1);
-            (Reply::Stream(tx), SubscribeAnswer::Stream(rx))
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (Reply::Once(tx), SubscribeAnswer::Held(rx))
+        let Some((sub, answer)) = msg.waiter.take() else {
+            return Err(NodeError::Internal(
+                "a subscription came without its record (Subscribe::waiter)".into(),
+            ));
         };
-        let held = HeldVersions::new(msg.held);
-        self.subs.insert(
-            msg.sub_id,
-            Box::new(HeldSub {
-                held,
-                session: msg.session,
-                diffs: msg.diffs,
-                device: msg.device,
-                reply,
-                trace: crate::telemetry::span_context(&tracing::Span::current()).map(Box::new),
-            }),
-        );
+        self.subs.insert(msg.sub_id, sub);
         self.shared.metrics.subscriptions_held(1);
         Ok(answer)
     }

@@ -26,7 +26,7 @@
 //! anyone (it was queued in the mailbox of the actor that parked) is dropped by the next
 //! sweep, at most [`SWEEP_EVERY`] after the next parking.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -38,10 +38,13 @@ use crate::metrics::Metrics;
 use crate::sets::actor::HeldSub;
 use crate::store::Epoch;
 
+/// A parked set's waiters: nearly always one (its device's), kept inline.
+pub(crate) type Waiters = smallvec::SmallVec<[(u64, Box<HeldSub>); 1]>;
+
 /// The waiters of one parked set, and what its owner knew of its device.
 #[derive(Debug)]
 pub(crate) struct Parked {
-    pub subs: Vec<(u64, Box<HeldSub>)>,
+    pub subs: Waiters,
     pub presence: Presence,
     /// The lease epoch the parking actor held.
     pub epoch: Epoch,
@@ -50,10 +53,14 @@ pub(crate) struct Parked {
 /// Waiters abandoned without a cancellation are looked for at most this often.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// The node's parked sets.
+/// The node's parked sets. A hash table rather than a B-tree: parking runs on the
+/// stopping actor's thread, and a B-tree's nodes, allocated there one at a time as it
+/// grows, would each pin a page of memory that actors' freed state once filled (glibc's
+/// arena per thread; `actor::Subscribe::waiter` says more); a table grows as one block.
+/// Where order matters, the keys are sorted.
 #[derive(Debug)]
 pub(crate) struct ParkedSets {
-    sets: Mutex<BTreeMap<SetKey, Parked>>,
+    sets: Mutex<HashMap<SetKey, Parked>>,
     swept: Mutex<Instant>,
     metrics: Metrics,
 }
@@ -61,13 +68,13 @@ pub(crate) struct ParkedSets {
 impl ParkedSets {
     pub fn new(metrics: Metrics) -> Self {
         ParkedSets {
-            sets: Mutex::new(BTreeMap::new()),
+            sets: Mutex::new(HashMap::new()),
             swept: Mutex::new(Instant::now()),
             metrics,
         }
     }
 
-    fn sets(&self) -> std::sync::MutexGuard<'_, BTreeMap<SetKey, Parked>> {
+    fn sets(&self) -> std::sync::MutexGuard<'_, HashMap<SetKey, Parked>> {
         self.sets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -133,7 +140,8 @@ impl ParkedSets {
     pub fn release_where(&self, pred: impl Fn(&SetKey) -> bool) -> usize {
         let taken: Vec<Parked> = {
             let mut sets = self.sets();
-            let keys: Vec<SetKey> = sets.keys().filter(|s| pred(s)).cloned().collect();
+            let mut keys: Vec<SetKey> = sets.keys().filter(|s| pred(s)).cloned().collect();
+            keys.sort_unstable();
             keys.iter().filter_map(|k| sets.remove(k)).collect()
         };
         self.metrics.parked_sets(-(taken.len() as i64));
@@ -144,12 +152,15 @@ impl ParkedSets {
         n
     }
 
-    /// Every parked set with the epoch its parking actor held.
+    /// Every parked set with the epoch its parking actor held, by set.
     pub fn epochs(&self) -> Vec<(SetKey, Epoch)> {
-        self.sets()
+        let mut epochs: Vec<(SetKey, Epoch)> = self
+            .sets()
             .iter()
             .map(|(set, p)| (set.clone(), p.epoch))
-            .collect()
+            .collect();
+        epochs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        epochs
     }
 
     /// The epoch `set` is parked under, if it is parked.
@@ -196,7 +207,7 @@ impl ParkedSets {
     }
 
     /// Drops the waiters nobody waits for any more (their answer's receiver is gone).
-    fn sweep(&self, sets: &mut BTreeMap<SetKey, Parked>) {
+    fn sweep(&self, sets: &mut HashMap<SetKey, Parked>) {
         let mut gone = 0usize;
         let mut emptied = 0i64;
         sets.retain(|_, parked| {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -69,6 +69,8 @@ pub struct Shared {
     homes: ActorHomes,
     hasher: RandomState,
     closing: AtomicBool,
+    /// Actors stopped since the node started ([`Shared::actors_stopped`]).
+    stopped: AtomicU64,
     placement: OnceLock<Arc<RingPlacement>>,
     takeover: OnceLock<Arc<dyn TakeOver>>,
     /// Push wake-ups of offline devices, when a gateway is configured.
@@ -182,6 +184,7 @@ impl Shared {
             homes,
             hasher: RandomState::new(),
             closing: AtomicBool::new(false),
+            stopped: AtomicU64::new(0),
             placement: OnceLock::new(),
             takeover: OnceLock::new(),
             pusher: OnceLock::new(),
@@ -605,10 +608,16 @@ impl Shared {
 
     /// Called by a stopping actor: forget it unless a newer actor replaced it already.
     pub fn forget(&self, set: &SetKey, addr: &Addr<BucketSetActor>) {
+        self.stopped.fetch_add(1, Ordering::Relaxed);
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if actors.get(set) == Some(addr) {
             actors.remove(set);
         }
+    }
+
+    /// Actors stopped (passivated, handed off, failed) since the node started.
+    pub fn actors_stopped(&self) -> u64 {
+        self.stopped.load(Ordering::Relaxed)
     }
 
     /// Number of actors in memory.
@@ -1441,7 +1450,9 @@ mod tests {
             device: false,
             next_sync_ms: None,
             stream,
+            waiter: Default::default(),
         }
+        .waiter()
     }
 
     async fn stream_hold(
