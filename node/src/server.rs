@@ -485,19 +485,20 @@ async fn forget_idle_principals(state: Arc<AppState>) {
 /// actors' state filled on their thread stay resident after the actors stop, free but
 /// kept, unless asked (`malloc_trim`). A node whose devices' sets passivated after a
 /// burst (a fleet reconnecting, BENCHMARKS.md "Where a held device's bytes go") kept
-/// ≈ 12 MB that way at 18,000 devices. Checked every second; trimmed once
-/// [`TRIM_AFTER_STOPPED`] actors stopped since the last trim, or any did and
-/// [`TRIM_AT_LEAST_EVERY`] passed. The trim runs on the blocking pool (it walks the
-/// arenas, a few milliseconds).
+/// ≈ 12 MB that way at 18,000 devices. Checked every second ([`trim_due`]); the trim runs
+/// on the blocking pool (it walks the arenas: 1–8 ms with 18,000 devices held).
 async fn return_freed_memory(shared: Arc<crate::sets::registry::Shared>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trimmed_at = (shared.actors_stopped(), Instant::now());
+    let mut seen = trimmed_at.0;
     loop {
         every.tick().await;
         let stopped = shared.actors_stopped();
         let since = stopped.saturating_sub(trimmed_at.0);
-        if trim_due(since, trimmed_at.1.elapsed()) {
+        let quiet = stopped == seen;
+        seen = stopped;
+        if trim_due(since, quiet, trimmed_at.1.elapsed()) {
             trimmed_at = (stopped, Instant::now());
             let took = tokio::task::spawn_blocking(|| {
                 let start = Instant::now();
@@ -510,14 +511,21 @@ async fn return_freed_memory(shared: Arc<crate::sets::registry::Shared>) {
     }
 }
 
-/// Whether to trim now, `stopped` actors and `elapsed` after the last trim.
-fn trim_due(stopped: u64, elapsed: Duration) -> bool {
-    stopped >= TRIM_AFTER_STOPPED || (stopped > 0 && elapsed >= TRIM_AT_LEAST_EVERY)
+/// Whether to trim now, `stopped` actors after the last trim, `elapsed` since it, none
+/// stopped in the last second (`quiet`): while actors stop in numbers, every
+/// [`TRIM_AFTER_STOPPED`]; once they stopped stopping, for the last of them if they were
+/// [`TRIM_WHEN_QUIET`]; else within [`TRIM_AT_LEAST_EVERY`] of the first stop.
+fn trim_due(stopped: u64, quiet: bool, elapsed: Duration) -> bool {
+    stopped >= TRIM_AFTER_STOPPED
+        || (quiet && stopped >= TRIM_WHEN_QUIET)
+        || (stopped > 0 && elapsed >= TRIM_AT_LEAST_EVERY)
 }
 
 /// Actors stopped since the last trim that call for one ([`return_freed_memory`]).
 const TRIM_AFTER_STOPPED: u64 = 256;
-/// Longest a trim waits for [`TRIM_AFTER_STOPPED`] actors to stop.
+/// Actors stopped since the last trim that call for one once no more stop.
+const TRIM_WHEN_QUIET: u64 = 32;
+/// Longest a stopped actor's memory waits for a trim.
 const TRIM_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 
 /// Returns the allocator's free pages to the system (glibc only; elsewhere nothing).
@@ -713,17 +721,20 @@ mod tests {
     #[test]
     fn freed_memory_is_given_back_after_many_stops_or_a_while_after_any() {
         let (second, every) = (Duration::from_secs(1), TRIM_AT_LEAST_EVERY);
-        for (stopped, elapsed, due) in [
-            (0, every * 2, false),
-            (1, second, false),
-            (1, every, true),
-            (TRIM_AFTER_STOPPED - 1, second, false),
-            (TRIM_AFTER_STOPPED, Duration::ZERO, true),
+        for (stopped, quiet, elapsed, due) in [
+            (0, true, every * 2, false),
+            (1, false, second, false),
+            (1, true, second, false),
+            (1, false, every, true),
+            (TRIM_WHEN_QUIET, false, second, false),
+            (TRIM_WHEN_QUIET, true, second, true),
+            (TRIM_AFTER_STOPPED - 1, false, second, false),
+            (TRIM_AFTER_STOPPED, false, Duration::ZERO, true),
         ] {
             assert_eq!(
-                trim_due(stopped, elapsed),
+                trim_due(stopped, quiet, elapsed),
                 due,
-                "{stopped} stopped, {elapsed:?}"
+                "{stopped} stopped, quiet {quiet}, {elapsed:?}"
             );
         }
         // Safe to call at any time, from any thread.
