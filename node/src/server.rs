@@ -484,7 +484,7 @@ async fn forget_idle_principals(state: Arc<AppState>) {
 /// arena per thread and returns only the free memory at an arena's end; the pages that
 /// actors' state filled on their thread stay resident after the actors stop, free but
 /// kept, unless asked (`malloc_trim`). A node whose devices' sets passivated after a
-/// burst (a fleet reconnecting, BENCHMARKS.md "Where a held device's bytes go") kept
+/// burst (a fleet reconnecting, BENCHMARKS.md "Memory actors freed, given back") kept
 /// ≈ 12 MB that way at 18,000 devices. Checked every second ([`trim_due`]); the trim runs
 /// on the blocking pool (it walks the arenas: 1–8 ms with 18,000 devices held).
 async fn return_freed_memory(shared: Arc<crate::sets::registry::Shared>) {

@@ -168,8 +168,8 @@ impl Subscribe {
     /// outlives the actor when the set passivates, and records the actor's thread made
     /// would each pin a page of its memory that the actor's own, freed state once filled
     /// (glibc keeps an arena per thread; with 18,000 devices held after a fast ramp, that
-    /// thread's arena held 6.5 MB of records in 22.7 MB of pages, BENCHMARKS.md "Where a
-    /// held device's bytes go").
+    /// thread's arena held 6.7 MB of records in 22.6 MB of pages, BENCHMARKS.md "Memory
+    /// actors freed, given back").
     pub fn waiter(mut self) -> Self {
         let (reply, answer) = if self.stream {
             // One answer in flight: the next change finds it not yet taken only if the
