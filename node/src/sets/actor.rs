@@ -181,7 +181,7 @@ impl Subscribe {
             (Reply::Once(tx), SubscribeAnswer::Held(rx))
         };
         let sub = Box::new(HeldSub {
-            held: HeldVersions::new(self.held.clone()),
+            held: HeldVersions::new(&self.held),
             session: self.session.clone(),
             diffs: self.diffs,
             device: self.device,
@@ -378,9 +378,12 @@ struct HeldVersions(Box<[(BucketId, Option<u64>)]>);
 
 impl HeldVersions {
     /// The subscriber's held buckets; of an id named twice, the last version counts.
-    fn new(held: Vec<Held>) -> Self {
-        let mut v: Vec<(BucketId, Option<u64>)> =
-            held.into_iter().rev().map(|h| (h.id, h.version)).collect();
+    fn new(held: &[Held]) -> Self {
+        let mut v: Vec<(BucketId, Option<u64>)> = held
+            .iter()
+            .rev()
+            .map(|h| (h.id.clone(), h.version))
+            .collect();
         // Stable: of equal ids the last named comes first, and dedup keeps the first.
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v.dedup_by(|later, first| later.0 == first.0);
@@ -1896,7 +1899,7 @@ mod tests {
     fn held_versions_answer_like_a_map_of_the_last_named_version() {
         let ids =
             |v: &HeldVersions| -> Vec<String> { v.iter().map(|(id, _)| id.to_string()).collect() };
-        let h = HeldVersions::new(vec![
+        let h = HeldVersions::new(&[
             held("shared.B", Some(4)),
             held("device.A", None),
             held("shared.B", Some(7)),
