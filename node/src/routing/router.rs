@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use smallvec::SmallVec;
 use tether_cluster::{Member, RingPlacement};
 use tether_proto::api::{Delivery, UpdateOutcome};
 use tether_proto::presence::PresenceView;
@@ -33,7 +34,7 @@ use crate::error::{NodeError, Result};
 use crate::routing::forward::Peers;
 pub use crate::sets::actor::{answer_size, Get};
 use crate::sets::actor::{
-    DeviceContact, EnsureBuckets, GetPresence, Put, Stale, Subscribe, SubscribeAnswer,
+    DeviceContact, EnsureBuckets, GetPresence, HeldVersions, Put, Stale, Subscribe, SubscribeAnswer,
 };
 use crate::sets::registry::Shared;
 use crate::store::HistoryPage;
@@ -268,7 +269,10 @@ impl Legs {
 
 /// One owner's held part of a subscription, answered by that owner's own timer: its
 /// buckets, or empty ("nothing changed", confirmed by the owner when its hold passed),
-/// or an error when the call broke or the set moved first.
+/// or an error when the call broke or the set moved first. A local leg inline, not boxed:
+/// it is what a held device's subscription keeps here, and a box would be one more block
+/// per held device.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum HeldLeg {
     /// Held by this node's actors: a record of the hold, not a future (a held device's
     /// subscription on its own node is the commonest thing a node keeps; BENCHMARKS.md
@@ -315,9 +319,12 @@ impl HeldLeg {
 /// cancels the holds, and what answering and holding again need. Until an answer, the
 /// timeout or a break, this is all a locally held subscription keeps in the router.
 pub(crate) struct LocalLeg {
-    /// One channel per held set, in the order of `guard.sets`.
-    waiting: Vec<oneshot::Receiver<Vec<Stale>>>,
+    /// One channel per held set, in the order of `guard.sets` (inline: nearly always one).
+    waiting: SmallVec<[oneshot::Receiver<Vec<Stale>>; 1]>,
     guard: SubscriptionGuard,
+    /// What each held set holds, shared with the set's own record of the subscription:
+    /// subscribed again from here should a set move while held.
+    held: SmallVec<[HeldVersions; 1]>,
     diffs: bool,
     /// When the hold ends for the sets' actors.
     hold_until: tokio::time::Instant,
@@ -327,10 +334,9 @@ pub(crate) struct LocalLeg {
     again: Option<Again>,
 }
 
-/// What subscribing again needs ([`Router::held_again_if_broken`]).
+/// What subscribing again needs besides the held lists ([`Router::held_again_if_broken`]).
 struct Again {
     router: Arc<Router>,
-    held: Vec<Held>,
     opts: HoldOptions,
 }
 
@@ -394,6 +400,7 @@ impl LocalLeg {
     async fn broke(self, broke: NodeError) -> Result<Vec<BucketUpdate>> {
         let LocalLeg {
             guard,
+            held,
             hold_until,
             again,
             ..
@@ -401,9 +408,10 @@ impl LocalLeg {
         drop(guard);
         match again {
             Some(again) => {
+                let held = held.iter().flat_map(|h| h.held().iter().cloned()).collect();
                 again
                     .router
-                    .subscribe_again(broke, again.held, hold_until, again.opts)
+                    .subscribe_again(broke, held, hold_until, again.opts)
                     .await
             }
             None => Err(broke),
@@ -450,7 +458,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Where a [`LocalAnswer`] is.
+/// Where a [`LocalAnswer`] is. The leg inline, as in [`HeldLeg`].
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     /// Waiting for an answer, the timer or the drain; once the hold passed, `confirming`
     /// that every set's lease is still this node's (chaos defect 18) before "nothing
@@ -928,19 +937,20 @@ impl Router {
         }
         let mut opening: Vec<BoxFuture<'_, Result<Leg>>> = Vec::new();
         if !local.is_empty() {
-            // Kept for the whole hold: sized to what it holds.
-            let mut held: Vec<Held> = Vec::with_capacity(local.values().map(Vec::len).sum());
-            held.extend(local.values().flatten().cloned());
             let router = self.clone();
             let opts = opts.clone();
             opening.push(
                 async move {
                     Ok(match self.open_local(local, opts.clone(), timeout).await? {
                         // A set that moved while held (its lease found taken): looked for
-                        // again where it is served now, as a broken forwarded call.
-                        Leg::Held(leg) => {
-                            Leg::Held(router.held_again_if_broken(leg, held, hold_until, opts))
-                        }
+                        // again where it is served now, as a broken forwarded call, with
+                        // the lists its sets keep (so no list of its own here).
+                        Leg::Held(leg) => Leg::Held(router.held_again_if_broken(
+                            leg,
+                            Vec::new(),
+                            hold_until,
+                            opts,
+                        )),
                         now => now,
                     })
                 }
@@ -998,12 +1008,9 @@ impl Router {
         opts: HoldOptions,
     ) -> HeldLeg {
         match leg {
+            // Subscribed again with the lists its sets keep, not `held`.
             HeldLeg::Local(mut leg) => {
-                leg.again = Some(Again {
-                    router: self,
-                    held,
-                    opts,
-                });
+                leg.again = Some(Again { router: self, opts });
                 HeldLeg::Local(leg)
             }
             HeldLeg::Future(answer) => HeldLeg::new(async move {
@@ -1133,35 +1140,31 @@ impl Router {
         let mut guard = SubscriptionGuard {
             shared: self.shared.clone(),
             sub_id,
-            sets: Vec::with_capacity(sets),
+            sets: SmallVec::with_capacity(sets),
         };
         let mut budget = opts.max_bytes;
         let mut now = Vec::new();
         let mut held = Vec::with_capacity(sets);
+        let mut lists = SmallVec::with_capacity(sets);
         for (set, versions) in by_set {
             // Guarded before the call: if this future is dropped after the actor held the
             // subscription but before its answer came back (the client or the forwarding
             // peer left just then), the guard still cancels it there.
             guard.sets.push(set.clone());
-            let answer = self
-                .shared
-                .call(
-                    &set,
-                    Subscribe {
-                        sub_id,
-                        held: versions,
-                        session: opts.session.clone(),
-                        diffs: opts.diffs,
-                        max_bytes: budget,
-                        own_writes_known: opts.own_writes_known,
-                        device: opts.device.as_ref() == Some(&set),
-                        next_sync_ms: opts.next_sync_ms,
-                        stream,
-                        waiter: Default::default(),
-                    }
-                    .waiter(),
-                )
-                .await??;
+            let (msg, list) = Subscribe {
+                sub_id,
+                held: versions,
+                session: opts.session.clone(),
+                diffs: opts.diffs,
+                max_bytes: budget,
+                own_writes_known: opts.own_writes_known,
+                device: opts.device.as_ref() == Some(&set),
+                next_sync_ms: opts.next_sync_ms,
+                stream,
+                waiter: Default::default(),
+            }
+            .waiter();
+            let answer = self.shared.call(&set, msg).await??;
             match answer {
                 SubscribeAnswer::Now(stale) => {
                     // Nothing held there.
@@ -1171,10 +1174,18 @@ impl Router {
                     }
                     now.extend(stale);
                 }
-                answer => held.push(answer),
+                answer => {
+                    held.push(answer);
+                    lists.push(list);
+                }
             }
         }
-        Ok(LocalHolds { guard, now, held })
+        Ok(LocalHolds {
+            guard,
+            now,
+            held,
+            lists,
+        })
     }
 
     /// The subscribe check on this node's own sets (every listed set must be local),
@@ -1190,19 +1201,25 @@ impl Router {
         hold: Duration,
     ) -> Result<Leg> {
         let diffs = opts.diffs;
-        let (guard, now, waiting) =
-            self.hold_local(by_set, &opts, false)
-                .await?
-                .split(|answer| match answer {
-                    SubscribeAnswer::Held(rx) => Some(rx),
-                    _ => None,
-                })?;
+        let Split {
+            guard,
+            now,
+            held: waiting,
+            lists,
+        }: Split<SmallVec<_>> = self
+            .hold_local(by_set, &opts, false)
+            .await?
+            .split(|answer| match answer {
+                SubscribeAnswer::Held(rx) => Some(rx),
+                _ => None,
+            })?;
         if !now.is_empty() || waiting.is_empty() {
             return Ok(Leg::Now(complete_diffs(&self.shared, now, diffs).await));
         }
         Ok(Leg::Held(HeldLeg::Local(LocalLeg {
             waiting,
             guard,
+            held: lists,
             diffs,
             hold_until: tokio::time::Instant::now() + hold,
             again: None,
@@ -1222,7 +1239,14 @@ impl Router {
             return Ok(None);
         }
         let owned = by_set.iter().map(|(set, held)| (set.clone(), held.clone()));
-        let (guard, now, held_by) = match self.hold_local(owned, opts, true).await {
+        // The lists are let go: a stream's hold is the actor's, held again from its own
+        // cursor after a break (`api/stream.rs`).
+        let Split {
+            guard,
+            now,
+            held: held_by,
+            ..
+        }: Split<Vec<_>> = match self.hold_local(owned, opts, true).await {
             Err(NodeError::NotOwner(_)) => return Ok(None),
             r => r?.split(|answer| match answer {
                 SubscribeAnswer::Stream(rx) => Some(rx),
@@ -1366,15 +1390,25 @@ struct LocalHolds {
     now: Vec<Stale>,
     /// The other sets' holds, in the order of `guard.sets`.
     held: Vec<SubscribeAnswer>,
+    /// What each of them holds, in the same order.
+    lists: SmallVec<[HeldVersions; 1]>,
+}
+
+/// [`LocalHolds`] with each hold's channel taken out of its answer.
+struct Split<C> {
+    guard: SubscriptionGuard,
+    now: Vec<Stale>,
+    held: C,
+    lists: SmallVec<[HeldVersions; 1]>,
 }
 
 impl LocalHolds {
     /// The guard, the stale buckets, and each hold's channel as `channel` takes it out of
     /// its answer (`None`: a hold of the other kind, which the actor never makes).
-    fn split<T>(
+    fn split<T, C: FromIterator<T>>(
         self,
         channel: impl Fn(SubscribeAnswer) -> Option<T>,
-    ) -> Result<(SubscriptionGuard, Vec<Stale>, Vec<T>)> {
+    ) -> Result<Split<C>> {
         let held = self
             .held
             .into_iter()
@@ -1383,8 +1417,13 @@ impl LocalHolds {
                     NodeError::Internal("a set held a subscription of the other kind".into())
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((self.guard, self.now, held))
+            .collect::<Result<C>>()?;
+        Ok(Split {
+            guard: self.guard,
+            now: self.now,
+            held,
+            lists: self.lists,
+        })
     }
 }
 
@@ -1393,7 +1432,8 @@ impl LocalHolds {
 struct SubscriptionGuard {
     shared: Arc<Shared>,
     sub_id: u64,
-    sets: Vec<SetKey>,
+    /// Inline: nearly always one.
+    sets: SmallVec<[SetKey; 1]>,
 }
 
 impl Drop for SubscriptionGuard {

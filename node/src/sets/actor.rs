@@ -169,8 +169,9 @@ impl Subscribe {
     /// would each pin a page of its memory that the actor's own, freed state once filled
     /// (glibc keeps an arena per thread; with 18,000 devices held after a fast ramp, that
     /// thread's arena held 6.7 MB of records in 22.6 MB of pages, BENCHMARKS.md "Memory
-    /// actors freed, given back").
-    pub fn waiter(mut self) -> Self {
+    /// actors freed, given back"). Also the held list the record keeps, for the caller to
+    /// share rather than copy.
+    pub fn waiter(mut self) -> (Self, HeldVersions) {
         let (reply, answer) = if self.stream {
             // One answer in flight: the next change finds it not yet taken only if the
             // stream is slow, and then ends the hold (`Reply::answer`).
@@ -180,8 +181,9 @@ impl Subscribe {
             let (tx, rx) = oneshot::channel();
             (Reply::Once(tx), SubscribeAnswer::Held(rx))
         };
+        let held = HeldVersions::new(&self.held);
         let sub = Box::new(HeldSub {
-            held: HeldVersions::new(&self.held),
+            held: held.clone(),
             session: self.session.clone(),
             diffs: self.diffs,
             device: self.device,
@@ -189,7 +191,7 @@ impl Subscribe {
             trace: crate::telemetry::span_context(&tracing::Span::current()).map(Box::new),
         });
         self.waiter = Waiter(Arc::new(std::sync::Mutex::new(Some((sub, answer)))));
-        self
+        (self, held)
     }
 }
 
@@ -370,46 +372,53 @@ impl Reply {
     }
 }
 
-/// The buckets a subscriber holds and the version it holds of each, sorted by id, in one
-/// allocation of their size (a `BTreeMap` took a node of 11 slots, 544 B, for a device's
-/// two buckets).
-#[derive(Debug)]
-struct HeldVersions(Box<[(BucketId, Option<u64>)]>);
+/// A held subscription's buckets and the version the subscriber holds of each, sorted by
+/// id; of an id named twice, the last named counts. Shared (one allocation) by the set's
+/// record of the subscription and the router's, which subscribes them again should the
+/// set move while held (`routing::router::LocalLeg`): each kept its own copy before,
+/// ≈ 0.2 KB per held device (BENCHMARKS.md "The held ids kept once").
+#[derive(Debug, Clone)]
+pub struct HeldVersions(Arc<[Held]>);
 
 impl HeldVersions {
-    /// The subscriber's held buckets; of an id named twice, the last version counts.
-    fn new(held: &[Held]) -> Self {
-        let mut v: Vec<(BucketId, Option<u64>)> = held
-            .iter()
-            .rev()
-            .map(|h| (h.id.clone(), h.version))
-            .collect();
+    /// The subscriber's `held` buckets.
+    pub fn new(held: &[Held]) -> Self {
+        let mut v: Vec<Held> = held.iter().rev().cloned().collect();
         // Stable: of equal ids the last named comes first, and dedup keeps the first.
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.dedup_by(|later, first| later.0 == first.0);
-        HeldVersions(v.into_boxed_slice())
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v.dedup_by(|later, first| later.id == first.id);
+        HeldVersions(v.into())
+    }
+
+    /// The held buckets, each once.
+    pub fn held(&self) -> &[Held] {
+        &self.0
     }
 
     fn get(&self, id: &BucketId) -> Option<Option<u64>> {
         self.0
-            .binary_search_by(|(held, _)| held.cmp(id))
+            .binary_search_by(|held| held.id.cmp(id))
             .ok()
-            .map(|i| self.0[i].1)
+            .map(|i| self.0[i].version)
     }
 
     fn contains_key(&self, id: &BucketId) -> bool {
         self.get(id).is_some()
     }
 
-    /// The subscriber was sent `version` of `id` (a stream's hold going on).
+    /// The subscriber was sent `version` of `id` (a stream's hold going on); copied first
+    /// if the list is shared (a stream's holds are not: `Router::open_stream`).
     fn advance(&mut self, id: &BucketId, version: u64) {
-        if let Ok(i) = self.0.binary_search_by(|(held, _)| held.cmp(id)) {
-            self.0[i].1 = Some(version);
+        if let Ok(i) = self.0.binary_search_by(|held| held.id.cmp(id)) {
+            let held = &mut Arc::make_mut(&mut self.0)[i];
+            held.version = Some(version);
+            // The timestamp the subscriber held belongs to the version it no longer holds.
+            held.timestamp = None;
         }
     }
 
     fn iter(&self) -> impl Iterator<Item = (&BucketId, &Option<u64>)> {
-        self.0.iter().map(|(id, version)| (id, version))
+        self.0.iter().map(|h| (&h.id, &h.version))
     }
 }
 

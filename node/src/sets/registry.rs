@@ -1305,6 +1305,57 @@ mod tests {
         });
     }
 
+    /// A subscription this node routed and holds itself, on a set another node takes and
+    /// writes meanwhile, is subscribed again where the set is served once this node
+    /// learns of the move (its next write there is fenced): answered with the other
+    /// node's write, not "nothing changed". The router keeps the held list for that, one
+    /// copy shared with the set's record (`actor::HeldVersions`).
+    #[test]
+    fn a_held_subscription_whose_set_moved_is_subscribed_again_and_gets_the_change() {
+        use crate::routing::router::Subscription;
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let n1 = node("n1", store.clone());
+            n1.set_takeover(Arc::new(Direct {
+                previous: node("n0", store.clone()),
+                log: Arc::new(Mutex::new(Vec::new())),
+            }));
+            let r1 = Router::single(n1.clone());
+            let (set, id) = create_set(&r1, "MOVE0001").await;
+            let by_set = BTreeMap::from([(set, vec![held(&id, 1)])]);
+            let held = match r1
+                .subscribe(by_set, Duration::from_secs(30), Default::default())
+                .await
+            {
+                Ok(Subscription::Held(held)) => held,
+                _ => panic!("nothing is stale: the subscription is held"),
+            };
+            let answer = tokio::spawn(held.answer(Duration::from_secs(30), r1.drain_signal()));
+            // n2 takes the set (n1, cut off, is not told), writes it and lets it go.
+            let n2 = node("n2", store);
+            let r2 = Router::single(n2.clone());
+            let written = r2.put(&id, write(3)).await.expect("written");
+            assert_eq!(written.bucket.version, 2);
+            n2.shutdown(Duration::from_secs(5)).await;
+            // n1's next write on the set finds its lease taken.
+            let _ = r1.put(&id, write(4)).await;
+            let answer = tokio::time::timeout(Duration::from_secs(20), answer)
+                .await
+                .expect("answered before its timeout")
+                .expect("the answer's task");
+            match answer {
+                Ok(buckets) => assert!(
+                    buckets
+                        .iter()
+                        .any(|b| b.bucket.id == id && b.bucket.version >= 2),
+                    "answered without the other node's write: {buckets:?}"
+                ),
+                Err(e) => panic!("the subscription was cut, not subscribed again: {e}"),
+            }
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
     /// A subscription whose routing was retried for longer than the router's grace (its
     /// set had no owner here for a while: a view change) is still answered "nothing
     /// changed" when the subscriber's timeout ends — not a 503 because the owner, given
@@ -1453,6 +1504,7 @@ mod tests {
             waiter: Default::default(),
         }
         .waiter()
+        .0
     }
 
     async fn stream_hold(
