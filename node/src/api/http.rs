@@ -871,7 +871,7 @@ impl<F: Future<Output = Result<Vec<BucketUpdate>>>> Future for HeldReply<F> {
                 // The timer, dropped unanswered, counts it cancelled.
                 return Poll::Ready(Err(e));
             }
-            Poll::Pending => match std::pin::Pin::new(&mut slot.evicted).poll(cx) {
+            Poll::Pending => match slot.poll_evicted(cx) {
                 Poll::Ready(_) => Vec::new(),
                 Poll::Pending => {
                     *this.open = Some((slot, hold));
@@ -1016,7 +1016,7 @@ async fn open_subscribe(
         held,
         // One more held subscription of this principal; past its cap, its oldest is
         // answered.
-        slot: state.held.register(principal.key()),
+        slot: state.held.register(&principal.key()),
         hold: crate::metrics::HoldTimer::start(state.shared.metrics.clone()),
         deadline: started + timeout,
         max_bytes,

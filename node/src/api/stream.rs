@@ -176,7 +176,7 @@ enum Next {
 }
 
 async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: Out<'_>) {
-    let mut slot = state.held.register(s.principal.clone());
+    let mut slot = state.held.register(&s.principal);
     let deadline = s.started + s.timeout;
     let draining = state.router.drain_signal();
     let keepalive = state.config.stream_keepalive;
@@ -224,7 +224,7 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                         }
                         () = &mut timed_out => break HoldEnd::TimedOut,
                         () = &mut drain => break HoldEnd::Over,
-                        _ = &mut slot.evicted => break HoldEnd::Over,
+                        () = slot.evicted() => break HoldEnd::Over,
                     }
                 }
             };
@@ -279,7 +279,7 @@ async fn run(state: &AppState, mut s: StreamRequest, opened: Subscription, out: 
                                     break HoldEnd::Over;
                                 }
                             }
-                            _ = &mut slot.evicted => break HoldEnd::Over,
+                            () = slot.evicted() => break HoldEnd::Over,
                         }
                     }
                 }
