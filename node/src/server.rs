@@ -654,7 +654,7 @@ impl RequestDone {
     /// A held response's future for actix-http's dispatcher, finished as above when it is
     /// ready, in the request's `span` ([`HeldDone`]).
     fn deferred(self, held: http::HeldResponse, span: tracing::Span) -> DeferredResponse {
-        let span = self.exported.then_some(span);
+        let span = self.exported.then(|| Box::new(span));
         DeferredResponse(Box::pin(HeldDone {
             done: self,
             held,
@@ -672,7 +672,8 @@ impl RequestDone {
 struct HeldDone {
     done: RequestDone,
     held: http::HeldResponse,
-    span: Option<tracing::Span>,
+    /// Boxed: only an exported request's is kept, and every held device keeps the field.
+    span: Option<Box<tracing::Span>>,
 }
 
 impl std::future::Future for HeldDone {
@@ -685,7 +686,7 @@ impl std::future::Future for HeldDone {
         let this = &mut *self;
         let made;
         let span = match &this.span {
-            Some(span) => span,
+            Some(span) => &**span,
             None => {
                 let d = &this.done;
                 made = crate::telemetry::request_span(
