@@ -321,10 +321,8 @@ impl HeldLeg {
 pub(crate) struct LocalLeg {
     /// One channel per held set, in the order of `guard.sets` (inline: nearly always one).
     waiting: SmallVec<[oneshot::Receiver<Vec<Stale>>; 1]>,
+    /// Also what each held set holds, subscribed again from there should a set move.
     guard: SubscriptionGuard,
-    /// What each held set holds, shared with the set's own record of the subscription:
-    /// subscribed again from here should a set move while held.
-    held: SmallVec<[HeldVersions; 1]>,
     diffs: bool,
     /// When the hold ends for the sets' actors.
     hold_until: tokio::time::Instant,
@@ -337,7 +335,11 @@ pub(crate) struct LocalLeg {
 /// What subscribing again needs besides the held lists ([`Router::held_again_if_broken`]).
 struct Again {
     router: Arc<Router>,
+    /// Without `device`: a device's own set is one of the leg's, named by `device`.
     opts: HoldOptions,
+    /// Which of the leg's held lists is of the subscribing device's own set (its key not
+    /// kept twice: one allocation fewer per held device).
+    device: Option<usize>,
 }
 
 impl LocalLeg {
@@ -378,7 +380,7 @@ impl LocalLeg {
     /// lease is still this node's (chaos defect 18).
     fn confirm(&self) -> BoxFuture<'static, Result<()>> {
         let shared = self.guard.shared.clone();
-        let sets = self.guard.sets.clone();
+        let sets = self.guard.keys();
         async move {
             let confirmed = sets.iter().map(|s| shared.confirm_held(s));
             futures::future::try_join_all(confirmed).await?;
@@ -400,18 +402,22 @@ impl LocalLeg {
     async fn broke(self, broke: NodeError) -> Result<Vec<BucketUpdate>> {
         let LocalLeg {
             guard,
-            held,
             hold_until,
             again,
             ..
         } = self;
+        let held = guard.sets.clone();
         drop(guard);
         match again {
             Some(again) => {
+                let mut opts = again.opts;
+                opts.device = again
+                    .device
+                    .and_then(|i| held.get(i)?.held().first().map(|h| h.id.set_key()));
                 let held = held.iter().flat_map(|h| h.held().iter().cloned()).collect();
                 again
                     .router
-                    .subscribe_again(broke, held, hold_until, again.opts)
+                    .subscribe_again(broke, held, hold_until, opts)
                     .await
             }
             None => Err(broke),
@@ -541,7 +547,8 @@ pub(crate) async fn drained(mut draining: watch::Receiver<bool>) {
     }
 }
 
-/// One owner's part of a subscribe check.
+/// One owner's part of a subscribe check (the held leg inline, as in [`HeldLeg`]).
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Leg {
     Now(Vec<BucketUpdate>),
     Held(HeldLeg),
@@ -1010,7 +1017,19 @@ impl Router {
         match leg {
             // Subscribed again with the lists its sets keep, not `held`.
             HeldLeg::Local(mut leg) => {
-                leg.again = Some(Again { router: self, opts });
+                let mut opts = opts;
+                let device = opts.device.take().and_then(|device| {
+                    leg.guard.sets.iter().position(|list| {
+                        list.held()
+                            .first()
+                            .is_some_and(|h| h.id.key() == device.as_str())
+                    })
+                });
+                leg.again = Some(Again {
+                    router: self,
+                    opts,
+                    device,
+                });
                 HeldLeg::Local(leg)
             }
             HeldLeg::Future(answer) => HeldLeg::new(async move {
@@ -1145,12 +1164,11 @@ impl Router {
         let mut budget = opts.max_bytes;
         let mut now = Vec::new();
         let mut held = Vec::with_capacity(sets);
-        let mut lists = SmallVec::with_capacity(sets);
         for (set, versions) in by_set {
-            // Guarded before the call: if this future is dropped after the actor held the
-            // subscription but before its answer came back (the client or the forwarding
-            // peer left just then), the guard still cancels it there.
-            guard.sets.push(set.clone());
+            if versions.is_empty() {
+                // Nothing of the set held: nothing to wait for there.
+                continue;
+            }
             let (msg, list) = Subscribe {
                 sub_id,
                 held: versions,
@@ -1164,6 +1182,10 @@ impl Router {
                 waiter: Default::default(),
             }
             .waiter();
+            // Guarded before the call: if this future is dropped after the actor held the
+            // subscription but before its answer came back (the client or the forwarding
+            // peer left just then), the guard still cancels it there.
+            guard.sets.push(list);
             let answer = self.shared.call(&set, msg).await??;
             match answer {
                 SubscribeAnswer::Now(stale) => {
@@ -1174,18 +1196,10 @@ impl Router {
                     }
                     now.extend(stale);
                 }
-                answer => {
-                    held.push(answer);
-                    lists.push(list);
-                }
+                answer => held.push(answer),
             }
         }
-        Ok(LocalHolds {
-            guard,
-            now,
-            held,
-            lists,
-        })
+        Ok(LocalHolds { guard, now, held })
     }
 
     /// The subscribe check on this node's own sets (every listed set must be local),
@@ -1205,7 +1219,6 @@ impl Router {
             guard,
             now,
             held: waiting,
-            lists,
         }: Split<SmallVec<_>> = self
             .hold_local(by_set, &opts, false)
             .await?
@@ -1219,7 +1232,6 @@ impl Router {
         Ok(Leg::Held(HeldLeg::Local(LocalLeg {
             waiting,
             guard,
-            held: lists,
             diffs,
             hold_until: tokio::time::Instant::now() + hold,
             again: None,
@@ -1239,13 +1251,10 @@ impl Router {
             return Ok(None);
         }
         let owned = by_set.iter().map(|(set, held)| (set.clone(), held.clone()));
-        // The lists are let go: a stream's hold is the actor's, held again from its own
-        // cursor after a break (`api/stream.rs`).
         let Split {
             guard,
             now,
             held: held_by,
-            ..
         }: Split<Vec<_>> = match self.hold_local(owned, opts, true).await {
             Err(NodeError::NotOwner(_)) => return Ok(None),
             r => r?.split(|answer| match answer {
@@ -1334,11 +1343,8 @@ impl StreamHold {
     /// Whether the sets' owner still holds their leases: the stream's silence until now
     /// was "nothing changed" (a long-poll's timeout confirms it the same way).
     pub async fn confirm(&self) -> Result<()> {
-        let confirmed = self
-            .guard
-            .sets
-            .iter()
-            .map(|s| self.guard.shared.confirm_held(s));
+        let sets = self.guard.keys();
+        let confirmed = sets.iter().map(|s| self.guard.shared.confirm_held(s));
         futures::future::try_join_all(confirmed).await?;
         Ok(())
     }
@@ -1390,8 +1396,6 @@ struct LocalHolds {
     now: Vec<Stale>,
     /// The other sets' holds, in the order of `guard.sets`.
     held: Vec<SubscribeAnswer>,
-    /// What each of them holds, in the same order.
-    lists: SmallVec<[HeldVersions; 1]>,
 }
 
 /// [`LocalHolds`] with each hold's channel taken out of its answer.
@@ -1399,7 +1403,6 @@ struct Split<C> {
     guard: SubscriptionGuard,
     now: Vec<Stale>,
     held: C,
-    lists: SmallVec<[HeldVersions; 1]>,
 }
 
 impl LocalHolds {
@@ -1422,7 +1425,6 @@ impl LocalHolds {
             guard: self.guard,
             now: self.now,
             held,
-            lists: self.lists,
         })
     }
 }
@@ -1432,14 +1434,22 @@ impl LocalHolds {
 struct SubscriptionGuard {
     shared: Arc<Shared>,
     sub_id: u64,
-    /// Inline: nearly always one.
-    sets: SmallVec<[SetKey; 1]>,
+    /// Each held set's list (inline: nearly always one), shared with the set's own record
+    /// of the subscription; the set's key is its buckets' (not kept a second time).
+    sets: SmallVec<[HeldVersions; 1]>,
+}
+
+impl SubscriptionGuard {
+    /// The held sets' keys.
+    fn keys(&self) -> Vec<SetKey> {
+        self.sets.iter().filter_map(HeldVersions::set_key).collect()
+    }
 }
 
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
-        for set in &self.sets {
-            self.shared.unsubscribe(set, self.sub_id);
+        for set in self.sets.iter().filter_map(HeldVersions::set_key) {
+            self.shared.unsubscribe(&set, self.sub_id);
         }
     }
 }

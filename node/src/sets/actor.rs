@@ -395,6 +395,12 @@ impl HeldVersions {
         &self.0
     }
 
+    /// The set of the held buckets (those of one set: a subscription holds one such list
+    /// per set it spans); `None` for an empty list.
+    pub fn set_key(&self) -> Option<SetKey> {
+        self.0.first().map(|h| h.id.set_key())
+    }
+
     fn get(&self, id: &BucketId) -> Option<Option<u64>> {
         self.0
             .binary_search_by(|held| held.id.cmp(id))
