@@ -333,13 +333,35 @@ pub(crate) struct LocalLeg {
 }
 
 /// What subscribing again needs besides the held lists ([`Router::held_again_if_broken`]).
+/// The subscription's [`HoldOptions`] without their `device`, kept in every held record:
+/// a device's own set is one of the leg's, named by `device` (its key not kept twice).
 struct Again {
     router: Arc<Router>,
-    /// Without `device`: a device's own set is one of the leg's, named by `device`.
-    opts: HoldOptions,
-    /// Which of the leg's held lists is of the subscribing device's own set (its key not
-    /// kept twice: one allocation fewer per held device).
-    device: Option<usize>,
+    session: Option<String>,
+    next_sync_ms: Option<u64>,
+    max_bytes: usize,
+    /// Which of the leg's held lists is of the subscribing device's own set.
+    device: Option<u16>,
+    diffs: bool,
+    own_writes_known: bool,
+}
+
+impl Again {
+    /// The options to subscribe `held` (the leg's lists) again with.
+    fn opts(self, held: &[HeldVersions]) -> (Arc<Router>, HoldOptions) {
+        let device = self
+            .device
+            .and_then(|i| held.get(usize::from(i))?.set_key());
+        let opts = HoldOptions {
+            session: self.session,
+            diffs: self.diffs,
+            max_bytes: self.max_bytes,
+            own_writes_known: self.own_writes_known,
+            device,
+            next_sync_ms: self.next_sync_ms,
+        };
+        (self.router, opts)
+    }
 }
 
 impl LocalLeg {
@@ -410,15 +432,9 @@ impl LocalLeg {
         drop(guard);
         match again {
             Some(again) => {
-                let mut opts = again.opts;
-                opts.device = again
-                    .device
-                    .and_then(|i| held.get(i)?.held().first().map(|h| h.id.set_key()));
+                let (router, opts) = again.opts(&held);
                 let held = held.iter().flat_map(|h| h.held().iter().cloned()).collect();
-                again
-                    .router
-                    .subscribe_again(broke, held, hold_until, opts)
-                    .await
+                router.subscribe_again(broke, held, hold_until, opts).await
             }
             None => Err(broke),
         }
@@ -1017,18 +1033,22 @@ impl Router {
         match leg {
             // Subscribed again with the lists its sets keep, not `held`.
             HeldLeg::Local(mut leg) => {
-                let mut opts = opts;
-                let device = opts.device.take().and_then(|device| {
-                    leg.guard.sets.iter().position(|list| {
+                let device = opts.device.and_then(|device| {
+                    let i = leg.guard.sets.iter().position(|list| {
                         list.held()
                             .first()
                             .is_some_and(|h| h.id.key() == device.as_str())
-                    })
+                    })?;
+                    u16::try_from(i).ok()
                 });
                 leg.again = Some(Again {
                     router: self,
-                    opts,
+                    session: opts.session,
+                    next_sync_ms: opts.next_sync_ms,
+                    max_bytes: opts.max_bytes,
                     device,
+                    diffs: opts.diffs,
+                    own_writes_known: opts.own_writes_known,
                 });
                 HeldLeg::Local(leg)
             }
