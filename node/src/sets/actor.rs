@@ -413,7 +413,8 @@ impl HeldVersions {
     }
 
     /// The subscriber was sent `version` of `id` (a stream's hold going on); copied first
-    /// if the list is shared (a stream's holds are not: `Router::open_stream`).
+    /// while the list is shared (a stream's is, with its guard, until its first answer:
+    /// the guard needs only the ids).
     fn advance(&mut self, id: &BucketId, version: u64) {
         if let Ok(i) = self.0.binary_search_by(|held| held.id.cmp(id)) {
             let held = &mut Arc::make_mut(&mut self.0)[i];
