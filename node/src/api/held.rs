@@ -42,8 +42,8 @@ pub struct HeldByPrincipal {
 struct Slots {
     /// By a keyed 64-bit hash of the principal's name rather than a copy of it (as the
     /// rate limiters are, `security::limits`): one held device's entry is its hash and its
-    /// queue, in the table itself. Two principals whose names collide (≈ n² / 2⁶⁵ for n
-    /// principals held at once: once in ≈ 10¹⁰ nodes holding 100,000) would share one cap.
+    /// queue, in the table itself. Two principals whose names collide (a chance of ≈ n² / 2⁶⁵
+    /// for n principals held at once: 3 × 10⁻¹⁰ for 100,000) would share one cap.
     by_principal: HashMap<u64, Queue>,
     /// The node drains: every held subscription was answered, new ones are at once.
     draining: bool,
