@@ -696,6 +696,17 @@ mod tests {
         }
     }
 
+    /// Takes sets over from owners that have shut down (they serve nothing): confirmed
+    /// at once.
+    #[derive(Debug)]
+    struct ShutDown;
+
+    impl TakeOver for ShutDown {
+        fn stop_serving(&self, _: SetKey, _: String) -> BoxFuture<'static, bool> {
+            Box::pin(async { true })
+        }
+    }
+
     fn node(id: &str, store: Arc<dyn Store>) -> Arc<Shared> {
         node_passivating(id, store, Duration::from_secs(600))
     }
@@ -1316,10 +1327,8 @@ mod tests {
         actix_rt::System::new().block_on(async {
             let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
             let n1 = node("n1", store.clone());
-            n1.set_takeover(Arc::new(Direct {
-                previous: node("n0", store.clone()),
-                log: Arc::new(Mutex::new(Vec::new())),
-            }));
+            // In cluster mode (a takeover set); the set's previous owner, n2, has shut down.
+            n1.set_takeover(Arc::new(ShutDown));
             let r1 = Router::single(n1.clone());
             let (set, id) = create_set(&r1, "MOVE0001").await;
             let by_set = BTreeMap::from([(set, vec![held(&id, 1)])]);
@@ -1352,6 +1361,77 @@ mod tests {
                 ),
                 Err(e) => panic!("the subscription was cut, not subscribed again: {e}"),
             }
+            n1.shutdown(Duration::from_secs(5)).await;
+        });
+    }
+
+    /// A device's held subscription of its own set, subscribed again because the set
+    /// moved, still tells the set's new actor that its device holds it: the device shows
+    /// online there, with the next sync it declared.
+    #[test]
+    fn a_device_subscribed_again_after_its_set_moved_shows_online_there() {
+        use crate::routing::router::{HoldOptions, Subscription};
+        actix_rt::System::new().block_on(async {
+            let store: Arc<dyn Store> = Arc::new(KvStore::new(MemoryKv::new(), "tether"));
+            let n1 = node("n1", store.clone());
+            // In cluster mode (a takeover set); the set's previous owner, n2, has shut down.
+            n1.set_takeover(Arc::new(ShutDown));
+            let r1 = Router::single(n1.clone());
+            // A registered device's set (an actor that takes the set reads its record).
+            store
+                .put_device(crate::store::DeviceRecord {
+                    device_id: "MOVE0002".into(),
+                    device_type: "thermostat".into(),
+                    sw_version: "1.0".into(),
+                    first_seen_ms: 0,
+                    last_seen_ms: 0,
+                })
+                .await
+                .expect("device record");
+            let set = SetKey::parse("MOVE0002").expect("set");
+            let id = BucketId::parse("device.MOVE0002").expect("id");
+            let bucket = (id.clone(), fields(json!({"x": null})));
+            r1.ensure(&set, vec![bucket], Some("thermostat".into()), None)
+                .await
+                .expect("a device's set");
+            let opts = HoldOptions {
+                device: Some(set.clone()),
+                next_sync_ms: Some(600_000),
+                ..Default::default()
+            };
+            let by_set = BTreeMap::from([(set.clone(), vec![held(&id, 1)])]);
+            let Ok(Subscription::Held(held)) =
+                r1.subscribe(by_set, Duration::from_secs(60), opts).await
+            else {
+                panic!("nothing is stale: the subscription is held");
+            };
+            let answer = tokio::spawn(held.answer(Duration::from_secs(60), r1.drain_signal()));
+            assert!(r1.presence(&set).await.expect("presence").online);
+            // n2 takes the set without writing it (n1, cut off, is not told) and lets it go.
+            let n2 = node("n2", store);
+            Router::single(n2.clone())
+                .presence(&set)
+                .await
+                .expect("n2 serves the set");
+            n2.shutdown(Duration::from_secs(5)).await;
+            // n1's next write on the set finds its lease taken: its actor drops the held
+            // subscription unanswered, and the router subscribes it again.
+            let _ = r1.put(&id, write(4)).await;
+            // Bounded wait for the subscription held again (nothing changed: no answer).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            let view = loop {
+                let view = r1.presence(&set).await.expect("presence");
+                if view.online || tokio::time::Instant::now() > deadline {
+                    break view;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(
+                view.online && view.next_sync_by.is_some(),
+                "the device's subscription, held again, did not mark it online: {view:?}"
+            );
+            assert!(!answer.is_finished(), "nothing changed: still held");
+            answer.abort();
             n1.shutdown(Duration::from_secs(5)).await;
         });
     }
