@@ -545,12 +545,23 @@ pub async fn run(o: Opts) -> Result<()> {
                     "tether_total_held": total_held},
     });
     let path = write_json(&o.out, "idle-subscriptions", &result)?;
+    // With `--parked`, the parked figure (the issue's) beside the one with actors kept.
+    let tether_bars = |kept: Spread| {
+        if o.parked {
+            vec![
+                ("tether, actors kept".to_string(), kept),
+                ("tether, parked".to_string(), parked_kib.clone()),
+            ]
+        } else {
+            vec![("tether".to_string(), kept)]
+        }
+    };
     let mut panels = Vec::new();
     if o.skip_mosquitto {
         panels.push(Panel::new(
             "RSS per subscription",
             "KiB",
-            vec![("tether".to_string(), tether_kib)],
+            tether_bars(tether_kib),
         ));
         panels.push(Panel::new(
             "held on this machine",
@@ -558,19 +569,17 @@ pub async fn run(o: Opts) -> Result<()> {
             vec![(format!("{} tether nodes", o.nodes), total_held)],
         ));
     } else {
-        panels.push(Panel::new(
-            "RSS per subscription",
-            "KiB",
-            vec![
-                ("tether".to_string(), tether_kib),
-                ("mosquitto".to_string(), mosq_kib),
-            ],
-        ));
-        panels.push(Panel::new(
-            "tether / mosquitto",
-            "ratio",
-            vec![("ratio".into(), ratio_s)],
-        ));
+        let mut rss = tether_bars(tether_kib);
+        rss.push(("mosquitto".to_string(), mosq_kib));
+        panels.push(Panel::new("RSS per subscription", "KiB", rss));
+        let mut ratios = vec![(
+            if o.parked { "actors kept" } else { "ratio" }.to_string(),
+            ratio_s,
+        )];
+        if o.parked {
+            ratios.push(("parked".to_string(), parked_over_mosquitto));
+        }
+        panels.push(Panel::new("tether / mosquitto", "ratio", ratios));
     }
     plot::bars(
         &o.out.join("idle-subscriptions.png"),
