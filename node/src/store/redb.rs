@@ -171,7 +171,11 @@ impl Readers {
                 .name(format!("tether-redb-read-{n}"))
                 .spawn(move || {
                     for job in queue {
-                        job();
+                        // A read that panics (a redb bug, a page it cannot decode) is
+                        // answered with an error (its reply dropped); the reader goes on.
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            tracing::error!("a store read panicked");
+                        }
                     }
                 })
                 .map_err(backend)?;
@@ -1858,6 +1862,27 @@ mod tests {
         .join()
         .expect("syncer");
         assert!(waiter.await.expect("waiter").is_ok());
+    }
+
+    /// A read that panics is answered with an error, and every reader goes on reading.
+    #[tokio::test]
+    async fn a_read_that_panics_fails_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
+        let readers = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        for _ in 0..readers {
+            let failed = store
+                .read(|_| -> Result<(), StoreError> { panic!("a read that panics") })
+                .await;
+            assert!(failed.is_err(), "a read that panicked was answered");
+        }
+        let s = set("P1");
+        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
+        let c = Commit::of(vec![bucket("device.P1", 2, json!({"v": 2}))]);
+        store.commit(&s, e, c).await.expect("commit");
+        for _ in 0..2 * readers {
+            assert_eq!(store.load_set(&s).await.expect("read").len(), 1);
+        }
     }
 
     /// A read that waits for a sync waits off the threads that read: reads parked behind a
