@@ -191,8 +191,12 @@ impl Readers {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Box::new(move || {
-                // The reader may have stopped waiting (its request was dropped).
-                let _ = reply.send(read());
+                // Not run for a request that stopped waiting while it queued (a deadline
+                // passed, the client left): under overload the queue sheds those.
+                if !reply.is_closed() {
+                    // It may stop waiting meanwhile.
+                    let _ = reply.send(read());
+                }
             }))
             .map_err(|_| backend("the store's readers have stopped"))?;
         answer
@@ -1864,6 +1868,77 @@ mod tests {
         assert!(waiter.await.expect("waiter").is_ok());
     }
 
+    /// A read whose request stopped waiting while it queued behind busy readers is not
+    /// run when a reader comes free.
+    #[tokio::test]
+    async fn a_read_no_longer_awaited_is_not_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
+        let readers = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        // One job per reader, run by all of them at once (each waits for the others).
+        let on_every_reader = |job: Arc<dyn Fn() + Send + Sync>| -> Vec<_> {
+            (0..readers)
+                .map(|_| {
+                    let (on, job) = (store.readers.clone(), job.clone());
+                    tokio::spawn(async move { on.run(move || job()).await })
+                })
+                .collect()
+        };
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(std::sync::Mutex::new(released));
+        let started = Arc::new(AtomicU64::new(0));
+        let busy = on_every_reader(Arc::new({
+            let started = started.clone();
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _ = released.lock().map(|r| r.recv());
+            }
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < readers as u64 {
+            assert!(Instant::now() < deadline, "the readers never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ran = Arc::new(AtomicU64::new(0));
+        let queued = {
+            let ran = ran.clone();
+            store
+                .readers
+                .run(move || ran.fetch_add(1, Ordering::SeqCst))
+        };
+        // Queued behind the busy readers, then given up (as at a request's deadline).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), queued)
+                .await
+                .is_err(),
+            "every reader is busy"
+        );
+        for _ in 0..readers {
+            release.send(()).expect("a busy reader");
+        }
+        for b in busy {
+            b.await.expect("task").expect("ran");
+        }
+        // Jobs that meet on every reader: once they have, every job queued before them
+        // (the one given up) has been taken and finished.
+        let meet = Arc::new(std::sync::Barrier::new(readers + 1));
+        let met = {
+            let meet = meet.clone();
+            on_every_reader(Arc::new(move || drop(meet.wait())))
+        };
+        tokio::task::spawn_blocking(move || drop(meet.wait()))
+            .await
+            .expect("met");
+        for m in met {
+            m.await.expect("task").expect("ran");
+        }
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "a read no one awaited was run"
+        );
+    }
+
     /// A read that panics is answered with an error, and every reader goes on reading.
     #[tokio::test]
     async fn a_read_that_panics_fails_alone() {
@@ -1882,6 +1957,32 @@ mod tests {
         store.commit(&s, e, c).await.expect("commit");
         for _ in 0..2 * readers {
             assert_eq!(store.load_set(&s).await.expect("read").len(), 1);
+        }
+    }
+
+    /// Bounded wait until redb itself holds `set`'s buckets, read past the horizon (the
+    /// sync may be held): the writer counts a batch just before it commits it, so a read
+    /// made as soon as it is counted may still miss it.
+    async fn in_redb(store: &RedbStore, set: &SetKey) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (db, key) = (store.db.clone(), set.as_str().to_owned());
+            let held = tokio::task::spawn_blocking(move || {
+                let txn = db.begin_read().expect("read");
+                let table = txn.open_table(BUCKETS).expect("buckets");
+                let range = table.range((key.as_str(), "")..(key.as_str(), "\u{7f}"));
+                range.expect("range").count()
+            })
+            .await
+            .expect("task");
+            if held > 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the writer never committed the batch to redb"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -1907,11 +2008,7 @@ mod tests {
                 let c = Commit::of(vec![bucket("device.W1", 2, json!({"v": 2}))]);
                 tokio::spawn(async move { store.commit(&s, e, c).await })
             };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while store.horizon.seen() < 1 {
-                assert!(Instant::now() < deadline, "the writer never committed");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            in_redb(&store, &s).await;
             let readers = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
             let reads: Vec<_> = (0..4 * readers)
                 .map(|_| {
@@ -1958,15 +2055,8 @@ mod tests {
             let (store, s, c) = (store.clone(), s.clone(), written.clone());
             tokio::spawn(async move { store.commit(&s, e, c).await })
         };
-        // Bounded wait: the writer has committed the batch to redb (the syncer holds it).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while store.horizon.seen() < 1 {
-            assert!(
-                Instant::now() < deadline,
-                "the writer never committed the batch"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // The writer has committed the batch to redb (the syncer holds it).
+        in_redb(&store, &s).await;
         let read = {
             let (store, s) = (store.clone(), s.clone());
             tokio::spawn(async move { store.load_set(&s).await })
