@@ -1924,11 +1924,15 @@ mod tests {
         let meet = Arc::new(std::sync::Barrier::new(readers + 1));
         let met = {
             let meet = meet.clone();
-            on_every_reader(Arc::new(move || drop(meet.wait())))
+            on_every_reader(Arc::new(move || {
+                meet.wait();
+            }))
         };
-        tokio::task::spawn_blocking(move || drop(meet.wait()))
-            .await
-            .expect("met");
+        tokio::task::spawn_blocking(move || {
+            meet.wait();
+        })
+        .await
+        .expect("met");
         for m in met {
             m.await.expect("task").expect("ran");
         }
