@@ -114,9 +114,12 @@ impl Horizon {
     /// The first `n` logged transactions are durable.
     fn durable_through(&self, n: u64) {
         self.durable.send_if_modified(|durable| {
-            let moved = n > *durable;
-            *durable = (*durable).max(n);
-            moved
+            if n > *durable {
+                *durable = n;
+                true
+            } else {
+                false
+            }
         });
     }
 
@@ -161,11 +164,15 @@ struct Readers {
 }
 
 impl Readers {
-    /// Starts one reader per core; they end when the last handle is dropped.
+    /// How many readers run: one per core (two when the count is unknown).
+    fn count() -> usize {
+        thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+    }
+
+    /// Starts [`Readers::count`] readers; they end when the last handle is dropped.
     fn start() -> Result<Self, StoreError> {
         let (jobs, queue) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
-        let count = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-        for n in 0..count {
+        for n in 0..Self::count() {
             let queue = queue.clone();
             thread::Builder::new()
                 .name(format!("tether-redb-read-{n}"))
@@ -1824,15 +1831,14 @@ mod tests {
     #[tokio::test]
     async fn a_read_that_saw_a_logged_batch_waits_for_its_sync() {
         let h = Horizon::default();
-        let now = |h: &Horizon| h.seen();
         assert!(
-            h.wait(now(&h), Duration::ZERO).await.is_ok(),
+            h.wait(h.seen(), Duration::ZERO).await.is_ok(),
             "nothing to wait for"
         );
         let first = h.count();
         let second = h.count();
         assert!(
-            h.wait(now(&h), Duration::ZERO).await.is_err(),
+            h.wait(h.seen(), Duration::ZERO).await.is_err(),
             "two batches committed, none synced"
         );
         h.durable_through(first);
@@ -1841,15 +1847,15 @@ mod tests {
             "the first is synced"
         );
         assert!(
-            h.wait(now(&h), Duration::ZERO).await.is_err(),
+            h.wait(h.seen(), Duration::ZERO).await.is_err(),
             "the second is not synced"
         );
         h.durable_through(second);
-        assert!(h.wait(now(&h), Duration::ZERO).await.is_ok());
+        assert!(h.wait(h.seen(), Duration::ZERO).await.is_ok());
         h.count();
         h.all_durable();
         assert!(
-            h.wait(now(&h), Duration::ZERO).await.is_ok(),
+            h.wait(h.seen(), Duration::ZERO).await.is_ok(),
             "a checkpoint covers it"
         );
         // A sync from another thread wakes a waiting read (the limit is only a backstop).
@@ -1874,7 +1880,7 @@ mod tests {
     async fn a_read_no_longer_awaited_is_not_run() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
-        let readers = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let readers = Readers::count();
         // One job per reader, run by all of them at once (each waits for the others).
         let on_every_reader = |job: Arc<dyn Fn() + Send + Sync>| -> Vec<_> {
             (0..readers)
@@ -1948,7 +1954,7 @@ mod tests {
     async fn a_read_that_panics_fails_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = RedbStore::open(dir.path(), Metrics::new()).expect("open");
-        let readers = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let readers = Readers::count();
         for _ in 0..readers {
             let failed = store
                 .read(|_| -> Result<(), StoreError> { panic!("a read that panics") })
@@ -1990,6 +1996,40 @@ mod tests {
         }
     }
 
+    /// A store whose syncer is held, with a commit of one bucket of set `name` written to
+    /// redb and not yet durable (its log record waits for the sync).
+    struct SyncHeld {
+        store: Arc<RedbStore>,
+        set: SetKey,
+        written: Commit,
+        /// Dropped: the sync goes on.
+        held: tokio::sync::OwnedMutexGuard<()>,
+        /// The commit's acknowledgement.
+        commit: tokio::task::JoinHandle<Result<(), StoreError>>,
+    }
+
+    async fn sync_held(dir: &Path, name: &str) -> SyncHeld {
+        let never = Duration::from_secs(3600);
+        let store =
+            Arc::new(RedbStore::open_with(dir, Metrics::new(), 1 << 20, never).expect("open"));
+        let set = set(name);
+        let e = store.acquire_lease(&set, "n1").await.expect("lease").epoch;
+        let held = store.syncer_hold.clone().lock_owned().await;
+        let written = Commit::of(vec![bucket(&format!("device.{name}"), 2, json!({"v": 2}))]);
+        let commit = {
+            let (store, s, c) = (store.clone(), set.clone(), written.clone());
+            tokio::spawn(async move { store.commit(&s, e, c).await })
+        };
+        in_redb(&store, &set).await;
+        SyncHeld {
+            store,
+            set,
+            written,
+            held,
+            commit,
+        }
+    }
+
     /// A read that waits for a sync waits off the threads that read: reads parked behind a
     /// slow fsync, more of them than there are readers, leave the readers to other reads.
     #[test]
@@ -2000,20 +2040,14 @@ mod tests {
             .expect("runtime");
         runtime.block_on(async {
             let dir = tempfile::tempdir().expect("tempdir");
-            let never = Duration::from_secs(3600);
-            let store = Arc::new(
-                RedbStore::open_with(dir.path(), Metrics::new(), 1 << 20, never).expect("open"),
-            );
-            let s = set("W1");
-            let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
-            let held = store.syncer_hold.clone().lock_owned().await;
-            let commit = {
-                let (store, s) = (store.clone(), s.clone());
-                let c = Commit::of(vec![bucket("device.W1", 2, json!({"v": 2}))]);
-                tokio::spawn(async move { store.commit(&s, e, c).await })
-            };
-            in_redb(&store, &s).await;
-            let readers = thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+            let SyncHeld {
+                store,
+                set: s,
+                held,
+                commit,
+                ..
+            } = sync_held(dir.path(), "W1").await;
+            let readers = Readers::count();
             let reads: Vec<_> = (0..4 * readers)
                 .map(|_| {
                     let (store, s) = (store.clone(), s.clone());
@@ -2047,20 +2081,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nothing_is_answered_or_read_before_its_log_record_is_synced() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let never = Duration::from_secs(3600);
-        let store = Arc::new(
-            RedbStore::open_with(dir.path(), Metrics::new(), 1 << 20, never).expect("open"),
-        );
-        let s = set("H1");
-        let e = store.acquire_lease(&s, "n1").await.expect("lease").epoch;
-        let held = store.syncer_hold.clone().lock_owned().await;
-        let written = Commit::of(vec![bucket("device.H1", 2, json!({"v": 2}))]);
-        let commit = {
-            let (store, s, c) = (store.clone(), s.clone(), written.clone());
-            tokio::spawn(async move { store.commit(&s, e, c).await })
-        };
-        // The writer has committed the batch to redb (the syncer holds it).
-        in_redb(&store, &s).await;
+        let SyncHeld {
+            store,
+            set: s,
+            written,
+            held,
+            commit,
+        } = sync_held(dir.path(), "H1").await;
         let read = {
             let (store, s) = (store.clone(), s.clone());
             tokio::spawn(async move { store.load_set(&s).await })
