@@ -332,7 +332,7 @@ pub(crate) struct LocalLeg {
     again: Option<Again>,
 }
 
-/// What subscribing again needs besides the held lists ([`Router::held_again_if_broken`]).
+/// What subscribing again needs besides the held lists ([`Router::again_when_moved`]).
 /// The subscription's [`HoldOptions`] without their `device`, kept in every held record:
 /// a device's own set is one of the leg's, named by `device` (its key not kept twice).
 struct Again {
@@ -966,15 +966,11 @@ impl Router {
                 async move {
                     Ok(match self.open_local(local, opts.clone(), timeout).await? {
                         // A set that moved while held (its lease found taken): looked for
-                        // again where it is served now, as a broken forwarded call, with
-                        // the lists its sets keep (so no list of its own here).
-                        Leg::Held(leg) => Leg::Held(router.held_again_if_broken(
-                            leg,
-                            Vec::new(),
-                            hold_until,
-                            opts,
-                        )),
-                        now => now,
+                        // again where it is served now.
+                        Leg::Held(HeldLeg::Local(leg)) => {
+                            Leg::Held(HeldLeg::Local(router.again_when_moved(leg, opts)))
+                        }
+                        other => other,
                     })
                 }
                 .boxed(),
@@ -1016,13 +1012,14 @@ impl Router {
         })
     }
 
-    /// A held leg that, when its call breaks (the owner was killed, or drained without
-    /// answering; a local set's lease was found taken), subscribes its sets again wherever
-    /// they are served now, for what is left of the hold: the new owner answers at once if
-    /// anything is newer than the versions held — a change the old owner committed and
-    /// whose notification was lost included — and holds otherwise. So a subscriber whose
-    /// owner died waits and is answered instead of being cut. Past `hold_until` the break
-    /// is the leg's error, as before (a "no change" only an owner gives, chaos defect 7).
+    /// A held forwarded leg that, when its call breaks (the owner was killed, or drained
+    /// without answering), subscribes its `held` buckets again wherever their sets are
+    /// served now, for what is left of the hold: the new owner answers at once if anything
+    /// is newer than the versions held — a change the old owner committed and whose
+    /// notification was lost included — and holds otherwise. So a subscriber whose owner
+    /// died waits and is answered instead of being cut. Past `hold_until` the break is the
+    /// leg's error, as before (a "no change" only an owner gives, chaos defect 7). (A
+    /// forwarded leg is always a future; a local one is returned as it is.)
     fn held_again_if_broken(
         self: Arc<Self>,
         leg: HeldLeg,
@@ -1031,34 +1028,38 @@ impl Router {
         opts: HoldOptions,
     ) -> HeldLeg {
         match leg {
-            // Subscribed again with the lists its sets keep, not `held`.
-            HeldLeg::Local(mut leg) => {
-                let device = opts.device.and_then(|device| {
-                    let i = leg.guard.sets.iter().position(|list| {
-                        list.held()
-                            .first()
-                            .is_some_and(|h| h.id.key() == device.as_str())
-                    })?;
-                    u16::try_from(i).ok()
-                });
-                leg.again = Some(Again {
-                    router: self,
-                    session: opts.session,
-                    next_sync_ms: opts.next_sync_ms,
-                    max_bytes: opts.max_bytes,
-                    device,
-                    diffs: opts.diffs,
-                    own_writes_known: opts.own_writes_known,
-                });
-                HeldLeg::Local(leg)
-            }
             HeldLeg::Future(answer) => HeldLeg::new(async move {
                 match answer.await {
                     Ok(buckets) => Ok(buckets),
                     Err(broke) => self.subscribe_again(broke, held, hold_until, opts).await,
                 }
             }),
+            local @ HeldLeg::Local(_) => local,
         }
+    }
+
+    /// The same for a held local leg, whose sets may move while held (a lease found
+    /// taken): it is subscribed again, as a broken forwarded call is, with the lists its
+    /// sets keep (no list of its own is kept for it).
+    fn again_when_moved(self: Arc<Self>, mut leg: LocalLeg, opts: HoldOptions) -> LocalLeg {
+        let device = opts.device.and_then(|device| {
+            let i = leg.guard.sets.iter().position(|list| {
+                list.held()
+                    .first()
+                    .is_some_and(|h| h.id.key() == device.as_str())
+            })?;
+            u16::try_from(i).ok()
+        });
+        leg.again = Some(Again {
+            router: self,
+            session: opts.session,
+            next_sync_ms: opts.next_sync_ms,
+            max_bytes: opts.max_bytes,
+            device,
+            diffs: opts.diffs,
+            own_writes_known: opts.own_writes_known,
+        });
+        leg
     }
 
     /// After a held leg broke with `broke`: its `held` buckets subscribed again where their
