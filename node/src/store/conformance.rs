@@ -1609,6 +1609,110 @@ mod postgres {
         ));
     }
 
+    /// A commit PostgreSQL refuses (a string with NUL, which `jsonb` cannot hold) in a
+    /// batch with two good ones: it fails alone, the other two are acknowledged and
+    /// stored, and the batch leaves no transaction open on a pooled connection (the next
+    /// commits run in transactions of their own and are visible to everyone).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_postgresql_refuses_fails_alone_beside_its_batch() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("batch_refused").expect("db");
+        let (store, metrics) = batching_store(&url, 64).await;
+        let blocker = set("D0");
+        let eb = store
+            .acquire_lease(&blocker, "n1")
+            .await
+            .expect("lease")
+            .epoch;
+        let (bad, b, c) = (set("X1"), set("B1"), set("C1"));
+        let ex = store.acquire_lease(&bad, "n1").await.expect("lease").epoch;
+        let eb1 = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
+        let ec1 = store.acquire_lease(&c, "n1").await.expect("lease").epoch;
+        let mut refused = logged("device.X1", 1, Some("op-x"), 1);
+        refused.buckets[0].value = bucket("device.X1", 1, json!({ "v": "nul \u{0} inside" })).value;
+
+        // The writer's first batch (D0 alone) waits on D0's lease row; the rest queue.
+        let holder = session(&url).await;
+        holder
+            .batch_execute("BEGIN; SELECT 1 FROM tether_leases WHERE set_key = 'D0' FOR UPDATE")
+            .await
+            .expect("hold D0");
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .commit(&blocker, eb, logged("device.D0", 1, None, 1))
+                    .await
+            }
+        });
+        let probe = session(&url).await;
+        until_waiting(&probe, "the lease row of D0").await;
+        let before = transactions(&metrics);
+        let queued = futures::future::join3(
+            store.commit(&b, eb1, logged("device.B1", 1, Some("op-b"), 1)),
+            store.commit(&bad, ex, refused),
+            store.commit(&c, ec1, logged("device.C1", 1, Some("op-c"), 1)),
+        );
+        let release = async {
+            tokio::task::yield_now().await;
+            holder.batch_execute("COMMIT").await.expect("release D0");
+        };
+        let ((b_res, x, c_res), ()) = futures::join!(queued, release);
+        first.await.expect("task").expect("D0 commits");
+        assert_eq!(
+            transactions(&metrics) - before,
+            1.0,
+            "B1, X1 and C1 were one batch"
+        );
+        assert!(matches!(x, Err(StoreError::Backend(_))), "{x:?}");
+        b_res.expect("B1 commits beside a refused commit");
+        c_res.expect("C1 commits beside a refused commit");
+        assert!(store.load_set(&bad).await.expect("load").is_empty());
+        for (s, id) in [(&b, "device.B1"), (&c, "device.C1")] {
+            assert_eq!(store.load_set(s).await.expect("load").len(), 1, "{id}");
+            let page = store
+                .history(&BucketId::parse(id).expect("id"), 0, 10)
+                .await
+                .expect("history")
+                .expect("bucket exists");
+            assert_eq!(page.changes.len(), 1, "{id}'s change committed with it");
+        }
+        let e = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
+        assert!(matches!(
+            store
+                .commit(&b, e, logged("device.B1", 2, Some("op-b"), 2))
+                .await,
+            Err(StoreError::OpsKnown(_))
+        ));
+        // Later commits, through whatever pooled connections the writer takes, are
+        // committed on their own: another session sees each at once.
+        for v in 2..6 {
+            store
+                .commit(&c, ec1, logged("device.C1", v, None, v))
+                .await
+                .expect("a later commit");
+            let seen: i64 = probe
+                .query_one(
+                    "SELECT version FROM tether_buckets WHERE set_key = 'C1'",
+                    &[],
+                )
+                .await
+                .expect("read")
+                .get(0);
+            assert_eq!(seen, i64::try_from(v).expect("small"), "commit {v} visible");
+        }
+        let open: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        assert_eq!(open, 0, "a pooled connection was left in a transaction");
+    }
+
     /// A commit is answered only after PostgreSQL's COMMIT returned: while COMMIT itself
     /// waits (a deferred trigger blocks on a lock the test holds), the writes are done but
     /// the caller has no answer yet.

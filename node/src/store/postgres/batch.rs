@@ -3,12 +3,19 @@
 //! Every actor of a node hands its commit to one queue. A few writer tasks each take
 //! whatever is queued (up to [`BatchConfig::max_batch`]) and write it in ONE transaction:
 //!
-//! 1. one round trip (pipelined): lock every named set's lease row `FOR SHARE` and read
-//!    its epoch; read which of the batch's op ids are already remembered;
+//! 1. one round trip (pipelined): `BEGIN`, lock every named set's lease row `FOR SHARE`
+//!    and read its epoch, read which of the batch's op ids are already remembered;
 //! 2. decide per commit: a set whose epoch moved is fenced, a commit naming a known op id
 //!    is answered with the remembered records — both write nothing, the others go on;
 //! 3. one round trip (pipelined): multi-row statements for the accepted commits' op ids,
-//!    buckets, changes and trims, then `COMMIT`.
+//!    buckets, changes and trims, and `COMMIT`. If a statement fails, PostgreSQL skips the
+//!    rest and ends the transaction at that `COMMIT` with a rollback: nothing committed.
+//!
+//! Two round trips per batch, whatever its size (a remote PostgreSQL's latency counts
+//! twice, not four times). The transaction is opened by a `BEGIN` sent ahead of its first
+//! statements, not by `tokio_postgres::Transaction` (which waits for `BEGIN`'s answer and
+//! rolls back when dropped), so the connection is returned to the pool only once its
+//! `COMMIT` was answered ([`Pooled`]); any other way out closes it.
 //!
 //! Fencing is as strong as the one-commit path: the lease rows stay share-locked from the
 //! epoch check to `COMMIT`, so a node taking a lease (`FOR UPDATE`) waits for the batch or
@@ -56,10 +63,11 @@ const KNOWN_OPS: &str = "
 SELECT o.set_key, o.body FROM tether_ops o JOIN unnest($1::text[], $2::text[]) AS t(set_key, op_id)
     ON o.set_key = t.set_key AND o.op_id = t.op_id";
 
+/// Without `ON CONFLICT`: an op id written since the check (or twice in the batch) fails
+/// the statement, so the pipelined `COMMIT` rolls the batch back.
 const INSERT_OPS: &str = "
 INSERT INTO tether_ops (set_key, op_id, at_ms, body)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
-ON CONFLICT (set_key, op_id) DO NOTHING RETURNING op_id";
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])";
 
 const UPSERT_BUCKETS: &str = "
 INSERT INTO tether_buckets (set_key, id, value, ts_ms, ts_logical, version)
@@ -188,13 +196,17 @@ async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
     store.metrics.store_commit(batch.len());
     let tried = match store.client().await {
         Err(e) => Err(Fallback::All(e)),
-        Ok(mut client) => {
-            match tokio::time::timeout(store.deadline, try_batch(&mut client, &batch)).await {
+        Ok(client) => {
+            let mut conn = Pooled {
+                client: Some(client),
+                idle: false,
+            };
+            match tokio::time::timeout(store.deadline, try_batch(&mut conn, &batch)).await {
                 Ok(tried) => tried,
                 Err(_) => {
-                    // The transaction may still commit at the server: the connection goes,
-                    // and no commit of the batch is acknowledged or failed for sure.
-                    super::abandon(client);
+                    // The transaction may still commit at the server: the connection goes
+                    // (`conn` is dropped before its COMMIT was answered), and no commit of
+                    // the batch is acknowledged or failed for sure.
                     Err(Fallback::All(StoreError::FateUnknown(format!(
                         "batch of {} commits: no answer from PostgreSQL within {} ms",
                         batch.len(),
@@ -230,6 +242,32 @@ async fn write_batch(store: &PostgresStore, batch: Vec<Request>) {
     }
 }
 
+/// A pooled connection carrying a batch's transaction. Dropped before its `COMMIT` was
+/// answered (`idle` unset: a failed statement before it, a deadline, the task dropped) it
+/// is closed, never returned to the pool, which would hand its open transaction — or a
+/// stalled server's late answers — to the connection's next user.
+struct Pooled {
+    client: Option<deadpool_postgres::Object>,
+    idle: bool,
+}
+
+impl Pooled {
+    fn client(&self) -> &deadpool_postgres::Object {
+        match &self.client {
+            Some(c) => c,
+            None => unreachable!("taken only when dropped"),
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let (Some(client), false) = (self.client.take(), self.idle) {
+            super::abandon(client);
+        }
+    }
+}
+
 /// How a batch that could not commit as one is answered.
 enum Fallback {
     /// Every request fails with this (the transaction's fate is unknown or it never ran).
@@ -240,10 +278,11 @@ enum Fallback {
 }
 
 async fn try_batch(
-    client: &mut deadpool_postgres::Object,
+    conn: &mut Pooled,
     batch: &[Request],
 ) -> Result<Vec<Result<(), StoreError>>, Fallback> {
     let all = |e: tokio_postgres::Error| Fallback::All(backend(e));
+    let client = conn.client();
     let leases = client.prepare_cached(LEASES_FOR_SHARE).await.map_err(all)?;
     let known_ops = client.prepare_cached(KNOWN_OPS).await.map_err(all)?;
     let insert_ops = client.prepare_cached(INSERT_OPS).await.map_err(all)?;
@@ -266,8 +305,9 @@ async fn try_batch(
         }
     }
 
-    let txn = client.transaction().await.map_err(all)?;
-    // Round trip 1: the lease rows locked and read, the known op ids read.
+    let txn: &tokio_postgres::Client = client;
+    // Round trip 1: the transaction begun, the lease rows locked and read, the known op
+    // ids read (pipelined: each is sent when first polled, in this order).
     let read_known = async {
         if q_ops.is_empty() {
             return Ok(Vec::new());
@@ -275,7 +315,12 @@ async fn try_batch(
         txn.query(&known_ops, &[&q_sets, &q_ops]).await
     };
     let lease_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sets];
-    let (epochs, known) = futures::join!(txn.query(&leases, &lease_params), read_known);
+    let (begun, epochs, known) = futures::join!(
+        txn.batch_execute("BEGIN"),
+        txn.query(&leases, &lease_params),
+        read_known
+    );
+    begun.map_err(all)?;
     let epochs: HashMap<String, i64> = epochs
         .map_err(all)?
         .into_iter()
@@ -326,17 +371,16 @@ async fn try_batch(
     let cols = Columns::of(&accepted).map_err(Fallback::All)?;
 
     // Round trip 2: every write, pipelined in this order (ops before their trim, changes
-    // before theirs).
+    // before theirs), and COMMIT.
     let run_ops = async {
         if cols.o_ids.is_empty() {
             return Ok(0);
         }
-        txn.query(
+        txn.execute(
             &insert_ops,
             &[&cols.o_sets, &cols.o_ids, &cols.o_at, &cols.o_bodies],
         )
         .await
-        .map(|rows| rows.len())
     };
     let run_buckets = async {
         if cols.b_ids.is_empty() {
@@ -379,34 +423,34 @@ async fn try_batch(
         txn.execute(&trim_ops, &[&cols.r_sets, &cols.r_since, &cols.r_keep])
             .await
     };
-    let (inserted, buckets, changed, trimmed_changes, trimmed_ops) = futures::join!(
+    let (inserted, buckets, changed, trimmed_changes, trimmed_ops, committed) = futures::join!(
         run_ops,
         run_buckets,
         run_changes,
         run_trim_changes,
-        run_trim_ops
+        run_trim_ops,
+        txn.batch_execute("COMMIT")
     );
     let wrote = (|| {
-        let inserted = inserted?;
+        inserted?;
         buckets?;
         changed?;
         trimmed_changes?;
         trimmed_ops?;
-        Ok::<_, tokio_postgres::Error>(inserted)
+        Ok::<_, tokio_postgres::Error>(())
     })();
-    match wrote {
-        // Every op id checked above went in: nobody else wrote one meanwhile.
-        Ok(inserted) if inserted == cols.o_ids.len() => {}
-        // A write failed, or an op id appeared since the check: roll back and go one by
+    // COMMIT answered: the transaction ended, committed or rolled back, and the connection
+    // may serve again.
+    conn.idle = committed.is_ok();
+    if wrote.is_err() {
+        // A write failed (an op id written since the check among them), so PostgreSQL
+        // skipped the rest and rolled back at COMMIT: nothing was committed. Go one by
         // one (each commit checks its own op ids again).
-        _ => {
-            drop(txn);
-            return Err(Fallback::Each(verdicts));
-        }
+        return Err(Fallback::Each(verdicts));
     }
     // Answers only once COMMIT returned: an error here leaves the fate unknown, so every
     // accepted commit fails as a lone commit would (nothing acknowledged).
-    txn.commit().await.map_err(all)?;
+    committed.map_err(all)?;
     Ok(verdicts
         .into_iter()
         .map(|v| match v {
