@@ -80,6 +80,11 @@ pub struct Opts {
     /// e.g. `commit_delay=200`.
     #[arg(long = "pg-set", value_name = "NAME=VALUE", value_parser = pg_setting)]
     pub pg_set: Vec<(String, String)>,
+    /// Milliseconds every chunk between the cluster's nodes and PostgreSQL is held, each
+    /// way (a proxy on loopback: a store that far away; 0: none). The one-node baseline
+    /// keeps its embedded store.
+    #[arg(long, default_value_t = 0)]
+    pub store_delay_ms: u64,
     /// Devices written by the PUT load.
     #[arg(long, default_value_t = 96)]
     pub devices: usize,
@@ -396,9 +401,15 @@ pub async fn run(o: Opts) -> Result<()> {
                 .flat_map(|flag| [flag.to_string(), n.to_string()])
                 .collect(),
         };
-        let cluster =
-            tether::Cluster::start_with(&o.tether_bin, o.nodes.max(1), "bench", &sizing, &o.pg_set)
-                .await?;
+        let cluster = tether::Cluster::start_with(
+            &o.tether_bin,
+            o.nodes.max(1),
+            "bench",
+            &sizing,
+            &o.pg_set,
+            Duration::from_millis(o.store_delay_ms),
+        )
+        .await?;
         let nodes = cluster.nodes();
         let mfg_key = nodes[0].mfg_key.clone();
         let urls: Vec<&str> = nodes.iter().map(|n| n.url()).collect();

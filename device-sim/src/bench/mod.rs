@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod ceiling;
 pub mod cluster;
 pub mod cold;
+pub mod delay;
 pub mod idle;
 pub mod peers;
 pub mod plot;

@@ -217,6 +217,8 @@ pub struct Cluster {
     nodes: Vec<Option<TetherNode>>,
     // Dropped last: the nodes stop before their store and files go.
     _shared: TempDir,
+    /// The delaying proxy in front of the store, if any.
+    _delay: Option<super::delay::DelayProxy>,
     pg: tether_node::store::pg_server::PgServer,
 }
 
@@ -224,17 +226,20 @@ impl Cluster {
     /// Starts PostgreSQL and `n` nodes `<prefix>-<i>`, each joining the first, and waits
     /// until every node sees all of them.
     pub async fn start(bin: &Path, n: usize, prefix: &str) -> Result<Self> {
-        Self::start_with(bin, n, prefix, &[], &[]).await
+        Self::start_with(bin, n, prefix, &[], &[], Duration::ZERO).await
     }
 
     /// [`Self::start`], every node started with `node_args` too, PostgreSQL with
-    /// `pg_settings` (`-c name=value`).
+    /// `pg_settings` (`-c name=value`), and the nodes' store connections through a proxy
+    /// that holds every chunk `store_delay` each way when it is not zero (a store that far
+    /// away).
     pub async fn start_with(
         bin: &Path,
         n: usize,
         prefix: &str,
         node_args: &[String],
         pg_settings: &[(String, String)],
+        store_delay: Duration,
     ) -> Result<Self> {
         let pg = tether_node::store::pg_server::PgServer::start_with(
             tether_node::store::pg_server::PgOptions {
@@ -243,7 +248,19 @@ impl Cluster {
             },
         )
         .context("starting a private PostgreSQL (apt-get install postgresql)")?;
-        let store = pg.url(prefix).context("creating the benchmark database")?;
+        let mut store = pg.url(prefix).context("creating the benchmark database")?;
+        let delay = if store_delay.is_zero() {
+            None
+        } else {
+            let pg_addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port()));
+            let proxy = super::delay::start(pg_addr, store_delay).await?;
+            store = store.replacen(
+                &format!(":{}/", pg.port()),
+                &format!(":{}/", proxy.addr.port()),
+                1,
+            );
+            Some(proxy)
+        };
         let shared = TempDir::new()?;
         let key = shared.path().join("k1.key");
         generate_key(bin, &key).await?;
@@ -268,6 +285,7 @@ impl Cluster {
             node_args: node_args.to_vec(),
             nodes: (0..n).map(|_| None).collect(),
             _shared: shared,
+            _delay: delay,
             pg,
         };
         for i in 0..n {
