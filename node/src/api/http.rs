@@ -140,6 +140,13 @@ impl AppState {
         endpoint: Endpoint,
         charge: bool,
     ) -> Result<Principal> {
+        let secure = is_secure(&self.config, req);
+        // A span of its own only where it is seen (an exported trace, logs at debug), as
+        // for the other spans inside a request (`telemetry::inner_span`); else the
+        // request's span holds whatever authentication logs.
+        if !crate::telemetry::seen(&tracing::Span::current()) {
+            return self.auth.authenticate(req, endpoint, secure, charge).await;
+        }
         let span = tracing::info_span!(
             "auth",
             principal = tracing::field::Empty,
@@ -147,7 +154,7 @@ impl AppState {
         );
         let r = self
             .auth
-            .authenticate(req, endpoint, is_secure(&self.config, req), charge)
+            .authenticate(req, endpoint, secure, charge)
             .instrument(span.clone())
             .await;
         match &r {
