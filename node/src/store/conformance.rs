@@ -1525,33 +1525,24 @@ mod postgres {
             .expect("commit counter present")
     }
 
-    /// Commits of three sets queued behind a busy writer go to PostgreSQL in ONE
-    /// transaction; the one whose lease moved is refused and writes nothing, the two others
-    /// commit (with their op ids and changes).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_batch_refuses_its_fenced_set_and_commits_the_others() {
-        let server = PgServer::start().expect("own server");
-        let url = server.url("batch_fence").expect("db");
-        let (store, metrics) = batching_store(&url, 64).await;
+    /// The batching writer held on its first batch (a commit of set D0, waiting for D0's
+    /// lease row, which a second session has locked): commits made meanwhile queue, and
+    /// [`HeldWriter::in_one_batch`] lets them go as the writer's next batch.
+    struct HeldWriter {
+        holder: tokio_postgres::Client,
+        first: tokio::task::JoinHandle<Result<(), StoreError>>,
+        /// A third session, for the test's own queries.
+        probe: tokio_postgres::Client,
+    }
+
+    async fn hold_writer(store: &Arc<dyn Store>, url: &str) -> HeldWriter {
         let blocker = set("D0");
         let eb = store
             .acquire_lease(&blocker, "n1")
             .await
             .expect("lease")
             .epoch;
-        let fenced_set = set("A1");
-        let stale = store
-            .acquire_lease(&fenced_set, "n1")
-            .await
-            .expect("lease")
-            .epoch;
-        store.acquire_lease(&fenced_set, "n2").await.expect("moved");
-        let (b, c) = (set("B1"), set("C1"));
-        let eb1 = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
-        let ec1 = store.acquire_lease(&c, "n1").await.expect("lease").epoch;
-
-        // The writer's first batch (D0 alone) waits on D0's lease row; the rest queue.
-        let holder = session(&url).await;
+        let holder = session(url).await;
         holder
             .batch_execute("BEGIN; SELECT 1 FROM tether_leases WHERE set_key = 'D0' FOR UPDATE")
             .await
@@ -1564,22 +1555,67 @@ mod postgres {
                     .await
             }
         });
-        let probe = session(&url).await;
+        let probe = session(url).await;
         until_waiting(&probe, "the lease row of D0").await;
+        HeldWriter {
+            holder,
+            first,
+            probe,
+        }
+    }
+
+    impl HeldWriter {
+        /// Runs `queued` — commits, every one of them in the queue once it is first
+        /// polled — and releases the writer, whose next batch they make. Their answers,
+        /// and the probe session.
+        async fn in_one_batch<T>(
+            self,
+            queued: impl std::future::Future<Output = T>,
+        ) -> (T, tokio_postgres::Client) {
+            let HeldWriter {
+                holder,
+                first,
+                probe,
+            } = self;
+            let release = async {
+                // `queued` was polled first (join! polls in order).
+                tokio::task::yield_now().await;
+                holder.batch_execute("COMMIT").await.expect("release D0");
+            };
+            let (answers, ()) = futures::join!(queued, release);
+            first.await.expect("task").expect("D0 commits");
+            (answers, probe)
+        }
+    }
+
+    /// Commits of three sets queued behind a busy writer go to PostgreSQL in ONE
+    /// transaction; the one whose lease moved is refused and writes nothing, the two others
+    /// commit (with their op ids and changes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_batch_refuses_its_fenced_set_and_commits_the_others() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("batch_fence").expect("db");
+        let (store, metrics) = batching_store(&url, 64).await;
+        let fenced_set = set("A1");
+        let stale = store
+            .acquire_lease(&fenced_set, "n1")
+            .await
+            .expect("lease")
+            .epoch;
+        store.acquire_lease(&fenced_set, "n2").await.expect("moved");
+        let (b, c) = (set("B1"), set("C1"));
+        let eb1 = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
+        let ec1 = store.acquire_lease(&c, "n1").await.expect("lease").epoch;
+
+        let held = hold_writer(&store, &url).await;
         let before = transactions(&metrics);
-        let queued = futures::future::join3(
-            store.commit(&fenced_set, stale, logged("device.A1", 1, Some("op-a"), 1)),
-            store.commit(&b, eb1, logged("device.B1", 1, Some("op-b"), 1)),
-            store.commit(&c, ec1, logged("device.C1", 1, Some("op-c"), 1)),
-        );
-        let release = async {
-            // Every commit of `queued` is in the queue once it is first polled (join3
-            // polls all three before this runs).
-            tokio::task::yield_now().await;
-            holder.batch_execute("COMMIT").await.expect("release D0");
-        };
-        let ((a, b_res, c_res), ()) = futures::join!(queued, release);
-        first.await.expect("task").expect("D0 commits");
+        let ((a, b_res, c_res), _) = held
+            .in_one_batch(futures::future::join3(
+                store.commit(&fenced_set, stale, logged("device.A1", 1, Some("op-a"), 1)),
+                store.commit(&b, eb1, logged("device.B1", 1, Some("op-b"), 1)),
+                store.commit(&c, ec1, logged("device.C1", 1, Some("op-c"), 1)),
+            ))
+            .await;
         assert!(matches!(a, Err(StoreError::Fenced { .. })), "{a:?}");
         b_res.expect("B1 commits beside a fenced set");
         c_res.expect("C1 commits beside a fenced set");
@@ -1590,8 +1626,14 @@ mod postgres {
             "A1, B1 and C1 shared a batch"
         );
         assert!(store.load_set(&fenced_set).await.expect("load").is_empty());
-        for (s, id) in [(&b, "device.B1"), (&c, "device.C1")] {
-            assert_eq!(store.load_set(s).await.expect("load").len(), 1);
+        b1_and_c1_committed(&store, &b, &c).await;
+    }
+
+    /// Sets B1 and C1 each hold device.B1's and device.C1's first version with its change,
+    /// and B1's op id `op-b` is remembered: a retry is answered from it.
+    async fn b1_and_c1_committed(store: &Arc<dyn Store>, b: &SetKey, c: &SetKey) {
+        for (s, id) in [(b, "device.B1"), (c, "device.C1")] {
+            assert_eq!(store.load_set(s).await.expect("load").len(), 1, "{id}");
             let page = store
                 .history(&BucketId::parse(id).expect("id"), 0, 10)
                 .await
@@ -1599,11 +1641,10 @@ mod postgres {
                 .expect("bucket exists");
             assert_eq!(page.changes.len(), 1, "{id}'s change committed with it");
         }
-        // B1's op id was remembered in the batch: a retry is answered from it.
-        let e = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
+        let e = store.acquire_lease(b, "n1").await.expect("lease").epoch;
         assert!(matches!(
             store
-                .commit(&b, e, logged("device.B1", 2, Some("op-b"), 2))
+                .commit(b, e, logged("device.B1", 2, Some("op-b"), 2))
                 .await,
             Err(StoreError::OpsKnown(_))
         ));
@@ -1618,12 +1659,6 @@ mod postgres {
         let server = PgServer::start().expect("own server");
         let url = server.url("batch_refused").expect("db");
         let (store, metrics) = batching_store(&url, 64).await;
-        let blocker = set("D0");
-        let eb = store
-            .acquire_lease(&blocker, "n1")
-            .await
-            .expect("lease")
-            .epoch;
         let (bad, b, c) = (set("X1"), set("B1"), set("C1"));
         let ex = store.acquire_lease(&bad, "n1").await.expect("lease").epoch;
         let eb1 = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
@@ -1631,34 +1666,15 @@ mod postgres {
         let mut refused = logged("device.X1", 1, Some("op-x"), 1);
         refused.buckets[0].value = bucket("device.X1", 1, json!({ "v": "nul \u{0} inside" })).value;
 
-        // The writer's first batch (D0 alone) waits on D0's lease row; the rest queue.
-        let holder = session(&url).await;
-        holder
-            .batch_execute("BEGIN; SELECT 1 FROM tether_leases WHERE set_key = 'D0' FOR UPDATE")
-            .await
-            .expect("hold D0");
-        let first = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .commit(&blocker, eb, logged("device.D0", 1, None, 1))
-                    .await
-            }
-        });
-        let probe = session(&url).await;
-        until_waiting(&probe, "the lease row of D0").await;
+        let held = hold_writer(&store, &url).await;
         let before = transactions(&metrics);
-        let queued = futures::future::join3(
-            store.commit(&b, eb1, logged("device.B1", 1, Some("op-b"), 1)),
-            store.commit(&bad, ex, refused),
-            store.commit(&c, ec1, logged("device.C1", 1, Some("op-c"), 1)),
-        );
-        let release = async {
-            tokio::task::yield_now().await;
-            holder.batch_execute("COMMIT").await.expect("release D0");
-        };
-        let ((b_res, x, c_res), ()) = futures::join!(queued, release);
-        first.await.expect("task").expect("D0 commits");
+        let ((b_res, x, c_res), probe) = held
+            .in_one_batch(futures::future::join3(
+                store.commit(&b, eb1, logged("device.B1", 1, Some("op-b"), 1)),
+                store.commit(&bad, ex, refused),
+                store.commit(&c, ec1, logged("device.C1", 1, Some("op-c"), 1)),
+            ))
+            .await;
         assert_eq!(
             transactions(&metrics) - before,
             1.0,
@@ -1668,22 +1684,7 @@ mod postgres {
         b_res.expect("B1 commits beside a refused commit");
         c_res.expect("C1 commits beside a refused commit");
         assert!(store.load_set(&bad).await.expect("load").is_empty());
-        for (s, id) in [(&b, "device.B1"), (&c, "device.C1")] {
-            assert_eq!(store.load_set(s).await.expect("load").len(), 1, "{id}");
-            let page = store
-                .history(&BucketId::parse(id).expect("id"), 0, 10)
-                .await
-                .expect("history")
-                .expect("bucket exists");
-            assert_eq!(page.changes.len(), 1, "{id}'s change committed with it");
-        }
-        let e = store.acquire_lease(&b, "n1").await.expect("lease").epoch;
-        assert!(matches!(
-            store
-                .commit(&b, e, logged("device.B1", 2, Some("op-b"), 2))
-                .await,
-            Err(StoreError::OpsKnown(_))
-        ));
+        b1_and_c1_committed(&store, &b, &c).await;
         // Later commits, through whatever pooled connections the writer takes, are
         // committed on their own: another session sees each at once.
         for v in 2..6 {
