@@ -8,8 +8,10 @@
 //! 2. decide per commit: a set whose epoch moved is fenced, a commit naming a known op id
 //!    is answered with the remembered records — both write nothing, the others go on;
 //! 3. one round trip (pipelined): multi-row statements for the accepted commits' op ids,
-//!    buckets, changes and trims, and `COMMIT`. If a statement fails, PostgreSQL skips the
-//!    rest and ends the transaction at that `COMMIT` with a rollback: nothing committed.
+//!    buckets, changes and trims, and `COMMIT`. If PostgreSQL refuses a statement, the
+//!    transaction is aborted and that `COMMIT` rolls it back: nothing committed. A write
+//!    that failed without PostgreSQL's answer (the connection lost) leaves the batch's fate
+//!    unknown: the `COMMIT` behind it may have run.
 //!
 //! Two round trips per batch, whatever its size (a remote PostgreSQL's latency counts
 //! twice, not four times). The transaction is opened by a `BEGIN` sent ahead of its first
@@ -431,22 +433,30 @@ async fn try_batch(
         run_trim_ops,
         txn.batch_execute("COMMIT")
     );
-    let wrote = (|| {
-        inserted?;
-        buckets?;
-        changed?;
-        trimmed_changes?;
-        trimmed_ops?;
-        Ok::<_, tokio_postgres::Error>(())
-    })();
+    let writes = [inserted, buckets, changed, trimmed_changes, trimmed_ops];
     // COMMIT answered: the transaction ended, committed or rolled back, and the connection
     // may serve again.
     conn.idle = committed.is_ok();
-    if wrote.is_err() {
-        // A write failed (an op id written since the check among them), so PostgreSQL
-        // skipped the rest and rolled back at COMMIT: nothing was committed. Go one by
-        // one (each commit checks its own op ids again).
-        return Err(Fallback::Each(verdicts));
+    if writes.iter().any(Result::is_err) {
+        if writes
+            .iter()
+            .any(|w| w.as_ref().is_err_and(|e| e.as_db_error().is_some()))
+        {
+            // PostgreSQL refused a write (an op id written since the check among them),
+            // which aborted the transaction: the COMMIT behind it rolled back, nothing was
+            // committed. Go one by one (each commit checks its own op ids again).
+            return Err(Fallback::Each(verdicts));
+        }
+        // A write failed without PostgreSQL's answer (the connection failed, or it was
+        // never sent), so the COMMIT behind it may have committed the batch, or part of it.
+        return Err(Fallback::All(StoreError::FateUnknown(format!(
+            "batch of {} commits: a write failed with COMMIT sent: {}",
+            batch.len(),
+            writes
+                .iter()
+                .find_map(|w| w.as_ref().err())
+                .map_or_else(String::new, ToString::to_string)
+        ))));
     }
     // Answers only once COMMIT returned: an error here leaves the fate unknown, so every
     // accepted commit fails as a lone commit would (nothing acknowledged).
