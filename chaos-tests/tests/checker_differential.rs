@@ -654,16 +654,44 @@ proptest! {
 
     #[test]
     fn mutated_histories_get_the_same_verdict_from_both_checks(seed in any::<u64>()) {
-        let mut g = generate(seed);
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
-        let what = mutate(&mut g, &mut rng);
-        let v = check(&entries(&g), &CheckOptions::default());
-        let lin = linearizable(&g);
-        prop_assert_eq!(v.passed, lin, "{} — checker {} but brute force {}:\n{}",
-            what,
-            if v.passed { "passed" } else { "failed" },
-            if lin { "linearizable" } else { "not linearizable" },
-            describe(&g, &v));
+        let (passed, lin, text) = mutated_verdicts(seed);
+        prop_assert_eq!(passed, lin, "{}", text);
+    }
+}
+
+/// The checker's and the brute force's verdicts on the history of `seed`, mutated once,
+/// and what to print when they differ.
+fn mutated_verdicts(seed: u64) -> (bool, bool, String) {
+    let mut g = generate(seed);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let what = mutate(&mut g, &mut rng);
+    let v = check(&entries(&g), &CheckOptions::default());
+    let lin = linearizable(&g);
+    let text = format!(
+        "{} — checker {} but brute force {}:\n{}",
+        what,
+        if v.passed { "passed" } else { "failed" },
+        if lin {
+            "linearizable"
+        } else {
+            "not linearizable"
+        },
+        describe(&g, &v)
+    );
+    (v.passed, lin, text)
+}
+
+/// Seeds on which the proptest above once found the checks disagreeing.
+/// 3005650989671034581: three writes of unknown fate made v2, v3 and v4 of one bucket;
+/// the checker gave v2..v3 a write that only v4 could have come from, then found v4
+/// underivable (the stretches are now searched again together when one fails).
+const PAST_DISAGREEMENTS: &[u64] = &[3_005_650_989_671_034_581];
+
+#[test]
+fn past_disagreements_stay_agreements() {
+    for &seed in PAST_DISAGREEMENTS {
+        let (passed, lin, text) = mutated_verdicts(seed);
+        assert_eq!(passed, lin, "seed {seed}: {text}");
     }
 }
 

@@ -487,54 +487,113 @@ enum Slot {
     Free { bound: u64 },
 }
 
+/// A stretch of a bucket's chain: from a state shown with its fields to the next one.
+struct Stretch<'s> {
+    /// The version, fields and timestamp of the state it starts from.
+    start: (u64, &'s Fields, u64),
+    /// The versions after it, up to and including the target's.
+    slots: Vec<Slot>,
+    target: &'s Fields,
+    target_ts: u64,
+    /// The writes of unknown fate its free slots took, in slot order, once derived.
+    chosen: Vec<usize>,
+}
+
+impl Stretch<'_> {
+    fn free_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Free { .. }))
+            .count()
+    }
+}
+
+/// A depth-first search for the writes of unknown fate that fill the free slots of
+/// consecutive stretches (each write used once), every stretch ending on its target.
 struct PathSearch<'s, 'a> {
     writes: &'s [Write<'a>],
     used: &'s [bool],
-    candidates: Vec<usize>,
+    candidates: &'s [usize],
     slots: Vec<Slot>,
+    /// Per slot: the target state the slot must make, when it ends a stretch.
+    ends: Vec<Option<(&'s Fields, u64)>>,
     start_version: u64,
-    target: &'s Fields,
-    target_ts: u64,
     budget: usize,
     chosen: Vec<usize>,
 }
 
-impl PathSearch<'_, '_> {
+impl<'s, 'a> PathSearch<'s, 'a> {
+    /// A search over `stretches`, consecutive (each starts where the one before ends).
+    fn new(
+        writes: &'s [Write<'a>],
+        used: &'s [bool],
+        candidates: &'s [usize],
+        stretches: &[&Stretch<'s>],
+    ) -> Self {
+        let mut slots = Vec::new();
+        let mut ends = Vec::new();
+        for s in stretches {
+            for (k, slot) in s.slots.iter().enumerate() {
+                slots.push(*slot);
+                ends.push((k + 1 == s.slots.len()).then_some((s.target, s.target_ts)));
+            }
+        }
+        PathSearch {
+            writes,
+            used,
+            candidates,
+            slots,
+            ends,
+            start_version: stretches.first().map_or(0, |s| s.start.0),
+            budget: SEARCH_BUDGET,
+            chosen: Vec::new(),
+        }
+    }
+
     /// True when the slots from `i` on turn `fields` (version `start_version + i`,
-    /// timestamp `ts`) into the target.
+    /// timestamp `ts`) into each stretch's target in turn.
     fn go(&mut self, i: usize, fields: &Fields, ts: u64) -> bool {
         if self.budget == 0 {
             return false;
         }
         self.budget -= 1;
         let Some(slot) = self.slots.get(i).copied() else {
-            return fields == self.target;
+            return true;
         };
         let v = self.start_version + i as u64 + 1;
-        let last = i + 1 == self.slots.len();
+        let end = self.ends[i];
+        let reaches = |next: &Fields| end.is_none_or(|(target, _)| next == target);
         match slot {
             Slot::Fixed(wi, ack_ts) => {
                 let w = &self.writes[wi];
                 match apply(fields, v, ts, ack_ts.max(ts), w, false) {
-                    Some(next) => self.go(i + 1, &next, ack_ts.max(ts)),
-                    None => false,
+                    // The next stretch starts from its state as shown.
+                    Some(next) if reaches(&next) => {
+                        self.go(i + 1, &next, end.map_or(ack_ts.max(ts), |e| e.1))
+                    }
+                    _ => false,
                 }
             }
             Slot::Free { bound } => {
-                let new_ts = if last { self.target_ts } else { ts };
+                let new_ts = end.map_or(ts, |e| e.1);
                 for k in 0..self.candidates.len() {
                     let wi = self.candidates[k];
                     let w = &self.writes[wi];
                     if self.used[wi] || self.chosen.contains(&wi) || w.invoke > bound {
                         continue;
                     }
-                    // The write that made the target wrote values the target shows.
-                    if last && w.fields.iter().any(|(k, x)| self.target.get(k) != Some(x)) {
-                        continue;
+                    // The write that made a target wrote values the target shows.
+                    if let Some((target, _)) = end {
+                        if w.fields.iter().any(|(k, x)| target.get(k) != Some(x)) {
+                            continue;
+                        }
                     }
                     let Some(next) = apply(fields, v, ts, new_ts, w, w.occ) else {
                         continue;
                     };
+                    if !reaches(&next) {
+                        continue;
+                    }
                     self.chosen.push(wi);
                     if self.go(i + 1, &next, new_ts) {
                         return true;
@@ -579,11 +638,16 @@ fn derivation<'a>(
             .collect();
         // The last state shown with its fields: (version, fields, timestamp, op).
         let mut prev: Option<(u64, &Fields, u64, u64)> = None;
+        // The stretches derived since the chain last broke, with the writes they took:
+        // when a stretch cannot be derived with the writes left, they are searched again
+        // together with it (the writes an earlier stretch took may be the ones it needs).
+        let mut derived: Vec<Stretch<'_>> = Vec::new();
         let mut last_ts: Option<(u64, u64, u64)> = None; // (version, ts, op)
         for &v in &versions {
             if forked.contains(&(b, v)) {
                 prev = None;
                 last_ts = None;
+                derived.clear();
                 continue;
             }
             let shown: &[usize] = seen.get(&v).map_or(&[], Vec::as_slice);
@@ -617,6 +681,7 @@ fn derivation<'a>(
             };
             if is_garbage {
                 prev = None; // counted already; not a base to derive from
+                derived.clear();
                 continue;
             }
             if let Some((pv, pfields, pts, pop)) = prev.filter(|p| ts >= p.2) {
@@ -647,25 +712,37 @@ fn derivation<'a>(
                         Slot::Free { .. } => None,
                     })
                     .collect();
-                let mut search = PathSearch {
-                    writes,
-                    used: &used,
-                    candidates: candidates.clone(),
+                let mut stretch = Stretch {
+                    start: (pv, pfields, pts),
                     slots,
-                    start_version: pv,
                     target: fields,
                     target_ts: ts,
-                    budget: SEARCH_BUDGET,
                     chosen: Vec::new(),
                 };
+                let mut search = PathSearch::new(writes, &used, &candidates, &[&stretch]);
                 let found = search.go(0, pfields, pts);
                 let gave_up = search.budget == 0;
                 let chosen = std::mem::take(&mut search.chosen);
-                if found {
-                    for wi in chosen {
+                let chosen = if found {
+                    for &wi in &chosen {
                         used[wi] = true;
                     }
-                } else if !gave_up && !fixed.iter().any(|wi| lost.contains(wi)) {
+                    Some(chosen)
+                } else if gave_up {
+                    None
+                } else {
+                    rederive(writes, &mut used, &candidates, &mut derived, &stretch)
+                };
+                let derivable = chosen.is_some();
+                match chosen {
+                    Some(chosen) => {
+                        stretch.chosen = chosen;
+                        derived.push(stretch);
+                    }
+                    // The chain starts again from this state.
+                    None => derived.clear(),
+                }
+                if !derivable && !gave_up && !fixed.iter().any(|wi| lost.contains(wi)) {
                     let mut ops = vec![pop];
                     ops.extend(fixed.iter().flat_map(|&wi| writes[wi].ops.iter().copied()));
                     ops.extend(shown.iter().map(|&i| obs[i].op));
@@ -698,9 +775,53 @@ fn derivation<'a>(
                     );
                 }
             }
+            if prev.is_some_and(|p| ts < p.2) {
+                derived.clear();
+            }
             prev = Some((v, fields, ts, some_op));
         }
     }
+}
+
+/// Searches `stretch` again together with the stretches `derived` before it, the writes
+/// they took given back: from the last of them back to the first, the first group that
+/// derives wins, and its writes are taken instead (in `used` and in each earlier
+/// stretch). The writes `stretch` takes, if one does.
+fn rederive<'s>(
+    writes: &[Write<'_>],
+    used: &mut [bool],
+    candidates: &[usize],
+    derived: &mut [Stretch<'s>],
+    stretch: &Stretch<'s>,
+) -> Option<Vec<usize>> {
+    for from in (0..derived.len()).rev() {
+        let mut freed = used.to_vec();
+        for s in &derived[from..] {
+            for &wi in &s.chosen {
+                freed[wi] = false;
+            }
+        }
+        let group: Vec<&Stretch<'s>> = derived[from..]
+            .iter()
+            .chain(std::iter::once(stretch))
+            .collect();
+        let mut search = PathSearch::new(writes, &freed, candidates, &group);
+        let (_, start_fields, start_ts) = derived[from].start;
+        if !search.go(0, start_fields, start_ts) {
+            continue;
+        }
+        let mut chosen = std::mem::take(&mut search.chosen).into_iter();
+        for &wi in chosen.as_slice() {
+            freed[wi] = true;
+        }
+        used.copy_from_slice(&freed);
+        for s in &mut derived[from..] {
+            let n = s.free_slots();
+            s.chosen = chosen.by_ref().take(n).collect();
+        }
+        return Some(chosen.collect());
+    }
+    None
 }
 
 /// Acknowledged writes whose values are missing from a later state or the final reads.
