@@ -478,6 +478,10 @@ fn occ(writes: &[Write<'_>], f: &mut Findings) {
 /// on it (it then restarts at the next shown state; nothing is counted).
 const SEARCH_BUDGET: usize = 20_000;
 
+/// How many search steps the searches of a stretch again with the ones before it may take
+/// together (they stop there; the stretch is then counted as not derived).
+const REDERIVE_BUDGET: usize = 4 * SEARCH_BUDGET;
+
 /// One version on the path between two states shown with their fields.
 #[derive(Debug, Clone, Copy)]
 enum Slot {
@@ -786,7 +790,8 @@ fn derivation<'a>(
 /// Searches `stretch` again together with the stretches `derived` before it, the writes
 /// they took given back: from the last of them back to the first, the first group that
 /// derives wins, and its writes are taken instead (in `used` and in each earlier
-/// stretch). The writes `stretch` takes, if one does.
+/// stretch). The writes `stretch` takes, if one does. All the searches together take at
+/// most [`REDERIVE_BUDGET`] steps.
 fn rederive<'s>(
     writes: &[Write<'_>],
     used: &mut [bool],
@@ -794,7 +799,11 @@ fn rederive<'s>(
     derived: &mut [Stretch<'s>],
     stretch: &Stretch<'s>,
 ) -> Option<Vec<usize>> {
+    let mut budget = REDERIVE_BUDGET;
     for from in (0..derived.len()).rev() {
+        if budget == 0 {
+            break;
+        }
         let mut freed = used.to_vec();
         for s in &derived[from..] {
             for &wi in &s.chosen {
@@ -806,8 +815,12 @@ fn rederive<'s>(
             .chain(std::iter::once(stretch))
             .collect();
         let mut search = PathSearch::new(writes, &freed, candidates, &group);
+        let given = search.budget.min(budget);
+        search.budget = given;
         let (_, start_fields, start_ts) = derived[from].start;
-        if !search.go(0, start_fields, start_ts) {
+        let found = search.go(0, start_fields, start_ts);
+        budget -= given - search.budget;
+        if !found {
             continue;
         }
         let mut chosen = std::mem::take(&mut search.chosen).into_iter();
