@@ -14,7 +14,7 @@
 //! remembers (in memory, or found by the store's conditional commit) is answered from that
 //! record and changes nothing (DESIGN.md §7 invariant 7).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -43,7 +43,9 @@ pub struct WriteResult {
     /// The bucket as this write left it (for a refused write, the stored copy it was
     /// refused against). Later writes in the same batch do not show here. For a replay:
     /// an applied write's original timestamp and version; a merged or refused one's
-    /// bucket as it is now (API.md "Idempotent writes").
+    /// bucket as it is now (API.md "Idempotent writes"). An applied write's answer
+    /// carries no value ([`answered`]): API.md answers it with id, timestamp and version,
+    /// and the writer has the fields it sent.
     pub bucket: Bucket,
     /// Answered from the memory of an earlier attempt with the same op id.
     pub replayed: bool,
@@ -520,10 +522,32 @@ impl std::fmt::Debug for BucketSetActor {
 /// session's echo must not hide another session's change in the same batch).
 type Changes = BTreeMap<BucketId, Vec<Option<String>>>;
 
+/// The buckets a batch changes, as it changes them. A hash map, not a `BTreeMap`: a
+/// batch changes a bucket or two, and a B-tree's first node for buckets is ≈ 1.2 KB, past
+/// glibc's per-thread cache (1,032 bytes), so every batch paid the allocator's slow path
+/// for it; a hash table for up to seven buckets stays under it.
+type Working = HashMap<BucketId, Bucket>;
+
 fn op_id_reused(op_id: &str) -> NodeError {
     NodeError::OpIdReused(format!(
         "op_id {op_id:?} was already used for another write; use a fresh op_id for every distinct write"
     ))
+}
+
+/// What a write's answer carries of `bucket`: all of it for a merged or refused write
+/// (the client catches up from it), an applied one's id, timestamp and version only — not
+/// a copy of the value per write for an answer that never shows it (nor its bytes through
+/// a forward).
+fn answered(bucket: &Bucket, outcome: UpdateOutcome) -> Bucket {
+    match outcome {
+        UpdateOutcome::Applied => Bucket {
+            id: bucket.id.clone(),
+            value: Fields::new(),
+            timestamp: bucket.timestamp,
+            version: bucket.version,
+        },
+        UpdateOutcome::Merged | UpdateOutcome::Refused => bucket.clone(),
+    }
 }
 
 /// The answer to a write the set remembers: an applied write's original timestamp and
@@ -531,10 +555,9 @@ fn op_id_reused(op_id: &str) -> NodeError {
 fn replay(rec: &OpRecord, now: &Bucket) -> WriteResult {
     let bucket = match rec.outcome {
         UpdateOutcome::Applied => Bucket {
-            id: now.id.clone(),
-            value: now.value.clone(),
             timestamp: rec.timestamp,
             version: rec.version,
+            ..answered(now, UpdateOutcome::Applied)
         },
         UpdateOutcome::Merged | UpdateOutcome::Refused => now.clone(),
     };
@@ -727,7 +750,7 @@ impl BucketSetActor {
         }
         // The buckets this batch changes, as it changes them (the rest are read from
         // `committed`, which stays as the store has it until the commit is durable).
-        let mut working: BTreeMap<BucketId, Bucket> = BTreeMap::new();
+        let mut working = Working::new();
         let mut changed = Changes::new();
         let mut commit = Commit::default();
         // Op ids of this batch: the job that carries each first, who sent it and its digest.
@@ -864,7 +887,7 @@ impl BucketSetActor {
             &String,
             &Option<String>,
         ),
-        working: &mut BTreeMap<BucketId, Bucket>,
+        working: &mut Working,
         changed: &mut Changes,
         commit: &mut Commit,
         batch_ops: &mut BTreeMap<String, (usize, String, String)>,
@@ -922,7 +945,7 @@ impl BucketSetActor {
                 changed.entry(id.clone()).or_default().push(session.clone());
                 let result = WriteResult {
                     outcome: api,
-                    bucket: new.clone(),
+                    bucket: answered(&new, api),
                     replayed: false,
                     delivery: None,
                 };
@@ -988,7 +1011,7 @@ impl BucketSetActor {
     fn finish_commit(
         &mut self,
         res: std::result::Result<(), StoreError>,
-        working: BTreeMap<BucketId, Bucket>,
+        working: Working,
         changed: Changes,
         commit: Commit,
         results: Vec<(Job, Answer)>,
