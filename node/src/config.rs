@@ -398,6 +398,12 @@ pub struct ServeArgs {
     /// node whose seeds resolve only to itself (the first pod of a new cluster).
     #[arg(long, env = "TETHER_JOIN")]
     pub join: Option<String>,
+    /// Threads of the cluster's own runtime (gossip, and the forward's gRPC client and
+    /// server) [default: 0 on up to 2 CPUs, else 2]. 0 runs them on the node's main
+    /// thread, beside the store's client: on a small machine, fewer threads taking turns
+    /// on its CPUs (BENCHMARKS.md "Cluster data path").
+    #[arg(long, env = "TETHER_CLUSTER_THREADS")]
+    pub cluster_threads: Option<usize>,
     /// Failure detection: how often this node probes one peer, in ms [default: 500].
     /// Shorter finds a killed peer's refusal sooner; costs a small frame per period.
     #[arg(long, help_heading = "Failure detection")]
@@ -643,6 +649,7 @@ pub struct FileConfig {
     grpc_listen: Option<SocketAddr>,
     grpc_advertise: Option<String>,
     join: Option<String>,
+    cluster_threads: Option<usize>,
     failure_probe_ms: Option<u64>,
     failure_probe_rtt_ms: Option<u64>,
     failure_suspect_ms: Option<u64>,
@@ -839,6 +846,9 @@ pub struct ClusterConfig {
     pub tls: Option<ClusterTlsFiles>,
     /// Failure-detection timing (`--failure-*`).
     pub failure: tether_cluster::MembershipConfig,
+    /// Threads of the cluster's own runtime; 0: the node's main thread
+    /// (`--cluster-threads`).
+    pub threads: usize,
 }
 
 /// What `--grpc-advertise` names.
@@ -984,6 +994,7 @@ impl ClusterConfig {
             secret,
             tls: None,
             failure: tether_cluster::MembershipConfig::lan(),
+            threads: 2,
         }))
     }
 }
@@ -1033,6 +1044,10 @@ impl Config {
             secret_files,
         )?;
         if let Some(c) = cluster.as_mut() {
+            c.threads = args
+                .cluster_threads
+                .or(file.cluster_threads)
+                .unwrap_or(if cpus <= 2 { 0 } else { 2 });
             let ms = std::time::Duration::from_millis;
             let f = &mut c.failure;
             if let Some(v) = args.failure_probe_ms.or(file.failure_probe_ms) {
@@ -1909,6 +1924,36 @@ mod tests {
         );
         let err = Config::load(args(Some(200), Some(200))).expect_err("rtt not below period");
         assert!(err.to_string().contains("--failure-probe-rtt-ms"), "{err}");
+    }
+
+    /// The cluster's runtime: threads from the flag over the file, else none (the main
+    /// thread) on up to 2 CPUs and 2 above.
+    #[test]
+    fn cluster_threads_come_from_flag_file_or_the_cpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
+        let toml = dir.path().join("t.toml");
+        std::fs::write(&toml, "cluster_threads = 3\n").expect("write");
+        let args = |file: bool, threads: Option<usize>| ServeArgs {
+            config: file.then(|| toml.clone()),
+            store: Some("postgres://t@127.0.0.1:1/t".into()),
+            grpc_listen: Some("127.0.0.1:7000".parse().expect("addr")),
+            cluster_secret_files: vec![secret.clone()],
+            cluster_threads: threads,
+            ..Default::default()
+        };
+        let threads = |file, flag| {
+            Config::load(args(file, flag))
+                .expect("valid")
+                .cluster
+                .expect("cluster mode")
+                .threads
+        };
+        assert_eq!(threads(true, Some(0)), 0, "flag over file");
+        assert_eq!(threads(true, None), 3, "from the file");
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(threads(false, None), if cpus <= 2 { 0 } else { 2 });
     }
 
     #[test]

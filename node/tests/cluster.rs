@@ -62,6 +62,10 @@ async fn start_member(
         .arg(store)
         .arg("--grpc-listen")
         .arg(format!("127.0.0.1:{grpc}"))
+        // Both ways of running gossip and the forward side by side in one cluster: node-b
+        // on a runtime of its own, the others on their main thread.
+        .arg("--cluster-threads")
+        .arg(if id == "node-b" { "2" } else { "0" })
         .arg("--cert-reload-interval-ms")
         .arg("200")
         .env("TETHER_CLUSTER_SECRET", SECRET);

@@ -228,6 +228,8 @@ impl Cluster {
             secret: ClusterSecret::new(b"tether simulated cluster secret, 32+ bytes".to_vec())?,
             tls: None,
             failure: MembershipConfig::lan(),
+            // Unused: `start_with` runs the member on the simulator's runtime.
+            threads: 0,
         };
         let incarnation = turmoil::since_epoch().map_or(EPOCH_MS, |d| {
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

@@ -1,7 +1,8 @@
 //! Cluster mode: joins the node to its peers and keeps ownership current.
 //!
-//! [`ClusterNode::start`] runs, on a runtime of its own (so inter-node traffic never
-//! waits behind HTTP workers): the internal gRPC server (gossip + forwarding, both
+//! [`ClusterNode::start`] runs, on a runtime of its own (`--cluster-threads`; so
+//! inter-node traffic never waits behind HTTP workers) or on the node's main thread
+//! (`--cluster-threads 0`, the default on up to 2 CPUs): the internal gRPC server (gossip + forwarding, both
 //! authenticated with the cluster secret, over mTLS when certificates are configured), the SWIM membership driver (foca, via
 //! `tether_cluster::driver`), which keeps the [`RingPlacement`] current, and a watcher
 //! that hands off the sets this node no longer owns whenever the view changes.
@@ -192,30 +193,43 @@ impl ClusterNode {
         public_url: String,
         shared: Arc<Shared>,
     ) -> Result<ClusterNode> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("tether-cluster")
-            .enable_all()
-            .build()
-            .map_err(|e| NodeError::Config(format!("cluster runtime: {e}")))?;
+        // `--cluster-threads`: a runtime of its own, or (0) the runtime this is called on,
+        // the node's main thread.
+        let runtime = match config.threads {
+            0 => None,
+            n => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .thread_name("tether-cluster")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| NodeError::Config(format!("cluster runtime: {e}")))?,
+            ),
+        };
+        let handle = match &runtime {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::try_current()
+                .map_err(|e| NodeError::Config(format!("cluster on the main runtime: {e}")))?,
+        };
         let listener = std::net::TcpListener::bind(config.grpc_listen)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| {
                 NodeError::Config(format!("binding --grpc-listen {}: {e}", config.grpc_listen))
             })?;
-        shared
-            .metrics
-            .watch_runtime("cluster", runtime.handle().clone());
+        if runtime.is_some() {
+            shared.metrics.watch_runtime("cluster", handle.clone());
+        }
         // mTLS both ways when configured: peers dial with this node's certificate and the
         // internal server accepts only certificates of the cluster CA. Its files are
         // watched on this runtime.
         let tls = {
-            let _on = runtime.enter();
+            let _on = handle.enter();
             config.tls.as_ref().map(ClusterTls::start).transpose()?
         };
         let connector = tls.clone().map(TlsConnector::connector);
+        // Registered with the runtime that serves it, so its readiness wakes no other.
         let listener = {
-            let _on = runtime.enter();
+            let _on = handle.enter();
             tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| NodeError::Config(format!("--grpc-listen: {e}")))?
         };
@@ -242,7 +256,7 @@ impl ClusterNode {
             })
         });
         let io = ClusterIo {
-            runtime: runtime.handle().clone(),
+            runtime: handle,
             serve,
             connector,
             seed: rand::random::<u64>(),
@@ -250,7 +264,7 @@ impl ClusterNode {
             incarnation: now_ms(),
         };
         let mut node = Self::start_with(config, advertise, node_id, public_url, shared, io)?;
-        node.runtime = Some(runtime);
+        node.runtime = runtime;
         Ok(node)
     }
 
