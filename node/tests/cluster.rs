@@ -332,6 +332,21 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
             "{}: tether_cluster_members",
             m.id
         );
+        // The runtime gossip and the forward run on (`--cluster-threads`, set above):
+        // node-b's own two threads, the others' main thread.
+        let (runtime, workers) = if m.id == "node-b" {
+            ("cluster", 2.0)
+        } else {
+            ("main", 1.0)
+        };
+        assert_eq!(
+            m.node
+                .metric(&format!("tether_runtime_workers{{runtime=\"{runtime}\"}}"))
+                .await,
+            Some(workers),
+            "{}: the runtime gossip and the forward run on",
+            m.id
+        );
     }
     let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();

@@ -216,9 +216,8 @@ impl ClusterNode {
             .map_err(|e| {
                 NodeError::Config(format!("binding --grpc-listen {}: {e}", config.grpc_listen))
             })?;
-        if runtime.is_some() {
-            shared.metrics.watch_runtime("cluster", handle.clone());
-        }
+        let watched = if runtime.is_some() { "cluster" } else { "main" };
+        shared.metrics.watch_runtime(watched, handle.clone());
         // mTLS both ways when configured: peers dial with this node's certificate and the
         // internal server accepts only certificates of the cluster CA. Its files are
         // watched on this runtime.
