@@ -373,6 +373,16 @@ fn require_haproxy() {
     );
 }
 
+/// Without the library, `LD_PRELOAD` names a missing file: the loader warns on the node's
+/// stderr and runs it on the real clock, and a clock scenario fails far from the cause.
+fn require_libfaketime() {
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "libfaketime is not installed ({LIBFAKETIME} missing): install the Debian package \
+         `libfaketime` (scripts/test installs it). The clock scenarios are never skipped."
+    );
+}
+
 fn start_postgres(options: PgOptions) -> PgServer {
     PgServer::start_with(options).unwrap_or_else(|e| {
         panic!(
@@ -473,6 +483,9 @@ impl Cluster {
     /// (waiting until it sees every node up).
     pub async fn start(opts: ClusterOptions) -> Cluster {
         require_haproxy();
+        if opts.faketime {
+            require_libfaketime();
+        }
         assert!(opts.nodes >= 1, "a cluster has at least one node");
         let tether = match opts.tether_bin.clone() {
             Some(path) => {
