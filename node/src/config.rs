@@ -929,12 +929,24 @@ fn is_local_address(ip: std::net::IpAddr) -> bool {
     std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
+/// Threads of the cluster's own runtime when neither the flag nor the file names them: none
+/// on up to 2 CPUs (gossip, the internal port and the forward run on the node's main thread;
+/// BENCHMARKS.md, "Gossip and the forward on the node's main thread"), else 2.
+fn default_cluster_threads(cpus: usize) -> usize {
+    if cpus <= 2 {
+        0
+    } else {
+        2
+    }
+}
+
 impl ClusterConfig {
     fn load(
         grpc_listen: Option<SocketAddr>,
         advertise: Option<String>,
         join: Option<String>,
         secret_files: Vec<PathBuf>,
+        threads: usize,
     ) -> Result<Option<Self>> {
         let Some(grpc_listen) = grpc_listen else {
             if join.is_some() || advertise.is_some() {
@@ -994,7 +1006,7 @@ impl ClusterConfig {
             secret,
             tls: None,
             failure: tether_cluster::MembershipConfig::lan(),
-            threads: 2,
+            threads,
         }))
     }
 }
@@ -1042,12 +1054,11 @@ impl Config {
             args.grpc_advertise.or(file.grpc_advertise),
             args.join.or(file.join),
             secret_files,
+            args.cluster_threads
+                .or(file.cluster_threads)
+                .unwrap_or_else(|| default_cluster_threads(cpus)),
         )?;
         if let Some(c) = cluster.as_mut() {
-            c.threads = args
-                .cluster_threads
-                .or(file.cluster_threads)
-                .unwrap_or(if cpus <= 2 { 0 } else { 2 });
             let ms = std::time::Duration::from_millis;
             let f = &mut c.failure;
             if let Some(v) = args.failure_probe_ms.or(file.failure_probe_ms) {
@@ -1953,7 +1964,13 @@ mod tests {
         assert_eq!(threads(true, Some(0)), 0, "flag over file");
         assert_eq!(threads(true, None), 3, "from the file");
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        assert_eq!(threads(false, None), if cpus <= 2 { 0 } else { 2 });
+        assert_eq!(threads(false, None), default_cluster_threads(cpus));
+        assert_eq!(
+            (default_cluster_threads(1), default_cluster_threads(2)),
+            (0, 0),
+            "none of its own on up to 2 CPUs"
+        );
+        assert_eq!(default_cluster_threads(4), 2);
     }
 
     #[test]
@@ -2093,6 +2110,7 @@ mod tests {
             None,
             None,
             vec![a.clone(), b.clone()],
+            0,
         )
         .expect("loads")
         .expect("cluster mode");
@@ -2102,6 +2120,7 @@ mod tests {
             None,
             None,
             vec![a.clone(), b, a],
+            0,
         );
         assert!(three.is_err());
     }

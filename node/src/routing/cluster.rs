@@ -2,8 +2,9 @@
 //!
 //! [`ClusterNode::start`] runs, on a runtime of its own (`--cluster-threads`; so
 //! inter-node traffic never waits behind HTTP workers) or on the node's main thread
-//! (`--cluster-threads 0`, the default on up to 2 CPUs): the internal gRPC server (gossip + forwarding, both
-//! authenticated with the cluster secret, over mTLS when certificates are configured), the SWIM membership driver (foca, via
+//! (`--cluster-threads 0`, the default on up to 2 CPUs): the internal gRPC server
+//! (gossip + forwarding, both authenticated with the cluster secret, over mTLS when
+//! certificates are configured), the SWIM membership driver (foca, via
 //! `tether_cluster::driver`), which keeps the [`RingPlacement`] current, and a watcher
 //! that hands off the sets this node no longer owns whenever the view changes.
 //! [`ClusterNode::drain`] leaves gracefully (SIGTERM).
