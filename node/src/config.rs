@@ -302,11 +302,15 @@ pub struct ServeArgs {
     /// stay, as compact waiter records, until its next write [default: 60000].
     #[arg(long, env = "TETHER_PASSIVATE_AFTER_MS")]
     pub passivate_after_ms: Option<u64>,
-    /// HTTP worker threads [default: half the CPUs, rounded up]. With the actor threads
-    /// that makes one busy thread per CPU: more only adds context switches.
+    /// HTTP worker threads [default: half the CPUs, rounded up]. With the actor threads (or
+    /// the main thread hosting the actors) that makes one busy thread per CPU: more only
+    /// adds context switches.
     #[arg(long, env = "TETHER_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
-    /// Threads hosting bucket set actors [default: half the CPUs, rounded up].
+    /// Threads hosting bucket set actors [default: 0 in a cluster with --cluster-threads 0,
+    /// else half the CPUs, rounded up]. 0 runs them on the node's main thread, beside the
+    /// store's client and the cluster's internal port: a forwarded write and its commit
+    /// then cross no thread on its owner (BENCHMARKS.md "Cluster data path").
     #[arg(long, env = "TETHER_ACTOR_THREADS")]
     pub actor_threads: Option<usize>,
     /// TLS certificate chain (PEM); with --tls-key serves HTTPS and allows non-loopback
@@ -721,7 +725,7 @@ pub struct Config {
     pub passivate_after: Duration,
     /// HTTP workers.
     pub http_workers: usize,
-    /// Actor threads.
+    /// Actor threads (0: the actors run on the node's main thread).
     pub actor_threads: usize,
     /// JSON logs.
     pub log_json: bool,
@@ -929,6 +933,21 @@ fn is_local_address(ip: std::net::IpAddr) -> bool {
     std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
+/// Threads hosting the bucket-set actors when neither the flag nor the file names them: none
+/// of their own when the cluster's internal port runs on the node's main thread
+/// (`--cluster-threads 0`, the default on up to 2 CPUs): the actors run there too, beside it
+/// and the store's client, so a forwarded write and its commit cross no thread on its owner
+/// (BENCHMARKS.md, "The set actors on the main thread": cluster −14 % CPU per PUT). Else
+/// half the CPUs, rounded up (a single node's streams were 6 % slower with its actors on
+/// the main thread).
+fn default_actor_threads(cpus: usize, cluster_on_main: bool) -> usize {
+    if cluster_on_main {
+        0
+    } else {
+        cpus.div_ceil(2)
+    }
+}
+
 /// Threads of the cluster's own runtime when neither the flag nor the file names them: none
 /// on up to 2 CPUs (gossip, the internal port and the forward run on the node's main thread;
 /// BENCHMARKS.md, "Gossip and the forward on the node's main thread"), else 2.
@@ -1058,6 +1077,7 @@ impl Config {
                 .or(file.cluster_threads)
                 .unwrap_or_else(|| default_cluster_threads(cpus)),
         )?;
+        let cluster_on_main = cluster.as_ref().is_some_and(|c| c.threads == 0);
         if let Some(c) = cluster.as_mut() {
             let ms = std::time::Duration::from_millis;
             let f = &mut c.failure;
@@ -1172,8 +1192,7 @@ impl Config {
             actor_threads: args
                 .actor_threads
                 .or(file.actor_threads)
-                .unwrap_or(cpus.div_ceil(2))
-                .max(1),
+                .unwrap_or_else(|| default_actor_threads(cpus, cluster_on_main)),
             log_json: args.log_json,
             pairing_code_ttl_s: args
                 .pairing_code_ttl_s
@@ -1971,6 +1990,52 @@ mod tests {
             "none of its own on up to 2 CPUs"
         );
         assert_eq!(default_cluster_threads(4), 2);
+    }
+
+    /// The set actors' threads: from the flag over the file, else none of their own (the
+    /// main thread) in a cluster whose internal port runs there, and half the CPUs
+    /// otherwise.
+    #[test]
+    fn actor_threads_come_from_flag_file_or_where_the_cluster_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
+        let toml = dir.path().join("t.toml");
+        std::fs::write(&toml, "actor_threads = 3\n").expect("write");
+        let threads = |file: bool, flag: Option<usize>, cluster: Option<usize>| {
+            let cluster_args = cluster.map(|threads| ServeArgs {
+                store: Some("postgres://t@127.0.0.1:1/t".into()),
+                grpc_listen: Some("127.0.0.1:7000".parse().expect("addr")),
+                cluster_secret_files: vec![secret.clone()],
+                cluster_threads: Some(threads),
+                ..Default::default()
+            });
+            Config::load(ServeArgs {
+                config: file.then(|| toml.clone()),
+                actor_threads: flag,
+                ..cluster_args.unwrap_or_default()
+            })
+            .expect("valid")
+            .actor_threads
+        };
+        assert_eq!(threads(true, Some(0), None), 0, "flag over file");
+        assert_eq!(threads(true, None, Some(0)), 3, "from the file");
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(
+            threads(false, None, None),
+            cpus.div_ceil(2),
+            "a single node"
+        );
+        assert_eq!(
+            threads(false, None, Some(0)),
+            0,
+            "beside the cluster's port"
+        );
+        assert_eq!(
+            threads(false, None, Some(2)),
+            cpus.div_ceil(2),
+            "a cluster runtime"
+        );
     }
 
     #[test]

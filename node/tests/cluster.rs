@@ -62,10 +62,14 @@ async fn start_member(
         .arg(store)
         .arg("--grpc-listen")
         .arg(format!("127.0.0.1:{grpc}"))
-        // Both ways of running gossip and the forward side by side in one cluster: node-b
-        // on a runtime of its own, the others on their main thread.
+        // Both ways of running gossip, the forward and the set actors side by side in one
+        // cluster: node-b on threads of their own, the others on their main thread.
         .arg("--cluster-threads")
         .arg(if id == "node-b" { "2" } else { "0" })
+        .arg("--actor-threads")
+        .arg(if id == "node-b" { "2" } else { "0" })
+        .arg("--http-workers")
+        .arg("1")
         .arg("--cert-reload-interval-ms")
         .arg("200")
         .env("TETHER_CLUSTER_SECRET", SECRET);
@@ -195,6 +199,15 @@ async fn write_retrying(
 }
 
 /// The members' nodes.
+/// How many of process `pid`'s threads are actix arbiters (their names cut to 15 bytes).
+fn arbiter_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the node's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("actix-rt|system"))
+        .count()
+}
+
 fn nodes(members: &[Member]) -> Vec<&Node> {
     members.iter().map(|m| &m.node).collect()
 }
@@ -345,6 +358,15 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
                 .await,
             Some(workers),
             "{}: the runtime gossip and the forward run on",
+            m.id
+        );
+        // The threads actix names (`actix-rt|system:0|arbiter:N`): the HTTP worker, and
+        // node-b's two actor threads (`--actor-threads`, set above); the others' actors
+        // run on their main thread.
+        assert_eq!(
+            arbiter_threads(m.node.pid()),
+            if m.id == "node-b" { 3 } else { 1 },
+            "{}: arbiter threads (HTTP worker + actor threads)",
             m.id
         );
     }

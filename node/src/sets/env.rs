@@ -38,7 +38,10 @@ impl WallClock for SystemClock {
 /// Where a node's bucket-set actors run.
 #[derive(Debug, Clone)]
 pub enum ActorThreads {
-    /// On this many actix arbiters (threads of their own), a set always on the same one.
+    /// On this many actix arbiters (threads of their own), a set always on the same one;
+    /// 0: on the arbiter of the thread that builds the node's shared state (the node's
+    /// main thread, beside the store's client and, with `--cluster-threads 0`, the
+    /// cluster's internal port).
     Arbiters(usize),
     /// On the thread of the [`LocalActors`] handle, inside its `LocalSet` (simulation).
     Local(LocalActors),

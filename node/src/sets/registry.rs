@@ -140,7 +140,8 @@ enum ActorHomes {
 }
 
 impl Shared {
-    /// Shared state with `shards` arbiters (threads) hosting the actors.
+    /// Shared state with `shards` arbiters (threads) hosting the actors; 0: the actors run
+    /// on this thread's arbiter (outside an actix `System`, on one of their own).
     pub fn new(
         node_id: String,
         store: Arc<dyn Store>,
@@ -160,11 +161,12 @@ impl Shared {
         env: NodeEnv,
     ) -> Arc<Self> {
         let homes = match env.actors {
-            ActorThreads::Arbiters(shards) => ActorHomes::Arbiters(
-                (0..shards.max(1))
-                    .map(|_| Arbiter::new().handle())
-                    .collect(),
-            ),
+            ActorThreads::Arbiters(0) => ActorHomes::Arbiters(vec![
+                Arbiter::try_current().unwrap_or_else(|| Arbiter::new().handle())
+            ]),
+            ActorThreads::Arbiters(shards) => {
+                ActorHomes::Arbiters((0..shards).map(|_| Arbiter::new().handle()).collect())
+            }
             ActorThreads::Local(local) => ActorHomes::Local(local),
         };
         let parked = Arc::new(ParkedSets::new(metrics.clone()));
