@@ -1956,22 +1956,37 @@ mod tests {
         assert!(err.to_string().contains("--failure-probe-rtt-ms"), "{err}");
     }
 
+    /// A cluster member's arguments (on an unreachable PostgreSQL: loading the
+    /// configuration never connects) with the secret in `secret` and `--cluster-threads`.
+    fn cluster_args(secret: &std::path::Path, cluster_threads: Option<usize>) -> ServeArgs {
+        ServeArgs {
+            store: Some("postgres://t@127.0.0.1:1/t".into()),
+            grpc_listen: Some("127.0.0.1:7000".parse().expect("addr")),
+            cluster_secret_files: vec![secret.to_path_buf()],
+            cluster_threads,
+            ..Default::default()
+        }
+    }
+
+    /// A directory holding a cluster secret and a configuration file of `toml`: the
+    /// directory (removed when dropped) and the two paths.
+    fn secret_and_file(toml: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, toml).expect("write");
+        (dir, secret, file)
+    }
+
     /// The cluster's runtime: threads from the flag over the file, else none (the main
     /// thread) on up to 2 CPUs and 2 above.
     #[test]
     fn cluster_threads_come_from_flag_file_or_the_cpus() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
-        let toml = dir.path().join("t.toml");
-        std::fs::write(&toml, "cluster_threads = 3\n").expect("write");
+        let (_dir, secret, toml) = secret_and_file("cluster_threads = 3\n");
         let args = |file: bool, threads: Option<usize>| ServeArgs {
             config: file.then(|| toml.clone()),
-            store: Some("postgres://t@127.0.0.1:1/t".into()),
-            grpc_listen: Some("127.0.0.1:7000".parse().expect("addr")),
-            cluster_secret_files: vec![secret.clone()],
-            cluster_threads: threads,
-            ..Default::default()
+            ..cluster_args(&secret, threads)
         };
         let threads = |file, flag| {
             Config::load(args(file, flag))
@@ -1997,23 +2012,14 @@ mod tests {
     /// otherwise.
     #[test]
     fn actor_threads_come_from_flag_file_or_where_the_cluster_runs() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "0123456789abcdef0123").expect("write");
-        let toml = dir.path().join("t.toml");
-        std::fs::write(&toml, "actor_threads = 3\n").expect("write");
+        let (_dir, secret, toml) = secret_and_file("actor_threads = 3\n");
         let threads = |file: bool, flag: Option<usize>, cluster: Option<usize>| {
-            let cluster_args = cluster.map(|threads| ServeArgs {
-                store: Some("postgres://t@127.0.0.1:1/t".into()),
-                grpc_listen: Some("127.0.0.1:7000".parse().expect("addr")),
-                cluster_secret_files: vec![secret.clone()],
-                cluster_threads: Some(threads),
-                ..Default::default()
-            });
             Config::load(ServeArgs {
                 config: file.then(|| toml.clone()),
                 actor_threads: flag,
-                ..cluster_args.unwrap_or_default()
+                ..cluster
+                    .map(|threads| cluster_args(&secret, Some(threads)))
+                    .unwrap_or_default()
             })
             .expect("valid")
             .actor_threads
