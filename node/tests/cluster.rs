@@ -198,7 +198,6 @@ async fn write_retrying(
     }
 }
 
-/// The members' nodes.
 /// How many of process `pid`'s threads are actix arbiters (their names cut to 15 bytes).
 fn arbiter_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -208,6 +207,7 @@ fn arbiter_threads(pid: u32) -> usize {
         .count()
 }
 
+/// The members' nodes.
 fn nodes(members: &[Member]) -> Vec<&Node> {
     members.iter().map(|m| &m.node).collect()
 }
