@@ -122,7 +122,14 @@ pub async fn run(config: Config) -> Result<()> {
                 .advertise
                 .resolve(crate::config::Advertise::RESOLVE_DEADLINE)
                 .await?;
-            let node = ClusterNode::start(c, advertise, &config.node_id, url, shared.clone())?;
+            let node = ClusterNode::start(
+                c,
+                advertise,
+                &config.node_id,
+                url,
+                shared.clone(),
+                config.http_workers,
+            )?;
             (
                 node.router(),
                 node.placement(),

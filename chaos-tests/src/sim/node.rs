@@ -17,6 +17,7 @@ use tether_cluster::{ClusterSecret, MembershipConfig};
 use tether_node::config::{Advertise, ClusterConfig};
 use tether_node::metrics::Metrics;
 use tether_node::routing::cluster::{ClusterIo, ClusterNode};
+use tether_node::routing::forward::PeerChannels;
 use tether_node::routing::router::Router;
 use tether_node::sets::env::{ActorThreads, LocalActors, NodeEnv, WallClock};
 use tether_node::sets::registry::{ActorConfig, Shared};
@@ -250,6 +251,8 @@ impl Cluster {
             })),
             seed: self.inner.seeds[i] ^ life.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             incarnation,
+            // One runtime per simulated host: nothing to gain per thread.
+            channels: PeerChannels::Shared,
         };
         let node = ClusterNode::start_with(
             &config,

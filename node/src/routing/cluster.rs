@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::config::ClusterConfig;
 use crate::error::{NodeError, Result};
-use crate::routing::forward::{Peers, SetsService};
+use crate::routing::forward::{PeerChannels, Peers, SetsService};
 use crate::routing::router::Router;
 use crate::security::cluster_tls::{self, ClusterTls, TlsConnector};
 use crate::sets::registry::Shared;
@@ -168,6 +168,8 @@ pub struct ClusterIo {
     pub seed: u64,
     /// This life of the node: larger than any earlier one's.
     pub incarnation: u64,
+    /// Where the forward's channels to peers run their connections.
+    pub channels: PeerChannels,
 }
 
 impl std::fmt::Debug for ClusterIo {
@@ -186,13 +188,16 @@ fn now_ms() -> u64 {
 }
 
 impl ClusterNode {
-    /// Binds the internal gRPC port, starts gossip and returns the node's router.
+    /// Binds the internal gRPC port, starts gossip and returns the node's router. A node of
+    /// one HTTP worker (`http_workers`) whose cluster runs on its main thread gives each
+    /// calling thread its own channel to a peer ([`PeerChannels::PerThread`]).
     pub fn start(
         config: &ClusterConfig,
         advertise: std::net::SocketAddr,
         node_id: &str,
         public_url: String,
         shared: Arc<Shared>,
+        http_workers: usize,
     ) -> Result<ClusterNode> {
         // `--cluster-threads`: a runtime of its own, or (0) the runtime this is called on,
         // the node's main thread.
@@ -262,6 +267,11 @@ impl ClusterNode {
             seed: rand::random::<u64>(),
             // A restarted node is a newer life of the same id and wins at once.
             incarnation: now_ms(),
+            channels: if runtime.is_none() && http_workers == 1 {
+                PeerChannels::PerThread
+            } else {
+                PeerChannels::Shared
+            },
         };
         let mut node = Self::start_with(config, advertise, node_id, public_url, shared, io)?;
         node.runtime = runtime;
@@ -284,6 +294,7 @@ impl ClusterNode {
             connector,
             seed,
             incarnation,
+            channels,
         } = io;
         let local = Member {
             id: NodeId::new(node_id),
@@ -297,6 +308,7 @@ impl ClusterNode {
             shared.metrics.clone(),
             runtime.clone(),
             connector.clone(),
+            channels,
         );
         let router = Router::clustered(shared.clone(), placement.clone(), local.clone(), peers);
         let (transport, gossip) = GrpcTransport::new(

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -209,17 +210,42 @@ impl SetCall {
 
 type Client = SetsClient<InterceptedService<Channel, PeerAuthInterceptor>>;
 
-/// Connections to the other members, one HTTP/2 channel per peer (opened lazily,
-/// multiplexing every forwarded call to that peer).
+/// This thread's number among those that called a peer (a key of [`Peers`]' channels).
+fn thread_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static NUMBER: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
+}
+
+/// Where the HTTP/2 channels to peers run their connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerChannels {
+    /// One channel per peer, its connection task on the cluster's runtime, multiplexing
+    /// every forwarded call to that peer.
+    Shared,
+    /// One channel per peer for each thread with a runtime of its own that calls it (an
+    /// HTTP worker, the main thread), its connection task on that thread: a forwarded call
+    /// wakes no other thread. For a node of one HTTP worker whose cluster runs on the main
+    /// thread; with two workers, two channels per peer halve what each connection task
+    /// writes at once and cost more than the wake-ups saved (BENCHMARKS.md, "Cluster data
+    /// path").
+    PerThread,
+}
+
+/// Connections to the other members, over HTTP/2 channels opened lazily ([`PeerChannels`]).
 #[derive(Debug)]
 pub struct Peers {
     secret: ClusterSecret,
     metrics: Metrics,
     runtime: tokio::runtime::Handle,
     connector: Option<Arc<dyn PeerConnector>>,
+    channels: PeerChannels,
+    /// Keyed by peer and, for [`PeerChannels::PerThread`], the calling thread's number.
     /// Ordered, not hashed: when the node stops, the channels close in map order, and in
     /// the simulator that order reaches the network (a `HashMap`'s would differ per process).
-    clients: Mutex<BTreeMap<SocketAddr, Client>>,
+    clients: Mutex<BTreeMap<(SocketAddr, u64), Client>>,
     /// The links to peers that are down (calls go through a relay meanwhile).
     links: Arc<Links>,
     /// The view: who can relay (set once the router is built).
@@ -307,18 +333,20 @@ fn from_status(owner: &Member, status: &Status, safe_to_retry: bool) -> NodeErro
 
 impl Peers {
     /// Peers authenticated with `secret`, reached through `connector` (mTLS) or plain TCP;
-    /// their connections live on `runtime`.
+    /// their connections live on `runtime` or, as `channels` says, on the calling threads.
     pub fn new(
         secret: ClusterSecret,
         metrics: Metrics,
         runtime: tokio::runtime::Handle,
         connector: Option<Arc<dyn PeerConnector>>,
+        channels: PeerChannels,
     ) -> Self {
         Peers {
             secret,
             metrics,
             runtime,
             connector,
+            channels,
             clients: Mutex::new(BTreeMap::new()),
             links: Arc::default(),
             placement: OnceLock::new(),
@@ -557,8 +585,14 @@ impl Peers {
 
     fn client(&self, owner: &Member) -> Result<Client> {
         let addr = owner.gossip_addr;
+        // Per thread only on a thread that runs its own runtime (a multi-threaded one may
+        // move the connection's task, and nothing is saved).
+        let own_runtime = self.channels == PeerChannels::PerThread
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        let key = (addr, if own_runtime { thread_number() } else { 0 });
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = clients.get(&addr) {
+        if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -570,9 +604,11 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        // The channel's connection task lives on the cluster runtime, whichever HTTP
-        // worker made the first call.
-        let channel = {
+        // The channel's connection task lives on the calling thread's runtime, or on the
+        // cluster's, whichever HTTP worker made the first call.
+        let channel = if own_runtime {
+            lazy_channel(endpoint, addr, self.connector.clone())
+        } else {
             let _on = self.runtime.enter();
             lazy_channel(endpoint, addr, self.connector.clone())
         };
@@ -580,7 +616,7 @@ impl Peers {
             SetsClient::with_interceptor(channel, PeerAuthInterceptor::client(self.secret.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
-        clients.insert(addr, client.clone());
+        clients.insert(key, client.clone());
         Ok(client)
     }
 
@@ -1219,5 +1255,65 @@ impl Sets for SetsService {
             self.router.local_release(&parse_set(s)?);
         }
         Ok(Response::new(pb::EnsureReply {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many channels `channels` opens to one peer called twice from each of two HTTP
+    /// worker-like threads (a current-thread runtime each) and once from the cluster's
+    /// multi-threaded runtime.
+    fn channels_opened(channels: PeerChannels) -> usize {
+        let cluster = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("cluster runtime");
+        let secret = ClusterSecret::new(b"per-thread channels test secret, 32+ bytes".to_vec())
+            .expect("secret");
+        let peers = Peers::new(
+            secret,
+            Metrics::new(),
+            cluster.handle().clone(),
+            None,
+            channels,
+        );
+        let owner = Member {
+            id: tether_cluster::NodeId::new("peer"),
+            gossip_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            public_url: "http://peer".into(),
+            incarnation: 1,
+        };
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let worker = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("worker runtime");
+                    worker.block_on(async {
+                        peers.client(&owner).expect("first call");
+                        peers.client(&owner).expect("second call");
+                    });
+                });
+            }
+        });
+        cluster.block_on(async {
+            tokio::spawn(async move {
+                peers.client(&owner).expect("from the cluster runtime");
+                peers.clients.lock().map(|c| c.len()).unwrap_or_default()
+            })
+            .await
+            .expect("joined")
+        })
+    }
+
+    #[test]
+    fn a_channel_per_calling_thread_only_where_asked() {
+        assert_eq!(channels_opened(PeerChannels::Shared), 1);
+        // One per worker thread; the multi-threaded runtime's call uses the shared one.
+        assert_eq!(channels_opened(PeerChannels::PerThread), 3);
     }
 }
