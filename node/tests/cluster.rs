@@ -742,6 +742,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
                 all: true,
                 without_values: false,
                 max_bytes: 0,
+                origin: None,
             })
             .await
             .expect_err("a non-owner must not serve the set");
@@ -827,6 +828,7 @@ async fn any_node_serves_any_set_and_ownership_moves_on_drain_and_kill() {
         all: true,
         without_values: false,
         max_bytes: 0,
+        origin: None,
     };
     let grpc = members[0].grpc;
     let plain = stranger_get(grpc, None, get.clone()).await;

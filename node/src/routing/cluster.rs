@@ -327,7 +327,6 @@ impl ClusterNode {
         runtime.spawn(async move {
             let server = tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_PEER))
-                .trace_fn(crate::routing::forward::served_span)
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(5)))
                 .add_service(gossip)

@@ -60,36 +60,115 @@ tokio::task_local! {
     pub static REQUEST_ID: uuid::Uuid;
 }
 
-/// gRPC metadata key of the forwarded request's id.
-pub const REQUEST_ID_KEY: &str = "x-request-id";
-
-/// A peer call carrying the current request's id and trace context (`traceparent`).
-fn traced<T>(msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    if let Ok(Ok(v)) = REQUEST_ID.try_with(|id| id.to_string().parse()) {
-        req.metadata_mut().insert(REQUEST_ID_KEY, v);
-    }
-    crate::telemetry::propagation::inject(req.metadata_mut());
-    req
+/// A forwarded call's message, which carries whom it serves ([`pb::Origin`]).
+trait Originated {
+    fn origin(&self) -> Option<&pb::Origin>;
+    fn set_origin(&mut self, origin: Option<pb::Origin>);
 }
 
-/// The span a forwarded call is served in: the device request's id, its trace (child of
-/// the forwarding node's client span) and the operation. Gossip calls get none, and
-/// neither do the node's own calls that serve no request (link pings every 500 ms,
-/// releases): they carry neither a request id nor a trace, and would otherwise start a
-/// trace of their own on every sampled-in draw.
-pub fn served_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    let id = req
-        .headers()
-        .get(REQUEST_ID_KEY)
-        .and_then(|v| v.to_str().ok());
-    let traced = req
-        .headers()
-        .contains_key(crate::telemetry::propagation::TRACEPARENT);
-    match id {
-        None if !traced => tracing::Span::none(),
-        id => crate::telemetry::grpc_server_span(req, id.unwrap_or("-")),
+macro_rules! originated {
+    ($($msg:ty),+) => {$(
+        impl Originated for $msg {
+            fn origin(&self) -> Option<&pb::Origin> {
+                self.origin.as_ref()
+            }
+            fn set_origin(&mut self, origin: Option<pb::Origin>) {
+                self.origin = origin;
+            }
+        }
+    )+};
+}
+
+originated!(
+    pb::GetRequest,
+    pb::PutRequest,
+    pb::EnsureRequest,
+    pb::SubscribeRequest,
+    pb::PresenceRequest,
+    pb::ReleaseRequest
+);
+
+/// Whom the current call serves: the device request's id and trace context, if any.
+fn origin() -> Option<pb::Origin> {
+    let request_id = REQUEST_ID.try_with(|id| id.as_u64_pair()).ok();
+    let parent = crate::telemetry::propagation::outgoing();
+    if request_id.is_none() && parent.is_none() {
+        return None;
     }
+    let (request_id_hi, request_id_lo) = request_id.unwrap_or_default();
+    let mut origin = pb::Origin {
+        request_id_hi,
+        request_id_lo,
+        ..pb::Origin::default()
+    };
+    if let Some(sc) = parent {
+        set_parent(&mut origin, &sc);
+    }
+    Some(origin)
+}
+
+/// Names `sc` as the parent span of the call `origin` is in.
+fn set_parent(origin: &mut pb::Origin, sc: &opentelemetry::trace::SpanContext) {
+    let trace = u128::from_be_bytes(sc.trace_id().to_bytes());
+    origin.trace_id_hi = (trace >> 64) as u64;
+    origin.trace_id_lo = trace as u64;
+    origin.parent_span_id = u64::from_be_bytes(sc.span_id().to_bytes());
+    origin.sampled = sc.is_sampled();
+    origin.trace_state = sc.trace_state().header();
+}
+
+/// The request id and the remote parent span a forwarded call's origin names (each
+/// absent when zero or malformed).
+fn parse_origin(
+    origin: Option<&pb::Origin>,
+) -> (
+    Option<uuid::Uuid>,
+    Option<opentelemetry::trace::SpanContext>,
+) {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    let Some(o) = origin else {
+        return (None, None);
+    };
+    let id = uuid::Uuid::from_u64_pair(o.request_id_hi, o.request_id_lo);
+    let trace = (u128::from(o.trace_id_hi) << 64) | u128::from(o.trace_id_lo);
+    let parent = SpanContext::new(
+        TraceId::from_bytes(trace.to_be_bytes()),
+        SpanId::from_bytes(o.parent_span_id.to_be_bytes()),
+        TraceFlags::new(u8::from(o.sampled)),
+        true,
+        o.trace_state.parse().unwrap_or(TraceState::NONE),
+    );
+    (
+        (!id.is_nil()).then_some(id),
+        parent.is_valid().then_some(parent),
+    )
+}
+
+/// `msg` as a peer call carrying whom the current call serves (its request id and trace
+/// context).
+fn traced<T: Originated>(mut msg: T) -> Request<T> {
+    msg.set_origin(origin());
+    Request::new(msg)
+}
+
+/// `msg`, a call relayed to its owner, as a peer call: whom it serves kept (the device
+/// request's id and trace), under this node's served span as the parent when that span is
+/// exported.
+fn relayed<T: Originated>(mut msg: T) -> Request<T> {
+    if let Some(parent) = crate::telemetry::span_context(&tracing::Span::current()) {
+        let mut origin = msg.origin().cloned().unwrap_or_default();
+        set_parent(&mut origin, &parent);
+        msg.set_origin(Some(origin));
+    }
+    Request::new(msg)
+}
+
+/// The span a forwarded call `rpc` is served in: the device request's id, its trace (child
+/// of the forwarding node's client span) and the operation; none for the node's own calls
+/// that serve no request ([`crate::telemetry::forwarded_span`]).
+fn served_span<T: Originated>(rpc: &'static str, request: &Request<T>) -> tracing::Span {
+    let (request_id, parent) = parse_origin(request.get_ref().origin());
+    crate::telemetry::forwarded_span(rpc, request_id, parent)
 }
 
 /// Largest forwarded message: a bucket set's worth of buckets.
@@ -305,7 +384,7 @@ fn link_failure(status: &Status) -> bool {
 
 /// `msg` as a request carrying the current request's id and trace context and, when it
 /// goes through a relay, the member it is for.
-fn request<T>(msg: T, relay_to: Option<&MetadataValue<Ascii>>) -> Request<T> {
+fn request<T: Originated>(msg: T, relay_to: Option<&MetadataValue<Ascii>>) -> Request<T> {
     let mut req = traced(msg);
     if let Some(to) = relay_to {
         req.metadata_mut().insert(RELAY_TO_KEY, to.clone());
@@ -407,7 +486,10 @@ impl Peers {
                     links.mark_up(peer.gossip_addr);
                     return;
                 }
-                let probe = client.release_held(traced(pb::ReleaseRequest { sets: Vec::new() }));
+                let probe = client.release_held(pb::ReleaseRequest {
+                    sets: Vec::new(),
+                    origin: None,
+                });
                 if let Ok(Ok(_)) = tokio::time::timeout(links::PROBE_DEADLINE, probe).await {
                     if let Some(was) = links.mark_up(peer.gossip_addr) {
                         tracing::info!(peer = %peer.id, down_for = ?was, "direct link to a peer is up again");
@@ -423,7 +505,10 @@ impl Peers {
     /// when the link failed or no answer came within [`links::PROBE_DEADLINE`].
     async fn ping(&self, peer: &Member) -> std::result::Result<(), String> {
         let mut client = self.client(peer).map_err(|e| e.to_string())?;
-        let ping = client.release_held(traced(pb::ReleaseRequest { sets: Vec::new() }));
+        let ping = client.release_held(pb::ReleaseRequest {
+            sets: Vec::new(),
+            origin: None,
+        });
         match tokio::time::timeout(links::PROBE_DEADLINE, ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(s)) if link_failure(&s) => Err(s.message().to_string()),
@@ -679,6 +764,8 @@ impl Peers {
         let started = Instant::now();
         let r = async {
             let req = pb::GetRequest {
+                // Set on each attempt (`request`).
+                origin: None,
                 set: set.to_string(),
                 all: read.ids.is_none(),
                 ids: read
@@ -710,6 +797,8 @@ impl Peers {
         let started = Instant::now();
         let r = async {
             let req = pb::PutRequest {
+                // Set on each attempt (`request`).
+                origin: None,
                 id: id.to_string(),
                 value_json: fields_to(&write.update.value),
                 base_version: write.update.base_version,
@@ -756,6 +845,8 @@ impl Peers {
         let started = Instant::now();
         let r = async {
             let req = pb::EnsureRequest {
+                // Set on each attempt (`request`).
+                origin: None,
                 set: set.to_string(),
                 device_type: msg.device_type,
                 device_contact: msg.contact.is_some(),
@@ -787,6 +878,8 @@ impl Peers {
         let started = Instant::now();
         let r = async {
             let req = pb::PresenceRequest {
+                // Set on each attempt (`request`).
+                origin: None,
                 set: set.to_string(),
             };
             let reply = self
@@ -822,6 +915,7 @@ impl Peers {
         let started = Instant::now();
         let r = async {
             let msg = pb::ReleaseRequest {
+                origin: None,
                 sets: vec![set.to_string()],
             };
             self.call(to, call.name(), true, |mut client, relay| {
@@ -857,6 +951,8 @@ impl Peers {
         let started = Instant::now();
         let r = async {
             let req = pb::SubscribeRequest {
+                // Set on each attempt (`request`).
+                origin: None,
                 held: held.iter().map(held_to_pb).collect(),
                 session: opts.session,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
@@ -968,9 +1064,8 @@ fn event(e: Event) -> std::result::Result<pb::SubscribeEvent, Status> {
     Ok(pb::SubscribeEvent { event: Some(e) })
 }
 
-#[tonic::async_trait]
-impl Sets for SetsService {
-    async fn get(
+impl SetsService {
+    async fn serve_get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> std::result::Result<Response<pb::BucketsReply>, Status> {
@@ -978,7 +1073,7 @@ impl Sets for SetsService {
             let req = request.into_inner();
             return self
                 .peers()?
-                .relay(&to, "get", |mut c| async move { c.get(traced(req)).await })
+                .relay(&to, "get", |mut c| async move { c.get(relayed(req)).await })
                 .await;
         }
         self.served("get");
@@ -1007,7 +1102,7 @@ impl Sets for SetsService {
         Ok(Response::new(buckets_to_pb(&found)))
     }
 
-    async fn put(
+    async fn serve_put(
         &self,
         request: Request<pb::PutRequest>,
     ) -> std::result::Result<Response<pb::PutReply>, Status> {
@@ -1015,7 +1110,7 @@ impl Sets for SetsService {
             let req = request.into_inner();
             return self
                 .peers()?
-                .relay(&to, "put", |mut c| async move { c.put(traced(req)).await })
+                .relay(&to, "put", |mut c| async move { c.put(relayed(req)).await })
                 .await;
         }
         self.served("put");
@@ -1055,7 +1150,7 @@ impl Sets for SetsService {
         }))
     }
 
-    async fn ensure(
+    async fn serve_ensure(
         &self,
         request: Request<pb::EnsureRequest>,
     ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
@@ -1063,11 +1158,9 @@ impl Sets for SetsService {
             let req = request.into_inner();
             return self
                 .peers()?
-                .relay(
-                    &to,
-                    "ensure",
-                    |mut c| async move { c.ensure(traced(req)).await },
-                )
+                .relay(&to, "ensure", |mut c| async move {
+                    c.ensure(relayed(req)).await
+                })
                 .await;
         }
         self.served("ensure");
@@ -1097,9 +1190,7 @@ impl Sets for SetsService {
         Ok(Response::new(pb::EnsureReply {}))
     }
 
-    type SubscribeStream = EventStream;
-
-    async fn subscribe(
+    async fn serve_subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> std::result::Result<Response<EventStream>, Status> {
@@ -1109,7 +1200,7 @@ impl Sets for SetsService {
             let stream = self
                 .peers()?
                 .relay(&to, "subscribe", |mut c| async move {
-                    c.subscribe(traced(req)).await
+                    c.subscribe(relayed(req)).await
                 })
                 .await?
                 .into_inner();
@@ -1174,7 +1265,7 @@ impl Sets for SetsService {
         Ok(Response::new(stream))
     }
 
-    async fn relinquish(
+    async fn serve_relinquish(
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
@@ -1183,7 +1274,7 @@ impl Sets for SetsService {
             return self
                 .peers()?
                 .relay(&to, "relinquish", |mut c| async move {
-                    c.relinquish(traced(req)).await
+                    c.relinquish(relayed(req)).await
                 })
                 .await;
         }
@@ -1205,7 +1296,7 @@ impl Sets for SetsService {
         Ok(Response::new(pb::EnsureReply {}))
     }
 
-    async fn presence(
+    async fn serve_presence(
         &self,
         request: Request<pb::PresenceRequest>,
     ) -> std::result::Result<Response<pb::PresenceReply>, Status> {
@@ -1214,7 +1305,7 @@ impl Sets for SetsService {
             return self
                 .peers()?
                 .relay(&to, "presence", |mut c| async move {
-                    c.presence(traced(req)).await
+                    c.presence(relayed(req)).await
                 })
                 .await;
         }
@@ -1232,7 +1323,7 @@ impl Sets for SetsService {
         }))
     }
 
-    async fn release_held(
+    async fn serve_release_held(
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
@@ -1241,7 +1332,7 @@ impl Sets for SetsService {
             return self
                 .peers()?
                 .relay(&to, "release_held", |mut c| async move {
-                    c.release_held(traced(req)).await
+                    c.release_held(relayed(req)).await
                 })
                 .await;
         }
@@ -1255,6 +1346,67 @@ impl Sets for SetsService {
             self.router.local_release(&parse_set(s)?);
         }
         Ok(Response::new(pb::EnsureReply {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Sets for SetsService {
+    type SubscribeStream = EventStream;
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> std::result::Result<Response<pb::BucketsReply>, Status> {
+        let span = served_span("tether.node.v1.Sets/Get", &request);
+        self.serve_get(request).instrument(span).await
+    }
+
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> std::result::Result<Response<pb::PutReply>, Status> {
+        let span = served_span("tether.node.v1.Sets/Put", &request);
+        self.serve_put(request).instrument(span).await
+    }
+
+    async fn ensure(
+        &self,
+        request: Request<pb::EnsureRequest>,
+    ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        let span = served_span("tether.node.v1.Sets/Ensure", &request);
+        self.serve_ensure(request).instrument(span).await
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> std::result::Result<Response<EventStream>, Status> {
+        let span = served_span("tether.node.v1.Sets/Subscribe", &request);
+        self.serve_subscribe(request).instrument(span).await
+    }
+
+    async fn relinquish(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        let span = served_span("tether.node.v1.Sets/Relinquish", &request);
+        self.serve_relinquish(request).instrument(span).await
+    }
+
+    async fn presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> std::result::Result<Response<pb::PresenceReply>, Status> {
+        let span = served_span("tether.node.v1.Sets/Presence", &request);
+        self.serve_presence(request).instrument(span).await
+    }
+
+    async fn release_held(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> std::result::Result<Response<pb::EnsureReply>, Status> {
+        let span = served_span("tether.node.v1.Sets/ReleaseHeld", &request);
+        self.serve_release_held(request).instrument(span).await
     }
 }
 
@@ -1308,6 +1460,47 @@ mod tests {
             .await
             .expect("joined")
         })
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_call_names_its_request_and_trace_and_a_ping_neither() {
+        use crate::telemetry::propagation::{LogTrace, LOG_TRACE};
+        use prost::Message;
+        assert!(origin().is_none(), "a call outside a request names none");
+        let id = uuid::Uuid::new_v4();
+        for sampled in ["00", "01"] {
+            let trace = LogTrace::from_header(Some(&format!(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{sampled}"
+            )));
+            let made = LOG_TRACE
+                .scope(trace, REQUEST_ID.scope(id, async { origin() }))
+                .await;
+            // Through the wire format, as the owner reads it.
+            let sent = pb::PutRequest {
+                origin: made,
+                ..pb::PutRequest::default()
+            };
+            let got = pb::PutRequest::decode(sent.encode_to_vec().as_slice()).expect("decodes");
+            let (request_id, parent) = parse_origin(got.origin.as_ref());
+            assert_eq!(request_id, Some(id));
+            let parent = parent.expect("the trace travels");
+            assert_eq!(parent.trace_id(), trace.trace_id);
+            assert_eq!(parent.is_sampled(), sampled == "01");
+            assert!(parent.is_remote());
+        }
+        // A trace without a request id (and the reverse) still names what it has.
+        let trace = LogTrace::from_header(None);
+        let (request_id, parent) =
+            parse_origin(LOG_TRACE.scope(trace, async { origin() }).await.as_ref());
+        assert_eq!(
+            (request_id, parent.map(|p| p.trace_id())),
+            (None, Some(trace.trace_id))
+        );
+        let (request_id, parent) =
+            parse_origin(REQUEST_ID.scope(id, async { origin() }).await.as_ref());
+        assert_eq!((request_id, parent), (Some(id), None));
+        // Zeros name nothing: the owner opens no span for such a call.
+        assert_eq!(parse_origin(Some(&pb::Origin::default())), (None, None));
     }
 
     #[test]

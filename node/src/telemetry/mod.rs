@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanKind, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -450,6 +450,27 @@ fn arrive(
         return (propagation::LogTrace::from_header(traceparent), None);
     };
     let remote = traceparent.and_then(|_| propagation::extract(carrier));
+    decide(sampler, remote, name)
+}
+
+/// [`arrive`] for a forwarded call, whose parent came as a span context.
+fn arrive_forwarded(
+    parent: Option<SpanContext>,
+    name: &str,
+) -> (propagation::LogTrace, Option<opentelemetry::Context>) {
+    let Some(sampler) = SAMPLER.get().filter(|_| enabled()) else {
+        return (propagation::LogTrace::from_parent(parent.as_ref()), None);
+    };
+    let remote = parent.map(|sc| opentelemetry::Context::new().with_remote_span_context(sc));
+    decide(sampler, remote, name)
+}
+
+/// The sampler's decision on a server span with `remote` as its parent (if any).
+fn decide(
+    sampler: &Sampler,
+    remote: Option<opentelemetry::Context>,
+    name: &str,
+) -> (propagation::LogTrace, Option<opentelemetry::Context>) {
     let trace_id = remote.as_ref().map_or_else(
         || TraceId::from_bytes(rand::random::<u128>().to_be_bytes()),
         |cx| cx.span().span_context().trace_id(),
@@ -594,28 +615,24 @@ pub fn exemplar(trace: &propagation::LogTrace) -> Option<TraceId> {
     (enabled() && trace.sampled).then_some(trace.trace_id)
 }
 
-/// The server span of a call another node forwarded (its `traceparent` in the metadata);
-/// none for gossip, which is not traced.
-pub fn grpc_server_span(req: &http::Request<()>, request_id: &str) -> tracing::Span {
-    let path = req.uri().path();
-    if !path.starts_with("/tether.node.") {
+/// The server span of a call another node forwarded (`rpc`, e.g. `tether.node.v1.Sets/Put`),
+/// for the device request `request_id` under the forwarding node's span `parent`: none when
+/// the call carries neither (the node's own link pings and releases, which would otherwise
+/// start a trace of their own on every sampled-in draw).
+pub fn forwarded_span(
+    rpc: &'static str,
+    request_id: Option<uuid::Uuid>,
+    parent: Option<SpanContext>,
+) -> tracing::Span {
+    if request_id.is_none() && parent.is_none() {
         return tracing::Span::none();
     }
-    let rpc = path.trim_start_matches('/');
-    let traceparent = req
-        .headers()
-        .get(propagation::TRACEPARENT)
-        .and_then(|v| v.to_str().ok());
-    let (trace, remote) = arrive(
-        &propagation::HttpHeaders(req.headers()),
-        traceparent,
-        "forwarded",
-    );
+    let (trace, remote) = arrive_forwarded(parent, "forwarded");
     let exported = enabled() && trace.sampled;
     let span = sampling::decided(exported, || {
         tracing::info_span!(
             "forwarded",
-            request_id,
+            request_id = %IdOrDash(request_id),
             trace_id = %trace.trace_id,
             call = rpc,
             otel.name = Empty,
@@ -631,6 +648,18 @@ pub fn grpc_server_span(req: &http::Request<()>, request_id: &str) -> tracing::S
         span.set_attribute("rpc.method", method.to_string());
     }
     span
+}
+
+/// A request id in a log line, `-` when there is none.
+struct IdOrDash(Option<uuid::Uuid>);
+
+impl std::fmt::Display for IdOrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => id.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// The client span of a call forwarded to `peer` (the set's owner).

@@ -1,13 +1,14 @@
 //! W3C trace context (`traceparent`, `tracestate`) in and out of the node: from device and
-//! app requests (actix headers, which are `http` 0.2 and so need their own extractor),
-//! into forwarded calls (tonic metadata) and out of them on the owner (`http` 1 headers).
+//! app requests (actix headers, which are `http` 0.2 and so need their own extractor), and
+//! the span context a forwarded call carries to the owner (as binary fields of its message,
+//! `routing::forward`).
 //!
 //! With export off there is no OpenTelemetry layer, but the trace id still travels: the
 //! incoming `traceparent`'s trace id (or a fresh one) names the request in every log line
 //! on every node it crosses ([`LogTrace`]).
 
-use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{SpanContext, TraceContextExt, TraceId};
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -27,56 +28,26 @@ impl Extractor for ActixHeaders<'_> {
     }
 }
 
-/// Reads trace context from `http` 1 headers (a forwarded call on the owner).
-#[derive(Debug)]
-pub struct HttpHeaders<'a>(pub &'a http::HeaderMap);
-
-impl Extractor for HttpHeaders<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-/// Writes trace context into a forwarded call's metadata.
-#[derive(Debug)]
-pub struct Metadata<'a>(pub &'a mut tonic::metadata::MetadataMap);
-
-impl Injector for Metadata<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
 /// The context of a remote parent carried by `carrier`, if it carries a valid one.
 pub fn extract(carrier: &dyn Extractor) -> Option<Context> {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
     cx.span().span_context().is_valid().then_some(cx)
 }
 
-/// Puts the trace context of the request being served into a forwarded call: the current
-/// (client) span's when its trace is exported, else the request's trace id with its
-/// sampling flag, so the owner logs under the same trace id and, for a trace sampled out
-/// here, does not start exporting one of its own.
-pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
+/// The trace context a forwarded call carries: the current (client) span's when its trace
+/// is exported, else the request's trace id with its sampling flag under a fresh parent
+/// span id, so the owner logs under the same trace id and, for a trace sampled out here,
+/// does not start exporting one of its own. `None` outside a request (the node's own
+/// calls: link pings, releases).
+pub fn outgoing() -> Option<SpanContext> {
     let current = tracing::Span::current();
     if super::exported(&current) {
-        let cx = current.context();
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&cx, &mut Metadata(metadata));
-        });
-    } else if let Ok(Some(header)) = LOG_TRACE.try_with(|t| t.traceparent()) {
-        if let Ok(v) = tonic::metadata::MetadataValue::try_from(header.as_str()) {
-            metadata.insert(TRACEPARENT, v);
+        let sc = current.context().span().span_context().clone();
+        if sc.is_valid() {
+            return Some(sc);
         }
     }
+    LOG_TRACE.try_with(LogTrace::parent).ok()
 }
 
 tokio::task_local! {
@@ -97,16 +68,21 @@ pub struct LogTrace {
 impl LogTrace {
     /// The caller's trace id from a `traceparent` value, else a fresh random one.
     pub fn from_header(traceparent: Option<&str>) -> LogTrace {
-        traceparent
-            .and_then(parse_traceparent)
-            .map(|sc| LogTrace {
-                trace_id: sc.trace_id(),
-                sampled: sc.is_sampled(),
-            })
-            .unwrap_or_else(|| LogTrace {
+        LogTrace::from_parent(traceparent.and_then(parse_traceparent).as_ref())
+    }
+
+    /// The trace of a remote parent (a forwarded call's), else a fresh random one.
+    pub fn from_parent(parent: Option<&SpanContext>) -> LogTrace {
+        parent.map_or_else(
+            || LogTrace {
                 trace_id: TraceId::from_bytes(rand::random::<u128>().to_be_bytes()),
                 sampled: false,
-            })
+            },
+            |sc| LogTrace {
+                trace_id: sc.trace_id(),
+                sampled: sc.is_sampled(),
+            },
+        )
     }
 
     /// A trace `trace_id`, sampled or not.
@@ -114,15 +90,16 @@ impl LogTrace {
         LogTrace { trace_id, sampled }
     }
 
-    /// A `traceparent` naming this trace, for a forwarded call (a fresh parent span id:
-    /// nothing is exported, the owner only needs the trace id).
-    pub fn traceparent(&self) -> Option<String> {
-        let span_id = rand::random::<u64>().max(1);
-        Some(format!(
-            "00-{}-{span_id:016x}-{:02x}",
+    /// A parent naming this trace, for a forwarded call (a fresh span id: nothing is
+    /// exported, the owner only needs the trace id and the sampling flag).
+    pub fn parent(&self) -> SpanContext {
+        SpanContext::new(
             self.trace_id,
-            u8::from(self.sampled)
-        ))
+            SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes()),
+            TraceFlags::new(u8::from(self.sampled)),
+            true,
+            TraceState::NONE,
+        )
     }
 }
 
@@ -142,16 +119,16 @@ pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
     let trace_id = TraceId::from_hex(trace)
         .ok()
         .filter(|t| *t != TraceId::INVALID)?;
-    let span_id = opentelemetry::trace::SpanId::from_hex(span)
+    let span_id = SpanId::from_hex(span)
         .ok()
-        .filter(|s| *s != opentelemetry::trace::SpanId::INVALID)?;
+        .filter(|s| *s != SpanId::INVALID)?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
     Some(SpanContext::new(
         trace_id,
         span_id,
-        opentelemetry::trace::TraceFlags::new(flags & 1),
+        TraceFlags::new(flags & 1),
         true,
-        opentelemetry::trace::TraceState::NONE,
+        TraceState::NONE,
     ))
 }
 
@@ -185,9 +162,9 @@ mod tests {
         let t = LogTrace::from_header(Some(
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ));
-        let forwarded = t.traceparent().expect("header");
-        let again = LogTrace::from_header(Some(&forwarded));
+        let again = LogTrace::from_parent(Some(&t.parent()));
         assert_eq!(again.trace_id, t.trace_id);
+        assert!(again.sampled);
         assert_ne!(LogTrace::from_header(None).trace_id, TraceId::INVALID);
     }
 }
