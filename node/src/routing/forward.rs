@@ -689,14 +689,10 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        // The channel's connection task lives on the calling thread's runtime, or on the
-        // cluster's, whichever HTTP worker made the first call.
-        let channel = if own_runtime {
-            lazy_channel(endpoint, addr, self.connector.clone())
-        } else {
-            let _on = self.runtime.enter();
-            lazy_channel(endpoint, addr, self.connector.clone())
-        };
+        // The channel's connection task lives on the calling thread's runtime (its own
+        // channel), else on the cluster's, whichever thread made the first call.
+        let _on = (!own_runtime).then(|| self.runtime.enter());
+        let channel = lazy_channel(endpoint, addr, self.connector.clone());
         let client =
             SetsClient::with_interceptor(channel, PeerAuthInterceptor::client(self.secret.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
