@@ -198,6 +198,49 @@ const SERVER_IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::fro
 /// Longest time sent data may stay unacknowledged before the kernel drops the connection.
 const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Opens the pool's connections on one runtime: the one the store was made on, where its
+/// batch writers run (in a node, the main thread, with the set actors). Without it a
+/// connection lives where the task that first needed it ran (an HTTP worker checking a
+/// pairing, say), and every statement a batch writer sends on it crosses threads twice:
+/// in a cluster on 2 CPUs one node's HTTP worker spent 8.8 % of its time driving such
+/// connections (`results/profile/forward-origin-profile-2026-12-07.txt`). When that
+/// runtime is gone (shutting down, a test's), the connection is made where it is asked
+/// for.
+struct OnRuntime(tokio::runtime::Handle);
+
+impl OnRuntime {
+    async fn connect_here(
+        config: tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let (client, connection) = config.connect(NoTls).await?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL connection ended");
+            }
+        });
+        Ok((client, task))
+    }
+}
+
+impl deadpool_postgres::Connect for OnRuntime {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = config.clone();
+        let there = self.0.spawn(Self::connect_here(config.clone()));
+        Box::pin(async move {
+            match there.await {
+                Ok(made) => made,
+                Err(_) => Self::connect_here(config).await,
+            }
+        })
+    }
+}
+
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db`), creating the schema if needed,
     /// with the default batching limits.
@@ -248,9 +291,9 @@ impl PostgresStore {
             _ => server_side,
         };
         config.options(&options);
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             config,
-            NoTls,
+            OnRuntime(tokio::runtime::Handle::current()),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -831,5 +874,57 @@ impl Store for PostgresStore {
         }
         self.pool.close();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pg_server::PgServer;
+
+    /// Three connections at once from `store`, each checked with a query.
+    async fn three(store: &PostgresStore) -> Vec<deadpool_postgres::Object> {
+        let held = futures::future::try_join_all((0..3).map(|_| store.client()))
+            .await
+            .expect("three connections");
+        for c in &held {
+            c.simple_query("SELECT 1").await.expect("a query");
+        }
+        held
+    }
+
+    /// Connections a task on another runtime (an HTTP worker's) opened outlive that
+    /// runtime: they live on the store's, so the pool keeps them instead of finding them
+    /// closed and opening new ones.
+    #[test]
+    fn connections_live_on_the_stores_runtime() {
+        let server = PgServer::start().expect("own server");
+        let url = server.url("runtime").expect("db");
+        let stores = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("the store's runtime");
+        let store = stores
+            .block_on(PostgresStore::connect(&url, 3))
+            .expect("connect");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let worker = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a worker's runtime");
+                worker.block_on(three(&store));
+                // The worker's runtime ends here, and every task spawned on it.
+            });
+        });
+        stores.block_on(async {
+            for c in three(&store).await {
+                assert!(
+                    deadpool_postgres::Object::metrics(&c).recycle_count > 0,
+                    "a connection the worker opened was lost with its runtime"
+                );
+            }
+        });
     }
 }
