@@ -76,6 +76,7 @@ pub struct View {
 pub struct ClusterHandle {
     view: watch::Receiver<View>,
     events: broadcast::Sender<MembershipEvent>,
+    gone: mpsc::UnboundedSender<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -92,6 +93,13 @@ impl ClusterHandle {
         self.events.subscribe()
     }
 
+    /// Where other connections to peers report a refused connection (the forward's, say):
+    /// the same evidence as a refused gossip frame, acted on at once
+    /// ([`Membership::peer_refused`]) instead of at the next probe.
+    pub fn refusals(&self) -> PeerRefusals {
+        PeerRefusals(self.gone.clone())
+    }
+
     /// Leaves the cluster (peers learn it at once, no detection delay) and stops.
     pub async fn leave(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -102,6 +110,25 @@ impl ClusterHandle {
                 tracing::warn!(error = %e, "membership driver ended abnormally");
             }
         }
+    }
+}
+
+/// Reports to a running driver that a peer's address refused a connection
+/// ([`ClusterHandle::refusals`]); does nothing once the driver stopped.
+#[derive(Debug, Clone)]
+pub struct PeerRefusals(mpsc::UnboundedSender<SocketAddr>);
+
+impl From<mpsc::UnboundedSender<SocketAddr>> for PeerRefusals {
+    /// Refusals sent to a channel of one's own (a driver makes its own: [`ClusterHandle::refusals`]).
+    fn from(to: mpsc::UnboundedSender<SocketAddr>) -> Self {
+        PeerRefusals(to)
+    }
+}
+
+impl PeerRefusals {
+    /// The process at `addr` refused a connection: it is gone.
+    pub fn refused(&self, addr: SocketAddr) {
+        let _ = self.0.send(addr);
     }
 }
 
@@ -146,13 +173,14 @@ pub fn spawn(
         refused_by: None,
         refusals_tx,
         refusals_rx,
-        gone_tx,
+        gone_tx: gone_tx.clone(),
         gone_rx,
     };
     let task = tokio::spawn(driver.run(stop_rx));
     ClusterHandle {
         view: view_rx,
         events: events_tx,
+        gone: gone_tx,
         stop: Some(stop_tx),
         task: Some(task),
     }

@@ -351,6 +351,9 @@ impl ClusterNode {
             },
             Some(placement.clone()),
         );
+        if let Ok(peers) = router.peers() {
+            peers.report_refusals_to(handle.refusals());
+        }
         runtime.spawn(watch_for_pauses(shared.clone()));
         runtime.spawn(count_member_changes(handle.events(), shared.clone()));
         let ready = Arc::new(AtomicBool::new(!has_seeds));

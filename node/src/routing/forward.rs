@@ -19,6 +19,8 @@ use tokio::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tether_cluster::auth::PeerAuthInterceptor;
+use tether_cluster::driver::PeerRefusals;
+use tether_cluster::error::ClusterError;
 use tether_cluster::{ClusterSecret, Member, RingPlacement};
 use tether_proto::api::Delivery;
 use tether_proto::presence::PresenceView;
@@ -329,6 +331,9 @@ pub struct Peers {
     links: Arc<Links>,
     /// The view: who can relay (set once the router is built).
     placement: OnceLock<Arc<RingPlacement>>,
+    /// Where a refused connection to a peer is reported: the failure detector, which
+    /// declares the member down at once (set once the membership driver runs).
+    refusals: OnceLock<PeerRefusals>,
 }
 
 /// gRPC metadata key naming the member a relayed call is for (its node id).
@@ -429,7 +434,27 @@ impl Peers {
             clients: Mutex::new(BTreeMap::new()),
             links: Arc::default(),
             placement: OnceLock::new(),
+            refusals: OnceLock::new(),
         }
+    }
+
+    /// Reports the peers that refuse a connection to `refusals` (the membership driver).
+    pub(crate) fn report_refusals_to(&self, refusals: PeerRefusals) {
+        let _ = self.refusals.set(refusals);
+    }
+
+    /// A call to `peer` failed below gRPC: its link is down, and if the connection was
+    /// refused, its process is gone — the failure detector hears it now, not at its next
+    /// probe of that peer (BENCHMARKS.md, "Where the spread comes from").
+    fn link_failed(&self, peer: &Member, status: &Status) {
+        if let Some(refusals) = self.refusals.get() {
+            if let ClusterError::PeerRefused { addr } =
+                ClusterError::from_status(peer.gossip_addr, status)
+            {
+                refusals.refused(addr);
+            }
+        }
+        self.mark_down(peer, status.message());
     }
 
     /// The view relays are chosen from (the router's placement).
@@ -593,7 +618,7 @@ impl Peers {
                 tokio::pin!(direct);
                 match tokio::time::timeout(HEDGE_AFTER, &mut direct).await {
                     Ok(Ok(v)) => return Ok(v),
-                    Ok(Err(s)) if link_failure(&s) => self.mark_down(owner, s.message()),
+                    Ok(Err(s)) if link_failure(&s) => self.link_failed(owner, &s),
                     Ok(Err(s)) => return Err(from_status(owner, &s, true)),
                     Err(_) => {
                         let relayed = self.via_relays(owner, op, &relay_to, &attempt, true);
@@ -602,7 +627,7 @@ impl Peers {
                             r = &mut direct => match r {
                                 Ok(v) => return Ok(v),
                                 Err(s) if link_failure(&s) => {
-                                    self.mark_down(owner, s.message());
+                                    self.link_failed(owner, &s);
                                     return relayed.await.map_err(|e| e.unwrap_or_else(|| unreachable(owner)));
                                 }
                                 Err(s) => return Err(from_status(owner, &s, true)),
@@ -621,7 +646,7 @@ impl Peers {
             } else {
                 match direct.await {
                     Ok(v) => return Ok(v),
-                    Err(s) if never_sent(&s) => self.mark_down(owner, s.message()),
+                    Err(s) if never_sent(&s) => self.link_failed(owner, &s),
                     Err(s) => return Err(from_status(owner, &s, false)),
                 }
             }
@@ -660,7 +685,7 @@ impl Peers {
                     self.metrics.forwarded(op, "relayed");
                     return Ok(v);
                 }
-                Err(s) if never_sent(&s) => self.mark_down(&via, s.message()),
+                Err(s) if never_sent(&s) => self.link_failed(&via, &s),
                 Err(s) if s.metadata().contains_key(RELAY_FAILED_KEY) => {}
                 Err(s) => return Err(Some(from_status(&via, &s, idempotent))),
             }
@@ -748,7 +773,7 @@ impl Peers {
         match call(client).await {
             Ok(v) => Ok(v),
             Err(s) if never_sent(&s) => {
-                self.mark_down(to, s.message());
+                self.link_failed(to, &s);
                 Err(path_failed(s.message()))
             }
             Err(s) => Err(s),
@@ -1497,6 +1522,46 @@ mod tests {
         assert_eq!((request_id, parent), (Some(id), None));
         // Zeros name nothing: the owner opens no span for such a call.
         assert_eq!(parse_origin(Some(&pb::Origin::default())), (None, None));
+    }
+
+    #[tokio::test]
+    async fn a_refused_forward_tells_the_failure_detector_at_once() {
+        let secret =
+            ClusterSecret::new(b"refused forward test secret, 32+ bytes".to_vec()).expect("secret");
+        let peers = Peers::new(
+            secret,
+            Metrics::new(),
+            tokio::runtime::Handle::current(),
+            None,
+            PeerChannels::Shared,
+        );
+        let (to, mut refusals) = tokio::sync::mpsc::unbounded_channel();
+        peers.report_refusals_to(to.into());
+        // A port that was just free: nothing listens there, so the connection is refused.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("ephemeral port");
+        let owner = Member {
+            id: tether_cluster::NodeId::new("gone"),
+            gossip_addr: gone,
+            public_url: "http://gone".into(),
+            incarnation: 1,
+        };
+        let set = SetKey::parse("S1").expect("set key");
+        assert!(
+            peers.presence(&owner, &set).await.is_err(),
+            "nobody answers"
+        );
+        assert_eq!(
+            refusals.try_recv().ok(),
+            Some(gone),
+            "the refusal is reported"
+        );
+        assert!(
+            peers.link_down(&owner),
+            "and the direct link is marked down"
+        );
+        assert!(refusals.try_recv().is_err(), "once");
     }
 
     #[test]
